@@ -1,0 +1,178 @@
+"""Model bundles: a folder with ONNX file(s) and a manifest that describes them.
+
+The trainer writes bundles (`write_bundle`); the daemon only reads them
+(`load_bundle`) and refuses any bundle whose schema it does not know or whose
+files do not match the sha256 recorded in the manifest. Torch-free on purpose.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from daemon.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    name: str = "image"
+    shape: list[int] = Field(description="[channels, D, H, W] of one sample")
+
+
+class OutputSpec(_Strict):
+    error_map: str = "error_map"
+    age: str | None = None
+
+
+class ScoreSpec(_Strict):
+    terms: dict[str, float] = Field(description="ONNX output name -> weight")
+    age_gap_weight: float = 0.0
+    definition: str = ""
+
+
+class Calibration(_Strict):
+    reference_scores: list[float]
+    threshold: float
+    specificity: float = 0.95
+    error_map_scale: float = Field(gt=0, description="healthy voxel-error 99th percentile")
+    n: int
+
+    @field_validator("reference_scores")
+    @classmethod
+    def _sorted_and_nonempty(cls, scores: list[float]) -> list[float]:
+        if not scores:
+            raise ValueError("reference_scores must not be empty")
+        return sorted(scores)
+
+
+class AgeSpec(_Strict):
+    supported: bool = False
+    validation_mae: float | None = None
+
+
+class Manifest(BaseModel):
+    """The single source of a bundle's preprocessing, scoring and calibration."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    modality: Literal["CT", "MR"]
+    method: Literal["f-anogan-3d", "vae-3d-age"]
+    description: str = ""
+    model_file: str = "model.onnx"
+    input: InputSpec
+    preprocessing: dict[str, Any]
+    outputs: OutputSpec = OutputSpec()
+    score: ScoreSpec
+    calibration: Calibration
+    age: AgeSpec = AgeSpec()
+    training: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    parity: dict[str, Any] = {}
+    files: dict[str, str] = {}
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-{self.version}"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_file
+
+    @property
+    def sha256(self) -> str:
+        """The ONNX file's hash: what the results name as the algorithm's identity."""
+        return self.manifest.files[self.manifest.model_file]
+
+    def percentile(self, score: float) -> float:
+        """Percent of healthy reference scores at or below `score`."""
+        ref = self.manifest.calibration.reference_scores
+        return 100.0 * bisect.bisect_right(ref, score) / len(ref)
+
+    def screen_positive(self, score: float) -> bool:
+        return score > self.manifest.calibration.threshold
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_bundle(directory: Path, manifest: Manifest) -> Path:
+    """Record the hash of every file in `directory` and write the manifest."""
+    directory = Path(directory)
+    if not (directory / manifest.model_file).is_file():
+        raise BundleError(f"model_file {manifest.model_file!r} is missing from {directory}")
+    files = {
+        p.name: sha256_file(p)
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".md")
+    }
+    final = manifest.model_copy(update={"files": files, "schema_version": SCHEMA_VERSION})
+    path = directory / MANIFEST_NAME
+    path.write_text(json.dumps(final.model_dump(mode="json"), indent=2) + "\n")
+    return path
+
+
+def load_bundle(directory: Path) -> Bundle:
+    """Read and verify a bundle; raise BundleError saying exactly what is wrong."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_NAME
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{directory}: no {MANIFEST_NAME}") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({exc})") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{manifest_path}: unknown schema_version {version!r} (expected {SCHEMA_VERSION})")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{manifest_path}: invalid manifest: {exc}") from None
+    if manifest.model_file not in manifest.files:
+        raise BundleError(f"{manifest_path}: no hash recorded for {manifest.model_file}")
+    for name, expected in manifest.files.items():
+        file_path = directory / name
+        if not file_path.is_file():
+            raise BundleError(f"{directory}: file {name} listed in the manifest is missing")
+        actual = sha256_file(file_path)
+        if actual != expected:
+            raise BundleError(f"{directory}: {name} does not match its sha256 (tampered or corrupt)")
+    log.info("bundle loaded", extra={"bundle": manifest.key, "sha256": manifest.files[manifest.model_file]})
+    return Bundle(path=directory, manifest=manifest)
+
+
+def discover_bundles(root: Path) -> list[Path]:
+    """Bundle folders directly under `root` (those holding a manifest)."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file()) if root.is_dir() else []

@@ -1,0 +1,180 @@
+"""Settings: one TOML file plus HEADSCREEN_* environment overrides, validated once.
+
+Values from the environment win over the file, so a container or a systemd
+drop-in can change one key without editing the file. Nested keys use a double
+underscore (HEADSCREEN_DELIVERY__MAX_ATTEMPTS=5); lists are given as JSON
+(HEADSCREEN_DESTINATIONS='[{"name": "pacs", ...}]').
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from daemon.errors import ConfigError
+
+CONFIG_ENV = "HEADSCREEN_CONFIG"
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("must be 1-16 printable characters without backslash")
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AllowedCaller(_Section):
+    """A peer allowed to open associations; host None means any address."""
+
+    ae_title: str
+    host: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, host: str | None) -> str | None:
+        if host is not None:
+            ipaddress.ip_address(host)  # raises ValueError naming the bad address
+        return host
+
+
+class DestinationConfig(_Section):
+    """A DICOM node that receives our results (C-STORE SCP)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class DeliveryConfig(_Section):
+    max_attempts: int = Field(8, ge=1)
+    base_delay_s: float = Field(2.0, gt=0)
+    max_delay_s: float = Field(300.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything the daemon needs, validated at start-up and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HEADSCREEN_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    environment: Literal["production", "development"] = "production"
+    ae_title: str = "HEADSCREEN"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_callers: list[AllowedCaller] = []
+    allow_any_caller: bool = False
+    storage_dir: Path = Path("/var/lib/headscreen")
+    database_url: str = ""
+    quiet_period_s: float = Field(60.0, gt=0)
+    whole_quiet_s: float = Field(5.0, ge=0)
+    bundles: list[Path] = []
+    destinations: list[DestinationConfig] = []
+    workers: int = Field(1, ge=0, le=64)
+    disk_min_free_mb: int = Field(2048, ge=0)
+    lease_s: float = Field(120.0, gt=0)
+    heartbeat_s: float = Field(10.0, gt=0)
+    sweep_interval_s: float = Field(1.0, gt=0)
+    job_max_attempts: int = Field(3, ge=1)
+    retention_days: float = Field(30.0, ge=0)
+    overlay_slices: int = Field(24, ge=0)
+    delivery: DeliveryConfig = DeliveryConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("bind_address")
+    @classmethod
+    def _valid_bind(cls, address: str) -> str:
+        ipaddress.ip_address(address)
+        return address
+
+    @model_validator(mode="after")
+    def _derived_and_consistent(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.storage_dir / 'headscreen.db'}"
+        if not self.database_url.startswith(("sqlite:///", "postgresql")):
+            raise ValueError("database_url must be sqlite:///PATH or postgresql+psycopg://...")
+        if not self.bundles:
+            self.bundles = shipped_bundles()
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError("heartbeat_s must be shorter than lease_s")
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError("destination names must be unique")
+        if not self.allowed_callers and not self.allow_any_caller:
+            raise ValueError("allowed_callers is empty: list the PACS AE titles, or set allow_any_caller = true")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init values are the TOML file's; the environment overrides them.
+        return (env_settings, init_settings)
+
+    @property
+    def results_dir(self) -> Path:
+        return self.storage_dir / "results"
+
+
+def shipped_bundles() -> list[Path]:
+    """The default bundles in the repository's models/ folder, when present."""
+    root = Path(__file__).resolve().parent.parent / "models"
+    return sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
+
+
+def load_settings(path: Path | None = None, **overrides: object) -> Settings:
+    """Read the TOML file (argument, else $HEADSCREEN_CONFIG), apply env, validate."""
+    path = path or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid configuration{where}:"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(settings)"
+        lines.append(f"  {key}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def example_toml() -> str:
+    """The complete commented example printed by `headscreen config example`."""
+    return resources.files("daemon").joinpath("config_example.toml").read_text()

@@ -1,0 +1,98 @@
+"""ONNX Runtime inference driven by a bundle's manifest (one session per bundle)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from daemon.bundle import Bundle
+from daemon.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inference:
+    anomaly_score: float
+    terms: dict[str, float]
+    percentile: float
+    screen_positive: bool
+    threshold: float
+    predicted_age: float | None
+    chronological_age: float | None
+    age_gap: float | None
+    error_map: np.ndarray  # model grid (D, H, W), in units of the healthy 99th percentile
+    notes: tuple[str, ...] = ()
+
+
+def pick_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it, CPU otherwise."""
+    available = ort.get_available_providers()
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [p for p in wanted if p in available] or available
+
+
+class BundleRunner:
+    """Loads a bundle's ONNX graph once and turns model input into scores."""
+
+    def __init__(self, bundle: Bundle, intra_op_threads: int | None = None) -> None:
+        self.bundle = bundle
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads or min(4, os.cpu_count() or 1)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(bundle.model_path), sess_options=options, providers=pick_providers()
+        )
+        self._check_outputs()
+
+    def _check_outputs(self) -> None:
+        manifest = self.bundle.manifest
+        names = {o.name for o in self.session.get_outputs()}
+        wanted = {manifest.outputs.error_map, *manifest.score.terms}
+        if manifest.outputs.age:
+            wanted.add(manifest.outputs.age)
+        missing = wanted - names
+        if missing:
+            raise BundleError(f"{manifest.key}: ONNX graph lacks outputs {sorted(missing)}")
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run(self, model_input: np.ndarray, chronological_age: float | None) -> Inference:
+        manifest = self.bundle.manifest
+        expected = tuple(manifest.input.shape[1:])
+        if model_input.shape != expected:
+            raise BundleError(f"{manifest.key}: model input {model_input.shape} != manifest grid {expected}")
+        batch = np.ascontiguousarray(model_input, dtype=np.float32)[None, None]
+        names = [o.name for o in self.session.get_outputs()]
+        outputs = dict(zip(names, self.session.run(names, {manifest.input.name: batch})))
+
+        terms = {name: float(outputs[name].reshape(-1)[0]) for name in manifest.score.terms}
+        score = sum(manifest.score.terms[name] * value for name, value in terms.items())
+        predicted_age = float(outputs[manifest.outputs.age].reshape(-1)[0]) if manifest.outputs.age else None
+        age_gap = None
+        notes: list[str] = []
+        if predicted_age is not None and chronological_age is not None:
+            age_gap = predicted_age - chronological_age
+            score += manifest.score.age_gap_weight * abs(age_gap)
+        elif predicted_age is not None and manifest.score.age_gap_weight:
+            notes.append("chronological age absent: anomaly score excludes the age-gap term")
+
+        error_map = outputs[manifest.outputs.error_map][0, 0] / manifest.calibration.error_map_scale
+        return Inference(
+            anomaly_score=float(score),
+            terms=terms,
+            percentile=self.bundle.percentile(score),
+            screen_positive=self.bundle.screen_positive(score),
+            threshold=manifest.calibration.threshold,
+            predicted_age=predicted_age,
+            chronological_age=chronological_age,
+            age_gap=age_gap,
+            error_map=error_map.astype(np.float32),
+            notes=tuple(notes),
+        )

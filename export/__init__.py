@@ -1,0 +1,1 @@
+"""headscreen: export package."""

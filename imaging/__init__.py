@@ -1,0 +1,1 @@
+"""headscreen: imaging package."""

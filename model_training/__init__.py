@@ -1,0 +1,1 @@
+"""headscreen: model_training package."""
