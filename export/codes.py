@@ -1,0 +1,142 @@
+"""Coded concepts used in the SR and SC objects.
+
+Standard codes (SCT, DCM, LN, UCUM) wherever one exists; concepts that have no
+standard code use the private coding scheme ``99HEADSCREEN`` (documented, with
+every code, in docs/conformance.md). Changing a code value here is a
+conformance change: update that table in the same commit.
+"""
+
+from __future__ import annotations
+
+import re
+
+from highdicom.sr import CodedConcept
+
+__all__ = [
+    "PRIVATE_SCHEME",
+    "PRIVATE_SCHEME_NAME",
+    "ANOMALY_SCORE",
+    "ANOMALY_PERCENTILE",
+    "OPERATING_THRESHOLD",
+    "PREDICTED_BRAIN_AGE",
+    "CHRONOLOGICAL_AGE",
+    "BRAIN_AGE_GAP",
+    "SCREEN_RESULT",
+    "SCREEN_POSITIVE",
+    "SCREEN_NEGATIVE",
+    "ELIGIBILITY",
+    "ELIGIBLE",
+    "NOT_ELIGIBLE",
+    "QC_ISSUE",
+    "MEASUREMENT_ABSENT",
+    "ABSENT",
+    "ANOMALY_FINDING",
+    "BRAIN",
+    "UNIT_SCORE",
+    "UNIT_PERCENT",
+    "UNIT_YEAR",
+    "ALGORITHM_FAMILY",
+    "procedure_codes",
+    "qc_reason_code",
+    "concept_slug",
+]
+
+PRIVATE_SCHEME = "99HEADSCREEN"
+PRIVATE_SCHEME_NAME = "headscreen private codes"
+
+
+def _private(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning)
+
+
+# --- measurement names (no standard code exists for these) -----------------
+ANOMALY_SCORE = _private("HS0001", "Anomaly score")
+ANOMALY_PERCENTILE = _private("HS0002", "Anomaly score percentile vs healthy reference")
+OPERATING_THRESHOLD = _private("HS0003", "Anomaly score operating threshold")
+# No LOINC or SNOMED CT concept for an image-derived brain age was found.
+PREDICTED_BRAIN_AGE = _private("HS0004", "Predicted brain age")
+BRAIN_AGE_GAP = _private("HS0005", "Brain age gap")
+# Standard: the subject's age at the time of the study.
+CHRONOLOGICAL_AGE = CodedConcept("121033", "DCM", "Subject Age")
+
+# --- qualitative evaluations ------------------------------------------------
+SCREEN_RESULT = _private("HS0010", "Anomaly screen result at operating point")
+SCREEN_POSITIVE = CodedConcept("10828004", "SCT", "Positive")
+SCREEN_NEGATIVE = CodedConcept("260385009", "SCT", "Negative")
+ELIGIBILITY = _private("HS0011", "Eligibility for automated screening")
+ELIGIBLE = _private("HS0012", "Eligible")
+NOT_ELIGIBLE = _private("HS0013", "Not eligible")
+QC_ISSUE = _private("HS0014", "Quality control issue")
+# "<measurement> : Absent" states that a value was not produced (never zero/normal).
+MEASUREMENT_ABSENT = _private("HS0015", "Measurement not available")
+ABSENT = CodedConcept("272519000", "SCT", "Absent")
+
+# --- finding / anatomy -------------------------------------------------------
+ANOMALY_FINDING = _private("HS0020", "Brain anomaly screening")
+BRAIN = CodedConcept("12738006", "SCT", "Brain")
+
+# --- units (UCUM) -------------------------------------------------------------
+UNIT_SCORE = CodedConcept("{score}", "UCUM", "score")
+UNIT_PERCENT = CodedConcept("%", "UCUM", "Percent")
+UNIT_YEAR = CodedConcept("a", "UCUM", "year")
+
+ALGORITHM_FAMILY: dict[str, CodedConcept] = {
+    "f-AnoGAN 3D": _private("HS0030", "f-AnoGAN 3D anomaly detection"),
+    "VAE 3D brain age": _private("HS0031", "VAE 3D anomaly detection with brain age"),
+}
+
+_PROCEDURES: dict[str, tuple[CodedConcept, ...]] = {
+    "CT": (
+        CodedConcept("303653007", "SCT", "Computed tomography of head"),
+        CodedConcept("24725-4", "LN", "CT Head"),
+    ),
+    "MR": (
+        CodedConcept("816077007", "SCT", "Magnetic resonance imaging of brain"),
+        CodedConcept("24590-2", "LN", "MR Brain"),
+    ),
+}
+
+# QC reasons the imaging package emits, with stable code values. Unknown reasons
+# still get coded (HS0199, the reason text as meaning) so nothing is dropped.
+_QC_REASONS: dict[str, CodedConcept] = {
+    "registration_failed": _private("HS0101", "Registration to template failed"),
+    "low_brain_coverage": _private("HS0102", "Insufficient brain coverage"),
+    "wrong_orientation": _private("HS0103", "Unexpected orientation"),
+    "motion_or_artifact": _private("HS0104", "Motion or artifact"),
+    "skull_strip_failed": _private("HS0105", "Skull stripping failed"),
+    "intensity_out_of_range": _private("HS0106", "Intensities out of expected range"),
+    "slice_spacing_irregular": _private("HS0107", "Irregular slice spacing"),
+    "too_few_slices": _private("HS0108", "Too few slices"),
+    "no_suitable_series": _private("HS0109", "No suitable series"),
+}
+QC_OTHER_VALUE = "HS0199"
+
+
+def concept_slug(text: str) -> str:
+    """Lower-case snake form used to match reason strings to codes."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def qc_reason_code(reason: str) -> CodedConcept:
+    """Code for a QC reason string; the known table first, else the generic code
+    whose meaning carries the reason text (truncated to the LO limit of 64)."""
+    if not reason:
+        raise ValueError("qc_reason_code: argument 'reason' must not be empty")
+    key = concept_slug(reason.split(":", 1)[0])
+    known = _QC_REASONS.get(key)
+    if known is not None:
+        return known
+    return _private(QC_OTHER_VALUE, reason[:64])
+
+
+def procedure_codes(modality: str) -> tuple[CodedConcept, ...]:
+    """Procedure Reported codes for a modality ('CT' -> CT head, 'MR' -> MR brain)."""
+    try:
+        return _PROCEDURES[modality]
+    except KeyError:
+        raise ValueError(f"procedure_codes: argument 'modality' must be 'CT' or 'MR', got {modality!r}") from None
+
+
+def known_qc_reasons() -> dict[str, CodedConcept]:
+    """The QC reason table, for documentation and tests."""
+    return dict(_QC_REASONS)

@@ -1,0 +1,395 @@
+"""Secondary Capture overlays: the voxel error map in colour on the original slices.
+
+Each output image is the source slice in a soft-tissue window (grey), the error
+map alpha-blended on top (transparent below the lower display bound, then
+yellow -> red up to the upper bound) and a legend band underneath with the
+scores and the "AI-generated - not for primary diagnosis" notice. No patient
+identity is burned in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from export.model import ResultSummary
+
+__all__ = [
+    "OverlayStyle",
+    "build_overlay_series",
+    "choose_slices",
+    "render_overlay",
+    "SERIES_DESCRIPTION",
+    "DISCLAIMER",
+]
+
+logger = logging.getLogger(__name__)
+
+SERIES_DESCRIPTION = "AI anomaly map - NOT FOR PRIMARY DIAGNOSIS"
+DISCLAIMER = "AI-generated - not for primary diagnosis"
+
+_YELLOW = np.array([255.0, 255.0, 0.0])
+_RED = np.array([255.0, 0.0, 0.0])
+_LEGEND_BACKGROUND = (0, 0, 0)
+_LEGEND_TEXT = (235, 235, 235)
+_LEGEND_ALERT = (255, 170, 60)
+
+
+@dataclass(frozen=True)
+class OverlayStyle:
+    """Display parameters of the overlay series (all documented in docs/conformance.md).
+
+    ``error_lower``/``error_upper`` fix the colour scale in error-map units; when
+    ``None`` they are taken from this study's map at ``lower_percentile`` /
+    ``upper_percentile``, so the colours are relative to the study and the legend
+    prints the bounds used.
+    """
+
+    ct_window_center: float = 40.0
+    ct_window_width: float = 80.0
+    mr_percentiles: tuple[float, float] = (1.0, 99.5)
+    error_lower: float | None = None
+    error_upper: float | None = None
+    lower_percentile: float = 99.0
+    upper_percentile: float = 99.99
+    alpha_range: tuple[float, float] = (0.35, 0.75)
+    default_slice_count: int = 24
+    min_render_width: int = 384
+    copy_plane_geometry: bool = True
+
+    def __post_init__(self) -> None:
+        if self.ct_window_width <= 0:
+            raise ValueError("OverlayStyle: argument 'ct_window_width' must be positive")
+        if self.default_slice_count < 1:
+            raise ValueError("OverlayStyle: argument 'default_slice_count' must be >= 1")
+        lo, hi = self.alpha_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError("OverlayStyle: argument 'alpha_range' must satisfy 0 <= lo <= hi <= 1")
+
+
+def choose_slices(error_map: np.ndarray, count: int) -> list[int]:
+    """``count`` consecutive slice indices centred on the slice whose summed error
+    is largest (shifted inwards at the volume's ends)."""
+    n_slices = error_map.shape[0]
+    if count >= n_slices:
+        return list(range(n_slices))
+    per_slice = np.nan_to_num(error_map, nan=0.0).reshape(n_slices, -1).sum(axis=1)
+    peak = int(np.argmax(per_slice))
+    start = min(max(peak - count // 2, 0), n_slices - count)
+    return list(range(start, start + count))
+
+
+def _modality_values(ds: Dataset) -> np.ndarray:
+    """Stored pixels -> modality units (HU for CT) via the rescale attributes."""
+    pixels = ds.pixel_array.astype(np.float32)
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    return pixels * slope + intercept
+
+
+def _display_window(modality: str, slices: list[np.ndarray], style: OverlayStyle) -> tuple[float, float]:
+    if modality == "CT":
+        half = style.ct_window_width / 2.0
+        return style.ct_window_center - half, style.ct_window_center + half
+    # MR has no absolute units: window on the intensities of the shown slices,
+    # ignoring background so air does not drag the lower bound to zero.
+    values = np.concatenate([s.ravel() for s in slices])
+    foreground = values[values > 0]
+    if foreground.size == 0:
+        foreground = values
+    lo, hi = np.percentile(foreground, style.mr_percentiles)
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def _error_bounds(error_map: np.ndarray, style: OverlayStyle) -> tuple[float, float]:
+    finite = error_map[np.isfinite(error_map)]
+    if finite.size == 0:
+        raise ValueError("build_overlay_series: argument 'error_map_native' has no finite values")
+    lower = style.error_lower if style.error_lower is not None else float(np.percentile(finite, style.lower_percentile))
+    upper = style.error_upper if style.error_upper is not None else float(np.percentile(finite, style.upper_percentile))
+    if upper <= lower:
+        upper = lower + max(abs(lower) * 1e-3, 1e-6)
+    return lower, upper
+
+
+def render_overlay(
+    values: np.ndarray,
+    error: np.ndarray,
+    window: tuple[float, float],
+    error_bounds: tuple[float, float],
+    style: OverlayStyle,
+) -> np.ndarray:
+    """One slice as RGB uint8 (rows, cols, 3): windowed grey + yellow->red error."""
+    lo, hi = window
+    grey = np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 255.0
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    e_lo, e_hi = error_bounds
+    level = np.clip((np.nan_to_num(error, nan=e_lo) - e_lo) / (e_hi - e_lo), 0.0, 1.0)
+    shown = np.nan_to_num(error, nan=-np.inf) > e_lo
+    colour = _YELLOW + level[..., None] * (_RED - _YELLOW)
+    a_lo, a_hi = style.alpha_range
+    alpha = np.where(shown, a_lo + level * (a_hi - a_lo), 0.0)[..., None]
+    blended = (1.0 - alpha) * rgb + alpha * colour
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def _fmt(value: float | None, spec: str, absent: str = "not available") -> str:
+    return absent if value is None else format(value, spec)
+
+
+def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], slice_label: str) -> list[tuple[str, bool]]:
+    """(text, is_alert) lines of the legend, ASCII only."""
+    algo = summary.algorithm
+    lines: list[tuple[str, bool]] = [(DISCLAIMER.upper(), True)]
+    lines.append((f"{algo.manufacturer} {algo.family}: {algo.name} {algo.version}", False))
+    if not summary.eligible:
+        lines.append((f"NOT ELIGIBLE: {summary.ineligible_reason}", True))
+    pct = "" if summary.percentile is None else f" ({summary.percentile:.1f}th percentile of healthy reference)"
+    lines.append((f"Anomaly score {_fmt(summary.anomaly_score, '.3f')}{pct}", False))
+    if summary.screen_positive is None:
+        lines.append(("Screen result: not available", False))
+    else:
+        verdict = "POSITIVE" if summary.screen_positive else "negative"
+        lines.append((f"Screen result: {verdict} at threshold {_fmt(summary.threshold, '.3f')}", summary.screen_positive))
+    if summary.age_gap is None:
+        lines.append(("Brain-age gap: not available", False))
+    else:
+        lines.append(
+            (
+                f"Brain-age gap {summary.age_gap:+.1f} y (predicted {_fmt(summary.predicted_age, '.1f')},"
+                f" chronological {_fmt(summary.chronological_age, '.1f')})",
+                False,
+            )
+        )
+    if summary.qc_reasons:
+        lines.append(("QC: " + "; ".join(summary.qc_reasons), True))
+    lines.append((f"Colour: error {error_bounds[0]:.3g} (yellow) to {error_bounds[1]:.3g} (red)  {slice_label}", False))
+    return lines
+
+
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, draw: ImageDraw.ImageDraw, width: int) -> list[str]:
+    words, lines, current = text.split(" "), [], ""
+    for word in words:
+        candidate = f"{current} {word}".strip()
+        if current and draw.textlength(candidate, font=font) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    lines.append(current)
+    return lines
+
+
+def _add_legend(image_rgb: np.ndarray, lines: list[tuple[str, bool]]) -> np.ndarray:
+    """Append a black band under the image with the legend text and a colour bar."""
+    width = image_rgb.shape[1]
+    font_px = max(11, width // 32)
+    font = ImageFont.load_default(size=font_px)
+    margin = max(4, font_px // 2)
+    line_h = int(font_px * 1.3)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [(part, alert) for text, alert in lines for part in _wrap(text, font, measure, width - 2 * margin)]
+    bar_h = max(6, font_px // 2)
+    band_h = 2 * margin + line_h * len(wrapped) + bar_h + margin
+    band = Image.new("RGB", (width, band_h), _LEGEND_BACKGROUND)
+    draw = ImageDraw.Draw(band)
+    y = margin
+    for text, alert in wrapped:
+        draw.text((margin, y), text, fill=_LEGEND_ALERT if alert else _LEGEND_TEXT, font=font)
+        y += line_h
+    bar_w = width - 2 * margin
+    ramp = np.linspace(0.0, 1.0, bar_w)[:, None]
+    bar = (_YELLOW + ramp * (_RED - _YELLOW)).astype(np.uint8)[None, :, :].repeat(bar_h, axis=0)
+    band.paste(Image.fromarray(bar, "RGB"), (margin, y + margin // 2))
+    return np.concatenate([image_rgb, np.asarray(band)], axis=0)
+
+
+def _patient_orientation(ds: Dataset) -> tuple[str, str]:
+    """Dominant patient-axis letters of the row and column directions (LPS)."""
+    iop = getattr(ds, "ImageOrientationPatient", None)
+    if iop is None or len(iop) != 6:
+        return ("L", "P")  # axial default; only used for display hints
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))
+
+    def letter(vec: Sequence[float]) -> str:
+        axis = int(np.argmax(np.abs(vec)))
+        return letters[axis][0] if vec[axis] > 0 else letters[axis][1]
+
+    return letter([float(v) for v in iop[:3]]), letter([float(v) for v in iop[3:]])
+
+
+def _check_inputs(
+    source_datasets: Sequence[Dataset], error_map: np.ndarray, slice_indices: Sequence[int] | None
+) -> None:
+    if len(source_datasets) == 0:
+        raise ValueError("build_overlay_series: argument 'source_datasets' is empty")
+    if error_map.ndim != 3:
+        raise ValueError(f"build_overlay_series: argument 'error_map_native' must be 3-D, got shape {error_map.shape}")
+    if error_map.shape[0] != len(source_datasets):
+        raise ValueError(
+            "build_overlay_series: argument 'error_map_native' has "
+            f"{error_map.shape[0]} slices but 'source_datasets' has {len(source_datasets)}"
+        )
+    rows, cols = int(source_datasets[0].Rows), int(source_datasets[0].Columns)
+    if error_map.shape[1:] != (rows, cols):
+        raise ValueError(
+            f"build_overlay_series: argument 'error_map_native' slice shape {error_map.shape[1:]} "
+            f"does not match the source images ({rows}, {cols})"
+        )
+    studies = {ds.StudyInstanceUID for ds in source_datasets}
+    if len(studies) != 1:
+        raise ValueError("build_overlay_series: argument 'source_datasets' spans more than one study")
+    if slice_indices is not None:
+        if len(slice_indices) == 0:
+            raise ValueError("build_overlay_series: argument 'slice_indices' is empty")
+        bad = [k for k in slice_indices if not 0 <= k < len(source_datasets)]
+        if bad:
+            raise ValueError(f"build_overlay_series: argument 'slice_indices' out of range: {bad}")
+
+
+def _upscale(array: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return array
+    return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+
+
+def _plane_geometry(source: Dataset, factor: int) -> dict[str, object]:
+    """Image plane attributes of the source slice, adjusted for pixel upscaling:
+    the first pixel's centre moves back by (factor-1)/(2*factor) of a source pixel."""
+    needed = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "FrameOfReferenceUID")
+    if not all(hasattr(source, k) for k in needed):
+        return {}
+    row_dir = np.array([float(v) for v in source.ImageOrientationPatient[:3]])
+    col_dir = np.array([float(v) for v in source.ImageOrientationPatient[3:]])
+    row_spacing, col_spacing = (float(v) for v in source.PixelSpacing)
+    shift = (factor - 1) / (2.0 * factor)
+    position = np.array([float(v) for v in source.ImagePositionPatient]) - shift * (
+        row_dir * col_spacing + col_dir * row_spacing
+    )
+    return {
+        "FrameOfReferenceUID": source.FrameOfReferenceUID,
+        "ImagePositionPatient": [float(f"{v:.6f}") for v in position],
+        "ImageOrientationPatient": [float(v) for v in source.ImageOrientationPatient],
+    }
+
+
+def _source_reference(source: Dataset, with_purpose: bool) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if with_purpose:
+        purpose = Dataset()
+        purpose.CodeValue = "121322"
+        purpose.CodingSchemeDesignator = "DCM"
+        purpose.CodeMeaning = "Source image for image processing operation"
+        item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
+    return item
+
+
+def build_overlay_series(
+    source_datasets: list[Dataset],
+    error_map_native: np.ndarray,
+    summary: ResultSummary,
+    slice_indices: Sequence[int] | None = None,
+    series_instance_uid: str | None = None,
+    series_number: int = 9001,
+    *,
+    style: OverlayStyle | None = None,
+) -> list[Dataset]:
+    """One RGB Secondary Capture image per chosen slice (see module docstring).
+
+    ``source_datasets[k]`` must be the slice of ``error_map_native[k]``. With
+    ``slice_indices=None`` the ``style.default_slice_count`` slices around the
+    slice with the largest summed error are rendered.
+    """
+    style = style or OverlayStyle()
+    error_map = np.asarray(error_map_native, dtype=np.float32)
+    _check_inputs(source_datasets, error_map, slice_indices)
+    indices = list(slice_indices) if slice_indices is not None else choose_slices(error_map, style.default_slice_count)
+    series_uid = series_instance_uid or hd.UID()
+    values = {k: _modality_values(source_datasets[k]) for k in indices}
+    window = _display_window(summary.modality, list(values.values()), style)
+    bounds = _error_bounds(error_map, style)
+    factor = max(1, math.ceil(style.min_render_width / int(source_datasets[0].Columns)))
+    images = [
+        _build_one(source_datasets[k], values[k], error_map[k], k, len(source_datasets), position + 1,
+                   series_uid, series_number, summary, window, bounds, factor, style)
+        for position, k in enumerate(indices)
+    ]
+    logger.info(
+        "built overlay series",
+        extra={"action": "sc_built", "series_uid": series_uid, "images": len(images),
+               "slices": f"{indices[0]}..{indices[-1]}", "error_bounds": bounds},
+    )
+    return images
+
+
+def _build_one(
+    source: Dataset,
+    values: np.ndarray,
+    error: np.ndarray,
+    slice_index: int,
+    n_slices: int,
+    instance_number: int,
+    series_uid: str,
+    series_number: int,
+    summary: ResultSummary,
+    window: tuple[float, float],
+    bounds: tuple[float, float],
+    factor: int,
+    style: OverlayStyle,
+) -> Dataset:
+    rgb = _upscale(render_overlay(values, error, window, bounds, style), factor)
+    label = f"slice {slice_index + 1}/{n_slices}"
+    pixels = _add_legend(rgb, _legend_lines(summary, bounds, label))
+    spacing = None
+    if hasattr(source, "PixelSpacing"):
+        spacing = tuple(float(v) / factor for v in source.PixelSpacing)
+    algo = summary.algorithm
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=instance_number,
+        manufacturer=algo.manufacturer,
+        pixel_spacing=spacing,
+        patient_orientation=_patient_orientation(source),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=algo.name[:64],
+        software_versions=algo.version[:64],
+    )
+    sc.ConversionType = "WSD"
+    if "Laterality" not in sc:
+        sc.Laterality = None  # Type 2C; a head is not a paired body part
+
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.LossyImageCompression = "00"
+    sc.ImageComments = DISCLAIMER
+    sc.DerivationDescription = (
+        f"{algo.family} voxel error map ({algo.name} {algo.version}) alpha-blended on the source slice"
+    )[:1024]
+    sc.SecondaryCaptureDeviceManufacturer = algo.manufacturer
+    sc.SecondaryCaptureDeviceManufacturerModelName = algo.name[:64]
+    sc.SecondaryCaptureDeviceSoftwareVersions = algo.version[:64]
+    sc.SourceImageSequence = DicomSequence([_source_reference(source, with_purpose=True)])
+    sc.ReferencedImageSequence = DicomSequence([_source_reference(source, with_purpose=False)])
+    if style.copy_plane_geometry:
+        for keyword, value in _plane_geometry(source, factor).items():
+            setattr(sc, keyword, value)
+    return sc
