@@ -1,0 +1,42 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch is pinned in pyproject's `train` extra; this keeps pip
+# from ever pulling CUDA wheels when a local wheel folder exists.
+PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: demo test system-deps install install-test bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed-base: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(PIP_FLAGS) -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(PIP_FLAGS) -e ".[train,test]"
+	touch $@ $(VENV)/.installed-base
+
+system-deps:
+	bash tests/install-system-deps.sh
+
+install: $(VENV)/.installed-base
+install-test: $(VENV)/.installed-test
+
+## make demo: virtual environment, install, then a full run against a local PACS.
+demo: system-deps install
+	$(BIN)/headscreen demo --work demo-out
+
+## make test: everything the tests need (Debian tools included), then the suite.
+test: system-deps install-test
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: system-deps install-test
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/preprocess.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

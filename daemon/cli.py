@@ -1,0 +1,244 @@
+"""The `headscreen` command. Training commands are loaded only when asked for,
+so the service runs without the `train` extra (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from daemon.config import Settings, example_toml, load_settings
+from daemon.errors import HeadscreenError
+
+log = logging.getLogger("headscreen")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from daemon.logs import configure_logging
+    from daemon.serve import serve
+
+    settings = _settings(args)
+    configure_logging(settings)
+    return serve(settings)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A worker on its own (e.g. on another machine sharing a PostgreSQL queue)."""
+    from daemon.worker import worker_process_main
+
+    worker_process_main(_settings(args), args.index)
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from db.migrate import current_revision, upgrade
+
+    settings = _settings(args)
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    print(f"database at revision {current_revision(settings.database_url)}")
+    return 0
+
+
+def cmd_config_example(args: argparse.Namespace) -> int:
+    sys.stdout.write(example_toml())
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _sessions(settings: Settings):
+    from db.engine import make_engine, session_factory
+    from db.migrate import upgrade
+
+    upgrade(settings.database_url)
+    return session_factory(make_engine(settings.database_url))
+
+
+def _fmt(value: object, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def cmd_studies_list(args: argparse.Namespace) -> int:
+    from db import api
+
+    settings = _settings(args)
+    filters = api.StudyFilters(
+        state=args.state, modality=args.modality, outliers_only=args.outliers, qc_failed_only=args.qc_failed,
+        flagged=True if args.flagged else None, limit=args.limit, offset=args.offset,
+    )
+    with _sessions(settings)() as session:
+        rows = api.list_studies(session, filters)
+    if args.json:
+        print(json.dumps([_row_dict(r) for r in rows], indent=2, default=str))
+        return 0
+    header = f"{'study uid':<44} {'mod':<3} {'state':<9} {'inst':>5} {'score':>8} {'pct':>6} {'screen':>7} {'pred':>5} {'age':>5} {'gap':>6} {'flag':<4} qc"
+    print(header)
+    for r in rows:
+        screen = "-" if r.screen_positive is None else ("POS" if r.screen_positive else "neg")
+        print(
+            f"{r.study_instance_uid:<44.44} {_fmt(r.modality):<3} {r.state:<9} {r.instance_count:>5} "
+            f"{_fmt(r.anomaly_score, 4):>8} {_fmt(r.percentile):>6} {screen:>7} {_fmt(r.predicted_age):>5} "
+            f"{_fmt(r.chronological_age):>5} {_fmt(r.age_gap):>6} {'yes' if r.flagged else '':<4} "
+            f"{'; '.join(r.qc_reasons or [])}"
+        )
+    return 0
+
+
+def _row_dict(row) -> dict:
+    return {k: getattr(row, k) for k in row.__dataclass_fields__}
+
+
+def cmd_studies_flag(args: argparse.Namespace) -> int:
+    from db import api
+
+    settings = _settings(args)
+    with _sessions(settings)() as session:
+        api.set_flag(session, args.study_uid, flagged=not args.clear, comment=args.comment, actor=args.actor,
+                     now=datetime.now(UTC))
+    print(("cleared flag on " if args.clear else "flagged ") + args.study_uid)
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from daemon.delivery import deliver_due
+    from db import api
+
+    settings = _settings(args)
+    sessions = _sessions(settings)
+    with sessions() as session:
+        count = api.resend_dead(session, args.actor, study_instance_uid=args.study_uid, now=datetime.now(UTC))
+    print(f"{count} dead-lettered deliveries queued again")
+    if count and not args.no_send:
+        stats = deliver_due(sessions, settings)
+        print(f"delivered {stats.delivered}, failed {stats.failed}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from db import api
+
+    settings = _settings(args)
+    with _sessions(settings)() as session:
+        print(json.dumps(api.counts(session), indent=2, default=str))
+    return 0
+
+
+def cmd_bundles_verify(args: argparse.Namespace) -> int:
+    from daemon.bundle import load_bundle
+    from daemon.inference import BundleRunner
+
+    paths = args.paths or _settings(args).bundles
+    for path in paths:
+        runner = BundleRunner(load_bundle(Path(path)))
+        m = runner.bundle.manifest
+        print(f"ok  {m.key}  {m.modality}  {m.method}  sha256={runner.bundle.sha256[:16]}  providers={runner.providers}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(Path(args.work), timeout_s=args.timeout)
+
+
+def cmd_training(args: argparse.Namespace, rest: list[str]) -> int:
+    try:
+        from model_training import cli as training_cli
+    except ImportError as exc:
+        raise HeadscreenError(f"training needs the 'train' extra (pip install 'headscreen[train]'): {exc}") from None
+    entry = {"train": training_cli.main, "evaluate": training_cli.evaluate_main}[args.command]
+    return entry(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headscreen", description=__doc__)
+    parser.add_argument("-c", "--config", type=Path, help="TOML configuration file (default: $HEADSCREEN_CONFIG)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("serve", help="run the receiver, scheduler and workers").set_defaults(fn=cmd_serve)
+    worker = commands.add_parser("worker", help="run one worker process (for extra machines)")
+    worker.add_argument("--index", type=int, default=0)
+    worker.set_defaults(fn=cmd_worker)
+
+    db_cmd = commands.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True)
+    db_cmd.add_parser("upgrade", help="apply migrations").set_defaults(fn=cmd_db_upgrade)
+
+    config = commands.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
+    config.add_parser("example", help="print a complete commented example").set_defaults(fn=cmd_config_example)
+    config.add_parser("check", help="validate and print the effective settings").set_defaults(fn=cmd_config_check)
+
+    studies = commands.add_parser("studies", help="list and flag studies")
+    studies_cmd = studies.add_subparsers(dest="studies_command")
+    listing = studies_cmd.add_parser("list", help="list studies (default)")
+    for p in (studies, listing):
+        p.add_argument("--state")
+        p.add_argument("--modality")
+        p.add_argument("--outliers", action="store_true", help="screen-positive studies only")
+        p.add_argument("--qc-failed", action="store_true", help="studies with QC reasons only")
+        p.add_argument("--flagged", action="store_true")
+        p.add_argument("--limit", type=int, default=100)
+        p.add_argument("--offset", type=int, default=0)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(fn=cmd_studies_list)
+    for name, clear in (("flag", False), ("unflag", True)):
+        flag = studies_cmd.add_parser(name, help=f"{name} a study (audited)")
+        flag.add_argument("study_uid")
+        flag.add_argument("--comment", default="")
+        flag.add_argument("--actor", default="cli")
+        flag.set_defaults(fn=cmd_studies_flag, clear=clear)
+
+    resend = commands.add_parser("resend", help="re-send dead-lettered deliveries")
+    resend.add_argument("--study-uid")
+    resend.add_argument("--actor", default="cli")
+    resend.add_argument("--no-send", action="store_true", help="only queue them; the daemon sends")
+    resend.set_defaults(fn=cmd_resend)
+
+    commands.add_parser("status", help="counts of studies, jobs and deliveries").set_defaults(fn=cmd_status)
+    bundles = commands.add_parser("bundles", help="verify model bundles")
+    bundles.add_argument("paths", nargs="*", type=Path)
+    bundles.set_defaults(fn=cmd_bundles_verify)
+
+    demo = commands.add_parser("demo", help="end-to-end demonstration with a local PACS")
+    demo.add_argument("--work", default="demo-out")
+    demo.add_argument("--timeout", type=float, default=240.0)
+    demo.set_defaults(fn=cmd_demo)
+
+    for name in ("train", "evaluate"):
+        commands.add_parser(name, help=f"{name} models (needs the train extra)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command in ("train", "evaluate"):
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            return cmd_training(args, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args.fn(args)
+    except HeadscreenError as exc:
+        print(f"headscreen: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""One screening job, from the stored instances to the DICOM result files.
+
+The whole pipeline is visible in `run_job`: select a series, load it as a
+volume, preprocess it as the bundle's manifest says, infer, take the error map
+back to the native slices, and build the Secondary Capture overlays and the
+Structured Report. Bad input never raises out of here: it becomes a result that
+says the study was not eligible, and why, so silence is never mistaken for a
+normal result.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from daemon.ages import chronological_age
+from daemon.errors import InputRejected
+from daemon.inference import BundleRunner, Inference
+from db.api import JobOutcome, JobTicket, OutputObject
+from export.model import AlgorithmInfo, ResultSummary
+from export.sc import build_overlay_series
+from export.sr import build_report
+from imaging.preprocess import preprocess, to_native
+from imaging.selection import SelectionRules, SeriesCandidate, select_series
+from imaging.volume import load_series
+
+log = logging.getLogger(__name__)
+
+_FAMILY = {"f-anogan-3d": "3D f-AnoGAN (unsupervised anomaly detection)", "vae-3d-age": "3D VAE with brain-age head"}
+
+
+@dataclass
+class StudyFiles:
+    """A study's stored instances: series UID -> absolute file paths."""
+
+    study_instance_uid: str
+    series: dict[str, list[Path]]
+
+
+@dataclass
+class Timer:
+    """Seconds per pipeline stage, recorded with the result."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def measure(self, name: str, fn: Callable, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def run_job(
+    ticket: JobTicket,
+    study: StudyFiles,
+    runner: BundleRunner,
+    output_dir: Path,
+    overlay_slices: int,
+) -> JobOutcome:
+    timer = Timer()
+    manifest = runner.bundle.manifest
+    headers = timer.measure("read_headers", _read_headers, study)
+    candidates = [SeriesCandidate.from_datasets(h) for h in headers.values() if h]
+    rules = SelectionRules.default_for(manifest.modality)
+    selection = timer.measure("select", select_series, candidates, rules)
+    verdicts = [_verdict_dict(v) for v in selection.verdicts]
+    algorithm = _algorithm(runner)
+    if selection.chosen is None:
+        reason = "no suitable series: " + "; ".join(v["reason"] for v in verdicts) if verdicts else "no images"
+        return _ineligible(ticket, study, headers, reason, verdicts, algorithm, output_dir, timer)
+
+    chosen = selection.chosen
+    first = headers[chosen][0]
+    age, age_source = chronological_age(
+        _text(first, "PatientAge"), _text(first, "PatientBirthDate"), _text(first, "StudyDate")
+    )
+    try:
+        volume = timer.measure("load_volume", load_series, study.series[chosen])
+        prepared = timer.measure("preprocess", preprocess, volume, manifest.preprocessing)
+    except InputRejected as exc:
+        return _ineligible(ticket, study, headers, str(exc), verdicts, algorithm, output_dir, timer, chosen)
+
+    inference: Inference = timer.measure("infer", runner.run, prepared.model_input, age)
+    native_map = timer.measure("to_native", to_native, inference.error_map, prepared, volume)
+
+    qc_reasons = list(dict.fromkeys([*volume.qc_reasons, *prepared.qc_reasons, *inference.notes]))
+    if age is None:
+        qc_reasons.append(f"chronological_age_{age_source}")
+    qc_metrics = {**volume.qc_metrics, **prepared.qc_metrics}
+    summary = ResultSummary(
+        eligible=True,
+        ineligible_reason=None,
+        anomaly_score=inference.anomaly_score,
+        percentile=inference.percentile,
+        screen_positive=inference.screen_positive,
+        threshold=inference.threshold,
+        predicted_age=inference.predicted_age,
+        chronological_age=inference.chronological_age,
+        age_gap=inference.age_gap,
+        qc_reasons=qc_reasons,
+        qc_metrics=qc_metrics,
+        modality=manifest.modality,
+        algorithm=algorithm,
+        selected_series_uid=chosen,
+    )
+    sources = timer.measure("read_pixels", _read_sources, study.series[chosen], volume.slice_sop_uids)
+    objects = timer.measure(
+        "build_results", _build_results, sources, native_map, summary, overlay_slices, output_dir
+    )
+    log.info(
+        "job computed",
+        extra={"job_id": ticket.job_id, "bundle": manifest.key, "score": inference.anomaly_score,
+               "percentile": inference.percentile, "timings": timer.stages},
+    )
+    return JobOutcome(
+        eligible=True,
+        ineligible_reason=None,
+        anomaly_score=inference.anomaly_score,
+        percentile=inference.percentile,
+        screen_positive=inference.screen_positive,
+        threshold=inference.threshold,
+        predicted_age=inference.predicted_age,
+        chronological_age=inference.chronological_age,
+        age_gap=inference.age_gap,
+        qc_reasons=qc_reasons,
+        qc_metrics={k: float(v) for k, v in qc_metrics.items()},
+        selected_series_uid=chosen,
+        series_verdicts=verdicts,
+        timings=timer.stages,
+        objects=objects,
+    )
+
+
+def _ineligible(
+    ticket: JobTicket,
+    study: StudyFiles,
+    headers: dict[str, list[Dataset]],
+    reason: str,
+    verdicts: list[dict],
+    algorithm: AlgorithmInfo,
+    output_dir: Path,
+    timer: Timer,
+    chosen: str | None = None,
+) -> JobOutcome:
+    """A study we could not screen still gets an SR that says so and why."""
+    log.info("study not eligible", extra={"job_id": ticket.job_id, "reason": reason})
+    series_uid = chosen or next((uid for uid, h in headers.items() if h), None)
+    objects: list[OutputObject] = []
+    if series_uid is not None:
+        summary = ResultSummary(
+            eligible=False,
+            ineligible_reason=reason,
+            anomaly_score=None,
+            percentile=None,
+            screen_positive=None,
+            threshold=None,
+            predicted_age=None,
+            chronological_age=None,
+            age_gap=None,
+            qc_reasons=[reason],
+            qc_metrics={},
+            modality=algorithm_modality(headers[series_uid][0]),
+            algorithm=algorithm,
+            selected_series_uid=chosen,
+        )
+        sr = build_report(headers[series_uid], summary, [])
+        objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
+    return JobOutcome(
+        eligible=False,
+        ineligible_reason=reason,
+        anomaly_score=None,
+        percentile=None,
+        screen_positive=None,
+        threshold=None,
+        predicted_age=None,
+        chronological_age=None,
+        age_gap=None,
+        qc_reasons=[reason],
+        qc_metrics={},
+        selected_series_uid=chosen,
+        series_verdicts=verdicts,
+        timings=timer.stages,
+        objects=objects,
+    )
+
+
+def algorithm_modality(dataset: Dataset) -> str:
+    return str(getattr(dataset, "Modality", "") or "OT")
+
+
+def _algorithm(runner: BundleRunner) -> AlgorithmInfo:
+    manifest = runner.bundle.manifest
+    return AlgorithmInfo(
+        name=manifest.name,
+        version=manifest.version,
+        family=_FAMILY.get(manifest.method, manifest.method),
+        sha256=runner.bundle.sha256,
+    )
+
+
+def _read_headers(study: StudyFiles) -> dict[str, list[Dataset]]:
+    headers: dict[str, list[Dataset]] = {}
+    for series_uid, paths in study.series.items():
+        datasets = []
+        for path in paths:
+            try:
+                datasets.append(pydicom.dcmread(path, stop_before_pixels=True))
+            except Exception as exc:  # a stored file we cannot parse: skip it, say why
+                log.warning("unreadable stored instance", extra={"path": str(path), "error": str(exc)})
+        headers[series_uid] = datasets
+    return headers
+
+
+def _read_sources(paths: list[Path], slice_sop_uids: list[str]) -> list[Dataset]:
+    """Full source datasets in the volume's slice order (index k = slice k)."""
+    by_uid = {}
+    for path in paths:
+        dataset = pydicom.dcmread(path)
+        by_uid[str(dataset.SOPInstanceUID)] = dataset
+    return [by_uid[uid] for uid in slice_sop_uids]
+
+
+def _build_results(
+    sources: list[Dataset], native_map: np.ndarray, summary: ResultSummary, overlay_slices: int, output_dir: Path
+) -> list[OutputObject]:
+    slice_indices = range(len(sources)) if overlay_slices == 0 else None
+    sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=slice_indices,
+                                       max_slices=overlay_slices or None)
+    objects = [_write(ds, output_dir / f"sc-{i:04d}.dcm", "sc") for i, ds in enumerate(sc_datasets, start=1)]
+    sr = build_report(sources, summary, sc_datasets)
+    objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
+    return objects
+
+
+def _write(dataset: Dataset, path: Path, kind: str) -> OutputObject:
+    """Write atomically: a crash never leaves a half-written result to deliver."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as handle:
+        handle.write(buffer.getvalue())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return OutputObject(
+        sop_instance_uid=str(dataset.SOPInstanceUID),
+        sop_class_uid=str(dataset.SOPClassUID),
+        kind=kind,
+        path=str(path),
+    )
+
+
+def _verdict_dict(verdict) -> dict:
+    return {"series_uid": verdict.series_uid, "accepted": verdict.accepted, "reason": verdict.reason,
+            "rank": float(verdict.rank)}
+
+
+def _text(dataset: Dataset, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    return str(value) if value not in (None, "") else None

@@ -1,0 +1,79 @@
+"""Periodic sweeps run by APScheduler inside `headscreen serve`.
+
+Each sweep is a plain function of (settings, sessions) so it can be called
+directly from tests and from the CLI; the scheduler only times them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.bundle import load_bundle
+from daemon.config import Settings
+from daemon.delivery import deliver_due
+from db import api
+
+log = logging.getLogger(__name__)
+
+
+def bundle_refs(settings: Settings) -> list[api.BundleRef]:
+    refs = []
+    for path in settings.bundles:
+        manifest = load_bundle(path).manifest
+        refs.append(api.BundleRef(manifest.name, manifest.version, manifest.modality))
+    return refs
+
+
+def sweep_completeness(settings: Settings, sessions: sessionmaker[Session], bundles: list[api.BundleRef]) -> list[int]:
+    with sessions() as session:
+        completed = api.sweep_completeness(
+            session, datetime.now(UTC), settings.quiet_period_s, settings.whole_quiet_s, bundles
+        )
+    if completed:
+        log.info("studies complete", extra={"action": "complete", "count": len(completed)})
+    return completed
+
+
+def sweep_leases(settings: Settings, sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        returned = api.requeue_expired(session, datetime.now(UTC))
+    if returned:
+        log.warning("expired leases returned to the queue", extra={"action": "requeue_expired", "count": returned})
+    return returned
+
+
+def sweep_deliveries(settings: Settings, sessions: sessionmaker[Session]) -> None:
+    deliver_due(sessions, settings)
+
+
+def sweep_retention(settings: Settings, sessions: sessionmaker[Session]) -> int:
+    """Delete received instances of finished studies older than retention_days."""
+    if settings.retention_days <= 0:
+        return 0
+    cutoff = datetime.now(UTC) - timedelta(days=settings.retention_days)
+    with sessions() as session:
+        candidates = api.retention_candidates(session, cutoff)
+    for study_id, study_uid in candidates:
+        shutil.rmtree(settings.storage_dir / study_uid, ignore_errors=True)
+        with sessions() as session:
+            api.mark_purged(session, study_id)
+    if candidates:
+        log.info("retention purge", extra={"action": "purge", "count": len(candidates)})
+    return len(candidates)
+
+
+def start_scheduler(settings: Settings, sessions: sessionmaker[Session], bundles: list[api.BundleRef]) -> BackgroundScheduler:
+    scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+    every = settings.sweep_interval_s
+    scheduler.add_job(sweep_completeness, "interval", seconds=every, args=[settings, sessions, bundles], id="completeness")
+    scheduler.add_job(sweep_leases, "interval", seconds=max(every, settings.heartbeat_s / 2), args=[settings, sessions], id="leases")
+    scheduler.add_job(sweep_deliveries, "interval", seconds=max(every, 2.0), args=[settings, sessions], id="deliveries")
+    scheduler.add_job(sweep_retention, "interval", hours=1, args=[settings, sessions], id="retention",
+                      next_run_time=datetime.now(UTC) + timedelta(minutes=1))
+    scheduler.start()
+    return scheduler

@@ -1,0 +1,105 @@
+"""`headscreen serve`: the receiver, the scheduler and a supervised pool of workers.
+
+Roles are separate processes: this process receives (SCP) and schedules; each
+worker is its own process, so a model never runs inside the SCP. SIGTERM drains:
+stop accepting associations, let workers finish their current job (up to a
+timeout), stop the sweeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from daemon.config import Settings
+from daemon.receiver import ReceiverConfig, start_receiver
+from daemon.scheduler import bundle_refs, start_scheduler
+from daemon.worker import worker_process_main
+from db.engine import make_engine, session_factory
+from db.migrate import upgrade
+
+log = logging.getLogger(__name__)
+
+
+def receiver_config(settings: Settings) -> ReceiverConfig:
+    return ReceiverConfig(
+        ae_title=settings.ae_title,
+        bind_address=settings.bind_address,
+        port=settings.port,
+        allowed_callers=[(c.ae_title, c.host) for c in settings.allowed_callers],
+        allow_any_caller=settings.allow_any_caller,
+        storage_dir=settings.storage_dir,
+        disk_min_free_mb=settings.disk_min_free_mb,
+    )
+
+
+@dataclass
+class WorkerPool:
+    """Keeps `count` worker processes alive; a worker that dies is replaced."""
+
+    settings: Settings
+    count: int
+    processes: dict[int, multiprocessing.process.BaseProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._context = multiprocessing.get_context("spawn")
+
+    def ensure(self) -> None:
+        for index in range(self.count):
+            process = self.processes.get(index)
+            if process is not None and process.is_alive():
+                continue
+            if process is not None:
+                log.warning("worker exited; starting a new one", extra={"worker": index, "exitcode": process.exitcode})
+            process = self._context.Process(target=worker_process_main, args=(self.settings, index),
+                                            name=f"headscreen-worker-{index}", daemon=False)
+            process.start()
+            self.processes[index] = process
+
+    def stop(self, timeout_s: float) -> None:
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()  # SIGTERM: finish the current job, then exit
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("worker did not drain in time; killing it", extra={"pid": process.pid})
+                process.kill()
+                process.join()
+
+
+def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    bundles = bundle_refs(settings)  # refuses tampered bundles before anything starts
+    engine = make_engine(settings.database_url)
+    sessions = session_factory(engine)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    receiver = start_receiver(receiver_config(settings), sessions)
+    scheduler = start_scheduler(settings, sessions, bundles)
+    pool = WorkerPool(settings, settings.workers)
+    pool.ensure()
+    log.info(
+        "headscreen serving",
+        extra={"ae_title": settings.ae_title, "port": receiver.port, "workers": settings.workers,
+               "bundles": [f"{b.name}-{b.version}" for b in bundles]},
+    )
+    try:
+        while not stop.wait(1.0):
+            pool.ensure()
+    finally:
+        log.info("draining")
+        receiver.shutdown()
+        pool.stop(drain_timeout_s)
+        scheduler.shutdown(wait=True)
+        engine.dispose()
+        log.info("stopped")
+    return 0

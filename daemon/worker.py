@@ -1,0 +1,146 @@
+"""Worker processes: claim one job at a time under a lease, heartbeat, run, deliver.
+
+A worker that dies (kill -9, power cut) stops heartbeating; the scheduler's
+lease sweep returns its job to the queue and another worker takes it. Results
+are written only through `db.api.finish_job`, which is fenced on the lease, so a
+job completes exactly once even if a presumed-dead worker wakes up later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.bundle import load_bundle
+from daemon.config import Settings
+from daemon.delivery import deliver_due
+from daemon.errors import HeadscreenError, TransientError
+from daemon.inference import BundleRunner
+from daemon.pipeline import StudyFiles, run_job
+from db import api
+from db.engine import make_engine, session_factory
+
+log = logging.getLogger(__name__)
+
+
+def load_runners(settings: Settings) -> dict[tuple[str, str], BundleRunner]:
+    """Every configured bundle, verified and loaded once per process."""
+    runners = {}
+    for path in settings.bundles:
+        runner = BundleRunner(load_bundle(path), intra_op_threads=max(1, (os.cpu_count() or 2) // max(1, settings.workers)))
+        runners[(runner.bundle.manifest.name, runner.bundle.manifest.version)] = runner
+    return runners
+
+
+class Worker:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.runners = load_runners(settings)
+        self.stopping = threading.Event()
+
+    def run_forever(self, poll_s: float = 0.5) -> None:
+        log.info("worker started", extra={"worker_id": self.worker_id, "bundles": [f"{n}-{v}" for n, v in self.runners]})
+        while not self.stopping.is_set():
+            if not self.run_one():
+                self.stopping.wait(poll_s)
+        log.info("worker stopped", extra={"worker_id": self.worker_id})
+
+    def run_one(self) -> bool:
+        """Claim and process one job; False when the queue had nothing for us."""
+        with self.sessions() as session:
+            ticket = api.claim_job(session, self.worker_id, self.settings.lease_s, datetime.now(UTC))
+        if ticket is None:
+            return False
+        lease_lost = threading.Event()
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(ticket.job_id, done, lease_lost), daemon=True)
+        beat.start()
+        try:
+            self._process(ticket)
+        finally:
+            done.set()
+            beat.join()
+        return True
+
+    def _process(self, ticket: api.JobTicket) -> None:
+        extra = {"job_id": ticket.job_id, "study_uid": ticket.study_instance_uid, "worker_id": self.worker_id}
+        runner = self.runners.get((ticket.bundle_name, ticket.bundle_version))
+        policy = api.RetryPolicy(max_attempts=self.settings.job_max_attempts, base_delay_s=5.0, max_delay_s=120.0)
+        if runner is None:
+            with self.sessions() as session:
+                api.fail_job(session, ticket.job_id, self.worker_id,
+                             f"bundle {ticket.bundle_name}-{ticket.bundle_version} is not loaded on this worker",
+                             retryable=False, now=datetime.now(UTC), policy=policy)
+            return
+        output_dir = self.settings.results_dir / ticket.study_instance_uid / f"job-{ticket.job_id}-attempt-{ticket.attempt}"
+        try:
+            with self.sessions() as session:
+                series = api.study_instances(session, ticket.study_id)
+            study = StudyFiles(
+                ticket.study_instance_uid,
+                {uid: [self._abs(path) for path, _ in items] for uid, items in series.items()},
+            )
+            outcome = run_job(ticket, study, runner, output_dir, self.settings.overlay_slices)
+        except TransientError as exc:
+            log.warning("job failed, will retry", extra={**extra, "error": str(exc)})
+            self._fail(ticket, str(exc), True, policy)
+            return
+        except Exception as exc:  # an unexpected bug must not kill the worker
+            log.exception("job crashed", extra=extra)
+            retryable = not isinstance(exc, HeadscreenError)
+            self._fail(ticket, f"{type(exc).__name__}: {exc}", retryable, policy)
+            return
+        destinations = [d.name for d in self.settings.destinations]
+        with self.sessions() as session:
+            result_id = api.finish_job(session, ticket.job_id, self.worker_id, outcome, destinations, datetime.now(UTC))
+        if result_id is None:
+            log.warning("lease lost before finishing; result discarded", extra=extra)
+            return
+        log.info("job done", extra={**extra, "result_id": result_id})
+        deliver_due(self.sessions, self.settings, result_id=result_id)
+
+    def _fail(self, ticket: api.JobTicket, reason: str, retryable: bool, policy: api.RetryPolicy) -> None:
+        with self.sessions() as session:
+            api.fail_job(session, ticket.job_id, self.worker_id, reason, retryable=retryable,
+                         now=datetime.now(UTC), policy=policy)
+
+    def _heartbeat(self, job_id: int, done: threading.Event, lease_lost: threading.Event) -> None:
+        while not done.wait(self.settings.heartbeat_s):
+            try:
+                with self.sessions() as session:
+                    alive = api.heartbeat(session, job_id, self.worker_id, self.settings.lease_s, datetime.now(UTC))
+            except Exception:
+                log.exception("heartbeat failed", extra={"job_id": job_id})
+                continue
+            if not alive:
+                lease_lost.set()
+                log.warning("lease lost", extra={"job_id": job_id, "worker_id": self.worker_id})
+                return
+
+    def _abs(self, path: str) -> Path:
+        return self.settings.storage_dir / path
+
+
+def worker_process_main(settings: Settings, worker_index: int) -> None:
+    """Entry point of a worker process started by `headscreen serve`."""
+    from daemon.logs import configure_logging
+
+    configure_logging(settings)
+    engine = make_engine(settings.database_url)
+    worker = Worker(settings, session_factory(engine), worker_id=f"{socket.gethostname()}:{os.getpid()}:w{worker_index}")
+    # SIGTERM drains: the current job finishes, then the loop ends.
+    signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
+    try:
+        worker.run_forever()
+    finally:
+        engine.dispose()
