@@ -1,0 +1,84 @@
+"""Write a model bundle (manifest + ONNX + training metrics) through daemon.bundle."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daemon.bundle import Bundle, Manifest, load_bundle, write_bundle
+from model_training.calibration import Calibration
+
+log = logging.getLogger(__name__)
+
+METHODS = {"fanogan": "f-anogan-3d", "vae": "vae-3d-age", "vae_ac": "vae-3d-age", "vae_ap": "vae-3d-age"}
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """Everything a manifest needs besides the files themselves."""
+
+    name: str
+    version: str
+    modality: str
+    method: str  # cli method: fanogan | vae | vae_ac | vae_ap
+    description: str
+    grid: tuple[int, int, int]
+    preprocessing: dict[str, Any]
+    score_terms: dict[str, float]
+    age_gap_weight: float
+    score_definition: str
+    calibration: Calibration
+    age_supported: bool
+    age_validation_mae: float | None
+    training: dict[str, Any]
+    metrics: dict[str, Any]
+    parity_max_abs_diff: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_manifest(spec: BundleSpec) -> Manifest:
+    training = {
+        "torch": torch.__version__,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **spec.training,
+    }
+    return Manifest(
+        name=spec.name,
+        version=spec.version,
+        modality=spec.modality,
+        method=METHODS[spec.method],
+        description=spec.description,
+        model_file="model.onnx",
+        input={"name": "image", "shape": [1, *spec.grid]},
+        preprocessing=spec.preprocessing,
+        outputs={"error_map": "error_map", "age": "age" if spec.age_supported else None},
+        score={"terms": spec.score_terms, "age_gap_weight": spec.age_gap_weight, "definition": spec.score_definition},
+        calibration=spec.calibration.as_manifest(),
+        age={"supported": spec.age_supported, "validation_mae": spec.age_validation_mae},
+        training=training,
+        metrics=spec.metrics,
+        parity={"max_abs_diff": spec.parity_max_abs_diff, "tolerance": 1e-4},
+        variant=spec.method,
+        **spec.extra,
+    )
+
+
+def write_model_bundle(out_dir: Path, onnx_path: Path, spec: BundleSpec, metrics_csv: Path | None = None) -> Bundle:
+    """Copy the ONNX file (and metrics CSV) into `out_dir`, write the manifest with
+    every file's sha256, and load it back through the daemon's loader to prove it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if Path(onnx_path).resolve() != (out_dir / "model.onnx").resolve():
+        shutil.copyfile(onnx_path, out_dir / "model.onnx")
+    if metrics_csv is not None:
+        shutil.copyfile(metrics_csv, out_dir / "training_metrics.csv")
+    write_bundle(out_dir, build_manifest(spec))
+    bundle = load_bundle(out_dir)
+    log.info("bundle written", extra={"action": "bundle_written", "bundle": bundle.manifest.key, "sha256": bundle.sha256})
+    return bundle

@@ -1,0 +1,142 @@
+"""Shared training plumbing: seeding, devices, samples, checkpoints, metrics CSV."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def pick_device(requested: str = "auto", threads: int = 2) -> torch.device:
+    """`auto` uses CUDA when present. CPU runs are capped at `threads` threads
+    because the machine is shared with the daemon's workers."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    torch.set_num_threads(threads)
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Preprocessed volumes [N, D, H, W] (float32) and chronological ages [N] (years)."""
+
+    images: np.ndarray
+    ages: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be [N, D, H, W], got shape {self.images.shape}")
+        if self.ages.shape != (self.images.shape[0],):
+            raise ValueError(f"ages must be [N] with N={self.images.shape[0]}, got {self.ages.shape}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, index: np.ndarray) -> "Samples":
+        return Samples(self.images[index], self.ages[index])
+
+
+def batches(
+    samples: Samples, batch_size: int, generator: torch.Generator, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One shuffled epoch of (images [B,1,D,H,W], ages [B]); drops a last batch of 1
+    (batch norm cannot train on a single sample)."""
+    order = torch.randperm(len(samples), generator=generator).numpy()
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        if len(index) < 2 and len(order) > 1:
+            continue
+        images = torch.from_numpy(samples.images[index]).unsqueeze(1).to(device)
+        ages = torch.from_numpy(samples.ages[index].astype(np.float32)).to(device)
+        yield images, ages
+
+
+def in_chunks(
+    samples: Samples, size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """All samples in order, `size` at a time (evaluation)."""
+    for start in range(0, len(samples), size):
+        images = torch.from_numpy(samples.images[start : start + size]).unsqueeze(1).to(device)
+        ages = torch.from_numpy(samples.ages[start : start + size].astype(np.float32)).to(device)
+        yield images, ages
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically so an interrupted run never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "data": generator.get_state(),
+    }
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["data"])
+
+
+class MetricsLog:
+    """Append-only per-epoch metrics CSV; the header is fixed by the first row."""
+
+    def __init__(self, path: Path, fields: list[str]) -> None:
+        self.path = path
+        self.fields = fields
+
+    def append(self, row: dict[str, Any]) -> None:
+        new = not self.path.is_file()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        log.info("epoch done", extra={"action": "train_epoch", **{k: row.get(k) for k in self.fields}})
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with self.path.open(newline="") as handle:
+            return list(csv.DictReader(handle))

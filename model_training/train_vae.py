@@ -1,0 +1,145 @@
+"""3D VAE training (variants vae, vae_ac, vae_ap) on L1 + beta*KL + gamma*L1(age).
+
+Adam with the MR paper's learning rate 1e-3; a checkpoint after every epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model_training.losses import kl_per_sample, l1_per_sample, vae_loss
+from model_training.networks import VAE_PRESETS, VAE3D, VaePreset
+from model_training.runtime import (
+    MetricsLog,
+    Samples,
+    batches,
+    in_chunks,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+)
+
+log = logging.getLogger(__name__)
+
+METRIC_FIELDS = ["epoch", "steps", "loss", "rec", "kl", "age_mae", "val_rec", "val_kl", "val_age_mae", "seconds"]
+CHECKPOINT = "vae.pt"
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    preset: VaePreset = field(default_factory=lambda: VAE_PRESETS["compact"])
+    variant: str = "vae_ap"
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3
+    beta: float = 1.0
+    gamma: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class VaeResult:
+    model: VAE3D
+    metrics_path: Path
+    steps: int
+    epochs: int
+
+
+@dataclass(frozen=True)
+class VaeTerms:
+    """Per-sample score terms of a trained VAE in eval mode (z = mu)."""
+
+    rec: np.ndarray
+    kl: np.ndarray
+    age: np.ndarray | None
+
+
+def _epoch(
+    model: VAE3D, opt: torch.optim.Optimizer, samples: Samples, cfg: VaeConfig,
+    gen: torch.Generator, device: torch.device, bar: tqdm,
+) -> dict[str, float]:
+    sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "age_mae": 0.0}
+    steps = 0
+    for images, ages in batches(samples, cfg.batch_size, gen, device):
+        out = model(images, chronological_age=ages, sample=True)
+        parts = vae_loss(images, out.recon, out.mu, out.logvar, out.age, ages, cfg.beta, cfg.gamma)
+        opt.zero_grad(set_to_none=True)
+        parts.total.backward()
+        opt.step()
+        for key, value in (("loss", parts.total), ("rec", parts.rec), ("kl", parts.kl), ("age_mae", parts.age)):
+            sums[key] += value.item()
+        steps += 1
+        bar.update(1)
+    row = {k: v / max(steps, 1) for k, v in sums.items()}
+    row["steps"] = steps
+    return row
+
+
+def evaluate_terms(model: VAE3D, samples: Samples, device: torch.device) -> VaeTerms:
+    """rec, kl and predicted age per sample, deterministic (as exported)."""
+    was_training = model.training
+    model.eval()
+    rec, kl, age = [], [], []
+    with torch.no_grad():
+        for images, ages in in_chunks(samples, 8, device):
+            out = model(images, chronological_age=ages, sample=False)
+            rec.append(l1_per_sample(images, out.recon).cpu().numpy())
+            kl.append(kl_per_sample(out.mu, out.logvar).cpu().numpy())
+            if out.age is not None:
+                age.append(out.age.cpu().numpy())
+    model.train(was_training)
+    return VaeTerms(np.concatenate(rec), np.concatenate(kl), np.concatenate(age) if age else None)
+
+
+def train_vae(
+    samples: Samples,
+    cfg: VaeConfig,
+    work_dir: Path,
+    device: torch.device,
+    val: Samples | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> VaeResult:
+    work_dir = Path(work_dir)
+    gen = seed_everything(cfg.seed)
+    model = VAE3D(samples.grid, cfg.preset, cfg.variant).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    metrics = MetricsLog(work_dir / "metrics.csv", METRIC_FIELDS)
+    if not resume and metrics.path.exists():
+        metrics.path.unlink()
+    first, steps = 0, 0
+    state = load_checkpoint(work_dir / CHECKPOINT) if resume else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimiser"])
+        restore_rng(state["rng"], gen)
+        first, steps = state["epoch"], state["steps"]
+        log.info("resuming", extra={"action": "train_resume", "epoch": first})
+    model.train()
+    for epoch in range(first, cfg.epochs):
+        began = time.monotonic()
+        n_batches = max(len(samples) // cfg.batch_size, 1)
+        with tqdm(total=n_batches, desc=f"{cfg.variant} {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False) as bar:
+            row = _epoch(model, opt, samples, cfg, gen, device, bar)
+        steps += int(row.pop("steps"))
+        if val is not None:
+            terms = evaluate_terms(model, val, device)
+            row.update(val_rec=float(terms.rec.mean()), val_kl=float(terms.kl.mean()))
+            if terms.age is not None:
+                row["val_age_mae"] = float(np.abs(terms.age - val.ages).mean())
+        metrics.append({"epoch": epoch + 1, "steps": steps, "seconds": round(time.monotonic() - began, 2), **row})
+        save_checkpoint(
+            work_dir / CHECKPOINT,
+            {"epoch": epoch + 1, "steps": steps, "model": model.state_dict(), "optimiser": opt.state_dict(), "rng": rng_state(gen)},
+        )
+    model.eval()
+    return VaeResult(model=model, metrics_path=metrics.path, steps=steps, epochs=cfg.epochs - first)
