@@ -9,6 +9,7 @@ A vae_ac graph needs a second input `chronological_age` [N] (years).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,10 @@ def export_graph(graph: nn.Module, path: Path, grid: tuple[int, int, int]) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(graph.input_names) + list(graph.output_names)
     dynamic = {name: {0: "N"} for name in names}
-    with torch.no_grad():
+    # The TorchScript exporter warns about its own deprecation and about traced
+    # shape arithmetic; the parity check below is what tells whether it worked.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             graph,
             _example_inputs(graph, grid),

@@ -1,0 +1,249 @@
+"""model_training: losses by hand, tiny training runs, ONNX parity, calibration, bundles."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from scipy import ndimage
+
+from daemon.bundle import load_bundle
+from daemon.errors import BundleError
+from model_training import losses
+from model_training.bundles import BundleSpec, write_model_bundle
+from model_training.calibration import calibrate, error_map_scale, select_vae_weights, threshold_at_specificity
+from model_training.export_onnx import FAnoGANGraph, VaeGraph, export_and_check
+from model_training.networks import GanPreset, VaePreset
+from model_training.runtime import Samples, pick_device
+from model_training.train_fanogan import FAnoGANConfig, evaluate_izi_f, train_fanogan
+from model_training.train_vae import VaeConfig, evaluate_terms, train_vae
+
+TINY_GAN = GanPreset(size=16, latent=16, channels=(4, 8))
+TINY_VAE = VaePreset(latent=16, channels=(4, 8), age_hidden=16)
+
+
+def smooth_volumes(n: int, grid: tuple[int, int, int], seed: int) -> Samples:
+    """Smooth random blobs in [-1, 1] whose brightness follows age (learnable)."""
+    rng = np.random.default_rng(seed)
+    ages = rng.uniform(20, 85, n)
+    noise = rng.normal(size=(n, *grid))
+    images = np.stack([ndimage.gaussian_filter(v, 2.0) for v in noise])
+    images = images / np.abs(images).max() * 0.5 + (ages[:, None, None, None] - 52.5) / 100
+    return Samples(images.astype(np.float32), ages)
+
+
+@pytest.fixture(scope="module")
+def cpu() -> torch.device:
+    return pick_device("cpu")
+
+
+# ---------------------------------------------------------------- losses by hand
+
+
+def test_gradient_penalty_of_a_linear_critic_is_lambda_times_norm_minus_one_squared() -> None:
+    w = torch.tensor([3.0, 0.0, 4.0])  # ||w|| = 5 everywhere
+
+    def critic(x: torch.Tensor) -> torch.Tensor:
+        return (x * w).sum(1)
+
+    real, fake = torch.ones(2, 3), torch.zeros(2, 3)
+    assert losses.gradient_penalty(critic, real, fake).item() == pytest.approx(10 * (5 - 1) ** 2)
+
+
+def test_gradient_penalty_uses_the_interpolated_point() -> None:
+    def critic(x: torch.Tensor) -> torch.Tensor:
+        return (x**2).sum(1)  # gradient 2 * x_hat
+
+    real, fake = torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2)
+    # eps = 1 -> x_hat = real, |grad| = 10 -> 10 * 81; eps = 0.5 -> |grad| = 5 -> 10 * 16
+    assert losses.gradient_penalty(critic, real, fake, eps=torch.tensor([1.0])).item() == pytest.approx(810.0)
+    assert losses.gradient_penalty(critic, real, fake, eps=torch.tensor([0.5])).item() == pytest.approx(160.0)
+
+
+def test_wasserstein_terms() -> None:
+    d_real, d_fake = torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 0.0])
+    assert losses.critic_wasserstein(d_real, d_fake).item() == pytest.approx(-0.5 - 2.0)
+    assert losses.generator_loss(d_fake).item() == pytest.approx(0.5)
+
+
+def test_izi_f_per_sample_by_hand() -> None:
+    x = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    recon = torch.zeros(2, 2)
+    fx, fr = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 2.0]]), torch.zeros(2, 3)
+    # sample 0: (1 + 4) / 2 + 0.5 * 3 / 3 = 3.0; sample 1: 0 + 0.5 * 4 / 3
+    expected = [3.0, 0.5 * 4 / 3]
+    assert losses.izi_f_per_sample(x, recon, fx, fr, kappa=0.5).tolist() == pytest.approx(expected)
+    assert losses.izi_f_loss(x, recon, fx, fr, kappa=0.5).item() == pytest.approx(sum(expected) / 2)
+
+
+def test_kl_per_sample_by_hand() -> None:
+    mu = torch.tensor([[0.0, 1.0]])
+    logvar = torch.tensor([[0.0, math.log(2.0)]])
+    expected = (0.0 + 0.5 * (1 + 2 - 1 - math.log(2.0))) / 2
+    assert losses.kl_per_sample(mu, logvar).item() == pytest.approx(expected)
+    assert losses.kl_per_sample(torch.zeros(3, 4), torch.zeros(3, 4)).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_vae_loss_by_hand() -> None:
+    x, recon = torch.ones(1, 1, 2, 2, 2), torch.zeros(1, 1, 2, 2, 2)
+    mu, logvar = torch.tensor([[1.0]]), torch.tensor([[0.0]])  # KL = 0.5
+    parts = losses.vae_loss(x, recon, mu, logvar, torch.tensor([60.0]), torch.tensor([50.0]), beta=2.0, gamma=3.0)
+    assert parts.rec.item() == pytest.approx(1.0)
+    assert parts.kl.item() == pytest.approx(0.5)
+    assert parts.age.item() == pytest.approx(10.0)
+    assert parts.total.item() == pytest.approx(1.0 + 2.0 * 0.5 + 3.0 * 10.0 / 100.0)
+
+
+def test_combined_anomaly_score_by_hand() -> None:
+    rec, kl, gap = np.array([0.2, 0.1]), np.array([0.5, 0.0]), np.array([-10.0, 4.0])
+    score = losses.anomaly_score(rec, kl, gap, alpha=2.0, beta=1.0, gamma=0.1)
+    assert score.tolist() == pytest.approx([0.4 + 0.5 + 1.0, 0.2 + 0.0 + 0.4])
+    assert losses.anomaly_score(rec, kl, None, 2.0, 1.0, 0.1).tolist() == pytest.approx([0.9, 0.2])
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def test_threshold_at_95_specificity_on_a_known_distribution() -> None:
+    scores = np.random.default_rng(3).permutation(np.arange(1, 101, dtype=float))
+    threshold = threshold_at_specificity(scores, 0.95)
+    assert threshold == 95.0
+    assert np.mean(scores <= threshold) == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="specificity"):
+        threshold_at_specificity(scores, 1.0)
+
+
+def test_calibrate_sorts_reference_and_takes_voxel_p99_inside_masks() -> None:
+    rng = np.random.default_rng(4)
+    maps = rng.uniform(0, 1, size=(5, 8, 8, 8))
+    masks = np.zeros(maps.shape, bool)
+    masks[:, 2:6, 2:6, 2:6] = True
+    maps[~masks] = 50.0  # outside the brain must not count
+    result = calibrate(np.array([3.0, 1.0, 2.0]), maps, masks)
+    assert result.reference_scores == [1.0, 2.0, 3.0]
+    assert result.n == 3 and result.threshold == 3.0
+    assert result.error_map_scale == pytest.approx(np.percentile(maps[masks], 99))
+    assert 0.95 < result.error_map_scale < 1.0
+    assert error_map_scale(np.zeros((1, 2, 2, 2))) > 0
+
+
+def test_weight_search_finds_the_discriminative_term() -> None:
+    rng = np.random.default_rng(5)
+    healthy = {"rec": rng.normal(1, 0.1, 50), "kl": rng.normal(0, 1, 50), "age_gap": rng.normal(0, 5, 50)}
+    anomalous = {"rec": rng.normal(1, 0.1, 50), "kl": rng.normal(0, 1, 50), "age_gap": rng.normal(0, 5, 50) + 20}
+    weights = select_vae_weights(healthy, anomalous)
+    assert weights.age_gap > 0 and weights.kl == 1.0
+    assert weights.validation_auroc > 0.95
+
+
+# ---------------------------------------------------------------- training and export
+
+
+@pytest.fixture(scope="module")
+def trained_gan(tmp_path_factory: pytest.TempPathFactory, cpu: torch.device):
+    data = smooth_volumes(24, (16, 16, 16), seed=0)
+    cfg = FAnoGANConfig(preset=TINY_GAN, wgan_epochs=3, encoder_epochs=4, finetune_epochs=3, batch_size=4,
+                        n_critic=2, lr_encoder=1e-3, lr_finetune=5e-4)
+    work = tmp_path_factory.mktemp("gan")
+    return data, cfg, train_fanogan(data, cfg, work, cpu, val=data, progress=False)
+
+
+def test_fanogan_three_stages_run_and_the_encoder_loss_decreases(trained_gan) -> None:
+    _, cfg, result = trained_gan
+    rows = result.metrics_path.read_text().splitlines()[1:]
+    stages = [r.split(",")[0] for r in rows]
+    assert stages == ["wgan"] * 3 + ["encoder"] * 4 + ["finetune"] * 3
+    izi = [float(r.split(",")[7]) for r in rows if not r.startswith("wgan")]
+    assert izi[-1] < izi[0]
+    assert result.steps == 10 * (24 // 4)
+
+
+def test_fanogan_export_matches_pytorch_and_has_a_dynamic_batch(trained_gan, tmp_path: Path, cpu) -> None:
+    data, cfg, result = trained_gan
+    graph = FAnoGANGraph(result.nets.encoder, result.nets.generator, result.nets.critic, cfg.kappa)
+    diff = export_and_check(graph, tmp_path / "m.onnx", data.images[:2], data.ages[:2])
+    assert diff < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    error_map, izi_f = session.run(["error_map", "izi_f"], {"image": data.images[:5, None]})
+    assert error_map.shape == (5, 1, 16, 16, 16) and izi_f.shape == (5,)
+    expected = evaluate_izi_f(result.nets, data.subset(np.arange(5)), cfg.kappa, cpu)
+    assert izi_f == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["vae", "vae_ac", "vae_ap"])
+def test_vae_variants_train_and_export(variant: str, tmp_path: Path, cpu) -> None:
+    data = smooth_volumes(16, (12, 14, 10), seed=1)  # not a multiple of 4: exercises padding
+    cfg = VaeConfig(preset=TINY_VAE, variant=variant, epochs=6, batch_size=4, seed=2)
+    result = train_vae(data, cfg, tmp_path / "run", cpu, progress=False)
+    losses_per_epoch = [float(r.split(",")[2]) for r in result.metrics_path.read_text().splitlines()[1:]]
+    assert len(losses_per_epoch) == 6 and losses_per_epoch[-1] < losses_per_epoch[0]
+    graph = VaeGraph(result.model)
+    assert export_and_check(graph, tmp_path / "v.onnx", data.images[:3], data.ages[:3]) < 1e-4
+    outputs = [o.name for o in ort.InferenceSession(str(tmp_path / "v.onnx")).get_outputs()]
+    assert outputs == ["error_map", "rec", "kl"] + (["age"] if variant == "vae_ap" else [])
+
+
+def test_vae_resume_continues_to_the_same_weights(tmp_path: Path, cpu) -> None:
+    data = smooth_volumes(8, (8, 8, 8), seed=6)
+    preset = VaePreset(latent=8, channels=(4,), age_hidden=8)
+    straight = train_vae(data, VaeConfig(preset=preset, epochs=3, batch_size=4), tmp_path / "a", cpu, progress=False)
+    train_vae(data, VaeConfig(preset=preset, epochs=2, batch_size=4), tmp_path / "b", cpu, progress=False)
+    resumed = train_vae(data, VaeConfig(preset=preset, epochs=3, batch_size=4), tmp_path / "b", cpu,
+                        resume=True, progress=False)
+    assert resumed.epochs == 1
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b), name
+    assert len(resumed.metrics_path.read_text().splitlines()) == 1 + 3
+
+
+def test_fanogan_resume_skips_finished_stages(trained_gan, tmp_path: Path, cpu) -> None:
+    data, cfg, _ = trained_gan
+    short = FAnoGANConfig(preset=TINY_GAN, wgan_epochs=1, encoder_epochs=1, finetune_epochs=0, batch_size=4)
+    train_fanogan(data, short, tmp_path, cpu, progress=False)
+    longer = FAnoGANConfig(preset=TINY_GAN, wgan_epochs=1, encoder_epochs=2, finetune_epochs=1, batch_size=4)
+    resumed = train_fanogan(data, longer, tmp_path, cpu, resume=True, progress=False)
+    assert resumed.epochs == 2
+    stages = [r.split(",")[0] for r in resumed.metrics_path.read_text().splitlines()[1:]]
+    assert stages == ["wgan", "encoder", "encoder", "finetune"]
+
+
+# ---------------------------------------------------------------- bundles
+
+
+def _bundle_spec(grid: tuple[int, int, int], diff: float) -> BundleSpec:
+    from model_training.calibration import Calibration
+
+    return BundleSpec(
+        name="test-fanogan", version="0.0.1", modality="CT", method="fanogan", description="tiny test bundle",
+        grid=grid, preprocessing={"target_shape": list(grid)}, score_terms={"izi_f": 1.0}, age_gap_weight=0.0,
+        score_definition="izi_f", calibration=Calibration([0.3, 0.1, 0.2], 0.3, 0.95, 0.5, 3),
+        age_supported=False, age_validation_mae=None, training={"command": "pytest", "seed": 0},
+        metrics={"auroc": 0.5}, parity_max_abs_diff=diff,
+    )
+
+
+def test_bundle_round_trips_through_the_daemon_loader_and_refuses_tampering(trained_gan, tmp_path: Path) -> None:
+    data, cfg, result = trained_gan
+    graph = FAnoGANGraph(result.nets.encoder, result.nets.generator, result.nets.critic, cfg.kappa)
+    diff = export_and_check(graph, tmp_path / "export.onnx", data.images[:2], data.ages[:2])
+    out = tmp_path / "bundle"
+    written = write_model_bundle(out, tmp_path / "export.onnx", _bundle_spec(data.grid, diff), result.metrics_path)
+    loaded = load_bundle(out)
+    assert loaded.manifest == written.manifest
+    manifest = loaded.manifest
+    assert manifest.method == "f-anogan-3d" and manifest.input.shape == [1, 16, 16, 16]
+    assert manifest.calibration.reference_scores == [0.1, 0.2, 0.3]
+    assert set(manifest.files) == {"model.onnx", "training_metrics.csv"}
+    assert manifest.parity["max_abs_diff"] == diff
+    assert json.loads((out / "manifest.json").read_text())["training"]["torch"] == torch.__version__
+
+    model = out / "model.onnx"
+    model.write_bytes(model.read_bytes() + b"\0")
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(out)
