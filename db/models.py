@@ -1,0 +1,237 @@
+"""SQLAlchemy 2.0 models. Timestamps are timezone-aware UTC; states are string Enums.
+
+Only `db.api` functions change rows; other packages read through it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from db.states import DeliveryState, JobState, ObjectKind, StudyState
+
+# Stable constraint names so migrations and models compare equal on every dialect.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_N_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores aware datetimes as UTC; SQLite loses the offset, so it is restored on read."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; pass a timezone-aware UTC datetime")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def state_enum(enum_cls: type[StrEnum], name: str) -> sa.Enum:
+    """A portable string Enum column type: VARCHAR plus a CHECK constraint of the values."""
+    return sa.Enum(
+        enum_cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda cls: [member.value for member in cls],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: sa.JSON(), list[Any]: sa.JSON()}
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    modality: Mapped[str | None] = mapped_column(sa.String(16))
+    state: Mapped[StudyState] = mapped_column(state_enum(StudyState, "study_state"), index=True)
+    generation: Mapped[int] = mapped_column(default=1)
+    first_received_at: Mapped[datetime]
+    last_received_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+    purged_at: Mapped[datetime | None]
+    study_date: Mapped[str | None] = mapped_column(sa.String(8))
+    patient_age: Mapped[str | None] = mapped_column(sa.String(4))
+    patient_birth_date: Mapped[str | None] = mapped_column(sa.String(8))
+    station_name: Mapped[str | None] = mapped_column(sa.String(64))
+    institution: Mapped[str | None] = mapped_column(sa.String(64))
+    calling_ae: Mapped[str | None] = mapped_column(sa.String(16))
+    flagged: Mapped[bool] = mapped_column(default=False)
+    flag_comment: Mapped[str | None] = mapped_column(sa.Text)
+    reviewed: Mapped[bool] = mapped_column(default=False)
+    confirmed_normal: Mapped[bool] = mapped_column(default=False)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(sa.ForeignKey("studies.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    modality: Mapped[str | None] = mapped_column(sa.String(16))
+    series_number: Mapped[int | None]
+    series_description: Mapped[str | None] = mapped_column(sa.String(64))
+    instance_count: Mapped[int] = mapped_column(default=0)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(sa.ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(sa.String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(sa.String(64))
+    path: Mapped[str] = mapped_column(sa.String(512))
+    size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    instance_number: Mapped[int | None]
+    slice_position: Mapped[float | None] = mapped_column(sa.Float)
+    images_in_acquisition: Mapped[int | None]
+    number_of_frames: Mapped[int | None]
+    received_at: Mapped[datetime]
+    generation: Mapped[int]
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class IngestRejection(Base):
+    __tablename__ = "ingest_rejections"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    calling_ae: Mapped[str | None] = mapped_column(sa.String(16))
+    sop_instance_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    status: Mapped[int]
+    reason: Mapped[str] = mapped_column(sa.Text)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (sa.Index("ix_jobs_claim", "state", "available_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(sa.ForeignKey("studies.id"), index=True)
+    bundle_name: Mapped[str] = mapped_column(sa.String(64))
+    bundle_version: Mapped[str] = mapped_column(sa.String(32))
+    generation: Mapped[int]
+    state: Mapped[JobState] = mapped_column(state_enum(JobState, "job_state"))
+    attempts: Mapped[int] = mapped_column(default=0)
+    max_attempts: Mapped[int]
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(128))
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    available_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+
+
+class Result(Base):
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id"), unique=True)
+    study_id: Mapped[int] = mapped_column(sa.ForeignKey("studies.id"), index=True)
+    bundle_name: Mapped[str] = mapped_column(sa.String(64))
+    bundle_version: Mapped[str] = mapped_column(sa.String(32))
+    eligible: Mapped[bool]
+    ineligible_reason: Mapped[str | None] = mapped_column(sa.Text)
+    anomaly_score: Mapped[float | None] = mapped_column(sa.Float)
+    percentile: Mapped[float | None] = mapped_column(sa.Float)
+    screen_positive: Mapped[bool | None]
+    threshold: Mapped[float | None] = mapped_column(sa.Float)
+    predicted_age: Mapped[float | None] = mapped_column(sa.Float)
+    chronological_age: Mapped[float | None] = mapped_column(sa.Float)
+    age_gap: Mapped[float | None] = mapped_column(sa.Float)
+    # Denormalised from qc_reasons/eligible so the admin filter is plain SQL on both dialects.
+    qc_failed: Mapped[bool] = mapped_column(default=False)
+    qc_reasons: Mapped[list[Any]]
+    qc_metrics: Mapped[dict[str, Any]]
+    selected_series_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    series_verdicts: Mapped[list[Any]]
+    timings: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    supersedes_result_id: Mapped[int | None] = mapped_column(sa.ForeignKey("results.id"))
+    superseded: Mapped[bool] = mapped_column(default=False)
+
+    objects: Mapped[list[ResultObject]] = relationship(back_populates="result")
+
+
+class ResultObject(Base):
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(sa.ForeignKey("results.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(sa.String(64))
+    kind: Mapped[ObjectKind] = mapped_column(state_enum(ObjectKind, "object_kind"))
+    path: Mapped[str] = mapped_column(sa.String(512))
+
+    result: Mapped[Result] = relationship(back_populates="objects")
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        sa.UniqueConstraint("result_object_id", "destination"),
+        sa.Index("ix_deliveries_claim", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_object_id: Mapped[int] = mapped_column(sa.ForeignKey("result_objects.id"))
+    destination: Mapped[str] = mapped_column(sa.String(64))
+    state: Mapped[DeliveryState] = mapped_column(state_enum(DeliveryState, "delivery_state"))
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime]
+    lease_expires_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    last_status: Mapped[int | None]
+    delivered_at: Mapped[datetime | None]
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(sa.String(64))
+    action: Mapped[str] = mapped_column(sa.String(64))
+    study_id: Mapped[int | None] = mapped_column(sa.ForeignKey("studies.id"), index=True)
+    detail: Mapped[dict[str, Any]]

@@ -1,0 +1,35 @@
+"""State Enums for studies, jobs and deliveries (stored as their string values)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class StudyState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+    @property
+    def is_active(self) -> bool:
+        return self in (JobState.QUEUED, JobState.RUNNING)
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class ObjectKind(StrEnum):
+    SC = "sc"
+    SR = "sr"
+    SEG = "seg"

@@ -1,0 +1,240 @@
+"""Plain frozen dataclasses that cross the `db.api` boundary (no ORM objects leak out)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from daemon.errors import HeadscreenError
+
+
+class StudyNotFound(HeadscreenError):
+    """No study with the given Study Instance UID."""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    instance_number: int | None = None
+    slice_position: float | None = None
+    images_in_acquisition: int | None = None
+    number_of_frames: int | None = None
+    study_date: str | None = None
+    patient_age: str | None = None
+    patient_birth_date: str | None = None
+    station_name: str | None = None
+    institution: str | None = None
+    calling_ae: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    created: bool
+    study_reopened: bool
+    study_id: int
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    name: str
+    version: str
+    modality: str  # "CT" or "MR"
+
+
+@dataclass(frozen=True)
+class JobTicket:
+    job_id: int
+    study_id: int
+    study_instance_uid: str
+    bundle_name: str
+    bundle_version: str
+    generation: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class OutputObject:
+    sop_instance_uid: str
+    sop_class_uid: str
+    kind: str  # "sc" | "sr" | "seg"
+    path: str
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    eligible: bool
+    ineligible_reason: str | None
+    anomaly_score: float | None
+    percentile: float | None
+    screen_positive: bool | None
+    threshold: float | None
+    predicted_age: float | None
+    chronological_age: float | None
+    age_gap: float | None
+    qc_reasons: list[str]
+    qc_metrics: dict[str, float]
+    selected_series_uid: str | None
+    series_verdicts: list[dict[str, Any]]
+    timings: dict[str, float]
+    objects: list[OutputObject]
+
+
+@dataclass(frozen=True)
+class DeliveryTicket:
+    delivery_id: int
+    destination: str
+    path: str
+    sop_instance_uid: str
+    attempt: int
+    result_id: int = 0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 8
+    base_delay_s: float = 2.0
+    max_delay_s: float = 300.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.base_delay_s < 0 or self.max_delay_s < self.base_delay_s:
+            raise ValueError("base_delay_s must be >= 0 and <= max_delay_s")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based): exponential, capped, jittered."""
+        rng = rng or random.Random()
+        exponent = max(attempt - 1, 0)
+        raw = self.base_delay_s * (2.0 ** min(exponent, 62))
+        capped = min(raw, self.max_delay_s)
+        return capped * (1.0 + rng.uniform(-self.jitter, self.jitter))
+
+
+@dataclass(frozen=True)
+class StudyFilters:
+    state: str | None = None
+    modality: str | None = None
+    outliers_only: bool = False
+    qc_failed_only: bool = False
+    flagged: bool | None = None
+    min_percentile: float | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_id: int
+    study_instance_uid: str
+    modality: str | None
+    state: str
+    generation: int
+    instance_count: int
+    first_received_at: datetime
+    last_received_at: datetime
+    completed_at: datetime | None
+    jobs: dict[str, int]  # job state -> count
+    flagged: bool
+    flag_comment: str | None
+    result_id: int | None = None
+    bundle_name: str | None = None
+    bundle_version: str | None = None
+    eligible: bool | None = None
+    anomaly_score: float | None = None
+    percentile: float | None = None
+    screen_positive: bool | None = None
+    predicted_age: float | None = None
+    chronological_age: float | None = None
+    age_gap: float | None = None
+    qc_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    series_instance_uid: str
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    job_id: int
+    bundle_name: str
+    bundle_version: str
+    generation: int
+    state: str
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ResultSummaryRow:
+    result_id: int
+    job_id: int
+    bundle_name: str
+    bundle_version: str
+    eligible: bool
+    ineligible_reason: str | None
+    anomaly_score: float | None
+    percentile: float | None
+    screen_positive: bool | None
+    threshold: float | None
+    predicted_age: float | None
+    chronological_age: float | None
+    age_gap: float | None
+    qc_reasons: list[str]
+    qc_metrics: dict[str, float]
+    selected_series_uid: str | None
+    series_verdicts: list[dict[str, Any]]
+    timings: dict[str, float]
+    created_at: datetime
+    superseded: bool
+    supersedes_result_id: int | None
+
+
+@dataclass(frozen=True)
+class DeliverySummary:
+    delivery_id: int
+    result_id: int
+    sop_instance_uid: str
+    kind: str
+    destination: str
+    state: str
+    attempts: int
+    last_error: str | None
+    last_status: int | None
+    delivered_at: datetime | None
+
+
+@dataclass(frozen=True)
+class StudyDetail:
+    row: StudyRow
+    study_date: str | None
+    patient_age: str | None
+    station_name: str | None
+    institution: str | None
+    calling_ae: str | None
+    reviewed: bool
+    confirmed_normal: bool
+    series: list[SeriesSummary]
+    jobs: list[JobSummary]
+    results: list[ResultSummaryRow]
+    deliveries: list[DeliverySummary]

@@ -1,0 +1,116 @@
+"""Builders for db tests: synthetic UIDs, instance records, outcomes, a fixed clock."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy.orm import Session
+
+from db import api
+from db.types import BundleRef, InstanceRecord, JobOutcome, JobTicket, OutputObject
+
+T0 = datetime(2026, 1, 5, 8, 0, 0, tzinfo=timezone.utc)
+CT_BUNDLE = BundleRef(name="ct-fanogan", version="1.0.0", modality="CT")
+MR_BUNDLE = BundleRef(name="mr-vae-age", version="1.0.0", modality="MR")
+BUNDLES = [CT_BUNDLE, MR_BUNDLE]
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def uid() -> str:
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def record(study: str, series: str, number: int | None, position: float | None = None, **kw: object) -> InstanceRecord:
+    sop = kw.pop("sop", None) or uid()
+    fields: dict[str, object] = {
+        "study_instance_uid": study,
+        "series_instance_uid": series,
+        "sop_instance_uid": sop,
+        "sop_class_uid": CT_IMAGE_STORAGE,
+        "transfer_syntax_uid": EXPLICIT_LE,
+        "path": f"{study}/{series}/{sop}.dcm",
+        "size_bytes": 1000,
+        "modality": "CT",
+        "series_number": 2,
+        "series_description": "HEAD 5mm",
+        "instance_number": number,
+        "slice_position": position,
+        "study_date": "20260105",
+        "patient_age": "054Y",
+        "calling_ae": "PACS",
+    }
+    fields.update(kw)
+    return InstanceRecord(**fields)  # type: ignore[arg-type]
+
+
+def add_series(
+    session: Session,
+    study: str,
+    count: int,
+    now: datetime = T0,
+    series: str | None = None,
+    spacing: float = 5.0,
+    **kw: object,
+) -> str:
+    """Record a whole, evenly spaced series; returns its UID."""
+    series = series or uid()
+    for n in range(1, count + 1):
+        api.record_instance(session, record(study, series, n, n * spacing, **kw), now=now)
+    return series
+
+
+def complete_study(session: Session, modality: str = "CT", now: datetime = T0, slices: int = 4) -> tuple[str, int]:
+    """A received and completed study with its queued job(s); returns (study uid, study id)."""
+    study = uid()
+    add_series(session, study, slices, now=now, modality=modality)
+    done = api.sweep_completeness(session, now + timedelta(seconds=3600), 60, 10, BUNDLES)
+    assert len(done) == 1
+    return study, done[0]
+
+
+def claimed_job(session: Session, worker: str = "w1", now: datetime = T0, lease_s: float = 60) -> JobTicket:
+    complete_study(session, now=now)
+    ticket = api.claim_job(session, worker, lease_s, now + timedelta(seconds=3600))
+    assert ticket is not None
+    return ticket
+
+
+def outcome(objects: Sequence[OutputObject] | None = None, **overrides: object) -> JobOutcome:
+    fields: dict[str, object] = {
+        "eligible": True,
+        "ineligible_reason": None,
+        "anomaly_score": 1.5,
+        "percentile": 97.0,
+        "screen_positive": True,
+        "threshold": 1.2,
+        "predicted_age": None,
+        "chronological_age": 54.0,
+        "age_gap": None,
+        "qc_reasons": [],
+        "qc_metrics": {"brain_volume_ml": 1180.0},
+        "selected_series_uid": None,
+        "series_verdicts": [{"series_uid": "2.25.1", "accepted": True, "reason": "axial head"}],
+        "timings": {"inference_s": 0.8},
+        "objects": list(objects) if objects is not None else [sc_object(), sr_object()],
+    }
+    fields.update(overrides)
+    return JobOutcome(**fields)  # type: ignore[arg-type]
+
+
+def sc_object() -> OutputObject:
+    sop = uid()
+    return OutputObject(sop, SC_STORAGE, "sc", f"results/{sop}.dcm")
+
+
+def sr_object() -> OutputObject:
+    sop = uid()
+    return OutputObject(sop, SR_STORAGE, "sr", f"results/{sop}.dcm")
