@@ -32,7 +32,8 @@ def bundle_refs(settings: Settings) -> list[api.BundleRef]:
 def sweep_completeness(settings: Settings, sessions: sessionmaker[Session], bundles: list[api.BundleRef]) -> list[int]:
     with sessions() as session:
         completed = api.sweep_completeness(
-            session, datetime.now(UTC), settings.quiet_period_s, settings.whole_quiet_s, bundles
+            session, datetime.now(UTC), settings.quiet_period_s, settings.whole_quiet_s, bundles,
+            max_attempts=settings.job_max_attempts,
         )
     if completed:
         log.info("studies complete", extra={"action": "complete", "count": len(completed)})

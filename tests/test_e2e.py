@@ -18,7 +18,7 @@ import pytest
 
 from daemon.orthanc import Orthanc
 from imaging.phantoms import Lesion, Pose, make_head, write_dicom_series
-from tests.serve_harness import Daemon, RecordingSCP, dciodvfy_errors, storescu, wait_until
+from serve_harness import Daemon, RecordingSCP, dciodvfy_errors, storescu, wait_until
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
