@@ -1,1 +1,16 @@
-"""headscreen: export package."""
+"""headscreen export: DICOM result objects (SC overlays, TID 1500 SR) and their delivery."""
+
+from export.delivery import Destination, send
+from export.model import AlgorithmInfo, ResultSummary
+from export.sc import OverlayStyle, build_overlay_series
+from export.sr import build_report
+
+__all__ = [
+    "AlgorithmInfo",
+    "Destination",
+    "OverlayStyle",
+    "ResultSummary",
+    "build_overlay_series",
+    "build_report",
+    "send",
+]

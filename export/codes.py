@@ -35,7 +35,9 @@ __all__ = [
     "UNIT_SCORE",
     "UNIT_PERCENT",
     "UNIT_YEAR",
-    "ALGORITHM_FAMILY",
+    "FAMILY_ANOGAN",
+    "FAMILY_VAE_AGE",
+    "algorithm_family_code",
     "procedure_codes",
     "qc_reason_code",
     "concept_slug",
@@ -80,10 +82,9 @@ UNIT_SCORE = CodedConcept("{score}", "UCUM", "score")
 UNIT_PERCENT = CodedConcept("%", "UCUM", "Percent")
 UNIT_YEAR = CodedConcept("a", "UCUM", "year")
 
-ALGORITHM_FAMILY: dict[str, CodedConcept] = {
-    "f-AnoGAN 3D": _private("HS0030", "f-AnoGAN 3D anomaly detection"),
-    "VAE 3D brain age": _private("HS0031", "VAE 3D anomaly detection with brain age"),
-}
+FAMILY_ANOGAN = _private("HS0030", "f-AnoGAN 3D anomaly detection")
+FAMILY_VAE_AGE = _private("HS0031", "VAE 3D anomaly detection with brain age")
+FAMILY_OTHER_VALUE = "HS0039"
 
 _PROCEDURES: dict[str, tuple[CodedConcept, ...]] = {
     "CT": (
@@ -95,6 +96,9 @@ _PROCEDURES: dict[str, tuple[CodedConcept, ...]] = {
         CodedConcept("24590-2", "LN", "MR Brain"),
     ),
 }
+# Used when the source modality is neither CT nor MR (e.g. a study with no
+# suitable series); the SR then still states the procedure generically.
+_GENERIC_PROCEDURE = (CodedConcept("363679005", "SCT", "Imaging"),)
 
 # QC reasons the imaging package emits, with stable code values. Unknown reasons
 # still get coded (HS0199, the reason text as meaning) so nothing is dropped.
@@ -130,11 +134,19 @@ def qc_reason_code(reason: str) -> CodedConcept:
 
 
 def procedure_codes(modality: str) -> tuple[CodedConcept, ...]:
-    """Procedure Reported codes for a modality ('CT' -> CT head, 'MR' -> MR brain)."""
-    try:
-        return _PROCEDURES[modality]
-    except KeyError:
-        raise ValueError(f"procedure_codes: argument 'modality' must be 'CT' or 'MR', got {modality!r}") from None
+    """Procedure Reported codes: 'CT' -> CT head, 'MR' -> MR brain, else generic imaging."""
+    return _PROCEDURES.get(modality, _GENERIC_PROCEDURE)
+
+
+def algorithm_family_code(family: str) -> CodedConcept:
+    """Code for an algorithm family name; tolerant of the spellings bundles use
+    ('f-AnoGAN 3D', 'f-anogan-3d', '3D f-AnoGAN ...', 'VAE 3D brain age', 'vae-3d-age')."""
+    slug = concept_slug(family)
+    if "anogan" in slug:
+        return FAMILY_ANOGAN
+    if "vae" in slug:
+        return FAMILY_VAE_AGE
+    return _private(FAMILY_OTHER_VALUE, family[:64])
 
 
 def known_qc_reasons() -> dict[str, CodedConcept]:

@@ -7,7 +7,8 @@ from typing import Any
 
 __all__ = ["AlgorithmInfo", "ResultSummary", "MODEL_FAMILIES"]
 
-#: Algorithm families we know how to code (see export.codes.ALGORITHM_FAMILY).
+#: Canonical family names (any other non-empty text is accepted and coded
+#: generically, see export.codes.algorithm_family_code).
 MODEL_FAMILIES = ("f-AnoGAN 3D", "VAE 3D brain age")
 
 
@@ -30,10 +31,8 @@ class AlgorithmInfo:
             raise ValueError("AlgorithmInfo: argument 'name' must not be empty")
         if not self.version:
             raise ValueError("AlgorithmInfo: argument 'version' must not be empty")
-        if self.family not in MODEL_FAMILIES:
-            raise ValueError(
-                f"AlgorithmInfo: argument 'family' must be one of {MODEL_FAMILIES}, got {self.family!r}"
-            )
+        if not self.family:
+            raise ValueError("AlgorithmInfo: argument 'family' must not be empty")
         if not self.sha256:
             raise ValueError("AlgorithmInfo: argument 'sha256' must not be empty")
 
@@ -65,8 +64,8 @@ class ResultSummary:
     selected_series_uid: str | None = None
 
     def __post_init__(self) -> None:
-        if self.modality not in ("CT", "MR"):
-            raise ValueError(f"ResultSummary: argument 'modality' must be 'CT' or 'MR', got {self.modality!r}")
+        if not self.modality:
+            raise ValueError("ResultSummary: argument 'modality' must not be empty")
         if not self.eligible and not self.ineligible_reason:
             raise ValueError("ResultSummary: argument 'ineligible_reason' is required when eligible is False")
         if self.percentile is not None and not 0.0 <= self.percentile <= 100.0:

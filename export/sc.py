@@ -303,18 +303,22 @@ def build_overlay_series(
     series_instance_uid: str | None = None,
     series_number: int = 9001,
     *,
+    max_slices: int | None = None,
     style: OverlayStyle | None = None,
 ) -> list[Dataset]:
     """One RGB Secondary Capture image per chosen slice (see module docstring).
 
     ``source_datasets[k]`` must be the slice of ``error_map_native[k]``. With
-    ``slice_indices=None`` the ``style.default_slice_count`` slices around the
-    slice with the largest summed error are rendered.
+    ``slice_indices=None`` the ``max_slices`` (default ``style.default_slice_count``)
+    consecutive slices centred on the slice with the largest summed error are rendered.
     """
     style = style or OverlayStyle()
+    if max_slices is not None and max_slices < 1:
+        raise ValueError(f"build_overlay_series: argument 'max_slices' must be >= 1, got {max_slices}")
     error_map = np.asarray(error_map_native, dtype=np.float32)
     _check_inputs(source_datasets, error_map, slice_indices)
-    indices = list(slice_indices) if slice_indices is not None else choose_slices(error_map, style.default_slice_count)
+    count = max_slices or style.default_slice_count
+    indices = list(slice_indices) if slice_indices is not None else choose_slices(error_map, count)
     series_uid = series_instance_uid or hd.UID()
     values = {k: _modality_values(source_datasets[k]) for k in indices}
     window = _display_window(summary.modality, list(values.values()), style)
@@ -374,8 +378,9 @@ def _build_one(
         software_versions=algo.version[:64],
     )
     sc.ConversionType = "WSD"
-    if "Laterality" not in sc:
-        sc.Laterality = None  # Type 2C; a head is not a paired body part
+    # A head is an unpaired body part: Laterality (Type 2C) stays absent, which
+    # dciodvfy accepts once the body part is stated.
+    sc.BodyPartExamined = getattr(source, "BodyPartExamined", None) or "HEAD"
 
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"

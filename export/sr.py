@@ -1,0 +1,232 @@
+"""TID 1500 Comprehensive 3D SR carrying what a screening job found.
+
+One measurement group (TID 1501) holds the numeric results (anomaly score,
+percentile, operating threshold, predicted/chronological age, brain-age gap),
+qualitative evaluations (eligibility, screen result, each QC issue, and
+"<measurement>: Absent" for every value that was not produced) and references
+to the source slices. The SC overlay instances are listed in the evidence
+sequence. A study that was not eligible still gets a report that says so and why.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    Comprehensive3DSR,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    SourceImageForMeasurementGroup,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from export import codes
+from export.model import ResultSummary
+
+__all__ = ["build_report", "SR_SERIES_DESCRIPTION", "TRACKING_IDENTIFIER", "REPORT_SUMMARY_TEXT"]
+
+logger = logging.getLogger(__name__)
+
+SR_SERIES_DESCRIPTION = "AI screening report - NOT FOR PRIMARY DIAGNOSIS"
+TRACKING_IDENTIFIER = "headscreen brain anomaly screening"
+#: Concept name of the free-text summary item in the measurement group.
+REPORT_SUMMARY_TEXT = CodedConcept("121106", "DCM", "Comment")
+
+# Type 2 patient/study attributes highdicom reads from the first evidence item.
+_TYPE2_DEFAULTS = (
+    "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+)
+
+
+def _algorithm_identification(summary: ResultSummary) -> AlgorithmIdentification:
+    algo = summary.algorithm
+    return AlgorithmIdentification(
+        name=algo.name,
+        version=algo.version,
+        # The bundle hashes pin the exact model files that produced the numbers.
+        parameters=algo.sha256_lines(),
+        family=codes.algorithm_family_code(algo.family),
+        manufacturer=algo.manufacturer,
+    )
+
+
+def _observation_context(summary: ResultSummary) -> ObservationContext:
+    algo = summary.algorithm
+    # Deterministic per bundle, so every report of one model names the same device.
+    device_uid = generate_uid(entropy_srcs=[algo.manufacturer, algo.name, algo.version, *algo.sha256_lines()])
+    device = DeviceObserverIdentifyingAttributes(
+        uid=device_uid,
+        name=f"{algo.name} {algo.version}"[:64],
+        manufacturer_name=algo.manufacturer,
+        model_name=algo.name[:64],
+    )
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=dcm_codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification) -> tuple[list[Measurement], list[QualitativeEvaluation]]:
+    """Numeric measurements present in the summary, and an 'Absent' evaluation for each missing one."""
+    planned = (
+        (codes.ANOMALY_SCORE, summary.anomaly_score, codes.UNIT_SCORE),
+        (codes.ANOMALY_PERCENTILE, summary.percentile, codes.UNIT_PERCENT),
+        (codes.OPERATING_THRESHOLD, summary.threshold, codes.UNIT_SCORE),
+        (codes.PREDICTED_BRAIN_AGE, summary.predicted_age, codes.UNIT_YEAR),
+        (codes.CHRONOLOGICAL_AGE, summary.chronological_age, codes.UNIT_YEAR),
+        (codes.BRAIN_AGE_GAP, summary.age_gap, codes.UNIT_YEAR),
+    )
+    present, absent = [], []
+    for name, value, unit in planned:
+        if value is None:
+            absent.append(QualitativeEvaluation(name=name, value=codes.ABSENT))
+        else:
+            present.append(Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm_id))
+    return present, absent
+
+
+def _evaluations(summary: ResultSummary) -> list[QualitativeEvaluation]:
+    evaluations = [
+        QualitativeEvaluation(name=codes.ELIGIBILITY, value=codes.ELIGIBLE if summary.eligible else codes.NOT_ELIGIBLE)
+    ]
+    if summary.screen_positive is None:
+        evaluations.append(QualitativeEvaluation(name=codes.SCREEN_RESULT, value=codes.ABSENT))
+    else:
+        verdict = codes.SCREEN_POSITIVE if summary.screen_positive else codes.SCREEN_NEGATIVE
+        evaluations.append(QualitativeEvaluation(name=codes.SCREEN_RESULT, value=verdict))
+    reasons = list(summary.qc_reasons)
+    if not summary.eligible and summary.ineligible_reason and summary.ineligible_reason not in reasons:
+        reasons.insert(0, summary.ineligible_reason)
+    for reason in reasons:
+        evaluations.append(QualitativeEvaluation(name=codes.QC_ISSUE, value=codes.qc_reason_code(reason)))
+    return evaluations
+
+
+def summary_text(summary: ResultSummary) -> str:
+    """One human-readable sentence block, shown by every SR viewer."""
+    parts = ["AI-generated result, not for primary diagnosis."]
+    if not summary.eligible:
+        parts.append(f"Study NOT ELIGIBLE for automated screening: {summary.ineligible_reason}.")
+        parts.append("No screening result was produced; absence of findings is NOT implied.")
+    else:
+        score = "not available" if summary.anomaly_score is None else f"{summary.anomaly_score:.4g}"
+        parts.append(f"Anomaly score {score}.")
+        if summary.screen_positive is not None:
+            parts.append(f"Screen {'POSITIVE' if summary.screen_positive else 'negative'} at the operating point.")
+    if summary.qc_reasons:
+        parts.append("QC: " + "; ".join(summary.qc_reasons) + ".")
+    return " ".join(parts)[:1024]
+
+
+def _evidence_header(first: Dataset) -> Dataset:
+    """A pixel-free copy of the first source header with Type 2 patient/study
+    attributes present (possibly empty), which highdicom copies into the SR."""
+    header = Dataset()
+    for element in first:
+        if element.keyword not in ("PixelData",) and element.tag.group != 0x7FE0:
+            header.add(copy.deepcopy(element))
+    if hasattr(first, "file_meta"):
+        header.file_meta = copy.deepcopy(first.file_meta)
+    for keyword in _TYPE2_DEFAULTS:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    return header
+
+
+def _check_inputs(source_datasets: Sequence[Dataset], sc_datasets: Sequence[Dataset]) -> None:
+    if len(source_datasets) == 0:
+        raise ValueError("build_report: argument 'source_datasets' is empty")
+    study = source_datasets[0].StudyInstanceUID
+    for name, group in (("source_datasets", source_datasets), ("sc_datasets", sc_datasets)):
+        if any(ds.StudyInstanceUID != study for ds in group):
+            raise ValueError(f"build_report: argument '{name}' contains instances of another study")
+
+
+def build_report(
+    source_datasets: Sequence[Dataset],
+    summary: ResultSummary,
+    sc_datasets: Sequence[Dataset],
+    series_number: int = 9002,
+    *,
+    series_instance_uid: str | None = None,
+    previous_versions: Sequence[Dataset] | None = None,
+) -> Comprehensive3DSR:
+    """The TID 1500 report for one job (see module docstring).
+
+    ``source_datasets`` are the slices (headers suffice) of the analysed series;
+    ``sc_datasets`` the overlay images (may be empty, e.g. when not eligible).
+    ``previous_versions`` are earlier reports this one supersedes.
+    """
+    _check_inputs(source_datasets, sc_datasets)
+    algorithm_id = _algorithm_identification(summary)
+    measurements: list[Measurement] = []
+    evaluations = _evaluations(summary)
+    if summary.eligible:
+        measurements, absent = _measurements(summary, algorithm_id)
+        evaluations.extend(absent)
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(identifier=TRACKING_IDENTIFIER, uid=hd.UID()),
+        finding_type=codes.ANOMALY_FINDING,
+        algorithm_id=algorithm_id,
+        finding_sites=[FindingSite(anatomic_location=codes.BRAIN)],
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations,
+        source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_datasets],
+    )
+    group[0].ContentSequence.append(
+        TextContentItem(name=REPORT_SUMMARY_TEXT, value=summary_text(summary), relationship_type="CONTAINS")
+    )
+    report = MeasurementReport(
+        observation_context=_observation_context(summary),
+        procedure_reported=list(codes.procedure_codes(summary.modality)),
+        imaging_measurements=[group],
+    )
+    evidence = [_evidence_header(source_datasets[0]), *source_datasets[1:], *sc_datasets]
+    algo = summary.algorithm
+    sr = Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=algo.manufacturer,
+        is_complete=True,
+        is_final=True,
+        previous_versions=previous_versions,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=SR_SERIES_DESCRIPTION,
+        manufacturer_model_name=algo.name[:64],
+        software_versions=algo.version[:64],
+        coding_schemes=[
+            hd.coding_schemes.CodingSchemeIdentificationItem(
+                designator=codes.PRIVATE_SCHEME,
+                name=codes.PRIVATE_SCHEME_NAME,
+                responsible_organization=algo.manufacturer,
+            )
+        ],
+    )
+    logger.info(
+        "built report",
+        extra={"action": "sr_built", "sop_instance_uid": sr.SOPInstanceUID, "eligible": summary.eligible,
+               "measurements": len(measurements), "sc_instances": len(sc_datasets)},
+    )
+    return sr

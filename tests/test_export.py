@@ -1,0 +1,502 @@
+"""export/: SC overlays and TID 1500 SR built from a synthetic CT series, checked by
+read-back, highdicom, dciodvfy and dsr2html; delivery to real SCPs."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+
+from daemon.errors import TransientError
+from export import codes
+from export.delivery import STATUS_NO_CONTEXT, STATUS_SUCCESS, Destination, send
+from export.model import AlgorithmInfo, ResultSummary
+from export.sc import DISCLAIMER, SERIES_DESCRIPTION, OverlayStyle, build_overlay_series, choose_slices
+from export.sr import build_report
+
+N_SLICES, SIZE = 40, 128
+LESION = (25, 70, 55)  # slice, row, col
+LESION_RADIUS = 6
+SLICE_SPACING = 2.5
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _ct_slice(k: int, hu: np.ndarray, study: str, series: str, frame: str) -> Dataset:
+    sop = generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+    ds.PatientName, ds.PatientID = "Synthetic^Phantom", "SYN0001"
+    ds.PatientBirthDate, ds.PatientSex, ds.PatientAge = "19580101", "O", "067Y"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20250101", "120000", "ACC1", "1"
+    ds.ReferringPhysicianName = ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = "CT", 2, k + 1, "Synthetic"
+    ds.PositionReferenceIndicator = ""
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImagePositionPatient = [-64.0, -64.0, k * SLICE_SPACING]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], SLICE_SPACING
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = hu.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+    ds.KVP, ds.AcquisitionNumber = 120, 1
+    ds.PixelData = np.clip(np.rint(hu + 1024), -32768, 32767).astype(np.int16).tobytes()
+    return ds
+
+
+def make_ct_series(seed: int = 0) -> tuple[list[Dataset], np.ndarray]:
+    """A 40-slice head-like CT (skull ring, brain, a brighter spherical 'lesion')
+    and a matching error map (Gaussian around the lesion plus uniform noise)."""
+    rng = np.random.default_rng(seed)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    centre = SIZE / 2
+    ellipse = ((yy - centre) / (SIZE * 0.38)) ** 2 + ((xx - centre) / (SIZE * 0.32)) ** 2
+    datasets = []
+    for k in range(N_SLICES):
+        hu = np.full((SIZE, SIZE), -1000.0)
+        hu[ellipse < 1.0] = 1000.0
+        hu[ellipse < 0.85] = 30.0
+        in_lesion = ((k - LESION[0]) * SLICE_SPACING) ** 2 + (yy - LESION[1]) ** 2 + (xx - LESION[2]) ** 2
+        hu[in_lesion < LESION_RADIUS**2] = 75.0
+        hu += rng.normal(0.0, 3.0, hu.shape)
+        datasets.append(_ct_slice(k, hu, study, series, frame))
+    kk, yy3, xx3 = np.mgrid[0:N_SLICES, 0:SIZE, 0:SIZE]
+    distance2 = ((kk - LESION[0]) * SLICE_SPACING) ** 2 + (yy3 - LESION[1]) ** 2 + (xx3 - LESION[2]) ** 2
+    error = np.exp(-distance2 / (2.0 * LESION_RADIUS**2)).astype(np.float32)
+    error += rng.uniform(0.0, 0.05, error.shape).astype(np.float32)
+    return datasets, error
+
+
+ALGO_CT = AlgorithmInfo(name="ct-anogan", version="1.2.0", family="f-AnoGAN 3D", sha256="ab" * 32)
+ALGO_MR = AlgorithmInfo(
+    name="mr-vae-age", version="0.3.1", family="VAE 3D brain age",
+    sha256={"model.onnx": "cd" * 32, "encoder.onnx": "ef" * 32},
+)
+
+
+def ct_summary(**changes) -> ResultSummary:
+    values = dict(
+        eligible=True, modality="CT", algorithm=ALGO_CT, anomaly_score=0.4123, percentile=97.5,
+        screen_positive=True, threshold=0.3, chronological_age=67.0,
+        qc_reasons=["motion_or_artifact", "custom check: snr=3.1"], selected_series_uid=None,
+    )
+    values.update(changes)
+    return ResultSummary(**values)
+
+
+MR_SUMMARY = ResultSummary(
+    eligible=True, modality="MR", algorithm=ALGO_MR, anomaly_score=1.75, percentile=42.0,
+    screen_positive=False, threshold=2.5, predicted_age=71.4, chronological_age=67.0, age_gap=4.4,
+)
+NOT_ELIGIBLE = ResultSummary(
+    eligible=False, modality="CT", algorithm=ALGO_CT, ineligible_reason="no_suitable_series: no axial head CT",
+    qc_reasons=[],
+)
+
+
+@pytest.fixture(scope="module")
+def ct_series() -> tuple[list[Dataset], np.ndarray]:
+    return make_ct_series()
+
+
+@pytest.fixture(scope="module")
+def ct_overlays(ct_series) -> list[hd.sc.SCImage]:
+    datasets, error = ct_series
+    return build_overlay_series(datasets, error, ct_summary())
+
+
+def _round_trip(ds: Dataset) -> Dataset:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --------------------------------------------------------------------------- SC
+
+
+def test_default_subset_is_centred_on_the_lesion(ct_series, ct_overlays):
+    datasets, error = ct_series
+    assert len(ct_overlays) == 24
+    indices = choose_slices(error, 24)
+    assert LESION[0] in indices and indices == list(range(LESION[0] - 12, LESION[0] + 12))
+    referenced = [sc.SourceImageSequence[0].ReferencedSOPInstanceUID for sc in ct_overlays]
+    assert referenced == [datasets[k].SOPInstanceUID for k in indices]
+
+
+def test_choose_slices_stays_inside_the_volume():
+    error = np.zeros((30, 4, 4), np.float32)
+    error[1] = 1.0
+    assert choose_slices(error, 10) == list(range(0, 10))
+    error[:] = 0.0
+    error[29] = 1.0
+    assert choose_slices(error, 10) == list(range(20, 30))
+    assert choose_slices(error, 50) == list(range(30))
+
+
+def test_sc_round_trip_keeps_identity_geometry_and_labels(ct_series, ct_overlays):
+    datasets, _ = ct_series
+    sc = _round_trip(ct_overlays[0])
+    source = datasets[LESION[0] - 12]
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "AccessionNumber", "StudyDate"):
+        assert sc[keyword].value == source[keyword].value, keyword
+    assert sc.SeriesInstanceUID != source.SeriesInstanceUID
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert sc.ConversionType == "WSD" and sc.BurnedInAnnotation == "YES"
+    assert sc.SeriesDescription == SERIES_DESCRIPTION and "NOT FOR PRIMARY DIAGNOSIS" in sc.SeriesDescription
+    assert sc.SeriesNumber == 9001 and sc.InstanceNumber == 1
+    assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3
+    factor = 3  # 128 columns rendered at >= 384
+    assert sc.Columns == SIZE * factor and sc.Rows > SIZE * factor  # legend band below the image
+    assert [float(v) for v in sc.PixelSpacing] == pytest.approx([1.0 / factor, 1.0 / factor])
+    assert sc.FrameOfReferenceUID == source.FrameOfReferenceUID
+    expected_position = np.array([float(v) for v in source.ImagePositionPatient]) - np.array([1 / 3, 1 / 3, 0])
+    assert [float(v) for v in sc.ImagePositionPatient] == pytest.approx(list(expected_position), abs=1e-5)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert sc.ReferencedImageSequence[0].ReferencedSOPClassUID == CTImageStorage
+    assert sc.Manufacturer == "headscreen" and sc.ImageComments == DISCLAIMER
+    assert sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
+
+
+def test_reddest_pixels_sit_on_the_lesion(ct_overlays):
+    lesion_image = ct_overlays[12]  # subset starts 12 slices before the lesion
+    assert lesion_image.SourceImageSequence[0].ReferencedSOPInstanceUID
+    factor = 3
+    rgb = lesion_image.pixel_array[: SIZE * factor].astype(int)  # image area, without the legend
+    redness = rgb[..., 0] - rgb[..., 1]
+    rows, cols = np.nonzero(redness >= redness.max() - 2)
+    centre = (rows.mean() / factor, cols.mean() / factor)
+    assert np.hypot(centre[0] - LESION[1], centre[1] - LESION[2]) <= 2.0
+    # Far from the lesion the overlay is transparent: grey pixels (R == G == B).
+    corner = rgb[: 20 * factor, : 20 * factor]
+    assert np.all(corner[..., 0] == corner[..., 1]) and np.all(corner[..., 1] == corner[..., 2])
+    # The slice furthest from the lesion in the subset is less red than the lesion slice.
+    far = ct_overlays[0].pixel_array[: SIZE * factor].astype(int)
+    assert (far[..., 0] - far[..., 1]).max() < redness.max()
+
+
+def test_explicit_slices_and_style(ct_series):
+    datasets, error = ct_series
+    images = build_overlay_series(
+        datasets, error, ct_summary(), slice_indices=[3, 25], series_number=42,
+        style=OverlayStyle(min_render_width=128, copy_plane_geometry=False),
+    )
+    assert [im.InstanceNumber for im in images] == [1, 2]
+    assert {im.SeriesNumber for im in images} == {42} and len({im.SeriesInstanceUID for im in images}) == 1
+    assert images[1].SourceImageSequence[0].ReferencedSOPInstanceUID == datasets[25].SOPInstanceUID
+    assert images[0].Columns == SIZE and "ImagePositionPatient" not in images[0]
+    assert len(build_overlay_series(datasets, error, ct_summary(), max_slices=5)) == 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"error_map_native": np.zeros((39, SIZE, SIZE))}, "error_map_native"),
+        ({"error_map_native": np.zeros((N_SLICES, SIZE, 64))}, "error_map_native"),
+        ({"slice_indices": [40]}, "slice_indices"),
+        ({"slice_indices": []}, "slice_indices"),
+        ({"max_slices": 0}, "max_slices"),
+    ],
+)
+def test_overlay_rejects_bad_arguments(ct_series, kwargs, argument):
+    datasets, error = ct_series
+    call = {"source_datasets": datasets, "error_map_native": error, "summary": ct_summary(), **kwargs}
+    with pytest.raises(ValueError, match=argument):
+        build_overlay_series(**call)
+
+
+def test_mr_overlay_uses_a_percentile_window(ct_series):
+    datasets, error = ct_series
+    k, row, col = LESION[0], 64, 95  # a brain pixel far from the lesion: no overlay colour
+    mr = build_overlay_series(datasets, error, MR_SUMMARY, slice_indices=[k])[0].pixel_array
+    ct = build_overlay_series(datasets, error, ct_summary(), slice_indices=[k])[0].pixel_array
+    values = datasets[k].pixel_array.astype(float) - 1024.0
+    lo, hi = np.percentile(values[values > 0], (1.0, 99.5))
+    expected = np.clip((values[row, col] - lo) / (hi - lo), 0, 1) * 255
+    assert mr[row * 3, col * 3] == pytest.approx([expected] * 3, abs=1)
+    ct_expected = np.clip(values[row, col] / 80.0, 0, 1) * 255  # W80/L40 -> [0, 80] HU
+    assert ct[row * 3, col * 3] == pytest.approx([ct_expected] * 3, abs=1)
+
+
+# --------------------------------------------------------------------------- SR
+
+
+def _all_text(ds: Dataset) -> str:
+    """Every value in the dataset, nested sequences included, untruncated."""
+    return "\n".join(str(element.value) for element in ds.iterall() if element.VR != "SQ")
+
+
+def _group(sr_dataset: Dataset):
+    sr = hd.sr.Comprehensive3DSR.from_dataset(sr_dataset)
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 1
+    return groups[0]
+
+
+def _measured(group) -> dict[str, tuple[float, str]]:
+    return {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
+
+
+def _evaluated(group) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for item in group.get_qualitative_evaluations():
+        found.setdefault(item.name.value, []).append(item.value.value)
+    return found
+
+
+def test_sr_measurements_equal_the_summary_ct(ct_series, ct_overlays):
+    datasets, _ = ct_series
+    summary = ct_summary()
+    sr = _round_trip(build_report(datasets, summary, ct_overlays))
+    group = _group(sr)
+    assert _measured(group) == {
+        codes.ANOMALY_SCORE.value: (pytest.approx(0.4123), "{score}"),
+        codes.ANOMALY_PERCENTILE.value: (pytest.approx(97.5), "%"),
+        codes.OPERATING_THRESHOLD.value: (pytest.approx(0.3), "{score}"),
+        codes.CHRONOLOGICAL_AGE.value: (pytest.approx(67.0), "a"),
+    }
+    evaluations = _evaluated(group)
+    assert evaluations[codes.ELIGIBILITY.value] == [codes.ELIGIBLE.value]
+    assert evaluations[codes.SCREEN_RESULT.value] == [codes.SCREEN_POSITIVE.value]
+    # Absent values are stated, not silently dropped.
+    assert evaluations[codes.PREDICTED_BRAIN_AGE.value] == [codes.ABSENT.value]
+    assert evaluations[codes.BRAIN_AGE_GAP.value] == [codes.ABSENT.value]
+    assert evaluations[codes.QC_ISSUE.value] == ["HS0104", "HS0199"]
+    assert sr.StudyInstanceUID == datasets[0].StudyInstanceUID and sr.PatientID == datasets[0].PatientID
+    assert sr.SeriesNumber == 9002 and sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    assert [s.referenced_sop_instance_uid for s in group.source_images] == [d.SOPInstanceUID for d in datasets]
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert {sc.SOPInstanceUID for sc in ct_overlays} <= evidence
+    assert {d.SOPInstanceUID for d in datasets} <= evidence
+
+
+def test_sr_records_algorithm_identity_and_observer(ct_series):
+    datasets, _ = ct_series
+    sr = build_report(datasets, dataclasses.replace(MR_SUMMARY, modality="CT"), [])
+    text = _all_text(_round_trip(sr))
+    for fragment in ("mr-vae-age", "0.3.1", "model.onnx sha256:" + "cd" * 32, "encoder.onnx sha256:" + "ef" * 32,
+                     "Algorithm Name", "Algorithm Version", "Device Observer Name", "HS0031"):
+        assert fragment in text, fragment
+    assert sr.ManufacturerModelName == "mr-vae-age" and sr.SoftwareVersions == "0.3.1"
+
+
+def test_sr_measurements_equal_the_summary_mr(ct_series):
+    datasets, _ = ct_series
+    group = _group(_round_trip(build_report(datasets, MR_SUMMARY, [])))
+    measured = _measured(group)
+    assert measured[codes.PREDICTED_BRAIN_AGE.value] == (pytest.approx(71.4), "a")
+    assert measured[codes.BRAIN_AGE_GAP.value] == (pytest.approx(4.4), "a")
+    assert measured[codes.ANOMALY_SCORE.value] == (pytest.approx(1.75), "{score}")
+    assert _evaluated(group)[codes.SCREEN_RESULT.value] == [codes.SCREEN_NEGATIVE.value]
+    assert codes.QC_ISSUE.value not in _evaluated(group)
+
+
+def test_not_eligible_sr_says_so_and_why(ct_series):
+    datasets, _ = ct_series
+    sr = _round_trip(build_report(datasets, NOT_ELIGIBLE, []))
+    group = _group(sr)
+    assert _measured(group) == {}
+    evaluations = _evaluated(group)
+    assert evaluations[codes.ELIGIBILITY.value] == [codes.NOT_ELIGIBLE.value]
+    assert evaluations[codes.QC_ISSUE.value] == ["HS0109"]
+    assert evaluations[codes.SCREEN_RESULT.value] == [codes.ABSENT.value]
+    text = _all_text(sr)
+    assert "no axial head CT" in text and "NOT ELIGIBLE" in text
+
+
+def test_sr_from_headers_missing_type2_attributes(ct_series):
+    datasets, _ = ct_series
+    headers = []
+    for ds in datasets[:3]:
+        header = pydicom.dcmread(io.BytesIO(_bytes(ds)), stop_before_pixels=True)
+        del header.AccessionNumber, header.ReferringPhysicianName
+        headers.append(header)
+    sr = _round_trip(build_report(headers, NOT_ELIGIBLE, []))
+    assert sr.AccessionNumber == "" and sr.PatientID == "SYN0001"
+
+
+def _bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_report_rejects_mixed_studies(ct_series, ct_overlays):
+    datasets, _ = ct_series
+    other, other_error = make_ct_series(seed=1)
+    foreign = build_overlay_series(other, other_error, ct_summary(), slice_indices=[0])
+    with pytest.raises(ValueError, match="sc_datasets"):
+        build_report(datasets, ct_summary(), [*ct_overlays[:1], *foreign])
+    with pytest.raises(ValueError, match="source_datasets"):
+        build_report([], ct_summary(), [])
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def test_every_object_passes_dciodvfy(tmp_path, ct_series, ct_overlays):
+    datasets, error = ct_series
+    objects = {f"sc-{i}": sc for i, sc in enumerate(ct_overlays)}
+    objects["sr-ct"] = build_report(datasets, ct_summary(), ct_overlays)
+    objects["sr-mr"] = build_report(datasets, MR_SUMMARY, [])
+    objects["sr-not-eligible"] = build_report(datasets, NOT_ELIGIBLE, [])
+    objects["sc-mr"] = build_overlay_series(datasets, error, MR_SUMMARY, slice_indices=[25])[0]
+    failures = {}
+    for name, ds in objects.items():
+        errors = _dciodvfy_errors(_write(ds, tmp_path / f"{name}.dcm"))
+        if errors:
+            failures[name] = errors
+    assert failures == {}
+
+
+def test_dsr2html_renders_scores_and_ineligibility(tmp_path, ct_series, ct_overlays):
+    datasets, _ = ct_series
+    for name, summary, expected in (
+        ("eligible", ct_summary(), ["0.4123", "Anomaly score", "Positive", "Absent"]),
+        ("not-eligible", NOT_ELIGIBLE, ["Not eligible", "no axial head CT"]),
+    ):
+        path = _write(build_report(datasets, summary, ct_overlays if summary.eligible else []), tmp_path / f"{name}.dcm")
+        html = tmp_path / f"{name}.html"
+        run = subprocess.run(["dsr2html", str(path), str(html)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        content = html.read_text(errors="replace")
+        for fragment in expected:
+            assert fragment in content, (name, fragment)
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture()
+def result_files(tmp_path, ct_series, ct_overlays) -> list[Path]:
+    datasets, _ = ct_series
+    paths = [_write(sc, tmp_path / f"sc-{i:03d}.dcm") for i, sc in enumerate(ct_overlays[:5])]
+    paths.append(_write(build_report(datasets, ct_summary(), ct_overlays[:5]), tmp_path / "sr.dcm"))
+    return paths
+
+
+def _start_scp(received: list[str], contexts: list) -> tuple[object, int]:
+    def on_store(event: evt.Event, sink: list[str]) -> int:
+        sink.append(event.dataset.SOPInstanceUID)
+        return 0x0000
+
+    ae = AE(ae_title="TESTPACS")
+    for context in contexts:
+        ae.add_supported_context(context)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store, [received])])
+    return server, server.server_address[1]
+
+
+def test_send_delivers_every_object_to_a_pynetdicom_scp(result_files):
+    received: list[str] = []
+    server, port = _start_scp(received, [SecondaryCaptureImageStorage, Comprehensive3DSRStorage])
+    try:
+        statuses = send(Destination("test", "TESTPACS", "127.0.0.1", port), result_files, timeout=10)
+    finally:
+        server.shutdown()
+    assert statuses == {p: STATUS_SUCCESS for p in result_files}
+    expected = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in result_files]
+    assert received == expected
+
+
+def test_send_reports_objects_the_peer_does_not_accept(result_files):
+    received: list[str] = []
+    server, port = _start_scp(received, [SecondaryCaptureImageStorage])
+    try:
+        statuses = send(Destination("sc-only", "TESTPACS", "127.0.0.1", port), result_files, timeout=10)
+    finally:
+        server.shutdown()
+    assert statuses[result_files[-1]] == STATUS_NO_CONTEXT
+    assert all(statuses[p] == STATUS_SUCCESS for p in result_files[:-1]) and len(received) == 5
+
+
+def test_send_to_a_closed_port_raises_transient(result_files):
+    with pytest.raises(TransientError):
+        send(Destination("down", "NOBODY", "127.0.0.1", _free_port()), result_files, timeout=5)
+
+
+def test_send_skips_unreadable_files(tmp_path, result_files):
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    received: list[str] = []
+    server, port = _start_scp(received, [SecondaryCaptureImageStorage, Comprehensive3DSRStorage])
+    try:
+        statuses = send(Destination("test", "TESTPACS", "127.0.0.1", port), [junk, result_files[0]], timeout=10)
+    finally:
+        server.shutdown()
+    assert statuses == {result_files[0]: STATUS_SUCCESS}
+
+
+def _wait_listening(port: int, process: subprocess.Popen, limit_s: float = 10.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"storescp exited early: {process.stderr.read() if process.stderr else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)  # the port is the only readiness signal storescp gives
+    raise RuntimeError("storescp did not start listening")
+
+
+def test_send_to_dcmtk_storescp(tmp_path, result_files):
+    storescp = shutil.which("storescp")
+    assert storescp, "dcmtk storescp must be installed (see tests/install-system-deps.sh)"
+    out_dir = tmp_path / "received"
+    out_dir.mkdir()
+    port = _free_port()
+    process = subprocess.Popen(
+        [storescp, "--aetitle", "DCMTKPACS", "--output-directory", str(out_dir), "--accept-all", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_listening(port, process)
+        statuses = send(Destination("dcmtk", "DCMTKPACS", "127.0.0.1", port), result_files, timeout=10)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert statuses == {p: STATUS_SUCCESS for p in result_files}
+    stored = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in out_dir.iterdir()}
+    assert stored == {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in result_files}
