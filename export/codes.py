@@ -100,18 +100,20 @@ _PROCEDURES: dict[str, tuple[CodedConcept, ...]] = {
 # suitable series); the SR then still states the procedure generically.
 _GENERIC_PROCEDURE = (CodedConcept("363679005", "SCT", "Imaging"),)
 
-# QC reasons the imaging package emits, with stable code values. Unknown reasons
-# still get coded (HS0199, the reason text as meaning) so nothing is dropped.
+# QC reason prefixes emitted by imaging.qc / imaging.volume and daemon.pipeline
+# ("<prefix>: <detail>"), with stable code values. Unknown reasons still get
+# coded (HS0199, the reason text as meaning) so nothing is dropped.
 _QC_REASONS: dict[str, CodedConcept] = {
-    "registration_failed": _private("HS0101", "Registration to template failed"),
-    "low_brain_coverage": _private("HS0102", "Insufficient brain coverage"),
-    "wrong_orientation": _private("HS0103", "Unexpected orientation"),
-    "motion_or_artifact": _private("HS0104", "Motion or artifact"),
-    "skull_strip_failed": _private("HS0105", "Skull stripping failed"),
-    "intensity_out_of_range": _private("HS0106", "Intensities out of expected range"),
+    "registration_poor": _private("HS0101", "Poor registration to template"),
+    "registration_scale_implausible": _private("HS0102", "Implausible registration scale"),
+    "orientation_unusual": _private("HS0103", "Unusual head orientation"),
+    "skull_strip_poor": _private("HS0104", "Poor skull stripping"),
+    "brain_volume_implausible": _private("HS0105", "Implausible brain volume"),
+    "noise_high": _private("HS0106", "High image noise"),
     "slice_spacing_irregular": _private("HS0107", "Irregular slice spacing"),
-    "too_few_slices": _private("HS0108", "Too few slices"),
+    "qc_out_of_range": _private("HS0108", "QC metric out of range"),
     "no_suitable_series": _private("HS0109", "No suitable series"),
+    "chronological_age": _private("HS0110", "Chronological age unavailable"),
 }
 QC_OTHER_VALUE = "HS0199"
 
@@ -127,9 +129,10 @@ def qc_reason_code(reason: str) -> CodedConcept:
     if not reason:
         raise ValueError("qc_reason_code: argument 'reason' must not be empty")
     key = concept_slug(reason.split(":", 1)[0])
-    known = _QC_REASONS.get(key)
-    if known is not None:
-        return known
+    # Longest matching prefix, so "chronological_age_absent" finds "chronological_age".
+    for prefix in sorted(_QC_REASONS, key=len, reverse=True):
+        if key == prefix or key.startswith(prefix + "_"):
+            return _QC_REASONS[prefix]
     return _private(QC_OTHER_VALUE, reason[:64])
 
 

@@ -98,7 +98,7 @@ def ct_summary(**changes) -> ResultSummary:
     values = dict(
         eligible=True, modality="CT", algorithm=ALGO_CT, anomaly_score=0.4123, percentile=97.5,
         screen_positive=True, threshold=0.3, chronological_age=67.0,
-        qc_reasons=["motion_or_artifact", "custom check: snr=3.1"], selected_series_uid=None,
+        qc_reasons=["skull_strip_poor: brain_dice 0.62 outside [0.8, 1]", "custom check: snr=3.1"], selected_series_uid=None,
     )
     values.update(changes)
     return ResultSummary(**values)
@@ -292,6 +292,8 @@ def test_sr_measurements_equal_the_summary_ct(ct_series, ct_overlays):
     assert evaluations[codes.PREDICTED_BRAIN_AGE.value] == [codes.ABSENT.value]
     assert evaluations[codes.BRAIN_AGE_GAP.value] == [codes.ABSENT.value]
     assert evaluations[codes.QC_ISSUE.value] == ["HS0104", "HS0199"]
+    meanings = [e.value.meaning for e in group.get_qualitative_evaluations() if e.name.value == codes.QC_ISSUE.value]
+    assert meanings == ["Poor skull stripping", "custom check: snr=3.1"]
     assert sr.StudyInstanceUID == datasets[0].StudyInstanceUID and sr.PatientID == datasets[0].PatientID
     assert sr.SeriesNumber == 9002 and sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
     assert [s.referenced_sop_instance_uid for s in group.source_images] == [d.SOPInstanceUID for d in datasets]
@@ -364,6 +366,22 @@ def test_report_rejects_mixed_studies(ct_series, ct_overlays):
         build_report(datasets, ct_summary(), [*ct_overlays[:1], *foreign])
     with pytest.raises(ValueError, match="source_datasets"):
         build_report([], ct_summary(), [])
+
+
+@pytest.mark.parametrize(
+    ("reason", "value"),
+    [
+        ("registration_poor: head_dice 0.62 outside [0.85, 1]", "HS0101"),
+        ("no suitable series: 1.2.3 not axial", "HS0109"),
+        ("chronological_age_absent", "HS0110"),
+        ("chronological age absent: anomaly score excludes the age-gap term", "HS0110"),
+        ("qc_out_of_range: foo 3 outside [0, 1]", "HS0108"),
+        ("something new", "HS0199"),
+    ],
+)
+def test_qc_reason_codes(reason, value):
+    code = codes.qc_reason_code(reason)
+    assert code.value == value and code.scheme_designator == codes.PRIVATE_SCHEME and len(code.meaning) <= 64
 
 
 # --------------------------------------------------------------------------- validators
