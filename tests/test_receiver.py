@@ -1,0 +1,405 @@
+"""The DICOM receiver against real peers: dcmtk echoscu/storescu and pynetdicom SCUs,
+a real SQLite database migrated with Alembic, and real files on disk."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    SecondaryCaptureImageStorage,
+)
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.association import Association
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.receiver import (
+    ASSOCIATION_REJECTED_STATUS,
+    AllowedCaller,
+    Receiver,
+    ReceiverConfig,
+    StoreStatus,
+    start_receiver,
+)
+from db.engine import make_engine, session_factory
+from db.migrate import upgrade
+from db.models import IngestRejection, Instance
+from receiver_helpers import make_uid, write_ct_series
+
+SCP_AE = "HEADSCREEN"
+SCU_AE = "STORESCU"
+ALLOWED = (AllowedCaller(SCU_AE), AllowedCaller("PACS_BOUND", host="10.9.9.9"))
+
+
+@dataclass
+class Harness:
+    receiver: Receiver
+    sessions: sessionmaker[Session]
+    storage_dir: Path
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    def instances(self) -> list[Instance]:
+        with self.sessions() as session:
+            return list(session.scalars(select(Instance).order_by(Instance.instance_number)))
+
+    def rejections(self) -> list[IngestRejection]:
+        with self.sessions() as session:
+            return list(session.scalars(select(IngestRejection).order_by(IngestRejection.id)))
+
+    def stored_files(self) -> list[Path]:
+        return sorted((self.storage_dir / "storage").rglob("*.dcm"))
+
+
+def _start(tmp_path: Path, **overrides: object) -> Harness:
+    url = f"sqlite:///{tmp_path / 'headscreen.db'}"
+    upgrade(url)
+    sessions = session_factory(make_engine(url))
+    options: dict[str, object] = {"allowed_callers": ALLOWED, "disk_min_free_mb": 0, **overrides}
+    config = ReceiverConfig(ae_title=SCP_AE, storage_dir=tmp_path / "data", bind_address="127.0.0.1",
+                            port=0, **options)  # type: ignore[arg-type]
+    return Harness(start_receiver(config, sessions), sessions, config.storage_dir)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    h = _start(tmp_path)
+    yield h
+    h.receiver.shutdown()
+
+
+def _dcmtk(tool: str, port: int, *args: str, calling: str = SCU_AE) -> subprocess.CompletedProcess[str]:
+    command = [tool, "-aet", calling, "-aec", SCP_AE, *args, "127.0.0.1", str(port)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def _storescu(port: int, paths: list[Path], calling: str = SCU_AE) -> subprocess.CompletedProcess[str]:
+    # -R: propose only the contexts the files need, as a PACS forwarding a study does.
+    return subprocess.run(["storescu", "-R", "-aet", calling, "-aec", SCP_AE, "127.0.0.1", str(port),
+                           *map(str, paths)], capture_output=True, text=True, timeout=120)
+
+
+def _associate(port: int, *contexts: tuple[str, list[str]], calling: str = SCU_AE) -> Association:
+    ae = AE(ae_title=calling)
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, syntaxes)
+    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE)
+    assert assoc.is_established
+    return assoc
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The encoded data set after the file meta group, as it goes over the wire."""
+    raw = path.read_bytes()
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    meta_len = int(ds.file_meta.FileMetaInformationGroupLength)
+    return raw[128 + 4 + 12 + meta_len:]
+
+
+# --- verification and allow-list --------------------------------------------------------------
+
+
+def test_echoscu_succeeds_for_an_allowed_caller(harness: Harness) -> None:
+    result = _dcmtk("echoscu", harness.port)
+    assert result.returncode == 0, result.stderr
+
+
+def test_unknown_caller_is_rejected_recorded_and_server_keeps_serving(harness: Harness,
+                                                                      tmp_path: Path) -> None:
+    refused = _dcmtk("echoscu", harness.port, calling="INTRUDER")
+    assert refused.returncode != 0
+    assert "Rejected" in refused.stderr or "rejected" in refused.stderr.lower()
+
+    paths = write_ct_series(tmp_path / "ct", 2, seed=3)
+    store_refused = _storescu(harness.port, paths, calling="INTRUDER")
+    assert store_refused.returncode != 0
+    assert harness.stored_files() == []
+
+    rejections = harness.rejections()
+    assert [r.calling_ae for r in rejections] == ["INTRUDER", "INTRUDER"]
+    assert all(r.status == ASSOCIATION_REJECTED_STATUS for r in rejections)
+    assert "allow-list" in rejections[0].reason
+
+    assert _dcmtk("echoscu", harness.port).returncode == 0
+
+
+def test_known_title_from_the_wrong_host_is_rejected(harness: Harness) -> None:
+    refused = _dcmtk("echoscu", harness.port, calling="PACS_BOUND")
+    assert refused.returncode != 0
+    (rejection,) = harness.rejections()
+    assert rejection.calling_ae == "PACS_BOUND"
+    assert "host" in rejection.reason
+
+
+def test_empty_allow_list_rejects_everyone_unless_any_caller_is_allowed(tmp_path: Path) -> None:
+    closed = _start(tmp_path / "closed", allowed_callers=())
+    try:
+        assert _dcmtk("echoscu", closed.port).returncode != 0
+    finally:
+        closed.receiver.shutdown()
+    open_ = _start(tmp_path / "open", allowed_callers=(), allow_any_caller=True)
+    try:
+        assert _dcmtk("echoscu", open_.port, calling="ANYONE").returncode == 0
+    finally:
+        open_.receiver.shutdown()
+
+
+# --- storing ---------------------------------------------------------------------------------
+
+
+def test_storescu_series_is_stored_byte_exact_and_recorded(harness: Harness, tmp_path: Path) -> None:
+    paths = write_ct_series(tmp_path / "ct", 5, seed=1)
+    result = _storescu(harness.port, paths)
+    assert result.returncode == 0, result.stderr
+
+    sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in paths}
+    rows = harness.instances()
+    assert [r.sop_instance_uid for r in rows] == list(sent)
+    for row in rows:
+        stored = harness.storage_dir / row.path
+        header = pydicom.dcmread(stored, stop_before_pixels=True)
+        assert row.path == f"storage/{header.StudyInstanceUID}/{header.SeriesInstanceUID}/{row.sop_instance_uid}.dcm"
+        assert _dataset_bytes(stored) == _dataset_bytes(sent[row.sop_instance_uid])
+        assert row.size_bytes == stored.stat().st_size
+        assert row.transfer_syntax_uid == ExplicitVRLittleEndian
+        assert row.images_in_acquisition == 5
+    assert [r.slice_position for r in rows] == pytest.approx([0.0, 2.5, 5.0, 7.5, 10.0])
+    assert not list((harness.storage_dir / "storage").rglob("*.tmp"))
+
+
+def test_resending_a_series_is_idempotent(harness: Harness, tmp_path: Path) -> None:
+    paths = write_ct_series(tmp_path / "ct", 3, seed=2)
+    assert _storescu(harness.port, paths).returncode == 0
+    first = [(r.id, r.path, r.size_bytes) for r in harness.instances()]
+    assert _storescu(harness.port, paths).returncode == 0
+    assert [(r.id, r.path, r.size_bytes) for r in harness.instances()] == first
+    assert len(harness.stored_files()) == 3
+    assert harness.rejections() == []
+
+
+@pytest.mark.parametrize("name, sop_class", [
+    ("693_J2KR.dcm", None),                    # CT, JPEG 2000 lossless
+    ("MR_small_RLE.dcm", None),                # MR, RLE lossless
+    ("MR_small_jp2klossless.dcm", None),       # MR, JPEG 2000 lossless
+    ("emri_small.dcm", None),                  # Enhanced MR, explicit VR
+    ("JPEG-LL.dcm", CTImageStorage),           # JPEG lossless SV1, relabelled as CT
+    ("JPEG2000.dcm", CTImageStorage),          # JPEG 2000 lossy, relabelled as CT
+    ("JPEG-lossy.dcm", CTImageStorage),        # JPEG extended, relabelled as CT
+    ("JPEGLSNearLossless_08.dcm", MRImageStorage),  # JPEG-LS near-lossless, relabelled as MR
+])
+def test_compressed_and_enhanced_instances_are_accepted(harness: Harness, tmp_path: Path,
+                                                        name: str, sop_class: str | None) -> None:
+    source = Path(get_testdata_file(name))  # type: ignore[arg-type]
+    path = source
+    if sop_class is not None:
+        # The pixel data stays encapsulated exactly as in the test file; only the class changes.
+        ds = pydicom.dcmread(source)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        rng = random.Random(name)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+            if keyword not in ds:
+                setattr(ds, keyword, make_uid(rng))
+        path = tmp_path / name
+        ds.save_as(path)
+    # dcmsend proposes each file's own transfer syntax first, as a PACS forward does.
+    result = subprocess.run(["dcmsend", "-aet", SCU_AE, "-aec", SCP_AE, "127.0.0.1", str(harness.port),
+                             str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    (row,) = harness.instances()
+    sent = pydicom.dcmread(path)
+    stored = pydicom.dcmread(harness.storage_dir / row.path)
+    assert row.transfer_syntax_uid == sent.file_meta.TransferSyntaxUID
+    assert stored.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+    # dcmsend re-encodes the header, but the compressed pixel data must arrive untouched.
+    assert stored.PixelData == sent.PixelData
+    assert stored.SOPInstanceUID == sent.SOPInstanceUID
+
+
+def test_enhanced_mr_records_frames(harness: Harness) -> None:
+    path = Path(get_testdata_file("emri_small.dcm"))  # type: ignore[arg-type]
+    assert _storescu(harness.port, [path]).returncode == 0
+    (row,) = harness.instances()
+    assert row.sop_class_uid == EnhancedMRImageStorage
+    assert row.number_of_frames == pydicom.dcmread(path, stop_before_pixels=True).NumberOfFrames
+
+
+def test_deflated_instance_is_stored_as_received(harness: Harness, tmp_path: Path) -> None:
+    (plain,) = write_ct_series(tmp_path / "ct", 1, seed=4)
+    ds = pydicom.dcmread(plain)
+    assoc = _associate(harness.port, (CTImageStorage, [DeflatedExplicitVRLittleEndian]))
+    try:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status.Status == StoreStatus.SUCCESS
+    (row,) = harness.instances()
+    stored = pydicom.dcmread(harness.storage_dir / row.path)
+    assert stored.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert stored.PixelData == pydicom.dcmread(plain).PixelData
+
+
+def test_other_storage_classes_are_refused_at_negotiation(harness: Harness) -> None:
+    ae = AE(ae_title=SCU_AE)
+    ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", harness.port, ae_title=SCP_AE)
+    try:
+        assert assoc.is_established
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        rejected = {cx.abstract_syntax: cx.result for cx in assoc.rejected_contexts}
+    finally:
+        assoc.release()
+    assert accepted == {CTImageStorage}
+    assert rejected == {SecondaryCaptureImageStorage: 0x03}  # abstract syntax not supported
+
+    sc_file = Path(get_testdata_file("SC_rgb.dcm"))  # type: ignore[arg-type]
+    assert _storescu(harness.port, [sc_file]).returncode != 0
+    assert harness.stored_files() == []
+
+
+# --- bad input on a live association ---------------------------------------------------------
+
+
+@pytest.fixture
+def chunked_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Send files byte-for-byte after their meta group, so a broken data set reaches the SCP.
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+def _with_body(template: Path, body: bytes, out: Path) -> Path:
+    raw = template.read_bytes()
+    out.write_bytes(raw[:len(raw) - len(_dataset_bytes(template))] + body)
+    return out
+
+
+def test_garbage_and_truncated_data_sets_fail_but_the_association_carries_on(
+        harness: Harness, tmp_path: Path, chunked_send: None) -> None:
+    good, template, truncated_src = write_ct_series(tmp_path / "ct", 3, seed=5)
+    garbage = _with_body(template, b"this is not DICOM at all\x00\xff" * 40, tmp_path / "garbage.dcm")
+    body = _dataset_bytes(truncated_src)
+    cut_in_pixels = _with_body(truncated_src, body[: len(body) - 1000], tmp_path / "cut_pixels.dcm")
+    cut_in_header = _with_body(truncated_src, body[:300], tmp_path / "cut_header.dcm")
+
+    assoc = _associate(harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
+    try:
+        statuses = {name: assoc.send_c_store(path) for name, path in
+                    [("garbage", garbage), ("cut_pixels", cut_in_pixels),
+                     ("cut_header", cut_in_header), ("good", good)]}
+    finally:
+        assoc.release()
+
+    for name in ("garbage", "cut_pixels", "cut_header"):
+        assert statuses[name].Status == StoreStatus.CANNOT_UNDERSTAND, name
+        assert statuses[name].ErrorComment
+    assert statuses["good"].Status == StoreStatus.SUCCESS
+    assert [r.sop_instance_uid for r in harness.instances()] == [
+        pydicom.dcmread(good, stop_before_pixels=True).SOPInstanceUID]
+    rejections = harness.rejections()
+    assert [r.status for r in rejections] == [StoreStatus.CANNOT_UNDERSTAND] * 3
+    assert all(r.reason and r.calling_ae == SCU_AE for r in rejections)
+    assert len(harness.stored_files()) == 1
+
+
+def test_missing_identifying_uid_is_refused_with_a900(harness: Harness, tmp_path: Path) -> None:
+    (path,) = write_ct_series(tmp_path / "ct", 1, seed=6)
+    ds = pydicom.dcmread(path)
+    del ds.StudyInstanceUID
+    assoc = _associate(harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status.Status == StoreStatus.DATASET_MISMATCH
+    assert "StudyInstanceUID" in status.ErrorComment
+    assert harness.stored_files() == []
+    (rejection,) = harness.rejections()
+    assert rejection.sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_disk_below_watermark_refuses_with_a700_and_writes_nothing(tmp_path: Path) -> None:
+    harness = _start(tmp_path, disk_min_free_mb=1 << 40)
+    try:
+        paths = write_ct_series(tmp_path / "ct", 2, seed=7)
+        assoc = _associate(harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
+        try:
+            statuses = [assoc.send_c_store(p).Status for p in paths]
+        finally:
+            assoc.release()
+        assert statuses == [StoreStatus.OUT_OF_RESOURCES] * 2
+        assert list((harness.storage_dir / "storage").iterdir()) == []
+        assert harness.instances() == []
+        assert [r.status for r in harness.rejections()] == [StoreStatus.OUT_OF_RESOURCES] * 2
+    finally:
+        harness.receiver.shutdown()
+
+
+def test_database_failure_is_never_answered_success(tmp_path: Path) -> None:
+    # A database without the schema: every write fails, as it would on a broken disk.
+    sessions = session_factory(make_engine(f"sqlite:///{tmp_path / 'empty.db'}"))
+    config = ReceiverConfig(ae_title=SCP_AE, storage_dir=tmp_path / "data", bind_address="127.0.0.1",
+                            port=0, allowed_callers=ALLOWED, disk_min_free_mb=0)
+    receiver = start_receiver(config, sessions)
+    try:
+        (path,) = write_ct_series(tmp_path / "ct", 1, seed=8)
+        assoc = _associate(receiver.port, (CTImageStorage, [ExplicitVRLittleEndian]),
+                           (Verification, [ImplicitVRLittleEndian]))
+        try:
+            status = assoc.send_c_store(path)
+            echo = assoc.send_c_echo()
+        finally:
+            assoc.release()
+        assert status.Status == StoreStatus.STORE_FAILED
+        assert "database" in status.ErrorComment
+        assert echo.Status == StoreStatus.SUCCESS
+    finally:
+        receiver.shutdown()
+
+
+# --- concurrency -----------------------------------------------------------------------------
+
+
+def test_concurrent_associations_on_sqlite_all_succeed(harness: Harness, tmp_path: Path) -> None:
+    series = [write_ct_series(tmp_path / f"ct{i}", 12, seed=20 + i) for i in range(3)]
+    # Two associations share one study's series to race on creating the same study row.
+    shared_study = pydicom.dcmread(series[0][0], stop_before_pixels=True).StudyInstanceUID
+    for path in series[1]:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = shared_study
+        ds.save_as(path)
+    results: dict[int, list[int]] = {}
+
+    def send(index: int) -> None:
+        assoc = _associate(harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
+        try:
+            results[index] = [int(assoc.send_c_store(p).Status) for p in series[index]]
+        finally:
+            assoc.release()
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == {i: [StoreStatus.SUCCESS] * 12 for i in range(3)}
+    with harness.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 36
+    assert len(harness.stored_files()) == 36

@@ -1,0 +1,160 @@
+"""InstanceStore and header checks without a network: paths, atomicity, watermark, truncation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+
+from daemon.errors import InputRejected
+from daemon.receiver import CallerPolicy, AllowedCaller, parse_header, slice_position
+from daemon.storage import InstanceStore, InvalidUid, StorageFull
+from receiver_helpers import write_ct_series
+
+STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
+
+
+def test_write_lands_at_the_documented_path_with_the_exact_bytes(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    stored = store.write(STUDY, SERIES, SOP, b"DICM-bytes")
+    assert stored.relative_path == f"storage/{STUDY}/{SERIES}/{SOP}.dcm"
+    assert stored.path == tmp_path / stored.relative_path
+    assert stored.path.read_bytes() == b"DICM-bytes"
+    assert stored.size_bytes == 10
+    assert [p.name for p in stored.path.parent.iterdir()] == [f"{SOP}.dcm"]
+
+
+def test_rewrite_of_the_same_sop_replaces_atomically(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    first = store.write(STUDY, SERIES, SOP, b"first")
+    inode_reader = first.path.open("rb")  # a reader holding the old file keeps a whole file
+    second = store.write(STUDY, SERIES, SOP, b"second version")
+    assert second.path == first.path
+    assert second.path.read_bytes() == b"second version"
+    assert inode_reader.read() == b"first"
+    inode_reader.close()
+    assert len(list(second.path.parent.iterdir())) == 1
+
+
+@pytest.mark.parametrize("bad", ["", "../../etc", "1.2.a", "1..2", ".1.2", "1.2/3", "1" * 65, "1.2\\3"])
+def test_uids_that_are_not_digits_and_dots_are_refused(tmp_path: Path, bad: str) -> None:
+    store = InstanceStore(tmp_path)
+    with pytest.raises(InvalidUid):
+        store.write(STUDY, SERIES, bad, b"x")
+    assert list((tmp_path / "storage").iterdir()) == []
+
+
+def test_trailing_space_padding_is_stripped(tmp_path: Path) -> None:
+    stored = InstanceStore(tmp_path).write(STUDY + " ", SERIES + "\x00", SOP, b"x")
+    assert stored.relative_path == f"storage/{STUDY}/{SERIES}/{SOP}.dcm"
+
+
+def test_watermark_refuses_before_anything_is_written(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path, min_free_mb=1 << 40)
+    with pytest.raises(StorageFull):
+        store.write(STUDY, SERIES, SOP, b"x")
+    assert list((tmp_path / "storage").iterdir()) == []
+
+
+def test_watermark_counts_the_incoming_bytes(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    free = store.free_bytes()
+    store.min_free_bytes = max(free - 1024 * 1024, 0)
+    store.check_space(1024)
+    with pytest.raises(StorageFull):
+        store.check_space(64 * 1024 * 1024)
+
+
+def test_failed_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = InstanceStore(tmp_path)
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        store.write(STUDY, SERIES, SOP, b"x" * 100)
+    assert list((tmp_path / "storage").rglob("*")) != []  # the directories exist
+    assert [p for p in (tmp_path / "storage").rglob("*") if p.is_file()] == []
+
+
+def test_removed_directory_is_recreated(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    first = store.write(STUDY, SERIES, SOP, b"x")
+    first.path.unlink()
+    first.path.parent.rmdir()  # as a retention clean-up would
+    again = store.write(STUDY, SERIES, SOP + "1", b"y")
+    assert again.path.read_bytes() == b"y"
+
+
+# --- header parsing ---------------------------------------------------------------------------
+
+
+def _body(path: Path) -> bytes:
+    raw = path.read_bytes()
+    meta_len = int(pydicom.dcmread(path, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength)
+    return raw[128 + 4 + 12 + meta_len:]
+
+
+def test_header_parses_without_pixel_data_and_positions_are_projected(tmp_path: Path) -> None:
+    (path,) = write_ct_series(tmp_path, 1, seed=1)
+    header = parse_header(_body(path), UID(ExplicitVRLittleEndian))
+    assert "PixelData" not in header
+    assert header.Modality == "CT"
+    assert slice_position(header) == 0.0
+    header.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal: normal is -x
+    header.ImagePositionPatient = [12.5, 0, 0]
+    assert slice_position(header) == pytest.approx(-12.5)
+
+
+def test_implicit_vr_header_parses(tmp_path: Path) -> None:
+    (path,) = write_ct_series(tmp_path, 1, seed=2)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    out = tmp_path / "implicit.dcm"
+    ds.save_as(out, implicit_vr=True, little_endian=True)
+    header = parse_header(_body(out), UID(ImplicitVRLittleEndian))
+    assert header.SOPInstanceUID == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize("cut", [1, 1000, 8191])
+def test_truncated_native_pixel_data_is_detected(tmp_path: Path, cut: int) -> None:
+    (path,) = write_ct_series(tmp_path, 1, seed=3)
+    body = _body(path)
+    with pytest.raises(InputRejected, match="truncated"):
+        parse_header(body[:-cut], UID(ExplicitVRLittleEndian))
+
+
+def test_truncated_encapsulated_pixel_data_is_detected(tmp_path: Path) -> None:
+    (path,) = write_ct_series(tmp_path, 1, seed=4)
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless)
+    out = tmp_path / "rle.dcm"
+    ds.save_as(out)
+    body = _body(out)
+    assert parse_header(body, UID(RLELossless)).SOPInstanceUID == ds.SOPInstanceUID
+    with pytest.raises(InputRejected):
+        parse_header(body[:-20], UID(RLELossless))
+
+
+def test_empty_and_garbage_bodies_are_rejected() -> None:
+    with pytest.raises(InputRejected):
+        parse_header(b"", UID(ExplicitVRLittleEndian))
+
+
+# --- caller policy ----------------------------------------------------------------------------
+
+
+def test_caller_policy_matches_title_and_optional_host() -> None:
+    policy = CallerPolicy([AllowedCaller("PACS"), AllowedCaller("MODALITY", host="10.0.0.7")], allow_any=False)
+    assert policy.refusal("PACS", "192.168.1.1") is None
+    assert policy.refusal("PACS  ", "::ffff:192.168.1.1") is None
+    assert policy.refusal("MODALITY", "10.0.0.7") is None
+    assert policy.refusal("MODALITY", "::ffff:10.0.0.7") is None
+    assert "host" in (policy.refusal("MODALITY", "10.0.0.8") or "")
+    assert "allow-list" in (policy.refusal("pacs", "10.0.0.7") or "")  # AE titles are case-sensitive
+    assert CallerPolicy([], allow_any=False).refusal("PACS", "10.0.0.7") is not None
+    assert CallerPolicy([], allow_any=True).refusal("ANY", None) is None
