@@ -86,20 +86,22 @@ def _observation_context(summary: ResultSummary) -> ObservationContext:
 
 def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification) -> tuple[list[Measurement], list[QualitativeEvaluation]]:
     """Numeric measurements present in the summary, and an 'Absent' evaluation for each missing one."""
+    # The chronological age is an input taken from the header, not produced by the model.
     planned = (
-        (codes.ANOMALY_SCORE, summary.anomaly_score, codes.UNIT_SCORE),
-        (codes.ANOMALY_PERCENTILE, summary.percentile, codes.UNIT_PERCENT),
-        (codes.OPERATING_THRESHOLD, summary.threshold, codes.UNIT_SCORE),
-        (codes.PREDICTED_BRAIN_AGE, summary.predicted_age, codes.UNIT_YEAR),
-        (codes.CHRONOLOGICAL_AGE, summary.chronological_age, codes.UNIT_YEAR),
-        (codes.BRAIN_AGE_GAP, summary.age_gap, codes.UNIT_YEAR),
+        (codes.ANOMALY_SCORE, summary.anomaly_score, codes.UNIT_SCORE, True),
+        (codes.ANOMALY_PERCENTILE, summary.percentile, codes.UNIT_PERCENT, True),
+        (codes.OPERATING_THRESHOLD, summary.threshold, codes.UNIT_SCORE, True),
+        (codes.PREDICTED_BRAIN_AGE, summary.predicted_age, codes.UNIT_YEAR, True),
+        (codes.CHRONOLOGICAL_AGE, summary.chronological_age, codes.UNIT_YEAR, False),
+        (codes.BRAIN_AGE_GAP, summary.age_gap, codes.UNIT_YEAR, True),
     )
     present, absent = [], []
-    for name, value, unit in planned:
+    for name, value, unit, by_algorithm in planned:
         if value is None:
             absent.append(QualitativeEvaluation(name=name, value=codes.ABSENT))
         else:
-            present.append(Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm_id))
+            present.append(Measurement(name=name, value=float(value), unit=unit,
+                                       algorithm_id=algorithm_id if by_algorithm else None))
     return present, absent
 
 
