@@ -205,6 +205,18 @@ def test_reddest_pixels_sit_on_the_lesion(ct_overlays):
     assert (far[..., 0] - far[..., 1]).max() < redness.max()
 
 
+def test_legend_carries_results_but_no_patient_identity(ct_series):
+    from export.sc import _legend_lines
+
+    datasets, _ = ct_series
+    lines = " ".join(text for text, _ in _legend_lines(MR_SUMMARY, (0.1, 0.9), "slice 1/40"))
+    for fragment in ("AI-GENERATED - NOT FOR PRIMARY DIAGNOSIS", "1.750", "42.0th percentile", "negative", "+4.4 y", "mr-vae-age 0.3.1"):
+        assert fragment in lines, fragment
+    for identity in (str(datasets[0].PatientName), datasets[0].PatientID, "Synthetic", "1958"):
+        assert identity not in lines
+    assert lines.isascii()
+
+
 def test_explicit_slices_and_style(ct_series):
     datasets, error = ct_series
     images = build_overlay_series(
@@ -456,6 +468,26 @@ def test_send_delivers_every_object_to_a_pynetdicom_scp(result_files):
     assert statuses == {p: STATUS_SUCCESS for p in result_files}
     expected = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in result_files]
     assert received == expected
+
+
+def test_send_sets_tcp_nodelay(monkeypatch, result_files):
+    from export import delivery
+
+    seen: list[int] = []
+    original = delivery._enable_nodelay
+
+    def observe(event: evt.Event) -> None:
+        original(event)
+        seen.append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(delivery, "_enable_nodelay", observe)
+    received: list[str] = []
+    server, port = _start_scp(received, [SecondaryCaptureImageStorage])
+    try:
+        send(Destination("test", "TESTPACS", "127.0.0.1", port), result_files[:1], timeout=10)
+    finally:
+        server.shutdown()
+    assert seen == [1] and len(received) == 1
 
 
 def test_send_reports_objects_the_peer_does_not_accept(result_files):
