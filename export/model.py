@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,5 +69,12 @@ class ResultSummary:
             raise ValueError("ResultSummary: argument 'modality' must not be empty")
         if not self.eligible and not self.ineligible_reason:
             raise ValueError("ResultSummary: argument 'ineligible_reason' is required when eligible is False")
-        if self.percentile is not None and not 0.0 <= self.percentile <= 100.0:
+        if self.percentile is not None and math.isfinite(self.percentile) and not 0.0 <= self.percentile <= 100.0:
             raise ValueError(f"ResultSummary: argument 'percentile' must lie in [0, 100], got {self.percentile}")
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """NaN/inf (a broken model output) is reported as absent, never as a number."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)

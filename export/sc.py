@@ -21,7 +21,7 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from export.model import ResultSummary
+from export.model import ResultSummary, finite_or_none
 
 __all__ = [
     "OverlayStyle",
@@ -134,10 +134,13 @@ def render_overlay(
     window: tuple[float, float],
     error_bounds: tuple[float, float],
     style: OverlayStyle,
+    inverted: bool = False,
 ) -> np.ndarray:
-    """One slice as RGB uint8 (rows, cols, 3): windowed grey + yellow->red error."""
+    """One slice as RGB uint8 (rows, cols, 3): windowed grey + yellow->red error.
+    ``inverted`` renders MONOCHROME1 sources (low values bright) as displayed."""
     lo, hi = window
-    grey = np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 255.0
+    grey = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+    grey = (1.0 - grey if inverted else grey) * 255.0
     rgb = np.repeat(grey[..., None], 3, axis=2)
     e_lo, e_hi = error_bounds
     level = np.clip((np.nan_to_num(error, nan=e_lo) - e_lo) / (e_hi - e_lo), 0.0, 1.0)
@@ -150,6 +153,7 @@ def render_overlay(
 
 
 def _fmt(value: float | None, spec: str, absent: str = "not available") -> str:
+    value = finite_or_none(value)
     return absent if value is None else format(value, spec)
 
 
@@ -160,19 +164,21 @@ def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], sli
     lines.append((f"{algo.manufacturer} {algo.family}: {algo.name} {algo.version}", False))
     if not summary.eligible:
         lines.append((f"NOT ELIGIBLE: {summary.ineligible_reason}", True))
-    pct = "" if summary.percentile is None else f" ({summary.percentile:.1f}th percentile of healthy reference)"
+    percentile = finite_or_none(summary.percentile)
+    pct = "" if percentile is None else f" ({percentile:.1f}th percentile of healthy reference)"
     lines.append((f"Anomaly score {_fmt(summary.anomaly_score, '.3f')}{pct}", False))
     if summary.screen_positive is None:
         lines.append(("Screen result: not available", False))
     else:
         verdict = "POSITIVE" if summary.screen_positive else "negative"
         lines.append((f"Screen result: {verdict} at threshold {_fmt(summary.threshold, '.3f')}", summary.screen_positive))
-    if summary.age_gap is None:
+    age_gap = finite_or_none(summary.age_gap)
+    if age_gap is None:
         lines.append(("Brain-age gap: not available", False))
     else:
         lines.append(
             (
-                f"Brain-age gap {summary.age_gap:+.1f} y (predicted {_fmt(summary.predicted_age, '.1f')},"
+                f"Brain-age gap {age_gap:+.1f} y (predicted {_fmt(summary.predicted_age, '.1f')},"
                 f" chronological {_fmt(summary.chronological_age, '.1f')})",
                 False,
             )
@@ -359,7 +365,8 @@ def _build_one(
     factor: int,
     style: OverlayStyle,
 ) -> Dataset:
-    rgb = _upscale(render_overlay(values, error, window, bounds, style), factor)
+    inverted = getattr(source, "PhotometricInterpretation", "") == "MONOCHROME1"
+    rgb = _upscale(render_overlay(values, error, window, bounds, style, inverted), factor)
     label = f"slice {slice_index + 1}/{n_slices}"
     pixels = _add_legend(rgb, _legend_lines(summary, bounds, label))
     spacing = None

@@ -36,7 +36,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from export import codes
-from export.model import ResultSummary
+from export.model import ResultSummary, finite_or_none
 
 __all__ = ["build_report", "SR_SERIES_DESCRIPTION", "TRACKING_IDENTIFIER", "REPORT_SUMMARY_TEXT"]
 
@@ -96,8 +96,11 @@ def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification)
         (codes.BRAIN_AGE_GAP, summary.age_gap, codes.UNIT_YEAR, True),
     )
     present, absent = [], []
-    for name, value, unit, by_algorithm in planned:
+    for name, raw, unit, by_algorithm in planned:
+        value = finite_or_none(raw)
         if value is None:
+            if raw is not None:
+                logger.warning("non-finite value reported as absent", extra={"action": "sr_nonfinite", "concept": name.meaning})
             absent.append(QualitativeEvaluation(name=name, value=codes.ABSENT))
         else:
             present.append(Measurement(name=name, value=float(value), unit=unit,
@@ -129,7 +132,8 @@ def summary_text(summary: ResultSummary) -> str:
         parts.append(f"Study NOT ELIGIBLE for automated screening: {summary.ineligible_reason}.")
         parts.append("No screening result was produced; absence of findings is NOT implied.")
     else:
-        score = "not available" if summary.anomaly_score is None else f"{summary.anomaly_score:.4g}"
+        value = finite_or_none(summary.anomaly_score)
+        score = "not available" if value is None else f"{value:.4g}"
         parts.append(f"Anomaly score {score}.")
         if summary.screen_positive is not None:
             parts.append(f"Screen {'POSITIVE' if summary.screen_positive else 'negative'} at the operating point.")

@@ -340,6 +340,15 @@ def test_sr_measurements_equal_the_summary_mr(ct_series):
     assert codes.QC_ISSUE.value not in _evaluated(group)
 
 
+def test_non_finite_values_are_reported_absent(ct_series):
+    datasets, _ = ct_series
+    summary = ct_summary(anomaly_score=float("nan"), percentile=float("inf"))
+    group = _group(_round_trip(build_report(datasets, summary, [])))
+    assert codes.ANOMALY_SCORE.value not in _measured(group)
+    assert _evaluated(group)[codes.ANOMALY_SCORE.value] == [codes.ABSENT.value]
+    assert _evaluated(group)[codes.ANOMALY_PERCENTILE.value] == [codes.ABSENT.value]
+
+
 def test_not_eligible_sr_says_so_and_why(ct_series):
     datasets, _ = ct_series
     sr = _round_trip(build_report(datasets, NOT_ELIGIBLE, []))
