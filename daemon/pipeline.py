@@ -27,13 +27,18 @@ from daemon.errors import InputRejected
 from daemon.inference import BundleRunner, Inference
 from db.api import JobOutcome, JobTicket, OutputObject
 from export.model import AlgorithmInfo, ResultSummary
-from export.sc import build_overlay_series
+from export.sc import OverlayStyle, build_overlay_series
 from export.sr import build_report
 from imaging.preprocess import preprocess, to_native
 from imaging.selection import SelectionRules, SeriesCandidate, select_series
 from imaging.volume import load_series
 
 log = logging.getLogger(__name__)
+
+# The error map reaches export in units of the bundle's healthy 99th percentile
+# (daemon.inference), so one fixed scale means the same on every study: below
+# 1 is within the healthy range and stays grey, 3 and above is full red.
+OVERLAY_STYLE = OverlayStyle(error_lower=1.0, error_upper=3.0)
 
 _FAMILY = {"f-anogan-3d": "3D f-AnoGAN (unsupervised anomaly detection)", "vae-3d-age": "3D VAE with brain-age head"}
 
@@ -235,7 +240,7 @@ def _build_results(
 ) -> list[OutputObject]:
     slice_indices = range(len(sources)) if overlay_slices == 0 else None
     sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=slice_indices,
-                                       max_slices=overlay_slices or None)
+                                       max_slices=overlay_slices or None, style=OVERLAY_STYLE)
     objects = [_write(ds, output_dir / f"sc-{i:04d}.dcm", "sc") for i, ds in enumerate(sc_datasets, start=1)]
     sr = build_report(sources, summary, sc_datasets)
     objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
