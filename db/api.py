@@ -91,8 +91,16 @@ def _insert_ignore(session: Session, model: type, values: dict[str, Any], confli
 
 
 def _locked(stmt: Select[Any], skip_locked: bool = False, of: Any = None) -> Select[Any]:
-    # SQLite ignores FOR UPDATE; its BEGIN IMMEDIATE already serialises writers.
-    return stmt.with_for_update(skip_locked=skip_locked, of=of).execution_options(populate_existing=True)
+    """Row-lock for update and refresh the identity map.
+
+    PostgreSQL: FOR NO KEY UPDATE, which does not block the KEY SHARE locks that
+    foreign-key inserts take (audit events, results), so those cannot deadlock with
+    it. Lock order everywhere: study, then its jobs, then results and deliveries.
+    SQLite ignores it; its BEGIN IMMEDIATE already serialises writers.
+    """
+    return stmt.with_for_update(skip_locked=skip_locked, of=of, key_share=True).execution_options(
+        populate_existing=True
+    )
 
 
 def _add_audit(
@@ -466,7 +474,7 @@ def claim_job(session: Session, worker_id: str, lease_s: float, now: datetime | 
             .limit(1)
         )
         if is_postgres(session):
-            candidate = candidate.with_for_update(skip_locked=True)
+            candidate = candidate.with_for_update(skip_locked=True, key_share=True)
         job_id = session.execute(candidate).scalar_one_or_none()
         if job_id is None:
             session.commit()
@@ -527,7 +535,13 @@ def heartbeat(session: Session, job_id: int, worker_id: str, lease_s: float, now
     return renewed == 1
 
 
-def _fenced_job(session: Session, job_id: int, worker_id: str) -> Job | None:
+def _fenced_job(session: Session, job_id: int, worker_id: str, lock_study: bool = False) -> Job | None:
+    if lock_study:
+        # Study before job: the order sweep_completeness and requeue_study use.
+        study_id = session.execute(select(Job.study_id).where(Job.id == job_id)).scalar_one_or_none()
+        if study_id is None:
+            return None
+        session.execute(_locked(select(Study.id).where(Study.id == study_id))).scalar_one()
     job = session.execute(_locked(select(Job).where(Job.id == job_id))).scalar_one_or_none()
     if job is None or job.state != JobState.RUNNING or job.lease_owner != worker_id:
         return None
@@ -550,7 +564,8 @@ def finish_job(
     now = _clock(now)
     begin_write(session)
     try:
-        job = _fenced_job(session, job_id, worker_id)
+        # The study lock also keeps two results of one study+bundle from both staying current.
+        job = _fenced_job(session, job_id, worker_id, lock_study=True)
         if job is None:
             session.rollback()
             logger.warning(
@@ -558,8 +573,6 @@ def finish_job(
                 extra={"action": "finish_fenced", "job_id": job_id, "worker_id": worker_id},
             )
             return None
-        # Lock the study so two results of one study+bundle cannot both stay current.
-        session.execute(_locked(select(Study.id).where(Study.id == job.study_id))).scalar_one()
         previous = _supersede_previous_results(session, job)
         result = _new_result(job, outcome, now, previous)
         session.add(result)
@@ -783,7 +796,7 @@ def claim_deliveries(
         if result_id is not None:
             stmt = stmt.where(ResultObject.result_id == result_id)
         if is_postgres(session):
-            stmt = stmt.with_for_update(skip_locked=True, of=Delivery)
+            stmt = stmt.with_for_update(skip_locked=True, of=Delivery, key_share=True)
         ids = session.execute(stmt).scalars().all()
         if not ids:
             session.commit()

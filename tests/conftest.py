@@ -46,11 +46,13 @@ def _pg_admin() -> psycopg.Connection:
         )
 
 
-def create_pg_database() -> tuple[str, str]:
-    """Create a uniquely named empty PostgreSQL database; returns (name, url)."""
+def create_pg_database(template: str | None = None) -> tuple[str, str]:
+    """Create a uniquely named PostgreSQL database (empty, or a copy of `template`);
+    returns (name, url)."""
     name = f"hs_test_{uuid.uuid4().hex[:16]}"
+    copy = f' TEMPLATE "{template}"' if template else ""
     with _pg_admin() as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"{copy}')
     url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
     return name, url.render_as_string(hide_password=False)
 
@@ -58,6 +60,18 @@ def create_pg_database() -> tuple[str, str]:
 def drop_pg_database(name: str) -> None:
     with _pg_admin() as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_migrated_template() -> Iterator[str]:
+    """A PostgreSQL database migrated once per test session; per-test databases copy it
+    (CREATE DATABASE ... TEMPLATE), which is several times faster than migrating each."""
+    name, url = create_pg_database()
+    try:
+        upgrade(url)
+        yield name
+    finally:
+        drop_pg_database(name)
 
 
 @pytest.fixture(params=DB_BACKENDS)
@@ -73,11 +87,20 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         drop_pg_database(name)
 
 
-@pytest.fixture
-def db_url(empty_db_url: str) -> str:
-    """A fresh database migrated to head, on SQLite and on PostgreSQL."""
-    upgrade(empty_db_url)
-    return empty_db_url
+@pytest.fixture(params=DB_BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database migrated to head, on SQLite and on PostgreSQL (dropped afterwards)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db' / 'headscreen.sqlite'}"
+        upgrade(url)
+        yield url
+        return
+    name, url = create_pg_database(template=request.getfixturevalue("pg_migrated_template"))
+    try:
+        upgrade(url)  # a no-op on the migrated copy; proves the revision is head
+        yield url
+    finally:
+        drop_pg_database(name)
 
 
 @pytest.fixture
