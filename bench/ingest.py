@@ -1,0 +1,242 @@
+"""Ingest throughput: dcmtk storescu -> dcmtk storescp vs. headscreen's receiver.
+
+Builds a synthetic 300-slice 512x512 int16 CT study, then sends it with one
+association and with four concurrent associations (four storescu processes) to
+(a) dcmtk storescp writing to a temporary directory, (b) headscreen's receiver
+(real storage with fsync, SQLite), optionally (c) Orthanc as a reference PACS.
+Prints instances/s, MB/s and the ratio to storescp.
+
+    .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeats 2] [--orthanc]
+
+A benchmark, not a test: it prints figures and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+from daemon.receiver import AllowedCaller, ReceiverConfig, start_receiver
+from db.engine import make_engine, session_factory
+from db.migrate import upgrade
+
+SCU_AE = "BENCHSCU"
+UID_ROOT = "1.2.826.0.1.3680043.8.498."
+# dcmtk 3.6.7 leaves Nagle on unless told; with it on, every small PDU waits for a delayed ACK.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass(frozen=True)
+class Figure:
+    target: str
+    associations: int
+    seconds: float
+    instances: int
+    megabytes: float
+
+    @property
+    def per_second(self) -> float:
+        return self.instances / self.seconds
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.megabytes / self.seconds
+
+
+def build_study(out_dir: Path, slices: int, size: int, seed: int = 0) -> list[Path]:
+    """A synthetic head-sized CT study: smooth 'anatomy' plus noise, so files are realistic int16."""
+    rng = random.Random(seed)
+    noise = np.random.default_rng(seed)
+    uid = lambda: generate_uid(prefix=UID_ROOT, entropy_srcs=[str(rng.random())])  # noqa: E731
+    study_uid, series_uid, frame_uid = uid(), uid(), uid()
+    yy, xx = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    head = np.where(xx ** 2 + (yy * 1.2) ** 2 < 0.8, 40, -1000).astype(np.int16)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(slices):
+        pixels = head + noise.integers(-20, 20, size=head.shape, dtype=np.int16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid = uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.Modality, ds.PatientName, ds.PatientID = "CT", "BENCH^PHANTOM", "BENCH0001"
+        ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20240102", 1, index + 1
+        ds.ImagesInAcquisition = slices
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-size / 2, -size / 2, index * 1.0]
+        ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 1.0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = pixels.astype("<i2").tobytes()
+        path = out_dir / f"slice_{index:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
+    """Wait until something listens (an event we cannot subscribe to across processes)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+def send(paths: list[Path], port: int, called_ae: str, associations: int) -> float:
+    """Send with `associations` concurrent storescu processes; seconds until all finished."""
+    chunks = [paths[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    processes = [
+        subprocess.Popen(["storescu", "-R", "-aet", SCU_AE, "-aec", called_ae, "127.0.0.1", str(port),
+                          *map(str, chunk)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+        for chunk in chunks
+    ]
+    failures = []
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        if process.returncode != 0:
+            failures.append(stderr[-2000:])
+    elapsed = time.perf_counter() - started
+    if failures:
+        raise RuntimeError("storescu failed:\n" + "\n".join(failures))
+    return elapsed
+
+
+@contextmanager
+def storescp(work: Path) -> Iterator[tuple[int, str, Path]]:
+    out = work / "storescp-out"
+    out.mkdir()
+    port = free_port()
+    process = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+                               env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield port, "STORESCP", out
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextmanager
+def headscreen(work: Path, durable: bool = True) -> Iterator[tuple[int, str, Path]]:
+    storage = work / "headscreen"
+    url = f"sqlite:///{storage / 'headscreen.db'}"
+    storage.mkdir()
+    upgrade(url)
+    engine = make_engine(url)
+    config = ReceiverConfig(ae_title="HEADSCREEN", storage_dir=storage, bind_address="127.0.0.1", port=0,
+                            allowed_callers=[AllowedCaller(SCU_AE)], disk_min_free_mb=0, durable=durable)
+    receiver = start_receiver(config, session_factory(engine))
+    try:
+        yield receiver.port, "HEADSCREEN", storage / "storage"
+    finally:
+        receiver.shutdown()
+        engine.dispose()
+
+
+@contextmanager
+def orthanc(work: Path) -> Iterator[tuple[int, str, Path]]:
+    port, http = free_port(), free_port()
+    root = work / "orthanc"
+    root.mkdir()
+    config = {"Name": "bench", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+              "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+              "StorageCompression": False, "DicomAlwaysAllowStore": True}
+    (root / "orthanc.json").write_text(json.dumps(config))
+    process = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], env=DCMTK_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield port, "ORTHANC", root / "db"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def measure(name: str, target: Callable[[Path], object], paths: list[Path], associations: int,
+            repeats: int, megabytes: float) -> Figure:
+    """Best of `repeats` runs, each into a fresh target (fresh storage and database)."""
+    times = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="ingest-", dir=os.environ.get("BENCH_TMP")) as tmp:
+            with target(Path(tmp)) as (port, called_ae, out_dir):  # type: ignore[attr-defined]
+                times.append(send(paths, port, called_ae, associations))
+                stored = sum(1 for p in Path(out_dir).rglob("*") if p.is_file())
+                if name != "orthanc" and stored < len(paths):
+                    raise RuntimeError(f"{name}: only {stored} of {len(paths)} files stored")
+    return Figure(name, associations, min(times), len(paths), megabytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--orthanc", action="store_true", help="add Orthanc as a reference row")
+    parser.add_argument("--no-fsync", action="store_true", help="add a headscreen row without fsync")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} (dcmtk) is not installed")
+
+    with tempfile.TemporaryDirectory(prefix="ingest-study-") as study_dir:
+        paths = build_study(Path(study_dir), args.slices, args.size)
+        megabytes = sum(p.stat().st_size for p in paths) / 1e6
+        print(f"study: {len(paths)} slices {args.size}x{args.size} int16, {megabytes:.1f} MB; "
+              f"best of {args.repeats}; {os.cpu_count()} CPUs")
+        targets: list[tuple[str, Callable[[Path], object]]] = [("storescp", storescp), ("headscreen", headscreen)]
+        if args.no_fsync:
+            targets.append(("headscreen-nofsync", lambda work: headscreen(work, durable=False)))
+        if args.orthanc and shutil.which("Orthanc"):
+            targets.append(("orthanc", orthanc))
+        figures = [measure(name, target, paths, associations, args.repeats, megabytes)
+                   for associations in (1, 4) for name, target in targets]
+
+    baseline = {f.associations: f for f in figures if f.target == "storescp"}
+    print(f"{'target':<20}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}{'x storescp':>12}")
+    for f in figures:
+        ratio = baseline[f.associations].seconds / f.seconds
+        print(f"{f.target:<20}{f.associations:>7}{f.seconds:>9.2f}{f.per_second:>9.1f}"
+              f"{f.mb_per_second:>9.1f}{ratio:>12.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
