@@ -114,3 +114,18 @@ def sc_object() -> OutputObject:
 def sr_object() -> OutputObject:
     sop = uid()
     return OutputObject(sop, SR_STORAGE, "sr", f"results/{sop}.dcm")
+
+
+def claim_all_in_process(url: str, worker_id: str, now_s: float, start: object, out: object) -> None:
+    """Child-process body for multi-process claim tests: claim until the queue is empty."""
+    from db.engine import make_engine, session_factory
+
+    engine = make_engine(url)
+    sessions = session_factory(engine)
+    claimed = []
+    start.wait()  # type: ignore[attr-defined]
+    with sessions() as session:
+        while (ticket := api.claim_job(session, worker_id, 600, at(now_s))) is not None:
+            claimed.append(ticket.job_id)
+    engine.dispose()
+    out.put(claimed)  # type: ignore[attr-defined]
