@@ -48,12 +48,12 @@ GAN_PRESETS: dict[str, GanPreset] = {
     # Paper-sized: 64^3, latent 2500, Kwon et al. channel widths. GPU only.
     "paper": GanPreset(size=64, latent=2500, channels=(64, 128, 256, 512)),
     # Trains on two CPU cores in minutes.
-    "compact": GanPreset(size=64, latent=128, channels=(8, 16, 32, 64)),
+    "compact": GanPreset(size=64, latent=128, channels=(8, 16, 32, 32)),
 }
 
 VAE_PRESETS: dict[str, VaePreset] = {
     "paper": VaePreset(latent=2048, channels=(32, 64, 128, 256), age_hidden=256),
-    "compact": VaePreset(latent=128, channels=(8, 16, 32, 64), age_hidden=64),
+    "compact": VaePreset(latent=128, channels=(8, 16, 32, 32), age_hidden=64),
 }
 
 
@@ -178,7 +178,8 @@ class VAE3D(nn.Module):
         widths = list(reversed(preset.channels))
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             ups += [nn.ConvTranspose3d(c_in, c_out, 4, 2, 1), _layer_norm(c_out), nn.LeakyReLU(0.2)]
-        ups += [nn.ConvTranspose3d(widths[-1], widths[-1], 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv3d(widths[-1], 1, 3, 1, 1)]
+        last = max(widths[-1] // 2, 1)
+        ups += [nn.ConvTranspose3d(widths[-1], last, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv3d(last, 1, 3, 1, 1)]
         self.up = nn.Sequential(*ups)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:

@@ -64,16 +64,22 @@ class Samples:
 
 
 def batches(
-    samples: Samples, batch_size: int, generator: torch.Generator, device: torch.device
+    samples: Samples, batch_size: int, generator: torch.Generator, device: torch.device, flip_lr: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One shuffled epoch of (images [B,1,D,H,W], ages [B]); drops a last batch of 1
-    (batch norm cannot train on a single sample)."""
+    (batch norm cannot train on a single sample). `flip_lr` mirrors a random half
+    of the volumes left-right (the last axis; the model grid is symmetric about
+    the MNI midline), which doubles the variety of a small synthetic cohort."""
     order = torch.randperm(len(samples), generator=generator).numpy()
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         if len(index) < 2 and len(order) > 1:
             continue
-        images = torch.from_numpy(samples.images[index]).unsqueeze(1).to(device)
+        images = torch.from_numpy(samples.images[index]).unsqueeze(1)
+        if flip_lr:
+            flip = torch.rand(len(index), generator=generator) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1, 1), images.flip(-1), images)
+        images = images.to(device)
         ages = torch.from_numpy(samples.ages[index].astype(np.float32)).to(device)
         yield images, ages
 

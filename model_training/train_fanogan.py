@@ -55,6 +55,7 @@ class FAnoGANConfig:
     lr_finetune: float = 2e-5
     kappa: float = 1.0
     gp_weight: float = 10.0
+    flip_lr: bool = False
     seed: int = 0
 
     def epochs(self, stage: str) -> int:
@@ -118,7 +119,7 @@ def _wgan_epoch(
 ) -> dict[str, float]:
     sums = {"d_loss": 0.0, "wasserstein": 0.0, "gp": 0.0, "g_loss": 0.0}
     d_steps = g_steps = 0
-    for images, _ in batches(samples, cfg.batch_size, generator, device):
+    for images, _ in batches(samples, cfg.batch_size, generator, device, cfg.flip_lr):
         z = torch.randn(images.shape[0], nets.generator.latent, device=device)
         with torch.no_grad():
             fake = nets.generator(z)
@@ -165,7 +166,7 @@ def _izi_f_epoch(
     generator: torch.Generator, device: torch.device, bar: tqdm,
 ) -> dict[str, float]:
     total, steps = 0.0, 0
-    for images, _ in batches(samples, cfg.batch_size, generator, device):
+    for images, _ in batches(samples, cfg.batch_size, generator, device, cfg.flip_lr):
         recon = reconstruct(nets, images)
         loss = izi_f_loss(images, recon, nets.critic.features(images), nets.critic.features(recon), cfg.kappa)
         opt.zero_grad(set_to_none=True)

@@ -43,6 +43,7 @@ class VaeConfig:
     lr: float = 1e-3
     beta: float = 1.0
     gamma: float = 1.0
+    flip_lr: bool = False
     seed: int = 0
 
 
@@ -69,7 +70,7 @@ def _epoch(
 ) -> dict[str, float]:
     sums = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "age_mae": 0.0}
     steps = 0
-    for images, ages in batches(samples, cfg.batch_size, gen, device):
+    for images, ages in batches(samples, cfg.batch_size, gen, device, cfg.flip_lr):
         out = model(images, chronological_age=ages, sample=True)
         parts = vae_loss(images, out.recon, out.mu, out.logvar, out.age, ages, cfg.beta, cfg.gamma)
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,129 @@
+"""`headscreen train ...` and `headscreen evaluate ...` (wired in by daemon.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from daemon.bundle import load_bundle
+from daemon.errors import HeadscreenError
+from model_training.cohort import anomalous_cases, healthy_cases, prepare_case
+from model_training.fit import METHODS, TrainOptions, fit_bundle
+from model_training.runtime import Samples
+from model_training.scoring import OnnxScorer, age_mae, detection_metrics
+
+log = logging.getLogger(__name__)
+
+# Compact defaults: about 15 minutes on two CPU cores per bundle.
+DEFAULT_EPOCHS = {"fanogan": 15, "vae": 20, "vae_ac": 20, "vae_ap": 20}
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headscreen train", description="Train a model and write its bundle.")
+    p.add_argument("--modality", choices=("CT", "MR"), required=True)
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--preset", choices=("compact", "paper"), default="compact")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder, models/<name>-<version>")
+    p.add_argument("--n-train", type=int, default=96)
+    p.add_argument("--n-val", type=int, default=16)
+    p.add_argument("--n-calibration", type=int, default=32)
+    p.add_argument("--n-test", type=int, default=32)
+    p.add_argument("--n-anomalous", type=int, default=32, help="lesion cases, half validation, half test")
+    p.add_argument("--epochs", type=int, help="VAE epochs, or f-AnoGAN WGAN-GP epochs")
+    p.add_argument("--encoder-epochs", type=int, default=10, help="f-AnoGAN stage 2")
+    p.add_argument("--finetune-epochs", type=int, default=20, help="f-AnoGAN stage 3")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--kappa", type=float, default=1.0, help="f-AnoGAN feature-loss weight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=Path("cache"), help="preprocessed cohort cache and run folders")
+    p.add_argument("--work-dir", type=Path, help="checkpoints and metrics (default <cache>/runs/<out name>)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-flip", action="store_true", help="no left-right flip augmentation")
+    p.add_argument("--preprocessing", type=Path,
+                   help="JSON file of preprocessing parameters merged over imaging's defaults")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = train_parser().parse_args(argv)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    opts = TrainOptions(
+        modality=args.modality, method=args.method, preset=args.preset, out=args.out, n_train=args.n_train,
+        epochs=args.epochs or DEFAULT_EPOCHS[args.method], encoder_epochs=args.encoder_epochs,
+        finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, cache=args.cache, device=args.device,
+        resume=args.resume, seed=args.seed, command="headscreen train " + shlex.join(argv_list),
+        work_dir=args.work_dir, n_val=args.n_val, n_calibration=args.n_calibration, n_test=args.n_test,
+        n_anomalous=args.n_anomalous, kappa=args.kappa, threads=args.threads, progress=not args.no_progress,
+        flip_lr=not args.no_flip,
+        preprocessing_overrides=json.loads(args.preprocessing.read_text()) if args.preprocessing else None,
+    )
+    try:
+        bundle = fit_bundle(opts)
+    except HeadscreenError as exc:
+        log.error("training failed: %s", exc, extra={"action": "train_failed"})
+        return 2
+    log.info("bundle ready", extra={"action": "train_done", "bundle": bundle.manifest.key, "sha256": bundle.sha256,
+                                    "auroc": bundle.manifest.metrics.get("test", {}).get("auroc")})
+    return 0
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headscreen evaluate",
+                                description="Score a bundle on a fresh labelled synthetic set (AUROC, age MAE).")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--n", type=int, default=20, help="healthy cases and lesion cases each")
+    p.add_argument("--seed", type=int, default=1000, help="differs from training seeds by default")
+    p.add_argument("--cache", type=Path, default=Path("cache"))
+    p.add_argument("--json-out", type=Path)
+    p.add_argument("--threads", type=int, default=2)
+    return p
+
+
+def evaluate_bundle(bundle_dir: Path, n: int, seed: int, cache: Path | None, threads: int = 2) -> dict:
+    """The daemon's scoring rule, applied with ONNX Runtime to fresh labelled phantoms."""
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    params = m.preprocessing
+    sets = {}
+    for label, cases in (("healthy", healthy_cases(m.modality, n, seed)), ("lesion", anomalous_cases(m.modality, n, seed))):
+        prepared = [prepare_case(c, params, cache) for c in cases]
+        sets[label] = Samples(np.stack([p.image for p in prepared]), np.array([c.age for c in cases], np.float32))
+    scorer = OnnxScorer(bundle.model_path, threads)
+    scored = {label: scorer.score(s, keep_maps=False) for label, s in sets.items()}
+    scores = {label: s.combined(m.score.terms, m.score.age_gap_weight) for label, s in scored.items()}
+    result = {"bundle": m.key, "sha256": bundle.sha256, "seed": seed,
+              **detection_metrics(scores["healthy"], scores["lesion"], m.calibration.threshold)}
+    if m.age.supported:
+        result["age_mae_healthy"] = age_mae(scored["healthy"])
+        result["age_mae_lesion"] = age_mae(scored["lesion"])
+    return result
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    args = evaluate_parser().parse_args(argv)
+    try:
+        result = evaluate_bundle(args.bundle, args.n, args.seed, args.cache, args.threads)
+    except HeadscreenError as exc:
+        log.error("evaluation failed: %s", exc, extra={"action": "evaluate_failed"})
+        return 2
+    text = json.dumps(result, indent=2)
+    if args.json_out:
+        args.json_out.write_text(text + "\n")
+    sys.stdout.write(text + "\n")  # the command's output, not a log line
+    log.info("evaluated", extra={"action": "evaluate_done", **{k: v for k, v in result.items() if k != "sha256"}})
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

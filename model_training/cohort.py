@@ -1,0 +1,206 @@
+"""The synthetic cohort: phantom heads put through THE SAME preprocessing as the daemon.
+
+Each case is `imaging.phantoms.make_head(...)` -> `Volume.from_image(...)` ->
+`imaging.preprocess.preprocess(volume, params)`, with params from
+`imaging.preprocess.default_params(modality)` (recorded in the bundle). Results
+are cached as npz files keyed by the params hash and the case description, so
+epochs and reruns never repeat preprocessing.
+
+Healthy ages are uniform in 20-85 years and split into train / validation /
+calibration / test stratified by age; a small anomalous set (lesions) serves the
+score-weight search (validation) and the model card's metrics (test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from imaging import phantoms
+from imaging.preprocess import preprocess
+from imaging.volume import Volume
+from model_training.runtime import Samples
+
+log = logging.getLogger(__name__)
+
+AGE_RANGE = (20.0, 85.0)
+SPLITS = ("train", "val", "calibration", "test")
+# Lesion kinds used as "anomalies": hemorrhage is the CT paper's TBI finding,
+# tumour stands in for the MR paper's BraTS cases.
+ANOMALY_KINDS = {"CT": ("hemorrhage",), "MR": ("tumour", "hemorrhage")}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One synthetic head: everything `make_head` needs, hence the cache key."""
+
+    modality: str
+    age: float
+    seed: int
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    translation_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    scale: float = 1.0
+    lesion_kind: str | None = None
+    lesion_center_mni_mm: tuple[float, float, float] | None = None
+    lesion_volume_ml: float | None = None
+
+    @property
+    def lesion(self) -> phantoms.Lesion | None:
+        if self.lesion_kind is None:
+            return None
+        return phantoms.Lesion(self.lesion_kind, self.lesion_center_mni_mm, self.lesion_volume_ml)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    image: np.ndarray  # model input (D, H, W) float32
+    brain_mask: np.ndarray  # bool, same grid
+    qc_reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    modality: str
+    n_train: int
+    n_val: int = 16
+    n_calibration: int = 40
+    n_test: int = 40
+    n_anomalous_val: int = 16
+    n_anomalous_test: int = 40
+    seed: int = 0
+
+
+@dataclass
+class Cohort:
+    spec: CohortSpec
+    params: dict[str, Any]
+    healthy: dict[str, Samples]  # by split
+    healthy_masks: dict[str, np.ndarray]
+    anomalous: dict[str, Samples]  # "val" and "test"
+    qc_excluded: int = 0
+    cases: dict[str, list[Case]] = field(default_factory=dict)
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def case_key(case: Case) -> str:
+    return hashlib.sha256(json.dumps(asdict(case), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare_case(case: Case, params: dict[str, Any], cache_dir: Path | None) -> Prepared:
+    """Synthesize and preprocess one case, or read it from the cache."""
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / params_hash(params) / f"{case_key(case)}.npz"
+        if path.is_file():
+            with np.load(path) as cached:
+                return Prepared(cached["image"], cached["brain_mask"], tuple(json.loads(str(cached["qc"]))))
+    pose = phantoms.Pose(rotation_deg=case.rotation_deg, translation_mm=case.translation_mm)
+    head = phantoms.make_head(case.modality, age=case.age, seed=case.seed, pose=pose, lesion=case.lesion, scale=case.scale)
+    volume = Volume.from_image(head.image, case.modality, series_uid=f"synthetic.{case.seed}", patient_age_years=case.age)
+    result = preprocess(volume, params)
+    prepared = Prepared(
+        np.asarray(result.model_input, dtype=np.float32),
+        np.asarray(result.brain_mask, dtype=bool),
+        tuple(result.qc_reasons),
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, image=prepared.image, brain_mask=prepared.brain_mask, qc=json.dumps(list(prepared.qc_reasons)))
+        tmp.replace(path)
+    return prepared
+
+
+def stratified_split(ages: np.ndarray, counts: dict[str, int]) -> dict[str, np.ndarray]:
+    """Walk subjects in age order and give each to the split furthest behind its
+    share, so every split spans the whole age range."""
+    total = sum(counts.values())
+    if total != len(ages):
+        raise ValueError(f"counts sum to {total}, but there are {len(ages)} subjects")
+    taken = {name: [] for name in counts}
+    for rank, index in enumerate(np.argsort(ages, kind="stable")):
+        deficit = {n: counts[n] * (rank + 1) / total - len(taken[n]) for n in counts if len(taken[n]) < counts[n]}
+        taken[max(deficit, key=deficit.get)].append(int(index))
+    return {name: np.array(sorted(idx), dtype=int) for name, idx in taken.items()}
+
+
+def _random_pose(rng: np.random.Generator) -> dict[str, Any]:
+    # Small positioning differences, as between real scans; registration undoes them.
+    return {
+        "rotation_deg": tuple(float(v) for v in rng.uniform(-6, 6, 3)),
+        "translation_mm": tuple(float(v) for v in rng.uniform(-6, 6, 3)),
+        "scale": float(rng.uniform(0.94, 1.06)),
+    }
+
+
+def healthy_cases(modality: str, n: int, seed: int) -> list[Case]:
+    """Case i depends only on (seed, i), so a larger cohort extends a smaller one
+    and its cached cases are reused."""
+    cases = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 1, i])
+        age = float(round(rng.uniform(*AGE_RANGE), 1))
+        cases.append(Case(modality, age, seed * 100_000 + i, **_random_pose(rng)))
+    return cases
+
+
+def anomalous_cases(modality: str, n: int, seed: int) -> list[Case]:
+    kinds = ANOMALY_KINDS[modality]
+    cases = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 2, i])
+        age = float(round(rng.uniform(*AGE_RANGE), 1))
+        side = rng.choice([-1.0, 1.0])
+        center = (float(side * rng.uniform(15, 40)), float(rng.uniform(-50, 30)), float(rng.uniform(0, 40)))
+        cases.append(Case(
+            modality, age, seed * 100_000 + 50_000 + i, **_random_pose(rng),
+            lesion_kind=kinds[i % len(kinds)], lesion_center_mni_mm=center,
+            lesion_volume_ml=float(round(rng.uniform(8, 40), 1)),
+        ))
+    return cases
+
+
+def _prepare_all(cases: list[Case], params: dict[str, Any], cache_dir: Path | None, label: str,
+                 progress: bool) -> list[Prepared]:
+    return [prepare_case(c, params, cache_dir) for c in tqdm(cases, desc=label, disable=not progress, leave=False)]
+
+
+def _stack(cases: list[Case], prepared: list[Prepared]) -> tuple[Samples, np.ndarray]:
+    images = np.stack([p.image for p in prepared]).astype(np.float32)
+    masks = np.stack([p.brain_mask for p in prepared])
+    return Samples(images, np.array([c.age for c in cases], dtype=np.float32)), masks
+
+
+def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | None, progress: bool = True) -> Cohort:
+    """All splits for one modality. Healthy cases that fail the preprocessing QC
+    are left out of training, as the CT paper's automatic QC does."""
+    counts = {"train": spec.n_train, "val": spec.n_val, "calibration": spec.n_calibration, "test": spec.n_test}
+    cases = healthy_cases(spec.modality, sum(counts.values()), spec.seed)
+    split = stratified_split(np.array([c.age for c in cases]), counts)
+    cohort = Cohort(spec=spec, params=params, healthy={}, healthy_masks={}, anomalous={})
+    for name in SPLITS:
+        chosen = [cases[i] for i in split[name]]
+        prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} {name}", progress)
+        keep = [i for i, p in enumerate(prepared) if not p.qc_reasons]
+        cohort.qc_excluded += len(prepared) - len(keep)
+        chosen, prepared = [chosen[i] for i in keep], [prepared[i] for i in keep]
+        cohort.healthy[name], cohort.healthy_masks[name] = _stack(chosen, prepared)
+        cohort.cases[name] = chosen
+    lesions = anomalous_cases(spec.modality, spec.n_anomalous_val + spec.n_anomalous_test, spec.seed)
+    for name, chosen in (("val", lesions[: spec.n_anomalous_val]), ("test", lesions[spec.n_anomalous_val:])):
+        prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} anomalous {name}", progress)
+        cohort.anomalous[name], _ = _stack(chosen, prepared)
+        cohort.cases[f"anomalous_{name}"] = chosen
+    log.info("cohort ready", extra={"action": "cohort_ready", "modality": spec.modality,
+                                    "n_train": len(cohort.healthy["train"]), "qc_excluded": cohort.qc_excluded})
+    return cohort

@@ -1,0 +1,97 @@
+"""model_training end to end: real phantoms through imaging's preprocessing, training,
+ONNX export, calibration, bundle, model card, and `evaluate` on the bundle.
+
+A coarse preprocessing (16^3 grid, 4 mm working spacing) keeps this fast; it is
+passed through the same `--preprocessing` override a site would use and lands in
+the manifest, so the daemon would run exactly it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.bundle import load_bundle
+from imaging.preprocess import default_params
+from model_training.cli import evaluate_main, main
+from model_training.cohort import anomalous_cases, healthy_cases, params_hash, prepare_case, stratified_split
+
+COARSE = {
+    "grid": [16, 16, 16],
+    "working_spacing_mm": 4.0,
+    "registration": {"atlas_spacing_mm": 4.0, "rigid": {"iterations": 20}, "affine": {"iterations": 10}},
+}
+
+
+def test_stratified_split_spreads_ages_over_every_split() -> None:
+    ages = np.random.default_rng(0).uniform(20, 85, 100)
+    split = stratified_split(ages, {"train": 60, "val": 10, "calibration": 20, "test": 10})
+    assert {k: len(v) for k, v in split.items()} == {"train": 60, "val": 10, "calibration": 20, "test": 10}
+    assert sorted(np.concatenate(list(split.values())).tolist()) == list(range(100))
+    for idx in split.values():
+        assert ages[idx].min() < 30 and ages[idx].max() > 75
+
+
+def test_cases_are_stable_prefixes_and_lesions_alternate_kinds() -> None:
+    assert healthy_cases("MR", 3, 5) == healthy_cases("MR", 10, 5)[:3]
+    kinds = [c.lesion_kind for c in anomalous_cases("MR", 4, 5)]
+    assert kinds == ["tumour", "hemorrhage", "tumour", "hemorrhage"]
+    assert all(20 <= c.age <= 85 for c in healthy_cases("CT", 20, 1))
+
+
+@pytest.fixture(scope="module")
+def coarse_params_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("params") / "coarse.json"
+    path.write_text(json.dumps(COARSE))
+    return path
+
+
+def test_train_cli_writes_a_verified_ct_bundle_and_evaluate_scores_it(
+    tmp_path: Path, coarse_params_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "models" / "ct-test-0.1.0"
+    cache = tmp_path / "cache"
+    argv = ["--modality", "CT", "--method", "fanogan", "--out", str(out), "--cache", str(cache),
+            "--n-train", "3", "--n-val", "2", "--n-calibration", "2", "--n-test", "2", "--n-anomalous", "4",
+            "--epochs", "1", "--encoder-epochs", "1", "--finetune-epochs", "1", "--batch-size", "2",
+            "--device", "cpu", "--no-progress", "--preprocessing", str(coarse_params_file)]
+    assert main(argv) == 0
+
+    bundle = load_bundle(out)
+    m = bundle.manifest
+    assert (m.name, m.version, m.modality, m.method) == ("ct-test", "0.1.0", "CT", "f-anogan-3d")
+    assert m.input.shape == [1, 16, 16, 16]
+    assert m.preprocessing["grid"] == [16, 16, 16] and m.preprocessing["window"] == default_params("CT")["window"]
+    assert m.score.terms == {"izi_f": 1.0} and m.outputs.age is None
+    # Healthy cases failing the preprocessing QC are left out (counted in the metrics).
+    assert 1 <= m.calibration.n <= 2 and m.calibration.threshold == max(m.calibration.reference_scores)
+    assert 0 <= m.metrics["qc_excluded"] <= 2
+    assert m.parity["max_abs_diff"] < 1e-4
+    assert m.training["command"].startswith("headscreen train --modality CT")
+    assert 0.0 <= m.metrics["test"]["auroc"] <= 1.0
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "never seen a real patient scan" in card and m.training["command"] in card
+    # The cache holds every preprocessed case under the params' hash.
+    assert len(list((cache / params_hash(m.preprocessing)).glob("*.npz"))) == 3 + 2 + 2 + 2 + 4
+
+    # Seed 0 and n=1 reuse two cached cases; the scoring is the daemon's rule.
+    capsys.readouterr()
+    assert evaluate_main(["--bundle", str(out), "--n", "1", "--seed", "0", "--cache", str(cache)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bundle"] == "ct-test-0.1.0" and result["sha256"] == bundle.sha256
+    assert result["n_healthy"] == 1 and result["n_anomalous"] == 1 and result["auroc"] in (0.0, 1.0)
+
+
+def test_prepare_case_reads_back_from_the_cache(tmp_path: Path) -> None:
+    params = default_params("MR")
+    params.update(grid=[16, 16, 16], working_spacing_mm=4.0)
+    params["registration"] = {**params["registration"], "atlas_spacing_mm": 4.0}
+    case = anomalous_cases("MR", 1, 3)[0]
+    first = prepare_case(case, params, tmp_path)
+    assert first.image.shape == (16, 16, 16) and first.image.dtype == np.float32
+    assert first.image.min() >= -1.0 and first.image.max() <= 1.0 and first.brain_mask.any()
+    again = prepare_case(case, params, tmp_path)
+    assert np.array_equal(first.image, again.image) and np.array_equal(first.brain_mask, again.brain_mask)
