@@ -20,7 +20,10 @@ from pydicom.uid import (
     EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
     MRImageStorage,
+    RLELossless,
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, _config
@@ -53,6 +56,10 @@ class Harness:
     sessions: sessionmaker[Session]
     storage_dir: Path
 
+    def close(self) -> None:
+        self.receiver.shutdown()
+        self.sessions.kw["bind"].dispose()
+
     @property
     def port(self) -> int:
         return self.receiver.port
@@ -69,10 +76,11 @@ class Harness:
         return sorted((self.storage_dir / "storage").rglob("*.dcm"))
 
 
-def _start(tmp_path: Path, **overrides: object) -> Harness:
-    url = f"sqlite:///{tmp_path / 'headscreen.db'}"
-    upgrade(url)
-    sessions = session_factory(make_engine(url))
+def _start(tmp_path: Path, sessions: sessionmaker[Session] | None = None, **overrides: object) -> Harness:
+    if sessions is None:
+        url = f"sqlite:///{tmp_path / 'headscreen.db'}"
+        upgrade(url)
+        sessions = session_factory(make_engine(url))
     options: dict[str, object] = {"allowed_callers": ALLOWED, "disk_min_free_mb": 0, **overrides}
     config = ReceiverConfig(ae_title=SCP_AE, storage_dir=tmp_path / "data", bind_address="127.0.0.1",
                             port=0, **options)  # type: ignore[arg-type]
@@ -82,6 +90,14 @@ def _start(tmp_path: Path, **overrides: object) -> Harness:
 @pytest.fixture
 def harness(tmp_path: Path) -> Iterator[Harness]:
     h = _start(tmp_path)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def any_db_harness(tmp_path: Path, db_sessions: sessionmaker[Session]) -> Iterator[Harness]:
+    """The receiver on each database backend (SQLite file and PostgreSQL, from conftest)."""
+    h = _start(tmp_path, db_sessions)
     yield h
     h.receiver.shutdown()
 
@@ -154,27 +170,27 @@ def test_empty_allow_list_rejects_everyone_unless_any_caller_is_allowed(tmp_path
     try:
         assert _dcmtk("echoscu", closed.port).returncode != 0
     finally:
-        closed.receiver.shutdown()
+        closed.close()
     open_ = _start(tmp_path / "open", allowed_callers=(), allow_any_caller=True)
     try:
         assert _dcmtk("echoscu", open_.port, calling="ANYONE").returncode == 0
     finally:
-        open_.receiver.shutdown()
+        open_.close()
 
 
 # --- storing ---------------------------------------------------------------------------------
 
 
-def test_storescu_series_is_stored_byte_exact_and_recorded(harness: Harness, tmp_path: Path) -> None:
+def test_storescu_series_is_stored_byte_exact_and_recorded(any_db_harness: Harness, tmp_path: Path) -> None:
     paths = write_ct_series(tmp_path / "ct", 5, seed=1)
-    result = _storescu(harness.port, paths)
+    result = _storescu(any_db_harness.port, paths)
     assert result.returncode == 0, result.stderr
 
     sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in paths}
-    rows = harness.instances()
+    rows = any_db_harness.instances()
     assert [r.sop_instance_uid for r in rows] == list(sent)
     for row in rows:
-        stored = harness.storage_dir / row.path
+        stored = any_db_harness.storage_dir / row.path
         header = pydicom.dcmread(stored, stop_before_pixels=True)
         assert row.path == f"storage/{header.StudyInstanceUID}/{header.SeriesInstanceUID}/{row.sop_instance_uid}.dcm"
         assert _dataset_bytes(stored) == _dataset_bytes(sent[row.sop_instance_uid])
@@ -182,17 +198,17 @@ def test_storescu_series_is_stored_byte_exact_and_recorded(harness: Harness, tmp
         assert row.transfer_syntax_uid == ExplicitVRLittleEndian
         assert row.images_in_acquisition == 5
     assert [r.slice_position for r in rows] == pytest.approx([0.0, 2.5, 5.0, 7.5, 10.0])
-    assert not list((harness.storage_dir / "storage").rglob("*.tmp"))
+    assert not list((any_db_harness.storage_dir / "storage").rglob("*.tmp"))
 
 
-def test_resending_a_series_is_idempotent(harness: Harness, tmp_path: Path) -> None:
+def test_resending_a_series_is_idempotent(any_db_harness: Harness, tmp_path: Path) -> None:
     paths = write_ct_series(tmp_path / "ct", 3, seed=2)
-    assert _storescu(harness.port, paths).returncode == 0
-    first = [(r.id, r.path, r.size_bytes) for r in harness.instances()]
-    assert _storescu(harness.port, paths).returncode == 0
-    assert [(r.id, r.path, r.size_bytes) for r in harness.instances()] == first
-    assert len(harness.stored_files()) == 3
-    assert harness.rejections() == []
+    assert _storescu(any_db_harness.port, paths).returncode == 0
+    first = [(r.id, r.path, r.size_bytes) for r in any_db_harness.instances()]
+    assert _storescu(any_db_harness.port, paths).returncode == 0
+    assert [(r.id, r.path, r.size_bytes) for r in any_db_harness.instances()] == first
+    assert len(any_db_harness.stored_files()) == 3
+    assert any_db_harness.rejections() == []
 
 
 @pytest.mark.parametrize("name, sop_class", [
@@ -255,6 +271,20 @@ def test_deflated_instance_is_stored_as_received(harness: Harness, tmp_path: Pat
     stored = pydicom.dcmread(harness.storage_dir / row.path)
     assert stored.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
     assert stored.PixelData == pydicom.dcmread(plain).PixelData
+
+
+def test_the_peers_first_transfer_syntax_is_accepted(harness: Harness) -> None:
+    ae = AE(ae_title=SCU_AE)
+    ae.add_requested_context(CTImageStorage, [JPEG2000Lossless, ExplicitVRLittleEndian])
+    ae.add_requested_context(MRImageStorage, [ImplicitVRLittleEndian, JPEG2000Lossless])
+    ae.add_requested_context(EnhancedMRImageStorage, [JPEGBaseline8Bit, RLELossless])
+    assoc = ae.associate("127.0.0.1", harness.port, ae_title=SCP_AE)
+    try:
+        accepted = {cx.abstract_syntax: cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+    finally:
+        assoc.release()
+    assert accepted == {CTImageStorage: JPEG2000Lossless, MRImageStorage: ImplicitVRLittleEndian,
+                        EnhancedMRImageStorage: JPEGBaseline8Bit}
 
 
 def test_other_storage_classes_are_refused_at_negotiation(harness: Harness) -> None:
@@ -349,7 +379,7 @@ def test_disk_below_watermark_refuses_with_a700_and_writes_nothing(tmp_path: Pat
         assert harness.instances() == []
         assert [r.status for r in harness.rejections()] == [StoreStatus.OUT_OF_RESOURCES] * 2
     finally:
-        harness.receiver.shutdown()
+        harness.close()
 
 
 def test_database_failure_is_never_answered_success(tmp_path: Path) -> None:
@@ -377,7 +407,7 @@ def test_database_failure_is_never_answered_success(tmp_path: Path) -> None:
 # --- concurrency -----------------------------------------------------------------------------
 
 
-def test_concurrent_associations_on_sqlite_all_succeed(harness: Harness, tmp_path: Path) -> None:
+def test_concurrent_associations_all_succeed(any_db_harness: Harness, tmp_path: Path) -> None:
     series = [write_ct_series(tmp_path / f"ct{i}", 12, seed=20 + i) for i in range(3)]
     # Two associations share one study's series to race on creating the same study row.
     shared_study = pydicom.dcmread(series[0][0], stop_before_pixels=True).StudyInstanceUID
@@ -388,7 +418,7 @@ def test_concurrent_associations_on_sqlite_all_succeed(harness: Harness, tmp_pat
     results: dict[int, list[int]] = {}
 
     def send(index: int) -> None:
-        assoc = _associate(harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
+        assoc = _associate(any_db_harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
         try:
             results[index] = [int(assoc.send_c_store(p).Status) for p in series[index]]
         finally:
@@ -400,6 +430,6 @@ def test_concurrent_associations_on_sqlite_all_succeed(harness: Harness, tmp_pat
     for thread in threads:
         thread.join(timeout=120)
     assert results == {i: [StoreStatus.SUCCESS] * 12 for i in range(3)}
-    with harness.sessions() as session:
+    with any_db_harness.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 36
-    assert len(harness.stored_files()) == 36
+    assert len(any_db_harness.stored_files()) == 36
