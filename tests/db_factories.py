@@ -129,3 +129,15 @@ def claim_all_in_process(url: str, worker_id: str, now_s: float, start: object, 
             claimed.append(ticket.job_id)
     engine.dispose()
     out.put(claimed)  # type: ignore[attr-defined]
+
+
+def upgrade_in_process(url: str, start: object, out: object) -> None:
+    """Child-process body: migrate the database once the siblings are ready."""
+    from db.migrate import upgrade
+
+    start.wait()  # type: ignore[attr-defined]
+    try:
+        upgrade(url)
+        out.put("ok")  # type: ignore[attr-defined]
+    except Exception as exc:  # reported to the parent test
+        out.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]

@@ -16,7 +16,8 @@ from db import api
 from db.models import Instance, Job, Result, Series, Study
 from db.states import JobState, StudyState
 from db.types import RetryPolicy
-from db_factories import BUNDLES, add_series, at, claim_all_in_process, outcome, record, uid
+from db.migrate import current_revision, head_revision
+from db_factories import BUNDLES, add_series, at, claim_all_in_process, outcome, record, uid, upgrade_in_process
 
 LATER_S = 10**6
 
@@ -128,3 +129,18 @@ def assert_consistent(session: Session) -> None:
             select(Result.bundle_name).where(Result.study_id == study.id, Result.superseded.is_(False))
         ).scalars().all()
         assert max(Counter(live_results).values(), default=0) <= 1
+
+
+def test_processes_upgrading_one_database_take_turns(empty_db_url: str) -> None:
+    context = multiprocessing.get_context("spawn")
+    processes = 3
+    start = context.Barrier(processes)
+    out = context.Queue()
+    children = [context.Process(target=upgrade_in_process, args=(empty_db_url, start, out)) for _ in range(processes)]
+    for child in children:
+        child.start()
+    outcomes = [out.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    assert outcomes == ["ok"] * processes
+    assert current_revision(empty_db_url) == head_revision()
