@@ -1,0 +1,213 @@
+"""Offline MNI templates and the tissue model shared by phantoms and registration.
+
+Sources (bundled, no network): nilearn's ICBM152 2009 brain mask and GM/WM maps,
+and Colin27 (mricron-data) for the whole-head outline. Everything is built lazily
+and cached per process; nothing happens at import.
+
+All images here live on one MNI grid in LPS with identity direction
+(``BASE_ORIGIN_LPS``, 1 mm), padded below the ICBM field of view so that the
+skull closes under the brainstem.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from daemon.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+COLIN27_PATH = Path("/usr/share/mricron/templates/ch2.nii.gz")
+BOTTOM_PAD_MM = 24
+SKULL_THICKNESS_MM = 7.0
+HEAD_MARGIN_MM = 12.0
+# Parenchyma erosion levels cached for the age model (mm of cortical/ventricular widening).
+ATROPHY_LEVELS = 5
+
+CT_HU = {"air": -1000.0, "scalp": 40.0, "skull_table": 1400.0, "skull_diploe": 700.0,
+         "csf": 5.0, "gm": 40.0, "wm": 28.0}
+MR_T1 = {"air": 0.0, "scalp": 350.0, "skull_table": 40.0, "skull_diploe": 250.0,
+         "csf": 80.0, "gm": 420.0, "wm": 620.0}
+
+
+@dataclass(frozen=True)
+class TissueMaps:
+    """Tissue fractions on the 1 mm MNI base grid, arrays in (z, y, x) order."""
+
+    gm: np.ndarray
+    wm: np.ndarray
+    brain: np.ndarray            # ICBM brain mask (bool): brain + CSF inside the inner table
+    skull_depth: np.ndarray      # mm from the inner table inside the skull shell, -1 elsewhere
+    head: np.ndarray             # bool: everything that is not air
+    parenchyma_levels: tuple[np.ndarray, ...]  # GM+WM eroded by 0, 1, 2, ... mm
+    reference: sitk.Image        # geometry carrier (uint8 zeros)
+
+
+def nifti_to_sitk(img: nib.Nifti1Image, dtype: type = np.float32) -> sitk.Image:
+    """Convert a NIfTI image (RAS affine) to a SimpleITK image in LPS."""
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine = ras_to_lps @ img.affine
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.asarray(img.dataobj, dtype=dtype).transpose(2, 1, 0))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple((affine[:3, :3] / spacing).ravel()))
+    image.SetOrigin(tuple(float(v) for v in affine[:3, 3]))
+    return image
+
+
+def _base_reference() -> sitk.Image:
+    """The 1 mm MNI base grid: the ICBM 2009 field of view, identity LPS direction."""
+    mask = _icbm("mask")
+    size = list(mask.GetSize())
+    ref = sitk.Image(size[0], size[1], size[2] + BOTTOM_PAD_MM, sitk.sitkUInt8)
+    ref.SetSpacing((1.0, 1.0, 1.0))
+    corner = np.array(mask.TransformIndexToPhysicalPoint((size[0] - 1, size[1] - 1, 0)))
+    ref.SetOrigin((float(corner[0]), float(corner[1]), float(corner[2]) - BOTTOM_PAD_MM))
+    return ref
+
+
+@functools.lru_cache(maxsize=None)
+def _icbm(name: str) -> sitk.Image:
+    """Load one nilearn ICBM152 2009 1 mm image (bundled with nilearn)."""
+    from nilearn import datasets  # deferred: importing nilearn is slow
+
+    loaders = {
+        "mask": datasets.load_mni152_brain_mask,
+        "gm": datasets.load_mni152_gm_template,
+        "wm": datasets.load_mni152_wm_template,
+        "t1": datasets.load_mni152_template,
+    }
+    if name not in loaders:
+        raise ConfigError(f"name: unknown ICBM template {name!r}")
+    return nifti_to_sitk(loaders[name](resolution=1))
+
+
+def _on_base(image: sitk.Image, ref: sitk.Image) -> np.ndarray:
+    resampled = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resampled)
+
+
+@functools.lru_cache(maxsize=1)
+def tissue_maps() -> TissueMaps:
+    """Build the tissue model once per process (a few seconds)."""
+    ref = _base_reference()
+    brain = _on_base(_icbm("mask"), ref) > 0.5
+    gm = np.clip(_on_base(_icbm("gm"), ref), 0.0, 1.0) * brain
+    wm = np.clip(_on_base(_icbm("wm"), ref), 0.0, 1.0) * brain
+    total = gm + wm
+    over = total > 1.0
+    gm[over] /= total[over]
+    wm[over] /= total[over]
+
+    distance_out = ndimage.distance_transform_edt(~brain).astype(np.float32)
+    head = _colin_head(ref) | (distance_out <= HEAD_MARGIN_MM)
+    shell = (distance_out > 0) & (distance_out <= SKULL_THICKNESS_MM) & head
+    skull_depth = np.where(shell, distance_out, -1.0).astype(np.float32)
+
+    levels = [gm + wm]
+    for _ in range(ATROPHY_LEVELS - 1):
+        levels.append(ndimage.grey_erosion(levels[-1], footprint=ndimage.generate_binary_structure(3, 1)))
+    logger.info("tissue model built", extra={"action": "tissue_maps_built", "shape": brain.shape})
+    return TissueMaps(gm=gm.astype(np.float32), wm=wm.astype(np.float32), brain=brain,
+                      skull_depth=skull_depth, head=head,
+                      parenchyma_levels=tuple(level.astype(np.float32) for level in levels),
+                      reference=ref)
+
+
+def _colin_head(ref: sitk.Image) -> np.ndarray:
+    """Whole-head mask (skin inward) from Colin27 resampled to the base grid."""
+    if not COLIN27_PATH.exists():
+        raise ConfigError(f"COLIN27_PATH: {COLIN27_PATH} missing (install mricron-data)")
+    colin = _on_base(nifti_to_sitk(nib.load(str(COLIN27_PATH))), ref)
+    head = colin > 20.0
+    labels, count = ndimage.label(head)
+    if count > 1:
+        sizes = ndimage.sum_labels(head, labels, index=np.arange(1, count + 1))
+        head = labels == (int(np.argmax(sizes)) + 1)
+    head = ndimage.binary_closing(head, iterations=2)
+    # Fill per axial slice: the neck is open at the bottom so 3D filling misses it.
+    for k in range(head.shape[0]):
+        head[k] = ndimage.binary_fill_holes(head[k])
+    # Continue the neck below the ICBM field of view.
+    head[:BOTTOM_PAD_MM] |= head[BOTTOM_PAD_MM][None]
+    return head
+
+
+def compose_intensity(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray, skull_depth: np.ndarray,
+                      head: np.ndarray, values: dict[str, float]) -> np.ndarray:
+    """Mix tissue fractions into one intensity image (CT in HU or MR T1 in arbitrary units)."""
+    csf = np.clip(brain.astype(np.float32) - gm - wm, 0.0, 1.0)
+    image = np.full(gm.shape, values["air"], dtype=np.float32)
+    image[head] = values["scalp"]
+    in_skull = skull_depth >= 0
+    # Dense inner and outer tables with softer diploe between them.
+    profile = np.abs(2.0 * skull_depth[in_skull] / SKULL_THICKNESS_MM - 1.0)
+    image[in_skull] = values["skull_diploe"] + (values["skull_table"] - values["skull_diploe"]) * profile
+    image[brain] = (csf * values["csf"] + gm * values["gm"] + wm * values["wm"])[brain]
+    return image
+
+
+def brain_bbox_lps() -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Physical bounding box (LPS mm, voxel centres) of the template brain mask."""
+    maps = tissue_maps()
+    idx = np.argwhere(maps.brain)
+    lo_zyx, hi_zyx = idx.min(axis=0), idx.max(axis=0)
+    lo = maps.reference.TransformIndexToPhysicalPoint([int(v) for v in lo_zyx[::-1]])
+    hi = maps.reference.TransformIndexToPhysicalPoint([int(v) for v in hi_zyx[::-1]])
+    return tuple(lo), tuple(hi)
+
+
+@functools.lru_cache(maxsize=8)
+def atlas(modality: str, spacing_mm: float = 2.0) -> sitk.Image:
+    """Registration target in MNI space: the tissue model at mid age, no noise.
+
+    For CT this is the CT-like atlas (air -1000, scalp 40, skull 700-1400,
+    CSF 5, GM 40, WM 28 HU); for MR a T1-like contrast.
+    """
+    values = intensity_table(modality)
+    maps = tissue_maps()
+    image = compose_intensity(maps.gm, maps.wm, maps.brain, maps.skull_depth, maps.head, values)
+    return resample_to_spacing(_as_base_image(image), spacing_mm, values["air"])
+
+
+@functools.lru_cache(maxsize=8)
+def atlas_brain_mask(spacing_mm: float = 2.0) -> sitk.Image:
+    """Template brain mask (uint8) on the atlas grid of the given spacing."""
+    maps = tissue_maps()
+    mask = resample_to_spacing(_as_base_image(maps.brain.astype(np.float32)), spacing_mm, 0.0)
+    return sitk.Cast(mask > 0.5, sitk.sitkUInt8)
+
+
+def intensity_table(modality: str) -> dict[str, float]:
+    if modality == "CT":
+        return CT_HU
+    if modality == "MR":
+        return MR_T1
+    raise ConfigError(f"modality: expected 'CT' or 'MR', got {modality!r}")
+
+
+def _as_base_image(array: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(array.astype(np.float32, copy=False))
+    image.CopyInformation(tissue_maps().reference)
+    return image
+
+
+def resample_to_spacing(image: sitk.Image, spacing_mm: float, default: float) -> sitk.Image:
+    """Block-average (integer factors) or resample an image to isotropic spacing."""
+    spacing = np.array(image.GetSpacing())
+    factors = spacing_mm / spacing
+    if np.allclose(factors, np.round(factors)) and np.all(factors >= 1):
+        return sitk.BinShrink(image, [int(round(f)) for f in factors])
+    size = [int(np.ceil(n * s / spacing_mm)) for n, s in zip(image.GetSize(), spacing)]
+    sigma = [max(0.0, (spacing_mm - s) / 2.0) for s in spacing]
+    smoothed = sitk.SmoothingRecursiveGaussian(image, sigma) if max(sigma) > 0 else image
+    return sitk.Resample(smoothed, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
+                         (spacing_mm,) * 3, image.GetDirection(), default, sitk.sitkFloat32)
