@@ -1,7 +1,12 @@
-"""headscreen imaging: torch-free image code shared by the daemon and the training package."""
+"""headscreen imaging: torch-free image code shared by the daemon and the training package.
 
+`imaging.preprocess` stays the module (call `imaging.preprocess.preprocess(volume, params)`);
+re-exporting the function under the same name would hide the module.
+"""
+
+from imaging import preprocess
 from imaging.phantoms import Lesion, Phantom, Pose, make_head
-from imaging.preprocess import ModelGrid, Preprocessed, default_params, preprocess, to_native
+from imaging.preprocess import ModelGrid, Preprocessed, default_params, to_native
 from imaging.volume import Volume
 
 __all__ = [
