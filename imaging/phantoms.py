@@ -7,13 +7,18 @@ noise. No patient data is involved anywhere.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from daemon.errors import ConfigError
@@ -207,3 +212,187 @@ def _resample(image: sitk.Image, ref: sitk.Image, transform: sitk.Transform, def
 def validate_modality(modality: str) -> None:
     if modality not in ("CT", "MR"):
         raise ConfigError(f"modality: expected 'CT' or 'MR', got {modality!r}")
+
+
+# ---------------------------------------------------------------- DICOM series writer
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+CT_RESCALE_INTERCEPT = -1024.0
+DICOM_MARGIN_MM = 10.0
+
+
+def write_dicom_series(phantom: Phantom, out_dir: Path | str, study_uid: str | None = None,
+                       series_uid: str | None = None, rows: int = 512, cols: int = 512,
+                       slices: int | None = None, pixel_spacing: float | None = None,
+                       slice_thickness: float = 1.0, patient_age: float | None = None,
+                       transfer_syntax: str = ExplicitVRLittleEndian, series_description: str | None = None,
+                       extra: dict[str, Any] | None = None, study_date: date | None = None,
+                       series_number: int = 1, frame_of_reference_uid: str | None = None,
+                       patient_id: str | None = None) -> list[Path]:
+    """Write the phantom as an axial CT Image / MR Image series, one file per slice.
+
+    The slice grid covers the head; `slices` fixes the count (spacing follows),
+    otherwise slices are `slice_thickness` apart. `extra` sets any further
+    attributes by keyword (e.g. ConvolutionKernel, ContrastBolusAgent, ImageType).
+    Instance numbers run from the feet upwards. Returns the written paths in slice order.
+    """
+    if rows < 16 or cols < 16:
+        raise ValueError(f"rows/cols: expected >= 16, got {rows}x{cols}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = _axial_grid(phantom, rows, cols, slices, pixel_spacing, slice_thickness)
+    resampled = sitk.Resample(phantom.image, grid, sitk.Transform(), sitk.sitkLinear,
+                              float(templates.intensity_table(phantom.modality)["air"]), sitk.sitkFloat32)
+    stored, dtype_signed = _to_stored(sitk.GetArrayViewFromImage(resampled), phantom.modality)
+
+    base = _base_dataset(phantom, grid, study_uid, series_uid, patient_age, series_description,
+                         study_date, series_number, frame_of_reference_uid, patient_id, dtype_signed)
+    for keyword, value in (extra or {}).items():
+        setattr(base, keyword, value)
+    base.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    paths = []
+    for k in range(stored.shape[0]):
+        paths.append(_write_slice(base, grid, stored[k], k, out, transfer_syntax))
+    logger.info("phantom series written", extra={"action": "phantom_series_written",
+                                                  "series_uid": base.SeriesInstanceUID, "slices": len(paths)})
+    return paths
+
+
+def _axial_grid(phantom: Phantom, rows: int, cols: int, slices: int | None, pixel_spacing: float | None,
+                slice_thickness: float) -> sitk.Image:
+    head = sitk.GetArrayViewFromImage(phantom.brain_mask)  # fallback if no head found
+    values = sitk.GetArrayViewFromImage(phantom.image)
+    threshold = -500.0 if phantom.modality == "CT" else 0.1 * float(values.max())
+    idx = np.argwhere(values > threshold)
+    if idx.size == 0:
+        idx = np.argwhere(head > 0)
+    lo = np.array(phantom.image.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx.min(axis=0)[::-1]]))
+    hi = np.array(phantom.image.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx.max(axis=0)[::-1]]))
+    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    center = (lo + hi) / 2.0
+    if pixel_spacing is None:
+        fov = max(hi[0] - lo[0], hi[1] - lo[1]) + 2.0 * DICOM_MARGIN_MM
+        pixel_spacing = fov / max(rows, cols)
+    extent_z = hi[2] - lo[2]
+    if slices is None:
+        slices = int(np.ceil(extent_z / slice_thickness)) + 1
+        spacing_z = slice_thickness
+    else:
+        spacing_z = extent_z / max(slices - 1, 1)
+    grid = sitk.Image([cols, rows, slices], sitk.sitkUInt8)
+    grid.SetSpacing((float(pixel_spacing), float(pixel_spacing), float(spacing_z)))
+    origin = (center[0] - pixel_spacing * (cols - 1) / 2.0, center[1] - pixel_spacing * (rows - 1) / 2.0, lo[2])
+    grid.SetOrigin(tuple(float(v) for v in origin))
+    return grid
+
+
+def _to_stored(values: np.ndarray, modality: str) -> tuple[np.ndarray, bool]:
+    if modality == "CT":
+        return np.clip(np.rint(values - CT_RESCALE_INTERCEPT), -1024, 4095).astype(np.int16), True
+    return np.clip(np.rint(values), 0, 65535).astype(np.uint16), False
+
+
+def _dates(patient_age: float, study_date: date) -> tuple[date, str]:
+    """Birth date and PatientAge string consistent with each other and the study date."""
+    birth = study_date - timedelta(days=int(round(patient_age * 365.2425)))
+    years = study_date.year - birth.year - ((study_date.month, study_date.day) < (birth.month, birth.day))
+    return birth, f"{years:03d}Y"
+
+
+def _base_dataset(phantom: Phantom, grid: sitk.Image, study_uid: str | None, series_uid: str | None,
+                  patient_age: float | None, description: str | None, study_date: date | None,
+                  series_number: int, frame_of_reference_uid: str | None, patient_id: str | None,
+                  signed: bool) -> Dataset:
+    is_ct = phantom.modality == "CT"
+    study_date = study_date or datetime.now(timezone.utc).date()
+    age = phantom.age if patient_age is None else float(patient_age)
+    birth, age_string = _dates(age, study_date)
+    study_uid = study_uid or generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE if is_ct else MR_IMAGE_STORAGE
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = study_date.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = "090000"
+    ds.AccessionNumber = ""
+    ds.Modality = phantom.modality
+    ds.Manufacturer = "headscreen-phantom"
+    ds.ManufacturerModelName = "synthetic head"
+    ds.StationName = "PHANTOM01"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "HEAD" if is_ct else "BRAIN"
+    ds.SeriesDescription = description or ("HEAD 1.0 H30s" if is_ct else "T1 MPRAGE SAG 3D")
+    ds.PatientName = f"PHANTOM^{phantom.modality}"
+    ds.PatientID = patient_id or f"PHANTOM-{study_uid[-8:]}"
+    ds.PatientBirthDate = birth.strftime("%Y%m%d")
+    ds.PatientSex = "O"
+    ds.PatientAge = age_string
+    ds.BodyPartExamined = "HEAD"
+    ds.SliceThickness = _ds(grid.GetSpacing()[2])
+    ds.SpacingBetweenSlices = _ds(grid.GetSpacing()[2])
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyID = "1"
+    ds.SeriesNumber = series_number
+    ds.AcquisitionNumber = 1
+    ds.FrameOfReferenceUID = frame_of_reference_uid or generate_uid()
+    ds.PositionReferenceIndicator = ""
+    ds.ImageOrientationPatient = [_ds(v) for v in (1, 0, 0, 0, 1, 0)]
+    ds.PixelSpacing = [_ds(grid.GetSpacing()[1]), _ds(grid.GetSpacing()[0])]  # row spacing, column spacing
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = grid.GetSize()[1], grid.GetSize()[0]
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if signed else 0
+    if is_ct:
+        ds.KVP = "120"
+        ds.ConvolutionKernel = "H30s"
+        ds.RescaleIntercept = _ds(CT_RESCALE_INTERCEPT)
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.WindowCenter, ds.WindowWidth = "40", "80"
+    else:
+        ds.ScanningSequence = ["GR", "IR"]
+        ds.SequenceVariant = ["SP", "MP"]
+        ds.ScanOptions = "IR"
+        ds.MRAcquisitionType = "3D"
+        ds.SequenceName = "tfl3d1"
+        ds.RepetitionTime, ds.EchoTime, ds.InversionTime = "2300", "2.98", "900"
+        ds.EchoTrainLength = 1
+        ds.FlipAngle = "9"
+        ds.MagneticFieldStrength = "3"
+        ds.ImagedNucleus = "1H"
+        ds.ImagingFrequency = "123.2"
+    return ds
+
+
+def _write_slice(base: Dataset, grid: sitk.Image, pixels: np.ndarray, k: int, out: Path,
+                 transfer_syntax: str) -> Path:
+    sop_uid = generate_uid()
+    position = grid.TransformIndexToPhysicalPoint((0, 0, k))
+    base.SOPInstanceUID = sop_uid
+    base.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    base.InstanceNumber = k + 1
+    base.ImagePositionPatient = [_ds(v) for v in position]
+    base.SliceLocation = _ds(position[2])
+    path = out / f"{k + 1:04d}_{sop_uid}.dcm"
+    if UID(transfer_syntax).is_compressed:
+        slice_ds = copy.deepcopy(base)
+        slice_ds.compress(transfer_syntax, np.ascontiguousarray(pixels))
+        slice_ds.save_as(path, enforce_file_format=True)
+    else:
+        base.PixelData = np.ascontiguousarray(pixels).tobytes()
+        base.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _ds(value: float) -> str:
+    """A DICOM DS string (at most 16 characters)."""
+    text = f"{float(value):.6g}"
+    return "0" if text in ("-0", "0") else text
