@@ -85,9 +85,11 @@ def _end_read(session: Session) -> None:
 
 def _insert_ignore(session: Session, model: type, values: dict[str, Any], conflict: Sequence[str]) -> int | None:
     """INSERT ... ON CONFLICT DO NOTHING; returns the new id, or None when the row existed."""
+    table = model.__table__  # type: ignore[attr-defined]
     dialect_insert = postgresql.insert if is_postgres(session) else sqlite.insert
-    stmt = dialect_insert(model).values(**values).on_conflict_do_nothing(index_elements=list(conflict))
-    return session.execute(stmt.returning(model.id)).scalar_one_or_none()
+    # Values go in as parameters so the compiled statement is cached across calls.
+    stmt = dialect_insert(table).on_conflict_do_nothing(index_elements=list(conflict)).returning(table.c.id)
+    return session.execute(stmt, values).scalar_one_or_none()
 
 
 def _locked(stmt: Select[Any], skip_locked: bool = False, of: Any = None) -> Select[Any]:
@@ -161,6 +163,11 @@ def record_instance(session: Session, rec: InstanceRecord, now: datetime | None 
 
 
 def _upsert_study(session: Session, rec: InstanceRecord, now: datetime) -> Study:
+    # The row lock serialises concurrent arrivals for one study (reopen, generation).
+    by_uid = _locked(select(Study).where(Study.study_instance_uid == rec.study_instance_uid))
+    study = session.execute(by_uid).scalar_one_or_none()
+    if study is not None:
+        return study
     _insert_ignore(
         session,
         Study,
@@ -171,6 +178,8 @@ def _upsert_study(session: Session, rec: InstanceRecord, now: datetime) -> Study
             "generation": 1,
             "first_received_at": now,
             "last_received_at": now,
+            "completed_at": None,
+            "purged_at": None,
             "study_date": rec.study_date,
             "patient_age": rec.patient_age,
             "patient_birth_date": rec.patient_birth_date,
@@ -178,18 +187,20 @@ def _upsert_study(session: Session, rec: InstanceRecord, now: datetime) -> Study
             "institution": rec.institution,
             "calling_ae": rec.calling_ae,
             "flagged": False,
+            "flag_comment": None,
             "reviewed": False,
             "confirmed_normal": False,
         },
         ["study_instance_uid"],
     )
-    # The row lock serialises concurrent arrivals for one study (reopen, generation).
-    return session.execute(
-        _locked(select(Study).where(Study.study_instance_uid == rec.study_instance_uid))
-    ).scalar_one()
+    return session.execute(by_uid).scalar_one()
 
 
 def _upsert_series(session: Session, rec: InstanceRecord, study_id: int) -> int:
+    by_uid = select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)
+    series_id = session.execute(by_uid).scalar_one_or_none()
+    if series_id is not None:
+        return series_id
     _insert_ignore(
         session,
         Series,
@@ -203,9 +214,7 @@ def _upsert_series(session: Session, rec: InstanceRecord, study_id: int) -> int:
         },
         ["series_instance_uid"],
     )
-    return session.execute(
-        select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)
-    ).scalar_one()
+    return session.execute(by_uid).scalar_one()
 
 
 def _instance_values(rec: InstanceRecord, series_id: int, generation: int, now: datetime) -> dict[str, Any]:
