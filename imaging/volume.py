@@ -67,3 +67,253 @@ class Volume:
         grid = np.array([self.image.TransformIndexToPhysicalPoint((0, 0, k))
                          for k in range(self.image.GetSize()[2])])
         return bool(np.allclose(grid, self.slice_positions, atol=1e-2))
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """One 2D image of a series with its geometry (a slice or a frame of a multi-frame object)."""
+
+    sop_uid: str
+    frame_number: int | None
+    position: np.ndarray
+    row_dir: np.ndarray   # direction of increasing column index (IOP[0:3])
+    col_dir: np.ndarray   # direction of increasing row index (IOP[3:6])
+    pixel_spacing: tuple[float, float]  # (between rows, between columns)
+    shape: tuple[int, int]
+    slope: float
+    intercept: float
+    assumed: bool = False  # geometry was missing and has been assumed
+
+
+def load_series(paths: Sequence[Path | str]) -> Volume:
+    """Read one DICOM series (single-frame slices or one enhanced multi-frame object)."""
+    if not paths:
+        raise SeriesRejected("empty_series: no files given")
+    datasets = [_read(Path(p)) for p in paths]
+    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series_uids) != 1:
+        raise SeriesRejected(f"mixed_series: {len(series_uids)} SeriesInstanceUIDs among the files")
+    frames, pixels = _frames_and_pixels(datasets)
+    _check_consistent(frames)
+    order, geometry = _slice_order(frames)
+    frames = [frames[i] for i in order]
+    stack = np.stack([pixels[i] for i in order]).astype(np.float32)
+    first = datasets[0]
+    volume = _build_volume(frames, stack, geometry, first)
+    if any(frame.assumed for frame in frames):
+        volume.qc_reasons.insert(0, "geometry_assumed: multi-frame object without plane position/orientation")
+    logger.info("series loaded", extra={"action": "series_loaded", "series_uid": volume.series_uid,
+                                        "slices": len(frames), "qc_reasons": volume.qc_reasons})
+    return volume
+
+
+def _read(path: Path) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise SeriesRejected(f"unreadable_file: {path.name}: {exc}") from exc
+
+
+def _pixel_array(ds: pydicom.Dataset) -> np.ndarray:
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise SeriesRejected(f"no_pixel_data: SOP {ds.get('SOPInstanceUID', '?')}")
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # pydicom raises many types from its decoders
+        raise SeriesRejected(f"pixel_decode_failed: {ds.file_meta.get('TransferSyntaxUID', '?')}: {exc}") from exc
+
+
+def _frames_and_pixels(datasets: list[pydicom.Dataset]) -> tuple[list[_Frame], list[np.ndarray]]:
+    frames: list[_Frame] = []
+    pixels: list[np.ndarray] = []
+    for ds in datasets:
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            array = _pixel_array(ds)
+            array = array.reshape((n_frames,) + array.shape[-2:])
+            for index in range(n_frames):
+                frames.append(_enhanced_frame(ds, index))
+                pixels.append(array[index])
+        elif n_frames > 1:
+            array = _pixel_array(ds).reshape((n_frames,) + (int(ds.Rows), int(ds.Columns)))
+            frames.extend(_assumed_frames(ds, n_frames))
+            pixels.extend(array)
+        else:
+            frames.append(_single_frame(ds))
+            pixels.append(_pixel_array(ds))
+    for frame, array in zip(frames, pixels):
+        if array.ndim != 2:
+            raise SeriesRejected(f"not_grayscale: pixel array of shape {array.shape}")
+    pixels = [array.astype(np.float32) * frame.slope + frame.intercept for frame, array in zip(frames, pixels)]
+    return frames, pixels
+
+
+def _required(ds: pydicom.Dataset, keyword: str):
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise SeriesRejected(f"missing_geometry: {keyword} absent in SOP {ds.get('SOPInstanceUID', '?')}")
+    return value
+
+
+def _single_frame(ds: pydicom.Dataset) -> _Frame:
+    orientation = np.asarray([float(v) for v in _required(ds, "ImageOrientationPatient")])
+    spacing = [float(v) for v in _required(ds, "PixelSpacing")]
+    return _Frame(sop_uid=str(ds.SOPInstanceUID), frame_number=None,
+                  position=np.asarray([float(v) for v in _required(ds, "ImagePositionPatient")]),
+                  row_dir=orientation[:3], col_dir=orientation[3:], pixel_spacing=(spacing[0], spacing[1]),
+                  shape=(int(ds.Rows), int(ds.Columns)),
+                  slope=float(ds.get("RescaleSlope", 1.0) or 1.0), intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0))
+
+
+def _group(ds: pydicom.Dataset, index: int, sequence: str) -> pydicom.Dataset | None:
+    """A functional-group item: per-frame first, then shared."""
+    for groups in (ds.PerFrameFunctionalGroupsSequence[index],
+                   ds.get("SharedFunctionalGroupsSequence", [None])[0]):
+        items = groups.get(sequence) if groups is not None else None
+        if items:
+            return items[0]
+    return None
+
+
+def _enhanced_frame(ds: pydicom.Dataset, index: int) -> _Frame:
+    position = _group(ds, index, "PlanePositionSequence")
+    orientation = _group(ds, index, "PlaneOrientationSequence")
+    measures = _group(ds, index, "PixelMeasuresSequence")
+    if position is None or orientation is None or measures is None:
+        raise SeriesRejected(f"missing_geometry: frame {index + 1} lacks plane position/orientation/pixel measures")
+    transform = _group(ds, index, "PixelValueTransformationSequence")
+    iop = np.asarray([float(v) for v in orientation.ImageOrientationPatient])
+    spacing = [float(v) for v in measures.PixelSpacing]
+    return _Frame(sop_uid=str(ds.SOPInstanceUID), frame_number=index + 1,
+                  position=np.asarray([float(v) for v in position.ImagePositionPatient]),
+                  row_dir=iop[:3], col_dir=iop[3:], pixel_spacing=(spacing[0], spacing[1]),
+                  shape=(int(ds.Rows), int(ds.Columns)),
+                  slope=float(transform.get("RescaleSlope", 1.0)) if transform is not None else 1.0,
+                  intercept=float(transform.get("RescaleIntercept", 0.0)) if transform is not None else 0.0)
+
+
+def _assumed_frames(ds: pydicom.Dataset, n_frames: int) -> list[_Frame]:
+    """Frames of a multi-frame object that carries no plane geometry at all.
+
+    Only legal for a malformed object; we assume axial frames, the stated pixel
+    spacing (or 1 mm) and SpacingBetweenSlices (or SliceThickness, or 1 mm), and
+    the volume carries the QC reason "geometry_assumed" so no result goes out unflagged.
+    """
+    spacing = [float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])]
+    step = float(ds.get("SpacingBetweenSlices", 0) or ds.get("SliceThickness", 0) or 1.0)
+    return [_Frame(sop_uid=str(ds.SOPInstanceUID), frame_number=index + 1,
+                   position=np.array([0.0, 0.0, index * step]), row_dir=np.array([1.0, 0.0, 0.0]),
+                   col_dir=np.array([0.0, 1.0, 0.0]), pixel_spacing=(spacing[0], spacing[1]),
+                   shape=(int(ds.Rows), int(ds.Columns)),
+                   slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+                   intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0), assumed=True)
+            for index in range(n_frames)]
+
+
+def _check_consistent(frames: list[_Frame]) -> None:
+    first = frames[0]
+    for frame in frames[1:]:
+        if frame.shape != first.shape:
+            raise SeriesRejected(f"mixed_sizes: {first.shape} and {frame.shape} in one series")
+        if not (np.allclose(frame.row_dir, first.row_dir, atol=ORIENTATION_TOLERANCE)
+                and np.allclose(frame.col_dir, first.col_dir, atol=ORIENTATION_TOLERANCE)):
+            raise SeriesRejected("mixed_orientations: slices with different ImageOrientationPatient")
+        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=1e-3):
+            raise SeriesRejected(f"mixed_pixel_spacing: {first.pixel_spacing} and {frame.pixel_spacing}")
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    normal: np.ndarray
+    distances: np.ndarray  # sorted positions along the normal
+    spacing: float         # median spacing between slices
+    qc_reasons: list[str]
+    qc_metrics: dict[str, float]
+    tilt_deg: float
+
+
+def _slice_order(frames: list[_Frame]) -> tuple[np.ndarray, _Geometry]:
+    """Sort slices along the normal (not by InstanceNumber) and measure the spacing."""
+    normal = np.cross(frames[0].row_dir, frames[0].col_dir)
+    normal /= np.linalg.norm(normal)
+    distances = np.array([frame.position @ normal for frame in frames])
+    order = np.argsort(distances, kind="stable")
+    distances = distances[order]
+    reasons: list[str] = []
+    metrics: dict[str, float] = {"n_slices": float(len(frames))}
+    if len(frames) == 1:
+        return order, _Geometry(normal, distances, 0.0, ["single_slice: the series has one image"], metrics, 0.0)
+    steps = np.diff(distances)
+    if np.any(steps < 1e-3):
+        raise SeriesRejected(f"duplicate_slice_positions: {int(np.sum(steps < 1e-3))} slices share a position")
+    spacing = float(np.median(steps))
+    metrics["slice_spacing_mm"] = spacing
+    metrics["slice_spacing_cv"] = float(np.std(steps) / np.mean(steps))
+    gaps = steps > MISSING_SLICE_RATIO * spacing
+    missing = int(np.sum(np.rint(steps[gaps] / spacing) - 1))
+    metrics["missing_slices"] = float(missing)
+    if missing:
+        reasons.append(f"missing_slices: {missing} slice(s) missing in {int(gaps.sum())} gap(s) "
+                       f"(spacing {spacing:.3g} mm)")
+    uneven = ~gaps & (np.abs(steps - spacing) > SPACING_TOLERANCE * spacing)
+    if uneven.any():
+        reasons.append(f"uneven_slice_spacing: {int(uneven.sum())} step(s) deviate more than "
+                       f"{SPACING_TOLERANCE:.0%} from {spacing:.3g} mm")
+    stack = frames[order[-1]].position - frames[order[0]].position
+    tilt = float(np.degrees(np.arccos(np.clip(abs(stack @ normal) / np.linalg.norm(stack), -1.0, 1.0))))
+    metrics["gantry_tilt_deg"] = tilt
+    if tilt > TILT_TOLERANCE_DEG:
+        reasons.append(f"gantry_tilt: {tilt:.1f} deg (resampled to an orthogonal grid)")
+    return order, _Geometry(normal, distances, spacing, reasons, metrics, tilt)
+
+
+def _build_volume(frames: list[_Frame], stack: np.ndarray, geometry: _Geometry, first: pydicom.Dataset) -> Volume:
+    row_spacing, col_spacing = frames[0].pixel_spacing
+    positions = np.array([frame.position for frame in frames])
+    if geometry.tilt_deg > TILT_TOLERANCE_DEG:
+        stack = _deshear(stack, positions, frames[0], geometry)
+    z_spacing = geometry.spacing or float(first.get("SliceThickness", 1.0) or 1.0)
+    image = sitk.GetImageFromArray(stack)
+    image.SetSpacing((col_spacing, row_spacing, z_spacing))
+    image.SetOrigin(tuple(float(v) for v in positions[0]))
+    direction = np.column_stack([frames[0].row_dir, frames[0].col_dir, geometry.normal])
+    image.SetDirection(tuple(float(v) for v in direction.ravel()))
+    frame_numbers = [f.frame_number for f in frames]
+    return Volume(image=image, series_uid=str(first.SeriesInstanceUID),
+                  slice_sop_uids=[frame.sop_uid for frame in frames], modality=str(first.get("Modality", "")),
+                  qc_reasons=list(geometry.qc_reasons), qc_metrics=dict(geometry.qc_metrics),
+                  patient_age_years=patient_age_years(first), slice_positions=positions,
+                  frame_numbers=None if frame_numbers[0] is None else [int(n) for n in frame_numbers])
+
+
+def _deshear(stack: np.ndarray, positions: np.ndarray, frame: _Frame, geometry: _Geometry) -> np.ndarray:
+    """Shift each tilted slice in-plane so all slices sit on one orthogonal grid."""
+    from scipy import ndimage  # only needed for tilted series
+
+    row_spacing, col_spacing = frame.pixel_spacing
+    out = np.empty_like(stack)
+    background = float(stack.min())
+    for k in range(stack.shape[0]):
+        offset = positions[k] - positions[0] - (geometry.distances[k] - geometry.distances[0]) * geometry.normal
+        shift_rows = float(offset @ frame.col_dir) / row_spacing
+        shift_cols = float(offset @ frame.row_dir) / col_spacing
+        out[k] = ndimage.shift(stack[k], (shift_rows, shift_cols), order=1, mode="constant", cval=background)
+    return out
+
+
+def patient_age_years(ds: pydicom.Dataset) -> float | None:
+    """Chronological age from PatientAge ("063Y", "006M", ...) or birth and study dates."""
+    text = str(ds.get("PatientAge", "") or "").strip().upper()
+    units = {"Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.2425, "D": 1.0 / 365.2425}
+    if len(text) == 4 and text[:3].isdigit() and text[3] in units:
+        return float(int(text[:3])) * units[text[3]]
+    birth, study = str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
+    try:
+        from datetime import datetime
+
+        born = datetime.strptime(birth[:8], "%Y%m%d")
+        seen = datetime.strptime(study[:8], "%Y%m%d")
+    except ValueError:
+        return None
+    age = (seen - born).days / 365.2425
+    return age if 0 <= age < 150 else None
