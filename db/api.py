@@ -530,7 +530,9 @@ def claim_job(session: Session, worker_id: str, lease_s: float, now: datetime | 
 
 
 def heartbeat(session: Session, job_id: int, worker_id: str, lease_s: float, now: datetime | None = None) -> bool:
-    """Extend the lease (commits). False when the job is no longer running under this worker."""
+    """Extend the lease (commits). False when the job is no longer running under this worker
+    (requeued, superseded, finished); the worker should then abandon it. A lease that
+    expired but was not yet taken back is still renewed: nobody else holds the job."""
     now = _clock(now)
     begin_write(session)
     renewed = session.execute(
@@ -859,7 +861,13 @@ def mark_delivered(session: Session, delivery_id: int, status: int, now: datetim
         )
     ).rowcount
     session.commit()
-    logger.info("delivered", extra={"action": "delivered", "delivery_id": delivery_id, "status": status})
+    if changed:
+        logger.info("delivered", extra={"action": "delivered", "delivery_id": delivery_id, "status": status})
+    else:
+        logger.warning(
+            "delivery was not in flight; left unchanged",
+            extra={"action": "delivered_ignored", "delivery_id": delivery_id},
+        )
     return changed == 1
 
 
@@ -1319,7 +1327,9 @@ def mark_purged(session: Session, study_id: int, actor: str = SYSTEM_ACTOR, now:
     now = _clock(now)
     begin_write(session)
     try:
-        study = session.execute(_locked(select(Study).where(Study.id == study_id))).scalar_one()
+        study = session.execute(_locked(select(Study).where(Study.id == study_id))).scalar_one_or_none()
+        if study is None:
+            raise StudyNotFound(f"no study with id {study_id}")
         series_ids = select(Series.id).where(Series.study_id == study_id).scalar_subquery()
         deleted = session.execute(
             Instance.__table__.delete().where(Instance.series_id.in_(series_ids))

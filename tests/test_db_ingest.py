@@ -220,3 +220,12 @@ def test_reopen_and_recomplete_supersedes_older_jobs(db_session: Session, job_st
     api.sweep_completeness(db_session, at(1000), 300, 30, BUNDLES)
     jobs = db_session.execute(select(Job.generation, Job.state).order_by(Job.id)).all()
     assert jobs == [(1, JobState.SUPERSEDED), (2, JobState.QUEUED)]
+
+
+def test_study_instances_are_grouped_by_series_in_instance_order(db_session: Session) -> None:
+    study, series = uid(), uid()
+    recs = [record(study, series, n, float(-n)) for n in (3, 1, 2)]
+    for rec in recs:
+        out = api.record_instance(db_session, rec, now=T0)
+    grouped = api.study_instances(db_session, out.study_id)
+    assert [sop for _, sop in grouped[series]] == [recs[1].sop_instance_uid, recs[2].sop_instance_uid, recs[0].sop_instance_uid]

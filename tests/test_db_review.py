@@ -137,3 +137,8 @@ def test_audit_appends_events(db_session: Session) -> None:
     assert event is not None and (event.actor, event.action, event.detail, event.at) == (
         "dr.admin", "login", {"ip": "10.0.0.1"}, at(1),
     )
+
+
+def test_purging_an_unknown_study_is_refused(db_session: Session) -> None:
+    with pytest.raises(StudyNotFound):
+        api.mark_purged(db_session, 424242)
