@@ -92,3 +92,30 @@ def test_foreign_keys_are_enforced(db_session: Session) -> None:
     with pytest.raises(Exception):
         api.audit(db_session, "admin", "orphan", study_id=987654)
     db_session.rollback()
+
+
+def test_downgrade_to_base_and_up_again(empty_db_url: str) -> None:
+    from alembic import command
+
+    from db.migrate import alembic_config
+
+    upgrade(empty_db_url)
+    command.downgrade(alembic_config(empty_db_url), "base")
+    assert current_revision(empty_db_url) is None
+    upgrade(empty_db_url)
+    assert current_revision(empty_db_url) == head_revision()
+
+
+def test_logs_carry_no_patient_data(db_session: Session, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    study = uid()
+    series = add_series(db_session, study, 3, patient_birth_date="19710203", patient_age="054Y")
+    api.sweep_completeness(db_session, T0.replace(hour=12), 60, 10, [])
+    from db_factories import record
+
+    api.record_instance(db_session, record(study, series, 9, 45.0, patient_birth_date="19710203"), now=T0.replace(hour=13))
+    logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert "study_reopened" in logged  # something was logged
+    assert "19710203" not in logged and "054Y" not in logged
