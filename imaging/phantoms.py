@@ -50,10 +50,10 @@ class Pose:
 
 @dataclass(frozen=True)
 class Lesion:
-    """A blob inside the brain. `center_mni_mm` uses the usual MNI (RAS) convention."""
+    """A blob inside the brain. `center_mm` is in MNI space, usual (RAS) convention."""
 
     kind: LesionKind
-    center_mni_mm: tuple[float, float, float] = (30.0, -10.0, 20.0)
+    center_mm: tuple[float, float, float] = (30.0, -10.0, 20.0)
     volume_ml: float = 10.0
 
     def __post_init__(self) -> None:
@@ -64,7 +64,7 @@ class Lesion:
 
     @property
     def center_lps_mm(self) -> tuple[float, float, float]:
-        x, y, z = self.center_mni_mm
+        x, y, z = self.center_mm
         return (-x, -y, z)
 
 
@@ -225,15 +225,15 @@ DICOM_MARGIN_MM = 10.0
 def write_dicom_series(phantom: Phantom, out_dir: Path | str, study_uid: str | None = None,
                        series_uid: str | None = None, rows: int = 512, cols: int = 512,
                        slices: int | None = None, pixel_spacing: float | None = None,
-                       slice_thickness: float = 1.0, patient_age: float | None = None,
+                       slice_thickness: float | None = None, patient_age: float | None = None,
                        transfer_syntax: str = ExplicitVRLittleEndian, series_description: str | None = None,
                        extra: dict[str, Any] | None = None, study_date: date | None = None,
                        series_number: int = 1, frame_of_reference_uid: str | None = None,
                        patient_id: str | None = None) -> list[Path]:
     """Write the phantom as an axial CT Image / MR Image series, one file per slice.
 
-    The slice grid covers the head; `slices` fixes the count (spacing follows),
-    otherwise slices are `slice_thickness` apart. `extra` sets any further
+    Slices are `slice_thickness` apart (default 1 mm) and cover the head; `slices`
+    fixes the count instead (centred on the head; spread over it when no thickness is given). `extra` sets any further
     attributes by keyword (e.g. ConvolutionKernel, ContrastBolusAgent, ImageType).
     Instance numbers run from the feet upwards. Returns the written paths in slice order.
     """
@@ -260,7 +260,7 @@ def write_dicom_series(phantom: Phantom, out_dir: Path | str, study_uid: str | N
 
 
 def _axial_grid(phantom: Phantom, rows: int, cols: int, slices: int | None, pixel_spacing: float | None,
-                slice_thickness: float) -> sitk.Image:
+                slice_thickness: float | None) -> sitk.Image:
     head = sitk.GetArrayViewFromImage(phantom.brain_mask)  # fallback if no head found
     values = sitk.GetArrayViewFromImage(phantom.image)
     threshold = -500.0 if phantom.modality == "CT" else 0.1 * float(values.max())
@@ -276,13 +276,16 @@ def _axial_grid(phantom: Phantom, rows: int, cols: int, slices: int | None, pixe
         pixel_spacing = fov / max(rows, cols)
     extent_z = hi[2] - lo[2]
     if slices is None:
-        slices = int(np.ceil(extent_z / slice_thickness)) + 1
-        spacing_z = slice_thickness
-    else:
+        spacing_z = slice_thickness or 1.0
+        slices = int(np.ceil(extent_z / spacing_z)) + 1
+    elif slice_thickness is None:
         spacing_z = extent_z / max(slices - 1, 1)
+    else:
+        spacing_z = float(slice_thickness)
+    bottom = center[2] - spacing_z * (slices - 1) / 2.0
     grid = sitk.Image([cols, rows, slices], sitk.sitkUInt8)
     grid.SetSpacing((float(pixel_spacing), float(pixel_spacing), float(spacing_z)))
-    origin = (center[0] - pixel_spacing * (cols - 1) / 2.0, center[1] - pixel_spacing * (rows - 1) / 2.0, lo[2])
+    origin = (center[0] - pixel_spacing * (cols - 1) / 2.0, center[1] - pixel_spacing * (rows - 1) / 2.0, bottom)
     grid.SetOrigin(tuple(float(v) for v in origin))
     return grid
 
