@@ -97,7 +97,7 @@ class DeliveryTicket:
     path: str
     sop_instance_uid: str
     attempt: int
-    result_id: int = 0
+    result_id: int
 
 
 @dataclass(frozen=True)
