@@ -153,9 +153,28 @@ def storescp(work: Path) -> Iterator[tuple[int, str, Path]]:
 
 
 @contextmanager
-def headscreen(work: Path, durable: bool = True) -> Iterator[tuple[int, str, Path]]:
+def postgres_database(admin_url: str) -> Iterator[str]:
+    """A throw-away PostgreSQL database next to the admin one; returns its URL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(admin_url)
+    name = f"hs_bench_{os.getpid()}_{time.monotonic_ns()}"
+    connect = dict(host=admin.host, port=admin.port or 5432, user=admin.username,
+                   password=admin.password, dbname=admin.database or "postgres", autocommit=True)
+    with psycopg.connect(**connect) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(**connect) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def headscreen(work: Path, durable: bool = True, database_url: str | None = None) -> Iterator[tuple[int, str, Path]]:
     storage = work / "headscreen"
-    url = f"sqlite:///{storage / 'headscreen.db'}"
+    url = database_url or f"sqlite:///{storage / 'headscreen.db'}"
     storage.mkdir()
     upgrade(url)
     engine = make_engine(url)
@@ -189,6 +208,12 @@ def orthanc(work: Path) -> Iterator[tuple[int, str, Path]]:
         process.wait(timeout=30)
 
 
+@contextmanager
+def _on_postgres(work: Path, admin_url: str) -> Iterator[tuple[int, str, Path]]:
+    with postgres_database(admin_url) as url, headscreen(work, database_url=url) as target:
+        yield target
+
+
 def measure(name: str, target: Callable[[Path], object], paths: list[Path], associations: int,
             repeats: int, megabytes: float) -> Figure:
     """Best of `repeats` runs, each into a fresh target (fresh storage and database)."""
@@ -210,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--orthanc", action="store_true", help="add Orthanc as a reference row")
     parser.add_argument("--no-fsync", action="store_true", help="add a headscreen row without fsync")
+    parser.add_argument("--postgres", metavar="ADMIN_URL",
+                        help="add a headscreen row on PostgreSQL (a temporary database is created "
+                             "through ADMIN_URL, e.g. postgresql://postgres@127.0.0.1:5432/postgres)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     for tool in ("storescu", "storescp"):
@@ -224,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         targets: list[tuple[str, Callable[[Path], object]]] = [("storescp", storescp), ("headscreen", headscreen)]
         if args.no_fsync:
             targets.append(("headscreen-nofsync", lambda work: headscreen(work, durable=False)))
+        if args.postgres:
+            targets.append(("headscreen-postgres", lambda work: _on_postgres(work, args.postgres)))
         if args.orthanc and shutil.which("Orthanc"):
             targets.append(("orthanc", orthanc))
         figures = [measure(name, target, paths, associations, args.repeats, megabytes)

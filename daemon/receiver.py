@@ -223,6 +223,7 @@ class StoreDeps:
     # SQLite has one writer at a time and its busy handler sleeps in growing steps
     # (up to 100 ms); queueing our own threads on a lock hands over at once instead.
     write_lock: threading.Lock | None = None
+    group_commit: GroupCommit | None = None
 
 
 class Receiver:
@@ -271,6 +272,10 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
                        extra={"action": "receiver_config"})
     deps = StoreDeps(store=store, session_factory=session_factory, policy=policy,
                      write_lock=threading.Lock() if _is_sqlite(session_factory) else None)
+    deps.group_commit = GroupCommit(
+        commit=lambda records: _record_batch(deps, records),
+        commit_one=lambda record: _with_db_retry(deps, lambda session: db_api.record_instance(session, record)),
+    )
     ae = build_ae(config)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, handle_connection_open),
@@ -348,7 +353,7 @@ def handle_echo(event: Event) -> int:
     return int(StoreStatus.SUCCESS)
 
 
-def handle_store(event: Event, deps: StoreDeps) -> Dataset:
+def handle_store(event: Event, deps: StoreDeps) -> Dataset | int:
     """Store one instance: decode header, check UIDs, write, record; each stage its status."""
     calling_ae = _calling_ae(event)
     command_sop_uid = str(event.request.AffectedSOPInstanceUID or "")
@@ -403,7 +408,7 @@ def handle_store(event: Event, deps: StoreDeps) -> Dataset:
     if outcome.study_reopened:
         logger.info("late instance reopened a complete study", extra={
             "action": "study_reopened", "study_instance_uid": record.study_instance_uid})
-    return _status(StoreStatus.SUCCESS)
+    return int(StoreStatus.SUCCESS)  # a bare status skips encoding a response data set
 
 
 # --- header decoding --------------------------------------------------------------------------
@@ -650,7 +655,108 @@ def _record_rejection(deps: StoreDeps, calling_ae: str, reason: str, status: int
 
 
 def _record_instance(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
-    return _with_db_retry(deps, lambda session: db_api.record_instance(session, record))
+    if deps.group_commit is None:
+        return _with_db_retry(deps, lambda session: db_api.record_instance(session, record))
+    return deps.group_commit.submit(record)
+
+
+def _record_batch(deps: StoreDeps, records: list[InstanceRecord]) -> list[RecordOutcome]:
+    """Commit several instances' rows; one transaction when db.api offers a batch call."""
+    record_many = getattr(db_api, "record_instances", None)
+    if record_many is not None and len(records) > 1:
+        return list(_with_db_retry(deps, lambda session: record_many(session, records)))
+    return [_with_db_retry(deps, lambda session, r=r: db_api.record_instance(session, r)) for r in records]
+
+
+class _Pending:
+    __slots__ = ("record", "wake", "outcome", "error", "lead")
+
+    def __init__(self, record: InstanceRecord) -> None:
+        self.record = record
+        self.wake = threading.Event()  # set when the row is settled or this waiter must lead
+        self.outcome: RecordOutcome | None = None
+        self.error: BaseException | None = None
+        self.lead = False
+
+    def result(self) -> RecordOutcome:
+        if self.error is not None:
+            raise self.error
+        if self.outcome is None:
+            raise RuntimeError("group commit finished without an outcome")
+        return self.outcome
+
+
+class GroupCommit:
+    """Group commit for instance rows arriving on concurrent associations.
+
+    Each handler submits its row and blocks until that row is committed. The first
+    handler to find no commit running leads: it commits everything queued so far
+    in one go and hands the lead to the oldest waiter if more arrived meanwhile.
+    A lone association is never delayed; concurrent ones share one commit (and one
+    fsync of the database journal) when the database offers a batch call. A failed
+    batch is retried row by row, so one bad row fails only its own C-STORE.
+    """
+
+    def __init__(self, commit: Callable[[list[InstanceRecord]], list[RecordOutcome]],
+                 commit_one: Callable[[InstanceRecord], RecordOutcome], max_batch: int = 32) -> None:
+        self._commit = commit
+        self._commit_one = commit_one
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._leading = False
+
+    def submit(self, record: InstanceRecord) -> RecordOutcome:
+        pending = _Pending(record)
+        with self._lock:
+            self._queue.append(pending)
+            if not self._leading:
+                self._leading = True
+                pending.lead = True
+        if not pending.lead:
+            pending.wake.wait()
+        if pending.lead:
+            # A leader is always the oldest queued row, so its own row is in its batch.
+            self._lead_one_batch()
+        return pending.result()
+
+    def _lead_one_batch(self) -> None:
+        with self._lock:
+            batch = self._queue[:self._max_batch]
+            del self._queue[:self._max_batch]
+        try:
+            self._settle(batch)
+        finally:
+            with self._lock:
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.lead = True
+                    successor.wake.set()
+                else:
+                    self._leading = False
+
+    def _settle(self, batch: list[_Pending]) -> None:
+        try:
+            outcomes = self._commit([p.record for p in batch])
+        except Exception:
+            if len(batch) == 1:
+                self._settle_one(batch[0])
+                return
+            logger.warning("batch commit failed; committing rows one by one",
+                           extra={"action": "group_commit_fallback", "rows": len(batch)}, exc_info=True)
+            for pending in batch:
+                self._settle_one(pending)
+            return
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            pending.outcome = outcome
+            pending.wake.set()
+
+    def _settle_one(self, pending: _Pending) -> None:
+        try:
+            pending.outcome = self._commit_one(pending.record)
+        except BaseException as exc:  # handed to the submitting handler, which answers 0xA701
+            pending.error = exc
+        pending.wake.set()
 
 
 def _with_db_retry(deps: StoreDeps, work: Callable[[Session], Any]) -> Any:
