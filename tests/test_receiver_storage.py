@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -10,8 +12,9 @@ import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from daemon.errors import InputRejected
-from daemon.receiver import CallerPolicy, AllowedCaller, parse_header, slice_position
+from daemon.receiver import AllowedCaller, CallerPolicy, GroupCommit, parse_header, slice_position
 from daemon.storage import InstanceStore, InvalidUid, StorageFull
+from db.types import InstanceRecord, RecordOutcome
 from receiver_helpers import write_ct_series
 
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
@@ -158,3 +161,59 @@ def test_caller_policy_matches_title_and_optional_host() -> None:
     assert "allow-list" in (policy.refusal("pacs", "10.0.0.7") or "")  # AE titles are case-sensitive
     assert CallerPolicy([], allow_any=False).refusal("PACS", "10.0.0.7") is not None
     assert CallerPolicy([], allow_any=True).refusal("ANY", None) is None
+
+
+# --- group commit -----------------------------------------------------------------------------
+
+
+def _record(n: int) -> InstanceRecord:
+    return InstanceRecord(study_instance_uid="1.2", series_instance_uid="1.2.3", sop_instance_uid=f"1.2.3.{n}",
+                          sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                          path=f"storage/1.2/1.2.3/1.2.3.{n}.dcm", size_bytes=n)
+
+
+def test_group_commit_batches_concurrent_rows_and_isolates_a_bad_one() -> None:
+    waiting = 6
+    first_batch_entered = threading.Event()
+    release_first_batch = threading.Event()
+    batches: list[list[int]] = []
+
+    def commit(records: list[InstanceRecord]) -> list[RecordOutcome]:
+        batches.append([r.size_bytes for r in records])
+        if len(batches) == 1:
+            first_batch_entered.set()
+            release_first_batch.wait(timeout=30)  # hold the lead while the others queue up
+        if any(r.size_bytes == 3 for r in records):
+            raise RuntimeError("row 3 is bad")
+        return [RecordOutcome(created=True, study_reopened=False, study_id=r.size_bytes) for r in records]
+
+    def commit_one(record: InstanceRecord) -> RecordOutcome:
+        return commit([record])[0]
+
+    group = GroupCommit(commit, commit_one)
+    results: dict[int, object] = {}
+
+    def submit(n: int) -> None:
+        try:
+            results[n] = group.submit(_record(n)).study_id
+        except RuntimeError as exc:
+            results[n] = str(exc)
+
+    leader = threading.Thread(target=submit, args=(0,))
+    leader.start()
+    assert first_batch_entered.wait(timeout=30)
+    others = [threading.Thread(target=submit, args=(n,)) for n in range(1, waiting + 1)]
+    for thread in others:
+        thread.start()
+    # Submitters block inside submit() with no event to await, so watch the queue fill (bounded).
+    deadline = time.monotonic() + 30
+    while len(group._queue) < waiting and time.monotonic() < deadline:  # noqa: SLF001
+        threading.Event().wait(0.001)
+    release_first_batch.set()
+    for thread in [leader, *others]:
+        thread.join(timeout=30)
+
+    assert results == {0: 0, 1: 1, 2: 2, 3: "row 3 is bad", 4: 4, 5: 5, 6: 6}
+    assert batches[0] == [0]
+    assert batches[1] == [1, 2, 3, 4, 5, 6]  # everything queued behind the lead went in one batch
+    assert sorted(b[0] for b in batches[2:]) == [1, 2, 3, 4, 5, 6]  # then row by row after the failure
