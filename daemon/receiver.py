@@ -150,6 +150,9 @@ class CallerLike(Protocol):
     host: str | None
 
 
+CallerEntry = CallerLike | tuple[str, str | None] | str
+
+
 @dataclass(frozen=True)
 class AllowedCaller:
     ae_title: str
@@ -164,7 +167,8 @@ class ReceiverConfig:
     storage_dir: Path
     bind_address: str = "0.0.0.0"
     port: int = 11112
-    allowed_callers: Sequence[CallerLike] = ()
+    # AllowedCaller-like objects, (ae_title, host) pairs or bare AE titles.
+    allowed_callers: Sequence[CallerEntry] = ()
     allow_any_caller: bool = False
     disk_min_free_mb: int = 2048
     # 4 MiB is above every SCU's send limit, so peers send their largest PDUs.
@@ -178,9 +182,9 @@ class ReceiverConfig:
 class CallerPolicy:
     """Decides whether a (calling AE title, host) may open an association."""
 
-    def __init__(self, allowed: Sequence[CallerLike], allow_any: bool) -> None:
+    def __init__(self, allowed: Sequence[CallerEntry], allow_any: bool) -> None:
         self.allow_any = allow_any
-        self._allowed = [(c.ae_title.strip(), _normalise_host(c.host)) for c in allowed]
+        self._allowed = [_caller_key(entry) for entry in allowed]
 
     def refusal(self, calling_ae: str, host: str | None) -> str | None:
         """None if the caller is allowed, else the reason for refusing it."""
@@ -198,6 +202,19 @@ class CallerPolicy:
         if known_title:
             return "calling AE title not allowed from this host"
         return "calling AE title not in the allow-list"
+
+
+def _caller_key(entry: CallerEntry) -> tuple[str, str | None]:
+    """(AE title, host) from an AllowedCaller-like object, an (ae_title, host) pair or a bare title."""
+    if isinstance(entry, str):
+        title, host = entry, None
+    elif isinstance(entry, tuple | list):
+        title, host = entry[0], (entry[1] if len(entry) > 1 else None)
+    else:
+        title, host = entry.ae_title, entry.host
+    if not isinstance(title, str) or not title.strip():
+        raise ValueError(f"allowed_callers: {entry!r} has no AE title")
+    return title.strip(), _normalise_host(host)
 
 
 def _normalise_host(host: str | None) -> str | None:

@@ -61,6 +61,11 @@ def check_uid(name: str, value: object) -> str:
     return text
 
 
+def study_directory(storage_dir: Path, study_uid: str) -> Path:
+    """Where a study's instances live (what a retention purge removes)."""
+    return Path(storage_dir) / INSTANCES_DIRNAME / check_uid("StudyInstanceUID", study_uid)
+
+
 class InstanceStore:
     """Writes instances below ``root/storage`` atomically, refusing when the disk is low."""
 

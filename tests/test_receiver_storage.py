@@ -13,7 +13,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLE
 
 from daemon.errors import InputRejected
 from daemon.receiver import AllowedCaller, CallerPolicy, GroupCommit, parse_header, slice_position
-from daemon.storage import InstanceStore, InvalidUid, StorageFull
+from daemon.storage import InstanceStore, InvalidUid, StorageFull, study_directory
 from db.types import InstanceRecord, RecordOutcome
 from receiver_helpers import write_ct_series
 
@@ -161,6 +161,21 @@ def test_caller_policy_matches_title_and_optional_host() -> None:
     assert "allow-list" in (policy.refusal("pacs", "10.0.0.7") or "")  # AE titles are case-sensitive
     assert CallerPolicy([], allow_any=False).refusal("PACS", "10.0.0.7") is not None
     assert CallerPolicy([], allow_any=True).refusal("ANY", None) is None
+    # The settings layer may hand over (ae_title, host) pairs or bare titles.
+    pairs = CallerPolicy([("PACS", None), ("CT1", "10.0.0.9"), "MR1"], allow_any=False)
+    assert pairs.refusal("PACS", "1.2.3.4") is None
+    assert pairs.refusal("MR1", "1.2.3.4") is None
+    assert pairs.refusal("CT1", "10.0.0.9") is None
+    assert pairs.refusal("CT1", "10.0.0.8") is not None
+    with pytest.raises(ValueError, match="allowed_callers"):
+        CallerPolicy([("", None)], allow_any=False)
+
+
+def test_study_directory_matches_where_instances_are_written(tmp_path: Path) -> None:
+    stored = InstanceStore(tmp_path).write(STUDY, SERIES, SOP, b"x")
+    assert stored.path.parent.parent == study_directory(tmp_path, STUDY)
+    with pytest.raises(InvalidUid):
+        study_directory(tmp_path, "../..")
 
 
 # --- group commit -----------------------------------------------------------------------------
