@@ -182,7 +182,7 @@ def headscreen(work: Path, durable: bool = True, database_url: str | None = None
                             allowed_callers=[AllowedCaller(SCU_AE)], disk_min_free_mb=0, durable=durable)
     receiver = start_receiver(config, session_factory(engine))
     try:
-        yield receiver.port, "HEADSCREEN", storage / "storage"
+        yield receiver.port, "HEADSCREEN", storage
     finally:
         receiver.shutdown()
         engine.dispose()

@@ -76,7 +76,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.errors import InputRejected
-from daemon.storage import InstanceStore, InvalidUid, StorageFull, check_uid
+from daemon.storage import InstanceStore, InvalidUid, StorageFull, StoredInstance, check_uid
 from db import api as db_api
 from db.types import InstanceRecord, RecordOutcome
 
@@ -130,7 +130,7 @@ _DB_ATTEMPTS = 6
 _DB_BACKOFF_S = 0.02
 _ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is LO
 
-# The header elements we read; everything before pixel data is parsed lazily anyway.
+# Walking a data set by element lengths (see check_complete).
 _PIXEL_GROUP = 0x7FE0
 _ITEM_TAG = 0xFFFEE000
 _SEQUENCE_DELIMITER_TAG = 0xFFFEE0DD
@@ -371,61 +371,91 @@ def handle_echo(event: Event) -> int:
 
 
 def handle_store(event: Event, deps: StoreDeps) -> Dataset | int:
-    """Store one instance: decode header, check UIDs, write, record; each stage its status."""
-    calling_ae = _calling_ae(event)
-    command_sop_uid = str(event.request.AffectedSOPInstanceUID or "")
-    transfer_syntax = UID(event.context.transfer_syntax)
-
+    """Store one instance: decode, identify, write, record; each stage has its own status."""
     try:
-        part10 = event.encoded_dataset()
-        header = parse_header(event.encoded_dataset(include_meta=False), transfer_syntax)
+        part10, header = _decode_stage(event)
+        record = _identify_stage(event, header, deps.store, size_bytes=len(part10))
+        stored = _write_stage(deps.store, record, part10)
+        outcome = _record_stage(deps, record)
+    except _Refused as refused:
+        return _refuse(deps, event, refused)
+    logger.debug("instance stored", extra={
+        "action": "instance_stored", "sop_instance_uid": record.sop_instance_uid,
+        "study_instance_uid": record.study_instance_uid, "created": outcome.created,
+        "study_reopened": outcome.study_reopened, "size_bytes": stored.size_bytes})
+    return int(StoreStatus.SUCCESS)  # a bare status skips encoding a response data set
+
+
+class _Refused(Exception):
+    """A stage's verdict: answer `status` and record `reason` for this instance."""
+
+    def __init__(self, status: StoreStatus, reason: str, sop_uid: str, *, logged: bool = False) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.sop_uid = sop_uid
+        self.logged = logged
+
+
+def _decode_stage(event: Event) -> tuple[bytes, Dataset]:
+    """The Part 10 bytes to store and the decoded header; 0xC210 if it does not decode."""
+    command_sop_uid = _command_sop_uid(event)
+    try:
+        header = parse_header(event.encoded_dataset(include_meta=False), UID(event.context.transfer_syntax))
+        return event.encoded_dataset(), header
     except InputRejected as exc:
-        return _refuse(deps, event, command_sop_uid, StoreStatus.CANNOT_UNDERSTAND, str(exc))
+        raise _Refused(StoreStatus.CANNOT_UNDERSTAND, str(exc), command_sop_uid) from exc
     except Exception as exc:  # pydicom raises many types on malformed input
         logger.exception("C-STORE data set does not decode",
                          extra={"action": "store_rejected", "sop_instance_uid": command_sop_uid})
-        return _refuse(deps, event, command_sop_uid, StoreStatus.CANNOT_UNDERSTAND,
-                       f"data set does not decode: {type(exc).__name__}", logged=True)
+        raise _Refused(StoreStatus.CANNOT_UNDERSTAND, f"data set does not decode: {type(exc).__name__}",
+                       command_sop_uid, logged=True) from exc
 
+
+def _identify_stage(event: Event, header: Dataset, store: InstanceStore, *, size_bytes: int) -> InstanceRecord:
+    """The DB row; 0xA900 when the identifying UIDs are unusable, 0xC210 if an element won't decode."""
+    command_sop_uid = _command_sop_uid(event)
     try:
-        record = build_record(header, event, calling_ae, deps.store, size_bytes=len(part10))
+        return build_record(header, event, _calling_ae(event), store, size_bytes=size_bytes)
     except InvalidUid as exc:
-        return _refuse(deps, event, command_sop_uid, StoreStatus.DATASET_MISMATCH, str(exc))
-    except InputRejected as exc:
-        return _refuse(deps, event, command_sop_uid, StoreStatus.CANNOT_UNDERSTAND, str(exc))
+        raise _Refused(StoreStatus.DATASET_MISMATCH, str(exc), command_sop_uid) from exc
     except Exception as exc:  # a lazily decoded element failed to convert
         logger.exception("C-STORE header element does not decode",
                          extra={"action": "store_rejected", "sop_instance_uid": command_sop_uid})
-        return _refuse(deps, event, command_sop_uid, StoreStatus.CANNOT_UNDERSTAND,
-                       f"header element does not decode: {type(exc).__name__}", logged=True)
+        raise _Refused(StoreStatus.CANNOT_UNDERSTAND, f"header element does not decode: {type(exc).__name__}",
+                       command_sop_uid, logged=True) from exc
 
+
+def _write_stage(store: InstanceStore, record: InstanceRecord, part10: bytes) -> StoredInstance:
+    """The durable file; 0xA700 below the disk watermark (nothing written), 0xA701 on I/O errors."""
     try:
-        stored = deps.store.write(record.study_instance_uid, record.series_instance_uid,
-                                  record.sop_instance_uid, part10)
+        return store.write(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid, part10)
     except StorageFull as exc:
-        return _refuse(deps, event, record.sop_instance_uid, StoreStatus.OUT_OF_RESOURCES, str(exc))
+        raise _Refused(StoreStatus.OUT_OF_RESOURCES, str(exc), record.sop_instance_uid) from exc
     except OSError as exc:
         logger.exception("C-STORE write failed",
                          extra={"action": "store_failed", "sop_instance_uid": record.sop_instance_uid})
-        return _refuse(deps, event, record.sop_instance_uid, StoreStatus.STORE_FAILED,
-                       f"write failed: {exc.strerror or type(exc).__name__}", logged=True)
+        raise _Refused(StoreStatus.STORE_FAILED, f"write failed: {exc.strerror or type(exc).__name__}",
+                       record.sop_instance_uid, logged=True) from exc
 
+
+def _record_stage(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
+    """The committed DB row; 0xA701 if it cannot be committed (the file stays; a re-send fixes it)."""
     try:
         outcome = _record_instance(deps, record)
     except Exception as exc:
         logger.exception("C-STORE database record failed",
                          extra={"action": "store_failed", "sop_instance_uid": record.sop_instance_uid})
-        return _refuse(deps, event, record.sop_instance_uid, StoreStatus.STORE_FAILED,
-                       f"database record failed: {type(exc).__name__}", logged=True)
-
-    logger.debug("instance stored", extra={
-        "action": "instance_stored", "sop_instance_uid": record.sop_instance_uid,
-        "study_instance_uid": record.study_instance_uid, "created": outcome.created,
-        "study_reopened": outcome.study_reopened, "size_bytes": stored.size_bytes})
+        raise _Refused(StoreStatus.STORE_FAILED, f"database record failed: {type(exc).__name__}",
+                       record.sop_instance_uid, logged=True) from exc
     if outcome.study_reopened:
         logger.info("late instance reopened a complete study", extra={
             "action": "study_reopened", "study_instance_uid": record.study_instance_uid})
-    return int(StoreStatus.SUCCESS)  # a bare status skips encoding a response data set
+    return outcome
+
+
+def _command_sop_uid(event: Event) -> str:
+    return str(event.request.AffectedSOPInstanceUID or "").strip()
 
 
 # --- header decoding --------------------------------------------------------------------------
@@ -568,7 +598,7 @@ def build_record(header: Dataset, event: Event, calling_ae: str, store: Instance
     series_uid = check_uid("SeriesInstanceUID", header.get("SeriesInstanceUID"))
     sop_uid = check_uid("SOPInstanceUID", header.get("SOPInstanceUID"))
     sop_class = check_uid("SOPClassUID", header.get("SOPClassUID"))
-    command_sop_uid = str(event.request.AffectedSOPInstanceUID or "").strip()
+    command_sop_uid = _command_sop_uid(event)
     command_class = str(event.request.AffectedSOPClassUID or "").strip()
     if sop_uid != command_sop_uid:
         raise InvalidUid("SOPInstanceUID differs from the C-STORE request's Affected SOP Instance UID")
@@ -650,15 +680,15 @@ def _status(status: StoreStatus, comment: str | None = None) -> Dataset:
     return response
 
 
-def _refuse(deps: StoreDeps, event: Event, sop_uid: str, status: StoreStatus, reason: str,
-            *, logged: bool = False) -> Dataset:
+def _refuse(deps: StoreDeps, event: Event, refused: _Refused) -> Dataset:
     """Record and answer a refused instance; the association carries on."""
-    if not logged:
-        logger.warning("C-STORE refused", extra={"action": "store_rejected", "sop_instance_uid": sop_uid,
-                                                 "status": f"0x{int(status):04X}", "reason": reason})
+    if not refused.logged:
+        logger.warning("C-STORE refused", extra={"action": "store_rejected", "sop_instance_uid": refused.sop_uid,
+                                                 "status": f"0x{int(refused.status):04X}", "reason": refused.reason})
     sop_class = str(event.request.AffectedSOPClassUID or "") or None
-    _record_rejection(deps, _calling_ae(event), reason, int(status), sop_uid or None, sop_class)
-    return _status(status, reason)
+    _record_rejection(deps, _calling_ae(event), refused.reason, int(refused.status), refused.sop_uid or None,
+                      sop_class)
+    return _status(refused.status, refused.reason)
 
 
 def _record_rejection(deps: StoreDeps, calling_ae: str, reason: str, status: int,

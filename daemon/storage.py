@@ -1,8 +1,9 @@
 """Durable, atomic storage of received DICOM instances.
 
-Layout: ``<storage_dir>/storage/<study_uid>/<series_uid>/<sop_uid>.dcm``. The
-path recorded in the database is relative to ``storage_dir`` (it starts with
-``storage/``), so ``storage_dir / record.path`` is always the file.
+Layout: ``<storage_dir>/<study_uid>/<series_uid>/<sop_uid>.dcm`` (the database
+file may sit in ``storage_dir`` too; UIDs are digits and dots, so they never
+collide with it). The path recorded in the database is relative to
+``storage_dir``, so ``storage_dir / record.path`` is always the file.
 
 A file is written to a temporary name in its final directory, flushed, fsynced,
 renamed over the final name and the directory is fsynced, so after ``write``
@@ -26,7 +27,6 @@ from daemon.errors import InputRejected, TransientError
 
 logger = logging.getLogger(__name__)
 
-INSTANCES_DIRNAME = "storage"
 _MIB = 1024 * 1024
 # Digits and dots only, no empty component: nothing in a UID can climb out of the tree.
 _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -63,33 +63,31 @@ def check_uid(name: str, value: object) -> str:
 
 def study_directory(storage_dir: Path, study_uid: str) -> Path:
     """Where a study's instances live (what a retention purge removes)."""
-    return Path(storage_dir) / INSTANCES_DIRNAME / check_uid("StudyInstanceUID", study_uid)
+    return Path(storage_dir) / check_uid("StudyInstanceUID", study_uid)
 
 
 class InstanceStore:
-    """Writes instances below ``root/storage`` atomically, refusing when the disk is low."""
+    """Writes instances below ``root`` atomically, refusing when the disk is low."""
 
     def __init__(self, root: Path, min_free_mb: int = 0, *, durable: bool = True) -> None:
         self.root = Path(root)
-        self.instances_dir = self.root / INSTANCES_DIRNAME
         self.min_free_bytes = int(min_free_mb) * _MIB
         # durable=False skips fsync; only for throw-away test stores.
         self.durable = durable
         self._known_dirs: OrderedDict[Path, None] = OrderedDict()
         self._dirs_lock = threading.Lock()
-        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> PurePosixPath:
         """The DB path of an instance (relative to ``root``); validates the UIDs."""
         return PurePosixPath(
-            INSTANCES_DIRNAME,
             check_uid("StudyInstanceUID", study_uid),
             check_uid("SeriesInstanceUID", series_uid),
             check_uid("SOPInstanceUID", sop_uid) + ".dcm",
         )
 
     def free_bytes(self) -> int:
-        return shutil.disk_usage(self.instances_dir).free
+        return shutil.disk_usage(self.root).free
 
     def check_space(self, incoming_bytes: int) -> None:
         """Raise ``StorageFull`` if writing ``incoming_bytes`` would cross the watermark."""
@@ -149,7 +147,7 @@ class InstanceStore:
                 return
             missing = []
             current = directory
-            while not current.exists() and current != self.instances_dir:
+            while not current.exists() and current != self.root:
                 missing.append(current)
                 current = current.parent
             directory.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ class Harness:
             return list(session.scalars(select(IngestRejection).order_by(IngestRejection.id)))
 
     def stored_files(self) -> list[Path]:
-        return sorted((self.storage_dir / "storage").rglob("*.dcm"))
+        return sorted(self.storage_dir.rglob("*.dcm"))
 
 
 def _start(tmp_path: Path, sessions: sessionmaker[Session] | None = None, **overrides: object) -> Harness:
@@ -192,13 +192,13 @@ def test_storescu_series_is_stored_byte_exact_and_recorded(any_db_harness: Harne
     for row in rows:
         stored = any_db_harness.storage_dir / row.path
         header = pydicom.dcmread(stored, stop_before_pixels=True)
-        assert row.path == f"storage/{header.StudyInstanceUID}/{header.SeriesInstanceUID}/{row.sop_instance_uid}.dcm"
+        assert row.path == f"{header.StudyInstanceUID}/{header.SeriesInstanceUID}/{row.sop_instance_uid}.dcm"
         assert _dataset_bytes(stored) == _dataset_bytes(sent[row.sop_instance_uid])
         assert row.size_bytes == stored.stat().st_size
         assert row.transfer_syntax_uid == ExplicitVRLittleEndian
         assert row.images_in_acquisition == 5
     assert [r.slice_position for r in rows] == pytest.approx([0.0, 2.5, 5.0, 7.5, 10.0])
-    assert not list((any_db_harness.storage_dir / "storage").rglob("*.tmp"))
+    assert not list(any_db_harness.storage_dir.rglob("*.tmp"))
 
 
 def test_resending_a_series_is_idempotent(any_db_harness: Harness, tmp_path: Path) -> None:
@@ -375,7 +375,8 @@ def test_disk_below_watermark_refuses_with_a700_and_writes_nothing(tmp_path: Pat
         finally:
             assoc.release()
         assert statuses == [StoreStatus.OUT_OF_RESOURCES] * 2
-        assert list((harness.storage_dir / "storage").iterdir()) == []
+        assert harness.stored_files() == []
+        assert [p for p in harness.storage_dir.iterdir() if p.is_dir()] == []
         assert harness.instances() == []
         assert [r.status for r in harness.rejections()] == [StoreStatus.OUT_OF_RESOURCES] * 2
     finally:

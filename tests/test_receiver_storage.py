@@ -23,7 +23,7 @@ STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
 def test_write_lands_at_the_documented_path_with_the_exact_bytes(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path)
     stored = store.write(STUDY, SERIES, SOP, b"DICM-bytes")
-    assert stored.relative_path == f"storage/{STUDY}/{SERIES}/{SOP}.dcm"
+    assert stored.relative_path == f"{STUDY}/{SERIES}/{SOP}.dcm"
     assert stored.path == tmp_path / stored.relative_path
     assert stored.path.read_bytes() == b"DICM-bytes"
     assert stored.size_bytes == 10
@@ -47,19 +47,19 @@ def test_uids_that_are_not_digits_and_dots_are_refused(tmp_path: Path, bad: str)
     store = InstanceStore(tmp_path)
     with pytest.raises(InvalidUid):
         store.write(STUDY, SERIES, bad, b"x")
-    assert list((tmp_path / "storage").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_trailing_space_padding_is_stripped(tmp_path: Path) -> None:
     stored = InstanceStore(tmp_path).write(STUDY + " ", SERIES + "\x00", SOP, b"x")
-    assert stored.relative_path == f"storage/{STUDY}/{SERIES}/{SOP}.dcm"
+    assert stored.relative_path == f"{STUDY}/{SERIES}/{SOP}.dcm"
 
 
 def test_watermark_refuses_before_anything_is_written(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path, min_free_mb=1 << 40)
     with pytest.raises(StorageFull):
         store.write(STUDY, SERIES, SOP, b"x")
-    assert list((tmp_path / "storage").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_watermark_counts_the_incoming_bytes(tmp_path: Path) -> None:
@@ -80,8 +80,8 @@ def test_failed_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError):
         store.write(STUDY, SERIES, SOP, b"x" * 100)
-    assert list((tmp_path / "storage").rglob("*")) != []  # the directories exist
-    assert [p for p in (tmp_path / "storage").rglob("*") if p.is_file()] == []
+    assert list(tmp_path.rglob("*")) != []  # the directories exist
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
 def test_removed_directory_is_recreated(tmp_path: Path) -> None:
@@ -184,7 +184,7 @@ def test_study_directory_matches_where_instances_are_written(tmp_path: Path) -> 
 def _record(n: int) -> InstanceRecord:
     return InstanceRecord(study_instance_uid="1.2", series_instance_uid="1.2.3", sop_instance_uid=f"1.2.3.{n}",
                           sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
-                          path=f"storage/1.2/1.2.3/1.2.3.{n}.dcm", size_bytes=n)
+                          path=f"1.2/1.2.3/1.2.3.{n}.dcm", size_bytes=n)
 
 
 def test_group_commit_batches_concurrent_rows_and_isolates_a_bad_one() -> None:
