@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,12 +218,12 @@ def measure(name: str, target: Callable[[Path], object], paths: list[Path], asso
     """Best of `repeats` runs, each into a fresh target (fresh storage and database)."""
     times = []
     for _ in range(repeats):
-        with tempfile.TemporaryDirectory(prefix="ingest-", dir=os.environ.get("BENCH_TMP")) as tmp:
-            with target(Path(tmp)) as (port, called_ae, out_dir):  # type: ignore[attr-defined]
-                times.append(send(paths, port, called_ae, associations))
-                stored = sum(1 for p in Path(out_dir).rglob("*") if p.is_file())
-                if name != "orthanc" and stored < len(paths):
-                    raise RuntimeError(f"{name}: only {stored} of {len(paths)} files stored")
+        with (tempfile.TemporaryDirectory(prefix="ingest-", dir=os.environ.get("BENCH_TMP")) as tmp,
+              target(Path(tmp)) as (port, called_ae, out_dir)):  # type: ignore[attr-defined]
+            times.append(send(paths, port, called_ae, associations))
+            stored = sum(1 for p in Path(out_dir).rglob("*") if p.is_file())
+            if name != "orthanc" and stored < len(paths):
+                raise RuntimeError(f"{name}: only {stored} of {len(paths)} files stored")
     return Figure(name, associations, min(times), len(paths), megabytes)
 
 

@@ -291,7 +291,7 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
                      write_lock=threading.Lock() if _is_sqlite(session_factory) else None)
     deps.group_commit = GroupCommit(
         commit=lambda records: _record_batch(deps, records),
-        commit_one=lambda record: _with_db_retry(deps, lambda session: db_api.record_instance(session, record)),
+        commit_one=lambda record: _record_one(deps, record),
     )
     ae = build_ae(config)
     handlers: list[Any] = [
@@ -455,7 +455,7 @@ def _record_stage(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
 
 
 def _command_sop_uid(event: Event) -> str:
-    return str(event.request.AffectedSOPInstanceUID or "").strip()
+    return str(getattr(event.request, "AffectedSOPInstanceUID", None) or "").strip()
 
 
 # --- header decoding --------------------------------------------------------------------------
@@ -703,7 +703,7 @@ def _record_rejection(deps: StoreDeps, calling_ae: str, reason: str, status: int
 
 def _record_instance(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
     if deps.group_commit is None:
-        return _with_db_retry(deps, lambda session: db_api.record_instance(session, record))
+        return _record_one(deps, record)
     return deps.group_commit.submit(record)
 
 
@@ -712,7 +712,12 @@ def _record_batch(deps: StoreDeps, records: list[InstanceRecord]) -> list[Record
     record_many = getattr(db_api, "record_instances", None)
     if record_many is not None and len(records) > 1:
         return list(_with_db_retry(deps, lambda session: record_many(session, records)))
-    return [_with_db_retry(deps, lambda session, r=r: db_api.record_instance(session, r)) for r in records]
+    return [_record_one(deps, record) for record in records]
+
+
+def _record_one(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
+    outcome: RecordOutcome = _with_db_retry(deps, lambda session: db_api.record_instance(session, record))
+    return outcome
 
 
 class _Pending:
