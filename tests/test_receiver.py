@@ -364,6 +364,27 @@ def test_missing_identifying_uid_is_refused_with_a900(harness: Harness, tmp_path
     assert rejection.sop_instance_uid == ds.SOPInstanceUID
 
 
+def test_unusable_identity_is_refused_with_a900(harness: Harness, tmp_path: Path, chunked_send: None) -> None:
+    source, other = write_ct_series(tmp_path / "ct", 2, seed=9)
+    # A file whose meta names another SOP instance: the command and the data set disagree.
+    mismatched = _with_body(other, _dataset_bytes(source), tmp_path / "mismatch.dcm")
+    ds = pydicom.dcmread(source)
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        ds.SeriesInstanceUID = "1.2.3.abc"  # not digits and dots: could not be a safe file name
+    bad_uid = tmp_path / "bad_uid.dcm"
+    ds.save_as(bad_uid)
+    assoc = _associate(harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
+    try:
+        statuses = [assoc.send_c_store(p) for p in (mismatched, bad_uid)]
+    finally:
+        assoc.release()
+    assert [s.Status for s in statuses] == [StoreStatus.DATASET_MISMATCH] * 2
+    assert "differs" in statuses[0].ErrorComment
+    assert "SeriesInstanceUID" in statuses[1].ErrorComment
+    assert harness.stored_files() == []
+    assert len(harness.rejections()) == 2
+
+
 def test_disk_below_watermark_refuses_with_a700_and_writes_nothing(tmp_path: Path) -> None:
     harness = _start(tmp_path, disk_min_free_mb=1 << 40)
     try:
