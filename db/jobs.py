@@ -1,0 +1,324 @@
+"""The job queue: claim under a lease, heartbeat, finish or fail (fenced), recover expired leases."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.engine import begin_write, is_postgres
+from db.models import Delivery, Job, Result, ResultObject, Study
+from db.states import DeliveryState, JobState
+from db.txn import SYSTEM_ACTOR, add_audit, clock, locked
+from db.types import JobOutcome, JobTicket, OutputObject, RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+
+def claim_job(session: Session, worker_id: str, lease_s: float, now: datetime | None = None) -> JobTicket | None:
+    """Claim the oldest available queued job under a lease (commits); None when idle."""
+    now = clock(now)
+    begin_write(session)
+    try:
+        candidate = (
+            select(Job.id)
+            .where(Job.state == JobState.QUEUED, Job.available_at <= now)
+            .order_by(Job.available_at, Job.id)
+            .limit(1)
+        )
+        if is_postgres(session):
+            candidate = candidate.with_for_update(skip_locked=True, key_share=True)
+        job_id = session.execute(candidate).scalar_one_or_none()
+        if job_id is None:
+            session.commit()
+            return None
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)
+            .values(
+                state=JobState.RUNNING,
+                attempts=Job.attempts + 1,
+                lease_owner=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                heartbeat_at=now,
+                started_at=now,
+            )
+        ).rowcount
+        if claimed != 1:
+            session.rollback()
+            return None
+        job, study_uid = session.execute(
+            select(Job, Study.study_instance_uid)
+            .join(Study, Study.id == Job.study_id)
+            .where(Job.id == job_id)
+            .execution_options(populate_existing=True)
+        ).one()
+        ticket = JobTicket(
+            job_id=job.id,
+            study_id=job.study_id,
+            study_instance_uid=study_uid,
+            bundle_name=job.bundle_name,
+            bundle_version=job.bundle_version,
+            generation=job.generation,
+            attempt=job.attempts,
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    logger.info(
+        "job claimed",
+        extra={"action": "job_claimed", "job_id": ticket.job_id, "worker_id": worker_id, "attempt": ticket.attempt},
+    )
+    return ticket
+
+
+def heartbeat(session: Session, job_id: int, worker_id: str, lease_s: float, now: datetime | None = None) -> bool:
+    """Extend the lease (commits). False when the job is no longer running under this worker
+    (requeued, superseded, finished); the worker should then abandon it. A lease that
+    expired but was not yet taken back is still renewed: nobody else holds the job."""
+    now = clock(now)
+    begin_write(session)
+    renewed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == worker_id)
+        .values(lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now)
+    ).rowcount
+    session.commit()
+    if not renewed:
+        logger.warning("lease lost", extra={"action": "lease_lost", "job_id": job_id, "worker_id": worker_id})
+    return renewed == 1
+
+
+def _fenced_job(session: Session, job_id: int, worker_id: str, lock_study: bool = False) -> Job | None:
+    if lock_study:
+        # Study before job: the order sweep_completeness and requeue_study use.
+        study_id = session.execute(select(Job.study_id).where(Job.id == job_id)).scalar_one_or_none()
+        if study_id is None:
+            return None
+        session.execute(locked(select(Study.id).where(Study.id == study_id))).scalar_one()
+    job = session.execute(locked(select(Job).where(Job.id == job_id))).scalar_one_or_none()
+    if job is None or job.state != JobState.RUNNING or job.lease_owner != worker_id:
+        return None
+    return job
+
+
+def finish_job(
+    session: Session,
+    job_id: int,
+    worker_id: str,
+    outcome: JobOutcome,
+    destinations: Sequence[str],
+    now: datetime | None = None,
+) -> int | None:
+    """Record the job's result, its objects and their deliveries; mark the job done.
+
+    Fenced: only while the job is running under `worker_id`; otherwise nothing
+    changes and None is returned. One transaction (commits). Returns the result id.
+    """
+    now = clock(now)
+    begin_write(session)
+    try:
+        # The study lock also keeps two results of one study+bundle from both staying current.
+        job = _fenced_job(session, job_id, worker_id, lock_study=True)
+        if job is None:
+            session.rollback()
+            logger.warning(
+                "result discarded: job not held by this worker",
+                extra={"action": "finish_fenced", "job_id": job_id, "worker_id": worker_id},
+            )
+            return None
+        previous = _supersede_previous_results(session, job)
+        result = _new_result(job, outcome, now, previous)
+        session.add(result)
+        session.flush()
+        _add_objects_and_deliveries(session, result, outcome.objects, destinations, now)
+        job.state = JobState.DONE
+        job.finished_at = now
+        job.lease_expires_at = None
+        job.last_error = None
+        add_audit(
+            session,
+            SYSTEM_ACTOR,
+            "result_recorded",
+            now,
+            job.study_id,
+            {
+                "job_id": job.id,
+                "result_id": result.id,
+                "bundle": f"{job.bundle_name}-{job.bundle_version}",
+                "supersedes_result_id": previous,
+                "objects": len(outcome.objects),
+            },
+        )
+        result_id = result.id
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    logger.info(
+        "job done",
+        extra={"action": "job_done", "job_id": job_id, "result_id": result_id, "supersedes": previous},
+    )
+    return result_id
+
+
+def _supersede_previous_results(session: Session, job: Job) -> int | None:
+    previous = session.execute(
+        locked(
+            select(Result)
+            .where(Result.study_id == job.study_id, Result.bundle_name == job.bundle_name, Result.superseded.is_(False))
+            .order_by(Result.id.desc())
+        )
+    ).scalars().all()
+    for result in previous:
+        result.superseded = True
+    return previous[0].id if previous else None
+
+
+def _new_result(job: Job, outcome: JobOutcome, now: datetime, previous_id: int | None) -> Result:
+    return Result(
+        job_id=job.id,
+        study_id=job.study_id,
+        bundle_name=job.bundle_name,
+        bundle_version=job.bundle_version,
+        eligible=outcome.eligible,
+        ineligible_reason=outcome.ineligible_reason,
+        anomaly_score=outcome.anomaly_score,
+        percentile=outcome.percentile,
+        screen_positive=outcome.screen_positive,
+        threshold=outcome.threshold,
+        predicted_age=outcome.predicted_age,
+        chronological_age=outcome.chronological_age,
+        age_gap=outcome.age_gap,
+        qc_failed=bool(outcome.qc_reasons) or not outcome.eligible,
+        qc_reasons=list(outcome.qc_reasons),
+        qc_metrics=dict(outcome.qc_metrics),
+        selected_series_uid=outcome.selected_series_uid,
+        series_verdicts=list(outcome.series_verdicts),
+        timings=dict(outcome.timings),
+        created_at=now,
+        supersedes_result_id=previous_id,
+        superseded=False,
+    )
+
+
+def _add_objects_and_deliveries(
+    session: Session,
+    result: Result,
+    objects: Iterable[OutputObject],
+    destinations: Sequence[str],
+    now: datetime,
+) -> None:
+    unique_destinations = list(dict.fromkeys(destinations))
+    for obj in objects:
+        row = ResultObject(
+            result_id=result.id,
+            sop_instance_uid=obj.sop_instance_uid,
+            sop_class_uid=obj.sop_class_uid,
+            kind=obj.kind,
+            path=obj.path,
+        )
+        session.add(row)
+        session.flush()
+        session.add_all(
+            Delivery(
+                result_object_id=row.id,
+                destination=destination,
+                state=DeliveryState.PENDING,
+                attempts=0,
+                next_attempt_at=now,
+            )
+            for destination in unique_destinations
+        )
+    session.flush()
+
+
+def fail_job(
+    session: Session,
+    job_id: int,
+    worker_id: str,
+    reason: str,
+    retryable: bool,
+    now: datetime | None = None,
+    policy: RetryPolicy | None = None,
+    rng: random.Random | None = None,
+) -> JobState | None:
+    """Record a failed attempt (commits), fenced like `finish_job` (None when not held).
+
+    Retryable and attempts below min(job.max_attempts, policy.max_attempts): queued
+    again after the policy's backoff. Otherwise failed, with the reason kept.
+    """
+    now = clock(now)
+    policy = policy or RetryPolicy()
+    begin_write(session)
+    try:
+        job = _fenced_job(session, job_id, worker_id)
+        if job is None:
+            session.rollback()
+            return None
+        limit = min(job.max_attempts, policy.max_attempts)
+        job.last_error = reason
+        job.lease_owner = None
+        job.lease_expires_at = None
+        if retryable and job.attempts < limit:
+            delay_s = policy.delay(job.attempts, rng)
+            job.state = JobState.QUEUED
+            job.available_at = now + timedelta(seconds=delay_s)
+        else:
+            job.state = JobState.FAILED
+            job.finished_at = now
+            add_audit(
+                session,
+                SYSTEM_ACTOR,
+                "job_failed",
+                now,
+                job.study_id,
+                {"job_id": job.id, "attempts": job.attempts, "retryable": retryable, "reason": reason},
+            )
+        state = job.state
+        attempts = job.attempts
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    logger.warning(
+        "job attempt failed",
+        extra={"action": "job_failed", "job_id": job_id, "state": str(state), "attempts": attempts},
+    )
+    return state
+
+
+def requeue_expired(session: Session, now: datetime | None = None) -> int:
+    """Running jobs whose lease expired: queued again, or failed when out of attempts (commits)."""
+    now = clock(now)
+    begin_write(session)
+    try:
+        stmt = select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+        expired = session.execute(locked(stmt, skip_locked=is_postgres(session))).scalars().all()
+        for job in expired:
+            job.last_error = f"lease expired (worker {job.lease_owner}, attempt {job.attempts})"
+            job.lease_owner = None
+            job.lease_expires_at = None
+            if job.attempts >= job.max_attempts:
+                job.state = JobState.FAILED
+                job.finished_at = now
+                add_audit(
+                    session, SYSTEM_ACTOR, "job_failed", now, job.study_id,
+                    {"job_id": job.id, "attempts": job.attempts, "reason": job.last_error},
+                )
+            else:
+                job.state = JobState.QUEUED
+                job.available_at = now
+        count = len(expired)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    if count:
+        logger.warning("expired leases recovered", extra={"action": "requeue_expired", "jobs": count})
+    return count

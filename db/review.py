@@ -1,0 +1,339 @@
+"""Admin review: listing and detail, flags, review marks, requeue, audit, counts."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import ScalarSelect
+
+from db.engine import begin_write
+from db.models import Delivery, Job, Result, ResultObject, Series, Study
+from db.states import JobState, StudyState
+from db.sweep import enqueue_jobs
+from db.txn import ACTIVE_JOB_STATES, DEFAULT_JOB_MAX_ATTEMPTS, add_audit, clock, end_read, locked
+from db.types import (
+    BundleRef,
+    DeliverySummary,
+    JobSummary,
+    ResultSummaryRow,
+    SeriesSummary,
+    StudyDetail,
+    StudyFilters,
+    StudyNotFound,
+    StudyRow,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def audit(
+    session: Session,
+    actor: str,
+    action: str,
+    study_id: int | None = None,
+    detail: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> int:
+    """Append an audit event (commits); returns its id."""
+    now = clock(now)
+    begin_write(session)
+    event = add_audit(session, actor, action, now, study_id, detail)
+    session.commit()
+    return event.id
+
+
+def _study_by_uid(session: Session, study_uid: str, lock: bool = False) -> Study:
+    stmt = select(Study).where(Study.study_instance_uid == study_uid)
+    study = session.execute(locked(stmt) if lock else stmt).scalar_one_or_none()
+    if study is None:
+        raise StudyNotFound(f"no study with Study Instance UID {study_uid}")
+    return study
+
+
+def set_flag(
+    session: Session,
+    study_uid: str,
+    flagged: bool,
+    comment: str | None,
+    actor: str,
+    now: datetime | None = None,
+) -> None:
+    """Flag or unflag a study for review (commits, audited). Raises StudyNotFound."""
+    now = clock(now)
+    begin_write(session)
+    try:
+        study = _study_by_uid(session, study_uid, lock=True)
+        study.flagged = flagged
+        study.flag_comment = comment
+        add_audit(session, actor, "flag_set" if flagged else "flag_cleared", now, study.id, {"comment": comment})
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+
+
+def set_review(
+    session: Session,
+    study_uid: str,
+    reviewed: bool,
+    confirmed_normal: bool,
+    actor: str,
+    now: datetime | None = None,
+) -> None:
+    """Record an admin's review of a study (commits, audited). Raises StudyNotFound."""
+    now = clock(now)
+    begin_write(session)
+    try:
+        study = _study_by_uid(session, study_uid, lock=True)
+        study.reviewed = reviewed
+        study.confirmed_normal = confirmed_normal
+        add_audit(
+            session, actor, "review_set", now, study.id,
+            {"reviewed": reviewed, "confirmed_normal": confirmed_normal},
+        )
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+
+
+def requeue_study(
+    session: Session,
+    study_uid: str,
+    actor: str,
+    bundles: Sequence[BundleRef],
+    now: datetime | None = None,
+    max_attempts: int = DEFAULT_JOB_MAX_ATTEMPTS,
+) -> list[int]:
+    """Run the study again with the matching bundles (commits, audited); returns new job ids.
+
+    Queued or running jobs of the study are superseded. A study still receiving is
+    completed now (force-complete). Raises StudyNotFound.
+    """
+    now = clock(now)
+    begin_write(session)
+    try:
+        study = _study_by_uid(session, study_uid, lock=True)
+        forced = study.state == StudyState.RECEIVING
+        if forced:
+            study.state = StudyState.COMPLETE
+            study.completed_at = now
+        session.execute(
+            update(Job)
+            .where(Job.study_id == study.id, Job.state.in_(ACTIVE_JOB_STATES))
+            .values(state=JobState.SUPERSEDED, lease_expires_at=None)
+        )
+        job_ids = enqueue_jobs(session, study, bundles, now, max_attempts, actor)
+        add_audit(session, actor, "study_requeued", now, study.id, {"job_ids": job_ids, "force_completed": forced})
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    logger.info("study requeued", extra={"action": "study_requeued", "study_uid": study_uid, "jobs": len(job_ids)})
+    return job_ids
+
+
+def _latest_result_id() -> ScalarSelect[Any]:
+    return (
+        select(func.max(Result.id))
+        .where(Result.study_id == Study.id, Result.superseded.is_(False))
+        .correlate(Study)
+        .scalar_subquery()
+    )
+
+
+def _instance_count() -> ScalarSelect[Any]:
+    return (
+        select(func.coalesce(func.sum(Series.instance_count), 0))
+        .where(Series.study_id == Study.id)
+        .correlate(Study)
+        .scalar_subquery()
+    )
+
+
+def _study_rows_query() -> Select[Any]:
+    return (
+        select(Study, Result, _instance_count().label("instance_count"))
+        .outerjoin(Result, Result.id == _latest_result_id())
+    )
+
+
+def _apply_filters(stmt: Select[Any], filters: StudyFilters) -> Select[Any]:
+    if filters.state is not None:
+        stmt = stmt.where(Study.state == StudyState(filters.state))
+    if filters.modality is not None:
+        stmt = stmt.where(Study.modality == filters.modality)
+    if filters.outliers_only:
+        stmt = stmt.where(Result.screen_positive.is_(True))
+    if filters.qc_failed_only:
+        stmt = stmt.where(Result.qc_failed.is_(True))
+    if filters.flagged is not None:
+        stmt = stmt.where(Study.flagged.is_(filters.flagged))
+    if filters.min_percentile is not None:
+        stmt = stmt.where(Result.percentile >= filters.min_percentile)
+    return stmt
+
+
+def _job_summaries(session: Session, study_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+    if not study_ids:
+        return {}
+    rows = session.execute(
+        select(Job.study_id, Job.state, func.count())
+        .where(Job.study_id.in_(list(study_ids)))
+        .group_by(Job.study_id, Job.state)
+    ).all()
+    summary: dict[int, dict[str, int]] = defaultdict(dict)
+    for study_id, state, count in rows:
+        summary[study_id][str(state)] = count
+    return summary
+
+
+def _to_row(study: Study, result: Result | None, instance_count: int, jobs: dict[str, int]) -> StudyRow:
+    row = StudyRow(
+        study_id=study.id,
+        study_instance_uid=study.study_instance_uid,
+        modality=study.modality,
+        state=str(study.state),
+        generation=study.generation,
+        instance_count=int(instance_count),
+        first_received_at=study.first_received_at,
+        last_received_at=study.last_received_at,
+        completed_at=study.completed_at,
+        jobs=jobs,
+        flagged=study.flagged,
+        flag_comment=study.flag_comment,
+    )
+    if result is None:
+        return row
+    return replace(
+        row,
+        result_id=result.id,
+        bundle_name=result.bundle_name,
+        bundle_version=result.bundle_version,
+        eligible=result.eligible,
+        anomaly_score=result.anomaly_score,
+        percentile=result.percentile,
+        screen_positive=result.screen_positive,
+        predicted_age=result.predicted_age,
+        chronological_age=result.chronological_age,
+        age_gap=result.age_gap,
+        qc_reasons=list(result.qc_reasons),
+    )
+
+
+def list_studies(session: Session, filters: StudyFilters | None = None) -> list[StudyRow]:
+    """Studies, newest arrivals first, with their latest current result (read-only)."""
+    filters = filters or StudyFilters()
+    stmt = (
+        _apply_filters(_study_rows_query(), filters)
+        .order_by(Study.last_received_at.desc(), Study.id.desc())
+        .limit(filters.limit)
+        .offset(filters.offset)
+    )
+    rows = session.execute(stmt).all()
+    jobs = _job_summaries(session, [study.id for study, _, _ in rows])
+    out = [_to_row(study, result, count, jobs.get(study.id, {})) for study, result, count in rows]
+    end_read(session)
+    return out
+
+
+def get_study(session: Session, study_uid: str) -> StudyDetail | None:
+    """Everything about one study for the admin view (read-only); None when unknown."""
+    found = session.execute(
+        _study_rows_query().where(Study.study_instance_uid == study_uid)
+    ).one_or_none()
+    if found is None:
+        end_read(session)
+        return None
+    study, latest, count = found
+    detail = StudyDetail(
+        row=_to_row(study, latest, count, _job_summaries(session, [study.id]).get(study.id, {})),
+        study_date=study.study_date,
+        patient_age=study.patient_age,
+        station_name=study.station_name,
+        institution=study.institution,
+        calling_ae=study.calling_ae,
+        reviewed=study.reviewed,
+        confirmed_normal=study.confirmed_normal,
+        series=_series_of(session, study.id),
+        jobs=_jobs_of(session, study.id),
+        results=_results_of(session, study.id),
+        deliveries=_deliveries_of(session, study.id),
+    )
+    end_read(session)
+    return detail
+
+
+def _series_of(session: Session, study_id: int) -> list[SeriesSummary]:
+    rows = session.execute(
+        select(Series).where(Series.study_id == study_id).order_by(Series.series_number, Series.id)
+    ).scalars()
+    return [
+        SeriesSummary(s.series_instance_uid, s.modality, s.series_number, s.series_description, s.instance_count)
+        for s in rows
+    ]
+
+
+def _jobs_of(session: Session, study_id: int) -> list[JobSummary]:
+    rows = session.execute(select(Job).where(Job.study_id == study_id).order_by(Job.id)).scalars()
+    return [
+        JobSummary(
+            j.id, j.bundle_name, j.bundle_version, j.generation, str(j.state),
+            j.attempts, j.last_error, j.created_at, j.finished_at,
+        )
+        for j in rows
+    ]
+
+
+def _results_of(session: Session, study_id: int) -> list[ResultSummaryRow]:
+    rows = session.execute(select(Result).where(Result.study_id == study_id).order_by(Result.id)).scalars()
+    return [
+        ResultSummaryRow(
+            result_id=r.id,
+            job_id=r.job_id,
+            bundle_name=r.bundle_name,
+            bundle_version=r.bundle_version,
+            eligible=r.eligible,
+            ineligible_reason=r.ineligible_reason,
+            anomaly_score=r.anomaly_score,
+            percentile=r.percentile,
+            screen_positive=r.screen_positive,
+            threshold=r.threshold,
+            predicted_age=r.predicted_age,
+            chronological_age=r.chronological_age,
+            age_gap=r.age_gap,
+            qc_reasons=list(r.qc_reasons),
+            qc_metrics=dict(r.qc_metrics),
+            selected_series_uid=r.selected_series_uid,
+            series_verdicts=list(r.series_verdicts),
+            timings=dict(r.timings),
+            created_at=r.created_at,
+            superseded=r.superseded,
+            supersedes_result_id=r.supersedes_result_id,
+        )
+        for r in rows
+    ]
+
+
+def _deliveries_of(session: Session, study_id: int) -> list[DeliverySummary]:
+    rows = session.execute(
+        select(Delivery, ResultObject)
+        .join(ResultObject, ResultObject.id == Delivery.result_object_id)
+        .join(Result, Result.id == ResultObject.result_id)
+        .where(Result.study_id == study_id)
+        .order_by(Delivery.id)
+    ).all()
+    return [
+        DeliverySummary(
+            d.id, o.result_id, o.sop_instance_uid, str(o.kind), d.destination, str(d.state),
+            d.attempts, d.last_error, d.last_status, d.delivered_at,
+        )
+        for d, o in rows
+    ]
