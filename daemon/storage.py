@@ -9,7 +9,9 @@ A file is written to a temporary name in its final directory, flushed, fsynced,
 renamed over the final name and the directory is fsynced, so after ``write``
 returns the instance survives a power cut and a reader never sees half a file.
 Writing the same SOP Instance UID again replaces the file atomically, which makes
-a re-send idempotent.
+a re-send idempotent. One process writes a storage tree (the SCP); a temporary
+file left by a crash is replaced when its instance is sent again, and goes with
+its study at retention.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ _MIB = 1024 * 1024
 _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UID_MAX_LEN = 64
 _KNOWN_DIRS_MAX = 4096
+_SOP_LOCK_STRIPES = 64
 
 
 class InvalidUid(InputRejected):
@@ -76,6 +79,9 @@ class InstanceStore:
         self.durable = durable
         self._known_dirs: OrderedDict[Path, None] = OrderedDict()
         self._dirs_lock = threading.Lock()
+        # Two associations may deliver the same SOP instance at once; they share its
+        # temporary name, so writes of one SOP are serialised (striped locks).
+        self._sop_locks = [threading.Lock() for _ in range(_SOP_LOCK_STRIPES)]
         self.root.mkdir(parents=True, exist_ok=True)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> PurePosixPath:
@@ -108,22 +114,25 @@ class InstanceStore:
         relative = self.relative_path(study_uid, series_uid, sop_uid)
         self.check_space(len(data))
         final = self.root.joinpath(*relative.parts)
-        tmp = final.parent / f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        self._ensure_dir(final.parent)
-        try:
+        # One temporary name per SOP instance: a re-send after a crash reuses (and so
+        # removes) the temporary file the crash left behind.
+        tmp = final.parent / f".{final.name}.tmp"
+        with self._sop_locks[hash(final.name) % len(self._sop_locks)]:
+            self._ensure_dir(final.parent)
             try:
-                self._write_file(tmp, data)
-            except FileNotFoundError:
-                # The directory was removed (retention clean-up) since we cached it.
-                self._forget_dir(final.parent)
-                self._ensure_dir(final.parent)
-                self._write_file(tmp, data)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if self.durable:
-            _fsync_dir(final.parent)
+                try:
+                    self._write_file(tmp, data)
+                except FileNotFoundError:
+                    # The directory was removed (retention clean-up) since we cached it.
+                    self._forget_dir(final.parent)
+                    self._ensure_dir(final.parent)
+                    self._write_file(tmp, data)
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            if self.durable:
+                _fsync_dir(final.parent)
         return StoredInstance(path=final, relative_path=relative.as_posix(), size_bytes=len(data))
 
     def _write_file(self, path: Path, data: bytes) -> None:

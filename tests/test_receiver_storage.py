@@ -84,6 +84,28 @@ def test_failed_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pyte
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
+def test_a_resend_removes_the_temporary_file_a_crash_left(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    first = store.write(STUDY, SERIES, SOP, b"x")
+    stale = first.path.parent / f".{first.path.name}.tmp"
+    stale.write_bytes(b"half a file from a killed process")
+    store.write(STUDY, SERIES, SOP, b"whole")
+    assert sorted(p.name for p in first.path.parent.iterdir()) == [first.path.name]
+    assert first.path.read_bytes() == b"whole"
+
+
+def test_concurrent_writes_of_one_sop_never_interleave(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path, durable=False)
+    payloads = [bytes([n]) * 200_000 for n in range(8)]
+    threads = [threading.Thread(target=store.write, args=(STUDY, SERIES, SOP, p)) for p in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (only,) = (tmp_path / STUDY / SERIES).iterdir()
+    assert only.read_bytes() in payloads
+
+
 def test_removed_directory_is_recreated(tmp_path: Path) -> None:
     store = InstanceStore(tmp_path)
     first = store.write(STUDY, SERIES, SOP, b"x")
