@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from daemon.errors import InputRejected
 from imaging import phantoms
 from imaging.preprocess import preprocess
 from imaging.volume import Volume
@@ -194,6 +195,8 @@ def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | Non
         keep = [i for i, p in enumerate(prepared) if not p.qc_reasons]
         cohort.qc_excluded += len(prepared) - len(keep)
         chosen, prepared = [chosen[i] for i in keep], [prepared[i] for i in keep]
+        if not chosen:
+            raise InputRejected(f"every healthy {spec.modality} case of split {name!r} failed the preprocessing QC")
         cohort.healthy[name], cohort.healthy_masks[name] = _stack(chosen, prepared)
         cohort.cases[name] = chosen
     lesions = anomalous_cases(spec.modality, spec.n_anomalous_val + spec.n_anomalous_test, spec.seed)

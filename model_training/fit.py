@@ -190,8 +190,11 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     test_h, test_a = scorer.score(test, keep_maps=False), scorer.score(cohort.anomalous["test"], keep_maps=False)
     metrics = _metrics(test_h, test_a, val_h, val_a, terms, age_gap_weight, calibration.threshold)
     metrics.update(n_train=len(cohort.healthy["train"]), qc_excluded=cohort.qc_excluded,
-                   validation_auroc_weight_search=weights.validation_auroc, final_epoch=_last_row(trained.metrics_csv),
+                   final_epoch=_last_row(trained.metrics_csv),
                    anomaly_kinds=sorted({c.lesion_kind for c in cohort.cases["anomalous_test"] if c.lesion_kind}))
+    if opts.method != "fanogan":
+        metrics["score_weight_search"] = {"rec": weights.rec, "kl": weights.kl, "age_gap": weights.age_gap,
+                                          "validation_auroc": weights.validation_auroc}
     age_supported = val_h.age is not None
     bundle_spec = BundleSpec(
         name=name, version=version, modality=opts.modality, method=opts.method,

@@ -57,12 +57,22 @@ class OnnxScorer:
         return Scored(terms=joined, age=age, error_maps=maps, chronological_age=samples.ages.astype(np.float64))
 
 
+def rank_auroc(healthy: np.ndarray, anomalous: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney U statistic: P(anomalous > healthy) + P(tie) / 2.
+    Independent of scikit-learn, which `detection_metrics` uses; tests compare the two."""
+    healthy, anomalous = np.asarray(healthy, float), np.asarray(anomalous, float)
+    greater = (anomalous[:, None] > healthy[None, :]).sum()
+    ties = (anomalous[:, None] == healthy[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(healthy) * len(anomalous)))
+
+
 def detection_metrics(healthy: np.ndarray, anomalous: np.ndarray, threshold: float | None = None) -> dict[str, float]:
     """AUROC/AUPRC of anomalous (positive) vs healthy; sensitivity and specificity at a threshold."""
     labels = np.r_[np.zeros(len(healthy)), np.ones(len(anomalous))]
     scores = np.r_[healthy, anomalous]
     out = {
         "auroc": float(roc_auc_score(labels, scores)),
+        "auroc_mann_whitney": rank_auroc(healthy, anomalous),
         "auprc": float(average_precision_score(labels, scores)),
         "n_healthy": int(len(healthy)),
         "n_anomalous": int(len(anomalous)),

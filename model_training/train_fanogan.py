@@ -120,9 +120,10 @@ def _wgan_epoch(
     sums = {"d_loss": 0.0, "wasserstein": 0.0, "gp": 0.0, "g_loss": 0.0}
     d_steps = g_steps = 0
     for images, _ in batches(samples, cfg.batch_size, generator, device, cfg.flip_lr):
-        z = torch.randn(images.shape[0], nets.generator.latent, device=device)
+        # At least two z: the generator's batch norm cannot train on one sample.
+        z = torch.randn(max(images.shape[0], 2), nets.generator.latent, device=device)
         with torch.no_grad():
-            fake = nets.generator(z)
+            fake = nets.generator(z)[: images.shape[0]]
         d_loss, wasserstein, gp = critic_loss(nets.critic, images, fake, cfg.gp_weight)
         opts["d"].zero_grad(set_to_none=True)
         d_loss.backward()

@@ -39,7 +39,7 @@ def smooth_volumes(n: int, grid: tuple[int, int, int], seed: int) -> Samples:
 
 @pytest.fixture(scope="module")
 def cpu() -> torch.device:
-    return pick_device("cpu")
+    return pick_device("cpu", threads=1)
 
 
 # ---------------------------------------------------------------- losses by hand
@@ -139,6 +139,18 @@ def test_weight_search_finds_the_discriminative_term() -> None:
     weights = select_vae_weights(healthy, anomalous)
     assert weights.age_gap > 0 and weights.kl == 1.0
     assert weights.validation_auroc > 0.95
+
+
+def test_own_auroc_agrees_with_scikit_learn_including_ties() -> None:
+    from model_training.scoring import detection_metrics, rank_auroc
+
+    rng = np.random.default_rng(8)
+    healthy, anomalous = rng.normal(0, 1, 40).round(1), rng.normal(0.8, 1, 30).round(1)  # rounding makes ties
+    metrics = detection_metrics(healthy, anomalous, threshold=0.5)
+    assert metrics["auroc"] == pytest.approx(rank_auroc(healthy, anomalous), abs=1e-12)
+    assert metrics["auroc_mann_whitney"] == metrics["auroc"]
+    assert rank_auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
+    assert metrics["specificity_at_threshold"] == pytest.approx(np.mean(healthy <= 0.5))
 
 
 # ---------------------------------------------------------------- training and export
