@@ -83,6 +83,10 @@ class Phantom:
     lesion: Lesion | None = None
     metadata: dict[str, float] = field(default_factory=dict)
 
+    def brain_mask_volume_ml(self) -> float:
+        spacing = self.brain_mask.GetSpacing()
+        return float(sitk.GetArrayViewFromImage(self.brain_mask).sum()) * float(np.prod(spacing)) / 1000.0
+
 
 def make_head(modality: str = "CT", age: float = 60.0, seed: int = 0, pose: Pose = Pose(),
               lesion: Lesion | None = None, scale: float = 1.0, noise: float | None = None,

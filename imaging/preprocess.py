@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, InputRejected
 from imaging import qc, skullstrip, templates
 from imaging.registration import RegistrationResult, register_to_atlas
 from imaging.volume import Volume
@@ -37,6 +37,7 @@ _COMMON: dict[str, Any] = {
     # Template brain bounding box (LPS mm) plus a 3 mm margin: the "black border" is cropped.
     "fov_lps_mm": {"min": [-75.0, -76.0, -75.0], "max": [75.0, 110.0, 85.0]},
     "working_spacing_mm": 2.0,
+    "min_coverage_mm": 60.0,
     "smoothing_sigma_mm": 1.0,
     "output_range": [-1.0, 1.0],
     "registration": {
@@ -46,6 +47,8 @@ _COMMON: dict[str, Any] = {
         "sampling_fraction": 0.1,
         "seed": 20240611,
         "intensity_clamp": None,
+        "restart_rotations_deg": [[30.0, 0.0, 0.0], [-30.0, 0.0, 0.0], [0.0, 0.0, 30.0], [0.0, 0.0, -30.0],
+                                  [60.0, 0.0, 0.0], [-60.0, 0.0, 0.0], [0.0, 0.0, 60.0], [0.0, 0.0, -60.0]],
         "rigid": {"shrink_factors": [2, 1], "smoothing_sigmas_mm": [2.0, 0.0], "iterations": 60,
                   "max_step_mm": 2.0, "convergence_value": 1e-6, "convergence_window": 10},
         "affine": {"shrink_factors": [1], "smoothing_sigmas_mm": [0.0], "iterations": 40,
@@ -57,11 +60,12 @@ _CT: dict[str, Any] = {
     "modality": "CT",
     "window": [-20.0, 100.0],
     "normalization": "window",
-    "registration": {"head_threshold": -500.0},
+    "registration": {"head_threshold": -500.0, "restart_if_metric_above": -0.4},
     "skull_strip": {"method": "hu_threshold_morphology", "hu_range": [-15.0, 100.0], "erode_voxels": 1,
                     "prior_dilate_mm": 10.0, "boundary_hu": 400.0},
-    "noise_band": [0.0, 80.0],
-    "qc_ranges": {"brain_volume_ml": [900.0, 2600.0], "head_dice": [0.85, 1.0], "brain_dice": [0.85, 1.0],
+    "noise_band": [-100.0, 150.0],
+    "qc_ranges": {"brain_volume_ml": [900.0, 2600.0], "head_dice": [0.96, 1.0], "brain_dice": [0.93, 1.0],
+                  "registration_metric": [-3.0, -0.4],
                   "rotation_deg": [0.0, 35.0], "affine_scale": [0.8, 1.25], "noise_sigma": [0.0, 25.0],
                   "slice_spacing_cv": [0.0, 0.05]},
 }
@@ -72,10 +76,10 @@ _MR: dict[str, Any] = {
     "normalization": "percentile",
     "percentiles": [1.0, 99.0],
     "bias_correction": False,
-    "registration": {"head_threshold_fraction": 0.15},
+    "registration": {"head_threshold_fraction": 0.15, "restart_if_metric_above": -0.6},
     "skull_strip": {"method": "template_mask"},
-    "qc_ranges": {"brain_volume_ml": [900.0, 2600.0], "head_dice": [0.85, 1.0],
-                  "rotation_deg": [0.0, 35.0], "affine_scale": [0.8, 1.25], "noise_relative": [0.0, 0.2],
+    "qc_ranges": {"brain_volume_ml": [900.0, 2600.0], "head_dice": [0.96, 1.0],
+                  "registration_metric": [-3.0, -0.6], "rotation_deg": [0.0, 35.0], "affine_scale": [0.8, 1.25], "noise_relative": [0.0, 0.2],
                   "slice_spacing_cv": [0.0, 0.05]},
 }
 
@@ -135,6 +139,7 @@ def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
     modality = params["modality"]
     if volume.modality != modality:
         raise ConfigError(f"params: built for {modality}, volume is {volume.modality}")
+    _check_coverage(volume, float(params["min_coverage_mm"]))
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -181,6 +186,15 @@ def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
                                        "seconds": round(timings["total"], 3), "qc_reasons": reasons})
     return Preprocessed(model_input=model_input, brain_mask=brain, qc_metrics=metrics, qc_reasons=reasons,
                         transform=registration.transform, reference=reference, timings=timings)
+
+
+def _check_coverage(volume: Volume, minimum_mm: float) -> None:
+    """A head cannot be registered from a few slices: reject instead of guessing."""
+    size, spacing = volume.image.GetSize(), volume.image.GetSpacing()
+    extents = [n * s for n, s in zip(size, spacing)]
+    if min(extents) < minimum_mm:
+        raise InputRejected(f"insufficient_coverage: volume extent {min(extents):.0f} mm < {minimum_mm:g} mm "
+                            f"({size[2]} slice(s))")
 
 
 def shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:

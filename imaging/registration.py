@@ -86,15 +86,17 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
         atlas = sitk.Clamp(atlas, sitk.sitkFloat32, float(clamp[0]), float(clamp[1]))
         moving = sitk.Clamp(moving, sitk.sitkFloat32, float(clamp[0]), float(clamp[1]))
 
-    rigid = sitk.Euler3DTransform()
-    rigid.SetCenter(tuple(atlas_centroid))
-    rigid.SetTranslation(tuple(moving_centroid - atlas_centroid))
-
-    method = sitk.ImageRegistrationMethod()
-    _configure(method, settings["rigid"], settings)
-    method.SetMetricFixedMask(atlas_mask)
-    method.SetInitialTransform(rigid, inPlace=True)
-    method.Execute(atlas, moving)
+    rigid, rigid_metric = _rigid(atlas, moving, atlas_mask, settings, atlas_centroid, moving_centroid, (0.0, 0.0, 0.0))
+    # A poor optimum usually means a start too far from the truth (head flexed or turned
+    # a lot): try a few other starting rotations and keep the best.
+    if rigid_metric > float(settings["restart_if_metric_above"]):
+        for angles in settings["restart_rotations_deg"]:
+            candidate, metric = _rigid(atlas, moving, atlas_mask, settings, atlas_centroid, moving_centroid,
+                                       tuple(float(a) for a in angles))
+            if metric < rigid_metric:
+                rigid, rigid_metric = candidate, metric
+            if rigid_metric <= float(settings["restart_if_metric_above"]):
+                break
     rotation = _rotation_angle_deg(np.asarray(rigid.GetMatrix()).reshape(3, 3))
 
     affine = sitk.AffineTransform(3)
@@ -115,6 +117,21 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     logger.debug("registered", extra={"action": "registered", "rotation_deg": rotation,
                                       "metric": metric, "seconds": result.seconds})
     return result
+
+
+def _rigid(atlas: sitk.Image, moving: sitk.Image, atlas_mask: sitk.Image, settings: dict[str, Any],
+           atlas_centroid: np.ndarray, moving_centroid: np.ndarray,
+           start_deg: tuple[float, float, float]) -> tuple[sitk.Euler3DTransform, float]:
+    rigid = sitk.Euler3DTransform()
+    rigid.SetCenter(tuple(atlas_centroid))
+    rigid.SetRotation(*(math.radians(a) for a in start_deg))
+    rigid.SetTranslation(tuple(moving_centroid - atlas_centroid))
+    method = sitk.ImageRegistrationMethod()
+    _configure(method, settings["rigid"], settings)
+    method.SetMetricFixedMask(atlas_mask)
+    method.SetInitialTransform(rigid, inPlace=True)
+    method.Execute(atlas, moving)
+    return rigid, float(method.GetMetricValue())
 
 
 def _rotation_angle_deg(matrix: np.ndarray) -> float:

@@ -1,0 +1,398 @@
+"""imaging: phantoms, DICOM series in and out, selection, registration, skull strip, to_native.
+
+Everything is real: ICBM/Colin27 templates, pydicom files on disk, dciodvfy, SimpleITK.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from scipy import ndimage
+
+from daemon.errors import InputRejected
+from imaging import templates
+from imaging.phantoms import Lesion, Pose, make_head, pose_transform, write_dicom_series
+from imaging.preprocess import ModelGrid, default_params, preprocess, to_native
+from imaging.registration import affine_to_matrix
+from imaging.selection import SelectionRules, SeriesCandidate, select_series
+from imaging.skullstrip import dice
+from imaging.volume import SeriesRejected, Volume, load_series
+
+POSE = Pose(rotation_deg=(10.0, -8.0, 12.0), translation_mm=(15.0, -10.0, 18.0))
+LESION = Lesion("hemorrhage", center_mm=(30.0, -10.0, 20.0), volume_ml=15.0)
+
+
+@pytest.fixture(scope="module")
+def posed_ct():
+    return make_head("CT", age=62.0, seed=11, pose=POSE, lesion=LESION)
+
+
+@pytest.fixture(scope="module")
+def posed_ct_preprocessed(posed_ct):
+    volume = Volume.from_image(posed_ct.image, "CT")
+    return volume, preprocess(volume, default_params("CT"))
+
+
+@pytest.fixture(scope="module")
+def small_ct_series(tmp_path_factory) -> list[Path]:
+    phantom = make_head("CT", age=50.0, seed=2, spacing=(2.0, 2.0, 2.0))
+    return write_dicom_series(phantom, tmp_path_factory.mktemp("ct"), rows=96, cols=96, slice_thickness=4.0)
+
+
+def _copy(paths: list[Path], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy(p, folder / p.name)) for p in paths]
+
+
+# ---------------------------------------------------------------- templates and phantoms
+
+def test_templates_load_offline_and_atlas_has_ct_values():
+    maps = templates.tissue_maps()
+    assert 1500 < maps.brain.sum() / 1000.0 < 2200  # ICBM brain mask in mL
+    atlas = sitk.GetArrayViewFromImage(templates.atlas("CT", 2.0))
+    assert atlas.min() == pytest.approx(-1000.0)
+    assert 1000 < atlas.max() <= 1400
+    brain = sitk.GetArrayViewFromImage(templates.atlas_brain_mask(2.0)).astype(bool)
+    assert 15.0 < float(np.median(atlas[brain])) < 45.0
+
+
+def test_phantom_is_deterministic_and_older_heads_have_more_csf():
+    young = make_head("CT", age=25.0, seed=5, noise=0.0, spacing=(2.0, 2.0, 2.0))
+    again = make_head("CT", age=25.0, seed=5, noise=0.0, spacing=(2.0, 2.0, 2.0))
+    old = make_head("CT", age=85.0, seed=5, noise=0.0, spacing=(2.0, 2.0, 2.0))
+    assert np.array_equal(sitk.GetArrayViewFromImage(young.image), sitk.GetArrayViewFromImage(again.image))
+
+    def csf_ml(phantom):
+        values = sitk.GetArrayViewFromImage(phantom.image)
+        brain = sitk.GetArrayViewFromImage(phantom.brain_mask).astype(bool)
+        return float(((values < 15.0) & brain).sum()) * 8.0 / 1000.0
+
+    assert csf_ml(old) > csf_ml(young) * 1.3
+
+
+def test_phantom_lesion_has_requested_volume_and_density():
+    phantom = make_head("CT", age=60.0, seed=1, noise=0.0, lesion=LESION)
+    lesion = sitk.GetArrayViewFromImage(phantom.lesion_mask).astype(bool)
+    assert lesion.sum() / 1000.0 == pytest.approx(LESION.volume_ml, rel=0.25)
+    core = ndimage.binary_erosion(lesion, iterations=2)
+    values = sitk.GetArrayViewFromImage(phantom.image)[core]
+    assert 60.0 <= values.min() and values.max() <= 80.0
+
+
+def test_lesion_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="kind"):
+        Lesion("bruise")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="volume_ml"):
+        Lesion("infarct", volume_ml=0.0)
+
+
+# ---------------------------------------------------------------- registration, skull strip, to_native
+
+def _rotation_part(matrix: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(matrix)
+    return u @ vt
+
+
+def test_registration_recovers_known_pose(posed_ct, posed_ct_preprocessed):
+    _, pre = posed_ct_preprocessed
+    estimated = affine_to_matrix(pre.transform)
+    truth = affine_to_matrix(posed_ct.mni_to_native)
+    relative = _rotation_part(estimated[:3, :3]).T @ _rotation_part(truth[:3, :3])
+    angle = math.degrees(math.acos(np.clip((np.trace(relative) - 1.0) / 2.0, -1.0, 1.0)))
+    assert angle < 1.0
+    # Displacement error at points spread over the brain.
+    points = np.array([[x, y, z, 1.0] for x in (-50, 0, 50) for y in (-70, 0, 50) for z in (-30, 10, 60)])
+    errors = np.linalg.norm((points @ estimated.T - points @ truth.T)[:, :3], axis=1)
+    assert errors.max() < 1.0
+    assert pre.qc_metrics["rotation_deg"] == pytest.approx(17.5, abs=1.5)
+    assert pre.qc_reasons == []
+
+
+def test_model_input_is_on_the_contract_grid(posed_ct_preprocessed):
+    _, pre = posed_ct_preprocessed
+    assert pre.model_input.shape == (64, 64, 64) and pre.model_input.dtype == np.float32
+    assert pre.brain_mask.shape == (64, 64, 64) and pre.brain_mask.dtype == bool
+    assert pre.model_input.min() == -1.0 and pre.model_input.max() <= 1.0
+    assert np.all(pre.model_input[~pre.brain_mask] == -1.0)
+    # Brain tissue (~30-40 HU) sits in the middle of the [-20, 100] window.
+    assert -0.4 < float(np.median(pre.model_input[pre.brain_mask])) < 0.0
+
+
+def test_skull_strip_matches_phantom_brain(posed_ct, posed_ct_preprocessed):
+    _, pre = posed_ct_preprocessed
+    truth = sitk.Resample(posed_ct.brain_mask, pre.reference, posed_ct.mni_to_native, sitk.sitkNearestNeighbor)
+    assert dice(sitk.GetArrayViewFromImage(truth), pre.brain_mask) >= 0.95
+    assert pre.qc_metrics["brain_volume_ml"] == pytest.approx(posed_ct.brain_mask_volume_ml(), rel=0.1)
+
+
+def test_to_native_puts_a_model_space_blob_on_the_lesion(posed_ct, posed_ct_preprocessed):
+    volume, pre = posed_ct_preprocessed
+    grid = ModelGrid(tuple(pre.reference.GetSize()[::-1]), pre.reference.GetOrigin(), pre.reference.GetSpacing())
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in grid.size_zyx], indexing="ij")
+    centre = np.array(pre.reference.TransformPhysicalPointToContinuousIndex(LESION.center_lps_mm))[::-1]
+    radius_mm = (3.0 * LESION.volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+    spacing = np.array(grid.spacing[::-1])
+    distance = np.sqrt(((zz - centre[0]) * spacing[0]) ** 2 + ((yy - centre[1]) * spacing[1]) ** 2
+                       + ((xx - centre[2]) * spacing[2]) ** 2)
+    blob = (distance <= radius_mm).astype(np.float32)
+
+    native = to_native(blob, pre, volume)
+    assert native.shape == tuple(volume.image.GetSize()[::-1])
+    lesion = sitk.GetArrayViewFromImage(posed_ct.lesion_mask).astype(bool)
+    mapped = native > 0.5
+    centroid_mapped = np.array(np.nonzero(mapped)).mean(axis=1)
+    centroid_lesion = np.array(np.nonzero(lesion)).mean(axis=1)
+    # The phantom's lesion is irregular; its centroid stays within a model voxel of the blob's.
+    assert np.linalg.norm((centroid_mapped - centroid_lesion) * np.array(volume.image.GetSpacing()[::-1])) < 2.5
+    assert dice(mapped, lesion) > 0.7
+
+
+def test_mr_preprocess_uses_template_mask_and_percentiles():
+    phantom = make_head("MR", age=45.0, seed=4, pose=Pose((0.0, 5.0, -6.0), (5.0, 0.0, -8.0)), spacing=(1.5, 1.5, 1.5))
+    params = default_params("MR")
+    pre = preprocess(Volume.from_image(phantom.image, "MR"), params)
+    assert pre.qc_reasons == []
+    assert pre.model_input.min() == -1.0 and pre.model_input.max() == 1.0
+    truth = sitk.Resample(phantom.brain_mask, pre.reference, phantom.mni_to_native, sitk.sitkNearestNeighbor)
+    assert dice(sitk.GetArrayViewFromImage(truth), pre.brain_mask) >= 0.95
+
+
+def test_bad_orientation_and_heavy_noise_are_flagged_not_crashed():
+    # Chin far down (40 deg pitch) and 30 HU noise: registration still finds the head
+    # (restarts from other rotations), QC says why the scan is unusual.
+    phantom = make_head("CT", age=50.0, seed=3, pose=Pose((40.0, 0.0, 0.0), (0.0, 0.0, 0.0)), noise=30.0,
+                        spacing=(3.0, 3.0, 3.0))
+    pre = preprocess(Volume.from_image(phantom.image, "CT"), default_params("CT"))
+    prefixes = {reason.split(":")[0] for reason in pre.qc_reasons}
+    assert prefixes == {"orientation_unusual", "noise_high"}, pre.qc_reasons
+    assert pre.qc_metrics["rotation_deg"] == pytest.approx(40.0, abs=2.0)
+
+
+def test_default_params_are_json_and_single_slices_are_rejected():
+    for modality in ("CT", "MR"):
+        params = default_params(modality)
+        assert json.loads(json.dumps(params)) == params
+        assert params["grid"] == [64, 64, 64]
+    assert default_params("CT")["window"] == [-20.0, 100.0]
+    volume = load_series([get_testdata_file("693_UNCR.dcm")])
+    with pytest.raises(InputRejected, match="insufficient_coverage"):
+        preprocess(volume, default_params("CT"))
+
+
+# ---------------------------------------------------------------- DICOM out: validity and read-back
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_written_series_pass_dciodvfy_and_read_back(tmp_path, modality):
+    phantom = make_head(modality, age=63.6, seed=7, spacing=(2.0, 2.0, 2.0))
+    paths = write_dicom_series(phantom, tmp_path, rows=64, cols=64, slice_thickness=5.0,
+                               extra={"ConvolutionKernel": "H30s"} if modality == "CT" else None)
+    assert _dciodvfy_errors(paths[len(paths) // 2]) == []
+    ds = pydicom.dcmread(paths[len(paths) // 2])
+    assert ds.Modality == modality and ds.PatientAge == "063Y"
+    assert ds.PatientName == f"PHANTOM^{modality}" and ds.Manufacturer == "headscreen-phantom"
+    study, birth = (int(ds.StudyDate[:4]), int(ds.StudyDate[4:])), (int(ds.PatientBirthDate[:4]), int(ds.PatientBirthDate[4:]))
+    assert study[0] - birth[0] - (study[1] < birth[1]) == 63
+    volume = load_series(paths)
+    assert volume.patient_age_years == 63.0 and volume.modality == modality
+    assert volume.image.GetSize() == (64, 64, len(paths))
+    if modality == "CT":
+        brain = sitk.Resample(phantom.brain_mask, volume.image, sitk.Transform(), sitk.sitkNearestNeighbor)
+        values = sitk.GetArrayViewFromImage(volume.image)[sitk.GetArrayViewFromImage(brain).astype(bool)]
+        assert 15.0 < float(np.median(values)) < 45.0  # HU came back through RescaleIntercept
+
+
+# ---------------------------------------------------------------- DICOM in
+
+def test_load_series_sorts_by_position_not_instance_number(tmp_path, small_ct_series):
+    paths = _copy(small_ct_series, tmp_path / "shuffled")
+    numbers = list(range(1, len(paths) + 1))
+    random.Random(3).shuffle(numbers)
+    for path, number in zip(paths, numbers):
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber = number
+        ds.save_as(path)
+    volume = load_series(random.Random(4).sample(paths, len(paths)))
+    expected = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in small_ct_series]
+    assert volume.slice_sop_uids == expected  # written feet to head
+    assert volume.qc_reasons == [] and volume.is_regular
+    z = [volume.image.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(volume.image.GetSize()[2])]
+    assert np.all(np.diff(z) > 0)
+
+
+def test_missing_slices_give_a_qc_reason(tmp_path, small_ct_series):
+    paths = _copy(small_ct_series, tmp_path / "gap")
+    kept = paths[:10] + paths[12:]
+    volume = load_series(kept)
+    assert any(reason.startswith("missing_slices: 2 slice(s)") for reason in volume.qc_reasons)
+    assert volume.qc_metrics["missing_slices"] == 2.0 and not volume.is_regular
+    # Results still go back to the right slices: a constant map lands on every slice.
+    grid = ModelGrid.from_params(default_params("CT"))
+    fake = _identity_preprocessed(grid)
+    native = to_native(np.ones(grid.size_zyx, np.float32), fake, volume)
+    assert native.shape == (len(kept), 96, 96)
+
+
+def _identity_preprocessed(grid: ModelGrid):
+    from imaging.preprocess import Preprocessed
+
+    identity = sitk.AffineTransform(3)
+    return Preprocessed(model_input=np.zeros(grid.size_zyx, np.float32), brain_mask=np.zeros(grid.size_zyx, bool),
+                        qc_metrics={}, qc_reasons=[], transform=identity, reference=grid.reference_image())
+
+
+def test_gantry_tilt_is_detected_and_resampled(tmp_path, small_ct_series):
+    paths = _copy(small_ct_series, tmp_path / "tilt")
+    tilt = math.radians(12.0)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, f"{math.cos(tilt):.6f}", f"{math.sin(tilt):.6f}"]
+        ds.save_as(path)  # positions still step along the table (z): the stack is sheared
+    volume = load_series(paths)
+    assert any(reason.startswith("gantry_tilt: 12.0 deg") for reason in volume.qc_reasons)
+    assert volume.qc_metrics["gantry_tilt_deg"] == pytest.approx(12.0, abs=0.05)
+    direction = np.asarray(volume.image.GetDirection()).reshape(3, 3)
+    assert np.allclose(direction.T @ direction, np.eye(3), atol=1e-6)
+    assert not volume.is_regular
+    # A map that is 1 where MNI z > 0 comes back per tilted slice: the boundary follows the tilt.
+    grid = ModelGrid.from_params(default_params("CT"))
+    z_index = np.arange(grid.size_zyx[0])[:, None, None]
+    z_mm = grid.origin[2] + z_index * grid.spacing[2]
+    upper = np.broadcast_to((z_mm > 0).astype(np.float32), grid.size_zyx).copy()
+    native = to_native(upper, _identity_preprocessed(grid), volume)
+    # The slice whose middle row crosses MNI z = 0 (files are written feet to head).
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    half_height = headers[0].Rows / 2 * float(headers[0].PixelSpacing[0]) * math.sin(tilt)
+    k = int(np.argmin([abs(float(h.ImagePositionPatient[2]) + half_height) for h in headers]))
+    ds = headers[k]
+    ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+    col_dir = np.array([0.0, math.cos(tilt), math.sin(tilt)])
+    points = ipp + np.arange(ds.Rows)[:, None] * float(ds.PixelSpacing[0]) * col_dir
+    points[:, 0] += (ds.Columns // 2) * float(ds.PixelSpacing[1])
+    low = np.array(grid.origin) + 3.0
+    high = np.array(grid.origin) + (np.array(grid.size_zyx[::-1]) - 1) * np.array(grid.spacing) - 3.0
+    in_grid = np.all((points > low) & (points < high), axis=1)
+    inside, outside = in_grid & (points[:, 2] > 3.0), in_grid & (points[:, 2] < -3.0)
+    assert inside.sum() > 5 and outside.sum() > 5
+    column = native[k][:, ds.Columns // 2]
+    assert np.all(column[inside] > 0.9) and np.all(column[outside] < 0.1)
+
+
+def test_mixed_sizes_and_unreadable_files_are_rejected(tmp_path, small_ct_series):
+    phantom = make_head("CT", age=50.0, seed=2, spacing=(2.0, 2.0, 2.0))
+    series_uid = pydicom.dcmread(small_ct_series[0], stop_before_pixels=True).SeriesInstanceUID
+    other = write_dicom_series(phantom, tmp_path / "other", rows=80, cols=80, slice_thickness=10.0, series_uid=series_uid)
+    with pytest.raises(SeriesRejected, match="mixed_sizes"):
+        load_series(list(small_ct_series[:5]) + other[:5])
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    with pytest.raises(SeriesRejected, match="unreadable_file"):
+        load_series([junk])
+    with pytest.raises(InputRejected):
+        load_series([])
+
+
+def test_enhanced_multiframe_objects_load():
+    mr = load_series([get_testdata_file("emri_small.dcm")])
+    assert mr.modality == "MR" and mr.image.GetSize() == (64, 64, 10)
+    assert mr.frame_numbers == list(range(1, 11))
+    # This test object has no functional groups at all: geometry is assumed and flagged.
+    assert mr.qc_reasons[0].startswith("geometry_assumed")
+    ct = load_series([get_testdata_file("eCT_Supplemental.dcm")])
+    assert ct.image.GetSize() == (512, 512, 2) and ct.qc_reasons == []
+    assert sorted(ct.frame_numbers) == [1, 2]
+    assert ct.image.GetSpacing()[2] == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("name", ["693_UNCR.dcm", "J2K_pixelrep_mismatch.dcm"])
+def test_real_head_ct_slices_load_with_single_slice_reason(name):
+    volume = load_series([get_testdata_file(name)])
+    assert volume.modality == "CT" and volume.image.GetSize() == (512, 512, 1)
+    assert volume.qc_reasons == ["single_slice: the series has one image"]
+    values = sitk.GetArrayViewFromImage(volume.image)
+    # Rescaled to HU: air/outside near -1000 or below, bone up to a few thousand.
+    assert values.min() <= -1000.0 and 100.0 < values.max() < 4000.0
+    assert 0.0 < float(np.median(values[values > -200])) < 100.0  # soft tissue in HU
+
+
+# ---------------------------------------------------------------- selection
+
+def _headers(series_uid: str, n: int, modality: str = "CT", thickness: float = 2.0, **attrs) -> list[Dataset]:
+    out = []
+    for k in range(n):
+        ds = Dataset()
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = modality
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.4"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SliceThickness = str(thickness)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, k * thickness]
+        for key, value in attrs.items():
+            setattr(ds, key, value)
+        out.append(ds)
+    return out
+
+
+def test_ct_selection_prefers_soft_tissue_and_explains_every_series():
+    candidates = [
+        SeriesCandidate.from_datasets(_headers("1.1", 3, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                                               SeriesDescription="Topogram 0.6 T20s")),
+        SeriesCandidate.from_datasets(_headers("1.2", 80, SeriesDescription="HEAD BONE 2.0 H70h",
+                                               ConvolutionKernel="H70h")),
+        SeriesCandidate.from_datasets(_headers("1.3", 80, SeriesDescription="HEAD 2.0 H30s brain",
+                                               ConvolutionKernel="H30s")),
+        SeriesCandidate.from_datasets(_headers("1.4", 80, SeriesDescription="HEAD 2.0 H30s brain",
+                                               ConvolutionKernel="H30s", ContrastBolusAgent="IOMERON")),
+        SeriesCandidate.from_datasets(_headers("1.5", 10, thickness=5.0, SeriesDescription="Dose Report")),
+    ]
+    selection = select_series(candidates, SelectionRules.default_for("CT"))
+    assert selection.chosen == "1.3"
+    verdicts = {v.series_uid: v for v in selection.verdicts}
+    assert set(verdicts) == {"1.1", "1.2", "1.3", "1.4", "1.5"}
+    assert not verdicts["1.1"].accepted and "LOCALIZER" in verdicts["1.1"].reason
+    assert verdicts["1.2"].accepted and "bone/sharp kernel" in verdicts["1.2"].reason
+    assert verdicts["1.2"].rank < verdicts["1.3"].rank
+    assert "contrast" in verdicts["1.4"].reason and verdicts["1.4"].rank < verdicts["1.3"].rank
+    assert not verdicts["1.5"].accepted and "Dose" in verdicts["1.5"].reason
+    assert verdicts["1.3"].reason.startswith("chosen")
+
+
+def test_mr_selection_prefers_3d_t1_and_rejects_diffusion():
+    candidates = [
+        SeriesCandidate.from_datasets(_headers("2.1", 30, "MR", 4.0, SeriesDescription="ep2d_diff_trace",
+                                               ImageType=["ORIGINAL", "PRIMARY", "DIFFUSION", "TRACEW"])),
+        SeriesCandidate.from_datasets(_headers("2.2", 176, "MR", 1.0, SeriesDescription="t1_mprage_sag",
+                                               MRAcquisitionType="3D")),
+        SeriesCandidate.from_datasets(_headers("2.3", 30, "MR", 4.0, SeriesDescription="t2_flair_tra",
+                                               MRAcquisitionType="2D")),
+        SeriesCandidate.from_datasets(_headers("2.4", 3, "MR", 8.0, SeriesDescription="localizer")),
+    ]
+    rules = SelectionRules.default_for("MR")
+    assert SelectionRules.model_validate_json(rules.model_dump_json()) == rules
+    selection = select_series(candidates, rules)
+    assert selection.chosen == "2.2"
+    verdicts = {v.series_uid: v for v in selection.verdicts}
+    assert not verdicts["2.1"].accepted and not verdicts["2.4"].accepted
+    assert verdicts["2.3"].accepted and verdicts["2.3"].rank < verdicts["2.2"].rank
+
+
+def test_selection_without_eligible_series_chooses_nothing():
+    only_scout = [SeriesCandidate.from_datasets(_headers("3.1", 2, SeriesDescription="scout"))]
+    selection = select_series(only_scout, SelectionRules.default_for("CT"))
+    assert selection.chosen is None and selection.verdicts[0].reason.startswith("rejected")
