@@ -289,10 +289,13 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
                        extra={"action": "receiver_config"})
     deps = StoreDeps(store=store, session_factory=session_factory, policy=policy,
                      write_lock=threading.Lock() if _is_sqlite(session_factory) else None)
-    deps.group_commit = GroupCommit(
-        commit=lambda records: _record_batch(deps, records),
-        commit_one=lambda record: _record_one(deps, record),
-    )
+    if hasattr(db_api, "record_instances"):
+        # Only worth it with a batch call: otherwise it would just serialise writers
+        # that PostgreSQL could run side by side.
+        deps.group_commit = GroupCommit(
+            commit=lambda records: _record_batch(deps, records),
+            commit_one=lambda record: _record_one(deps, record),
+        )
     ae = build_ae(config)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, handle_connection_open),
@@ -708,11 +711,11 @@ def _record_instance(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
 
 
 def _record_batch(deps: StoreDeps, records: list[InstanceRecord]) -> list[RecordOutcome]:
-    """Commit several instances' rows; one transaction when db.api offers a batch call."""
-    record_many = getattr(db_api, "record_instances", None)
-    if record_many is not None and len(records) > 1:
-        return list(_with_db_retry(deps, lambda session: record_many(session, records)))
-    return [_record_one(deps, record) for record in records]
+    """Commit several instances' rows in one transaction (db.api.record_instances)."""
+    if len(records) == 1:
+        return [_record_one(deps, records[0])]
+    record_many = db_api.record_instances  # type: ignore[attr-defined]
+    return list(_with_db_retry(deps, lambda session: record_many(session, records)))
 
 
 def _record_one(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
