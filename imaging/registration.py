@@ -27,7 +27,7 @@ class RegistrationFailed(InputRejected):
 @dataclass(frozen=True)
 class RegistrationResult:
     transform: sitk.AffineTransform  # MNI -> native
-    rotation_deg: float              # rotation angle of the rigid stage
+    rotation_deg: float              # rotation angle of the final affine's rotation part
     affine_scale: float              # cube root of the affine determinant
     metric: float                    # final Mattes MI (more negative is better)
     seconds: float
@@ -52,7 +52,8 @@ def _configure(method: sitk.ImageRegistrationMethod, stage: dict[str, Any], sett
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(settings["histogram_bins"]))
     strategy = method.REGULAR if settings.get("sampling", "random") == "regular" else method.RANDOM
     method.SetMetricSamplingStrategy(strategy)
-    method.SetMetricSamplingPercentage(float(settings["sampling_fraction"]), int(settings["seed"]))
+    fraction = float(stage.get("sampling_fraction", settings["sampling_fraction"]))
+    method.SetMetricSamplingPercentage(fraction, int(settings["seed"]))
     method.SetInterpolator(sitk.sitkLinear)
     # Plain gradient descent with the step re-estimated every iteration proved far more
     # robust to the noisy sampled MI than regular-step descent (which halts on noise).
@@ -60,7 +61,7 @@ def _configure(method: sitk.ImageRegistrationMethod, stage: dict[str, Any], sett
         learningRate=1.0, numberOfIterations=int(stage["iterations"]),
         convergenceMinimumValue=float(stage["convergence_value"]),
         convergenceWindowSize=int(stage["convergence_window"]),
-        estimateLearningRate=method.EachIteration,
+        estimateLearningRate=method.Once if stage.get("estimate_learning_rate") == "once" else method.EachIteration,
         maximumStepSizeInPhysicalUnits=float(stage["max_step_mm"]))
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([int(f) for f in stage["shrink_factors"]])
@@ -97,7 +98,6 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
                 rigid, rigid_metric = candidate, metric
             if rigid_metric <= float(settings["restart_if_metric_above"]):
                 break
-    rotation = _rotation_angle_deg(np.asarray(rigid.GetMatrix()).reshape(3, 3))
 
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
@@ -111,6 +111,7 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     metric = float(method.GetMetricValue())
 
     matrix = np.asarray(affine.GetMatrix()).reshape(3, 3)
+    rotation = _rotation_angle_deg(rotation_part(matrix))
     result = RegistrationResult(transform=affine, rotation_deg=rotation,
                                 affine_scale=float(abs(np.linalg.det(matrix)) ** (1.0 / 3.0)),
                                 metric=metric, seconds=time.perf_counter() - start)
@@ -132,6 +133,16 @@ def _rigid(atlas: sitk.Image, moving: sitk.Image, atlas_mask: sitk.Image, settin
     method.SetInitialTransform(rigid, inPlace=True)
     method.Execute(atlas, moving)
     return rigid, float(method.GetMetricValue())
+
+
+def rotation_part(matrix: np.ndarray) -> np.ndarray:
+    """The closest rotation to a 3x3 matrix (polar decomposition)."""
+    u, _, vt = np.linalg.svd(matrix)
+    rotation = u @ vt
+    if np.linalg.det(rotation) < 0:  # keep it proper; a reflection is not a head pose
+        u[:, -1] *= -1.0
+        rotation = u @ vt
+    return rotation
 
 
 def _rotation_angle_deg(matrix: np.ndarray) -> float:
