@@ -47,12 +47,16 @@ def main() -> None:
             start = time.perf_counter()
             volume = load_series(paths)
             load_s = time.perf_counter() - start
+            cpu = time.process_time()
             result = preprocess(volume, params)
+            cpu = time.process_time() - cpu
             start = time.perf_counter()
             native = to_native(np.abs(result.model_input), result, volume)
             to_native_s = time.perf_counter() - start
             run = {"load_series_s": round(load_s, 3)}
             run.update({f"preprocess.{k}_s": round(v, 3) for k, v in result.timings.items()})
+            run["preprocess_cpu_s"] = round(cpu, 3)
+            run["load_average_1min"] = round(os.getloadavg()[0], 2)
             run["to_native_s"] = round(to_native_s, 3)
             run["qc_reasons"] = result.qc_reasons
             run["native_shape"] = list(native.shape)

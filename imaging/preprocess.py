@@ -151,7 +151,9 @@ def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
         clock = now
 
     air = templates.intensity_table(modality)["air"]
-    working = shrink(volume.image, float(params["working_spacing_mm"]))
+    working = shrink(regular_image(volume), float(params["working_spacing_mm"]))
+    if params.get("bias_correction"):
+        working = _n4(working)
     lap("shrink")
 
     reg_settings = _registration_settings(params, working)
@@ -196,6 +198,45 @@ def _check_coverage(volume: Volume, minimum_mm: float) -> None:
     if min(extents) < minimum_mm:
         raise InputRejected(f"insufficient_coverage: volume extent {min(extents):.0f} mm < {minimum_mm:g} mm "
                             f"({size[2]} slice(s))")
+
+
+def regular_image(volume: Volume) -> sitk.Image:
+    """The volume on an evenly spaced slice grid: gaps are filled by linear interpolation.
+
+    `volume.image` assumes even spacing; after missing slices that puts later slices
+    at the wrong height, so registration uses this instead. (Tilted series are already
+    resampled to an orthogonal grid by `load_series`.)
+    """
+    image = volume.image
+    if volume.slice_positions is None or image.GetSize()[2] < 2:
+        return image
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    distances = (volume.slice_positions - np.asarray(image.GetOrigin())) @ direction[:, 2]
+    step = float(image.GetSpacing()[2])
+    if np.allclose(distances, np.arange(len(distances)) * step, atol=0.05 * step):
+        return image
+    count = int(round(distances[-1] / step)) + 1
+    targets = np.arange(count) * step
+    upper = np.clip(np.searchsorted(distances, targets, side="right"), 1, len(distances) - 1)
+    lower = upper - 1
+    weight = np.clip((targets - distances[lower]) / (distances[upper] - distances[lower]), 0.0, 1.0)
+    source = sitk.GetArrayViewFromImage(image)
+    filled = np.empty((count,) + source.shape[1:], dtype=np.float32)
+    for k in range(count):
+        filled[k] = (1.0 - weight[k]) * source[lower[k]] + weight[k] * source[upper[k]]
+    regular = sitk.GetImageFromArray(filled)
+    regular.SetSpacing(image.GetSpacing())
+    regular.SetOrigin(image.GetOrigin())
+    regular.SetDirection(image.GetDirection())
+    return regular
+
+
+def _n4(image: sitk.Image) -> sitk.Image:
+    """N4 bias-field correction (MR, optional) on the small working image."""
+    mask = sitk.OtsuThreshold(image, 0, 1)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([20, 20])
+    return corrector.Execute(sitk.Cast(image, sitk.sitkFloat32), mask)
 
 
 def shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:

@@ -396,3 +396,23 @@ def test_selection_without_eligible_series_chooses_nothing():
     only_scout = [SeriesCandidate.from_datasets(_headers("3.1", 2, SeriesDescription="scout"))]
     selection = select_series(only_scout, SelectionRules.default_for("CT"))
     assert selection.chosen is None and selection.verdicts[0].reason.startswith("rejected")
+
+
+def test_preprocess_fills_missing_slices_before_registration(tmp_path, small_ct_series):
+    volume = load_series(_copy(small_ct_series, tmp_path / "gap")[:14] + small_ct_series[17:])
+    assert volume.qc_metrics["missing_slices"] == 3.0
+    pre = preprocess(volume, default_params("CT"))
+    truth = affine_to_matrix(pose_transform(Pose()))
+    points = np.array([[x, y, z, 1.0] for x in (-50, 50) for y in (-70, 50) for z in (-30, 60)])
+    errors = np.linalg.norm((points @ affine_to_matrix(pre.transform).T - points @ truth.T)[:, :3], axis=1)
+    assert errors.max() < 2.0  # 2 mm phantom written at 4 mm slices
+    assert any(reason.startswith("missing_slices") for reason in pre.qc_reasons)
+
+
+def test_mr_bias_correction_option_runs():
+    phantom = make_head("MR", age=30.0, seed=8, spacing=(3.0, 3.0, 3.0))
+    params = default_params("MR")
+    assert params["bias_correction"] is False
+    params["bias_correction"] = True
+    pre = preprocess(Volume.from_image(phantom.image, "MR"), params)
+    assert pre.qc_reasons == [] and pre.model_input.shape == (64, 64, 64)
