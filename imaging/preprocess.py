@@ -99,6 +99,23 @@ def default_params(modality: str) -> dict[str, Any]:
     return params
 
 
+def with_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` deep-merged over `default_params(params["modality"])`."""
+    if "modality" not in params:
+        raise ConfigError("params: 'modality' is required")
+    merged = default_params(params["modality"])
+    _deep_update(merged, params)
+    return merged
+
+
+def _deep_update(target: dict[str, Any], source: dict[str, Any]) -> None:
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
 @dataclass(frozen=True)
 class ModelGrid:
     """The model's voxel grid in MNI (LPS, identity direction); size in (z, y, x)."""
@@ -136,7 +153,12 @@ class Preprocessed:
 
 
 def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
-    """Register, QC, skull-strip, crop, smooth, resize, window and normalise one volume."""
+    """Register, QC, skull-strip, crop, smooth, resize, window and normalise one volume.
+
+    Keys missing from `params` (a bundle written by an older version) take today's
+    defaults for its modality; every key present is used as given.
+    """
+    params = with_defaults(params)
     modality = params["modality"]
     if volume.modality != modality:
         raise ConfigError(f"params: built for {modality}, volume is {volume.modality}")

@@ -23,7 +23,7 @@ from scipy import ndimage
 from daemon.errors import InputRejected
 from imaging import templates
 from imaging.phantoms import Lesion, Pose, make_head, pose_transform, write_dicom_series
-from imaging.preprocess import ModelGrid, default_params, preprocess, to_native
+from imaging.preprocess import ModelGrid, default_params, preprocess, to_native, with_defaults
 from imaging.registration import affine_to_matrix
 from imaging.selection import SelectionRules, SeriesCandidate, select_series
 from imaging.skullstrip import dice
@@ -185,6 +185,11 @@ def test_default_params_are_json_and_single_slices_are_rejected():
         assert json.loads(json.dumps(params)) == params
         assert params["grid"] == [64, 64, 64]
     assert default_params("CT")["window"] == [-20.0, 100.0]
+    older = default_params("CT")
+    del older["min_coverage_mm"]
+    older["window"] = [0.0, 80.0]
+    merged = with_defaults(older)
+    assert merged["min_coverage_mm"] == 60.0 and merged["window"] == [0.0, 80.0]
     volume = load_series([get_testdata_file("693_UNCR.dcm")])
     with pytest.raises(InputRejected, match="insufficient_coverage"):
         preprocess(volume, default_params("CT"))
