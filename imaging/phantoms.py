@@ -248,16 +248,17 @@ def write_dicom_series(phantom: Phantom, out_dir: Path | str, study_uid: str | N
     grid = _axial_grid(phantom, rows, cols, slices, pixel_spacing, slice_thickness)
     resampled = sitk.Resample(phantom.image, grid, sitk.Transform(), sitk.sitkLinear,
                               float(templates.intensity_table(phantom.modality)["air"]), sitk.sitkFloat32)
-    stored, dtype_signed = _to_stored(sitk.GetArrayViewFromImage(resampled), phantom.modality)
+    values = sitk.GetArrayViewFromImage(resampled)
+    signed = phantom.modality == "CT"
 
     base = _base_dataset(phantom, grid, study_uid, series_uid, patient_age, series_description,
-                         study_date, series_number, frame_of_reference_uid, patient_id, dtype_signed)
+                         study_date, series_number, frame_of_reference_uid, patient_id, signed)
     for keyword, value in (extra or {}).items():
         setattr(base, keyword, value)
     base.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     paths = []
-    for k in range(stored.shape[0]):
-        paths.append(_write_slice(base, grid, stored[k], k, out, transfer_syntax))
+    for k in range(values.shape[0]):
+        paths.append(_write_slice(base, grid, _to_stored(values[k], phantom.modality), k, out, transfer_syntax))
     logger.info("phantom series written", extra={"action": "phantom_series_written",
                                                   "series_uid": base.SeriesInstanceUID, "slices": len(paths)})
     return paths
@@ -294,10 +295,14 @@ def _axial_grid(phantom: Phantom, rows: int, cols: int, slices: int | None, pixe
     return grid
 
 
-def _to_stored(values: np.ndarray, modality: str) -> tuple[np.ndarray, bool]:
+def _to_stored(values: np.ndarray, modality: str) -> np.ndarray:
+    """One slice as stored pixel values (CT: HU - intercept as int16; MR: uint16)."""
     if modality == "CT":
-        return np.clip(np.rint(values - CT_RESCALE_INTERCEPT), -1024, 4095).astype(np.int16), True
-    return np.clip(np.rint(values), 0, 65535).astype(np.uint16), False
+        stored = values - CT_RESCALE_INTERCEPT
+        np.rint(stored, out=stored)
+        return np.clip(stored, -1024, 4095, out=stored).astype(np.int16)
+    stored = np.rint(values)
+    return np.clip(stored, 0, 65535, out=stored).astype(np.uint16)
 
 
 def _dates(patient_age: float, study_date: date) -> tuple[date, str]:
