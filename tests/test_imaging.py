@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.uid import JPEG2000Lossless, RLELossless
 from scipy import ndimage
 
 from daemon.errors import InputRejected
@@ -421,3 +422,15 @@ def test_mr_bias_correction_option_runs():
     params["bias_correction"] = True
     pre = preprocess(Volume.from_image(phantom.image, "MR"), params)
     assert pre.qc_reasons == [] and pre.model_input.shape == (64, 64, 64)
+
+
+@pytest.mark.parametrize("transfer_syntax", [RLELossless, JPEG2000Lossless])
+def test_compressed_series_round_trip_losslessly(tmp_path, transfer_syntax):
+    phantom = make_head("CT", age=40.0, seed=6, spacing=(2.0, 2.0, 2.0))
+    plain = load_series(write_dicom_series(phantom, tmp_path / "plain", rows=48, cols=48, slice_thickness=8.0))
+    paths = write_dicom_series(phantom, tmp_path / "packed", rows=48, cols=48, slice_thickness=8.0,
+                               transfer_syntax=transfer_syntax)
+    assert pydicom.dcmread(paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == transfer_syntax
+    assert _dciodvfy_errors(paths[len(paths) // 2]) == []
+    packed = load_series(paths)
+    assert np.array_equal(sitk.GetArrayViewFromImage(plain.image), sitk.GetArrayViewFromImage(packed.image))
