@@ -384,7 +384,7 @@ def handle_store(event: Event, deps: StoreDeps) -> Dataset | int:
         return _refuse(deps, event, refused)
     logger.debug("instance stored", extra={
         "action": "instance_stored", "sop_instance_uid": record.sop_instance_uid,
-        "study_instance_uid": record.study_instance_uid, "created": outcome.created,
+        "study_instance_uid": record.study_instance_uid, "new_row": outcome.created,
         "study_reopened": outcome.study_reopened, "size_bytes": stored.size_bytes})
     return int(StoreStatus.SUCCESS)  # a bare status skips encoding a response data set
 

@@ -3,6 +3,7 @@ a real SQLite database migrated with Alembic, and real files on disk."""
 
 from __future__ import annotations
 
+import logging
 import random
 import subprocess
 import threading
@@ -455,3 +456,28 @@ def test_concurrent_associations_all_succeed(any_db_harness: Harness, tmp_path: 
     with any_db_harness.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 36
     assert len(any_db_harness.stored_files()) == 36
+
+
+# --- logging ---------------------------------------------------------------------------------
+
+
+def test_logs_carry_uids_but_no_patient_data(harness: Harness, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    good, bad = write_ct_series(tmp_path / "ct", 2, seed=11)
+    ds = pydicom.dcmread(bad)
+    del ds.StudyInstanceUID
+    with caplog.at_level(logging.DEBUG, logger="daemon"):
+        assoc = _associate(harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
+        try:
+            statuses = [assoc.send_c_store(good).Status, assoc.send_c_store(ds).Status]
+        finally:
+            assoc.release()
+        assert _dcmtk("echoscu", harness.port, calling="INTRUDER").returncode != 0
+    assert statuses == [StoreStatus.SUCCESS, StoreStatus.DATASET_MISMATCH]
+    records = [r for r in caplog.records if r.name.startswith("daemon")]
+    assert {getattr(r, "action", None) for r in records} >= {"instance_stored", "store_rejected",
+                                                             "association_rejected"}
+    logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in records)
+    assert ds.SOPInstanceUID in logged
+    for phi in ("PHANTOM", "SYNTH0001", "19600101", "064Y", "Synthetic Hospital"):
+        assert phi not in logged
