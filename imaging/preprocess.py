@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from daemon.errors import ConfigError, InputRejected
 from imaging import qc, skullstrip, templates
@@ -185,12 +186,11 @@ def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
     registration = register_to_atlas(working, atlas, atlas_head, reg_settings)
     lap("register")
 
-    sigma = float(params["smoothing_sigma_mm"])
-    smoothed = sitk.SmoothingRecursiveGaussian(working, sigma) if sigma > 0 else working
     grid = ModelGrid.from_params(params)
     reference = grid.reference_image()
-    in_mni = sitk.Resample(smoothed, reference, registration.transform, sitk.sitkLinear, air, sitk.sitkFloat32)
-    values = sitk.GetArrayFromImage(in_mni)
+    # Unsmoothed values on the model grid are enough to find the brain.
+    values = sitk.GetArrayFromImage(
+        sitk.Resample(working, reference, registration.transform, sitk.sitkLinear, air, sitk.sitkFloat32))
     lap("resample")
 
     template_mask = template_mask_on_grid(grid)
@@ -200,8 +200,16 @@ def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
         brain = template_mask.copy()
     lap("skull_strip")
 
+    # Paper order: strip the skull, then smooth and resize, so bone never bleeds into the
+    # brain's edge (the edge blends with the black border instead, the same in every scan).
+    stripped = _strip_working(working, brain, reference, registration.transform, _masked_value(params, air),
+                              _edge_ceiling(params))
+    sigma = float(params["smoothing_sigma_mm"])
+    smoothed = sitk.SmoothingRecursiveGaussian(stripped, sigma) if sigma > 0 else stripped
+    values = sitk.GetArrayFromImage(
+        sitk.Resample(smoothed, reference, registration.transform, sitk.sitkLinear, air, sitk.sitkFloat32))
     model_input = normalise(values, brain, params)
-    lap("normalise")
+    lap("smooth_resize_normalise")
 
     metrics = _qc_metrics(volume, working, registration, brain, template_mask, grid, params, reg_settings)
     reasons = list(volume.qc_reasons) + qc.check_ranges(metrics, params["qc_ranges"])
@@ -220,6 +228,35 @@ def _check_coverage(volume: Volume, minimum_mm: float) -> None:
     if min(extents) < minimum_mm:
         raise InputRejected(f"insufficient_coverage: volume extent {min(extents):.0f} mm < {minimum_mm:g} mm "
                             f"({size[2]} slice(s))")
+
+
+def _masked_value(params: dict[str, Any], air: float) -> float:
+    """What the skull-stripped image holds outside the brain: the bottom of the window."""
+    if params.get("window"):
+        return float(params["window"][0])
+    return air
+
+
+def _edge_ceiling(params: dict[str, Any]) -> float | None:
+    """CT: edge voxels brighter than the window top are partial-volume bone, not brain."""
+    return float(params["window"][1]) if params.get("window") else None
+
+
+def _strip_working(working: sitk.Image, brain: np.ndarray, reference: sitk.Image,
+                   mni_to_native: sitk.Transform, outside: float, edge_ceiling: float | None) -> sitk.Image:
+    """Apply a model-grid brain mask to the working (native, ~2 mm) image."""
+    mask = sitk.GetImageFromArray(brain.astype(np.float32))
+    mask.CopyInformation(reference)
+    on_working = sitk.Resample(mask, working, mni_to_native.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    inside = sitk.GetArrayViewFromImage(on_working) > 0.5
+    values = sitk.GetArrayViewFromImage(working)
+    if edge_ceiling is not None:
+        edge = inside & ~ndimage.binary_erosion(inside)
+        inside &= ~(edge & (values > edge_ceiling))
+    array = np.where(inside, values, np.float32(outside)).astype(np.float32)
+    stripped = sitk.GetImageFromArray(array)
+    stripped.CopyInformation(working)
+    return stripped
 
 
 def regular_image(volume: Volume) -> sitk.Image:
