@@ -33,7 +33,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-from daemon.receiver import AllowedCaller, ReceiverConfig, start_receiver
+from daemon.receiver import AllowedCaller, ReceiverConfig, ReceiverStats, start_receiver
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
 
@@ -50,6 +50,8 @@ class Figure:
     seconds: float
     instances: int
     megabytes: float
+    # headscreen only: seconds per handler stage, summed over associations
+    stage_seconds: dict[str, float] | None = None
 
     @property
     def per_second(self) -> float:
@@ -137,7 +139,7 @@ def send(paths: list[Path], port: int, called_ae: str, associations: int) -> flo
 
 
 @contextmanager
-def storescp(work: Path) -> Iterator[tuple[int, str, Path]]:
+def storescp(work: Path) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
     out = work / "storescp-out"
     out.mkdir()
     port = free_port()
@@ -145,7 +147,7 @@ def storescp(work: Path) -> Iterator[tuple[int, str, Path]]:
                                env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
-        yield port, "STORESCP", out
+        yield port, "STORESCP", out, None
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -171,7 +173,8 @@ def postgres_database(admin_url: str) -> Iterator[str]:
 
 
 @contextmanager
-def headscreen(work: Path, durable: bool = True, database_url: str | None = None) -> Iterator[tuple[int, str, Path]]:
+def headscreen(work: Path, durable: bool = True,
+               database_url: str | None = None) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
     storage = work / "headscreen"
     url = database_url or f"sqlite:///{storage / 'headscreen.db'}"
     storage.mkdir()
@@ -181,14 +184,14 @@ def headscreen(work: Path, durable: bool = True, database_url: str | None = None
                             allowed_callers=[AllowedCaller(SCU_AE)], disk_min_free_mb=0, durable=durable)
     receiver = start_receiver(config, session_factory(engine))
     try:
-        yield receiver.port, "HEADSCREEN", storage
+        yield receiver.port, "HEADSCREEN", storage, receiver.stats
     finally:
         receiver.shutdown()
         engine.dispose()
 
 
 @contextmanager
-def orthanc(work: Path) -> Iterator[tuple[int, str, Path]]:
+def orthanc(work: Path) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
     port, http = free_port(), free_port()
     root = work / "orthanc"
     root.mkdir()
@@ -201,14 +204,14 @@ def orthanc(work: Path) -> Iterator[tuple[int, str, Path]]:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
-        yield port, "ORTHANC", root / "db"
+        yield port, "ORTHANC", root / "db", None
     finally:
         process.terminate()
         process.wait(timeout=30)
 
 
 @contextmanager
-def _on_postgres(work: Path, admin_url: str) -> Iterator[tuple[int, str, Path]]:
+def _on_postgres(work: Path, admin_url: str) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
     with postgres_database(admin_url) as url, headscreen(work, database_url=url) as target:
         yield target
 
@@ -216,15 +219,18 @@ def _on_postgres(work: Path, admin_url: str) -> Iterator[tuple[int, str, Path]]:
 def measure(name: str, target: Callable[[Path], object], paths: list[Path], associations: int,
             repeats: int, megabytes: float) -> Figure:
     """Best of `repeats` runs, each into a fresh target (fresh storage and database)."""
-    times = []
+    times, stages = [], []
     for _ in range(repeats):
         with (tempfile.TemporaryDirectory(prefix="ingest-", dir=os.environ.get("BENCH_TMP")) as tmp,
-              target(Path(tmp)) as (port, called_ae, out_dir)):  # type: ignore[attr-defined]
+              target(Path(tmp)) as (port, called_ae, out_dir, stats)):  # type: ignore[attr-defined]
             times.append(send(paths, port, called_ae, associations))
             stored = sum(1 for p in Path(out_dir).rglob("*") if p.is_file())
             if name != "orthanc" and stored < len(paths):
                 raise RuntimeError(f"{name}: only {stored} of {len(paths)} files stored")
-    return Figure(name, associations, min(times), len(paths), megabytes)
+            if stats is not None:
+                stages.append(stats.snapshot()["stage_seconds"])
+    best = min(range(repeats), key=times.__getitem__)
+    return Figure(name, associations, times[best], len(paths), megabytes, stages[best] if stages else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'target':<20}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}{'x storescp':>12}")
     for f in figures:
         ratio = baseline[f.associations].seconds / f.seconds
+        stages = ""
+        if f.stage_seconds:
+            stages = "  ms/instance: " + " ".join(
+                f"{stage} {1000 * seconds / f.instances:.1f}" for stage, seconds in f.stage_seconds.items())
         print(f"{f.target:<20}{f.associations:>7}{f.seconds:>9.2f}{f.per_second:>9.1f}"
-              f"{f.mb_per_second:>9.1f}{ratio:>12.2f}")
+              f"{f.mb_per_second:>9.1f}{ratio:>12.2f}{stages}")
     return 0
 
 

@@ -40,7 +40,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from io import BytesIO
 from pathlib import Path
@@ -143,6 +143,37 @@ _KNOWN_VRS = {vr.encode() for vr in (
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
+class ReceiverStats:
+    """Counters for operations and benchmarks: instances stored, refusals by status,
+    and seconds spent per stage (summed over associations)."""
+
+    STAGES = ("decode", "write", "record")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stored = 0
+        self._refused: dict[str, int] = {}
+        self._seconds = dict.fromkeys(self.STAGES, 0.0)
+
+    def add_stage(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[stage] += seconds
+
+    def add_stored(self) -> None:
+        with self._lock:
+            self._stored += 1
+
+    def add_refused(self, status: StoreStatus) -> None:
+        with self._lock:
+            key = f"0x{int(status):04X}"
+            self._refused[key] = self._refused.get(key, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"stored": self._stored, "refused": dict(self._refused),
+                    "stage_seconds": dict(self._seconds)}
+
+
 class CallerLike(Protocol):
     """Anything with an AE title and an optional host (daemon.config.AllowedCaller fits)."""
 
@@ -241,14 +272,16 @@ class StoreDeps:
     # (up to 100 ms); queueing our own threads on a lock hands over at once instead.
     write_lock: threading.Lock | None = None
     group_commit: GroupCommit | None = None
+    stats: ReceiverStats = field(default_factory=ReceiverStats)
 
 
 class Receiver:
     """A running SCP; ``shutdown()`` stops the server and its associations."""
 
-    def __init__(self, ae: AE, server: ThreadedAssociationServer) -> None:
+    def __init__(self, ae: AE, server: ThreadedAssociationServer, stats: ReceiverStats) -> None:
         self._ae = ae
         self._server = server
+        self.stats = stats
 
     @property
     def port(self) -> int:
@@ -306,7 +339,7 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
     server = ae.start_server((config.bind_address, config.port), block=False, evt_handlers=handlers)
     if server is None:  # pragma: no cover - block=False always returns the server
         raise RuntimeError("pynetdicom did not return a server")
-    receiver = Receiver(ae, server)
+    receiver = Receiver(ae, server, deps.stats)
     logger.info("receiver listening", extra={"action": "receiver_start", "ae_title": config.ae_title,
                                              "port": receiver.port, "storage_dir": str(store.root)})
     return receiver
@@ -375,13 +408,22 @@ def handle_echo(event: Event) -> int:
 
 def handle_store(event: Event, deps: StoreDeps) -> Dataset | int:
     """Store one instance: decode, identify, write, record; each stage has its own status."""
+    stats = deps.stats
     try:
+        started = time.perf_counter()
         part10, header = _decode_stage(event)
         record = _identify_stage(event, header, deps.store, size_bytes=len(part10))
+        decoded = time.perf_counter()
+        stats.add_stage("decode", decoded - started)
         stored = _write_stage(deps.store, record, part10)
+        written = time.perf_counter()
+        stats.add_stage("write", written - decoded)
         outcome = _record_stage(deps, record)
+        stats.add_stage("record", time.perf_counter() - written)
     except _Refused as refused:
+        stats.add_refused(refused.status)
         return _refuse(deps, event, refused)
+    stats.add_stored()
     logger.debug("instance stored", extra={
         "action": "instance_stored", "sop_instance_uid": record.sop_instance_uid,
         "study_instance_uid": record.study_instance_uid, "new_row": outcome.created,

@@ -347,6 +347,9 @@ def test_garbage_and_truncated_data_sets_fail_but_the_association_carries_on(
     assert [r.status for r in rejections] == [StoreStatus.CANNOT_UNDERSTAND] * 3
     assert all(r.reason and r.calling_ae == SCU_AE for r in rejections)
     assert len(harness.stored_files()) == 1
+    stats = harness.receiver.stats.snapshot()
+    assert stats["stored"] == 1
+    assert stats["refused"] == {"0xC210": 3}
 
 
 def test_missing_identifying_uid_is_refused_with_a900(harness: Harness, tmp_path: Path) -> None:
@@ -401,6 +404,7 @@ def test_disk_below_watermark_refuses_with_a700_and_writes_nothing(tmp_path: Pat
         assert [p for p in harness.storage_dir.iterdir() if p.is_dir()] == []
         assert harness.instances() == []
         assert [r.status for r in harness.rejections()] == [StoreStatus.OUT_OF_RESOURCES] * 2
+        assert harness.receiver.stats.snapshot()["refused"] == {"0xA700": 2}
     finally:
         harness.close()
 
