@@ -159,14 +159,31 @@ def test_to_native_puts_a_model_space_blob_on_the_lesion(posed_ct, posed_ct_prep
     assert dice(mapped, lesion) > 0.7
 
 
-def test_mr_preprocess_uses_template_mask_and_percentiles():
+def _sagittal(image: sitk.Image) -> sitk.Image:
+    """Resample onto a sagittal slice grid (columns anterior, rows down, slices left): like a 3D T1."""
+    direction = np.column_stack([[0, -1, 0], [0, 0, -1], [1, 0, 0]]).astype(float)
+    size, spacing = np.array([170, 180, 150]), np.array([1.2, 1.2, 1.3])
+    center = np.array(image.TransformContinuousIndexToPhysicalPoint([s / 2 for s in image.GetSize()]))
+    ref = sitk.Image([int(v) for v in size], sitk.sitkFloat32)
+    ref.SetSpacing(tuple(spacing))
+    ref.SetDirection(tuple(direction.ravel()))
+    ref.SetOrigin(tuple(center - direction @ (size * spacing / 2)))
+    return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def test_mr_sagittal_preprocess_uses_template_mask_and_percentiles():
     phantom = make_head("MR", age=45.0, seed=4, pose=Pose((0.0, 5.0, -6.0), (5.0, 0.0, -8.0)), spacing=(1.5, 1.5, 1.5))
-    params = default_params("MR")
-    pre = preprocess(Volume.from_image(phantom.image, "MR"), params)
+    volume = Volume.from_image(_sagittal(phantom.image), "MR")
+    pre = preprocess(volume, default_params("MR"))
     assert pre.qc_reasons == []
     assert pre.model_input.min() == -1.0 and pre.model_input.max() == 1.0
     truth = sitk.Resample(phantom.brain_mask, pre.reference, phantom.mni_to_native, sitk.sitkNearestNeighbor)
     assert dice(sitk.GetArrayViewFromImage(truth), pre.brain_mask) >= 0.95
+    # And back onto the sagittal slices.
+    native = to_native(pre.brain_mask.astype(np.float32), pre, volume)
+    assert native.shape == (150, 180, 170)
+    truth_native = sitk.Resample(phantom.brain_mask, volume.image, sitk.Transform(), sitk.sitkNearestNeighbor)
+    assert dice(native > 0.5, sitk.GetArrayViewFromImage(truth_native)) >= 0.95
 
 
 def test_bad_orientation_and_heavy_noise_are_flagged_not_crashed():
