@@ -21,7 +21,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from daemon.errors import ConfigError
 from imaging import templates
 
 logger = logging.getLogger(__name__)
@@ -95,6 +94,8 @@ def make_head(modality: str = "CT", age: float = 60.0, seed: int = 0, pose: Pose
 
     `noise` is the Gaussian noise sigma (HU for CT); `spacing` the native grid spacing.
     """
+    if modality not in ("CT", "MR"):
+        raise ValueError(f"modality: expected 'CT' or 'MR', got {modality!r}")
     values = templates.intensity_table(modality)
     if not 0.0 <= age <= 120.0:
         raise ValueError(f"age: expected 0-120 years, got {age}")
@@ -135,7 +136,7 @@ def make_head(modality: str = "CT", age: float = 60.0, seed: int = 0, pose: Pose
 def head_center_lps() -> tuple[float, float, float]:
     """Centre of the template brain's bounding box, the pivot of every pose."""
     lo, hi = templates.brain_bbox_lps()
-    return tuple((a + b) / 2.0 for a, b in zip(lo, hi))
+    return ((lo[0] + hi[0]) / 2.0, (lo[1] + hi[1]) / 2.0, (lo[2] + hi[2]) / 2.0)
 
 
 def pose_transform(pose: Pose, scale: float = 1.0) -> sitk.AffineTransform:
@@ -212,10 +213,6 @@ def _on_base(array: np.ndarray) -> sitk.Image:
 def _resample(image: sitk.Image, ref: sitk.Image, transform: sitk.Transform, default: float) -> sitk.Image:
     return sitk.Resample(image, ref, transform, sitk.sitkLinear, float(default), sitk.sitkFloat32)
 
-
-def validate_modality(modality: str) -> None:
-    if modality not in ("CT", "MR"):
-        raise ConfigError(f"modality: expected 'CT' or 'MR', got {modality!r}")
 
 
 # ---------------------------------------------------------------- DICOM series writer
@@ -323,7 +320,7 @@ def _base_dataset(phantom: Phantom, grid: sitk.Image, study_uid: str | None, ser
     study_uid = study_uid or generate_uid()
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE if is_ct else MR_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = UID(CT_IMAGE_STORAGE if is_ct else MR_IMAGE_STORAGE)
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID

@@ -127,19 +127,22 @@ class ModelGrid:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "ModelGrid":
-        size_zyx = tuple(int(v) for v in params["grid"])
+        d, h, w = (int(v) for v in params["grid"])
         low = np.asarray(params["fov_lps_mm"]["min"], dtype=float)
         high = np.asarray(params["fov_lps_mm"]["max"], dtype=float)
-        spacing = (high - low) / np.asarray(size_zyx[::-1], dtype=float)
+        spacing = (high - low) / np.array([w, h, d], dtype=float)
         origin = low + spacing / 2.0  # voxel centres
-        return cls(size_zyx=size_zyx, origin=tuple(float(v) for v in origin),
-                   spacing=tuple(float(v) for v in spacing))
+        return cls(size_zyx=(d, h, w), origin=_triple(origin), spacing=_triple(spacing))
 
     def reference_image(self) -> sitk.Image:
         ref = sitk.Image(list(self.size_zyx[::-1]), sitk.sitkUInt8)
         ref.SetOrigin(self.origin)
         ref.SetSpacing(self.spacing)
         return ref
+
+
+def _triple(values) -> tuple[float, float, float]:
+    return (float(values[0]), float(values[1]), float(values[2]))
 
 
 @dataclass(frozen=True)
@@ -344,13 +347,16 @@ def to_native(model_map: np.ndarray, preprocessed: Preprocessed, volume: Volume)
 
 def _to_native_per_slice(source: sitk.Image, native_to_mni: sitk.Transform, volume: Volume) -> np.ndarray:
     """Resample slice by slice at the true slice positions (gaps, gantry tilt)."""
+    positions = volume.slice_positions
+    if positions is None:
+        raise ValueError("volume: slice_positions are needed for an irregular slice grid")
     cols, rows, n_slices = volume.image.GetSize()
     out = np.zeros((n_slices, rows, cols), dtype=np.float32)
     plane = sitk.Image([cols, rows, 1], sitk.sitkUInt8)
     plane.SetSpacing(volume.image.GetSpacing())
     plane.SetDirection(volume.image.GetDirection())
     for k in range(n_slices):
-        plane.SetOrigin(tuple(float(v) for v in volume.slice_positions[k]))
+        plane.SetOrigin(_triple(positions[k]))
         resampled = sitk.Resample(source, plane, native_to_mni, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         out[k] = sitk.GetArrayViewFromImage(resampled)[0]
     return out
@@ -359,7 +365,7 @@ def _to_native_per_slice(source: sitk.Image, native_to_mni: sitk.Transform, volu
 @functools.lru_cache(maxsize=8)
 def _template_mask_cached(size_zyx: tuple[int, int, int], origin: tuple[float, ...],
                           spacing: tuple[float, ...]) -> np.ndarray:
-    grid = ModelGrid(size_zyx, origin, spacing)
+    grid = ModelGrid(size_zyx, _triple(origin), _triple(spacing))
     maps = templates.tissue_maps()
     base = sitk.GetImageFromArray(maps.brain.astype(np.float32))
     base.CopyInformation(maps.reference)

@@ -99,7 +99,7 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     if rigid_metric > float(settings["restart_if_metric_above"]):
         for angles in settings["restart_rotations_deg"]:
             candidate, metric = _rigid(atlas, moving, atlas_mask, settings, atlas_centroid, moving_centroid,
-                                       tuple(float(a) for a in angles))
+                                       (float(angles[0]), float(angles[1]), float(angles[2])))
             if metric < rigid_metric:
                 rigid, rigid_metric = candidate, metric
             if rigid_metric <= float(settings["restart_if_metric_above"]):

@@ -51,7 +51,7 @@ class TissueMaps:
     reference: sitk.Image        # geometry carrier (uint8 zeros)
 
 
-def nifti_to_sitk(img: nib.Nifti1Image, dtype: type = np.float32) -> sitk.Image:
+def nifti_to_sitk(img: nib.spatialimages.SpatialImage, dtype: type = np.float32) -> sitk.Image:
     """Convert a NIfTI image (RAS affine) to a SimpleITK image in LPS."""
     ras_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0])
     affine = ras_to_lps @ img.affine
@@ -126,7 +126,10 @@ def _colin_head(ref: sitk.Image) -> np.ndarray:
     """Whole-head mask (skin inward) from Colin27 resampled to the base grid."""
     if not COLIN27_PATH.exists():
         raise ConfigError(f"COLIN27_PATH: {COLIN27_PATH} missing (install mricron-data)")
-    colin = _on_base(nifti_to_sitk(nib.load(str(COLIN27_PATH))), ref)
+    colin_nifti = nib.load(str(COLIN27_PATH))
+    if not isinstance(colin_nifti, nib.spatialimages.SpatialImage):
+        raise ConfigError(f"COLIN27_PATH: {COLIN27_PATH} is not a NIfTI image")
+    colin = _on_base(nifti_to_sitk(colin_nifti), ref)
     head = colin > 20.0
     labels, count = ndimage.label(head)
     if count > 1:

@@ -283,7 +283,7 @@ def _build_volume(frames: list[_Frame], stack: np.ndarray, geometry: _Geometry, 
                   slice_sop_uids=[frame.sop_uid for frame in frames], modality=str(first.get("Modality", "")),
                   qc_reasons=list(geometry.qc_reasons), qc_metrics=dict(geometry.qc_metrics),
                   patient_age_years=patient_age_years(first), slice_positions=positions,
-                  frame_numbers=None if frame_numbers[0] is None else [int(n) for n in frame_numbers])
+                  frame_numbers=None if frame_numbers[0] is None else [int(n or 0) for n in frame_numbers])
 
 
 def _deshear(stack: np.ndarray, positions: np.ndarray, frame: _Frame, geometry: _Geometry) -> np.ndarray:
