@@ -340,9 +340,31 @@ def to_native(model_map: np.ndarray, preprocessed: Preprocessed, volume: Volume)
     source.CopyInformation(preprocessed.reference)
     native_to_mni = preprocessed.transform.GetInverse()
     if volume.is_regular:
-        native = sitk.Resample(source, volume.image, native_to_mni, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        return sitk.GetArrayFromImage(native)
+        return _to_native_box(source, preprocessed.transform, native_to_mni, volume.image)
     return _to_native_per_slice(source, native_to_mni, volume)
+
+
+def _to_native_box(source: sitk.Image, mni_to_native: sitk.Transform, native_to_mni: sitk.Transform,
+                   native: sitk.Image) -> np.ndarray:
+    """Resample only inside the native bounding box of the model grid; zeros elsewhere."""
+    size = np.array(source.GetSize())
+    corners = [source.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+               for corner in np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in size])).reshape(3, -1).T]
+    indices = np.array([native.TransformPhysicalPointToContinuousIndex(mni_to_native.TransformPoint(c))
+                        for c in corners])
+    native_size = np.array(native.GetSize())
+    low = np.clip(np.floor(indices.min(axis=0)).astype(int) - 1, 0, native_size)
+    high = np.clip(np.ceil(indices.max(axis=0)).astype(int) + 2, 0, native_size)
+    out = np.zeros(tuple(native_size[::-1]), dtype=np.float32)
+    if np.any(high <= low):
+        return out
+    box = sitk.Image([int(v) for v in high - low], sitk.sitkUInt8)
+    box.SetSpacing(native.GetSpacing())
+    box.SetDirection(native.GetDirection())
+    box.SetOrigin(native.TransformIndexToPhysicalPoint([int(v) for v in low]))
+    resampled = sitk.Resample(source, box, native_to_mni, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    out[low[2]:high[2], low[1]:high[1], low[0]:high[0]] = sitk.GetArrayViewFromImage(resampled)
+    return out
 
 
 def _to_native_per_slice(source: sitk.Image, native_to_mni: sitk.Transform, volume: Volume) -> np.ndarray:
