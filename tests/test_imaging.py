@@ -157,6 +157,11 @@ def test_to_native_puts_a_model_space_blob_on_the_lesion(posed_ct, posed_ct_prep
     # The phantom's lesion is irregular; its centroid stays within a model voxel of the blob's.
     assert np.linalg.norm((centroid_mapped - centroid_lesion) * np.array(volume.image.GetSpacing()[::-1])) < 2.5
     assert dice(mapped, lesion) > 0.7
+    # Only the model grid's bounding box is resampled; the result equals a full resample.
+    source = sitk.GetImageFromArray(blob)
+    source.CopyInformation(pre.reference)
+    full = sitk.Resample(source, volume.image, pre.transform.GetInverse(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    assert np.array_equal(native, sitk.GetArrayViewFromImage(full))
 
 
 def _sagittal(image: sitk.Image) -> sitk.Image:
