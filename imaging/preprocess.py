@@ -443,7 +443,8 @@ def _qc_metrics(volume: Volume, working: sitk.Image, registration: RegistrationR
     for key in ("slice_spacing_cv", "gantry_tilt_deg", "missing_slices"):
         if key in volume.qc_metrics:
             metrics[key] = float(volume.qc_metrics[key])
-    return metrics
+    # NaN/inf are not JSON (and PostgreSQL refuses them): an unmeasurable metric is left out.
+    return {name: value for name, value in metrics.items() if np.isfinite(value)}
 
 
 def _head_dice(working: sitk.Image, registration: RegistrationResult, threshold: float, modality: str,

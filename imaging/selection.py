@@ -24,6 +24,8 @@ Orientation = Literal["axial", "coronal", "sagittal", "oblique", "mixed", "unkno
 # A slice plane counts as axial/coronal/sagittal when its normal is within ~35 degrees
 # of the axis (gantry-tilted CT stays "axial").
 PLANE_COSINE = 0.82
+# Rank of a rejected series: finite so verdicts serialise to strict JSON (PostgreSQL).
+REJECTED_RANK = -1000.0
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ def select_series(candidates: Sequence[SeriesCandidate], rules: SelectionRules) 
     judged: list[tuple[SeriesCandidate, str | None, float, list[str]]] = []
     for candidate in candidates:
         problem = _first_problem(candidate, rules)
-        rank, notes = _rank(candidate, rules) if problem is None else (float("-inf"), [])
+        rank, notes = _rank(candidate, rules) if problem is None else (REJECTED_RANK, [])
         judged.append((candidate, problem, rank, notes))
     eligible = [item for item in judged if item[1] is None]
     eligible.sort(key=lambda item: (-item[2], -item[0].n_slices, item[0].series_uid))
@@ -175,7 +177,7 @@ def select_series(candidates: Sequence[SeriesCandidate], rules: SelectionRules) 
     verdicts = []
     for candidate, problem, rank, notes in judged:
         if problem is not None:
-            verdicts.append(Verdict(candidate.series_uid, False, f"rejected: {problem}", float("-inf")))
+            verdicts.append(Verdict(candidate.series_uid, False, f"rejected: {problem}", REJECTED_RANK))
             continue
         summary = _summary(candidate) + (f"; {', '.join(notes)}" if notes else "")
         if candidate.series_uid == chosen:

@@ -181,6 +181,7 @@ def test_mr_sagittal_preprocess_uses_template_mask_and_percentiles():
     volume = Volume.from_image(_sagittal(phantom.image), "MR")
     pre = preprocess(volume, default_params("MR"))
     assert pre.qc_reasons == []
+    json.dumps(pre.qc_metrics, allow_nan=False)
     assert pre.model_input.min() == -1.0 and pre.model_input.max() == 1.0
     truth = sitk.Resample(phantom.brain_mask, pre.reference, phantom.mni_to_native, sitk.sitkNearestNeighbor)
     assert dice(sitk.GetArrayViewFromImage(truth), pre.brain_mask) >= 0.95
@@ -399,6 +400,7 @@ def test_ct_selection_prefers_soft_tissue_and_explains_every_series():
     assert "contrast" in verdicts["1.4"].reason and verdicts["1.4"].rank < verdicts["1.3"].rank
     assert not verdicts["1.5"].accepted and "Dose" in verdicts["1.5"].reason
     assert verdicts["1.3"].reason.startswith("chosen")
+    json.dumps([v.__dict__ for v in selection.verdicts], allow_nan=False)  # strict JSON for the database
 
 
 def test_mr_selection_prefers_3d_t1_and_rejects_diffusion():
