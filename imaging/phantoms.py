@@ -230,32 +230,45 @@ def write_dicom_series(phantom: Phantom, out_dir: Path | str, study_uid: str | N
                        transfer_syntax: str = ExplicitVRLittleEndian, series_description: str | None = None,
                        extra: dict[str, Any] | None = None, study_date: date | None = None,
                        series_number: int = 1, frame_of_reference_uid: str | None = None,
-                       patient_id: str | None = None) -> list[Path]:
+                       patient_id: str | None = None, gantry_tilt_deg: float = 0.0) -> list[Path]:
     """Write the phantom as an axial CT Image / MR Image series, one file per slice.
 
     Slices are `slice_thickness` apart (default 1 mm) and cover the head; `slices`
     fixes the count instead (centred on the head; spread over it when no thickness is given). `extra` sets any further
     attributes by keyword (e.g. ConvolutionKernel, ContrastBolusAgent, ImageType).
     Instance numbers run from the feet upwards. Returns the written paths in slice order.
+    `gantry_tilt_deg` tilts the slice planes about the left-right axis while the table
+    still steps along z, as on a tilted CT gantry (the stack is then sheared).
     """
     if rows < 16 or cols < 16:
         raise ValueError(f"rows/cols: expected >= 16, got {rows}x{cols}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = _axial_grid(phantom, rows, cols, slices, pixel_spacing, slice_thickness)
-    resampled = sitk.Resample(phantom.image, grid, sitk.Transform(), sitk.sitkLinear,
-                              float(templates.intensity_table(phantom.modality)["air"]), sitk.sitkFloat32)
-    values = sitk.GetArrayViewFromImage(resampled)
+    air = float(templates.intensity_table(phantom.modality)["air"])
+    tilt = math.radians(gantry_tilt_deg)
+    if tilt:
+        positions, values = _tilted_slices(phantom.image, grid, tilt, air)
+    else:
+        resampled = sitk.Resample(phantom.image, grid, sitk.Transform(), sitk.sitkLinear, air, sitk.sitkFloat32)
+        values = sitk.GetArrayViewFromImage(resampled)
+        positions = [grid.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(grid.GetSize()[2])]
     signed = phantom.modality == "CT"
 
     base = _base_dataset(phantom, grid, study_uid, series_uid, patient_age, series_description,
                          study_date, series_number, frame_of_reference_uid, patient_id, signed)
+    if tilt:
+        base.ImageOrientationPatient = [_ds(v) for v in (1, 0, 0, 0, math.cos(tilt), math.sin(tilt))]
+        base.SliceThickness = base.SpacingBetweenSlices = _ds(grid.GetSpacing()[2] * math.cos(tilt))
+        if phantom.modality == "CT":
+            base.GantryDetectorTilt = _ds(gantry_tilt_deg)
     for keyword, value in (extra or {}).items():
         setattr(base, keyword, value)
     base.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     paths = []
     for k in range(values.shape[0]):
-        paths.append(_write_slice(base, grid, _to_stored(values[k], phantom.modality), k, out, transfer_syntax))
+        paths.append(_write_slice(base, positions[k], _to_stored(values[k], phantom.modality), k, out,
+                                  transfer_syntax))
     logger.info("phantom series written", extra={"action": "phantom_series_written",
                                                   "series_uid": base.SeriesInstanceUID, "slices": len(paths)})
     return paths
@@ -290,6 +303,29 @@ def _axial_grid(phantom: Phantom, rows: int, cols: int, slices: int | None, pixe
     origin = (center[0] - pixel_spacing * (cols - 1) / 2.0, center[1] - pixel_spacing * (rows - 1) / 2.0, bottom)
     grid.SetOrigin(tuple(float(v) for v in origin))
     return grid
+
+
+def _tilted_slices(image: sitk.Image, grid: sitk.Image, tilt: float, air: float) -> tuple[list, np.ndarray]:
+    """Sample tilted planes whose centres follow the table (z) positions of the axial grid."""
+    cols, rows, n_slices = grid.GetSize()
+    spacing = grid.GetSpacing()
+    row_dir = np.array([1.0, 0.0, 0.0])
+    col_dir = np.array([0.0, math.cos(tilt), math.sin(tilt)])
+    normal = np.cross(row_dir, col_dir)
+    plane = sitk.Image([cols, rows, 1], sitk.sitkUInt8)
+    plane.SetSpacing((spacing[0], spacing[1], 1.0))
+    plane.SetDirection(tuple(np.column_stack([row_dir, col_dir, normal]).ravel()))
+    centre_y = grid.GetOrigin()[1] + spacing[1] * (rows - 1) / 2.0
+    values = np.empty((n_slices, rows, cols), dtype=np.float32)
+    positions = []
+    for k in range(n_slices):
+        table_z = grid.GetOrigin()[2] + k * spacing[2]
+        origin = np.array([grid.GetOrigin()[0], centre_y, table_z]) - col_dir * spacing[1] * (rows - 1) / 2.0
+        plane.SetOrigin(tuple(float(v) for v in origin))
+        sampled = sitk.Resample(image, plane, sitk.Transform(), sitk.sitkLinear, air, sitk.sitkFloat32)
+        values[k] = sitk.GetArrayViewFromImage(sampled)[0]
+        positions.append(tuple(float(v) for v in origin))
+    return positions, values
 
 
 def _to_stored(values: np.ndarray, modality: str) -> np.ndarray:
@@ -381,10 +417,9 @@ def _base_dataset(phantom: Phantom, grid: sitk.Image, study_uid: str | None, ser
     return ds
 
 
-def _write_slice(base: Dataset, grid: sitk.Image, pixels: np.ndarray, k: int, out: Path,
+def _write_slice(base: Dataset, position: tuple[float, float, float], pixels: np.ndarray, k: int, out: Path,
                  transfer_syntax: str) -> Path:
     sop_uid = generate_uid()
-    position = grid.TransformIndexToPhysicalPoint((0, 0, k))
     base.SOPInstanceUID = sop_uid
     base.file_meta.MediaStorageSOPInstanceUID = sop_uid
     base.InstanceNumber = k + 1
