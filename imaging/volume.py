@@ -97,7 +97,7 @@ def load_series(paths: Sequence[Path | str]) -> Volume:
     _check_consistent(frames)
     order, geometry = _slice_order(frames)
     frames = [frames[i] for i in order]
-    stack = np.stack([pixels[i] for i in order]).astype(np.float32)
+    stack = _rescaled_stack(frames, [pixels[i] for i in order])
     first = datasets[0]
     volume = _build_volume(frames, stack, geometry, first)
     if any(frame.assumed for frame in frames):
@@ -144,8 +144,19 @@ def _frames_and_pixels(datasets: list[pydicom.Dataset]) -> tuple[list[_Frame], l
     for frame, array in zip(frames, pixels):
         if array.ndim != 2:
             raise SeriesRejected(f"not_grayscale: pixel array of shape {array.shape}")
-    pixels = [array.astype(np.float32) * frame.slope + frame.intercept for frame, array in zip(frames, pixels)]
     return frames, pixels
+
+
+def _rescaled_stack(frames: list[_Frame], pixels: list[np.ndarray]) -> np.ndarray:
+    """Stored values -> float32 (HU for CT) in one preallocated (slices, rows, cols) array."""
+    stack = np.empty((len(pixels),) + pixels[0].shape, dtype=np.float32)
+    for k, (frame, array) in enumerate(zip(frames, pixels)):
+        stack[k] = array  # one cast, no temporaries
+        if frame.slope != 1.0:
+            stack[k] *= np.float32(frame.slope)
+        if frame.intercept != 0.0:
+            stack[k] += np.float32(frame.intercept)
+    return stack
 
 
 def _required(ds: pydicom.Dataset, keyword: str):
