@@ -165,7 +165,7 @@ def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
     params = with_defaults(params)
     modality = params["modality"]
     if volume.modality != modality:
-        raise ConfigError(f"params: built for {modality}, volume is {volume.modality}")
+        raise InputRejected(f"modality_mismatch: preprocessing is for {modality}, the series is {volume.modality}")
     _check_coverage(volume, float(params["min_coverage_mm"]))
     timings: dict[str, float] = {}
     clock = time.perf_counter()
