@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from db.engine import begin_write, is_postgres
 from db.models import Delivery, Result, ResultObject, Study
 from db.states import DeliveryState
-from db.txn import add_audit, clock, locked
+from db.txn import add_audit, clock, execute_counted, locked
 from db.types import DeliveryTicket, RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def mark_delivered(session: Session, delivery_id: int, status: int, now: datetim
     """In flight -> delivered (commits). False when the delivery was not in flight."""
     now = clock(now)
     begin_write(session)
-    changed = session.execute(
+    changed = execute_counted(
+        session,
         update(Delivery)
         .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.IN_FLIGHT)
         .values(
@@ -100,7 +101,7 @@ def mark_delivered(session: Session, delivery_id: int, status: int, now: datetim
             last_error=None,
             lease_expires_at=None,
         )
-    ).rowcount
+    )
     session.commit()
     if changed:
         logger.info("delivered", extra={"action": "delivered", "delivery_id": delivery_id, "status": status})
@@ -132,8 +133,8 @@ def mark_delivery_failed(
     begin_write(session)
     try:
         delivery = session.execute(locked(select(Delivery).where(Delivery.id == delivery_id))).scalar_one()
-        if delivery.state != DeliveryState.IN_FLIGHT:
-            state = delivery.state
+        state: DeliveryState = delivery.state
+        if state != DeliveryState.IN_FLIGHT:
             session.rollback()
             return state
         delivery.last_error = error

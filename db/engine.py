@@ -8,6 +8,8 @@ reads and then writes can fail at once with SQLITE_BUSY instead of waiting, so
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,13 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.errors import TransientError
+
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 WRITE_TX = "headscreen_write_tx"
+WAL_RETRY_S = 0.02
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -54,13 +59,35 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        _ensure_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         # FULL: an instance is acknowledged to the sender only after a durable commit.
         cursor.execute("PRAGMA synchronous=FULL")
     finally:
         cursor.close()
+
+
+def _ensure_wal(cursor: Any) -> None:
+    """Switch a new database file to WAL (persistent in the file).
+
+    The switch needs an exclusive lock and SQLite reports "database is locked" at
+    once, without its busy handler, when several processes open a fresh file
+    together; so it is retried until the busy timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            mode = str(cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            mode = "locked"
+        if mode in ("wal", "memory"):
+            return
+        if time.monotonic() > deadline:
+            raise TransientError(f"could not switch the SQLite database to WAL (journal mode {mode})")
+        time.sleep(WAL_RETRY_S)
 
 
 def _sqlite_on_begin(conn: Connection) -> None:

@@ -5,13 +5,22 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from db.engine import begin_write
 from db.models import Delivery, Instance, Job, Result, ResultObject, Series, Study
 from db.states import DeliveryState, JobState, StudyState
-from db.txn import ACTIVE_JOB_STATES, OPEN_DELIVERY_STATES, SYSTEM_ACTOR, add_audit, clock, end_read, locked
+from db.txn import (
+    ACTIVE_JOB_STATES,
+    OPEN_DELIVERY_STATES,
+    SYSTEM_ACTOR,
+    add_audit,
+    clock,
+    end_read,
+    execute_counted,
+    locked,
+)
 from db.types import OutputObject, StudyNotFound
 
 logger = logging.getLogger(__name__)
@@ -82,9 +91,7 @@ def mark_purged(session: Session, study_id: int, actor: str = SYSTEM_ACTOR, now:
         if study is None:
             raise StudyNotFound(f"no study with id {study_id}")
         series_ids = select(Series.id).where(Series.study_id == study_id).scalar_subquery()
-        deleted = session.execute(
-            Instance.__table__.delete().where(Instance.series_id.in_(series_ids))
-        ).rowcount
+        deleted = execute_counted(session, delete(Instance).where(Instance.series_id.in_(series_ids)))
         session.execute(update(Series).where(Series.study_id == study_id).values(instance_count=0))
         study.purged_at = now
         add_audit(session, actor, "study_purged", now, study_id, {"instances": deleted})
@@ -104,7 +111,8 @@ def counts(session: Session) -> dict[str, dict[str, int]]:
         ("jobs", Job, JobState),
         ("deliveries", Delivery, DeliveryState),
     ):
-        found = dict(session.execute(select(model.state, func.count()).group_by(model.state)).all())
-        out[name] = {str(state): int(found.get(state, 0)) for state in states}
+        rows = session.execute(select(model.state, func.count()).group_by(model.state)).all()
+        found: dict[str, int] = {str(state): count for state, count in rows}
+        out[name] = {str(state): int(found.get(str(state), 0)) for state in states}
     end_read(session)
     return out

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from db.engine import begin_write, is_postgres
 from db.models import Delivery, Job, Result, ResultObject, Study
 from db.states import DeliveryState, JobState
-from db.txn import SYSTEM_ACTOR, add_audit, clock, locked
+from db.txn import SYSTEM_ACTOR, add_audit, clock, execute_counted, locked
 from db.types import JobOutcome, JobTicket, OutputObject, RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ def claim_job(session: Session, worker_id: str, lease_s: float, now: datetime | 
         if job_id is None:
             session.commit()
             return None
-        claimed = session.execute(
+        claimed = execute_counted(
+            session,
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.QUEUED)
             .values(
@@ -47,7 +48,7 @@ def claim_job(session: Session, worker_id: str, lease_s: float, now: datetime | 
                 heartbeat_at=now,
                 started_at=now,
             )
-        ).rowcount
+        )
         if claimed != 1:
             session.rollback()
             return None
@@ -83,11 +84,12 @@ def heartbeat(session: Session, job_id: int, worker_id: str, lease_s: float, now
     expired but was not yet taken back is still renewed: nobody else holds the job."""
     now = clock(now)
     begin_write(session)
-    renewed = session.execute(
+    renewed = execute_counted(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == worker_id)
         .values(lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now)
-    ).rowcount
+    )
     session.commit()
     if not renewed:
         logger.warning("lease lost", extra={"action": "lease_lost", "job_id": job_id, "worker_id": worker_id})

@@ -21,6 +21,7 @@ from db.txn import (
     add_audit,
     clock,
     end_read,
+    execute_counted,
     locked,
 )
 from db.types import BundleRef
@@ -133,11 +134,12 @@ def _instance_facts(session: Session, study_id: int) -> dict[int, list[InstanceF
 
 
 def _supersede_older_jobs(session: Session, study: Study) -> int:
-    return session.execute(
+    return execute_counted(
+        session,
         update(Job)
         .where(Job.study_id == study.id, Job.generation < study.generation, Job.state.in_(ACTIVE_JOB_STATES))
         .values(state=JobState.SUPERSEDED, lease_expires_at=None)
-    ).rowcount
+    )
 
 
 def _study_modalities(session: Session, study: Study) -> set[str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Select
+from sqlalchemy import CursorResult, Executable, Select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -54,7 +54,10 @@ def insert_ignore(session: Session, model: type, values: dict[str, Any], conflic
     return session.execute(stmt, values).scalar_one_or_none()
 
 
-def locked(stmt: Select[Any], skip_locked: bool = False, of: Any = None) -> Select[Any]:
+RowT = TypeVar("RowT", bound=tuple[Any, ...])
+
+
+def locked(stmt: Select[RowT], skip_locked: bool = False, of: Any = None) -> Select[RowT]:
     """Row-lock for update and refresh the identity map.
 
     PostgreSQL: FOR NO KEY UPDATE, which does not block the KEY SHARE locks that
@@ -78,3 +81,8 @@ def add_audit(
     event = AuditEvent(at=now, actor=actor, action=action, study_id=study_id, detail=detail or {})
     session.add(event)
     return event
+
+
+def execute_counted(session: Session, stmt: Executable) -> int:
+    """Execute an UPDATE or DELETE and return how many rows it matched."""
+    return cast(CursorResult[Any], session.execute(stmt)).rowcount

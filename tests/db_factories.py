@@ -141,3 +141,24 @@ def upgrade_in_process(url: str, start: object, out: object) -> None:
         out.put("ok")  # type: ignore[attr-defined]
     except Exception as exc:  # reported to the parent test
         out.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+
+
+def write_once_in_process(url: str, start: object, out: object) -> None:
+    """Child-process body: open a (possibly brand new) SQLite file and write once."""
+    from sqlalchemy import text
+
+    from db.engine import WRITE_TX, make_engine
+
+    try:
+        engine = make_engine(url)
+        start.wait()  # type: ignore[attr-defined]
+        with engine.connect() as connection:
+            connection.execution_options(**{WRITE_TX: True})
+            with connection.begin():
+                connection.execute(text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
+                connection.execute(text("INSERT INTO t VALUES (1)"))
+            mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
+        engine.dispose()
+        out.put(str(mode))  # type: ignore[attr-defined]
+    except Exception as exc:  # reported to the parent test
+        out.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]

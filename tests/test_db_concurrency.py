@@ -17,7 +17,17 @@ from db.models import Instance, Job, Result, Series, Study
 from db.states import JobState, StudyState
 from db.types import RetryPolicy
 from db.migrate import current_revision, head_revision
-from db_factories import BUNDLES, add_series, at, claim_all_in_process, outcome, record, uid, upgrade_in_process
+from db_factories import (
+    BUNDLES,
+    add_series,
+    at,
+    claim_all_in_process,
+    outcome,
+    record,
+    uid,
+    upgrade_in_process,
+    write_once_in_process,
+)
 
 LATER_S = 10**6
 
@@ -144,3 +154,21 @@ def test_processes_upgrading_one_database_take_turns(empty_db_url: str) -> None:
         child.join(timeout=60)
     assert outcomes == ["ok"] * processes
     assert current_revision(empty_db_url) == head_revision()
+
+
+def test_processes_opening_a_fresh_sqlite_file_together(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Switching a new file to WAL raises "database is locked" without waiting when
+    several processes open it at once; the engine retries it."""
+    context = multiprocessing.get_context("fork")  # cheap: many rounds to hit the window
+    outcomes = []
+    for round_no in range(15):
+        url = f"sqlite:///{tmp_path / f'r{round_no}' / 'hs.sqlite'}"
+        start = context.Barrier(6)
+        out = context.Queue()
+        children = [context.Process(target=write_once_in_process, args=(url, start, out)) for _ in range(6)]
+        for child in children:
+            child.start()
+        outcomes += [out.get(timeout=60) for _ in children]
+        for child in children:
+            child.join(timeout=60)
+    assert set(outcomes) == {"wal"}
