@@ -22,7 +22,7 @@ from model_training.scoring import OnnxScorer, age_mae, detection_metrics
 log = logging.getLogger(__name__)
 
 # Compact defaults: about 15 minutes on two CPU cores per bundle.
-DEFAULT_EPOCHS = {"fanogan": 15, "vae": 20, "vae_ac": 20, "vae_ap": 20}
+DEFAULT_EPOCHS = {"fanogan": 10, "vae": 12, "vae_ac": 12, "vae_ap": 12}
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -33,12 +33,12 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="bundle folder, models/<name>-<version>")
     p.add_argument("--n-train", type=int, default=96)
     p.add_argument("--n-val", type=int, default=16)
-    p.add_argument("--n-calibration", type=int, default=32)
-    p.add_argument("--n-test", type=int, default=32)
-    p.add_argument("--n-anomalous", type=int, default=32, help="lesion cases, half validation, half test")
+    p.add_argument("--n-calibration", type=int, default=24)
+    p.add_argument("--n-test", type=int, default=24)
+    p.add_argument("--n-anomalous", type=int, default=24, help="lesion cases, half validation, half test")
     p.add_argument("--epochs", type=int, help="VAE epochs, or f-AnoGAN WGAN-GP epochs")
-    p.add_argument("--encoder-epochs", type=int, default=10, help="f-AnoGAN stage 2")
-    p.add_argument("--finetune-epochs", type=int, default=20, help="f-AnoGAN stage 3")
+    p.add_argument("--encoder-epochs", type=int, default=6, help="f-AnoGAN stage 2")
+    p.add_argument("--finetune-epochs", type=int, default=12, help="f-AnoGAN stage 3")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--kappa", type=float, default=1.0, help="f-AnoGAN feature-loss weight")
     p.add_argument("--seed", type=int, default=0)

@@ -13,6 +13,7 @@ score-weight search (validation) and the model card's metrics (test).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from daemon.errors import InputRejected
+import imaging
 from imaging import phantoms
 from imaging.preprocess import preprocess
 from imaging.volume import Volume
@@ -93,6 +95,20 @@ def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
+def imaging_fingerprint() -> str:
+    """Hash of imaging's source: a cached case is only reused while the code that
+    made it (phantoms, registration, preprocessing) is unchanged, not just its params."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(imaging.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_folder(cache_dir: Path, params: dict[str, Any]) -> Path:
+    return Path(cache_dir) / f"{params_hash(params)}-{imaging_fingerprint()}"
+
+
 def case_key(case: Case) -> str:
     return hashlib.sha256(json.dumps(asdict(case), sort_keys=True).encode()).hexdigest()[:20]
 
@@ -101,7 +117,7 @@ def prepare_case(case: Case, params: dict[str, Any], cache_dir: Path | None) -> 
     """Synthesize and preprocess one case, or read it from the cache."""
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / params_hash(params) / f"{case_key(case)}.npz"
+        path = cache_folder(cache_dir, params) / f"{case_key(case)}.npz"
         if path.is_file():
             with np.load(path) as cached:
                 return Prepared(cached["image"], cached["brain_mask"], tuple(json.loads(str(cached["qc"]))))

@@ -22,7 +22,7 @@ from daemon.errors import ConfigError
 from imaging.preprocess import default_params
 from model_training.bundles import BundleSpec, write_model_bundle
 from model_training.calibration import ScoreWeights, calibrate, select_vae_weights
-from model_training.cohort import Cohort, CohortSpec, build_cohort
+from model_training.cohort import Cohort, CohortSpec, build_cohort, imaging_fingerprint
 from model_training.export_onnx import FAnoGANGraph, VaeGraph, export_and_check
 from model_training.model_card import write_model_card
 from model_training.networks import GAN_PRESETS, VAE_PRESETS, GanPreset
@@ -203,7 +203,8 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
         calibration=calibration, age_supported=age_supported, age_validation_mae=age_mae(val_h),
         training={"command": opts.command, "preset": opts.preset, "seed": opts.seed, "n_train": len(cohort.healthy["train"]),
                   "epochs": trained.hyper["epochs"], "steps": trained.steps, "batch_size": opts.batch_size,
-                  "duration_s": round(time.monotonic() - began, 1), "flip_lr": opts.flip_lr, "cohort_s": round(cohort_s, 1),
+                  "duration_s": round(time.monotonic() - began, 1), "flip_lr": opts.flip_lr,
+                  "imaging_code_sha256": imaging_fingerprint(), "cohort_s": round(cohort_s, 1),
                   "train_s": round(train_s, 1), "device": str(device), "hyperparameters": trained.hyper,
                   "data": "synthetic phantoms (imaging.phantoms: ICBM152 2009 tissue maps + Colin27 head outline)"},
         metrics=metrics, parity_max_abs_diff=parity,

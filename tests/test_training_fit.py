@@ -17,7 +17,7 @@ import pytest
 from daemon.bundle import load_bundle
 from imaging.preprocess import default_params
 from model_training.cli import evaluate_main, main
-from model_training.cohort import anomalous_cases, healthy_cases, params_hash, prepare_case, stratified_split
+from model_training.cohort import anomalous_cases, cache_folder, healthy_cases, prepare_case, stratified_split
 
 COARSE = {
     "grid": [16, 16, 16],
@@ -75,7 +75,7 @@ def test_train_cli_writes_a_verified_ct_bundle_and_evaluate_scores_it(
     card = (out / "MODEL_CARD.md").read_text()
     assert "never seen a real patient scan" in card and m.training["command"] in card
     # The cache holds every preprocessed case under the params' hash.
-    assert len(list((cache / params_hash(m.preprocessing)).glob("*.npz"))) == 2 + 1 + 2 + 1 + 2
+    assert len(list(cache_folder(cache, m.preprocessing).glob("*.npz"))) == 2 + 1 + 2 + 1 + 2
 
     # Seed 0 and n=1 reuse two cached cases; the scoring is the daemon's rule.
     capsys.readouterr()
