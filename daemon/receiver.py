@@ -1,6 +1,6 @@
 """The DICOM receiver: a pynetdicom Storage SCP that stores and records head studies.
 
-What it accepts (see docs/conformance-receiver.md for the full statement):
+What it accepts (see docs/conformance.md, Part A for the full statement):
 
 - Verification (C-ECHO).
 - C-STORE of CT Image, Enhanced CT Image, MR Image and Enhanced MR Image Storage
