@@ -67,6 +67,13 @@ class Base(DeclarativeBase):
 
 class Study(Base):
     __tablename__ = "studies"
+    # Index-backed sorts and filters for the admin console's study list.
+    __table_args__ = (
+        sa.Index("ix_studies_last_received", "last_received_at", "id"),
+        sa.Index("ix_studies_first_received", "first_received_at", "id"),
+        sa.Index("ix_studies_station", "station_name", "last_received_at"),
+        sa.Index("ix_studies_modality", "modality", "last_received_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(sa.String(64), unique=True)
@@ -165,6 +172,7 @@ class Job(Base):
 
 class Result(Base):
     __tablename__ = "results"
+    __table_args__ = (sa.Index("ix_results_current", "study_id", "superseded", "id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id"), unique=True)
@@ -235,3 +243,35 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(sa.String(64))
     study_id: Mapped[int | None] = mapped_column(sa.ForeignKey("studies.id"), index=True)
     detail: Mapped[dict[str, Any]]
+
+
+class UserRole(StrEnum):
+    VIEWER = "viewer"
+    ADMIN = "admin"
+
+
+class User(Base):
+    """A local console user; the password is stored only as a scrypt hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    role: Mapped[UserRole] = mapped_column(state_enum(UserRole, "user_role"))
+    password_hash: Mapped[str] = mapped_column(sa.String(256))
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime]
+    last_login_at: Mapped[datetime | None]
+
+
+class WebSession(Base):
+    """A console login: only the sha256 of the cookie token is stored."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
