@@ -13,10 +13,12 @@ dataclasses they take and return, so callers need only `from db import api`.
 
 from db.deliveries import claim_deliveries, mark_delivered, mark_delivery_failed, resend_dead
 from db.housekeeping import counts, get_result_objects, mark_purged, retention_candidates, study_instances
-from db.ingest import record_instance, record_rejection
+from db.ingest import record_instance, record_instances, record_rejection
 from db.jobs import claim_job, fail_job, finish_job, heartbeat, requeue_expired
-from db.review import audit, get_study, list_studies, requeue_study, set_flag, set_review
+from db.console import audit_trail, failures, metrics_snapshot, overview, queue_health, score_distributions, training_manifest
+from db.review import audit, count_studies, get_study, list_studies, requeue_study, set_flag, set_review
 from db.sweep import sweep_completeness
+from db.users import create_user, list_users, login, logout, resolve_session, set_password
 from db.txn import DEFAULT_JOB_MAX_ATTEMPTS, SYSTEM_ACTOR, utcnow
 from db.types import (
     BundleRef,
@@ -57,6 +59,20 @@ __all__ = [
     "StudyNotFound",
     "StudyRow",
     "audit",
+    "audit_trail",
+    "count_studies",
+    "create_user",
+    "failures",
+    "list_users",
+    "login",
+    "logout",
+    "metrics_snapshot",
+    "overview",
+    "queue_health",
+    "resolve_session",
+    "score_distributions",
+    "set_password",
+    "training_manifest",
     "claim_deliveries",
     "claim_job",
     "counts",
@@ -70,6 +86,7 @@ __all__ = [
     "mark_delivery_failed",
     "mark_purged",
     "record_instance",
+    "record_instances",
     "record_rejection",
     "requeue_expired",
     "requeue_study",

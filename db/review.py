@@ -9,7 +9,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, String, cast, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ScalarSelect
 
@@ -178,7 +178,66 @@ def _apply_filters(stmt: Select[Any], filters: StudyFilters) -> Select[Any]:
         stmt = stmt.where(Study.flagged.is_(filters.flagged))
     if filters.min_percentile is not None:
         stmt = stmt.where(Result.percentile >= filters.min_percentile)
+    if filters.max_percentile is not None:
+        stmt = stmt.where(Result.percentile <= filters.max_percentile)
+    if filters.received_from is not None:
+        stmt = stmt.where(Study.last_received_at >= filters.received_from)
+    if filters.received_to is not None:
+        stmt = stmt.where(Study.last_received_at <= filters.received_to)
+    if filters.screen_positive is not None:
+        stmt = stmt.where(Result.screen_positive.is_(filters.screen_positive))
+    if filters.min_age_gap is not None:
+        stmt = stmt.where(Result.age_gap >= filters.min_age_gap)
+    if filters.max_age_gap is not None:
+        stmt = stmt.where(Result.age_gap <= filters.max_age_gap)
+    if filters.qc_reason:
+        # Bound parameter with LIKE wildcards escaped: user text is never SQL.
+        pattern = "%" + filters.qc_reason.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        stmt = stmt.where(cast(Result.qc_reasons, String).like(pattern, escape="\\"))
+    if filters.station is not None:
+        stmt = stmt.where(Study.station_name == filters.station)
+    if filters.reviewed is not None:
+        stmt = stmt.where(Study.reviewed.is_(filters.reviewed))
+    if filters.needs_review:
+        stmt = stmt.where(
+            Study.reviewed.is_(False),
+            or_(Result.qc_failed.is_(True), Result.screen_positive.is_(True)),
+        )
     return stmt
+
+
+_SORT_COLUMNS: dict[str, Any] = {
+    "received": Study.last_received_at,
+    "first_received": Study.first_received_at,
+    "percentile": Result.percentile,
+    "score": Result.anomaly_score,
+    "age_gap": Result.age_gap,
+    "station": Study.station_name,
+    "modality": Study.modality,
+}
+
+
+def _apply_sort(stmt: Select[Any], filters: StudyFilters) -> Select[Any]:
+    column = _SORT_COLUMNS[filters.sort]
+    direction = (lambda c: c.desc()) if filters.descending else (lambda c: c.asc())
+    keys = [direction(column), direction(Study.id)]
+    if filters.sort not in ("received", "first_received"):
+        keys.insert(0, column.is_(None))  # rows without a value last, either direction
+    return stmt.order_by(*keys)
+
+
+def count_studies(session: Session, filters: StudyFilters | None = None, cap: int = 10_000) -> tuple[int, bool]:
+    """How many studies match (read-only), counting at most `cap`; (count, capped).
+
+    The cap keeps a page cheap at 100,000 studies: the console shows "10,000+".
+    """
+    filters = filters or StudyFilters()
+    inner = _apply_filters(
+        select(Study.id).outerjoin(Result, Result.id == _latest_result_id()), filters
+    ).limit(cap + 1).subquery()
+    total = int(session.execute(select(func.count()).select_from(inner)).scalar_one())
+    end_read(session)
+    return min(total, cap), total > cap
 
 
 def _job_summaries(session: Session, study_ids: Sequence[int]) -> dict[int, dict[str, int]]:
@@ -209,6 +268,9 @@ def _to_row(study: Study, result: Result | None, instance_count: int, jobs: dict
         jobs=jobs,
         flagged=study.flagged,
         flag_comment=study.flag_comment,
+        station_name=study.station_name,
+        reviewed=study.reviewed,
+        confirmed_normal=study.confirmed_normal,
     )
     if result is None:
         return row
@@ -225,17 +287,16 @@ def _to_row(study: Study, result: Result | None, instance_count: int, jobs: dict
         chronological_age=result.chronological_age,
         age_gap=result.age_gap,
         qc_reasons=list(result.qc_reasons),
+        qc_failed=result.qc_failed,
     )
 
 
 def list_studies(session: Session, filters: StudyFilters | None = None) -> list[StudyRow]:
-    """Studies, newest arrivals first, with their latest current result (read-only)."""
+    """Studies with their latest current result (read-only); newest arrivals first unless
+    `filters.sort` says otherwise."""
     filters = filters or StudyFilters()
-    stmt = (
-        _apply_filters(_study_rows_query(), filters)
-        .order_by(Study.last_received_at.desc(), Study.id.desc())
-        .limit(filters.limit)
-        .offset(filters.offset)
+    stmt = _apply_sort(_apply_filters(_study_rows_query(), filters), filters).limit(filters.limit).offset(
+        filters.offset
     )
     rows = session.execute(stmt).all()
     jobs = _job_summaries(session, [study.id for study, _, _ in rows])

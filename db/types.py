@@ -124,6 +124,9 @@ class RetryPolicy:
         return capped * (1.0 + rng.uniform(-self.jitter, self.jitter))
 
 
+STUDY_SORTS = ("received", "first_received", "percentile", "score", "age_gap", "station", "modality")
+
+
 @dataclass(frozen=True)
 class StudyFilters:
     state: str | None = None
@@ -134,6 +137,27 @@ class StudyFilters:
     min_percentile: float | None = None
     limit: int = 100
     offset: int = 0
+    # Admin console filters (all optional; ranges are inclusive).
+    max_percentile: float | None = None
+    received_from: datetime | None = None
+    received_to: datetime | None = None
+    screen_positive: bool | None = None
+    min_age_gap: float | None = None
+    max_age_gap: float | None = None
+    qc_reason: str | None = None  # substring of any QC reason
+    station: str | None = None
+    reviewed: bool | None = None
+    needs_review: bool = False  # QC failure or screen-positive, not yet reviewed
+    sort: str = "received"  # one of STUDY_SORTS
+    descending: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sort not in STUDY_SORTS:
+            raise ValueError(f"sort: one of {', '.join(STUDY_SORTS)}")
+        if not 1 <= self.limit <= 1000:
+            raise ValueError("limit: 1..1000")
+        if self.offset < 0:
+            raise ValueError("offset: >= 0")
 
 
 @dataclass(frozen=True)
@@ -161,6 +185,10 @@ class StudyRow:
     chronological_age: float | None = None
     age_gap: float | None = None
     qc_reasons: list[str] = field(default_factory=list)
+    station_name: str | None = None
+    reviewed: bool = False
+    confirmed_normal: bool = False
+    qc_failed: bool = False
 
 
 @dataclass(frozen=True)
