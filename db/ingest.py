@@ -1,21 +1,111 @@
-"""Receiving: record instances and rejections (the receiver's only writes)."""
+"""Receiving: record instances and rejections (the receiver's only writes).
+
+The instance path is the receiver's hot path, so it runs a few Core statements
+built once at import (their compiled SQL is cached): for a known study and series
+one SELECT, one INSERT ... ON CONFLICT DO NOTHING, and one UPDATE each of the
+series and the study. `record_instances` does the same for many instances in one
+transaction, so concurrent associations share one commit (one journal fsync).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import String, bindparam, case, exists, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from db.engine import begin_write
-from db.models import IngestRejection, Instance, ResultObject, Series, Study
+from db.models import IngestRejection, Instance, ResultObject, Series, Study, UTCDateTime
 from db.states import StudyState
-from db.txn import IMAGE_MODALITIES, SYSTEM_ACTOR, add_audit, clock, insert_ignore, locked
+from db.txn import IMAGE_MODALITIES, SYSTEM_ACTOR, add_audit, clock, insert_ignore
 from db.types import InstanceRecord, RecordOutcome
 
 logger = logging.getLogger(__name__)
+
+_studies = Study.__table__
+_series = Series.__table__
+_instances = Instance.__table__
+# Study columns filled from the first instance that has them (never overwritten).
+_FILLED_STUDY_ATTRS = ("study_date", "patient_age", "patient_birth_date", "station_name", "institution")
+
+# The study (row-locked on PostgreSQL: it serialises arrivals for one study, reopen and
+# generation) and the series id when the series exists, in one round trip.
+_STUDY_AND_SERIES = (
+    select(_studies.c.id, _studies.c.generation, _studies.c.state, _series.c.id.label("series_id"))
+    .select_from(_studies.outerjoin(_series, _series.c.series_instance_uid == bindparam("series_uid")))
+    .where(_studies.c.study_instance_uid == bindparam("study_uid"))
+    .with_for_update(of=_studies, key_share=True)
+)
+_INSERT_INSTANCE = {
+    name: dialect.insert(_instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+    .returning(_instances.c.id)
+    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
+}
+_REFRESH_DUPLICATE = (
+    update(_instances)
+    .where(
+        _instances.c.sop_instance_uid == bindparam("b_sop"),
+        or_(_instances.c.path != bindparam("b_path"), _instances.c.size_bytes != bindparam("b_size")),
+    )
+    .values(path=bindparam("b_path"), size_bytes=bindparam("b_size"))
+)
+_COUNT_INSTANCES = (
+    update(_series)
+    .where(_series.c.id == bindparam("b_series_id"))
+    .values(instance_count=_series.c.instance_count + bindparam("b_added"))
+)
+_TOUCH_STUDY = (
+    update(_studies)
+    .where(_studies.c.id == bindparam("b_study_id"))
+    .values(
+        last_received_at=bindparam("b_now", type_=UTCDateTime()),
+        purged_at=None,
+        # An image instance gives a study known only from other objects its modality.
+        modality=case(
+            (_studies.c.modality.in_(sorted(IMAGE_MODALITIES)), _studies.c.modality),
+            else_=func.coalesce(bindparam("b_image_modality", type_=String()), _studies.c.modality),
+        ),
+        **{
+            attr: func.coalesce(_studies.c[attr], bindparam(f"b_{attr}", type_=String()))
+            for attr in _FILLED_STUDY_ATTRS
+        },
+    )
+)
+_REOPEN_STUDY = (
+    update(_studies)
+    .where(_studies.c.id == bindparam("b_study_id"))
+    .values(state=StudyState.RECEIVING, generation=_studies.c.generation + 1, completed_at=None)
+)
+_SET_INSTANCE_GENERATION = (
+    update(_instances).where(_instances.c.id == bindparam("b_id")).values(generation=bindparam("b_generation"))
+)
+
+
+@dataclass
+class _StudyState:
+    """What one transaction knows of a study it has locked."""
+
+    id: int
+    generation: int
+    state: StudyState
+    records: list[InstanceRecord] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    """Per-transaction caches and the deferred study/series updates."""
+
+    now: datetime
+    studies: dict[str, _StudyState] = field(default_factory=dict)
+    series_ids: dict[str, int] = field(default_factory=dict)
+    added_per_series: dict[int, int] = field(default_factory=dict)
+    reopened: list[tuple[str, int]] = field(default_factory=list)
 
 
 def record_instance(session: Session, rec: InstanceRecord, now: datetime | None = None) -> RecordOutcome:
@@ -25,93 +115,120 @@ def record_instance(session: Session, rec: InstanceRecord, now: datetime | None 
     instance is one of our own result objects echoed back by the PACS.
     A duplicate only refreshes path and size.
     """
-    now = clock(now)
+    return record_instances(session, [rec], now)[0]
+
+
+def record_instances(
+    session: Session, records: Sequence[InstanceRecord], now: datetime | None = None
+) -> list[RecordOutcome]:
+    """Store many received instances in ONE transaction (commits); outcomes in order.
+
+    Each instance gets exactly the semantics of `record_instance`; the commit (and
+    so the journal fsync) is shared. If any row fails, nothing is committed.
+    """
+    batch = _Batch(now=clock(now))
     begin_write(session)
     try:
-        study = _upsert_study(session, rec, now)
-        series_id = _upsert_series(session, rec, study.id)
-        instance_id = insert_ignore(
-            session,
-            Instance,
-            _instance_values(rec, series_id, study.generation, now),
-            ["sop_instance_uid"],
-        )
-        if instance_id is None:
-            _refresh_duplicate(session, rec)
-            duplicate = RecordOutcome(created=False, study_reopened=False, study_id=study.id)
-            session.commit()
-            return duplicate
-        session.execute(
-            update(Series).where(Series.id == series_id).values(instance_count=Series.instance_count + 1)
-        )
-        reopened = _note_arrival(session, study, rec, now, instance_id)
-        outcome = RecordOutcome(created=True, study_reopened=reopened, study_id=study.id)
-        generation = study.generation
+        connection = session.connection()
+        outcomes = [_record_in_transaction(session, connection, batch, rec) for rec in records]
+        _apply_deferred_updates(connection, batch)
         session.commit()
     except BaseException:
         session.rollback()
         raise
-    if reopened:
+    for study_uid, generation in batch.reopened:
         logger.info(
             "study reopened by a late arrival",
-            extra={"action": "study_reopened", "study_uid": rec.study_instance_uid, "generation": generation},
+            extra={"action": "study_reopened", "study_uid": study_uid, "generation": generation},
         )
-    return outcome
+    return outcomes
 
 
-def _upsert_study(session: Session, rec: InstanceRecord, now: datetime) -> Study:
-    # The row lock serialises concurrent arrivals for one study (reopen, generation).
-    by_uid = locked(select(Study).where(Study.study_instance_uid == rec.study_instance_uid))
-    study = session.execute(by_uid).scalar_one_or_none()
-    if study is not None:
+def _record_in_transaction(
+    session: Session, connection: Connection, batch: _Batch, rec: InstanceRecord
+) -> RecordOutcome:
+    study = _locked_study(session, connection, batch, rec)
+    series_id = batch.series_ids[rec.series_instance_uid]
+    insert = _INSERT_INSTANCE[connection.dialect.name]
+    instance_id = connection.execute(
+        insert, _instance_values(rec, series_id, study.generation, batch.now)
+    ).scalar_one_or_none()
+    if instance_id is None:
+        connection.execute(
+            _REFRESH_DUPLICATE, {"b_sop": rec.sop_instance_uid, "b_path": rec.path, "b_size": rec.size_bytes}
+        )
+        return RecordOutcome(created=False, study_reopened=False, study_id=study.id)
+    batch.added_per_series[series_id] = batch.added_per_series.get(series_id, 0) + 1
+    study.records.append(rec)
+    reopened = _reopen_if_complete(session, connection, batch, study, rec, instance_id)
+    return RecordOutcome(created=True, study_reopened=reopened, study_id=study.id)
+
+
+def _locked_study(session: Session, connection: Connection, batch: _Batch, rec: InstanceRecord) -> _StudyState:
+    """The study of `rec`, locked for this transaction, with its series id cached in `batch`.
+
+    Creates the study and series rows when they are new (ON CONFLICT DO NOTHING, so
+    concurrent creators do not fail).
+    """
+    study = batch.studies.get(rec.study_instance_uid)
+    if study is not None and rec.series_instance_uid in batch.series_ids:
         return study
-    insert_ignore(
-        session,
-        Study,
-        {
-            "study_instance_uid": rec.study_instance_uid,
-            "modality": rec.modality,
-            "state": StudyState.RECEIVING,
-            "generation": 1,
-            "first_received_at": now,
-            "last_received_at": now,
-            "completed_at": None,
-            "purged_at": None,
-            "study_date": rec.study_date,
-            "patient_age": rec.patient_age,
-            "patient_birth_date": rec.patient_birth_date,
-            "station_name": rec.station_name,
-            "institution": rec.institution,
-            "calling_ae": rec.calling_ae,
-            "flagged": False,
-            "flag_comment": None,
-            "reviewed": False,
-            "confirmed_normal": False,
-        },
-        ["study_instance_uid"],
-    )
-    return session.execute(by_uid).scalar_one()
+    row = _select_study(connection, rec)
+    if row is None:
+        insert_ignore(session, Study, _new_study_values(rec, batch.now), ["study_instance_uid"])
+        row = _select_study(connection, rec)
+        if row is None:  # pragma: no cover - the row was just inserted or already there
+            raise RuntimeError("study row vanished inside its own transaction")
+    if study is None:
+        study = _StudyState(id=row.id, generation=row.generation, state=row.state)
+        batch.studies[rec.study_instance_uid] = study
+    series_id = row.series_id
+    if series_id is None:
+        insert_ignore(session, Series, _new_series_values(rec, study.id), ["series_instance_uid"])
+        series_id = session.execute(
+            select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)
+        ).scalar_one()
+    batch.series_ids[rec.series_instance_uid] = series_id
+    return study
 
 
-def _upsert_series(session: Session, rec: InstanceRecord, study_id: int) -> int:
-    by_uid = select(Series.id).where(Series.series_instance_uid == rec.series_instance_uid)
-    series_id = session.execute(by_uid).scalar_one_or_none()
-    if series_id is not None:
-        return series_id
-    insert_ignore(
-        session,
-        Series,
-        {
-            "study_id": study_id,
-            "series_instance_uid": rec.series_instance_uid,
-            "modality": rec.modality,
-            "series_number": rec.series_number,
-            "series_description": rec.series_description,
-            "instance_count": 0,
-        },
-        ["series_instance_uid"],
-    )
-    return session.execute(by_uid).scalar_one()
+def _select_study(connection: Connection, rec: InstanceRecord) -> Any:
+    params = {"study_uid": rec.study_instance_uid, "series_uid": rec.series_instance_uid}
+    return connection.execute(_STUDY_AND_SERIES, params).first()
+
+
+def _new_study_values(rec: InstanceRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "study_instance_uid": rec.study_instance_uid,
+        "modality": rec.modality,
+        "state": StudyState.RECEIVING,
+        "generation": 1,
+        "first_received_at": now,
+        "last_received_at": now,
+        "completed_at": None,
+        "purged_at": None,
+        "study_date": rec.study_date,
+        "patient_age": rec.patient_age,
+        "patient_birth_date": rec.patient_birth_date,
+        "station_name": rec.station_name,
+        "institution": rec.institution,
+        "calling_ae": rec.calling_ae,
+        "flagged": False,
+        "flag_comment": None,
+        "reviewed": False,
+        "confirmed_normal": False,
+    }
+
+
+def _new_series_values(rec: InstanceRecord, study_id: int) -> dict[str, Any]:
+    return {
+        "study_id": study_id,
+        "series_instance_uid": rec.series_instance_uid,
+        "modality": rec.modality,
+        "series_number": rec.series_number,
+        "series_description": rec.series_description,
+        "instance_count": 0,
+    }
 
 
 def _instance_values(rec: InstanceRecord, series_id: int, generation: int, now: datetime) -> dict[str, Any]:
@@ -131,50 +248,51 @@ def _instance_values(rec: InstanceRecord, series_id: int, generation: int, now: 
     }
 
 
-def _refresh_duplicate(session: Session, rec: InstanceRecord) -> None:
-    session.execute(
-        update(Instance)
-        .where(
-            Instance.sop_instance_uid == rec.sop_instance_uid,
-            or_(Instance.path != rec.path, Instance.size_bytes != rec.size_bytes),
-        )
-        .values(path=rec.path, size_bytes=rec.size_bytes)
-    )
-
-
-def _note_arrival(session: Session, study: Study, rec: InstanceRecord, now: datetime, instance_id: int) -> bool:
-    """Update the study for a new instance; returns True when it was reopened."""
-    study.last_received_at = now
-    study.purged_at = None
-    if rec.modality in IMAGE_MODALITIES and study.modality not in IMAGE_MODALITIES:
-        study.modality = rec.modality
-    for attr in ("study_date", "patient_age", "patient_birth_date", "station_name", "institution"):
-        if getattr(study, attr) is None and getattr(rec, attr) is not None:
-            setattr(study, attr, getattr(rec, attr))
-    if study.state != StudyState.COMPLETE or _is_own_result(session, rec.sop_instance_uid):
+def _reopen_if_complete(
+    session: Session, connection: Connection, batch: _Batch, study: _StudyState, rec: InstanceRecord,
+    instance_id: int,
+) -> bool:
+    """Reopen a complete study for a new instance; returns True when it was reopened."""
+    if study.state != StudyState.COMPLETE or _is_own_result(connection, rec.sop_instance_uid):
         return False
+    connection.execute(_REOPEN_STUDY, {"b_study_id": study.id})
     study.state = StudyState.RECEIVING
     study.generation += 1
-    study.completed_at = None
     # The instance row was inserted with the old generation before the reopen.
-    session.execute(update(Instance).where(Instance.id == instance_id).values(generation=study.generation))
+    connection.execute(_SET_INSTANCE_GENERATION, {"b_id": instance_id, "b_generation": study.generation})
     add_audit(
         session,
         SYSTEM_ACTOR,
         "study_reopened",
-        now,
+        batch.now,
         study.id,
         {"generation": study.generation, "sop_instance_uid": rec.sop_instance_uid},
     )
+    batch.reopened.append((rec.study_instance_uid, study.generation))
     return True
 
 
-def _is_own_result(session: Session, sop_instance_uid: str) -> bool:
-    return session.execute(
-        select(exists().where(ResultObject.sop_instance_uid == sop_instance_uid))
-    ).scalar_one()
+def _is_own_result(connection: Connection, sop_instance_uid: str) -> bool:
+    own = select(exists().where(ResultObject.sop_instance_uid == sop_instance_uid))
+    return bool(connection.execute(own).scalar_one())
 
 
+def _apply_deferred_updates(connection: Connection, batch: _Batch) -> None:
+    """One UPDATE per touched series (instance count) and per touched study."""
+    for series_id, added in batch.added_per_series.items():
+        connection.execute(_COUNT_INSTANCES, {"b_series_id": series_id, "b_added": added})
+    for study in batch.studies.values():
+        if study.records:
+            connection.execute(_TOUCH_STUDY, _study_touch_params(study, batch.now))
+
+
+def _study_touch_params(study: _StudyState, now: datetime) -> dict[str, Any]:
+    """Bind values for _TOUCH_STUDY: the first non-empty value among the new instances."""
+    image_modality = next((r.modality for r in study.records if r.modality in IMAGE_MODALITIES), None)
+    params: dict[str, Any] = {"b_study_id": study.id, "b_now": now, "b_image_modality": image_modality}
+    for attr in _FILLED_STUDY_ATTRS:
+        params[f"b_{attr}"] = next((getattr(r, attr) for r in study.records if getattr(r, attr) is not None), None)
+    return params
 def record_rejection(
     session: Session,
     calling_ae: str | None,
