@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,6 +47,25 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.runners = load_runners(settings)
         self.stopping = threading.Event()
+
+    def warm_up(self) -> None:
+        """Build the templates and caches the first study would otherwise pay for.
+
+        Preprocessing and inference run once on a synthetic head per bundle, so
+        the first real study is as fast as the rest (template building alone
+        takes several seconds).
+        """
+        from imaging.phantoms import make_head
+        from imaging.preprocess import preprocess
+        from imaging.volume import Volume
+
+        for runner in self.runners.values():
+            manifest = runner.bundle.manifest
+            started = time.perf_counter()
+            phantom = make_head(manifest.modality, age=50.0, seed=0, spacing=(2.0, 2.0, 2.0))
+            prepared = preprocess(Volume.from_image(phantom.image, manifest.modality), manifest.preprocessing)
+            runner.run(prepared.model_input, 50.0)
+            log.info("warmed up", extra={"bundle": manifest.key, "seconds": round(time.perf_counter() - started, 2)})
 
     def run_forever(self, poll_s: float = 0.5) -> None:
         log.info("worker started", extra={"worker_id": self.worker_id, "bundles": [f"{n}-{v}" for n, v in self.runners]})
@@ -141,6 +161,7 @@ def worker_process_main(settings: Settings, worker_index: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
     try:
+        worker.warm_up()
         worker.run_forever()
     finally:
         engine.dispose()
