@@ -139,6 +139,60 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    """The admin console on its own (the receiver and workers may run elsewhere)."""
+    from daemon.logs import configure_logging
+    from daemon.scheduler import bundle_refs
+    from daemon.web import run_web
+
+    settings = _settings(args)
+    configure_logging(settings)
+    settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    return run_web(settings, _sessions(settings), bundle_refs(settings))
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("password: ")
+    if first != getpass.getpass("again: "):
+        raise HeadscreenError("the passwords differ")
+    return first
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    from db import api
+
+    settings = _settings(args)
+    password = _read_password(args)
+    with _sessions(settings)() as session:
+        user = api.create_user(session, args.name, password, args.role, actor=args.actor, now=datetime.now(UTC))
+    print(f"user {user.username} added ({user.role})")
+    return 0
+
+
+def cmd_users_passwd(args: argparse.Namespace) -> int:
+    from db import api
+
+    settings = _settings(args)
+    password = _read_password(args)
+    with _sessions(settings)() as session:
+        api.set_password(session, args.name, password, actor=args.actor, now=datetime.now(UTC))
+    print(f"password of {args.name} changed; their sessions are closed")
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    from db import api
+
+    with _sessions(_settings(args))() as session:
+        for user in api.list_users(session):
+            print(f"{user.username:<32} {user.role:<7} {'disabled' if user.disabled else ''}")
+    return 0
+
+
 def cmd_bundles_verify(args: argparse.Namespace) -> int:
     from daemon.bundle import load_bundle
     from daemon.inference import BundleRunner
@@ -208,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     resend.add_argument("--actor", default="cli")
     resend.add_argument("--no-send", action="store_true", help="only queue them; the daemon sends")
     resend.set_defaults(fn=cmd_resend)
+
+    commands.add_parser("web", help="run the admin web console alone").set_defaults(fn=cmd_web)
+    users = commands.add_parser("users", help="admin console users").add_subparsers(dest="users_command", required=True)
+    for name, fn, helptext in (("add", cmd_users_add, "add a user (audited)"),
+                               ("passwd", cmd_users_passwd, "change a user's password")):
+        sub = users.add_parser(name, help=helptext)
+        sub.add_argument("name")
+        if name == "add":
+            sub.add_argument("--role", choices=("admin", "viewer"), required=True)
+        sub.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
+        sub.add_argument("--actor", default="cli")
+        sub.set_defaults(fn=fn)
+    users.add_parser("list", help="list users").set_defaults(fn=cmd_users_list)
 
     commands.add_parser("status", help="counts of studies, jobs and deliveries").set_defaults(fn=cmd_status)
     bundles = commands.add_parser("bundles", help="verify model bundles")

@@ -69,6 +69,23 @@ class DeliveryConfig(_Section):
     timeout_s: float = Field(30.0, gt=0)
 
 
+class WebConfig(_Section):
+    """The admin console (pages, REST API, /healthz, /metrics)."""
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)
+    # Cookies marked Secure: set true behind an HTTPS reverse proxy.
+    secure_cookies: bool = False
+
+    @field_validator("bind_address")
+    @classmethod
+    def _valid_bind(cls, address: str) -> str:
+        ipaddress.ip_address(address)
+        return address
+
+
 class Settings(BaseSettings):
     """Everything the daemon needs, validated at start-up and passed down."""
 
@@ -97,6 +114,7 @@ class Settings(BaseSettings):
     retention_days: float = Field(30.0, ge=0)
     overlay_slices: int = Field(24, ge=0)
     delivery: DeliveryConfig = DeliveryConfig()
+    web: WebConfig = WebConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

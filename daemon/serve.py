@@ -15,12 +15,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from daemon.config import Settings
 from daemon.receiver import ReceiverConfig, start_receiver
 from daemon.scheduler import bundle_refs, start_scheduler
+from daemon.web import WebServer, start_web_server
 from daemon.worker import worker_process_main
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
+from db.types import BundleRef
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,18 @@ class WorkerPool:
                 process.join()
 
 
+def _start_console(settings: Settings, sessions: sessionmaker[Session], bundles: list[BundleRef]) -> WebServer | None:
+    """The admin console in a thread; a console that cannot start (port taken) is logged,
+    and receiving and processing go on without it."""
+    if not settings.web.enabled:
+        return None
+    try:
+        return start_web_server(settings, sessions, bundles)
+    except RuntimeError:
+        log.exception("web console not started", extra={"action": "web_failed", "port": settings.web.port})
+        return None
+
+
 def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
@@ -87,6 +103,7 @@ def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
     scheduler = start_scheduler(settings, sessions, bundles)
     pool = WorkerPool(settings, settings.workers)
     pool.ensure()
+    web = _start_console(settings, sessions, bundles)
     log.info(
         "headscreen serving",
         extra={"ae_title": settings.ae_title, "port": receiver.port, "workers": settings.workers,
@@ -98,6 +115,8 @@ def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
     finally:
         log.info("draining")
         receiver.shutdown()
+        if web is not None:
+            web.shutdown()
         pool.stop(drain_timeout_s)
         scheduler.shutdown(wait=True)
         engine.dispose()

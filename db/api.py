@@ -15,7 +15,7 @@ from db.deliveries import claim_deliveries, mark_delivered, mark_delivery_failed
 from db.housekeeping import counts, get_result_objects, mark_purged, retention_candidates, study_instances
 from db.ingest import record_instance, record_instances, record_rejection
 from db.jobs import claim_job, fail_job, finish_job, heartbeat, requeue_expired
-from db.console import audit_trail, failures, metrics_snapshot, overview, queue_health, score_distributions, training_manifest
+from db.console import QueueHealth, audit_trail, failures, metrics_snapshot, overview, queue_health, score_distributions, training_manifest
 from db.review import audit, count_studies, get_study, list_studies, requeue_study, set_flag, set_review
 from db.sweep import sweep_completeness
 from db.users import create_user, list_users, login, logout, resolve_session, set_password
@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_JOB_MAX_ATTEMPTS",
     "SYSTEM_ACTOR",
     "BundleRef",
+    "QueueHealth",
     "DeliverySummary",
     "DeliveryTicket",
     "InstanceRecord",

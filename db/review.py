@@ -201,7 +201,7 @@ def _apply_filters(stmt: Select[Any], filters: StudyFilters) -> Select[Any]:
     if filters.needs_review:
         stmt = stmt.where(
             Study.reviewed.is_(False),
-            or_(Result.qc_failed.is_(True), Result.screen_positive.is_(True)),
+            or_(Result.qc_failed.is_(True), Result.screen_positive.is_(True), Study.flagged.is_(True)),
         )
     return stmt
 

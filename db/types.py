@@ -147,7 +147,7 @@ class StudyFilters:
     qc_reason: str | None = None  # substring of any QC reason
     station: str | None = None
     reviewed: bool | None = None
-    needs_review: bool = False  # QC failure or screen-positive, not yet reviewed
+    needs_review: bool = False  # QC failure, screen-positive or flagged, not yet reviewed
     sort: str = "received"  # one of STUDY_SORTS
     descending: bool = True
 

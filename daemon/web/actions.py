@@ -1,0 +1,146 @@
+"""What the pages and the API do, once: each action is a call of `db.api` functions
+(which audit themselves) with the logged-in user as the actor."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import asdict, is_dataclass
+from datetime import date, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+
+from daemon.web.context import WebContext
+from db import api
+from db.types import StudyDetail, StudyNotFound, StudyRow
+
+logger = logging.getLogger(__name__)
+
+
+class ReviewAction(StrEnum):
+    CONFIRM = "confirm"  # finding confirmed: reviewed, stays flagged for follow-up
+    DISMISS = "dismiss"  # nothing there: reviewed, flag cleared
+    FLAG = "flag"  # needs attention, with a comment; not yet reviewed
+    UNFLAG = "unflag"
+    NORMAL = "normal"  # confirmed normal: reviewed, joins the training cohort
+
+
+MAX_COMMENT = 2000
+
+
+def review(ctx: WebContext, study_uid: str, action: ReviewAction, comment: str | None, actor: str) -> None:
+    comment = (comment or "").strip()[:MAX_COMMENT] or None
+    if action is ReviewAction.FLAG and not comment:
+        raise HTTPException(status_code=422, detail="a flag needs a comment")
+    try:
+        with ctx.db() as session:
+            if action is ReviewAction.FLAG:
+                api.set_flag(session, study_uid, True, comment, actor)
+            elif action is ReviewAction.UNFLAG:
+                api.set_flag(session, study_uid, False, None, actor)
+            elif action is ReviewAction.CONFIRM:
+                api.set_flag(session, study_uid, True, comment or "finding confirmed", actor)
+                api.set_review(session, study_uid, True, False, actor)
+            elif action is ReviewAction.DISMISS:
+                api.set_flag(session, study_uid, False, comment, actor)
+                api.set_review(session, study_uid, True, False, actor)
+            elif action is ReviewAction.NORMAL:
+                api.set_flag(session, study_uid, False, comment, actor)
+                api.set_review(session, study_uid, True, True, actor)
+    except StudyNotFound:
+        raise HTTPException(status_code=404, detail="no such study") from None
+    logger.info("review action", extra={"action": f"review_{action.value}", "study_uid": study_uid, "user": actor})
+
+
+def requeue(ctx: WebContext, study_uid: str, actor: str) -> list[int]:
+    if not ctx.bundles:
+        raise HTTPException(status_code=409, detail="no model bundles configured")
+    try:
+        with ctx.db() as session:
+            return api.requeue_study(session, study_uid, actor, ctx.bundles,
+                                     max_attempts=ctx.settings.job_max_attempts)
+    except StudyNotFound:
+        raise HTTPException(status_code=404, detail="no such study") from None
+
+
+def resend(ctx: WebContext, actor: str, delivery_ids: list[int] | None, study_uid: str | None) -> int:
+    with ctx.db() as session:
+        return api.resend_dead(session, actor, study_instance_uid=study_uid, delivery_ids=delivery_ids)
+
+
+def study_detail(ctx: WebContext, study_uid: str) -> StudyDetail:
+    with ctx.db() as session:
+        detail = api.get_study(session, study_uid)
+    if detail is None:
+        raise HTTPException(status_code=404, detail="no such study")
+    return detail
+
+
+def jsonable(value: Any) -> Any:
+    """Dataclasses, datetimes and enums as JSON values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: jsonable(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return value
+
+
+CSV_COLUMNS = (
+    "study_instance_uid", "modality", "state", "station_name", "first_received_at", "last_received_at",
+    "completed_at", "instance_count", "bundle_name", "bundle_version", "eligible", "anomaly_score", "percentile",
+    "screen_positive", "predicted_age", "chronological_age", "age_gap", "qc_reasons", "flagged", "flag_comment",
+    "reviewed", "confirmed_normal",
+)
+
+
+def _csv_safe(value: Any) -> str:
+    """Cells that a spreadsheet would run as a formula are quoted with a leading apostrophe."""
+    text = "" if value is None else (";".join(value) if isinstance(value, list) else
+                                     value.isoformat() if isinstance(value, datetime) else str(value))
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") and not _is_number(text) else text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def studies_csv(rows: list[StudyRow]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([_csv_safe(getattr(row, c)) for c in CSV_COLUMNS])
+    return out.getvalue()
+
+
+MANIFEST_COLUMNS = ("path", "age", "sex", "scanner", "split", "label", "study_instance_uid", "modality")
+
+
+def training_manifest_csv(ctx: WebContext) -> str:
+    """Confirmed-normal studies, one row each: the stored series folder of the series the
+    model used (storage/<study>/<series>/), age, sex (not stored: blank), station as
+    scanner, split=train, label=normal."""
+    with ctx.db() as session:
+        rows = api.training_manifest(session)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(MANIFEST_COLUMNS)
+    storage = Path(ctx.settings.storage_dir)
+    for r in rows:
+        folder = storage / r.study_instance_uid / r.series_instance_uid
+        age = "" if r.age is None else f"{r.age:.1f}"
+        writer.writerow([str(folder), age, "", _csv_safe(r.station), "train", "normal", r.study_instance_uid,
+                         r.modality or ""])
+    return out.getvalue()

@@ -1,0 +1,195 @@
+"""Server-rendered pages. Forms post back with the session's CSRF token and are
+answered with a redirect (post/redirect/get)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
+
+from daemon.web import actions, charts, preview
+from daemon.web.actions import ReviewAction
+from daemon.web.auth import COOKIE, PageAdmin, PageCsrf, PageUser, Principal
+from daemon.web.context import checked_uid, context_of
+from daemon.web.filters import StudyQuery, study_query
+from daemon.web.rest import set_session_cookie
+from db import api
+from imaging.preprocess import default_params
+
+logger = logging.getLogger(__name__)
+
+templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+router = APIRouter(include_in_schema=False)
+Query_ = Annotated[StudyQuery, Depends(study_query)]
+
+
+def _render(request: Request, name: str, user: Principal | None, status_code: int = 200, **values: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, {"user": user, **values}, status_code=status_code)
+
+
+def _safe_next(path: str | None) -> str:
+    # Only local paths: an open redirect would let a link send users elsewhere after login.
+    return path if path and path.startswith("/") and not path.startswith("//") else "/"
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/") -> HTMLResponse:
+    return _render(request, "login.html", None, next=_safe_next(next), error=None)
+
+
+@router.post("/login")
+def login_submit(
+    request: Request,
+    username: Annotated[str, Form(max_length=64)],
+    password: Annotated[str, Form(max_length=256)],
+    next: Annotated[str, Form(max_length=512)] = "/",
+) -> Response:
+    ctx = context_of(request)
+    with ctx.db() as session:
+        opened = api.login(session, username, password, ctx.session_lifetime)
+    if opened is None:
+        return _render(request, "login.html", None, status_code=401, next=_safe_next(next),
+                       error="Wrong user name or password.")
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    set_session_cookie(request, response, opened.token)
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, user: PageCsrf) -> Response:
+    with context_of(request).db() as session:
+        api.logout(session, user.token, user.username)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@router.get("/")
+def overview(request: Request, user: PageUser) -> HTMLResponse:
+    with context_of(request).db() as session:
+        view = api.overview(session)
+    days = [d.day for d in view.days]
+    counts_chart = charts.bar_chart(days, {
+        "received": [d.received for d in view.days],
+        "completed": [d.completed for d in view.days],
+        "failed": [d.failed for d in view.days],
+    }, title="Studies per day")
+    latency = dict((d, s) for d, s, _ in view.latency_s)
+    throughput = dict((d, n) for d, _, n in view.latency_s)
+    latency_chart = charts.line_chart(days, {
+        "latency (s)": [latency.get(d) for d in days],
+        "results/day": [float(throughput[d]) if d in throughput else None for d in days],
+    }, title="Throughput and latency (received -> result)")
+    return _render(request, "overview.html", user, view=view, counts_chart=Markup(counts_chart),
+                   latency_chart=Markup(latency_chart), health=_health(request))
+
+
+def _health(request: Request) -> dict[str, Any]:
+    from daemon.web.health import health_report
+
+    return health_report(context_of(request))
+
+
+@router.get("/studies")
+def studies(request: Request, user: PageUser, query: Query_) -> HTMLResponse:
+    return _study_list(request, user, query, "studies.html", needs_review=False)
+
+
+@router.get("/review")
+def review_queue(request: Request, user: PageUser, query: Query_) -> HTMLResponse:
+    return _study_list(request, user, query, "review.html", needs_review=True)
+
+
+def _study_list(request: Request, user: Principal, query: StudyQuery, template: str, needs_review: bool) -> HTMLResponse:
+    filters = query.to_filters(needs_review=needs_review)
+    with context_of(request).db() as session:
+        rows = api.list_studies(session, filters)
+        total, capped = api.count_studies(session, filters)
+    pages = max(1, -(-total // query.per_page))
+    return _render(request, template, user, rows=rows, query=query, total=total, capped=capped, pages=pages)
+
+
+@router.get("/studies/{study_uid}")
+def study(request: Request, user: PageUser, study_uid: str) -> HTMLResponse:
+    ctx = context_of(request)
+    detail = actions.study_detail(ctx, checked_uid(study_uid))
+    with ctx.db() as session:
+        trail = api.audit_trail(session, study_uid)
+    current = next((r for r in reversed(detail.results) if not r.superseded), None)
+    ranges = _qc_ranges(detail.row.modality)
+    previews = [f"/api/v1/studies/{study_uid}/previews/{quote(sop)}.png" for _, sop in preview.sc_objects(ctx, detail)]
+    return _render(request, "study.html", user, d=detail, current=current, trail=trail, ranges=ranges,
+                   previews=previews, actions=list(ReviewAction))
+
+
+def _qc_ranges(modality: str | None) -> dict[str, tuple[float, float]]:
+    """metric -> (low, high) plausible range from the preprocessing defaults (what bundle
+    manifests store under preprocessing.qc_ranges)."""
+    if modality not in ("CT", "MR"):
+        return {}
+    qc = default_params(modality).get("qc_ranges", {})
+    return {key: (float(value[0]), float(value[1])) for key, value in qc.items()
+            if isinstance(value, (list, tuple)) and len(value) == 2}
+
+
+@router.post("/studies/{study_uid}/review")
+def study_review(
+    request: Request,
+    user: PageAdmin,
+    study_uid: str,
+    action: Annotated[ReviewAction, Form()],
+    comment: Annotated[str, Form(max_length=actions.MAX_COMMENT)] = "",
+    back: Annotated[str, Form(max_length=512)] = "",
+) -> Response:
+    actions.review(context_of(request), checked_uid(study_uid), action, comment, user.username)
+    return RedirectResponse(_safe_next(back) if back else f"/studies/{study_uid}", status_code=303)
+
+
+@router.post("/studies/{study_uid}/requeue")
+def study_requeue(request: Request, user: PageAdmin, study_uid: str) -> Response:
+    actions.requeue(context_of(request), checked_uid(study_uid), user.username)
+    return RedirectResponse(f"/studies/{study_uid}", status_code=303)
+
+
+@router.get("/failures")
+def failures(request: Request, user: PageUser) -> HTMLResponse:
+    with context_of(request).db() as session:
+        jobs, dead = api.failures(session)
+    return _render(request, "failures.html", user, jobs=jobs, dead=dead)
+
+
+@router.post("/deliveries/resend")
+async def resend(request: Request, user: PageAdmin) -> Response:
+    form = await request.form()
+    try:
+        ids = [int(str(v)) for v in form.getlist("delivery_id")]
+    except ValueError:
+        raise HTTPException(status_code=422, detail="delivery_id: integers") from None
+    actions.resend(context_of(request), user.username, ids or None, None)
+    return RedirectResponse("/failures", status_code=303)
+
+
+@router.get("/drift")
+def drift(request: Request, user: PageUser, period_days: int = 7, modality: str | None = None) -> HTMLResponse:
+    if not 1 <= period_days <= 92 or modality not in (None, "CT", "MR"):
+        raise HTTPException(status_code=422, detail="period_days 1..92, modality CT or MR")
+    with context_of(request).db() as session:
+        buckets = api.score_distributions(session, period_days=period_days, modality=modality)
+    periods = sorted({b.period for b in buckets})
+    stations = sorted({b.station for b in buckets})
+    by_key = {(b.station, b.period): b for b in buckets}
+    chart = charts.line_chart(periods, {
+        s: [by_key[(s, p)].mean_percentile if (s, p) in by_key else None for p in periods] for s in stations
+    }, title="Mean score percentile per station", y_max=100)
+    positive_chart = charts.line_chart(periods, {
+        s: [100.0 * by_key[(s, p)].positives / by_key[(s, p)].count if (s, p) in by_key else None for p in periods]
+        for s in stations
+    }, title="Screen-positive rate per station (%)", unit="%")
+    return _render(request, "drift.html", user, buckets=buckets, chart=Markup(chart),
+                   positive_chart=Markup(positive_chart), period_days=period_days, modality=modality)

@@ -1,0 +1,188 @@
+"""REST API under /api/v1: everything the pages do, as JSON (OpenAPI at /api/openapi.json)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from pydantic import BaseModel, Field
+
+from daemon.web import actions, preview
+from daemon.web.actions import ReviewAction, jsonable
+from daemon.web.auth import COOKIE, ApiAdmin, ApiAdminRead, ApiCsrf, ApiUser
+from daemon.web.context import checked_uid, context_of
+from daemon.web.filters import StudyQuery, study_query
+from db import api
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api/v1", tags=["console"])
+Query_ = Annotated[StudyQuery, Depends(study_query)]
+
+
+class LoginBody(BaseModel):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=256)
+
+
+class ReviewBody(BaseModel):
+    action: ReviewAction
+    comment: str | None = Field(default=None, max_length=actions.MAX_COMMENT)
+
+
+class ResendBody(BaseModel):
+    delivery_ids: list[int] | None = Field(default=None, max_length=1000)
+    study_uid: str | None = Field(default=None, max_length=64, pattern=r"^[0-9.]+$")
+
+
+def set_session_cookie(request: Request, response: Response, token: str) -> None:
+    ctx = context_of(request)
+    response.set_cookie(COOKIE, token, max_age=int(ctx.session_lifetime.total_seconds()), httponly=True,
+                        samesite="strict", secure=ctx.settings.web.secure_cookies, path="/")
+
+
+@router.post("/login")
+def login(request: Request, body: LoginBody, response: Response) -> dict[str, Any]:
+    ctx = context_of(request)
+    with ctx.db() as session:
+        opened = api.login(session, body.username, body.password, ctx.session_lifetime)
+    if opened is None:
+        raise HTTPException(status_code=401, detail="wrong user name or password")
+    set_session_cookie(request, response, opened.token)
+    return {"username": opened.user.username, "role": opened.user.role, "csrf_token": opened.csrf_token,
+            "expires_at": opened.expires_at.isoformat()}
+
+
+@router.post("/logout")
+def logout(request: Request, user: ApiCsrf, response: Response) -> dict[str, bool]:
+    with context_of(request).db() as session:
+        api.logout(session, user.token, user.username)
+    response.delete_cookie(COOKIE, path="/")
+    return {"logged_out": True}
+
+
+@router.get("/me")
+def me(user: ApiUser) -> dict[str, str]:
+    return {"username": user.username, "role": user.role, "csrf_token": user.csrf_token}
+
+
+@router.get("/overview")
+def overview(request: Request, user: ApiUser) -> dict[str, Any]:
+    with context_of(request).db() as session:
+        return jsonable(api.overview(session))
+
+
+def _list(request: Request, query: StudyQuery, needs_review: bool = False) -> dict[str, Any]:
+    filters = query.to_filters(needs_review=needs_review)
+    with context_of(request).db() as session:
+        rows = api.list_studies(session, filters)
+        total, capped = api.count_studies(session, filters)
+    return {"page": query.page, "per_page": query.per_page, "total": total, "total_capped": capped,
+            "studies": jsonable(rows)}
+
+
+@router.get("/studies")
+def list_studies(request: Request, user: ApiUser, query: Query_) -> dict[str, Any]:
+    return _list(request, query)
+
+
+@router.get("/studies.csv")
+def studies_csv(request: Request, user: ApiUser, query: Query_) -> Response:
+    """The filtered list (every page, up to 100,000 rows) as CSV."""
+    rows = []
+    with context_of(request).db() as session:
+        page = 1
+        while True:
+            filters = StudyQuery(**{**query.__dict__, "page": page, "per_page": 500}).to_filters()
+            chunk = api.list_studies(session, filters)
+            rows.extend(chunk)
+            if len(chunk) < 500 or len(rows) >= 100_000:
+                break
+            page += 1
+    with context_of(request).db() as session:
+        api.audit(session, user.username, "export_studies_csv", detail={"rows": len(rows)})
+    return Response(actions.studies_csv(rows), media_type="text/csv",
+                    headers={"Content-Disposition": 'attachment; filename="studies.csv"'})
+
+
+@router.get("/review-queue")
+def review_queue(request: Request, user: ApiUser, query: Query_) -> dict[str, Any]:
+    """QC failures and screen-positive studies not yet reviewed."""
+    return _list(request, query, needs_review=True)
+
+
+@router.get("/studies/{study_uid}")
+def study(request: Request, user: ApiUser, study_uid: str) -> dict[str, Any]:
+    ctx = context_of(request)
+    detail = actions.study_detail(ctx, checked_uid(study_uid))
+    out: dict[str, Any] = jsonable(detail)
+    out.pop("patient_birth_date", None)
+    out["previews"] = [f"/api/v1/studies/{study_uid}/previews/{sop}.png" for _, sop in preview.sc_objects(ctx, detail)]
+    return out
+
+
+@router.get("/studies/{study_uid}/audit")
+def study_audit(request: Request, user: ApiUser, study_uid: str) -> list[dict[str, Any]]:
+    with context_of(request).db() as session:
+        return jsonable(api.audit_trail(session, checked_uid(study_uid)))
+
+
+@router.get("/studies/{study_uid}/previews/{sop_uid}.png", response_class=Response)
+def study_preview(request: Request, user: ApiUser, study_uid: str, sop_uid: str) -> Response:
+    ctx = context_of(request)
+    detail = actions.study_detail(ctx, checked_uid(study_uid))
+    png = preview.render_png(ctx, detail, checked_uid(sop_uid))
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+@router.post("/studies/{study_uid}/review")
+def study_review(request: Request, user: ApiAdmin, study_uid: str, body: ReviewBody) -> dict[str, Any]:
+    actions.review(context_of(request), checked_uid(study_uid), body.action, body.comment, user.username)
+    return {"ok": True, "action": body.action.value}
+
+
+@router.post("/studies/{study_uid}/requeue")
+def study_requeue(request: Request, user: ApiAdmin, study_uid: str) -> dict[str, Any]:
+    job_ids = actions.requeue(context_of(request), checked_uid(study_uid), user.username)
+    return {"job_ids": job_ids}
+
+
+@router.get("/failures")
+def failures(request: Request, user: ApiUser) -> dict[str, Any]:
+    with context_of(request).db() as session:
+        jobs, dead = api.failures(session)
+    return {"failed_jobs": jsonable(jobs), "dead_deliveries": jsonable(dead)}
+
+
+@router.post("/deliveries/resend")
+def resend(request: Request, user: ApiAdmin, body: ResendBody) -> dict[str, int]:
+    count = actions.resend(context_of(request), user.username, body.delivery_ids, body.study_uid)
+    return {"requeued": count}
+
+
+@router.get("/drift")
+def drift(request: Request, user: ApiUser, period_days: int = 7, modality: str | None = None) -> list[dict[str, Any]]:
+    if not 1 <= period_days <= 92:
+        raise HTTPException(status_code=422, detail="period_days: 1..92")
+    if modality not in (None, "CT", "MR"):
+        raise HTTPException(status_code=422, detail="modality: CT or MR")
+    with context_of(request).db() as session:
+        return jsonable(api.score_distributions(session, period_days=period_days, modality=modality))
+
+
+@router.get("/audit")
+def audit(request: Request, user: ApiUser) -> list[dict[str, Any]]:
+    with context_of(request).db() as session:
+        return jsonable(api.audit_trail(session))
+
+
+@router.get("/training-manifest.csv")
+def training_manifest(request: Request, user: ApiAdminRead) -> Response:
+    """Confirmed-normal studies as a training manifest (admin: it names storage paths)."""
+    ctx = context_of(request)
+    text = actions.training_manifest_csv(ctx)
+    with ctx.db() as session:
+        api.audit(session, user.username, "export_training_manifest", detail={"rows": text.count("\n") - 1})
+    return Response(text, media_type="text/csv",
+                    headers={"Content-Disposition": 'attachment; filename="training-manifest.csv"'})

@@ -1,0 +1,139 @@
+"""Builders for the web console tests: a seeded database of studies in every state the
+console shows, a real Secondary Capture file for previews, users, and app settings."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy.orm import Session
+
+from daemon.config import Settings, load_settings
+from db import api
+from db.types import JobOutcome, OutputObject, RetryPolicy
+from db_factories import BUNDLES, SC_STORAGE, SR_STORAGE, add_series, uid
+
+ADMIN, VIEWER = ("alice", "admin-pass-1"), ("victor", "viewer-pass-1")
+
+
+@dataclass
+class Seeded:
+    positive: str  # CT, screen-positive, with a real SC overlay file
+    negative: str  # CT, normal
+    qc_failed: str  # MR, QC reason, large age gap
+    failed_job: str
+    dead_delivery: str
+    receiving: str
+    sc_sop_uid: str
+    dead_delivery_ids: list[int] = field(default_factory=list)
+
+
+def web_settings(tmp_path: Path, database_url: str) -> Settings:
+    return load_settings(None, storage_dir=str(tmp_path / "storage"), database_url=database_url,
+                         allow_any_caller=True, environment="development", web={"port": 0})
+
+
+def write_sc(path: Path, seed: int = 0) -> str:
+    """A small RGB Secondary Capture like the worker's overlays; returns its SOP Instance UID."""
+    rng = np.random.default_rng(seed)
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[..., 0] = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+    pixels[16:48, 16:48, 1] = 200
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SC_STORAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SC_STORAGE, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "OT", 64, 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return str(ds.SOPInstanceUID)
+
+
+def _outcome(objects: list[OutputObject], series_uid: str, **overrides: object) -> JobOutcome:
+    fields: dict[str, object] = {
+        "eligible": True, "ineligible_reason": None, "anomaly_score": 0.05, "percentile": 40.0,
+        "screen_positive": False, "threshold": 0.08, "predicted_age": None, "chronological_age": 54.0,
+        "age_gap": None, "qc_reasons": [], "qc_metrics": {"brain_volume_ml": 1180.0, "head_dice": 0.99},
+        "selected_series_uid": series_uid,
+        "series_verdicts": [{"series_uid": series_uid, "accepted": True, "reason": "axial head", "rank": 1.0}],
+        "timings": {"load_s": 0.4, "preprocess_s": 2.1, "inference_s": 0.8}, "objects": objects,
+    }
+    fields.update(overrides)
+    return JobOutcome(**fields)  # type: ignore[arg-type]
+
+
+def _study(session: Session, now: datetime, modality: str, station: str) -> tuple[str, str, int]:
+    study = uid()
+    series = add_series(session, study, 2, now=now, modality=modality, station_name=station)
+    done = api.sweep_completeness(session, now + timedelta(minutes=5), 60, 10, BUNDLES)
+    assert len(done) == 1
+    return study, series, done[0]
+
+
+def _finish(session: Session, now: datetime, objects: list[OutputObject], series: str, **overrides: object) -> int:
+    ticket = api.claim_job(session, "w1", 600, now + timedelta(minutes=6))
+    assert ticket is not None
+    result_id = api.finish_job(session, ticket.job_id, "w1", _outcome(objects, series, **overrides), ["pacs"],
+                               now=now + timedelta(minutes=7))
+    assert result_id is not None
+    return result_id
+
+
+def seed(session: Session, storage: Path, now: datetime) -> Seeded:
+    """Six studies in the states the console shows; every change goes through db.api."""
+    random.seed(7)
+    base = now - timedelta(hours=3)
+
+    positive, series, _ = _study(session, base, "CT", "CT-NORTH")
+    sc_path = storage / "results" / positive / "sc-1.dcm"
+    sc_uid = write_sc(sc_path)
+    sr_uid = uid()
+    _finish(session, base, [OutputObject(sc_uid, SC_STORAGE, "sc", str(sc_path)),
+                            OutputObject(sr_uid, SR_STORAGE, "sr", f"results/{positive}/sr.dcm")], series,
+            anomaly_score=0.31, percentile=99.4, screen_positive=True)
+
+    negative, series, _ = _study(session, base + timedelta(minutes=10), "CT", "CT-SOUTH")
+    _finish(session, base + timedelta(minutes=10), [], series, anomaly_score=0.04, percentile=41.0)
+
+    qc_failed, series, _ = _study(session, base + timedelta(minutes=20), "MR", "MR-EAST")
+    _finish(session, base + timedelta(minutes=20), [], series, anomaly_score=0.5, percentile=88.0,
+            predicted_age=67.0, chronological_age=55.0, age_gap=12.0,
+            qc_reasons=["registration_failed"], qc_metrics={"registration_metric": -0.1})
+
+    failed_job, _, _ = _study(session, base + timedelta(minutes=30), "CT", "CT-NORTH")
+    ticket = api.claim_job(session, "w1", 600, base + timedelta(minutes=36))
+    assert ticket is not None
+    api.fail_job(session, ticket.job_id, "w1", "preprocess: no brain found", retryable=False,
+                 now=base + timedelta(minutes=37))
+
+    dead, series, _ = _study(session, base + timedelta(minutes=40), "CT", "CT-SOUTH")
+    dead_result = _finish(session, base + timedelta(minutes=40),
+                          [OutputObject(uid(), SR_STORAGE, "sr", "results/x/sr.dcm")], series,
+                          anomaly_score=0.06, percentile=55.0)
+    tickets = api.claim_deliveries(session, base + timedelta(minutes=48), 10, 60, result_id=dead_result)
+    dead_ids = []
+    for t in tickets:
+        api.mark_delivery_failed(session, t.delivery_id, "association rejected", status=0xA700,
+                                 policy=RetryPolicy(max_attempts=1), now=base + timedelta(minutes=49))
+        dead_ids.append(t.delivery_id)
+
+    receiving = uid()
+    add_series(session, receiving, 1, now=now - timedelta(seconds=5), modality="CT", station_name="CT-NORTH")
+    return Seeded(positive, negative, qc_failed, failed_job, dead, receiving, sc_uid, dead_ids)
+
+
+def add_users(session: Session) -> None:
+    api.create_user(session, ADMIN[0], ADMIN[1], "admin", actor="test")
+    api.create_user(session, VIEWER[0], VIEWER[1], "viewer", actor="test")
