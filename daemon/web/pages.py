@@ -77,15 +77,12 @@ def overview(request: Request, user: PageUser) -> HTMLResponse:
     days = [d.day for d in view.days]
     counts_chart = charts.bar_chart(days, {
         "received": [d.received for d in view.days],
-        "completed": [d.completed for d in view.days],
+        "results": [d.results for d in view.days],
         "failed": [d.failed for d in view.days],
-    }, title="Studies per day")
-    latency = dict((d, s) for d, s, _ in view.latency_s)
-    throughput = dict((d, n) for d, _, n in view.latency_s)
-    latency_chart = charts.line_chart(days, {
-        "latency (s)": [latency.get(d) for d in days],
-        "results/day": [float(throughput[d]) if d in throughput else None for d in days],
-    }, title="Throughput and latency (received -> result)")
+    }, title="Studies received, results (throughput), failures per day")
+    latency = {d: s for d, s, _ in view.latency_s}
+    latency_chart = charts.line_chart(days, {"mean latency": [latency.get(d) for d in days]},
+                                      title="Latency: last instance received -> result (s)", unit=" s")
     return _render(request, "overview.html", user, view=view, counts_chart=Markup(counts_chart),
                    latency_chart=Markup(latency_chart), health=_health(request))
 
