@@ -8,6 +8,8 @@ collide with it). The path recorded in the database is relative to
 A file is written to a temporary name in its final directory, flushed, fsynced,
 renamed over the final name and the directory is fsynced, so after ``write``
 returns the instance survives a power cut and a reader never sees half a file.
+Concurrent writers into one directory share a directory fsync: one that starts
+after a writer's rename covers that rename too (see ``DirectorySync``).
 Writing the same SOP Instance UID again replaces the file atomically, which makes
 a re-send idempotent. One process writes a storage tree (the SCP); a temporary
 file left by a crash is replaced when its instance is sent again, and goes with
@@ -82,6 +84,8 @@ class InstanceStore:
         # Two associations may deliver the same SOP instance at once; they share its
         # temporary name, so writes of one SOP are serialised (striped locks).
         self._sop_locks = [threading.Lock() for _ in range(_SOP_LOCK_STRIPES)]
+        self._dir_syncs: OrderedDict[Path, DirectorySync] = OrderedDict()
+        self._dir_syncs_lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> PurePosixPath:
@@ -131,8 +135,9 @@ class InstanceStore:
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            if self.durable:
-                _fsync_dir(final.parent)
+        if self.durable:
+            # Outside the SOP lock: writers of other SOPs into this directory share the fsync.
+            self._dir_sync(final.parent).sync()
         return StoredInstance(path=final, relative_path=relative.as_posix(), size_bytes=len(data))
 
     def _write_file(self, path: Path, data: bytes) -> None:
@@ -168,9 +173,64 @@ class InstanceStore:
             if len(self._known_dirs) > _KNOWN_DIRS_MAX:
                 self._known_dirs.popitem(last=False)
 
+    def _dir_sync(self, directory: Path) -> DirectorySync:
+        with self._dir_syncs_lock:
+            sync = self._dir_syncs.get(directory)
+            if sync is None:
+                # Evicting one in use is harmless: each only vouches for fsyncs it ran itself.
+                sync = self._dir_syncs[directory] = DirectorySync(directory)
+                if len(self._dir_syncs) > _KNOWN_DIRS_MAX:
+                    self._dir_syncs.popitem(last=False)
+            else:
+                self._dir_syncs.move_to_end(directory)
+            return sync
+
     def _forget_dir(self, directory: Path) -> None:
         with self._dirs_lock:
             self._known_dirs.pop(directory, None)
+
+
+class DirectorySync:
+    """fsync of one directory, shared by the writers that renamed into it meanwhile.
+
+    A writer calls ``sync()`` after its rename and takes a ticket. A directory fsync
+    that *starts* after the ticket was taken makes that rename durable; so when an
+    fsync is already running, the writer waits for it to end and then lets one
+    writer run the next fsync for everyone queued behind it (group commit). A lone
+    writer runs its own fsync at once; it never waits for a timer.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._cond = threading.Condition()
+        self._tickets = 0
+        self._covered = 0  # every ticket up to this one is durable
+        self._running = False
+        self.fsyncs = 0  # how many fsyncs ran (for tests and benchmarks)
+
+    def sync(self) -> None:
+        with self._cond:
+            self._tickets += 1
+            ticket = self._tickets
+            while self._covered < ticket and self._running:
+                self._cond.wait()
+            if self._covered >= ticket:
+                return
+            self._running = True
+            # Every rename that took a ticket so far happened before this fsync starts.
+            covers = self._tickets
+        try:
+            _fsync_dir(self.directory)
+        except BaseException:
+            with self._cond:
+                self._running = False
+                self._cond.notify_all()  # a waiter runs its own fsync and meets the error itself
+            raise
+        with self._cond:
+            self._covered = max(self._covered, covers)
+            self._running = False
+            self.fsyncs += 1
+            self._cond.notify_all()
 
 
 def _fsync_dir(directory: Path) -> None:
