@@ -322,13 +322,11 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
                        extra={"action": "receiver_config"})
     deps = StoreDeps(store=store, session_factory=session_factory, policy=policy,
                      write_lock=threading.Lock() if _is_sqlite(session_factory) else None)
-    if hasattr(db_api, "record_instances"):
-        # Only worth it with a batch call: otherwise it would just serialise writers
-        # that PostgreSQL could run side by side.
-        deps.group_commit = GroupCommit(
-            commit=lambda records: _record_batch(deps, records),
-            commit_one=lambda record: _record_one(deps, record),
-        )
+    # Concurrent associations share one transaction, so one journal fsync, per batch.
+    deps.group_commit = GroupCommit(
+        commit=lambda records: _record_batch(deps, records),
+        commit_one=lambda record: _record_one(deps, record),
+    )
     ae = build_ae(config)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, handle_connection_open),
@@ -756,8 +754,7 @@ def _record_batch(deps: StoreDeps, records: list[InstanceRecord]) -> list[Record
     """Commit several instances' rows in one transaction (db.api.record_instances)."""
     if len(records) == 1:
         return [_record_one(deps, records[0])]
-    record_many = db_api.record_instances  # type: ignore[attr-defined]
-    return list(_with_db_retry(deps, lambda session: record_many(session, records)))
+    return list(_with_db_retry(deps, lambda session: db_api.record_instances(session, records)))
 
 
 def _record_one(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:

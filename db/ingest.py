@@ -13,10 +13,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import String, bindparam, case, exists, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import String, Table, bindparam, case, exists, func, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -28,9 +27,10 @@ from db.types import InstanceRecord, RecordOutcome
 
 logger = logging.getLogger(__name__)
 
-_studies = Study.__table__
-_series = Series.__table__
-_instances = Instance.__table__
+# Core tables (Table, not the FromClause that __table__ is typed as).
+_studies = cast(Table, Study.__table__)
+_series = cast(Table, Series.__table__)
+_instances = cast(Table, Instance.__table__)
 # Study columns filled from the first instance that has them (never overwritten).
 _FILLED_STUDY_ATTRS = ("study_date", "patient_age", "patient_birth_date", "station_name", "institution")
 
@@ -42,11 +42,15 @@ _STUDY_AND_SERIES = (
     .where(_studies.c.study_instance_uid == bindparam("study_uid"))
     .with_for_update(of=_studies, key_share=True)
 )
-_INSERT_INSTANCE = {
-    name: dialect.insert(_instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-    .returning(_instances.c.id)
-    for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
-}
+# text(), not the dialects' insert().on_conflict_do_nothing(): SQLAlchemy cannot cache the
+# compiled form of those, and compiling the INSERT cost more than running it. Same SQL on
+# SQLite and PostgreSQL.
+_INSTANCE_COLUMNS = [c.name for c in _instances.columns if c.name != "id"]
+_INSERT_INSTANCE = text(
+    f"INSERT INTO {_instances.name} ({', '.join(_INSTANCE_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + name for name in _INSTANCE_COLUMNS)}) "
+    "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id"
+).bindparams(*(bindparam(c.name, type_=c.type) for c in _instances.columns if c.name != "id"))
 _REFRESH_DUPLICATE = (
     update(_instances)
     .where(
@@ -149,9 +153,8 @@ def _record_in_transaction(
 ) -> RecordOutcome:
     study = _locked_study(session, connection, batch, rec)
     series_id = batch.series_ids[rec.series_instance_uid]
-    insert = _INSERT_INSTANCE[connection.dialect.name]
     instance_id = connection.execute(
-        insert, _instance_values(rec, series_id, study.generation, batch.now)
+        _INSERT_INSTANCE, _instance_values(rec, series_id, study.generation, batch.now)
     ).scalar_one_or_none()
     if instance_id is None:
         connection.execute(
