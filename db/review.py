@@ -9,7 +9,8 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, String, cast, func, or_, select, update
+from sqlalchemy import Select, String, and_, cast, exists, func, or_, select, update
+from sqlalchemy.orm import aliased
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ScalarSelect
 
@@ -226,15 +227,41 @@ def _apply_sort(stmt: Select[Any], filters: StudyFilters) -> Select[Any]:
     return stmt.order_by(*keys)
 
 
+def _uses_result(filters: StudyFilters) -> bool:
+    return bool(
+        filters.outliers_only or filters.qc_failed_only or filters.qc_reason or filters.needs_review
+        or filters.sort in ("percentile", "score", "age_gap")
+        or any(v is not None for v in (filters.min_percentile, filters.max_percentile, filters.screen_positive,
+                                       filters.min_age_gap, filters.max_age_gap))
+    )
+
+
+def _join_current_result(session: Session, stmt: Select[Any]) -> Select[Any]:
+    """Outer-join each study's current result: not superseded, and no newer one that is not.
+
+    Written as NOT EXISTS rather than `id = (SELECT max(id) ...)`: PostgreSQL plans it
+    as an anti-join (nested loop for a first page, hash for a full sort) where the
+    max() form runs a subquery per study or aggregates every result first.
+    """
+    newer = aliased(Result)
+    is_newest = ~exists().where(newer.study_id == Result.study_id, newer.superseded.is_(False), newer.id > Result.id)
+    return stmt.outerjoin(Result, and_(Result.study_id == Study.id, Result.superseded.is_(False), is_newest))
+
+
+def _matching_ids(session: Session, filters: StudyFilters) -> Select[Any]:
+    stmt = select(Study.id)
+    if _uses_result(filters):
+        stmt = _join_current_result(session, stmt)
+    return _apply_filters(stmt, filters)
+
+
 def count_studies(session: Session, filters: StudyFilters | None = None, cap: int = 10_000) -> tuple[int, bool]:
     """How many studies match (read-only), counting at most `cap`; (count, capped).
 
     The cap keeps a page cheap at 100,000 studies: the console shows "10,000+".
     """
     filters = filters or StudyFilters()
-    inner = _apply_filters(
-        select(Study.id).outerjoin(Result, Result.id == _latest_result_id()), filters
-    ).limit(cap + 1).subquery()
+    inner = _matching_ids(session, filters).limit(cap + 1).subquery()
     total = int(session.execute(select(func.count()).select_from(inner)).scalar_one())
     end_read(session)
     return min(total, cap), total > cap
@@ -293,14 +320,23 @@ def _to_row(study: Study, result: Result | None, instance_count: int, jobs: dict
 
 def list_studies(session: Session, filters: StudyFilters | None = None) -> list[StudyRow]:
     """Studies with their latest current result (read-only); newest arrivals first unless
-    `filters.sort` says otherwise."""
+    `filters.sort` says otherwise.
+
+    The page's study ids are found first (index-backed sort, result joined only when a
+    filter or the sort needs it); the full rows are then read for those ids alone, so a
+    deep page does not compute instance counts for every skipped row.
+    """
     filters = filters or StudyFilters()
-    stmt = _apply_sort(_apply_filters(_study_rows_query(), filters), filters).limit(filters.limit).offset(
-        filters.offset
-    )
-    rows = session.execute(stmt).all()
-    jobs = _job_summaries(session, [study.id for study, _, _ in rows])
-    out = [_to_row(study, result, count, jobs.get(study.id, {})) for study, result, count in rows]
+    ids = list(session.execute(
+        _apply_sort(_matching_ids(session, filters), filters).limit(filters.limit).offset(filters.offset)
+    ).scalars())
+    if not ids:
+        end_read(session)
+        return []
+    found = {study.id: (study, result, count)
+             for study, result, count in session.execute(_study_rows_query().where(Study.id.in_(ids))).all()}
+    jobs = _job_summaries(session, ids)
+    out = [_to_row(*found[i], jobs.get(i, {})) for i in ids]
     end_read(session)
     return out
 
