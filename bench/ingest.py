@@ -64,6 +64,8 @@ class Figure:
     megabytes: float
     # headscreen only: seconds per handler stage, summed over associations
     stage_seconds: dict[str, float] | None = None
+    # headscreen only: database commits of instance rows (group commit shares them)
+    row_commits: int | None = None
 
     @property
     def per_second(self) -> float:
@@ -245,7 +247,7 @@ def _on_postgres(work: Path, admin_url: str) -> Iterator[tuple[int, str, Path, R
 def measure(name: str, target: Callable[[Path], object], paths: list[Path], associations: int,
             repeats: int, megabytes: float) -> Figure:
     """Best and median of `repeats` runs, each into a fresh target (fresh storage and database)."""
-    times, stages = [], []
+    times, stages, commits = [], [], []
     for _ in range(repeats):
         with (tempfile.TemporaryDirectory(prefix="ingest-", dir=os.environ.get("BENCH_TMP")) as tmp,
               target(Path(tmp)) as (port, called_ae, out_dir, stats)):  # type: ignore[attr-defined]
@@ -254,10 +256,12 @@ def measure(name: str, target: Callable[[Path], object], paths: list[Path], asso
             if name != "orthanc" and stored < len(paths):
                 raise RuntimeError(f"{name}: only {stored} of {len(paths)} files stored")
             if stats is not None:
-                stages.append(stats.snapshot()["stage_seconds"])
+                snapshot = stats.snapshot()
+                stages.append(snapshot["stage_seconds"])
+                commits.append(snapshot["row_commits"])
     best = min(range(repeats), key=times.__getitem__)
     return Figure(name, associations, times[best], statistics.median(times), len(paths), megabytes,
-                  stages[best] if stages else None)
+                  stages[best] if stages else None, commits[best] if commits else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         if f.stage_seconds:
             stages = "  ms/instance: " + " ".join(
                 f"{stage} {1000 * seconds / f.instances:.1f}" for stage, seconds in f.stage_seconds.items())
+        if f.row_commits:
+            stages += f"; rows/commit {f.instances / f.row_commits:.1f}"
         print(f"{f.target:<20}{f.associations:>7}{f.seconds:>9.2f}{f.per_second:>9.1f}"
               f"{f.mb_per_second:>9.1f}{ratio:>12.2f}{median_ratio:>10.2f}{stages}")
     if args.sqlite_normal:

@@ -145,7 +145,8 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 
 class ReceiverStats:
     """Counters for operations and benchmarks: instances stored, refusals by status,
-    and seconds spent per stage (summed over associations)."""
+    seconds spent per stage (summed over associations) and database commits of
+    instance rows (fewer than rows stored when group commit batches them)."""
 
     STAGES = ("decode", "write", "record")
 
@@ -154,10 +155,15 @@ class ReceiverStats:
         self._stored = 0
         self._refused: dict[str, int] = {}
         self._seconds = dict.fromkeys(self.STAGES, 0.0)
+        self._row_commits = 0
 
     def add_stage(self, stage: str, seconds: float) -> None:
         with self._lock:
             self._seconds[stage] += seconds
+
+    def add_row_commit(self) -> None:
+        with self._lock:
+            self._row_commits += 1
 
     def add_stored(self) -> None:
         with self._lock:
@@ -171,7 +177,7 @@ class ReceiverStats:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"stored": self._stored, "refused": dict(self._refused),
-                    "stage_seconds": dict(self._seconds)}
+                    "stage_seconds": dict(self._seconds), "row_commits": self._row_commits}
 
 
 class CallerLike(Protocol):
@@ -754,11 +760,14 @@ def _record_batch(deps: StoreDeps, records: list[InstanceRecord]) -> list[Record
     """Commit several instances' rows in one transaction (db.api.record_instances)."""
     if len(records) == 1:
         return [_record_one(deps, records[0])]
-    return list(_with_db_retry(deps, lambda session: db_api.record_instances(session, records)))
+    outcomes = list(_with_db_retry(deps, lambda session: db_api.record_instances(session, records)))
+    deps.stats.add_row_commit()
+    return outcomes
 
 
 def _record_one(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
     outcome: RecordOutcome = _with_db_retry(deps, lambda session: db_api.record_instance(session, record))
+    deps.stats.add_row_commit()
     return outcome
 
 
