@@ -220,8 +220,7 @@ _SORT_COLUMNS: dict[str, Any] = {
 
 def _apply_sort(stmt: Select[Any], filters: StudyFilters) -> Select[Any]:
     column = _SORT_COLUMNS[filters.sort]
-    direction = (lambda c: c.desc()) if filters.descending else (lambda c: c.asc())
-    keys = [direction(column), direction(Study.id)]
+    keys: list[Any] = [column.desc(), Study.id.desc()] if filters.descending else [column.asc(), Study.id.asc()]
     if filters.sort not in ("received", "first_received"):
         keys.insert(0, column.is_(None))  # rows without a value last, either direction
     return stmt.order_by(*keys)

@@ -50,13 +50,13 @@ class BlankQueryParams:
 
 
 def create_app(settings: Settings, sessions: sessionmaker[Session], bundles: list[BundleRef]) -> FastAPI:
-    app = FastAPI(title="headscreen console", version="1", openapi_url="/api/openapi.json", docs_url="/api/docs",
+    app = FastAPI(title="headscreen console", version="1", openapi_url="/api/openapi.json", docs_url=None,
                   redoc_url=None)
     app.state.context = WebContext(settings=settings, sessions=sessions, bundles=bundles)
     app.include_router(rest.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
-    app.add_middleware(BlankQueryParams)  # type: ignore[arg-type]
+    app.add_middleware(BlankQueryParams)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:

@@ -70,7 +70,8 @@ def me(user: ApiUser) -> dict[str, str]:
 @router.get("/overview")
 def overview(request: Request, user: ApiUser) -> dict[str, Any]:
     with context_of(request).db() as session:
-        return jsonable(api.overview(session))
+        body: dict[str, Any] = jsonable(api.overview(session))
+    return body
 
 
 def _list(request: Request, query: StudyQuery, needs_review: bool = False) -> dict[str, Any]:
@@ -125,7 +126,8 @@ def study(request: Request, user: ApiUser, study_uid: str) -> dict[str, Any]:
 @router.get("/studies/{study_uid}/audit")
 def study_audit(request: Request, user: ApiUser, study_uid: str) -> list[dict[str, Any]]:
     with context_of(request).db() as session:
-        return jsonable(api.audit_trail(session, checked_uid(study_uid)))
+        entries: list[dict[str, Any]] = jsonable(api.audit_trail(session, checked_uid(study_uid)))
+    return entries
 
 
 @router.get("/studies/{study_uid}/previews/{sop_uid}.png", response_class=Response)
@@ -168,13 +170,16 @@ def drift(request: Request, user: ApiUser, period_days: int = 7, modality: str |
     if modality not in (None, "CT", "MR"):
         raise HTTPException(status_code=422, detail="modality: CT or MR")
     with context_of(request).db() as session:
-        return jsonable(api.score_distributions(session, period_days=period_days, modality=modality))
+        buckets: list[dict[str, Any]] = jsonable(api.score_distributions(session, period_days=period_days,
+                                                                          modality=modality))
+    return buckets
 
 
 @router.get("/audit")
 def audit(request: Request, user: ApiUser) -> list[dict[str, Any]]:
     with context_of(request).db() as session:
-        return jsonable(api.audit_trail(session))
+        entries: list[dict[str, Any]] = jsonable(api.audit_trail(session))
+    return entries
 
 
 @router.get("/training-manifest.csv")
