@@ -223,7 +223,8 @@ def _uids(client: TestClient, query: str, path: str = "/api/v1/studies") -> list
     return [r["study_instance_uid"] for r in response.json()["studies"]]
 
 
-def test_filters_narrow_the_list(console: Console) -> None:
+def test_filters_narrow_the_list(console_any_db: Console) -> None:
+    console = console_any_db
     s = console.seeded
     client = console.client(VIEWER)
     assert len(_uids(client, "")) == 6
@@ -242,7 +243,8 @@ def test_filters_narrow_the_list(console: Console) -> None:
     assert _uids(client, "state=&modality=&qc_reason=") == _uids(client, "")  # blank fields: no filter
 
 
-def test_sorting_and_pagination(console: Console) -> None:
+def test_sorting_and_pagination(console_any_db: Console) -> None:
+    console = console_any_db
     s = console.seeded
     client = console.client(VIEWER)
     by_pct = _uids(client, "sort=percentile&order=desc")
@@ -272,7 +274,8 @@ def test_malformed_filters_are_4xx_and_change_nothing(console: Console, query: s
 
 
 @pytest.mark.parametrize("field", ["station", "qc_reason"])
-def test_injection_text_in_free_filters_is_only_data(console: Console, field: str) -> None:
+def test_injection_text_in_free_filters_is_only_data(console_any_db: Console, field: str) -> None:
+    console = console_any_db
     client = console.client(ADMIN)
     for attack in ["' OR '1'='1", "x'; DROP TABLE studies; --", "%", "\\", "\" OR 1=1 --"]:
         response = client.get("/api/v1/studies", params={field: attack})
