@@ -61,7 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         modality=args.modality, method=args.method, preset=args.preset, out=args.out, n_train=args.n_train,
         epochs=args.epochs or DEFAULT_EPOCHS[args.method], encoder_epochs=args.encoder_epochs,
         finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, cache=args.cache, device=args.device,
-        resume=args.resume, seed=args.seed, command="headscreen train " + shlex.join(argv_list),
+        resume=args.resume, seed=args.seed,
+        # A resume restores weights, optimiser and RNG state exactly, so the same
+        # command without --resume reproduces the bundle from scratch.
+        command="headscreen train " + shlex.join(a for a in argv_list if a != "--resume"),
         work_dir=args.work_dir, n_val=args.n_val, n_calibration=args.n_calibration, n_test=args.n_test,
         n_anomalous=args.n_anomalous, kappa=args.kappa, threads=args.threads, progress=not args.no_progress,
         flip_lr=not args.no_flip,

@@ -113,11 +113,14 @@ def case_key(case: Case) -> str:
     return hashlib.sha256(json.dumps(asdict(case), sort_keys=True).encode()).hexdigest()[:20]
 
 
-def prepare_case(case: Case, params: dict[str, Any], cache_dir: Path | None) -> Prepared:
-    """Synthesize and preprocess one case, or read it from the cache."""
+def prepare_case(case: Case, params: dict[str, Any], cache_dir: Path | None, folder: Path | None = None) -> Prepared:
+    """Synthesize and preprocess one case, or read it from the cache (`folder`
+    overrides the cache folder, e.g. the one a resumed run started with)."""
     path = None
-    if cache_dir is not None:
-        path = cache_folder(cache_dir, params) / f"{case_key(case)}.npz"
+    if folder is None and cache_dir is not None:
+        folder = cache_folder(cache_dir, params)
+    if folder is not None:
+        path = Path(folder) / f"{case_key(case)}.npz"
         if path.is_file():
             with np.load(path) as cached:
                 return Prepared(cached["image"], cached["brain_mask"], tuple(json.loads(str(cached["qc"]))))
@@ -188,8 +191,8 @@ def anomalous_cases(modality: str, n: int, seed: int) -> list[Case]:
 
 
 def _prepare_all(cases: list[Case], params: dict[str, Any], cache_dir: Path | None, label: str,
-                 progress: bool) -> list[Prepared]:
-    return [prepare_case(c, params, cache_dir) for c in tqdm(cases, desc=label, disable=not progress, leave=False)]
+                 progress: bool, folder: Path | None) -> list[Prepared]:
+    return [prepare_case(c, params, cache_dir, folder) for c in tqdm(cases, desc=label, disable=not progress, leave=False)]
 
 
 def _stack(cases: list[Case], prepared: list[Prepared]) -> tuple[Samples, np.ndarray]:
@@ -198,7 +201,8 @@ def _stack(cases: list[Case], prepared: list[Prepared]) -> tuple[Samples, np.nda
     return Samples(images, np.array([c.age for c in cases], dtype=np.float32)), masks
 
 
-def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | None, progress: bool = True) -> Cohort:
+def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | None, progress: bool = True,
+                 folder: Path | None = None) -> Cohort:
     """All splits for one modality. Healthy cases that fail the preprocessing QC
     are left out of training, as the CT paper's automatic QC does."""
     counts = {"train": spec.n_train, "val": spec.n_val, "calibration": spec.n_calibration, "test": spec.n_test}
@@ -207,7 +211,7 @@ def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | Non
     cohort = Cohort(spec=spec, params=params, healthy={}, healthy_masks={}, anomalous={})
     for name in SPLITS:
         chosen = [cases[i] for i in split[name]]
-        prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} {name}", progress)
+        prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} {name}", progress, folder)
         keep = [i for i, p in enumerate(prepared) if not p.qc_reasons]
         cohort.qc_excluded += len(prepared) - len(keep)
         chosen, prepared = [chosen[i] for i in keep], [prepared[i] for i in keep]
@@ -217,7 +221,7 @@ def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | Non
         cohort.cases[name] = chosen
     lesions = anomalous_cases(spec.modality, spec.n_anomalous_val + spec.n_anomalous_test, spec.seed)
     for name, chosen in (("val", lesions[: spec.n_anomalous_val]), ("test", lesions[spec.n_anomalous_val:])):
-        prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} anomalous {name}", progress)
+        prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} anomalous {name}", progress, folder)
         cohort.anomalous[name], _ = _stack(chosen, prepared)
         cohort.cases[f"anomalous_{name}"] = chosen
     log.info("cohort ready", extra={"action": "cohort_ready", "modality": spec.modality,

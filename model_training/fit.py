@@ -7,6 +7,7 @@ computed from the exported ONNX graph (what the daemon runs), not from PyTorch.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import re
 import time
@@ -22,7 +23,7 @@ from daemon.errors import ConfigError
 from imaging.preprocess import default_params
 from model_training.bundles import BundleSpec, write_model_bundle
 from model_training.calibration import ScoreWeights, calibrate, select_vae_weights
-from model_training.cohort import Cohort, CohortSpec, build_cohort, imaging_fingerprint
+from model_training.cohort import Cohort, CohortSpec, build_cohort, cache_folder, imaging_fingerprint
 from model_training.export_onnx import FAnoGANGraph, VaeGraph, export_and_check
 from model_training.model_card import write_model_card
 from model_training.networks import GAN_PRESETS, VAE_PRESETS, GanPreset
@@ -162,6 +163,23 @@ def _definition(method: str, kappa: float, terms: dict[str, float], age_gap_weig
             "recon from z = mu; weights by grid search on validation AUROC; error_map = |x - recon|")
 
 
+def _cohort_folder(opts: TrainOptions, params: dict[str, Any]) -> Path | None:
+    """The cache folder of this run's cohort. A resumed run keeps the folder it
+    started with (recorded in the run folder), so it continues on the same data
+    even if imaging's code has changed since."""
+    pointer = opts.run_dir() / "cohort_cache.json"
+    if opts.resume and pointer.is_file():
+        folder = Path(json.loads(pointer.read_text())["folder"])
+        log.info("resuming on the run's cohort", extra={"action": "cohort_resume", "folder": str(folder)})
+        return folder
+    if opts.cache is None:
+        return None
+    folder = cache_folder(opts.cache, params)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(json.dumps({"folder": str(folder)}) + "\n")
+    return folder
+
+
 def fit_bundle(opts: TrainOptions) -> Bundle:
     """Train one model and write its verified bundle (plus model card) to `opts.out`."""
     if opts.method not in METHODS:
@@ -172,7 +190,8 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     params = merge_params(default_params(opts.modality), opts.preprocessing_overrides or {})
     spec = CohortSpec(opts.modality, opts.n_train, opts.n_val, opts.n_calibration, opts.n_test,
                       opts.n_anomalous // 2, opts.n_anomalous - opts.n_anomalous // 2, opts.seed)
-    cohort = build_cohort(spec, params, opts.cache, opts.progress)
+    folder = _cohort_folder(opts, params)
+    cohort = build_cohort(spec, params, opts.cache, opts.progress, folder)
     cohort_s = time.monotonic() - began
 
     trained = (_train_fanogan if opts.method == "fanogan" else _train_vae)(cohort, opts, device)
@@ -204,7 +223,7 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
         training={"command": opts.command, "preset": opts.preset, "seed": opts.seed, "n_train": len(cohort.healthy["train"]),
                   "epochs": trained.hyper["epochs"], "steps": trained.steps, "batch_size": opts.batch_size,
                   "duration_s": round(time.monotonic() - began, 1), "flip_lr": opts.flip_lr,
-                  "imaging_code_sha256": imaging_fingerprint(), "cohort_s": round(cohort_s, 1),
+                  "imaging_code_sha256": folder.name.rsplit("-", 1)[-1] if folder else imaging_fingerprint(), "cohort_s": round(cohort_s, 1),
                   "train_s": round(train_s, 1), "device": str(device), "hyperparameters": trained.hyper,
                   "data": "synthetic phantoms (imaging.phantoms: ICBM152 2009 tissue maps + Colin27 head outline)"},
         metrics=metrics, parity_max_abs_diff=parity,
