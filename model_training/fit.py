@@ -222,7 +222,7 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
         calibration=calibration, age_supported=age_supported, age_validation_mae=age_mae(val_h),
         training={"command": opts.command, "preset": opts.preset, "seed": opts.seed, "n_train": len(cohort.healthy["train"]),
                   "epochs": trained.hyper["epochs"], "steps": trained.steps, "batch_size": opts.batch_size,
-                  "duration_s": round(time.monotonic() - began, 1), "flip_lr": opts.flip_lr,
+                  "duration_s": round(time.monotonic() - began, 1), "flip_lr": opts.flip_lr, "resumed": opts.resume,
                   "imaging_code_sha256": folder.name.rsplit("-", 1)[-1] if folder else imaging_fingerprint(), "cohort_s": round(cohort_s, 1),
                   "train_s": round(train_s, 1), "device": str(device), "hyperparameters": trained.hyper,
                   "data": "synthetic phantoms (imaging.phantoms: ICBM152 2009 tissue maps + Colin27 head outline)"},
