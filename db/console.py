@@ -84,7 +84,7 @@ class ScoreBucket:
     mean_percentile: float | None
     mean_score: float | None
     positives: int
-    percentiles: list[float]  # for box plots
+    percentile_quartiles: tuple[float, float, float] | None  # 25th, 50th, 75th of the percentiles
 
 
 @dataclass(frozen=True)
@@ -246,9 +246,16 @@ def score_distributions(
         buckets.append(ScoreBucket(
             station, period, len(values),
             sum(pct) / len(pct) if pct else None, sum(scores) / len(scores) if scores else None,
-            sum(1 for v in values if v[2]), sorted(pct),
+            sum(1 for v in values if v[2]), _quartiles(sorted(pct)),
         ))
     return buckets
+
+
+def _quartiles(ordered: list[float]) -> tuple[float, float, float] | None:
+    if not ordered:
+        return None
+    last = len(ordered) - 1
+    return ordered[round(last * 0.25)], ordered[round(last * 0.5)], ordered[round(last * 0.75)]
 
 
 def training_manifest(session: Session) -> list[ManifestRow]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -164,14 +165,17 @@ def resend(request: Request, user: ApiAdmin, body: ResendBody) -> dict[str, int]
 
 
 @router.get("/drift")
-def drift(request: Request, user: ApiUser, period_days: int = 7, modality: str | None = None) -> list[dict[str, Any]]:
-    if not 1 <= period_days <= 92:
-        raise HTTPException(status_code=422, detail="period_days: 1..92")
+def drift(request: Request, user: ApiUser, period_days: int = 7, modality: str | None = None,
+          days: int = 180) -> list[dict[str, Any]]:
+    """Current results per station and period over the last `days` days."""
+    if not 1 <= period_days <= 92 or not 1 <= days <= 3660:
+        raise HTTPException(status_code=422, detail="period_days: 1..92, days: 1..3660")
     if modality not in (None, "CT", "MR"):
         raise HTTPException(status_code=422, detail="modality: CT or MR")
     with context_of(request).db() as session:
+        since = api.utcnow() - timedelta(days=days)
         buckets: list[dict[str, Any]] = jsonable(api.score_distributions(session, period_days=period_days,
-                                                                          modality=modality))
+                                                                          since=since, modality=modality))
     return buckets
 
 
