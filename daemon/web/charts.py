@@ -44,7 +44,9 @@ def line_chart(x_labels: Sequence[str], series: dict[str, Sequence[float | None]
     plot_w, plot_h = width - left - 8, height - bottom - top
     values = [v for vs in series.values() for v in vs if v is not None]
     peak = y_max if y_max is not None else max(values + [1.0])
-    step = plot_w / max(1, len(x_labels) - 1)
+    single = len(x_labels) == 1  # one period sits in the middle, not on the axis
+    step = float(plot_w) if single else plot_w / (len(x_labels) - 1)
+    origin = left + plot_w / 2 if single else float(left)
     parts = [_frame(width, height, title), _y_axis(left, top, plot_h, peak)]
     for s_index, (name, ys) in enumerate(series.items()):
         colour = PALETTE[s_index % len(PALETTE)]
@@ -52,13 +54,13 @@ def line_chart(x_labels: Sequence[str], series: dict[str, Sequence[float | None]
         for i, y in enumerate(ys):
             if y is None:
                 continue
-            px, py = left + i * step, top + plot_h - plot_h * min(y, peak) / peak
+            px, py = origin + i * step, top + plot_h - plot_h * min(y, peak) / peak
             points.append(f"{px:.1f},{py:.1f}")
             parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.5" fill="{colour}">'
                          f'<title>{escape(name)} {escape(x_labels[i])}: {y:.1f}{escape(unit)}</title></circle>')
         if len(points) > 1:
             parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{" ".join(points)}"/>')
-    parts.extend(_x_labels(x_labels, left - step / 2, step, height))
+    parts.extend(_x_labels(x_labels, origin - step / 2, step, height))
     parts.append(_legend(list(series), width))
     parts.append("</svg>")
     return "".join(parts)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 from fastapi import HTTPException, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.bundle import load_bundle
 from daemon.config import Settings
+from daemon.errors import HeadscreenError
 from db.types import BundleRef
+
+logger = logging.getLogger(__name__)
 
 STUDY_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -24,10 +31,27 @@ class WebContext:
     sessions: sessionmaker[Session]
     bundles: list[BundleRef]
     started_monotonic: float = field(default_factory=time.monotonic)
+    _preprocessing: dict[tuple[str, str], dict[str, Any] | None] = field(default_factory=dict)
 
     @property
     def session_lifetime(self) -> timedelta:
         return timedelta(hours=self.settings.web.session_hours)
+
+    def preprocessing_of(self, name: str, version: str) -> dict[str, Any] | None:
+        """The preprocessing parameters in a configured bundle's manifest (read once, cached)."""
+        key = (name, version)
+        if key not in self._preprocessing:
+            self._preprocessing[key] = None
+            for path in self.settings.bundles:
+                try:
+                    manifest = load_bundle(Path(path)).manifest
+                except HeadscreenError:
+                    logger.warning("bundle unreadable for QC ranges", extra={"bundle": str(path)})
+                    continue
+                if (manifest.name, manifest.version) == key:
+                    self._preprocessing[key] = dict(manifest.preprocessing)
+                    break
+        return self._preprocessing[key]
 
     @contextmanager
     def db(self) -> Iterator[Session]:

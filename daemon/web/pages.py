@@ -119,18 +119,21 @@ def study(request: Request, user: PageUser, study_uid: str) -> HTMLResponse:
     with ctx.db() as session:
         trail = api.audit_trail(session, study_uid)
     current = next((r for r in reversed(detail.results) if not r.superseded), None)
-    ranges = _qc_ranges(detail.row.modality)
+    ranges = _qc_ranges(request, current, detail.row.modality)
     previews = [f"/api/v1/studies/{study_uid}/previews/{quote(sop)}.png" for _, sop in preview.sc_objects(ctx, detail)]
     return _render(request, "study.html", user, d=detail, current=current, trail=trail, ranges=ranges,
                    previews=previews, actions=list(ReviewAction))
 
 
-def _qc_ranges(modality: str | None) -> dict[str, tuple[float, float]]:
-    """metric -> (low, high) plausible range from the preprocessing defaults (what bundle
-    manifests store under preprocessing.qc_ranges)."""
-    if modality not in ("CT", "MR"):
-        return {}
-    qc = default_params(modality).get("qc_ranges", {})
+def _qc_ranges(request: Request, result: api.ResultSummaryRow | None, modality: str | None) -> dict[str, tuple[float, float]]:
+    """metric -> (low, high): the plausible ranges of the bundle that produced the result
+    (its manifest's preprocessing.qc_ranges), else the preprocessing defaults."""
+    params: dict[str, Any] = {}
+    if result is not None:
+        params = context_of(request).preprocessing_of(result.bundle_name, result.bundle_version) or {}
+    if not params and modality in ("CT", "MR"):
+        params = default_params(modality)
+    qc = params.get("qc_ranges", {})
     return {key: (float(value[0]), float(value[1])) for key, value in qc.items()
             if isinstance(value, (list, tuple)) and len(value) == 2}
 
