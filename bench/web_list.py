@@ -44,7 +44,7 @@ QUERIES = {
 }
 # Other console reads, timed once each at the same size (not study-list targets).
 OTHER_ENDPOINTS = {"overview page data": "/api/v1/overview", "drift (weekly, 400 days)": "/api/v1/drift?days=400",
-                   "metrics": "/metrics", "CSV export (filtered, 1 page)": "/api/v1/studies.csv?station=CT-3&received_from=2026-01-10&received_to=2026-01-12"}
+                   "metrics": "/metrics", "CSV export (one station, 2 days)": "/api/v1/studies.csv?station=CT-3&received_from={from_day}&received_to={to_day}"}
 STATIONS = [f"CT-{i}" for i in range(6)] + [f"MR-{i}" for i in range(4)]
 CHUNK = 5000
 
@@ -52,7 +52,8 @@ CHUNK = 5000
 def fill(url: str, n: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     engine = make_engine(url)
-    start = datetime(2026, 1, 1, tzinfo=UTC)
+    # The newest study arrives now, so the overview and drift windows hold real volumes.
+    start = datetime.now(UTC) - timedelta(seconds=(n + 2) * 90)
     studies, series, jobs, results = [], [], [], []
     for i in range(1, n + 1):
         station = rng.choice(STATIONS)
@@ -111,11 +112,13 @@ def time_queries(url: str, storage: Path, runs: int) -> dict[str, tuple[float, f
     assert login.status_code == 200
     out = {}
     for name, query in QUERIES.items():
-        query = query.format(from_day="2026-01-10", to_day="2026-01-20")
+        today = datetime.now(UTC).date()
+        query = query.format(from_day=today - timedelta(days=30), to_day=today - timedelta(days=20))
         path = "/api/v1/review-queue" if query == "__review__" else f"/api/v1/studies?{query}"
         out[name] = _timed(client, path, runs)
     for name, path in OTHER_ENDPOINTS.items():
-        out[name] = _timed(client, path, 2)
+        today = datetime.now(UTC).date()
+        out[name] = _timed(client, path.format(from_day=today - timedelta(days=3), to_day=today - timedelta(days=2)), 2)
     engine.dispose()
     return out
 

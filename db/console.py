@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from db.models import AuditEvent, Delivery, IngestRejection, Instance, Job, Result, ResultObject, Study
 from db.states import DeliveryState, JobState
+from db.engine import is_postgres
 from db.txn import clock, end_read
 
 logger = logging.getLogger(__name__)
@@ -100,12 +101,23 @@ def _day(value: datetime) -> str:
     return value.date().isoformat()
 
 
+def _utc_day(session: Session, column: Any) -> Any:
+    """The UTC calendar day of a timestamp column as 'YYYY-MM-DD' text, computed in SQL."""
+    if is_postgres(session):
+        return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD")
+    return func.date(column)  # SQLite stores UTC text; date() takes its day
+
+
+def _seconds_between(session: Session, later: Any, earlier: Any) -> Any:
+    if is_postgres(session):
+        return func.extract("epoch", later - earlier)
+    return (func.julianday(later) - func.julianday(earlier)) * 86400.0
+
+
 def _per_day(session: Session, column: Any, since: datetime, *where: Any) -> dict[str, int]:
-    rows = session.execute(select(column).where(column >= since, *where)).scalars()
-    out: dict[str, int] = defaultdict(int)
-    for value in rows:
-        out[_day(value)] += 1
-    return out
+    day = _utc_day(session, column)
+    rows = session.execute(select(day, func.count()).where(column >= since, *where).group_by(day)).all()
+    return {str(d): int(n) for d, n in rows}
 
 
 def overview(session: Session, days: int = 14, now: datetime | None = None) -> Overview:
@@ -135,15 +147,15 @@ def overview(session: Session, days: int = 14, now: datetime | None = None) -> O
 
 
 def _latency_per_day(session: Session, since: datetime) -> dict[str, tuple[float, int]]:
+    day = _utc_day(session, Result.created_at)
+    seconds = _seconds_between(session, Result.created_at, Study.last_received_at)
     rows = session.execute(
-        select(Result.created_at, Study.last_received_at)
+        select(day, func.avg(seconds), func.count())
         .join(Study, Study.id == Result.study_id)
         .where(Result.created_at >= since)
+        .group_by(day)
     ).all()
-    sums: dict[str, list[float]] = defaultdict(list)
-    for created, received in rows:
-        sums[_day(created)].append(max(0.0, (created - received).total_seconds()))
-    return {d: (sum(v) / len(v), len(v)) for d, v in sums.items()}
+    return {str(d): (max(0.0, float(mean or 0.0)), int(n)) for d, mean, n in rows}
 
 
 def queue_health(session: Session, now: datetime | None = None) -> QueueHealth:

@@ -480,3 +480,17 @@ def test_drift_groups_current_results_by_station(console: Console) -> None:
     assert client.get("/api/v1/drift?modality=MR").json()[0]["station"] == "MR-EAST"
     assert client.get("/api/v1/drift?period_days=0").status_code == 422
     assert client.get("/api/v1/drift?modality=XX").status_code == 422
+
+
+def test_overview_counts_and_latency(console_any_db: Console) -> None:
+    body = console_any_db.client(VIEWER).get("/api/v1/overview").json()
+    days = body["days"]
+    assert len(days) == 14
+    # Summed over the window: the seed lies a few hours back, possibly across midnight.
+    totals = {k: sum(d[k] for d in days) for k in ("received", "completed", "results", "failed")}
+    assert totals == {"received": 6, "completed": 5, "results": 4, "failed": 1}
+    assert body["queue"]["jobs"]["failed"] == 1 and body["queue"]["oldest_queued_s"] is None
+    assert body["deliveries"]["dead"] == 1
+    latency = body["latency_s"]
+    assert sum(n for _, _, n in latency) == 4
+    assert all(mean == pytest.approx(420.0, abs=0.01) for _, mean, _ in latency)  # received -> result: 7 min
