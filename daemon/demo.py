@@ -234,7 +234,7 @@ def print_table(reports: list[StudyReport]) -> None:
 
 
 def run_demo(work: Path, timeout_s: float = 240.0) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = work.resolve()
     if work.exists():
         shutil.rmtree(work)
@@ -261,8 +261,16 @@ def run_demo(work: Path, timeout_s: float = 240.0) -> int:
         for case in CASES:
             started = time.monotonic()
             study_uid, paths = synthesize(case, work / "input" / case.label.replace(" ", "_"))
-            print(f"synthesized {case.label}: {len(paths)} slices in {time.monotonic() - started:.1f} s; sending")
-            send_files(paths, port, "HEADSCREEN")
+            print(f"synthesized {case.label}: {len(paths)} slices in {time.monotonic() - started:.1f} s")
+            if orthanc is not None:
+                # The hospital's flow: the study is in the PACS, which forwards it.
+                for path in paths:
+                    orthanc.upload(path)
+                orthanc.push_study("headscreen", orthanc.find_study(study_uid))
+                print(f"  Orthanc forwarded {case.label} to headscreen by C-STORE")
+            else:
+                send_files(paths, port, "HEADSCREEN")
+                print(f"  sent {case.label} to headscreen with storescu")
             studies[study_uid] = case.label
         deadline = time.monotonic() + timeout_s
         reports = poll_results(_database_url(work), studies)

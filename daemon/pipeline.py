@@ -96,7 +96,10 @@ def run_job(
         return _ineligible(ticket, study, headers, str(exc), verdicts, algorithm, output_dir, timer, chosen)
 
     inference: Inference = timer.measure("infer", runner.run, prepared.model_input, age)
-    native_map = timer.measure("to_native", to_native, inference.error_map, prepared, volume)
+    # Outside the brain the model input is a constant background, so residuals
+    # there say nothing about the patient: only the brain is coloured.
+    brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
+    native_map = timer.measure("to_native", to_native, brain_error, prepared, volume)
 
     qc_reasons = list(dict.fromkeys([*volume.qc_reasons, *prepared.qc_reasons, *inference.notes]))
     if age is None:
