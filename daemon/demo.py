@@ -126,6 +126,9 @@ workers = 2
 disk_min_free_mb = 100
 sweep_interval_s = 0.5
 destinations = [{{ name = "{name}", ae_title = "{aet}", host = "127.0.0.1", port = {dport} }}]
+
+[web]
+enabled = false  # the demo exits when done; `headscreen web` serves the console
 """
     )
     return config

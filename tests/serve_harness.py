@@ -80,6 +80,7 @@ class Daemon:
     database_url: str | None = None
     extra: str = ""
     port: int = 0
+    web_port: int = 0  # 0: console off, so parallel daemons never compete for a port
     process: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
@@ -108,6 +109,11 @@ lease_s = 6.0
 heartbeat_s = 1.0
 destinations = [{destinations}]
 {self.extra}
+[web]
+enabled = {"true" if self.web_port else "false"}
+port = {self.web_port or 8080}
+bind_address = "127.0.0.1"
+
 [delivery]
 max_attempts = 4
 base_delay_s = 0.5

@@ -182,3 +182,27 @@ def test_kill9_worker_mid_job_completes_once(tmp_path, small_ct):
     finally:
         daemon.close()
         destination.stop()
+
+
+def test_late_arrival_reopens_and_supersedes(tmp_path, small_ct):
+    destination = RecordingSCP(tmp_path / "pacs")
+    daemon = Daemon(tmp_path / "hs", destinations=[("pacs", destination.ae_title, destination.port)]).start()
+    try:
+        storescu(small_ct[:-1], daemon.port)
+        wait_until(daemon.all_delivered, 180, what="first result delivered")
+        first = daemon.results()
+        assert len(first) == 1
+        storescu(small_ct[-1:], daemon.port)  # the slice the PACS forwarded late
+        wait_until(lambda: len(daemon.results()) == 2 and daemon.all_delivered(1), 180, what="second result")
+        old, new = daemon.results()
+        assert old.superseded and not new.superseded
+        assert new.supersedes_result_id == old.id
+        old_objects = {o.sop_instance_uid for _, o in daemon.deliveries() if o.result_id == old.id}
+        new_objects = {o.sop_instance_uid for _, o in daemon.deliveries() if o.result_id == new.id}
+        assert old_objects.isdisjoint(new_objects)  # new objects, not overwritten ones
+        assert all(count == 1 for count in destination.received.values())
+        # SIGTERM drains and exits cleanly.
+        assert daemon.stop() == 0
+    finally:
+        daemon.close()
+        destination.stop()
