@@ -130,23 +130,7 @@ def run_job(
         extra={"job_id": ticket.job_id, "bundle": manifest.key, "score": inference.anomaly_score,
                "percentile": inference.percentile, "timings": timer.stages},
     )
-    return JobOutcome(
-        eligible=True,
-        ineligible_reason=None,
-        anomaly_score=inference.anomaly_score,
-        percentile=inference.percentile,
-        screen_positive=inference.screen_positive,
-        threshold=inference.threshold,
-        predicted_age=inference.predicted_age,
-        chronological_age=inference.chronological_age,
-        age_gap=inference.age_gap,
-        qc_reasons=qc_reasons,
-        qc_metrics={k: float(v) for k, v in qc_metrics.items()},
-        selected_series_uid=chosen,
-        series_verdicts=verdicts,
-        timings=timer.stages,
-        objects=objects,
-    )
+    return _outcome(summary, verdicts, timer, objects)
 
 
 def _ineligible(
@@ -168,34 +152,34 @@ def _ineligible(
         summary = ResultSummary(
             eligible=False,
             ineligible_reason=reason,
-            anomaly_score=None,
-            percentile=None,
-            screen_positive=None,
-            threshold=None,
-            predicted_age=None,
-            chronological_age=None,
-            age_gap=None,
             qc_reasons=[reason],
-            qc_metrics={},
             modality=algorithm_modality(headers[series_uid][0]),
             algorithm=algorithm,
             selected_series_uid=chosen,
         )
         sr = build_report(headers[series_uid], summary, [])
         objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
+    else:
+        summary = ResultSummary(eligible=False, ineligible_reason=reason, qc_reasons=[reason], modality="OT",
+                                algorithm=algorithm)
+    return _outcome(summary, verdicts, timer, objects)
+
+
+def _outcome(summary: ResultSummary, verdicts: list[dict], timer: Timer, objects: list[OutputObject]) -> JobOutcome:
+    """What the database records of a job: the summary the DICOM objects carry."""
     return JobOutcome(
-        eligible=False,
-        ineligible_reason=reason,
-        anomaly_score=None,
-        percentile=None,
-        screen_positive=None,
-        threshold=None,
-        predicted_age=None,
-        chronological_age=None,
-        age_gap=None,
-        qc_reasons=[reason],
-        qc_metrics={},
-        selected_series_uid=chosen,
+        eligible=summary.eligible,
+        ineligible_reason=summary.ineligible_reason,
+        anomaly_score=summary.anomaly_score,
+        percentile=summary.percentile,
+        screen_positive=summary.screen_positive,
+        threshold=summary.threshold,
+        predicted_age=summary.predicted_age,
+        chronological_age=summary.chronological_age,
+        age_gap=summary.age_gap,
+        qc_reasons=list(summary.qc_reasons),
+        qc_metrics={k: float(v) for k, v in summary.qc_metrics.items()},
+        selected_series_uid=summary.selected_series_uid,
         series_verdicts=verdicts,
         timings=timer.stages,
         objects=objects,
