@@ -23,7 +23,7 @@ def _healthz(port: int) -> dict | None:
 
 def test_serve_starts_the_console_and_stops_it(tmp_path: Path) -> None:
     web_port = free_port()
-    daemon = Daemon(tmp_path / "hs", workers=0, extra=f"[web]\nport = {web_port}\n")
+    daemon = Daemon(tmp_path / "hs", workers=0, web_port=web_port)
     config = daemon.config
     subprocess.run([sys.executable, "-m", "daemon.cli", "-c", str(config), "users", "add", "ops", "--role", "viewer",
                     "--password-stdin"], input="ops-password-1\n", text=True, check=True, cwd=REPO)
