@@ -14,7 +14,7 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1)
     retention_days: float = Field(30.0, ge=0)
     overlay_slices: int = Field(24, ge=0)
+    # Series selection rules per modality; each key given replaces the default's.
+    selection: dict[Literal["CT", "MR"], dict[str, Any]] = {}
     delivery: DeliveryConfig = DeliveryConfig()
     web: WebConfig = WebConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -136,6 +138,8 @@ class Settings(BaseSettings):
             self.bundles = shipped_bundles()
         if self.heartbeat_s >= self.lease_s:
             raise ValueError("heartbeat_s must be shorter than lease_s")
+        for modality in self.selection:
+            self.selection_rules(modality)  # a bad rule stops start-up, naming the key
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ValueError("destination names must be unique")
@@ -154,6 +158,19 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # init values are the TOML file's; the environment overrides them.
         return (env_settings, init_settings)
+
+    def selection_rules(self, modality: str):
+        """The declarative series-selection rules for a modality (defaults + overrides)."""
+        from imaging.selection import SelectionRules
+
+        default = SelectionRules.default_for(modality)
+        override = self.selection.get(modality)  # type: ignore[call-overload]
+        if not override:
+            return default
+        try:
+            return SelectionRules.model_validate({**default.model_dump(), **override})
+        except ValidationError as exc:
+            raise ValueError(f"selection.{modality}: {exc}") from None
 
     @property
     def results_dir(self) -> Path:

@@ -71,12 +71,13 @@ def run_job(
     runner: BundleRunner,
     output_dir: Path,
     overlay_slices: int,
+    rules: SelectionRules | None = None,
 ) -> JobOutcome:
     timer = Timer()
     manifest = runner.bundle.manifest
     headers = timer.measure("read_headers", _read_headers, study)
     candidates = [SeriesCandidate.from_datasets(h) for h in headers.values() if h]
-    rules = SelectionRules.default_for(manifest.modality)
+    rules = rules or SelectionRules.default_for(manifest.modality)
     selection = timer.measure("select", select_series, candidates, rules)
     verdicts = [_verdict_dict(v) for v in selection.verdicts]
     algorithm = _algorithm(runner)

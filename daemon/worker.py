@@ -109,7 +109,8 @@ class Worker:
                 ticket.study_instance_uid,
                 {uid: [self._abs(path) for path, _ in items] for uid, items in series.items()},
             )
-            outcome = run_job(ticket, study, runner, output_dir, self.settings.overlay_slices)
+            rules = self.settings.selection_rules(runner.bundle.manifest.modality)
+            outcome = run_job(ticket, study, runner, output_dir, self.settings.overlay_slices, rules)
         except TransientError as exc:
             log.warning("job failed, will retry", extra={**extra, "error": str(exc)})
             self._fail(ticket, str(exc), True, policy)

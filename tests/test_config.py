@@ -65,3 +65,13 @@ def test_not_toml_is_a_clear_error(tmp_path):
         load_settings(write(tmp_path, "port = = 3"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_selection_rules_override_defaults_per_key(tmp_path):
+    settings = load_settings(write(tmp_path, "allow_any_caller = true\n[selection.CT]\nmin_slices = 40\n"))
+    rules = settings.selection_rules("CT")
+    assert rules.min_slices == 40
+    assert rules.allowed_orientations == ["axial"]  # untouched keys keep the CT default
+    assert settings.selection_rules("MR").modality == "MR"
+    with pytest.raises(ConfigError, match="selection.CT"):
+        load_settings(write(tmp_path, "allow_any_caller = true\n[selection.CT]\nmin_slices = 'many'\n"))
