@@ -52,14 +52,30 @@ class AllowedCaller(_Section):
 
 
 class DestinationConfig(_Section):
-    """A DICOM node that receives our results (C-STORE SCP)."""
+    """A node that receives our results: a C-STORE SCP ("dimse") or a DICOMweb STOW-RS endpoint ("stow")."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    kind: Literal["dimse", "stow"] = "dimse"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    # STOW-RS: the studies endpoint, e.g. https://pacs/dicom-web/studies
+    url: str | None = None
+    # STOW-RS: an HTTP Authorization header value ("Basic ...", "Bearer ..."), if the endpoint needs one.
+    authorization: str | None = None
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _complete_for_kind(self) -> DestinationConfig:
+        if self.kind == "dimse" and (self.ae_title is None or self.host is None or self.port is None):
+            raise ValueError(f"destination {self.name!r}: kind 'dimse' needs ae_title, host and port")
+        if self.kind == "stow" and not (self.url or "").startswith(("http://", "https://")):
+            raise ValueError(f"destination {self.name!r}: kind 'stow' needs url = 'http(s)://.../studies'")
+        return self
 
 
 class DeliveryConfig(_Section):
@@ -113,6 +129,9 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1)
     retention_days: float = Field(30.0, ge=0)
     overlay_slices: int = Field(24, ge=0)
+    seg_enabled: bool = True
+    # Error-map units (multiples of the healthy 99th percentile) at or above which a voxel is in the SEG.
+    seg_threshold: float = Field(1.0, gt=0)
     # Series selection rules per modality; each key given replaces the default's.
     selection: dict[Literal["CT", "MR"], dict[str, Any]] = {}
     delivery: DeliveryConfig = DeliveryConfig()

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import Settings
+from daemon.config import DestinationConfig, Settings
 from daemon.errors import TransientError
 from db import api
-from export.delivery import Destination, send
+from export.delivery import Destination, send, send_stow
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def deliver_due(
         if config is None:
             outcomes = {t.delivery_id: (None, f"destination {name!r} is no longer configured") for t in group}
         else:
-            outcomes = _send_group(settings, Destination(config.name, config.ae_title, config.host, config.port), group)
+            outcomes = _send_group(settings, config, group)
         with sessions() as session:
             for ticket in group:
                 status, error = outcomes[ticket.delivery_id]
@@ -77,11 +77,17 @@ def deliver_due(
 
 
 def _send_group(
-    settings: Settings, destination: Destination, group: list[api.DeliveryTicket]
+    settings: Settings, destination: DestinationConfig, group: list[api.DeliveryTicket]
 ) -> dict[int, tuple[int | None, str | None]]:
     paths = [settings.storage_dir / t.path for t in group]
+    timeout = settings.delivery.timeout_s
     try:
-        statuses = send(destination, paths, calling_ae=settings.ae_title, timeout=settings.delivery.timeout_s)
+        if destination.kind == "stow":
+            assert destination.url is not None  # the config validator guarantees it
+            statuses = send_stow(destination.url, paths, timeout, destination.authorization or None)
+        else:
+            peer = Destination(destination.name, destination.ae_title or "", destination.host or "", destination.port or 0)
+            statuses = send(peer, paths, calling_ae=settings.ae_title, timeout=timeout)
     except TransientError as exc:
         log.warning("destination unreachable", extra={"destination": destination.name, "error": str(exc)})
         return {t.delivery_id: (None, str(exc)) for t in group}

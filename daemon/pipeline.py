@@ -28,6 +28,7 @@ from daemon.inference import BundleRunner, Inference
 from db.api import JobOutcome, JobTicket, OutputObject
 from export.model import AlgorithmInfo, ResultSummary
 from export.sc import OverlayStyle, build_overlay_series
+from export.seg import DEFAULT_THRESHOLD, build_segmentation
 from export.sr import build_report
 from imaging.preprocess import preprocess, to_native
 from imaging.selection import SelectionRules, SeriesCandidate, select_series
@@ -124,7 +125,8 @@ def run_job(
     )
     sources = timer.measure("read_pixels", _read_sources, study.series[chosen], volume.slice_sop_uids)
     objects = timer.measure(
-        "build_results", _build_results, sources, native_map, summary, overlay_slices, output_dir
+        "build_results", _build_results, sources, native_map, summary, overlay_slices, output_dir,
+        seg_threshold if seg_enabled else None,
     )
     log.info(
         "job computed",
@@ -224,12 +226,22 @@ def _read_sources(paths: list[Path], slice_sop_uids: list[str]) -> list[Dataset]
 
 
 def _build_results(
-    sources: list[Dataset], native_map: np.ndarray, summary: ResultSummary, overlay_slices: int, output_dir: Path
+    sources: list[Dataset],
+    native_map: np.ndarray,
+    summary: ResultSummary,
+    overlay_slices: int,
+    output_dir: Path,
+    seg_threshold: float | None = DEFAULT_THRESHOLD,
 ) -> list[OutputObject]:
+    """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG), the SR."""
     slice_indices = range(len(sources)) if overlay_slices == 0 else None
     sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=slice_indices,
                                        max_slices=overlay_slices or None, style=OVERLAY_STYLE)
     objects = [_write(ds, output_dir / f"sc-{i:04d}.dcm", "sc") for i, ds in enumerate(sc_datasets, start=1)]
+    if seg_threshold is not None:
+        seg = build_segmentation(sources, native_map, summary, seg_threshold)
+        if seg is not None:
+            objects.append(_write(seg, output_dir / "seg.dcm", "seg"))
     sr = build_report(sources, summary, sc_datasets)
     objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
     return objects

@@ -1,8 +1,9 @@
-"""headscreen export: DICOM result objects (SC overlays, TID 1500 SR) and their delivery."""
+"""headscreen export: DICOM result objects (SC overlays, SEG, TID 1500 SR) and their delivery."""
 
-from export.delivery import Destination, send
+from export.delivery import Destination, send, send_stow
 from export.model import AlgorithmInfo, ResultSummary
 from export.sc import OverlayStyle, build_overlay_series
+from export.seg import build_segmentation
 from export.sr import build_report
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "OverlayStyle",
     "ResultSummary",
     "build_overlay_series",
+    "build_segmentation",
     "build_report",
     "send",
+    "send_stow",
 ]

@@ -1,13 +1,18 @@
-"""C-STORE of result files to one destination: a thin I/O layer.
+"""Sending result files to one destination: a thin I/O layer.
 
 Retries, backoff and dead-lettering live in db/ and the worker; this module
-opens one association, sends every file, and reports the DIMSE status per file.
+sends every file once, over one DIMSE association (`send`) or one DICOMweb
+STOW-RS request (`send_stow`), and reports a DIMSE-style status per file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +25,7 @@ from pynetdicom.presentation import PresentationContext
 
 from daemon.errors import TransientError
 
-__all__ = ["Destination", "send", "STATUS_SUCCESS", "STATUS_NO_CONTEXT"]
+__all__ = ["Destination", "send", "send_stow", "STATUS_SUCCESS", "STATUS_NO_CONTEXT", "STATUS_STOW_FAILED"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,9 @@ STATUS_SUCCESS = 0x0000
 #: Reported for a file whose SOP class / transfer syntax the peer accepted no
 #: presentation context for (the standard "Refused: SOP Class not supported").
 STATUS_NO_CONTEXT = 0x0122
+
+#: A STOW-RS failure the response did not give a FailureReason for ("Processing failure").
+STATUS_STOW_FAILED = 0x0110
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MAX_CONTEXTS = 128
@@ -160,5 +168,105 @@ def send(
     logger.info(
         "delivery finished",
         extra={"action": "delivery_sent", "files": len(infos), "confirmed": len(statuses), "not_success": failed, **log_extra},
+    )
+    return statuses
+
+
+# DICOM JSON tags of the STOW-RS response (PS3.18 table 10.5.3-1).
+_FAILED_SOP_SEQUENCE = "00081198"
+_REFERENCED_SOP_SEQUENCE = "00081199"
+_REFERENCED_SOP_INSTANCE_UID = "00081155"
+_FAILURE_REASON = "00081197"
+_WARNING_REASON = "00081196"
+
+
+def _multipart(parts: Sequence[bytes]) -> tuple[bytes, str]:
+    boundary = f"headscreen-{uuid.uuid4().hex}"
+    chunks: list[bytes] = []
+    for part in parts:
+        chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), part, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def _sop_instance_uid(path: Path) -> str | None:
+    try:
+        return str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+    except (OSError, InvalidDicomError, AttributeError) as exc:
+        logger.error("result file unreadable, not sent", extra={"action": "delivery_skip", "path": str(path), "error": str(exc)})
+        return None
+
+
+def _status_by_uid(body: bytes) -> dict[str, int]:
+    """SOP Instance UID -> status from a STOW-RS DICOM JSON response body."""
+    try:
+        response = json.loads(body) if body.strip() else {}
+    except ValueError:
+        return {}
+    if isinstance(response, list):  # some servers wrap the dataset in an array
+        response = response[0] if response else {}
+    statuses: dict[str, int] = {}
+
+    def items(tag: str) -> list[dict]:
+        return (response.get(tag) or {}).get("Value") or []
+
+    def first(item: dict, tag: str) -> object:
+        values = (item.get(tag) or {}).get("Value") or [None]
+        return values[0]
+
+    for item in items(_REFERENCED_SOP_SEQUENCE):
+        uid = first(item, _REFERENCED_SOP_INSTANCE_UID)
+        if uid:
+            warning = first(item, _WARNING_REASON)
+            statuses[str(uid)] = int(warning) if warning is not None else STATUS_SUCCESS
+    for item in items(_FAILED_SOP_SEQUENCE):
+        uid = first(item, _REFERENCED_SOP_INSTANCE_UID)
+        if uid:
+            reason = first(item, _FAILURE_REASON)
+            statuses[str(uid)] = int(reason) if reason is not None else STATUS_STOW_FAILED
+    return statuses
+
+
+def send_stow(
+    url: str,
+    paths: Sequence[Path],
+    timeout: float = 30,
+    authorization: str | None = None,
+) -> dict[Path, int]:
+    """POST every file to a DICOMweb STOW-RS endpoint in one multipart/related request.
+
+    Returns a DIMSE-style status per file from the response (ReferencedSOPSequence:
+    0x0000 or its WarningReason; FailedSOPSequence: its FailureReason). A 200 with
+    no body means every instance was stored. Raises TransientError when the
+    server is unreachable or answers anything but 200/202/409.
+    """
+    files = {p: uid for p in map(Path, paths) if (uid := _sop_instance_uid(p)) is not None}
+    if not files:
+        return {}
+    body, content_type = _multipart([p.read_bytes() for p in files])
+    headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
+    if authorization:
+        headers["Authorization"] = authorization
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    log_extra = {"url": url, "files": len(files), "bytes": len(body)}
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            code, answer = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        code, answer = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        logger.warning("STOW-RS request failed", extra={"action": "delivery_stow_failed", "error": str(exc), **log_extra})
+        raise TransientError(f"STOW-RS to {url} failed: {exc}") from exc
+    if code not in (200, 202, 409):
+        logger.warning("STOW-RS refused", extra={"action": "delivery_stow_failed", "http_status": code, **log_extra})
+        raise TransientError(f"STOW-RS to {url} answered HTTP {code}")
+    by_uid = _status_by_uid(answer)
+    if code == 200 and not by_uid:
+        by_uid = {uid: STATUS_SUCCESS for uid in files.values()}
+    statuses = {path: by_uid[uid] for path, uid in files.items() if uid in by_uid}
+    logger.info(
+        "STOW-RS finished",
+        extra={"action": "delivery_sent", "http_status": code, "confirmed": len(statuses),
+               "not_success": sum(1 for s in statuses.values() if s != STATUS_SUCCESS), **log_extra},
     )
     return statuses
