@@ -1,0 +1,137 @@
+"""DICOM SEG of the thresholded anomaly map: valid, exact, on the lesion."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from daemon.pipeline import _build_results
+from export.seg import SEG_SERIES_DESCRIPTION, SEGMENT_LABEL, anomaly_mask, build_segmentation
+from serve_harness import dciodvfy_errors
+from test_export import LESION, ct_summary, make_ct_series
+
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+# make_ct_series' error map peaks at ~1 on the lesion; scaled so that the
+# threshold (1.0) cuts a sphere around it: exp(-d^2 / 2r^2) * 2 >= 1.
+SCALE = 2.0
+
+
+@pytest.fixture(scope="module")
+def series():
+    datasets, error = make_ct_series(seed=11)
+    return datasets, error * SCALE
+
+
+@pytest.fixture(scope="module")
+def seg_file(tmp_path_factory, series) -> Path:
+    datasets, error = series
+    seg = build_segmentation(datasets, error, ct_summary())
+    assert seg is not None
+    path = tmp_path_factory.mktemp("seg") / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_seg_passes_dciodvfy(seg_file):
+    assert dciodvfy_errors(seg_file) == []
+
+
+def test_seg_mask_equals_thresholded_map(seg_file, series):
+    datasets, error = series
+    seg = hd.seg.segread(seg_file)
+    assert seg.SOPClassUID == SEG_CLASS
+    assert seg.SegmentationType == "BINARY"
+    expected = anomaly_mask(error, 1.0)
+    source_uids = [str(d.SOPInstanceUID) for d in datasets]
+    volume = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=source_uids, segment_numbers=[1], ignore_spatial_locations=True,
+        assert_missing_frames_are_empty=True,
+    )[..., 0]
+    assert volume.shape == expected.shape
+    assert np.array_equal(volume.astype(bool), expected)
+    # Only slices with any voxel set become frames.
+    assert seg.NumberOfFrames == int(expected.any(axis=(1, 2)).sum()) < len(datasets)
+
+
+def test_seg_identity_and_labels(seg_file, series):
+    datasets, _ = series
+    seg = pydicom.dcmread(seg_file)
+    source = datasets[0]
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert seg.PatientID == source.PatientID
+    assert seg.SeriesInstanceUID != source.SeriesInstanceUID
+    assert seg.SeriesDescription == SEG_SERIES_DESCRIPTION
+    segment = seg.SegmentSequence[0]
+    assert segment.SegmentLabel == SEGMENT_LABEL
+    assert segment.SegmentAlgorithmType == "AUTOMATIC"
+    algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("ct-anogan", "1.2.0")
+    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "263654008"
+    referenced = {
+        str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        for frame in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert referenced <= {str(d.SOPInstanceUID) for d in datasets}
+
+
+def test_seg_lines_up_with_the_lesion(seg_file, series):
+    datasets, _ = series
+    seg = pydicom.dcmread(seg_file)
+    positions = [float(d.ImagePositionPatient[2]) for d in datasets]
+    frame_slices = [positions.index(float(f.PlanePositionSequence[0].ImagePositionPatient[2]))
+                    for f in seg.PerFrameFunctionalGroupsSequence]
+    pixels = seg.pixel_array.reshape(len(frame_slices), seg.Rows, seg.Columns)
+    counts = pixels.sum(axis=(1, 2))
+    centre_slice = frame_slices[int(np.argmax(counts))]
+    rows, cols = np.nonzero(pixels.sum(axis=0))
+    assert abs(centre_slice - LESION[0]) <= 2
+    assert abs(rows.mean() - LESION[1]) <= 2 and abs(cols.mean() - LESION[2]) <= 2
+
+
+def test_empty_map_gives_no_seg(series):
+    datasets, error = series
+    assert build_segmentation(datasets, error * 0.1, ct_summary()) is None
+
+
+def test_shape_mismatch_is_rejected(series):
+    datasets, error = series
+    with pytest.raises(ValueError, match="native_map"):
+        build_segmentation(datasets[:-1], error, ct_summary())
+
+
+def test_build_results_adds_seg_only_when_enabled(tmp_path, series):
+    datasets, error = series
+    enabled = _build_results(datasets, error, ct_summary(), 4, tmp_path / "on", 1.0)
+    disabled = _build_results(datasets, error, ct_summary(), 4, tmp_path / "off", None)
+    empty = _build_results(datasets, error * 0.1, ct_summary(), 4, tmp_path / "empty", 1.0)
+    assert [o.kind for o in enabled].count("seg") == 1
+    assert "seg" not in [o.kind for o in disabled] and "seg" not in [o.kind for o in empty]
+    seg_object = next(o for o in enabled if o.kind == "seg")
+    assert pydicom.dcmread(seg_object.path).SOPInstanceUID == seg_object.sop_instance_uid
+
+
+def test_render_seg_overlay_png(seg_file, series):
+    """The SEG drawn on the lesion's source slice, for a person to look at."""
+    datasets, _ = series
+    seg = pydicom.dcmread(seg_file)
+    frames = seg.PerFrameFunctionalGroupsSequence
+    pixels = seg.pixel_array.reshape(len(frames), seg.Rows, seg.Columns)
+    best = int(np.argmax(pixels.sum(axis=(1, 2))))
+    uid = str(frames[best].DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+    source = next(d for d in datasets if str(d.SOPInstanceUID) == uid)
+    hu = source.pixel_array * float(source.RescaleSlope) + float(source.RescaleIntercept)
+    grey = np.clip((hu - 0.0) / 80.0 * 255.0, 0, 255).astype(np.uint8)
+    rgb = np.stack([grey] * 3, axis=-1).astype(np.float32)
+    region = pixels[best].astype(bool)
+    rgb[region] = 0.5 * rgb[region] + 0.5 * np.array([0.0, 255.0, 0.0])
+    out = Path(os.environ.get("HEADSCREEN_RENDER_DIR", seg_file.parent)) / "seg-overlay.png"
+    Image.fromarray(rgb.astype(np.uint8)).resize((384, 384), Image.NEAREST).save(out)
+    assert region.sum() > 0 and out.stat().st_size > 0
