@@ -3,12 +3,17 @@
 The database says what is due (`db.api.claim_deliveries` leases it); this
 module only does the network I/O and reports each outcome back through `db.api`,
 which owns the retry counters, backoff and dead-letter state.
+
+Each C-STORE outcome is committed as soon as its response arrives, before the
+next file goes out: a crash mid-delivery can then only re-send the one object
+whose response was in flight (see docs/conformance.md, "Delivery guarantee").
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +30,9 @@ log = logging.getLogger(__name__)
 # C-STORE statuses a destination may answer that still mean "stored".
 _STORED = {0x0000, 0xB000, 0xB007, 0xB006}
 
+# (status or None, error text or None): error None means delivered.
+Outcome = tuple[int | None, str | None]
+
 
 @dataclass(frozen=True)
 class DeliveryStats:
@@ -38,6 +46,31 @@ def retry_policy(settings: Settings) -> api.RetryPolicy:
         base_delay_s=settings.delivery.base_delay_s,
         max_delay_s=settings.delivery.max_delay_s,
     )
+
+
+class _Recorder:
+    """Commits each delivery's outcome to the database the moment it is known."""
+
+    def __init__(self, sessions: sessionmaker[Session], policy: api.RetryPolicy) -> None:
+        self.sessions = sessions
+        self.policy = policy
+        self.delivered = 0
+        self.failed = 0
+        self.recorded: set[int] = set()
+
+    def __call__(self, ticket: api.DeliveryTicket, outcome: Outcome) -> None:
+        if ticket.delivery_id in self.recorded:
+            return
+        status, error = outcome
+        when = datetime.now(UTC)
+        with self.sessions() as session:
+            if error is None:
+                api.mark_delivered(session, ticket.delivery_id, status, when)
+                self.delivered += 1
+            else:
+                api.mark_delivery_failed(session, ticket.delivery_id, error, status, self.policy, when)
+                self.failed += 1
+        self.recorded.add(ticket.delivery_id)
 
 
 def deliver_due(
@@ -54,49 +87,51 @@ def deliver_due(
     for ticket in tickets:
         by_destination[ticket.destination].append(ticket)
     destinations = {d.name: d for d in settings.destinations}
-    delivered = failed = 0
-    policy = retry_policy(settings)
+    record = _Recorder(sessions, retry_policy(settings))
     for name, group in by_destination.items():
         config = destinations.get(name)
         if config is None:
-            outcomes = {t.delivery_id: (None, f"destination {name!r} is no longer configured") for t in group}
-        else:
-            outcomes = _send_group(settings, config, group)
-        with sessions() as session:
             for ticket in group:
-                status, error = outcomes[ticket.delivery_id]
-                when = datetime.now(UTC)
-                if error is None:
-                    api.mark_delivered(session, ticket.delivery_id, status, when)
-                    delivered += 1
-                else:
-                    api.mark_delivery_failed(session, ticket.delivery_id, error, status, policy, when)
-                    failed += 1
-    log.info("delivery round", extra={"action": "deliver", "delivered": delivered, "failed": failed})
-    return DeliveryStats(delivered, failed)
+                record(ticket, (None, f"destination {name!r} is no longer configured"))
+        else:
+            _send_group(settings, config, group, record)
+    log.info("delivery round", extra={"action": "deliver", "delivered": record.delivered, "failed": record.failed})
+    return DeliveryStats(record.delivered, record.failed)
+
+
+def _outcome(status: int | None) -> Outcome:
+    if status in _STORED:
+        return status, None
+    return status, "no response" if status is None else f"C-STORE status 0x{status:04X}"
 
 
 def _send_group(
-    settings: Settings, destination: DestinationConfig, group: list[api.DeliveryTicket]
-) -> dict[int, tuple[int | None, str | None]]:
-    paths = [settings.storage_dir / t.path for t in group]
+    settings: Settings,
+    destination: DestinationConfig,
+    group: list[api.DeliveryTicket],
+    record: Callable[[api.DeliveryTicket, Outcome], None],
+) -> None:
+    by_path = {settings.storage_dir / t.path: t for t in group}
+    paths = list(by_path)
     timeout = settings.delivery.timeout_s
+
+    def on_status(path: Path, status: int) -> None:
+        ticket = by_path.get(Path(path))
+        if ticket is not None:
+            record(ticket, _outcome(status))
+
     try:
         if destination.kind == "stow":
             assert destination.url is not None  # the config validator guarantees it
             statuses = send_stow(destination.url, paths, timeout, destination.authorization or None)
         else:
             peer = Destination(destination.name, destination.ae_title or "", destination.host or "", destination.port or 0)
-            statuses = send(peer, paths, calling_ae=settings.ae_title, timeout=timeout)
+            statuses = send(peer, paths, calling_ae=settings.ae_title, timeout=timeout, on_status=on_status)
     except TransientError as exc:
         log.warning("destination unreachable", extra={"destination": destination.name, "error": str(exc)})
-        return {t.delivery_id: (None, str(exc)) for t in group}
-    outcomes: dict[int, tuple[int | None, str | None]] = {}
-    for ticket, path in zip(group, paths):
-        status = statuses.get(Path(path))
-        if status in _STORED:
-            outcomes[ticket.delivery_id] = (status, None)
-        else:
-            text = "no response" if status is None else f"C-STORE status 0x{status:04X}"
-            outcomes[ticket.delivery_id] = (status, text)
-    return outcomes
+        for ticket in group:
+            record(ticket, (None, str(exc)))
+        return
+    # Whatever on_status did not record yet (STOW-RS answers once; files with no response).
+    for path, ticket in by_path.items():
+        record(ticket, _outcome(statuses.get(path)))

@@ -13,7 +13,7 @@ import socket
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,12 +125,15 @@ def send(
     paths: Sequence[Path],
     calling_ae: str = "HEADSCREEN",
     timeout: float = 30,
+    on_status: Callable[[Path, int], None] | None = None,
 ) -> dict[Path, int]:
     """C-STORE every file over one association.
 
     Returns the DIMSE status per file; a file missing from the result got no
     response (unreadable locally, or the association ended before its turn).
-    Raises TransientError when no association could be established.
+    ``on_status(path, status)`` is called as each response arrives, so the caller
+    can record it before the next file goes out (a crash then loses at most the
+    one in flight). Raises TransientError when no association could be established.
     """
     infos = [info for info in (_inspect(Path(p)) for p in paths) if info is not None]
     if not infos:
@@ -161,6 +164,8 @@ def send(
             status = _store_one(assoc, info)
             if status is not None:
                 statuses[info.path] = status
+                if on_status is not None:
+                    on_status(info.path, status)
     finally:
         if assoc.is_established:
             assoc.release()
