@@ -73,6 +73,8 @@ def run_job(
     output_dir: Path,
     overlay_slices: int,
     rules: SelectionRules | None = None,
+    seg_enabled: bool = True,
+    seg_threshold: float = DEFAULT_THRESHOLD,
 ) -> JobOutcome:
     timer = Timer()
     manifest = runner.bundle.manifest
