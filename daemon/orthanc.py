@@ -28,6 +28,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Where Debian's orthanc-dicomweb puts the DICOMweb plugin; the environment
+# variable points at another copy (e.g. one unpacked without root).
+DICOMWEB_PLUGIN_ENV = "HEADSCREEN_ORTHANC_DICOMWEB"
+_DICOMWEB_PLUGIN_PATHS = (
+    "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+    "/usr/lib/orthanc/libOrthancDicomWeb.so.1.7",
+)
+
+
+def dicomweb_plugin() -> Path | None:
+    """The Orthanc DICOMweb plugin library, when installed."""
+    candidates = [os.environ.get(DICOMWEB_PLUGIN_ENV, ""), *_DICOMWEB_PLUGIN_PATHS]
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+
+
 def orthanc_available() -> bool:
     return shutil.which(ORTHANC_BINARY) is not None or Path("/usr/sbin/Orthanc").exists()
 
@@ -60,7 +75,8 @@ class Orthanc:
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
             "DicomModalities": {name: list(spec) for name, spec in self.modalities.items()},
-            "Plugins": [],
+            "Plugins": [str(plugin)] if (plugin := dicomweb_plugin()) else [],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "StableAge": 2,
         }
         config_path = self.workdir / "orthanc.json"
@@ -93,6 +109,11 @@ class Orthanc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def stow_url(self) -> str:
+        """The DICOMweb studies endpoint (served when the DICOMweb plugin is loaded)."""
+        return f"{self.url}/dicom-web/studies"
 
     def _request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
         request = urllib.request.Request(self.url + path, data=body, method=method)

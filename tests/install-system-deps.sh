@@ -3,7 +3,7 @@
 # PostgreSQL answers on 127.0.0.1:5432. Idempotent; safe to run on every `make`.
 set -euo pipefail
 
-packages=(dcmtk orthanc dicom3tools mricron-data postgresql chromium chromium-driver)
+packages=(dcmtk orthanc orthanc-dicomweb dicom3tools mricron-data postgresql chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -23,6 +23,7 @@ import pytest
 
 from daemon.config import DestinationConfig
 from daemon.errors import TransientError
+from daemon.orthanc import DICOMWEB_PLUGIN_ENV, Orthanc, dicomweb_plugin
 from export.delivery import STATUS_SUCCESS, send_stow
 from imaging.phantoms import Lesion, make_head, write_dicom_series
 from serve_harness import REPO, Daemon, RecordingSCP, storescu, wait_until
@@ -260,3 +261,17 @@ def test_destination_config_by_kind():
         DestinationConfig(name="w", kind="stow")
     with pytest.raises(ValueError, match="needs ae_title"):
         DestinationConfig(name="p", host="h", port=104)
+
+
+def test_stow_to_orthanc_dicomweb(tmp_path, result_files):
+    """Orthanc's DICOMweb plugin (Debian orthanc-dicomweb) as a real STOW-RS peer."""
+    assert dicomweb_plugin() is not None, (
+        f"Orthanc's DICOMweb plugin is missing: run tests/install-system-deps.sh (or set {DICOMWEB_PLUGIN_ENV})"
+    )
+    with Orthanc(tmp_path / "orthanc") as orthanc:
+        statuses = send_stow(orthanc.stow_url, result_files, timeout=30)
+        assert statuses == {p: STATUS_SUCCESS for p in result_files}
+        study_uid = str(pydicom.dcmread(result_files[0]).StudyInstanceUID)
+        modalities = {s["MainDicomTags"].get("Modality") for s in orthanc.series_of_study(study_uid)}
+        assert {"SEG", "SR"} <= modalities
+        assert len(orthanc.get("/instances")) == len(result_files)
