@@ -71,7 +71,7 @@ def test_destination_down_then_back_gets_each_object_once(tmp_path, study):
         wait_until(daemon.all_delivered, 30, 0.2, "every object delivered")
         _assert_each_once(daemon, destination)
         kinds = {obj.kind for _, obj in daemon.deliveries()}
-        assert {"sc", "sr"} <= kinds
+        assert kinds == {"sc", "seg", "sr"}  # the phantom lesion is above threshold: a SEG too
     finally:
         daemon.close()
         destination.stop()
@@ -275,3 +275,20 @@ def test_stow_to_orthanc_dicomweb(tmp_path, result_files):
         modalities = {s["MainDicomTags"].get("Modality") for s in orthanc.series_of_study(study_uid)}
         assert {"SEG", "SR"} <= modalities
         assert len(orthanc.get("/instances")) == len(result_files)
+
+
+def test_serve_delivers_to_a_stow_destination(tmp_path, study, monkeypatch):
+    """`headscreen serve` with a kind = "stow" destination (given via the environment)."""
+    server = StowServer()
+    monkeypatch.setenv("HEADSCREEN_DESTINATIONS", json.dumps([{"name": "web", "kind": "stow", "url": server.url}]))
+    daemon = Daemon(tmp_path / "hs").start()
+    try:
+        storescu(study, daemon.port)
+        wait_until(daemon.all_delivered, 50, 0.2, "every object delivered by STOW-RS")
+        objects = _objects(daemon)
+        received = [str(d.SOPInstanceUID) for d in server.received]
+        assert sorted(received) == sorted(objects)  # each exactly once
+        assert {delivery.destination for delivery, _ in daemon.deliveries()} == {"web"}
+    finally:
+        daemon.close()
+        server.close()
