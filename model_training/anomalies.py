@@ -267,7 +267,7 @@ def _midline_shift(case, pose, scale, spacing, rng) -> SyntheticScan:
     coords = [grids[0], grids[1], grids[2] - displacement_vox]  # pull-back: out(p) = in(p - u(p))
     warped = ndimage.map_coordinates(values, coords, order=1, mode="nearest").astype(np.float32)
     moved_blood = ndimage.map_coordinates(blood.astype(np.float32), coords, order=1) > 0.5
-    mask = moved_blood | (brain & (np.abs(displacement_vox) * sp[2] > 2.0))
+    mask = moved_blood | (brain & (np.abs(displacement_vox) * sp[2] > shift_mm / 2.0))
     return _scan(case, head, warped, mask, shift_mm=round(shift_mm, 2),
                  hemorrhage_ml=round(float(moved_blood.sum()) * _voxel_ml(head.image), 2))
 
