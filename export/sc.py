@@ -82,7 +82,11 @@ def choose_slices(error_map: np.ndarray, count: int) -> list[int]:
     n_slices = error_map.shape[0]
     if count >= n_slices:
         return list(range(n_slices))
-    per_slice = np.nan_to_num(error_map, nan=0.0).reshape(n_slices, -1).sum(axis=1)
+    # Summing first and repairing only the slices that hold a NaN avoids a full
+    # copy of the native-resolution map (hundreds of MB for a thin-slice CT).
+    per_slice = error_map.reshape(n_slices, -1).sum(axis=1, dtype=np.float64)
+    for k in np.flatnonzero(~np.isfinite(per_slice)):
+        per_slice[k] = np.nansum(np.where(np.isinf(error_map[k]), np.nan, error_map[k]))
     peak = int(np.argmax(per_slice))
     start = min(max(peak - count // 2, 0), n_slices - count)
     return list(range(start, start + count))
