@@ -51,6 +51,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", action="store_true", help="no left-right flip augmentation")
     p.add_argument("--preprocessing", type=Path,
                    help="JSON file of preprocessing parameters merged over imaging's defaults")
+    p.add_argument("--dataset", type=Path,
+                   help="CSV (path,age,sex,scanner,split[,label]) of NIfTI files or DICOM series folders, "
+                        "e.g. the admin console's training manifest, instead of the synthetic cohort")
     return p
 
 
@@ -69,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_anomalous=args.n_anomalous, kappa=args.kappa, threads=args.threads, progress=not args.no_progress,
         flip_lr=not args.no_flip,
         preprocessing_overrides=json.loads(args.preprocessing.read_text()) if args.preprocessing else None,
+        dataset=args.dataset,
     )
     try:
         bundle = fit_bundle(opts)
@@ -89,7 +93,46 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=Path("cache"))
     p.add_argument("--json-out", type=Path)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report", type=Path, help="report folder: metrics.json, records.json, ROC/histogram/age PNGs; "
+                   "evaluates on the synthetic anomaly suite (or --dataset) with bootstrap CIs")
+    p.add_argument("--dataset", type=Path, help="labelled CSV (model_training.dataset) instead of the suite")
+    p.add_argument("--n-per-type", type=int, default=3, help="suite scans per anomaly type")
+    p.add_argument("--normals", type=int, default=12, help="suite normal scans")
+    p.add_argument("--kinds", help="comma-separated anomaly types (default: all for the modality)")
+    p.add_argument("--spacing", type=float, default=1.0, help="suite native voxel size in mm")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
     return p
+
+
+def evaluate_report(args: argparse.Namespace) -> dict:
+    """The full evaluation (model_training.evaluate) with a report folder."""
+    from model_training import evaluate as ev
+    from model_training.anomalies import suite_cases
+    from model_training.dataset import load_volume, read_dataset
+
+    bundle = load_bundle(args.bundle)
+    m = bundle.manifest
+    runner = ev.load_runner(bundle, args.threads)
+    if args.dataset is not None:
+        records = []
+        for i, row in enumerate(read_dataset(args.dataset)):
+            try:
+                volume = load_volume(row, m.modality)
+            except HeadscreenError as exc:
+                records.append(ev.Record(f"row{i + 2}", row.kind, int(not row.is_normal), None, [], rejected=str(exc),
+                                         true_age=row.age))
+                continue
+            records.append(ev.score_volume(runner, volume, f"row{i + 2}", row.kind, int(not row.is_normal), row.age))
+        source = f"dataset {args.dataset}"
+    else:
+        kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
+        cases = suite_cases(m.modality, args.n_per_type, args.seed, kinds, args.normals, args.spacing)
+        records = ev.score_suite(runner, cases)
+        source = f"synthetic anomaly suite, seed {args.seed}"
+    metrics = ev.evaluate_records(records, n_boot=args.bootstrap, seed=0)
+    meta = {"bundle": m.key, "sha256": bundle.sha256, "source": source, "threshold": m.calibration.threshold}
+    ev.write_report(records, metrics, args.report, meta)
+    return {**meta, **metrics}
 
 
 def evaluate_bundle(bundle_dir: Path, n: int, seed: int, cache: Path | None, threads: int = 2) -> dict:
@@ -115,15 +158,19 @@ def evaluate_bundle(bundle_dir: Path, n: int, seed: int, cache: Path | None, thr
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     args = evaluate_parser().parse_args(argv)
     try:
-        result = evaluate_bundle(args.bundle, args.n, args.seed, args.cache, args.threads)
+        if args.report is not None:
+            result = evaluate_report(args)
+        else:
+            result = evaluate_bundle(args.bundle, args.n, args.seed, args.cache, args.threads)
     except HeadscreenError as exc:
         log.error("evaluation failed: %s", exc, extra={"action": "evaluate_failed"})
         return 2
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, default=str)
     if args.json_out:
         args.json_out.write_text(text + "\n")
     sys.stdout.write(text + "\n")  # the command's output, not a log line
-    log.info("evaluated", extra={"action": "evaluate_done", **{k: v for k, v in result.items() if k != "sha256"}})
+    log.info("evaluated", extra={"action": "evaluate_done", "bundle": result.get("bundle"),
+                                 "report": str(args.report) if args.report else None})
     return 0
 
 
