@@ -239,14 +239,18 @@ def write_report(records: Sequence[Record], metrics: dict[str, Any], out_dir: Pa
     kinds = sorted({r.kind for r in records if r.label == 1})
 
     fig, ax = plt.subplots(figsize=(7, 6))
-    for kind in ["all", *kinds]:
+    colours = plt.cm.tab20(np.linspace(0.0, 1.0, max(len(kinds), 1)))
+    styles = ["-", "--", "-.", ":"]
+    for i, kind in enumerate(["all", *kinds]):
         positives = [r for r in records if r.label == 1 and (kind == "all" or r.kind == kind) and r.model_score is not None]
         if not positives or not normals:
             continue
         y = np.r_[np.zeros(len(normals)), np.ones(len(positives))]
         s = np.r_[[r.model_score for r in normals], [r.model_score for r in positives]]
         fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, lw=2.5 if kind == "all" else 1.2, label=f"{kind} (AUROC {roc_auc_score(y, s):.2f})")
+        look = {"color": "black", "lw": 2.5} if kind == "all" else {"color": colours[i - 1], "lw": 1.3,
+                                                                     "ls": styles[(i - 1) % len(styles)]}
+        ax.plot(fpr, tpr, label=f"{kind} (AUROC {roc_auc_score(y, s):.2f})", **look)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, model score (per anomaly type vs normals)")
     ax.legend(fontsize=7, loc="lower right")

@@ -64,6 +64,7 @@ class TrainOptions:
     progress: bool = True
     flip_lr: bool = True
     preprocessing_overrides: dict[str, Any] | None = None
+    dataset: Path | None = None  # CSV (model_training.dataset) instead of the synthetic cohort
 
     def name_and_version(self) -> tuple[str, str]:
         match = VERSION_PATTERN.match(Path(self.out).name)
@@ -191,7 +192,11 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     spec = CohortSpec(opts.modality, opts.n_train, opts.n_val, opts.n_calibration, opts.n_test,
                       opts.n_anomalous // 2, opts.n_anomalous - opts.n_anomalous // 2, opts.seed)
     folder = _cohort_folder(opts, params)
-    cohort = build_cohort(spec, params, opts.cache, opts.progress, folder)
+    if opts.dataset is not None:
+        from model_training.dataset import build_dataset_cohort
+        cohort = build_dataset_cohort(opts.dataset, params, opts.cache, spec, opts.progress)
+    else:
+        cohort = build_cohort(spec, params, opts.cache, opts.progress, folder)
     cohort_s = time.monotonic() - began
 
     trained = (_train_fanogan if opts.method == "fanogan" else _train_vae)(cohort, opts, device)
@@ -225,7 +230,8 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
                   "duration_s": round(time.monotonic() - began, 1), "flip_lr": opts.flip_lr, "resumed": opts.resume,
                   "imaging_code_sha256": folder.name.rsplit("-", 1)[-1] if folder else imaging_fingerprint(), "cohort_s": round(cohort_s, 1),
                   "train_s": round(train_s, 1), "device": str(device), "hyperparameters": trained.hyper,
-                  "data": "synthetic phantoms (imaging.phantoms: ICBM152 2009 tissue maps + Colin27 head outline)"},
+                  "data": f"dataset CSV {opts.dataset}" if opts.dataset is not None else
+                  "synthetic phantoms (imaging.phantoms: ICBM152 2009 tissue maps + Colin27 head outline)"},
         metrics=metrics, parity_max_abs_diff=parity,
         extra={"extra_inputs": {"chronological_age": "float32 [N], years"}} if opts.method == "vae_ac" else {},
     )

@@ -1,0 +1,115 @@
+"""The dataset CSV: NIfTI files and DICOM series folders, the console's manifest format,
+validation with line numbers, the preprocessing cache, the training cohort and
+`headscreen evaluate --dataset`."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from daemon.errors import ConfigError
+from imaging import phantoms
+from imaging.preprocess import default_params
+from model_training.cli import evaluate_main
+from model_training.dataset import build_dataset_cohort, load_volume, prepare_row, read_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CT_BUNDLE = ROOT / "models" / "ct-fanogan-compact-1.0.0"
+CONSOLE_COLUMNS = ["path", "age", "sex", "scanner", "split", "label", "study_instance_uid", "modality"]
+
+
+def _nifti(folder: Path, name: str, age: float, seed: int, lesion: phantoms.Lesion | None = None) -> Path:
+    head = phantoms.make_head("CT", age=age, seed=seed, lesion=lesion, spacing=(2.0, 2.0, 2.0))
+    path = folder / f"{name}.nii.gz"
+    sitk.WriteImage(head.image, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Five normals (one per split, two train), one abnormal in test; one DICOM folder."""
+    folder = tmp_path_factory.mktemp("dataset")
+    (folder / "scans").mkdir()
+    rows = []
+    for i, (split, age) in enumerate([("train", 30.0), ("train", 70.0), ("val", 45.0), ("calibration", 55.0)]):
+        path = _nifti(folder / "scans", f"n{i}", age, seed=500 + i)
+        rows.append([str(path.relative_to(folder)), age, "F" if i % 2 else "M", "SIM-CT", split, "normal", "", "CT"])
+    dicom = folder / "storage" / "1.2.3" / "1.2.3.4"
+    head = phantoms.make_head("CT", age=62.0, seed=520, spacing=(2.0, 2.0, 2.0))
+    phantoms.write_dicom_series(head, dicom, rows=128, cols=128, slice_thickness=3.0, patient_age=62.0)
+    rows.append([str(dicom), 62.0, "", "SIM-CT", "test", "normal", "1.2.3", "CT"])
+    lesion = phantoms.Lesion("hemorrhage", (30.0, -10.0, 20.0), 30.0)
+    path = _nifti(folder / "scans", "bleed", 58.0, seed=530, lesion=lesion)
+    rows.append([str(path.relative_to(folder)), 58.0, "M", "SIM-CT", "test", "hemorrhage", "", "CT"])
+    csv_path = folder / "manifest.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CONSOLE_COLUMNS)
+        writer.writerows(rows)
+    return csv_path
+
+
+def test_reads_the_console_manifest_format(dataset: Path) -> None:
+    rows = read_dataset(dataset)
+    assert [r.split for r in rows] == ["train", "train", "val", "calibration", "test", "test"]
+    assert [r.kind for r in rows] == ["normal"] * 5 + ["hemorrhage"]
+    assert rows[4].path.is_dir() and rows[4].study_instance_uid == "1.2.3" and rows[4].modality == "CT"
+    assert rows[0].path.is_absolute() and rows[0].path.is_file()
+    assert load_volume(rows[4], "CT").image.GetSize()[2] > 20
+
+
+@pytest.mark.parametrize("header,row,message", [
+    ("path,age,sex,split", "x.nii.gz,3,F,train", "missing column"),
+    ("path,age,sex,scanner,split", "nothere.nii.gz,40,F,S,train", "does not exist"),
+    ("path,age,sex,scanner,split", "{ok},forty,F,S,train", "not a number"),
+    ("path,age,sex,scanner,split", "{ok},40,F,S,holdout", "split"),
+])
+def test_bad_rows_are_reported_with_their_line(tmp_path: Path, dataset: Path, header: str, row: str, message: str) -> None:
+    ok = read_dataset(dataset)[0].path
+    bad = tmp_path / "bad.csv"
+    bad.write_text(header + "\n" + row.format(ok=ok) + "\n")
+    with pytest.raises(ConfigError, match=message):
+        read_dataset(bad)
+
+
+def test_preprocessing_is_cached(dataset: Path, tmp_path: Path) -> None:
+    row = read_dataset(dataset)[0]
+    params = default_params("CT")
+    first = prepare_row(row, params, tmp_path)
+    cached = list((tmp_path / "dataset").glob("*.npz"))
+    assert len(cached) == 1 and first.image is not None and first.image.shape == tuple(params["grid"])
+    second = prepare_row(row, params, tmp_path)
+    np.testing.assert_array_equal(first.image, second.image)
+    assert second.qc_reasons == first.qc_reasons
+    # A change of parameters is a different cache entry.
+    other = dict(params, smoothing_sigma_mm=float(params["smoothing_sigma_mm"]) + 0.5)
+    prepare_row(row, other, tmp_path)
+    assert len(list((tmp_path / "dataset").glob("*.npz"))) == 2
+
+
+def test_training_cohort_from_the_csv(dataset: Path, tmp_path: Path) -> None:
+    from model_training.cohort import CohortSpec
+
+    spec = CohortSpec("CT", n_train=2, n_val=1, n_calibration=1, n_test=1, n_anomalous_val=1, n_anomalous_test=1)
+    cohort = build_dataset_cohort(dataset, default_params("CT"), tmp_path, spec, progress=False)
+    assert {k: len(v) for k, v in cohort.healthy.items()} == {"train": 2, "val": 1, "calibration": 1, "test": 1}
+    assert sorted(cohort.healthy["train"].ages.tolist()) == [30.0, 70.0]
+    assert len(cohort.anomalous["test"]) == 1 and cohort.cases["anomalous_test"] == []  # the CSV's hemorrhage
+    assert len(cohort.anomalous["val"]) == 1 and len(cohort.cases["anomalous_val"]) == 1  # synthetic stand-in
+    assert cohort.healthy_masks["train"].shape == (2, *default_params("CT")["grid"])
+
+
+def test_headscreen_evaluate_on_the_csv(dataset: Path, tmp_path: Path, capsys) -> None:
+    report = tmp_path / "report"
+    argv = ["--bundle", str(CT_BUNDLE), "--dataset", str(dataset), "--report", str(report), "--bootstrap", "50"]
+    assert evaluate_main(argv) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n_scans"] == 6
+    assert metrics["overall"]["system"]["n_abnormal"] == 1 and metrics["overall"]["system"]["n_normal"] == 5
+    assert "hemorrhage" in metrics["per_type"]
+    assert json.loads(capsys.readouterr().out)["source"].startswith("dataset ")
