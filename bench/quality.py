@@ -99,6 +99,7 @@ def main() -> int:
     p.add_argument("--report", type=Path, help="also write report folders (PNGs, metrics.json) here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    sys.stdout.reconfigure(line_buffering=True)  # figures appear as each bundle finishes
     for bundle in args.bundle or [Path(b) for b in BUNDLES]:
         run(bundle, args.cases, args.normals, args.seed, args.threads, args.report)
     return 0

@@ -113,3 +113,22 @@ def test_headscreen_evaluate_on_the_csv(dataset: Path, tmp_path: Path, capsys) -
     assert metrics["overall"]["system"]["n_abnormal"] == 1 and metrics["overall"]["system"]["n_normal"] == 5
     assert "hemorrhage" in metrics["per_type"]
     assert json.loads(capsys.readouterr().out)["source"].startswith("dataset ")
+
+
+def test_headscreen_train_on_the_csv_writes_a_bundle_that_records_it(dataset: Path, tmp_path: Path) -> None:
+    from daemon.bundle import load_bundle
+    from model_training.cli import main
+
+    coarse = tmp_path / "coarse.json"
+    coarse.write_text(json.dumps({"grid": [16, 16, 16], "working_spacing_mm": 4.0,
+                                  "registration": {"atlas_spacing_mm": 4.0, "rigid": {"iterations": 20},
+                                                   "affine": {"iterations": 10}}}))
+    out = tmp_path / "models" / "ct-site-0.1.0"
+    argv = ["--modality", "CT", "--method", "vae_ap", "--out", str(out), "--cache", str(tmp_path / "cache"),
+            "--dataset", str(dataset), "--n-anomalous", "2", "--epochs", "1", "--batch-size", "2",
+            "--device", "cpu", "--threads", "1", "--no-progress", "--preprocessing", str(coarse)]
+    assert main(argv) == 0
+    manifest = load_bundle(out).manifest
+    assert manifest.training["data"] == f"dataset CSV {dataset}"
+    assert manifest.training["n_train"] == 2
+    assert "--dataset" in manifest.training["command"]
