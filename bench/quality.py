@@ -99,7 +99,8 @@ def main() -> int:
     p.add_argument("--report", type=Path, help="also write report folders (PNGs, metrics.json) here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    sys.stdout.reconfigure(line_buffering=True)  # figures appear as each bundle finishes
+    # Figures appear as each bundle finishes.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     for bundle in args.bundle or [Path(b) for b in BUNDLES]:
         run(bundle, args.cases, args.normals, args.seed, args.threads, args.report)
     return 0

@@ -184,7 +184,7 @@ def _fill(values: np.ndarray, region: np.ndarray, level: float, rng: np.random.G
     values[region] = level + rng.normal(0.0, sigma, int(region.sum()))
 
 
-def _head(case: SuiteCase, pose: phantoms.Pose, scale: float, spacing: tuple[float, ...],
+def _head(case: SuiteCase, pose: phantoms.Pose, scale: float, spacing: tuple[float, float, float],
           lesion: phantoms.Lesion | None = None) -> phantoms.Phantom:
     return phantoms.make_head(case.modality, case.age, case.seed, pose, lesion=lesion, scale=scale, spacing=spacing)
 

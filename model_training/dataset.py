@@ -164,13 +164,17 @@ def prepare_dataset(rows: list[DatasetRow], params: dict[str, Any], cache_dir: P
         yield prepare_row(row, params, cache_dir)
 
 
+def _stack(arrays: list[Any]) -> np.ndarray:
+    return np.stack(arrays)
+
+
 def training_arrays(prepared: list[PreparedRow], split: str, drop_qc: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, D, H, W) and ages of one split's usable normal rows (the training input)."""
     chosen = [p for p in prepared if p.row.split == split and p.row.is_normal and p.image is not None
               and not (drop_qc and p.qc_reasons) and p.row.age is not None]
     if not chosen:
         raise ConfigError(f"split {split!r}: no usable normal rows with an age")
-    return np.stack([p.image for p in chosen]).astype(np.float32), np.array([p.row.age for p in chosen], np.float32)
+    return _stack([p.image for p in chosen]).astype(np.float32), np.array([p.row.age for p in chosen], np.float32)
 
 
 def build_dataset_cohort(csv_path: Path | str, params: dict[str, Any], cache_dir: Path | None, spec: Any,
@@ -192,15 +196,15 @@ def build_dataset_cohort(csv_path: Path | str, params: dict[str, Any], cache_dir
         cohort.qc_excluded += len(usable) - len(kept)
         if not kept:
             raise ConfigError(f"{csv_path}: split {split!r} has no usable normal {modality} rows with an age")
-        cohort.healthy[split] = Samples(np.stack([p.image for p in kept]).astype(np.float32),
+        cohort.healthy[split] = Samples(_stack([p.image for p in kept]).astype(np.float32),
                                         np.array([p.row.age for p in kept], np.float32))
-        cohort.healthy_masks[split] = np.stack([p.brain_mask for p in kept])
+        cohort.healthy_masks[split] = _stack([p.brain_mask for p in kept])
         cohort.cases[split] = []
     synthetic = anomalous_cases(modality, spec.n_anomalous_val + spec.n_anomalous_test, spec.seed)
     for split, fallback in (("val", synthetic[: spec.n_anomalous_val]), ("test", synthetic[spec.n_anomalous_val:])):
         abnormal = [p for p in prepared if p.row.split == split and not p.row.is_normal and p.image is not None]
         if abnormal:
-            cohort.anomalous[split] = Samples(np.stack([p.image for p in abnormal]).astype(np.float32),
+            cohort.anomalous[split] = Samples(_stack([p.image for p in abnormal]).astype(np.float32),
                                               np.array([p.row.age or 0.0 for p in abnormal], np.float32))
             cohort.cases[f"anomalous_{split}"] = []
         else:

@@ -86,7 +86,7 @@ METRICS: dict[str, MetricFn] = {
 }
 
 
-def finite_scores(scores: Sequence[float]) -> np.ndarray:
+def finite_scores(scores: Sequence[Any]) -> np.ndarray:
     """+inf (caught by QC) becomes just above the highest finite score: same ranks, and
     scikit-learn accepts it."""
     values = np.asarray(scores, dtype=float)
@@ -111,7 +111,7 @@ def bootstrap_ci(metric: MetricFn, labels: np.ndarray, scores: np.ndarray, n_boo
     return float(low), float(high)
 
 
-def sample_metrics(labels: Sequence[int], scores: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def sample_metrics(labels: Sequence[int], scores: Sequence[Any], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     labels_a, scores_a = np.asarray(labels, dtype=int), finite_scores(scores)
     out: dict[str, Any] = {"n_normal": int((labels_a == 0).sum()), "n_abnormal": int((labels_a == 1).sum())}
     if out["n_normal"] == 0 or out["n_abnormal"] == 0:
@@ -127,7 +127,7 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return float(2.0 * np.logical_and(prediction, truth).sum() / total) if total else 1.0
 
 
-def voxel_metrics(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], brains: Sequence[np.ndarray],
+def voxel_metrics(maps: Sequence[Any], masks: Sequence[Any], brains: Sequence[Any],
                   n_thresholds: int = 64) -> dict[str, Any]:
     """Pooled over scans, within the brain: AUPRC of the error map for the anomaly mask,
     and the best Dice over thresholds of the map (one threshold for all scans)."""
@@ -260,9 +260,10 @@ def write_report(records: Sequence[Record], metrics: dict[str, Any], out_dir: Pa
     scores = [r.model_score for r in records if r.model_score is not None]
     if scores:
         bins = np.histogram_bin_edges(scores, bins=30)
-        ax.hist([r.model_score for r in normals], bins=bins, alpha=0.6, label="normal")
-        ax.hist([r.model_score for r in records if r.label == 1 and r.model_score is not None], bins=bins, alpha=0.6,
-                label="abnormal")
+        edges = list(bins)
+        ax.hist(np.array([r.model_score for r in normals], float), bins=edges, alpha=0.6, label="normal")
+        ax.hist(np.array([r.model_score for r in records if r.label == 1 and r.model_score is not None], float),
+                bins=edges, alpha=0.6, label="abnormal")
     if meta and meta.get("threshold") is not None:
         ax.axvline(meta["threshold"], color="k", ls="--", label="bundle threshold")
     ax.set(xlabel="anomaly score", ylabel="scans", title="Score histogram")
@@ -274,9 +275,10 @@ def write_report(records: Sequence[Record], metrics: dict[str, Any], out_dir: Pa
         fig, ax = plt.subplots(figsize=(6, 6))
         for label, name in ((0, "normal"), (1, "abnormal")):
             chosen = [r for r in aged if r.label == label]
-            ax.scatter([r.true_age for r in chosen], [r.predicted_age for r in chosen], s=14, label=name)
-        low = min(min(r.true_age for r in aged), min(r.predicted_age for r in aged))  # type: ignore[type-var]
-        high = max(max(r.true_age for r in aged), max(r.predicted_age for r in aged))  # type: ignore[type-var]
+            ax.scatter(np.array([r.true_age for r in chosen], float), np.array([r.predicted_age for r in chosen], float),
+                       s=14, label=name)
+        both = np.array([[r.true_age, r.predicted_age] for r in aged], float)
+        low, high = float(both.min()), float(both.max())
         ax.plot([low, high], [low, high], "k:", lw=0.8)
         ax.set(xlabel="true age (years)", ylabel="predicted age (years)", title="Brain age")
         ax.legend()
