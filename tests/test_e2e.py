@@ -22,6 +22,7 @@ from serve_harness import Daemon, RecordingSCP, dciodvfy_errors, storescu, wait_
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_orthanc_forwards_and_receives_results(tmp_path, small_ct):
         wait_until(daemon.all_delivered, 30, what="deliveries recorded")
         instances = orthanc.get(f"/studies/{orthanc.find_study(study_uid)}/instances")
         datasets = [pydicom.dcmread(__import__("io").BytesIO(orthanc_file(orthanc, i["ID"]))) for i in instances]
-        results = [d for d in datasets if d.SOPClassUID in (SC_CLASS, SR_CLASS)]
+        results = [d for d in datasets if d.SOPClassUID in (SC_CLASS, SR_CLASS, SEG_CLASS)]
         sc, report = check_results(results, study_uid)
         delivered = {obj.sop_instance_uid for _, obj in daemon.deliveries()}
         assert delivered == {str(d.SOPInstanceUID) for d in results}
