@@ -110,7 +110,8 @@ class Worker:
                 {uid: [self._abs(path) for path, _ in items] for uid, items in series.items()},
             )
             rules = self.settings.selection_rules(runner.bundle.manifest.modality)
-            outcome = run_job(ticket, study, runner, output_dir, self.settings.overlay_slices, rules)
+            outcome = run_job(ticket, study, runner, output_dir, self.settings.overlay_slices, rules,
+                              seg_enabled=self.settings.seg_enabled, seg_threshold=self.settings.seg_threshold)
         except TransientError as exc:
             log.warning("job failed, will retry", extra={**extra, "error": str(exc)})
             self._fail(ticket, str(exc), True, policy)
