@@ -27,7 +27,7 @@ from daemon.errors import InputRejected
 from daemon.inference import BundleRunner, Inference
 from db.api import JobOutcome, JobTicket, OutputObject
 from export.model import AlgorithmInfo, ResultSummary
-from export.sc import OverlayStyle, build_overlay_series
+from export.sc import OverlayStyle, build_overlay_series, choose_slices
 from export.seg import DEFAULT_THRESHOLD, build_segmentation
 from export.sr import build_report
 from imaging.preprocess import preprocess, to_native
@@ -125,9 +125,11 @@ def run_job(
         algorithm=algorithm,
         selected_series_uid=chosen,
     )
-    sources = timer.measure("read_pixels", _read_sources, study.series[chosen], volume.slice_sop_uids)
+    overlay_indices = (list(range(len(volume.slice_sop_uids))) if overlay_slices == 0
+                       else choose_slices(native_map, overlay_slices))
+    sources = timer.measure("read_pixels", _read_sources, headers[chosen], volume.slice_sop_uids, overlay_indices)
     objects = timer.measure(
-        "build_results", _build_results, sources, native_map, summary, overlay_slices, output_dir,
+        "build_results", _build_results, sources, native_map, summary, overlay_indices, output_dir,
         seg_threshold if seg_enabled else None,
     )
     log.info(
@@ -218,27 +220,30 @@ def _read_headers(study: StudyFiles) -> dict[str, list[Dataset]]:
     return headers
 
 
-def _read_sources(paths: list[Path], slice_sop_uids: list[str]) -> list[Dataset]:
-    """Full source datasets in the volume's slice order (index k = slice k)."""
-    by_uid = {}
-    for path in paths:
-        dataset = pydicom.dcmread(path)
-        by_uid[str(dataset.SOPInstanceUID)] = dataset
-    return [by_uid[uid] for uid in slice_sop_uids]
+def _read_sources(headers: list[Dataset], slice_sop_uids: list[str], pixel_slices: list[int]) -> list[Dataset]:
+    """Source datasets in the volume's slice order (index k = slice k).
+
+    Only the overlay slices need pixels; the SR and the SEG need headers only,
+    which were read already, so a thin-slice CT is not read a third time.
+    """
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in headers}
+    ordered = [by_uid[uid] for uid in slice_sop_uids]
+    for k in sorted(set(pixel_slices)):
+        ordered[k] = pydicom.dcmread(ordered[k].filename)
+    return ordered
 
 
 def _build_results(
     sources: list[Dataset],
     native_map: np.ndarray,
     summary: ResultSummary,
-    overlay_slices: int,
+    overlay_indices: list[int],
     output_dir: Path,
     seg_threshold: float | None = DEFAULT_THRESHOLD,
 ) -> list[OutputObject]:
     """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG), the SR."""
-    slice_indices = range(len(sources)) if overlay_slices == 0 else None
-    sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=slice_indices,
-                                       max_slices=overlay_slices or None, style=OVERLAY_STYLE)
+    sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=overlay_indices,
+                                       style=OVERLAY_STYLE)
     objects = [_write(ds, output_dir / f"sc-{i:04d}.dcm", "sc") for i, ds in enumerate(sc_datasets, start=1)]
     if seg_threshold is not None:
         seg = build_segmentation(sources, native_map, summary, seg_threshold)

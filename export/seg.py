@@ -35,7 +35,8 @@ _ABNORMAL = hd.sr.CodedConcept("263654008", "SCT", "Abnormal")
 
 def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """Voxels at or above ``threshold`` (NaN counts as not set)."""
-    return np.nan_to_num(np.asarray(native_map, dtype=np.float32), nan=0.0) >= threshold
+    with np.errstate(invalid="ignore"):  # NaN >= t is False: no full-volume copy needed
+        return np.asarray(native_map) >= threshold
 
 
 def build_segmentation(

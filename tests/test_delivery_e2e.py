@@ -25,6 +25,7 @@ from daemon.config import DestinationConfig
 from daemon.errors import TransientError
 from daemon.orthanc import DICOMWEB_PLUGIN_ENV, Orthanc, dicomweb_plugin
 from export.delivery import STATUS_SUCCESS, send_stow
+from export.sc import choose_slices
 from imaging.phantoms import Lesion, make_head, write_dicom_series
 from serve_harness import REPO, Daemon, RecordingSCP, storescu, wait_until
 
@@ -213,7 +214,7 @@ def result_files(tmp_path_factory) -> list[Path]:
     from daemon.pipeline import _build_results
 
     datasets, error = make_ct_series(seed=4)
-    objects = _build_results(datasets, error * 2.0, ct_summary(), 3, tmp_path_factory.mktemp("results"), 1.0)
+    objects = _build_results(datasets, error * 2.0, ct_summary(), choose_slices(error, 3), tmp_path_factory.mktemp("results"), 1.0)
     assert {o.kind for o in objects} == {"sc", "seg", "sr"}
     return [Path(o.path) for o in objects]
 

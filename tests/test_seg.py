@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from daemon.pipeline import _build_results
+from export.sc import choose_slices
 from export.seg import SEG_SERIES_DESCRIPTION, SEGMENT_LABEL, anomaly_mask, build_segmentation
 from serve_harness import dciodvfy_errors
 from test_export import LESION, ct_summary, make_ct_series
@@ -109,9 +110,9 @@ def test_shape_mismatch_is_rejected(series):
 
 def test_build_results_adds_seg_only_when_enabled(tmp_path, series):
     datasets, error = series
-    enabled = _build_results(datasets, error, ct_summary(), 4, tmp_path / "on", 1.0)
-    disabled = _build_results(datasets, error, ct_summary(), 4, tmp_path / "off", None)
-    empty = _build_results(datasets, error * 0.1, ct_summary(), 4, tmp_path / "empty", 1.0)
+    enabled = _build_results(datasets, error, ct_summary(), choose_slices(error, 4), tmp_path / "on", 1.0)
+    disabled = _build_results(datasets, error, ct_summary(), choose_slices(error, 4), tmp_path / "off", None)
+    empty = _build_results(datasets, error * 0.1, ct_summary(), choose_slices(error, 4), tmp_path / "empty", 1.0)
     assert [o.kind for o in enabled].count("seg") == 1
     assert "seg" not in [o.kind for o in disabled] and "seg" not in [o.kind for o in empty]
     seg_object = next(o for o in enabled if o.kind == "seg")
