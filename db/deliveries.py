@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.engine import begin_write, is_postgres
+from db.engine import begin_write, is_postgres, write_transaction
 from db.models import Delivery, Result, ResultObject, Study
 from db.states import DeliveryState
 from db.txn import add_audit, clock, execute_counted, locked
@@ -167,8 +167,7 @@ def resend_dead(
 ) -> int:
     """Dead deliveries -> pending with attempts reset (commits, audited). No filter: all dead."""
     now = clock(now)
-    begin_write(session)
-    try:
+    with write_transaction(session):
         stmt = (
             select(Delivery, Result.study_id)
             .join(ResultObject, ResultObject.id == Delivery.result_object_id)
@@ -188,9 +187,5 @@ def resend_dead(
             by_study[study_id].append(delivery.id)
         for study_id, ids in by_study.items():
             add_audit(session, actor, "resend_dead", now, study_id, {"delivery_ids": sorted(ids)})
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     logger.info("dead deliveries re-sent", extra={"action": "resend_dead", "actor": actor, "deliveries": len(rows)})
     return len(rows)

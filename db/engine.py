@@ -7,6 +7,9 @@ reads and then writes can fail at once with SQLITE_BUSY instead of waiting, so
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import logging
 import sqlite3
 import time
@@ -114,3 +117,15 @@ def begin_write(session: Session) -> None:
 def is_postgres(session: Session) -> bool:
     bind = session.get_bind()
     return bind.dialect.name == "postgresql"
+
+
+@contextmanager
+def write_transaction(session: Session) -> Iterator[None]:
+    """`begin_write`, then commit on success or roll back on any error."""
+    begin_write(session)
+    try:
+        yield
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise

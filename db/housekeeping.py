@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from db.engine import begin_write
+from db.engine import write_transaction
 from db.models import Delivery, Instance, Job, Result, ResultObject, Series, Study
 from db.states import DeliveryState, JobState, StudyState
 from db.txn import (
@@ -85,8 +85,7 @@ def mark_purged(session: Session, study_id: int, actor: str = SYSTEM_ACTOR, now:
     The caller deletes the files. Returns the number of instance rows deleted.
     """
     now = clock(now)
-    begin_write(session)
-    try:
+    with write_transaction(session):
         study = session.execute(locked(select(Study).where(Study.id == study_id))).scalar_one_or_none()
         if study is None:
             raise StudyNotFound(f"no study with id {study_id}")
@@ -95,10 +94,6 @@ def mark_purged(session: Session, study_id: int, actor: str = SYSTEM_ACTOR, now:
         session.execute(update(Series).where(Series.study_id == study_id).values(instance_count=0))
         study.purged_at = now
         add_audit(session, actor, "study_purged", now, study_id, {"instances": deleted})
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     logger.info("study purged", extra={"action": "study_purged", "study_id": study_id, "instances": deleted})
     return deleted
 

@@ -19,7 +19,7 @@ from sqlalchemy import String, Table, bindparam, case, exists, func, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from db.engine import begin_write
+from db.engine import begin_write, write_transaction
 from db.models import IngestRejection, Instance, ResultObject, Series, Study, UTCDateTime
 from db.states import StudyState
 from db.txn import IMAGE_MODALITIES, SYSTEM_ACTOR, add_audit, clock, insert_ignore
@@ -131,15 +131,10 @@ def record_instances(
     so the journal fsync) is shared. If any row fails, nothing is committed.
     """
     batch = _Batch(now=clock(now))
-    begin_write(session)
-    try:
+    with write_transaction(session):
         connection = session.connection()
         outcomes = [_record_in_transaction(session, connection, batch, rec) for rec in records]
         _apply_deferred_updates(connection, batch)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     for study_uid, generation in batch.reopened:
         logger.info(
             "study reopened by a late arrival",

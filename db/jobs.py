@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.engine import begin_write, is_postgres
+from db.engine import begin_write, is_postgres, write_transaction
 from db.models import Delivery, Job, Result, ResultObject, Study
 from db.states import DeliveryState, JobState
 from db.txn import SYSTEM_ACTOR, add_audit, clock, execute_counted, locked
@@ -298,8 +298,7 @@ def fail_job(
 def requeue_expired(session: Session, now: datetime | None = None) -> int:
     """Running jobs whose lease expired: queued again, or failed when out of attempts (commits)."""
     now = clock(now)
-    begin_write(session)
-    try:
+    with write_transaction(session):
         stmt = select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
         expired = session.execute(locked(stmt, skip_locked=is_postgres(session))).scalars().all()
         for job in expired:
@@ -317,10 +316,6 @@ def requeue_expired(session: Session, now: datetime | None = None) -> int:
                 job.state = JobState.QUEUED
                 job.available_at = now
         count = len(expired)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     if count:
         logger.warning("expired leases recovered", extra={"action": "requeue_expired", "jobs": count})
     return count

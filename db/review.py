@@ -14,7 +14,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ScalarSelect
 
-from db.engine import begin_write
+from db.engine import begin_write, write_transaction
 from db.models import Delivery, Job, Result, ResultObject, Series, Study
 from db.states import JobState, StudyState
 from db.sweep import enqueue_jobs
@@ -68,16 +68,11 @@ def set_flag(
 ) -> None:
     """Flag or unflag a study for review (commits, audited). Raises StudyNotFound."""
     now = clock(now)
-    begin_write(session)
-    try:
+    with write_transaction(session):
         study = _study_by_uid(session, study_uid, lock=True)
         study.flagged = flagged
         study.flag_comment = comment
         add_audit(session, actor, "flag_set" if flagged else "flag_cleared", now, study.id, {"comment": comment})
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
 
 
 def set_review(
@@ -90,8 +85,7 @@ def set_review(
 ) -> None:
     """Record an admin's review of a study (commits, audited). Raises StudyNotFound."""
     now = clock(now)
-    begin_write(session)
-    try:
+    with write_transaction(session):
         study = _study_by_uid(session, study_uid, lock=True)
         study.reviewed = reviewed
         study.confirmed_normal = confirmed_normal
@@ -99,10 +93,6 @@ def set_review(
             session, actor, "review_set", now, study.id,
             {"reviewed": reviewed, "confirmed_normal": confirmed_normal},
         )
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
 
 
 def requeue_study(
@@ -119,8 +109,7 @@ def requeue_study(
     completed now (force-complete). Raises StudyNotFound.
     """
     now = clock(now)
-    begin_write(session)
-    try:
+    with write_transaction(session):
         study = _study_by_uid(session, study_uid, lock=True)
         forced = study.state == StudyState.RECEIVING
         if forced:
@@ -133,10 +122,6 @@ def requeue_study(
         )
         job_ids = enqueue_jobs(session, study, bundles, now, max_attempts, actor)
         add_audit(session, actor, "study_requeued", now, study.id, {"job_ids": job_ids, "force_completed": forced})
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     logger.info("study requeued", extra={"action": "study_requeued", "study_uid": study_uid, "jobs": len(job_ids)})
     return job_ids
 

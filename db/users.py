@@ -19,7 +19,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from daemon.errors import HeadscreenError, InputRejected
-from db.engine import begin_write
+from db.engine import begin_write, write_transaction
 from db.models import User, UserRole, WebSession
 from db.txn import add_audit, clock, end_read, execute_counted
 
@@ -100,18 +100,13 @@ def create_user(
     except ValueError:
         raise InputRejected(f"role: one of {', '.join(r.value for r in UserRole)}") from None
     password_hash = hash_password(password)  # slow: outside the write transaction
-    begin_write(session)
-    try:
+    with write_transaction(session):
         if session.execute(select(User.id).where(User.username == username)).first() is not None:
             raise UserExists(f"user {username!r} exists")
         user = User(username=username, role=role_value, password_hash=password_hash, disabled=False, created_at=now)
         session.add(user)
         session.flush()
         add_audit(session, actor, "user_created", now, None, {"username": username, "role": role_value.value})
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     logger.info("user created", extra={"action": "user_created", "username": username, "role": role_value.value})
     return _info(user)
 
@@ -122,18 +117,13 @@ def set_password(session: Session, username: str, password: str, actor: str, now
     if len(password) < MIN_PASSWORD_LENGTH:
         raise InputRejected(f"password: at least {MIN_PASSWORD_LENGTH} characters")
     password_hash = hash_password(password)
-    begin_write(session)
-    try:
+    with write_transaction(session):
         user = session.execute(select(User).where(User.username == username)).scalar_one_or_none()
         if user is None:
             raise InputRejected(f"no user {username!r}")
         user.password_hash = password_hash
         session.execute(delete(WebSession).where(WebSession.user_id == user.id))
         add_audit(session, actor, "user_password_set", now, None, {"username": username})
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
 
 
 def list_users(session: Session) -> list[UserInfo]:
@@ -190,13 +180,8 @@ def resolve_session(session: Session, token: str, now: datetime | None = None) -
 def logout(session: Session, token: str, actor: str, now: datetime | None = None) -> bool:
     """Close a session (commits, audited); False when it did not exist."""
     now = clock(now)
-    begin_write(session)
-    try:
+    with write_transaction(session):
         removed = execute_counted(session, delete(WebSession).where(WebSession.token_hash == _token_hash(token)))
         if removed:
             add_audit(session, actor, "logout", now, None, {})
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     return removed > 0
