@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from model_training.losses import anomaly_score
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +83,13 @@ def calibrate(
 
 @dataclass(frozen=True)
 class ScoreWeights:
-    rec: float
-    kl: float
-    age_gap: float
+    """Weight of each score term (`age_gap` weighs |age gap|) and the validation AUROC."""
+
+    terms: dict[str, float]
     validation_auroc: float
+
+    def get(self, term: str) -> float:
+        return self.terms.get(term, 0.0)
 
 
 _MULTIPLIERS = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -98,29 +100,36 @@ def _spread(values: np.ndarray) -> float:
     return spread if spread > 0 else 1.0
 
 
-def select_vae_weights(
-    healthy: dict[str, np.ndarray], anomalous: dict[str, np.ndarray]
+def _ranking(labels: np.ndarray, score: np.ndarray) -> tuple[float, float, float]:
+    """AUROC first; among equals (a small validation set saturates it), sensitivity
+    at 95 % specificity, then how far the anomalies lie in healthy spreads."""
+    healthy, anomalous = score[labels == 0], score[labels == 1]
+    threshold = threshold_at_specificity(healthy)
+    separation = float(np.mean(anomalous - healthy.mean()) / _spread(healthy))
+    return float(roc_auc_score(labels, score)), float(np.mean(anomalous > threshold)), separation
+
+
+def select_score_weights(
+    healthy: dict[str, np.ndarray], anomalous: dict[str, np.ndarray], base: str
 ) -> ScoreWeights:
-    """Small grid search on validation data (MR paper): beta = 1 on KL, alpha on
-    rec and gamma on |age gap| from a grid. The terms differ by orders of
-    magnitude, so the grid is expressed in units of each term's healthy spread
-    relative to KL's. Each dict holds `rec`, `kl` and optionally `age_gap` [N]."""
-    labels = np.r_[np.zeros(len(healthy["kl"])), np.ones(len(anomalous["kl"]))]
-    rec = np.r_[healthy["rec"], anomalous["rec"]]
-    kl = np.r_[healthy["kl"], anomalous["kl"]]
-    has_age = "age_gap" in healthy and "age_gap" in anomalous
-    gap = np.r_[healthy["age_gap"], anomalous["age_gap"]] if has_age else None
-    kl_spread = _spread(healthy["kl"])
-    alpha_unit = kl_spread / _spread(healthy["rec"])
-    gamma_unit = kl_spread / _spread(np.abs(healthy["age_gap"])) if has_age else 0.0
-    candidates = []
-    gammas = _MULTIPLIERS if has_age else (0.0,)
-    for a, g in itertools.product(_MULTIPLIERS, gammas):
-        alpha, gamma = a * alpha_unit, g * gamma_unit
-        score = anomaly_score(rec, kl, gap, alpha, 1.0, gamma)
-        auroc = float(roc_auc_score(labels, score))
-        candidates.append(ScoreWeights(rec=alpha, kl=1.0, age_gap=gamma, validation_auroc=auroc))
-    # max() keeps the first of equals: the grid starts at the simplest weights.
-    best = max(candidates, key=lambda w: w.validation_auroc)
-    log.info("score weights", extra={"action": "score_weights", **best.__dict__})
-    return best
+    """Small grid search on validation data (MR paper, Eq. 3): weight 1 on the `base`
+    term (KL for the VAE, as the paper's beta = 1; izi_f for f-AnoGAN) and a weight
+    from a grid on every other term. The terms differ by orders of magnitude, so the
+    grid is in units of each term's healthy spread relative to the base term's.
+    Pass |age gap| as `age_gap`. Each dict maps term -> [N]."""
+    others = [t for t in healthy if t != base]
+    labels = np.r_[np.zeros(len(healthy[base])), np.ones(len(anomalous[base]))]
+    values = {t: np.r_[healthy[t], anomalous[t]] for t in healthy}
+    units = {t: _spread(healthy[base]) / _spread(healthy[t]) for t in others}
+    best: tuple[tuple[float, float, float], ScoreWeights] | None = None
+    for multipliers in itertools.product(_MULTIPLIERS, repeat=len(others)):
+        weights = {base: 1.0, **{t: m * units[t] for t, m in zip(others, multipliers)}}
+        score = sum(w * values[t] for t, w in weights.items())
+        rank = _ranking(labels, score)
+        # Strictly better only: of equals, the first (simplest) weights win.
+        if best is None or rank > best[0]:
+            best = (rank, ScoreWeights(weights, rank[0]))
+    assert best is not None
+    log.info("score weights", extra={"action": "score_weights", "weights": best[1].terms,
+                                     "validation_auroc": best[1].validation_auroc})
+    return best[1]

@@ -7,7 +7,7 @@ are cached as npz files keyed by the params hash and the case description, so
 epochs and reruns never repeat preprocessing.
 
 Healthy ages are uniform in 20-85 years and split into train / validation /
-calibration / test stratified by age; a small anomalous set (lesions) serves the
+calibration / test stratified by age; a small anomalous set (lesions of 3-40 mL) serves the
 score-weight search (validation) and the model card's metrics (test).
 """
 
@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ SPLITS = ("train", "val", "calibration", "test")
 # Lesion kinds used as "anomalies": hemorrhage is the CT paper's TBI finding,
 # tumour stands in for the MR paper's BraTS cases.
 ANOMALY_KINDS = {"CT": ("hemorrhage",), "MR": ("tumour", "hemorrhage")}
+# Log-uniform lesion volumes: as many 3-11 mL as 11-40 mL lesions, so the score-weight
+# search and the model card see the small findings the benchmark targets (>= 5 mL).
+LESION_ML = (3.0, 40.0)
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ def anomalous_cases(modality: str, n: int, seed: int) -> list[Case]:
         cases.append(Case(
             modality, age, seed * 100_000 + 50_000 + i, **_random_pose(rng),
             lesion_kind=kinds[i % len(kinds)], lesion_center_mni_mm=center,
-            lesion_volume_ml=float(round(rng.uniform(8, 40), 1)),
+            lesion_volume_ml=float(round(math.exp(rng.uniform(*np.log(LESION_ML))), 1)),
         ))
     return cases
 

@@ -2,7 +2,9 @@
 
 Input `image` float32 [N, 1, D, H, W] (dynamic N); outputs `error_map`
 [N, 1, D, H, W] = |x - reconstruction| and one [N] output per score term
-(f-AnoGAN: `izi_f`; VAE: `rec`, `kl`), plus `age` [N] for age-predicting models.
+(f-AnoGAN: `izi_f`, `focal`; VAE: `rec`, `kl`, `focal`), plus `age` [N] for
+age-predicting models. `focal` (losses.focal_per_sample) is the largest local
+mean of the error map; the manifest's weights say how much of it the score uses.
 A vae_ac graph needs a second input `chronological_age` [N] (years).
 """
 
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from daemon.errors import BundleError
-from model_training.losses import izi_f_per_sample, kl_per_sample, l1_per_sample
+from model_training.losses import focal_per_sample, izi_f_per_sample, kl_per_sample, l1_per_sample
 from model_training.networks import AGE_SCALE, VAE3D, Critic, Encoder, Generator
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,9 @@ class ExportError(BundleError):
 
 
 class FAnoGANGraph(nn.Module):
-    """image -> (error_map, izi_f): the whole f-AnoGAN scoring path in one graph."""
+    """image -> (error_map, izi_f, focal): the whole f-AnoGAN scoring path in one graph."""
 
-    output_names = ("error_map", "izi_f")
+    output_names = ("error_map", "izi_f", "focal")
     input_names = ("image",)
 
     def __init__(self, encoder: Encoder, generator: Generator, critic: Critic, kappa: float) -> None:
@@ -42,24 +44,26 @@ class FAnoGANGraph(nn.Module):
         self.encoder, self.generator, self.critic = encoder, generator, critic
         self.kappa = float(kappa)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         recon = self.generator(self.encoder(image))
         score = izi_f_per_sample(image, recon, self.critic.features(image), self.critic.features(recon), self.kappa)
-        return (image - recon).abs(), score
+        error_map = (image - recon).abs()
+        return error_map, score, focal_per_sample(error_map)
 
 
 class VaeGraph(nn.Module):
-    """image (+ chronological_age for vae_ac) -> (error_map, rec, kl[, age]); z = mu."""
+    """image (+ chronological_age for vae_ac) -> (error_map, rec, kl, focal[, age]); z = mu."""
 
     def __init__(self, vae: VAE3D) -> None:
         super().__init__()
         self.vae = vae
         self.input_names = ("image", "chronological_age") if vae.variant == "vae_ac" else ("image",)
-        self.output_names = ("error_map", "rec", "kl") + (("age",) if vae.variant == "vae_ap" else ())
+        self.output_names = ("error_map", "rec", "kl", "focal") + (("age",) if vae.variant == "vae_ap" else ())
 
     def forward(self, image: torch.Tensor, chronological_age: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         out = self.vae(image, chronological_age=chronological_age, sample=False)
-        terms = ((image - out.recon).abs(), l1_per_sample(image, out.recon), kl_per_sample(out.mu, out.logvar))
+        error_map = (image - out.recon).abs()
+        terms = (error_map, l1_per_sample(image, out.recon), kl_per_sample(out.mu, out.logvar), focal_per_sample(error_map))
         return terms + ((out.age,) if out.age is not None else ())
 
 

@@ -22,9 +22,10 @@ from daemon.bundle import Bundle
 from daemon.errors import ConfigError
 from imaging.preprocess import default_params
 from model_training.bundles import BundleSpec, write_model_bundle
-from model_training.calibration import ScoreWeights, calibrate, select_vae_weights
+from model_training.calibration import ScoreWeights, calibrate, select_score_weights
 from model_training.cohort import Cohort, CohortSpec, build_cohort, cache_folder, imaging_fingerprint
 from model_training.export_onnx import FAnoGANGraph, VaeGraph, export_and_check
+from model_training.losses import FOCAL_KERNEL
 from model_training.model_card import write_model_card
 from model_training.networks import GAN_PRESETS, VAE_PRESETS, GanPreset
 from model_training.runtime import pick_device
@@ -133,20 +134,17 @@ def _train_vae(cohort: Cohort, opts: TrainOptions, device: Any) -> Trained:
 
 
 def _score_weights(method: str, val_healthy: Scored, val_anomalous: Scored) -> ScoreWeights:
-    if method == "fanogan":
-        return ScoreWeights(rec=0.0, kl=0.0, age_gap=0.0, validation_auroc=float("nan"))
-    def terms(s: Scored) -> dict[str, np.ndarray]:
-        out = {"rec": s.terms["rec"], "kl": s.terms["kl"]}
-        if s.age is not None:
-            out["age_gap"] = s.age_gap()  # type: ignore[assignment]
+    def terms(scored: Scored) -> dict[str, np.ndarray]:
+        out = dict(scored.terms)
+        if scored.age is not None:
+            out["age_gap"] = np.abs(scored.age_gap())  # type: ignore[arg-type]
         return out
-    return select_vae_weights(terms(val_healthy), terms(val_anomalous))
+    return select_score_weights(terms(val_healthy), terms(val_anomalous), "izi_f" if method == "fanogan" else "kl")
 
 
-def _term_weights(method: str, weights: ScoreWeights) -> tuple[dict[str, float], float]:
-    if method == "fanogan":
-        return {"izi_f": 1.0}, 0.0
-    return {"rec": weights.rec, "kl": weights.kl}, weights.age_gap
+def _term_weights(weights: ScoreWeights) -> tuple[dict[str, float], float]:
+    """Graph-output weights for the manifest, and the |age gap| weight apart."""
+    return {t: w for t, w in weights.terms.items() if t != "age_gap"}, weights.get("age_gap")
 
 
 def _last_row(metrics_csv: Path) -> dict[str, str]:
@@ -155,13 +153,20 @@ def _last_row(metrics_csv: Path) -> dict[str, str]:
     return {k: v for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
 
 
+FOCAL_DEFINITION = (f"focal = largest mean of the error map over any {FOCAL_KERNEL}^3-voxel cube "
+                    "(sees compact findings that a whole-volume mean dilutes)")
+
+
 def _definition(method: str, kappa: float, terms: dict[str, float], age_gap_weight: float) -> str:
+    weighted = " + ".join(f"{w:.6g} * {t}" for t, w in terms.items())
     if method == "fanogan":
-        return (f"score = izi_f = (1/n)||x - G(E(x))||^2 + {kappa:g} * (1/m)||f(x) - f(G(E(x)))||^2, "
-                "f = the critic's last convolutional block; error_map = |x - G(E(x))|")
-    return (f"score = {terms['rec']:.6g} * rec + {terms['kl']:.6g} * kl + {age_gap_weight:.6g} * |age - chronological age|; "
+        return (f"score = {weighted}; izi_f = (1/n)||x - G(E(x))||^2 + {kappa:g} * (1/m)||f(x) - f(G(E(x)))||^2, "
+                f"f = the critic's last convolutional block (the CT paper's score); {FOCAL_DEFINITION}; "
+                "weights by grid search on validation data; error_map = |x - G(E(x))|")
+    return (f"score = {weighted} + {age_gap_weight:.6g} * |age - chronological age|; "
             "rec = mean |x - recon| per voxel, kl = KL(q(z|x) || N(0, I)) averaged over latent dimensions, "
-            "recon from z = mu; weights by grid search on validation AUROC; error_map = |x - recon|")
+            f"recon from z = mu; {FOCAL_DEFINITION}; weights by grid search on validation data (MR paper, Eq. 3); "
+            "error_map = |x - recon|")
 
 
 def _cohort_folder(opts: TrainOptions, params: dict[str, Any]) -> Path | None:
@@ -208,7 +213,7 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     scorer = OnnxScorer(onnx_path, opts.threads)
     val_h, val_a = scorer.score(cohort.healthy["val"], keep_maps=False), scorer.score(cohort.anomalous["val"], keep_maps=False)
     weights = _score_weights(opts.method, val_h, val_a)
-    terms, age_gap_weight = _term_weights(opts.method, weights)
+    terms, age_gap_weight = _term_weights(weights)
     cal = scorer.score(cohort.healthy["calibration"])
     calibration = calibrate(cal.combined(terms, age_gap_weight), cal.error_maps, cohort.healthy_masks["calibration"])
     test_h, test_a = scorer.score(test, keep_maps=False), scorer.score(cohort.anomalous["test"], keep_maps=False)
@@ -216,9 +221,7 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     metrics.update(n_train=len(cohort.healthy["train"]), qc_excluded=cohort.qc_excluded,
                    final_epoch=_last_row(trained.metrics_csv),
                    anomaly_kinds=sorted({c.lesion_kind for c in cohort.cases["anomalous_test"] if c.lesion_kind}))
-    if opts.method != "fanogan":
-        metrics["score_weight_search"] = {"rec": weights.rec, "kl": weights.kl, "age_gap": weights.age_gap,
-                                          "validation_auroc": weights.validation_auroc}
+    metrics["score_weight_search"] = {**weights.terms, "validation_auroc": weights.validation_auroc}
     age_supported = val_h.age is not None
     bundle_spec = BundleSpec(
         name=name, version=version, modality=opts.modality, method=opts.method,

@@ -168,8 +168,12 @@ class VAE3D(nn.Module):
         self.down = _down_stack(preset.channels)
         self.to_mu = nn.Linear(flat, preset.latent)
         self.to_logvar = nn.Linear(flat, preset.latent)
+        # The age branch leaves the encoder before the latent (VAE-a_p). It also sees
+        # each encoder stage's spatial mean: atrophy is a whole-brain change in how
+        # much tissue turns to CSF, which a mean measures directly from few subjects.
+        head_in = flat + sum(preset.channels)
         self.age_head = (
-            nn.Sequential(nn.Linear(flat, preset.age_hidden), nn.LeakyReLU(0.2), nn.Linear(preset.age_hidden, 1))
+            nn.Sequential(nn.Linear(head_in, preset.age_hidden), nn.LeakyReLU(0.2), nn.Linear(preset.age_hidden, 1))
             if variant == "vae_ap"
             else None
         )
@@ -189,10 +193,16 @@ class VAE3D(nn.Module):
         return F.pad(x, pads)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        h = self.down(self._pad(x)).flatten(1)
+        h = self._pad(x)
+        stage_means = []
+        for layer in self.down:
+            h = layer(h)
+            if isinstance(layer, nn.LeakyReLU):
+                stage_means.append(h.mean(dim=(2, 3, 4)))
+        h = h.flatten(1)
         age = None
         if self.age_head is not None:
-            age = AGE_CENTER + self.age_head(h).squeeze(1) * AGE_SCALE
+            age = AGE_CENTER + self.age_head(torch.cat([h, *stage_means], dim=1)).squeeze(1) * AGE_SCALE
         return self.to_mu(h), self.to_logvar(h), age
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

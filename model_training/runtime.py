@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import csv
 import logging
 import os
@@ -92,6 +94,17 @@ def in_chunks(
         images = torch.from_numpy(samples.images[start : start + size]).unsqueeze(1).to(device)
         ages = torch.from_numpy(samples.ages[start : start + size].astype(np.float32)).to(device)
         yield images, ages
+
+
+def cosine_lr(opt: torch.optim.Optimizer, base_lr: float, epoch: int, epochs: int, floor: float = 0.05) -> float:
+    """Set the learning rate for `epoch` (0-based) of `epochs` on a cosine from base_lr
+    down to floor * base_lr. A function of the epoch alone, so a resumed run gets the
+    same schedule without saving scheduler state."""
+    progress = epoch / max(epochs - 1, 1)
+    lr = base_lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from model_training.runtime import (
     MetricsLog,
     Samples,
     batches,
+    cosine_lr,
     in_chunks,
     load_checkpoint,
     restore_rng,
@@ -52,7 +53,7 @@ class FAnoGANConfig:
     n_critic: int = 5
     lr_gan: float = 1e-4
     lr_encoder: float = 1e-4
-    lr_finetune: float = 2e-5
+    lr_finetune: float = 1e-4
     kappa: float = 1.0
     gp_weight: float = 10.0
     flip_lr: bool = False
@@ -97,6 +98,10 @@ def _optimisers(nets: FAnoGANNets, stage: str, cfg: FAnoGANConfig) -> dict[str, 
         return {"e": torch.optim.Adam(nets.encoder.parameters(), lr=cfg.lr_encoder)}
     params = list(nets.encoder.parameters()) + list(nets.generator.parameters())
     return {"eg": torch.optim.Adam(params, lr=cfg.lr_finetune)}
+
+
+def _stage_lr(cfg: FAnoGANConfig, stage: str) -> float:
+    return {"wgan": cfg.lr_gan, "encoder": cfg.lr_encoder, "finetune": cfg.lr_finetune}[stage]
 
 
 def _prepare_stage(nets: FAnoGANNets, stage: str) -> None:
@@ -242,6 +247,8 @@ def train_fanogan(
                 o.load_state_dict(state["optimisers"][k])
         for epoch in range(first, cfg.epochs(stage)):
             began = time.monotonic()
+            if stage != "wgan":  # the WGAN keeps the usual constant rate
+                cosine_lr(next(iter(opts.values())), _stage_lr(cfg, stage), epoch, cfg.epochs(stage))
             n_batches = max(len(samples) // cfg.batch_size, 1)
             with tqdm(total=n_batches, desc=f"{stage} {epoch + 1}/{cfg.epochs(stage)}", disable=not progress, leave=False) as bar:
                 if stage == "wgan":

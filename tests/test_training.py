@@ -16,7 +16,7 @@ from daemon.bundle import load_bundle
 from daemon.errors import BundleError
 from model_training import losses
 from model_training.bundles import BundleSpec, write_model_bundle
-from model_training.calibration import calibrate, error_map_scale, select_vae_weights, threshold_at_specificity
+from model_training.calibration import calibrate, error_map_scale, select_score_weights, threshold_at_specificity
 from model_training.export_onnx import FAnoGANGraph, VaeGraph, export_and_check
 from model_training.networks import GanPreset, VaePreset
 from model_training.runtime import Samples, pick_device
@@ -81,6 +81,15 @@ def test_izi_f_per_sample_by_hand() -> None:
     assert losses.izi_f_loss(x, recon, fx, fr, kappa=0.5).item() == pytest.approx(sum(expected) / 2)
 
 
+def test_focal_term_by_hand() -> None:
+    error = torch.zeros(2, 1, 7, 7, 7)
+    error[0, 0, 1:4, 1:4, 1:4] = 2.0  # a 3^3 cube: the best 3^3 window sees all of it
+    error[1, 0, :, :, 3] = 0.9  # a thin sheet: any 3^3 window sees at most a third of it
+    assert losses.focal_per_sample(error, kernel=3).tolist() == pytest.approx([2.0, 0.3])
+    # The 5^3 window holds the whole cube: 27 * 2 / 125.
+    assert losses.focal_per_sample(error[:1], kernel=5).item() == pytest.approx(54 / 125)
+
+
 def test_kl_per_sample_by_hand() -> None:
     mu = torch.tensor([[0.0, 1.0]])
     logvar = torch.tensor([[0.0, math.log(2.0)]])
@@ -136,9 +145,17 @@ def test_weight_search_finds_the_discriminative_term() -> None:
     rng = np.random.default_rng(5)
     healthy = {"rec": rng.normal(1, 0.1, 50), "kl": rng.normal(0, 1, 50), "age_gap": rng.normal(0, 5, 50)}
     anomalous = {"rec": rng.normal(1, 0.1, 50), "kl": rng.normal(0, 1, 50), "age_gap": rng.normal(0, 5, 50) + 20}
-    weights = select_vae_weights(healthy, anomalous)
-    assert weights.age_gap > 0 and weights.kl == 1.0
+    weights = select_score_weights(healthy, anomalous, base="kl")
+    assert weights.get("age_gap") > 0 and weights.get("kl") == 1.0
     assert weights.validation_auroc > 0.95
+
+
+def test_weight_search_keeps_the_base_term_alone_when_nothing_else_helps() -> None:
+    rng = np.random.default_rng(6)
+    healthy = {"izi_f": rng.normal(0, 1, 40), "focal": rng.normal(0, 1, 40)}
+    anomalous = {"izi_f": rng.normal(10, 1, 40), "focal": rng.normal(0, 1, 40)}
+    weights = select_score_weights(healthy, anomalous, base="izi_f")
+    assert weights.terms == {"izi_f": 1.0, "focal": 0.0}
 
 
 def test_own_auroc_agrees_with_scikit_learn_including_ties() -> None:
@@ -182,8 +199,9 @@ def test_fanogan_export_matches_pytorch_and_has_a_dynamic_batch(trained_gan, tmp
     assert diff < 1e-4
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
-    error_map, izi_f = session.run(["error_map", "izi_f"], {"image": data.images[:5, None]})
+    error_map, izi_f, focal = session.run(["error_map", "izi_f", "focal"], {"image": data.images[:5, None]})
     assert error_map.shape == (5, 1, 16, 16, 16) and izi_f.shape == (5,)
+    assert focal == pytest.approx(losses.focal_per_sample(torch.from_numpy(error_map)).numpy(), abs=1e-5)
     expected = evaluate_izi_f(result.nets, data.subset(np.arange(5)), cfg.kappa, cpu)
     assert izi_f == pytest.approx(expected, abs=1e-4)
 
@@ -198,14 +216,16 @@ def test_vae_variants_train_and_export(variant: str, tmp_path: Path, cpu) -> Non
     graph = VaeGraph(result.model)
     assert export_and_check(graph, tmp_path / "v.onnx", data.images[:3], data.ages[:3]) < 1e-4
     outputs = [o.name for o in ort.InferenceSession(str(tmp_path / "v.onnx")).get_outputs()]
-    assert outputs == ["error_map", "rec", "kl"] + (["age"] if variant == "vae_ap" else [])
+    assert outputs == ["error_map", "rec", "kl", "focal"] + (["age"] if variant == "vae_ap" else [])
 
 
 def test_vae_resume_continues_to_the_same_weights(tmp_path: Path, cpu) -> None:
     data = smooth_volumes(8, (8, 8, 8), seed=6)
     preset = VaePreset(latent=8, channels=(4,), age_hidden=8)
     straight = train_vae(data, VaeConfig(preset=preset, epochs=3, batch_size=4), tmp_path / "a", cpu, progress=False)
-    train_vae(data, VaeConfig(preset=preset, epochs=2, batch_size=4), tmp_path / "b", cpu, progress=False)
+    # Interrupted after two of three epochs: the learning-rate schedule still spans three.
+    train_vae(data, VaeConfig(preset=preset, epochs=2, schedule_epochs=3, batch_size=4), tmp_path / "b", cpu,
+              progress=False)
     resumed = train_vae(data, VaeConfig(preset=preset, epochs=3, batch_size=4), tmp_path / "b", cpu,
                         resume=True, progress=False)
     assert resumed.epochs == 1

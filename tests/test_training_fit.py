@@ -65,7 +65,9 @@ def test_train_cli_writes_a_verified_ct_bundle_and_evaluate_scores_it(
     assert (m.name, m.version, m.modality, m.method) == ("ct-test", "0.1.0", "CT", "f-anogan-3d")
     assert m.input.shape == [1, 16, 16, 16]
     assert m.preprocessing["grid"] == [16, 16, 16] and m.preprocessing["window"] == default_params("CT")["window"]
-    assert m.score.terms == {"izi_f": 1.0} and m.outputs.age is None
+    # izi_f (the CT paper's score) keeps weight 1; the focal term's weight comes from the search.
+    assert set(m.score.terms) == {"izi_f", "focal"} and m.score.terms["izi_f"] == 1.0 and m.outputs.age is None
+    assert {k: v for k, v in m.metrics["score_weight_search"].items() if k != "validation_auroc"} == m.score.terms
     # Healthy cases failing the preprocessing QC are left out (counted in the metrics).
     assert 1 <= m.calibration.n <= 2 and m.calibration.threshold == max(m.calibration.reference_scores)
     assert 0 <= m.metrics["qc_excluded"] <= 2 and m.metrics["n_train"] >= 1
