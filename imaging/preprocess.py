@@ -41,6 +41,8 @@ _COMMON: dict[str, Any] = {
     "min_coverage_mm": 60.0,
     "smoothing_sigma_mm": 1.0,
     "output_range": [-1.0, 1.0],
+    # What counts as bone for the skull-coverage QC (a missing bone flap).
+    "skull_check": {"ct_bone_hu": 250.0, "mr_bone_below_brain_median": 0.45},
     "registration": {
         "atlas_spacing_mm": 2.0,
         "metric": "mattes_mutual_information",
@@ -67,6 +69,7 @@ _CT: dict[str, Any] = {
                     "prior_dilate_mm": 10.0, "boundary_hu": 400.0},
     "noise_band": [-100.0, 150.0],
     "qc_ranges": {"brain_volume_ml": [900.0, 2600.0], "head_dice": [0.96, 1.0], "brain_dice": [0.93, 1.0],
+                  "skull_coverage": [0.35, 10.0],
                   "registration_metric": [-3.0, -0.4],
                   "rotation_deg": [0.0, 35.0], "affine_scale": [0.8, 1.25], "noise_sigma": [0.0, 25.0],
                   "slice_spacing_cv": [0.0, 0.05]},
@@ -80,7 +83,7 @@ _MR: dict[str, Any] = {
     "bias_correction": False,
     "registration": {"head_threshold_fraction": 0.15, "restart_if_metric_above": -0.6},
     "skull_strip": {"method": "template_mask"},
-    "qc_ranges": {"brain_volume_ml": [900.0, 2600.0], "head_dice": [0.96, 1.0],
+    "qc_ranges": {"brain_volume_ml": [900.0, 2600.0], "head_dice": [0.96, 1.0], "skull_coverage": [0.35, 10.0],
                   "registration_metric": [-3.0, -0.6], "rotation_deg": [0.0, 35.0], "affine_scale": [0.8, 1.25], "noise_relative": [0.0, 0.2],
                   "slice_spacing_cv": [0.0, 0.05]},
 }
@@ -430,9 +433,11 @@ def _qc_metrics(volume: Volume, working: sitk.Image, registration: RegistrationR
         "rotation_deg": registration.rotation_deg,
         "affine_scale": registration.affine_scale,
         "registration_metric": registration.metric,
-        "head_dice": _head_dice(working, registration, float(reg_settings["head_threshold"]), volume.modality,
-                                float(params["registration"]["atlas_spacing_mm"])),
     }
+    atlas_spacing = float(params["registration"]["atlas_spacing_mm"])
+    moved = _in_atlas_space(working, registration, volume.modality, atlas_spacing)
+    metrics["head_dice"] = _head_dice(moved, float(reg_settings["head_threshold"]), volume.modality, atlas_spacing)
+    metrics["skull_coverage"] = _skull_coverage(moved, volume.modality, atlas_spacing, params["skull_check"])
     if volume.modality == "CT":
         metrics["brain_dice"] = skullstrip.dice(brain, template_mask)
         metrics["noise_sigma"] = _native_noise(volume, *params["noise_band"])
@@ -447,19 +452,35 @@ def _qc_metrics(volume: Volume, working: sitk.Image, registration: RegistrationR
     return {name: value for name, value in metrics.items() if np.isfinite(value)}
 
 
-def _head_dice(working: sitk.Image, registration: RegistrationResult, threshold: float, modality: str,
-               atlas_spacing: float) -> float:
+def _in_atlas_space(working: sitk.Image, registration: RegistrationResult, modality: str,
+                    atlas_spacing: float) -> np.ndarray:
+    atlas = templates.atlas(modality, atlas_spacing)
+    moved = sitk.Resample(working, atlas, registration.transform, sitk.sitkLinear,
+                          float(templates.intensity_table(modality)["air"]), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(moved)
+
+
+def _head_dice(moved: np.ndarray, threshold: float, modality: str, atlas_spacing: float) -> float:
     """Overlap of the registered head with the atlas head above the template brain's floor."""
     atlas = templates.atlas(modality, atlas_spacing)
     atlas_head = sitk.GetArrayViewFromImage(_atlas_head_mask(modality, atlas_spacing)).astype(bool)
-    moved = sitk.Resample(working, atlas, registration.transform, sitk.sitkLinear,
-                          float(templates.intensity_table(modality)["air"]), sitk.sitkFloat32)
-    moved_head = sitk.GetArrayViewFromImage(moved) > threshold
+    moved_head = moved > threshold
     # The neck and face vary with the field of view; compare the cranium only.
     floor_z = templates.brain_bbox_lps()[0][2] + 20.0
     floor_index = int(np.ceil(atlas.TransformPhysicalPointToContinuousIndex((0.0, 0.0, floor_z))[2]))
     floor_index = max(floor_index, 0)
     return skullstrip.dice(moved_head[floor_index:], atlas_head[floor_index:])
+
+
+def _skull_coverage(moved: np.ndarray, modality: str, atlas_spacing: float, check: dict[str, float]) -> float:
+    """qc.skull_coverage with bone told apart by modality: CT bone is dense; T1 bone is
+    dark against scalp and brain (judged against the brain's own median, as MR has no units)."""
+    if modality == "CT":
+        bone_like = moved > float(check["ct_bone_hu"])
+    else:
+        brain = sitk.GetArrayViewFromImage(templates.atlas_brain_mask(atlas_spacing)).astype(bool)
+        bone_like = moved < float(check["mr_bone_below_brain_median"]) * float(np.median(moved[brain]))
+    return qc.skull_coverage(bone_like, templates.skull_sectors(atlas_spacing))
 
 
 def _native_noise(volume: Volume, low: float, high: float) -> float:

@@ -20,6 +20,7 @@ REASON_PREFIX = {
     "noise_relative": "noise_high",
     "slice_spacing_cv": "slice_spacing_irregular",
     "registration_metric": "registration_poor",
+    "skull_coverage": "skull_defect",
 }
 
 
@@ -49,3 +50,20 @@ def noise_sigma(slab: np.ndarray, low: float, high: float) -> float:
         return float("nan")
     mad = np.median(np.abs(values - np.median(values)))
     return float(1.4826 * mad / np.sqrt(2.0))
+
+
+def skull_coverage(bone_like: np.ndarray, sectors: np.ndarray) -> float:
+    """Bone found in the worst-covered sector of the skull vault, relative to the median
+    sector (1 = like the rest of the skull, 0 = no bone: a missing bone flap).
+
+    `bone_like` (bool) and `sectors` (templates.skull_sectors) share the atlas grid.
+    """
+    labels = sectors[sectors > 0]
+    counts = np.bincount(labels, minlength=int(sectors.max()) + 1)[1:]
+    bone = np.bincount(labels, weights=bone_like[sectors > 0], minlength=counts.size + 1)[1:]
+    used = counts >= 10
+    if not used.any():
+        return float("nan")
+    fractions = bone[used] / counts[used]
+    typical = float(np.median(fractions))
+    return float(fractions.min() / typical) if typical > 0 else 0.0

@@ -189,6 +189,34 @@ def atlas_brain_mask(spacing_mm: float = 2.0) -> sitk.Image:
     return sitk.Cast(mask > 0.5, sitk.sitkUInt8)
 
 
+SKULL_SECTORS = 48  # directions about the brain centre; each covers a cap of ~17 degrees
+
+
+@functools.lru_cache(maxsize=8)
+def skull_sectors(spacing_mm: float = 2.0) -> np.ndarray:
+    """Labels (z, y, x) on the atlas grid: k >= 1 for voxels of the skull shell whose
+    direction from the brain centre is nearest to sector k's, 0 elsewhere. Only the
+    vault is labelled (sectors pointing at or above the horizontal): the skull base
+    has foramina and sinuses, and its coverage depends on the field of view."""
+    maps = tissue_maps()
+    shell = resample_to_spacing(_as_base_image((maps.skull_depth >= 0).astype(np.float32)), spacing_mm, 0.0)
+    shell_array = sitk.GetArrayFromImage(shell) > 0.5
+    brain = sitk.GetArrayViewFromImage(atlas_brain_mask(spacing_mm)).astype(bool)
+    centre = np.array(ndimage.center_of_mass(brain))
+    offsets = (np.argwhere(shell_array) - centre) * spacing_mm  # (z, y, x) mm; z is superior
+    offsets /= np.linalg.norm(offsets, axis=1, keepdims=True) + 1e-9
+    # Fibonacci sphere: near-equal areas.
+    i = np.arange(SKULL_SECTORS) + 0.5
+    z = 1.0 - 2.0 * i / SKULL_SECTORS
+    r, phi = np.sqrt(1.0 - z * z), np.pi * (1.0 + 5 ** 0.5) * i
+    directions = np.stack([z, r * np.sin(phi), r * np.cos(phi)], axis=1)
+    nearest = np.argmax(offsets @ directions.T, axis=1)
+    labels = np.zeros(shell_array.shape, dtype=np.int16)
+    in_vault = directions[nearest, 0] >= -0.05
+    labels[tuple(np.argwhere(shell_array)[in_vault].T)] = nearest[in_vault] + 1
+    return labels
+
+
 def intensity_table(modality: str) -> dict[str, float]:
     if modality == "CT":
         return CT_HU

@@ -22,7 +22,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from scipy import ndimage
 
 from daemon.errors import InputRejected
-from imaging import templates
+from imaging import qc, templates
 from imaging.phantoms import Lesion, Pose, make_head, pose_transform, write_dicom_series
 from imaging.preprocess import ModelGrid, default_params, preprocess, to_native, with_defaults
 from imaging.registration import affine_to_matrix
@@ -201,6 +201,28 @@ def test_bad_orientation_and_heavy_noise_are_flagged_not_crashed():
     prefixes = {reason.split(":")[0] for reason in pre.qc_reasons}
     assert prefixes == {"orientation_unusual", "noise_high"}, pre.qc_reasons
     assert pre.qc_metrics["rotation_deg"] == pytest.approx(40.0, abs=2.0)
+
+
+def test_skull_coverage_by_hand():
+    sectors = np.zeros((4, 10, 10), dtype=np.int16)
+    sectors[0], sectors[1], sectors[2] = 1, 2, 3  # three sectors of 100 voxels
+    bone = np.zeros(sectors.shape, dtype=bool)
+    bone[0, :8], bone[1, :8], bone[2, :2] = True, True, True  # 80 %, 80 %, 20 % bone
+    assert qc.skull_coverage(bone, sectors) == pytest.approx(0.2 / 0.8)
+    assert math.isnan(qc.skull_coverage(bone, np.zeros_like(sectors)))
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_missing_bone_flap_is_a_skull_defect_and_an_intact_skull_is_not(modality):
+    from model_training.anomalies import make_scan, suite_cases
+
+    normal, flap = suite_cases(modality, 1, 77, kinds=("craniectomy",), n_normal=1)
+    params = default_params(modality)
+    intact = preprocess(Volume.from_image(make_scan(normal).image, modality), params)
+    assert intact.qc_metrics["skull_coverage"] > 0.8 and intact.qc_reasons == []
+    opened = preprocess(Volume.from_image(make_scan(flap).image, modality), params)
+    assert opened.qc_metrics["skull_coverage"] < 0.35
+    assert [r.split(":")[0] for r in opened.qc_reasons] == ["skull_defect"]
 
 
 def test_default_params_are_json_and_single_slices_are_rejected():
