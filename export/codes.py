@@ -114,6 +114,7 @@ _QC_REASONS: dict[str, CodedConcept] = {
     "qc_out_of_range": _private("HS0108", "QC metric out of range"),
     "no_suitable_series": _private("HS0109", "No suitable series"),
     "chronological_age": _private("HS0110", "Chronological age unavailable"),
+    "skull_defect": _private("HS0111", "Skull defect (bone missing from the vault)"),
 }
 QC_OTHER_VALUE = "HS0199"
 
