@@ -172,8 +172,11 @@ class VAE3D(nn.Module):
         # each encoder stage's spatial mean: atrophy is a whole-brain change in how
         # much tissue turns to CSF, which a mean measures directly from few subjects.
         head_in = flat + sum(preset.channels)
+        # Batch norm first: subjects differ in these features by a few percent of
+        # their size, and standardising them lets the head learn that in few steps.
         self.age_head = (
-            nn.Sequential(nn.Linear(head_in, preset.age_hidden), nn.LeakyReLU(0.2), nn.Linear(preset.age_hidden, 1))
+            nn.Sequential(nn.BatchNorm1d(head_in), nn.Linear(head_in, preset.age_hidden), nn.LeakyReLU(0.2),
+                          nn.Linear(preset.age_hidden, 1))
             if variant == "vae_ap"
             else None
         )
