@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from model_training.losses import kl_per_sample, l1_per_sample, vae_loss
@@ -89,6 +90,29 @@ def _epoch(
     return row
 
 
+def recalibrate_batch_norm(model: VAE3D, samples: Samples, batch_size: int, device: torch.device) -> None:
+    """Recompute batch-norm statistics (the age head's) over the whole training set with
+    the encoder as it is now. The running averages lag behind an encoder that is still
+    learning, and the age head reads differences of a few percent between subjects, so
+    lagging statistics ruin the exported, eval-mode prediction."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over this pass
+    model.train()
+    with torch.no_grad():
+        for images, _ in in_chunks(samples, batch_size, device):
+            if images.shape[0] > 1:  # batch norm cannot use a single sample
+                model.encode(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def evaluate_terms(model: VAE3D, samples: Samples, device: torch.device) -> VaeTerms:
     """rec, kl and predicted age per sample, deterministic (as exported)."""
     was_training = model.training
@@ -137,6 +161,7 @@ def train_vae(
         with tqdm(total=n_batches, desc=f"{cfg.variant} {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False) as bar:
             row = _epoch(model, opt, samples, cfg, gen, device, bar)
         steps += int(row.pop("steps"))
+        recalibrate_batch_norm(model, samples, cfg.batch_size, device)
         if val is not None:
             terms = evaluate_terms(model, val, device)
             row.update(val_rec=float(terms.rec.mean()), val_kl=float(terms.kl.mean()))

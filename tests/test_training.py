@@ -18,7 +18,7 @@ from model_training import losses
 from model_training.bundles import BundleSpec, write_model_bundle
 from model_training.calibration import calibrate, error_map_scale, select_score_weights, threshold_at_specificity
 from model_training.export_onnx import FAnoGANGraph, VaeGraph, export_and_check
-from model_training.networks import GanPreset, VaePreset
+from model_training.networks import VAE3D, GanPreset, VaePreset
 from model_training.runtime import Samples, pick_device
 from model_training.train_fanogan import FAnoGANConfig, evaluate_izi_f, train_fanogan
 from model_training.train_vae import VaeConfig, evaluate_terms, train_vae
@@ -279,3 +279,19 @@ def test_bundle_round_trips_through_the_daemon_loader_and_refuses_tampering(trai
     model.write_bytes(model.read_bytes() + b"\0")
     with pytest.raises(BundleError, match="sha256"):
         load_bundle(out)
+
+
+def test_batch_norm_recalibration_makes_eval_mode_match_the_training_set(cpu) -> None:
+    from model_training.train_vae import recalibrate_batch_norm
+
+    data = smooth_volumes(12, (8, 8, 8), seed=9)
+    model = VAE3D((8, 8, 8), VaePreset(latent=4, channels=(4,), age_hidden=4), "vae_ap").eval()
+    norm = model.age_head[0]
+    norm.running_mean.fill_(100.0)  # stale statistics, as during training
+    recalibrate_batch_norm(model, data, 4, cpu)
+    with torch.no_grad():
+        h = model.down(model._pad(torch.from_numpy(data.images).unsqueeze(1)))
+        features = torch.cat([h.flatten(1), h.mean(dim=(2, 3, 4))], dim=1)
+    # The mean of three equal-sized batch means is the whole set's mean.
+    assert torch.allclose(norm.running_mean, features.mean(0), atol=1e-5)
+    assert norm.momentum == 0.1 and not model.training
