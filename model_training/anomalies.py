@@ -212,16 +212,22 @@ def _tolerance(modality: str) -> float:
 
 def _extra_axial(case: SuiteCase, pose, scale, spacing, rng, lens: bool) -> SyntheticScan:
     """Blood in the brain's outer shell under a skull cap: a lens (epidural, thickest in
-    the middle, small cap) or a crescent (subdural, even thickness, wide cap)."""
+    the middle) or a crescent (subdural, even thickness, wider). The cap is sized so the
+    collection is 3-8 mm thick on average, as bleeds that are reported are: a fixed
+    wide cap made small volumes sub-millimetre sheets that no CT shows."""
     head = _head(case, pose, scale, spacing)
     values, brain = _array(head.image), _array(head.brain_mask) > 0
     sp = _zyx_spacing(head.image)
     depth = ndimage.distance_transform_edt(brain, sampling=sp)
     angle = _polar(brain, sp, _random_direction(rng))
-    cap = math.radians(rng.uniform(30, 45) if lens else rng.uniform(60, 85))
+    target_ml = float(np.exp(rng.uniform(np.log(2.0), np.log(45.0))))
+    # Lens: mean thickness is half the peak, so the same volume needs a smaller cap.
+    area_mm2 = target_ml * 1000.0 / rng.uniform(3.0, 8.0) / (2.0 if lens else 1.0)
+    radius_mm = (3.0 * float(brain.sum()) * float(np.prod(sp)) / (4.0 * math.pi)) ** (1.0 / 3.0)
+    low, high = (15.0, 60.0) if lens else (20.0, 85.0)
+    cap = math.radians(float(np.clip(math.degrees(math.acos(max(-1.0, 1.0 - area_mm2 / (2.0 * math.pi * radius_mm ** 2)))), low, high)))
     within = brain & (angle < cap)
     rank = depth / np.maximum(1.0 - (angle / cap) ** 2, 1e-3) if lens else depth
-    target_ml = float(np.exp(rng.uniform(np.log(2.0), np.log(45.0))))
     blood = _smallest(rank, within, int(round(target_ml / _voxel_ml(head.image))))
     _fill(values, blood, rng.uniform(*BLOOD[case.modality]), rng, _noise_sigma(case.modality))
     return _scan(case, head, values, blood, hemorrhage_ml=round(float(blood.sum()) * _voxel_ml(head.image), 2))
