@@ -29,6 +29,9 @@ class Inference:
     notes: tuple[str, ...] = ()
 
 
+PLAUSIBLE_AGE_YEARS = (0.0, 120.0)
+
+
 def pick_providers() -> list[str]:
     """CUDA when this onnxruntime build has it, CPU otherwise."""
     available = ort.get_available_providers()
@@ -82,6 +85,12 @@ class BundleRunner:
             score += manifest.score.age_gap_weight * abs(age_gap)
         elif predicted_age is not None and manifest.score.age_gap_weight:
             notes.append("chronological age absent: anomaly score excludes the age-gap term")
+        if predicted_age is not None and not PLAUSIBLE_AGE_YEARS[0] <= predicted_age <= PLAUSIBLE_AGE_YEARS[1]:
+            # A scan unlike anything in training (a large lesion, artefacts) can drive the
+            # age head anywhere; the score keeps the gap, the report shows no impossible age.
+            notes.append(f"brain_age_implausible: estimate {predicted_age:.0f} years outside "
+                         f"{PLAUSIBLE_AGE_YEARS[0]:g}-{PLAUSIBLE_AGE_YEARS[1]:g}, not reported")
+            predicted_age, age_gap = None, None
 
         error_map = outputs[manifest.outputs.error_map][0, 0] / manifest.calibration.error_map_scale
         return Inference(

@@ -115,6 +115,7 @@ _QC_REASONS: dict[str, CodedConcept] = {
     "no_suitable_series": _private("HS0109", "No suitable series"),
     "chronological_age": _private("HS0110", "Chronological age unavailable"),
     "skull_defect": _private("HS0111", "Skull defect (bone missing from the vault)"),
+    "brain_age_implausible": _private("HS0112", "Brain-age estimate implausible, not reported"),
 }
 QC_OTHER_VALUE = "HS0199"
 

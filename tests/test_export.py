@@ -398,6 +398,7 @@ def test_report_rejects_mixed_studies(ct_series, ct_overlays):
         ("chronological age absent: anomaly score excludes the age-gap term", "HS0110"),
         ("qc_out_of_range: foo 3 outside [0, 1]", "HS0108"),
         ("skull_defect: skull_coverage 0.01 outside [0.35, 10]", "HS0111"),
+        ("brain_age_implausible: estimate 150 years outside 0-120, not reported", "HS0112"),
         ("something new", "HS0199"),
     ],
 )

@@ -78,6 +78,15 @@ def test_missing_age_is_stated_not_guessed(tmp_path):
     assert any("chronological age absent" in note for note in result.notes)
 
 
+def test_impossible_brain_age_is_not_reported_but_still_scores(tmp_path):
+    runner = BundleRunner(load_bundle(make_bundle(tmp_path)))
+    result = runner.run(np.full(GRID, 10.0, dtype=np.float32), chronological_age=40.0)  # age head says 150
+    assert result.predicted_age is None and result.age_gap is None
+    assert any(note.startswith("brain_age_implausible: estimate 150 years") for note in result.notes)
+    # rec = 10, kl = 100, 0.1 * |150 - 40|: the gap still counts in the score.
+    assert result.anomaly_score == pytest.approx(10.0 + 2.0 * 100.0 + 0.1 * 110.0)
+
+
 def test_tampered_bundle_is_refused(tmp_path):
     folder = make_bundle(tmp_path)
     data = bytearray((folder / "model.onnx").read_bytes())
