@@ -27,7 +27,7 @@ from daemon.bundle import load_bundle  # noqa: E402
 from model_training.anomalies import ANOMALY_TYPES, suite_cases  # noqa: E402
 from model_training.evaluate import evaluate_records, load_runner, sample_metrics, score_suite, write_report  # noqa: E402
 
-BUNDLES = ("models/ct-fanogan-compact-1.0.0", "models/mr-vae-age-compact-1.0.0")
+BUNDLES = ("models/ct-fanogan-compact-1.1.0", "models/mr-vae-age-compact-1.1.0")
 QC_TYPES = ("wrong_orientation", "truncated", "failed_registration", "craniectomy")
 
 
