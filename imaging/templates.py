@@ -203,7 +203,8 @@ def skull_sectors(spacing_mm: float = 2.0) -> np.ndarray:
     shell_array = sitk.GetArrayFromImage(shell) > 0.5
     brain = sitk.GetArrayViewFromImage(atlas_brain_mask(spacing_mm)).astype(bool)
     centre = np.array(ndimage.center_of_mass(brain))
-    offsets = (np.argwhere(shell_array) - centre) * spacing_mm  # (z, y, x) mm; z is superior
+    shell_voxels = np.argwhere(shell_array)
+    offsets = (shell_voxels - centre) * spacing_mm  # (z, y, x) mm; z is superior
     offsets /= np.linalg.norm(offsets, axis=1, keepdims=True) + 1e-9
     # Fibonacci sphere: near-equal areas.
     i = np.arange(SKULL_SECTORS) + 0.5
@@ -213,7 +214,7 @@ def skull_sectors(spacing_mm: float = 2.0) -> np.ndarray:
     nearest = np.argmax(offsets @ directions.T, axis=1)
     labels = np.zeros(shell_array.shape, dtype=np.int16)
     in_vault = directions[nearest, 0] >= -0.05
-    labels[tuple(np.argwhere(shell_array)[in_vault].T)] = nearest[in_vault] + 1
+    labels[tuple(shell_voxels[in_vault].T)] = nearest[in_vault] + 1
     return labels
 
 

@@ -224,8 +224,10 @@ def _extra_axial(case: SuiteCase, pose, scale, spacing, rng, lens: bool) -> Synt
     # Lens: mean thickness is half the peak, so the same volume needs a smaller cap.
     area_mm2 = target_ml * 1000.0 / rng.uniform(3.0, 8.0) / (2.0 if lens else 1.0)
     radius_mm = (3.0 * float(brain.sum()) * float(np.prod(sp)) / (4.0 * math.pi)) ** (1.0 / 3.0)
+    # A spherical cap of half-angle a has area 2 pi r^2 (1 - cos a).
+    cap = math.acos(max(-1.0, 1.0 - area_mm2 / (2.0 * math.pi * radius_mm ** 2)))
     low, high = (15.0, 60.0) if lens else (20.0, 85.0)
-    cap = math.radians(float(np.clip(math.degrees(math.acos(max(-1.0, 1.0 - area_mm2 / (2.0 * math.pi * radius_mm ** 2)))), low, high)))
+    cap = float(np.clip(cap, math.radians(low), math.radians(high)))
     within = brain & (angle < cap)
     rank = depth / np.maximum(1.0 - (angle / cap) ** 2, 1e-3) if lens else depth
     blood = _smallest(rank, within, int(round(target_ml / _voxel_ml(head.image))))

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-
 log = logging.getLogger(__name__)
 
 DEFAULT_SPECIFICITY = 0.95
