@@ -1,8 +1,10 @@
-"""Quality-control measurements and their plausible ranges.
+"""Quality-control measurements, their plausible ranges, and which reasons block a result.
 
 A value outside its range becomes a human-readable reason such as
 "registration_poor: head_dice 0.62 outside [0.85, 1.0]"; it flags the study
-instead of crashing the job.
+instead of crashing the job. Every reason prefix is either *blocking* (the study
+is not eligible: no score, no percentile, no coloured overlay, no SEG) or
+*advisory* (it travels with a normal result). docs/conformance.md lists both.
 """
 
 from __future__ import annotations
@@ -21,7 +23,38 @@ REASON_PREFIX = {
     "slice_spacing_cv": "slice_spacing_irregular",
     "registration_metric": "registration_poor",
     "skull_coverage": "skull_defect",
+    "head_similarity": "not_a_head",
 }
+
+# A screen result computed after one of these cannot be trusted: the model would be
+# judging a misplaced, mis-stripped, mis-oriented, incomplete or non-head image.
+BLOCKING = frozenset({
+    "registration_failed", "registration_poor", "registration_scale_implausible",
+    "orientation_unusual", "orientation_flipped",
+    "skull_strip_poor", "brain_extraction_failed", "brain_volume_implausible",
+    "insufficient_coverage", "noise_high", "not_a_head", "modality_mismatch", "geometry_assumed",
+})
+# Worth telling the reader, but the result still stands.
+ADVISORY = frozenset({
+    "skull_defect", "slice_spacing_irregular", "missing_slices", "uneven_slice_spacing", "gantry_tilt",
+    "chronological_age", "brain_age_implausible", "qc_out_of_range",
+})
+
+
+def reason_prefix(reason: str) -> str:
+    """'registration_poor: head_dice ...' -> 'registration_poor'."""
+    return reason.split(":", 1)[0].strip()
+
+
+def is_blocking(reason: str) -> bool:
+    """True for a reason that makes a study not eligible; unknown prefixes are advisory."""
+    prefix = reason_prefix(reason)
+    return any(prefix == name or prefix.startswith(name + "_") for name in BLOCKING)
+
+
+def blocking_reasons(reasons: list[str]) -> list[str]:
+    """The blocking reasons among `reasons`, in order, without duplicates."""
+    return [r for r in dict.fromkeys(reasons) if is_blocking(r)]
 
 
 def check_ranges(metrics: dict[str, float], ranges: dict[str, list[float]]) -> list[str]:

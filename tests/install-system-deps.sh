@@ -3,7 +3,10 @@
 # PostgreSQL answers on 127.0.0.1:5432. Idempotent; safe to run on every `make`.
 set -euo pipefail
 
-packages=(dcmtk orthanc orthanc-dicomweb dicom3tools mricron-data postgresql chromium chromium-driver)
+# insighttoolkit5-examples carries the real whole-head T1 (and its brain mask) that the
+# real-scan tests and benchmarks use; libpixelmed-java the SR template validator.
+packages=(dcmtk orthanc orthanc-dicomweb dicom3tools mricron-data insighttoolkit5-examples libpixelmed-java
+          postgresql chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -12,12 +15,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-# The Debian orthanc package starts a system service on 4242/8042; tests run
-# their own Orthanc on free ports, so the packaged one is not needed.
-if command -v service >/dev/null && pgrep -x Orthanc >/dev/null 2>&1 && [ -f /etc/init.d/orthanc ]; then
-  service orthanc stop >/dev/null 2>&1 || true
+  # policy-rc.d exit 101 keeps the packages' maintainer scripts from starting services
+  # (Debian's orthanc would start one on 4242/8042). Only a file we created is removed,
+  # and no running service is ever stopped: tests start their own peers on free ports.
+  policy=/usr/sbin/policy-rc.d
+  created_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod 755 "$policy"
+    created_policy=1
+  fi
+  status=0
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null || status=$?
+  [ "$created_policy" = 1 ] && $SUDO rm -f "$policy"
+  [ "$status" = 0 ] || exit "$status"
 fi
 
 if [ "${HEADSCREEN_SKIP_POSTGRES:-0}" != "1" ]; then
