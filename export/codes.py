@@ -28,6 +28,8 @@ __all__ = [
     "ELIGIBLE",
     "NOT_ELIGIBLE",
     "QC_ISSUE",
+    "NOT_ELIGIBLE_REASON",
+    "QC_DETAIL",
     "MEASUREMENT_ABSENT",
     "ABSENT",
     "ANOMALY_FINDING",
@@ -69,6 +71,10 @@ ELIGIBILITY = _private("HS0011", "Eligibility for automated screening")
 ELIGIBLE = _private("HS0012", "Eligible")
 NOT_ELIGIBLE = _private("HS0013", "Not eligible")
 QC_ISSUE = _private("HS0014", "Quality control issue")
+# A blocking QC reason: the reason a study got no screening result at all.
+NOT_ELIGIBLE_REASON = _private("HS0016", "Reason not eligible for automated screening")
+# The full reason text under each QC code, so two reasons sharing a code keep their detail.
+QC_DETAIL = CodedConcept("121106", "DCM", "Comment")
 # "<measurement> : Absent" states that a value was not produced (never zero/normal).
 MEASUREMENT_ABSENT = _private("HS0015", "Measurement not available")
 ABSENT = CodedConcept("272519000", "SCT", "Absent")
@@ -116,6 +122,16 @@ _QC_REASONS: dict[str, CodedConcept] = {
     "chronological_age": _private("HS0110", "Chronological age unavailable"),
     "skull_defect": _private("HS0111", "Skull defect (bone missing from the vault)"),
     "brain_age_implausible": _private("HS0112", "Brain-age estimate implausible, not reported"),
+    "orientation_flipped": _private("HS0113", "Head orientation flipped (upside down or mirrored)"),
+    "not_a_head": _private("HS0114", "Image does not show a head"),
+    "brain_extraction_failed": _private("HS0115", "Brain extraction failed"),
+    "registration_failed": _private("HS0116", "Registration to template failed"),
+    "insufficient_coverage": _private("HS0117", "Insufficient head coverage"),
+    "modality_mismatch": _private("HS0118", "Series modality does not match the model"),
+    "geometry_assumed": _private("HS0119", "Slice geometry assumed, not stated in the images"),
+    "missing_slices": _private("HS0120", "Missing slices"),
+    "uneven_slice_spacing": _private("HS0121", "Uneven slice spacing"),
+    "gantry_tilt": _private("HS0122", "Gantry tilt (resampled to an orthogonal grid)"),
 }
 QC_OTHER_VALUE = "HS0199"
 

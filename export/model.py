@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AlgorithmInfo", "ResultSummary", "MODEL_FAMILIES"]
+from pydicom import Dataset
+from pydicom.valuerep import DA, TM
+
+__all__ = ["AlgorithmInfo", "ResultSummary", "MODEL_FAMILIES", "reference_header"]
+
+logger = logging.getLogger(__name__)
 
 #: Canonical family names (any other non-empty text is accepted and coded
 #: generically, see export.codes.algorithm_family_code).
@@ -44,10 +51,19 @@ class AlgorithmInfo:
         return [f"{name} sha256:{digest}" for name, digest in sorted(self.sha256.items())]
 
 
+# What the models produce; none of it may accompany a not-eligible result.
+_SCREEN_OUTPUTS = ("anomaly_score", "percentile", "screen_positive", "threshold", "predicted_age", "age_gap")
+
+
 @dataclass(frozen=True)
 class ResultSummary:
     """The outcome of one job. ``None`` for a number means the value is absent and
-    the SR says so explicitly; it never means zero or normal."""
+    the SR says so explicitly; it never means zero or normal.
+
+    ``ineligible_reasons`` are the reasons (usually blocking QC reasons) that made
+    the study not eligible; ``qc_reasons`` may hold them too, plus advisory ones.
+    When empty for a not-eligible study, ``ineligible_reason`` is the one reason.
+    """
 
     eligible: bool
     modality: str
@@ -63,14 +79,31 @@ class ResultSummary:
     qc_reasons: list[str] = field(default_factory=list)
     qc_metrics: dict[str, Any] = field(default_factory=dict)
     selected_series_uid: str | None = None
+    ineligible_reasons: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.modality:
             raise ValueError("ResultSummary: argument 'modality' must not be empty")
         if not self.eligible and not self.ineligible_reason:
             raise ValueError("ResultSummary: argument 'ineligible_reason' is required when eligible is False")
+        if not self.eligible:
+            # A result that cannot be trusted must not leak a number a reader could act on.
+            leaked = [name for name in _SCREEN_OUTPUTS if getattr(self, name) is not None]
+            if leaked:
+                raise ValueError(f"ResultSummary: a not-eligible result must not carry {', '.join(leaked)}")
         if self.percentile is not None and math.isfinite(self.percentile) and not 0.0 <= self.percentile <= 100.0:
             raise ValueError(f"ResultSummary: argument 'percentile' must lie in [0, 100], got {self.percentile}")
+
+    def reasons_not_eligible(self) -> list[str]:
+        """Why the study got no screening result (empty when it is eligible)."""
+        if self.eligible:
+            return []
+        return list(dict.fromkeys(self.ineligible_reasons)) or [str(self.ineligible_reason)]
+
+    def advisory_reasons(self) -> list[str]:
+        """QC reasons that are not among the reasons for ineligibility, in order."""
+        blocking = set(self.reasons_not_eligible())
+        return [r for r in dict.fromkeys(self.qc_reasons) if r not in blocking]
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -78,3 +111,47 @@ def finite_or_none(value: float | None) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return float(value)
+
+
+# Type 2 patient/study attributes highdicom reads from the reference dataset.
+_TYPE2_DEFAULTS = (
+    "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+)
+_PATIENT_SEX = ("M", "F", "O")
+
+
+def reference_header(first: Dataset) -> Dataset:
+    """A pixel-free copy of a source header that highdicom can always build from.
+
+    Type 2 patient/study attributes are present (possibly empty), and a value
+    highdicom would refuse (a sex other than M/F/O, a date or time not in DICOM
+    format) is left empty: an odd header must never cost the study its report.
+    """
+    header = Dataset()
+    for element in first:
+        if element.tag.group != 0x7FE0:
+            header.add(copy.deepcopy(element))
+    if hasattr(first, "file_meta"):
+        header.file_meta = copy.deepcopy(first.file_meta)
+    for keyword in _TYPE2_DEFAULTS:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    blanked = []
+    sex = str(header.get("PatientSex") or "").strip().upper()
+    if sex and sex not in _PATIENT_SEX:
+        blanked.append("PatientSex")
+    header.PatientSex = sex if sex in _PATIENT_SEX else None
+    for keyword, kind in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        value = header.get(keyword)
+        if value in (None, ""):
+            continue
+        try:
+            kind(str(value))
+        except (ValueError, TypeError):
+            blanked.append(keyword)
+            setattr(header, keyword, None)
+    if blanked:
+        # Names only: the values are patient data.
+        logger.warning("non-conformant header values left empty", extra={"attributes": blanked})
+    return header

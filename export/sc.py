@@ -5,12 +5,17 @@ map alpha-blended on top (transparent below the lower display bound, then
 yellow -> red up to the upper bound) and a legend band underneath with the
 scores and the "AI-generated - not for primary diagnosis" notice. No patient
 identity is burned in.
+
+A study that is not eligible gets no overlay; `build_not_screened_image` makes
+its one plain greyscale image instead ("NOT SCREENED: <reason>"), so a reader
+who opens the study in the viewer sees that it was not screened and why.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,14 +26,19 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from export.model import ResultSummary, finite_or_none
+from export import codes
+from export.model import ResultSummary, finite_or_none, reference_header
 
 __all__ = [
     "OverlayStyle",
     "build_overlay_series",
     "choose_slices",
     "render_overlay",
+    "build_not_screened_image",
+    "not_screened_headline",
     "SERIES_DESCRIPTION",
+    "NOT_SCREENED_SERIES_DESCRIPTION",
+    "NOT_SCREENED_NOTICE",
     "DISCLAIMER",
 ]
 
@@ -36,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = "AI anomaly map - NOT FOR PRIMARY DIAGNOSIS"
 DISCLAIMER = "AI-generated - not for primary diagnosis"
+NOT_SCREENED_SERIES_DESCRIPTION = "AI screening NOT DONE - NOT FOR DIAGNOSIS"
+NOT_SCREENED_NOTICE = "Not for diagnosis"
 
 _YELLOW = np.array([255.0, 255.0, 0.0])
 _RED = np.array([255.0, 0.0, 0.0])
@@ -166,8 +178,6 @@ def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], sli
     algo = summary.algorithm
     lines: list[tuple[str, bool]] = [(DISCLAIMER.upper(), True)]
     lines.append((f"{algo.manufacturer} {algo.family}: {algo.name} {algo.version}", False))
-    if not summary.eligible:
-        lines.append((f"NOT ELIGIBLE: {summary.ineligible_reason}", True))
     percentile = finite_or_none(summary.percentile)
     pct = "" if percentile is None else f" ({percentile:.1f}th percentile of healthy reference)"
     lines.append((f"Anomaly score {_fmt(summary.anomaly_score, '.3f')}{pct}", False))
@@ -329,6 +339,9 @@ def build_overlay_series(
     ``slice_indices=None`` the ``max_slices`` (default ``style.default_slice_count``)
     consecutive slices centred on the slice with the largest summed error are rendered.
     """
+    if not summary.eligible:
+        # A result that cannot be trusted gets no colour: see build_not_screened_image.
+        raise ValueError("build_overlay_series: argument 'summary' is not eligible; use build_not_screened_image")
     style = style or OverlayStyle()
     if max_slices is not None and max_slices < 1:
         raise ValueError(f"build_overlay_series: argument 'max_slices' must be >= 1, got {max_slices}")
@@ -415,4 +428,152 @@ def _build_one(
     if style.copy_plane_geometry:
         for keyword, value in _plane_geometry(source, factor).items():
             setattr(sc, keyword, value)
+    return sc
+
+
+# --------------------------------------------------------------------------- not screened
+
+_CARD_ROWS = 256
+# A reason prefix of our own making (lower-case words): safe to burn in, never free text.
+_PLAIN_PREFIX = re.compile(r"[a-z][a-z0-9_ ]{0,47}")
+
+
+def _short_reason(reason: str) -> str:
+    """What a reader takes in at a glance, in our own words only (never header text):
+    the code meaning of a known QC prefix, else the prefix itself when it is a plain token."""
+    code = codes.qc_reason_code(reason)
+    if code.value != codes.QC_OTHER_VALUE:
+        return code.meaning
+    prefix = reason.split(":", 1)[0].strip()
+    if _PLAIN_PREFIX.fullmatch(prefix):
+        return prefix.replace("_", " ")
+    return "the series could not be analysed"
+
+
+def not_screened_headline(summary: ResultSummary) -> str:
+    """'NOT SCREENED: <short reason>' for a not-eligible summary."""
+    return f"NOT SCREENED: {_short_reason(summary.reasons_not_eligible()[0])}"
+
+
+def _not_screened_lines(summary: ResultSummary) -> list[tuple[str, bool]]:
+    algo = summary.algorithm
+    reasons = summary.reasons_not_eligible()
+    lines = [(not_screened_headline(summary), True)]
+    if len(reasons) > 1:
+        lines.append((f"and {len(reasons) - 1} more reason(s): see the AI screening report", True))
+    lines.append((f"{NOT_SCREENED_NOTICE}. No screening result was produced; absence of findings is NOT implied.", False))
+    lines.append((f"{DISCLAIMER.upper()}: {algo.manufacturer} {algo.name} {algo.version}", False))
+    return lines
+
+
+def _grey_band(width: int, lines: list[tuple[str, bool]], min_rows: int = 0) -> np.ndarray:
+    """A black band with the lines, uint8 (rows, width): the first (the headline) large
+    and white, alerts white, the rest light grey; centred vertically in `min_rows`."""
+    font_px = max(11, width // 32)
+    fonts = [ImageFont.load_default(size=round(font_px * 1.6)), ImageFont.load_default(size=font_px)]
+    margin = max(4, font_px // 2)
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    wrapped = []  # (text, fill, font, line height)
+    for index, (text, alert) in enumerate(lines):
+        font = fonts[0] if index == 0 else fonts[1]
+        size = font.size if hasattr(font, "size") else font_px
+        for part in _wrap(text, font, measure, width - 2 * margin):
+            wrapped.append((part, 255 if alert else 200, font, int(size * 1.3)))
+    text_rows = sum(line_h for *_, line_h in wrapped)
+    rows = max(min_rows, 2 * margin + text_rows)
+    band = Image.new("L", (width, rows), 0)
+    draw = ImageDraw.Draw(band)
+    y = max(margin, (rows - text_rows) // 2)
+    for text, fill, font, line_h in wrapped:
+        draw.text((margin, y), text, fill=fill, font=font)
+        y += line_h
+    return np.asarray(band)
+
+
+def _grey_slice(source: Dataset, modality: str, style: OverlayStyle) -> tuple[np.ndarray, int] | None:
+    """The slice windowed to uint8 and upscaled like the overlays, with the factor;
+    None when its pixels cannot be had (headers only, an undecodable syntax, colour)."""
+    try:
+        values = _modality_values(source)
+        if values.ndim != 2:
+            return None
+        lo, hi = _display_window(modality, [values], style)
+        grey = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+        if getattr(source, "PhotometricInterpretation", "") == "MONOCHROME1":
+            grey = 1.0 - grey
+        factor = max(1, math.ceil(style.min_render_width / values.shape[1]))
+        return _upscale(np.rint(grey * 255.0).astype(np.uint8), factor), factor
+    except Exception as exc:  # any pixel trouble: the plain card still says "not screened"
+        logger.info("not-screened image without source pixels", extra={"action": "sc_not_screened_card",
+                                                                         "error": type(exc).__name__})
+        return None
+
+
+def _safe_patient_orientation(source: Dataset) -> tuple[str, str]:
+    try:
+        return _patient_orientation(source)
+    except (TypeError, ValueError):  # a malformed orientation must not cost the image
+        return ("L", "P")
+
+
+def build_not_screened_image(
+    source: Dataset,
+    summary: ResultSummary,
+    series_instance_uid: str | None = None,
+    series_number: int = 9001,
+    *,
+    style: OverlayStyle | None = None,
+) -> Dataset:
+    """The one plain greyscale Secondary Capture of a not-eligible study.
+
+    ``source`` is a slice of the study (the middle slice of the chosen series);
+    its pixels, when it has decodable ones, are shown in grey above the text
+    band, otherwise the image is a text card. Only patient/study identity is
+    taken from it; the burnt-in text is our own words (no patient data).
+    """
+    if summary.eligible:
+        raise ValueError("build_not_screened_image: argument 'summary' is eligible; use build_overlay_series")
+    style = style or OverlayStyle()
+    lines = _not_screened_lines(summary)
+    shown = _grey_slice(source, summary.modality, style)
+    if shown is None:
+        pixels = _grey_band(style.min_render_width, lines, min_rows=_CARD_ROWS)
+    else:
+        picture, _ = shown
+        pixels = np.concatenate([picture, _grey_band(picture.shape[1], lines)], axis=0)
+    algo = summary.algorithm
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=reference_header(source),
+        pixel_array=np.ascontiguousarray(pixels),
+        photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=algo.manufacturer,
+        patient_orientation=_safe_patient_orientation(source),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=NOT_SCREENED_SERIES_DESCRIPTION,
+        manufacturer_model_name=algo.name[:64],
+        software_versions=algo.version[:64],
+    )
+    sc.ConversionType = "WSD"
+    sc.BodyPartExamined = str(getattr(source, "BodyPartExamined", "") or "HEAD")[:16]
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.LossyImageCompression = "00"
+    sc.ImageComments = f"{not_screened_headline(summary)} - {NOT_SCREENED_NOTICE}"[:10240]
+    sc.DerivationDescription = (
+        f"Study not eligible for {algo.family} screening ({algo.name} {algo.version}): no result computed; "
+        + ("source slice shown in grey" if shown is not None else "text only")
+    )[:1024]
+    sc.SecondaryCaptureDeviceManufacturer = algo.manufacturer
+    sc.SecondaryCaptureDeviceManufacturerModelName = algo.name[:64]
+    sc.SecondaryCaptureDeviceSoftwareVersions = algo.version[:64]
+    if shown is not None:
+        sc.SourceImageSequence = DicomSequence([_source_reference(source, with_purpose=True)])
+        sc.ReferencedImageSequence = DicomSequence([_source_reference(source, with_purpose=False)])
+    logger.info("built not-screened image", extra={"action": "sc_not_screened", "with_source_pixels": shown is not None})
     return sc

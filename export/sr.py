@@ -2,15 +2,16 @@
 
 One measurement group (TID 1501) holds the numeric results (anomaly score,
 percentile, operating threshold, predicted/chronological age, brain-age gap),
-qualitative evaluations (eligibility, screen result, each QC issue, and
-"<measurement>: Absent" for every value that was not produced) and references
-to the source slices. The SC overlay instances are listed in the evidence
-sequence. A study that was not eligible still gets a report that says so and why.
+qualitative evaluations (eligibility, screen result, each QC issue with its
+full text, and "<measurement>: Absent" for every value that was not produced)
+and references to the source slices. The SC instances are listed in the
+evidence sequence. A study that was not eligible still gets a report that says
+so and why: one coded reason per blocking reason, the advisory QC issues, and
+no number and no screen result at all.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 
@@ -36,7 +37,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from export import codes
-from export.model import ResultSummary, finite_or_none
+from export.model import ResultSummary, finite_or_none, reference_header
 
 __all__ = ["build_report", "SR_SERIES_DESCRIPTION", "TRACKING_IDENTIFIER", "REPORT_SUMMARY_TEXT"]
 
@@ -46,13 +47,6 @@ SR_SERIES_DESCRIPTION = "AI screening report - NOT FOR PRIMARY DIAGNOSIS"
 TRACKING_IDENTIFIER = "headscreen brain anomaly screening"
 #: Concept name of the free-text summary item in the measurement group.
 REPORT_SUMMARY_TEXT = CodedConcept("121106", "DCM", "Comment")
-
-# Type 2 patient/study attributes highdicom reads from the first evidence item.
-_TYPE2_DEFAULTS = (
-    "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
-    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-)
-
 
 def _algorithm_identification(summary: ResultSummary) -> AlgorithmIdentification:
     algo = summary.algorithm
@@ -108,20 +102,29 @@ def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification)
     return present, absent
 
 
+def _reason_item(name: CodedConcept, reason: str) -> QualitativeEvaluation:
+    """One coded reason with its full text beneath it, so two reasons sharing a code
+    (e.g. two noise metrics) both keep their detail."""
+    item = QualitativeEvaluation(name=name, value=codes.qc_reason_code(reason))
+    item[0].ContentSequence = [
+        TextContentItem(name=codes.QC_DETAIL, value=reason, relationship_type="HAS PROPERTIES")
+    ]
+    return item
+
+
 def _evaluations(summary: ResultSummary) -> list[QualitativeEvaluation]:
     evaluations = [
         QualitativeEvaluation(name=codes.ELIGIBILITY, value=codes.ELIGIBLE if summary.eligible else codes.NOT_ELIGIBLE)
     ]
-    if summary.screen_positive is None:
+    if not summary.eligible:
+        # No screen-result item at all: "screen result = Absent" reads as "no anomaly".
+        evaluations.extend(_reason_item(codes.NOT_ELIGIBLE_REASON, r) for r in summary.reasons_not_eligible())
+    elif summary.screen_positive is None:
         evaluations.append(QualitativeEvaluation(name=codes.SCREEN_RESULT, value=codes.ABSENT))
     else:
         verdict = codes.SCREEN_POSITIVE if summary.screen_positive else codes.SCREEN_NEGATIVE
         evaluations.append(QualitativeEvaluation(name=codes.SCREEN_RESULT, value=verdict))
-    reasons = list(summary.qc_reasons)
-    if not summary.eligible and summary.ineligible_reason and summary.ineligible_reason not in reasons:
-        reasons.insert(0, summary.ineligible_reason)
-    for reason in reasons:
-        evaluations.append(QualitativeEvaluation(name=codes.QC_ISSUE, value=codes.qc_reason_code(reason)))
+    evaluations.extend(_reason_item(codes.QC_ISSUE, r) for r in summary.advisory_reasons())
     return evaluations
 
 
@@ -129,7 +132,7 @@ def summary_text(summary: ResultSummary) -> str:
     """One human-readable sentence block, shown by every SR viewer."""
     parts = ["AI-generated result, not for primary diagnosis."]
     if not summary.eligible:
-        parts.append(f"Study NOT ELIGIBLE for automated screening: {summary.ineligible_reason}.")
+        parts.append("Study NOT ELIGIBLE for automated screening: " + "; ".join(summary.reasons_not_eligible()) + ".")
         parts.append("No screening result was produced; absence of findings is NOT implied.")
     else:
         value = finite_or_none(summary.anomaly_score)
@@ -137,24 +140,10 @@ def summary_text(summary: ResultSummary) -> str:
         parts.append(f"Anomaly score {score}.")
         if summary.screen_positive is not None:
             parts.append(f"Screen {'POSITIVE' if summary.screen_positive else 'negative'} at the operating point.")
-    if summary.qc_reasons:
-        parts.append("QC: " + "; ".join(summary.qc_reasons) + ".")
+    advisory = summary.advisory_reasons()
+    if advisory:
+        parts.append(("Other QC issues: " if not summary.eligible else "QC: ") + "; ".join(advisory) + ".")
     return " ".join(parts)[:1024]
-
-
-def _evidence_header(first: Dataset) -> Dataset:
-    """A pixel-free copy of the first source header with Type 2 patient/study
-    attributes present (possibly empty), which highdicom copies into the SR."""
-    header = Dataset()
-    for element in first:
-        if element.keyword not in ("PixelData",) and element.tag.group != 0x7FE0:
-            header.add(copy.deepcopy(element))
-    if hasattr(first, "file_meta"):
-        header.file_meta = copy.deepcopy(first.file_meta)
-    for keyword in _TYPE2_DEFAULTS:
-        if keyword not in header:
-            setattr(header, keyword, None)
-    return header
 
 
 def _check_inputs(source_datasets: Sequence[Dataset], sc_datasets: Sequence[Dataset]) -> None:
@@ -205,7 +194,7 @@ def build_report(
         procedure_reported=list(codes.procedure_codes(summary.modality)),
         imaging_measurements=[group],
     )
-    evidence = [_evidence_header(source_datasets[0]), *source_datasets[1:], *sc_datasets]
+    evidence = [reference_header(source_datasets[0]), *source_datasets[1:], *sc_datasets]
     algo = summary.algorithm
     sr = Comprehensive3DSR(
         evidence=evidence,

@@ -24,7 +24,15 @@ from daemon.errors import TransientError
 from export import codes
 from export.delivery import STATUS_NO_CONTEXT, STATUS_SUCCESS, Destination, send
 from export.model import AlgorithmInfo, ResultSummary
-from export.sc import DISCLAIMER, SERIES_DESCRIPTION, OverlayStyle, build_overlay_series, choose_slices
+from export.sc import (
+    DISCLAIMER,
+    NOT_SCREENED_SERIES_DESCRIPTION,
+    SERIES_DESCRIPTION,
+    OverlayStyle,
+    build_not_screened_image,
+    build_overlay_series,
+    choose_slices,
+)
 from export.sr import build_report
 
 N_SLICES, SIZE = 40, 128
@@ -98,7 +106,7 @@ def ct_summary(**changes) -> ResultSummary:
     values = dict(
         eligible=True, modality="CT", algorithm=ALGO_CT, anomaly_score=0.4123, percentile=97.5,
         screen_positive=True, threshold=0.3, chronological_age=67.0,
-        qc_reasons=["skull_strip_poor: brain_dice 0.62 outside [0.8, 1]", "custom check: snr=3.1"], selected_series_uid=None,
+        qc_reasons=["skull_defect: skull_coverage 0.2 outside [0.35, 10]", "custom check: snr=3.1"], selected_series_uid=None,
     )
     values.update(changes)
     return ResultSummary(**values)
@@ -111,6 +119,15 @@ MR_SUMMARY = ResultSummary(
 NOT_ELIGIBLE = ResultSummary(
     eligible=False, modality="CT", algorithm=ALGO_CT, ineligible_reason="no_suitable_series: no axial head CT",
     qc_reasons=[],
+)
+# What the pipeline makes of a blocking QC result: two blocking reasons sharing a code, one advisory.
+QC_BLOCKED = ResultSummary(
+    eligible=False, modality="CT", algorithm=ALGO_CT,
+    ineligible_reason="noise_high: noise_sigma 49.3 outside [0, 25]; noise_high: noise_relative 0.9 outside [0, 0.3]",
+    ineligible_reasons=("noise_high: noise_sigma 49.3 outside [0, 25]", "noise_high: noise_relative 0.9 outside [0, 0.3]"),
+    qc_reasons=["noise_high: noise_sigma 49.3 outside [0, 25]", "noise_high: noise_relative 0.9 outside [0, 0.3]",
+                "missing_slices: 1 slice(s) missing in 1 gap(s)"],
+    qc_metrics={"noise_sigma": 49.3},
 )
 
 
@@ -303,9 +320,11 @@ def test_sr_measurements_equal_the_summary_ct(ct_series, ct_overlays):
     # Absent values are stated, not silently dropped.
     assert evaluations[codes.PREDICTED_BRAIN_AGE.value] == [codes.ABSENT.value]
     assert evaluations[codes.BRAIN_AGE_GAP.value] == [codes.ABSENT.value]
-    assert evaluations[codes.QC_ISSUE.value] == ["HS0104", "HS0199"]
+    assert evaluations[codes.QC_ISSUE.value] == ["HS0111", "HS0199"]
     meanings = [e.value.meaning for e in group.get_qualitative_evaluations() if e.name.value == codes.QC_ISSUE.value]
-    assert meanings == ["Poor skull stripping", "custom check: snr=3.1"]
+    assert meanings == ["Skull defect (bone missing from the vault)", "custom check: snr=3.1"]
+    assert _reason_details(sr, codes.QC_ISSUE) == [
+        ("HS0111", "skull_defect: skull_coverage 0.2 outside [0.35, 10]"), ("HS0199", "custom check: snr=3.1")]
     assert sr.StudyInstanceUID == datasets[0].StudyInstanceUID and sr.PatientID == datasets[0].PatientID
     assert sr.SeriesNumber == 9002 and sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
     assert [s.referenced_sop_instance_uid for s in group.source_images] == [d.SOPInstanceUID for d in datasets]
@@ -349,6 +368,17 @@ def test_non_finite_values_are_reported_absent(ct_series):
     assert _evaluated(group)[codes.ANOMALY_PERCENTILE.value] == [codes.ABSENT.value]
 
 
+def _reason_details(sr: Dataset, concept) -> list[tuple[str, str]]:
+    """(value code, detail text beneath it) of every `concept` item in the measurement group."""
+    group = sr.ContentSequence[-1].ContentSequence[0]
+    return [
+        (item.ConceptCodeSequence[0].CodeValue,
+         " ".join(c.TextValue for c in item.get("ContentSequence", []) if c.ValueType == "TEXT"))
+        for item in group.ContentSequence
+        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == concept.value
+    ]
+
+
 def test_not_eligible_sr_says_so_and_why(ct_series):
     datasets, _ = ct_series
     sr = _round_trip(build_report(datasets, NOT_ELIGIBLE, []))
@@ -356,10 +386,72 @@ def test_not_eligible_sr_says_so_and_why(ct_series):
     assert _measured(group) == {}
     evaluations = _evaluated(group)
     assert evaluations[codes.ELIGIBILITY.value] == [codes.NOT_ELIGIBLE.value]
-    assert evaluations[codes.QC_ISSUE.value] == ["HS0109"]
-    assert evaluations[codes.SCREEN_RESULT.value] == [codes.ABSENT.value]
+    assert evaluations[codes.NOT_ELIGIBLE_REASON.value] == ["HS0109"]
+    # "Screen result = Absent" would read as "no anomaly": no screen result item at all.
+    assert codes.SCREEN_RESULT.value not in evaluations and codes.QC_ISSUE.value not in evaluations
     text = _all_text(sr)
     assert "no axial head CT" in text and "NOT ELIGIBLE" in text
+
+
+def test_qc_blocked_sr_gives_every_reason_with_its_text(ct_series):
+    datasets, _ = ct_series
+    sr = _round_trip(build_report(datasets, QC_BLOCKED, []))
+    group = _group(sr)
+    assert _measured(group) == {}
+    evaluations = _evaluated(group)
+    assert evaluations[codes.ELIGIBILITY.value] == [codes.NOT_ELIGIBLE.value]
+    for concept in (codes.SCREEN_RESULT, codes.ANOMALY_SCORE, codes.ANOMALY_PERCENTILE, codes.OPERATING_THRESHOLD,
+                    codes.PREDICTED_BRAIN_AGE, codes.BRAIN_AGE_GAP):
+        assert concept.value not in evaluations, concept.meaning
+    assert _reason_details(sr, codes.NOT_ELIGIBLE_REASON) == [
+        ("HS0106", "noise_high: noise_sigma 49.3 outside [0, 25]"),
+        ("HS0106", "noise_high: noise_relative 0.9 outside [0, 0.3]"),
+    ]
+    assert _reason_details(sr, codes.QC_ISSUE) == [("HS0120", "missing_slices: 1 slice(s) missing in 1 gap(s)")]
+
+
+def test_not_eligible_summary_cannot_carry_a_score():
+    with pytest.raises(ValueError, match="anomaly_score, percentile"):
+        dataclasses.replace(QC_BLOCKED, anomaly_score=0.5, percentile=99.0)
+    with pytest.raises(ValueError, match="screen_positive"):
+        dataclasses.replace(NOT_ELIGIBLE, screen_positive=False)
+
+
+def test_not_screened_image_shows_the_slice_in_grey_and_the_reason(ct_series):
+    datasets, _ = ct_series
+    sc = _round_trip(build_not_screened_image(datasets[20], QC_BLOCKED))
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage and sc.SeriesDescription == NOT_SCREENED_SERIES_DESCRIPTION
+    assert sc.PhotometricInterpretation == "MONOCHROME2" and sc.SamplesPerPixel == 1 and sc.BitsAllocated == 8
+    assert list(sc.ImageType) == ["DERIVED", "SECONDARY", "OTHER"] and sc.BurnedInAnnotation == "YES"
+    assert sc.ImageComments.startswith("NOT SCREENED: High image noise") and "Not for diagnosis" in sc.ImageComments
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == datasets[20].SOPInstanceUID
+    assert sc.StudyInstanceUID == datasets[20].StudyInstanceUID and sc.PatientID == datasets[20].PatientID
+    assert sc.SeriesInstanceUID != datasets[20].SeriesInstanceUID
+    pixels = sc.pixel_array
+    factor = sc.Columns // SIZE
+    assert pixels.ndim == 2 and sc.Rows > SIZE * factor  # the slice, then the text band
+    # Brain-window grey of the source: the skull ring saturates white, air is black.
+    assert pixels[: SIZE * factor].max() == 255 and pixels[0, 0] == 0
+    for identity in (str(datasets[0].PatientName), datasets[0].PatientID, "1958"):
+        assert identity not in sc.ImageComments and identity not in sc.DerivationDescription
+
+
+def test_not_screened_image_without_pixels_is_a_text_card(ct_series):
+    datasets, _ = ct_series
+    header = pydicom.dcmread(io.BytesIO(_bytes(datasets[0])), stop_before_pixels=True)
+    odd = dataclasses.replace(NOT_ELIGIBLE, ineligible_reason="Smith^John: free text from somewhere")
+    sc = _round_trip(build_not_screened_image(header, odd))
+    assert "SourceImageSequence" not in sc and sc.pixel_array.ndim == 2
+    # Free text is never burnt in: only our own words.
+    assert sc.ImageComments.startswith("NOT SCREENED: the series could not be analysed")
+    with pytest.raises(ValueError, match="eligible"):
+        build_not_screened_image(header, ct_summary())
+
+
+def test_not_eligible_study_gets_no_coloured_overlay(ct_series):
+    datasets, error = ct_series
+    with pytest.raises(ValueError, match="not eligible"):
+        build_overlay_series(datasets, error, QC_BLOCKED, slice_indices=[20])
 
 
 def test_sr_from_headers_missing_type2_attributes(ct_series):
@@ -399,6 +491,16 @@ def test_report_rejects_mixed_studies(ct_series, ct_overlays):
         ("qc_out_of_range: foo 3 outside [0, 1]", "HS0108"),
         ("skull_defect: skull_coverage 0.01 outside [0.35, 10]", "HS0111"),
         ("brain_age_implausible: estimate 150 years outside 0-120, not reported", "HS0112"),
+        ("orientation_flipped: head upside down", "HS0113"),
+        ("not_a_head: head_similarity 0.1 outside [0.5, 1]", "HS0114"),
+        ("brain_extraction_failed: empty mask", "HS0115"),
+        ("registration_failed: no convergence", "HS0116"),
+        ("insufficient_coverage: volume extent 40 mm < 80 mm", "HS0117"),
+        ("modality_mismatch: preprocessing is for CT, the series is MR", "HS0118"),
+        ("geometry_assumed: multi-frame object without plane position/orientation", "HS0119"),
+        ("missing_slices: 2 slice(s) missing in 1 gap(s)", "HS0120"),
+        ("uneven_slice_spacing: 3 step(s) deviate", "HS0121"),
+        ("gantry_tilt: 12.0 deg (resampled to an orthogonal grid)", "HS0122"),
         ("something new", "HS0199"),
     ],
 )
@@ -416,6 +518,10 @@ def test_every_object_passes_dciodvfy(tmp_path, ct_series, ct_overlays):
     objects["sr-ct"] = build_report(datasets, ct_summary(), ct_overlays)
     objects["sr-mr"] = build_report(datasets, MR_SUMMARY, [])
     objects["sr-not-eligible"] = build_report(datasets, NOT_ELIGIBLE, [])
+    objects["sc-not-screened"] = build_not_screened_image(datasets[20], QC_BLOCKED)
+    objects["sc-not-screened-card"] = build_not_screened_image(
+        pydicom.dcmread(io.BytesIO(_bytes(datasets[0])), stop_before_pixels=True), NOT_ELIGIBLE)
+    objects["sr-qc-blocked"] = build_report(datasets, QC_BLOCKED, [objects["sc-not-screened"]])
     objects["sc-mr"] = build_overlay_series(datasets, error, MR_SUMMARY, slice_indices=[25])[0]
     failures = {}
     for name, ds in objects.items():
@@ -430,6 +536,7 @@ def test_dsr2html_renders_scores_and_ineligibility(tmp_path, ct_series, ct_overl
     for name, summary, expected in (
         ("eligible", ct_summary(), ["0.4123", "Anomaly score", "Positive", "Absent"]),
         ("not-eligible", NOT_ELIGIBLE, ["Not eligible", "no axial head CT"]),
+        ("qc-blocked", QC_BLOCKED, ["Not eligible", "High image noise", "noise_relative 0.9", "Missing slices"]),
     ):
         path = _write(build_report(datasets, summary, ct_overlays if summary.eligible else []), tmp_path / f"{name}.dcm")
         html = tmp_path / f"{name}.html"
@@ -438,6 +545,9 @@ def test_dsr2html_renders_scores_and_ineligibility(tmp_path, ct_series, ct_overl
         content = html.read_text(errors="replace")
         for fragment in expected:
             assert fragment in content, (name, fragment)
+        if not summary.eligible:
+            # Nothing that reads as a result: no "Absent" screen result, no score.
+            assert "Absent" not in content and "Anomaly score" not in content, name
 
 
 # --------------------------------------------------------------------------- delivery
