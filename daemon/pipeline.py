@@ -5,7 +5,9 @@ volume, preprocess it as the bundle's manifest says, infer, take the error map
 back to the native slices, and build the Secondary Capture overlays and the
 Structured Report. Bad input never raises out of here: it becomes a result that
 says the study was not eligible, and why, so silence is never mistaken for a
-normal result.
+normal result. A blocking QC reason (imaging.qc.BLOCKING) makes the study not
+eligible too: then no score, overlay or SEG goes out, only the SR and one plain
+"NOT SCREENED" image.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +29,11 @@ from daemon.errors import InputRejected
 from daemon.inference import BundleRunner, Inference
 from db.api import JobOutcome, JobTicket, OutputObject
 from export.model import AlgorithmInfo, ResultSummary
-from export.sc import OverlayStyle, build_overlay_series, choose_slices
+from export.sc import OverlayStyle, build_not_screened_image, build_overlay_series, choose_slices
 from export.seg import DEFAULT_THRESHOLD, build_segmentation
 from export.sr import build_report
 from imaging.preprocess import preprocess, to_native
+from imaging.qc import blocking_reasons
 from imaging.selection import SelectionRules, SeriesCandidate, select_series
 from imaging.volume import load_series
 
@@ -95,20 +98,37 @@ def run_job(
     )
     try:
         volume = timer.measure("load_volume", load_series, study.series[chosen])
-        prepared = timer.measure("preprocess", preprocess, volume, manifest.preprocessing)
     except InputRejected as exc:
         return _ineligible(ticket, study, headers, str(exc), verdicts, algorithm, output_dir, timer, chosen)
+    try:
+        prepared = timer.measure("preprocess", preprocess, volume, manifest.preprocessing)
+    except InputRejected as exc:
+        return _ineligible(ticket, study, headers, str(exc), verdicts, algorithm, output_dir, timer, chosen,
+                           qc_reasons=volume.qc_reasons, qc_metrics=volume.qc_metrics,
+                           slice_order=volume.slice_sop_uids)
+
+    qc_reasons = list(dict.fromkeys([*volume.qc_reasons, *prepared.qc_reasons]))
+    qc_metrics = {**volume.qc_metrics, **prepared.qc_metrics}
+    # Decided before inference: the model never sees an untrustworthy input, so no
+    # score can leak into a not-eligible result (and the time is saved).
+    blocking = blocking_reasons(qc_reasons)
+    if blocking:
+        return _ineligible(ticket, study, headers, blocking, verdicts, algorithm, output_dir, timer, chosen,
+                           qc_reasons=qc_reasons, qc_metrics=qc_metrics, slice_order=volume.slice_sop_uids)
 
     inference: Inference = timer.measure("infer", runner.run, prepared.model_input, age)
+    qc_reasons = list(dict.fromkeys([*qc_reasons, *inference.notes]))
+    blocking = blocking_reasons(qc_reasons)
+    if blocking:  # a model note that says its own output cannot be trusted
+        return _ineligible(ticket, study, headers, blocking, verdicts, algorithm, output_dir, timer, chosen,
+                           qc_reasons=qc_reasons, qc_metrics=qc_metrics, slice_order=volume.slice_sop_uids)
     # Outside the brain the model input is a constant background, so residuals
     # there say nothing about the patient: only the brain is coloured.
     brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
     native_map = timer.measure("to_native", to_native, brain_error, prepared, volume)
 
-    qc_reasons = list(dict.fromkeys([*volume.qc_reasons, *prepared.qc_reasons, *inference.notes]))
     if age is None:
         qc_reasons.append(f"chronological_age_{age_source}")
-    qc_metrics = {**volume.qc_metrics, **prepared.qc_metrics}
     summary = ResultSummary(
         eligible=True,
         ineligible_reason=None,
@@ -144,32 +164,82 @@ def _ineligible(
     ticket: JobTicket,
     study: StudyFiles,
     headers: dict[str, list[Dataset]],
-    reason: str,
+    reasons: str | list[str],
     verdicts: list[dict],
     algorithm: AlgorithmInfo,
     output_dir: Path,
     timer: Timer,
     chosen: str | None = None,
+    *,
+    qc_reasons: Sequence[str] = (),
+    qc_metrics: dict[str, float] | None = None,
+    slice_order: list[str] | None = None,
 ) -> JobOutcome:
-    """A study we could not screen still gets an SR that says so and why."""
-    log.info("study not eligible", extra={"job_id": ticket.job_id, "reason": reason})
+    """A study we could not screen still gets an SR that says so and why, and one plain
+    "NOT SCREENED" image a reader sees in the viewer; never a score, an overlay or a SEG.
+
+    `reasons` are why it is not eligible; `qc_reasons` may add advisory ones. Only the
+    SR is essential: trouble with the image is logged and the SR goes out without it.
+    """
+    reasons = list(dict.fromkeys([reasons] if isinstance(reasons, str) else reasons))
+    all_reasons = list(dict.fromkeys([*reasons, *qc_reasons]))
+    ineligible_reason = "; ".join(reasons)
+    log.info("study not eligible", extra={"job_id": ticket.job_id, "reason": ineligible_reason})
     series_uid = chosen or next((uid for uid, h in headers.items() if h), None)
+    common = dict(eligible=False, ineligible_reason=ineligible_reason, ineligible_reasons=tuple(reasons),
+                  qc_reasons=all_reasons, qc_metrics=dict(qc_metrics or {}), algorithm=algorithm)
+    if series_uid is None:
+        return _outcome(ResultSummary(modality="OT", **common), verdicts, timer, [])
+    series_headers = _in_slice_order(headers[series_uid], slice_order)
+    summary = ResultSummary(modality=algorithm_modality(series_headers[0]), selected_series_uid=chosen, **common)
     objects: list[OutputObject] = []
-    if series_uid is not None:
-        summary = ResultSummary(
-            eligible=False,
-            ineligible_reason=reason,
-            qc_reasons=[reason],
-            modality=algorithm_modality(headers[series_uid][0]),
-            algorithm=algorithm,
-            selected_series_uid=chosen,
-        )
-        sr = build_report(headers[series_uid], summary, [])
-        objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
-    else:
-        summary = ResultSummary(eligible=False, ineligible_reason=reason, qc_reasons=[reason], modality="OT",
-                                algorithm=algorithm)
+    sc = None
+    try:
+        # Pixels only from the series chosen for screening: another series (a dose
+        # sheet, a scout) may carry burnt-in text of its own.
+        sc = timer.measure("build_not_screened", _not_screened_image, series_headers, summary, chosen is not None)
+        objects.append(_write(sc, output_dir / "sc-0001.dcm", "sc"))
+    except Exception as exc:  # the SR below still says "not eligible"
+        log.warning("not-screened image failed", extra={"job_id": ticket.job_id, "error": type(exc).__name__})
+        sc = None
+    try:
+        sr = build_report(series_headers, summary, [sc] if sc is not None else [])
+    except Exception as exc:
+        # One odd instance must not silence the study: report on the first slice alone.
+        log.warning("not-eligible report retried on one slice", extra={"job_id": ticket.job_id,
+                                                                        "error": type(exc).__name__})
+        sr = build_report(series_headers[:1], summary, [sc] if sc is not None else [])
+    objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
     return _outcome(summary, verdicts, timer, objects)
+
+
+def _in_slice_order(series_headers: list[Dataset], slice_order: list[str] | None) -> list[Dataset]:
+    """The headers in the volume's slice order when it is known, else by instance number."""
+    if slice_order:
+        by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in series_headers}
+        ordered = [by_uid[uid] for uid in slice_order if uid in by_uid]
+        if len(ordered) == len(series_headers):
+            return ordered
+
+    def instance_number(ds: Dataset) -> int:
+        try:
+            return int(ds.get("InstanceNumber") or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    return sorted(series_headers, key=instance_number)
+
+
+def _not_screened_image(series_headers: list[Dataset], summary: ResultSummary, with_pixels: bool) -> Dataset:
+    """The plain SC of a not-eligible study: the middle slice in grey when allowed, else a text card."""
+    middle = series_headers[len(series_headers) // 2]
+    source = middle
+    if with_pixels and getattr(middle, "filename", None):
+        try:
+            source = pydicom.dcmread(middle.filename)
+        except Exception as exc:  # unreadable now: the text card still goes out
+            log.info("middle slice unreadable for the not-screened image", extra={"error": type(exc).__name__})
+    return build_not_screened_image(source, summary)
 
 
 def _outcome(summary: ResultSummary, verdicts: list[dict], timer: Timer, objects: list[OutputObject]) -> JobOutcome:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import highdicom as hd
@@ -12,8 +13,11 @@ import pytest
 from daemon.bundle import load_bundle
 from daemon.config import shipped_bundles
 from daemon.inference import BundleRunner
+import daemon.pipeline
 from daemon.pipeline import StudyFiles, run_job
 from db.api import JobTicket
+from export import codes
+from export.sc import NOT_SCREENED_SERIES_DESCRIPTION
 from imaging.phantoms import Lesion, make_head, write_dicom_series
 from serve_harness import dciodvfy_errors
 
@@ -80,7 +84,167 @@ def test_study_without_suitable_series_gets_an_sr_saying_so(tmp_path, ct_runner)
     assert not outcome.eligible and outcome.anomaly_score is None
     assert "no suitable series" in outcome.ineligible_reason
     assert outcome.series_verdicts and not outcome.series_verdicts[0]["accepted"]
-    [sr] = outcome.objects
-    assert sr.kind == "sr" and dciodvfy_errors(Path(sr.path)) == []
+    assert sorted(o.kind for o in outcome.objects) == ["sc", "sr"]
+    for obj in outcome.objects:
+        assert dciodvfy_errors(Path(obj.path)) == [], obj.path
+    sr = next(o for o in outcome.objects if o.kind == "sr")
     text = str(pydicom.dcmread(sr.path).ContentSequence)
     assert "eligible" in text.lower()
+    # No series was chosen, so no slice of another series is shown: a text card only.
+    card = pydicom.dcmread(next(o.path for o in outcome.objects if o.kind == "sc"))
+    assert "SourceImageSequence" not in card and "NOT SCREENED: No suitable series" in card.ImageComments
+
+
+# --------------------------------------------------------------------------- QC gate
+
+NOISY_PATIENT_ID = "NOISE-PHANTOM-7"
+
+
+@pytest.fixture(scope="module")
+def noisy_study(tmp_path_factory) -> StudyFiles:
+    """A head CT with 80 HU noise: QC measures noise_sigma far above the bundle's range."""
+    phantom = make_head("CT", age=50.0, seed=4, noise=80.0)
+    files = write_dicom_series(phantom, tmp_path_factory.mktemp("noisy"), rows=128, cols=128, slices=60,
+                               slice_thickness=3.0, patient_id=NOISY_PATIENT_ID)
+    return study_of(files)
+
+
+def _measurement_group(sr_path: str):
+    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
+    [group] = report.content.get_image_measurement_groups()
+    return group
+
+
+def _coded(group) -> dict[str, list[tuple[str, str]]]:
+    """Qualitative evaluations: concept code -> [(value code, detail text beneath it)]."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for item in group[0].ContentSequence:
+        if item.ValueType != "CODE" or item.RelationshipType != "CONTAINS":
+            continue
+        details = [child.TextValue for child in item.get("ContentSequence", []) if child.ValueType == "TEXT"]
+        found.setdefault(item.ConceptNameCodeSequence[0].CodeValue, []).append(
+            (item.ConceptCodeSequence[0].CodeValue, " ".join(details)))
+    return found
+
+
+def _screen_outputs(outcome) -> dict[str, object]:
+    names = ("anomaly_score", "percentile", "screen_positive", "threshold", "predicted_age", "age_gap")
+    return {name: getattr(outcome, name) for name in names if getattr(outcome, name) is not None}
+
+
+def test_blocking_qc_makes_the_study_not_eligible(tmp_path, ct_runner, noisy_study, monkeypatch):
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference must not run after a blocking QC reason")
+
+    monkeypatch.setattr(ct_runner, "run", no_inference)
+    outcome = run_job(ticket(noisy_study.study_instance_uid), noisy_study, ct_runner, tmp_path / "out",
+                      overlay_slices=12)
+
+    assert not outcome.eligible and outcome.ineligible_reason.startswith("noise_high: noise_sigma")
+    assert _screen_outputs(outcome) == {}
+    assert any(r.startswith("noise_high") for r in outcome.qc_reasons)
+    assert outcome.qc_metrics["noise_sigma"] > 25.0 and "head_dice" in outcome.qc_metrics
+    assert sorted(o.kind for o in outcome.objects) == ["sc", "sr"]  # no SEG, no overlays
+    for obj in outcome.objects:
+        assert dciodvfy_errors(Path(obj.path)) == [], obj.path
+
+    sc = pydicom.dcmread(next(o.path for o in outcome.objects if o.kind == "sc"))
+    assert sc.SeriesDescription == NOT_SCREENED_SERIES_DESCRIPTION
+    assert sc.PhotometricInterpretation == "MONOCHROME2" and sc.SamplesPerPixel == 1
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"] and sc.BurnedInAnnotation == "YES"
+    assert "NOT SCREENED: High image noise" in sc.ImageComments and "Not for diagnosis" in sc.ImageComments
+    assert NOISY_PATIENT_ID not in sc.ImageComments and sc.PatientID == NOISY_PATIENT_ID
+    # The middle slice of the analysed series is shown, so the reader sees which series it was.
+    series_sops = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                   for p in next(iter(noisy_study.series.values()))}
+    assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) in series_sops
+    assert sc.pixel_array.ndim == 2
+
+    sr_path = next(o.path for o in outcome.objects if o.kind == "sr")
+    group = _measurement_group(sr_path)
+    assert group.get_measurements() == []
+    coded = _coded(group)
+    assert coded[codes.ELIGIBILITY.value] == [(codes.NOT_ELIGIBLE.value, "")]
+    [(code, detail)] = coded[codes.NOT_ELIGIBLE_REASON.value]
+    assert code == "HS0106" and detail.startswith("noise_high: noise_sigma")
+    # Nothing a reader could take for a result: no screen result (not even "Absent"), no score.
+    for concept in (codes.SCREEN_RESULT, codes.ANOMALY_SCORE, codes.ANOMALY_PERCENTILE, codes.PREDICTED_BRAIN_AGE,
+                    codes.BRAIN_AGE_GAP, codes.OPERATING_THRESHOLD):
+        assert concept.value not in coded, concept.meaning
+    sr = pydicom.dcmread(sr_path)
+    evidence = {ref.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert sc.SOPInstanceUID in evidence
+    comment = " ".join(_texts(sr))
+    assert "NOT ELIGIBLE" in comment and "absence of findings is NOT implied" in comment
+    assert "Anomaly score" not in comment
+
+
+def _texts(node) -> list[str]:
+    """Every TEXT value in an SR content tree."""
+    found = []
+    for item in node.get("ContentSequence", []):
+        if item.ValueType == "TEXT":
+            found.append(str(item.TextValue))
+        found.extend(_texts(item))
+    return found
+
+
+def test_blocking_reason_with_odd_headers_still_gives_the_report(tmp_path, ct_runner):
+    phantom = make_head("CT", age=50.0, seed=4, noise=80.0)
+    odd = {"PatientSex": "X", "StudyDate": "2025-01-01", "PatientBirthDate": "19xx"}
+    files = write_dicom_series(phantom, tmp_path / "in", rows=128, cols=128, slices=60, slice_thickness=3.0,
+                               extra=odd)
+    study = study_of(files)
+    outcome = run_job(ticket(study.study_instance_uid), study, ct_runner, tmp_path / "out", overlay_slices=12)
+    assert not outcome.eligible and outcome.ineligible_reason.startswith("noise_high")
+    assert sorted(o.kind for o in outcome.objects) == ["sc", "sr"]
+    sr = pydicom.dcmread(next(o.path for o in outcome.objects if o.kind == "sr"))
+    assert sr.StudyInstanceUID == study.study_instance_uid and sr.PatientSex == ""
+
+
+def test_blocking_and_advisory_reasons_are_both_reported(tmp_path, ct_runner, noisy_study, monkeypatch):
+    real_preprocess = daemon.pipeline.preprocess
+
+    def flipped(volume, params):
+        prepared = real_preprocess(volume, params)
+        return dataclasses.replace(prepared, qc_reasons=[
+            "orientation_flipped: head upside down", "skull_defect: skull_coverage 0.1 outside [0.35, 10]",
+            "noise_high: noise_sigma 49 outside [0, 25]", "noise_high: noise_relative 0.9 outside [0, 0.3]"])
+
+    monkeypatch.setattr(daemon.pipeline, "preprocess", flipped)
+    outcome = run_job(ticket(noisy_study.study_instance_uid), noisy_study, ct_runner, tmp_path / "out",
+                      overlay_slices=12)
+    assert not outcome.eligible and _screen_outputs(outcome) == {}
+    assert outcome.ineligible_reason.startswith("orientation_flipped: head upside down; noise_high")
+    assert "skull_defect: skull_coverage 0.1 outside [0.35, 10]" in outcome.qc_reasons
+    coded = _coded(_measurement_group(next(o.path for o in outcome.objects if o.kind == "sr")))
+    # One item per reason, each keeping its own text, even where two share a code.
+    assert coded[codes.NOT_ELIGIBLE_REASON.value] == [
+        ("HS0113", "orientation_flipped: head upside down"),
+        ("HS0106", "noise_high: noise_sigma 49 outside [0, 25]"),
+        ("HS0106", "noise_high: noise_relative 0.9 outside [0, 0.3]"),
+    ]
+    assert coded[codes.QC_ISSUE.value] == [("HS0111", "skull_defect: skull_coverage 0.1 outside [0.35, 10]")]
+    sc = pydicom.dcmread(next(o.path for o in outcome.objects if o.kind == "sc"))
+    assert "NOT SCREENED: Head orientation flipped" in sc.ImageComments
+
+
+def test_advisory_reason_keeps_a_normal_result(tmp_path, ct_runner):
+    phantom = make_head("CT", age=60.0, seed=6)
+    files = write_dicom_series(phantom, tmp_path / "in", rows=128, cols=128, slices=60, slice_thickness=3.0)
+    del files[30]  # one slice lost in transfer: missing_slices, advisory
+    study = study_of(files)
+    outcome = run_job(ticket(study.study_instance_uid), study, ct_runner, tmp_path / "out", overlay_slices=4)
+    assert outcome.eligible, outcome.qc_reasons
+    assert outcome.anomaly_score is not None and outcome.screen_positive is not None
+    assert any(r.startswith("missing_slices") for r in outcome.qc_reasons)
+    assert [o.kind for o in outcome.objects].count("sc") == 4
+    sr_path = next(o.path for o in outcome.objects if o.kind == "sr")
+    assert dciodvfy_errors(Path(sr_path)) == []
+    group = _measurement_group(sr_path)
+    coded = _coded(group)
+    assert coded[codes.ELIGIBILITY.value] == [(codes.ELIGIBLE.value, "")]
+    assert codes.NOT_ELIGIBLE_REASON.value not in coded
+    assert ("HS0120", next(r for r in outcome.qc_reasons if r.startswith("missing_slices"))) in coded[codes.QC_ISSUE.value]
+    assert codes.ANOMALY_SCORE.value in {m.name.value for m in group.get_measurements()}
