@@ -446,3 +446,59 @@ def _ds(value: float) -> str:
     """A DICOM DS string (at most 16 characters)."""
     text = f"{float(value):.6g}"
     return "0" if text in ("-0", "0") else text
+
+
+NonHeadKind = Literal["noise", "chest", "cylinder"]
+
+
+def make_non_head(kind: NonHeadKind, modality: str = "CT", seed: int = 0,
+                  spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)) -> Phantom:
+    """Something that is not a head, sent as if it were one: pure noise, a chest, or a
+    water cylinder (a QA phantom). The screening must refuse each with a clear reason."""
+    rng = np.random.default_rng(seed)
+    size = np.array([256, 256, 120])
+    extent = size * np.asarray(spacing)
+    zz, yy, xx = np.meshgrid(*[(np.arange(n) + 0.5) * s - e / 2.0
+                               for n, s, e in zip(size[::-1], np.asarray(spacing)[::-1], extent[::-1])],
+                             indexing="ij")
+    ct = modality == "CT"
+    air = -1000.0 if ct else 0.0
+    if kind == "noise":
+        values = rng.normal(0.0, 400.0, size[::-1]) if ct else np.abs(rng.normal(300.0, 200.0, size[::-1]))
+    elif kind == "cylinder":
+        radius = np.hypot(xx, yy)
+        values = np.full(xx.shape, air)
+        values[(radius < 100.0) & (np.abs(zz) < 90.0)] = 0.0 if ct else 900.0
+        values[(radius >= 100.0) & (radius < 106.0) & (np.abs(zz) < 90.0)] = 120.0 if ct else 50.0
+    elif kind == "chest":
+        values = _chest(xx, yy, zz, ct, air)
+    else:
+        raise ValueError(f"kind: expected noise, chest or cylinder, got {kind!r}")
+    noise_sigma = DEFAULT_NOISE["CT" if ct else "MR"]
+    values = values + rng.normal(0.0, noise_sigma, values.shape)
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(v) for v in (-extent / 2.0 + np.asarray(spacing) / 2.0)))
+    empty = sitk.Cast(image * 0, sitk.sitkUInt8)
+    return Phantom(image=image, brain_mask=empty, lesion_mask=empty, age=50.0, modality=modality, pose=Pose(),
+                   scale=1.0, mni_to_native=sitk.AffineTransform(3), metadata={"non_head": kind})
+
+
+def _chest(xx: np.ndarray, yy: np.ndarray, zz: np.ndarray, ct: bool, air: float) -> np.ndarray:
+    """A torso: fat and muscle around two lungs, a heart, a spine and ribs (LPS: y posterior)."""
+    tissue = {"fat": -90.0, "muscle": 45.0, "lung": -850.0, "bone": 700.0, "blood": 40.0} if ct else \
+        {"fat": 900.0, "muscle": 300.0, "lung": 30.0, "bone": 500.0, "blood": 200.0}
+    body = (xx / 170.0) ** 2 + (yy / 115.0) ** 2 < 1.0
+    inner = (xx / 160.0) ** 2 + (yy / 105.0) ** 2 < 1.0
+    values = np.full(xx.shape, air)
+    values[body] = tissue["fat"]
+    values[inner] = tissue["muscle"]
+    for side in (-1.0, 1.0):
+        lung = ((xx - side * 75.0) / 60.0) ** 2 + ((yy + 5.0) / 80.0) ** 2 < 1.0
+        values[lung] = tissue["lung"]
+    values[((xx + 15.0) / 50.0) ** 2 + ((yy + 25.0) / 45.0) ** 2 < 1.0] = tissue["blood"]
+    values[np.hypot(xx, yy - 80.0) < 18.0] = tissue["bone"]
+    ring = (xx / 150.0) ** 2 + (yy / 97.0) ** 2
+    ribs = (ring > 0.86) & (ring < 1.0) & (np.cos(zz * 2.0 * np.pi / 25.0) > 0.3)
+    values[ribs] = tissue["bone"]
+    return values

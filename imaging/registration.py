@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from daemon.errors import InputRejected
 
@@ -31,6 +32,7 @@ class RegistrationResult:
     affine_scale: float              # cube root of the affine determinant
     metric: float                    # final Mattes MI (more negative is better)
     seconds: float
+    upside_down: bool = False        # the head's superior axis points down in the scanner frame
 
 
 def head_mask(image: sitk.Image, threshold: float) -> sitk.Image:
@@ -40,105 +42,258 @@ def head_mask(image: sitk.Image, threshold: float) -> sitk.Image:
     return sitk.Cast(sitk.RelabelComponent(components) == 1, sitk.sitkUInt8)
 
 
-def _centroid(mask: sitk.Image) -> np.ndarray:
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(mask)
-    if not stats.HasLabel(1):
-        raise RegistrationFailed("registration_failed: no head found above the intensity threshold")
-    return np.asarray(stats.GetCentroid(1))
+def _method(stage: dict[str, Any], settings: dict[str, Any], transform: sitk.Transform,
+            fixed_mask: sitk.Image) -> sitk.ImageRegistrationMethod:
+    """One level of a stage: Mattes MI, regular-step descent, fixed parameter scales.
 
-
-def _configure(method: sitk.ImageRegistrationMethod, stage: dict[str, Any], settings: dict[str, Any]) -> None:
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(settings["histogram_bins"]))
-    strategy = method.REGULAR if settings.get("sampling", "random") == "regular" else method.RANDOM
-    method.SetMetricSamplingStrategy(strategy)
-    fraction = float(stage.get("sampling_fraction", settings["sampling_fraction"]))
-    method.SetMetricSamplingPercentage(fraction, int(settings["seed"]))
-    method.SetInterpolator(sitk.sitkLinear)
-    if stage.get("optimizer") == "regular_step":
-        # Fast near the optimum (used for refinement stages that start close).
-        method.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=float(stage["max_step_mm"]), minStep=float(stage.get("min_step_mm", 0.01)),
-            numberOfIterations=int(stage["iterations"]), relaxationFactor=float(stage.get("relaxation", 0.7)))
+    Every level runs on images shrunk beforehand: ITK's own pyramid re-samples the full
+    2 mm images and their masks on every call (~0.3 s of set-up here, before any iteration).
+    """
+    method = sitk.ImageRegistrationMethod()
+    if stage.get("metric", "mattes") == "correlation":
+        method.SetMetricAsCorrelation()
     else:
-        # Plain gradient descent with the step re-estimated every iteration proved far more
-        # robust to the noisy sampled MI than regular-step descent (which halts on noise).
-        method.SetOptimizerAsGradientDescent(
-            learningRate=1.0, numberOfIterations=int(stage["iterations"]),
-            convergenceMinimumValue=float(stage["convergence_value"]),
-            convergenceWindowSize=int(stage["convergence_window"]),
-            estimateLearningRate=method.Once if stage.get("estimate_learning_rate") == "once" else method.EachIteration,
-            maximumStepSizeInPhysicalUnits=float(stage["max_step_mm"]))
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([int(f) for f in stage["shrink_factors"]])
-    method.SetSmoothingSigmasPerLevel([float(s) for s in stage["smoothing_sigmas_mm"]])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(settings["histogram_bins"]))
+    method.SetMetricSamplingStrategy(method.REGULAR if stage.get("sampling") == "regular" else method.RANDOM)
+    # A fixed number of samples per level: the cost of an iteration grows with them, the
+    # precision of MI stops improving beyond a few thousand.
+    in_mask = float(np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask)))
+    fraction = min(1.0, float(stage["samples"]) / max(in_mask, 1.0))
+    method.SetMetricSamplingPercentage(fraction, int(settings["seed"]))
+    method.SetMetricFixedMask(fixed_mask)
+    # Gradients at the sampled points only: the default filters the whole images first.
+    method.SetMetricUseFixedImageGradientFilter(False)
+    method.SetMetricUseMovingImageGradientFilter(False)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=float(stage["max_step_mm"]), minStep=float(stage["min_step_mm"]),
+        numberOfIterations=int(stage["iterations"]), relaxationFactor=float(stage.get("relaxation", 0.6)),
+        gradientMagnitudeTolerance=1e-12)
+    method.SetOptimizerScales(_parameter_scales(transform))
+    return method
+
+
+class _Pyramid:
+    """Atlas, moving image and metric mask shrunk to each level's spacing, made once."""
+
+    def __init__(self, atlas: sitk.Image, moving: sitk.Image, atlas_mask: sitk.Image) -> None:
+        self.atlas, self.moving, self.atlas_mask = atlas, moving, atlas_mask
+        self.levels: dict[tuple, tuple[sitk.Image, sitk.Image, sitk.Image]] = {}
+
+    def level(self, spacing_mm: float, clamp: list[float] | None = None) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+        key = (spacing_mm, tuple(clamp) if clamp else None)
+        if key not in self.levels:
+            atlas, moving = _shrink(self.atlas, spacing_mm), _shrink(self.moving, spacing_mm)
+            if clamp:
+                atlas = sitk.Clamp(atlas, sitk.sitkFloat32, float(clamp[0]), float(clamp[1]))
+                moving = sitk.Clamp(moving, sitk.sitkFloat32, float(clamp[0]), float(clamp[1]))
+            mask = sitk.Resample(self.atlas_mask, atlas, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+            self.levels[key] = (atlas, moving, mask)
+        return self.levels[key]
 
 
 def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Image,
                       settings: dict[str, Any]) -> RegistrationResult:
-    """Rigid then affine registration of `moving` (native) to `atlas` (MNI).
+    """Robust start, then rigid and affine registration of `moving` (native) to `atlas` (MNI).
 
-    Both images should already be small (~2 mm); pyramids inside go to ~4 mm.
-    `atlas_mask` restricts the metric to the atlas head so air does not dominate.
+    Both images should already be small (~2 mm). The start does not trust the head to
+    be upright: every orientation hypothesis (as labelled, and turned 180 degrees about
+    each axis) is tried with a coarse grid of tilts, each placed by the centroid of its
+    cranium (the top of the head along that hypothesis' superior axis, so the amount of
+    neck in the field of view does not matter). The best few are refined rigidly at
+    ~4 mm and the winner affinely at ~2 mm. `atlas_mask` restricts the metric to the
+    atlas head and a rim of air around it.
     """
     start = time.perf_counter()
-    threshold = float(settings["head_threshold"])
-    moving_centroid = _centroid(head_mask(moving, threshold))
-    atlas_centroid = _centroid(head_mask(atlas, threshold))
+    moving_head = head_mask(moving, float(settings["head_threshold"]))
+    atlas_head = head_mask(atlas, float(settings.get("atlas_head_threshold", settings["head_threshold"])))
+    moving_points = _mask_points(moving_head)
+    atlas_points = _mask_points(atlas_head)
+    if len(moving_points) < 50:
+        raise RegistrationFailed("registration_failed: no head found above the intensity threshold")
 
-    clamp = settings.get("intensity_clamp")
-    if clamp is not None:
-        # Spread the MI histogram over brain tissues rather than air/soft/bone only.
-        atlas = sitk.Clamp(atlas, sitk.sitkFloat32, float(clamp[0]), float(clamp[1]))
-        moving = sitk.Clamp(moving, sitk.sitkFloat32, float(clamp[0]), float(clamp[1]))
+    search = settings["search"]
+    scorer = _CoarseScorer(atlas, moving, atlas_mask, float(search["spacing_mm"]), int(settings["histogram_bins"]))
+    cranium_depth = float(search["cranium_depth_mm"])
+    atlas_centre = _cranium_centroid(atlas_points, np.eye(3), cranium_depth)
+    candidates: list[tuple[float, sitk.Euler3DTransform, str]] = []
 
-    rigid, rigid_metric = _rigid(atlas, moving, atlas_mask, settings, atlas_centroid, moving_centroid, (0.0, 0.0, 0.0))
-    # A poor optimum usually means a start too far from the truth (head flexed or turned
-    # a lot): try a few other starting rotations and keep the best.
-    if rigid_metric > float(settings["restart_if_metric_above"]):
-        for angles in settings["restart_rotations_deg"]:
-            candidate, metric = _rigid(atlas, moving, atlas_mask, settings, atlas_centroid, moving_centroid,
-                                       (float(angles[0]), float(angles[1]), float(angles[2])))
-            if metric < rigid_metric:
-                rigid, rigid_metric = candidate, metric
-            if rigid_metric <= float(settings["restart_if_metric_above"]):
-                break
+    def consider(name: str, matrix: np.ndarray) -> float:
+        # The cranium is found along this candidate's own superior axis, so a steep pitch
+        # still pairs the top of the head with the top of the atlas.
+        moving_centre = _cranium_centroid(moving_points, matrix, cranium_depth)
+        transform = sitk.Euler3DTransform()
+        transform.SetCenter(tuple(atlas_centre))
+        transform.SetMatrix(tuple(matrix.ravel()))
+        transform.SetTranslation(tuple(moving_centre - atlas_centre))
+        score = scorer.score(matrix, atlas_centre, moving_centre)
+        candidates.append((score, transform, name))
+        return score
+
+    grid = search["tilts_deg"]
+    for name, flip in _HYPOTHESES.items():
+        # Pitch (chin up or down) varies most between scans: search it widely first,
+        # then roll and yaw around the best pitch.
+        pitch_scores = {pitch: consider(name, flip @ _euler(pitch, 0.0, 0.0))
+                        for pitch in grid["pitch"]}
+        best_pitch = min(pitch_scores, key=pitch_scores.__getitem__)
+        for pitch in (best_pitch + d for d in grid["pitch_refine"]):
+            for roll in grid["roll"]:
+                for yaw in grid["yaw"]:
+                    if roll or yaw or pitch != best_pitch:
+                        consider(name, flip @ _euler(pitch, roll, yaw))
+    candidates.sort(key=lambda c: c[0])
+
+    pyramid = _Pyramid(atlas, moving, atlas_mask)
+    # Refine the best few overall and the best of every hypothesis: with heavy noise or a
+    # steep tilt the coarse score can rank a wrong hypothesis first, the refined one not.
+    shortlist = candidates[: int(search["refine_best"])]
+    for name in _HYPOTHESES:
+        leader = next(c for c in candidates if c[2] == name)
+        if all(leader is not c for c in shortlist):
+            shortlist.append(leader)
+    best: tuple[float, sitk.Euler3DTransform, str] | None = None
+    for _, transform, name in shortlist:
+        refined, metric = _optimise(pyramid, transform, settings["rigid"], settings)
+        if best is None or metric < best[0]:
+            best = (metric, refined, name)
+    assert best is not None
+    rigid = best[1]
 
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
-    method = sitk.ImageRegistrationMethod()
-    _configure(method, settings["affine"], settings)
-    method.SetMetricFixedMask(atlas_mask)
-    method.SetInitialTransform(affine, inPlace=True)
-    method.Execute(atlas, moving)
-    metric = float(method.GetMetricValue())
+    affine, metric = _optimise(pyramid, affine, settings["affine"], settings)
 
     matrix = np.asarray(affine.GetMatrix()).reshape(3, 3)
     rotation = _rotation_angle_deg(rotation_part(matrix))
     result = RegistrationResult(transform=affine, rotation_deg=rotation,
                                 affine_scale=float(abs(np.linalg.det(matrix)) ** (1.0 / 3.0)),
-                                metric=metric, seconds=time.perf_counter() - start)
-    logger.debug("registered", extra={"action": "registered", "rotation_deg": rotation,
-                                      "metric": metric, "seconds": result.seconds})
+                                metric=metric, seconds=time.perf_counter() - start,
+                                upside_down=_superior_axis_down(matrix))
+    logger.debug("registered", extra={"action": "registered", "rotation_deg": rotation, "metric": metric,
+                                      "hypothesis": best[2], "seconds": result.seconds})
     return result
 
 
-def _rigid(atlas: sitk.Image, moving: sitk.Image, atlas_mask: sitk.Image, settings: dict[str, Any],
-           atlas_centroid: np.ndarray, moving_centroid: np.ndarray,
-           start_deg: tuple[float, float, float]) -> tuple[sitk.Euler3DTransform, float]:
-    rigid = sitk.Euler3DTransform()
-    rigid.SetCenter(tuple(atlas_centroid))
-    rigid.SetRotation(*(math.radians(a) for a in start_deg))
-    rigid.SetTranslation(tuple(moving_centroid - atlas_centroid))
-    method = sitk.ImageRegistrationMethod()
-    _configure(method, settings["rigid"], settings)
-    method.SetMetricFixedMask(atlas_mask)
-    method.SetInitialTransform(rigid, inPlace=True)
-    method.Execute(atlas, moving)
-    return rigid, float(method.GetMetricValue())
+# Orientation hypotheses (atlas axis -> native axis, LPS): as labelled, and the three
+# 180-degree turns. A head stored upside down or back to front lands on one of these.
+_HYPOTHESES: dict[str, np.ndarray] = {
+    "as_labelled": np.eye(3),
+    "turned_about_lr": np.diag([1.0, -1.0, -1.0]),
+    "turned_about_ap": np.diag([-1.0, 1.0, -1.0]),
+    "turned_about_si": np.diag([-1.0, -1.0, 1.0]),
+}
+
+
+HEAD_RADIUS_MM = 80.0
+
+
+def _parameter_scales(transform: sitk.Transform) -> list[float]:
+    """Optimizer scales giving each parameter about the same physical effect on a head:
+    a radian of rotation, or a unit of a matrix element, moves the head's edge ~80 mm."""
+    lever = HEAD_RADIUS_MM ** 2
+    if isinstance(transform, sitk.Euler3DTransform):
+        return [lever] * 3 + [1.0] * 3
+    if isinstance(transform, sitk.AffineTransform):
+        return [lever] * 9 + [1.0] * 3
+    raise TypeError(f"transform: unsupported type {type(transform).__name__}")
+
+
+def _euler(pitch: float, roll: float, yaw: float) -> np.ndarray:
+    """Rotation matrix from angles in degrees about L-R (pitch), A-P (roll) and S-I (yaw)."""
+    euler = sitk.Euler3DTransform()
+    euler.SetRotation(math.radians(pitch), math.radians(roll), math.radians(yaw))
+    return np.asarray(euler.GetMatrix()).reshape(3, 3)
+
+
+def _mask_points(mask: sitk.Image) -> np.ndarray:
+    """Physical (LPS) points of a mask's voxels, subsampled to at most ~8k."""
+    index = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1].astype(float)
+    if len(index) > 8000:
+        index = index[:: len(index) // 8000 + 1]
+    direction = np.asarray(mask.GetDirection()).reshape(3, 3)
+    return (index * np.asarray(mask.GetSpacing())) @ direction.T + np.asarray(mask.GetOrigin())
+
+
+def _cranium_centroid(points: np.ndarray, atlas_to_native: np.ndarray, depth_mm: float) -> np.ndarray:
+    """Centroid of the head's top `depth_mm` along the superior axis a candidate pose gives."""
+    up = atlas_to_native @ np.array([0.0, 0.0, 1.0])
+    height = points @ up
+    top = np.percentile(height, 99.5)
+    return points[height > top - depth_mm].mean(axis=0)
+
+
+def _shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    factors = [max(1, int(round(spacing_mm / s))) for s in image.GetSpacing()]
+    return sitk.BinShrink(image, factors)
+
+
+class _CoarseScorer:
+    """Negative mutual information of a candidate pose on ~8 mm grids, in numpy.
+
+    Hundreds of candidates are scored; ITK's metric costs ~13 ms a call here (set-up
+    each time), sampling fixed points with map_coordinates well under 1 ms.
+    """
+
+    def __init__(self, atlas: sitk.Image, moving: sitk.Image, atlas_mask: sitk.Image, spacing_mm: float,
+                 bins: int) -> None:
+        coarse_atlas = _shrink(atlas, spacing_mm)
+        mask = sitk.Resample(atlas_mask, coarse_atlas, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        index = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
+        self.atlas_values = sitk.GetArrayViewFromImage(coarse_atlas)[tuple(index.T)].astype(np.float32)
+        direction = np.asarray(coarse_atlas.GetDirection()).reshape(3, 3)
+        self.points = (index[:, ::-1] * np.asarray(coarse_atlas.GetSpacing())) @ direction.T \
+            + np.asarray(coarse_atlas.GetOrigin())
+        coarse_moving = _shrink(moving, spacing_mm)
+        self.moving = sitk.GetArrayFromImage(coarse_moving)
+        self.moving_origin = np.asarray(coarse_moving.GetOrigin())
+        moving_direction = np.asarray(coarse_moving.GetDirection()).reshape(3, 3)
+        self.physical_to_index = np.linalg.inv(moving_direction * np.asarray(coarse_moving.GetSpacing()))
+        self.bins = bins
+        self.atlas_bins = _quantise(self.atlas_values, bins)
+        low = float(np.percentile(self.moving, 1.0))
+        self.moving_background = low
+
+    def score(self, matrix: np.ndarray, atlas_centre: np.ndarray, moving_centre: np.ndarray) -> float:
+        native = (self.points - atlas_centre) @ matrix.T + moving_centre
+        index_xyz = (native - self.moving_origin) @ self.physical_to_index.T
+        values = ndimage.map_coordinates(self.moving, index_xyz[:, ::-1].T, order=1, mode="constant",
+                                         cval=self.moving_background)
+        joint = np.bincount(self.atlas_bins * self.bins + _quantise(values, self.bins),
+                            minlength=self.bins * self.bins).reshape(self.bins, self.bins).astype(np.float64)
+        joint /= joint.sum()
+        pa, pm = joint.sum(axis=1), joint.sum(axis=0)
+        nonzero = joint > 0
+        mutual = float(np.sum(joint[nonzero] * np.log(joint[nonzero] / np.outer(pa, pm)[nonzero])))
+        return -mutual
+
+
+def _quantise(values: np.ndarray, bins: int) -> np.ndarray:
+    low, high = np.percentile(values, [0.5, 99.5])
+    scaled = (np.clip(values, low, high) - low) / max(float(high - low), 1e-6)
+    return np.minimum((scaled * bins).astype(np.int64), bins - 1)
+
+
+def _superior_axis_down(matrix: np.ndarray) -> bool:
+    """True when the atlas' superior axis points below the horizontal in the scanner frame."""
+    up = rotation_part(matrix) @ np.array([0.0, 0.0, 1.0])
+    return bool(up[2] < 0.0)
+
+
+def _optimise(pyramid: _Pyramid, transform: sitk.Transform, stage: dict[str, Any],
+              settings: dict[str, Any]) -> tuple[sitk.Transform, float]:
+    """Run a stage coarse to fine over its levels; returns the moved transform and final metric."""
+    current = transform.__class__(transform)
+    metric = float("inf")
+    for spacing in stage["levels_mm"]:
+        atlas, moving, mask = pyramid.level(float(spacing), stage.get("clamp"))
+        method = _method(stage, settings, current, mask)
+        method.SetInitialTransform(current, inPlace=True)
+        method.Execute(atlas, moving)
+        metric = float(method.GetMetricValue())
+    return current, metric
 
 
 def rotation_part(matrix: np.ndarray) -> np.ndarray:

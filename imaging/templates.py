@@ -168,17 +168,73 @@ def brain_bbox_lps() -> tuple[tuple[float, float, float], tuple[float, float, fl
     return tuple(lo), tuple(hi)
 
 
+# HU of a real head CT, for the CT registration target (typical adult values: grey
+# matter 35-45, white matter 20-30, CSF 0-15, cortical bone 1000-1800, diploe 400-900,
+# fat -100 to -60, muscle and skin 40-60).
+CT_ATLAS_HU = {"air": -1000.0, "csf": 8.0, "gm": 38.0, "wm": 27.0, "bone": 1200.0, "diploe": 650.0,
+               "fat": -90.0, "soft": 45.0}
+# Bone lies within this distance of the brain (beyond it a dark T1 voxel is air or an eye).
+CT_ATLAS_BONE_MM = 14.0
+
+
 @functools.lru_cache(maxsize=8)
 def atlas(modality: str, spacing_mm: float = 2.0) -> sitk.Image:
-    """Registration target in MNI space: the tissue model at mid age, no noise.
+    """Registration target in MNI space, built to look like a real scan of the modality.
 
-    For CT this is the CT-like atlas (air -1000, scalp 40, skull 700-1400,
-    CSF 5, GM 40, WM 28 HU); for MR a T1-like contrast.
+    MR: Colin27 itself, a real whole-head T1 (scalp, skull, face and neck included).
+    CT: a head CT made from the same real head: the brain from the ICBM tissue maps at
+    grey/white/CSF HU, the rest of Colin27 classified by its T1 signal (dark near the
+    brain = bone, bright near the brain = diploe, bright beyond = fat, else soft tissue).
+    A flat brain inside a ring of bone (what the phantoms are) is a poor target for a
+    real head: the face, the skull base and the scalp carry most of the alignment.
     """
-    values = intensity_table(modality)
     maps = tissue_maps()
-    image = compose_intensity(maps.gm, maps.wm, maps.brain, maps.skull_depth, maps.head, values)
-    return resample_to_spacing(_as_base_image(image), spacing_mm, values["air"])
+    colin = colin27_on_base()
+    if modality == "MR":
+        image = colin
+    elif modality == "CT":
+        image = _ct_from_colin(colin, maps)
+    else:
+        raise ConfigError(f"modality: expected 'CT' or 'MR', got {modality!r}")
+    return resample_to_spacing(_as_base_image(image), spacing_mm, intensity_table(modality)["air"])
+
+
+@functools.lru_cache(maxsize=1)
+def colin27_on_base() -> np.ndarray:
+    """Colin27 on the base grid (z, y, x), air 0, the padded neck continued from its last slice."""
+    if not COLIN27_PATH.exists():
+        raise ConfigError(f"COLIN27_PATH: {COLIN27_PATH} missing (install mricron-data)")
+    colin = _on_base(nifti_to_sitk(nib.load(str(COLIN27_PATH))), tissue_maps().reference)
+    colin[:BOTTOM_PAD_MM] = colin[BOTTOM_PAD_MM][None]
+    colin.setflags(write=False)
+    return colin
+
+
+def _ct_from_colin(colin: np.ndarray, maps: TissueMaps) -> np.ndarray:
+    hu = CT_ATLAS_HU
+    wm_signal = float(np.median(colin[maps.wm > 0.9]))
+    ratio = colin / wm_signal
+    distance = ndimage.distance_transform_edt(~maps.brain).astype(np.float32)
+    near_brain = distance <= CT_ATLAS_BONE_MM
+    image = np.full(colin.shape, hu["air"], dtype=np.float32)
+    image[maps.head] = hu["soft"]
+    image[maps.head & (ratio > 0.85)] = hu["fat"]
+    image[maps.head & near_brain & (ratio < 0.35)] = hu["bone"]
+    image[maps.head & near_brain & (ratio >= 0.85)] = hu["diploe"]
+    csf = np.clip(maps.brain.astype(np.float32) - maps.gm - maps.wm, 0.0, 1.0)
+    image[maps.brain] = (csf * hu["csf"] + maps.gm * hu["gm"] + maps.wm * hu["wm"])[maps.brain]
+    # Partial volume at 1 mm, as a reconstruction kernel gives.
+    return ndimage.gaussian_filter(image, 0.6)
+
+
+@functools.lru_cache(maxsize=8)
+def atlas_metric_mask(spacing_mm: float = 2.0) -> sitk.Image:
+    """Where registration measures similarity: the atlas head and an 8 mm rim of air,
+    so the head's outline counts as much as what is inside it."""
+    maps = tissue_maps()
+    outside = ndimage.distance_transform_edt(~maps.head)
+    mask = resample_to_spacing(_as_base_image((outside <= 8.0).astype(np.float32)), spacing_mm, 0.0)
+    return sitk.Cast(mask > 0.5, sitk.sitkUInt8)
 
 
 @functools.lru_cache(maxsize=8)

@@ -111,11 +111,12 @@ def test_registration_recovers_known_pose(posed_ct, posed_ct_preprocessed):
     truth = affine_to_matrix(posed_ct.mni_to_native)
     relative = _rotation_part(estimated[:3, :3]).T @ _rotation_part(truth[:3, :3])
     angle = math.degrees(math.acos(np.clip((np.trace(relative) - 1.0) / 2.0, -1.0, 1.0)))
-    assert angle < 1.0
-    # Displacement error at points spread over the brain.
+    assert angle < 2.0
+    # Displacement error at points spread over the brain. The CT atlas is made from a
+    # real head (Colin27), not from the template the phantom is made of: within 2 mm.
     points = np.array([[x, y, z, 1.0] for x in (-50, 0, 50) for y in (-70, 0, 50) for z in (-30, 10, 60)])
     errors = np.linalg.norm((points @ estimated.T - points @ truth.T)[:, :3], axis=1)
-    assert errors.max() < 1.0
+    assert errors.max() < 2.0
     assert pre.qc_metrics["rotation_deg"] == pytest.approx(17.5, abs=1.5)
     assert pre.qc_reasons == []
 
@@ -192,14 +193,14 @@ def test_mr_sagittal_preprocess_uses_template_mask_and_percentiles():
     assert dice(native > 0.5, sitk.GetArrayViewFromImage(truth_native)) >= 0.95
 
 
-def test_bad_orientation_and_heavy_noise_are_flagged_not_crashed():
-    # Chin far down (40 deg pitch) and 30 HU noise: registration still finds the head
-    # (restarts from other rotations), QC says why the scan is unusual.
+def test_steep_pitch_and_heavy_noise_register_and_noise_is_flagged():
+    # Chin far down (40 deg pitch) and 30 HU noise: the orientation search still finds
+    # the head (pitch is searched over +-60 degrees); QC says the noise is too high.
     phantom = make_head("CT", age=50.0, seed=3, pose=Pose((40.0, 0.0, 0.0), (0.0, 0.0, 0.0)), noise=30.0,
                         spacing=(3.0, 3.0, 3.0))
     pre = preprocess(Volume.from_image(phantom.image, "CT"), default_params("CT"))
     prefixes = {reason.split(":")[0] for reason in pre.qc_reasons}
-    assert prefixes == {"orientation_unusual", "noise_high"}, pre.qc_reasons
+    assert prefixes == {"noise_high"}, pre.qc_reasons
     assert pre.qc_metrics["rotation_deg"] == pytest.approx(40.0, abs=2.0)
 
 
@@ -212,8 +213,10 @@ def test_skull_coverage_by_hand():
     assert math.isnan(qc.skull_coverage(bone, np.zeros_like(sectors)))
 
 
-@pytest.mark.parametrize("modality", ["CT", "MR"])
-def test_missing_bone_flap_is_a_skull_defect_and_an_intact_skull_is_not(modality):
+def test_missing_bone_flap_is_a_skull_defect_and_an_intact_skull_is_not():
+    # CT only: on T1 bone is as dark as CSF and air, and the rule called the real T1 a
+    # missing bone flap (see test_real_scans.py), so MR has no skull-coverage check.
+    modality = "CT"
     from model_training.anomalies import make_scan, suite_cases
 
     normal, flap = suite_cases(modality, 1, 77, kinds=("craniectomy",), n_normal=1)
@@ -457,7 +460,9 @@ def test_preprocess_fills_missing_slices_before_registration(tmp_path, small_ct_
     truth = affine_to_matrix(pose_transform(Pose()))
     points = np.array([[x, y, z, 1.0] for x in (-50, 50) for y in (-70, 50) for z in (-30, 60)])
     errors = np.linalg.norm((points @ affine_to_matrix(pre.transform).T - points @ truth.T)[:, :3], axis=1)
-    assert errors.max() < 2.0  # 2 mm phantom written at 4 mm slices
+    # 2 mm phantom written at 4 mm slices; the atlas is a real head's shape, not the
+    # phantom's template, so the brain's far corners may sit up to ~2.5 mm off.
+    assert errors.mean() < 2.0 and errors.max() < 3.0
     assert any(reason.startswith("missing_slices") for reason in pre.qc_reasons)
 
 
@@ -491,7 +496,8 @@ def test_tilted_gantry_series_preprocesses_and_maps_back(tmp_path):
     pre = preprocess(volume, default_params("CT"))
     estimated, truth = affine_to_matrix(pre.transform), affine_to_matrix(phantom.mni_to_native)
     points = np.array([[x, y, z, 1.0] for x in (-50, 50) for y in (-70, 50) for z in (-30, 60)])
-    assert np.linalg.norm((points @ estimated.T - points @ truth.T)[:, :3], axis=1).max() < 2.0
+    errors = np.linalg.norm((points @ estimated.T - points @ truth.T)[:, :3], axis=1)
+    assert errors.mean() < 2.0 and errors.max() < 3.0  # brain corners; see the test above
     # The brain mask goes back onto the tilted slices where the phantom's brain is.
     native = to_native(pre.brain_mask.astype(np.float32), pre, volume) > 0.5
     truth_native = np.zeros_like(native)
