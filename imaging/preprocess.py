@@ -30,7 +30,12 @@ from imaging.volume import Volume
 
 logger = logging.getLogger(__name__)
 
-PARAMS_VERSION = 1
+# 2: orientation search and new registration stages, head-similarity QC, T1 brain
+# extraction refined by intensity. A bundle written with version 1 keeps what shapes its
+# model input (grid, crop, smoothing, normalisation, skull stripping) but takes today's
+# registration and QC gates, which are properties of the imaging stage, not the model.
+PARAMS_VERSION = 2
+_IMAGING_STAGE_KEYS = ("registration", "qc_ranges", "skull_check")
 
 _COMMON: dict[str, Any] = {
     "version": PARAMS_VERSION,
@@ -116,6 +121,9 @@ def with_defaults(params: dict[str, Any]) -> dict[str, Any]:
     if "modality" not in params:
         raise ConfigError("params: 'modality' is required")
     merged = default_params(params["modality"])
+    if int(params.get("version", 1)) < 2:
+        params = {key: value for key, value in params.items()
+                  if key not in _IMAGING_STAGE_KEYS and key != "version"}
     _deep_update(merged, params)
     return merged
 

@@ -33,6 +33,7 @@ BLOCKING = frozenset({
     "orientation_unusual", "orientation_flipped",
     "skull_strip_poor", "brain_extraction_failed", "brain_volume_implausible",
     "insufficient_coverage", "noise_high", "not_a_head", "modality_mismatch", "geometry_assumed",
+    "no_suitable_series",
 })
 # Worth telling the reader, but the result still stands.
 ADVISORY = frozenset({

@@ -13,12 +13,6 @@ from imaging import qc
 
 CONFORMANCE = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 
-# Reported by the pipeline itself when no series is chosen, before any QC runs; always
-# not eligible by construction. imaging.qc.BLOCKING does not list it yet (strict xfail
-# below turns into a failure the day it does, so this exception gets removed).
-PIPELINE_ONLY = {"no_suitable_series"}
-
-
 def _is_advisory(prefix: str) -> bool:
     """The same prefix rule as imaging.qc.is_blocking, applied to ADVISORY."""
     return any(prefix == name or prefix.startswith(name + "_") for name in qc.ADVISORY)
@@ -34,7 +28,7 @@ def _classes(prefix: str) -> list[str]:
 
 
 def _all_prefixes() -> list[str]:
-    return sorted({*qc.REASON_PREFIX.values(), *codes.known_qc_reasons()} - PIPELINE_ONLY)
+    return sorted({*qc.REASON_PREFIX.values(), *codes.known_qc_reasons()})
 
 
 @pytest.mark.parametrize("prefix", _all_prefixes())
@@ -42,10 +36,8 @@ def test_every_reason_prefix_is_exactly_one_of_blocking_or_advisory(prefix):
     assert len(_classes(prefix)) == 1, (prefix, _classes(prefix))
 
 
-@pytest.mark.parametrize("prefix", sorted(PIPELINE_ONLY))
-@pytest.mark.xfail(strict=True, reason="pipeline-level reason not (yet) listed in imaging.qc.BLOCKING")
-def test_pipeline_only_reasons_are_blocking_in_imaging_qc(prefix):
-    assert _classes(prefix) == ["blocking"]
+def test_no_suitable_series_is_blocking():
+    assert _classes("no_suitable_series") == ["blocking"]
 
 
 def test_blocking_and_advisory_do_not_overlap():
