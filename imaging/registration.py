@@ -33,6 +33,7 @@ class RegistrationResult:
     metric: float                    # final Mattes MI (more negative is better)
     seconds: float
     upside_down: bool = False        # the head's superior axis points down in the scanner frame
+    stage_seconds: dict[str, float] | None = None  # search, rigid, affine
 
 
 def head_mask(image: sitk.Image, threshold: float) -> sitk.Image:
@@ -143,6 +144,7 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
                     if roll or yaw or pitch != best_pitch:
                         consider(name, flip @ _euler(pitch, roll, yaw))
     candidates.sort(key=lambda c: c[0])
+    searched = time.perf_counter()
 
     pyramid = _Pyramid(atlas, moving, atlas_mask)
     # Refine the best few overall and the best of every hypothesis: with heavy noise or a
@@ -152,14 +154,19 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
         leader = next(c for c in candidates if c[2] == name)
         if all(leader is not c for c in shortlist):
             shortlist.append(leader)
-    best: tuple[float, sitk.Euler3DTransform, str] | None = None
+    # Every contender gets the coarse rigid level; only the winner goes on to the finer ones.
+    rigid_stage = settings["rigid"]
+    coarse_stage = {**rigid_stage, "levels_mm": rigid_stage["levels_mm"][:1]}
+    fine_stage = {**rigid_stage, "levels_mm": rigid_stage["levels_mm"][1:]}
+    best: tuple[float, sitk.Transform, str] | None = None
     for _, transform, name in shortlist:
-        refined, metric = _optimise(pyramid, transform, settings["rigid"], settings)
+        refined, metric = _optimise(pyramid, transform, coarse_stage, settings)
         if best is None or metric < best[0]:
             best = (metric, refined, name)
     assert best is not None
-    rigid = best[1]
+    rigid = _optimise(pyramid, best[1], fine_stage, settings)[0] if fine_stage["levels_mm"] else best[1]
 
+    rigid_done = time.perf_counter()
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
@@ -171,7 +178,9 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     result = RegistrationResult(transform=affine, rotation_deg=rotation,
                                 affine_scale=float(abs(np.linalg.det(matrix)) ** (1.0 / 3.0)),
                                 metric=metric, seconds=time.perf_counter() - start,
-                                upside_down=_superior_axis_down(matrix))
+                                upside_down=_superior_axis_down(matrix),
+                                stage_seconds={"search": searched - start, "rigid": rigid_done - searched,
+                                               "affine": time.perf_counter() - rigid_done})
     logger.debug("registered", extra={"action": "registered", "rotation_deg": rotation, "metric": metric,
                                       "hypothesis": best[2], "seconds": result.seconds})
     return result

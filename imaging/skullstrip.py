@@ -43,10 +43,8 @@ def strip_ct(hu: np.ndarray, template_mask: np.ndarray, spacing_zyx: tuple[float
 
 def strip_mr(t1: np.ndarray, template_mask: np.ndarray, spacing_mm: float, settings: dict[str, Any]) -> np.ndarray:
     """Brain mask (bool) of a T1 already registered to MNI on an isotropic grid."""
-    inside = ndimage.distance_transform_edt(template_mask, sampling=spacing_mm)
-    outside = ndimage.distance_transform_edt(~template_mask, sampling=spacing_mm)
-    core = inside > float(settings["core_mm"])
-    search = outside <= float(settings["search_mm"])
+    core, search = _core_and_search(template_mask, spacing_mm, float(settings["core_mm"]),
+                                    float(settings["search_mm"]))
     if not core.any():
         return template_mask.astype(bool).copy()
     # White matter dominates the deep core: its upper quartile is a scale that every T1 has.
@@ -66,6 +64,22 @@ def strip_mr(t1: np.ndarray, template_mask: np.ndarray, spacing_mm: float, setti
     if rim > 0:
         mask |= ndimage.binary_dilation(mask, structure=_ball(rim)) & template_mask.astype(bool)
     return mask
+
+
+def _core_and_search(template_mask: np.ndarray, spacing_mm: float, core_mm: float,
+                     search_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The template's deep core and its search band; the template is the same for every
+    scan, so both are computed once per process."""
+    key = (template_mask.shape, hash(np.packbits(template_mask).tobytes()), spacing_mm, core_mm, search_mm)
+    if key not in _CORE_CACHE:
+        inside = ndimage.distance_transform_edt(template_mask, sampling=spacing_mm)
+        outside = ndimage.distance_transform_edt(~template_mask.astype(bool), sampling=spacing_mm)
+        _CORE_CACHE.clear()
+        _CORE_CACHE[key] = (inside > core_mm, outside <= search_mm)
+    return _CORE_CACHE[key]
+
+
+_CORE_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _ball(radius: int) -> np.ndarray:
