@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -25,8 +26,10 @@ from daemon.delivery import deliver_due
 from daemon.errors import HeadscreenError, TransientError
 from daemon.inference import BundleRunner
 from daemon.pipeline import StudyFiles, run_job
+from daemon.privacy import failure_reason, frames_only, withhold_values_in_logs
 from db import api
 from db.engine import make_engine, session_factory
+from db.types import JobOutcome
 
 log = logging.getLogger(__name__)
 
@@ -80,27 +83,42 @@ class Worker:
             ticket = api.claim_job(session, self.worker_id, self.settings.lease_s, datetime.now(UTC))
         if ticket is None:
             return False
-        lease_lost = threading.Event()
-        done = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(ticket.job_id, done, lease_lost), daemon=True)
-        beat.start()
-        try:
-            self._process(ticket)
-        finally:
-            done.set()
-            beat.join()
+        result_id = self._process(ticket)
+        if result_id is not None:
+            # The job is recorded and no longer leased, so a slow PACS cannot pass for a lost lease.
+            deliver_due(self.sessions, self.settings, result_id=result_id)
         return True
 
-    def _process(self, ticket: api.JobTicket) -> None:
+    def _process(self, ticket: api.JobTicket) -> int | None:
+        """Run the job while its lease is kept alive, then record how it ended; the new result's id, if any."""
         extra = {"job_id": ticket.job_id, "study_uid": ticket.study_instance_uid, "worker_id": self.worker_id}
         runner = self.runners.get((ticket.bundle_name, ticket.bundle_version))
         policy = api.RetryPolicy(max_attempts=self.settings.job_max_attempts, base_delay_s=5.0, max_delay_s=120.0)
         if runner is None:
-            with self.sessions() as session:
-                api.fail_job(session, ticket.job_id, self.worker_id,
-                             f"bundle {ticket.bundle_name}-{ticket.bundle_version} is not loaded on this worker",
-                             retryable=False, now=datetime.now(UTC), policy=policy)
-            return
+            self._fail(ticket, f"bundle {ticket.bundle_name}-{ticket.bundle_version} is not loaded on this worker",
+                       False, policy)
+            return None
+        # Stopped (joined) before the job is recorded: once it is done or failed the lease is
+        # no longer ours, and a renewal racing the record would be refused and read as a lost lease.
+        with LeaseKeeper(self, ticket.job_id):
+            outcome, failure = self._run(ticket, runner, extra)
+        if failure is not None:
+            self._fail(ticket, *failure, policy)
+            return None
+        destinations = [d.name for d in self.settings.destinations]
+        with self.sessions() as session:
+            result_id = api.finish_job(session, ticket.job_id, self.worker_id, outcome, destinations, datetime.now(UTC))
+        if result_id is None:
+            log.warning("lease lost before finishing; result discarded", extra=extra)
+            return None
+        log.info("job done", extra={**extra, "result_id": result_id})
+        return result_id
+
+    def _run(
+        self, ticket: api.JobTicket, runner: BundleRunner, extra: dict
+    ) -> tuple[JobOutcome | None, tuple[str, bool] | None]:
+        """(outcome, None), or (None, (reason, retryable)). Reasons and log lines never hold an
+        exception's message from a library: pydicom and highdicom quote the values they reject."""
         output_dir = self.settings.results_dir / ticket.study_instance_uid / f"job-{ticket.job_id}-attempt-{ticket.attempt}"
         try:
             with self.sessions() as session:
@@ -113,43 +131,62 @@ class Worker:
             outcome = run_job(ticket, study, runner, output_dir, self.settings.overlay_slices, rules,
                               seg_enabled=self.settings.seg_enabled, seg_threshold=self.settings.seg_threshold)
         except TransientError as exc:
-            log.warning("job failed, will retry", extra={**extra, "error": str(exc)})
-            self._fail(ticket, str(exc), True, policy)
-            return
+            reason = failure_reason(exc)
+            log.warning("job failed, will retry", extra={**extra, "error": reason})
+            return None, (reason, True)
         except Exception as exc:  # an unexpected bug must not kill the worker
-            log.exception("job crashed", extra=extra)
-            retryable = not isinstance(exc, HeadscreenError)
-            self._fail(ticket, f"{type(exc).__name__}: {exc}", retryable, policy)
-            return
-        destinations = [d.name for d in self.settings.destinations]
-        with self.sessions() as session:
-            result_id = api.finish_job(session, ticket.job_id, self.worker_id, outcome, destinations, datetime.now(UTC))
-        if result_id is None:
-            log.warning("lease lost before finishing; result discarded", extra=extra)
-            return
-        log.info("job done", extra={**extra, "result_id": result_id})
-        deliver_due(self.sessions, self.settings, result_id=result_id)
+            reason = failure_reason(exc)
+            log.error("job crashed", extra={**extra, "error": reason, "error_trace": frames_only(sys.exc_info())})
+            return None, (reason, not isinstance(exc, HeadscreenError))
+        return outcome, None
 
     def _fail(self, ticket: api.JobTicket, reason: str, retryable: bool, policy: api.RetryPolicy) -> None:
         with self.sessions() as session:
             api.fail_job(session, ticket.job_id, self.worker_id, reason, retryable=retryable,
                          now=datetime.now(UTC), policy=policy)
 
-    def _heartbeat(self, job_id: int, done: threading.Event, lease_lost: threading.Event) -> None:
-        while not done.wait(self.settings.heartbeat_s):
-            try:
-                with self.sessions() as session:
-                    alive = api.heartbeat(session, job_id, self.worker_id, self.settings.lease_s, datetime.now(UTC))
-            except Exception:
-                log.exception("heartbeat failed", extra={"job_id": job_id})
-                continue
-            if not alive:
-                lease_lost.set()
-                log.warning("lease lost", extra={"job_id": job_id, "worker_id": self.worker_id})
-                return
-
     def _abs(self, path: str) -> Path:
         return self.settings.storage_dir / path
+
+
+class LeaseKeeper:
+    """Renews a job's lease every heartbeat_s from a thread, until stopped.
+
+    A refused renewal means the job was taken back (the lease expired and the sweep
+    requeued it, or the study was reopened); `db.api.heartbeat` warns "lease lost".
+    """
+
+    def __init__(self, worker: Worker, job_id: int) -> None:
+        self.worker = worker
+        self.job_id = job_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop renewing; returns once no renewal is in progress."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _beat(self) -> None:
+        settings = self.worker.settings
+        while not self._stop.wait(settings.heartbeat_s):
+            try:
+                with self.worker.sessions() as session:
+                    alive = api.heartbeat(session, self.job_id, self.worker.worker_id, settings.lease_s,
+                                          datetime.now(UTC))
+            except Exception as exc:
+                log.error("heartbeat failed", extra={"job_id": self.job_id, "error": failure_reason(exc)})
+                continue
+            if not alive:
+                return  # nothing left to keep; finish_job's fence discards the result
 
 
 def worker_process_main(settings: Settings, worker_index: int) -> None:
@@ -157,6 +194,7 @@ def worker_process_main(settings: Settings, worker_index: int) -> None:
     from daemon.logs import configure_logging
 
     configure_logging(settings)
+    withhold_values_in_logs()
     engine = make_engine(settings.database_url)
     worker = Worker(settings, session_factory(engine), worker_id=f"{socket.gethostname()}:{os.getpid()}:w{worker_index}")
     # SIGTERM drains: the current job finishes, then the loop ends.

@@ -10,10 +10,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from daemon.privacy import scrub
 from db.engine import begin_write, is_postgres, write_transaction
 from db.models import Delivery, Job, Result, ResultObject, Study
 from db.states import DeliveryState, JobState
-from db.txn import SYSTEM_ACTOR, add_audit, clock, execute_counted, locked
+from db.txn import SYSTEM_ACTOR, add_audit, clock, end_read, execute_counted, locked
 from db.types import JobOutcome, JobTicket, OutputObject, RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def claim_job(session: Session, worker_id: str, lease_s: float, now: datetime | 
 def heartbeat(session: Session, job_id: int, worker_id: str, lease_s: float, now: datetime | None = None) -> bool:
     """Extend the lease (commits). False when the job is no longer running under this worker
     (requeued, superseded, finished); the worker should then abandon it. A lease that
-    expired but was not yet taken back is still renewed: nobody else holds the job."""
+    expired but was not yet taken back is still renewed: nobody else holds the job.
+    Warns "lease lost" unless the job is done by this very worker."""
     now = clock(now)
     begin_write(session)
     renewed = execute_counted(
@@ -91,9 +93,20 @@ def heartbeat(session: Session, job_id: int, worker_id: str, lease_s: float, now
         .values(lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now)
     )
     session.commit()
-    if not renewed:
-        logger.warning("lease lost", extra={"action": "lease_lost", "job_id": job_id, "worker_id": worker_id})
-    return renewed == 1
+    if renewed:
+        return True
+    if _finished_by(session, job_id, worker_id):
+        # A renewal that raced our own finish_job: the lease ended because we were done, not lost.
+        logger.debug("heartbeat after finishing", extra={"job_id": job_id, "worker_id": worker_id})
+        return False
+    logger.warning("lease lost", extra={"action": "lease_lost", "job_id": job_id, "worker_id": worker_id})
+    return False
+
+
+def _finished_by(session: Session, job_id: int, worker_id: str) -> bool:
+    row = session.execute(select(Job.state, Job.lease_owner).where(Job.id == job_id)).one_or_none()
+    end_read(session)
+    return row is not None and row.state == JobState.DONE and row.lease_owner == worker_id
 
 
 def _fenced_job(session: Session, job_id: int, worker_id: str, lock_study: bool = False) -> Job | None:
@@ -264,6 +277,8 @@ def fail_job(
             session.rollback()
             return None
         limit = min(job.max_attempts, policy.max_attempts)
+        # Viewers read last_error and the audit trail: no value from a data set may be in it.
+        reason = scrub(reason)
         job.last_error = reason
         job.lease_owner = None
         job.lease_expires_at = None
