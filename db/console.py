@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from daemon.privacy import scrub
 from db.models import AuditEvent, Delivery, IngestRejection, Instance, Job, Result, ResultObject, Study
 from db.states import DeliveryState, JobState
 from db.engine import is_postgres
@@ -204,7 +205,9 @@ def failures(session: Session, limit: int = 200) -> tuple[list[FailedJob], list[
         select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
         .where(Job.state == JobState.FAILED, ~rerun).order_by(Job.id.desc()).limit(limit)
     ).all()
-    jobs = [FailedJob(j.id, uid, f"{j.bundle_name}-{j.bundle_version}", j.attempts, j.last_error, j.finished_at)
+    # Scrubbed again on the way out: rows written before reasons were sanitised may quote data-set values.
+    jobs = [FailedJob(j.id, uid, f"{j.bundle_name}-{j.bundle_version}", j.attempts, _scrubbed(j.last_error),
+                      j.finished_at)
             for j, uid in job_rows]
     dead_rows = session.execute(
         select(Delivery, ResultObject.kind, Study.study_instance_uid)
@@ -213,7 +216,7 @@ def failures(session: Session, limit: int = 200) -> tuple[list[FailedJob], list[
         .join(Study, Study.id == Result.study_id)
         .where(Delivery.state == DeliveryState.DEAD).order_by(Delivery.id.desc()).limit(limit)
     ).all()
-    dead = [DeadDelivery(d.id, uid, d.destination, str(kind), d.attempts, d.last_status, d.last_error)
+    dead = [DeadDelivery(d.id, uid, d.destination, str(kind), d.attempts, d.last_status, _scrubbed(d.last_error))
             for d, kind, uid in dead_rows]
     end_read(session)
     return jobs, dead
@@ -226,7 +229,16 @@ def audit_trail(session: Session, study_uid: str | None = None, limit: int = 200
         stmt = stmt.where(Study.study_instance_uid == study_uid)
     rows = session.execute(stmt.order_by(AuditEvent.id.desc()).limit(limit)).all()
     end_read(session)
-    return [AuditEntry(e.at, e.actor, e.action, uid, dict(e.detail)) for e, uid in rows]
+    return [AuditEntry(e.at, e.actor, e.action, uid, _scrubbed_detail(e.detail)) for e, uid in rows]
+
+
+def _scrubbed(text: str | None) -> str | None:
+    return None if text is None else scrub(text)
+
+
+def _scrubbed_detail(detail: dict[str, Any]) -> dict[str, Any]:
+    # Failure reasons are error text; comments and the rest are what our users typed or we chose.
+    return {k: scrub(v) if k in ("reason", "error") and isinstance(v, str) else v for k, v in detail.items()}
 
 
 def score_distributions(

@@ -14,6 +14,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.expression import ScalarSelect
 
+from daemon.privacy import scrub
 from db.engine import begin_write, write_transaction
 from db.models import Delivery, Job, Result, ResultObject, Series, Study
 from db.states import JobState, StudyState
@@ -362,12 +363,17 @@ def _series_of(session: Session, study_id: int) -> list[SeriesSummary]:
     ]
 
 
+def _scrubbed(text: str | None) -> str | None:
+    # Every console reader sees error text sanitised, also rows written before reasons were.
+    return None if text is None else scrub(text)
+
+
 def _jobs_of(session: Session, study_id: int) -> list[JobSummary]:
     rows = session.execute(select(Job).where(Job.study_id == study_id).order_by(Job.id)).scalars()
     return [
         JobSummary(
             j.id, j.bundle_name, j.bundle_version, j.generation, str(j.state),
-            j.attempts, j.last_error, j.created_at, j.finished_at,
+            j.attempts, _scrubbed(j.last_error), j.created_at, j.finished_at,
         )
         for j in rows
     ]
@@ -414,7 +420,7 @@ def _deliveries_of(session: Session, study_id: int) -> list[DeliverySummary]:
     return [
         DeliverySummary(
             d.id, o.result_id, o.sop_instance_uid, str(o.kind), d.destination, str(d.state),
-            d.attempts, d.last_error, d.last_status, d.delivered_at,
+            d.attempts, _scrubbed(d.last_error), d.last_status, d.delivered_at,
         )
         for d, o in rows
     ]
