@@ -12,6 +12,7 @@ from pathlib import Path
 
 from daemon.config import Settings, example_toml, load_settings
 from daemon.errors import HeadscreenError
+from daemon.privacy import withhold_values_in_logs
 
 log = logging.getLogger("headscreen")
 
@@ -26,6 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings)
+    withhold_values_in_logs()
     return serve(settings)
 
 
@@ -54,7 +56,8 @@ def cmd_config_example(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    # Printed settings end up in tickets and chat: passwords and tokens show as *** only.
+    print(json.dumps(settings.redacted(), indent=2))
     return 0
 
 
@@ -147,6 +150,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings)
+    withhold_values_in_logs()
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     return run_web(settings, _sessions(settings), bundle_refs(settings))
 

@@ -9,17 +9,20 @@ underscore (HEADSCREEN_DELIVERY__MAX_ATTEMPTS=5); lists are given as JSON
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.errors import ConfigError
+from daemon.privacy import redact_authorization, redact_secrets, redact_url
 
 CONFIG_ENV = "HEADSCREEN_CONFIG"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
@@ -68,6 +71,19 @@ class DestinationConfig(_Section):
     @classmethod
     def _valid_ae(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae_title(value)
+
+    def redacted(self) -> dict[str, Any]:
+        """As JSON-able data with the credentials shown as *** (an unset one stays empty)."""
+        data = self.model_dump(mode="json")
+        data["authorization"] = redact_authorization(self.authorization)
+        data["url"] = None if self.url is None else redact_url(self.url)
+        return data
+
+    def __repr_args__(self):  # type: ignore[no-untyped-def]
+        # repr() ends up in tracebacks and log lines; it must not carry the token.
+        redacted = self.redacted()
+        for key, value in super().__repr_args__():
+            yield key, redacted.get(key, value) if key in ("authorization", "url") else value
 
     @model_validator(mode="after")
     def _complete_for_kind(self) -> DestinationConfig:
@@ -195,6 +211,18 @@ class Settings(BaseSettings):
     def results_dir(self) -> Path:
         return self.storage_dir / "results"
 
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as JSON-able data for printing and logging: the database
+        password and the destinations' credentials shown as *** (so one sees they are set)."""
+        data = self.model_dump(mode="json")
+        data["database_url"] = redact_url(self.database_url)
+        data["destinations"] = [d.redacted() for d in self.destinations]
+        return data
+
+    def __repr_args__(self):  # type: ignore[no-untyped-def]
+        for key, value in super().__repr_args__():
+            yield key, redact_url(value) if key == "database_url" and isinstance(value, str) else value
+
 
 def shipped_bundles() -> list[Path]:
     """The default bundles in the repository's models/ folder, when present."""
@@ -212,12 +240,46 @@ def load_settings(path: Path | None = None, **overrides: object) -> Settings:
         except FileNotFoundError:
             raise ConfigError(f"configuration file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+            raise ConfigError(redact_secrets(f"{path}: not valid TOML: {exc}")) from None
     data.update(overrides)
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        # A validator's message may quote what it rejected; the secrets given must not reach the terminal.
+        given = _secrets_in(data) + _secrets_in(_environment_values())
+        raise ConfigError(redact_secrets(_describe(exc, path), given)) from None
+
+
+def _environment_values() -> list[object]:
+    values: list[object] = []
+    for key, text in os.environ.items():
+        if key.startswith("HEADSCREEN_"):
+            try:
+                values.append(json.loads(text))  # lists come as JSON
+            except ValueError:
+                values.append(text)
+    return values
+
+
+def _secrets_in(value: object) -> list[str]:
+    """The credentials in raw configuration data: URL passwords and Authorization values."""
+    if isinstance(value, dict):
+        found = []
+        for key, item in value.items():
+            if key == "authorization" and isinstance(item, str):
+                found += [item, item.partition(" ")[2]]
+            else:
+                found += _secrets_in(item)
+        return found
+    if isinstance(value, list):
+        return [secret for item in value for secret in _secrets_in(item)]
+    if isinstance(value, str) and "://" in value:
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            return []
+        return [password] if password else []
+    return []
 
 
 def _describe(exc: ValidationError, path: Path | None) -> str:

@@ -97,3 +97,57 @@ def test_config_example_prints_valid_toml(capsys):
 
     code, out = run(capsys, "config", "example")
     assert code == 0 and tomllib.loads(out)["ae_title"] == "HEADSCREEN"
+
+
+DB_PASSWORD = "Pg-s3cret-4711"
+BEARER_TOKEN = "tok-9f8e7d6c5b4a3210"
+STOW_PASSWORD = "stow-pass-0815"
+
+
+def _config_with_secrets(tmp_path) -> str:
+    return (f'allow_any_caller = true\nstorage_dir = "{tmp_path / "storage"}"\n'
+            f'database_url = "postgresql+psycopg://headscreen:{DB_PASSWORD}@db.example:5432/headscreen"\n'
+            'destinations = [\n'
+            f'  {{ name = "web", kind = "stow", url = "https://pacs.example/dicom-web/studies", '
+            f'authorization = "Bearer {BEARER_TOKEN}" }},\n'
+            f'  {{ name = "web2", kind = "stow", url = "https://hs:{STOW_PASSWORD}@pacs2.example/dicom-web/studies" }},\n'
+            '  { name = "pacs", ae_title = "PACS", host = "127.0.0.1", port = 104 },\n'
+            ']\n')
+
+
+def test_config_check_shows_secrets_are_set_but_not_what_they_are(tmp_path, capsys):
+    config = tmp_path / "headscreen.toml"
+    config.write_text(_config_with_secrets(tmp_path))
+    code = main(["-c", str(config), "config", "check"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    for secret in (DB_PASSWORD, BEARER_TOKEN, STOW_PASSWORD):
+        assert secret not in out + err
+    printed = json.loads(out)
+    assert printed["database_url"] == "postgresql+psycopg://headscreen:***@db.example:5432/headscreen"
+    web, web2, pacs = printed["destinations"]
+    assert web["authorization"] == "Bearer ***"
+    assert web2["url"] == "https://hs:***@pacs2.example/dicom-web/studies" and web2["authorization"] is None
+    assert (pacs["host"], pacs["port"]) == ("127.0.0.1", 104)
+
+
+def test_config_check_redacts_secrets_given_in_the_environment(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "headscreen.toml"
+    config.write_text(f'allow_any_caller = true\nstorage_dir = "{tmp_path / "storage"}"\n')
+    monkeypatch.setenv("HEADSCREEN_DATABASE_URL", f"postgresql+psycopg://hs:{DB_PASSWORD}@db/hs")
+    monkeypatch.setenv("HEADSCREEN_DESTINATIONS", json.dumps([
+        {"name": "web", "kind": "stow", "url": "https://pacs/dicom-web/studies", "authorization": f"Basic {BEARER_TOKEN}"}]))
+    assert main(["-c", str(config), "config", "check"]) == 0
+    out, err = capsys.readouterr()
+    assert DB_PASSWORD not in out + err and BEARER_TOKEN not in out + err
+    assert "hs:***@db" in out and "Basic ***" in out
+
+
+def test_invalid_config_error_names_the_key_but_no_secret(tmp_path, capsys):
+    config = tmp_path / "headscreen.toml"
+    config.write_text(_config_with_secrets(tmp_path) + "port = 70000\n")
+    assert main(["-c", str(config), "config", "check"]) == 2
+    out, err = capsys.readouterr()
+    assert "port" in err
+    for secret in (DB_PASSWORD, BEARER_TOKEN, STOW_PASSWORD):
+        assert secret not in out + err

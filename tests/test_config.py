@@ -1,5 +1,6 @@
 """Settings: the example file is complete and valid, env overrides win, bad values are named."""
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -75,3 +76,49 @@ def test_selection_rules_override_defaults_per_key(tmp_path):
     assert settings.selection_rules("MR").modality == "MR"
     with pytest.raises(ConfigError, match="selection.CT"):
         load_settings(write(tmp_path, "allow_any_caller = true\n[selection.CT]\nmin_slices = 'many'\n"))
+
+
+def test_settings_show_credentials_as_stars_but_keep_them_for_use(tmp_path):
+    password, token = "Pg-s3cret-4711", "tok-9f8e7d6c5b4a3210"
+    settings = load_settings(write(tmp_path, (
+        'allow_any_caller = true\n'
+        f'database_url = "postgresql+psycopg://headscreen:{password}@db.example/headscreen"\n'
+        'destinations = [{ name = "web", kind = "stow", url = "https://pacs/dicom-web/studies", '
+        f'authorization = "Bearer {token}" }}]\n')))
+    assert settings.database_url.endswith(f":{password}@db.example/headscreen")  # the service still connects
+    assert settings.destinations[0].authorization == f"Bearer {token}"
+    redacted = settings.redacted()
+    assert redacted["database_url"] == "postgresql+psycopg://headscreen:***@db.example/headscreen"
+    assert redacted["destinations"][0]["authorization"] == "Bearer ***"
+    # repr() and str() end up in tracebacks and log lines.
+    for text in (repr(settings), str(settings), repr(settings.destinations[0]), str(redacted)):
+        assert password not in text and token not in text
+
+
+def test_unset_credentials_stay_visibly_unset(tmp_path):
+    settings = load_settings(write(tmp_path, (
+        f'allow_any_caller = true\nstorage_dir = "{tmp_path}"\n'
+        'destinations = [{ name = "web", kind = "stow", url = "https://pacs/dicom-web/studies" }]\n')))
+    redacted = settings.redacted()
+    assert redacted["database_url"] == f"sqlite:///{tmp_path / 'headscreen.db'}"
+    assert redacted["destinations"][0]["authorization"] is None
+
+
+def test_a_validation_message_that_quotes_a_secret_is_redacted(tmp_path):
+    # The selection rules' message quotes the rejected input; a secret pasted there must not be shown.
+    secret = "Pg-s3cret-4711"
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, (
+            'allow_any_caller = true\n'
+            f'database_url = "postgresql+psycopg://hs:{secret}@db/hs"\n'
+            f'[selection.CT]\nmin_slices = "{secret}"\n')))
+    assert "selection.CT" in str(info.value) and secret not in str(info.value)
+
+
+def test_a_secret_from_the_environment_is_redacted_in_validation_messages(tmp_path, monkeypatch):
+    secret = "tok-9f8e7d6c5b4a3210"
+    monkeypatch.setenv("HEADSCREEN_DESTINATIONS", json.dumps(
+        [{"name": "web", "kind": "stow", "url": "https://pacs/dicom-web/studies", "authorization": secret}]))
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, f'allow_any_caller = true\n[selection.CT]\nmin_slices = "{secret}"\n'))
+    assert "selection.CT" in str(info.value) and secret not in str(info.value)
