@@ -107,8 +107,9 @@ def _case(label: str, volume: Volume, repeat: int) -> dict:
 
 
 def _native_dice(result: Preprocessed, volume: Volume, truth: sitk.Image) -> float:
-    mask = sitk.GetImageFromArray(result.brain_mask.astype(np.float32))
-    mask.CopyInformation(result.reference)
+    """Dice of the brain extraction (at the resolution it was made) on the native grid."""
+    assert result.brain_extraction is not None
+    mask = sitk.Cast(result.brain_extraction, sitk.sitkFloat32)
     native = sitk.Resample(mask, volume.image, result.transform.GetInverse(), sitk.sitkLinear, 0.0)
     return dice(sitk.GetArrayViewFromImage(native) > 0.5, sitk.GetArrayViewFromImage(truth) > 0)
 

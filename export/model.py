@@ -151,6 +151,11 @@ def reference_header(first: Dataset) -> Dataset:
         except (ValueError, TypeError):
             blanked.append(keyword)
             setattr(header, keyword, None)
+    # PatientIdentityRemoved YES requires a de-identification method (Type 1C); a source
+    # that states neither would make every derived object fail validation.
+    if (str(header.get("PatientIdentityRemoved", "")).upper() == "YES" and not header.get("DeidentificationMethod")
+            and not header.get("DeidentificationMethodCodeSequence")):
+        header.DeidentificationMethod = "Not stated by the source"
     if blanked:
         # Names only: the values are patient data.
         logger.warning("non-conformant header values left empty", extra={"attributes": blanked})

@@ -54,19 +54,20 @@ _COMMON: dict[str, Any] = {
         "histogram_bins": 32,
         "seed": 20240611,
         # Orientation search at 8 mm, for every hypothesis (as labelled, turned 180 degrees
-        # about each axis): pitch over +-60 degrees, then roll and yaw about the best pitch;
-        # the best few overall and the best of each hypothesis are refined.
+        # about each axis): pitch over +-60 degrees, then yaw and roll over +-30 degrees,
+        # then a 3x3x3 grid of 7.5 degree steps about the best; the best few overall and
+        # the best of each hypothesis are refined.
         "search": {"spacing_mm": 8.0, "cranium_depth_mm": 110.0, "refine_best": 3,
                    "tilts_deg": {"pitch": [-60.0, -45.0, -30.0, -15.0, 0.0, 15.0, 30.0, 45.0, 60.0],
-                                 "pitch_refine": [-7.5, 0.0, 7.5], "roll": [-15.0, 0.0, 15.0],
-                                 "yaw": [-15.0, 0.0, 15.0]}},
+                                 "yaw": [-30.0, -15.0, 0.0, 15.0, 30.0], "roll": [-30.0, -15.0, 0.0, 15.0, 30.0],
+                                 "joint_step": 7.5}},
         # Rigid at 8 then 4 mm (Mattes MI: robust far from the optimum), affine at 4 then 2 mm
         # (correlation: smoother near the optimum, so re-posed copies of one real head agree
         # within ~1.5 mm where MI's sampling noise left 2-5 mm).
         "rigid": {"levels_mm": [8.0, 4.0], "iterations": 100, "max_step_mm": 4.0, "min_step_mm": 0.05,
                   "samples": 3000},
         "affine": {"levels_mm": [4.0, 2.0], "iterations": 60, "max_step_mm": 1.0, "min_step_mm": 0.02,
-                   "samples": 10000, "metric": "correlation"},
+                   "samples": 20000, "metric": "correlation"},
     },
 }
 
@@ -96,7 +97,7 @@ _MR: dict[str, Any] = {
     "percentiles": [1.0, 99.0],
     "bias_correction": False,
     "registration": {"head_threshold_fraction": 0.15},
-    "skull_strip": {"method": "t1_intensity_refined", "core_mm": 10.0, "search_mm": 6.0,
+    "skull_strip": {"method": "t1_intensity_refined", "core_mm": 10.0, "search_mm": 5.0,
                     "bone_below_white": 0.4, "opening_voxels": 2, "csf_rim_voxels": 1},
     # No skull-coverage check on T1: bone is dark like CSF and air there, and the rule
     # that works on phantoms called the one real T1 a missing bone flap (0.06).
@@ -173,6 +174,9 @@ class Preprocessed:
     transform: sitk.AffineTransform  # MNI (model grid) point -> native point
     reference: sitk.Image            # model grid geometry (uint8 zeros)
     timings: dict[str, float] = field(default_factory=dict)
+    # The brain mask at the resolution it was extracted (MR: the 2 mm atlas grid; CT: the
+    # model grid), in MNI like `reference`: what a brain-extraction Dice should judge.
+    brain_extraction: sitk.Image | None = None
 
 
 def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
@@ -219,14 +223,20 @@ def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
     moved, in_view = _in_atlas_space(working, registration, modality, atlas_spacing)
     template_mask = template_mask_on_grid(grid)
     method = params["skull_strip"]["method"]
+    extraction_grid = reference
     if method == "hu_threshold_morphology":
         brain = skullstrip.strip_ct(values, template_mask, grid.spacing[::-1], params["skull_strip"])
+        extracted = brain
     elif method == "t1_intensity_refined":
         prior = sitk.GetArrayViewFromImage(templates.atlas_brain_mask(atlas_spacing)).astype(bool)
-        brain_atlas = skullstrip.strip_mr(moved, prior, atlas_spacing, params["skull_strip"])
-        brain = _atlas_mask_on_grid(brain_atlas, atlas, reference)
+        extracted = skullstrip.strip_mr(moved, prior, atlas_spacing, params["skull_strip"])
+        extraction_grid = atlas
+        brain = _atlas_mask_on_grid(extracted, atlas, reference)
     else:
         brain = template_mask.copy()
+        extracted = brain
+    brain_extraction = sitk.GetImageFromArray(extracted.astype(np.uint8))
+    brain_extraction.CopyInformation(extraction_grid)
     lap("skull_strip")
 
     # Paper order: strip the skull, then smooth and resize, so bone never bleeds into the
@@ -250,7 +260,8 @@ def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
     logger.info("preprocessed", extra={"action": "preprocessed", "series_uid": volume.series_uid,
                                        "seconds": round(timings["total"], 3), "qc_reasons": reasons})
     return Preprocessed(model_input=model_input, brain_mask=brain, qc_metrics=metrics, qc_reasons=reasons,
-                        transform=registration.transform, reference=reference, timings=timings)
+                        transform=registration.transform, reference=reference, timings=timings,
+                        brain_extraction=brain_extraction)
 
 
 def _check_coverage(volume: Volume, minimum_mm: float) -> None:

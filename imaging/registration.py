@@ -133,16 +133,18 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
 
     grid = search["tilts_deg"]
     for name, flip in _HYPOTHESES.items():
-        # Pitch (chin up or down) varies most between scans: search it widely first,
-        # then roll and yaw around the best pitch.
-        pitch_scores = {pitch: consider(name, flip @ _euler(pitch, 0.0, 0.0))
-                        for pitch in grid["pitch"]}
-        best_pitch = min(pitch_scores, key=pitch_scores.__getitem__)
-        for pitch in (best_pitch + d for d in grid["pitch_refine"]):
-            for roll in grid["roll"]:
-                for yaw in grid["yaw"]:
-                    if roll or yaw or pitch != best_pitch:
-                        consider(name, flip @ _euler(pitch, roll, yaw))
+        # One axis at a time, widest first: pitch (chin up or down varies most between
+        # scans), then yaw, then roll, then a small joint grid about the best of them.
+        best = [0.0, 0.0, 0.0]
+        for axis, key in ((0, "pitch"), (2, "yaw"), (1, "roll")):
+            scores = {}
+            for angle in grid[key]:
+                trial = list(best)
+                trial[axis] = angle
+                scores[angle] = consider(name, flip @ _euler(*trial))
+            best[axis] = min(scores, key=scores.__getitem__)
+        for step in _joint_steps(float(grid["joint_step"])):
+            consider(name, flip @ _euler(*(b + d for b, d in zip(best, step))))
     candidates.sort(key=lambda c: c[0])
     searched = time.perf_counter()
 
@@ -208,6 +210,12 @@ def _parameter_scales(transform: sitk.Transform) -> list[float]:
     if isinstance(transform, sitk.AffineTransform):
         return [lever] * 9 + [1.0] * 3
     raise TypeError(f"transform: unsupported type {type(transform).__name__}")
+
+
+def _joint_steps(step: float) -> list[tuple[float, float, float]]:
+    """Offsets of a 3 x 3 x 3 grid about a point, the point itself left out."""
+    offsets = (-step, 0.0, step)
+    return [(a, b, c) for a in offsets for b in offsets for c in offsets if (a, b, c) != (0.0, 0.0, 0.0)]
 
 
 def _euler(pitch: float, roll: float, yaw: float) -> np.ndarray:

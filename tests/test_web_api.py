@@ -373,7 +373,7 @@ def test_pages_render_their_content(console: Console) -> None:
     overview = client.get("/").text
     assert overview.count("<svg") == 2 and "Workers and queue" in overview
     study = client.get(f"/studies/{s.qc_failed}").text
-    assert "registration_failed" in study and "OUT" in study  # registration_metric -0.1 is outside [-3, -0.4]
+    assert "registration_failed" in study and "OUT" in study  # head_similarity 0.1 is outside [0.3, 1]
     assert "+12.0 y" in study and "axial head" in study
     positive = client.get(f"/studies/{s.positive}").text
     assert f"/api/v1/studies/{s.positive}/previews/{s.sc_sop_uid}.png" in positive

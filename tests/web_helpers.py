@@ -110,7 +110,7 @@ def seed(session: Session, storage: Path, now: datetime) -> Seeded:
     qc_failed, series, _ = _study(session, base + timedelta(minutes=20), "MR", "MR-EAST")
     _finish(session, base + timedelta(minutes=20), [], series, anomaly_score=0.5, percentile=88.0,
             predicted_age=67.0, chronological_age=55.0, age_gap=12.0,
-            qc_reasons=["registration_failed"], qc_metrics={"registration_metric": -0.1})
+            qc_reasons=["registration_failed"], qc_metrics={"head_similarity": 0.1})
 
     failed_job, _, _ = _study(session, base + timedelta(minutes=30), "CT", "CT-NORTH")
     ticket = api.claim_job(session, "w1", 600, base + timedelta(minutes=36))
