@@ -20,6 +20,7 @@ from export import codes
 from export.sc import NOT_SCREENED_SERIES_DESCRIPTION
 from imaging.phantoms import Lesion, make_head, write_dicom_series
 from serve_harness import dciodvfy_errors
+from sr_helpers import coded_evaluations, measurement_group
 
 
 @pytest.fixture(scope="module")
@@ -109,24 +110,6 @@ def noisy_study(tmp_path_factory) -> StudyFiles:
     return study_of(files)
 
 
-def _measurement_group(sr_path: str):
-    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
-    [group] = report.content.get_image_measurement_groups()
-    return group
-
-
-def _coded(group) -> dict[str, list[tuple[str, str]]]:
-    """Qualitative evaluations: concept code -> [(value code, detail text beneath it)]."""
-    found: dict[str, list[tuple[str, str]]] = {}
-    for item in group[0].ContentSequence:
-        if item.ValueType != "CODE" or item.RelationshipType != "CONTAINS":
-            continue
-        details = [child.TextValue for child in item.get("ContentSequence", []) if child.ValueType == "TEXT"]
-        found.setdefault(item.ConceptNameCodeSequence[0].CodeValue, []).append(
-            (item.ConceptCodeSequence[0].CodeValue, " ".join(details)))
-    return found
-
-
 def _screen_outputs(outcome) -> dict[str, object]:
     names = ("anomaly_score", "percentile", "screen_positive", "threshold", "predicted_age", "age_gap")
     return {name: getattr(outcome, name) for name in names if getattr(outcome, name) is not None}
@@ -161,9 +144,9 @@ def test_blocking_qc_makes_the_study_not_eligible(tmp_path, ct_runner, noisy_stu
     assert sc.pixel_array.ndim == 2
 
     sr_path = next(o.path for o in outcome.objects if o.kind == "sr")
-    group = _measurement_group(sr_path)
+    group = measurement_group(sr_path)
     assert group.get_measurements() == []
-    coded = _coded(group)
+    coded = coded_evaluations(group)
     assert coded[codes.ELIGIBILITY.value] == [(codes.NOT_ELIGIBLE.value, "")]
     [(code, detail)] = coded[codes.NOT_ELIGIBLE_REASON.value]
     assert code == "HS0106" and detail.startswith("noise_high: noise_sigma")
@@ -218,7 +201,7 @@ def test_blocking_and_advisory_reasons_are_both_reported(tmp_path, ct_runner, no
     assert not outcome.eligible and _screen_outputs(outcome) == {}
     assert outcome.ineligible_reason.startswith("orientation_flipped: head upside down; noise_high")
     assert "skull_defect: skull_coverage 0.1 outside [0.35, 10]" in outcome.qc_reasons
-    coded = _coded(_measurement_group(next(o.path for o in outcome.objects if o.kind == "sr")))
+    coded = coded_evaluations(measurement_group(next(o.path for o in outcome.objects if o.kind == "sr")))
     # One item per reason, each keeping its own text, even where two share a code.
     assert coded[codes.NOT_ELIGIBLE_REASON.value] == [
         ("HS0113", "orientation_flipped: head upside down"),
@@ -242,8 +225,8 @@ def test_advisory_reason_keeps_a_normal_result(tmp_path, ct_runner):
     assert [o.kind for o in outcome.objects].count("sc") == 4
     sr_path = next(o.path for o in outcome.objects if o.kind == "sr")
     assert dciodvfy_errors(Path(sr_path)) == []
-    group = _measurement_group(sr_path)
-    coded = _coded(group)
+    group = measurement_group(sr_path)
+    coded = coded_evaluations(group)
     assert coded[codes.ELIGIBILITY.value] == [(codes.ELIGIBLE.value, "")]
     assert codes.NOT_ELIGIBLE_REASON.value not in coded
     assert ("HS0120", next(r for r in outcome.qc_reasons if r.startswith("missing_slices"))) in coded[codes.QC_ISSUE.value]

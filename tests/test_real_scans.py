@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -50,6 +49,7 @@ from imaging.registration import affine_to_matrix, rotation_part
 from imaging.skullstrip import dice
 from imaging.volume import SeriesRejected, Volume, load_series
 from serve_harness import dciodvfy_errors
+from sr_helpers import coded_evaluations, measurement_group
 
 NIBABEL_DICOM_DATA = Path(__import__("nibabel").__file__).parent / "nicom" / "tests" / "data"
 
@@ -86,24 +86,6 @@ def study_of(files: list[Path]) -> StudyFiles:
     return StudyFiles(str(first.StudyInstanceUID), {str(first.SeriesInstanceUID): list(files)})
 
 
-def _measurement_group(sr_path: str):
-    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
-    [group] = report.content.get_image_measurement_groups()
-    return group
-
-
-def _coded(group) -> dict[str, list[tuple[str, str]]]:
-    """Qualitative evaluations: concept code -> [(value code, detail text beneath it)]."""
-    found: dict[str, list[tuple[str, str]]] = {}
-    for item in group[0].ContentSequence:
-        if item.ValueType != "CODE" or item.RelationshipType != "CONTAINS":
-            continue
-        details = [child.TextValue for child in item.get("ContentSequence", []) if child.ValueType == "TEXT"]
-        found.setdefault(item.ConceptNameCodeSequence[0].CodeValue, []).append(
-            (item.ConceptCodeSequence[0].CodeValue, " ".join(details)))
-    return found
-
-
 def _texts(node) -> list[str]:
     found = []
     for item in node.get("ContentSequence", []):
@@ -130,9 +112,9 @@ def assert_not_eligible_result(outcome, reason_prefix: str) -> dict[str, list[tu
     assert sc.SeriesDescription == NOT_SCREENED_SERIES_DESCRIPTION
     assert "NOT SCREENED" in sc.ImageComments and list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
     sr_path = next(o.path for o in outcome.objects if o.kind == "sr")
-    group = _measurement_group(sr_path)
+    group = measurement_group(sr_path)
     assert group.get_measurements() == []
-    coded = _coded(group)
+    coded = coded_evaluations(group)
     assert coded[codes.ELIGIBILITY.value] == [(codes.NOT_ELIGIBLE.value, "")]
     expected_code = codes.qc_reason_code(f"{reason_prefix}: x").value
     assert any(code == expected_code and detail.startswith(reason_prefix)
@@ -355,7 +337,7 @@ def test_real_t1_as_acquired_gets_a_screening_result(t1_cases):
     assert kinds.count("sr") == 1 and kinds.count("sc") == 4
     for obj in outcome.objects:
         assert dciodvfy_errors(Path(obj.path)) == [], obj.path
-    coded = _coded(_measurement_group(next(o.path for o in outcome.objects if o.kind == "sr")))
+    coded = coded_evaluations(measurement_group(next(o.path for o in outcome.objects if o.kind == "sr")))
     assert coded[codes.ELIGIBILITY.value] == [(codes.ELIGIBLE.value, "")]
     print(f"\n[real T1 as_acquired] score {outcome.anomaly_score:.4g}, percentile {outcome.percentile:.1f}, "
           f"predicted age {outcome.predicted_age}, timings {outcome.timings}")
