@@ -53,21 +53,22 @@ _COMMON: dict[str, Any] = {
         "metric": "mattes_mutual_information",
         "histogram_bins": 32,
         "seed": 20240611,
-        # Orientation search at 8 mm, for every hypothesis (as labelled, turned 180 degrees
-        # about each axis): pitch over +-60 degrees, then yaw and roll over +-30 degrees,
-        # then a 3x3x3 grid of 7.5 degree steps about the best; the best few overall and
-        # the best of each hypothesis are refined.
+        # Orientation search at 8 mm: the head as labelled over pitch +-60, yaw and roll
+        # +-30 degrees (15 degree steps); turned 180 degrees about each axis over pitch and
+        # yaw +-15; then a 3x3x3 grid of 7.5 degree steps about the best of each. The best
+        # few overall and the best of each hypothesis are refined.
         "search": {"spacing_mm": 8.0, "cranium_depth_mm": 110.0, "refine_best": 3,
                    "tilts_deg": {"pitch": [-60.0, -45.0, -30.0, -15.0, 0.0, 15.0, 30.0, 45.0, 60.0],
                                  "yaw": [-30.0, -15.0, 0.0, 15.0, 30.0], "roll": [-30.0, -15.0, 0.0, 15.0, 30.0],
-                                 "joint_step": 7.5}},
-        # Rigid at 8 then 4 mm (Mattes MI: robust far from the optimum), affine at 4 then 2 mm
-        # (correlation: smoother near the optimum, so re-posed copies of one real head agree
-        # within ~1.5 mm where MI's sampling noise left 2-5 mm).
+                                 "yaw_turned": [-15.0, 0.0, 15.0], "joint_step": 7.5}},
+        # Rigid at 8 then 4 mm and affine at 4 mm with Mattes MI (robust away from the
+        # optimum); affine at 2 mm with correlation (smoother near it: re-posed copies of
+        # one real head agree within ~1.2 mm where MI's sampling noise left 2-5 mm).
+        # A level that ends worse than it started is undone.
         "rigid": {"levels_mm": [8.0, 4.0], "iterations": 100, "max_step_mm": 4.0, "min_step_mm": 0.05,
                   "samples": 3000},
         "affine": {"levels_mm": [4.0, 2.0], "iterations": 60, "max_step_mm": 1.0, "min_step_mm": 0.02,
-                   "samples": 20000, "metric": "correlation"},
+                   "samples": 20000, "metric_per_level": ["mattes", "correlation"]},
     },
 }
 

@@ -114,7 +114,7 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
         raise RegistrationFailed("registration_failed: no head found above the intensity threshold")
 
     search = settings["search"]
-    scorer = _CoarseScorer(atlas, moving, atlas_mask, float(search["spacing_mm"]), int(settings["histogram_bins"]))
+    scorer = _CoarseScorer(atlas, moving, atlas_mask, float(search["spacing_mm"]), COARSE_BINS)
     cranium_depth = float(search["cranium_depth_mm"])
     atlas_centre = _cranium_centroid(atlas_points, np.eye(3), cranium_depth)
     candidates: list[tuple[float, sitk.Euler3DTransform, str]] = []
@@ -133,16 +133,14 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
 
     grid = search["tilts_deg"]
     for name, flip in _HYPOTHESES.items():
-        # One axis at a time, widest first: pitch (chin up or down varies most between
-        # scans), then yaw, then roll, then a small joint grid about the best of them.
-        best = [0.0, 0.0, 0.0]
-        for axis, key in ((0, "pitch"), (2, "yaw"), (1, "roll")):
-            scores = {}
-            for angle in grid[key]:
-                trial = list(best)
-                trial[axis] = angle
-                scores[angle] = consider(name, flip @ _euler(*trial))
-            best[axis] = min(scores, key=scores.__getitem__)
+        # The head as labelled gets the full grid (pitch x yaw x roll: a one-axis-at-a-time
+        # search missed combined roll and yaw on the real T1); the turned hypotheses only
+        # need to be found when they are true, so pitch x yaw suffices for them.
+        rolls = grid["roll"] if name == "as_labelled" else [0.0]
+        yaws = grid["yaw"] if name == "as_labelled" else grid["yaw_turned"]
+        scored = [(consider(name, flip @ _euler(pitch, roll, yaw)), (pitch, roll, yaw))
+                  for pitch in grid["pitch"] for yaw in yaws for roll in rolls]
+        best = min(scored)[1]
         for step in _joint_steps(float(grid["joint_step"])):
             consider(name, flip @ _euler(*(b + d for b, d in zip(best, step))))
     candidates.sort(key=lambda c: c[0])
@@ -247,6 +245,10 @@ def _shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     return sitk.BinShrink(image, factors)
 
 
+COARSE_POINTS = 4000
+COARSE_BINS = 16
+
+
 class _CoarseScorer:
     """Negative mutual information of a candidate pose on ~8 mm grids, in numpy.
 
@@ -259,6 +261,8 @@ class _CoarseScorer:
         coarse_atlas = _shrink(atlas, spacing_mm)
         mask = sitk.Resample(atlas_mask, coarse_atlas, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         index = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
+        if len(index) > COARSE_POINTS:  # an even subset: the cost is per point, the ranking holds
+            index = index[np.linspace(0, len(index) - 1, COARSE_POINTS).astype(int)]
         self.atlas_values = sitk.GetArrayViewFromImage(coarse_atlas)[tuple(index.T)].astype(np.float32)
         direction = np.asarray(coarse_atlas.GetDirection()).reshape(3, 3)
         self.points = (index[:, ::-1] * np.asarray(coarse_atlas.GetSpacing())) @ direction.T \
@@ -304,12 +308,22 @@ def _optimise(pyramid: _Pyramid, transform: sitk.Transform, stage: dict[str, Any
     """Run a stage coarse to fine over its levels; returns the moved transform and final metric."""
     current = transform.__class__(transform)
     metric = float("inf")
-    for spacing in stage["levels_mm"]:
-        atlas, moving, mask = pyramid.level(float(spacing), stage.get("clamp"))
-        method = _method(stage, settings, current, mask)
+    metrics = stage.get("metric_per_level") or [stage.get("metric", "mattes")] * len(stage["levels_mm"])
+    for spacing, metric_name in zip(stage["levels_mm"], metrics):
+        level_stage = {**stage, "metric": metric_name}
+        atlas, moving, mask = pyramid.level(float(spacing), stage.get("clamp") if metric_name == "correlation" else None)
+        method = _method(level_stage, settings, current, mask)
+        before = transform.__class__(current)
+        method.SetInitialTransform(before)
+        start_metric = float(method.MetricEvaluate(atlas, moving))
+        method = _method(level_stage, settings, current, mask)
         method.SetInitialTransform(current, inPlace=True)
         method.Execute(atlas, moving)
         metric = float(method.GetMetricValue())
+        if not metric <= start_metric:
+            # The optimiser made it worse (it can step out of a good basin on a head
+            # unlike the atlas): keep where this level started.
+            current, metric = before, start_metric
     return current, metric
 
 
