@@ -68,7 +68,7 @@ _COMMON: dict[str, Any] = {
         "rigid": {"levels_mm": [8.0, 4.0], "iterations": 100, "max_step_mm": 4.0, "min_step_mm": 0.05,
                   "samples": 3000},
         "affine": {"levels_mm": [4.0, 2.0], "iterations": 60, "max_step_mm": 1.0, "min_step_mm": 0.02,
-                   "samples": 20000, "metric_per_level": ["mattes", "correlation"]},
+                   "samples_per_level": [6000, 20000], "metric_per_level": ["mattes", "correlation"]},
     },
 }
 

@@ -245,7 +245,7 @@ def _shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     return sitk.BinShrink(image, factors)
 
 
-COARSE_POINTS = 4000
+COARSE_POINTS = 2500
 COARSE_BINS = 16
 
 
@@ -308,9 +308,11 @@ def _optimise(pyramid: _Pyramid, transform: sitk.Transform, stage: dict[str, Any
     """Run a stage coarse to fine over its levels; returns the moved transform and final metric."""
     current = transform.__class__(transform)
     metric = float("inf")
-    metrics = stage.get("metric_per_level") or [stage.get("metric", "mattes")] * len(stage["levels_mm"])
-    for spacing, metric_name in zip(stage["levels_mm"], metrics):
-        level_stage = {**stage, "metric": metric_name}
+    levels = len(stage["levels_mm"])
+    metrics = stage.get("metric_per_level") or [stage.get("metric", "mattes")] * levels
+    samples = stage.get("samples_per_level") or [stage["samples"]] * levels
+    for spacing, metric_name, sample_count in zip(stage["levels_mm"], metrics, samples):
+        level_stage = {**stage, "metric": metric_name, "samples": sample_count}
         atlas, moving, mask = pyramid.level(float(spacing), stage.get("clamp") if metric_name == "correlation" else None)
         method = _method(level_stage, settings, current, mask)
         before = transform.__class__(current)
