@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # from ever pulling CUDA wheels when a local wheel folder exists.
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: demo test system-deps install install-test bench lint clean
+.PHONY: demo test test-fast system-deps install install-test bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: system-deps install
 ## make test: everything the tests need (Debian tools included), then the suite.
 test: system-deps install-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+## make test-fast: the loop while changing code; leaves out the end-to-end tests (Orthanc,
+## dcmtk peers, a browser) and the real-scan suite. `make test` is the gate.
+FAST_IGNORE := tests/test_e2e.py tests/test_delivery_e2e.py tests/test_web_browser.py tests/test_real_scans.py
+test-fast: system-deps install-test
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(addprefix --ignore=,$(FAST_IGNORE)) $(PYTEST_ARGS)
 
 bench: system-deps install-test
 	$(BIN)/python bench/ingest.py
