@@ -22,3 +22,13 @@ def coded_evaluations(group) -> dict[str, list[tuple[str, str]]]:
         found.setdefault(item.ConceptNameCodeSequence[0].CodeValue, []).append(
             (item.ConceptCodeSequence[0].CodeValue, " ".join(details)))
     return found
+
+
+def sr_texts(node) -> list[str]:
+    """Every TEXT value in an SR content tree."""
+    found = []
+    for item in node.get("ContentSequence", []):
+        if item.ValueType == "TEXT":
+            found.append(str(item.TextValue))
+        found.extend(sr_texts(item))
+    return found

@@ -20,7 +20,7 @@ from export import codes
 from export.sc import NOT_SCREENED_SERIES_DESCRIPTION
 from imaging.phantoms import Lesion, make_head, write_dicom_series
 from serve_harness import dciodvfy_errors
-from sr_helpers import coded_evaluations, measurement_group
+from sr_helpers import coded_evaluations, measurement_group, sr_texts
 
 
 @pytest.fixture(scope="module")
@@ -158,19 +158,9 @@ def test_blocking_qc_makes_the_study_not_eligible(tmp_path, ct_runner, noisy_stu
     evidence = {ref.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
                 for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
     assert sc.SOPInstanceUID in evidence
-    comment = " ".join(_texts(sr))
+    comment = " ".join(sr_texts(sr))
     assert "NOT ELIGIBLE" in comment and "absence of findings is NOT implied" in comment
     assert "Anomaly score" not in comment
-
-
-def _texts(node) -> list[str]:
-    """Every TEXT value in an SR content tree."""
-    found = []
-    for item in node.get("ContentSequence", []):
-        if item.ValueType == "TEXT":
-            found.append(str(item.TextValue))
-        found.extend(_texts(item))
-    return found
 
 
 def test_blocking_reason_with_odd_headers_still_gives_the_report(tmp_path, ct_runner):

@@ -49,7 +49,7 @@ from imaging.registration import affine_to_matrix, rotation_part
 from imaging.skullstrip import dice
 from imaging.volume import SeriesRejected, Volume, load_series
 from serve_harness import dciodvfy_errors
-from sr_helpers import coded_evaluations, measurement_group
+from sr_helpers import coded_evaluations, measurement_group, sr_texts
 
 NIBABEL_DICOM_DATA = Path(__import__("nibabel").__file__).parent / "nicom" / "tests" / "data"
 
@@ -70,15 +70,6 @@ def ticket(study_uid: str, bundle: str) -> JobTicket:
 def study_of(files: list[Path]) -> StudyFiles:
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     return StudyFiles(str(first.StudyInstanceUID), {str(first.SeriesInstanceUID): list(files)})
-
-
-def _texts(node) -> list[str]:
-    found = []
-    for item in node.get("ContentSequence", []):
-        if item.ValueType == "TEXT":
-            found.append(str(item.TextValue))
-        found.extend(_texts(item))
-    return found
 
 
 SCREEN_OUTPUTS = ("anomaly_score", "percentile", "screen_positive", "threshold", "predicted_age", "age_gap")
@@ -107,7 +98,7 @@ def assert_not_eligible_result(outcome, reason_prefix: str) -> dict[str, list[tu
                for code, detail in coded[codes.NOT_ELIGIBLE_REASON.value]), coded[codes.NOT_ELIGIBLE_REASON.value]
     for concept in RESULT_CONCEPTS:
         assert concept.value not in coded, concept.meaning
-    comment = " ".join(_texts(pydicom.dcmread(sr_path)))
+    comment = " ".join(sr_texts(pydicom.dcmread(sr_path)))
     assert "NOT ELIGIBLE" in comment and "Anomaly score" not in comment
     return coded
 
@@ -500,7 +491,7 @@ def test_real_siemens_dwi_series_is_refused_with_a_reason(runners, no_inference,
     assert sorted(o.kind for o in outcome.objects) == ["sc", "sr"]
     for obj in outcome.objects:
         assert dciodvfy_errors(Path(obj.path)) == [], obj.path
-    text = " ".join(_texts(pydicom.dcmread(next(o.path for o in outcome.objects if o.kind == "sr"))))
+    text = " ".join(sr_texts(pydicom.dcmread(next(o.path for o in outcome.objects if o.kind == "sr"))))
     assert "NOT ELIGIBLE" in text
     with pytest.raises(SeriesRejected, match=r"^duplicate_slice_positions"):
         load_series(files)  # two b-values of one mosaic share one position
