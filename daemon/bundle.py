@@ -8,6 +8,7 @@ files do not match the sha256 recorded in the manifest. Torch-free on purpose.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from daemon.errors import BundleError
+from daemon.scores import MASKED_TERMS, Normative
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class OutputSpec(_Strict):
 
 
 class ScoreSpec(_Strict):
-    terms: dict[str, float] = Field(description="ONNX output name -> weight")
+    terms: dict[str, float] = Field(description="term -> weight: an ONNX output, or a masked term of daemon.scores")
     age_gap_weight: float = 0.0
     definition: str = ""
 
@@ -58,6 +60,13 @@ class Calibration(_Strict):
         if not scores:
             raise ValueError("reference_scores must not be empty")
         return sorted(scores)
+
+
+class NormativeSpec(_Strict):
+    """The healthy per-voxel error model (daemon.scores) that masked terms and the overlay use."""
+
+    file: str = Field(description="npz with per-voxel mean, SD and support on the model grid")
+    definition: str = ""
 
 
 class AgeSpec(_Strict):
@@ -83,6 +92,7 @@ class Manifest(BaseModel):
     score: ScoreSpec
     calibration: Calibration
     age: AgeSpec = AgeSpec()
+    normative: NormativeSpec | None = None
     training: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     parity: dict[str, Any] = {}
@@ -108,6 +118,11 @@ class Bundle:
     def sha256(self) -> str:
         """The ONNX file's hash: what the results name as the algorithm's identity."""
         return self.manifest.files[self.manifest.model_file]
+
+    @functools.cached_property
+    def normative(self) -> Normative | None:
+        spec = self.manifest.normative
+        return None if spec is None else Normative.load(self.path / spec.file)
 
     def percentile(self, score: float) -> float:
         """Percent of healthy reference scores at or below `score`."""
@@ -159,6 +174,9 @@ def load_bundle(directory: Path) -> Bundle:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         raise BundleError(f"{manifest_path}: invalid manifest: {exc}") from None
+    masked = set(manifest.score.terms) & set(MASKED_TERMS)
+    if masked and manifest.normative is None:
+        raise BundleError(f"{manifest_path}: score terms {sorted(masked)} need a normative section")
     if manifest.model_file not in manifest.files:
         raise BundleError(f"{manifest_path}: no hash recorded for {manifest.model_file}")
     for name, expected in manifest.files.items():

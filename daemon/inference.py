@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from daemon.bundle import Bundle
 from daemon.errors import BundleError
+from daemon.scores import MASKED_TERMS, masked_terms
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,10 @@ class Inference:
     predicted_age: float | None
     chronological_age: float | None
     age_gap: float | None
-    error_map: np.ndarray  # model grid (D, H, W), in units of the healthy 99th percentile
+    # Model grid (D, H, W), in units of the healthy limit: with a normative model the
+    # positive z inside the scored brain over the healthy 99.9th percentile of z,
+    # otherwise the raw error over the healthy 99th percentile of error.
+    error_map: np.ndarray
     notes: tuple[str, ...] = ()
 
 
@@ -55,7 +59,7 @@ class BundleRunner:
     def _check_outputs(self) -> None:
         manifest = self.bundle.manifest
         names = {o.name for o in self.session.get_outputs()}
-        wanted = {manifest.outputs.error_map, *manifest.score.terms}
+        wanted = {manifest.outputs.error_map, *(t for t in manifest.score.terms if t not in MASKED_TERMS)}
         if manifest.outputs.age:
             wanted.add(manifest.outputs.age)
         missing = wanted - names
@@ -66,7 +70,10 @@ class BundleRunner:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def run(self, model_input: np.ndarray, chronological_age: float | None) -> Inference:
+    def run(self, model_input: np.ndarray, chronological_age: float | None,
+            brain_mask: np.ndarray | None = None) -> Inference:
+        """Score one preprocessed volume. `brain_mask` (model grid) is the case's own
+        brain; a bundle with a normative model scores only inside it."""
         manifest = self.bundle.manifest
         expected = tuple(manifest.input.shape[1:])
         if model_input.shape != expected:
@@ -75,8 +82,20 @@ class BundleRunner:
         names = [o.name for o in self.session.get_outputs()]
         outputs = dict(zip(names, self.session.run(names, {manifest.input.name: batch})))
 
-        terms = {name: float(outputs[name].reshape(-1)[0]) for name in manifest.score.terms}
-        score = sum(manifest.score.terms[name] * value for name, value in terms.items())
+        terms = {name: float(value.reshape(-1)[0]) for name, value in outputs.items()
+                 if name not in (manifest.outputs.error_map, manifest.outputs.age)}
+        raw_error = outputs[manifest.outputs.error_map][0, 0]
+        normative = self.bundle.normative
+        if normative is not None:
+            mask = normative.support if brain_mask is None else brain_mask
+            try:
+                masked, error_map = masked_terms(raw_error, mask, normative)
+            except ValueError as exc:
+                raise BundleError(f"{manifest.key}: {exc}") from None
+            terms.update(masked)
+        else:
+            error_map = raw_error / manifest.calibration.error_map_scale
+        score = sum(weight * terms[name] for name, weight in manifest.score.terms.items())
         predicted_age = float(outputs[manifest.outputs.age].reshape(-1)[0]) if manifest.outputs.age else None
         age_gap = None
         notes: list[str] = []
@@ -92,7 +111,6 @@ class BundleRunner:
                          f"{PLAUSIBLE_AGE_YEARS[0]:g}-{PLAUSIBLE_AGE_YEARS[1]:g}, not reported")
             predicted_age, age_gap = None, None
 
-        error_map = outputs[manifest.outputs.error_map][0, 0] / manifest.calibration.error_map_scale
         return Inference(
             anomaly_score=float(score),
             terms=terms,

@@ -116,7 +116,8 @@ def run_job(
         return _ineligible(ticket, study, headers, blocking, verdicts, algorithm, output_dir, timer, chosen,
                            qc_reasons=qc_reasons, qc_metrics=qc_metrics, slice_order=volume.slice_sop_uids)
 
-    inference: Inference = timer.measure("infer", runner.run, prepared.model_input, age)
+    inference: Inference = timer.measure("infer", runner.run, prepared.model_input, age,
+                                             brain_mask=prepared.brain_mask)
     qc_reasons = list(dict.fromkeys([*qc_reasons, *inference.notes]))
     blocking = blocking_reasons(qc_reasons)
     if blocking:  # a model note that says its own output cannot be trusted

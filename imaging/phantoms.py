@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from imaging import templates
+from imaging import synthesis, templates
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Phantom:
     scale: float
     mni_to_native: sitk.AffineTransform  # maps MNI (LPS) points to scanner points
     lesion: Lesion | None = None
-    metadata: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def brain_mask_volume_ml(self) -> float:
         spacing = self.brain_mask.GetSpacing()
@@ -93,11 +93,15 @@ class Phantom:
 
 def make_head(modality: str = "CT", age: float = 60.0, seed: int = 0, pose: Pose = Pose(),
               lesion: Lesion | None = None, scale: float = 1.0, noise: float | None = None,
-              spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Phantom:
+              spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), randomise: bool = False) -> Phantom:
     """Synthesize one head. Deterministic for a given seed.
 
     `noise` is the Gaussian noise sigma (HU for CT); `spacing` the native grid spacing.
+    `randomise` draws the head's anatomy, tissue intensities and acquisition from
+    `imaging.synthesis` (domain randomisation; `noise` and `spacing` are then drawn too).
     """
+    if randomise:
+        return _make_randomised_head(modality, age, seed, pose, lesion, scale)
     if modality not in ("CT", "MR"):
         raise ValueError(f"modality: expected 'CT' or 'MR', got {modality!r}")
     values = templates.intensity_table(modality)
@@ -135,6 +139,50 @@ def make_head(modality: str = "CT", age: float = 60.0, seed: int = 0, pose: Pose
                    lesion_mask=sitk.Cast(lesion_native, sitk.sitkUInt8), age=float(age), modality=modality,
                    pose=pose, scale=scale, mni_to_native=transform, lesion=lesion,
                    metadata={"noise_sigma": sigma})
+
+
+def _make_randomised_head(modality: str, age: float, seed: int, pose: Pose, lesion: Lesion | None,
+                          scale: float) -> Phantom:
+    if modality not in ("CT", "MR"):
+        raise ValueError(f"modality: expected 'CT' or 'MR', got {modality!r}")
+    rng = np.random.default_rng([seed, 7])
+    look = synthesis.draw(modality, rng)
+    maps = templates.tissue_maps()
+    gm, wm = _aged_tissue(maps, age, rng)
+    gm, wm = _jitter_contrast(gm, wm, rng)
+    fat_inner = float(rng.uniform(*synthesis.FAT_DEPTH_MM))
+    mni = synthesis.compose(gm, wm, look, (1.0, fat_inner))
+    lesion_mask = np.zeros(maps.brain.shape, dtype=np.float32)
+    if lesion is not None:
+        lesion_mask = _lesion_fraction(lesion, maps, rng)
+        low, high = LESION_VALUES[modality][lesion.kind]
+        value = float(rng.uniform(low, high))
+        if modality == "MR":  # T1 has no absolute unit: keep the lesion's ratio to white matter
+            value *= look.tissue["wm"] / templates.MR_T1["wm"]
+        mni = mni * (1.0 - lesion_mask) + value * lesion_mask
+
+    shape = synthesis.shape_transform(look, head_center_lps())
+    posed = pose_transform(pose, scale)
+    mni_to_native = sitk.AffineTransform(3)
+    matrix = np.asarray(posed.GetMatrix()).reshape(3, 3) @ np.asarray(shape.GetMatrix()).reshape(3, 3)
+    mni_to_native.SetMatrix(tuple(matrix.ravel()))
+    mni_to_native.SetCenter(head_center_lps())
+    mni_to_native.SetTranslation(posed.GetTranslation())
+    # Native point -> MNI point (inverse pose and shape) -> deformed template point.
+    sample = sitk.CompositeTransform(3)
+    sample.AddTransform(synthesis.deformation(look, rng))
+    sample.AddTransform(mni_to_native.GetInverse())
+
+    final = _native_grid(mni_to_native, np.asarray(look.spacing_mm), maps)
+    fine = _native_grid(mni_to_native, np.array([look.spacing_mm[0], look.spacing_mm[1], min(1.0, look.spacing_mm[2])]), maps)
+    image = _resample(_on_base(mni), fine, sample, look.tissue["air"])
+    image = synthesis.acquire_and_sample(image, final, look, rng)
+    brain = _resample(_on_base(maps.brain.astype(np.float32)), final, sample, 0.0) > 0.5
+    lesion_native = _resample(_on_base(lesion_mask), final, sample, 0.0) > 0.5
+    return Phantom(image=image, brain_mask=sitk.Cast(brain, sitk.sitkUInt8),
+                   lesion_mask=sitk.Cast(lesion_native, sitk.sitkUInt8), age=float(age), modality=modality,
+                   pose=pose, scale=scale, mni_to_native=mni_to_native, lesion=lesion,
+                   metadata={"noise_sigma": look.noise, "appearance": look.as_dict()})
 
 
 def head_center_lps() -> tuple[float, float, float]:

@@ -207,7 +207,8 @@ def score_volume(runner: BundleRunner, volume: Volume, case_id: str, kind: str, 
     except InputRejected as exc:
         record.rejected = str(exc)
         return record
-    inference = runner.run(prepared.model_input, true_age if runner.bundle.manifest.age.supported else None)
+    inference = runner.run(prepared.model_input, true_age if runner.bundle.manifest.age.supported else None,
+                           brain_mask=prepared.brain_mask)
     record.model_score = inference.anomaly_score
     record.qc_reasons = list(prepared.qc_reasons)
     record.predicted_age = inference.predicted_age

@@ -1,0 +1,129 @@
+"""Scores from a model's error map, inside the brain and against healthy voxels.
+
+A reconstruction model's error is never zero: some anatomy (the cortex rim, the
+ventricle walls, the frontal pole where it meets the crop) is hard to reconstruct
+on every head. Scoring the raw error lets those places dominate. Here each voxel's
+error is standardised against the healthy reference in model space (a z-map, one
+mean and one SD per voxel, fitted on healthy training scans and shipped in the
+bundle), and every term is taken only inside the case's own brain mask, eroded by
+a margin and kept away from the model grid's edge.
+
+Torch-free: training computes the same terms with this module, so the bundle's
+calibration describes exactly what the daemon computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+NORMATIVE_FILE = "normative.npz"
+# Terms this module computes (the ONNX graph computes the papers' own terms).
+MASKED_TERMS = ("z_mean", "z_focal", "z_extent", "rec_brain")
+EXTENT_Z = 3.0            # a voxel "exceeds" the healthy range above this z
+FOCAL_KERNEL = 5          # voxels per side of the cube the focal term averages over
+FOCAL_MIN_SHARE = 0.5     # share of the cube that must lie in the mask
+EDGE_VOXELS = 2           # voxels next to the grid edge never count (the crop boundary)
+SUPPORT_SHARE = 0.8       # a voxel counts where at least this share of healthy brains cover it
+SD_FLOOR_PERCENTILE = 10  # SDs below this percentile of the brain's SDs are raised to it
+MIN_EVALUATED_VOXELS = 200
+
+
+@dataclass(frozen=True)
+class Normative:
+    """Healthy voxel-error statistics on the model grid."""
+
+    mean: np.ndarray     # float32 (D, H, W)
+    sd: np.ndarray       # float32 (D, H, W), floored, > 0 everywhere
+    support: np.ndarray  # bool: where healthy brains are, away from the grid edge
+    margin_voxels: int   # erosion of each case's brain mask before scoring
+    z_limit: float = 1.0  # healthy 99.9th percentile of z: the overlay's unit
+
+    @classmethod
+    def fit(cls, error_maps: np.ndarray, brain_masks: np.ndarray, margin_voxels: int = 1) -> "Normative":
+        """Per-voxel mean and SD of healthy errors, each voxel over the cases whose
+        brain covers it. `error_maps` and `brain_masks` are [N, D, H, W]."""
+        masks = np.asarray(brain_masks, dtype=bool)
+        maps = np.asarray(error_maps, dtype=np.float64)
+        count = masks.sum(axis=0)
+        safe = np.maximum(count, 1)
+        mean = np.where(masks, maps, 0.0).sum(axis=0) / safe
+        var = np.where(masks, (maps - mean) ** 2, 0.0).sum(axis=0) / np.maximum(count - 1, 1)
+        support = (count >= SUPPORT_SHARE * len(masks)) & _away_from_edge(mean.shape)
+        if not support.any():
+            raise ValueError("no voxel is inside the brain in enough healthy cases to fit a normative model")
+        # Smoothing the SD map keeps single noisy voxels from dividing by chance lows.
+        sd = ndimage.gaussian_filter(np.sqrt(var), sigma=1.0)
+        floor = float(np.percentile(sd[support], SD_FLOOR_PERCENTILE))
+        sd = np.maximum(sd, max(floor, 1e-6))
+        return cls(mean.astype(np.float32), sd.astype(np.float32), support, int(margin_voxels))
+
+    def with_z_limit(self, error_maps: np.ndarray, brain_masks: np.ndarray, percentile: float = 99.9) -> "Normative":
+        """Set the overlay unit from held-out healthy cases (not those the statistics came from)."""
+        values = [z_map(e, self)[evaluation_mask(m, self)] for e, m in zip(error_maps, brain_masks)]
+        pooled = np.concatenate(values) if values else np.zeros(0)
+        limit = float(np.percentile(pooled, percentile)) if pooled.size else 1.0
+        return Normative(self.mean, self.sd, self.support, self.margin_voxels, max(limit, 1e-3))
+
+    def save(self, path: Path) -> None:
+        np.savez_compressed(path, mean=self.mean.astype(np.float16), sd=self.sd.astype(np.float16),
+                            support=np.packbits(self.support), shape=np.asarray(self.mean.shape),
+                            margin_voxels=self.margin_voxels, z_limit=self.z_limit)
+
+    @classmethod
+    def load(cls, path: Path) -> "Normative":
+        with np.load(path) as data:
+            shape = tuple(int(s) for s in data["shape"])
+            support = np.unpackbits(data["support"])[: int(np.prod(shape))].reshape(shape).astype(bool)
+            return cls(data["mean"].astype(np.float32), data["sd"].astype(np.float32), support,
+                       int(data["margin_voxels"]), float(data["z_limit"]))
+
+
+def _away_from_edge(shape: tuple[int, ...]) -> np.ndarray:
+    inside = np.zeros(shape, dtype=bool)
+    inside[tuple(slice(EDGE_VOXELS, n - EDGE_VOXELS) for n in shape)] = True
+    return inside
+
+
+def evaluation_mask(brain_mask: np.ndarray, normative: Normative) -> np.ndarray:
+    """The voxels a case is scored on: its brain, eroded, where the healthy model is defined."""
+    mask = np.asarray(brain_mask, dtype=bool)
+    if normative.margin_voxels > 0:
+        mask = ndimage.binary_erosion(mask, iterations=normative.margin_voxels)
+    return mask & normative.support
+
+
+def z_map(error_map: np.ndarray, normative: Normative) -> np.ndarray:
+    return ((np.asarray(error_map, dtype=np.float32) - normative.mean) / normative.sd).astype(np.float32)
+
+
+def masked_terms(error_map: np.ndarray, brain_mask: np.ndarray, normative: Normative) -> tuple[dict[str, float], np.ndarray]:
+    """The masked score terms and the overlay map (positive z in units of the healthy
+    limit, zero outside the evaluated voxels). Raises ValueError when too little brain
+    is left to score, which preprocessing QC should have caught."""
+    mask = evaluation_mask(brain_mask, normative)
+    if int(mask.sum()) < MIN_EVALUATED_VOXELS:
+        raise ValueError(f"only {int(mask.sum())} brain voxels to score (need {MIN_EVALUATED_VOXELS})")
+    z = z_map(error_map, normative)
+    inside = z[mask]
+    weights = ndimage.uniform_filter(mask.astype(np.float32), FOCAL_KERNEL, mode="constant")
+    sums = ndimage.uniform_filter(np.where(mask, z, 0.0).astype(np.float32), FOCAL_KERNEL, mode="constant")
+    eligible = mask & (weights >= FOCAL_MIN_SHARE)
+    local = sums[eligible] / weights[eligible]
+    terms = {
+        "z_mean": float(inside.mean()),
+        "z_focal": float(local.max()) if local.size else float(inside.max()),
+        "z_extent": float(np.mean(inside > EXTENT_Z)),
+        "rec_brain": float(np.asarray(error_map)[mask].mean()),
+    }
+    overlay = np.where(mask, np.clip(z, 0.0, None) / normative.z_limit, 0.0).astype(np.float32)
+    return terms, overlay
+
+
+def batch_terms(error_maps: np.ndarray, brain_masks: np.ndarray, normative: Normative) -> dict[str, np.ndarray]:
+    """`masked_terms` over [N, D, H, W] arrays -> term -> [N]."""
+    rows = [masked_terms(e, m, normative)[0] for e, m in zip(error_maps, brain_masks)]
+    return {t: np.array([r[t] for r in rows], dtype=np.float64) for t in MASKED_TERMS}
