@@ -1,0 +1,327 @@
+"""Benchmark: model bundles judged on the one real head reachable offline (the real-scan protocol).
+
+    .venv/bin/python bench/real_scans.py [--bundle DIR ...] [--json PATH] [--age 40]
+
+The shipped models were trained on phantoms only; this asks what they do with a real
+head. The real whole-head T1 of Debian's insighttoolkit5-examples (imaging/realscans.py)
+goes the daemon's way: written as an axial DICOM series, read back with `load_series`,
+preprocessed as the bundle's manifest says, QC-gated (a blocking reason: "not eligible",
+never scored), inferred with the case's own brain mask, and the brain-masked error map
+taken back to the native slices and thresholded as the SEG is (export/seg.py).
+
+1. Healthy: as acquired and in four other poses (10-20 degree rotations about different
+   axes plus shifts). Targets per pose: below the threshold, predicted brain age 20-90
+   years, native SEG volume at most 5 mL.
+2. Lesions painted into the as-acquired scan (`realscans.insert_lesion`, inside its
+   reference brain mask, at T1 levels from the scan's own tissue means): parenchymal
+   hemorrhage 5 / 15 / 40 mL, subdural 35 mL, infarct 25 mL, tumour 20 mL + oedema.
+   Targets per lesion: screen positive, score above every healthy pose's, Dice of the
+   native SEG with the inserted mask (tumour: core and oedema) at least 0.3.
+3. How many targets each bundle meets.
+
+Only MR bundles are judged: no real head CT volume is reachable offline (pydicom's real
+CT is single slices). The T1's age is unknown; an assumed age (default 40) is passed and
+printed. Every number is from one deterministic run (fixed seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from daemon.bundle import Bundle, load_bundle
+from daemon.config import shipped_bundles
+from daemon.errors import InputRejected
+from daemon.inference import BundleRunner, Inference
+from export.seg import DEFAULT_THRESHOLD, anomaly_mask
+from imaging import qc, realscans
+from imaging.phantoms import Pose, write_dicom_series
+from imaging.preprocess import Preprocessed, preprocess, to_native
+from imaging.skullstrip import dice
+from imaging.volume import Volume, load_series
+
+# No age in the ITK example data (no header fields, no documentation of the subject).
+ASSUMED_AGE_YEARS = 40.0
+HEALTHY_POSES: dict[str, Pose] = {
+    "as acquired": Pose(),
+    "pitch 15, shift": Pose((15.0, 0.0, 0.0), (0.0, 10.0, -10.0)),
+    "roll 12, shift": Pose((0.0, 12.0, 0.0), (-10.0, 0.0, 10.0)),
+    "yaw -18, shift": Pose((0.0, 0.0, -18.0), (15.0, -10.0, 0.0)),
+    "oblique 10/-10/15, shift": Pose((10.0, -10.0, 15.0), (-20.0, 15.0, 10.0)),
+}
+
+
+@dataclass(frozen=True)
+class LesionCase:
+    name: str
+    kind: str
+    volume_ml: float
+    seed: int
+
+
+LESIONS = (
+    LesionCase("hemorrhage 5 mL", "hemorrhage", 5.0, 11),
+    LesionCase("hemorrhage 15 mL", "hemorrhage", 15.0, 12),
+    LesionCase("hemorrhage 40 mL", "hemorrhage", 40.0, 13),
+    LesionCase("subdural 35 mL", "subdural", 35.0, 14),
+    LesionCase("infarct 25 mL", "infarct", 25.0, 15),
+    LesionCase("tumour 20 mL + oedema", "tumour", 20.0, 16),
+)
+# Targets.
+AGE_RANGE_YEARS = (20.0, 90.0)
+HEALTHY_MAX_SEG_ML = 5.0
+MIN_DICE = 0.3
+# The series as a scanner writes a 2D T1: axial, 128 x 128, 2 mm apart (as tests/test_real_scans.py).
+SERIES_ROWS = 128
+SERIES_SLICE_MM = 2.0
+NO_CT_NOTE = "CT bundles are not judged: no real head CT volume is reachable offline (only single real CT slices)"
+
+
+@dataclass
+class Case:
+    name: str
+    group: str                      # "healthy" or "lesion"
+    volume: Volume
+    lesion: np.ndarray | None       # bool on the volume's grid (tumour: core and oedema)
+    inserted_ml: float | None = None
+    oedema_ml: float | None = None
+
+
+@dataclass
+class Row:
+    case: str
+    group: str
+    eligible: bool
+    reason: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+    positive: bool | None = None
+    percentile: float | None = None
+    terms: dict[str, float] = field(default_factory=dict)
+    predicted_age: float | None = None
+    notes: list[str] = field(default_factory=list)
+    seg_ml: float | None = None
+    inserted_ml: float | None = None
+    oedema_ml: float | None = None
+    dice: float | None = None
+    above_healthy: bool | None = None
+    targets: dict[str, bool] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", action="append", type=Path, default=[],
+                        help="bundle folder (repeatable); default: every MR bundle under models/")
+    parser.add_argument("--json", type=Path, help="also write the rows and summaries here")
+    parser.add_argument("--age", type=float, default=ASSUMED_AGE_YEARS,
+                        help="chronological age passed for the real T1 (unknown; assumed)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+
+    bundles = [load_bundle(p) for p in (args.bundle or shipped_bundles())]
+    skipped = [b.manifest.key for b in bundles if b.manifest.modality != "MR"]
+    bundles = [b for b in bundles if b.manifest.modality == "MR"]
+    print(NO_CT_NOTE + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+    if not bundles:
+        raise SystemExit("no MR bundle to judge")
+    head = realscans.load_real_t1()
+    means = realscans.tissue_means(head)
+    print(f"real T1: {realscans.REAL_T1.name}; chronological age unknown, assumed {args.age:g} years")
+    print(f"tissue means in the brain mask (3-class k-means): CSF {means.csf:.0f}, GM {means.gm:.0f}, "
+          f"WM {means.wm:.0f}; noise sigma {means.noise_sigma:.0f}")
+    for kind, level in realscans.T1_LEVELS.items():
+        print(f"  {kind:<10} T1 {level.value(means):5.0f}  ({level.reason})")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = _healthy_cases(head, args.age, Path(tmp)) + _lesion_cases(head, means, args.age, Path(tmp))
+        print(f"cases written and read back: {len(cases)} ({time.perf_counter() - start:.1f} s)", flush=True)
+        prepared: dict[str, dict[str, Preprocessed | str]] = {}
+        report: dict[str, dict] = {}
+        for bundle in bundles:
+            params = bundle.manifest.preprocessing
+            key = json.dumps(params, sort_keys=True)
+            if key not in prepared:  # bundles sharing preprocessing share its results
+                prepared[key] = {case.name: _prepare(case, params) for case in cases}
+            rows = _judge(BundleRunner(bundle), cases, prepared[key], args.age)
+            summary = _summary(rows)
+            _print_table(bundle, rows, summary)
+            report[bundle.manifest.key] = {"sha256": bundle.sha256, "rows": [asdict(r) for r in rows],
+                                           "summary": summary}
+    wall = time.perf_counter() - start
+    print(f"wall time {wall:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "note": NO_CT_NOTE, "assumed_age_years": args.age, "tissue_means": asdict(means),
+            "lesion_t1": {k: {"value": round(v.value(means), 1), "reason": v.reason}
+                          for k, v in realscans.T1_LEVELS.items()},
+            "targets": {"age_range_years": AGE_RANGE_YEARS, "healthy_max_seg_ml": HEALTHY_MAX_SEG_ML,
+                        "min_dice": MIN_DICE, "seg_threshold": DEFAULT_THRESHOLD},
+            "bundles": report, "wall_s": round(wall, 1)}, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _series(image: sitk.Image, mask: sitk.Image, age: float, folder: Path) -> Volume:
+    phantom = realscans.as_phantom(image, mask, age=age)
+    return load_series(write_dicom_series(phantom, folder, rows=SERIES_ROWS, cols=SERIES_ROWS,
+                                          slice_thickness=SERIES_SLICE_MM))
+
+
+def _healthy_cases(head: realscans.RealHead, age: float, folder: Path) -> list[Case]:
+    cases = []
+    for k, (name, pose) in enumerate(HEALTHY_POSES.items()):
+        image, mask = head.image, head.brain_mask
+        if pose != Pose():
+            image, mask = realscans.repose(image, pose), realscans.repose(mask, pose, nearest=True)
+        cases.append(Case(name, "healthy", _series(image, mask, age, folder / f"healthy-{k}"), None))
+    return cases
+
+
+def _lesion_cases(head: realscans.RealHead, means: realscans.TissueMeans, age: float, folder: Path) -> list[Case]:
+    cases = []
+    voxel_ml = float(np.prod(head.image.GetSpacing())) / 1000.0
+    for k, lesion in enumerate(LESIONS):
+        image, labels = realscans.insert_lesion(head, lesion.kind, lesion.volume_ml, lesion.seed, means)
+        volume = _series(image, head.brain_mask, age, folder / f"lesion-{k}")
+        # The whole abnormality (a tumour's oedema too) on the series' grid, by partial volume.
+        whole = sitk.Cast(labels > 0, sitk.sitkFloat32)
+        on_series = sitk.Resample(whole, volume.image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        array = sitk.GetArrayViewFromImage(labels)
+        cases.append(Case(lesion.name, "lesion", volume, sitk.GetArrayFromImage(on_series) >= 0.5,
+                          inserted_ml=float((array == realscans.LESION_LABEL).sum()) * voxel_ml,
+                          oedema_ml=float((array == realscans.OEDEMA_LABEL).sum()) * voxel_ml or None))
+    return cases
+
+
+def _prepare(case: Case, params: dict) -> Preprocessed | str:
+    """The preprocessed case, or why it is not eligible (the daemon's QC gate)."""
+    try:
+        result = preprocess(case.volume, params)
+    except InputRejected as exc:
+        return str(exc)
+    blocking = qc.blocking_reasons([*case.volume.qc_reasons, *result.qc_reasons])
+    return "; ".join(blocking) if blocking else result
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def _judge(runner: BundleRunner, cases: list[Case], prepared: dict[str, Preprocessed | str],
+           age: float) -> list[Row]:
+    rows = [_score(runner, case, prepared[case.name], age) for case in cases]
+    healthy = [r.score for r in rows if r.group == "healthy" and r.score is not None]
+    low, high = AGE_RANGE_YEARS
+    for row in rows:
+        if row.group == "healthy":
+            row.targets = {"below_threshold": row.eligible and not row.positive,
+                           "age_20_90": row.predicted_age is not None and low <= row.predicted_age <= high,
+                           "seg_le_5ml": row.seg_ml is not None and row.seg_ml <= HEALTHY_MAX_SEG_ML}
+        else:
+            row.above_healthy = (None if row.score is None or not healthy
+                                 else bool(row.score > max(healthy)))
+            row.targets = {"positive": bool(row.positive), "above_every_healthy": bool(row.above_healthy),
+                           "dice_ge_0.3": row.dice is not None and row.dice >= MIN_DICE}
+    return rows
+
+
+def _score(runner: BundleRunner, case: Case, prepared: Preprocessed | str, age: float) -> Row:
+    """One case through inference the daemon's way (daemon/pipeline.run_job)."""
+    row = Row(case.name, case.group, eligible=False, inserted_ml=case.inserted_ml, oedema_ml=case.oedema_ml)
+    if isinstance(prepared, str):
+        row.reason = prepared
+        return row
+    clock = time.perf_counter()
+    inference: Inference = runner.run(prepared.model_input, age, brain_mask=prepared.brain_mask)
+    blocking = qc.blocking_reasons(list(inference.notes))
+    if blocking:  # a model note that says its own output cannot be trusted
+        row.reason = "; ".join(blocking)
+        return row
+    brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
+    seg = anomaly_mask(to_native(brain_error, prepared, case.volume), DEFAULT_THRESHOLD)
+    voxel_ml = float(np.prod(case.volume.image.GetSpacing())) / 1000.0
+    row.eligible = True
+    row.score, row.threshold = inference.anomaly_score, inference.threshold
+    row.positive, row.percentile = inference.screen_positive, inference.percentile
+    row.terms, row.predicted_age = dict(inference.terms), inference.predicted_age
+    row.notes = list(inference.notes)
+    row.seg_ml = float(seg.sum()) * voxel_ml
+    row.dice = dice(seg, case.lesion) if case.lesion is not None else None
+    row.seconds = time.perf_counter() - clock
+    return row
+
+
+def _summary(rows: list[Row]) -> dict[str, int]:
+    """Targets met per group, and rows that meet all of theirs."""
+    out: dict[str, int] = {"targets_met": 0, "targets": 0}
+    for group in ("healthy", "lesion"):
+        mine = [r for r in rows if r.group == group]
+        out[f"{group}_targets_met"] = sum(sum(r.targets.values()) for r in mine)
+        out[f"{group}_targets"] = sum(len(r.targets) for r in mine)
+        out[f"{group}_rows_all_met"] = sum(all(r.targets.values()) for r in mine)
+        out[f"{group}_rows"] = len(mine)
+        out["targets_met"] += out[f"{group}_targets_met"]
+        out["targets"] += out[f"{group}_targets"]
+    return out
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _yes(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _print_table(bundle: Bundle, rows: list[Row], summary: dict[str, int]) -> None:
+    manifest = bundle.manifest
+    print(f"\n== {manifest.key} ({manifest.modality}, {manifest.method}); SEG threshold {DEFAULT_THRESHOLD:g} "
+          f"x healthy limit")
+    print("healthy poses (targets: below threshold, predicted age 20-90 y, SEG <= 5 mL)")
+    header = f"{'case':<25} {'score':>9} {'thresh':>9} {'pos':>4} {'pct':>6} {'age':>6} {'SEG mL':>7} {'met':>4}  terms"
+    print(header)
+    for row in (r for r in rows if r.group == "healthy"):
+        if not row.eligible:
+            print(f"{row.case:<25} not eligible: {row.reason}  met 0/{len(row.targets)}")
+            continue
+        terms = " ".join(f"{k}={v:.4g}" for k, v in row.terms.items())
+        age_note = next((n.split(":", 1)[1].strip() for n in row.notes if n.startswith("brain_age_implausible")), "")
+        terms += f"  (age: {age_note})" if age_note else ""
+        print(f"{row.case:<25} {_fmt(row.score, '.5g'):>9} {_fmt(row.threshold, '.5g'):>9} {_yes(row.positive):>4} "
+              f"{_fmt(row.percentile, '.1f'):>6} {_fmt(row.predicted_age, '.1f'):>6} {_fmt(row.seg_ml, '.1f'):>7} "
+              f"{sum(row.targets.values())}/{len(row.targets)}  {terms}")
+    blocked = sum(not r.eligible for r in rows if r.group == "healthy")
+    print("lesions in the as-acquired scan (targets: positive, above every healthy pose, Dice >= 0.3)"
+          + (f"; {blocked} healthy pose(s) not eligible, compared with the others only" if blocked else ""))
+    print(f"{'case':<25} {'mL in':>6} {'score':>9} {'pos':>4} {'pct':>6} {'>healthy':>8} {'SEG mL':>7} "
+          f"{'Dice':>5} {'met':>4}  terms")
+    for row in (r for r in rows if r.group == "lesion"):
+        inserted = f"{row.inserted_ml:.0f}" + (f"+{row.oedema_ml:.0f}" if row.oedema_ml else "")
+        if not row.eligible:
+            print(f"{row.case:<25} {inserted:>6} not eligible: {row.reason}  met 0/{len(row.targets)}")
+            continue
+        terms = " ".join(f"{k}={v:.4g}" for k, v in row.terms.items())
+        print(f"{row.case:<25} {inserted:>6} {_fmt(row.score, '.5g'):>9} {_yes(row.positive):>4} "
+              f"{_fmt(row.percentile, '.1f'):>6} {_yes(row.above_healthy):>8} {_fmt(row.seg_ml, '.1f'):>7} "
+              f"{_fmt(row.dice, '.2f'):>5} {sum(row.targets.values())}/{len(row.targets)}  {terms}")
+    print(f"summary {manifest.key}: {summary['targets_met']}/{summary['targets']} targets met "
+          f"(healthy {summary['healthy_targets_met']}/{summary['healthy_targets']}, "
+          f"lesions {summary['lesion_targets_met']}/{summary['lesion_targets']}); rows meeting every target: "
+          f"healthy {summary['healthy_rows_all_met']}/{summary['healthy_rows']}, "
+          f"lesions {summary['lesion_rows_all_met']}/{summary['lesion_rows']}")
+
+
+if __name__ == "__main__":
+    main()
