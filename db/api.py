@@ -11,6 +11,14 @@ The functions live in one module per concern and are re-exported here, with the
 dataclasses they take and return, so callers need only `from db import api`.
 """
 
+from db.calibration import (
+    active_site_reference,
+    calibration_candidates,
+    create_site_reference,
+    list_site_references,
+    retire_site_reference,
+    station_counts,
+)
 from db.deliveries import claim_deliveries, mark_delivered, mark_delivery_failed, resend_dead
 from db.housekeeping import counts, get_result_objects, mark_purged, retention_candidates, study_instances
 from db.ingest import record_instance, record_instances, record_rejection
@@ -22,17 +30,22 @@ from db.users import create_user, list_users, login, logout, resolve_session, se
 from db.txn import DEFAULT_JOB_MAX_ATTEMPTS, SYSTEM_ACTOR, utcnow
 from db.types import (
     BundleRef,
+    CalibrationCandidate,
     DeliverySummary,
     DeliveryTicket,
     InstanceRecord,
     JobOutcome,
     JobSummary,
     JobTicket,
+    NewSiteReference,
     OutputObject,
     RecordOutcome,
+    ReferenceNotFound,
     ResultSummaryRow,
     RetryPolicy,
     SeriesSummary,
+    SiteReferenceRow,
+    StationCounts,
     StudyDetail,
     StudyFilters,
     StudyNotFound,
@@ -43,7 +56,18 @@ __all__ = [
     "DEFAULT_JOB_MAX_ATTEMPTS",
     "SYSTEM_ACTOR",
     "BundleRef",
+    "CalibrationCandidate",
+    "NewSiteReference",
     "QueueHealth",
+    "ReferenceNotFound",
+    "SiteReferenceRow",
+    "StationCounts",
+    "active_site_reference",
+    "calibration_candidates",
+    "create_site_reference",
+    "list_site_references",
+    "retire_site_reference",
+    "station_counts",
     "DeliverySummary",
     "DeliveryTicket",
     "InstanceRecord",

@@ -219,6 +219,10 @@ def _new_result(job: Job, outcome: JobOutcome, now: datetime, previous_id: int |
         created_at=now,
         supersedes_result_id=previous_id,
         superseded=False,
+        station_key=outcome.station_key,
+        scoring_sha256=outcome.scoring_sha256,
+        reference_kind=outcome.reference_kind,
+        reference_id=outcome.reference_id,
     )
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from db.states import DeliveryState, JobState, ObjectKind, StudyState
+from db.states import DeliveryState, JobState, ObjectKind, ReferenceKind, StudyState
 
 # Stable constraint names so migrations and models compare equal on every dialect.
 NAMING_CONVENTION = {
@@ -47,13 +47,13 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
 
-def state_enum(enum_cls: type[StrEnum], name: str) -> sa.Enum:
+def state_enum(enum_cls: type[StrEnum], name: str, create_constraint: bool = True) -> sa.Enum:
     """A portable string Enum column type: VARCHAR plus a CHECK constraint of the values."""
     return sa.Enum(
         enum_cls,
         name=name,
         native_enum=False,
-        create_constraint=True,
+        create_constraint=create_constraint,
         length=16,
         values_callable=lambda cls: [member.value for member in cls],
         validate_strings=True,
@@ -172,7 +172,10 @@ class Job(Base):
 
 class Result(Base):
     __tablename__ = "results"
-    __table_args__ = (sa.Index("ix_results_current", "study_id", "superseded", "id"),)
+    __table_args__ = (
+        sa.Index("ix_results_current", "study_id", "superseded", "id"),
+        sa.Index("ix_results_station", "bundle_name", "bundle_version", "station_key", "id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id"), unique=True)
@@ -198,8 +201,44 @@ class Result(Base):
     created_at: Mapped[datetime]
     supersedes_result_id: Mapped[int | None] = mapped_column(sa.ForeignKey("results.id"))
     superseded: Mapped[bool] = mapped_column(default=False)
+    # Site calibration: the scanner the series came from ("MANUFACTURER|MODEL|STATION"),
+    # the sha256 of the bundle manifest that scored it (scores of one manifest compare),
+    # and the healthy reference the percentile and screen result were judged against.
+    station_key: Mapped[str | None] = mapped_column(sa.String(200))
+    scoring_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    # No CHECK constraint: SQLite cannot add one to a populated table without copying it.
+    reference_kind: Mapped[ReferenceKind | None] = mapped_column(
+        state_enum(ReferenceKind, "reference_kind", create_constraint=False))
+    reference_id: Mapped[int | None] = mapped_column(sa.ForeignKey("site_references.id"))
 
     objects: Mapped[list[ResultObject]] = relationship(back_populates="result")
+
+
+class SiteReference(Base):
+    """A healthy reference distribution and threshold estimated from this site's own studies,
+    for one bundle manifest and one scanner group. Never deleted: retired, with who and why."""
+
+    __tablename__ = "site_references"
+    __table_args__ = (sa.Index("ix_site_references_lookup", "bundle_name", "bundle_version", "station", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    bundle_name: Mapped[str] = mapped_column(sa.String(64))
+    bundle_version: Mapped[str] = mapped_column(sa.String(32))
+    scoring_sha256: Mapped[str] = mapped_column(sa.String(64))
+    grouping: Mapped[str] = mapped_column(sa.String(16))
+    station: Mapped[str] = mapped_column(sa.String(200))
+    rule: Mapped[str] = mapped_column(sa.String(32))
+    scores: Mapped[list[Any]]
+    n: Mapped[int]
+    threshold: Mapped[float] = mapped_column(sa.Float)
+    specificity: Mapped[float] = mapped_column(sa.Float)
+    provenance: Mapped[dict[str, Any]]
+    result_ids: Mapped[list[Any]]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(sa.String(64))
+    retired_at: Mapped[datetime | None]
+    retired_by: Mapped[str | None] = mapped_column(sa.String(64))
+    retire_reason: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class ResultObject(Base):

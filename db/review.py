@@ -404,6 +404,9 @@ def _results_of(session: Session, study_id: int) -> list[ResultSummaryRow]:
             created_at=r.created_at,
             superseded=r.superseded,
             supersedes_result_id=r.supersedes_result_id,
+            station_key=r.station_key,
+            reference_kind=None if r.reference_kind is None else str(r.reference_kind),
+            reference_id=r.reference_id,
         )
         for r in rows
     ]

@@ -33,3 +33,11 @@ class ObjectKind(StrEnum):
     SC = "sc"
     SR = "sr"
     SEG = "seg"
+
+
+class ReferenceKind(StrEnum):
+    """Which healthy reference judged an eligible result (daemon.reference)."""
+
+    BUNDLE = "bundle"  # the bundle's own, from synthetic phantoms
+    SITE = "site"  # estimated from this scanner's healthy studies
+    CALIBRATING = "calibrating"  # none yet for this scanner: score recorded, no screen result

@@ -88,6 +88,12 @@ class JobOutcome:
     series_verdicts: list[dict[str, Any]]
     timings: dict[str, float]
     objects: list[OutputObject]
+    # Site calibration (daemon.reference): the scanner, the manifest that scored the
+    # study, and the reference that judged it ("bundle", "site" or "calibrating").
+    station_key: str | None = None
+    scoring_sha256: str | None = None
+    reference_kind: str | None = None
+    reference_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -236,6 +242,9 @@ class ResultSummaryRow:
     created_at: datetime
     superseded: bool
     supersedes_result_id: int | None
+    station_key: str | None = None
+    reference_kind: str | None = None
+    reference_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -266,3 +275,94 @@ class StudyDetail:
     jobs: list[JobSummary]
     results: list[ResultSummaryRow]
     deliveries: list[DeliverySummary]
+
+
+class ReferenceNotFound(HeadscreenError):
+    """No active site reference with the given id."""
+
+
+@dataclass(frozen=True)
+class NewSiteReference:
+    """A site reference to store (`db.api.create_site_reference`); `scores` sorted."""
+
+    bundle_name: str
+    bundle_version: str
+    scoring_sha256: str
+    grouping: str  # "station" | "model"
+    station: str
+    rule: str  # "confirmed_normal" | "first_n_robust"
+    scores: list[float]
+    threshold: float
+    specificity: float
+    provenance: dict[str, Any]
+    result_ids: list[int]
+
+    def __post_init__(self) -> None:
+        if self.grouping not in ("station", "model"):
+            raise ValueError("grouping: 'station' or 'model'")
+        if self.rule not in ("confirmed_normal", "first_n_robust"):
+            raise ValueError("rule: 'confirmed_normal' or 'first_n_robust'")
+        if not self.scores:
+            raise ValueError("scores: at least one healthy score")
+        if list(self.scores) != sorted(self.scores):
+            raise ValueError("scores: must be sorted")
+        if not 0.0 < self.specificity < 1.0:
+            raise ValueError("specificity: in (0, 1)")
+        if not self.station:
+            raise ValueError("station: must not be empty")
+
+
+@dataclass(frozen=True)
+class SiteReferenceRow:
+    reference_id: int
+    bundle_name: str
+    bundle_version: str
+    scoring_sha256: str
+    grouping: str
+    station: str
+    rule: str
+    scores: list[float]
+    n: int
+    threshold: float
+    specificity: float
+    provenance: dict[str, Any]
+    result_ids: list[int]
+    created_at: datetime
+    created_by: str
+    retired_at: datetime | None
+    retired_by: str | None
+    retire_reason: str | None
+
+    @property
+    def bundle_key(self) -> str:
+        return f"{self.bundle_name}-{self.bundle_version}"
+
+    @property
+    def active(self) -> bool:
+        return self.retired_at is None
+
+
+@dataclass(frozen=True)
+class CalibrationCandidate:
+    """One current result of a bundle, as calibration sees it (no patient values)."""
+
+    result_id: int
+    station_key: str
+    eligible: bool
+    anomaly_score: float | None
+    scoring_sha256: str | None
+    confirmed_normal: bool
+    flagged: bool
+
+
+@dataclass(frozen=True)
+class StationCounts:
+    """Current results of one bundle from one scanner (full station key)."""
+
+    bundle_name: str
+    bundle_version: str
+    station_key: str
+    results: int
+    scored: int  # eligible with a score
+    confirmed_normal_scored: int
+    calibrating: int
