@@ -31,6 +31,10 @@ __all__ = [
     "NOT_ELIGIBLE_REASON",
     "QC_DETAIL",
     "MEASUREMENT_ABSENT",
+    "HEALTHY_REFERENCE",
+    "REFERENCE_BUNDLE",
+    "REFERENCE_SITE",
+    "REFERENCE_CALIBRATING",
     "ABSENT",
     "ANOMALY_FINDING",
     "BRAIN",
@@ -78,6 +82,14 @@ QC_DETAIL = CodedConcept("121106", "DCM", "Comment")
 # "<measurement> : Absent" states that a value was not produced (never zero/normal).
 MEASUREMENT_ABSENT = _private("HS0015", "Measurement not available")
 ABSENT = CodedConcept("272519000", "SCT", "Absent")
+
+# Which healthy reference the percentile and screen result are against (site calibration):
+# the bundle's, this scanner's own, or none yet (calibrating: no percentile, no screen result).
+# The sentence naming it (bundle or station, n, date) is the Comment beneath.
+HEALTHY_REFERENCE = _private("HS0017", "Healthy reference for percentile and screen result")
+REFERENCE_BUNDLE = _private("HS0040", "Bundle reference (synthetic healthy phantoms)")
+REFERENCE_SITE = _private("HS0041", "Site reference (this scanner's healthy studies)")
+REFERENCE_CALIBRATING = _private("HS0042", "None yet: scanner calibrating, no screen result")
 
 # --- finding / anatomy -------------------------------------------------------
 ANOMALY_FINDING = _private("HS0020", "Brain anomaly screening")

@@ -28,6 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from export import codes
 from export.model import ResultSummary, finite_or_none, reference_header
+from export.sr import ReferenceNote
 
 __all__ = [
     "OverlayStyle",
@@ -173,7 +174,8 @@ def _fmt(value: float | None, spec: str, absent: str = "not available") -> str:
     return absent if value is None else format(value, spec)
 
 
-def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], slice_label: str) -> list[tuple[str, bool]]:
+def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], slice_label: str,
+                  reference: ReferenceNote | None = None) -> list[tuple[str, bool]]:
     """(text, is_alert) lines of the legend, ASCII only."""
     algo = summary.algorithm
     lines: list[tuple[str, bool]] = [(DISCLAIMER.upper(), True)]
@@ -181,11 +183,16 @@ def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], sli
     percentile = finite_or_none(summary.percentile)
     pct = "" if percentile is None else f" ({percentile:.1f}th percentile of healthy reference)"
     lines.append((f"Anomaly score {_fmt(summary.anomaly_score, '.3f')}{pct}", False))
-    if summary.screen_positive is None:
+    if reference is not None and reference.calibrating:
+        # In place of a screen result: why there is none.
+        lines.append((reference.legend_text, True))
+    elif summary.screen_positive is None:
         lines.append(("Screen result: not available", False))
     else:
         verdict = "POSITIVE" if summary.screen_positive else "negative"
         lines.append((f"Screen result: {verdict} at threshold {_fmt(summary.threshold, '.3f')}", summary.screen_positive))
+    if reference is not None and not reference.calibrating:
+        lines.append((reference.legend_text, False))
     age_gap = finite_or_none(summary.age_gap)
     if age_gap is None:
         lines.append(("Brain-age gap: not available", False))
@@ -332,16 +339,21 @@ def build_overlay_series(
     *,
     max_slices: int | None = None,
     style: OverlayStyle | None = None,
+    reference: ReferenceNote | None = None,
 ) -> list[Dataset]:
     """One RGB Secondary Capture image per chosen slice (see module docstring).
 
     ``source_datasets[k]`` must be the slice of ``error_map_native[k]``. With
     ``slice_indices=None`` the ``max_slices`` (default ``style.default_slice_count``)
     consecutive slices centred on the slice with the largest summed error are rendered.
+    ``reference`` adds the healthy reference to the legend, or says the scanner is
+    calibrating in place of a screen result.
     """
     if not summary.eligible:
         # A result that cannot be trusted gets no colour: see build_not_screened_image.
         raise ValueError("build_overlay_series: argument 'summary' is not eligible; use build_not_screened_image")
+    if reference is not None:
+        reference.check(summary, "build_overlay_series")
     style = style or OverlayStyle()
     if max_slices is not None and max_slices < 1:
         raise ValueError(f"build_overlay_series: argument 'max_slices' must be >= 1, got {max_slices}")
@@ -356,7 +368,7 @@ def build_overlay_series(
     factor = max(1, math.ceil(style.min_render_width / int(source_datasets[0].Columns)))
     images = [
         _build_one(source_datasets[k], values[k], error_map[k], k, len(source_datasets), position + 1,
-                   series_uid, series_number, summary, window, bounds, factor, style)
+                   series_uid, series_number, summary, window, bounds, factor, style, reference)
         for position, k in enumerate(indices)
     ]
     logger.info(
@@ -381,11 +393,12 @@ def _build_one(
     bounds: tuple[float, float],
     factor: int,
     style: OverlayStyle,
+    reference: ReferenceNote | None = None,
 ) -> Dataset:
     inverted = getattr(source, "PhotometricInterpretation", "") == "MONOCHROME1"
     rgb = _upscale(render_overlay(values, error, window, bounds, style, inverted), factor)
     label = f"slice {slice_index + 1}/{n_slices}"
-    pixels = _add_legend(rgb, _legend_lines(summary, bounds, label))
+    pixels = _add_legend(rgb, _legend_lines(summary, bounds, label, reference))
     spacing = None
     if hasattr(source, "PixelSpacing"):
         spacing = tuple(float(v) / factor for v in source.PixelSpacing)
@@ -416,7 +429,9 @@ def _build_one(
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     sc.LossyImageCompression = "00"
-    sc.ImageComments = DISCLAIMER
+    # Calibrating: said in the header too, for viewers that show Image Comments.
+    sc.ImageComments = (f"{DISCLAIMER} - {reference.legend_text}" if reference is not None and reference.calibrating
+                        else DISCLAIMER)
     sc.DerivationDescription = (
         f"{algo.family} voxel error map ({algo.name} {algo.version}) alpha-blended on the source slice"
     )[:1024]

@@ -7,13 +7,17 @@ full text, and "<measurement>: Absent" for every value that was not produced)
 and references to the source slices. The SC instances are listed in the
 evidence sequence. A study that was not eligible still gets a report that says
 so and why: one coded reason per blocking reason, the advisory QC issues, and
-no number and no screen result at all.
+no number and no screen result at all. An eligible result names the healthy
+reference its percentile is against (the bundle's, or this scanner's own); while
+the scanner is calibrating it carries the score but no percentile, threshold or
+screen result, and says why.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 from highdicom.sr import (
@@ -39,7 +43,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from export import codes
 from export.model import ResultSummary, finite_or_none, reference_header
 
-__all__ = ["build_report", "SR_SERIES_DESCRIPTION", "TRACKING_IDENTIFIER", "REPORT_SUMMARY_TEXT"]
+__all__ = ["build_report", "ReferenceNote", "SR_SERIES_DESCRIPTION", "TRACKING_IDENTIFIER", "REPORT_SUMMARY_TEXT"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,50 @@ SR_SERIES_DESCRIPTION = "AI screening report - NOT FOR PRIMARY DIAGNOSIS"
 TRACKING_IDENTIFIER = "headscreen brain anomaly screening"
 #: Concept name of the free-text summary item in the measurement group.
 REPORT_SUMMARY_TEXT = CodedConcept("121106", "DCM", "Comment")
+
+REFERENCE_KINDS = ("bundle", "site", "calibrating")
+_REFERENCE_CODES = {"bundle": codes.REFERENCE_BUNDLE, "site": codes.REFERENCE_SITE,
+                    "calibrating": codes.REFERENCE_CALIBRATING}
+
+
+@dataclass(frozen=True)
+class ReferenceNote:
+    """Which healthy reference an eligible result was judged against ("bundle" or
+    "site"), or that the scanner is still "calibrating": then no percentile, threshold
+    or screen result exists, and the report and the overlay legend say why.
+
+    ``text`` is the sentence the SR carries (it may name the station); ``legend`` what
+    the overlay burns in (ASCII, our own words only), ``text`` when not given.
+    """
+
+    kind: str
+    text: str
+    legend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in REFERENCE_KINDS:
+            raise ValueError(f"ReferenceNote: argument 'kind' must be one of {', '.join(REFERENCE_KINDS)}")
+        if not self.text or not self.text.strip():
+            raise ValueError("ReferenceNote: argument 'text' must not be empty")
+        if not self.legend_text.isascii():
+            raise ValueError("ReferenceNote: argument 'legend' must be ASCII")
+
+    @property
+    def calibrating(self) -> bool:
+        return self.kind == "calibrating"
+
+    @property
+    def legend_text(self) -> str:
+        return self.legend or self.text
+
+    def check(self, summary: ResultSummary, where: str) -> None:
+        if not summary.eligible:
+            raise ValueError(f"{where}: argument 'reference' given for a not-eligible summary")
+        if self.calibrating and any(v is not None for v in (summary.percentile, summary.threshold,
+                                                              summary.screen_positive)):
+            raise ValueError(f"{where}: argument 'summary' carries a percentile, threshold or screen result "
+                             "although 'reference' says the scanner is calibrating")
+
 
 def _algorithm_identification(summary: ResultSummary) -> AlgorithmIdentification:
     algo = summary.algorithm
@@ -78,17 +126,22 @@ def _observation_context(summary: ResultSummary) -> ObservationContext:
     )
 
 
-def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification) -> tuple[list[Measurement], list[QualitativeEvaluation]]:
+def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification,
+                  reference: ReferenceNote | None = None) -> tuple[list[Measurement], list[QualitativeEvaluation]]:
     """Numeric measurements present in the summary, and an 'Absent' evaluation for each missing one."""
     # The chronological age is an input taken from the header, not produced by the model.
-    planned = (
+    planned = [
         (codes.ANOMALY_SCORE, summary.anomaly_score, codes.UNIT_SCORE, True),
         (codes.ANOMALY_PERCENTILE, summary.percentile, codes.UNIT_PERCENT, True),
         (codes.OPERATING_THRESHOLD, summary.threshold, codes.UNIT_SCORE, True),
         (codes.PREDICTED_BRAIN_AGE, summary.predicted_age, codes.UNIT_YEAR, True),
         (codes.CHRONOLOGICAL_AGE, summary.chronological_age, codes.UNIT_YEAR, False),
         (codes.BRAIN_AGE_GAP, summary.age_gap, codes.UNIT_YEAR, True),
-    )
+    ]
+    if reference is not None and reference.calibrating:
+        # Not "Absent": there is no reference to have a percentile or threshold against,
+        # and the reference item says so (a reader must not look for one).
+        planned = [p for p in planned if p[0] not in (codes.ANOMALY_PERCENTILE, codes.OPERATING_THRESHOLD)]
     present, absent = [], []
     for name, raw, unit, by_algorithm in planned:
         value = finite_or_none(raw)
@@ -112,23 +165,37 @@ def _reason_item(name: CodedConcept, reason: str) -> QualitativeEvaluation:
     return item
 
 
-def _evaluations(summary: ResultSummary) -> list[QualitativeEvaluation]:
+def _reference_item(reference: ReferenceNote) -> QualitativeEvaluation:
+    """Which reference (coded), with the sentence naming it beneath."""
+    item = QualitativeEvaluation(name=codes.HEALTHY_REFERENCE, value=_REFERENCE_CODES[reference.kind])
+    item[0].ContentSequence = [
+        TextContentItem(name=codes.QC_DETAIL, value=reference.text, relationship_type="HAS PROPERTIES")
+    ]
+    return item
+
+
+def _evaluations(summary: ResultSummary, reference: ReferenceNote | None = None) -> list[QualitativeEvaluation]:
     evaluations = [
         QualitativeEvaluation(name=codes.ELIGIBILITY, value=codes.ELIGIBLE if summary.eligible else codes.NOT_ELIGIBLE)
     ]
     if not summary.eligible:
         # No screen-result item at all: "screen result = Absent" reads as "no anomaly".
         evaluations.extend(_reason_item(codes.NOT_ELIGIBLE_REASON, r) for r in summary.reasons_not_eligible())
+    elif reference is not None and reference.calibrating:
+        # Likewise no screen result while calibrating: the reference item says why.
+        evaluations.append(_reference_item(reference))
     elif summary.screen_positive is None:
         evaluations.append(QualitativeEvaluation(name=codes.SCREEN_RESULT, value=codes.ABSENT))
     else:
         verdict = codes.SCREEN_POSITIVE if summary.screen_positive else codes.SCREEN_NEGATIVE
         evaluations.append(QualitativeEvaluation(name=codes.SCREEN_RESULT, value=verdict))
+    if summary.eligible and reference is not None and not reference.calibrating:
+        evaluations.append(_reference_item(reference))
     evaluations.extend(_reason_item(codes.QC_ISSUE, r) for r in summary.advisory_reasons())
     return evaluations
 
 
-def summary_text(summary: ResultSummary) -> str:
+def summary_text(summary: ResultSummary, reference: ReferenceNote | None = None) -> str:
     """One human-readable sentence block, shown by every SR viewer."""
     parts = ["AI-generated result, not for primary diagnosis."]
     if not summary.eligible:
@@ -138,8 +205,12 @@ def summary_text(summary: ResultSummary) -> str:
         value = finite_or_none(summary.anomaly_score)
         score = "not available" if value is None else f"{value:.4g}"
         parts.append(f"Anomaly score {score}.")
-        if summary.screen_positive is not None:
+        if reference is not None and reference.calibrating:
+            parts.append(reference.text.rstrip(".") + ".")
+        elif summary.screen_positive is not None:
             parts.append(f"Screen {'POSITIVE' if summary.screen_positive else 'negative'} at the operating point.")
+        if reference is not None and not reference.calibrating:
+            parts.append(reference.text.rstrip(".") + ".")
     advisory = summary.advisory_reasons()
     if advisory:
         parts.append(("Other QC issues: " if not summary.eligible else "QC: ") + "; ".join(advisory) + ".")
@@ -163,19 +234,23 @@ def build_report(
     *,
     series_instance_uid: str | None = None,
     previous_versions: Sequence[Dataset] | None = None,
+    reference: ReferenceNote | None = None,
 ) -> Comprehensive3DSR:
     """The TID 1500 report for one job (see module docstring).
 
     ``source_datasets`` are the slices (headers suffice) of the analysed series;
     ``sc_datasets`` the overlay images (may be empty, e.g. when not eligible).
-    ``previous_versions`` are earlier reports this one supersedes.
+    ``previous_versions`` are earlier reports this one supersedes. ``reference`` names
+    the healthy reference of an eligible result, or says the scanner is calibrating.
     """
     _check_inputs(source_datasets, sc_datasets)
+    if reference is not None:
+        reference.check(summary, "build_report")
     algorithm_id = _algorithm_identification(summary)
     measurements: list[Measurement] = []
-    evaluations = _evaluations(summary)
+    evaluations = _evaluations(summary, reference)
     if summary.eligible:
-        measurements, absent = _measurements(summary, algorithm_id)
+        measurements, absent = _measurements(summary, algorithm_id, reference)
         evaluations.extend(absent)
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(identifier=TRACKING_IDENTIFIER, uid=hd.UID()),
@@ -187,7 +262,7 @@ def build_report(
         source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_datasets],
     )
     group[0].ContentSequence.append(
-        TextContentItem(name=REPORT_SUMMARY_TEXT, value=summary_text(summary), relationship_type="CONTAINS")
+        TextContentItem(name=REPORT_SUMMARY_TEXT, value=summary_text(summary, reference), relationship_type="CONTAINS")
     )
     report = MeasurementReport(
         observation_context=_observation_context(summary),
@@ -222,6 +297,7 @@ def build_report(
     logger.info(
         "built report",
         extra={"action": "sr_built", "sop_instance_uid": sr.SOPInstanceUID, "eligible": summary.eligible,
+               "reference": None if reference is None else reference.kind,
                "measurements": len(measurements), "sc_instances": len(sc_datasets)},
     )
     return sr
