@@ -209,6 +209,87 @@ def cmd_bundles_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_bundles(settings: Settings, wanted: str | None) -> list:
+    from daemon.bundle import load_bundle
+
+    bundles = [load_bundle(Path(path)) for path in settings.bundles]
+    if wanted is not None:
+        bundles = [b for b in bundles if wanted in (b.manifest.key, b.manifest.name)]
+        if not bundles:
+            raise HeadscreenError(f"--bundle: no configured bundle is called {wanted!r}")
+    return bundles
+
+
+def _reference_line(ref) -> str:
+    excluded = ", ".join(f"{n} {why}" for why, n in sorted(ref.provenance.get("excluded", {}).items())) or "none"
+    state = "active" if ref.active else f"retired {ref.retired_at:%Y-%m-%d} by {ref.retired_by}: {ref.retire_reason}"
+    return (f"#{ref.reference_id:<4} {ref.bundle_key}  {ref.grouping} {ref.station}  n={ref.n}  "
+            f"threshold={ref.threshold:.4g} at specificity {ref.specificity:g}  rule={ref.rule} "
+            f"(excluded: {excluded})  created {ref.created_at:%Y-%m-%d %H:%M} UTC by {ref.created_by}  [{state}]")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Site references: estimate (default), --list, --retire."""
+    from daemon.reference import calibrate
+    from db import api
+
+    settings = _settings(args)
+    sessions = _sessions(settings)
+    if args.list:
+        with sessions() as session:
+            refs = api.list_site_references(session, include_retired=args.all)
+        if args.json:
+            print(json.dumps([_row_dict(r) for r in refs], indent=2, default=str))
+        for ref in [] if args.json else refs:
+            print(_reference_line(ref))
+        if not refs and not args.json:
+            print("no site references" + ("" if args.all else " in use (--all shows retired ones)"))
+        return 0
+    if args.retire is not None:
+        if not args.reason:
+            raise HeadscreenError("--retire needs --reason (it is kept in the audit trail)")
+        with sessions() as session:
+            try:
+                ref = api.retire_site_reference(session, args.retire, args.actor, args.reason, datetime.now(UTC))
+            except api.ReferenceNotFound as exc:
+                raise HeadscreenError(str(exc)) from None
+        print(f"retired site reference #{ref.reference_id} ({ref.bundle_key}, {ref.station})")
+        return 0
+
+    grouping = args.grouping or settings.calibration.grouping
+    minimum = settings.calibration.min_references
+    created = 0
+    for bundle in _calibration_bundles(settings, args.bundle):
+        with sessions() as session:
+            runs = calibrate(session, bundle, actor=args.actor, grouping=grouping, first_n=args.first,
+                             station=args.station, outlier_mads=settings.calibration.outlier_mads,
+                             dry_run=args.dry_run, now=datetime.now(UTC))
+        if not runs:
+            source = f"the first {args.first} scored studies" if args.first else "studies confirmed normal"
+            print(f"{bundle.manifest.key}: no usable scores from {source}"
+                  + (f" of station {args.station}" if args.station else ""))
+        bundle_threshold = bundle.manifest.calibration.threshold
+        for run in runs:
+            found = run.estimate
+            excluded = ", ".join(f"{n} {why}" for why, n in sorted(found.excluded.items())) or "none excluded"
+            what = (f"{run.bundle_key} {grouping} {found.station}: n={found.n} of {found.considered} "
+                    f"({found.rule}; {excluded}), threshold {found.threshold:.4g} (bundle {bundle_threshold:.4g}) "
+                    f"at specificity {found.specificity:g}")
+            if run.unchanged_from is not None:
+                print(f"unchanged: {what}; site reference #{run.unchanged_from} already holds these studies")
+                continue
+            if run.created is None:
+                print(f"would create: {what}")
+            else:
+                created += 1
+                print(f"created site reference #{run.created.reference_id}: {what}")
+            if found.n < minimum:
+                print(f"  below min_references ({minimum}): in site mode this scanner stays calibrating")
+    if settings.calibration.mode != "site" and created:
+        print('note: [calibration] mode is "bundle"; site references are used once it is "site"')
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
@@ -284,6 +365,26 @@ def build_parser() -> argparse.ArgumentParser:
     bundles = commands.add_parser("bundles", help="verify model bundles")
     bundles.add_argument("paths", nargs="*", type=Path)
     bundles.set_defaults(fn=cmd_bundles_verify)
+
+    calib = commands.add_parser(
+        "calibrate", help="estimate per-scanner healthy references from this site's studies (audited)",
+        description="Estimate a bundle's healthy reference distribution and threshold (at the bundle's "
+                    "specificity) from this site's own studies, per scanner: from studies confirmed normal "
+                    "in the console (default), or robustly from the first N scored studies (--first N). "
+                    "Also lists and retires site references.")
+    calib.add_argument("--bundle", help="NAME-VERSION or NAME of a configured bundle (default: all)")
+    calib.add_argument("--station", help="one scanner group key (as --list and the console show it)")
+    calib.add_argument("--first", type=int, metavar="N",
+                       help="the first N scored studies of each scanner, outliers dropped (median + k x 1.4826 x MAD)")
+    calib.add_argument("--grouping", choices=("station", "model"), help="default: [calibration] grouping")
+    calib.add_argument("--dry-run", action="store_true", help="estimate and print, store nothing")
+    calib.add_argument("--list", action="store_true", help="list site references in use")
+    calib.add_argument("--all", action="store_true", help="with --list: retired ones too")
+    calib.add_argument("--json", action="store_true", help="with --list: as JSON")
+    calib.add_argument("--retire", type=int, metavar="ID", help="retire a site reference (audited)")
+    calib.add_argument("--reason", help="why it is retired")
+    calib.add_argument("--actor", default="cli")
+    calib.set_defaults(fn=cmd_calibrate)
 
     demo = commands.add_parser("demo", help="end-to-end demonstration with a local PACS")
     demo.add_argument("--work", default="demo-out")

@@ -118,6 +118,20 @@ class WebConfig(_Section):
         return address
 
 
+class CalibrationConfig(_Section):
+    """Which healthy reference judges a score (daemon.reference; `headscreen calibrate`)."""
+
+    # "bundle": the bundle's own reference (synthetic phantoms). "site": a reference
+    # estimated from this scanner's own studies; a scanner without one is "calibrating".
+    mode: Literal["bundle", "site"] = "bundle"
+    # A site reference is used only with at least this many healthy studies.
+    min_references: int = Field(20, ge=1, le=100_000)
+    # Scanners that share a reference: one per station, or one per manufacturer + model.
+    grouping: Literal["station", "model"] = "station"
+    # `calibrate --first N`: scores above median + outlier_mads x 1.4826 x MAD are dropped.
+    outlier_mads: float = Field(3.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything the daemon needs, validated at start-up and passed down."""
 
@@ -152,6 +166,7 @@ class Settings(BaseSettings):
     selection: dict[Literal["CT", "MR"], dict[str, Any]] = {}
     delivery: DeliveryConfig = DeliveryConfig()
     web: WebConfig = WebConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

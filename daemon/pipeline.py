@@ -12,8 +12,10 @@ eligible too: then no score, overlay or SEG goes out, only the SR and one plain
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -27,11 +29,12 @@ from pydicom.dataset import Dataset
 from daemon.ages import chronological_age
 from daemon.errors import InputRejected
 from daemon.inference import BundleRunner, Inference
+from daemon.reference import Calibrating, Reference, ReferencePolicy, scoring_identity, station_key
 from db.api import JobOutcome, JobTicket, OutputObject
 from export.model import AlgorithmInfo, ResultSummary
 from export.sc import OverlayStyle, build_not_screened_image, build_overlay_series, choose_slices
 from export.seg import DEFAULT_THRESHOLD, build_segmentation
-from export.sr import build_report
+from export.sr import ReferenceNote, build_report
 from imaging.preprocess import preprocess, to_native
 from imaging.qc import blocking_reasons
 from imaging.selection import SelectionRules, SeriesCandidate, select_series
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 # (daemon.inference), so one fixed scale means the same on every study: below
 # 1 is within the healthy range and stays grey, 3 and above is full red.
 OVERLAY_STYLE = OverlayStyle(error_lower=1.0, error_upper=3.0)
+
+# Without a policy every score is judged against the bundle's own reference.
+BUNDLE_REFERENCES = ReferencePolicy()
 
 _FAMILY = {"f-anogan-3d": "3D f-AnoGAN (unsupervised anomaly detection)", "vae-3d-age": "3D VAE with brain-age head"}
 
@@ -78,7 +84,9 @@ def run_job(
     rules: SelectionRules | None = None,
     seg_enabled: bool = True,
     seg_threshold: float = DEFAULT_THRESHOLD,
+    references: ReferencePolicy | None = None,
 ) -> JobOutcome:
+    """`references` chooses the healthy reference per scanner (default: the bundle's own)."""
     timer = Timer()
     manifest = runner.bundle.manifest
     headers = timer.measure("read_headers", _read_headers, study)
@@ -128,15 +136,20 @@ def run_job(
     brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
     native_map = timer.measure("to_native", to_native, brain_error, prepared, volume)
 
+    # The percentile and screen result come from the reference of this scanner (the
+    # bundle's own unless the site calibrated it); Inference keeps the bundle's.
+    station = station_key(first)
+    reference = timer.measure("reference", (references or BUNDLE_REFERENCES).choose, runner.bundle, station)
+    percentile, screen_positive, threshold = _judged(inference.anomaly_score, reference)
     if age is None:
         qc_reasons.append(f"chronological_age_{age_source}")
     summary = ResultSummary(
         eligible=True,
         ineligible_reason=None,
         anomaly_score=inference.anomaly_score,
-        percentile=inference.percentile,
-        screen_positive=inference.screen_positive,
-        threshold=inference.threshold,
+        percentile=percentile,
+        screen_positive=screen_positive,
+        threshold=threshold,
         predicted_age=inference.predicted_age,
         chronological_age=inference.chronological_age,
         age_gap=inference.age_gap,
@@ -149,16 +162,33 @@ def run_job(
     overlay_indices = (list(range(len(volume.slice_sop_uids))) if overlay_slices == 0
                        else choose_slices(native_map, overlay_slices))
     sources = timer.measure("read_pixels", _read_sources, headers[chosen], volume.slice_sop_uids, overlay_indices)
+    note = ReferenceNote(kind=reference.kind, text=reference.describe(), legend=reference.legend())
+    # No SEG while calibrating: a region with no screen result would read as a finding.
+    with_seg = seg_enabled and not isinstance(reference, Calibrating)
     objects = timer.measure(
         "build_results", _build_results, sources, native_map, summary, overlay_indices, output_dir,
-        seg_threshold if seg_enabled else None,
+        seg_threshold if with_seg else None, note,
     )
     log.info(
         "job computed",
         extra={"job_id": ticket.job_id, "bundle": manifest.key, "score": inference.anomaly_score,
-               "percentile": inference.percentile, "timings": timer.stages},
+               "percentile": percentile, "reference": reference.kind, "station": station, "timings": timer.stages},
     )
-    return _outcome(summary, verdicts, timer, objects)
+    outcome = _outcome(summary, verdicts, timer, objects)
+    return dataclasses.replace(
+        outcome, station_key=station, scoring_sha256=scoring_identity(runner.bundle), reference_kind=reference.kind,
+        reference_id=reference.reference_id if isinstance(reference, Reference) else None,
+    )
+
+
+def _judged(score: float, reference: Reference | Calibrating) -> tuple[float | None, bool | None, float | None]:
+    """(percentile, screen positive, threshold) of a score against its reference; all None
+    while calibrating, and no verdict on a score that is not a number (never "negative")."""
+    if isinstance(reference, Calibrating):
+        return None, None, None
+    if not math.isfinite(score):
+        return None, None, reference.threshold
+    return reference.percentile(score), reference.positive(score), reference.threshold
 
 
 def _ineligible(
@@ -193,6 +223,7 @@ def _ineligible(
         return _outcome(ResultSummary(modality="OT", **common), verdicts, timer, [])
     series_headers = _in_slice_order(headers[series_uid], slice_order)
     summary = ResultSummary(modality=algorithm_modality(series_headers[0]), selected_series_uid=chosen, **common)
+    station = station_key(series_headers[0])
     objects: list[OutputObject] = []
     sc = None
     try:
@@ -211,7 +242,8 @@ def _ineligible(
                                                                         "error": type(exc).__name__})
         sr = build_report(series_headers[:1], summary, [sc] if sc is not None else [])
     objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
-    return _outcome(summary, verdicts, timer, objects)
+    # The scanner is recorded even without a score: the console counts per station.
+    return dataclasses.replace(_outcome(summary, verdicts, timer, objects), station_key=station)
 
 
 def _in_slice_order(series_headers: list[Dataset], slice_order: list[str] | None) -> list[Dataset]:
@@ -311,16 +343,17 @@ def _build_results(
     overlay_indices: list[int],
     output_dir: Path,
     seg_threshold: float | None = DEFAULT_THRESHOLD,
+    reference: ReferenceNote | None = None,
 ) -> list[OutputObject]:
     """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG), the SR."""
     sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=overlay_indices,
-                                       style=OVERLAY_STYLE)
+                                       style=OVERLAY_STYLE, reference=reference)
     objects = [_write(ds, output_dir / f"sc-{i:04d}.dcm", "sc") for i, ds in enumerate(sc_datasets, start=1)]
     if seg_threshold is not None:
         seg = build_segmentation(sources, native_map, summary, seg_threshold)
         if seg is not None:
             objects.append(_write(seg, output_dir / "seg.dcm", "seg"))
-    sr = build_report(sources, summary, sc_datasets)
+    sr = build_report(sources, summary, sc_datasets, reference=reference)
     objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
     return objects
 

@@ -26,6 +26,7 @@ from daemon.delivery import deliver_due
 from daemon.errors import HeadscreenError, TransientError
 from daemon.inference import BundleRunner
 from daemon.pipeline import StudyFiles, run_job
+from daemon.reference import ReferencePolicy
 from daemon.privacy import failure_reason, frames_only, withhold_values_in_logs
 from db import api
 from db.engine import make_engine, session_factory
@@ -49,7 +50,14 @@ class Worker:
         self.sessions = sessions
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.runners = load_runners(settings)
+        self.references = ReferencePolicy.from_settings(settings.calibration, self._site_reference)
         self.stopping = threading.Event()
+
+    def _site_reference(self, name: str, version: str, scoring: str, grouping: str, station: str):
+        """The active site reference for a bundle manifest and scanner group (read per job,
+        so a new calibration applies to the next study without a restart)."""
+        with self.sessions() as session:
+            return api.active_site_reference(session, name, version, scoring, grouping, station)
 
     def warm_up(self) -> None:
         """Build the templates and caches the first study would otherwise pay for.
@@ -129,7 +137,8 @@ class Worker:
             )
             rules = self.settings.selection_rules(runner.bundle.manifest.modality)
             outcome = run_job(ticket, study, runner, output_dir, self.settings.overlay_slices, rules,
-                              seg_enabled=self.settings.seg_enabled, seg_threshold=self.settings.seg_threshold)
+                              seg_enabled=self.settings.seg_enabled, seg_threshold=self.settings.seg_threshold,
+                              references=self.references)
         except TransientError as exc:
             reason = failure_reason(exc)
             log.warning("job failed, will retry", extra={**extra, "error": reason})
