@@ -144,3 +144,35 @@ def training_manifest_csv(ctx: WebContext) -> str:
         writer.writerow([str(folder), age, "", _csv_safe(r.station), "train", "normal", r.study_instance_uid,
                          r.modality or ""])
     return out.getvalue()
+
+
+def calibration_view(ctx: WebContext) -> dict[str, Any]:
+    """Per bundle and scanner: the healthy reference in use, and every site reference."""
+    from daemon.reference import station_views
+
+    config = ctx.settings.calibration
+    with ctx.db() as session:
+        counts = api.station_counts(session)
+        references = api.list_site_references(session, include_retired=True)
+    bundles = ctx.loaded_bundles()
+    return {
+        "mode": config.mode, "min_references": config.min_references, "grouping": config.grouping,
+        "bundles": [{"bundle_key": b.manifest.key, "modality": b.manifest.modality,
+                     "n": len(b.manifest.calibration.reference_scores), "threshold": b.manifest.calibration.threshold,
+                     "specificity": b.manifest.calibration.specificity} for b in bundles],
+        "stations": station_views(bundles, counts, references, config.mode, config.min_references, config.grouping),
+        # The scores themselves stay out of the view: n, threshold and provenance say enough.
+        "references": [{k: v for k, v in asdict(r).items() if k not in ("scores", "result_ids")} | {
+            "bundle_key": r.bundle_key, "active": r.active} for r in references],
+    }
+
+
+def retire_reference(ctx: WebContext, reference_id: int, reason: str, actor: str) -> None:
+    reason = (reason or "").strip()[:MAX_COMMENT]
+    if not reason:
+        raise HTTPException(status_code=422, detail="retiring a reference needs a reason")
+    try:
+        with ctx.db() as session:
+            api.retire_site_reference(session, reference_id, actor, reason)
+    except api.ReferenceNotFound:
+        raise HTTPException(status_code=404, detail="no active site reference with that id") from None

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.bundle import load_bundle
+from daemon.bundle import Bundle, load_bundle
 from daemon.config import Settings
 from daemon.errors import HeadscreenError
 from db.types import BundleRef
@@ -31,27 +31,30 @@ class WebContext:
     sessions: sessionmaker[Session]
     bundles: list[BundleRef]
     started_monotonic: float = field(default_factory=time.monotonic)
-    _preprocessing: dict[tuple[str, str], dict[str, Any] | None] = field(default_factory=dict)
+    _loaded: list[Bundle] | None = None
 
     @property
     def session_lifetime(self) -> timedelta:
         return timedelta(hours=self.settings.web.session_hours)
 
-    def preprocessing_of(self, name: str, version: str) -> dict[str, Any] | None:
-        """The preprocessing parameters in a configured bundle's manifest (read once, cached)."""
-        key = (name, version)
-        if key not in self._preprocessing:
-            self._preprocessing[key] = None
+    def loaded_bundles(self) -> list[Bundle]:
+        """The configured bundles that load and verify (read once, cached)."""
+        if self._loaded is None:
+            loaded = []
             for path in self.settings.bundles:
                 try:
-                    manifest = load_bundle(Path(path)).manifest
+                    loaded.append(load_bundle(Path(path)))
                 except HeadscreenError:
-                    logger.warning("bundle unreadable for QC ranges", extra={"bundle": str(path)})
-                    continue
-                if (manifest.name, manifest.version) == key:
-                    self._preprocessing[key] = dict(manifest.preprocessing)
-                    break
-        return self._preprocessing[key]
+                    logger.warning("bundle unreadable for the console", extra={"bundle": str(path)})
+            self._loaded = loaded
+        return self._loaded
+
+    def preprocessing_of(self, name: str, version: str) -> dict[str, Any] | None:
+        """The preprocessing parameters in a configured bundle's manifest."""
+        for bundle in self.loaded_bundles():
+            if (bundle.manifest.name, bundle.manifest.version) == (name, version):
+                return dict(bundle.manifest.preprocessing)
+        return None
 
     @contextmanager
     def db(self) -> Iterator[Session]:

@@ -193,3 +193,19 @@ def drift(request: Request, user: PageUser, period_days: int = 7, modality: str 
     }, title="Screen-positive rate per station (%)", unit="%")
     return _render(request, "drift.html", user, buckets=buckets, chart=Markup(chart),
                    positive_chart=Markup(positive_chart), period_days=period_days, modality=modality)
+
+
+@router.get("/calibration")
+def calibration(request: Request, user: PageUser) -> HTMLResponse:
+    return _render(request, "calibration.html", user, view=actions.calibration_view(context_of(request)))
+
+
+@router.post("/calibration/references/{reference_id}/retire")
+def calibration_retire(
+    request: Request,
+    user: PageAdmin,
+    reference_id: int,
+    reason: Annotated[str, Form(max_length=actions.MAX_COMMENT)] = "",
+) -> Response:
+    actions.retire_reference(context_of(request), reference_id, reason, user.username)
+    return RedirectResponse("/calibration", status_code=303)

@@ -32,6 +32,10 @@ class ReviewBody(BaseModel):
     comment: str | None = Field(default=None, max_length=actions.MAX_COMMENT)
 
 
+class RetireBody(BaseModel):
+    reason: str = Field(min_length=1, max_length=actions.MAX_COMMENT)
+
+
 class ResendBody(BaseModel):
     delivery_ids: list[int] | None = Field(default=None, max_length=1000)
     study_uid: str | None = Field(default=None, max_length=64, pattern=r"^[0-9.]+$")
@@ -195,3 +199,17 @@ def training_manifest(request: Request, user: ApiAdminRead) -> Response:
         api.audit(session, user.username, "export_training_manifest", detail={"rows": text.count("\n") - 1})
     return Response(text, media_type="text/csv",
                     headers={"Content-Disposition": 'attachment; filename="training-manifest.csv"'})
+
+
+@router.get("/calibration")
+def calibration(request: Request, user: ApiUser) -> dict[str, Any]:
+    """Per bundle and scanner: the healthy reference in use (bundle, site or calibrating),
+    n, threshold, provenance, and how many healthy studies a calibrating scanner needs."""
+    body: dict[str, Any] = jsonable(actions.calibration_view(context_of(request)))
+    return body
+
+
+@router.post("/calibration/references/{reference_id}/retire")
+def calibration_retire(request: Request, user: ApiAdmin, reference_id: int, body: RetireBody) -> dict[str, Any]:
+    actions.retire_reference(context_of(request), reference_id, body.reason, user.username)
+    return {"retired": reference_id}
