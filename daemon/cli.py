@@ -256,6 +256,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"retired site reference #{ref.reference_id} ({ref.bundle_key}, {ref.station})")
         return 0
 
+    if args.first is not None and args.first < 1:
+        raise HeadscreenError("--first: at least 1 study")
     grouping = args.grouping or settings.calibration.grouping
     minimum = settings.calibration.min_references
     created = 0

@@ -7,7 +7,9 @@ Structured Report. Bad input never raises out of here: it becomes a result that
 says the study was not eligible, and why, so silence is never mistaken for a
 normal result. A blocking QC reason (imaging.qc.BLOCKING) makes the study not
 eligible too: then no score, overlay or SEG goes out, only the SR and one plain
-"NOT SCREENED" image.
+"NOT SCREENED" image. The percentile and screen result of an eligible study are
+judged against the healthy reference of its scanner (daemon.reference): the
+bundle's own, a site reference, or none yet ("calibrating": score only, no SEG).
 """
 
 from __future__ import annotations

@@ -465,3 +465,12 @@ def test_station_views_follow_the_mode(ct_bundle) -> None:
     [by_model] = station_views([ct_bundle], counts, [row], "site", 20, "model")
     assert by_model.station == "ACME|HEADSCAN 9" and by_model.in_use == "calibrating" and by_model.needed == 20
     assert math.isclose(site_mode.threshold, 0.5)
+
+
+def test_a_score_that_is_not_a_number_gets_no_verdict(ct_bundle) -> None:
+    from daemon.pipeline import _judged
+
+    reference = Reference.from_bundle(ct_bundle)
+    assert _judged(float("nan"), reference) == (None, None, reference.threshold)
+    assert _judged(10.0, reference) == (100.0, True, reference.threshold)
+    assert _judged(10.0, Calibrating(STATION, 20, 3)) == (None, None, None)
