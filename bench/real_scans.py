@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from daemon.bundle import Bundle, load_bundle
+from daemon.bundle import MANIFEST_NAME, Bundle, load_bundle
 from daemon.config import shipped_bundles
 from daemon.errors import InputRejected
 from daemon.inference import BundleRunner, Inference
@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--bundle", action="append", type=Path, default=[],
                         help="bundle folder (repeatable); default: every MR bundle under models/")
     parser.add_argument("--json", type=Path, help="also write the rows and summaries here")
+    parser.add_argument("--record", action="store_true",
+                        help="write the figures into each bundle's manifest (metrics.real_scans) and model card")
     parser.add_argument("--age", type=float, default=ASSUMED_AGE_YEARS,
                         help="chronological age passed for the real T1 (unknown; assumed)")
     args = parser.parse_args()
@@ -156,6 +158,8 @@ def main() -> None:
             _print_table(bundle, rows, summary)
             report[bundle.manifest.key] = {"sha256": bundle.sha256, "rows": [asdict(r) for r in rows],
                                            "summary": summary}
+            if args.record:
+                _record(bundle, rows, summary, args.age)
     wall = time.perf_counter() - start
     print(f"wall time {wall:.0f} s")
     if args.json:
@@ -272,6 +276,30 @@ def _summary(rows: list[Row]) -> dict[str, int]:
         out["targets_met"] += out[f"{group}_targets_met"]
         out["targets"] += out[f"{group}_targets"]
     return out
+
+
+def _record(bundle: Bundle, rows: list[Row], summary: dict[str, int], age: float) -> None:
+    """Into the manifest's metrics (not hashed: the files it lists are) and the model card."""
+    from model_training.model_card import write_model_card  # torch-free
+
+    path = bundle.path / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw.setdefault("metrics", {})["real_scans"] = {
+        "source": (f"The real whole-head T1 of Debian insighttoolkit5-examples ({realscans.REAL_T1.name}, never used "
+                   f"in training), healthy in {len(HEALTHY_POSES)} poses and with lesions painted in; age unknown, "
+                   f"{age:g} years assumed. No real head CT volume is reachable, so CT bundles have no real-scan rows."),
+        "rows": [{"case": r.case, "score": r.score, "threshold": r.threshold, "positive": r.positive,
+                  "predicted_age": r.predicted_age, "seg_ml": r.seg_ml, "dice": r.dice,
+                  "eligible": r.eligible, "reason": r.reason} for r in rows],
+        "summary": (f"{summary['targets_met']}/{summary['targets']} targets met (healthy "
+                    f"{summary['healthy_targets_met']}/{summary['healthy_targets']}, lesions "
+                    f"{summary['lesion_targets_met']}/{summary['lesion_targets']}): below threshold, age 20-90 y and "
+                    f"SEG <= {HEALTHY_MAX_SEG_ML:g} mL when healthy; positive, above every healthy pose and Dice >= "
+                    f"{MIN_DICE:g} with a lesion."),
+    }
+    path.write_text(json.dumps(raw, indent=2) + "\n")
+    write_model_card(bundle.path, load_bundle(bundle.path).manifest)
+    print(f"recorded in {path} and its MODEL_CARD.md")
 
 
 # --------------------------------------------------------------------------- printing

@@ -8,6 +8,9 @@ mean and one SD per voxel, fitted on healthy training scans and shipped in the
 bundle), and every term is taken only inside the case's own brain mask, eroded by
 a margin and kept away from the model grid's edge.
 
+The `_rel` terms compare each voxel with the case's own median and spread of z, so
+a scanner that raises the error everywhere does not raise them; a finding does.
+
 Torch-free: training computes the same terms with this module, so the bundle's
 calibration describes exactly what the daemon computes.
 """
@@ -22,7 +25,7 @@ from scipy import ndimage
 
 NORMATIVE_FILE = "normative.npz"
 # Terms this module computes (the ONNX graph computes the papers' own terms).
-MASKED_TERMS = ("z_mean", "z_focal", "z_extent", "rec_brain")
+MASKED_TERMS = ("z_mean", "z_focal", "z_extent", "rec_brain", "z_focal_rel", "z_extent_rel")
 EXTENT_Z = 3.0            # a voxel "exceeds" the healthy range above this z
 FOCAL_KERNEL = 5          # voxels per side of the cube the focal term averages over
 FOCAL_MIN_SHARE = 0.5     # share of the cube that must lie in the mask
@@ -113,11 +116,18 @@ def masked_terms(error_map: np.ndarray, brain_mask: np.ndarray, normative: Norma
     sums = ndimage.uniform_filter(np.where(mask, z, 0.0).astype(np.float32), FOCAL_KERNEL, mode="constant")
     eligible = mask & (weights >= FOCAL_MIN_SHARE)
     local = sums[eligible] / weights[eligible]
+    focal = float(local.max()) if local.size else float(inside.max())
+    # A scanner unlike the training data raises the error everywhere; a finding raises
+    # it somewhere. The *_rel terms measure against the case's own median and spread.
+    median = float(np.median(inside))
+    spread = max(1.4826 * float(np.median(np.abs(inside - median))), 1e-3)
     terms = {
         "z_mean": float(inside.mean()),
-        "z_focal": float(local.max()) if local.size else float(inside.max()),
+        "z_focal": focal,
         "z_extent": float(np.mean(inside > EXTENT_Z)),
         "rec_brain": float(np.asarray(error_map)[mask].mean()),
+        "z_focal_rel": (focal - median) / spread,
+        "z_extent_rel": float(np.mean(inside > median + EXTENT_Z * spread)),
     }
     overlay = np.where(mask, np.clip(z, 0.0, None) / normative.z_limit, 0.0).astype(np.float32)
     return terms, overlay

@@ -11,11 +11,14 @@ from typing import Any
 
 import torch
 
-from daemon.bundle import Bundle, Manifest, load_bundle, write_bundle
+from daemon.bundle import Bundle, Manifest, NormativeSpec, load_bundle, write_bundle
+from daemon.scores import NORMATIVE_FILE
 from model_training.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
+WEIGHTS_FILE = "weights.pt"
+WEIGHTS_FORMAT = 1
 METHODS = {"fanogan": "f-anogan-3d", "vae": "vae-3d-age", "vae_ac": "vae-3d-age", "vae_ap": "vae-3d-age"}
 
 
@@ -69,7 +72,22 @@ def build_manifest(spec: BundleSpec) -> Manifest:
     )
 
 
-def write_model_bundle(out_dir: Path, onnx_path: Path, spec: BundleSpec, metrics_csv: Path | None = None) -> Bundle:
+def save_weights(path: Path, method: str, preset: str, grid: tuple[int, ...], nets: dict[str, Any]) -> None:
+    """The networks' PyTorch state dicts, so a site can fine-tune the bundle (`--init-from`).
+    The daemon never reads this file; it runs the ONNX graph."""
+    torch.save({"format": WEIGHTS_FORMAT, "method": method, "preset": preset, "grid": list(grid),
+                "nets": {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in nets.items()}}, path)
+
+
+def load_weights(path: Path) -> dict[str, Any]:
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(weights, dict) or weights.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(f"{path}: not a headscreen weights file of format {WEIGHTS_FORMAT}")
+    return weights
+
+
+def write_model_bundle(out_dir: Path, onnx_path: Path, spec: BundleSpec, metrics_csv: Path | None = None,
+                       normative: Path | None = None, weights: Path | None = None) -> Bundle:
     """Copy the ONNX file (and metrics CSV) into `out_dir`, write the manifest with
     every file's sha256, and load it back through the daemon's loader to prove it."""
     out_dir = Path(out_dir)
@@ -78,7 +96,15 @@ def write_model_bundle(out_dir: Path, onnx_path: Path, spec: BundleSpec, metrics
         shutil.copyfile(onnx_path, out_dir / "model.onnx")
     if metrics_csv is not None:
         shutil.copyfile(metrics_csv, out_dir / "training_metrics.csv")
-    write_bundle(out_dir, build_manifest(spec))
+    manifest = build_manifest(spec)
+    if weights is not None:
+        shutil.copyfile(weights, out_dir / WEIGHTS_FILE)
+    if normative is not None:
+        shutil.copyfile(normative, out_dir / NORMATIVE_FILE)
+        manifest = manifest.model_copy(update={"normative": NormativeSpec(
+            file=NORMATIVE_FILE, definition="healthy per-voxel error mean and SD on the model grid, the voxels "
+            "scored (support) and the overlay unit (z_limit); see daemon/scores.py")})
+    write_bundle(out_dir, manifest)
     bundle = load_bundle(out_dir)
     log.info("bundle written", extra={"action": "bundle_written", "bundle": bundle.manifest.key, "sha256": bundle.sha256})
     return bundle

@@ -13,16 +13,19 @@ from typing import Sequence
 import numpy as np
 
 from daemon.bundle import load_bundle
+from daemon.inference import BundleRunner
 from daemon.errors import HeadscreenError
 from model_training.cohort import anomalous_cases, healthy_cases, prepare_case
 from model_training.fit import METHODS, TrainOptions, fit_bundle
-from model_training.runtime import Samples
-from model_training.scoring import OnnxScorer, age_mae, detection_metrics
+from model_training.scoring import detection_metrics
 
 log = logging.getLogger(__name__)
 
 # Compact defaults: about 15 minutes on two CPU cores per bundle.
 DEFAULT_EPOCHS = {"fanogan": 10, "vae": 12, "vae_ac": 12, "vae_ap": 12}
+# Fine-tuning from a bundle: the GAN is kept (its WGAN stage skipped); the encoder,
+# the joint refinement or the VAE adapt to the site's scans.
+INIT_FROM_EPOCHS = {"fanogan": 0, "vae": 4, "vae_ac": 4, "vae_ap": 4}
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -49,6 +52,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-flip", action="store_true", help="no left-right flip augmentation")
+    p.add_argument("--init-from", type=Path, metavar="BUNDLE",
+                   help="fine-tune from a bundle's weights.pt (same method and preset; its preprocessing is kept)")
+    p.add_argument("--no-randomise", action="store_true",
+                   help="train on the plain template phantoms instead of domain-randomised heads")
     p.add_argument("--preprocessing", type=Path,
                    help="JSON file of preprocessing parameters merged over imaging's defaults")
     p.add_argument("--dataset", type=Path,
@@ -62,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     opts = TrainOptions(
         modality=args.modality, method=args.method, preset=args.preset, out=args.out, n_train=args.n_train,
-        epochs=args.epochs or DEFAULT_EPOCHS[args.method], encoder_epochs=args.encoder_epochs,
+        epochs=(args.epochs if args.epochs is not None else
+                (INIT_FROM_EPOCHS if args.init_from else DEFAULT_EPOCHS)[args.method]), encoder_epochs=args.encoder_epochs,
         finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, cache=args.cache, device=args.device,
         resume=args.resume, seed=args.seed,
         # A resume restores weights, optimiser and RNG state exactly, so the same
@@ -71,8 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         work_dir=args.work_dir, n_val=args.n_val, n_calibration=args.n_calibration, n_test=args.n_test,
         n_anomalous=args.n_anomalous, kappa=args.kappa, threads=args.threads, progress=not args.no_progress,
         flip_lr=not args.no_flip,
+        randomise=not args.no_randomise,
         preprocessing_overrides=json.loads(args.preprocessing.read_text()) if args.preprocessing else None,
         dataset=args.dataset,
+        init_from=args.init_from,
     )
     try:
         bundle = fit_bundle(opts)
@@ -136,22 +146,26 @@ def evaluate_report(args: argparse.Namespace) -> dict:
 
 
 def evaluate_bundle(bundle_dir: Path, n: int, seed: int, cache: Path | None, threads: int = 2) -> dict:
-    """The daemon's scoring rule, applied with ONNX Runtime to fresh labelled phantoms."""
+    """The daemon's scoring (daemon.inference.BundleRunner) applied to fresh labelled phantoms."""
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    params = m.preprocessing
-    sets = {}
-    for label, cases in (("healthy", healthy_cases(m.modality, n, seed)), ("lesion", anomalous_cases(m.modality, n, seed))):
-        prepared = [prepare_case(c, params, cache) for c in cases]
-        sets[label] = Samples(np.stack([p.image for p in prepared]), np.array([c.age for c in cases], np.float32))
-    scorer = OnnxScorer(bundle.model_path, threads)
-    scored = {label: scorer.score(s, keep_maps=False) for label, s in sets.items()}
-    scores = {label: s.combined(m.score.terms, m.score.age_gap_weight) for label, s in scored.items()}
+    runner = BundleRunner(bundle, intra_op_threads=threads)
+    scores: dict[str, list[float]] = {}
+    age_errors: dict[str, list[float]] = {}
+    randomise = bool(m.training.get("randomised"))  # held-out cases like the ones it was trained on
+    for label, cases in (("healthy", healthy_cases(m.modality, n, seed, randomise)),
+                         ("lesion", anomalous_cases(m.modality, n, seed, randomise))):
+        for case in cases:
+            prepared = prepare_case(case, m.preprocessing, cache)
+            result = runner.run(prepared.image, case.age if m.age.supported else None, brain_mask=prepared.brain_mask)
+            scores.setdefault(label, []).append(result.anomaly_score)
+            if result.age_gap is not None:
+                age_errors.setdefault(label, []).append(abs(result.age_gap))
     result = {"bundle": m.key, "sha256": bundle.sha256, "seed": seed,
-              **detection_metrics(scores["healthy"], scores["lesion"], m.calibration.threshold)}
+              **detection_metrics(np.array(scores["healthy"]), np.array(scores["lesion"]), m.calibration.threshold)}
     if m.age.supported:
-        result["age_mae_healthy"] = age_mae(scored["healthy"])
-        result["age_mae_lesion"] = age_mae(scored["lesion"])
+        result["age_mae_healthy"] = float(np.mean(age_errors["healthy"])) if age_errors.get("healthy") else None
+        result["age_mae_lesion"] = float(np.mean(age_errors["lesion"])) if age_errors.get("lesion") else None
     return result
 
 

@@ -57,6 +57,7 @@ class Case:
     lesion_kind: str | None = None
     lesion_center_mni_mm: tuple[float, float, float] | None = None
     lesion_volume_ml: float | None = None
+    randomise: bool = False  # domain-randomised appearance (imaging.synthesis)
 
     @property
     def lesion(self) -> phantoms.Lesion | None:
@@ -82,6 +83,9 @@ class CohortSpec:
     n_anomalous_val: int = 16
     n_anomalous_test: int = 40
     seed: int = 0
+    # Domain randomisation (imaging.synthesis): heads that vary like real scans, so
+    # the model learns heads rather than the one template the phantoms come from.
+    randomise: bool = True
 
 
 @dataclass
@@ -91,6 +95,7 @@ class Cohort:
     healthy: dict[str, Samples]  # by split
     healthy_masks: dict[str, np.ndarray]
     anomalous: dict[str, Samples]  # "val" and "test"
+    anomalous_masks: dict[str, np.ndarray] = field(default_factory=dict)
     qc_excluded: int = 0
     cases: dict[str, list[Case]] = field(default_factory=dict)
 
@@ -129,7 +134,8 @@ def prepare_case(case: Case, params: dict[str, Any], cache_dir: Path | None, fol
             with np.load(path) as cached:
                 return Prepared(cached["image"], cached["brain_mask"], tuple(json.loads(str(cached["qc"]))))
     pose = phantoms.Pose(rotation_deg=case.rotation_deg, translation_mm=case.translation_mm)
-    head = phantoms.make_head(case.modality, age=case.age, seed=case.seed, pose=pose, lesion=case.lesion, scale=case.scale)
+    head = phantoms.make_head(case.modality, age=case.age, seed=case.seed, pose=pose, lesion=case.lesion,
+                              scale=case.scale, randomise=case.randomise)
     volume = Volume.from_image(head.image, case.modality, series_uid=f"synthetic.{case.seed}", patient_age_years=case.age)
     result = preprocess(volume, params)
     prepared = Prepared(
@@ -167,18 +173,18 @@ def _random_pose(rng: np.random.Generator) -> dict[str, Any]:
     }
 
 
-def healthy_cases(modality: str, n: int, seed: int) -> list[Case]:
+def healthy_cases(modality: str, n: int, seed: int, randomise: bool = False) -> list[Case]:
     """Case i depends only on (seed, i), so a larger cohort extends a smaller one
     and its cached cases are reused."""
     cases = []
     for i in range(n):
         rng = np.random.default_rng([seed, 1, i])
         age = float(round(rng.uniform(*AGE_RANGE), 1))
-        cases.append(Case(modality, age, seed * 100_000 + i, **_random_pose(rng)))
+        cases.append(Case(modality, age, seed * 100_000 + i, **_random_pose(rng), randomise=randomise))
     return cases
 
 
-def anomalous_cases(modality: str, n: int, seed: int) -> list[Case]:
+def anomalous_cases(modality: str, n: int, seed: int, randomise: bool = False) -> list[Case]:
     kinds = ANOMALY_KINDS[modality]
     cases = []
     for i in range(n):
@@ -189,7 +195,7 @@ def anomalous_cases(modality: str, n: int, seed: int) -> list[Case]:
         cases.append(Case(
             modality, age, seed * 100_000 + 50_000 + i, **_random_pose(rng),
             lesion_kind=kinds[i % len(kinds)], lesion_center_mni_mm=center,
-            lesion_volume_ml=float(round(math.exp(rng.uniform(*np.log(LESION_ML))), 1)),
+            lesion_volume_ml=float(round(math.exp(rng.uniform(*np.log(LESION_ML))), 1)), randomise=randomise,
         ))
     return cases
 
@@ -210,7 +216,7 @@ def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | Non
     """All splits for one modality. Healthy cases that fail the preprocessing QC
     are left out of training, as the CT paper's automatic QC does."""
     counts = {"train": spec.n_train, "val": spec.n_val, "calibration": spec.n_calibration, "test": spec.n_test}
-    cases = healthy_cases(spec.modality, sum(counts.values()), spec.seed)
+    cases = healthy_cases(spec.modality, sum(counts.values()), spec.seed, spec.randomise)
     split = stratified_split(np.array([c.age for c in cases]), counts)
     cohort = Cohort(spec=spec, params=params, healthy={}, healthy_masks={}, anomalous={})
     for name in SPLITS:
@@ -223,10 +229,10 @@ def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | Non
             raise InputRejected(f"every healthy {spec.modality} case of split {name!r} failed the preprocessing QC")
         cohort.healthy[name], cohort.healthy_masks[name] = _stack(chosen, prepared)
         cohort.cases[name] = chosen
-    lesions = anomalous_cases(spec.modality, spec.n_anomalous_val + spec.n_anomalous_test, spec.seed)
+    lesions = anomalous_cases(spec.modality, spec.n_anomalous_val + spec.n_anomalous_test, spec.seed, spec.randomise)
     for name, chosen in (("val", lesions[: spec.n_anomalous_val]), ("test", lesions[spec.n_anomalous_val:])):
         prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} anomalous {name}", progress, folder)
-        cohort.anomalous[name], _ = _stack(chosen, prepared)
+        cohort.anomalous[name], cohort.anomalous_masks[name] = _stack(chosen, prepared)
         cohort.cases[f"anomalous_{name}"] = chosen
     log.info("cohort ready", extra={"action": "cohort_ready", "modality": spec.modality,
                                     "n_train": len(cohort.healthy["train"]), "qc_excluded": cohort.qc_excluded})

@@ -200,19 +200,21 @@ def build_dataset_cohort(csv_path: Path | str, params: dict[str, Any], cache_dir
                                         np.array([p.row.age for p in kept], np.float32))
         cohort.healthy_masks[split] = _stack([p.brain_mask for p in kept])
         cohort.cases[split] = []
-    synthetic = anomalous_cases(modality, spec.n_anomalous_val + spec.n_anomalous_test, spec.seed)
+    synthetic = anomalous_cases(modality, spec.n_anomalous_val + spec.n_anomalous_test, spec.seed, spec.randomise)
     for split, fallback in (("val", synthetic[: spec.n_anomalous_val]), ("test", synthetic[spec.n_anomalous_val:])):
         abnormal = [p for p in prepared if p.row.split == split and not p.row.is_normal and p.image is not None]
         if abnormal:
             cohort.anomalous[split] = Samples(_stack([p.image for p in abnormal]).astype(np.float32),
                                               np.array([p.row.age or 0.0 for p in abnormal], np.float32))
+            cohort.anomalous_masks[split] = _stack([p.brain_mask for p in abnormal])
             cohort.cases[f"anomalous_{split}"] = []
         else:
             log.warning("no abnormal rows: synthetic lesions stand in",
                         extra={"action": "dataset_synthetic_anomalies", "split": split, "n": len(fallback)})
-            images = [prepare_case(c, params, cache_dir).image for c in fallback]
-            cohort.anomalous[split] = Samples(np.stack(images).astype(np.float32),
+            stand_ins = [prepare_case(c, params, cache_dir) for c in fallback]
+            cohort.anomalous[split] = Samples(np.stack([p.image for p in stand_ins]).astype(np.float32),
                                               np.array([c.age for c in fallback], np.float32))
+            cohort.anomalous_masks[split] = np.stack([p.brain_mask for p in stand_ins])
             cohort.cases[f"anomalous_{split}"] = fallback
     log.info("dataset cohort ready", extra={"action": "dataset_cohort_ready", "rows": len(rows),
                                             "n_train": len(cohort.healthy["train"]), "qc_excluded": cohort.qc_excluded})

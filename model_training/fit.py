@@ -18,17 +18,18 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from daemon.bundle import Bundle
+from daemon.bundle import Bundle, load_bundle
 from daemon.errors import ConfigError
+from daemon.scores import MASKED_TERMS, NORMATIVE_FILE, Normative, batch_terms
 from imaging.preprocess import default_params
-from model_training.bundles import BundleSpec, write_model_bundle
+from model_training.bundles import WEIGHTS_FILE, BundleSpec, load_weights, save_weights, write_model_bundle
 from model_training.calibration import ScoreWeights, calibrate, select_score_weights
 from model_training.cohort import Cohort, CohortSpec, build_cohort, cache_folder, imaging_fingerprint
 from model_training.export_onnx import FAnoGANGraph, VaeGraph, export_and_check
 from model_training.losses import FOCAL_KERNEL
 from model_training.model_card import write_model_card
 from model_training.networks import GAN_PRESETS, VAE_PRESETS, GanPreset
-from model_training.runtime import pick_device
+from model_training.runtime import Samples, pick_device
 from model_training.scoring import OnnxScorer, Scored, age_mae, detection_metrics
 from model_training.train_fanogan import FAnoGANConfig, train_fanogan
 from model_training.train_vae import VaeConfig, train_vae
@@ -64,8 +65,10 @@ class TrainOptions:
     threads: int = 2
     progress: bool = True
     flip_lr: bool = True
+    randomise: bool = True  # domain-randomised synthetic heads (imaging.synthesis)
     preprocessing_overrides: dict[str, Any] | None = None
     dataset: Path | None = None  # CSV (model_training.dataset) instead of the synthetic cohort
+    init_from: Path | None = None  # a bundle whose weights.pt starts a fine-tune
 
     def name_and_version(self) -> tuple[str, str]:
         match = VERSION_PATTERN.match(Path(self.out).name)
@@ -86,6 +89,7 @@ class Trained:
     metrics_csv: Path
     steps: int
     hyper: dict[str, Any]
+    weights: dict[str, Any]  # state dicts, shipped as weights.pt so a site can fine-tune
 
 
 def merge_params(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +104,7 @@ def merge_params(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, A
     return merged
 
 
-def _train_fanogan(cohort: Cohort, opts: TrainOptions, device: Any) -> Trained:
+def _train_fanogan(cohort: Cohort, opts: TrainOptions, device: Any, init: dict | None) -> Trained:
     grid = cohort.healthy["train"].grid
     base = GAN_PRESETS[opts.preset]
     if len(set(grid)) != 1:
@@ -112,30 +116,40 @@ def _train_fanogan(cohort: Cohort, opts: TrainOptions, device: Any) -> Trained:
                         finetune_epochs=opts.finetune_epochs, batch_size=opts.batch_size, kappa=opts.kappa,
                         flip_lr=opts.flip_lr, seed=opts.seed)
     result = train_fanogan(cohort.healthy["train"], cfg, opts.run_dir(), device, val=cohort.healthy["val"],
-                           resume=opts.resume, progress=opts.progress)
+                           resume=opts.resume, progress=opts.progress, init=init)
     nets = result.nets
     graph = FAnoGANGraph(nets.encoder, nets.generator, nets.critic, cfg.kappa)
     hyper = {"latent": preset.latent, "channels": list(preset.channels), "kappa": cfg.kappa, "n_critic": cfg.n_critic,
              "gp_lambda": cfg.gp_weight, "lr_gan": cfg.lr_gan, "lr_encoder": cfg.lr_encoder,
              "lr_finetune": cfg.lr_finetune, "epochs": {"wgan": cfg.wgan_epochs, "encoder": cfg.encoder_epochs,
                                                        "finetune": cfg.finetune_epochs}}
-    return Trained(graph, result.metrics_path, result.steps, hyper)
+    weights = {name: m.state_dict() for name, m in nets.modules().items()}
+    return Trained(graph, result.metrics_path, result.steps, hyper, weights)
 
 
-def _train_vae(cohort: Cohort, opts: TrainOptions, device: Any) -> Trained:
+def _train_vae(cohort: Cohort, opts: TrainOptions, device: Any, init: dict | None) -> Trained:
     preset = VAE_PRESETS[opts.preset]
     cfg = VaeConfig(preset=preset, variant=opts.method, epochs=opts.epochs, batch_size=opts.batch_size,
                     flip_lr=opts.flip_lr, seed=opts.seed)
     result = train_vae(cohort.healthy["train"], cfg, opts.run_dir(), device, val=cohort.healthy["val"],
-                       resume=opts.resume, progress=opts.progress)
+                       resume=opts.resume, progress=opts.progress, init=init)
     hyper = {"latent": preset.latent, "channels": list(preset.channels), "variant": cfg.variant, "lr": cfg.lr,
              "beta": cfg.beta, "gamma": cfg.gamma, "epochs": cfg.epochs}
-    return Trained(VaeGraph(result.model), result.metrics_path, result.steps, hyper)
+    return Trained(VaeGraph(result.model), result.metrics_path, result.steps, hyper, {"model": result.model.state_dict()})
+
+
+# Terms the weight search may use: each paper's own term and the masked terms of
+# daemon.scores. The graph's unmasked `focal` and `rec` stay outputs for comparison,
+# but a maximum over an unmasked map peaks at the crop edge on real heads.
+CANDIDATE_TERMS = {"fanogan": ("izi_f", *MASKED_TERMS), "vae": ("kl", *MASKED_TERMS)}
+NORMATIVE_MARGIN_VOXELS = 1
 
 
 def _score_weights(method: str, val_healthy: Scored, val_anomalous: Scored) -> ScoreWeights:
+    allowed = CANDIDATE_TERMS["fanogan" if method == "fanogan" else "vae"]
+
     def terms(scored: Scored) -> dict[str, np.ndarray]:
-        out = dict(scored.terms)
+        out = {t: v for t, v in scored.terms.items() if t in allowed}
         if scored.age is not None:
             out["age_gap"] = np.abs(scored.age_gap())  # type: ignore[arg-type]
         return out
@@ -153,20 +167,26 @@ def _last_row(metrics_csv: Path) -> dict[str, str]:
     return {k: v for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
 
 
-FOCAL_DEFINITION = (f"focal = largest mean of the error map over any {FOCAL_KERNEL}^3-voxel cube "
-                    "(sees compact findings that a whole-volume mean dilutes)")
+FOCAL_DEFINITION = (f"focal = largest mean of the raw error map over any {FOCAL_KERNEL}^3-voxel cube "
+                    "(unmasked, reported for comparison)")
+MASKED_DEFINITION = (
+    "masked terms (daemon/scores.py) use z = (error - healthy voxel mean) / healthy voxel SD, the normative "
+    "model fitted on the healthy training scans (normative.npz), only inside the case's brain mask eroded by "
+    f"{NORMATIVE_MARGIN_VOXELS} voxel and away from the grid edge: z_mean = mean z; z_focal = largest mean z over "
+    "any 5^3-voxel cube mostly inside that mask; z_extent = share of those voxels with z > 3; rec_brain = mean "
+    "error there; overlay = positive z over the healthy 99.9th percentile of z")
 
 
 def _definition(method: str, kappa: float, terms: dict[str, float], age_gap_weight: float) -> str:
     weighted = " + ".join(f"{w:.6g} * {t}" for t, w in terms.items())
     if method == "fanogan":
         return (f"score = {weighted}; izi_f = (1/n)||x - G(E(x))||^2 + {kappa:g} * (1/m)||f(x) - f(G(E(x)))||^2, "
-                f"f = the critic's last convolutional block (the CT paper's score); {FOCAL_DEFINITION}; "
-                "weights by grid search on validation data; error_map = |x - G(E(x))|")
+                f"f = the critic's last convolutional block (the CT paper's score); {MASKED_DEFINITION}; "
+                f"{FOCAL_DEFINITION}; weights by grid search on validation data; error_map = |x - G(E(x))|")
     return (f"score = {weighted} + {age_gap_weight:.6g} * |age - chronological age|; "
             "rec = mean |x - recon| per voxel, kl = KL(q(z|x) || N(0, I)) averaged over latent dimensions, "
-            f"recon from z = mu; {FOCAL_DEFINITION}; weights by grid search on validation data (MR paper, Eq. 3); "
-            "error_map = |x - recon|")
+            f"recon from z = mu; {MASKED_DEFINITION}; {FOCAL_DEFINITION}; weights by grid search on validation data "
+            "(MR paper, Eq. 3); error_map = |x - recon|")
 
 
 def _cohort_folder(opts: TrainOptions, params: dict[str, Any]) -> Path | None:
@@ -193,9 +213,13 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     began = time.monotonic()
     name, version = opts.name_and_version()
     device = pick_device(opts.device, opts.threads)
-    params = merge_params(default_params(opts.modality), opts.preprocessing_overrides or {})
+    init, init_bundle = _init_weights(opts)
+    # A fine-tune keeps the preprocessing of the bundle it starts from: the weights
+    # only make sense for the inputs they were trained on.
+    base_params = init_bundle.manifest.preprocessing if init_bundle else default_params(opts.modality)
+    params = merge_params(base_params, opts.preprocessing_overrides or {})
     spec = CohortSpec(opts.modality, opts.n_train, opts.n_val, opts.n_calibration, opts.n_test,
-                      opts.n_anomalous // 2, opts.n_anomalous - opts.n_anomalous // 2, opts.seed)
+                      opts.n_anomalous // 2, opts.n_anomalous - opts.n_anomalous // 2, opts.seed, opts.randomise)
     folder = _cohort_folder(opts, params)
     if opts.dataset is not None:
         from model_training.dataset import build_dataset_cohort
@@ -204,24 +228,36 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
         cohort = build_cohort(spec, params, opts.cache, opts.progress, folder)
     cohort_s = time.monotonic() - began
 
-    trained = (_train_fanogan if opts.method == "fanogan" else _train_vae)(cohort, opts, device)
+    trained = (_train_fanogan if opts.method == "fanogan" else _train_vae)(cohort, opts, device, init)
+    weights_path = opts.run_dir() / WEIGHTS_FILE
+    save_weights(weights_path, opts.method, opts.preset, cohort.healthy["test"].grid, trained.weights)
     train_s = time.monotonic() - began - cohort_s
     onnx_path = opts.run_dir() / "model.onnx"
     test = cohort.healthy["test"]
     parity = export_and_check(trained.graph, onnx_path, test.images[:2], test.ages[:2], seed=opts.seed)
 
     scorer = OnnxScorer(onnx_path, opts.threads)
-    val_h, val_a = scorer.score(cohort.healthy["val"], keep_maps=False), scorer.score(cohort.anomalous["val"], keep_maps=False)
+    normative = _fit_normative(scorer, cohort)
+    normative.save(opts.run_dir() / NORMATIVE_FILE)
+
+    def scored(samples: Samples, masks: np.ndarray) -> Scored:
+        return _with_masked_terms(scorer.score(samples), masks, normative)
+
+    val_h, val_a = scored(cohort.healthy["val"], cohort.healthy_masks["val"]), scored(cohort.anomalous["val"], cohort.anomalous_masks["val"])
     weights = _score_weights(opts.method, val_h, val_a)
     terms, age_gap_weight = _term_weights(weights)
-    cal = scorer.score(cohort.healthy["calibration"])
-    calibration = calibrate(cal.combined(terms, age_gap_weight), cal.error_maps, cohort.healthy_masks["calibration"])
-    test_h, test_a = scorer.score(test, keep_maps=False), scorer.score(cohort.anomalous["test"], keep_maps=False)
+    cal_raw = scorer.score(cohort.healthy["calibration"])
+    cal = _with_masked_terms(cal_raw, cohort.healthy_masks["calibration"], normative)
+    calibration = calibrate(cal.combined(terms, age_gap_weight), cal_raw.error_maps, cohort.healthy_masks["calibration"])
+    del cal_raw
+    test_h = scored(test, cohort.healthy_masks["test"])
+    test_a = scored(cohort.anomalous["test"], cohort.anomalous_masks["test"])
     metrics = _metrics(test_h, test_a, val_h, val_a, terms, age_gap_weight, calibration.threshold)
     metrics.update(n_train=len(cohort.healthy["train"]), qc_excluded=cohort.qc_excluded,
                    final_epoch=_last_row(trained.metrics_csv),
                    anomaly_kinds=sorted({c.lesion_kind for c in cohort.cases["anomalous_test"] if c.lesion_kind}))
     metrics["score_weight_search"] = {**weights.terms, "validation_auroc": weights.validation_auroc}
+    metrics["paper_score"] = _paper_score(opts.method, val_h, val_a, test_h, test_a)
     age_supported = val_h.age is not None
     bundle_spec = BundleSpec(
         name=name, version=version, modality=opts.modality, method=opts.method,
@@ -234,13 +270,76 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
                   "imaging_code_sha256": folder.name.rsplit("-", 1)[-1] if folder else imaging_fingerprint(), "cohort_s": round(cohort_s, 1),
                   "train_s": round(train_s, 1), "device": str(device), "hyperparameters": trained.hyper,
                   "data": f"dataset CSV {opts.dataset}" if opts.dataset is not None else
-                  "synthetic phantoms (imaging.phantoms: ICBM152 2009 tissue maps + Colin27 head outline)"},
+                  ("domain-randomised synthetic heads (imaging.synthesis over imaging.phantoms: ICBM152 2009 tissue "
+                   "maps + Colin27 head outline)" if opts.randomise else
+                   "synthetic phantoms (imaging.phantoms: ICBM152 2009 tissue maps + Colin27 head outline)"),
+                  "randomised": opts.randomise,
+                  "init_from": ({"bundle": init_bundle.manifest.key, "sha256": init_bundle.sha256}
+                                if init_bundle else None)},
         metrics=metrics, parity_max_abs_diff=parity,
         extra={"extra_inputs": {"chronological_age": "float32 [N], years"}} if opts.method == "vae_ac" else {},
     )
-    bundle = write_model_bundle(opts.out, onnx_path, bundle_spec, trained.metrics_csv)
+    bundle = write_model_bundle(opts.out, onnx_path, bundle_spec, trained.metrics_csv,
+                                normative=opts.run_dir() / NORMATIVE_FILE, weights=weights_path)
     write_model_card(Path(opts.out), bundle.manifest)
     return bundle
+
+
+PAPER_TERMS = {"fanogan": ("izi_f",), "vae": ("rec", "kl")}
+
+
+def _paper_score(method: str, val_h: Scored, val_a: Scored, test_h: Scored, test_a: Scored) -> dict[str, Any]:
+    """Each paper's own score, for comparison: izi_f (CT paper); alpha * rec + beta * KL
+    + gamma * |age gap| with weights by the same grid search (MR paper, Eq. 3)."""
+    names = PAPER_TERMS["fanogan" if method == "fanogan" else "vae"]
+
+    def terms(scored: Scored) -> dict[str, np.ndarray]:
+        out = {t: scored.terms[t] for t in names}
+        if scored.age is not None:
+            out["age_gap"] = np.abs(scored.age_gap())  # type: ignore[arg-type]
+        return out
+    weights = select_score_weights(terms(val_h), terms(val_a), names[-1])
+
+    def combined(scored: Scored) -> np.ndarray:
+        return sum(w * v for t, v in terms(scored).items() for w in [weights.get(t)])
+    definition = " + ".join(f"{w:.3g} * {t}" for t, w in weights.terms.items())
+    return {"definition": definition, "weights": weights.terms,
+            "test_auroc": detection_metrics(combined(test_h), combined(test_a))["auroc"]}
+
+
+def _init_weights(opts: TrainOptions) -> tuple[dict | None, Bundle | None]:
+    """The starting weights of a fine-tune (`--init-from`), checked against this run."""
+    if opts.init_from is None:
+        return None, None
+    bundle = load_bundle(opts.init_from)  # verifies every file's hash, weights.pt included
+    path = bundle.path / WEIGHTS_FILE
+    if WEIGHTS_FILE not in bundle.manifest.files:
+        raise ConfigError(f"--init-from {opts.init_from}: the bundle ships no {WEIGHTS_FILE} to fine-tune from")
+    weights = load_weights(path)
+    wanted = {"method": opts.method, "preset": opts.preset}
+    found = {k: weights.get(k) for k in wanted}
+    if found != wanted or bundle.manifest.modality != opts.modality:
+        raise ConfigError(f"--init-from {opts.init_from}: bundle is {bundle.manifest.modality} {found}, "
+                          f"this run is {opts.modality} {wanted}")
+    log.info("fine-tuning from a bundle", extra={"action": "train_init_from", "bundle": bundle.manifest.key})
+    return weights["nets"], bundle
+
+
+def _fit_normative(scorer: OnnxScorer, cohort: Cohort) -> Normative:
+    """Per-voxel healthy error statistics from the training scans; the overlay unit
+    (z_limit) from the calibration scans, which the statistics never saw."""
+    train = scorer.score(cohort.healthy["train"])
+    normative = Normative.fit(train.error_maps, cohort.healthy_masks["train"], NORMATIVE_MARGIN_VOXELS)
+    del train
+    cal = scorer.score(cohort.healthy["calibration"])
+    return normative.with_z_limit(cal.error_maps, cohort.healthy_masks["calibration"])
+
+
+def _with_masked_terms(scored: Scored, masks: np.ndarray, normative: Normative) -> Scored:
+    """The same scores plus daemon.scores' masked terms; the maps are dropped."""
+    masked = batch_terms(scored.error_maps, masks, normative)
+    return Scored(terms={**scored.terms, **masked}, age=scored.age, error_maps=np.zeros((0,)),
+                  chronological_age=scored.chronological_age)
 
 
 def _metrics(test_h: Scored, test_a: Scored, val_h: Scored, val_a: Scored, terms: dict[str, float],
@@ -261,5 +360,6 @@ def _description(opts: TrainOptions) -> str:
             "vae": "3D VAE anomaly detection (Bengs, Behrendt et al., baseline VAE)",
             "vae_ac": "3D VAE-a_c anomaly detection, latent scaled by chronological age (Bengs, Behrendt et al.)",
             "vae_ap": "3D VAE-a_p anomaly detection with multi-task brain-age prediction (Bengs, Behrendt et al.)"}
+    data = "domain-randomised synthetic heads" if opts.randomise else "synthetic phantoms"
     return (f"{what[opts.method]} for {'head CT' if opts.modality == 'CT' else 'brain MRI'}, preset {opts.preset}. "
-            "Trained only on synthetic phantoms; it has never seen a real patient scan.")
+            f"Trained only on {data}; it has never seen a real patient scan.")

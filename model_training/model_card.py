@@ -24,13 +24,7 @@ def render_model_card(m: Manifest) -> str:
         "",
         "## What it was trained on",
         "",
-        "**Synthetic phantoms only. This model has never seen a real patient scan.** Every training,",
-        "validation, calibration and test volume is a synthetic head made by `imaging.phantoms.make_head`",
-        "from the ICBM152 2009 template (nilearn: brain mask, GM and WM maps) and the Colin27 whole-head",
-        "template (mricron-data), aged by widening CSF spaces (each head's atrophy follows its age plus",
-        "a per-subject brain-age gap, SD 2.5 years), placed with small random poses and head",
-        "sizes, with noise; then put through the daemon's own preprocessing (`imaging.preprocess` with",
-        "the parameters recorded under `preprocessing` in `manifest.json`).",
+        *_training_data(t),
         f"Healthy ages are uniform in 20-85 years and split stratified by age. n_train = {t.get('n_train')},",
         f"healthy cases left out by the preprocessing QC: {metrics.get('qc_excluded', 'n/a')}.",
         f"Anomalies for validation and test: synthetic lesions ({', '.join(metrics.get('anomaly_kinds', []))}), 3-40 mL, log-uniform.",
@@ -50,8 +44,14 @@ def render_model_card(m: Manifest) -> str:
         f"{m.score.definition}",
         "",
         f"Calibration on {cal.n} held-out healthy synthetic cases: threshold {cal.threshold:.6g} at",
-        f"{cal.specificity:.0%} specificity; error-map colour scale (healthy voxel-error 99th percentile",
-        f"inside the brain) {cal.error_map_scale:.4g}. ONNX vs PyTorch max |diff| {m.parity.get('max_abs_diff', float('nan')):.2e}.",
+        f"{cal.specificity:.0%} specificity. ONNX vs PyTorch max |diff| {m.parity.get('max_abs_diff', float('nan')):.2e}.",
+        (f"Overlay and SEG: the positive z-map inside the scored brain, in units of the healthy 99.9th percentile "
+         f"of z (`{m.normative.file}`)." if m.normative else
+         f"Overlay and SEG: the raw error in units of the healthy voxel-error 99th percentile inside the brain "
+         f"({cal.error_map_scale:.4g})."),
+        "",
+        "A site re-estimates the reference and threshold from its own healthy studies with",
+        "`headscreen calibrate` (README, \"Site calibration\"); until then these synthetic figures apply.",
         "",
         "## Measured (held-out synthetic test set)",
         "",
@@ -71,10 +71,15 @@ def render_model_card(m: Manifest) -> str:
             f"| brain-age MAE, lesion test (years) | {_fmt(metrics.get('age_mae_anomalous_test'))} |",
             f"| brain-age MAE, healthy validation (years) | {_fmt(m.age.validation_mae)} |",
         ]
+    paper = metrics.get("paper_score")
+    if paper:
+        lines.append(f"| AUROC of the paper's own score ({paper.get('definition')}) | {_fmt(paper.get('test_auroc'))} |")
     lines += [
         "",
         "These numbers measure how well the model separates synthetic lesions from synthetic healthy",
-        "heads. They say nothing about performance on real patients.",
+        "heads. They say nothing about performance on real patients; the next section does, as far as",
+        "one real scan can.",
+        *_real_scans(metrics.get("real_scans")),
         "",
         "## Intended use",
         "",
@@ -85,16 +90,57 @@ def render_model_card(m: Manifest) -> str:
         "",
         "## Limitations",
         "",
-        "- Not validated on any real scan; do not use for clinical decisions.",
+        "- Not validated on a real population (one real T1 and no real head CT volume are reachable",
+        "  where it was trained); do not use for clinical decisions.",
         "- The compact preset is far smaller and trained far shorter than the papers' models; the",
         "  reconstructions are blurry and the scores reflect coarse deviations (intensity, shape, pose).",
-        "- Phantom anatomy varies only by age-related atrophy, pose, size and noise; real anatomical",
-        "  variability, scanner differences and artefacts are absent from the training data.",
+        "- Synthetic anatomy comes from one template's label maps, deformed: real anatomical variability,",
+        "  real scanners and real artefacts are only approximated by the randomisation ranges.",
         "- Lesions are idealised blobs of a single intensity; real findings are far more varied.",
     ]
     if m.age.supported:
         lines.append("- Brain age is learned from the phantoms' synthetic atrophy model, not from real ageing.")
     return "\n".join(lines) + "\n"
+
+
+def _training_data(t: dict[str, Any]) -> list[str]:
+    if t.get("randomised"):
+        return [
+            "**Synthetic heads only. This model has never seen a real patient scan.** Every training,",
+            "validation, calibration and test volume is a domain-randomised synthetic head",
+            "(`imaging.phantoms.make_head(..., randomise=True)`, after SynthSeg and SynthBA): label maps",
+            "from the ICBM152 2009 template (nilearn: brain mask, GM and WM maps) and the Colin27",
+            "whole-head outline (mricron-data), each head with its own smooth non-linear deformation,",
+            "head shape, skull thickness, tissue intensities drawn from physical ranges, resolution,",
+            "slice thickness, bias field and noise texture (ranges and sources in `imaging/synthesis.py`),",
+            "aged by widening CSF spaces (atrophy follows age plus a per-subject brain-age gap, SD 2.5",
+            "years), posed, then put through the daemon's own preprocessing (`imaging.preprocess` with",
+            "the parameters under `preprocessing` in `manifest.json`). The real T1 used below was never a source.",
+        ]
+    return [
+        "**Synthetic phantoms only. This model has never seen a real patient scan.** Every training,",
+        "validation, calibration and test volume is a synthetic head made by `imaging.phantoms.make_head`",
+        "from the ICBM152 2009 template (nilearn: brain mask, GM and WM maps) and the Colin27 whole-head",
+        "template (mricron-data), aged by widening CSF spaces (each head's atrophy follows its age plus",
+        "a per-subject brain-age gap, SD 2.5 years), placed with small random poses and head",
+        "sizes, with noise; then put through the daemon's own preprocessing (`imaging.preprocess` with",
+        "the parameters recorded under `preprocessing` in `manifest.json`).",
+    ]
+
+
+def _real_scans(real: dict[str, Any] | None) -> list[str]:
+    """The real-scan protocol (bench/real_scans.py) as recorded under metrics.real_scans."""
+    if not real:
+        return ["", "## Measured on real scans", "", "Not measured for this bundle (`bench/real_scans.py`)."]
+    lines = ["", "## Measured on real scans (`bench/real_scans.py`)", "", real.get("source", ""), "",
+             "| case | score | threshold | positive | predicted age | SEG mL | Dice |", "|---|---|---|---|---|---|---|"]
+    for row in real.get("rows", []):
+        lines.append(f"| {row.get('case')} | {_fmt(row.get('score'))} | {_fmt(row.get('threshold'))} | "
+                     f"{'yes' if row.get('positive') else 'no'} | {_fmt(row.get('predicted_age'))} | "
+                     f"{_fmt(row.get('seg_ml'))} | {_fmt(row.get('dice'))} |")
+    if real.get("summary"):
+        lines += ["", real["summary"]]
+    return lines
 
 
 def write_model_card(bundle_dir: Path, manifest: Manifest) -> Path:

@@ -217,8 +217,11 @@ def train_fanogan(
     val: Samples | None = None,
     resume: bool = False,
     progress: bool = True,
+    init: dict | None = None,
 ) -> FAnoGANResult:
-    """Run (or resume) the three stages; returns the trained networks."""
+    """Run (or resume) the three stages; returns the trained networks. `init` (a
+    bundle's weights, `{"generator": ..., "critic": ..., "encoder": ...}`) starts a
+    fine-tune from trained networks (a stage with 0 epochs is skipped)."""
     if samples.grid != (cfg.preset.size,) * 3:
         raise ValueError(f"samples grid {samples.grid} does not match preset size {cfg.preset.size}")
     work_dir = Path(work_dir)
@@ -229,6 +232,9 @@ def train_fanogan(
     if not resume and metrics.path.exists():
         metrics.path.unlink()
     start_stage, start_epoch, steps = 0, 0, 0
+    if state is None and init is not None:
+        for name, m in nets.modules().items():
+            m.load_state_dict(init[name])
     if state is not None:
         for name, m in nets.modules().items():
             m.load_state_dict(state["nets"][name])

@@ -137,7 +137,9 @@ def train_vae(
     val: Samples | None = None,
     resume: bool = False,
     progress: bool = True,
+    init: dict | None = None,
 ) -> VaeResult:
+    """`init` (a bundle's weights, `{"model": state_dict}`) starts a fine-tune from a trained model."""
     work_dir = Path(work_dir)
     gen = seed_everything(cfg.seed)
     model = VAE3D(samples.grid, cfg.preset, cfg.variant).to(device)
@@ -147,6 +149,8 @@ def train_vae(
         metrics.path.unlink()
     first, steps = 0, 0
     state = load_checkpoint(work_dir / CHECKPOINT) if resume else None
+    if state is None and init is not None:
+        model.load_state_dict(init["model"])
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimiser"])

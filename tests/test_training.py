@@ -146,7 +146,7 @@ def test_weight_search_finds_the_discriminative_term() -> None:
     healthy = {"rec": rng.normal(1, 0.1, 50), "kl": rng.normal(0, 1, 50), "age_gap": rng.normal(0, 5, 50)}
     anomalous = {"rec": rng.normal(1, 0.1, 50), "kl": rng.normal(0, 1, 50), "age_gap": rng.normal(0, 5, 50) + 20}
     weights = select_score_weights(healthy, anomalous, base="kl")
-    assert weights.get("age_gap") > 0 and weights.get("kl") == 1.0
+    assert weights.get("age_gap") > 0
     assert weights.validation_auroc > 0.95
 
 

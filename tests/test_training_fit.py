@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from daemon.bundle import load_bundle
+from daemon.scores import MASKED_TERMS
 from imaging.preprocess import default_params
 from model_training.cli import evaluate_main, main
 from model_training.cohort import anomalous_cases, cache_folder, healthy_cases, prepare_case, stratified_split
@@ -57,7 +58,10 @@ def test_train_cli_writes_a_verified_ct_bundle_and_evaluate_scores_it(
     argv = ["--modality", "CT", "--method", "fanogan", "--out", str(out), "--cache", str(cache),
             "--n-train", "2", "--n-val", "1", "--n-calibration", "2", "--n-test", "1", "--n-anomalous", "2",
             "--epochs", "1", "--encoder-epochs", "1", "--finetune-epochs", "1", "--batch-size", "2",
-            "--device", "cpu", "--threads", "1", "--no-progress", "--preprocessing", str(coarse_params_file)]
+            "--device", "cpu", "--threads", "1", "--no-progress", "--preprocessing", str(coarse_params_file),
+            # The plain phantoms: two cases at a 16^3 grid must pass QC (randomised heads
+            # are tested in test_synthesis.py and trained the shipped bundles).
+            "--no-randomise"]
     assert main(argv) == 0
 
     bundle = load_bundle(out)
@@ -65,8 +69,13 @@ def test_train_cli_writes_a_verified_ct_bundle_and_evaluate_scores_it(
     assert (m.name, m.version, m.modality, m.method) == ("ct-test", "0.1.0", "CT", "f-anogan-3d")
     assert m.input.shape == [1, 16, 16, 16]
     assert m.preprocessing["grid"] == [16, 16, 16] and m.preprocessing["window"] == default_params("CT")["window"]
-    # izi_f (the CT paper's score) keeps weight 1; the focal term's weight comes from the search.
-    assert set(m.score.terms) == {"izi_f", "focal"} and m.score.terms["izi_f"] == 1.0 and m.outputs.age is None
+    # The search weighs the CT paper's izi_f and the masked z-map terms; the unmasked focal
+    # term is an output for comparison only. The normative model and the weights ship along.
+    assert set(m.score.terms) == {"izi_f", *MASKED_TERMS} and m.outputs.age is None
+    assert any(w > 0 for w in m.score.terms.values())
+    assert m.normative is not None and bundle.normative is not None and bundle.normative.support.any()
+    assert {"model.onnx", "normative.npz", "weights.pt"} <= set(m.files)
+    assert "paper_score" in m.metrics and m.training["randomised"] is False
     assert {k: v for k, v in m.metrics["score_weight_search"].items() if k != "validation_auroc"} == m.score.terms
     # Healthy cases failing the preprocessing QC are left out (counted in the metrics).
     assert 1 <= m.calibration.n <= 2 and m.calibration.threshold == max(m.calibration.reference_scores)
@@ -85,6 +94,20 @@ def test_train_cli_writes_a_verified_ct_bundle_and_evaluate_scores_it(
     result = json.loads(capsys.readouterr().out)
     assert result["bundle"] == "ct-test-0.1.0" and result["sha256"] == bundle.sha256
     assert result["n_healthy"] == 1 and result["n_anomalous"] == 1 and result["auroc"] in (0.0, 1.0)
+
+    # A site fine-tunes the bundle: its weights start the run, its preprocessing is kept.
+    tuned = tmp_path / "models" / "ct-test-0.2.0"
+    base = ["--modality", "CT", "--method", "fanogan", "--cache", str(cache), "--n-train", "2", "--n-val", "1",
+            "--n-calibration", "2", "--n-test", "1", "--n-anomalous", "2", "--encoder-epochs", "1",
+            "--finetune-epochs", "1", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--no-progress",
+            "--no-randomise"]
+    assert main([*base, "--out", str(tuned), "--init-from", str(out)]) == 0
+    child = load_bundle(tuned).manifest
+    assert child.training["init_from"] == {"bundle": "ct-test-0.1.0", "sha256": bundle.sha256}
+    assert child.preprocessing == m.preprocessing and child.training["epochs"]["wgan"] == 0
+    # A bundle of another method cannot start this one.
+    assert main([*base[:2], "--method", "vae_ap", *base[4:], "--out", str(tmp_path / "x-0.1.0"),
+                 "--init-from", str(out)]) == 2
 
 
 def test_prepare_case_reads_back_from_the_cache(tmp_path: Path) -> None:
