@@ -248,6 +248,9 @@ def atlas_brain_mask(spacing_mm: float = 2.0) -> sitk.Image:
 SKULL_SECTORS = 48  # directions about the brain centre; each covers a cap of ~17 degrees
 
 
+SKULL_SECTOR_MARGIN_MM = 4.0
+
+
 @functools.lru_cache(maxsize=8)
 def skull_sectors(spacing_mm: float = 2.0) -> np.ndarray:
     """Labels (z, y, x) on the atlas grid: k >= 1 for voxels of the skull shell whose
@@ -257,7 +260,13 @@ def skull_sectors(spacing_mm: float = 2.0) -> np.ndarray:
     maps = tissue_maps()
     shell = resample_to_spacing(_as_base_image((maps.skull_depth >= 0).astype(np.float32)), spacing_mm, 0.0)
     shell_array = sitk.GetArrayFromImage(shell) > 0.5
+    # A real skull is not where the template's is to the millimetre (head shape and
+    # skull thickness vary beyond what an affine registration undoes): widen the shell
+    # so an intact but displaced skull still fills its sectors.
+    widen = max(1, int(round(SKULL_SECTOR_MARGIN_MM / spacing_mm)))
+    shell_array = ndimage.binary_dilation(shell_array, iterations=widen)
     brain = sitk.GetArrayViewFromImage(atlas_brain_mask(spacing_mm)).astype(bool)
+    shell_array &= ~ndimage.binary_erosion(brain, iterations=widen)
     centre = np.array(ndimage.center_of_mass(brain))
     shell_voxels = np.argwhere(shell_array)
     offsets = (shell_voxels - centre) * spacing_mm  # (z, y, x) mm; z is superior
