@@ -25,11 +25,21 @@ from db.ingest import record_instance, record_instances, record_rejection
 from db.jobs import claim_job, fail_job, finish_job, heartbeat, requeue_expired
 from db.console import QueueHealth, audit_trail, failures, metrics_snapshot, overview, queue_health, score_distributions, training_manifest
 from db.review import audit, count_studies, get_study, list_studies, requeue_study, set_flag, set_review
+from db.shadow import (
+    bundle_scores,
+    change_bundle_roles,
+    list_bundle_roles,
+    rebind_job,
+    record_shadow_result,
+    shadow_results_of_study,
+)
 from db.sweep import sweep_completeness
 from db.users import create_user, list_users, login, logout, resolve_session, set_password
 from db.txn import DEFAULT_JOB_MAX_ATTEMPTS, SYSTEM_ACTOR, utcnow
 from db.types import (
     BundleRef,
+    BundleRoleRow,
+    BundleScoreRow,
     CalibrationCandidate,
     DeliverySummary,
     DeliveryTicket,
@@ -43,7 +53,11 @@ from db.types import (
     ReferenceNotFound,
     ResultSummaryRow,
     RetryPolicy,
+    RoleChange,
+    RoleConflict,
     SeriesSummary,
+    ShadowOutcome,
+    ShadowResultRow,
     SiteReferenceRow,
     StationCounts,
     StudyDetail,
@@ -56,6 +70,18 @@ __all__ = [
     "DEFAULT_JOB_MAX_ATTEMPTS",
     "SYSTEM_ACTOR",
     "BundleRef",
+    "BundleRoleRow",
+    "BundleScoreRow",
+    "RoleChange",
+    "RoleConflict",
+    "ShadowOutcome",
+    "ShadowResultRow",
+    "bundle_scores",
+    "change_bundle_roles",
+    "list_bundle_roles",
+    "rebind_job",
+    "record_shadow_result",
+    "shadow_results_of_study",
     "CalibrationCandidate",
     "NewSiteReference",
     "QueueHealth",

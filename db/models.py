@@ -241,6 +241,75 @@ class SiteReference(Base):
     retire_reason: Mapped[str | None] = mapped_column(sa.Text)
 
 
+class BundleRoleKind(StrEnum):
+    """What a configured bundle does for its modality (daemon.shadow resolves the plan)."""
+
+    ACTIVE = "active"  # its results are sent to the PACS; one per modality
+    SHADOW = "shadow"  # scores the same studies beside the active one; recorded only, never sent
+    RETIRED = "retired"  # not run
+
+
+class BundleRole(Base):
+    """The role recorded for one bundle (name + version) and the manifest it was recorded for.
+    Changed in place; every change is an audit event (who, when, why, from, to)."""
+
+    __tablename__ = "bundle_roles"
+    __table_args__ = (
+        sa.UniqueConstraint("bundle_name", "bundle_version"),
+        # At most one active bundle per modality, whatever races the console and the CLI run.
+        sa.Index("ix_bundle_roles_one_active", "modality", unique=True,
+                 sqlite_where=sa.text("role = 'active'"), postgresql_where=sa.text("role = 'active'")),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    bundle_name: Mapped[str] = mapped_column(sa.String(64))
+    bundle_version: Mapped[str] = mapped_column(sa.String(32))
+    modality: Mapped[str] = mapped_column(sa.String(16))
+    manifest_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    role: Mapped[BundleRoleKind] = mapped_column(state_enum(BundleRoleKind, "bundle_role"))
+    changed_at: Mapped[datetime]
+    changed_by: Mapped[str] = mapped_column(sa.String(64))
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class ShadowResult(Base):
+    """What a shadow bundle made of a study the active bundle screened: recorded, never sent
+    (no DICOM object, no delivery). `error` is set when the shadow run itself failed."""
+
+    __tablename__ = "shadow_results"
+    __table_args__ = (
+        sa.UniqueConstraint("result_id", "bundle_name", "bundle_version"),
+        sa.Index("ix_shadow_results_bundle", "bundle_name", "bundle_version", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # The active result this shadow run sat beside (same study, same generation).
+    result_id: Mapped[int] = mapped_column(sa.ForeignKey("results.id"))
+    study_id: Mapped[int] = mapped_column(sa.ForeignKey("studies.id"), index=True)
+    bundle_name: Mapped[str] = mapped_column(sa.String(64))
+    bundle_version: Mapped[str] = mapped_column(sa.String(32))
+    scoring_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    eligible: Mapped[bool | None]
+    ineligible_reason: Mapped[str | None] = mapped_column(sa.Text)
+    anomaly_score: Mapped[float | None] = mapped_column(sa.Float)
+    percentile: Mapped[float | None] = mapped_column(sa.Float)
+    screen_positive: Mapped[bool | None]
+    threshold: Mapped[float | None] = mapped_column(sa.Float)
+    predicted_age: Mapped[float | None] = mapped_column(sa.Float)
+    chronological_age: Mapped[float | None] = mapped_column(sa.Float)
+    age_gap: Mapped[float | None] = mapped_column(sa.Float)
+    terms: Mapped[dict[str, Any]]
+    qc_reasons: Mapped[list[Any]]
+    station_key: Mapped[str | None] = mapped_column(sa.String(200))
+    reference_kind: Mapped[ReferenceKind | None] = mapped_column(
+        state_enum(ReferenceKind, "reference_kind", create_constraint=False))
+    reference_id: Mapped[int | None] = mapped_column(sa.ForeignKey("site_references.id"))
+    shared_preprocessing: Mapped[bool] = mapped_column(default=False)
+    timings: Mapped[dict[str, Any]]
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime]
+
+
 class ResultObject(Base):
     __tablename__ = "result_objects"
 

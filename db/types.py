@@ -50,6 +50,12 @@ class BundleRef:
     name: str
     version: str
     modality: str  # "CT" or "MR"
+    # sha256 of the bundle's manifest.json (daemon.reference.scoring_identity); None when unknown.
+    manifest_sha256: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-{self.version}"
 
 
 @dataclass(frozen=True)
@@ -366,3 +372,122 @@ class StationCounts:
     scored: int  # eligible with a score
     confirmed_normal_scored: int
     calibrating: int
+
+
+# --------------------------------------------------------------------------- shadow bundles
+
+BUNDLE_ROLES = ("active", "shadow", "retired")
+
+
+class RoleConflict(HeadscreenError):
+    """A bundle role change that does not fit the roles recorded now (changed meanwhile,
+    or it would leave a modality without an active bundle)."""
+
+
+@dataclass(frozen=True)
+class BundleRoleRow:
+    """The role recorded for one bundle, with who set it, when and why."""
+
+    bundle_name: str
+    bundle_version: str
+    modality: str
+    manifest_sha256: str | None
+    role: str  # one of BUNDLE_ROLES
+    changed_at: datetime
+    changed_by: str
+    reason: str | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.bundle_name}-{self.bundle_version}"
+
+
+@dataclass(frozen=True)
+class RoleChange:
+    """One bundle's role change (`db.api.change_bundle_roles`). `expected` is its role as the
+    caller saw it (None: no role recorded for this manifest); a different one is a conflict."""
+
+    bundle: BundleRef
+    role: str
+    expected: str | None
+
+    def __post_init__(self) -> None:
+        if self.role not in BUNDLE_ROLES:
+            raise ValueError(f"role: one of {', '.join(BUNDLE_ROLES)}, got {self.role!r}")
+        if self.expected is not None and self.expected not in BUNDLE_ROLES:
+            raise ValueError(f"expected: one of {', '.join(BUNDLE_ROLES)} or None, got {self.expected!r}")
+
+
+@dataclass(frozen=True)
+class ShadowOutcome:
+    """What a shadow bundle made of a study (`db.api.record_shadow_result`); `error` set when
+    the run itself failed. Never delivered: there are no objects."""
+
+    bundle_name: str
+    bundle_version: str
+    scoring_sha256: str | None = None
+    eligible: bool | None = None
+    ineligible_reason: str | None = None
+    anomaly_score: float | None = None
+    percentile: float | None = None
+    screen_positive: bool | None = None
+    threshold: float | None = None
+    predicted_age: float | None = None
+    chronological_age: float | None = None
+    age_gap: float | None = None
+    terms: dict[str, float] = field(default_factory=dict)
+    qc_reasons: list[str] = field(default_factory=list)
+    station_key: str | None = None
+    reference_kind: str | None = None
+    reference_id: int | None = None
+    shared_preprocessing: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ShadowResultRow:
+    shadow_result_id: int
+    result_id: int
+    bundle_name: str
+    bundle_version: str
+    eligible: bool | None
+    ineligible_reason: str | None
+    anomaly_score: float | None
+    percentile: float | None
+    screen_positive: bool | None
+    threshold: float | None
+    predicted_age: float | None
+    age_gap: float | None
+    qc_reasons: list[str]
+    reference_kind: str | None
+    shared_preprocessing: bool
+    timings: dict[str, float]
+    error: str | None
+    created_at: datetime
+
+    @property
+    def bundle_key(self) -> str:
+        return f"{self.bundle_name}-{self.bundle_version}"
+
+
+@dataclass(frozen=True)
+class BundleScoreRow:
+    """One bundle's current verdict on one study, sent ("result") or shadow ("shadow")."""
+
+    study_id: int
+    study_instance_uid: str
+    bundle_name: str
+    bundle_version: str
+    source: str  # "result" | "shadow"
+    row_id: int
+    eligible: bool | None
+    anomaly_score: float | None
+    percentile: float | None
+    screen_positive: bool | None
+    failed: bool  # a shadow run that failed (no verdict)
+    created_at: datetime
+
+    @property
+    def bundle_key(self) -> str:
+        return f"{self.bundle_name}-{self.bundle_version}"
