@@ -10,12 +10,15 @@ eligible too: then no score, overlay or SEG goes out, only the SR and one plain
 "NOT SCREENED" image. The percentile and screen result of an eligible study are
 judged against the healthy reference of its scanner (daemon.reference): the
 bundle's own, a site reference, or none yet ("calibrating": score only, no SEG).
+A shadow bundle (daemon.shadow) goes through `score_shadow`: the same stages up to
+the verdict, reusing the study's stages via SharedStages, and no DICOM object.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -32,15 +35,15 @@ from daemon.ages import chronological_age
 from daemon.errors import InputRejected
 from daemon.inference import BundleRunner, Inference
 from daemon.reference import Calibrating, Reference, ReferencePolicy, scoring_identity, station_key
-from db.api import JobOutcome, JobTicket, OutputObject
+from db.api import JobOutcome, JobTicket, OutputObject, ShadowOutcome
 from export.model import AlgorithmInfo, ResultSummary
 from export.sc import OverlayStyle, build_not_screened_image, build_overlay_series, choose_slices
 from export.seg import DEFAULT_THRESHOLD, build_segmentation
 from export.sr import ReferenceNote, build_report
-from imaging.preprocess import preprocess, to_native
+from imaging.preprocess import Preprocessed, preprocess, to_native
 from imaging.qc import blocking_reasons
 from imaging.selection import SelectionRules, SeriesCandidate, select_series
-from imaging.volume import load_series
+from imaging.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,74 @@ class Timer:
             self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
+@dataclass
+class StudyRead:
+    """A study's headers, series selection, chronological age and loaded volume: the same for
+    every bundle of its modality (selection rules are per modality, not per bundle)."""
+
+    headers: dict[str, list[Dataset]]
+    verdicts: list[dict]
+    chosen: str | None
+    age: float | None = None
+    age_source: str = ""
+    volume: Volume | None = None
+    load_error: str | None = None  # why the chosen series could not be loaded (InputRejected)
+
+    @property
+    def no_series_reason(self) -> str:
+        if not self.verdicts:
+            return "no images"
+        return "no suitable series: " + "; ".join(v["reason"] for v in self.verdicts)
+
+
+class SharedStages:
+    """The stages a study's bundles share within one job: headers, selection and the volume
+    are read once; preprocessing runs once per set of preprocessing parameters, so a shadow
+    bundle with the active bundle's parameters scores the very same model input."""
+
+    def __init__(self) -> None:
+        self._read: StudyRead | None = None
+        self._prepared: dict[str, Preprocessed | InputRejected] = {}
+
+    def read(self, study: StudyFiles, rules: SelectionRules, timer: Timer) -> StudyRead:
+        if self._read is None:
+            self._read = _read_study(study, rules, timer)
+        return self._read
+
+    def preprocess(self, volume: Volume, params: dict, timer: Timer) -> tuple[Preprocessed, bool]:
+        """(preprocessed, reused); raises InputRejected again for parameters that rejected it."""
+        key = json.dumps(params, sort_keys=True, default=str)
+        reused = key in self._prepared
+        if not reused:
+            try:
+                self._prepared[key] = timer.measure("preprocess", preprocess, volume, params)
+            except InputRejected as exc:
+                self._prepared[key] = exc
+        found = self._prepared[key]
+        if isinstance(found, InputRejected):
+            raise found
+        return found, reused
+
+
+def _read_study(study: StudyFiles, rules: SelectionRules, timer: Timer) -> StudyRead:
+    headers = timer.measure("read_headers", _read_headers, study)
+    candidates = [SeriesCandidate.from_datasets(h) for h in headers.values() if h]
+    selection = timer.measure("select", select_series, candidates, rules)
+    verdicts = [_verdict_dict(v) for v in selection.verdicts]
+    read = StudyRead(headers, verdicts, selection.chosen)
+    if selection.chosen is None:
+        return read
+    first = headers[selection.chosen][0]
+    read.age, read.age_source = chronological_age(
+        _text(first, "PatientAge"), _text(first, "PatientBirthDate"), _text(first, "StudyDate")
+    )
+    try:
+        read.volume = timer.measure("load_volume", load_series, study.series[selection.chosen])
+    except InputRejected as exc:
+        read.load_error = str(exc)
+    return read
+
+
 def run_job(
     ticket: JobTicket,
     study: StudyFiles,
@@ -87,31 +158,28 @@ def run_job(
     seg_enabled: bool = True,
     seg_threshold: float = DEFAULT_THRESHOLD,
     references: ReferencePolicy | None = None,
+    shared: SharedStages | None = None,
 ) -> JobOutcome:
-    """`references` chooses the healthy reference per scanner (default: the bundle's own)."""
+    """`references` chooses the healthy reference per scanner (default: the bundle's own).
+    `shared` keeps what shadow bundles of the study may reuse (see SharedStages)."""
     timer = Timer()
     manifest = runner.bundle.manifest
-    headers = timer.measure("read_headers", _read_headers, study)
-    candidates = [SeriesCandidate.from_datasets(h) for h in headers.values() if h]
-    rules = rules or SelectionRules.default_for(manifest.modality)
-    selection = timer.measure("select", select_series, candidates, rules)
-    verdicts = [_verdict_dict(v) for v in selection.verdicts]
+    stages = shared if shared is not None else SharedStages()
+    read = stages.read(study, rules or SelectionRules.default_for(manifest.modality), timer)
+    headers, verdicts = read.headers, read.verdicts
     algorithm = _algorithm(runner)
-    if selection.chosen is None:
-        reason = "no suitable series: " + "; ".join(v["reason"] for v in verdicts) if verdicts else "no images"
-        return _ineligible(ticket, study, headers, reason, verdicts, algorithm, output_dir, timer)
+    if read.chosen is None:
+        return _ineligible(ticket, study, headers, read.no_series_reason, verdicts, algorithm, output_dir, timer)
 
-    chosen = selection.chosen
+    chosen = read.chosen
     first = headers[chosen][0]
-    age, age_source = chronological_age(
-        _text(first, "PatientAge"), _text(first, "PatientBirthDate"), _text(first, "StudyDate")
-    )
+    age, age_source = read.age, read.age_source
+    if read.volume is None:
+        return _ineligible(ticket, study, headers, read.load_error or "not loadable", verdicts, algorithm,
+                           output_dir, timer, chosen)
+    volume = read.volume
     try:
-        volume = timer.measure("load_volume", load_series, study.series[chosen])
-    except InputRejected as exc:
-        return _ineligible(ticket, study, headers, str(exc), verdicts, algorithm, output_dir, timer, chosen)
-    try:
-        prepared = timer.measure("preprocess", preprocess, volume, manifest.preprocessing)
+        prepared, _ = stages.preprocess(volume, manifest.preprocessing, timer)
     except InputRejected as exc:
         return _ineligible(ticket, study, headers, str(exc), verdicts, algorithm, output_dir, timer, chosen,
                            qc_reasons=volume.qc_reasons, qc_metrics=volume.qc_metrics,
@@ -180,6 +248,64 @@ def run_job(
     return dataclasses.replace(
         outcome, station_key=station, scoring_sha256=scoring_identity(runner.bundle), reference_kind=reference.kind,
         reference_id=reference.reference_id if isinstance(reference, Reference) else None,
+    )
+
+
+def score_shadow(
+    study: StudyFiles,
+    runner: BundleRunner,
+    shared: SharedStages,
+    rules: SelectionRules | None = None,
+    references: ReferencePolicy | None = None,
+) -> ShadowOutcome:
+    """What a shadow bundle makes of a study the active bundle has screened: the stages of
+    `run_job` up to the verdict (QC gate, inference, its own healthy reference), sharing
+    what `shared` already holds, and no DICOM object at all. Not eligible is a verdict
+    too; anything else raises, for the worker to record as the shadow's failure."""
+    timer = Timer()
+    manifest = runner.bundle.manifest
+    read = shared.read(study, rules or SelectionRules.default_for(manifest.modality), timer)
+    common = dict(bundle_name=manifest.name, bundle_version=manifest.version,
+                  scoring_sha256=scoring_identity(runner.bundle))
+
+    def not_eligible(reasons: str | list[str], qc_reasons: Sequence[str] = (), station: str | None = None,
+                     reused: bool = False) -> ShadowOutcome:
+        reasons = list(dict.fromkeys([reasons] if isinstance(reasons, str) else reasons))
+        return ShadowOutcome(**common, eligible=False, ineligible_reason="; ".join(reasons),
+                             qc_reasons=list(dict.fromkeys([*reasons, *qc_reasons])), station_key=station,
+                             chronological_age=read.age, shared_preprocessing=reused, timings=timer.stages)
+
+    if read.chosen is None:
+        return not_eligible(read.no_series_reason)
+    station = station_key(read.headers[read.chosen][0])
+    if read.volume is None:
+        return not_eligible(read.load_error or "not loadable", station=station)
+    volume = read.volume
+    try:
+        prepared, reused = shared.preprocess(volume, manifest.preprocessing, timer)
+    except InputRejected as exc:
+        return not_eligible(str(exc), volume.qc_reasons, station)
+    qc_reasons = list(dict.fromkeys([*volume.qc_reasons, *prepared.qc_reasons]))
+    blocking = blocking_reasons(qc_reasons)
+    if blocking:
+        return not_eligible(blocking, qc_reasons, station, reused)
+    inference: Inference = timer.measure("infer", runner.run, prepared.model_input, read.age,
+                                         brain_mask=prepared.brain_mask)
+    qc_reasons = list(dict.fromkeys([*qc_reasons, *inference.notes]))
+    blocking = blocking_reasons(qc_reasons)
+    if blocking:
+        return not_eligible(blocking, qc_reasons, station, reused)
+    reference = timer.measure("reference", (references or BUNDLE_REFERENCES).choose, runner.bundle, station)
+    percentile, screen_positive, threshold = _judged(inference.anomaly_score, reference)
+    if read.age is None:
+        qc_reasons.append(f"chronological_age_{read.age_source}")
+    return ShadowOutcome(
+        **common, eligible=True, anomaly_score=inference.anomaly_score, percentile=percentile,
+        screen_positive=screen_positive, threshold=threshold, predicted_age=inference.predicted_age,
+        chronological_age=inference.chronological_age, age_gap=inference.age_gap,
+        terms={k: float(v) for k, v in inference.terms.items()}, qc_reasons=qc_reasons, station_key=station,
+        reference_kind=reference.kind, reference_id=reference.reference_id if isinstance(reference, Reference) else None,
+        shared_preprocessing=reused, timings=timer.stages,
     )
 
 

@@ -16,23 +16,37 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.bundle import load_bundle
 from daemon.config import Settings
 from daemon.delivery import deliver_due
+from daemon.reference import scoring_identity
+from daemon.shadow import current_plan
 from db import api
 
 log = logging.getLogger(__name__)
 
 
 def bundle_refs(settings: Settings) -> list[api.BundleRef]:
+    """Every configured bundle (verified), with its manifest's sha256 (bundle roles name it)."""
     refs = []
     for path in settings.bundles:
-        manifest = load_bundle(path).manifest
-        refs.append(api.BundleRef(manifest.name, manifest.version, manifest.modality))
+        bundle = load_bundle(path)
+        manifest = bundle.manifest
+        refs.append(api.BundleRef(manifest.name, manifest.version, manifest.modality, scoring_identity(bundle)))
     return refs
 
 
+def active_bundles(sessions: sessionmaker[Session], bundles: list[api.BundleRef]) -> list[api.BundleRef]:
+    """The configured bundles that screen new studies now: each modality's active one
+    (daemon.shadow). Read per sweep, so a promotion needs no restart."""
+    with sessions() as session:
+        return current_plan(session, bundles).active
+
+
 def sweep_completeness(settings: Settings, sessions: sessionmaker[Session], bundles: list[api.BundleRef]) -> list[int]:
+    """Complete ready studies; each gets a job for its modality's active bundle (shadow
+    bundles run inside that job, see daemon.worker)."""
+    active = active_bundles(sessions, bundles)
     with sessions() as session:
         completed = api.sweep_completeness(
-            session, datetime.now(UTC), settings.quiet_period_s, settings.whole_quiet_s, bundles,
+            session, datetime.now(UTC), settings.quiet_period_s, settings.whole_quiet_s, active,
             max_attempts=settings.job_max_attempts,
         )
     if completed:

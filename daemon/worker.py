@@ -4,6 +4,10 @@ A worker that dies (kill -9, power cut) stops heartbeating; the scheduler's
 lease sweep returns its job to the queue and another worker takes it. Results
 are written only through `db.api.finish_job`, which is fenced on the lease, so a
 job completes exactly once even if a presumed-dead worker wakes up later.
+
+Bundle roles (daemon.shadow) are read per job: a job claimed after a promotion runs
+with the bundle active now. Shadow bundles score the study in the same worker, after
+the active result is recorded and handed to delivery (see `_run_shadows`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,12 +30,13 @@ from daemon.config import Settings
 from daemon.delivery import deliver_due
 from daemon.errors import HeadscreenError, TransientError
 from daemon.inference import BundleRunner
-from daemon.pipeline import StudyFiles, run_job
-from daemon.reference import ReferencePolicy
+from daemon.pipeline import SharedStages, StudyFiles, run_job, score_shadow
+from daemon.reference import ReferencePolicy, scoring_identity
+from daemon.shadow import RolePlan, resolve_roles
 from daemon.privacy import failure_reason, frames_only, withhold_values_in_logs
 from db import api
 from db.engine import make_engine, session_factory
-from db.types import JobOutcome
+from db.types import BundleRef, JobOutcome, ShadowOutcome
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,15 @@ def load_runners(settings: Settings) -> dict[tuple[str, str], BundleRunner]:
     return runners
 
 
+@dataclass
+class ShadowWork:
+    """Shadow bundles still to score a study whose active result is recorded."""
+
+    ticket: api.JobTicket
+    runners: list[BundleRunner]
+    shared: SharedStages
+
+
 class Worker:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], worker_id: str | None = None) -> None:
         self.settings = settings
@@ -52,6 +67,8 @@ class Worker:
         self.runners = load_runners(settings)
         self.references = ReferencePolicy.from_settings(settings.calibration, self._site_reference)
         self.stopping = threading.Event()
+        self._configured: list[BundleRef] | None = None
+        self._shadow_work: ShadowWork | None = None
 
     def _site_reference(self, name: str, version: str, scoring: str, grouping: str, station: str):
         """The active site reference for a bundle manifest and scanner group (read per job,
@@ -92,24 +109,113 @@ class Worker:
         if ticket is None:
             return False
         result_id = self._process(ticket)
+        shadows, self._shadow_work = self._shadow_work, None
         if result_id is not None:
             # The job is recorded and no longer leased, so a slow PACS cannot pass for a lost lease.
             deliver_due(self.sessions, self.settings, result_id=result_id)
+            if shadows is not None:
+                self._run_shadows(shadows, result_id)
         return True
+
+    def _plan(self) -> RolePlan | None:
+        """The bundle roles now, read per job so a promotion applies to the next job
+        claimed; None while no role is recorded (every job runs its own bundle, no shadows)."""
+        with self.sessions() as session:
+            rows = api.list_bundle_roles(session)
+        if not rows:
+            return None
+        if self._configured is None:
+            self._configured = [BundleRef(r.bundle.manifest.name, r.bundle.manifest.version,
+                                          r.bundle.manifest.modality, scoring_identity(r.bundle))
+                                for r in self.runners.values()]
+        return resolve_roles(self._configured, rows)
+
+    def _bound_to_active(self, ticket: api.JobTicket, plan: RolePlan, extra: dict) -> api.JobTicket | None:
+        """The ticket to run: as claimed when its bundle is active; else moved to the bundle
+        active now (a job queued before a promotion), or dropped when the study already has
+        a job for that bundle. None when there is nothing to run."""
+        if plan.is_active(ticket.bundle_name, ticket.bundle_version):
+            return ticket
+        modality = plan.modality_of(ticket.bundle_name, ticket.bundle_version)
+        active = plan.active_for(modality) if modality else []
+        if not active:
+            if modality is None:
+                return ticket  # a bundle nobody knows: it fails below as not loaded
+            policy = api.RetryPolicy(max_attempts=self.settings.job_max_attempts)
+            self._fail(ticket, f"no active {modality} bundle: see headscreen bundles --list", False, policy)
+            return None
+        with self.sessions() as session:
+            bound = api.rebind_job(session, ticket.job_id, self.worker_id, active[0], datetime.now(UTC))
+        if bound is None:
+            log.info("job dropped: the study is screened by the active bundle's own job",
+                     extra={**extra, "bundle": f"{ticket.bundle_name}-{ticket.bundle_version}"})
+        return bound
+
+    def _shadow_runners(self, plan: RolePlan | None, runner: BundleRunner) -> list[BundleRunner]:
+        if plan is None:
+            return []
+        refs = plan.shadows_for(runner.bundle.manifest.modality)
+        return [self.runners[(ref.name, ref.version)] for ref in refs if (ref.name, ref.version) in self.runners]
+
+    def _run_shadows(self, work: ShadowWork, result_id: int) -> None:
+        """Each shadow bundle scores the study the active bundle just screened; the verdict
+        is recorded only (nothing is written or sent), and a failure is recorded as the
+        shadow's, never the active result's.
+
+        Why here and not as jobs of their own: the active result is already recorded and on
+        its way, so a shadow neither fails nor delays it; the study is read once and, with
+        equal preprocessing parameters, preprocessed once (registration is most of the cost).
+        The price: the next job waits for the shadows, and a worker killed meanwhile leaves
+        that study without shadow verdicts (the comparison counts only studies both judged).
+        """
+        ticket = work.ticket
+        extra = {"job_id": ticket.job_id, "study_uid": ticket.study_instance_uid, "worker_id": self.worker_id,
+                 "result_id": result_id}
+        study: StudyFiles | None = None
+        for runner in work.runners:
+            manifest = runner.bundle.manifest
+            if self.stopping.is_set():
+                log.info("shadow runs skipped: stopping", extra={**extra, "bundle": manifest.key})
+                return
+            try:
+                study = study or self._study_files(ticket)
+                shadow = score_shadow(study, runner, work.shared, self.settings.selection_rules(manifest.modality),
+                                      references=self.references)
+                log.info("shadow scored", extra={**extra, "bundle": manifest.key, "eligible": shadow.eligible,
+                                                 "score": shadow.anomaly_score, "timings": shadow.timings})
+            except Exception as exc:  # the shadow's own failure: recorded, the active result stands
+                reason = failure_reason(exc)
+                log.error("shadow bundle failed", extra={**extra, "bundle": manifest.key, "error": reason,
+                                                         "error_trace": frames_only(sys.exc_info())})
+                shadow = ShadowOutcome(bundle_name=manifest.name, bundle_version=manifest.version, error=reason)
+            try:
+                with self.sessions() as session:
+                    api.record_shadow_result(session, result_id, shadow, datetime.now(UTC))
+            except Exception as exc:
+                log.error("shadow result not recorded", extra={**extra, "bundle": manifest.key,
+                                                               "error": failure_reason(exc)})
 
     def _process(self, ticket: api.JobTicket) -> int | None:
         """Run the job while its lease is kept alive, then record how it ended; the new result's id, if any."""
         extra = {"job_id": ticket.job_id, "study_uid": ticket.study_instance_uid, "worker_id": self.worker_id}
+        plan = self._plan()
+        if plan is not None:
+            bound = self._bound_to_active(ticket, plan, extra)
+            if bound is None:
+                return None
+            ticket = bound
         runner = self.runners.get((ticket.bundle_name, ticket.bundle_version))
         policy = api.RetryPolicy(max_attempts=self.settings.job_max_attempts, base_delay_s=5.0, max_delay_s=120.0)
         if runner is None:
             self._fail(ticket, f"bundle {ticket.bundle_name}-{ticket.bundle_version} is not loaded on this worker",
                        False, policy)
             return None
+        shadows = self._shadow_runners(plan, runner)
+        shared = SharedStages() if shadows else None
         # Stopped (joined) before the job is recorded: once it is done or failed the lease is
         # no longer ours, and a renewal racing the record would be refused and read as a lost lease.
         with LeaseKeeper(self, ticket.job_id):
-            outcome, failure = self._run(ticket, runner, extra)
+            outcome, failure = self._run(ticket, runner, extra, shared)
         if failure is not None:
             self._fail(ticket, *failure, policy)
             return None
@@ -120,25 +226,32 @@ class Worker:
             log.warning("lease lost before finishing; result discarded", extra=extra)
             return None
         log.info("job done", extra={**extra, "result_id": result_id})
+        if shared is not None:
+            self._shadow_work = ShadowWork(ticket, shadows, shared)
         return result_id
 
+    def _study_files(self, ticket: api.JobTicket) -> StudyFiles:
+        with self.sessions() as session:
+            series = api.study_instances(session, ticket.study_id)
+        return StudyFiles(
+            ticket.study_instance_uid,
+            {uid: [self._abs(path) for path, _ in items] for uid, items in series.items()},
+        )
+
     def _run(
-        self, ticket: api.JobTicket, runner: BundleRunner, extra: dict
+        self, ticket: api.JobTicket, runner: BundleRunner, extra: dict, shared: SharedStages | None = None,
     ) -> tuple[JobOutcome | None, tuple[str, bool] | None]:
         """(outcome, None), or (None, (reason, retryable)). Reasons and log lines never hold an
         exception's message from a library: pydicom and highdicom quote the values they reject."""
         output_dir = self.settings.results_dir / ticket.study_instance_uid / f"job-{ticket.job_id}-attempt-{ticket.attempt}"
         try:
-            with self.sessions() as session:
-                series = api.study_instances(session, ticket.study_id)
-            study = StudyFiles(
-                ticket.study_instance_uid,
-                {uid: [self._abs(path) for path, _ in items] for uid, items in series.items()},
-            )
+            study = self._study_files(ticket)
             rules = self.settings.selection_rules(runner.bundle.manifest.modality)
+            # `shared` only when shadows will reuse the stages (the call is otherwise as before).
+            more = {} if shared is None else {"shared": shared}
             outcome = run_job(ticket, study, runner, output_dir, self.settings.overlay_slices, rules,
                               seg_enabled=self.settings.seg_enabled, seg_threshold=self.settings.seg_threshold,
-                              references=self.references)
+                              references=self.references, **more)
         except TransientError as exc:
             reason = failure_reason(exc)
             log.warning("job failed, will retry", extra={**extra, "error": reason})
