@@ -57,11 +57,15 @@ def review(ctx: WebContext, study_uid: str, action: ReviewAction, comment: str |
 
 
 def requeue(ctx: WebContext, study_uid: str, actor: str) -> list[int]:
+    from daemon.shadow import current_plan
+
     if not ctx.bundles:
         raise HTTPException(status_code=409, detail="no model bundles configured")
     try:
         with ctx.db() as session:
-            return api.requeue_study(session, study_uid, actor, ctx.bundles,
+            # The active bundles only: shadows run inside the active bundle's job.
+            active = current_plan(session, ctx.bundles).active
+            return api.requeue_study(session, study_uid, actor, active,
                                      max_attempts=ctx.settings.job_max_attempts)
     except StudyNotFound:
         raise HTTPException(status_code=404, detail="no such study") from None
@@ -176,3 +180,72 @@ def retire_reference(ctx: WebContext, reference_id: int, reason: str, actor: str
             api.retire_site_reference(session, reference_id, actor, reason)
     except api.ReferenceNotFound:
         raise HTTPException(status_code=404, detail="no active site reference with that id") from None
+
+
+class RoleAction(StrEnum):
+    SHADOW = "shadow"
+    PROMOTE = "promote"
+    RETIRE = "retire"
+
+
+def bundles_view(ctx: WebContext) -> dict[str, Any]:
+    """Per modality: the active bundle, its shadows (with the comparison on the studies both
+    judged), retired and unassigned bundles; and every recorded role with who, when, why."""
+    from daemon.shadow import comparisons, current_plan
+
+    with ctx.db() as session:
+        plan = current_plan(session, ctx.bundles)
+        compared = comparisons(session, plan)
+    configured = {s.bundle.key for s in plan.states}
+    modalities = []
+    for modality in plan.modalities:
+        states = [s for s in plan.states if s.bundle.modality == modality]
+        modalities.append({
+            "modality": modality,
+            "bundles": [{"key": s.bundle.key, "role": s.role, "default": s.default, "stale": s.stale,
+                         "manifest_sha256": s.bundle.manifest_sha256,
+                         "changed_at": s.recorded.changed_at if s.recorded else None,
+                         "changed_by": s.recorded.changed_by if s.recorded else None,
+                         "reason": s.recorded.reason if s.recorded else None} for s in states],
+            "active": [b.key for b in plan.active_for(modality)],
+            "shadows": [b.key for b in plan.shadows_for(modality)],
+            "comparisons": [c for c in compared if c.modality == modality],
+        })
+    return {
+        "modalities": modalities,
+        # Roles recorded for bundles this console does not have configured (kept, not used).
+        "not_configured": [asdict(r) | {"key": r.key} for r in plan.recorded if r.key not in configured],
+    }
+
+
+def comparisons_view(ctx: WebContext) -> list[Any]:
+    from daemon.shadow import comparisons, current_plan
+
+    with ctx.db() as session:
+        return comparisons(session, current_plan(session, ctx.bundles))
+
+
+def change_role(ctx: WebContext, key: str, action: RoleAction, reason: str, actor: str,
+                old_active: str = "shadow") -> list[Any]:
+    """Put a bundle in shadow, promote it, or retire it (admin; audited by db.shadow)."""
+    from daemon import shadow
+
+    reason = (reason or "").strip()[:MAX_COMMENT]
+    if not reason:
+        raise HTTPException(status_code=422, detail="a bundle role change needs a reason")
+    if old_active not in ("shadow", "retired"):
+        raise HTTPException(status_code=422, detail="old_active: shadow or retired")
+    try:
+        with ctx.db() as session:
+            if action is RoleAction.PROMOTE:
+                changed = shadow.promote(session, ctx.bundles, key, actor, reason, old_active)  # type: ignore[arg-type]
+            elif action is RoleAction.SHADOW:
+                changed = shadow.put_in_shadow(session, ctx.bundles, key, actor, reason)
+            else:
+                changed = shadow.retire(session, ctx.bundles, key, actor, reason)
+    except shadow.BundleNotConfigured:
+        raise HTTPException(status_code=404, detail="no configured bundle with that key") from None
+    except api.RoleConflict as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    logger.info("bundle role action", extra={"action": f"bundle_{action.value}", "bundle": key, "user": actor})
+    return changed

@@ -23,6 +23,7 @@ from db.types import BundleRef
 logger = logging.getLogger(__name__)
 
 STUDY_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+BUNDLE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,96}$")
 
 
 @dataclass
@@ -72,3 +73,10 @@ def checked_uid(study_uid: str) -> str:
     if len(study_uid) > 64 or not STUDY_UID.match(study_uid):
         raise HTTPException(status_code=404, detail="no such study")
     return study_uid
+
+
+def checked_bundle_key(key: str) -> str:
+    """Bundle keys are NAME-VERSION of plain characters; anything else is refused before any query."""
+    if not BUNDLE_KEY.match(key):
+        raise HTTPException(status_code=404, detail="no configured bundle with that key")
+    return key

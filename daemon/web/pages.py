@@ -14,9 +14,9 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
 from daemon.web import actions, charts, preview
-from daemon.web.actions import ReviewAction
+from daemon.web.actions import ReviewAction, RoleAction
 from daemon.web.auth import COOKIE, PageAdmin, PageCsrf, PageUser, Principal
-from daemon.web.context import checked_uid, context_of
+from daemon.web.context import checked_bundle_key, checked_uid, context_of
 from daemon.web.filters import StudyQuery, study_query
 from daemon.web.rest import set_session_cookie
 from db import api
@@ -118,11 +118,13 @@ def study(request: Request, user: PageUser, study_uid: str) -> HTMLResponse:
     detail = actions.study_detail(ctx, checked_uid(study_uid))
     with ctx.db() as session:
         trail = api.audit_trail(session, study_uid)
+        shadows = api.shadow_results_of_study(session, detail.row.study_id)
     current = next((r for r in reversed(detail.results) if not r.superseded), None)
     ranges = _qc_ranges(request, current, detail.row.modality)
     previews = [f"/api/v1/studies/{study_uid}/previews/{quote(sop)}.png" for _, sop in preview.sc_objects(ctx, detail)]
     return _render(request, "study.html", user, d=detail, current=current, trail=trail, ranges=ranges,
-                   previews=previews, actions=list(ReviewAction))
+                   previews=previews, actions=list(ReviewAction),
+                   shadows=[s for s in shadows if current is not None and s.result_id == current.result_id])
 
 
 def _qc_ranges(request: Request, result: api.ResultSummaryRow | None, modality: str | None) -> dict[str, tuple[float, float]]:
@@ -209,3 +211,35 @@ def calibration_retire(
 ) -> Response:
     actions.retire_reference(context_of(request), reference_id, reason, user.username)
     return RedirectResponse("/calibration", status_code=303)
+
+
+@router.get("/bundles")
+def bundles(request: Request, user: PageUser) -> HTMLResponse:
+    return _render(request, "bundles.html", user, view=actions.bundles_view(context_of(request)))
+
+
+def _role_form(request: Request, user: Principal, key: str, action: RoleAction, reason: str,
+               old_active: str = "shadow") -> Response:
+    actions.change_role(context_of(request), checked_bundle_key(key), action, reason, user.username, old_active)
+    return RedirectResponse("/bundles", status_code=303)
+
+
+@router.post("/bundles/{key}/promote")
+def bundle_promote(
+    request: Request, user: PageAdmin, key: str,
+    reason: Annotated[str, Form(max_length=actions.MAX_COMMENT)] = "",
+    old_active: Annotated[str, Form(max_length=16)] = "shadow",
+) -> Response:
+    return _role_form(request, user, key, RoleAction.PROMOTE, reason, old_active)
+
+
+@router.post("/bundles/{key}/shadow")
+def bundle_shadow(request: Request, user: PageAdmin, key: str,
+                  reason: Annotated[str, Form(max_length=actions.MAX_COMMENT)] = "") -> Response:
+    return _role_form(request, user, key, RoleAction.SHADOW, reason)
+
+
+@router.post("/bundles/{key}/retire")
+def bundle_retire(request: Request, user: PageAdmin, key: str,
+                  reason: Annotated[str, Form(max_length=actions.MAX_COMMENT)] = "") -> Response:
+    return _role_form(request, user, key, RoleAction.RETIRE, reason)

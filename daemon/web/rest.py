@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from daemon.web import actions, preview
-from daemon.web.actions import ReviewAction, jsonable
+from daemon.web.actions import ReviewAction, RoleAction, jsonable
 from daemon.web.auth import COOKIE, ApiAdmin, ApiAdminRead, ApiCsrf, ApiUser
-from daemon.web.context import checked_uid, context_of
+from daemon.web.context import checked_bundle_key, checked_uid, context_of
 from daemon.web.filters import StudyQuery, study_query
 from db import api
 
@@ -34,6 +34,15 @@ class ReviewBody(BaseModel):
 
 class RetireBody(BaseModel):
     reason: str = Field(min_length=1, max_length=actions.MAX_COMMENT)
+
+
+class RoleBody(BaseModel):
+    reason: str = Field(min_length=1, max_length=actions.MAX_COMMENT)
+
+
+class PromoteBody(RoleBody):
+    # What the bundle active until now becomes.
+    old_active: Literal["shadow", "retired"] = "shadow"
 
 
 class ResendBody(BaseModel):
@@ -125,6 +134,8 @@ def study(request: Request, user: ApiUser, study_uid: str) -> dict[str, Any]:
     out: dict[str, Any] = jsonable(detail)
     out.pop("patient_birth_date", None)
     out["previews"] = [f"/api/v1/studies/{study_uid}/previews/{sop}.png" for _, sop in preview.sc_objects(ctx, detail)]
+    with ctx.db() as session:
+        out["shadow_results"] = jsonable(api.shadow_results_of_study(session, detail.row.study_id))
     return out
 
 
@@ -213,3 +224,51 @@ def calibration(request: Request, user: ApiUser) -> dict[str, Any]:
 def calibration_retire(request: Request, user: ApiAdmin, reference_id: int, body: RetireBody) -> dict[str, Any]:
     actions.retire_reference(context_of(request), reference_id, body.reason, user.username)
     return {"retired": reference_id}
+
+
+def comparison_json(comparison: Any) -> dict[str, Any]:
+    body: dict[str, Any] = jsonable(comparison)
+    body["disagree"] = comparison.disagree
+    body["disagreements"] = [d | {"study": f"/studies/{d['study_instance_uid']}"} for d in body["disagreements"]]
+    return body
+
+
+@router.get("/bundles")
+def bundles(request: Request, user: ApiUser) -> dict[str, Any]:
+    """Per modality: the active bundle (its results are sent), shadow bundles (recorded only),
+    retired and unassigned ones, who set each role, when and why; with the comparisons."""
+    view = actions.bundles_view(context_of(request))
+    for modality in view["modalities"]:
+        modality["comparisons"] = [comparison_json(c) for c in modality["comparisons"]]
+    body: dict[str, Any] = jsonable(view)
+    return body
+
+
+@router.get("/bundles/compare")
+def bundles_compare(request: Request, user: ApiUser) -> list[dict[str, Any]]:
+    """Each modality's active bundle against each shadow bundle on the same studies: how many
+    both judged, screen agreement, Spearman rank correlation of scores, each one's share of
+    positives, and the studies where they disagree."""
+    return [comparison_json(c) for c in actions.comparisons_view(context_of(request))]
+
+
+@router.post("/bundles/{key}/shadow")
+def bundle_shadow(request: Request, user: ApiAdmin, key: str, body: RoleBody) -> dict[str, Any]:
+    changed = actions.change_role(context_of(request), checked_bundle_key(key), RoleAction.SHADOW, body.reason,
+                                  user.username)
+    return {"changed": jsonable(changed)}
+
+
+@router.post("/bundles/{key}/promote")
+def bundle_promote(request: Request, user: ApiAdmin, key: str, body: PromoteBody) -> dict[str, Any]:
+    """Make a shadow bundle active for its modality; jobs claimed from now on use it."""
+    changed = actions.change_role(context_of(request), checked_bundle_key(key), RoleAction.PROMOTE, body.reason,
+                                  user.username, body.old_active)
+    return {"changed": jsonable(changed)}
+
+
+@router.post("/bundles/{key}/retire")
+def bundle_retire(request: Request, user: ApiAdmin, key: str, body: RoleBody) -> dict[str, Any]:
+    changed = actions.change_role(context_of(request), checked_bundle_key(key), RoleAction.RETIRE, body.reason,
+                                  user.username)
+    return {"changed": jsonable(changed)}
