@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -197,6 +198,95 @@ def cmd_users_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundles(args: argparse.Namespace) -> int:
+    """Verify bundles (default), or list and change their roles (active, shadow, retired)."""
+    if args.shadow or args.promote or args.retire:
+        return _bundles_change(args)
+    if args.list:
+        return _bundles_list(args)
+    return cmd_bundles_verify(args)
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f} %"
+
+
+def _bundles_list(args: argparse.Namespace) -> int:
+    from daemon.scheduler import bundle_refs
+    from daemon.shadow import comparisons, current_plan
+
+    settings = _settings(args)
+    with _sessions(settings)() as session:
+        plan = current_plan(session, bundle_refs(settings))
+        compared = comparisons(session, plan)
+    if args.json:
+        states = [{"key": s.bundle.key, "modality": s.bundle.modality, "role": s.role, "default": s.default,
+                   "stale": s.stale, "manifest_sha256": s.bundle.manifest_sha256,
+                   "recorded": None if s.recorded is None else _row_dict(s.recorded)} for s in plan.states]
+        print(json.dumps({"bundles": states, "comparisons": [asdict(c) | {"disagree": c.disagree}
+                                                             for c in compared]}, indent=2, default=str))
+        return 0
+    configured = {s.bundle.key for s in plan.states}
+    for modality in plan.modalities:
+        print(modality)
+        for s in (s for s in plan.states if s.bundle.modality == modality):
+            how = " (no role recorded: active as configured)" if s.default else ""
+            if s.stale:
+                how += " (a role was recorded for another manifest; not used)"
+            elif s.recorded is not None:
+                how += (f"  set {s.recorded.changed_at:%Y-%m-%d %H:%M} UTC by {s.recorded.changed_by}: "
+                        f"{s.recorded.reason or ''}")
+            sha = (s.bundle.manifest_sha256 or "-")[:16]
+            print(f"  {s.role:<10} {s.bundle.key:<36} manifest {sha}{how}")
+        for r in (r for r in plan.recorded if r.modality == modality and r.key not in configured):
+            print(f"  {r.role:<10} {r.key:<36} (not configured here; set {r.changed_at:%Y-%m-%d} by {r.changed_by})")
+        for c in (c for c in compared if c.modality == modality):
+            rho = "-" if c.spearman is None else f"{c.spearman:.3f}"
+            print(f"  compare {c.active} (active) vs {c.shadow} (shadow): {c.studies_both} studies judged by both "
+                  f"({c.scored_both} scored); screen results: {c.both_positive} both positive, {c.both_negative} "
+                  f"both negative, {c.disagree} disagree; Spearman {rho}; positives {_percent(c.active_positive_share)}"
+                  f" vs {_percent(c.shadow_positive_share)}"
+                  + (f"; {c.shadow_failed} shadow runs failed" if c.shadow_failed else ""))
+    if not plan.modalities:
+        print("no bundles configured")
+    return 0
+
+
+def _bundles_change(args: argparse.Namespace) -> int:
+    from daemon import shadow
+    from daemon.scheduler import bundle_refs
+    from db import api
+
+    if sum(bool(k) for k in (args.shadow, args.promote, args.retire)) != 1:
+        raise HeadscreenError("give one of --shadow, --promote, --retire")
+    key = args.shadow or args.promote or args.retire
+    reason = (args.reason or "").strip()
+    if not reason:
+        if not args.shadow:
+            raise HeadscreenError("--promote and --retire need --reason (it is kept in the audit trail)")
+        reason = "run in shadow for comparison"
+    settings = _settings(args)
+    configured = bundle_refs(settings)
+    now = datetime.now(UTC)
+    try:
+        with _sessions(settings)() as session:
+            if args.promote:
+                changed = shadow.promote(session, configured, key, args.actor, reason, args.old_active, now)
+            elif args.shadow:
+                changed = shadow.put_in_shadow(session, configured, key, args.actor, reason, now)
+            else:
+                changed = shadow.retire(session, configured, key, args.actor, reason, now)
+    except (shadow.BundleNotConfigured, api.RoleConflict) as exc:
+        raise HeadscreenError(str(exc)) from None
+    if not changed:
+        print(f"{key}: nothing to change")
+    for row in changed:
+        print(f"{row.key}: {row.role}")
+    if args.promote:
+        print("jobs claimed from now on use it (no restart needed)")
+    return 0
+
+
 def cmd_bundles_verify(args: argparse.Namespace) -> int:
     from daemon.bundle import load_bundle
     from daemon.inference import BundleRunner
@@ -364,9 +454,22 @@ def build_parser() -> argparse.ArgumentParser:
     users.add_parser("list", help="list users").set_defaults(fn=cmd_users_list)
 
     commands.add_parser("status", help="counts of studies, jobs and deliveries").set_defaults(fn=cmd_status)
-    bundles = commands.add_parser("bundles", help="verify model bundles")
+    bundles = commands.add_parser(
+        "bundles", help="verify model bundles; list and change their roles (active, shadow; audited)",
+        description="Without options: verify the bundles (default: the configured ones). Per modality one "
+                    "bundle is active (its results are sent); shadow bundles score the same studies and are "
+                    "recorded only. --list shows roles and how each shadow compares with the active bundle.")
     bundles.add_argument("paths", nargs="*", type=Path)
-    bundles.set_defaults(fn=cmd_bundles_verify)
+    bundles.add_argument("--list", action="store_true", help="roles per modality, with the comparisons")
+    bundles.add_argument("--json", action="store_true", help="with --list: as JSON")
+    bundles.add_argument("--shadow", metavar="KEY", help="run NAME-VERSION in shadow of its modality's active bundle")
+    bundles.add_argument("--promote", metavar="KEY", help="make the shadow bundle NAME-VERSION active")
+    bundles.add_argument("--retire", metavar="KEY", help="stop running a shadow bundle")
+    bundles.add_argument("--old-active", choices=("shadow", "retired"), default="shadow",
+                         help="with --promote: what the bundle active until now becomes (default shadow)")
+    bundles.add_argument("--reason", help="why (kept in the audit trail; needed by --promote and --retire)")
+    bundles.add_argument("--actor", default="cli")
+    bundles.set_defaults(fn=cmd_bundles)
 
     calib = commands.add_parser(
         "calibrate", help="estimate per-scanner healthy references from this site's studies (audited)",
