@@ -41,6 +41,7 @@ ATROPHY_MM_PER_YEAR = 3.0 / 70.0
 # the synthetic age signal learnable to the 4-year MAE target (best possible ~2 years).
 BRAIN_AGE_SD_YEARS = 2.5
 NATIVE_MARGIN_MM = 8.0
+RANDOMISED_MARGIN_MM = 20.0
 
 
 @dataclass(frozen=True)
@@ -173,11 +174,14 @@ def _make_randomised_head(modality: str, age: float, seed: int, pose: Pose, lesi
     sample.AddTransform(synthesis.deformation(look, rng))
     sample.AddTransform(mni_to_native.GetInverse())
 
-    final = _native_grid(mni_to_native, np.asarray(look.spacing_mm), maps)
-    fine = _native_grid(mni_to_native, np.array([look.spacing_mm[0], look.spacing_mm[1], min(1.0, look.spacing_mm[2])]), maps)
-    image = _resample(_on_base(mni), fine, sample, look.tissue["air"])
-    image = synthesis.acquire_and_sample(image, final, look, rng)
+    # A wider margin than the plain phantom's: the head holder lies up to 16 mm behind the head.
+    final = _native_grid(mni_to_native, np.asarray(look.spacing_mm), maps, RANDOMISED_MARGIN_MM)
+    fine = _native_grid(mni_to_native, np.array([look.spacing_mm[0], look.spacing_mm[1], min(1.0, look.spacing_mm[2])]),
+                        maps, RANDOMISED_MARGIN_MM)
     brain = _resample(_on_base(maps.brain.astype(np.float32)), final, sample, 0.0) > 0.5
+    rows = np.flatnonzero(sitk.GetArrayViewFromImage(brain).any(axis=(1, 2)))
+    image = _resample(_on_base(mni), fine, sample, look.tissue["air"])
+    image = synthesis.acquire_and_sample(image, final, look, rng, (int(rows[0]), int(rows[-1])) if rows.size else None)
     lesion_native = _resample(_on_base(lesion_mask), final, sample, 0.0) > 0.5
     return Phantom(image=image, brain_mask=sitk.Cast(brain, sitk.sitkUInt8),
                    lesion_mask=sitk.Cast(lesion_native, sitk.sitkUInt8), age=float(age), modality=modality,
@@ -243,15 +247,16 @@ def _lesion_fraction(lesion: Lesion, maps: templates.TissueMaps, rng: np.random.
     return fraction * maps.brain
 
 
-def _native_grid(transform: sitk.AffineTransform, spacing: np.ndarray, maps: templates.TissueMaps) -> sitk.Image:
+def _native_grid(transform: sitk.AffineTransform, spacing: np.ndarray, maps: templates.TissueMaps,
+                 margin_mm: float = NATIVE_MARGIN_MM) -> sitk.Image:
     """Axis-aligned scanner grid covering the posed head."""
     idx = np.argwhere(maps.head)
     lo, hi = idx.min(axis=0)[::-1], idx.max(axis=0)[::-1]
     corners = [maps.reference.TransformIndexToPhysicalPoint([int(c) for c in (x, y, z)])
                for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
     moved = np.array([transform.TransformPoint(c) for c in corners])
-    low = moved.min(axis=0) - NATIVE_MARGIN_MM
-    size = np.ceil((moved.max(axis=0) + NATIVE_MARGIN_MM - low) / spacing).astype(int) + 1
+    low = moved.min(axis=0) - margin_mm
+    size = np.ceil((moved.max(axis=0) + margin_mm - low) / spacing).astype(int) + 1
     ref = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
     ref.SetSpacing(tuple(float(s) for s in spacing))
     ref.SetOrigin(tuple(float(v) for v in low))
