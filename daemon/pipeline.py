@@ -304,7 +304,8 @@ def score_shadow(
         screen_positive=screen_positive, threshold=threshold, predicted_age=inference.predicted_age,
         chronological_age=inference.chronological_age, age_gap=inference.age_gap,
         terms={k: float(v) for k, v in inference.terms.items()}, qc_reasons=qc_reasons, station_key=station,
-        reference_kind=reference.kind, reference_id=reference.reference_id if isinstance(reference, Reference) else None,
+        reference_kind=reference.kind,
+        reference_id=reference.reference_id if isinstance(reference, Reference) else None,
         shared_preprocessing=reused, timings=timer.stages,
     )
 

@@ -94,7 +94,8 @@ def _apply_role_changes(session: Session, order: Sequence[RoleChange], actor: st
         for change in order:
             bundle = change.bundle
             row = session.execute(locked(select(BundleRole).where(
-                BundleRole.bundle_name == bundle.name, BundleRole.bundle_version == bundle.version))).scalar_one_or_none()
+                BundleRole.bundle_name == bundle.name, BundleRole.bundle_version == bundle.version)
+            )).scalar_one_or_none()
             before = recorded_role(row, bundle)
             if before != change.expected:
                 raise RoleConflict(f"{bundle.key}: its role is {before or 'not recorded'} now, not "

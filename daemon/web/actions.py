@@ -198,7 +198,7 @@ def bundles_view(ctx: WebContext) -> dict[str, Any]:
         compared = comparisons(session, plan)
     configured = {s.bundle.key for s in plan.states}
     modalities = []
-    for modality in plan.modalities:
+    for modality in sorted({s.bundle.modality for s in plan.states}):
         states = [s for s in plan.states if s.bundle.modality == modality]
         modalities.append({
             "modality": modality,
