@@ -14,7 +14,7 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
 from db.engine import write_transaction
-from db.models import Result, SiteReference, Study
+from db.models import Result, ShadowResult, SiteReference, Study
 from db.states import ReferenceKind
 from db.txn import add_audit, clock, end_read, locked
 from db.types import CalibrationCandidate, NewSiteReference, ReferenceNotFound, SiteReferenceRow, StationCounts
@@ -35,7 +35,8 @@ def _row(ref: SiteReference) -> SiteReferenceRow:
 
 def calibration_candidates(session: Session, bundle_name: str, bundle_version: str,
                            confirmed_normal_only: bool = False) -> list[CalibrationCandidate]:
-    """Current results of a bundle that name their scanner, oldest first (read-only)."""
+    """Current results of a bundle that name their scanner, and its shadow verdicts beside
+    current results, oldest first (read-only)."""
     stmt = (
         select(Result.id, Result.station_key, Result.eligible, Result.anomaly_score, Result.scoring_sha256,
                Study.confirmed_normal, Study.flagged)
@@ -46,7 +47,23 @@ def calibration_candidates(session: Session, bundle_name: str, bundle_version: s
     )
     if confirmed_normal_only:
         stmt = stmt.where(Study.confirmed_normal.is_(True))
-    rows = session.execute(stmt).all()
+    rows = list(session.execute(stmt).all())
+    # A shadow bundle's verdicts count too, so it can be calibrated before it is promoted.
+    # They are identified by the current active result of the same study.
+    shadow = (
+        select(ShadowResult.result_id, ShadowResult.station_key, ShadowResult.eligible, ShadowResult.anomaly_score,
+               ShadowResult.scoring_sha256, Study.confirmed_normal, Study.flagged)
+        .join(Result, Result.id == ShadowResult.result_id)
+        .join(Study, Study.id == ShadowResult.study_id)
+        .where(ShadowResult.bundle_name == bundle_name, ShadowResult.bundle_version == bundle_version,
+               Result.superseded.is_(False), ShadowResult.station_key.is_not(None), ShadowResult.error.is_(None))
+        .order_by(ShadowResult.result_id)
+    )
+    if confirmed_normal_only:
+        shadow = shadow.where(Study.confirmed_normal.is_(True))
+    seen = {r[0] for r in rows}
+    rows += [r for r in session.execute(shadow).all() if r[0] not in seen]
+    rows.sort(key=lambda r: r[0])
     end_read(session)
     return [CalibrationCandidate(result_id=r[0], station_key=r[1], eligible=bool(r[2]),
                                  anomaly_score=None if r[3] is None else float(r[3]), scoring_sha256=r[4],

@@ -359,3 +359,26 @@ def test_shadow_bundles_score_beside_the_active_one_and_a_promotion_applies_to_t
     assert main(["-c", str(config), "bundles", "--list", "--json"]) == 0
     roles = {b["key"]: b["role"] for b in json.loads(capsys.readouterr().out)["bundles"]}
     assert roles == {active: "active", shadow: "retired", failing: "shadow"}
+
+
+def test_shadow_verdicts_are_calibration_candidates(tmp_path: Path) -> None:
+    """A shadow bundle can get a site reference before it is promoted: its verdicts beside
+    current results count, identified by the study's current result; failed runs do not."""
+    from db.calibration import calibration_candidates
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    sessions = session_factory(make_engine(url))
+    with sessions() as session:
+        ids = []
+        for k, (score, error) in enumerate([(1.5, None), (2.5, None), (None, "failed")]):
+            ticket = claimed_job(session, now=T0 + timedelta(hours=k))
+            result_id = api.finish_job(session, ticket.job_id, "w1", outcome(anomaly_score=float(k)), [],
+                                       T0 + timedelta(hours=k, seconds=3605))
+            api.record_shadow_result(session, result_id, ShadowOutcome(
+                "ct-fanogan", "1.1.0", eligible=error is None, anomaly_score=score, station_key="ACME|CT1|ROOM1",
+                scoring_sha256="b" * 64, error=error))
+            ids.append(result_id)
+        found = calibration_candidates(session, "ct-fanogan", "1.1.0")
+    assert [(c.result_id, c.anomaly_score, c.station_key) for c in found] == [
+        (ids[0], 1.5, "ACME|CT1|ROOM1"), (ids[1], 2.5, "ACME|CT1|ROOM1")]
