@@ -32,7 +32,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from daemon.ages import chronological_age
-from daemon.errors import InputRejected
+from daemon.errors import InputRejected, TransientError
 from daemon.inference import BundleRunner, Inference
 from daemon.reference import Calibrating, Reference, ReferencePolicy, scoring_identity, station_key
 from db.api import JobOutcome, JobTicket, OutputObject, ShadowOutcome
@@ -446,8 +446,13 @@ def _read_headers(study: StudyFiles) -> dict[str, list[Dataset]]:
         for path in paths:
             try:
                 datasets.append(pydicom.dcmread(path, stop_before_pixels=True))
-            except Exception as exc:  # a stored file we cannot parse: skip it, say why
-                log.warning("unreadable stored instance", extra={"path": str(path), "error": str(exc)})
+            except OSError as exc:
+                # A stored file that is missing or unreadable is storage trouble (a mount
+                # not there, a disk error), never "no images": retried, then failed loudly.
+                raise TransientError(f"stored instance unreadable ({type(exc).__name__}); storage not reachable?") \
+                    from None
+            except Exception as exc:  # a stored file pydicom cannot parse: skip it, say why
+                log.warning("unparseable stored instance", extra={"path": str(path), "error": type(exc).__name__})
         headers[series_uid] = datasets
     return headers
 

@@ -221,3 +221,17 @@ def test_advisory_reason_keeps_a_normal_result(tmp_path, ct_runner):
     assert codes.NOT_ELIGIBLE_REASON.value not in coded
     assert ("HS0120", next(r for r in outcome.qc_reasons if r.startswith("missing_slices"))) in coded[codes.QC_ISSUE.value]
     assert codes.ANOMALY_SCORE.value in {m.name.value for m in group.get_measurements()}
+
+
+def test_a_missing_stored_file_is_a_transient_error_never_a_result(tmp_path, ct_runner):
+    """Storage that is not there (an unmounted share) must be retried, not screened as "no images"."""
+    from daemon.errors import TransientError
+
+    phantom = make_head("CT", age=50.0, seed=9)
+    files = write_dicom_series(phantom, tmp_path / "series", rows=64, cols=64, slices=4, slice_thickness=5.0)
+    study = study_of(files)
+    files[1].unlink()
+    with pytest.raises(TransientError, match="storage not reachable") as caught:
+        run_job(ticket(study.study_instance_uid), study, ct_runner, tmp_path / "out", overlay_slices=4)
+    assert str(tmp_path) not in str(caught.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.dcm"))
