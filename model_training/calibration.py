@@ -125,15 +125,22 @@ def select_score_weights(
     units = {t: _spread(healthy[base]) / _spread(healthy[t]) for t in names}
     combos = [m for m in itertools.product(_MULTIPLIERS, repeat=len(names)) if max(m) == 1.0]
     combos.sort(key=lambda m: (sum(v > 0 for v in m), [v == 0 for v in m]))
-    best: tuple[tuple[float, float, float], ScoreWeights] | None = None
+    ranked = []
     for multipliers in combos:
         weights = {t: m * units[t] for t, m in zip(names, multipliers)}
         score = sum(w * values[t] for t, w in weights.items() if w)
-        rank = _ranking(labels, score)
-        # Strictly better only: of equals, the first (simplest) weights win.
-        if best is None or rank > best[0]:
-            best = (rank, ScoreWeights(weights, rank[0]))
-    assert best is not None
+        ranked.append((_ranking(labels, score), ScoreWeights(weights, 0.0)))
+    # A small validation set rewards whatever happens to fit it: take the simplest
+    # combination (fewest terms) whose AUROC and sensitivity are within one case of the
+    # best ("one standard error" rule), then the best ranked among those that simple.
+    top = max(rank for rank, _ in ranked)
+    n_healthy, n_anomalous = int((labels == 0).sum()), int((labels == 1).sum())
+    close = [(rank, w) for rank, w in ranked
+             if rank[0] >= top[0] - 1.0 / max(n_healthy, 1) and rank[1] >= top[1] - 1.0 / max(n_anomalous, 1)]
+    fewest = min(sum(v > 0 for v in w.terms.values()) for _, w in close)
+    rank, chosen = max(((r, w) for r, w in close if sum(v > 0 for v in w.terms.values()) == fewest),
+                       key=lambda item: item[0])
+    best = (rank, ScoreWeights(chosen.terms, rank[0]))
     log.info("score weights", extra={"action": "score_weights", "weights": best[1].terms,
                                      "validation_auroc": best[1].validation_auroc})
     return best[1]
