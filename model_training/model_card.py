@@ -38,6 +38,7 @@ def render_model_card(m: Manifest) -> str:
         f"Preset `{t.get('preset')}`, seed {t.get('seed')}, epochs {t.get('epochs')}, {t.get('steps')} optimiser steps,",
         f"{t.get('duration_s')} s in total on {t.get('device')} (torch {t.get('torch')}), {t.get('date')}"
         + (" (the last, resumed segment of the run only)." if t.get("resumed") else "."),
+        *(f"- {note}" for note in t.get("notes", [])),
         "",
         "## Scoring",
         "",

@@ -19,7 +19,7 @@ from model_training.cli import evaluate_main
 from model_training.dataset import build_dataset_cohort, load_volume, prepare_row, read_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-CT_BUNDLE = ROOT / "models" / "ct-fanogan-compact-1.1.0"
+CT_BUNDLE = next(p for p in sorted((ROOT / "models").iterdir()) if p.name.startswith("ct-fanogan-compact-"))
 CONSOLE_COLUMNS = ["path", "age", "sex", "scanner", "split", "label", "study_instance_uid", "modality"]
 
 

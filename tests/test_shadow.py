@@ -281,9 +281,9 @@ def test_shadow_bundles_score_beside_the_active_one_and_a_promotion_applies_to_t
         site, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     config, settings, worker, pacs = site
     sessions = worker.sessions
-    keys = {version: f"ct-fanogan-compact-{version}" for version in ("1.1.0", "9.1.0", "9.2.0")}
-    active, shadow, failing = keys["1.1.0"], keys["9.1.0"], keys["9.2.0"]
-    assert load_bundle(next(iter(settings.bundles))).manifest.key == active
+    shipped = load_bundle(next(iter(settings.bundles))).manifest
+    keys = {version: f"ct-fanogan-compact-{version}" for version in (shipped.version, "9.1.0", "9.2.0")}
+    active, shadow, failing = keys[shipped.version], keys["9.1.0"], keys["9.2.0"]
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("scanner said PHANTOM^HEAD")  # a library quoting a value: never recorded
@@ -300,12 +300,12 @@ def test_shadow_bundles_score_beside_the_active_one_and_a_promotion_applies_to_t
     phantom = make_head("CT", age=50.0, seed=11, spacing=(2.0, 2.0, 2.0))
     first = _receive(settings, sessions, phantom)
     [job] = _rows(sessions, first, Job)
-    assert (job.bundle_name, job.bundle_version) == ("ct-fanogan-compact", "1.1.0")
+    assert (job.bundle_name, job.bundle_version) == ("ct-fanogan-compact", shipped.version)
     assert worker.run_one() and not worker.run_one()
 
     # One result, the active bundle's, and the PACS got exactly its objects, once each.
     [result] = _rows(sessions, first, Result)
-    assert (result.bundle_version, result.eligible) == ("1.1.0", True), result.qc_reasons
+    assert (result.bundle_version, result.eligible) == (shipped.version, True), result.qc_reasons
     sent = _sent_objects(sessions, result.id)
     assert set(pacs.received) == sent and set(pacs.received.values()) == {1}
     assert {p.name for p in (settings.results_dir / first).iterdir()} == {f"job-{job.id}-attempt-1"}
@@ -325,7 +325,7 @@ def test_shadow_bundles_score_beside_the_active_one_and_a_promotion_applies_to_t
     # A second study is queued for the active bundle, then an admin promotes the shadow.
     second = _receive(settings, sessions, phantom)
     [queued] = _rows(sessions, second, Job)
-    assert queued.bundle_version == "1.1.0"
+    assert queued.bundle_version == shipped.version
     with sessions() as session:
         add_users(session)
     client = TestClient(create_app(settings, sessions, bundle_refs(settings)), follow_redirects=False)
@@ -345,8 +345,8 @@ def test_shadow_bundles_score_beside_the_active_one_and_a_promotion_applies_to_t
     sent2 = _sent_objects(sessions, result2.id)
     assert set(pacs.received) == sent | sent2 and set(pacs.received.values()) == {1}
     [sr] = [ds for ds in pacs.datasets() if ds.SOPInstanceUID in sent2 and ds.Modality == "SR"]
-    assert "9.1.0" in str(sr.ContentSequence) and "1.1.0" not in str(sr.ContentSequence)
-    assert {s.bundle_version for s in _rows(sessions, second, ShadowResult)} == {"1.1.0", "9.2.0"}
+    assert "9.1.0" in str(sr.ContentSequence) and shipped.version not in str(sr.ContentSequence)
+    assert {s.bundle_version for s in _rows(sessions, second, ShadowResult)} == {shipped.version, "9.2.0"}
     assert [e.detail["to"] for e in _audit(sessions, "job_rebound")] == [shadow]
     [after] = [c for c in client.get("/api/v1/bundles/compare").json() if c["shadow"] == active]
     assert (after["active"], after["studies_both"], after["scored_both"]) == (shadow, 2, 2)
