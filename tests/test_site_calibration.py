@@ -215,10 +215,10 @@ def test_a_new_scanner_is_calibrated_from_its_own_healthy_studies(site: Site, he
     assert (reference.station, reference.n, reference.created_by) == (NEW_KEY, 60, "alice")
     assert reference.provenance["rule"] == "confirmed_normal" and reference.provenance["used"] == 60
     assert reference.threshold == threshold_at_specificity(scores.tolist(), bundle_reference.specificity)
-    assert abs(reference.threshold - bundle_reference.threshold) > 0.05 * abs(bundle_reference.threshold), (
-        reference.threshold, bundle_reference.threshold)
-    # Judged by the bundle's phantoms, this scanner's healthy heads would not look healthy.
-    assert np.mean([bundle_reference.positive(s) for s in scores]) > 0.25
+    # The threshold is the site's own now. (Since the 2.0.0 bundles, trained on domain-randomised
+    # heads and scored against case-relative z terms, this scanner's offset and noise no longer
+    # push its healthy heads over the bundle's threshold; the site reference still replaces it.)
+    assert reference.threshold != bundle_reference.threshold, (reference.threshold, bundle_reference.threshold)
 
     # 4. New studies from that scanner: healthy ones negative, a 30 mL hemorrhage positive;
     #    a scanner with no site reference reports calibrating.
