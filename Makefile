@@ -30,15 +30,18 @@ install-test: $(VENV)/.installed-test
 demo: system-deps install
 	$(BIN)/headscreen demo --work demo-out
 
-## make test: everything the tests need (Debian tools included), then the suite.
+## make test: everything the tests need (Debian tools included), then the suite, on two
+## pytest-xdist workers: one test module per work unit, slowest modules first (see
+## tests/conftest.py). `make test XDIST=` runs it serially in one process.
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: system-deps install-test
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
 
 ## make test-fast: the loop while changing code; leaves out the end-to-end tests (Orthanc,
 ## dcmtk peers, a browser) and the real-scan suite. `make test` is the gate.
 FAST_IGNORE := tests/test_e2e.py tests/test_delivery_e2e.py tests/test_web_browser.py tests/test_real_scans.py
 test-fast: system-deps install-test
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(addprefix --ignore=,$(FAST_IGNORE)) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(addprefix --ignore=,$(FAST_IGNORE)) $(PYTEST_ARGS)
 
 bench: system-deps install-test
 	$(BIN)/python bench/ingest.py

@@ -3,6 +3,16 @@
 PostgreSQL is expected at 127.0.0.1:5432 (user postgres, trust auth; `make` starts
 it). Override with HEADSCREEN_TEST_PG_ADMIN_URL (a URL of a database used only to
 CREATE/DROP the per-test databases). Unreachable PostgreSQL fails the test, loudly.
+
+Under pytest-xdist (`make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`):
+each worker is its own process with its own tmp_path root, its own migrated template
+database and its own database names (see `worker_tag`); ports are taken free at run
+time (daemon.orthanc.free_port, or port 0). Each test module is one unit of work, so
+module fixtures are built once and a module's tests run in order on one worker;
+modules are handed out slowest first (SLOWEST_FIRST) so both workers finish at about
+the same time. Not `--dist loadgroup`: with pytest 9.2 and pytest-xdist 3.8 it
+silently ignores xdist_group marks (pytest-dev/pytest-xdist#1386), so no test relies
+on them.
 """
 
 from __future__ import annotations
@@ -24,6 +34,45 @@ PG_ADMIN_URL = os.environ.get(
     "HEADSCREEN_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 DB_BACKENDS = ["sqlite", "postgresql"]
+
+# Test modules in descending time: the sum of their tests' times in a `make test` run
+# with two workers on the 2-core machine (2026-12-02; 1142 s in all, 604 s of wall time).
+# pytest-xdist hands modules out in collection order (with --no-loadscope-reorder; its
+# default is "most tests first"): with the longest units first the short ones fill in
+# at the end (longest-processing-time first). A module not listed keeps its place after
+# these; a stale list only costs balance, never correctness.
+SLOWEST_FIRST = [
+    "test_delivery_e2e.py",  # 195 s
+    "test_e2e.py",  # 192 s
+    "test_site_calibration.py",  # 156 s
+    "test_real_scans.py",  # 134 s
+    "test_dataset.py",  # 84 s
+    "test_training_fit.py",  # 45 s
+    "test_imaging.py",  # 40 s
+    "test_web_api.py",  # 29 s
+    "test_anomalies.py",  # 27 s
+    "test_evaluate.py",  # 26 s
+    "test_privacy.py",  # 24 s
+    "test_pipeline.py",  # 24 s
+    "test_receiver.py",  # 21 s
+    "test_db_concurrency.py",  # 20 s
+    "test_reference.py",  # 16 s
+    "test_synthesis.py",  # 15 s
+    "test_shadow.py",  # 14 s
+]
+
+
+def worker_tag() -> str:
+    """'gw0', 'gw1', ... under pytest-xdist; 'main' in a plain pytest run."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the slowest modules first (the order inside a module, and of the
+    modules not listed, stays: sorted() is stable). A plain pytest run keeps file order."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+        items[:] = sorted(items, key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def _pg_admin() -> psycopg.Connection:
@@ -49,7 +98,7 @@ def _pg_admin() -> psycopg.Connection:
 def create_pg_database(template: str | None = None) -> tuple[str, str]:
     """Create a uniquely named PostgreSQL database (empty, or a copy of `template`);
     returns (name, url)."""
-    name = f"hs_test_{uuid.uuid4().hex[:16]}"
+    name = f"hs_test_{worker_tag()}_{uuid.uuid4().hex[:16]}"
     copy = f' TEMPLATE "{template}"' if template else ""
     with _pg_admin() as admin:
         admin.execute(f'CREATE DATABASE "{name}"{copy}')

@@ -20,6 +20,20 @@ from db_factories import claimed_job, outcome
 from worker_helpers import make_worker, queued_ct_study, worker_settings
 
 HEARTBEATS_WORTH_S = 0.2  # ten heartbeats at heartbeat_s = 0.02
+HEARTBEAT_WAIT_S = 30.0  # the most a job waits for its heartbeat thread on a loaded machine
+
+
+def _wait_for(predicate, what: str) -> None:
+    """Poll until `predicate()` holds: ten heartbeats' time is not always ten heartbeats
+    on a busy machine (two xdist workers, training), so the job waits for the thread."""
+    deadline = time.monotonic() + HEARTBEAT_WAIT_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} within {HEARTBEAT_WAIT_S:.0f} s"
+        time.sleep(0.01)
+
+
+def _renewed(job: Job) -> bool:
+    return job.heartbeat_at is not None and job.started_at is not None and job.heartbeat_at > job.started_at
 
 
 def _lease_lost_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -40,6 +54,7 @@ def test_a_normal_job_with_a_slow_delivery_logs_no_lease_lost(
 
     def slow_job(*_args: object, **_kwargs: object):
         time.sleep(HEARTBEATS_WORTH_S)  # heartbeats happen while the job runs
+        _wait_for(lambda: _renewed(_job(db_sessions, study_id)), "heartbeat")
         return outcome(objects=[])
 
     delivered: list[int] = []
@@ -96,6 +111,7 @@ def test_a_lease_taken_back_mid_job_still_warns_and_discards_the_result(
             assert api.requeue_expired(session, later) == 1
             assert api.claim_job(session, "other-worker", 30, later) is not None
         time.sleep(HEARTBEATS_WORTH_S)
+        _wait_for(lambda: _lease_lost_records(caplog), "refused heartbeat")  # the next renewal is refused
         return outcome(objects=[])
 
     worker = make_worker(monkeypatch, worker_settings(tmp_path, db_url), db_sessions, job_outlived_by_its_lease)
