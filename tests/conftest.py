@@ -36,29 +36,31 @@ PG_ADMIN_URL = os.environ.get(
 DB_BACKENDS = ["sqlite", "postgresql"]
 
 # Test modules in descending time: the sum of their tests' times in a `make test` run
-# with two workers on the 2-core machine (2026-12-02; 1142 s in all, 604 s of wall time).
-# pytest-xdist hands modules out in collection order (with --no-loadscope-reorder; its
-# default is "most tests first"): with the longest units first the short ones fill in
-# at the end (longest-processing-time first). A module not listed keeps its place after
-# these; a stale list only costs balance, never correctness.
+# with two workers on the 2-core machine (2026-12-02: 1022 s in all, 9 min 18 s of wall
+# time, 519 s and 502 s on the two workers). pytest-xdist hands modules out in
+# collection order (with --no-loadscope-reorder; its default is "most tests first"):
+# with the longest units first the short ones fill in at the end (longest-processing-
+# time first). A module not listed keeps its place after these; a stale list only
+# costs balance, never correctness.
 SLOWEST_FIRST = [
-    "test_delivery_e2e.py",  # 195 s
-    "test_e2e.py",  # 192 s
-    "test_site_calibration.py",  # 156 s
-    "test_real_scans.py",  # 134 s
-    "test_dataset.py",  # 84 s
-    "test_training_fit.py",  # 45 s
-    "test_imaging.py",  # 40 s
-    "test_web_api.py",  # 29 s
-    "test_anomalies.py",  # 27 s
-    "test_evaluate.py",  # 26 s
-    "test_privacy.py",  # 24 s
-    "test_pipeline.py",  # 24 s
-    "test_receiver.py",  # 21 s
-    "test_db_concurrency.py",  # 20 s
-    "test_reference.py",  # 16 s
-    "test_synthesis.py",  # 15 s
-    "test_shadow.py",  # 14 s
+    "test_e2e.py",  # 148 s
+    "test_delivery_e2e.py",  # 146 s
+    "test_dataset.py",  # 105 s
+    "test_site_calibration.py",  # 88 s
+    "test_real_scans.py",  # 65 s
+    "test_training_fit.py",  # 43 s
+    "test_imaging.py",  # 39 s
+    "test_web_api.py",  # 35 s
+    "test_synthesis.py",  # 34 s
+    "test_db_concurrency.py",  # 32 s
+    "test_reference.py",  # 29 s
+    "test_evaluate.py",  # 27 s
+    "test_privacy.py",  # 26 s
+    "test_receiver.py",  # 25 s
+    "test_anomalies.py",  # 25 s
+    "test_pipeline.py",  # 20 s
+    "test_shadow.py",  # 15 s
+    "test_web_browser.py",  # 14 s
 ]
 
 
