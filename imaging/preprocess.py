@@ -367,7 +367,8 @@ def normalise(values: np.ndarray, brain: np.ndarray, params: dict[str, Any]) -> 
     scaled = (np.clip(values, low, high) - low) / (high - low)
     result = out_low + scaled * (out_high - out_low)
     result[~brain] = out_low
-    return result.astype(np.float32)
+    # float32 rounding can step a hair past the range (1.0000002); the contract is the range.
+    return np.clip(result.astype(np.float32), np.float32(out_low), np.float32(out_high))
 
 
 def to_native(model_map: np.ndarray, preprocessed: Preprocessed, volume: Volume) -> np.ndarray:
