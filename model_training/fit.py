@@ -174,7 +174,9 @@ MASKED_DEFINITION = (
     "model fitted on the healthy training scans (normative.npz), only inside the case's brain mask eroded by "
     f"{NORMATIVE_MARGIN_VOXELS} voxel and away from the grid edge: z_mean = mean z; z_focal = largest mean z over "
     "any 5^3-voxel cube mostly inside that mask; z_extent = share of those voxels with z > 3; rec_brain = mean "
-    "error there; overlay = positive z over the healthy 99.9th percentile of z")
+    "error there; z_focal_rel = (z_focal - median z) / (1.4826 x median absolute deviation of z); z_extent_rel = "
+    "share of voxels with z above median + 3 x that spread; overlay = positive z over the healthy 99.9th "
+    "percentile of z")
 
 
 def _definition(method: str, kappa: float, terms: dict[str, float], age_gap_weight: float) -> str:

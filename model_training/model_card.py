@@ -132,7 +132,9 @@ def _training_data(t: dict[str, Any]) -> list[str]:
 def _real_scans(real: dict[str, Any] | None) -> list[str]:
     """The real-scan protocol (bench/real_scans.py) as recorded under metrics.real_scans."""
     if not real:
-        return ["", "## Measured on real scans", "", "Not measured for this bundle (`bench/real_scans.py`)."]
+        return ["", "## Measured on real scans", "",
+                "Not measured for this bundle (`bench/real_scans.py --record`). No real head CT volume is",
+                "reachable where the shipped bundles were made, so CT bundles have no real-scan figures."]
     lines = ["", "## Measured on real scans (`bench/real_scans.py`)", "", real.get("source", ""), "",
              "| case | score | threshold | positive | predicted age | SEG mL | Dice |", "|---|---|---|---|---|---|---|"]
     for row in real.get("rows", []):
