@@ -252,7 +252,7 @@ BEAM_HARDENING_REACH_MM = (3.0, 6.0, 6.0)  # (z, y, x): how far the dark band re
 
 
 def _beam_hardening(values: np.ndarray, head: np.ndarray, appearance: Appearance, rng: np.random.Generator,
-                    _spacing_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:
+                    spacing_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> None:
     """Darker brain next to dense bone in the lower third of the head (posterior fossa)."""
     if appearance.beam_hardening_hu <= 0:
         return
@@ -261,8 +261,8 @@ def _beam_hardening(values: np.ndarray, head: np.ndarray, appearance: Appearance
         return
     low = rows[0] + (rows[-1] - rows[0]) // 3
     bone = values > 600.0
-    spacing = np.asarray(BEAM_HARDENING_REACH_MM) / np.asarray(_spacing_zyx)
-    near = ndimage.gaussian_filter(bone[: low + 1].astype(np.float32), sigma=tuple(spacing))
+    sigma_voxels = np.asarray(BEAM_HARDENING_REACH_MM) / np.asarray(spacing_zyx)
+    near = ndimage.gaussian_filter(bone[: low + 1].astype(np.float32), sigma=tuple(sigma_voxels))
     values[: low + 1] -= appearance.beam_hardening_hu * np.clip(near * 2.0, 0.0, 1.0) * ~bone[: low + 1]
 
 

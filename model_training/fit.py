@@ -239,7 +239,8 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     parity = export_and_check(trained.graph, onnx_path, test.images[:2], test.ages[:2], seed=opts.seed)
 
     scorer = OnnxScorer(onnx_path, opts.threads)
-    normative = _fit_normative(scorer, cohort)
+    cal_raw = scorer.score(cohort.healthy["calibration"])  # maps kept: the z_limit and the error scale
+    normative = _fit_normative(scorer, cohort, cal_raw)
     normative.save(opts.run_dir() / NORMATIVE_FILE)
 
     def scored(samples: Samples, masks: np.ndarray) -> Scored:
@@ -248,7 +249,6 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     val_h, val_a = scored(cohort.healthy["val"], cohort.healthy_masks["val"]), scored(cohort.anomalous["val"], cohort.anomalous_masks["val"])
     weights = _score_weights(opts.method, val_h, val_a)
     terms, age_gap_weight = _term_weights(weights)
-    cal_raw = scorer.score(cohort.healthy["calibration"])
     cal = _with_masked_terms(cal_raw, cohort.healthy_masks["calibration"], normative)
     calibration = calibrate(cal.combined(terms, age_gap_weight), cal_raw.error_maps, cohort.healthy_masks["calibration"])
     del cal_raw
@@ -327,13 +327,12 @@ def _init_weights(opts: TrainOptions) -> tuple[dict | None, Bundle | None]:
     return weights["nets"], bundle
 
 
-def _fit_normative(scorer: OnnxScorer, cohort: Cohort) -> Normative:
+def _fit_normative(scorer: OnnxScorer, cohort: Cohort, cal: Scored) -> Normative:
     """Per-voxel healthy error statistics from the training scans; the overlay unit
     (z_limit) from the calibration scans, which the statistics never saw."""
     train = scorer.score(cohort.healthy["train"])
     normative = Normative.fit(train.error_maps, cohort.healthy_masks["train"], NORMATIVE_MARGIN_VOXELS)
     del train
-    cal = scorer.score(cohort.healthy["calibration"])
     return normative.with_z_limit(cal.error_maps, cohort.healthy_masks["calibration"])
 
 
