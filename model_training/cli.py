@@ -48,7 +48,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=Path("cache"), help="preprocessed cohort cache and run folders")
     p.add_argument("--work-dir", type=Path, help="checkpoints and metrics (default <cache>/runs/<out name>)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads, and processes building the cohort")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-flip", action="store_true", help="no left-right flip augmentation")

@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,9 +202,23 @@ def anomalous_cases(modality: str, n: int, seed: int, randomise: bool = False) -
     return cases
 
 
+def _single_threaded_itk() -> None:
+    import SimpleITK as sitk
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
 def _prepare_all(cases: list[Case], params: dict[str, Any], cache_dir: Path | None, label: str,
-                 progress: bool, folder: Path | None) -> list[Prepared]:
-    return [prepare_case(c, params, cache_dir, folder) for c in tqdm(cases, desc=label, disable=not progress, leave=False)]
+                 progress: bool, folder: Path | None, jobs: int = 1) -> list[Prepared]:
+    """Cases are independent, so `jobs` processes (one ITK thread each) share them;
+    synthesis and registration dominate a cohort's build time."""
+    if jobs <= 1 or len(cases) <= 1:
+        return [prepare_case(c, params, cache_dir, folder) for c in tqdm(cases, desc=label, disable=not progress, leave=False)]
+    # spawn: the parent may hold torch and ITK thread pools that fork would copy half-alive.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(cases)), mp_context=context,
+                             initializer=_single_threaded_itk) as pool:
+        futures = [pool.submit(prepare_case, c, params, cache_dir, folder) for c in cases]
+        return [f.result() for f in tqdm(futures, desc=label, disable=not progress, leave=False)]
 
 
 def _stack(cases: list[Case], prepared: list[Prepared]) -> tuple[Samples, np.ndarray]:
@@ -212,7 +228,7 @@ def _stack(cases: list[Case], prepared: list[Prepared]) -> tuple[Samples, np.nda
 
 
 def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | None, progress: bool = True,
-                 folder: Path | None = None) -> Cohort:
+                 folder: Path | None = None, jobs: int = 1) -> Cohort:
     """All splits for one modality. Healthy cases that fail the preprocessing QC
     are left out of training, as the CT paper's automatic QC does."""
     counts = {"train": spec.n_train, "val": spec.n_val, "calibration": spec.n_calibration, "test": spec.n_test}
@@ -221,7 +237,7 @@ def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | Non
     cohort = Cohort(spec=spec, params=params, healthy={}, healthy_masks={}, anomalous={})
     for name in SPLITS:
         chosen = [cases[i] for i in split[name]]
-        prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} {name}", progress, folder)
+        prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} {name}", progress, folder, jobs)
         keep = [i for i, p in enumerate(prepared) if not p.qc_reasons]
         cohort.qc_excluded += len(prepared) - len(keep)
         chosen, prepared = [chosen[i] for i in keep], [prepared[i] for i in keep]
@@ -231,7 +247,7 @@ def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | Non
         cohort.cases[name] = chosen
     lesions = anomalous_cases(spec.modality, spec.n_anomalous_val + spec.n_anomalous_test, spec.seed, spec.randomise)
     for name, chosen in (("val", lesions[: spec.n_anomalous_val]), ("test", lesions[spec.n_anomalous_val:])):
-        prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} anomalous {name}", progress, folder)
+        prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} anomalous {name}", progress, folder, jobs)
         cohort.anomalous[name], cohort.anomalous_masks[name] = _stack(chosen, prepared)
         cohort.cases[f"anomalous_{name}"] = chosen
     log.info("cohort ready", extra={"action": "cohort_ready", "modality": spec.modality,

@@ -227,7 +227,7 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
         from model_training.dataset import build_dataset_cohort
         cohort = build_dataset_cohort(opts.dataset, params, opts.cache, spec, opts.progress)
     else:
-        cohort = build_cohort(spec, params, opts.cache, opts.progress, folder)
+        cohort = build_cohort(spec, params, opts.cache, opts.progress, folder, jobs=opts.threads)
     cohort_s = time.monotonic() - began
 
     trained = (_train_fanogan if opts.method == "fanogan" else _train_vae)(cohort, opts, device, init)
