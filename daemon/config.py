@@ -108,14 +108,39 @@ class WebConfig(_Section):
     bind_address: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     session_hours: float = Field(8.0, gt=0, le=24 * 30)
-    # Cookies marked Secure: set true behind an HTTPS reverse proxy.
+    # Cookies are Secure whenever a request came over HTTPS (directly, or through a trusted
+    # proxy's X-Forwarded-Proto); true forces Secure for a proxy that does not say so.
     secure_cookies: bool = False
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks):
+    # the client address throttles log-ins, the scheme makes cookies Secure.
+    trusted_proxies: list[str] = ["127.0.0.1", "::1"]
+    # Log-in throttling: this many failures within login_window_s lock the account (or the
+    # client address) for login_lockout_s, doubling with each further lockout up to
+    # login_lockout_max_s; a locked attempt is refused (429) before any password hashing.
+    login_max_failures: int = Field(5, ge=1, le=1000)
+    login_max_failures_per_address: int = Field(30, ge=1, le=100_000)
+    login_window_s: float = Field(900.0, gt=0)
+    login_lockout_s: float = Field(60.0, gt=0)
+    login_lockout_max_s: float = Field(3600.0, gt=0)
 
     @field_validator("bind_address")
     @classmethod
     def _valid_bind(cls, address: str) -> str:
         ipaddress.ip_address(address)
         return address
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_proxies(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            ipaddress.ip_network(proxy, strict=False)  # "*" is refused: anyone could then pick their address
+        return proxies
+
+    @model_validator(mode="after")
+    def _lockout_order(self) -> WebConfig:
+        if self.login_lockout_max_s < self.login_lockout_s:
+            raise ValueError("login_lockout_max_s must be at least login_lockout_s")
+        return self
 
 
 class CalibrationConfig(_Section):

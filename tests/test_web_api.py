@@ -7,7 +7,6 @@ import csv
 import io
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,66 +14,27 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import select
 
-from daemon.config import Settings
-from daemon.web import create_app, start_web_server
+from daemon.web import start_web_server
 from db import api
-from db.engine import make_engine, session_factory
 from db.migrate import upgrade
-from db.models import AuditEvent, Delivery, Job, Study
+from db.models import Delivery, Job
 from db_factories import BUNDLES
-from web_helpers import ADMIN, VIEWER, Seeded, add_users, seed, web_settings
-
-CSRF = "X-CSRF-Token"
-
-
-@dataclass
-class Console:
-    settings: Settings
-    sessions: sessionmaker[Session]
-    seeded: Seeded
-
-    def client(self, user: tuple[str, str] | None = None) -> TestClient:
-        client = TestClient(create_app(self.settings, self.sessions, BUNDLES), follow_redirects=False)
-        if user is not None:
-            response = client.post("/api/v1/login", json={"username": user[0], "password": user[1]})
-            assert response.status_code == 200, response.text
-            client.headers[CSRF] = response.json()["csrf_token"]
-        return client
-
-    def audit_count(self) -> int:
-        with self.sessions() as session:
-            return int(session.execute(select(func.count(AuditEvent.id))).scalar_one())
-
-    def study(self, uid: str) -> Study:
-        with self.sessions() as session:
-            return session.execute(select(Study).where(Study.study_instance_uid == uid)).scalar_one()
-
-
-def _console(tmp_path: Path, url: str) -> Iterator[Console]:
-    engine = make_engine(url)
-    settings = web_settings(tmp_path, url)
-    sessions = session_factory(engine)
-    with sessions() as session:
-        seeded = seed(session, settings.storage_dir, api.utcnow())
-        add_users(session)
-    yield Console(settings, sessions, seeded)
-    engine.dispose()
+from web_helpers import ADMIN, CSRF, VIEWER, Console, Seeded, login_form_token, open_console
 
 
 @pytest.fixture
 def console(tmp_path: Path) -> Iterator[Console]:
     url = f"sqlite:///{tmp_path / 'db' / 'headscreen.sqlite'}"
     upgrade(url)
-    yield from _console(tmp_path, url)
+    yield from open_console(tmp_path, url)
 
 
 @pytest.fixture
 def console_any_db(tmp_path: Path, db_url: str) -> Iterator[Console]:
     """The same console on SQLite and on PostgreSQL."""
-    yield from _console(tmp_path, db_url)
+    yield from open_console(tmp_path, db_url)
 
 
 READ_ENDPOINTS = [
@@ -189,7 +149,7 @@ def test_wrong_password_is_refused_and_audited(console: Console) -> None:
     client = console.client()
     response = client.post("/api/v1/login", json={"username": ADMIN[0], "password": "wrong-password"})
     assert response.status_code == 401 and "set-cookie" not in response.headers
-    page = client.post("/login", data={"username": "nobody", "password": "x"})
+    page = client.post("/login", data={"username": "nobody", "password": "x", "csrf_token": login_form_token(client)})
     assert page.status_code == 401 and "Wrong user name or password" in page.text
     trail = client.post("/api/v1/login", json={"username": ADMIN[0], "password": ADMIN[1]})
     client.headers[CSRF] = trail.json()["csrf_token"]
@@ -209,9 +169,13 @@ def test_expired_session_is_refused(console: Console) -> None:
 
 def test_page_login_redirects_only_to_local_paths(console: Console) -> None:
     client = console.client()
-    ok = client.post("/login", data={"username": ADMIN[0], "password": ADMIN[1], "next": "/review"})
+    token = login_form_token(client)
+    ok = client.post("/login", data={"username": ADMIN[0], "password": ADMIN[1], "next": "/review",
+                                     "csrf_token": token})
     assert ok.status_code == 303 and ok.headers["location"] == "/review"
-    evil = client.post("/login", data={"username": ADMIN[0], "password": ADMIN[1], "next": "//evil.example/x"})
+    token = login_form_token(client)
+    evil = client.post("/login", data={"username": ADMIN[0], "password": ADMIN[1], "next": "//evil.example/x",
+                                       "csrf_token": token})
     assert evil.headers["location"] == "/"
 
 

@@ -4,6 +4,8 @@ console shows, a real Secondary Capture file for previews, users, and app settin
 from __future__ import annotations
 
 import random
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -12,14 +14,21 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from sqlalchemy.orm import Session
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings, load_settings
+from daemon.web import create_app
 from db import api
+from db.engine import make_engine, session_factory
+from db.models import AuditEvent, Study
 from db.types import JobOutcome, OutputObject, RetryPolicy
 from db_factories import BUNDLES, SC_STORAGE, SR_STORAGE, add_series, uid
 
 ADMIN, VIEWER = ("alice", "admin-pass-1"), ("victor", "viewer-pass-1")
+CSRF = "X-CSRF-Token"
 
 
 @dataclass
@@ -34,9 +43,9 @@ class Seeded:
     dead_delivery_ids: list[int] = field(default_factory=list)
 
 
-def web_settings(tmp_path: Path, database_url: str) -> Settings:
+def web_settings(tmp_path: Path, database_url: str, **web: object) -> Settings:
     return load_settings(None, storage_dir=str(tmp_path / "storage"), database_url=database_url,
-                         allow_any_caller=True, environment="development", web={"port": 0})
+                         allow_any_caller=True, environment="development", web={"port": 0, **web})
 
 
 def write_sc(path: Path, seed: int = 0) -> str:
@@ -137,3 +146,60 @@ def seed(session: Session, storage: Path, now: datetime) -> Seeded:
 def add_users(session: Session) -> None:
     api.create_user(session, ADMIN[0], ADMIN[1], "admin", actor="test")
     api.create_user(session, VIEWER[0], VIEWER[1], "viewer", actor="test")
+
+
+@dataclass
+class Console:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    seeded: Seeded
+
+    def app(self) -> FastAPI:
+        return create_app(self.settings, self.sessions, BUNDLES)
+
+    def client(self, user: tuple[str, str] | None = None, app: FastAPI | None = None,
+               address: str = "testclient", base_url: str = "http://testserver") -> TestClient:
+        """A client of `app` (a fresh app, with fresh log-in throttling, when None) from `address`."""
+        client = TestClient(app or self.app(), base_url=base_url, follow_redirects=False, client=(address, 50000))
+        if user is not None:
+            response = client.post("/api/v1/login", json={"username": user[0], "password": user[1]})
+            assert response.status_code == 200, response.text
+            client.headers[CSRF] = response.json()["csrf_token"]
+        return client
+
+    def audit_count(self) -> int:
+        with self.sessions() as session:
+            return int(session.execute(select(func.count(AuditEvent.id))).scalar_one())
+
+    def audit_rows(self, action: str) -> list[AuditEvent]:
+        with self.sessions() as session:
+            return list(session.execute(select(AuditEvent).where(AuditEvent.action == action)
+                                        .order_by(AuditEvent.id)).scalars())
+
+    def study(self, uid: str) -> Study:
+        with self.sessions() as session:
+            return session.execute(select(Study).where(Study.study_instance_uid == uid)).scalar_one()
+
+
+def open_console(tmp_path: Path, url: str, **web: object) -> Iterator[Console]:
+    """A seeded console database with both users; `web` overrides [web] settings."""
+    engine = make_engine(url)
+    settings = web_settings(tmp_path, url, **web)
+    sessions = session_factory(engine)
+    with sessions() as session:
+        seeded = seed(session, settings.storage_dir, api.utcnow())
+        add_users(session)
+    yield Console(settings, sessions, seeded)
+    engine.dispose()
+
+
+_CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def login_form_token(client: TestClient) -> str:
+    """GET /login as a browser would: sets the form's cookie, returns its hidden token."""
+    page = client.get("/login")
+    assert page.status_code == 200
+    match = _CSRF_FIELD.search(page.text)
+    assert match, "login form without a CSRF field"
+    return match.group(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.bundle import Bundle, load_bundle
 from daemon.config import Settings
 from daemon.errors import HeadscreenError
+from daemon.web.throttle import LoginThrottle
 from db.types import BundleRef
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,11 @@ class WebContext:
     bundles: list[BundleRef]
     started_monotonic: float = field(default_factory=time.monotonic)
     _loaded: list[Bundle] | None = None
+    login_throttle: LoginThrottle = field(init=False)
+    login_csrf_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+
+    def __post_init__(self) -> None:
+        self.login_throttle = LoginThrottle(self.settings.web)
 
     @property
     def session_lifetime(self) -> timedelta:

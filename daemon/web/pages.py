@@ -13,11 +13,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
-from daemon.web import actions, charts, preview
+from daemon.web import actions, charts, login, preview
 from daemon.web.actions import ReviewAction, RoleAction
 from daemon.web.auth import COOKIE, PageAdmin, PageCsrf, PageUser, Principal
 from daemon.web.context import checked_bundle_key, checked_uid, context_of
 from daemon.web.filters import StudyQuery, study_query
+from daemon.web.redact import for_role
 from daemon.web.rest import set_session_cookie
 from db import api
 from imaging.preprocess import default_params
@@ -38,9 +39,17 @@ def _safe_next(path: str | None) -> str:
     return path if path and path.startswith("/") and not path.startswith("//") else "/"
 
 
+def _login_page(request: Request, next_path: str, error: str | None, status_code: int = 200) -> HTMLResponse:
+    nonce, token = login.login_csrf(request)
+    response = _render(request, "login.html", None, status_code=status_code, next=_safe_next(next_path),
+                       error=error, csrf_token=token)
+    login.set_login_csrf_cookie(request, response, nonce)
+    return response
+
+
 @router.get("/login")
 def login_form(request: Request, next: str = "/") -> HTMLResponse:
-    return _render(request, "login.html", None, next=_safe_next(next), error=None)
+    return _login_page(request, next, None)
 
 
 @router.post("/login")
@@ -49,15 +58,24 @@ def login_submit(
     username: Annotated[str, Form(max_length=64)],
     password: Annotated[str, Form(max_length=256)],
     next: Annotated[str, Form(max_length=512)] = "/",
+    csrf_token: Annotated[str, Form(max_length=128)] = "",
 ) -> Response:
-    ctx = context_of(request)
-    with ctx.db() as session:
-        opened = api.login(session, username, password, ctx.session_lifetime)
+    # Checked before anything else: a form posted from another site must not log anyone in.
+    if not login.login_csrf_ok(request, csrf_token):
+        return _login_page(request, next, "The log-in form had expired. Please log in again.", status_code=403)
+    try:
+        opened = login.attempt_login(request, username, password)
+    except login.Throttled as exc:
+        response = _login_page(request, next, "Too many failed log-ins. Please wait "
+                               f"{exc.retry_after_s} s and try again.", status_code=429)
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
     if opened is None:
-        return _render(request, "login.html", None, status_code=401, next=_safe_next(next),
-                       error="Wrong user name or password.")
+        return _login_page(request, next, "Wrong user name or password.", status_code=401)
     response = RedirectResponse(_safe_next(next), status_code=303)
     set_session_cookie(request, response, opened.token)
+    response.delete_cookie(login.LOGIN_CSRF_COOKIE, path="/login", secure=login.cookie_secure(request),
+                           httponly=True, samesite="strict")
     return response
 
 
@@ -66,7 +84,7 @@ def logout(request: Request, user: PageCsrf) -> Response:
     with context_of(request).db() as session:
         api.logout(session, user.token, user.username)
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(COOKIE, path="/")
+    response.delete_cookie(COOKIE, path="/", secure=login.cookie_secure(request), httponly=True, samesite="strict")
     return response
 
 
@@ -115,10 +133,10 @@ def _study_list(request: Request, user: Principal, query: StudyQuery, template: 
 @router.get("/studies/{study_uid}")
 def study(request: Request, user: PageUser, study_uid: str) -> HTMLResponse:
     ctx = context_of(request)
-    detail = actions.study_detail(ctx, checked_uid(study_uid))
+    detail = for_role(user, actions.study_detail(ctx, checked_uid(study_uid)))
     with ctx.db() as session:
-        trail = api.audit_trail(session, study_uid)
-        shadows = api.shadow_results_of_study(session, detail.row.study_id)
+        trail = for_role(user, api.audit_trail(session, study_uid))
+        shadows = for_role(user, api.shadow_results_of_study(session, detail.row.study_id))
     current = next((r for r in reversed(detail.results) if not r.superseded), None)
     ranges = _qc_ranges(request, current, detail.row.modality)
     previews = [f"/api/v1/studies/{study_uid}/previews/{quote(sop)}.png" for _, sop in preview.sc_objects(ctx, detail)]
@@ -163,7 +181,7 @@ def study_requeue(request: Request, user: PageAdmin, study_uid: str) -> Response
 def failures(request: Request, user: PageUser) -> HTMLResponse:
     with context_of(request).db() as session:
         jobs, dead = api.failures(session)
-    return _render(request, "failures.html", user, jobs=jobs, dead=dead)
+    return _render(request, "failures.html", user, jobs=for_role(user, jobs), dead=for_role(user, dead))
 
 
 @router.post("/deliveries/resend")

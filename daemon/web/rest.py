@@ -14,6 +14,8 @@ from daemon.web.actions import ReviewAction, RoleAction, jsonable
 from daemon.web.auth import COOKIE, ApiAdmin, ApiAdminRead, ApiCsrf, ApiUser
 from daemon.web.context import checked_bundle_key, checked_uid, context_of
 from daemon.web.filters import StudyQuery, study_query
+from daemon.web.login import Throttled, attempt_login, cookie_secure
+from daemon.web.redact import for_role
 from db import api
 
 logger = logging.getLogger(__name__)
@@ -53,14 +55,18 @@ class ResendBody(BaseModel):
 def set_session_cookie(request: Request, response: Response, token: str) -> None:
     ctx = context_of(request)
     response.set_cookie(COOKIE, token, max_age=int(ctx.session_lifetime.total_seconds()), httponly=True,
-                        samesite="strict", secure=ctx.settings.web.secure_cookies, path="/")
+                        samesite="strict", secure=cookie_secure(request), path="/")
 
 
-@router.post("/login")
+@router.post("/login", responses={429: {"description": "too many failed log-ins; see Retry-After"}})
 def login(request: Request, body: LoginBody, response: Response) -> dict[str, Any]:
-    ctx = context_of(request)
-    with ctx.db() as session:
-        opened = api.login(session, body.username, body.password, ctx.session_lifetime)
+    """Opens a session. No CSRF token is needed: the body must be JSON, which a form on
+    another site cannot send. Throttled per account and per address (429, Retry-After)."""
+    try:
+        opened = attempt_login(request, body.username, body.password)
+    except Throttled as exc:
+        raise HTTPException(status_code=429, detail="too many failed log-ins; try again later",
+                            headers={"Retry-After": str(exc.retry_after_s)}) from None
     if opened is None:
         raise HTTPException(status_code=401, detail="wrong user name or password")
     set_session_cookie(request, response, opened.token)
@@ -72,7 +78,7 @@ def login(request: Request, body: LoginBody, response: Response) -> dict[str, An
 def logout(request: Request, user: ApiCsrf, response: Response) -> dict[str, bool]:
     with context_of(request).db() as session:
         api.logout(session, user.token, user.username)
-    response.delete_cookie(COOKIE, path="/")
+    response.delete_cookie(COOKIE, path="/", secure=cookie_secure(request), httponly=True, samesite="strict")
     return {"logged_out": True}
 
 
@@ -131,18 +137,18 @@ def review_queue(request: Request, user: ApiUser, query: Query_) -> dict[str, An
 def study(request: Request, user: ApiUser, study_uid: str) -> dict[str, Any]:
     ctx = context_of(request)
     detail = actions.study_detail(ctx, checked_uid(study_uid))
-    out: dict[str, Any] = jsonable(detail)
+    out: dict[str, Any] = jsonable(for_role(user, detail))
     out.pop("patient_birth_date", None)
     out["previews"] = [f"/api/v1/studies/{study_uid}/previews/{sop}.png" for _, sop in preview.sc_objects(ctx, detail)]
     with ctx.db() as session:
-        out["shadow_results"] = jsonable(api.shadow_results_of_study(session, detail.row.study_id))
+        out["shadow_results"] = jsonable(for_role(user, api.shadow_results_of_study(session, detail.row.study_id)))
     return out
 
 
 @router.get("/studies/{study_uid}/audit")
 def study_audit(request: Request, user: ApiUser, study_uid: str) -> list[dict[str, Any]]:
     with context_of(request).db() as session:
-        entries: list[dict[str, Any]] = jsonable(api.audit_trail(session, checked_uid(study_uid)))
+        entries: list[dict[str, Any]] = jsonable(for_role(user, api.audit_trail(session, checked_uid(study_uid))))
     return entries
 
 
@@ -168,9 +174,10 @@ def study_requeue(request: Request, user: ApiAdmin, study_uid: str) -> dict[str,
 
 @router.get("/failures")
 def failures(request: Request, user: ApiUser) -> dict[str, Any]:
+    """Failed jobs and dead deliveries; a viewer's last_error holds only the error's category."""
     with context_of(request).db() as session:
         jobs, dead = api.failures(session)
-    return {"failed_jobs": jsonable(jobs), "dead_deliveries": jsonable(dead)}
+    return {"failed_jobs": jsonable(for_role(user, jobs)), "dead_deliveries": jsonable(for_role(user, dead))}
 
 
 @router.post("/deliveries/resend")
@@ -197,7 +204,7 @@ def drift(request: Request, user: ApiUser, period_days: int = 7, modality: str |
 @router.get("/audit")
 def audit(request: Request, user: ApiUser) -> list[dict[str, Any]]:
     with context_of(request).db() as session:
-        entries: list[dict[str, Any]] = jsonable(api.audit_trail(session))
+        entries: list[dict[str, Any]] = jsonable(for_role(user, api.audit_trail(session)))
     return entries
 
 

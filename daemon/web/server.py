@@ -37,8 +37,11 @@ class WebServer:
 
 def _server(settings: Settings, sessions: sessionmaker[Session], bundles: list[BundleRef]) -> uvicorn.Server:
     app = create_app(settings, sessions, bundles)
+    # X-Forwarded-For/-Proto from the trusted proxies only: they give the address that log-ins
+    # are throttled by and the scheme that makes cookies Secure.
     config = uvicorn.Config(app, host=settings.web.bind_address, port=settings.web.port, log_config=None,
-                            access_log=False, server_header=False, lifespan="off")
+                            access_log=False, server_header=False, lifespan="off", proxy_headers=True,
+                            forwarded_allow_ips=list(settings.web.trusted_proxies))
     return uvicorn.Server(config)
 
 
