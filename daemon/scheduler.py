@@ -18,6 +18,7 @@ from daemon.config import Settings
 from daemon.delivery import deliver_due
 from daemon.reference import scoring_identity
 from daemon.shadow import current_plan
+from daemon.storage import DebrisCount, sweep_debris
 from db import api
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,16 @@ def sweep_retention(settings: Settings, sessions: sessionmaker[Session]) -> int:
     return len(candidates)
 
 
+def sweep_storage(settings: Settings, sessions: sessionmaker[Session]) -> DebrisCount:
+    """Remove crash debris from the storage tree (daemon.storage.sweep_debris)."""
+
+    def recorded(paths: list[str]) -> set[str]:
+        with sessions() as session:
+            return api.recorded_instance_paths(session, paths)
+
+    return sweep_debris(settings.storage_dir, recorded)
+
+
 def start_scheduler(settings: Settings, sessions: sessionmaker[Session], bundles: list[api.BundleRef]) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
     every = settings.sweep_interval_s
@@ -90,5 +101,8 @@ def start_scheduler(settings: Settings, sessions: sessionmaker[Session], bundles
     scheduler.add_job(sweep_deliveries, "interval", seconds=max(every, 2.0), args=[settings, sessions], id="deliveries")
     scheduler.add_job(sweep_retention, "interval", hours=1, args=[settings, sessions], id="retention",
                       next_run_time=datetime.now(UTC) + timedelta(minutes=1))
+    # At start (what a crash left) and hourly; safe while the receiver writes.
+    scheduler.add_job(sweep_storage, "interval", hours=1, args=[settings, sessions], id="storage_debris",
+                      next_run_time=datetime.now(UTC))
     scheduler.start()
     return scheduler

@@ -14,6 +14,11 @@ Writing the same SOP Instance UID again replaces the file atomically, which make
 a re-send idempotent. One process writes a storage tree (the SCP); a temporary
 file left by a crash is replaced when its instance is sent again, and goes with
 its study at retention.
+
+Crash debris is swept (``sweep_debris``, at start and hourly): temporary files
+older than TEMP_GRACE_S, and instance files that no database row points at once
+they are older than ORPHAN_GRACE_S (a crash between the write and the row, an
+instance moved to another study, a purge that could not remove everything).
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from daemon.errors import InputRejected, TransientError
@@ -165,10 +172,14 @@ class InstanceStore:
                 missing.append(current)
                 current = current.parent
             directory.mkdir(parents=True, exist_ok=True)
-            if self.durable:
-                # A new directory entry is durable only once its parent is fsynced.
-                for created in missing:
-                    _fsync_dir(created.parent)
+            if self.durable and missing:
+                # A new directory entry is durable only once its parent is fsynced. Every
+                # level up to the root: the debris sweep may have removed an idle parent
+                # after we looked, and mkdir(parents=True) then made it again.
+                current = directory
+                while current != self.root:
+                    current = current.parent
+                    _fsync_dir(current)
             self._known_dirs[directory] = None
             if len(self._known_dirs) > _KNOWN_DIRS_MAX:
                 self._known_dirs.popitem(last=False)
@@ -239,3 +250,210 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- crash debris -----------------------------------------------------------------------------
+
+# A temporary file exists only while its write runs (seconds); one older than this
+# was left by a crash or a failed write.
+TEMP_GRACE_S = 15 * 60.0
+# The receiver writes, fsyncs, records the row and only then acknowledges, and the
+# row follows the write within seconds; an instance file this old with no row was
+# never acknowledged, or lost its row to a move or a purge.
+ORPHAN_GRACE_S = 60 * 60.0
+_TEMP_SUFFIX = ".dcm.tmp"
+# Where the sweep holds a file while it checks that no writer replaced it.
+_HOLD_SUFFIX = ".dcm.sweep"
+# Files checked against the database per query.
+_SWEEP_CHUNK = 500
+
+
+@dataclass
+class DebrisCount:
+    """What one sweep did (counts only: paths hold UIDs)."""
+
+    temp_removed: int = 0
+    orphans_removed: int = 0
+    restored: int = 0  # files an interrupted sweep was holding, put back
+    dirs_removed: int = 0
+    young_kept: int = 0  # temporary files within their grace period
+    errors: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.temp_removed or self.orphans_removed or self.restored or self.dirs_removed or self.errors)
+
+
+@dataclass
+class _Sweep:
+    root: Path
+    recorded: Callable[[list[str]], set[str]]
+    now: float
+    temp_grace_s: float
+    orphan_grace_s: float
+    count: DebrisCount = field(default_factory=DebrisCount)
+    # Old instance files to check against the database: relative path -> (file, stat).
+    pending: dict[str, tuple[Path, os.stat_result]] = field(default_factory=dict)
+    # Directories idle for the orphan grace period before the sweep: emptied, they go.
+    idle_dirs: list[Path] = field(default_factory=list)
+
+
+def sweep_debris(
+    root: Path,
+    recorded: Callable[[list[str]], set[str]],
+    *,
+    now: float | None = None,
+    temp_grace_s: float = TEMP_GRACE_S,
+    orphan_grace_s: float = ORPHAN_GRACE_S,
+) -> DebrisCount:
+    """Remove what crashes leave below ``root``; safe while the receiver writes.
+
+    Only the instance layout is touched (``<uid>/<uid>/<uid>.dcm`` and its dot files);
+    the database file, results and anything else stay. ``recorded(paths)`` returns
+    those relative paths that a database row points at; when it raises, the sweep
+    stops and nothing more is removed. An orphan is removed only if it is still the
+    file seen before that check (moved aside, compared, then deleted), so a copy a
+    writer renamed over it meanwhile, whose row is about to be committed, stays.
+    """
+    sweep = _Sweep(Path(root), recorded, time.time() if now is None else now, temp_grace_s, orphan_grace_s)
+    for study_dir, study_stat in _uid_dirs(sweep.root):
+        for series_dir, series_stat in _uid_dirs(study_dir):
+            if sweep.now - series_stat.st_mtime >= orphan_grace_s:
+                sweep.idle_dirs.append(series_dir)
+            _sweep_series(sweep, series_dir)
+        if sweep.now - study_stat.st_mtime >= orphan_grace_s:
+            sweep.idle_dirs.append(study_dir)
+    _check_pending(sweep)
+    for directory in sweep.idle_dirs:  # series before their study
+        try:
+            directory.rmdir()
+            sweep.count.dirs_removed += 1
+        except OSError:
+            pass  # not empty (or gone): in use, or still holding recorded files
+    fields = {"action": "storage_sweep", **asdict(sweep.count)}
+    if sweep.count.changed:
+        logger.info("storage debris swept", extra=fields)
+    else:
+        logger.debug("storage debris swept", extra=fields)
+    return sweep.count
+
+
+def _uid_dirs(parent: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    try:
+        entries = sorted(os.scandir(parent), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if _is_uid(entry.name) and entry.is_dir(follow_symlinks=False):
+            try:
+                yield Path(entry.path), entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+
+
+def _is_uid(text: str) -> bool:
+    return len(text) <= _UID_MAX_LEN and _UID_PATTERN.match(text) is not None
+
+
+def _sweep_series(sweep: _Sweep, series_dir: Path) -> None:
+    try:
+        entries = sorted(os.scandir(series_dir), key=lambda e: e.name)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        name = entry.name
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            seen = entry.stat(follow_symlinks=False)
+            if name.startswith(".") and name.endswith(_TEMP_SUFFIX) and _is_uid(name[1:-len(_TEMP_SUFFIX)]):
+                _sweep_temp(sweep, Path(entry.path), seen)
+            elif name.startswith(".") and name.endswith(_HOLD_SUFFIX) and _is_uid(name[1:-len(_HOLD_SUFFIX)]):
+                _sweep_held(sweep, Path(entry.path), seen)
+            elif name.endswith(".dcm") and _is_uid(name[:-len(".dcm")]):
+                if sweep.now - seen.st_mtime >= sweep.orphan_grace_s:
+                    relative = Path(entry.path).relative_to(sweep.root).as_posix()
+                    sweep.pending[relative] = (Path(entry.path), seen)
+                    if len(sweep.pending) >= _SWEEP_CHUNK:
+                        _check_pending(sweep)
+        except FileNotFoundError:
+            continue  # removed meanwhile (a retention purge)
+        except OSError:
+            sweep.count.errors += 1
+            logger.warning("storage sweep could not handle a file", exc_info=True,
+                           extra={"action": "storage_sweep_error"})
+
+
+def _sweep_temp(sweep: _Sweep, path: Path, seen: os.stat_result) -> None:
+    if sweep.now - seen.st_mtime < sweep.temp_grace_s:
+        sweep.count.young_kept += 1
+        return
+    # A re-send of this SOP could reopen the name in the instant before the unlink;
+    # that write then fails and is answered as failed (the PACS sends again), so no
+    # acknowledged instance can be lost here.
+    path.unlink()
+    sweep.count.temp_removed += 1
+
+
+def _sweep_held(sweep: _Sweep, hold: Path, seen: os.stat_result) -> None:
+    """A file an interrupted sweep moved aside: put back if its row points at it."""
+    # A rename sets ctime, not mtime: ctime says when the hold began.
+    if sweep.now - seen.st_ctime < sweep.temp_grace_s:
+        sweep.count.young_kept += 1
+        return
+    final = hold.with_name(hold.name[1:-len(_HOLD_SUFFIX)] + ".dcm")
+    relative = final.relative_to(sweep.root).as_posix()
+    if not final.exists() and sweep.recorded([relative]):
+        _put_back(hold, final)
+        sweep.count.restored += 1
+        return
+    hold.unlink()
+    sweep.count.orphans_removed += 1
+
+
+def _check_pending(sweep: _Sweep) -> None:
+    pending, sweep.pending = sweep.pending, {}
+    if not pending:
+        return
+    recorded = sweep.recorded(list(pending))
+    for relative, (path, seen) in pending.items():
+        if relative in recorded:
+            continue
+        try:
+            if _remove_unless_replaced(path, seen):
+                sweep.count.orphans_removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError:
+            sweep.count.errors += 1
+            logger.warning("storage sweep could not remove a file", exc_info=True,
+                           extra={"action": "storage_sweep_error"})
+
+
+def _remove_unless_replaced(path: Path, seen: os.stat_result) -> bool:
+    """Delete ``path`` if it is still the file ``seen``; True when deleted.
+
+    Moved aside first (rename is atomic), so a writer renaming a new copy in lands
+    beside it; a copy that arrived between the look and the move is put back.
+    """
+    hold = path.with_name(f".{path.name[:-len('.dcm')]}{_HOLD_SUFFIX}")
+    try:
+        os.rename(path, hold)
+    except FileNotFoundError:
+        return False
+    held = os.stat(hold)
+    if (held.st_dev, held.st_ino, held.st_mtime_ns) == (seen.st_dev, seen.st_ino, seen.st_mtime_ns):
+        hold.unlink()
+        return True
+    _put_back(hold, path)
+    return False
+
+
+def _put_back(hold: Path, path: Path) -> None:
+    try:
+        os.link(hold, path)  # never over a newer copy that landed meanwhile
+    except FileExistsError:
+        pass
+    else:
+        _fsync_dir(path.parent)
+    hold.unlink()

@@ -21,7 +21,7 @@ from db.calibration import (
 )
 from db.deliveries import claim_deliveries, mark_delivered, mark_delivery_failed, resend_dead
 from db.housekeeping import counts, get_result_objects, mark_purged, retention_candidates, study_instances
-from db.ingest import record_instance, record_instances, record_rejection
+from db.ingest import record_instance, record_instances, record_rejection, recorded_instance_paths
 from db.jobs import claim_job, fail_job, finish_job, heartbeat, requeue_expired
 from db.console import QueueHealth, audit_trail, failures, metrics_snapshot, overview, queue_health, score_distributions, training_manifest
 from db.review import audit, count_studies, get_study, list_studies, requeue_study, set_flag, set_review
@@ -139,6 +139,7 @@ __all__ = [
     "record_instance",
     "record_instances",
     "record_rejection",
+    "recorded_instance_paths",
     "requeue_expired",
     "requeue_study",
     "resend_dead",

@@ -5,14 +5,22 @@ built once at import (their compiled SQL is cached): for a known study and serie
 one SELECT, one INSERT ... ON CONFLICT DO NOTHING, and one UPDATE each of the
 series and the study. `record_instances` does the same for many instances in one
 transaction, so concurrent associations share one commit (one journal fsync).
+
+A SOP Instance UID already recorded under another series (so, usually, another
+study) is moved: the later send wins. The row takes the new series, path and
+header facts; both studies are re-evaluated (a complete one reopens, generation + 1;
+either's quiet period restarts) and each gets an `instance_moved` audit event.
+The file at the old path then has no row, and the storage sweep removes it
+(daemon.storage.sweep_debris).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import PurePosixPath
 from typing import Any, cast
 
 from sqlalchemy import String, Table, bindparam, case, exists, func, or_, select, text, update
@@ -22,7 +30,7 @@ from sqlalchemy.orm import Session
 from db.engine import begin_write, write_transaction
 from db.models import IngestRejection, Instance, ResultObject, Series, Study, UTCDateTime
 from db.states import StudyState
-from db.txn import IMAGE_MODALITIES, SYSTEM_ACTOR, add_audit, clock, insert_ignore
+from db.txn import IMAGE_MODALITIES, SYSTEM_ACTOR, add_audit, clock, end_read, insert_ignore
 from db.types import InstanceRecord, RecordOutcome
 
 logger = logging.getLogger(__name__)
@@ -51,14 +59,42 @@ _INSERT_INSTANCE = text(
     f"VALUES ({', '.join(':' + name for name in _INSTANCE_COLUMNS)}) "
     "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id"
 ).bindparams(*(bindparam(c.name, type_=c.type) for c in _instances.columns if c.name != "id"))
+_EXISTING_INSTANCE = (
+    select(_instances.c.id, _instances.c.series_id, _series.c.study_id)
+    .select_from(_instances.join(_series, _series.c.id == _instances.c.series_id))
+    .where(_instances.c.sop_instance_uid == bindparam("b_sop"))
+)
 _REFRESH_DUPLICATE = (
     update(_instances)
     .where(
-        _instances.c.sop_instance_uid == bindparam("b_sop"),
+        _instances.c.id == bindparam("b_id"),
         or_(_instances.c.path != bindparam("b_path"), _instances.c.size_bytes != bindparam("b_size")),
     )
     .values(path=bindparam("b_path"), size_bytes=bindparam("b_size"))
 )
+# What a move rewrites: everything the later send says about the instance.
+_MOVED_COLUMNS = (
+    "series_id", "sop_class_uid", "transfer_syntax_uid", "path", "size_bytes", "instance_number",
+    "slice_position", "images_in_acquisition", "number_of_frames", "received_at", "generation",
+)
+_MOVE_INSTANCE = (
+    update(_instances)
+    .where(_instances.c.id == bindparam("b_id"))
+    .values(**{name: bindparam(f"b_{name}", type_=_instances.c[name].type) for name in _MOVED_COLUMNS})
+)
+_LOCK_STUDY_BY_ID = (
+    select(_studies.c.id, _studies.c.study_instance_uid, _studies.c.generation, _studies.c.state)
+    .where(_studies.c.id == bindparam("b_study_id"))
+    .with_for_update(of=_studies, key_share=True)
+)
+# A study that lost an instance: its quiet period restarts, as after an arrival.
+_RESTART_QUIET = (
+    update(_studies)
+    .where(_studies.c.id == bindparam("b_study_id"))
+    .values(last_received_at=bindparam("b_now", type_=UTCDateTime()))
+)
+_PATHS_OF_SOPS = select(_instances.c.path).where(_instances.c.sop_instance_uid.in_(bindparam("b_sops", expanding=True)))
+_PATHS_CHUNK = 500
 _COUNT_INSTANCES = (
     update(_series)
     .where(_series.c.id == bindparam("b_series_id"))
@@ -99,6 +135,8 @@ class _StudyState:
     generation: int
     state: StudyState
     records: list[InstanceRecord] = field(default_factory=list)
+    # Lost an instance to another study (its quiet period restarts).
+    lost_instance: bool = False
 
 
 @dataclass
@@ -110,6 +148,7 @@ class _Batch:
     series_ids: dict[str, int] = field(default_factory=dict)
     added_per_series: dict[int, int] = field(default_factory=dict)
     reopened: list[tuple[str, int]] = field(default_factory=list)
+    moved: list[tuple[int, int]] = field(default_factory=list)
 
 
 def record_instance(session: Session, rec: InstanceRecord, now: datetime | None = None) -> RecordOutcome:
@@ -117,7 +156,8 @@ def record_instance(session: Session, rec: InstanceRecord, now: datetime | None 
 
     A new instance in a complete study reopens it (generation + 1) unless the
     instance is one of our own result objects echoed back by the PACS.
-    A duplicate only refreshes path and size.
+    A duplicate in the same series only refreshes path and size; one sent under
+    another series or study is moved there (see the module docstring).
     """
     return record_instances(session, [rec], now)[0]
 
@@ -140,6 +180,11 @@ def record_instances(
             "study reopened by a late arrival",
             extra={"action": "study_reopened", "study_uid": study_uid, "generation": generation},
         )
+    for from_study_id, to_study_id in batch.moved:
+        logger.warning(
+            "instance re-sent under another series or study; moved there",
+            extra={"action": "instance_moved", "from_study_id": from_study_id, "to_study_id": to_study_id},
+        )
     return outcomes
 
 
@@ -152,14 +197,51 @@ def _record_in_transaction(
         _INSERT_INSTANCE, _instance_values(rec, series_id, study.generation, batch.now)
     ).scalar_one_or_none()
     if instance_id is None:
-        connection.execute(
-            _REFRESH_DUPLICATE, {"b_sop": rec.sop_instance_uid, "b_path": rec.path, "b_size": rec.size_bytes}
-        )
-        return RecordOutcome(created=False, study_reopened=False, study_id=study.id)
+        existing = connection.execute(_EXISTING_INSTANCE, {"b_sop": rec.sop_instance_uid}).one()
+        if existing.series_id == series_id:
+            connection.execute(_REFRESH_DUPLICATE, {"b_id": existing.id, "b_path": rec.path, "b_size": rec.size_bytes})
+            return RecordOutcome(created=False, study_reopened=False, study_id=study.id)
+        reopened = _move_instance(session, connection, batch, study, series_id, rec, existing)
+        return RecordOutcome(created=False, study_reopened=reopened, study_id=study.id)
     batch.added_per_series[series_id] = batch.added_per_series.get(series_id, 0) + 1
     study.records.append(rec)
     reopened = _reopen_if_complete(session, connection, batch, study, rec, instance_id)
     return RecordOutcome(created=True, study_reopened=reopened, study_id=study.id)
+
+
+def _move_instance(
+    session: Session, connection: Connection, batch: _Batch, study: _StudyState, series_id: int,
+    rec: InstanceRecord, existing: Any,
+) -> bool:
+    """The later send wins: the row moves to `series_id` of `study` (already locked).
+    Returns True when `study` was reopened."""
+    old = study if existing.study_id == study.id else _locked_study_by_id(connection, batch, existing.study_id)
+    values = _instance_values(rec, series_id, study.generation, batch.now)
+    connection.execute(_MOVE_INSTANCE, {"b_id": existing.id, **{f"b_{n}": values[n] for n in _MOVED_COLUMNS}})
+    for moved_series, step in ((existing.series_id, -1), (series_id, 1)):
+        batch.added_per_series[moved_series] = batch.added_per_series.get(moved_series, 0) + step
+    study.records.append(rec)
+    reopened = _reopen_if_complete(session, connection, batch, study, rec, existing.id)
+    if old is not study:
+        old.lost_instance = True
+        _reopen_if_complete(session, connection, batch, old, rec, None)
+    detail = {"sop_instance_uid": rec.sop_instance_uid, "from_study_id": old.id, "to_study_id": study.id,
+              "from_generation": old.generation, "to_generation": study.generation}
+    for audited in dict.fromkeys((old.id, study.id)):
+        add_audit(session, SYSTEM_ACTOR, "instance_moved", batch.now, audited, detail)
+    batch.moved.append((old.id, study.id))
+    return reopened
+
+
+def _locked_study_by_id(connection: Connection, batch: _Batch, study_id: int) -> _StudyState:
+    """A study this transaction has not touched yet, locked (or the one it already holds)."""
+    row = connection.execute(_LOCK_STUDY_BY_ID, {"b_study_id": study_id}).one()
+    known = batch.studies.get(row.study_instance_uid)
+    if known is not None:
+        return known
+    study = _StudyState(id=row.id, generation=row.generation, state=row.state)
+    batch.studies[row.study_instance_uid] = study
+    return study
 
 
 def _locked_study(session: Session, connection: Connection, batch: _Batch, rec: InstanceRecord) -> _StudyState:
@@ -248,16 +330,18 @@ def _instance_values(rec: InstanceRecord, series_id: int, generation: int, now: 
 
 def _reopen_if_complete(
     session: Session, connection: Connection, batch: _Batch, study: _StudyState, rec: InstanceRecord,
-    instance_id: int,
+    instance_id: int | None,
 ) -> bool:
-    """Reopen a complete study for a new instance; returns True when it was reopened."""
+    """Reopen a complete study whose content changed by `rec` (its instance row
+    `instance_id`, or None when the instance left the study); True when reopened."""
     if study.state != StudyState.COMPLETE or _is_own_result(connection, rec.sop_instance_uid):
         return False
     connection.execute(_REOPEN_STUDY, {"b_study_id": study.id})
     study.state = StudyState.RECEIVING
     study.generation += 1
-    # The instance row was inserted with the old generation before the reopen.
-    connection.execute(_SET_INSTANCE_GENERATION, {"b_id": instance_id, "b_generation": study.generation})
+    if instance_id is not None:
+        # The instance row was written with the old generation before the reopen.
+        connection.execute(_SET_INSTANCE_GENERATION, {"b_id": instance_id, "b_generation": study.generation})
     add_audit(
         session,
         SYSTEM_ACTOR,
@@ -282,6 +366,8 @@ def _apply_deferred_updates(connection: Connection, batch: _Batch) -> None:
     for study in batch.studies.values():
         if study.records:
             connection.execute(_TOUCH_STUDY, _study_touch_params(study, batch.now))
+        elif study.lost_instance:
+            connection.execute(_RESTART_QUIET, {"b_study_id": study.id, "b_now": batch.now})
 
 
 def _study_touch_params(study: _StudyState, now: datetime) -> dict[str, Any]:
@@ -291,6 +377,22 @@ def _study_touch_params(study: _StudyState, now: datetime) -> dict[str, Any]:
     for attr in _FILLED_STUDY_ATTRS:
         params[f"b_{attr}"] = next((getattr(r, attr) for r in study.records if getattr(r, attr) is not None), None)
     return params
+
+
+def recorded_instance_paths(session: Session, paths: Iterable[str]) -> set[str]:
+    """Those of `paths` (relative to the storage root) that an instance row points at
+    (read-only). Looked up by the SOP Instance UID in the file name (indexed) and
+    compared by the whole path, so a file of a moved instance counts as unrecorded."""
+    wanted = set(paths)
+    sops = sorted({PurePosixPath(p).name.removesuffix(".dcm") for p in wanted})
+    found: set[str] = set()
+    for start in range(0, len(sops), _PATHS_CHUNK):
+        chunk = sops[start:start + _PATHS_CHUNK]
+        found.update(session.execute(_PATHS_OF_SOPS, {"b_sops": chunk}).scalars())
+    end_read(session)
+    return found & wanted
+
+
 def record_rejection(
     session: Session,
     calling_ae: str | None,

@@ -197,3 +197,19 @@ def test_batch_shares_its_per_study_updates(db_session: Session) -> None:
     data_statements = [s for s in sent if s in ("SELECT", "INSERT", "UPDATE", "DELETE")]
     assert data_statements == ["SELECT"] + ["INSERT"] * 10 + ["UPDATE", "UPDATE"]
     assert db_session.execute(select(Series.instance_count)).scalar_one() == 11
+
+
+def test_one_sop_under_two_studies_in_one_batch_ends_in_the_later(db_session: Session) -> None:
+    study_a, study_b, series_a, series_b = uid(), uid(), uid(), uid()
+    first = record(study_a, series_a, 1, 1.0)
+    later = record(study_b, series_b, 1, 1.0, sop=first.sop_instance_uid)
+    outcomes = api.record_instances(db_session, [first, later, record(study_a, series_a, 2, 2.0)], now=T0)
+    assert [o.created for o in outcomes] == [True, False, True]
+    instance = db_session.execute(
+        select(Instance).where(Instance.sop_instance_uid == first.sop_instance_uid)).scalar_one()
+    assert (instance.path, instance.series.series_instance_uid) == (later.path, series_b)
+    counts = dict(db_session.execute(select(Series.series_instance_uid, Series.instance_count)).all())
+    assert counts == {series_a: 1, series_b: 1}
+    moved = db_session.execute(
+        select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "instance_moved")).scalar_one()
+    assert moved == 2
