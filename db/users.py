@@ -7,6 +7,7 @@ database keeps only their sha256, so a copy of the database opens no session.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -132,6 +133,13 @@ def list_users(session: Session) -> list[UserInfo]:
     return users
 
 
+@functools.lru_cache(maxsize=1)
+def _unknown_user_hash() -> str:
+    """A stored hash to check unknown names against: one scrypt per attempt, as for a real user
+    (hashing a fresh one each time would cost two and tell the names apart by timing)."""
+    return hash_password(secrets.token_urlsafe(16))
+
+
 def login(
     session: Session, username: str, password: str, lifetime: timedelta, now: datetime | None = None
 ) -> LoginSession | None:
@@ -140,7 +148,7 @@ def login(
     user = session.execute(select(User).where(User.username == username)).scalar_one_or_none()
     end_read(session)
     # Hash even for unknown users so timing does not reveal which names exist.
-    ok = verify_password(password, user.password_hash if user else hash_password("x" * MIN_PASSWORD_LENGTH))
+    ok = verify_password(password, user.password_hash if user else _unknown_user_hash())
     begin_write(session)
     try:
         if user is None or not ok or user.disabled:
