@@ -29,8 +29,8 @@ __all__ = [
     "NOT_ELIGIBLE",
     "QC_ISSUE",
     "NOT_ELIGIBLE_REASON",
-    "QC_DETAIL",
     "MEASUREMENT_ABSENT",
+    "QUALITATIVE_EVALUATIONS",
     "HEALTHY_REFERENCE",
     "REFERENCE_BUNDLE",
     "REFERENCE_SITE",
@@ -44,7 +44,7 @@ __all__ = [
     "FAMILY_ANOGAN",
     "FAMILY_VAE_AGE",
     "algorithm_family_code",
-    "procedure_codes",
+    "procedure_code",
     "qc_reason_code",
     "concept_slug",
 ]
@@ -77,11 +77,14 @@ NOT_ELIGIBLE = _private("HS0013", "Not eligible")
 QC_ISSUE = _private("HS0014", "Quality control issue")
 # A blocking QC reason: the reason a study got no screening result at all.
 NOT_ELIGIBLE_REASON = _private("HS0016", "Reason not eligible for automated screening")
-# The full reason text under each QC code, so two reasons sharing a code keep their detail.
-QC_DETAIL = CodedConcept("121106", "DCM", "Comment")
-# "<measurement> : Absent" states that a value was not produced (never zero/normal).
+# "Measurement not available = <measurement concept>" states that a value was not produced
+# (never zero/normal). A NUM without a value (CID 42 qualifier) would be the DICOM way, but
+# highdicom cannot read such a document back at all.
 MEASUREMENT_ABSENT = _private("HS0015", "Measurement not available")
 ABSENT = CodedConcept("272519000", "SCT", "Absent")
+# TID 1500 row 12: Pixelmed's TID 1501 has no qualitative-evaluation rows, so every coded
+# evaluation and its detail text live in this report-level container.
+QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 
 # Which healthy reference the percentile and screen result are against (site calibration):
 # the bundle's, this scanner's own, or none yet (calibrating: no percentile, no screen result).
@@ -104,19 +107,15 @@ FAMILY_ANOGAN = _private("HS0030", "f-AnoGAN 3D anomaly detection")
 FAMILY_VAE_AGE = _private("HS0031", "VAE 3D anomaly detection with brain age")
 FAMILY_OTHER_VALUE = "HS0039"
 
-_PROCEDURES: dict[str, tuple[CodedConcept, ...]] = {
-    "CT": (
-        CodedConcept("303653007", "SCT", "Computed tomography of head"),
-        CodedConcept("24725-4", "LN", "CT Head"),
-    ),
-    "MR": (
-        CodedConcept("816077007", "SCT", "Magnetic resonance imaging of brain"),
-        CodedConcept("24590-2", "LN", "MR Brain"),
-    ),
+# TID 1500 allows one Procedure Reported, from CID 100 (validators check it): CID 100 has
+# no head CT or brain MR code, so the modality-level one; Finding Site says "Brain".
+_PROCEDURES: dict[str, CodedConcept] = {
+    "CT": CodedConcept("25045-6", "LN", "CT unspecified body region"),
+    "MR": CodedConcept("25056-3", "LN", "MRI unspecified body region"),
 }
 # Used when the source modality is neither CT nor MR (e.g. a study with no
 # suitable series); the SR then still states the procedure generically.
-_GENERIC_PROCEDURE = (CodedConcept("363679005", "SCT", "Imaging"),)
+_GENERIC_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
 
 # QC reason prefixes emitted by imaging.qc / imaging.volume and daemon.pipeline
 # ("<prefix>: <detail>"), with stable code values. Unknown reasons still get
@@ -166,8 +165,8 @@ def qc_reason_code(reason: str) -> CodedConcept:
     return _private(QC_OTHER_VALUE, reason[:64])
 
 
-def procedure_codes(modality: str) -> tuple[CodedConcept, ...]:
-    """Procedure Reported codes: 'CT' -> CT head, 'MR' -> MR brain, else generic imaging."""
+def procedure_code(modality: str) -> CodedConcept:
+    """The one Procedure Reported code (CID 100): 'CT' -> CT, 'MR' -> MRI, else imaging procedure."""
     return _PROCEDURES.get(modality, _GENERIC_PROCEDURE)
 
 

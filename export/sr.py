@@ -1,10 +1,15 @@
 """TID 1500 Comprehensive 3D SR carrying what a screening job found.
 
-One measurement group (TID 1501) holds the numeric results (anomaly score,
-percentile, operating threshold, predicted/chronological age, brain-age gap),
-qualitative evaluations (eligibility, screen result, each QC issue with its
-full text, and "<measurement>: Absent" for every value that was not produced)
-and references to the source slices. The SC instances are listed in the
+One measurement group (TID 1501) holds the numeric results as TID 300 NUM items
+(anomaly score, percentile, operating threshold, predicted/chronological age,
+brain-age gap), the algorithm identity (TID 4019), the finding site and
+references to the source slices. The report-level Qualitative Evaluations
+container (TID 1500 row 12) holds the coded evaluations: eligibility, screen
+result, healthy reference, each QC finding, "Measurement not available" for
+every value that was not produced, and the plain-language summary. A coded item
+that has a detail (a QC finding, the reference) is followed by a TEXT item whose
+concept name is the coded value and whose value is the full text, so two findings
+sharing a code both keep their detail. The SC instances are listed in the
 evidence sequence. A study that was not eligible still gets a report that says
 so and why: one coded reason per blocking reason, the advisory QC issues, and
 no number and no screen result at all. An eligible result names the healthy
@@ -22,8 +27,11 @@ from dataclasses import dataclass
 import highdicom as hd
 from highdicom.sr import (
     AlgorithmIdentification,
+    CodeContentItem,
     CodedConcept,
     Comprehensive3DSR,
+    ContainerContentItem,
+    ContentItem,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     Measurement,
@@ -31,7 +39,6 @@ from highdicom.sr import (
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
-    QualitativeEvaluation,
     SourceImageForMeasurementGroup,
     TextContentItem,
     TrackingIdentifier,
@@ -49,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 SR_SERIES_DESCRIPTION = "AI screening report - NOT FOR PRIMARY DIAGNOSIS"
 TRACKING_IDENTIFIER = "headscreen brain anomaly screening"
-#: Concept name of the free-text summary item in the measurement group.
+#: Concept name of the free-text summary item in the Qualitative Evaluations container.
 REPORT_SUMMARY_TEXT = CodedConcept("121106", "DCM", "Comment")
 
 REFERENCE_KINDS = ("bundle", "site", "calibrating")
@@ -104,7 +111,8 @@ def _algorithm_identification(summary: ResultSummary) -> AlgorithmIdentification
         # The bundle hashes pin the exact model files that produced the numbers.
         parameters=algo.sha256_lines(),
         family=codes.algorithm_family_code(algo.family),
-        manufacturer=algo.manufacturer,
+        # No Algorithm Manufacturer: not a TID 4019 row for validators; the SR's
+        # Manufacturer and the device observer name it.
     )
 
 
@@ -127,8 +135,8 @@ def _observation_context(summary: ResultSummary) -> ObservationContext:
 
 
 def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification,
-                  reference: ReferenceNote | None = None) -> tuple[list[Measurement], list[QualitativeEvaluation]]:
-    """Numeric measurements present in the summary, and an 'Absent' evaluation for each missing one."""
+                  reference: ReferenceNote | None = None) -> tuple[list[Measurement], list[CodedConcept]]:
+    """Numeric measurements present in the summary, and the concept of each missing one."""
     # The chronological age is an input taken from the header, not produced by the model.
     planned = [
         (codes.ANOMALY_SCORE, summary.anomaly_score, codes.UNIT_SCORE, True),
@@ -139,8 +147,8 @@ def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification,
         (codes.BRAIN_AGE_GAP, summary.age_gap, codes.UNIT_YEAR, True),
     ]
     if reference is not None and reference.calibrating:
-        # Not "Absent": there is no reference to have a percentile or threshold against,
-        # and the reference item says so (a reader must not look for one).
+        # Not "not available": there is no reference to have a percentile or threshold
+        # against, and the reference item says so (a reader must not look for one).
         planned = [p for p in planned if p[0] not in (codes.ANOMALY_PERCENTILE, codes.OPERATING_THRESHOLD)]
     present, absent = [], []
     for name, raw, unit, by_algorithm in planned:
@@ -148,54 +156,50 @@ def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification,
         if value is None:
             if raw is not None:
                 logger.warning("non-finite value reported as absent", extra={"action": "sr_nonfinite", "concept": name.meaning})
-            absent.append(QualitativeEvaluation(name=name, value=codes.ABSENT))
+            absent.append(name)
         else:
             present.append(Measurement(name=name, value=float(value), unit=unit,
                                        algorithm_id=algorithm_id if by_algorithm else None))
     return present, absent
 
 
-def _reason_item(name: CodedConcept, reason: str) -> QualitativeEvaluation:
-    """One coded reason with its full text beneath it, so two reasons sharing a code
-    (e.g. two noise metrics) both keep their detail."""
-    item = QualitativeEvaluation(name=name, value=codes.qc_reason_code(reason))
-    item[0].ContentSequence = [
-        TextContentItem(name=codes.QC_DETAIL, value=reason, relationship_type="HAS PROPERTIES")
-    ]
-    return item
+def _coded(name: CodedConcept, value: CodedConcept, detail: str | None = None) -> list[ContentItem]:
+    """One coded evaluation, and its full text as the next item (TEXT named by the coded
+    value): Pixelmed's templates allow no TEXT beneath a CODE here."""
+    items: list[ContentItem] = [CodeContentItem(name=name, value=value, relationship_type="CONTAINS")]
+    if detail is not None:
+        items.append(TextContentItem(name=value, value=detail, relationship_type="CONTAINS"))
+    return items
 
 
-def _reference_item(reference: ReferenceNote) -> QualitativeEvaluation:
-    """Which reference (coded), with the sentence naming it beneath."""
-    item = QualitativeEvaluation(name=codes.HEALTHY_REFERENCE, value=_REFERENCE_CODES[reference.kind])
-    item[0].ContentSequence = [
-        TextContentItem(name=codes.QC_DETAIL, value=reference.text, relationship_type="HAS PROPERTIES")
-    ]
-    return item
-
-
-def _evaluations(summary: ResultSummary, reference: ReferenceNote | None = None) -> list[QualitativeEvaluation]:
-    evaluations = [
-        QualitativeEvaluation(name=codes.ELIGIBILITY, value=codes.ELIGIBLE if summary.eligible else codes.NOT_ELIGIBLE)
-    ]
+def _evaluations(summary: ResultSummary, reference: ReferenceNote | None = None,
+                 absent: Sequence[CodedConcept] = ()) -> list[ContentItem]:
+    items = _coded(codes.ELIGIBILITY, codes.ELIGIBLE if summary.eligible else codes.NOT_ELIGIBLE)
+    reference_items = [] if reference is None else _coded(
+        codes.HEALTHY_REFERENCE, _REFERENCE_CODES[reference.kind], reference.text)
     if not summary.eligible:
         # No screen-result item at all: "screen result = Absent" reads as "no anomaly".
-        evaluations.extend(_reason_item(codes.NOT_ELIGIBLE_REASON, r) for r in summary.reasons_not_eligible())
+        for reason in summary.reasons_not_eligible():
+            items += _coded(codes.NOT_ELIGIBLE_REASON, codes.qc_reason_code(reason), reason)
     elif reference is not None and reference.calibrating:
         # Likewise no screen result while calibrating: the reference item says why.
-        evaluations.append(_reference_item(reference))
-    elif summary.screen_positive is None:
-        evaluations.append(QualitativeEvaluation(name=codes.SCREEN_RESULT, value=codes.ABSENT))
+        items += reference_items
     else:
-        verdict = codes.SCREEN_POSITIVE if summary.screen_positive else codes.SCREEN_NEGATIVE
-        evaluations.append(QualitativeEvaluation(name=codes.SCREEN_RESULT, value=verdict))
-    if summary.eligible and reference is not None and not reference.calibrating:
-        evaluations.append(_reference_item(reference))
-    evaluations.extend(_reason_item(codes.QC_ISSUE, r) for r in summary.advisory_reasons())
-    return evaluations
+        if summary.screen_positive is None:
+            verdict = codes.ABSENT
+        else:
+            verdict = codes.SCREEN_POSITIVE if summary.screen_positive else codes.SCREEN_NEGATIVE
+        items += _coded(codes.SCREEN_RESULT, verdict)
+        items += reference_items
+    for reason in summary.advisory_reasons():
+        items += _coded(codes.QC_ISSUE, codes.qc_reason_code(reason), reason)
+    for concept in absent:
+        items += _coded(codes.MEASUREMENT_ABSENT, concept)
+    return items
 
 
-def summary_text(summary: ResultSummary, reference: ReferenceNote | None = None) -> str:
+def summary_text(summary: ResultSummary, reference: ReferenceNote | None = None,
+                 absent: Sequence[CodedConcept] = ()) -> str:
     """One human-readable sentence block, shown by every SR viewer."""
     parts = ["AI-generated result, not for primary diagnosis."]
     if not summary.eligible:
@@ -211,6 +215,10 @@ def summary_text(summary: ResultSummary, reference: ReferenceNote | None = None)
             parts.append(f"Screen {'POSITIVE' if summary.screen_positive else 'negative'} at the operating point.")
         if reference is not None and not reference.calibrating:
             parts.append(reference.text.rstrip(".") + ".")
+        # Some renderers (dsr2html) show a coded item's value only: say it in words too.
+        missing = [c.meaning for c in absent if c != codes.ANOMALY_SCORE]
+        if missing:
+            parts.append("Not available: " + ", ".join(missing) + ".")
     advisory = summary.advisory_reasons()
     if advisory:
         parts.append(("Other QC issues: " if not summary.eligible else "QC: ") + "; ".join(advisory) + ".")
@@ -248,27 +256,30 @@ def build_report(
         reference.check(summary, "build_report")
     algorithm_id = _algorithm_identification(summary)
     measurements: list[Measurement] = []
-    evaluations = _evaluations(summary, reference)
+    absent: list[CodedConcept] = []
     if summary.eligible:
         measurements, absent = _measurements(summary, algorithm_id, reference)
-        evaluations.extend(absent)
+    # TID 1501 has no series-level reference row: the group names each analysed slice.
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(identifier=TRACKING_IDENTIFIER, uid=hd.UID()),
         finding_type=codes.ANOMALY_FINDING,
         algorithm_id=algorithm_id,
         finding_sites=[FindingSite(anatomic_location=codes.BRAIN)],
         measurements=measurements or None,
-        qualitative_evaluations=evaluations,
         source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_datasets],
-    )
-    group[0].ContentSequence.append(
-        TextContentItem(name=REPORT_SUMMARY_TEXT, value=summary_text(summary, reference), relationship_type="CONTAINS")
     )
     report = MeasurementReport(
         observation_context=_observation_context(summary),
-        procedure_reported=list(codes.procedure_codes(summary.modality)),
+        procedure_reported=codes.procedure_code(summary.modality),
         imaging_measurements=[group],
     )
+    evaluations = ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
+    evaluations.ContentSequence = [
+        *_evaluations(summary, reference, absent),
+        TextContentItem(name=REPORT_SUMMARY_TEXT, value=summary_text(summary, reference, absent),
+                        relationship_type="CONTAINS"),
+    ]
+    report[0].ContentSequence.append(evaluations)
     evidence = [reference_header(source_datasets[0]), *source_datasets[1:], *sc_datasets]
     algo = summary.algorithm
     sr = Comprehensive3DSR(

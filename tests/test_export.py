@@ -34,6 +34,7 @@ from export.sc import (
     choose_slices,
 )
 from export.sr import build_report
+from sr_helpers import ReadBack, evaluations_with_details, qualitative_evaluation_items
 
 N_SLICES, SIZE = 40, 128
 LESION = (25, 70, 55)  # slice, row, col
@@ -285,22 +286,26 @@ def _all_text(ds: Dataset) -> str:
     return "\n".join(str(element.value) for element in ds.iterall() if element.VR != "SQ")
 
 
-def _group(sr_dataset: Dataset):
-    sr = hd.sr.Comprehensive3DSR.from_dataset(sr_dataset)
-    groups = sr.content.get_image_measurement_groups()
-    assert len(groups) == 1
-    return groups[0]
+def _group(sr_dataset: Dataset) -> ReadBack:
+    """The one measurement group, and the report's qualitative evaluations (sr_helpers)."""
+    return ReadBack(hd.sr.Comprehensive3DSR.from_dataset(sr_dataset))
 
 
 def _measured(group) -> dict[str, tuple[float, str]]:
     return {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
 
 
-def _evaluated(group) -> dict[str, list[str]]:
+def _evaluated(group: ReadBack) -> dict[str, list[str]]:
+    """Concept code -> value codes of the coded evaluations, in order."""
     found: dict[str, list[str]] = {}
-    for item in group.get_qualitative_evaluations():
-        found.setdefault(item.name.value, []).append(item.value.value)
+    for concept, value, _ in evaluations_with_details(group.evaluation_items):
+        found.setdefault(concept, []).append(value)
     return found
+
+
+def _coded_items(group: ReadBack, concept) -> list:
+    return [item for item in group.evaluation_items
+            if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == concept.value]
 
 
 def test_sr_measurements_equal_the_summary_ct(ct_series, ct_overlays):
@@ -317,12 +322,17 @@ def test_sr_measurements_equal_the_summary_ct(ct_series, ct_overlays):
     evaluations = _evaluated(group)
     assert evaluations[codes.ELIGIBILITY.value] == [codes.ELIGIBLE.value]
     assert evaluations[codes.SCREEN_RESULT.value] == [codes.SCREEN_POSITIVE.value]
-    # Absent values are stated, not silently dropped.
-    assert evaluations[codes.PREDICTED_BRAIN_AGE.value] == [codes.ABSENT.value]
-    assert evaluations[codes.BRAIN_AGE_GAP.value] == [codes.ABSENT.value]
+    # Absent values are stated, not silently dropped; brain age is never a CODE item's concept.
+    assert evaluations[codes.MEASUREMENT_ABSENT.value] == [codes.PREDICTED_BRAIN_AGE.value, codes.BRAIN_AGE_GAP.value]
+    assert codes.PREDICTED_BRAIN_AGE.value not in evaluations and codes.BRAIN_AGE_GAP.value not in evaluations
     assert evaluations[codes.QC_ISSUE.value] == ["HS0111", "HS0199"]
-    meanings = [e.value.meaning for e in group.get_qualitative_evaluations() if e.name.value == codes.QC_ISSUE.value]
+    meanings = [item.ConceptCodeSequence[0].CodeMeaning for item in _coded_items(group, codes.QC_ISSUE)]
     assert meanings == ["Skull defect (bone missing from the vault)", "custom check: snr=3.1"]
+    # Numbers only in the measurement group, evaluations only in the report-level container
+    # (highdicom counts the group's Algorithm Family as a qualitative evaluation).
+    assert {e.name.value for e in group.get_qualitative_evaluations()} <= {"111000"}
+    assert "Not available: Predicted brain age, Brain age gap." in _all_text(sr)
+    assert all(item.ValueType in ("CODE", "TEXT") for item in group.evaluation_items)
     assert _reason_details(sr, codes.QC_ISSUE) == [
         ("HS0111", "skull_defect: skull_coverage 0.2 outside [0.35, 10]"), ("HS0199", "custom check: snr=3.1")]
     assert sr.StudyInstanceUID == datasets[0].StudyInstanceUID and sr.PatientID == datasets[0].PatientID
@@ -345,6 +355,8 @@ def test_sr_records_algorithm_identity_and_observer(ct_series):
     for fragment in ("mr-vae-age", "0.3.1", "model.onnx sha256:" + "cd" * 32, "encoder.onnx sha256:" + "ef" * 32,
                      "Algorithm Name", "Algorithm Version", "Device Observer Name", "HS0031"):
         assert fragment in text, fragment
+    # Not a TID 4019 row: the manufacturer is the SR's Manufacturer and the device observer's.
+    assert "Algorithm Manufacturer" not in text and sr.Manufacturer == "headscreen"
     assert sr.ManufacturerModelName == "mr-vae-age" and sr.SoftwareVersions == "0.3.1"
 
 
@@ -364,19 +376,15 @@ def test_non_finite_values_are_reported_absent(ct_series):
     summary = ct_summary(anomaly_score=float("nan"), percentile=float("inf"))
     group = _group(_round_trip(build_report(datasets, summary, [])))
     assert codes.ANOMALY_SCORE.value not in _measured(group)
-    assert _evaluated(group)[codes.ANOMALY_SCORE.value] == [codes.ABSENT.value]
-    assert _evaluated(group)[codes.ANOMALY_PERCENTILE.value] == [codes.ABSENT.value]
+    assert _evaluated(group)[codes.MEASUREMENT_ABSENT.value] == [
+        codes.ANOMALY_SCORE.value, codes.ANOMALY_PERCENTILE.value, codes.PREDICTED_BRAIN_AGE.value,
+        codes.BRAIN_AGE_GAP.value]
 
 
 def _reason_details(sr: Dataset, concept) -> list[tuple[str, str]]:
-    """(value code, detail text beneath it) of every `concept` item in the measurement group."""
-    group = sr.ContentSequence[-1].ContentSequence[0]
-    return [
-        (item.ConceptCodeSequence[0].CodeValue,
-         " ".join(c.TextValue for c in item.get("ContentSequence", []) if c.ValueType == "TEXT"))
-        for item in group.ContentSequence
-        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == concept.value
-    ]
+    """(value code, detail text after it) of every `concept` item of the qualitative evaluations."""
+    return [(value, detail) for name, value, detail in evaluations_with_details(qualitative_evaluation_items(sr))
+            if name == concept.value]
 
 
 def test_not_eligible_sr_says_so_and_why(ct_series):
@@ -401,7 +409,7 @@ def test_qc_blocked_sr_gives_every_reason_with_its_text(ct_series):
     evaluations = _evaluated(group)
     assert evaluations[codes.ELIGIBILITY.value] == [codes.NOT_ELIGIBLE.value]
     for concept in (codes.SCREEN_RESULT, codes.ANOMALY_SCORE, codes.ANOMALY_PERCENTILE, codes.OPERATING_THRESHOLD,
-                    codes.PREDICTED_BRAIN_AGE, codes.BRAIN_AGE_GAP):
+                    codes.PREDICTED_BRAIN_AGE, codes.BRAIN_AGE_GAP, codes.MEASUREMENT_ABSENT, codes.HEALTHY_REFERENCE):
         assert concept.value not in evaluations, concept.meaning
     assert _reason_details(sr, codes.NOT_ELIGIBLE_REASON) == [
         ("HS0106", "noise_high: noise_sigma 49.3 outside [0, 25]"),
@@ -534,7 +542,8 @@ def test_every_object_passes_dciodvfy(tmp_path, ct_series, ct_overlays):
 def test_dsr2html_renders_scores_and_ineligibility(tmp_path, ct_series, ct_overlays):
     datasets, _ = ct_series
     for name, summary, expected in (
-        ("eligible", ct_summary(), ["0.4123", "Anomaly score", "Positive", "Absent"]),
+        ("eligible", ct_summary(), ["0.4123", "Anomaly score", "Positive", "Predicted brain age",
+                                    "Not available: Predicted brain age, Brain age gap."]),
         ("not-eligible", NOT_ELIGIBLE, ["Not eligible", "no axial head CT"]),
         ("qc-blocked", QC_BLOCKED, ["Not eligible", "High image noise", "noise_relative 0.9", "Missing slices"]),
     ):
@@ -547,7 +556,8 @@ def test_dsr2html_renders_scores_and_ineligibility(tmp_path, ct_series, ct_overl
             assert fragment in content, (name, fragment)
         if not summary.eligible:
             # Nothing that reads as a result: no "Absent" screen result, no score.
-            assert "Absent" not in content and "Anomaly score" not in content, name
+            for fragment in ("Absent", "Not available", "Predicted brain age", "Anomaly score"):
+                assert fragment not in content, (name, fragment)
 
 
 # --------------------------------------------------------------------------- delivery

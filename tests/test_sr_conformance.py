@@ -1,0 +1,208 @@
+"""Every kind of headscreen SR is a conformant TID 1500 report: Pixelmed's DicomSRValidator
+finds no error and no warning, dciodvfy no error, and highdicom reads back the values the
+summary had, each in its place (numbers in the TID 1501 group, coded evaluations and their
+details in the report-level Qualitative Evaluations container)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from export import codes
+from export.model import ResultSummary
+from export.sc import build_overlay_series
+from export.sr import REPORT_SUMMARY_TEXT, ReferenceNote, build_report
+from serve_harness import dciodvfy_errors
+from sr_helpers import (
+    ReadBack,
+    errors_and_warnings,
+    evaluations_with_details,
+    pixelmed_findings,
+)
+from test_export import ALGO_CT, MR_SUMMARY, N_SLICES, ct_summary, make_ct_series
+
+BUNDLE = ReferenceNote(kind="bundle", text="Reference: bundle ct-anogan-1.2.0, synthetic healthy phantoms, n=200")
+SITE = ReferenceNote(kind="site", text="Reference: site, station ACME|HEADSCAN 9|MR-EAST, n=60, created 2026-01-05",
+                     legend="Reference: site, this scanner, n=60, created 2026-01-05")
+CALIBRATING = ReferenceNote(kind="calibrating", text="Calibrating: no screen result until this scanner has 20 "
+                                                     "healthy reference studies (has 3)")
+NOISE = ("noise_high: noise_sigma 49.3 outside [0, 25]", "noise_high: noise_relative 0.9 outside [0, 0.3]")
+GAP = "missing_slices: 1 slice(s) missing in 1 gap(s)"
+# Two blocking QC findings sharing one code (each must keep its detail), one advisory.
+QC_BLOCKED = ResultSummary(eligible=False, modality="CT", algorithm=ALGO_CT, ineligible_reason="; ".join(NOISE),
+                           ineligible_reasons=NOISE, qc_reasons=[*NOISE, GAP])
+NO_SERIES = ResultSummary(eligible=False, modality="OT", algorithm=ALGO_CT,
+                          ineligible_reason="no_suitable_series: no axial head CT")
+POSITIVE_MR = dataclasses.replace(MR_SUMMARY, anomaly_score=3.1, percentile=99.2, screen_positive=True,
+                                  qc_reasons=[GAP, "uneven_slice_spacing: 3 step(s) deviate"])
+
+
+@dataclass(frozen=True)
+class Kind:
+    summary: ResultSummary
+    reference: ReferenceNote | None
+    numbers: dict[str, float]       # measurement code -> value
+    evaluations: list[tuple[str, str, str]]  # (concept, value, detail) in order
+    procedure: str
+
+
+def _absent(*concepts) -> list[tuple[str, str, str]]:
+    return [(codes.MEASUREMENT_ABSENT.value, c.value, "") for c in concepts]
+
+
+def _eligible(verdict) -> list[tuple[str, str, str]]:
+    return [(codes.ELIGIBILITY.value, codes.ELIGIBLE.value, ""), (codes.SCREEN_RESULT.value, verdict.value, "")]
+
+
+def _kinds() -> dict[str, Kind]:
+    negative = ct_summary(screen_positive=False, percentile=40.0, qc_reasons=[])
+    ct_numbers = {codes.ANOMALY_SCORE.value: 0.4123, codes.ANOMALY_PERCENTILE.value: 40.0,
+                  codes.OPERATING_THRESHOLD.value: 0.3, codes.CHRONOLOGICAL_AGE.value: 67.0}
+    return {
+        "eligible-negative": Kind(
+            negative, BUNDLE, ct_numbers,
+            [*_eligible(codes.SCREEN_NEGATIVE),
+             (codes.HEALTHY_REFERENCE.value, codes.REFERENCE_BUNDLE.value, BUNDLE.text),
+             *_absent(codes.PREDICTED_BRAIN_AGE, codes.BRAIN_AGE_GAP)],
+            "25045-6"),
+        "eligible-positive": Kind(
+            POSITIVE_MR, SITE,
+            {codes.ANOMALY_SCORE.value: 3.1, codes.ANOMALY_PERCENTILE.value: 99.2, codes.OPERATING_THRESHOLD.value: 2.5,
+             codes.PREDICTED_BRAIN_AGE.value: 71.4, codes.CHRONOLOGICAL_AGE.value: 67.0,
+             codes.BRAIN_AGE_GAP.value: 4.4},
+            [*_eligible(codes.SCREEN_POSITIVE),
+             (codes.HEALTHY_REFERENCE.value, codes.REFERENCE_SITE.value, SITE.text),
+             (codes.QC_ISSUE.value, "HS0120", GAP),
+             (codes.QC_ISSUE.value, "HS0121", "uneven_slice_spacing: 3 step(s) deviate")],
+            "25056-3"),
+        "not-eligible": Kind(
+            QC_BLOCKED, None, {},
+            [(codes.ELIGIBILITY.value, codes.NOT_ELIGIBLE.value, ""),
+             (codes.NOT_ELIGIBLE_REASON.value, "HS0106", NOISE[0]),
+             (codes.NOT_ELIGIBLE_REASON.value, "HS0106", NOISE[1]),
+             (codes.QC_ISSUE.value, "HS0120", GAP)],
+            "25045-6"),
+        "not-eligible-no-series": Kind(
+            NO_SERIES, None, {},
+            [(codes.ELIGIBILITY.value, codes.NOT_ELIGIBLE.value, ""),
+             (codes.NOT_ELIGIBLE_REASON.value, "HS0109", "no_suitable_series: no axial head CT")],
+            "363679005"),
+        "calibrating": Kind(
+            ct_summary(percentile=None, screen_positive=None, threshold=None, qc_reasons=[]), CALIBRATING,
+            {codes.ANOMALY_SCORE.value: 0.4123, codes.CHRONOLOGICAL_AGE.value: 67.0},
+            [(codes.ELIGIBILITY.value, codes.ELIGIBLE.value, ""),
+             (codes.HEALTHY_REFERENCE.value, codes.REFERENCE_CALIBRATING.value, CALIBRATING.text),
+             *_absent(codes.PREDICTED_BRAIN_AGE, codes.BRAIN_AGE_GAP)],
+            "25045-6"),
+        # Built below with the eligible-negative report as its predecessor.
+        "superseded": Kind(
+            negative, BUNDLE, ct_numbers,
+            [*_eligible(codes.SCREEN_NEGATIVE),
+             (codes.HEALTHY_REFERENCE.value, codes.REFERENCE_BUNDLE.value, BUNDLE.text),
+             *_absent(codes.PREDICTED_BRAIN_AGE, codes.BRAIN_AGE_GAP)],
+            "25045-6"),
+    }
+
+
+KINDS = _kinds()
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict[str, Path]:
+    datasets, error = make_ct_series()
+    out = tmp_path_factory.mktemp("sr-kinds")
+    overlays = build_overlay_series(datasets, error, KINDS["eligible-negative"].summary, slice_indices=[20, 25],
+                                    reference=BUNDLE)
+    built = {}
+    for name, kind in KINDS.items():
+        previous = [built["eligible-negative"]] if name == "superseded" else None
+        sc = overlays if name in ("eligible-negative", "superseded") else []
+        built[name] = build_report(datasets, kind.summary, sc, reference=kind.reference, previous_versions=previous)
+    paths = {}
+    for name, sr in built.items():
+        paths[name] = out / f"{name}.dcm"
+        sr.save_as(paths[name], enforce_file_format=True)
+    return paths
+
+
+def test_pixelmed_finds_no_error_and_no_warning_in_any_kind(reports) -> None:
+    findings = pixelmed_findings(list(reports.values()))
+    failures = {}
+    for name, path in reports.items():
+        lines = findings[path]
+        assert any("Found Root Template TID_1500" in line for line in lines), (name, lines[-40:])
+        assert any("IOD validation complete" in line for line in lines), (name, lines[-40:])
+        if errors_and_warnings(lines) != ([], []):
+            failures[name] = errors_and_warnings(lines)
+    assert failures == {}
+
+
+def test_dciodvfy_finds_no_error_in_any_kind(reports) -> None:
+    failures = {name: errors for name, path in reports.items() if (errors := dciodvfy_errors(path))}
+    assert failures == {}
+
+
+def _read(path: Path) -> tuple[pydicom.Dataset, ReadBack]:
+    dataset = pydicom.dcmread(path)
+    return dataset, ReadBack(hd.sr.Comprehensive3DSR.from_dataset(dataset))
+
+
+def _children(item, concept: str) -> list:
+    return [c for c in item.get("ContentSequence", []) if c.ConceptNameCodeSequence[0].CodeValue == concept]
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_highdicom_reads_back_the_summary(reports, name) -> None:
+    kind = KINDS[name]
+    dataset, group = _read(reports[name])
+    measured = {m.name.value: m for m in group.get_measurements()}
+    assert {code: m.value for code, m in measured.items()} == pytest.approx(kind.numbers)
+    for code, measurement in measured.items():
+        unit = {codes.ANOMALY_PERCENTILE.value: "%", codes.ANOMALY_SCORE.value: "{score}",
+                codes.OPERATING_THRESHOLD.value: "{score}"}.get(code, "a")
+        assert measurement.unit.value == unit and measurement.unit.scheme_designator == "UCUM", code
+        # Each model output names its algorithm (TID 4019); Subject Age is a header input.
+        names = [str(c.TextValue) for c in _children(measurement[0], "111001")]
+        assert names == ([] if code == codes.CHRONOLOGICAL_AGE.value else [kind.summary.algorithm.name]), code
+    coded = evaluations_with_details(group.evaluation_items)
+    assert coded == kind.evaluations
+    # The plain-language summary closes the container; nothing else is in it.
+    last = group.evaluation_items[-1]
+    assert last.ValueType == "TEXT" and last.ConceptNameCodeSequence[0].CodeValue == REPORT_SUMMARY_TEXT.value
+    assert str(last.TextValue).startswith("AI-generated result, not for primary diagnosis.")
+    details = sum(1 for _, _, detail in coded if detail)
+    assert len(group.evaluation_items) == len(coded) + details + 1
+    # One Procedure Reported, from CID 100.
+    procedures = _children(dataset, "121058")
+    assert [p.ConceptCodeSequence[0].CodeValue for p in procedures] == [kind.procedure]
+    # Algorithm identity per TID 4019 in the group; the manufacturer only as the SR's.
+    assert [str(c.TextValue) for c in _children(group.group[0], "111003")] == [kind.summary.algorithm.version]
+    assert _children(group.group[0], "111002") and _children(group.group[0], "111000")
+    assert "122405" not in {e.value for e in dataset.iterall() if e.keyword == "CodeValue"}
+    assert dataset.Manufacturer == kind.summary.algorithm.manufacturer
+    # TID 1501 has no series-level reference: every analysed slice, once.
+    assert len({s.referenced_sop_instance_uid for s in group.source_images}) == len(group.source_images) == N_SLICES
+
+
+def test_a_not_eligible_report_reads_as_not_eligible(reports) -> None:
+    for name in ("not-eligible", "not-eligible-no-series"):
+        dataset, group = _read(reports[name])
+        assert group.get_measurements() == []
+        concepts = {concept for concept, _, _ in evaluations_with_details(group.evaluation_items)}
+        assert concepts <= {codes.ELIGIBILITY.value, codes.NOT_ELIGIBLE_REASON.value, codes.QC_ISSUE.value}, name
+        assert not any(e.keyword == "MeasuredValueSequence" for e in dataset.iterall()), name
+
+
+def test_a_superseding_report_names_its_predecessor(reports) -> None:
+    first = pydicom.dcmread(reports["eligible-negative"])
+    second = pydicom.dcmread(reports["superseded"])
+    [study] = second.PredecessorDocumentsSequence
+    [series] = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    assert [r.ReferencedSOPInstanceUID for r in series.ReferencedSOPSequence] == [first.SOPInstanceUID]
+    assert second.SOPInstanceUID != first.SOPInstanceUID and second.StudyInstanceUID == first.StudyInstanceUID
