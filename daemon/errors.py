@@ -19,3 +19,28 @@ class TransientError(HeadscreenError):
 
 class BundleError(HeadscreenError):
     """A model bundle is malformed, of an unknown schema, or fails its hash check."""
+
+
+# What pydicom and highdicom raise on a value they cannot decode or will not accept.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, LookupError, AttributeError, ArithmeticError, EOFError, NotImplementedError,
+)
+_DECODING_PACKAGES = ("pydicom", "highdicom")
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """True for an error of the input, not of the system: InputRejected, or a decode error
+    raised while pydicom or highdicom handled a value (the traceback passes through them).
+    Such an error fails the same way on every try, so it is never retried."""
+    if isinstance(exc, InputRejected):
+        return True
+    if isinstance(exc, HeadscreenError) or not isinstance(exc, DECODE_ERRORS):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        parts = tb.tb_frame.f_code.co_filename.replace("\\", "/").split("/")
+        if any(package in parts for package in _DECODING_PACKAGES) and (
+                "site-packages" in parts or "dist-packages" in parts):
+            return True
+        tb = tb.tb_next
+    return False

@@ -12,6 +12,13 @@ judged against the healthy reference of its scanner (daemon.reference): the
 bundle's own, a site reference, or none yet ("calibrating": score only, no SEG).
 A shadow bundle (daemon.shadow) goes through `score_shadow`: the same stages up to
 the verdict, reusing the study's stages via SharedStages, and no DICOM object.
+
+Input errors (daemon.errors.is_input_error: a header value pydicom or highdicom cannot
+decode or will not accept) are bad input too: an instance whose geometry or pixels do
+not decode is left out of its series and counted (imaging.selection), the results are
+built from sanitised copies of the source headers (export.sanitise), and anything that
+still fails on a value ends as a not-eligible result (`not_screened_after_error`). The
+not-eligible path reads only sanitised headers, so it cannot fail on a value either.
 """
 
 from __future__ import annotations
@@ -32,17 +39,27 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from daemon.ages import chronological_age
-from daemon.errors import InputRejected, TransientError
+from daemon.errors import DECODE_ERRORS, InputRejected, TransientError, is_input_error
 from daemon.inference import BundleRunner, Inference
+from daemon.privacy import failure_reason, frames_only, scrub
 from daemon.reference import Calibrating, Reference, ReferencePolicy, scoring_identity, station_key
 from db.api import JobOutcome, JobTicket, OutputObject, ShadowOutcome
 from export.model import AlgorithmInfo, ResultSummary
+from export.sanitise import TYPE2, sanitise_sources
 from export.sc import OverlayStyle, build_not_screened_image, build_overlay_series, choose_slices
-from export.seg import DEFAULT_THRESHOLD, build_segmentation
+from export.seg import DEFAULT_THRESHOLD, build_segmentation, missing_for_seg
 from export.sr import ReferenceNote, build_report
 from imaging.preprocess import Preprocessed, preprocess, to_native
 from imaging.qc import blocking_reasons
-from imaging.selection import SelectionRules, SeriesCandidate, select_series
+from imaging.selection import (
+    EXCLUDED_UNREADABLE,
+    SelectionRules,
+    SeriesCandidate,
+    exclusion_note,
+    select_series,
+    usable_files,
+    usable_instances,
+)
 from imaging.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
@@ -92,6 +109,7 @@ class StudyRead:
     age_source: str = ""
     volume: Volume | None = None
     load_error: str | None = None  # why the chosen series could not be loaded (InputRejected)
+    notes: list[str] = field(default_factory=list)  # advisory QC reasons of reading (instances left out)
 
     @property
     def no_series_reason(self) -> str:
@@ -112,6 +130,11 @@ class SharedStages:
     def read(self, study: StudyFiles, rules: SelectionRules, timer: Timer) -> StudyRead:
         if self._read is None:
             self._read = _read_study(study, rules, timer)
+        return self._read
+
+    @property
+    def last_read(self) -> StudyRead | None:
+        """The study as read so far (None before the read is complete)."""
         return self._read
 
     def preprocess(self, volume: Volume, params: dict, timer: Timer) -> tuple[Preprocessed, bool]:
@@ -137,15 +160,52 @@ def _read_study(study: StudyFiles, rules: SelectionRules, timer: Timer) -> Study
     read = StudyRead(headers, verdicts, selection.chosen)
     if selection.chosen is None:
         return read
-    first = headers[selection.chosen][0]
+    chosen = selection.chosen
+    # Only the instances that decode go on (selection counted the others); a stored file
+    # pydicom could not parse at all is left out too.
+    stored = len(study.series.get(chosen, []))
+    kept, excluded = usable_instances(headers[chosen])
+    unparsed = stored - len(headers[chosen])
+    if unparsed > 0:
+        excluded = {EXCLUDED_UNREADABLE: unparsed, **excluded}
+    headers[chosen] = kept
+    first = kept[0]
     read.age, read.age_source = chronological_age(
         _text(first, "PatientAge"), _text(first, "PatientBirthDate"), _text(first, "StudyDate")
     )
-    try:
-        read.volume = timer.measure("load_volume", load_series, study.series[selection.chosen])
-    except InputRejected as exc:
-        read.load_error = str(exc)
+    paths = [Path(ds.filename) for ds in kept]
+    read.volume, read.load_error, unloadable = _load_volume(paths, timer)
+    if unloadable and read.volume is not None:
+        loaded = set(read.volume.slice_sop_uids)
+        headers[chosen] = [ds for ds in kept if _text(ds, "SOPInstanceUID") in loaded]
+    for reason, count in unloadable.items():
+        excluded[reason] = excluded.get(reason, 0) + count
+    note = exclusion_note(excluded, stored)
+    if note is not None:
+        read.notes.append(note)
     return read
+
+
+def _load_volume(paths: list[Path], timer: Timer) -> tuple[Volume | None, str | None, dict[str, int]]:
+    """(volume, None, left out) or (None, why not, left out). When the series does not load,
+    each file is checked and those whose pixels do not decode are left out before one more try."""
+    try:
+        return timer.measure("load_volume", load_series, paths), None, {}
+    except (InputRejected, *DECODE_ERRORS) as exc:
+        failure: BaseException = exc
+    try:
+        good, bad = timer.measure("check_files", usable_files, paths)
+    except OSError:
+        raise TransientError("stored instance unreadable; storage not reachable?") from None
+    if bad and good:
+        try:
+            return timer.measure("load_volume", load_series, good), None, bad
+        except (InputRejected, *DECODE_ERRORS) as exc:
+            failure = exc
+    if isinstance(failure, InputRejected):
+        return None, scrub(str(failure)), bad  # our words, but they may quote a library's
+    log.warning("series not loadable", extra={"error": failure_reason(failure)})
+    return None, f"input_undecodable: the series could not be loaded ({type(failure).__name__})", bad
 
 
 def run_job(
@@ -161,10 +221,32 @@ def run_job(
     shared: SharedStages | None = None,
 ) -> JobOutcome:
     """`references` chooses the healthy reference per scanner (default: the bundle's own).
-    `shared` keeps what shadow bundles of the study may reuse (see SharedStages)."""
+    `shared` keeps what shadow bundles of the study may reuse (see SharedStages).
+    An input error on the way gives a not-eligible result instead (`not_screened_after_error`)."""
+    stages = shared if shared is not None else SharedStages()
+    try:
+        return _screen(ticket, study, runner, output_dir, overlay_slices, rules, seg_enabled, seg_threshold,
+                       references, stages)
+    except Exception as exc:
+        if not is_input_error(exc):
+            raise
+        return not_screened_after_error(ticket, study, runner, output_dir, exc, stages.last_read)
+
+
+def _screen(
+    ticket: JobTicket,
+    study: StudyFiles,
+    runner: BundleRunner,
+    output_dir: Path,
+    overlay_slices: int,
+    rules: SelectionRules | None,
+    seg_enabled: bool,
+    seg_threshold: float,
+    references: ReferencePolicy | None,
+    stages: SharedStages,
+) -> JobOutcome:
     timer = Timer()
     manifest = runner.bundle.manifest
-    stages = shared if shared is not None else SharedStages()
     read = stages.read(study, rules or SelectionRules.default_for(manifest.modality), timer)
     headers, verdicts = read.headers, read.verdicts
     algorithm = _algorithm(runner)
@@ -176,16 +258,16 @@ def run_job(
     age, age_source = read.age, read.age_source
     if read.volume is None:
         return _ineligible(ticket, study, headers, read.load_error or "not loadable", verdicts, algorithm,
-                           output_dir, timer, chosen)
+                           output_dir, timer, chosen, qc_reasons=read.notes)
     volume = read.volume
     try:
         prepared, _ = stages.preprocess(volume, manifest.preprocessing, timer)
     except InputRejected as exc:
         return _ineligible(ticket, study, headers, str(exc), verdicts, algorithm, output_dir, timer, chosen,
-                           qc_reasons=volume.qc_reasons, qc_metrics=volume.qc_metrics,
+                           qc_reasons=[*read.notes, *volume.qc_reasons], qc_metrics=volume.qc_metrics,
                            slice_order=volume.slice_sop_uids)
 
-    qc_reasons = list(dict.fromkeys([*volume.qc_reasons, *prepared.qc_reasons]))
+    qc_reasons = list(dict.fromkeys([*read.notes, *volume.qc_reasons, *prepared.qc_reasons]))
     qc_metrics = {**volume.qc_metrics, **prepared.qc_metrics}
     # Decided before inference: the model never sees an untrustworthy input, so no
     # score can leak into a not-eligible result (and the time is saved).
@@ -232,9 +314,19 @@ def run_job(
     overlay_indices = (list(range(len(volume.slice_sop_uids))) if overlay_slices == 0
                        else choose_slices(native_map, overlay_slices))
     sources = timer.measure("read_pixels", _read_sources, headers[chosen], volume.slice_sop_uids, overlay_indices)
+    # The results copy patient, study and equipment values: only ones that decode and validate.
+    clean = timer.measure("sanitise", sanitise_sources, sources)
+    sources = clean.datasets
     note = ReferenceNote(kind=reference.kind, text=reference.describe(), legend=reference.legend())
     # No SEG while calibrating: a region with no screen result would read as a finding.
     with_seg = seg_enabled and not isinstance(reference, Calibrating)
+    missing = missing_for_seg(sources) if with_seg else []
+    if missing:
+        with_seg = False
+        qc_reasons.append(f"seg_not_built: the source series lacks a usable {', '.join(missing)}")
+    if clean.note:
+        qc_reasons.append(clean.note)
+    summary = dataclasses.replace(summary, qc_reasons=list(dict.fromkeys(qc_reasons)))
     objects = timer.measure(
         "build_results", _build_results, sources, native_map, summary, overlay_indices, output_dir,
         seg_threshold if with_seg else None, note,
@@ -340,17 +432,21 @@ def _ineligible(
 
     `reasons` are why it is not eligible; `qc_reasons` may add advisory ones. Only the
     SR is essential: trouble with the image is logged and the SR goes out without it.
+    Everything here reads sanitised copies of the headers (export.sanitise), so no header
+    value can make it fail; the report falls back to one minimal header, then to no image.
     """
     reasons = list(dict.fromkeys([reasons] if isinstance(reasons, str) else reasons))
-    all_reasons = list(dict.fromkeys([*reasons, *qc_reasons]))
     ineligible_reason = "; ".join(reasons)
     log.info("study not eligible", extra={"job_id": ticket.job_id, "reason": ineligible_reason})
     series_uid = chosen or next((uid for uid, h in headers.items() if h), None)
+    clean = sanitise_sources(headers[series_uid]) if series_uid is not None else None
+    notes = [clean.note] if clean is not None and clean.note else []
     common = dict(eligible=False, ineligible_reason=ineligible_reason, ineligible_reasons=tuple(reasons),
-                  qc_reasons=all_reasons, qc_metrics=dict(qc_metrics or {}), algorithm=algorithm)
-    if series_uid is None:
+                  qc_reasons=list(dict.fromkeys([*reasons, *qc_reasons, *notes])),
+                  qc_metrics=dict(qc_metrics or {}), algorithm=algorithm)
+    if clean is None:
         return _outcome(ResultSummary(modality="OT", **common), verdicts, timer, [])
-    series_headers = _in_slice_order(headers[series_uid], slice_order)
+    series_headers = _in_slice_order(clean.datasets, slice_order)
     summary = ResultSummary(modality=algorithm_modality(series_headers[0]), selected_series_uid=chosen, **common)
     station = station_key(series_headers[0])
     objects: list[OutputObject] = []
@@ -363,22 +459,83 @@ def _ineligible(
     except Exception as exc:  # the SR below still says "not eligible"
         log.warning("not-screened image failed", extra={"job_id": ticket.job_id, "error": type(exc).__name__})
         sc = None
-    try:
-        sr = build_report(series_headers, summary, [sc] if sc is not None else [])
-    except Exception as exc:
-        # One odd instance must not silence the study: report on the first slice alone.
-        log.warning("not-eligible report retried on one slice", extra={"job_id": ticket.job_id,
-                                                                        "error": type(exc).__name__})
-        sr = build_report(series_headers[:1], summary, [sc] if sc is not None else [])
+    with_sc = [sc] if sc is not None else []
+    # One odd instance must not silence the study: then the report is on one minimal
+    # header (UIDs and the sanitised patient/study values), and at last without the image.
+    minimal = _minimal_header(series_headers[0], summary.modality)
+    attempts = [(series_headers, with_sc), ([minimal], with_sc), ([minimal], [])]
+    for n, (sources, evidence) in enumerate(attempts, start=1):
+        try:
+            sr = build_report(sources, summary, evidence)
+            break
+        except Exception as exc:
+            if n == len(attempts):
+                raise
+            log.warning("not-eligible report retried on less", extra={"job_id": ticket.job_id,
+                                                                        "error": failure_reason(exc)})
+    if sc is not None and not evidence:
+        # The report could not list the image: it is not sent either.
+        (output_dir / "sc-0001.dcm").unlink(missing_ok=True)
+        objects = []
     objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
     # The scanner is recorded even without a score: the console counts per station.
     return dataclasses.replace(_outcome(summary, verdicts, timer, objects), station_key=station)
 
 
+def not_screened_after_error(
+    ticket: JobTicket,
+    study: StudyFiles,
+    runner: BundleRunner,
+    output_dir: Path,
+    exc: BaseException,
+    read: StudyRead | None = None,
+) -> JobOutcome:
+    """The not-eligible result of a study whose input raised an input error (see
+    daemon.errors.is_input_error): the reason names the kind of error, never its message
+    (pydicom and highdicom quote the value). `read` is what was read before; without it
+    the headers are read again (a storage error then still raises TransientError)."""
+    kind = type(exc).__name__
+    reason = (scrub(f"input_rejected: {exc}") if isinstance(exc, InputRejected)
+              else f"input_undecodable: a value of the stored instances does not decode or is not valid ({kind})")
+    log.warning("input error: the study is reported not eligible, not retried",
+                extra={"job_id": ticket.job_id, "error": failure_reason(exc),
+                       "error_trace": frames_only((type(exc), exc, exc.__traceback__))})
+    timer = Timer()
+    if read is None:
+        headers, verdicts, chosen, notes = _read_headers(study), [], None, []
+    else:
+        headers, verdicts, chosen, notes = read.headers, read.verdicts, read.chosen, read.notes
+    # Whatever this attempt wrote before the error is not part of its result.
+    if output_dir.is_dir():
+        for path in [*output_dir.glob("*.dcm"), *output_dir.glob("*.tmp")]:
+            path.unlink(missing_ok=True)
+    return _ineligible(ticket, study, headers, reason, verdicts, _algorithm(runner), output_dir, timer, chosen,
+                       qc_reasons=notes)
+
+
+_PIXEL_DESCRIPTION = ("Rows", "Columns", "SamplesPerPixel", "PixelRepresentation")
+
+
+def _minimal_header(header: Dataset, modality: str) -> Dataset:
+    """Only what a report needs of its source: the identifying UIDs and the (sanitised)
+    Type 2 patient/study attributes. highdicom accepts a source image by its Modality and
+    pixel description, which the report does not copy: absent ones are stood in for."""
+    minimal = Dataset()
+    for keyword in ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                    "SeriesInstanceUID", "Modality", *_PIXEL_DESCRIPTION, *TYPE2):
+        if keyword in header:
+            minimal.add(header.get_item(keyword))
+    if not minimal.get("Modality"):
+        minimal.Modality = modality
+    if not any(keyword in minimal for keyword in _PIXEL_DESCRIPTION):
+        minimal.SamplesPerPixel = 1
+    return minimal
+
+
 def _in_slice_order(series_headers: list[Dataset], slice_order: list[str] | None) -> list[Dataset]:
     """The headers in the volume's slice order when it is known, else by instance number."""
     if slice_order:
-        by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in series_headers}
+        by_uid = {_text(ds, "SOPInstanceUID") or "": ds for ds in series_headers}
         ordered = [by_uid[uid] for uid in slice_order if uid in by_uid]
         if len(ordered) == len(series_headers):
             return ordered
@@ -386,7 +543,7 @@ def _in_slice_order(series_headers: list[Dataset], slice_order: list[str] | None
     def instance_number(ds: Dataset) -> int:
         try:
             return int(ds.get("InstanceNumber") or 0)
-        except (TypeError, ValueError):
+        except Exception:  # an undecodable number sorts first
             return 0
 
     return sorted(series_headers, key=instance_number)
@@ -398,7 +555,8 @@ def _not_screened_image(series_headers: list[Dataset], summary: ResultSummary, w
     source = middle
     if with_pixels and getattr(middle, "filename", None):
         try:
-            source = pydicom.dcmread(middle.filename)
+            # Sanitised like the headers, with the same patient/study values as the report.
+            source = sanitise_sources([series_headers[0], pydicom.dcmread(middle.filename)]).datasets[1]
         except Exception as exc:  # unreadable now: the text card still goes out
             log.info("middle slice unreadable for the not-screened image", extra={"error": type(exc).__name__})
     return build_not_screened_image(source, summary)
@@ -479,15 +637,15 @@ def _build_results(
     seg_threshold: float | None = DEFAULT_THRESHOLD,
     reference: ReferenceNote | None = None,
 ) -> list[OutputObject]:
-    """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG), the SR."""
+    """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG), the SR.
+    All are built before any is written: a build that fails leaves no file behind."""
     sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=overlay_indices,
                                        style=OVERLAY_STYLE, reference=reference)
-    objects = [_write(ds, output_dir / f"sc-{i:04d}.dcm", "sc") for i, ds in enumerate(sc_datasets, start=1)]
-    if seg_threshold is not None:
-        seg = build_segmentation(sources, native_map, summary, seg_threshold)
-        if seg is not None:
-            objects.append(_write(seg, output_dir / "seg.dcm", "seg"))
+    seg = build_segmentation(sources, native_map, summary, seg_threshold) if seg_threshold is not None else None
     sr = build_report(sources, summary, sc_datasets, reference=reference)
+    objects = [_write(ds, output_dir / f"sc-{i:04d}.dcm", "sc") for i, ds in enumerate(sc_datasets, start=1)]
+    if seg is not None:
+        objects.append(_write(seg, output_dir / "seg.dcm", "seg"))
     objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
     return objects
 
@@ -517,5 +675,8 @@ def _verdict_dict(verdict) -> dict:
 
 
 def _text(dataset: Dataset, keyword: str) -> str | None:
-    value = dataset.get(keyword)
+    try:
+        value = dataset.get(keyword)
+    except Exception:  # a value that does not decode counts as absent
+        return None
     return str(value) if value not in (None, "") else None

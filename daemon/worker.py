@@ -8,6 +8,11 @@ job completes exactly once even if a presumed-dead worker wakes up later.
 Bundle roles (daemon.shadow) are read per job: a job claimed after a promotion runs
 with the bundle active now. Shadow bundles score the study in the same worker, after
 the active result is recorded and handed to delivery (see `_run_shadows`).
+
+How a job that raised ends: a TransientError is retried; an input error (an input value
+that does not decode: daemon.errors.is_input_error) fails the same way on every try, so
+it is never retried and the study gets its not-eligible report instead; anything else
+not ours (a bug) is retried, then failed.
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.bundle import load_bundle
 from daemon.config import Settings
 from daemon.delivery import deliver_due
-from daemon.errors import HeadscreenError, TransientError
+from daemon.errors import HeadscreenError, TransientError, is_input_error
 from daemon.inference import BundleRunner
-from daemon.pipeline import SharedStages, StudyFiles, run_job, score_shadow
+from daemon.pipeline import SharedStages, StudyFiles, not_screened_after_error, run_job, score_shadow
 from daemon.reference import ReferencePolicy, scoring_identity
 from daemon.shadow import RolePlan, resolve_roles
 from daemon.privacy import failure_reason, frames_only, withhold_values_in_logs
@@ -244,6 +249,7 @@ class Worker:
         """(outcome, None), or (None, (reason, retryable)). Reasons and log lines never hold an
         exception's message from a library: pydicom and highdicom quote the values they reject."""
         output_dir = self.settings.results_dir / ticket.study_instance_uid / f"job-{ticket.job_id}-attempt-{ticket.attempt}"
+        study: StudyFiles | None = None
         try:
             study = self._study_files(ticket)
             rules = self.settings.selection_rules(runner.bundle.manifest.modality)
@@ -257,10 +263,31 @@ class Worker:
             log.warning("job failed, will retry", extra={**extra, "error": reason})
             return None, (reason, True)
         except Exception as exc:  # an unexpected bug must not kill the worker
+            if study is not None and is_input_error(exc):
+                return self._not_screened(ticket, runner, study, output_dir, extra, exc, shared)
             reason = failure_reason(exc)
             log.error("job crashed", extra={**extra, "error": reason, "error_trace": frames_only(sys.exc_info())})
             return None, (reason, not isinstance(exc, HeadscreenError))
         return outcome, None
+
+    def _not_screened(
+        self, ticket: api.JobTicket, runner: BundleRunner, study: StudyFiles, output_dir: Path, extra: dict,
+        exc: BaseException, shared: SharedStages | None,
+    ) -> tuple[JobOutcome | None, tuple[str, bool] | None]:
+        """An input error that reached the worker: never retried (it fails the same way every
+        time); the study still gets its not-eligible report. Only when even that cannot be
+        built is the job failed, for good. Storage trouble while reading is retried."""
+        try:
+            read = shared.last_read if shared is not None else None
+            return not_screened_after_error(ticket, study, runner, output_dir, exc, read), None
+        except TransientError as again:
+            reason = failure_reason(again)
+            log.warning("job failed, will retry", extra={**extra, "error": reason})
+            return None, (reason, True)
+        except Exception as again:
+            log.error("not-eligible report failed", extra={**extra, "error": failure_reason(again),
+                                                           "error_trace": frames_only(sys.exc_info())})
+            return None, (failure_reason(exc), False)
 
     def _fail(self, ticket: api.JobTicket, reason: str, retryable: bool, policy: api.RetryPolicy) -> None:
         with self.sessions() as session:

@@ -20,7 +20,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from export.model import ResultSummary
 
-__all__ = ["build_segmentation", "anomaly_mask", "SEG_SERIES_DESCRIPTION", "SEGMENT_LABEL", "DEFAULT_THRESHOLD"]
+__all__ = ["build_segmentation", "anomaly_mask", "missing_for_seg", "SEG_SERIES_DESCRIPTION", "SEGMENT_LABEL",
+           "DEFAULT_THRESHOLD"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,21 @@ def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -
     """Voxels at or above ``threshold`` (NaN counts as not set)."""
     with np.errstate(invalid="ignore"):  # NaN >= t is False: no full-volume copy needed
         return np.asarray(native_map) >= threshold
+
+
+# What highdicom reads of every source to place the SEG's frames (it fails without them).
+_GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+             "FrameOfReferenceUID")
+
+
+def missing_for_seg(sources: Sequence[Dataset]) -> list[str]:
+    """The geometry attributes some source lacks (e.g. left out as undecodable by
+    export.sanitise): a SEG cannot be placed without them. Empty when a SEG can be built."""
+    missing = []
+    for keyword in _GEOMETRY:
+        if any(ds.get(keyword) in (None, "") for ds in sources if "PerFrameFunctionalGroupsSequence" not in ds):
+            missing.append(keyword)
+    return missing
 
 
 def build_segmentation(

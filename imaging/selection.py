@@ -2,14 +2,21 @@
 
 Rules are declarative data (`SelectionRules`, pydantic, JSON-serialisable): hard
 requirements reject a series; weighted preferences rank the eligible ones.
+
+An instance whose geometry or pixel description does not decode (garbage in
+ImagePositionPatient, a PixelSpacing of one value) is left out of its series with a
+counted reason (`usable_instances`), and so is one whose pixel data does not decode
+(`usable_files`, which reads the pixels): one bad slice costs that slice, not the study.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -26,6 +33,13 @@ Orientation = Literal["axial", "coronal", "sagittal", "oblique", "mixed", "unkno
 PLANE_COSINE = 0.82
 # Rank of a rejected series: finite so verdicts serialise to strict JSON (PostgreSQL).
 REJECTED_RANK = -1000.0
+
+# Why an instance is left out of its series (counted per series, never the values).
+EXCLUDED_UNREADABLE = "file unreadable"
+EXCLUDED_GEOMETRY = "geometry undecodable"
+EXCLUDED_PIXEL_HEADER = "pixel description undecodable"
+EXCLUDED_PIXELS = "pixel data missing or undecodable"
+EXCLUSION_NOTE = "instances_excluded"
 
 
 @dataclass(frozen=True)
@@ -47,33 +61,41 @@ class SeriesCandidate:
     mr_acquisition_type: str = ""
     protocol_name: str = ""
     sequence_name: str = ""
+    excluded: tuple[tuple[str, int], ...] = ()  # (reason, count) of instances left out
+
+    @property
+    def n_excluded(self) -> int:
+        return sum(count for _, count in self.excluded)
 
     @classmethod
     def from_datasets(cls, headers: Sequence[pydicom.Dataset]) -> "SeriesCandidate":
-        """Summarise one series from its headers (read with stop_before_pixels=True)."""
+        """Summarise one series from its headers (read with stop_before_pixels=True); an
+        instance whose geometry does not decode is left out and counted (`usable_instances`)."""
         if not headers:
             raise InputRejected("empty_series: no headers to summarise")
-        first = headers[0]
-        normals, positions = _geometry(headers)
+        kept, excluded = usable_instances(headers)
+        first = kept[0] if kept else headers[0]
+        normals, positions = _geometry(kept)
         orientation = _orientation(normals)
-        thickness = _float(first.get("SliceThickness"))
+        thickness = _float(_get(first, "SliceThickness"))
         coverage = _coverage(positions, normals, thickness)
         return cls(
-            series_uid=str(first.get("SeriesInstanceUID", "")),
-            modality=str(first.get("Modality", "")),
-            sop_class_uid=str(first.get("SOPClassUID", "")),
-            description=str(first.get("SeriesDescription", "") or ""),
-            image_type=tuple(str(v).upper() for v in _as_list(first.get("ImageType"))),
+            series_uid=_text(first, "SeriesInstanceUID"),
+            modality=_text(first, "Modality"),
+            sop_class_uid=_text(first, "SOPClassUID"),
+            description=_text(first, "SeriesDescription"),
+            image_type=tuple(str(v).upper() for v in _as_list(_get(first, "ImageType"))),
             slice_thickness=thickness,
-            n_instances=len(headers),
-            n_slices=max(len(positions), len(headers)),
-            convolution_kernel="\\".join(str(v) for v in _as_list(first.get("ConvolutionKernel"))),
+            n_instances=len(kept),
+            n_slices=max(len(positions), len(kept)),
+            convolution_kernel="\\".join(str(v) for v in _as_list(_get(first, "ConvolutionKernel"))),
             orientation=orientation,
             coverage_mm=coverage,
-            contrast_agent=any(str(h.get("ContrastBolusAgent", "") or "").strip() for h in headers[:5]),
-            mr_acquisition_type=str(first.get("MRAcquisitionType", "") or "").upper(),
-            protocol_name=str(first.get("ProtocolName", "") or ""),
-            sequence_name=str(first.get("SequenceName", "") or first.get("PulseSequenceName", "") or ""),
+            contrast_agent=any(_text(h, "ContrastBolusAgent").strip() for h in kept[:5]),
+            mr_acquisition_type=_text(first, "MRAcquisitionType").upper(),
+            protocol_name=_text(first, "ProtocolName"),
+            sequence_name=_text(first, "SequenceName") or _text(first, "PulseSequenceName"),
+            excluded=tuple(excluded.items()),
         )
 
 
@@ -191,6 +213,8 @@ def select_series(candidates: Sequence[SeriesCandidate], rules: SelectionRules) 
 
 
 def _first_problem(c: SeriesCandidate, rules: SelectionRules) -> str | None:
+    if c.n_instances == 0:
+        return f"no usable instance: {excluded_counts(dict(c.excluded))}"
     if c.modality != rules.modality:
         return f"modality {c.modality or '?'} is not {rules.modality}"
     missing = [t for t in rules.required_image_type if t not in c.image_type]
@@ -233,8 +257,150 @@ def _rank(c: SeriesCandidate, rules: SelectionRules) -> tuple[float, list[str]]:
 def _summary(c: SeriesCandidate) -> str:
     thickness = f"{c.slice_thickness:g} mm" if c.slice_thickness is not None else "? mm"
     kernel = f", kernel {c.convolution_kernel!r}" if c.convolution_kernel else ""
+    excluded = f", {excluded_counts(dict(c.excluded))}" if c.excluded else ""
     return (f"{c.modality} {c.orientation} {c.description!r}, {c.n_slices} slices of {thickness}, "
-            f"coverage {c.coverage_mm:.0f} mm{kernel}")
+            f"coverage {c.coverage_mm:.0f} mm{kernel}{excluded}")
+
+
+def usable_instances(headers: Sequence[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], dict[str, int]]:
+    """The instances whose geometry and pixel description decode, in order, and how many
+    were left out for which reason. Absent geometry is not a decode failure (the rules and
+    the loader judge that)."""
+    kept: list[pydicom.Dataset] = []
+    excluded: dict[str, int] = {}
+    for ds in headers:
+        problem = instance_problem(ds)
+        if problem is None:
+            kept.append(ds)
+        else:
+            excluded[problem] = excluded.get(problem, 0) + 1
+    if excluded:
+        logger.warning("instances left out of their series", extra={"action": "instances_excluded",
+                                                                    "excluded": excluded, "kept": len(kept)})
+    return kept, excluded
+
+
+def usable_files(paths: Sequence[Path | str]) -> tuple[list[Path], dict[str, int]]:
+    """The files whose header and pixel data decode (each read in full), and how many were
+    left out for which reason. A file that cannot be opened at all raises OSError: that is
+    storage trouble, not bad input."""
+    kept: list[Path] = []
+    excluded: dict[str, int] = {}
+    for path in paths:
+        problem = file_problem(Path(path))
+        if problem is None:
+            kept.append(Path(path))
+        else:
+            excluded[problem] = excluded.get(problem, 0) + 1
+    if excluded:
+        logger.warning("files left out of their series", extra={"action": "files_excluded",
+                                                                "excluded": excluded, "kept": len(kept)})
+    return kept, excluded
+
+
+def instance_problem(ds: pydicom.Dataset) -> str | None:
+    """Why one instance cannot be part of a volume (an EXCLUDED_* reason), or None."""
+    try:
+        if _get(ds, "PerFrameFunctionalGroupsSequence"):
+            normals, positions = _geometry([ds])
+            if not all(np.isfinite(v).all() for v in [*normals, *positions]):
+                return EXCLUDED_GEOMETRY
+        else:
+            if _present(ds, "ImagePositionPatient"):
+                _numbers(ds.ImagePositionPatient, 3)
+            if _present(ds, "ImageOrientationPatient"):
+                _check_orientation(_numbers(ds.ImageOrientationPatient, 6))
+            if _present(ds, "PixelSpacing"):
+                if min(_numbers(ds.PixelSpacing, 2)) <= 0:
+                    return EXCLUDED_GEOMETRY
+    except Exception:  # pydicom and float() raise many types on a bad value
+        return EXCLUDED_GEOMETRY
+    try:
+        for keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames"):
+            if _present(ds, keyword) and int(ds.get(keyword)) < 1:
+                return EXCLUDED_PIXEL_HEADER
+        if _present(ds, "PixelRepresentation"):
+            int(ds.PixelRepresentation)
+        for keyword in ("RescaleSlope", "RescaleIntercept"):
+            if _present(ds, keyword):
+                _numbers([ds.get(keyword)], 1)
+    except Exception:
+        return EXCLUDED_PIXEL_HEADER
+    return None
+
+
+def file_problem(path: Path) -> str | None:
+    """Why one stored file cannot be part of a volume (an EXCLUDED_* reason), or None."""
+    try:
+        ds = pydicom.dcmread(path)
+    except OSError:
+        raise
+    except Exception:  # not DICOM, truncated inside the header
+        return EXCLUDED_UNREADABLE
+    problem = instance_problem(ds)
+    if problem is not None:
+        return problem
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return EXCLUDED_PIXELS
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        shape = (int(ds.Rows), int(ds.Columns))
+        array = ds.pixel_array
+        if array.shape != (shape if frames == 1 else (frames, *shape)):
+            return EXCLUDED_PIXELS  # colour, or pixel data that does not match Rows/Columns
+    except Exception:  # pydicom's decoders raise many types
+        return EXCLUDED_PIXELS
+    return None
+
+
+def excluded_counts(excluded: dict[str, int]) -> str:
+    """'2 instance(s) left out: geometry undecodable 1, file unreadable 1'."""
+    total = sum(excluded.values())
+    parts = ", ".join(f"{reason} {count}" for reason, count in excluded.items())
+    return f"{total} instance(s) left out: {parts}"
+
+
+def exclusion_note(excluded: dict[str, int], total: int) -> str | None:
+    """The advisory QC reason of a series some of whose instances were left out, or None."""
+    if not excluded:
+        return None
+    parts = ", ".join(f"{reason} {count}" for reason, count in excluded.items())
+    return f"{EXCLUSION_NOTE}: {sum(excluded.values())} of {total} instances of the series left out ({parts})"
+
+
+def _present(ds: pydicom.Dataset, keyword: str) -> bool:
+    """In the dataset with a value (looked up without decoding it)."""
+    if keyword not in ds:
+        return False
+    element = ds.get_item(keyword)
+    return element is not None and element.value not in (None, b"", "")
+
+
+def _numbers(value, count: int) -> list[float]:
+    values = [float(v) for v in _as_list(value)]
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        raise ValueError("not the expected count of finite numbers")
+    return values
+
+
+def _check_orientation(iop: list[float]) -> None:
+    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
+    # Unit vectors at right angles, within what scanners round to; no plane otherwise.
+    if not (0.5 < np.linalg.norm(row) < 1.5 and 0.5 < np.linalg.norm(col) < 1.5 and abs(row @ col) < 0.5):
+        raise ValueError("not an orientation")
+
+
+def _get(ds: pydicom.Dataset, keyword: str):
+    """The value, or None when it is absent or does not decode."""
+    try:
+        return ds.get(keyword)
+    except Exception:  # unknown VR, bytes that do not decode
+        return None
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = _get(ds, keyword)
+    return "" if value is None else str(value)
 
 
 def _as_list(value) -> list:

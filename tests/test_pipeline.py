@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.valuerep import DA
 
 from daemon.bundle import load_bundle
 from daemon.config import shipped_bundles
 from daemon.inference import BundleRunner
 import daemon.pipeline
 from daemon.pipeline import StudyFiles, run_job
+from bad_input import BAD_BIRTH_DATES, BY_NAME, PATIENT, PATIENT_ID, damage, leaks
 from db.api import JobTicket
 from export import codes
 from export.sc import NOT_SCREENED_SERIES_DESCRIPTION
 from imaging.phantoms import Lesion, make_head, write_dicom_series
+from imaging.selection import SelectionRules
 from serve_harness import dciodvfy_errors
 from sr_helpers import coded_evaluations, measurement_group, sr_texts
 
@@ -235,3 +239,126 @@ def test_a_missing_stored_file_is_a_transient_error_never_a_result(tmp_path, ct_
         run_job(ticket(study.study_instance_uid), study, ct_runner, tmp_path / "out", overlay_slices=4)
     assert str(tmp_path) not in str(caught.value)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.dcm"))
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def fast_runner(tmp_path_factory) -> BundleRunner:
+    """The shipped CT model with registration cut short (test_site_calibration.fast_bundle)."""
+    from test_site_calibration import fast_bundle
+
+    return BundleRunner(load_bundle(fast_bundle(tmp_path_factory.mktemp("fast"))))
+
+
+@pytest.fixture(scope="module")
+def small_head():
+    return make_head("CT", age=55.0, seed=21, spacing=(2.0, 2.0, 2.0))
+
+
+EIGHT_MM = SelectionRules.default_for("CT").model_copy(update={"slice_thickness_mm": (0.4, 8.0)})
+
+
+def _bad_study(small_head, folder: Path, *mutations: str) -> tuple[StudyFiles, list[Path]]:
+    files = write_dicom_series(small_head, folder, rows=64, cols=64, slice_thickness=8.0, patient_id=PATIENT_ID,
+                               extra=dict(PATIENT))
+    for name in mutations:
+        damage(files, BY_NAME[name], random.Random(7))
+    return study_of(files), files
+
+
+def test_one_undecodable_slice_costs_that_slice_not_the_study(tmp_path, fast_runner, small_head):
+    study, files = _bad_study(small_head, tmp_path / "in")
+    garbage, broken = files[5], files[-6]
+    damage([garbage], BY_NAME["position_garbage_one"], random.Random(0))
+    damage([broken], BY_NAME["pixels_truncated_one"], random.Random(0))
+    outcome = run_job(ticket(study.study_instance_uid), study, fast_runner, tmp_path / "out", overlay_slices=2,
+                      rules=EIGHT_MM)
+    assert outcome.eligible and outcome.anomaly_score is not None, outcome.qc_reasons
+    assert (f"instances_excluded: 2 of {len(files)} instances of the series left out "
+            "(geometry undecodable 1, pixel data missing or undecodable 1)") in outcome.qc_reasons
+    assert "1 instance(s) left out: geometry undecodable 1" in outcome.series_verdicts[0]["reason"]
+    # A SEG only where the map crosses its threshold; never left out for want of geometry here.
+    assert sorted(o.kind for o in outcome.objects if o.kind != "seg") == ["sc", "sc", "sr"]
+    assert not any(r.startswith("seg_not_built") for r in outcome.qc_reasons)
+    for obj in outcome.objects:
+        assert dciodvfy_errors(Path(obj.path)) == [], obj.path
+    left_out = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (garbage, broken)}
+    sr = pydicom.dcmread(next(o.path for o in outcome.objects if o.kind == "sr"))
+    evidence = {ref.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in s.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert len(evidence) >= len(files) - 2 + 2 and not evidence & left_out  # the other slices, the SCs (the SEG)
+
+
+def test_undecodable_patient_values_are_left_out_of_every_result_and_named(tmp_path, fast_runner, small_head):
+    study, _ = _bad_study(small_head, tmp_path / "in", "birth_date_iso", "study_time_bad", "institution_unknown_vr",
+                          "sex_bad")
+    outcome = run_job(ticket(study.study_instance_uid), study, fast_runner, tmp_path / "out", overlay_slices=1,
+                      rules=EIGHT_MM)
+    assert outcome.eligible, outcome.qc_reasons
+    [note] = [r for r in outcome.qc_reasons if r.startswith("header_values_dropped")]
+    named = note.removeprefix("header_values_dropped: ").split(" (")[0]
+    assert sorted(named.split(", ")) == ["InstitutionName", "PatientBirthDate", "PatientSex", "StudyTime"]
+    assert leaks(note) == [] and leaks(" ".join(outcome.qc_reasons)) == []
+    assert sorted(o.kind for o in outcome.objects if o.kind != "seg") == ["sc", "sr"]
+    for obj in outcome.objects:
+        assert dciodvfy_errors(Path(obj.path)) == [], obj.path
+        ds = pydicom.dcmread(obj.path)
+        assert (ds.PatientID, str(ds.PatientName), ds.AccessionNumber) == (PATIENT_ID, PATIENT["PatientName"],
+                                                                          PATIENT["AccessionNumber"])
+        assert (ds.PatientBirthDate, ds.PatientSex, ds.StudyTime) == ("", "", ""), obj.kind
+        assert ds.StudyDate != ""
+    # The SR and the overlay legend say what was left out, by keyword.
+    sr_path = next(o.path for o in outcome.objects if o.kind == "sr")
+    assert any(detail == note for _, detail in coded_evaluations(measurement_group(sr_path))[codes.QC_ISSUE.value])
+
+
+def test_an_input_error_while_building_results_gives_a_not_eligible_report(tmp_path, fast_runner, small_head,
+                                                                           monkeypatch):
+    study, _ = _bad_study(small_head, tmp_path / "in")
+    real = daemon.pipeline.build_overlay_series
+
+    def refuses_a_value(*args, **kwargs):
+        DA(BAD_BIRTH_DATES[0])  # as highdicom does on a value it will not copy
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.pipeline, "build_overlay_series", refuses_a_value)
+    out = tmp_path / "out"
+    (out / "sc-0007.dcm").parent.mkdir(parents=True)
+    (out / "sc-0007.dcm").write_bytes(b"left by an earlier stage")
+    outcome = run_job(ticket(study.study_instance_uid), study, fast_runner, out, overlay_slices=1, rules=EIGHT_MM)
+    assert not outcome.eligible and _screen_outputs(outcome) == {}
+    assert outcome.ineligible_reason == ("input_undecodable: a value of the stored instances does not decode "
+                                         "or is not valid (ValueError)")
+    assert sorted(o.kind for o in outcome.objects) == ["sc", "sr"]
+    assert sorted(p.name for p in out.iterdir()) == ["sc-0001.dcm", "sr.dcm"]  # nothing else of this attempt
+    for obj in outcome.objects:
+        assert dciodvfy_errors(Path(obj.path)) == [], obj.path
+    assert "NOT SCREENED: input undecodable" in pydicom.dcmread(out / "sc-0001.dcm").ImageComments
+
+
+def test_the_not_eligible_report_goes_out_even_when_highdicom_refuses_the_series(tmp_path, ct_runner, monkeypatch,
+                                                                                  caplog):
+    phantom = make_head("CT", age=50.0, seed=9)
+    files = write_dicom_series(phantom, tmp_path / "scout", rows=64, cols=64, slices=3, slice_thickness=5.0,
+                               series_description="SCOUT", patient_id=PATIENT_ID, extra=dict(PATIENT))
+    study = study_of(files)
+    real = daemon.pipeline.build_report
+
+    def refuses_all_but_the_last(sources, summary, sc_datasets, *args, **kwargs):
+        if sc_datasets:  # the first two tries list the image: refused as if a value did not validate
+            DA(BAD_BIRTH_DATES[1])
+        return real(sources, summary, sc_datasets, *args, **kwargs)
+
+    monkeypatch.setattr(daemon.pipeline, "build_report", refuses_all_but_the_last)
+    outcome = run_job(ticket(study.study_instance_uid), study, ct_runner, tmp_path / "out", overlay_slices=1)
+    assert not outcome.eligible and "no suitable series" in outcome.ineligible_reason
+    # The report alone: an image it cannot list is not sent.
+    assert [o.kind for o in outcome.objects] == ["sr"]
+    sr_path = Path(outcome.objects[0].path)
+    assert dciodvfy_errors(sr_path) == []
+    sr = pydicom.dcmread(sr_path)
+    assert (sr.StudyInstanceUID, sr.PatientID) == (study.study_instance_uid, PATIENT_ID)
+    assert sum("retried on less" in r.getMessage() for r in caplog.records) == 2
+    ours = [r for r in caplog.records if r.name.split(".")[0] in ("daemon", "export", "imaging")]
+    assert [r.getMessage() for r in ours if leaks(f"{r.getMessage()} {getattr(r, 'error', '')}")] == []

@@ -1,5 +1,6 @@
 """The worker's lease: kept alive while the job runs, never reported lost because the
-job ended, reported lost when the job was really taken away."""
+job ended, reported lost when the job was really taken away. And how a job that raised
+ends: an input error is never retried, and the study gets its not-eligible report."""
 
 from __future__ import annotations
 
@@ -8,16 +9,23 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DA
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import daemon.worker
+from bad_input import BAD_BIRTH_DATES, PATIENT_ID, PATIENT_NAME, leaks, set_raw
+from daemon.logs import JsonFormatter
 from db import api
-from db.models import Job, Result
+from db.models import Job, Result, ResultObject
 from db.states import JobState
-from db_factories import claimed_job, outcome
-from worker_helpers import make_worker, queued_ct_study, worker_settings
+from db_factories import CT_IMAGE_STORAGE, claimed_job, outcome
+from serve_harness import dciodvfy_errors
+from worker_helpers import make_worker, queued_ct_study, record_stored_files, reporting_runner, worker_settings
 
 HEARTBEATS_WORTH_S = 0.2  # ten heartbeats at heartbeat_s = 0.02
 HEARTBEAT_WAIT_S = 30.0  # the most a job waits for its heartbeat thread on a loaded machine
@@ -137,3 +145,114 @@ def test_heartbeat_after_its_own_finish_is_refused_quietly(
     assert _lease_lost_records(caplog) == []
     assert not api.heartbeat(db_session, ticket.job_id, "intruder", 60)  # never held it: a real loss
     assert len(_lease_lost_records(caplog)) == 1
+
+
+# --------------------------------------------------------------------------- input errors
+
+def _stored_instances(storage: Path, count: int = 3) -> list[Path]:
+    """CT instances of one series (headers only) whose PatientBirthDate does not decode."""
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for number in range(1, count + 1):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CT_IMAGE_STORAGE, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 2, number
+        ds.Rows = ds.Columns = 16
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 1
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PatientName, ds.PatientID, ds.PatientSex = PATIENT_NAME, PATIENT_ID, "O"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = (
+            "20260105", "090000", "", "1", "")
+        set_raw(ds, "PatientBirthDate", BAD_BIRTH_DATES[0].encode())
+        path = storage / study / series / f"{number}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _decodes_the_birth_date(_ticket: object, study, *_args: object, **_kwargs: object):  # type: ignore[no-untyped-def]
+    ds = pydicom.dcmread(next(iter(study.series.values()))[0])
+    DA(ds.PatientBirthDate)  # pydicom refuses it, quoting the value
+    raise AssertionError("the birth date decoded")
+
+
+def _our_log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [JsonFormatter().format(r) for r in caplog.records if r.name.split(".")[0] in ("daemon", "db", "export")]
+
+
+def test_an_input_error_is_never_retried_and_the_study_gets_its_not_eligible_report(
+    tmp_path: Path, db_url: str, db_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = worker_settings(tmp_path, db_url)  # three attempts allowed: none is used
+    with db_sessions() as session:
+        _, study_id = record_stored_files(session, settings.storage_dir, _stored_instances(settings.storage_dir))
+    worker = make_worker(monkeypatch, settings, db_sessions, _decodes_the_birth_date, runner=reporting_runner())
+    caplog.set_level(logging.INFO)
+    assert worker.run_one()
+
+    job = _job(db_sessions, study_id)
+    assert (job.state, job.attempts, job.last_error) == (JobState.DONE, 1, None)
+    with db_sessions() as session:
+        [result] = session.execute(select(Result).where(Result.study_id == study_id)).scalars().all()
+        objects = session.execute(select(ResultObject).where(ResultObject.result_id == result.id)).scalars().all()
+    assert not result.eligible
+    assert result.ineligible_reason == ("input_undecodable: a value of the stored instances does not decode "
+                                        "or is not valid (ValueError)")
+    # The undecodable value is left out of the report, and the report says so by keyword.
+    assert any(r.startswith("header_values_dropped: PatientBirthDate ") for r in result.qc_reasons)
+    assert sorted(o.kind for o in objects) == ["sc", "sr"]
+    for obj in objects:
+        assert dciodvfy_errors(Path(obj.path)) == [], obj.path
+    sr = pydicom.dcmread(next(o.path for o in objects if o.kind == "sr"))
+    assert (sr.PatientID, str(sr.PatientName), sr.PatientBirthDate) == (PATIENT_ID, PATIENT_NAME, "")
+    texts = [str(result.ineligible_reason), *map(str, result.qc_reasons), *_our_log_lines(caplog)]
+    assert [t for t in texts if leaks(t) or PATIENT_NAME in t] == []
+    assert not any("retried on less" in r.getMessage() for r in caplog.records)  # the full report went out
+
+
+def test_an_input_error_whose_report_fails_too_fails_the_job_at_once(
+    tmp_path: Path, db_url: str, db_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = worker_settings(tmp_path, db_url)
+    with db_sessions() as session:
+        _, study_id = record_stored_files(session, settings.storage_dir, _stored_instances(settings.storage_dir))
+
+    def no_report(*_args: object, **_kwargs: object):
+        DA(BAD_BIRTH_DATES[1])
+
+    monkeypatch.setattr(daemon.worker, "not_screened_after_error", no_report)
+    worker = make_worker(monkeypatch, settings, db_sessions, _decodes_the_birth_date, runner=reporting_runner())
+    caplog.set_level(logging.INFO)
+    assert worker.run_one()
+    job = _job(db_sessions, study_id)
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)  # not retried: it would fail the same way
+    assert job.last_error.startswith("ValueError (message withheld)") and not leaks(job.last_error)
+    assert [line for line in _our_log_lines(caplog) if leaks(line)] == []
+
+
+def test_storage_trouble_while_reporting_an_input_error_is_retried(
+    tmp_path: Path, db_url: str, db_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = worker_settings(tmp_path, db_url)
+    files = _stored_instances(settings.storage_dir)
+    with db_sessions() as session:
+        _, study_id = record_stored_files(session, settings.storage_dir, files)
+
+    def decodes_then_loses_a_file(ticket, study, *args, **kwargs):  # type: ignore[no-untyped-def]
+        files[-1].unlink()  # as if the share went away between the two reads
+        _decodes_the_birth_date(ticket, study, *args, **kwargs)
+
+    worker = make_worker(monkeypatch, settings, db_sessions, decodes_then_loses_a_file, runner=reporting_runner())
+    assert worker.run_one()
+    job = _job(db_sessions, study_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 1)
+    assert job.last_error.startswith("TransientError")

@@ -1,23 +1,28 @@
 """An in-process Worker on a real database, with the model and the pipeline stood in for:
 what the worker does around `run_job` (lease, heartbeat, finish, fail, deliver, logs)
-is tested without ONNX or imaging."""
+is tested without ONNX or imaging. `record_stored_files` records real files as the
+receiver would, for a worker that reads them (the not-eligible report of an input error,
+or the real pipeline)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pydicom
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 import daemon.worker
 from daemon.config import Settings, load_settings
+from daemon.receiver import slice_position
 from daemon.worker import Worker
 from db import api
-from db_factories import CT_BUNDLE, complete_study
+from db.types import BundleRef, InstanceRecord
+from db_factories import BUNDLES, CT_BUNDLE, complete_study
 
 RunJob = Callable[..., Any]
 
@@ -36,10 +41,19 @@ def fake_runner() -> SimpleNamespace:
     return SimpleNamespace(bundle=SimpleNamespace(manifest=manifest))
 
 
+def reporting_runner() -> SimpleNamespace:
+    """A stand-in CT runner a not-eligible report can name (a bundle hash and method)."""
+    runner = fake_runner()
+    runner.bundle.sha256 = "0" * 64
+    runner.bundle.manifest.method = "f-anogan-3d"
+    return runner
+
+
 def make_worker(monkeypatch: pytest.MonkeyPatch, settings: Settings, sessions: sessionmaker[Session],
-                run_job: RunJob, worker_id: str = "test-worker") -> Worker:
-    """A Worker whose only bundle is a stand-in CT runner, and whose pipeline is `run_job`."""
-    runners = {(CT_BUNDLE.name, CT_BUNDLE.version): fake_runner()}
+                run_job: RunJob, worker_id: str = "test-worker", runner: SimpleNamespace | None = None) -> Worker:
+    """A Worker whose only bundle is a stand-in CT runner (`fake_runner` unless `runner`),
+    and whose pipeline is `run_job`."""
+    runners = {(CT_BUNDLE.name, CT_BUNDLE.version): runner or fake_runner()}
     monkeypatch.setattr(daemon.worker, "load_runners", lambda _settings: runners)
     monkeypatch.setattr(daemon.worker, "run_job", run_job)
     return Worker(settings, sessions, worker_id=worker_id)
@@ -48,3 +62,33 @@ def make_worker(monkeypatch: pytest.MonkeyPatch, settings: Settings, sessions: s
 def queued_ct_study(session: Session) -> tuple[str, int]:
     """A completed CT study whose job is claimable now; returns (study uid, study id)."""
     return complete_study(session, now=api.utcnow() - timedelta(hours=2))
+
+
+def _lenient(read: Callable[[], Any]) -> Any:
+    """A record field as the receiver keeps it: None when the value does not decode."""
+    try:
+        return read()
+    except Exception:
+        return None
+
+
+def record_stored_files(session: Session, storage_dir: Path, files: Sequence[Path],
+                        bundles: Sequence[BundleRef] = BUNDLES) -> tuple[str, int]:
+    """Record files under `storage_dir` as the receiver would and complete their study (one
+    study), whose job for each of `bundles` is claimable now; returns (study uid, study id)."""
+    records = []
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        records.append(InstanceRecord(
+            study_instance_uid=str(ds.StudyInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID),
+            sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            path=Path(path).relative_to(storage_dir).as_posix(), size_bytes=Path(path).stat().st_size,
+            modality=_lenient(lambda: str(ds.Modality)), series_number=_lenient(lambda: int(ds.SeriesNumber)),
+            instance_number=_lenient(lambda: int(ds.InstanceNumber)),
+            slice_position=_lenient(lambda: slice_position(ds)), calling_ae="PACS"))
+    received = api.utcnow() - timedelta(hours=2)
+    api.record_instances(session, records, now=received)
+    done = api.sweep_completeness(session, received + timedelta(seconds=3600), 60, 10, list(bundles))
+    assert len(done) == 1
+    return records[0].study_instance_uid, done[0]

@@ -1,0 +1,309 @@
+"""Clean copies of source headers, made before any result object is built from them.
+
+highdicom copies the patient, study and equipment attributes of a source instance into
+every SC, SEG and SR it builds, and refuses (ValueError) a value that does not decode
+or does not validate for its VR: a PatientBirthDate of "1970-01-01" or "00000000", a
+StudyTime of "99:99:99", an unknown SpecificCharacterSet, an element of unknown VR.
+One such value must not cost the study its report, so the builders get a copy in which:
+
+- every element that does not decode (unknown VR, a VR other than the dictionary's,
+  bytes the character set cannot read, a DS/IS that is not a number, a DA/TM/DT that
+  is not a date or time) is left out;
+- the attributes the results copy (patient, study, equipment; `COPIED`) must also
+  validate for their VR (length, repertoire, PatientSex M/F/O), else they are left
+  out; the Type 2 ones among them are then present and empty;
+- an unknown SpecificCharacterSet is left out, and with it every text value that is
+  not plain ASCII (it cannot be read without one);
+- every copy of one series carries the patient, study and series values of the first
+  (`sanitise_sources`), so all objects of one result agree and one slice's bad value
+  costs no other slice its report.
+
+What was left out is said by attribute keyword only (`Sanitised.note`): the values
+are patient data and never leave this module. Private elements are not copied (no
+result needs them) and are not reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from highdicom.enum import SpecificCharacterSetValues
+from pydicom import config
+from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
+from pydicom.valuerep import DA, DT, TM, validate_value
+
+try:  # the check highdicom applies to the character set it writes
+    from highdicom.valuerep import _check_specific_character_set
+except ImportError:  # a highdicom without it: its enumeration of defined terms
+    _check_specific_character_set = None
+
+__all__ = ["COPIED", "TYPE2", "NOTE_PREFIX", "Sanitised", "clean_header", "sanitise_sources"]
+
+logger = logging.getLogger(__name__)
+
+NOTE_PREFIX = "header_values_dropped"
+_NOTE_MAX_KEYWORDS = 12
+
+# Type 2 attributes highdicom reads from its reference dataset by attribute (absent: AttributeError).
+TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+)
+
+# What the results copy from a source and a receiver reads: validated for their VR, and
+# the same on every copy. Patient and Patient Study, General Study, General Equipment.
+COPIED = frozenset({
+    *TYPE2,
+    "IssuerOfPatientID", "TypeOfPatientID", "PatientBirthTime", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "EthnicGroup", "PatientComments", "PatientSpeciesDescription",
+    "PatientBreedDescription", "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization",
+    "PatientIdentityRemoved", "DeidentificationMethod", "QualityControlSubject", "StrainDescription",
+    "StrainNomenclature", "StrainAdditionalInformation", "PatientAge", "PatientSize", "PatientWeight",
+    "MedicalAlerts", "Allergies", "Occupation", "AdditionalPatientHistory", "SmokingStatus",
+    "PregnancyStatus", "LastMenstrualDate", "PatientState", "AdmissionID", "AdmittingDiagnosesDescription",
+    "ServiceEpisodeID", "ServiceEpisodeDescription", "PatientSexNeutered",
+    "ConsultingPhysicianName", "StudyDescription", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy",
+    "RequestingService",
+    "Manufacturer", "ManufacturerModelName", "DeviceSerialNumber", "SoftwareVersions", "InstitutionName",
+    "InstitutionAddress", "InstitutionalDepartmentName", "StationName", "BodyPartExamined", "Modality",
+    "FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+})
+# Patient, study and series attributes: one set of values for every object of a result.
+_SHARED = frozenset(COPIED - {"SOPInstanceUID", "SOPClassUID"})
+_ENUMERATED = {"PatientSex": {"M", "F", "O"}, "PatientIdentityRemoved": {"YES", "NO"}}
+
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+                       "UI", "UR", "UT"})
+# Control characters (C0, DEL, C1) and the replacement character of bytes that did not
+# decode; ESC (ISO 2022) is allowed everywhere, TAB, LF, FF and CR in free text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f-\x9f\ufffd]")
+_CONTROL_SHORT = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f-\x9f\ufffd]")
+_FREE_TEXT = frozenset({"LT", "ST", "UT"})
+_PARSED = {"DA": DA, "TM": TM, "DT": DT}
+# Digits and dots: UIDs with a leading zero in a component are common in the wild and
+# harmless, so the standard's stricter form is not asked of them.
+_UID = re.compile(r"[0-9.]{1,64}")
+_PIXEL_GROUP = 0x7FE0
+
+
+@dataclass(frozen=True)
+class Sanitised:
+    """Clean copies of source datasets, in the given order, and the keywords left out."""
+
+    datasets: list[Dataset]
+    dropped: tuple[str, ...] = ()
+
+    @property
+    def note(self) -> str | None:
+        """An advisory QC reason naming what was left out (keywords only), or None."""
+        if not self.dropped:
+            return None
+        shown = list(self.dropped[:_NOTE_MAX_KEYWORDS])
+        more = len(self.dropped) - len(shown)
+        return (f"{NOTE_PREFIX}: " + ", ".join(shown) + (f" and {more} more" if more else "")
+                + " (not decodable or not valid for the VR: left out of the results)")
+
+
+def sanitise_sources(datasets: Sequence[Dataset]) -> Sanitised:
+    """Clean copies of `datasets`, instances of one series (see module docstring): every
+    copy carries the patient, study and series values of the first one, so the objects of
+    one result agree. Never raises on the datasets' values."""
+    if not datasets:
+        return Sanitised([])
+    dropped: dict[str, None] = {}
+    first, first_dropped = clean_header(datasets[0])
+    dropped.update(dict.fromkeys(first_dropped))
+    # The character set goes with the values it was read with.
+    shared = {tag: first.get_item(tag) for tag in first.keys()
+              if keyword_for_tag(tag) in _SHARED or tag == 0x00080005}
+    clean = [first]
+    for dataset in datasets[1:]:
+        # Its own patient, study and series values are replaced by the first one's: not even read.
+        copy_, others = clean_header(dataset, skip=_SHARED)
+        dropped.update(dict.fromkeys(others))
+        for tag in [t for t in copy_.keys()
+                    if (keyword_for_tag(t) in _SHARED or t == 0x00080005) and t not in shared]:
+            del copy_[tag]
+        for tag, element in shared.items():
+            copy_.add(copy.copy(element))
+        clean.append(copy_)
+    if dropped:
+        logger.warning("source header values left out of the results",
+                       extra={"action": "header_values_dropped", "attributes": list(dropped)})
+    return Sanitised(clean, tuple(dropped))
+
+
+def clean_header(dataset: Dataset, skip: frozenset[str] = frozenset()) -> tuple[Dataset, list[str]]:
+    """One clean copy of `dataset` (pixel data kept as it is) and the keywords left out;
+    the top-level attributes named in `skip` are left out unread (and not reported)."""
+    dropped: list[str] = []
+    with warnings.catch_warnings():
+        # pydicom warns with the offending value in the text.
+        warnings.simplefilter("ignore")
+        charset_ok = _charset_usable(dataset)
+        clean = _clean(dataset, dropped, charset_ok, top=True, skip=skip)
+    if not charset_ok and not skip:
+        dropped.insert(0, "SpecificCharacterSet")
+    for keyword in TYPE2:
+        if keyword not in clean:
+            setattr(clean, keyword, None)  # Type 2: present, empty
+    if getattr(dataset, "filename", None) is not None:
+        clean.filename = dataset.filename  # the pipeline reads the pixels again from it
+    try:
+        if getattr(dataset, "file_meta", None) is not None:
+            clean.file_meta = copy.copy(dataset.file_meta)
+    except Exception:  # a broken meta header: the results make their own
+        pass
+    return clean, list(dict.fromkeys(dropped))
+
+
+def _clean(dataset: Dataset, dropped: list[str], charset_ok: bool, top: bool,
+           skip: frozenset[str] = frozenset()) -> Dataset:
+    clean = Dataset()
+    for tag in list(dataset.keys()):
+        tag = Tag(tag)
+        if tag.is_private or (top and tag == 0x00080005):
+            continue
+        keyword = keyword_for_tag(tag) or str(tag)
+        if top and keyword in skip:
+            continue
+        try:
+            element = dataset[tag]  # decodes a raw element
+            kept = _kept(element, keyword, dropped, charset_ok)
+        except Exception:  # unknown VR, undecodable bytes...: left out, by keyword
+            dropped.append(keyword)
+            continue
+        if kept is not None:
+            clean.add(kept)
+        else:
+            dropped.append(keyword)
+    if top and charset_ok and "SpecificCharacterSet" in dataset:
+        clean.SpecificCharacterSet = dataset.SpecificCharacterSet
+    return clean
+
+
+def _kept(element: DataElement, keyword: str, dropped: list[str], charset_ok: bool) -> DataElement | None:
+    """The element as the copy holds it, or None when it is left out."""
+    if element.tag.group == _PIXEL_GROUP:
+        return element
+    vr = element.VR
+    if not _vr_matches(element.tag, vr, strict=keyword in COPIED):
+        return None
+    if vr == "SQ":
+        items = []
+        for item in element.value:
+            items.append(_clean(item, dropped, charset_ok, top=False))
+        return DataElement(element.tag, vr, items)
+    if element.is_empty:
+        return element
+    values = list(element.value) if isinstance(element.value, (MultiValue, list, tuple)) else [element.value]
+    if keyword in COPIED and not _vm_matches(element.tag, len(values)):
+        return None  # a backslash in a name makes two values where one is allowed
+    if vr in _TEXT_VRS and not all(_text_ok(vr, v, keyword, charset_ok) for v in values):
+        return None
+    if vr in ("DS", "FL", "FD") and not all(_finite(v) for v in values):
+        return None
+    if vr == "IS" and not all(_integer(v) for v in values):
+        return None
+    return element
+
+
+def _vr_matches(tag: BaseTag, vr: str, strict: bool) -> bool:
+    """A VR other than the dictionary's (a date stored as US) is not read as the dictionary
+    says; UN is kept for tags pydicom does not know, never for what the results copy."""
+    try:
+        expected = dictionary_VR(tag)
+    except KeyError:
+        return not strict
+    if vr == "UN":
+        return not strict
+    return vr in {part.strip() for part in expected.split(" or ")}
+
+
+def _vm_matches(tag: BaseTag, count: int) -> bool:
+    try:
+        vm = dictionary_VM(tag)
+    except KeyError:
+        return True
+    low, _, high = vm.partition("-")
+    if not low.isdigit():
+        return True
+    if not high:
+        return count == int(low)
+    return count >= int(low) and (not high.isdigit() or count <= int(high))
+
+
+def _text_ok(vr: str, value: object, keyword: str, charset_ok: bool) -> bool:
+    text = str(value)
+    if not charset_ok and not text.isascii():
+        return False
+    if (_CONTROL if vr in _FREE_TEXT else _CONTROL_SHORT).search(text.replace("\x1b", "")):
+        return False
+    if vr in _PARSED and text.strip():
+        _PARSED[vr](text.strip())  # raises on a date or time that does not exist
+    if vr in ("DS", "IS"):
+        return True  # checked as numbers; lengths vary in the wild and nothing copies them as text
+    if keyword not in COPIED and vr not in _PARSED:
+        return True
+    if vr == "PN" and any(group.count("^") > 4 for group in text.split("=")):
+        return False  # at most five components per group
+    allowed = _ENUMERATED.get(keyword)
+    if allowed is not None and text.strip() not in allowed:
+        return False
+    if vr == "UI":
+        return _UID.fullmatch(text.rstrip("\x00 ")) is not None
+    # Length, repertoire and format of the VR, as a receiver would check them.
+    validate_value(vr, text, config.RAISE)
+    return True
+
+
+def _finite(value: object) -> bool:
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _integer(value: object) -> bool:
+    try:
+        int(str(value).strip())
+        return True
+    except (TypeError, ValueError):
+        return _finite(value) and float(value) == int(float(value))  # type: ignore[arg-type]
+
+
+def _charset_usable(dataset: Dataset) -> bool:
+    """True when the SpecificCharacterSet is absent or one highdicom writes and pydicom reads."""
+    try:
+        element = dataset["SpecificCharacterSet"] if "SpecificCharacterSet" in dataset else None
+    except Exception:
+        return False
+    if element is None or element.is_empty:
+        return True
+    terms = [str(t) for t in (element.value if isinstance(element.value, MultiValue) else [element.value])]
+    return _terms_known(terms)
+
+
+def _terms_known(terms: Iterable[str]) -> bool:
+    terms = list(terms)
+    if _check_specific_character_set is not None:
+        try:
+            _check_specific_character_set(terms[0] if len(terms) == 1 else terms)
+        except Exception:
+            return False
+    else:
+        known = {v.value for v in SpecificCharacterSetValues}
+        if not all(t in known or (i == 0 and t == "" and len(terms) > 1) for i, t in enumerate(terms)):
+            return False
+    return all(t in python_encoding for t in terms if t)
