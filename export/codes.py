@@ -143,6 +143,11 @@ _QC_REASONS: dict[str, CodedConcept] = {
     "missing_slices": _private("HS0120", "Missing slices"),
     "uneven_slice_spacing": _private("HS0121", "Uneven slice spacing"),
     "gantry_tilt": _private("HS0122", "Gantry tilt (resampled to an orthogonal grid)"),
+    "header_values_dropped": _private("HS0123", "Header values left out (undecodable or invalid)"),
+    "instances_excluded": _private("HS0124", "Undecodable instances left out of the series"),
+    "seg_not_built": _private("HS0125", "Segmentation not built (source geometry unusable)"),
+    "input_undecodable": _private("HS0126", "Stored instances do not decode"),
+    "input_rejected": _private("HS0127", "Input rejected as unprocessable"),
 }
 QC_OTHER_VALUE = "HS0199"
 

@@ -34,11 +34,15 @@ BLOCKING = frozenset({
     "skull_strip_poor", "brain_extraction_failed", "brain_volume_implausible",
     "insufficient_coverage", "noise_high", "not_a_head", "modality_mismatch", "geometry_assumed",
     "no_suitable_series",
+    # The input itself failed to decode or was refused (daemon.errors): nothing to screen.
+    "input_undecodable", "input_rejected",
 })
 # Worth telling the reader, but the result still stands.
 ADVISORY = frozenset({
     "skull_defect", "slice_spacing_irregular", "missing_slices", "uneven_slice_spacing", "gantry_tilt",
     "chronological_age", "brain_age_implausible", "qc_out_of_range",
+    # Bad input that was left out so the rest could be screened (daemon.pipeline).
+    "header_values_dropped", "instances_excluded", "seg_not_built",
 })
 
 

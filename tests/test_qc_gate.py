@@ -40,6 +40,16 @@ def test_no_suitable_series_is_blocking():
     assert _classes("no_suitable_series") == ["blocking"]
 
 
+@pytest.mark.parametrize("prefix, kind", [
+    ("input_undecodable", "blocking"), ("input_rejected", "blocking"),
+    ("header_values_dropped", "advisory"), ("instances_excluded", "advisory"), ("seg_not_built", "advisory"),
+])
+def test_bad_input_reasons_of_the_pipeline_are_registered(prefix, kind):
+    # The pipeline emits these (daemon/pipeline.py); unregistered they would fall to HS0199.
+    assert _classes(prefix) == [kind]
+    assert codes.qc_reason_code(f"{prefix}: detail").value != codes.QC_OTHER_VALUE
+
+
 def test_blocking_and_advisory_do_not_overlap():
     assert not qc.BLOCKING & qc.ADVISORY
 
