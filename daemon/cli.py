@@ -4,6 +4,7 @@ so the service runs without the `train` extra (no torch)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -12,14 +13,41 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from daemon.config import Settings, example_toml, load_settings
-from daemon.errors import HeadscreenError
-from daemon.privacy import withhold_values_in_logs
+from daemon.errors import HeadscreenError, TransientError
+from daemon.privacy import failure_reason, redact_secrets, withhold_values_in_logs
+from db.states import StudyState
 
 log = logging.getLogger("headscreen")
 
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES = """\
+exit codes:
+  0    success
+  1    runtime failure: the database, a peer, the disk or a port refused (e.g. the
+       DICOM port is in use), or an unexpected error
+  2    usage or configuration error: an unknown option or value, an invalid
+       configuration file (the message names the key), a bad bundle
+  130  interrupted (Ctrl-C)"""
+
+
+class CommandFailed(HeadscreenError):
+    """A runtime failure, worded for the operator (exit 1, not a usage error)."""
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("headscreen")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    settings = load_settings(args.config)
+    # Command-line options win over the file and the environment.
+    overrides = {key: value for key in ("log_format", "log_level") if (value := getattr(args, key, None))}
+    return settings.model_copy(update=overrides) if overrides else settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -29,14 +57,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings)
     withhold_values_in_logs()
-    return serve(settings)
+    try:
+        return serve(settings)
+    except OSError as exc:
+        if exc.filename is None and exc.errno in _LISTEN_ERRORS:
+            raise CommandFailed(_listen_failure(settings, exc)) from None
+        raise
+
+
+_LISTEN_ERRORS = {
+    errno.EADDRINUSE: "address already in use: another process listens there (stop it, or set another port)",
+    errno.EADDRNOTAVAIL: "the address is not one of this host's (check bind_address)",
+    errno.EACCES: "permission denied (ports below 1024 need privileges; 11112 and 2762 do not)",
+}
+
+
+def _listen_failure(settings: Settings, exc: OSError) -> str:
+    ports = [settings.port]
+    tls = getattr(getattr(settings, "receiver", None), "tls", None)
+    if getattr(tls, "enabled", False):
+        ports.append(tls.port)
+    where = " or ".join(f"{settings.bind_address}:{port}" for port in ports)
+    return f"cannot listen for DICOM on {where}: {_LISTEN_ERRORS[exc.errno or 0]}"
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A worker on its own (e.g. on another machine sharing a PostgreSQL queue)."""
     from daemon.worker import worker_process_main
 
-    worker_process_main(_settings(args), args.index)
+    worker_process_main(_settings(args), args.index)  # sets up logging from the settings
     return 0
 
 
@@ -153,7 +202,13 @@ def cmd_web(args: argparse.Namespace) -> int:
     configure_logging(settings)
     withhold_values_in_logs()
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
-    return run_web(settings, _sessions(settings), bundle_refs(settings))
+    try:
+        return run_web(settings, _sessions(settings), bundle_refs(settings))
+    except SystemExit as exc:  # uvicorn exits 3 when it cannot start; its log line says why
+        if exc.code in (0, None):
+            raise
+        raise CommandFailed(f"the web console did not start on {settings.web.bind_address}:{settings.web.port} "
+                            "(the line above says why; a port in use is the usual cause)") from None
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -389,6 +444,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_training(args: argparse.Namespace, rest: list[str]) -> int:
+    from daemon.logs import setup_logging
+
+    if not logging.getLogger().handlers:  # as logging.basicConfig: a host's handlers stay
+        setup_logging(args.log_format or "text", args.log_level or "INFO")
     try:
         from model_training import cli as training_cli
     except ImportError as exc:
@@ -397,13 +456,28 @@ def cmd_training(args: argparse.Namespace, rest: list[str]) -> int:
     return entry(rest)
 
 
+def _logging_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--log-format", choices=("text", "json"), default=default,
+                        help="log lines as text or one JSON object each (default: log_format of the configuration)")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=default,
+                        help="default: log_level of the configuration")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="headscreen", description=__doc__)
+    parser = argparse.ArgumentParser(prog="headscreen", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"headscreen {_version()}")
     parser.add_argument("-c", "--config", type=Path, help="TOML configuration file (default: $HEADSCREEN_CONFIG)")
+    _logging_options(parser, None)
+    # The daemons also take the logging options after their name; SUPPRESS keeps a value
+    # given before the name.
+    daemon_logging = argparse.ArgumentParser(add_help=False)
+    _logging_options(daemon_logging, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("serve", help="run the receiver, scheduler and workers").set_defaults(fn=cmd_serve)
-    worker = commands.add_parser("worker", help="run one worker process (for extra machines)")
+    commands.add_parser("serve", help="run the receiver, scheduler and workers",
+                        parents=[daemon_logging]).set_defaults(fn=cmd_serve)
+    worker = commands.add_parser("worker", help="run one worker process (for extra machines)", parents=[daemon_logging])
     worker.add_argument("--index", type=int, default=0)
     worker.set_defaults(fn=cmd_worker)
 
@@ -418,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     studies_cmd = studies.add_subparsers(dest="studies_command")
     listing = studies_cmd.add_parser("list", help="list studies (default)")
     for p in (studies, listing):
-        p.add_argument("--state")
+        p.add_argument("--state", choices=[str(state) for state in StudyState])
         p.add_argument("--modality")
         p.add_argument("--outliers", action="store_true", help="screen-positive studies only")
         p.add_argument("--qc-failed", action="store_true", help="studies with QC reasons only")
@@ -440,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     resend.add_argument("--no-send", action="store_true", help="only queue them; the daemon sends")
     resend.set_defaults(fn=cmd_resend)
 
-    commands.add_parser("web", help="run the admin web console alone").set_defaults(fn=cmd_web)
+    commands.add_parser("web", help="run the admin web console alone",
+                        parents=[daemon_logging]).set_defaults(fn=cmd_web)
     users = commands.add_parser("users", help="admin console users").add_subparsers(dest="users_command", required=True)
     for name, fn, helptext in (("add", cmd_users_add, "add a user (audited)"),
                                ("passwd", cmd_users_passwd, "change a user's password")):
@@ -502,19 +577,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command and returns its exit code (EXIT_CODES); argparse exits 2 itself
+    on a usage error. An error is reported in one line, never as a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    # The daemons set up logging; their last word is a log event like the others.
+    logged = args.command in ("serve", "web", "worker")
     try:
         if args.command in ("train", "evaluate"):
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             return cmd_training(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.fn(args)
+    except (CommandFailed, TransientError) as exc:
+        return _failed(str(exc), EXIT_FAILURE, logged)
     except HeadscreenError as exc:
-        print(f"headscreen: {exc}", file=sys.stderr)
-        return 2
+        return _failed(str(exc), EXIT_USAGE, logged)
+    except KeyboardInterrupt:
+        return _failed("interrupted", EXIT_INTERRUPTED, logged)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _failed(f"{where}{exc.strerror or type(exc).__name__}", EXIT_FAILURE, logged)
+    except Exception as exc:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if isinstance(exc, SQLAlchemyError):
+            # The driver's first line says what failed (refused, no such file); the lines after
+            # it, and SQLAlchemy's own, may quote statements and their values.
+            first = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()[:1]
+            message = f"database: {redact_secrets(first[0]) if first else type(exc).__name__}"
+            return _failed(message, EXIT_FAILURE, logged)
+        # A bug: where it was raised, without its message (which may quote patient data).
+        return _failed(f"unexpected error: {failure_reason(exc)}", EXIT_FAILURE, logged, exc)
+
+
+def _failed(message: str, code: int, logged: bool, exc: BaseException | None = None) -> int:
+    """Say why the command stops: a log event for a daemon (one JSON line with --log-format
+    json; a traceback is kept as frames without messages), else one line on stderr."""
+    from daemon.logs import is_set_up
+
+    if logged and is_set_up():
+        log.error(message, exc_info=exc, extra={"action": "exit", "exit_code": code})
+    else:
+        print(f"headscreen: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

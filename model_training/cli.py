@@ -94,6 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _anomaly_kinds(text: str) -> tuple[str, ...]:
+    """--kinds: known anomaly types only (a usage error, not a traceback, names the rest)."""
+    from model_training.anomalies import ANOMALY_TYPES
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in ANOMALY_TYPES]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown anomaly type(s) {', '.join(unknown) or repr(text)}; "
+                                         f"known: {', '.join(sorted(ANOMALY_TYPES))}")
+    return kinds
+
+
 def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="headscreen evaluate",
                                 description="Score a bundle on a fresh labelled synthetic set (AUROC, age MAE).")
@@ -108,7 +120,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=Path, help="labelled CSV (model_training.dataset) instead of the suite")
     p.add_argument("--n-per-type", type=int, default=3, help="suite scans per anomaly type")
     p.add_argument("--normals", type=int, default=12, help="suite normal scans")
-    p.add_argument("--kinds", help="comma-separated anomaly types (default: all for the modality)")
+    p.add_argument("--kinds", type=_anomaly_kinds, help="comma-separated anomaly types (default: all for the modality)")
     p.add_argument("--spacing", type=float, default=1.0, help="suite native voxel size in mm")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
     return p
@@ -135,8 +147,7 @@ def evaluate_report(args: argparse.Namespace) -> dict:
             records.append(ev.score_volume(runner, volume, f"row{i + 2}", row.kind, int(not row.is_normal), row.age))
         source = f"dataset {args.dataset}"
     else:
-        kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
-        cases = suite_cases(m.modality, args.n_per_type, args.seed, kinds, args.normals, args.spacing)
+        cases = suite_cases(m.modality, args.n_per_type, args.seed, args.kinds, args.normals, args.spacing)
         records = ev.score_suite(runner, cases)
         source = f"synthetic anomaly suite, seed {args.seed}"
     metrics = ev.evaluate_records(records, n_boot=args.bootstrap, seed=0)

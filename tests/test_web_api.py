@@ -376,7 +376,7 @@ def test_healthz_reports_each_check(console: Console) -> None:
     client = console.client()
     body = client.get("/healthz").json()
     assert body["ok"] is True
-    assert set(body["checks"]) == {"process", "database", "storage", "workers"}
+    assert set(body["checks"]) == {"process", "database", "storage", "workers", "scheduler"}
     console.settings.disk_min_free_mb = 10**12  # more than any disk: storage must fail
     response = client.get("/healthz")
     assert response.status_code == 503 and response.json()["checks"]["storage"]["ok"] is False
@@ -389,12 +389,12 @@ def test_metrics_are_prometheus_text(console: Console) -> None:
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
-    assert samples["headscreen_instances_received"] == 11
-    assert samples['headscreen_jobs{state="failed"}'] == 1
+    assert samples["headscreen_instances_stored"] == 11
+    assert samples['headscreen_jobs_finished_total{outcome="failed"}'] == 1
     assert samples['headscreen_deliveries{state="dead"}'] == 1
-    assert samples['headscreen_stage_seconds_count{stage="inference_s"}'] == 4
-    assert samples['headscreen_score_percentile_bucket{le="50"}'] == 1
-    assert samples['headscreen_score_percentile_bucket{le="+Inf"}'] == 4
+    assert samples['headscreen_pipeline_stage_duration_seconds_count{stage="inference"}'] == 4
+    assert samples['headscreen_result_reference_quantile_bucket{le="0.5"}'] == 1
+    assert samples['headscreen_result_reference_quantile_bucket{le="+Inf"}'] == 4
     assert console.seeded.positive not in text
 
 

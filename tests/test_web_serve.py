@@ -3,11 +3,15 @@ localhost port, and stops it on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import httpx
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.orthanc import free_port
 from serve_harness import REPO, Daemon, wait_until
@@ -30,7 +34,7 @@ def test_serve_starts_the_console_and_stops_it(tmp_path: Path) -> None:
     daemon.start()
     try:
         health = wait_until(lambda: _healthz(web_port), 30, 0.2, "console /healthz")
-        assert set(health["checks"]) == {"process", "database", "storage", "workers"}
+        assert set(health["checks"]) == {"process", "database", "storage", "workers", "scheduler", "receiver"}
         anonymous = httpx.get(f"http://127.0.0.1:{web_port}/api/v1/studies", timeout=5)
         assert anonymous.status_code == 401
         login = httpx.post(f"http://127.0.0.1:{web_port}/api/v1/login",
@@ -41,3 +45,30 @@ def test_serve_starts_the_console_and_stops_it(tmp_path: Path) -> None:
     finally:
         assert daemon.stop() == 0
     assert _healthz(web_port) is None
+
+
+def test_serve_health_metrics_and_json_logs(tmp_path: Path) -> None:
+    """Readiness inside serve probes the receiver and the sweeps; /metrics carries the
+    receiver's own counters; with log_format = "json" every line of the log is one object."""
+    web_port = free_port()
+    daemon = Daemon(tmp_path / "hs", workers=0, web_port=web_port, extra='log_format = "json"')
+    daemon.start()
+    base = f"http://127.0.0.1:{web_port}"
+    try:
+        health = wait_until(lambda: _healthz(web_port), 60, 0.2, "console /healthz")
+        assert health["role"] == "serve" and health["checks"]["receiver"]["ok"] is True
+        ready = wait_until(lambda: httpx.get(f"{base}/healthz/ready", timeout=10).json()["checks"]["scheduler"]
+                           .get("last_sweep_at"), 60, 0.2, "a completeness sweep")
+        assert datetime.fromisoformat(ready).tzinfo is not None
+        assert httpx.get(f"{base}/healthz/live", timeout=10).status_code == 200
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["headscreen_receiver_instances_stored"].type == "counter"
+        assert families["headscreen_worker_processes"].type == "gauge"
+        assert families["headscreen_studies"].type == "gauge"
+    finally:
+        assert daemon.stop() == 0
+    lines = (daemon.workdir / "serve.log").read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # a line that is not JSON fails here
+    assert any(e["message"] == "headscreen serving" for e in events) and events[-1]["message"] == "stopped"
+    assert all(datetime.fromisoformat(e["time"]).utcoffset() is not None for e in events)

@@ -1,4 +1,5 @@
-"""The FastAPI application: pages, REST API, /healthz and /metrics over one WebContext."""
+"""The FastAPI application: pages, REST API, /healthz (daemon.web.health) and /metrics
+(daemon.web.metrics) over one WebContext."""
 
 from __future__ import annotations
 
@@ -9,17 +10,15 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon.config import Settings
-from daemon.web import metrics, pages, rest
+from daemon.web import health, metrics, pages, rest
 from daemon.web.auth import LoginRequired
 from daemon.web.context import WebContext
-from daemon.web.health import health_report
-from db import api
 from db.types import BundleRef
 
 logger = logging.getLogger(__name__)
@@ -49,10 +48,15 @@ class BlankQueryParams:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings, sessions: sessionmaker[Session], bundles: list[BundleRef]) -> FastAPI:
+def create_app(settings: Settings, sessions: sessionmaker[Session], bundles: list[BundleRef],
+               runtime: health.ServeRuntime | None = None) -> FastAPI:
+    """`runtime`: what `headscreen serve` runs beside the console (health and metrics read it)."""
     app = FastAPI(title="headscreen console", version="1", openapi_url="/api/openapi.json", docs_url=None,
                   redoc_url=None)
-    app.state.context = WebContext(settings=settings, sessions=sessions, bundles=bundles)
+    app.state.context = WebContext(settings=settings, sessions=sessions, bundles=bundles, runtime=runtime)
+    app.state.metrics = metrics.build_registry(app.state.context)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(rest.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
@@ -85,22 +89,9 @@ def create_app(settings: Settings, sessions: sessionmaker[Session], bundles: lis
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        if request.url.path.startswith("/api/") or request.url.path in ("/healthz", "/metrics"):
+        if request.url.path.startswith(("/api/", "/healthz")) or request.url.path == "/metrics":
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         return _error_page(request, exc.status_code, str(exc.detail))
-
-    @app.get("/healthz", include_in_schema=True, tags=["operations"])
-    def healthz() -> JSONResponse:
-        report = health_report(app.state.context)
-        return JSONResponse(report, status_code=200 if report["ok"] else 503)
-
-    @app.get("/metrics", include_in_schema=True, tags=["operations"], response_class=PlainTextResponse)
-    def prometheus() -> PlainTextResponse:
-        ctx: WebContext = app.state.context
-        with ctx.db() as session:
-            snapshot = api.metrics_snapshot(session)
-        return PlainTextResponse(metrics.exposition(snapshot, time.monotonic() - ctx.started_monotonic),
-                                 media_type="text/plain; version=0.0.4")
 
     return app
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException, Request
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,6 +21,9 @@ from daemon.config import Settings
 from daemon.errors import HeadscreenError
 from daemon.web.throttle import LoginThrottle
 from db.types import BundleRef
+
+if TYPE_CHECKING:
+    from daemon.web.health import ServeRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,8 @@ class WebContext:
     settings: Settings
     sessions: sessionmaker[Session]
     bundles: list[BundleRef]
+    # What `headscreen serve` runs beside the console; None when the console runs alone.
+    runtime: ServeRuntime | None = None
     started_monotonic: float = field(default_factory=time.monotonic)
     _loaded: list[Bundle] | None = None
     login_throttle: LoginThrottle = field(init=False)

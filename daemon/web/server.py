@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
 from daemon.web.app import create_app
+from daemon.web.health import ServeRuntime
 from db.types import BundleRef
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,9 @@ class WebServer:
         self.thread.join(timeout_s)
 
 
-def _server(settings: Settings, sessions: sessionmaker[Session], bundles: list[BundleRef]) -> uvicorn.Server:
-    app = create_app(settings, sessions, bundles)
+def _server(settings: Settings, sessions: sessionmaker[Session], bundles: list[BundleRef],
+            runtime: ServeRuntime | None = None) -> uvicorn.Server:
+    app = create_app(settings, sessions, bundles, runtime)
     # X-Forwarded-For/-Proto from the trusted proxies only: they give the address that log-ins
     # are throttled by and the scheme that makes cookies Secure.
     config = uvicorn.Config(app, host=settings.web.bind_address, port=settings.web.port, log_config=None,
@@ -46,10 +48,11 @@ def _server(settings: Settings, sessions: sessionmaker[Session], bundles: list[B
 
 
 def start_web_server(
-    settings: Settings, sessions: sessionmaker[Session], bundles: list[BundleRef], ready_timeout_s: float = 15.0
+    settings: Settings, sessions: sessionmaker[Session], bundles: list[BundleRef], ready_timeout_s: float = 15.0,
+    runtime: ServeRuntime | None = None,
 ) -> WebServer:
     """Start serving in a daemon thread; returns once the socket listens."""
-    server = _server(settings, sessions, bundles)
+    server = _server(settings, sessions, bundles, runtime)
     thread = threading.Thread(target=server.run, name="headscreen-web", daemon=True)
     thread.start()
     deadline = time.monotonic() + ready_timeout_s
