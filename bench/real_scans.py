@@ -41,7 +41,7 @@ from daemon.bundle import MANIFEST_NAME, Bundle, load_bundle
 from daemon.config import shipped_bundles
 from daemon.errors import InputRejected
 from daemon.inference import BundleRunner, Inference
-from export.seg import DEFAULT_THRESHOLD, anomaly_mask
+from export.seg import MIN_CLUSTER_ML, anomaly_mask
 from imaging import qc, realscans
 from imaging.phantoms import Pose, write_dicom_series
 from imaging.preprocess import Preprocessed, preprocess, to_native
@@ -168,7 +168,7 @@ def main() -> None:
             "lesion_t1": {k: {"value": round(v.value(means), 1), "reason": v.reason}
                           for k, v in realscans.T1_LEVELS.items()},
             "targets": {"age_range_years": AGE_RANGE_YEARS, "healthy_max_seg_ml": HEALTHY_MAX_SEG_ML,
-                        "min_dice": MIN_DICE, "seg_threshold": DEFAULT_THRESHOLD},
+                        "min_dice": MIN_DICE, "seg_min_region_ml": MIN_CLUSTER_ML},
             "bundles": report, "wall_s": round(wall, 1)}, indent=2) + "\n")
 
 
@@ -251,8 +251,8 @@ def _score(runner: BundleRunner, case: Case, prepared: Preprocessed | str, age: 
         row.reason = "; ".join(blocking)
         return row
     brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
-    seg = anomaly_mask(to_native(brain_error, prepared, case.volume), DEFAULT_THRESHOLD)
     voxel_ml = float(np.prod(case.volume.image.GetSpacing())) / 1000.0
+    seg = anomaly_mask(to_native(brain_error, prepared, case.volume), runner.bundle.seg_threshold(), voxel_ml)
     row.eligible = True
     row.score, row.threshold = inference.anomaly_score, inference.threshold
     row.positive, row.percentile = inference.screen_positive, inference.percentile
@@ -315,8 +315,8 @@ def _yes(value: bool | None) -> str:
 
 def _print_table(bundle: Bundle, rows: list[Row], summary: dict[str, int]) -> None:
     manifest = bundle.manifest
-    print(f"\n== {manifest.key} ({manifest.modality}, {manifest.method}); SEG threshold {DEFAULT_THRESHOLD:g} "
-          f"x healthy limit")
+    print(f"\n== {manifest.key} ({manifest.modality}, {manifest.method}); SEG threshold {bundle.seg_threshold():g} "
+          f"x healthy limit, regions >= {MIN_CLUSTER_ML:g} mL")
     print("healthy poses (targets: below threshold, predicted age 20-90 y, SEG <= 5 mL)")
     header = f"{'case':<25} {'score':>9} {'thresh':>9} {'pos':>4} {'pct':>6} {'age':>6} {'SEG mL':>7} {'met':>4}  terms"
     print(header)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from daemon.errors import BundleError
 from daemon.scores import MASKED_TERMS, Normative
+from export.seg import DEFAULT_THRESHOLD as DEFAULT_SEG_THRESHOLD
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class Calibration(_Strict):
     specificity: float = 0.95
     error_map_scale: float = Field(gt=0, description="healthy voxel-error 99th percentile")
     n: int
+    seg_threshold: float | None = Field(None, gt=0, description="SEG threshold in overlay units, calibrated "
+                                        "on healthy scans; absent: export.seg.DEFAULT_THRESHOLD")
 
     @field_validator("reference_scores")
     @classmethod
@@ -131,6 +134,12 @@ class Bundle:
 
     def screen_positive(self, score: float) -> bool:
         return score > self.manifest.calibration.threshold
+
+    def seg_threshold(self, configured: float | None = None) -> float:
+        """The SEG threshold: the site's configured one, else the bundle's calibrated one."""
+        if configured is not None:
+            return configured
+        return self.manifest.calibration.seg_threshold or DEFAULT_SEG_THRESHOLD
 
 
 def sha256_file(path: Path) -> str:

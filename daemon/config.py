@@ -186,7 +186,8 @@ class Settings(BaseSettings):
     overlay_slices: int = Field(24, ge=0)
     seg_enabled: bool = True
     # Error-map units (multiples of the healthy 99th percentile) at or above which a voxel is in the SEG.
-    seg_threshold: float = Field(1.0, gt=0)
+    # None: each bundle's own, calibrated on healthy scans (1.0 for a bundle without one).
+    seg_threshold: float | None = Field(None, gt=0)
     # Series selection rules per modality; each key given replaces the default's.
     selection: dict[Literal["CT", "MR"], dict[str, Any]] = {}
     delivery: DeliveryConfig = DeliveryConfig()

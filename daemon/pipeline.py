@@ -216,11 +216,12 @@ def run_job(
     overlay_slices: int,
     rules: SelectionRules | None = None,
     seg_enabled: bool = True,
-    seg_threshold: float = DEFAULT_THRESHOLD,
+    seg_threshold: float | None = None,
     references: ReferencePolicy | None = None,
     shared: SharedStages | None = None,
 ) -> JobOutcome:
-    """`references` chooses the healthy reference per scanner (default: the bundle's own).
+    """`seg_threshold` None takes the bundle's calibrated one (Bundle.seg_threshold).
+    `references` chooses the healthy reference per scanner (default: the bundle's own).
     `shared` keeps what shadow bundles of the study may reuse (see SharedStages).
     An input error on the way gives a not-eligible result instead (`not_screened_after_error`)."""
     stages = shared if shared is not None else SharedStages()
@@ -241,7 +242,7 @@ def _screen(
     overlay_slices: int,
     rules: SelectionRules | None,
     seg_enabled: bool,
-    seg_threshold: float,
+    seg_threshold: float | None,
     references: ReferencePolicy | None,
     stages: SharedStages,
 ) -> JobOutcome:
@@ -329,7 +330,7 @@ def _screen(
     summary = dataclasses.replace(summary, qc_reasons=list(dict.fromkeys(qc_reasons)))
     objects = timer.measure(
         "build_results", _build_results, sources, native_map, summary, overlay_indices, output_dir,
-        seg_threshold if with_seg else None, note,
+        runner.bundle.seg_threshold(seg_threshold) if with_seg else None, note,
     )
     log.info(
         "job computed",

@@ -15,29 +15,86 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from scipy import ndimage
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from export.model import ResultSummary
 
-__all__ = ["build_segmentation", "anomaly_mask", "missing_for_seg", "SEG_SERIES_DESCRIPTION", "SEGMENT_LABEL",
-           "DEFAULT_THRESHOLD"]
+__all__ = ["build_segmentation", "anomaly_mask", "missing_for_seg", "source_voxel_ml", "SEG_SERIES_DESCRIPTION",
+           "SEGMENT_LABEL", "DEFAULT_THRESHOLD", "MIN_CLUSTER_ML", "calibrate_threshold"]
 
 logger = logging.getLogger(__name__)
 
 SEG_SERIES_DESCRIPTION = "AI anomaly region - NOT FOR PRIMARY DIAGNOSIS"
 SEGMENT_LABEL = "AI anomaly region"
-#: Error-map units are multiples of the healthy 99th percentile (daemon.inference):
-#: 1.0 marks every voxel above what 99 % of healthy voxels reach.
+#: Error-map units are multiples of the healthy limit (daemon.inference): 1.0 marks every
+#: voxel above what healthy scans reach. A bundle may carry its own, calibrated on healthy
+#: scans (manifest calibration.seg_threshold); this is the fallback.
 DEFAULT_THRESHOLD = 1.0
+#: Connected regions smaller than this are left out: isolated voxels and thin rims above the
+#: threshold are the healthy reference's own noise, not findings (0.5 mL is an 8 mm cube).
+MIN_CLUSTER_ML = 0.5
 _SEG_SERIES_NUMBER = 9902
 _ABNORMAL = hd.sr.CodedConcept("263654008", "SCT", "Abnormal")
 
 
-def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """Voxels at or above ``threshold`` (NaN counts as not set)."""
+def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, voxel_ml: float | None = None,
+                 min_cluster_ml: float = MIN_CLUSTER_ML) -> np.ndarray:
+    """Voxels at or above ``threshold`` (NaN counts as not set), in connected regions
+    (26-neighbourhood) of at least ``min_cluster_ml`` when the voxel volume is known."""
     with np.errstate(invalid="ignore"):  # NaN >= t is False: no full-volume copy needed
-        return np.asarray(native_map) >= threshold
+        mask = np.asarray(native_map) >= threshold
+    if voxel_ml is None or min_cluster_ml <= 0 or not mask.any():
+        return mask
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    keep = np.bincount(labels.ravel()) * voxel_ml >= min_cluster_ml
+    keep[0] = False  # background
+    return keep[labels]
+
+
+def source_voxel_ml(sources: Sequence[Dataset]) -> float | None:
+    """Voxel volume of a single-frame series in mL (pixel spacing x slice step, the step
+    from the first two positions along the slice normal, else SliceThickness); None when
+    the headers do not say."""
+    try:
+        first = sources[0]
+        rows_mm, cols_mm = (float(v) for v in first.PixelSpacing)
+        step = float(first.get("SliceThickness") or 0.0)
+        if len(sources) > 1:
+            iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
+            normal = np.cross(iop[:3], iop[3:])
+            delta = np.asarray([float(v) for v in sources[1].ImagePositionPatient]) - np.asarray(
+                [float(v) for v in first.ImagePositionPatient])
+            step = abs(float(delta @ normal)) or step
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    volume = rows_mm * cols_mm * step / 1000.0
+    return volume if volume > 0 else None
+
+
+# The SEG threshold is the lowest at which healthy scans stay nearly empty: at most
+# SEG_HEALTHY_BUDGET_ML marked (after the small-region filter) in
+# SEG_HEALTHY_QUANTILE of the healthy calibration scans. Lower thresholds mark more of a
+# finding; this bounds what they mark on healthy heads.
+SEG_HEALTHY_BUDGET_ML = 1.0
+SEG_HEALTHY_QUANTILE = 0.95
+SEG_CANDIDATES = tuple(round(0.3 + 0.05 * k, 2) for k in range(35))  # 0.30 ... 2.00
+
+
+def calibrate_threshold(overlays: list[np.ndarray], voxel_ml: float) -> float:
+    """The lowest candidate threshold whose healthy SEG volumes (model grid, overlay units)
+    meet the budget; the highest candidate when none does."""
+    if not overlays:
+        raise ValueError("no healthy overlays to calibrate the SEG threshold on")
+    for threshold in SEG_CANDIDATES:
+        volumes = [float(anomaly_mask(o, threshold, voxel_ml).sum()) * voxel_ml for o in overlays]
+        healthy_ml = float(np.quantile(volumes, SEG_HEALTHY_QUANTILE))
+        if healthy_ml <= SEG_HEALTHY_BUDGET_ML:
+            break
+    logger.info("SEG threshold calibrated", extra={"action": "seg_threshold", "threshold": threshold,
+                                                   "healthy_ml_quantile": round(healthy_ml, 3)})
+    return float(threshold)
 
 
 # What highdicom reads of every source to place the SEG's frames (it fails without them).
@@ -70,7 +127,7 @@ def build_segmentation(
         raise ValueError(
             f"build_segmentation: argument 'native_map' shape {native_map.shape} does not match {len(sources)} sources"
         )
-    mask = anomaly_mask(native_map, threshold)
+    mask = anomaly_mask(native_map, threshold, source_voxel_ml(sources))
     if not mask.any():
         logger.info("anomaly mask empty, no SEG", extra={"action": "seg_skip", "threshold": threshold})
         return None
@@ -86,7 +143,7 @@ def build_segmentation(
             version=summary.algorithm.version,
             family=codes.cid7162.ArtificialIntelligence,
             source=summary.algorithm.manufacturer,
-            parameters={"threshold": f"{threshold:g} x healthy p99"},
+            parameters={"threshold": f"{threshold:g} x healthy limit", "min_region_ml": f"{MIN_CLUSTER_ML:g}"},
         ),
     )
     seg = hd.seg.Segmentation(

@@ -29,15 +29,19 @@ class Calibration:
     specificity: float
     error_map_scale: float
     n: int
+    seg_threshold: float | None = None
 
     def as_manifest(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "reference_scores": self.reference_scores,
             "threshold": self.threshold,
             "specificity": self.specificity,
             "error_map_scale": self.error_map_scale,
             "n": self.n,
         }
+        if self.seg_threshold is not None:
+            out["seg_threshold"] = self.seg_threshold
+        return out
 
 
 def threshold_at_specificity(healthy_scores: np.ndarray, specificity: float = DEFAULT_SPECIFICITY) -> float:

@@ -7,6 +7,7 @@ computed from the exported ONNX graph (what the daemon runs), not from PyTorch.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import re
@@ -20,8 +21,9 @@ from torch import nn
 
 from daemon.bundle import Bundle, load_bundle
 from daemon.errors import ConfigError
-from daemon.scores import MASKED_TERMS, NORMATIVE_FILE, Normative, batch_terms
-from imaging.preprocess import default_params
+from daemon.scores import MASKED_TERMS, NORMATIVE_FILE, Normative, batch_terms, masked_terms
+from export.seg import calibrate_threshold as calibrate_seg_threshold
+from imaging.preprocess import ModelGrid, default_params
 from model_training.bundles import WEIGHTS_FILE, BundleSpec, load_weights, save_weights, write_model_bundle
 from model_training.calibration import ScoreWeights, calibrate, select_score_weights
 from model_training.cohort import Cohort, CohortSpec, build_cohort, cache_folder, imaging_fingerprint
@@ -251,7 +253,11 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     terms, age_gap_weight = _term_weights(weights)
     cal = _with_masked_terms(cal_raw, cohort.healthy_masks["calibration"], normative)
     calibration = calibrate(cal.combined(terms, age_gap_weight), cal_raw.error_maps, cohort.healthy_masks["calibration"])
-    del cal_raw
+    overlays = [masked_terms(error, mask, normative)[1]
+                for error, mask in zip(cal_raw.error_maps, cohort.healthy_masks["calibration"])]
+    grid_voxel_ml = float(np.prod(ModelGrid.from_params(params).spacing)) / 1000.0
+    calibration = dataclasses.replace(calibration, seg_threshold=calibrate_seg_threshold(overlays, grid_voxel_ml))
+    del cal_raw, overlays
     test_h = scored(test, cohort.healthy_masks["test"])
     test_a = scored(cohort.anomalous["test"], cohort.anomalous_masks["test"])
     metrics = _metrics(test_h, test_a, val_h, val_a, terms, age_gap_weight, calibration.threshold)

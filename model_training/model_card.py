@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.bundle import Manifest
+from export.seg import DEFAULT_THRESHOLD, MIN_CLUSTER_ML, SEG_HEALTHY_BUDGET_ML, SEG_HEALTHY_QUANTILE
 
 
 def _fmt(value: Any) -> str:
@@ -50,6 +51,10 @@ def render_model_card(m: Manifest) -> str:
          f"of z (`{m.normative.file}`)." if m.normative else
          f"Overlay and SEG: the raw error in units of the healthy voxel-error 99th percentile inside the brain "
          f"({cal.error_map_scale:.4g})."),
+        (f"SEG threshold {cal.seg_threshold:g} (overlay units): the lowest at which {SEG_HEALTHY_QUANTILE:.0%} of the "
+         f"healthy calibration cases mark at most {SEG_HEALTHY_BUDGET_ML:g} mL (regions under {MIN_CLUSTER_ML:g} mL "
+         f"left out)." if cal.seg_threshold else
+         f"SEG threshold {DEFAULT_THRESHOLD:g} (overlay units; not calibrated for this bundle)."),
         "",
         "A site re-estimates the reference and threshold from its own healthy studies with",
         "`headscreen calibrate` (README, \"Site calibration\"); until then these synthetic figures apply.",

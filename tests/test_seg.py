@@ -10,10 +10,14 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from daemon.pipeline import _build_results
 from export.sc import choose_slices
-from export.seg import SEG_SERIES_DESCRIPTION, SEGMENT_LABEL, anomaly_mask, build_segmentation
+from daemon.bundle import Bundle, load_bundle
+from daemon.config import shipped_bundles
+from export.seg import (DEFAULT_THRESHOLD, MIN_CLUSTER_ML, SEG_CANDIDATES, SEG_HEALTHY_BUDGET_ML, SEG_SERIES_DESCRIPTION,
+                        SEGMENT_LABEL, anomaly_mask, build_segmentation, calibrate_threshold, source_voxel_ml)
 from serve_harness import dciodvfy_errors
 from test_export import LESION, ct_summary, make_ct_series
 
@@ -48,7 +52,7 @@ def test_seg_mask_equals_thresholded_map(seg_file, series):
     seg = hd.seg.segread(seg_file)
     assert seg.SOPClassUID == SEG_CLASS
     assert seg.SegmentationType == "BINARY"
-    expected = anomaly_mask(error, 1.0)
+    expected = anomaly_mask(error, 1.0, source_voxel_ml(datasets))
     source_uids = [str(d.SOPInstanceUID) for d in datasets]
     volume = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=source_uids, segment_numbers=[1], ignore_spatial_locations=True,
@@ -136,3 +140,60 @@ def test_render_seg_overlay_png(seg_file, series):
     out = Path(os.environ.get("HEADSCREEN_RENDER_DIR", seg_file.parent)) / "seg-overlay.png"
     Image.fromarray(rgb.astype(np.uint8)).resize((384, 384), Image.NEAREST).save(out)
     assert region.sum() > 0 and out.stat().st_size > 0
+
+
+def test_regions_under_the_minimum_volume_are_left_out():
+    field = np.zeros((20, 20, 20), dtype=np.float32)
+    field[2:8, 2:8, 2:8] = 3.0            # 216 voxels: 1.7 mL at 2 mm
+    field[15, 15, 15] = 3.0               # one voxel: 0.008 mL
+    field[15, 2, 2:4] = 3.0               # two touching voxels, still tiny
+    voxel_ml = 0.008
+    assert anomaly_mask(field, 1.0).sum() == 216 + 1 + 2  # no voxel size: no filter
+    kept = anomaly_mask(field, 1.0, voxel_ml)
+    assert kept.sum() == 216 and kept[2:8, 2:8, 2:8].all()
+    # Diagonal neighbours belong to one region (26-neighbourhood).
+    diagonal = np.zeros((20, 20, 20), dtype=np.float32)
+    diagonal[np.arange(20), np.arange(20), np.arange(20)] = 2.0  # 20 voxels, 0.16 mL, corners touching
+    assert anomaly_mask(diagonal, 1.0, voxel_ml, min_cluster_ml=0.1).sum() == 20
+
+
+def test_source_voxel_ml_uses_the_slice_step(series):
+    datasets, _ = series
+    rows_mm, cols_mm = (float(v) for v in datasets[0].PixelSpacing)
+    step = abs(float(datasets[1].ImagePositionPatient[2]) - float(datasets[0].ImagePositionPatient[2]))
+    assert source_voxel_ml(datasets) == pytest.approx(rows_mm * cols_mm * step / 1000.0)
+    broken = [pydicom.Dataset()]
+    assert source_voxel_ml(broken) is None
+
+
+def test_seg_threshold_is_calibrated_on_healthy_overlays():
+    rng = np.random.default_rng(3)
+    voxel_ml = 0.02
+    # Healthy overlays: smooth noise whose upper tail crosses 1.0 in sizeable patches.
+    overlays = []
+    for _ in range(20):
+        noise = ndimage.gaussian_filter(rng.normal(size=(40, 40, 40)), 2.0)
+        overlays.append((np.clip(noise, 0, None) / noise.std() * 0.45).astype(np.float32))
+    threshold = calibrate_threshold(overlays, voxel_ml)
+    assert threshold in SEG_CANDIDATES
+
+    def healthy_ml(t: float) -> float:
+        return float(np.quantile([anomaly_mask(o, t, voxel_ml).sum() * voxel_ml for o in overlays], 0.95))
+
+    assert healthy_ml(threshold) <= SEG_HEALTHY_BUDGET_ML
+    lower = SEG_CANDIDATES[SEG_CANDIDATES.index(threshold) - 1] if threshold != SEG_CANDIDATES[0] else None
+    assert lower is None or healthy_ml(lower) > SEG_HEALTHY_BUDGET_ML
+    with pytest.raises(ValueError, match="no healthy overlays"):
+        calibrate_threshold([], voxel_ml)
+
+
+def test_site_setting_overrides_the_bundle_seg_threshold():
+    bundle = load_bundle(shipped_bundles()[0])
+    calibrated = bundle.manifest.calibration.model_copy(update={"seg_threshold": 0.65})
+    with_own = Bundle(bundle.path, bundle.manifest.model_copy(update={"calibration": calibrated}))
+    assert with_own.seg_threshold() == 0.65
+    assert with_own.seg_threshold(1.2) == 1.2
+    without = bundle.manifest.calibration.model_copy(update={"seg_threshold": None})
+    assert Bundle(bundle.path, bundle.manifest.model_copy(update={"calibration": without})).seg_threshold() \
+        == DEFAULT_THRESHOLD
+    assert MIN_CLUSTER_ML > 0
