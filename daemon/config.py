@@ -59,6 +59,10 @@ class DestinationConfig(_Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     kind: Literal["dimse", "stow"] = "dimse"
+    # IHE IOCM: when a new result supersedes one sent here, also send a rejection note (KOS
+    # listing the old instances) so the PACS hides them. On by default: a stale result left
+    # in view is the greater risk (docs/conformance.md, "Rejection notes").
+    iocm_rejection: bool = True
     ae_title: str | None = None
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)

@@ -7,6 +7,10 @@ which owns the retry counters, backoff and dead-letter state.
 Each C-STORE outcome is committed as soon as its response arrives, before the
 next file goes out: a crash mid-delivery can then only re-send the one object
 whose response was in flight (see docs/conformance.md, "Delivery guarantee").
+
+A rejection note (IHE IOCM KOS, kind "kos") is claimed only once its new result is
+delivered to that destination (db.deliveries); a round that delivered something claims
+once more for notes that became due, so a note follows its result in the same call.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.config import DestinationConfig, Settings
 from daemon.errors import TransientError
 from db import api
+from db.states import ObjectKind
 from export.delivery import Destination, send, send_stow
 
 log = logging.getLogger(__name__)
@@ -83,11 +88,22 @@ def deliver_due(
         tickets = api.claim_deliveries(session, now, limit, lease_s, result_id=result_id)
     if not tickets:
         return DeliveryStats()
+    record = _Recorder(sessions, retry_policy(settings))
+    _send_tickets(settings, tickets, record)
+    if record.delivered:
+        with sessions() as session:
+            notes = api.claim_deliveries(session, datetime.now(UTC), limit, lease_s, result_id=result_id,
+                                         kind=ObjectKind.KOS)
+        _send_tickets(settings, notes, record)
+    log.info("delivery round", extra={"action": "deliver", "delivered": record.delivered, "failed": record.failed})
+    return DeliveryStats(record.delivered, record.failed)
+
+
+def _send_tickets(settings: Settings, tickets: list[api.DeliveryTicket], record: _Recorder) -> None:
     by_destination: dict[str, list[api.DeliveryTicket]] = defaultdict(list)
     for ticket in tickets:
         by_destination[ticket.destination].append(ticket)
     destinations = {d.name: d for d in settings.destinations}
-    record = _Recorder(sessions, retry_policy(settings))
     for name, group in by_destination.items():
         config = destinations.get(name)
         if config is None:
@@ -95,8 +111,6 @@ def deliver_due(
                 record(ticket, (None, f"destination {name!r} is no longer configured"))
         else:
             _send_group(settings, config, group, record)
-    log.info("delivery round", extra={"action": "deliver", "delivered": record.delivered, "failed": record.failed})
-    return DeliveryStats(record.delivered, record.failed)
 
 
 def _outcome(status: int | None) -> Outcome:

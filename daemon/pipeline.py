@@ -44,6 +44,7 @@ from daemon.inference import BundleRunner, Inference
 from daemon.privacy import failure_reason, frames_only, scrub
 from daemon.reference import Calibrating, Reference, ReferencePolicy, scoring_identity, station_key
 from db.api import JobOutcome, JobTicket, OutputObject, ShadowOutcome
+from export.kos import build_rejection_note
 from export.model import AlgorithmInfo, ResultSummary
 from export.sanitise import TYPE2, sanitise_sources
 from export.sc import OverlayStyle, build_not_screened_image, build_overlay_series, choose_slices
@@ -512,6 +513,18 @@ def not_screened_after_error(
             path.unlink(missing_ok=True)
     return _ineligible(ticket, study, headers, reason, verdicts, _algorithm(runner), output_dir, timer, chosen,
                        qc_reasons=notes)
+
+
+def rejection_note(rejected: Sequence[Path], runner: BundleRunner, output_dir: Path) -> OutputObject:
+    """The IOCM rejection note (export.kos) listing the stored result files `rejected`, the
+    objects of the results a new one supersedes, written beside the new result's files."""
+    headers = []
+    for path in rejected:
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except OSError:
+            raise TransientError("a superseded result file is unreadable; storage not reachable?") from None
+    return _write(build_rejection_note(headers, _algorithm(runner)), output_dir / "kos.dcm", "kos")
 
 
 _PIXEL_DESCRIPTION = ("Rows", "Columns", "SamplesPerPixel", "PixelRepresentation")

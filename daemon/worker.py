@@ -13,6 +13,10 @@ How a job that raised ends: a TransientError is retried; an input error (an inpu
 that does not decode: daemon.errors.is_input_error) fails the same way on every try, so
 it is never retried and the study gets its not-eligible report instead; anything else
 not ours (a bug) is retried, then failed.
+
+A result that supersedes another (the study changed) carries an IHE IOCM rejection note
+listing the old result's instances, for the destinations with `iocm_rejection` on
+(`_rejection_note`); delivery sends it after the new result (daemon.delivery).
 """
 
 from __future__ import annotations
@@ -35,7 +39,14 @@ from daemon.config import Settings
 from daemon.delivery import deliver_due
 from daemon.errors import HeadscreenError, TransientError, is_input_error
 from daemon.inference import BundleRunner
-from daemon.pipeline import SharedStages, StudyFiles, not_screened_after_error, run_job, score_shadow
+from daemon.pipeline import (
+    SharedStages,
+    StudyFiles,
+    not_screened_after_error,
+    rejection_note,
+    run_job,
+    score_shadow,
+)
 from daemon.reference import ReferencePolicy, scoring_identity
 from daemon.shadow import RolePlan, resolve_roles
 from daemon.privacy import failure_reason, frames_only, withhold_values_in_logs
@@ -225,8 +236,10 @@ class Worker:
             self._fail(ticket, *failure, policy)
             return None
         destinations = [d.name for d in self.settings.destinations]
+        rejection = self._rejection_note(ticket, runner, outcome, extra)
         with self.sessions() as session:
-            result_id = api.finish_job(session, ticket.job_id, self.worker_id, outcome, destinations, datetime.now(UTC))
+            result_id = api.finish_job(session, ticket.job_id, self.worker_id, outcome, destinations, datetime.now(UTC),
+                                       rejection=rejection)
         if result_id is None:
             log.warning("lease lost before finishing; result discarded", extra=extra)
             return None
@@ -234,6 +247,34 @@ class Worker:
         if shared is not None:
             self._shadow_work = ShadowWork(ticket, shadows, shared)
         return result_id
+
+    def _rejection_note(self, ticket: api.JobTicket, runner: BundleRunner, outcome: JobOutcome,
+                        extra: dict) -> api.RejectionNote | None:
+        """The rejection note of the results this job's result will supersede, for the
+        destinations that want one and were sent those results; None when there is none.
+        Never fails the job: without a note the old result stays in view, as before IOCM."""
+        wanted = [d.name for d in self.settings.destinations if d.iocm_rejection]
+        if not wanted or not outcome.objects:
+            return None  # a new result with nothing to show does not hide the old one
+        with self.sessions() as session:
+            current = api.current_results(session, ticket.study_id, ticket.bundle_name)
+        objects = [o for result in current for o in result.objects]
+        if not objects or not any(d in result.destinations for result in current for d in wanted):
+            return None
+        try:
+            note = rejection_note([self._abs(o.path) for o in objects], runner, self._output_dir(ticket))
+        except Exception as exc:
+            log.error("rejection note not built; the superseded result stays in view",
+                      extra={**extra, "action": "rejection_note_failed", "error": failure_reason(exc),
+                             "error_trace": frames_only(sys.exc_info())})
+            return None
+        rejected = tuple(result.result_id for result in current)
+        log.info("rejection note built", extra={**extra, "sop_instance_uid": note.sop_instance_uid,
+                                                "rejects_result_ids": list(rejected), "instances": len(objects)})
+        return api.RejectionNote(note, rejected, tuple(wanted))
+
+    def _output_dir(self, ticket: api.JobTicket) -> Path:
+        return self.settings.results_dir / ticket.study_instance_uid / f"job-{ticket.job_id}-attempt-{ticket.attempt}"
 
     def _study_files(self, ticket: api.JobTicket) -> StudyFiles:
         with self.sessions() as session:
@@ -248,7 +289,7 @@ class Worker:
     ) -> tuple[JobOutcome | None, tuple[str, bool] | None]:
         """(outcome, None), or (None, (reason, retryable)). Reasons and log lines never hold an
         exception's message from a library: pydicom and highdicom quote the values they reject."""
-        output_dir = self.settings.results_dir / ticket.study_instance_uid / f"job-{ticket.job_id}-attempt-{ticket.attempt}"
+        output_dir = self._output_dir(ticket)
         study: StudyFiles | None = None
         try:
             study = self._study_files(ticket)

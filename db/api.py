@@ -22,7 +22,7 @@ from db.calibration import (
 from db.deliveries import claim_deliveries, mark_delivered, mark_delivery_failed, resend_dead
 from db.housekeeping import counts, get_result_objects, mark_purged, retention_candidates, study_instances
 from db.ingest import record_instance, record_instances, record_rejection, recorded_instance_paths
-from db.jobs import claim_job, fail_job, finish_job, heartbeat, requeue_expired
+from db.jobs import claim_job, current_results, fail_job, finish_job, heartbeat, requeue_expired
 from db.console import QueueHealth, audit_trail, failures, metrics_snapshot, overview, queue_health, score_distributions, training_manifest
 from db.review import audit, count_studies, get_study, list_studies, requeue_study, set_flag, set_review
 from db.shadow import (
@@ -41,6 +41,7 @@ from db.types import (
     BundleRoleRow,
     BundleScoreRow,
     CalibrationCandidate,
+    CurrentResult,
     DeliverySummary,
     DeliveryTicket,
     InstanceRecord,
@@ -51,6 +52,7 @@ from db.types import (
     OutputObject,
     RecordOutcome,
     ReferenceNotFound,
+    RejectionNote,
     ResultSummaryRow,
     RetryPolicy,
     RoleChange,
@@ -94,6 +96,7 @@ __all__ = [
     "list_site_references",
     "retire_site_reference",
     "station_counts",
+    "CurrentResult",
     "DeliverySummary",
     "DeliveryTicket",
     "InstanceRecord",
@@ -102,6 +105,7 @@ __all__ = [
     "JobTicket",
     "OutputObject",
     "RecordOutcome",
+    "RejectionNote",
     "ResultSummaryRow",
     "RetryPolicy",
     "SeriesSummary",
@@ -127,6 +131,7 @@ __all__ = [
     "claim_deliveries",
     "claim_job",
     "counts",
+    "current_results",
     "fail_job",
     "finish_job",
     "get_result_objects",

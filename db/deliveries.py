@@ -8,12 +8,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from db.engine import begin_write, is_postgres, write_transaction
 from db.models import Delivery, Result, ResultObject, Study
-from db.states import DeliveryState
+from db.states import DeliveryState, ObjectKind
 from db.txn import add_audit, clock, execute_counted, locked
 from db.types import DeliveryTicket, RetryPolicy
 
@@ -27,8 +27,15 @@ def claim_deliveries(
     lease_s: float,
     destination: str | None = None,
     result_id: int | None = None,
+    kind: ObjectKind | None = None,
 ) -> list[DeliveryTicket]:
-    """Claim due deliveries (pending and due, or in flight with an expired lease) (commits)."""
+    """Claim due deliveries (pending and due, or in flight with an expired lease) (commits).
+
+    A rejection note (kind "kos") is due at a destination only once its own result is
+    delivered there and nothing of the result it rejects is still on its way there: a PACS
+    must hold the new result before the old one is hidden, and the old instances before
+    their rejection arrives (an archive may refuse or ignore a note for unknown instances).
+    """
     now = clock(now)
     begin_write(session)
     try:
@@ -39,7 +46,8 @@ def claim_deliveries(
         stmt = (
             select(Delivery.id)
             .join(ResultObject, ResultObject.id == Delivery.result_object_id)
-            .where(due)
+            .join(Result, Result.id == ResultObject.result_id)
+            .where(due, or_(ResultObject.kind != ObjectKind.KOS, _rejection_may_go()))
             .order_by(Delivery.next_attempt_at, Delivery.result_object_id, Delivery.id)
             .limit(limit)
         )
@@ -47,6 +55,8 @@ def claim_deliveries(
             stmt = stmt.where(Delivery.destination == destination)
         if result_id is not None:
             stmt = stmt.where(ResultObject.result_id == result_id)
+        if kind is not None:
+            stmt = stmt.where(ResultObject.kind == kind)
         if is_postgres(session):
             stmt = stmt.with_for_update(skip_locked=True, of=Delivery, key_share=True)
         ids = session.execute(stmt).scalars().all()
@@ -84,6 +94,29 @@ def claim_deliveries(
         session.rollback()
         raise
     return tickets
+
+
+def _rejection_may_go():
+    """For a claim joined to Delivery, ResultObject and Result: no other object of the same
+    result is undelivered at this destination, and no SC, SEG or SR of the result it
+    supersedes is pending or in flight there (delivered or dead: settled)."""
+    other, other_object = aliased(Delivery), aliased(ResultObject)
+    new_result_undelivered = exists().where(
+        other_object.id == other.result_object_id,
+        other_object.result_id == ResultObject.result_id,
+        other_object.kind != ObjectKind.KOS,
+        other.destination == Delivery.destination,
+        other.state != DeliveryState.DELIVERED,
+    )
+    old, old_object = aliased(Delivery), aliased(ResultObject)
+    old_result_open = exists().where(
+        old_object.id == old.result_object_id,
+        old_object.result_id == Result.supersedes_result_id,
+        old_object.kind != ObjectKind.KOS,  # its own note waits on its own terms, not ours
+        old.destination == Delivery.destination,
+        old.state.in_((DeliveryState.PENDING, DeliveryState.IN_FLIGHT)),
+    )
+    return and_(~new_result_undelivered, ~old_result_open)
 
 
 def mark_delivered(session: Session, delivery_id: int, status: int, now: datetime | None = None) -> bool:

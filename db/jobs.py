@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 from daemon.privacy import scrub
 from db.engine import begin_write, is_postgres, write_transaction
 from db.models import Delivery, Job, Result, ResultObject, Study
-from db.states import DeliveryState, JobState
+from db.states import DeliveryState, JobState, ObjectKind
 from db.txn import SYSTEM_ACTOR, add_audit, clock, end_read, execute_counted, locked
-from db.types import JobOutcome, JobTicket, OutputObject, RetryPolicy
+from db.types import CurrentResult, JobOutcome, JobTicket, OutputObject, RejectionNote, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +129,14 @@ def finish_job(
     outcome: JobOutcome,
     destinations: Sequence[str],
     now: datetime | None = None,
+    rejection: RejectionNote | None = None,
 ) -> int | None:
     """Record the job's result, its objects and their deliveries; mark the job done.
 
     Fenced: only while the job is running under `worker_id`; otherwise nothing
     changes and None is returned. One transaction (commits). Returns the result id.
+    `rejection` is the IOCM rejection note of the results this one supersedes, if any
+    (see RejectionNote); `claim_deliveries` holds it back until it may go out.
     """
     now = clock(now)
     begin_write(session)
@@ -147,11 +150,13 @@ def finish_job(
                 extra={"action": "finish_fenced", "job_id": job_id, "worker_id": worker_id},
             )
             return None
-        previous = _supersede_previous_results(session, job)
+        superseded = _supersede_previous_results(session, job)
+        previous = superseded[0] if superseded else None
         result = _new_result(job, outcome, now, previous)
         session.add(result)
         session.flush()
         _add_objects_and_deliveries(session, result, outcome.objects, destinations, now)
+        note = _add_rejection_note(session, result, rejection, superseded, now)
         job.state = JobState.DONE
         job.finished_at = now
         job.lease_expires_at = None
@@ -168,6 +173,7 @@ def finish_job(
                 "bundle": f"{job.bundle_name}-{job.bundle_version}",
                 "supersedes_result_id": previous,
                 "objects": len(outcome.objects),
+                **note,
             },
         )
         result_id = result.id
@@ -182,7 +188,8 @@ def finish_job(
     return result_id
 
 
-def _supersede_previous_results(session: Session, job: Job) -> int | None:
+def _supersede_previous_results(session: Session, job: Job) -> list[int]:
+    """Mark the study's current results of this bundle superseded; their ids, newest first."""
     previous = session.execute(
         locked(
             select(Result)
@@ -192,7 +199,65 @@ def _supersede_previous_results(session: Session, job: Job) -> int | None:
     ).scalars().all()
     for result in previous:
         result.superseded = True
-    return previous[0].id if previous else None
+    return [result.id for result in previous]
+
+
+def current_results(session: Session, study_id: int, bundle_name: str) -> list[CurrentResult]:
+    """The results of the study and bundle a new result would supersede now, newest first,
+    with their objects and destinations: what its rejection note lists (read-only)."""
+    ids = session.execute(
+        select(Result.id)
+        .where(Result.study_id == study_id, Result.bundle_name == bundle_name, Result.superseded.is_(False))
+        .order_by(Result.id.desc())
+    ).scalars().all()
+    found = []
+    for result_id in ids:
+        rows = session.execute(
+            select(ResultObject)
+            .where(ResultObject.result_id == result_id, ResultObject.kind != ObjectKind.KOS)
+            .order_by(ResultObject.id)
+        ).scalars().all()
+        destinations = session.execute(
+            select(Delivery.destination).distinct()
+            .join(ResultObject, ResultObject.id == Delivery.result_object_id)
+            .where(ResultObject.result_id == result_id, ResultObject.kind != ObjectKind.KOS)
+            .order_by(Delivery.destination)
+        ).scalars().all()
+        found.append(CurrentResult(
+            result_id, [OutputObject(o.sop_instance_uid, o.sop_class_uid, str(o.kind), o.path) for o in rows],
+            list(destinations)))
+    end_read(session)
+    return found
+
+
+def _add_rejection_note(
+    session: Session, result: Result, note: RejectionNote | None, superseded: list[int], now: datetime,
+) -> dict[str, object]:
+    """Record the rejection note as one more object of the new result, with a delivery to each
+    wanted destination that the superseded results were sent to. For the audit: what was done."""
+    if note is None:
+        return {}
+    obj = note.object
+    if obj.kind != ObjectKind.KOS:
+        raise ValueError(f"finish_job: argument 'rejection' holds a {obj.kind!r} object, not a rejection note")
+    if not superseded or set(note.rejects_result_ids) != set(superseded):
+        # Another result of the study finished since the note was built: it lists the wrong ones.
+        logger.warning("rejection note not recorded: it lists other results than this one supersedes",
+                       extra={"action": "rejection_note_dropped", "result_id": result.id,
+                              "lists": sorted(note.rejects_result_ids), "supersedes": sorted(superseded)})
+        return {"rejection_note": None}
+    sent_to = set(session.execute(
+        select(Delivery.destination)
+        .join(ResultObject, ResultObject.id == Delivery.result_object_id)
+        .where(ResultObject.result_id.in_(superseded), ResultObject.kind != ObjectKind.KOS)
+    ).scalars().all())
+    # A destination configured since never had the old objects: nothing there to reject.
+    targets = [d for d in dict.fromkeys(note.destinations) if d in sent_to]
+    if not targets:
+        return {"rejection_note": None}
+    _add_objects_and_deliveries(session, result, [obj], targets, now)
+    return {"rejection_note": obj.sop_instance_uid, "rejects_result_ids": sorted(superseded),
+            "rejection_destinations": targets}
 
 
 def _new_result(job: Job, outcome: JobOutcome, now: datetime, previous_id: int | None) -> Result:

@@ -33,6 +33,7 @@ class ObjectKind(StrEnum):
     SC = "sc"
     SR = "sr"
     SEG = "seg"
+    KOS = "kos"  # an IOCM rejection note: lists the instances of the result it supersedes
 
 
 class ReferenceKind(StrEnum):

@@ -73,8 +73,28 @@ class JobTicket:
 class OutputObject:
     sop_instance_uid: str
     sop_class_uid: str
-    kind: str  # "sc" | "sr" | "seg"
+    kind: str  # "sc" | "sr" | "seg" | "kos"
     path: str
+
+
+@dataclass(frozen=True)
+class CurrentResult:
+    """A result a new one of the same study and bundle would supersede (`db.api.current_results`)."""
+
+    result_id: int
+    objects: list[OutputObject]  # its SC, SEG and SR (never its own rejection note)
+    destinations: list[str]  # where those objects were to be delivered
+
+
+@dataclass(frozen=True)
+class RejectionNote:
+    """An IHE IOCM rejection note (KOS) a new result carries for the results it supersedes.
+    `finish_job` records it only when `rejects_result_ids` are exactly the results it
+    supersedes, and delivers it to those of `destinations` the old results were sent to."""
+
+    object: OutputObject
+    rejects_result_ids: tuple[int, ...]
+    destinations: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import api
-from db.models import AuditEvent, Delivery
-from db.states import DeliveryState
-from db.types import RetryPolicy
-from db_factories import at, claimed_job, outcome
+from db.models import AuditEvent, Delivery, ResultObject, Study
+from db.states import DeliveryState, ObjectKind
+from db.types import OutputObject, RejectionNote, RetryPolicy
+from db_factories import BUNDLES, at, claimed_job, outcome, record, uid
 
 NO_JITTER = RetryPolicy(max_attempts=3, base_delay_s=10, max_delay_s=60, jitter=0.0)
 
@@ -137,3 +137,119 @@ def test_concurrent_delivery_claims_do_not_overlap(db_sessions: sessionmaker[Ses
     with ThreadPoolExecutor(senders) as pool:
         claimed = [d for batch in pool.map(sender, range(senders)) for d in batch]
     assert len(claimed) == 40 and len(set(claimed)) == 40
+
+
+# --------------------------------------------------------------------------- IOCM rejection notes
+
+KOS_STORAGE = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def kos_object() -> OutputObject:
+    sop = uid()
+    return OutputObject(sop, KOS_STORAGE, "kos", f"results/{sop}.dcm")
+
+
+def superseding(session: Session, first_destinations: list[str], rejection_for: list[str] | None,
+                rejects: tuple[int, ...] | None = None) -> tuple[int, int, OutputObject]:
+    """A result to `first_destinations`, a late instance, and the result that supersedes it
+    (to the same destinations) with a rejection note for `rejection_for` (None: no note).
+    Returns (old result id, new result id, the note's object)."""
+    ticket = claimed_job(session)
+    old = api.finish_job(session, ticket.job_id, "w1", outcome(), first_destinations, now=at(3700))
+    assert old is not None
+    series = session.execute(select(Study)).scalar_one().series[0].series_instance_uid
+    assert api.record_instance(session, record(ticket.study_instance_uid, series, 5, 25.0), now=at(4000)).study_reopened
+    api.sweep_completeness(session, at(5000), 300, 30, BUNDLES)
+    second = api.claim_job(session, "w1", 60, at(5001))
+    assert second is not None
+    note = kos_object()
+    rejection = None if rejection_for is None else RejectionNote(note, rejects or (old,), tuple(rejection_for))
+    new = api.finish_job(session, second.job_id, "w1", outcome(), first_destinations, now=at(5100),
+                         rejection=rejection)
+    assert new is not None
+    return old, new, note
+
+
+def claimed_kinds(session: Session, now: float, **filters: object) -> list[tuple[str, str, int]]:
+    """(destination, kind, result id) of what a claim at `now` takes, sorted; marks nothing delivered."""
+    kinds = dict(session.execute(select(ResultObject.sop_instance_uid, ResultObject.kind)).all())
+    tickets = api.claim_deliveries(session, at(now), 100, 30, **filters)  # type: ignore[arg-type]
+    return sorted((t.destination, str(kinds[t.sop_instance_uid]), t.result_id) for t in tickets)
+
+
+def deliver_all(session: Session, now: float, **filters: object) -> list[api.DeliveryTicket]:
+    tickets = api.claim_deliveries(session, at(now), 100, 30, **filters)  # type: ignore[arg-type]
+    for ticket in tickets:
+        assert api.mark_delivered(session, ticket.delivery_id, 0, at(now))
+    return tickets
+
+
+def test_a_rejection_note_goes_to_each_destination_after_the_new_result_is_delivered_there(
+    db_session: Session,
+) -> None:
+    # NEW was configured after the old result went out: it never had anything to reject.
+    old, new, note = superseding(db_session, ["PACS", "ARCHIVE"], ["PACS", "ARCHIVE", "NEW"])
+    row = db_session.execute(select(ResultObject).where(ResultObject.kind == ObjectKind.KOS)).scalar_one()
+    assert (row.result_id, row.sop_instance_uid, row.sop_class_uid) == (new, note.sop_instance_uid, KOS_STORAGE)
+    assert sorted(db_session.execute(select(Delivery.destination).where(
+        Delivery.result_object_id == row.id)).scalars()) == ["ARCHIVE", "PACS"]
+    event = db_session.execute(select(AuditEvent).where(AuditEvent.action == "result_recorded")
+                               .order_by(AuditEvent.id.desc())).scalars().first()
+    assert event is not None and event.detail["rejection_note"] == note.sop_instance_uid
+    assert (event.detail["rejects_result_ids"], event.detail["rejection_destinations"]) == ([old], ["PACS", "ARCHIVE"])
+
+    deliver_all(db_session, 5100, result_id=old)
+    # The new SC and SR go first; the note waits for the new result at its destination.
+    tickets = api.claim_deliveries(db_session, at(5101), 100, 30)
+    assert sorted((t.destination, t.result_id) for t in tickets) == [("ARCHIVE", new)] * 2 + [("PACS", new)] * 2
+    assert note.sop_instance_uid not in {t.sop_instance_uid for t in tickets}
+    for ticket in tickets:
+        if ticket.destination == "PACS":
+            assert api.mark_delivered(db_session, ticket.delivery_id, 0, at(5102))
+        else:
+            api.mark_delivery_failed(db_session, ticket.delivery_id, "refused", 0xA700, NO_JITTER, at(5102))
+    # PACS has the new result: its note is due; ARCHIVE's waits for the retry.
+    assert claimed_kinds(db_session, 5103, kind=ObjectKind.KOS) == [("PACS", "kos", new)]
+    later = deliver_all(db_session, 5120)  # the retry is due (10 s); the PACS note is still leased
+    assert {(t.destination, t.sop_instance_uid == note.sop_instance_uid) for t in later} == {("ARCHIVE", False)}
+    assert claimed_kinds(db_session, 5121) == [("ARCHIVE", "kos", new)]
+
+
+def test_a_rejection_note_waits_while_the_rejected_objects_are_still_on_their_way(db_session: Session) -> None:
+    old, new, note = superseding(db_session, ["PACS"], ["PACS"])
+    deliver_all(db_session, 5100, result_id=new)
+    # The old objects never reached the PACS yet: rejecting them first could let them in later.
+    assert claimed_kinds(db_session, 5101, kind=ObjectKind.KOS) == []
+    [first, second] = api.claim_deliveries(db_session, at(5102), 100, 30, result_id=old)
+    assert api.mark_delivered(db_session, first.delivery_id, 0, at(5103))
+    assert claimed_kinds(db_session, 5104, kind=ObjectKind.KOS) == []
+    policy = RetryPolicy(max_attempts=1)
+    assert api.mark_delivery_failed(db_session, second.delivery_id, "refused", 0xA700, policy, at(5105)) == (
+        DeliveryState.DEAD)
+    # Delivered or dead: settled. The note goes out.
+    assert claimed_kinds(db_session, 5106) == [("PACS", "kos", new)]
+
+
+def test_a_destination_that_does_not_want_rejection_notes_gets_none(db_session: Session) -> None:
+    _, new, _ = superseding(db_session, ["PACS", "ARCHIVE"], ["ARCHIVE"])
+    deliver_all(db_session, 5100)
+    assert claimed_kinds(db_session, 5101) == [("ARCHIVE", "kos", new)]
+
+
+def test_a_rejection_note_for_other_results_than_the_superseded_is_not_recorded(db_session: Session) -> None:
+    old, new, _ = superseding(db_session, ["PACS"], ["PACS"], rejects=(987654,))
+    assert db_session.execute(select(ResultObject).where(ResultObject.kind == ObjectKind.KOS)).first() is None
+    event = db_session.execute(select(AuditEvent).where(AuditEvent.action == "result_recorded")
+                               .order_by(AuditEvent.id.desc())).scalars().first()
+    assert event is not None and event.detail["rejection_note"] is None and event.detail["supersedes_result_id"] == old
+
+
+def test_current_results_lists_what_a_rejection_note_would_reject(db_session: Session) -> None:
+    old, new, note = superseding(db_session, ["PACS", "ARCHIVE"], ["PACS"])
+    study_id = db_session.execute(select(Study.id)).scalar_one()
+    [current] = api.current_results(db_session, study_id, BUNDLES[0].name)
+    assert current.result_id == new and current.destinations == ["ARCHIVE", "PACS"]
+    # Its own rejection note is never listed: a later note rejects only its SC and SR.
+    assert sorted(o.kind for o in current.objects) == ["sc", "sr"]
+    assert note.sop_instance_uid not in {o.sop_instance_uid for o in current.objects}
+    assert api.current_results(db_session, study_id, "no-such-bundle") == []
