@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -54,6 +55,115 @@ class AllowedCaller(_Section):
         return host
 
 
+def _readable_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist or is not a file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{what} {path} is not readable by this user: {exc.strerror}") from None
+
+
+def _no_passphrase() -> bytes:
+    raise ValueError("the private key is encrypted; use an unencrypted key readable only by the service user")
+
+
+def _check_tls_files(cert: Path | None, key: Path | None, ca: Path | None) -> None:
+    """Load what TLS will load, so a bad file stops start-up naming the file, not the first association."""
+    if (cert is None) != (key is None):
+        raise ValueError("cert and key must be given together")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cert is not None and key is not None:
+        _readable_file(cert, "cert")
+        _readable_file(key, "key")
+        try:
+            # No passphrase: OpenSSL would otherwise prompt on the terminal and hang start-up.
+            context.load_cert_chain(str(cert), str(key), password=_no_passphrase)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ValueError(f"cert {cert} / key {key}: not a PEM certificate and its matching "
+                             f"unencrypted private key ({exc})") from None
+    if ca is not None:
+        _readable_file(ca, "ca")
+        try:
+            context.load_verify_locations(cafile=str(ca))
+        except ssl.SSLError as exc:
+            raise ValueError(f"ca {ca}: not PEM CA certificates ({exc})") from None
+
+
+class CallerCertificate(_Section):
+    """A client certificate (by subject CN) allowed to call as one AE title over TLS."""
+
+    ae_title: str
+    subject_cn: str = Field(min_length=1, max_length=64)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class ReceiverTlsConfig(_Section):
+    """DICOM over TLS on its own port (the plain port stays unless plain_dicom = false)."""
+
+    enabled: bool = False
+    port: int = Field(2762, ge=0, le=65535)  # 2762: the registered DICOM-TLS port
+    cert: Path | None = None
+    key: Path | None = None
+    # CA certificates that sign client certificates; without one, none is asked for.
+    ca: Path | None = None
+    require_client_cert: bool = False
+    caller_certificates: list[CallerCertificate] = []
+
+    @model_validator(mode="after")
+    def _usable(self) -> ReceiverTlsConfig:
+        if not self.enabled:
+            return self
+        if self.cert is None or self.key is None:
+            raise ValueError("TLS is enabled: set cert and key (PEM files)")
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs ca (the CA that signs client certificates)")
+        if self.caller_certificates and not self.require_client_cert:
+            raise ValueError("caller_certificates needs require_client_cert = true")
+        _check_tls_files(self.cert, self.key, self.ca)
+        return self
+
+
+class ReceiverSection(_Section):
+    """Receiver limits and security; ae_title, port and the allow-list are top-level keys."""
+
+    plain_dicom: bool = True  # false: no plain listener, [receiver.tls] only
+    check_called_ae_title: bool = False
+    association_request_timeout_s: float = Field(10.0, gt=0, le=600)
+    network_timeout_s: float = Field(60.0, gt=0)
+    max_associations: int = Field(16, ge=1, le=1000)
+    max_connections_per_address: int = Field(8, ge=1, le=1000)
+    max_idle_connections: int = Field(32, ge=1, le=10_000)
+    refusal_log_interval_s: float = Field(60.0, gt=0)
+    tls: ReceiverTlsConfig = ReceiverTlsConfig()
+
+    @model_validator(mode="after")
+    def _listens(self) -> ReceiverSection:
+        if not self.plain_dicom and not self.tls.enabled:
+            raise ValueError("plain_dicom = false needs [receiver.tls] enabled = true: nothing would listen")
+        return self
+
+
+class DestinationTlsConfig(_Section):
+    """DICOM TLS to a C-STORE destination; the peer's certificate is always verified."""
+
+    # CA certificates that sign the peer's certificate; unset: the system's trust store.
+    ca: Path | None = None
+    # Our client certificate, for a peer that asks for one.
+    cert: Path | None = None
+    key: Path | None = None
+    # The name the peer's certificate must carry; unset: the destination's host.
+    server_name: str | None = None
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _usable(self) -> DestinationTlsConfig:
+        _check_tls_files(self.cert, self.key, self.ca)
+        return self
+
+
 class DestinationConfig(_Section):
     """A node that receives our results: a C-STORE SCP ("dimse") or a DICOMweb STOW-RS endpoint ("stow")."""
 
@@ -70,6 +180,8 @@ class DestinationConfig(_Section):
     url: str | None = None
     # STOW-RS: an HTTP Authorization header value ("Basic ...", "Bearer ..."), if the endpoint needs one.
     authorization: str | None = None
+    # DIMSE: associate over TLS (a table: ca, cert, key, server_name, check_hostname).
+    tls: DestinationTlsConfig | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -95,6 +207,8 @@ class DestinationConfig(_Section):
             raise ValueError(f"destination {self.name!r}: kind 'dimse' needs ae_title, host and port")
         if self.kind == "stow" and not (self.url or "").startswith(("http://", "https://")):
             raise ValueError(f"destination {self.name!r}: kind 'stow' needs url = 'http(s)://.../studies'")
+        if self.kind == "stow" and self.tls is not None:
+            raise ValueError(f"destination {self.name!r}: tls is for kind 'dimse'; STOW-RS uses an https:// url")
         return self
 
 
@@ -174,6 +288,7 @@ class Settings(BaseSettings):
     port: int = Field(11112, ge=0, le=65535)
     allowed_callers: list[AllowedCaller] = []
     allow_any_caller: bool = False
+    receiver: ReceiverSection = ReceiverSection()
     storage_dir: Path = Path("/var/lib/headscreen")
     database_url: str = ""
     quiet_period_s: float = Field(60.0, gt=0)

@@ -17,7 +17,22 @@ log then names the SOP class it could not send.
 
 Callers are checked against an allow-list (AE title, optionally the host) when
 the association is requested; an unknown caller gets A-ASSOCIATE-RJ (permanent,
-"calling AE title not recognised") and the refusal is recorded in the database.
+"calling AE title not recognised"). Optionally the Called AE Title must be ours
+(else "called AE title not recognised"), and over TLS the client certificate must
+be the one mapped to the calling AE title.
+
+Before a peer has associated it can hold little: each address may keep only a
+few connections open (more are closed at once, before any thread is started),
+connections that have not sent their A-ASSOCIATE-RQ are closed after a short
+timeout, and when too many such idle connections are open the oldest is closed
+to admit a new one. The association limit counts only associations that were
+requested, so idle sockets cannot lock real callers out. Refusals are recorded
+in the database at a bounded rate (RefusalLog): the first of each kind per
+interval as it happens, the rest as one counted row.
+
+The same SCP can listen for plain DICOM and for DICOM over TLS (a second port);
+the TLS handshake runs in the connection's own thread with a timeout, never in
+the accept loop.
 
 Each C-STORE is handled in stages, each with its own named status:
 header decode (0xC210) -> identifying UIDs (0xA900) -> disk watermark (0xA700,
@@ -34,6 +49,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -71,7 +87,8 @@ from pydicom.uid import (
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -118,13 +135,29 @@ class StoreStatus(IntEnum):
     CANNOT_UNDERSTAND = 0xC210
 
 
-# The DB's rejection row has a status; an association refusal has no DIMSE status,
-# so it is recorded with this value (the A-ASSOCIATE-RJ result/source/reason 1/1/3).
-ASSOCIATION_REJECTED_STATUS = 0x010103
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
+_RJ_CALLING_AE = (0x01, 0x01, 0x03)   # permanent, service user, calling AE title not recognised
+_RJ_CALLED_AE = (0x01, 0x01, 0x07)    # permanent, service user, called AE title not recognised
+_RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
 
-_REJECT_PERMANENT = 0x01
-_REJECT_SOURCE_SERVICE_USER = 0x01
-_REJECT_CALLING_AE_NOT_RECOGNISED = 0x03
+
+def _rj_status(rsd: tuple[int, int, int]) -> int:
+    return rsd[0] << 16 | rsd[1] << 8 | rsd[2]
+
+
+# The DB's rejection row has a status; an association refusal has no DIMSE status,
+# so it is recorded as the A-ASSOCIATE-RJ result/source/reason (0x010103 is 1/1/3).
+ASSOCIATION_REJECTED_STATUS = _rj_status(_RJ_CALLING_AE)
+CALLED_AE_REJECTED_STATUS = _rj_status(_RJ_CALLED_AE)
+ASSOCIATION_LIMIT_STATUS = _rj_status(_RJ_LOCAL_LIMIT)
+# Refusals before any A-ASSOCIATE exchange have no ACSE code; these lie outside its range.
+CONNECTION_REFUSED_STATUS = 0xFF0001  # closed at once: address over its limit, or an idle one evicted
+TLS_REFUSED_STATUS = 0xFF0002         # TLS handshake failed (no or untrusted certificate, plain DICOM)
+
+# pynetdicom counts every connection thread, idle or not, against its own limit, which
+# is how 17 silent sockets locked the port; we count requested associations ourselves
+# (ConnectionGuard) and leave pynetdicom's check only as a far-off backstop.
+_PYNETDICOM_ASSOCIATION_CEILING = 4096
 
 _DB_ATTEMPTS = 6
 _DB_BACKOFF_S = 0.02
@@ -156,6 +189,7 @@ class ReceiverStats:
         self._refused: dict[str, int] = {}
         self._seconds = dict.fromkeys(self.STAGES, 0.0)
         self._row_commits = 0
+        self._connections: dict[str, int] = {}
 
     def add_stage(self, stage: str, seconds: float) -> None:
         with self._lock:
@@ -174,10 +208,17 @@ class ReceiverStats:
             key = f"0x{int(status):04X}"
             self._refused[key] = self._refused.get(key, 0) + 1
 
+    def add_connection_event(self, kind: str) -> None:
+        """Count a connection-level event: refused_address_limit, evicted_idle, tls_failed,
+        association_refused, association_limit."""
+        with self._lock:
+            self._connections[kind] = self._connections.get(kind, 0) + 1
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"stored": self._stored, "refused": dict(self._refused),
-                    "stage_seconds": dict(self._seconds), "row_commits": self._row_commits}
+                    "stage_seconds": dict(self._seconds), "row_commits": self._row_commits,
+                    "connections": dict(self._connections)}
 
 
 class CallerLike(Protocol):
@@ -194,6 +235,21 @@ CallerEntry = CallerLike | tuple[str, str | None] | str
 class AllowedCaller:
     ae_title: str
     host: str | None = None
+
+
+@dataclass(frozen=True)
+class TlsServerConfig:
+    """DICOM over TLS on a second port (PS3.15 B.1); paths are PEM files."""
+
+    cert: Path
+    key: Path
+    # CAs whose client certificates are trusted; without one no client certificate is asked for.
+    ca: Path | None = None
+    require_client_cert: bool = False
+    # (calling AE title, client certificate subject CN) pairs; when given, a TLS caller
+    # must present the certificate mapped to the AE title it calls with.
+    caller_certificates: Sequence[tuple[str, str]] = ()
+    port: int = 2762
 
 
 @dataclass(frozen=True)
@@ -214,6 +270,59 @@ class ReceiverConfig:
     network_timeout_s: float = 60.0
     # fsync files and directories; False only for throw-away test stores.
     durable: bool = True
+    # A connection must send its A-ASSOCIATE-RQ (and finish any TLS handshake) within
+    # this; also the ACSE timeout. pynetdicom's 30 s let silent sockets hold slots.
+    association_request_timeout_s: float = 10.0
+    # Connections one address may hold at once; more are closed on accept.
+    max_connections_per_address: int = 8
+    # Connections that have not yet sent an A-ASSOCIATE-RQ; past this the oldest is closed.
+    max_idle_connections: int = 32
+    # Refusals are recorded once per kind as they happen, then counted per interval.
+    refusal_log_interval_s: float = 60.0
+    # Refuse an association whose Called AE Title is not ours (A-ASSOCIATE-RJ 1/1/7).
+    check_called_ae_title: bool = False
+    # Listen for plain DICOM on `port`; False with `tls` set means TLS only.
+    plain: bool = True
+    tls: TlsServerConfig | None = None
+
+
+def receiver_options(section: Any) -> dict[str, Any]:
+    """ReceiverConfig keyword arguments from the settings' [receiver] section
+    (daemon.config.ReceiverSection), so serve.py needs one line for all of them."""
+    tls = section.tls
+    return {
+        "maximum_associations": section.max_associations,
+        "network_timeout_s": section.network_timeout_s,
+        "association_request_timeout_s": section.association_request_timeout_s,
+        "max_connections_per_address": section.max_connections_per_address,
+        "max_idle_connections": section.max_idle_connections,
+        "refusal_log_interval_s": section.refusal_log_interval_s,
+        "check_called_ae_title": section.check_called_ae_title,
+        "plain": section.plain_dicom,
+        "tls": TlsServerConfig(
+            cert=tls.cert, key=tls.key, ca=tls.ca, require_client_cert=tls.require_client_cert,
+            caller_certificates=[(c.ae_title, c.subject_cn) for c in tls.caller_certificates], port=tls.port,
+        ) if tls.enabled else None,
+    }
+
+
+def _no_passphrase() -> bytes:
+    # OpenSSL would otherwise prompt on the terminal for an encrypted key and hang.
+    raise ValueError("the TLS private key is encrypted; use an unencrypted key readable only by the service user")
+
+
+def server_ssl_context(tls: TlsServerConfig) -> ssl.SSLContext:
+    """The TLS context of the SCP: TLS 1.2 or later, client certificates verified against `ca`."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert), str(tls.key), password=_no_passphrase)
+    if tls.ca is not None:
+        context.load_verify_locations(cafile=str(tls.ca))
+        # Optional: a certificate sent is still verified; only its absence is tolerated.
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    elif tls.require_client_cert or tls.caller_certificates:
+        raise ValueError("TlsServerConfig: client certificates need a 'ca' to verify them against")
+    return context
 
 
 class CallerPolicy:
@@ -279,26 +388,66 @@ class StoreDeps:
     write_lock: threading.Lock | None = None
     group_commit: GroupCommit | None = None
     stats: ReceiverStats = field(default_factory=ReceiverStats)
+    refusals: RefusalLog | None = None
+    guard: ConnectionGuard | None = None
+    # Set when the Called AE Title must be ours.
+    called_ae_title: str | None = None
+    # (calling AE, certificate CN) pairs a TLS caller must match; empty: any trusted certificate.
+    caller_certificates: frozenset[tuple[str, str]] = frozenset()
+    network_timeout_s: float = 60.0
 
 
 class Receiver:
-    """A running SCP; ``shutdown()`` stops the server and its associations."""
+    """A running SCP; ``shutdown()`` stops the servers and their associations."""
 
-    def __init__(self, ae: AE, server: ThreadedAssociationServer, stats: ReceiverStats) -> None:
+    def __init__(self, ae: AE, servers: Sequence[ThreadedAssociationServer], stats: ReceiverStats,
+                 refusals: RefusalLog | None = None, guard: ConnectionGuard | None = None) -> None:
         self._ae = ae
-        self._server = server
+        self._servers = list(servers)
+        self._refusals = refusals
+        self._guard = guard
         self.stats = stats
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        """The plain DICOM port (the TLS port when plain DICOM is off)."""
+        return int(self._servers[0].server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        for server in self._servers:
+            if isinstance(server, GuardedAssociationServer) and server.tls_context is not None:
+                return int(server.server_address[1])
+        return None
 
     @property
     def ae(self) -> AE:
         return self._ae
 
-    def shutdown(self) -> None:
+    def flush_refusals(self) -> None:
+        """Write the counted refusals now instead of at the end of the interval."""
+        if self._refusals is not None:
+            self._refusals.flush()
+
+    def shutdown(self, wait_s: float = 5.0) -> None:
+        """Stop accepting, close idle connections, abort associations, record counted refusals."""
+        for server in self._servers:
+            server.shutdown()
+        # pynetdicom's AE.shutdown aborts every association thread, and an abort of one
+        # still awaiting its request (or already closing) raises in its DUL thread: close
+        # the idle ones and let the closing ones end first.
+        if self._guard is not None:
+            self._guard.close_idle()
+        pending = [assoc for assoc in self._ae.active_associations if assoc.is_acceptor]
+        for assoc in pending:
+            if assoc.is_established:
+                assoc.abort()
+        deadline = time.monotonic() + wait_s
+        for assoc in pending:
+            assoc.join(max(0.0, deadline - time.monotonic()))
         self._ae.shutdown()
+        if self._refusals is not None:
+            self._refusals.stop()  # writes what was still only counted
 
     def __enter__(self) -> Receiver:
         return self
@@ -311,8 +460,9 @@ def build_ae(config: ReceiverConfig) -> AE:
     """The application entity with our presentation contexts and limits."""
     ae = AE(ae_title=config.ae_title)
     ae.maximum_pdu_size = config.maximum_pdu_size
-    ae.maximum_associations = config.maximum_associations
+    ae.maximum_associations = max(_PYNETDICOM_ASSOCIATION_CEILING, config.maximum_associations)
     ae.network_timeout = config.network_timeout_s
+    ae.acse_timeout = config.association_request_timeout_s
     ae.add_supported_context(Verification)
     for sop_class in STORAGE_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
@@ -326,13 +476,27 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
     if not config.allow_any_caller and not config.allowed_callers:
         logger.warning("no allowed callers configured: every association will be refused",
                        extra={"action": "receiver_config"})
+    if not config.plain and config.tls is None:
+        raise ValueError("ReceiverConfig: plain DICOM is off and no TLS is configured: nothing to listen on")
+    tls_context = server_ssl_context(config.tls) if config.tls is not None else None
     deps = StoreDeps(store=store, session_factory=session_factory, policy=policy,
-                     write_lock=threading.Lock() if _is_sqlite(session_factory) else None)
+                     write_lock=threading.Lock() if _is_sqlite(session_factory) else None,
+                     called_ae_title=config.ae_title.strip() if config.check_called_ae_title else None,
+                     caller_certificates=frozenset(
+                         (ae.strip(), cn) for ae, cn in (config.tls.caller_certificates if config.tls else ())),
+                     network_timeout_s=config.network_timeout_s)
     # Concurrent associations share one transaction, so one journal fsync, per batch.
     deps.group_commit = GroupCommit(
         commit=lambda records: _record_batch(deps, records),
         commit_one=lambda record: _record_one(deps, record),
     )
+    deps.refusals = RefusalLog(
+        lambda calling_ae, reason, status: _record_rejection(deps, calling_ae, reason, status, None),
+        interval_s=config.refusal_log_interval_s)
+    deps.guard = ConnectionGuard(per_address=config.max_connections_per_address,
+                                 max_idle=config.max_idle_connections,
+                                 max_associations=config.maximum_associations,
+                                 refusals=deps.refusals, stats=deps.stats)
     ae = build_ae(config)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, handle_connection_open),
@@ -340,13 +504,396 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [deps]),
     ]
-    server = ae.start_server((config.bind_address, config.port), block=False, evt_handlers=handlers)
-    if server is None:  # pragma: no cover - block=False always returns the server
-        raise RuntimeError("pynetdicom did not return a server")
-    receiver = Receiver(ae, server, deps.stats)
+    listeners: list[tuple[int, ssl.SSLContext | None]] = []
+    if config.plain:
+        listeners.append((config.port, None))
+    if config.tls is not None:
+        listeners.append((config.tls.port, tls_context))
+    servers: list[ThreadedAssociationServer] = []
+    try:
+        for port, context in listeners:
+            servers.append(_start_server(ae, (config.bind_address, port), handlers, deps.guard, context,
+                                         config.association_request_timeout_s))
+    except BaseException:
+        ae.shutdown()
+        raise
+    deps.refusals.start()
+    receiver = Receiver(ae, servers, deps.stats, deps.refusals, deps.guard)
     logger.info("receiver listening", extra={"action": "receiver_start", "ae_title": config.ae_title,
-                                             "port": receiver.port, "storage_dir": str(store.root)})
+                                             "port": receiver.port, "tls_port": receiver.tls_port,
+                                             "storage_dir": str(store.root)})
     return receiver
+
+
+def _start_server(ae: AE, address: tuple[str, int], handlers: list[Any], guard: ConnectionGuard,
+                  tls_context: ssl.SSLContext | None, handshake_timeout_s: float) -> GuardedAssociationServer:
+    """What AE.start_server(block=False) does, with our server class."""
+    server = ae.make_server(address, evt_handlers=handlers, server_class=GuardedAssociationServer,
+                            guard=guard, tls_context=tls_context, handshake_timeout_s=handshake_timeout_s)
+    thread = threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # so AE.shutdown() stops it too
+    return server
+
+
+# --- connections before association -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefusalKey:
+    """What makes two refusals 'the same' for counting."""
+
+    host: str | None
+    calling_ae: str | None  # None: refused before any A-ASSOCIATE-RQ was read
+    reason: str
+    status: int
+
+    @property
+    def what(self) -> str:
+        return "connection closed" if self.calling_ae is None else "association refused"
+
+    @property
+    def action(self) -> str:
+        return "connection_closed" if self.calling_ae is None else "association_rejected"
+
+    def row_text(self) -> str:
+        return f"{self.what}: {self.reason} (from {self.host})"
+
+
+class RefusalLog:
+    """Association and connection refusals, recorded in the database at a bounded rate.
+
+    The first refusal of each (address, calling AE, reason) in an interval is logged
+    and recorded as it happens; repeats are counted and recorded as one row per key
+    when the interval ends ("association refused 299 more times in the last 60 s:
+    ..."). Past max_keys
+    distinct keys in one interval the rest share one overflow count. A flood thus adds
+    at most 2 x max_keys + 1 rows per interval, however fast it comes.
+    """
+
+    def __init__(self, record: Callable[[str | None, str, int], None], interval_s: float = 60.0,
+                 max_keys: int = 32) -> None:
+        self._record = record
+        self._interval_s = interval_s
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        self._repeats: dict[RefusalKey, int] = {}  # key -> refusals after its first, this interval
+        self._overflow = 0
+        self._deferred: list[RefusalKey] = []  # firsts noted in the accept loop; written by our thread
+        self._window_start = time.monotonic()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="RefusalLog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.flush()
+
+    def refused(self, key: RefusalKey, *, defer: bool = False) -> None:
+        """Count one refusal; the first of its key this interval is recorded now (or, with
+        `defer`, by the log's own thread: the accept loop must not wait on the database)."""
+        with self._lock:
+            if key in self._repeats:
+                self._repeats[key] += 1
+                return
+            if len(self._repeats) >= self._max_keys:
+                self._overflow += 1
+                return
+            self._repeats[key] = 0
+            if defer:
+                self._deferred.append(key)
+                self._wake.set()
+                return
+        self._write_first(key)
+
+    def flush(self) -> None:
+        """Write the deferred firsts and the counted repeats, and start a new interval."""
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+            repeats = {key: count for key, count in self._repeats.items() if count}
+            overflow, self._overflow = self._overflow, 0
+            self._repeats = {}
+            now = time.monotonic()
+            seconds, self._window_start = now - self._window_start, now
+        for key in deferred:
+            self._write_first(key)
+        for key, count in repeats.items():
+            logger.warning(f"{key.what} (repeats)", extra={
+                "action": key.action, "calling_ae": key.calling_ae, "peer_host": key.host,
+                "reason": key.reason, "count": count})
+            self._record(key.calling_ae, f"{key.what} {count} more times in the last {seconds:.0f} s: "
+                                         f"{key.reason} (from {key.host})", key.status)
+        if overflow:
+            logger.warning("refusals not itemised", extra={"action": "association_rejected", "count": overflow})
+            self._record(None, f"{overflow} more refusals in the last {seconds:.0f} s from other addresses or "
+                               f"AE titles (over {self._max_keys} kinds; not itemised)", CONNECTION_REFUSED_STATUS)
+
+    def _write_first(self, key: RefusalKey) -> None:
+        logger.warning(key.what, extra={"action": key.action, "calling_ae": key.calling_ae,
+                                        "peer_host": key.host, "reason": key.reason})
+        self._record(key.calling_ae, key.row_text(), key.status)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self._interval_s
+        while not self._stopping.is_set():
+            self._wake.wait(max(0.0, deadline - time.monotonic()))
+            self._wake.clear()
+            try:
+                if time.monotonic() >= deadline:
+                    self.flush()
+                    deadline = time.monotonic() + self._interval_s
+                else:
+                    with self._lock:
+                        deferred, self._deferred = self._deferred, []
+                    for key in deferred:
+                        self._write_first(key)
+            except Exception:  # the recorder logs its own failures; this thread must live on
+                logger.exception("refusal log flush failed", extra={"action": "rejection_not_recorded"})
+
+
+class _Connection:
+    """One accepted TCP connection, from accept until its association thread ends."""
+
+    def __init__(self, address: str | None, sock: socket.socket, tls: bool) -> None:
+        self.address = address
+        self.sock = sock
+        self.tls = tls
+        self.opened = time.monotonic()
+        self.assoc: Any = None
+        self.handler_done = False
+        self.requested = False  # its A-ASSOCIATE-RQ arrived
+        self.accepted = False   # holds one of the association slots
+        self.evicted = False
+        self.peer_cn: str | None = None
+
+    def alive(self) -> bool:
+        """Whether it still counts against the limits."""
+        if self.evicted:
+            return False  # its socket is shut and its thread woken: ending now
+        if not self.handler_done:
+            return True
+        assoc = self.assoc
+        if assoc is None or not assoc.is_alive():
+            return False
+        # Released, aborted or rejected: its thread is only tearing down. Counting it
+        # would refuse a PACS that opens one short association after another.
+        return not (assoc.is_released or assoc.is_aborted or assoc.is_rejected)
+
+    def idle(self) -> bool:
+        return not self.requested and self.alive()
+
+    def close(self) -> None:
+        """Close the connection under its thread (called from the accept loop)."""
+        try:
+            # The base class's shutdown: SSLSocket.shutdown would also drop its SSL object
+            # under the thread still using it.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+        assoc = self.assoc
+        if assoc is not None:
+            # The acceptor waits up to the ACSE timeout for an A-ASSOCIATE-RQ; None ends
+            # that wait now (pynetdicom treats it as the timeout), freeing the thread.
+            assoc.dul.to_user_queue.put(None)
+
+
+class ConnectionGuard:
+    """What a peer may hold before and while associated, across the plain and TLS ports.
+
+    - at most `per_address` connections per address: past it, a new connection
+      closes that address's oldest idle one, or is itself closed on accept (before a
+      thread is started) when all of them are associated;
+    - at most `max_idle` connections that have not sent an A-ASSOCIATE-RQ; a new one
+      closes the oldest of them (a real caller sends its request within milliseconds);
+    - at most `max_associations` requested associations: idle sockets do not count.
+
+    Closing the oldest idle connection, not refusing the new one, means a caller's
+    own stale sockets (or an abuser's) never keep its fresh connection out.
+    """
+
+    def __init__(self, *, per_address: int, max_idle: int, max_associations: int,
+                 refusals: RefusalLog | None, stats: ReceiverStats) -> None:
+        self.per_address = per_address
+        self.max_idle = max_idle
+        self.max_associations = max_associations
+        self.refusals = refusals
+        self.stats = stats
+        self._lock = threading.Lock()
+        self._connections: list[_Connection] = []
+
+    def admit(self, sock: socket.socket, address: str, *, tls: bool) -> _Connection | None:
+        host = _normalise_host(address)
+        evicted: _Connection | None = None
+        why = ""
+        connection: _Connection | None = None
+        with self._lock:
+            self._connections = [c for c in self._connections if c.alive()]
+            mine = [c for c in self._connections if c.address == host]
+            idle = [c for c in self._connections if c.idle()]
+            if len(mine) >= self.per_address:
+                mine_idle = [c for c in mine if c.idle()]
+                if mine_idle:
+                    evicted = min(mine_idle, key=lambda c: c.opened)
+                    why = f"idle, to admit another: more than {self.per_address} connections from this address"
+            elif len(idle) >= self.max_idle:
+                evicted = min(idle, key=lambda c: c.opened)
+                why = f"idle, to admit another: more than {self.max_idle} connections without an association request"
+            if len(mine) < self.per_address or evicted is not None:
+                connection = _Connection(host, sock, tls)
+                self._connections.append(connection)
+            if evicted is not None:
+                evicted.evicted = True
+        if connection is None:
+            self.stats.add_connection_event("refused_address_limit")
+            self._refused(RefusalKey(host, None, f"more than {self.per_address} associated connections from "
+                                     "this address", CONNECTION_REFUSED_STATUS))
+        if evicted is not None:
+            evicted.close()
+            self.stats.add_connection_event("evicted_idle")
+            self._refused(RefusalKey(evicted.address, None, why, CONNECTION_REFUSED_STATUS))
+        return connection
+
+    def close_idle(self) -> None:
+        """Close every connection that has not requested an association (at shutdown)."""
+        with self._lock:
+            idle = [c for c in self._connections if c.idle()]
+            for connection in idle:
+                connection.evicted = True
+        for connection in idle:
+            connection.close()
+
+    def take_association_slot(self, connection: _Connection) -> bool:
+        with self._lock:
+            held = sum(1 for c in self._connections if c.accepted and c is not connection and c.alive())
+            if held >= self.max_associations:
+                return False
+            connection.accepted = True
+            return True
+
+    def tls_failed(self, connection: _Connection, reason: str) -> None:
+        if connection.evicted:
+            return  # recorded as the eviction
+        self.stats.add_connection_event("tls_failed")
+        self._refused(RefusalKey(connection.address, None, f"TLS handshake failed: {reason}", TLS_REFUSED_STATUS))
+
+    def _refused(self, key: RefusalKey) -> None:
+        if self.refusals is not None:
+            self.refusals.refused(key, defer=True)
+
+
+class _GuardedRequestHandler(RequestHandler):
+    server: GuardedAssociationServer
+
+    def handle(self) -> None:
+        # As RequestHandler.handle, with the association tied to its connection first:
+        # its A-ASSOCIATE-RQ may arrive the moment the thread starts.
+        assoc = self._create_association()
+        connection = self.server.current_connection()
+        connection.assoc = assoc
+        assoc.headscreen_connection = connection  # type: ignore[attr-defined]
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's server with admission control (ConnectionGuard) and a TLS handshake
+    that runs in the connection's thread under a timeout.
+
+    pynetdicom's own TLS server handshakes inside the accept loop with no timeout, so a
+    single silent peer on the TLS port would stop every other caller.
+    """
+
+    def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
+                 ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,
+                 guard: ConnectionGuard, tls_context: ssl.SSLContext | None = None,
+                 handshake_timeout_s: float = 10.0) -> None:
+        self.guard = guard
+        self.tls_context = tls_context
+        self.handshake_timeout_s = handshake_timeout_s
+        self._local = threading.local()
+        super().__init__(ae, address, ae_title, contexts, None, evt_handlers=evt_handlers,
+                         request_handler=_GuardedRequestHandler)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        # Accepted sockets block forever by default: a peer stalling mid-PDU would pin its
+        # thread. The timeout is raised to network_timeout_s once the association is requested.
+        client.settimeout(self.handshake_timeout_s)
+        return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        connection = self.guard.admit(request, str(client_address[0]), tls=self.tls_context is not None)
+        if connection is None:
+            self.shutdown_request(request)
+            return
+        thread = threading.Thread(target=make_target(lambda: self._serve(request, client_address, connection)),
+                                  name="HeadscreenConnection", daemon=True)
+        thread.start()
+
+    def current_connection(self) -> _Connection:
+        return self._local.connection  # type: ignore[no-any-return]
+
+    def _serve(self, request: socket.socket, client_address: Any, connection: _Connection) -> None:
+        sock: socket.socket | None = request
+        try:
+            if self.tls_context is not None:
+                sock = self._handshake(request, connection)
+                if sock is None:
+                    return
+            self._local.connection = connection
+            self.finish_request(sock, client_address)  # runs _GuardedRequestHandler.handle
+        except Exception:
+            logger.exception("connection handler failed", extra={"action": "connection_error"})
+            if sock is not None:
+                self.shutdown_request(sock)
+        finally:
+            self._local.connection = None
+            connection.handler_done = True
+
+    def _handshake(self, raw: socket.socket, connection: _Connection) -> ssl.SSLSocket | None:
+        assert self.tls_context is not None
+        wrapped: ssl.SSLSocket | None = None
+        try:
+            wrapped = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            connection.sock = wrapped
+            wrapped.do_handshake()  # under the accepted socket's timeout
+        except (ssl.SSLError, OSError) as exc:
+            self.guard.tls_failed(connection, _tls_failure(exc, self.handshake_timeout_s))
+            self.shutdown_request(wrapped if wrapped is not None else raw)
+            return None
+        connection.peer_cn = _subject_cn(wrapped.getpeercert())
+        return wrapped
+
+
+def _tls_failure(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return f"no handshake within {timeout_s:g} s"
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or type(exc).__name__).lower().replace("_", " ")
+    return "connection closed during the handshake"
+
+
+def _subject_cn(certificate: dict[str, Any] | None) -> str | None:
+    """The subject commonName of a verified peer certificate (getpeercert() form)."""
+    for rdn in (certificate or {}).get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return None
+
+
+def _set_timeout(sock: socket.socket, seconds: float) -> None:
+    try:
+        sock.settimeout(seconds)
+    except OSError:
+        pass  # already closed
 
 
 # --- handlers ---------------------------------------------------------------------------------
@@ -363,26 +910,53 @@ def handle_connection_open(event: Event) -> None:
 
 
 def handle_association_request(event: Event, deps: StoreDeps) -> None:
-    """Refuse callers outside the allow-list with A-ASSOCIATE-RJ and record why."""
-    requestor = event.assoc.requestor
+    """Refuse with A-ASSOCIATE-RJ a caller outside the allow-list, one whose client
+    certificate is not mapped to its AE title, one calling another AE title (when
+    checked), and any beyond the association limit; record why at a bounded rate."""
+    assoc = event.assoc
+    connection: _Connection | None = getattr(assoc, "headscreen_connection", None)
+    if connection is not None:
+        connection.requested = True  # no longer idle: never evicted from here on
     calling_ae = _calling_ae(event)
-    host = requestor.address
-    reason = deps.policy.refusal(calling_ae, host)
-    if reason is None:
-        prefer_requestor_transfer_syntaxes(event.assoc)
+    host = _normalise_host(assoc.requestor.address)
+    refusal = _association_refusal(event, deps, connection, calling_ae, host)
+    if refusal is None:
+        if connection is not None:
+            # Past the request, a stalled PDU may wait the full network timeout.
+            _set_timeout(connection.sock, deps.network_timeout_s)
+        prefer_requestor_transfer_syntaxes(assoc)
         return
-    logger.warning("association refused", extra={"action": "association_rejected",
-                                                   "calling_ae": calling_ae, "peer_host": host,
-                                                   "reason": reason})
-    # Recorded before answering, so the row exists by the time the peer sees the refusal.
-    _record_rejection(deps, calling_ae, f"association refused: {reason} (from {host})",
-                      ASSOCIATION_REJECTED_STATUS, None)
-    event.assoc.acse.send_reject(
-        _REJECT_PERMANENT, _REJECT_SOURCE_SERVICE_USER, _REJECT_CALLING_AE_NOT_RECOGNISED
-    )
+    rsd, reason = refusal
+    deps.stats.add_connection_event("association_limit" if rsd == _RJ_LOCAL_LIMIT else "association_refused")
+    key = RefusalKey(host, calling_ae, reason, _rj_status(rsd))
+    if deps.refusals is not None:
+        # The first of its kind is recorded before answering, so that row exists by the
+        # time the peer sees the refusal; repeats are only counted (RefusalLog).
+        deps.refusals.refused(key)
+    else:
+        _record_rejection(deps, calling_ae, key.row_text(), key.status, None)
+    assoc.acse.send_reject(*rsd)
     # Wait until the A-ASSOCIATE-RJ has gone out; otherwise the socket may close first
     # and the peer sees an abort instead of the reason.
-    event.assoc.kill()
+    assoc.kill()
+
+
+def _association_refusal(event: Event, deps: StoreDeps, connection: _Connection | None, calling_ae: str,
+                         host: str | None) -> tuple[tuple[int, int, int], str] | None:
+    """(A-ASSOCIATE-RJ result/source/reason, why) or None to accept."""
+    reason = deps.policy.refusal(calling_ae, host)
+    if reason is not None:
+        return _RJ_CALLING_AE, reason
+    if connection is not None and connection.tls and deps.caller_certificates:
+        if (calling_ae, connection.peer_cn) not in deps.caller_certificates:
+            return _RJ_CALLING_AE, "client certificate not mapped to this calling AE title"
+    if deps.called_ae_title is not None:
+        called = _called_ae(event)
+        if called != deps.called_ae_title:
+            return _RJ_CALLED_AE, "called AE title is not ours"
+    if deps.guard is not None and connection is not None and not deps.guard.take_association_slot(connection):
+        return _RJ_LOCAL_LIMIT, "association limit reached"
+    return None
 
 
 def prefer_requestor_transfer_syntaxes(assoc: Any) -> None:
@@ -711,6 +1285,12 @@ def _text_or_none(value: object) -> str | None:
 
 
 # --- outcomes ---------------------------------------------------------------------------------
+
+
+def _called_ae(event: Event) -> str:
+    primitive = getattr(event.assoc.requestor, "primitive", None)
+    title = getattr(primitive, "called_ae_title", None) or ""
+    return (title.decode("ascii", "replace") if isinstance(title, bytes) else str(title)).strip()
 
 
 def _calling_ae(event: Event) -> str:

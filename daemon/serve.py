@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
-from daemon.receiver import ReceiverConfig, start_receiver
+from daemon.receiver import ReceiverConfig, receiver_options, start_receiver
 from daemon.scheduler import bundle_refs, start_scheduler
 from daemon.web import WebServer, start_web_server
 from daemon.worker import worker_process_main
@@ -39,6 +39,7 @@ def receiver_config(settings: Settings) -> ReceiverConfig:
         storage_dir=settings.storage_dir,
         disk_min_free_mb=settings.disk_min_free_mb,
     )
+        **receiver_options(settings.receiver),
 
 
 @dataclass

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import ssl
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -25,7 +27,8 @@ from pynetdicom.presentation import PresentationContext
 
 from daemon.errors import TransientError
 
-__all__ = ["Destination", "send", "send_stow", "STATUS_SUCCESS", "STATUS_NO_CONTEXT", "STATUS_STOW_FAILED"]
+__all__ = ["Destination", "TlsClient", "client_ssl_context", "send", "send_stow", "STATUS_SUCCESS",
+           "STATUS_NO_CONTEXT", "STATUS_STOW_FAILED"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +44,52 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MAX_CONTEXTS = 128
 
 
+class TlsSettings(Protocol):
+    """What TLS to a destination needs (daemon.config.DestinationTlsConfig fits)."""
+
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+    server_name: str | None
+    check_hostname: bool
+
+
+@dataclass(frozen=True)
+class TlsClient:
+    """DICOM TLS to a destination; PEM paths. No `ca`: the system's trust store."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+    check_hostname: bool = True
+
+
+def _no_passphrase() -> bytes:
+    # OpenSSL would otherwise prompt on the terminal for an encrypted key and hang.
+    raise ValueError("the TLS private key is encrypted; use an unencrypted key readable only by the service user")
+
+
+def client_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """TLS 1.2 or later; the peer's certificate is always verified (its name unless check_hostname is off)."""
+    context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = tls.check_hostname
+    if tls.cert is not None and tls.key is not None:
+        context.load_cert_chain(str(tls.cert), str(tls.key), password=_no_passphrase)
+    return context
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A C-STORE SCP we deliver results to."""
+    """A C-STORE SCP we deliver results to; `tls` set: over DICOM TLS."""
 
     name: str
     ae_title: str
     host: str
     port: int
+    # Not hashed: the settings object may be an unhashable pydantic model.
+    tls: TlsSettings | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if not self.ae_title or len(self.ae_title) > 16:
@@ -145,16 +186,25 @@ def send(
     ae.connection_timeout = timeout
     ae.requested_contexts = _contexts(infos)
     log_extra = {"destination": destination.name, "ae_title": destination.ae_title,
-                 "host": destination.host, "port": destination.port}
+                 "host": destination.host, "port": destination.port, "tls": destination.tls is not None}
+    tls_args = None
+    if destination.tls is not None:
+        try:
+            context = client_ssl_context(destination.tls)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise TransientError(f"TLS set-up for {destination.name} failed: {exc}") from exc
+        tls_args = (context, destination.tls.server_name or destination.host)
     assoc = ae.associate(
         destination.host, destination.port, ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _enable_nodelay)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, _enable_nodelay)], tls_args=tls_args,
     )
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        # A failed TLS handshake (untrusted or misnamed certificate) also ends here; pynetdicom logs the cause.
+        over = " over TLS" if tls_args else ""
         logger.warning("association %s", why, extra={"action": "delivery_assoc_failed", **log_extra})
         raise TransientError(
-            f"association with {destination.ae_title}@{destination.host}:{destination.port} {why}"
+            f"association with {destination.ae_title}@{destination.host}:{destination.port}{over} {why}"
         )
     statuses: dict[Path, int] = {}
     try:

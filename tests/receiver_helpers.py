@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import random
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.receiver import AllowedCaller, Receiver, ReceiverConfig, start_receiver
+from db.engine import make_engine, session_factory
+from db.migrate import upgrade
+from db.models import IngestRejection, Instance
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's documented example root
 
@@ -82,3 +94,149 @@ def write_ct_series(out_dir: Path, count: int, *, rows: int = 64, cols: int = 64
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+# --- test certificates (openssl CLI; tests/install-system-deps.sh installs it) -----------------
+
+
+class Pki:
+    """A throw-away CA with a server certificate (localhost, 127.0.0.1), two client
+    certificates it signed and one client certificate from an untrusted CA; PEM files."""
+
+    def __init__(self, folder: Path) -> None:
+        import shutil
+        import subprocess
+
+        if shutil.which("openssl") is None:
+            raise AssertionError("openssl is missing: run tests/install-system-deps.sh")
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def run(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=120, cwd=folder)
+
+        def ca(name: str) -> None:
+            run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "2",
+                "-keyout", f"{name}.key", "-out", f"{name}.crt", "-subj", f"/CN=headscreen test {name}",
+                "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+        def leaf(name: str, cn: str, issuer: str, san: str) -> None:
+            (folder / f"{name}.ext").write_text(
+                f"basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                f"extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName={san}\n")
+            run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={cn}")
+            run("x509", "-req", "-sha256", "-days", "2", "-in", f"{name}.csr", "-CA", f"{issuer}.crt",
+                "-CAkey", f"{issuer}.key", "-CAcreateserial", "-out", f"{name}.crt", "-extfile", f"{name}.ext")
+
+        ca("ca")
+        ca("rogue_ca")
+        leaf("server", "localhost", "ca", "DNS:localhost,IP:127.0.0.1")
+        leaf("client", "pacs.example", "ca", "DNS:pacs.example")
+        leaf("other", "other.example", "ca", "DNS:other.example")
+        leaf("rogue", "pacs.example", "rogue_ca", "DNS:pacs.example")
+
+    def pair(self, name: str) -> tuple[Path, Path]:
+        """(certificate, key) of 'server', 'client', 'other' or 'rogue'."""
+        return self.folder / f"{name}.crt", self.folder / f"{name}.key"
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.crt"
+
+    @property
+    def rogue_ca(self) -> Path:
+        return self.folder / "rogue_ca.crt"
+
+
+# --- a receiver on a free port with its own SQLite database -------------------------------------
+
+SCP_AE = "HEADSCREEN"
+SCU_AE = "STORESCU"
+
+
+@dataclass
+class Harness:
+    receiver: Receiver
+    sessions: sessionmaker[Session]
+    storage_dir: Path
+
+    def close(self) -> None:
+        self.receiver.shutdown()
+        self.sessions.kw["bind"].dispose()
+
+    @property
+    def port(self) -> int:
+        return self.receiver.port
+
+    def instances(self) -> list[Instance]:
+        with self.sessions() as session:
+            return list(session.scalars(select(Instance).order_by(Instance.instance_number)))
+
+    def rejections(self) -> list[IngestRejection]:
+        with self.sessions() as session:
+            return list(session.scalars(select(IngestRejection).order_by(IngestRejection.id)))
+
+    def stored_files(self) -> list[Path]:
+        return sorted(self.storage_dir.rglob("*.dcm"))
+
+
+def start_harness(tmp_path: Path, sessions: sessionmaker[Session] | None = None, *,
+                  allowed: tuple[AllowedCaller, ...] = (AllowedCaller(SCU_AE),), **overrides: object) -> Harness:
+    """start_receiver on 127.0.0.1, free ports, no disk watermark; overrides go to ReceiverConfig."""
+    if sessions is None:
+        url = f"sqlite:///{tmp_path / 'headscreen.db'}"
+        upgrade(url)
+        sessions = session_factory(make_engine(url))
+    options: dict[str, object] = {"allowed_callers": allowed, "disk_min_free_mb": 0, **overrides}
+    config = ReceiverConfig(ae_title=SCP_AE, storage_dir=tmp_path / "data", bind_address="127.0.0.1",
+                            port=0, **options)  # type: ignore[arg-type]
+    return Harness(start_receiver(config, sessions), sessions, config.storage_dir)
+
+
+class TlsStorescp:
+    """dcmtk storescp with TLS on a free port, started and stopped by PID."""
+
+    def __init__(self, folder: Path, pki: Pki) -> None:
+        self.folder = folder
+        self.out = folder / "received"
+        self.out.mkdir(parents=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        cert, key = pki.pair("server")
+        log = (folder / "storescp.log").open("wb")
+        self.process = subprocess.Popen(
+            ["storescp", "+tls", str(key), str(cert), "-pw", "+cf", str(pki.ca), "-aet", "RESULTS",
+             "-od", str(self.out), str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not _listening(self.port):
+            assert self.process.poll() is None, (folder / "storescp.log").read_text()
+            assert time.monotonic() < deadline, "storescp did not start listening"
+            time.sleep(0.1)
+
+    def received(self) -> list[pydicom.Dataset]:
+        return [pydicom.dcmread(p) for p in sorted(self.out.iterdir())]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _listening(port: int) -> bool:
+    """Whether something listens on the port; looks at /proc so as not to open (and
+    break) a TLS association with a bare probe."""
+    hex_port = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        if any(line.split()[1].endswith(hex_port) and line.split()[3] == "0A" for line in lines):
+            return True
+    return False

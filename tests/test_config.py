@@ -122,3 +122,101 @@ def test_a_secret_from_the_environment_is_redacted_in_validation_messages(tmp_pa
     with pytest.raises(ConfigError) as info:
         load_settings(write(tmp_path, f'allow_any_caller = true\n[selection.CT]\nmin_slices = "{secret}"\n'))
     assert "selection.CT" in str(info.value) and secret not in str(info.value)
+
+
+# --- receiver hardening and DICOM TLS ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from receiver_helpers import Pki
+
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def _tls_table(pki, **overrides) -> str:
+    cert, key = pki.pair("server")
+    values = {"enabled": True, "cert": str(cert), "key": str(key), "ca": str(pki.ca), **overrides}
+    return "[receiver.tls]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+def test_receiver_defaults_keep_plain_dicom_and_the_old_behaviour(tmp_path):
+    settings = load_settings(write(tmp_path, "allow_any_caller = true\n"))
+    assert settings.receiver.plain_dicom and not settings.receiver.check_called_ae_title
+    assert not settings.receiver.tls.enabled
+
+
+def test_receiver_tls_settings_reach_the_receiver(tmp_path, pki, monkeypatch):
+    from daemon.serve import receiver_config
+
+    text = ('allowed_callers = [{ ae_title = "PACS" }]\n[receiver]\nmax_connections_per_address = 4\n'
+            + _tls_table(pki, require_client_cert=True, port=2763)
+            + 'caller_certificates = [{ ae_title = "PACS", subject_cn = "pacs.example" }]\n')
+    monkeypatch.setenv("HEADSCREEN_RECEIVER__CHECK_CALLED_AE_TITLE", "true")
+    config = receiver_config(load_settings(write(tmp_path, text)))
+    assert config.check_called_ae_title and config.max_connections_per_address == 4 and config.plain
+    assert config.tls is not None and config.tls.port == 2763 and config.tls.require_client_cert
+    assert list(config.tls.caller_certificates) == [("PACS", "pacs.example")]
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"cert": None}, "set cert and key"),
+        ({"cert": "/nonexistent/server.crt"}, "cert /nonexistent/server.crt does not exist"),
+        ({"key": "KEY_OF:client"}, "not a PEM certificate and its matching"),
+        ({"ca": None, "require_client_cert": True}, "require_client_cert needs ca"),
+        ({"ca": "/nonexistent/ca.crt"}, "ca /nonexistent/ca.crt does not exist"),
+    ],
+)
+def test_bad_receiver_tls_files_stop_start_up_naming_the_file(tmp_path, pki, table, message):
+    table = {k: (str(pki.pair(v.split(":")[1])[1]) if isinstance(v, str) and v.startswith("KEY_OF:") else v)
+             for k, v in table.items()}
+    text = "allow_any_caller = true\n" + _tls_table(pki, **{k: v for k, v in table.items() if v is not None})
+    for key in (k for k, v in table.items() if v is None):
+        text = "\n".join(line for line in text.splitlines() if not line.startswith(f"{key} ="))
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    assert "receiver.tls" in str(info.value) and message in str(info.value), str(info.value)
+
+
+def test_inconsistent_receiver_settings_are_named(tmp_path, pki):
+    with pytest.raises(ConfigError, match="caller_certificates needs require_client_cert"):
+        load_settings(write(tmp_path, "allow_any_caller = true\n" + _tls_table(pki)
+                            + 'caller_certificates = [{ ae_title = "PACS", subject_cn = "x" }]\n'))
+    with pytest.raises(ConfigError, match="plain_dicom = false needs"):
+        load_settings(write(tmp_path, "allow_any_caller = true\n[receiver]\nplain_dicom = false\n"))
+    with pytest.raises(ConfigError, match="receiver.max_connections_per_address"):
+        load_settings(write(tmp_path, "allow_any_caller = true\n[receiver]\nmax_connections_per_address = 0\n"))
+
+
+def test_an_encrypted_key_is_refused_instead_of_prompting(tmp_path, pki):
+    import subprocess
+
+    cert, key = pki.pair("server")
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret", "-out", str(encrypted)],
+                   check=True, capture_output=True, timeout=60)
+    with pytest.raises(ConfigError, match="encrypted"):
+        load_settings(write(tmp_path, "allow_any_caller = true\n" + _tls_table(pki, key=str(encrypted))))
+
+
+def test_destination_tls_is_checked_at_load(tmp_path, pki):
+    cert, key = pki.pair("client")
+
+    def destination(tls: dict) -> str:
+        table = ", ".join(f"{k} = {json.dumps(v)}" for k, v in tls.items())
+        return ('allow_any_caller = true\ndestinations = [{ name = "pacs", ae_title = "PACS", host = "10.0.0.5", '
+                f'port = 2762, tls = {{ {table} }} }}]\n')
+
+    settings = load_settings(write(tmp_path, destination({"ca": str(pki.ca), "cert": str(cert), "key": str(key)})))
+    tls = settings.destinations[0].tls
+    assert tls is not None and tls.ca == pki.ca and tls.check_hostname
+    assert settings.redacted()["destinations"][0]["tls"]["cert"] == str(cert)
+    with pytest.raises(ConfigError, match="cert and key must be given together"):
+        load_settings(write(tmp_path, destination({"cert": str(cert)})))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(write(tmp_path, destination({"ca": "/nonexistent/ca.crt"})))
+    with pytest.raises(ConfigError, match="tls is for kind 'dimse'"):
+        load_settings(write(tmp_path, 'allow_any_caller = true\ndestinations = [{ name = "w", kind = "stow", '
+                                      f'url = "https://pacs/dicom-web/studies", tls = {{ ca = "{pki.ca}" }} }}]\n'))

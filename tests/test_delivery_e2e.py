@@ -23,10 +23,11 @@ import pytest
 
 from daemon.config import DestinationConfig
 from daemon.errors import TransientError
-from daemon.orthanc import DICOMWEB_PLUGIN_ENV, Orthanc, dicomweb_plugin
+from daemon.orthanc import DICOMWEB_PLUGIN_ENV, Orthanc, dicomweb_plugin, free_port
 from export.delivery import STATUS_SUCCESS, send_stow
 from export.sc import choose_slices
 from imaging.phantoms import Lesion, make_head, write_dicom_series
+from receiver_helpers import Pki, TlsStorescp
 from serve_harness import REPO, Daemon, RecordingSCP, storescu, wait_until
 
 
@@ -293,3 +294,33 @@ def test_serve_delivers_to_a_stow_destination(tmp_path, study, monkeypatch):
     finally:
         daemon.close()
         server.close()
+
+
+# --- DICOM TLS both ways ------------------------------------------------------
+
+
+def test_serve_receives_and_delivers_over_dicom_tls(tmp_path, study, monkeypatch):
+    """`headscreen serve` with [receiver.tls] (client certificates required) and a TLS
+    destination: dcmtk storescu +tls sends the study, dcmtk storescp +tls gets the results."""
+    pki = Pki(tmp_path / "pki")
+    destination = TlsStorescp(tmp_path / "pacs", pki)
+    server_cert, server_key = pki.pair("server")
+    client_cert, client_key = pki.pair("client")
+    monkeypatch.setenv("HEADSCREEN_DESTINATIONS", json.dumps([{
+        "name": "tls-pacs", "ae_title": "RESULTS", "host": "127.0.0.1", "port": destination.port,
+        "tls": {"ca": str(pki.ca), "cert": str(client_cert), "key": str(client_key)}}]))
+    tls_port = free_port()
+    daemon = Daemon(tmp_path / "hs", extra=(
+        f'[receiver.tls]\nenabled = true\nport = {tls_port}\ncert = "{server_cert}"\nkey = "{server_key}"\n'
+        f'ca = "{pki.ca}"\nrequire_client_cert = true\n'
+        'caller_certificates = [{ ae_title = "STORESCU", subject_cn = "pacs.example" }]\n')).start()
+    try:
+        storescu(study, tls_port, extra=("+tls", str(client_key), str(client_cert), "-pw", "+cf", str(pki.ca)))
+        wait_until(daemon.all_delivered, 90, 0.2, "every object delivered over TLS")
+        objects = _objects(daemon)
+        assert sorted(str(d.SOPInstanceUID) for d in destination.received()) == sorted(objects)
+        assert {delivery.destination for delivery, _ in daemon.deliveries()} == {"tls-pacs"}
+        assert daemon.instance_count() == len(study)
+    finally:
+        daemon.close()
+        destination.stop()

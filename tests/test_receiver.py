@@ -8,7 +8,6 @@ import random
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -35,56 +34,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.receiver import (
     ASSOCIATION_REJECTED_STATUS,
     AllowedCaller,
-    Receiver,
     ReceiverConfig,
     StoreStatus,
     start_receiver,
 )
 from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.models import IngestRejection, Instance
-from receiver_helpers import make_uid, write_ct_series
+from db.models import Instance
+from receiver_helpers import SCP_AE, SCU_AE, Harness, make_uid, start_harness, write_ct_series
 
-SCP_AE = "HEADSCREEN"
-SCU_AE = "STORESCU"
 ALLOWED = (AllowedCaller(SCU_AE), AllowedCaller("PACS_BOUND", host="10.9.9.9"))
 
 
-@dataclass
-class Harness:
-    receiver: Receiver
-    sessions: sessionmaker[Session]
-    storage_dir: Path
-
-    def close(self) -> None:
-        self.receiver.shutdown()
-        self.sessions.kw["bind"].dispose()
-
-    @property
-    def port(self) -> int:
-        return self.receiver.port
-
-    def instances(self) -> list[Instance]:
-        with self.sessions() as session:
-            return list(session.scalars(select(Instance).order_by(Instance.instance_number)))
-
-    def rejections(self) -> list[IngestRejection]:
-        with self.sessions() as session:
-            return list(session.scalars(select(IngestRejection).order_by(IngestRejection.id)))
-
-    def stored_files(self) -> list[Path]:
-        return sorted(self.storage_dir.rglob("*.dcm"))
-
-
 def _start(tmp_path: Path, sessions: sessionmaker[Session] | None = None, **overrides: object) -> Harness:
-    if sessions is None:
-        url = f"sqlite:///{tmp_path / 'headscreen.db'}"
-        upgrade(url)
-        sessions = session_factory(make_engine(url))
-    options: dict[str, object] = {"allowed_callers": ALLOWED, "disk_min_free_mb": 0, **overrides}
-    config = ReceiverConfig(ae_title=SCP_AE, storage_dir=tmp_path / "data", bind_address="127.0.0.1",
-                            port=0, **options)  # type: ignore[arg-type]
-    return Harness(start_receiver(config, sessions), sessions, config.storage_dir)
+    return start_harness(tmp_path, sessions, allowed=ALLOWED, **overrides)
 
 
 @pytest.fixture
@@ -149,10 +111,15 @@ def test_unknown_caller_is_rejected_recorded_and_server_keeps_serving(harness: H
     assert store_refused.returncode != 0
     assert harness.stored_files() == []
 
+    # The first refusal is recorded at once; the repeat is counted into one row per interval.
+    (first,) = harness.rejections()
+    assert first.calling_ae == "INTRUDER" and first.status == ASSOCIATION_REJECTED_STATUS
+    assert "allow-list" in first.reason
+    harness.receiver.flush_refusals()
     rejections = harness.rejections()
     assert [r.calling_ae for r in rejections] == ["INTRUDER", "INTRUDER"]
     assert all(r.status == ASSOCIATION_REJECTED_STATUS for r in rejections)
-    assert "allow-list" in rejections[0].reason
+    assert "association refused 1 more times" in rejections[1].reason and "allow-list" in rejections[1].reason
 
     assert _dcmtk("echoscu", harness.port).returncode == 0
 
