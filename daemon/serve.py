@@ -38,8 +38,8 @@ def receiver_config(settings: Settings) -> ReceiverConfig:
         allow_any_caller=settings.allow_any_caller,
         storage_dir=settings.storage_dir,
         disk_min_free_mb=settings.disk_min_free_mb,
-    )
         **receiver_options(settings.receiver),
+    )
 
 
 @dataclass
