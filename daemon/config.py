@@ -356,12 +356,19 @@ class Settings(BaseSettings):
 
     def selection_rules(self, modality: str):
         """The declarative series-selection rules for a modality (defaults + overrides)."""
-        from imaging.selection import SelectionRules
+        from imaging.selection import Preference, SelectionRules
 
         default = SelectionRules.default_for(modality)
         override = self.selection.get(modality)  # type: ignore[call-overload]
         if not override:
             return default
+        # SelectionRules ignores keys it does not know; a key written below [selection.CT]
+        # that was meant for the top level would vanish without this.
+        _reject_unknown(override, set(SelectionRules.model_fields) - {"modality"}, f"selection.{modality}")
+        preference_fields = set(Preference.model_fields)
+        for i, preference in enumerate(override.get("preferences") or []):
+            if isinstance(preference, dict):
+                _reject_unknown(preference, preference_fields, f"selection.{modality}.preferences[{i}]")
         try:
             return SelectionRules.model_validate({**default.model_dump(), **override})
         except ValidationError as exc:
@@ -442,12 +449,38 @@ def _secrets_in(value: object) -> list[str]:
     return []
 
 
+def _reject_unknown(given: dict[str, Any], known: set[str], section: str) -> None:
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in {_table(section)}{_top_level_hint(unknown[0], section)}; "
+                         f"known keys: {', '.join(sorted(known))}")
+
+
+def _table(section: str) -> str:
+    """How the section reads in the file: [calibration], [selection.CT]; destinations[0] is an inline table."""
+    return section if "[" in section else f"[{section}]"
+
+
+def _top_level_hint(key: str, section: str) -> str:
+    if key not in Settings.model_fields:
+        return ""
+    return (f" ({key} is a top-level key: TOML puts every key written after a [table] header "
+            "into that table, so write top-level keys above the first table)")
+
+
 def _describe(exc: ValidationError, path: Path | None) -> str:
     where = f" in {path}" if path else ""
     lines = [f"invalid configuration{where}:"]
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(settings)"
-        lines.append(f"  {key}: {error['msg']}")
+        loc = [str(part) for part in error["loc"]]
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            section = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[:-1]).lstrip(".")
+            message = (f"unknown key {loc[-1]!r} in {_table(section)}{_top_level_hint(loc[-1], section)}" if section
+                       else f"unknown key {loc[-1]!r} (not a setting)")
+        elif error["type"] == "value_error" and "error" in error.get("ctx", {}):
+            message = str(error["ctx"]["error"])  # our validators' words, without "Value error, "
+        lines.append(f"  {'.'.join(loc)}: {message}" if loc else f"  {message}")
     return "\n".join(lines)
 
 

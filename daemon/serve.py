@@ -21,6 +21,7 @@ from daemon.config import Settings
 from daemon.receiver import ReceiverConfig, receiver_options, start_receiver
 from daemon.scheduler import bundle_refs, start_scheduler
 from daemon.web import WebServer, start_web_server
+from daemon.web.health import ServeRuntime
 from daemon.worker import worker_process_main
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
@@ -78,13 +79,14 @@ class WorkerPool:
                 process.join()
 
 
-def _start_console(settings: Settings, sessions: sessionmaker[Session], bundles: list[BundleRef]) -> WebServer | None:
+def _start_console(settings: Settings, sessions: sessionmaker[Session], bundles: list[BundleRef],
+                   runtime: ServeRuntime | None = None) -> WebServer | None:
     """The admin console in a thread; a console that cannot start (port taken) is logged,
     and receiving and processing go on without it."""
     if not settings.web.enabled:
         return None
     try:
-        return start_web_server(settings, sessions, bundles)
+        return start_web_server(settings, sessions, bundles, runtime=runtime)
     except RuntimeError:
         log.exception("web console not started", extra={"action": "web_failed", "port": settings.web.port})
         return None
@@ -104,7 +106,8 @@ def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
     scheduler = start_scheduler(settings, sessions, bundles)
     pool = WorkerPool(settings, settings.workers)
     pool.ensure()
-    web = _start_console(settings, sessions, bundles)
+    # The console's /healthz and /metrics read the receiver, sweeps and workers of this process.
+    web = _start_console(settings, sessions, bundles, ServeRuntime(receiver, scheduler, pool))
     log.info(
         "headscreen serving",
         extra={"ae_title": settings.ae_title, "port": receiver.port, "workers": settings.workers,
