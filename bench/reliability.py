@@ -1014,7 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"pydicom\..*")  # damaging the corpus warns about it
     for name in ("pynetdicom", "pydicom", "httpx"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    signal.signal(signal.SIGTERM, _interrupted)  # stop what was started, as on Ctrl-C
+    for signum in (signal.SIGINT, signal.SIGTERM):  # stop what was started (also when SIGINT was ignored)
+        signal.signal(signum, _interrupted)
 
     dirty = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
     print(f"headscreen reliability bench: commit {_git('rev-parse', '--short', 'HEAD').strip()} "
