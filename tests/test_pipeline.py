@@ -334,7 +334,7 @@ def test_an_input_error_while_building_results_gives_a_not_eligible_report(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["sc-0001.dcm", "sr.dcm"]  # nothing else of this attempt
     for obj in outcome.objects:
         assert dciodvfy_errors(Path(obj.path)) == [], obj.path
-    assert "NOT SCREENED: input undecodable" in pydicom.dcmread(out / "sc-0001.dcm").ImageComments
+    assert "NOT SCREENED: Stored instances do not decode" in pydicom.dcmread(out / "sc-0001.dcm").ImageComments
 
 
 def test_the_not_eligible_report_goes_out_even_when_highdicom_refuses_the_series(tmp_path, ct_runner, monkeypatch,
