@@ -287,8 +287,12 @@ def _record(bundle: Bundle, rows: list[Row], summary: dict[str, int], age: float
     raw.setdefault("metrics", {})["real_scans"] = {
         "source": (f"The real whole-head T1 of Debian insighttoolkit5-examples ({realscans.REAL_T1.name}, never used "
                    f"in training), healthy in {len(HEALTHY_POSES)} poses and with lesions painted in; age unknown, "
-                   f"{age:g} years assumed. No real head CT volume is reachable, so CT bundles have no real-scan rows."),
-        "rows": [{"case": r.case, "score": r.score, "threshold": r.threshold, "positive": r.positive,
+                   f"{age:g} years assumed"
+                   + (f" (the score's |age gap| term, weight {bundle.manifest.score.age_gap_weight:.3g}, uses it)"
+                      if bundle.manifest.score.age_gap_weight else "")
+                   + ". No real head CT volume is reachable, so CT bundles have no real-scan rows."),
+        "rows": [{"case": r.case, "score": r.score, "threshold": r.threshold, "percentile": r.percentile,
+                  "positive": r.positive,
                   "predicted_age": r.predicted_age, "seg_ml": r.seg_ml, "dice": r.dice,
                   "eligible": r.eligible, "reason": r.reason} for r in rows],
         "summary": (f"{summary['targets_met']}/{summary['targets']} targets met (healthy "

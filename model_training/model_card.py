@@ -9,10 +9,15 @@ from daemon.bundle import Manifest
 from export.seg import DEFAULT_THRESHOLD, MIN_CLUSTER_ML, SEG_HEALTHY_BUDGET_ML, SEG_HEALTHY_QUANTILE
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, decimals: int = 3) -> str:
     if isinstance(value, float):
-        return f"{value:.3f}"
+        return f"{value:.{decimals}f}"
     return "n/a" if value is None else str(value)
+
+
+def _sig(value: Any) -> str:
+    """Four significant digits: scores near the threshold differ in the third."""
+    return f"{value:.4g}" if isinstance(value, float) else _fmt(value)
 
 
 def render_model_card(m: Manifest) -> str:
@@ -141,11 +146,16 @@ def _real_scans(real: dict[str, Any] | None) -> list[str]:
                 "Not measured for this bundle (`bench/real_scans.py --record`). No real head CT volume is",
                 "reachable where the shipped bundles were made, so CT bundles have no real-scan figures."]
     lines = ["", "## Measured on real scans (`bench/real_scans.py`)", "", real.get("source", ""), "",
-             "| case | score | threshold | positive | predicted age | SEG mL | Dice |", "|---|---|---|---|---|---|---|"]
+             "| case | score | threshold | percentile | positive | predicted age | SEG mL | Dice |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in real.get("rows", []):
-        lines.append(f"| {row.get('case')} | {_fmt(row.get('score'))} | {_fmt(row.get('threshold'))} | "
-                     f"{'yes' if row.get('positive') else 'no'} | {_fmt(row.get('predicted_age'))} | "
-                     f"{_fmt(row.get('seg_ml'))} | {_fmt(row.get('dice'))} |")
+        if not row.get("eligible", True):
+            lines.append(f"| {row.get('case')} | not eligible: {row.get('reason')} | | | | | | |")
+            continue
+        score, threshold = row.get("score"), row.get("threshold")
+        lines.append(f"| {row.get('case')} | {_sig(score)} | {_sig(threshold)} | {_fmt(row.get('percentile'), 1)} | "
+                     f"{'yes' if row.get('positive') else 'no'} | {_fmt(row.get('predicted_age'), 1)} | "
+                     f"{_fmt(row.get('seg_ml'), 1)} | {_fmt(row.get('dice'), 2)} |")
     if real.get("summary"):
         lines += ["", real["summary"]]
     return lines
