@@ -59,7 +59,8 @@ def render_model_card(m: Manifest) -> str:
         (f"SEG threshold {cal.seg_threshold:g} (overlay units): the lowest at which {SEG_HEALTHY_QUANTILE:.0%} of the "
          f"healthy calibration cases mark at most {SEG_HEALTHY_BUDGET_ML:g} mL (regions under {MIN_CLUSTER_ML:g} mL "
          f"left out)." if cal.seg_threshold else
-         f"SEG threshold {DEFAULT_THRESHOLD:g} (overlay units; not calibrated for this bundle)."),
+         f"SEG threshold {DEFAULT_THRESHOLD:g} (overlay units; not calibrated for this bundle; regions under "
+         f"{MIN_CLUSTER_ML:g} mL left out)."),
         "",
         "A site re-estimates the reference and threshold from its own healthy studies with",
         "`headscreen calibrate` (README, \"Site calibration\"); until then these synthetic figures apply.",
