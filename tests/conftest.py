@@ -60,6 +60,10 @@ SLOWEST_FIRST = [
     "test_receiver.py",  # 25 s
     "test_anomalies.py",  # 25 s
     "test_pipeline.py",  # 20 s
+    "test_sr_conformance.py",  # ~18 s (added after the timing run, as are the next three)
+    "test_receiver_hardening.py",  # ~15 s
+    "test_dicom_tls.py",  # ~15 s
+    "test_iocm.py",  # ~10 s
     "test_shadow.py",  # 15 s
     "test_web_browser.py",  # 14 s
 ]
