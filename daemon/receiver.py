@@ -38,7 +38,9 @@ Each C-STORE is handled in stages, each with its own named status:
 header decode (0xC210) -> identifying UIDs (0xA900) -> disk watermark (0xA700,
 nothing written) -> atomic write (0xA701) -> database row (0xA701) -> Success.
 Success is answered only after the file is fsynced and the row committed. A bad
-instance never ends the association.
+instance never ends the association. Only its identity (UIDs, SOP class) can refuse
+an instance: any other recorded header value that does not decode or fit its VR is
+left out of the row, and text is cut to its column (build_record).
 
 Pixel data is never decoded: the header is parsed up to (7FE0,xxxx) and the rest
 is only walked to check that it is complete; the bytes are stored as received.
@@ -48,6 +50,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
+import re
 import socket
 import ssl
 import struct
@@ -57,6 +61,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import date
 from enum import IntEnum
 from io import BytesIO
 from pathlib import Path
@@ -64,6 +69,7 @@ from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
@@ -95,6 +101,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.errors import InputRejected
 from daemon.storage import InstanceStore, InvalidUid, StorageFull, StoredInstance, check_uid
 from db import api as db_api
+from db.models import Series, Study
 from db.types import InstanceRecord, RecordOutcome
 
 logger = logging.getLogger(__name__)
@@ -105,6 +112,8 @@ STORAGE_CLASSES: tuple[str, ...] = (
     MRImageStorage,
     EnhancedMRImageStorage,
 )
+_MODALITY_OF_CLASS = {CTImageStorage: "CT", EnhancedCTImageStorage: "CT", MRImageStorage: "MR",
+                      EnhancedMRImageStorage: "MR"}
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -178,8 +187,9 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 
 class ReceiverStats:
     """Counters for operations and benchmarks: instances stored, refusals by status,
-    seconds spent per stage (summed over associations) and database commits of
-    instance rows (fewer than rows stored when group commit batches them)."""
+    seconds spent per stage (summed over associations), database commits of
+    instance rows (fewer than rows stored when group commit batches them), and the
+    optional header values left out of or cut to fit a row, by keyword."""
 
     STAGES = ("decode", "write", "record")
 
@@ -190,6 +200,8 @@ class ReceiverStats:
         self._seconds = dict.fromkeys(self.STAGES, 0.0)
         self._row_commits = 0
         self._connections: dict[str, int] = {}
+        self._values_dropped: dict[str, int] = {}
+        self._values_truncated: dict[str, int] = {}
 
     def add_stage(self, stage: str, seconds: float) -> None:
         with self._lock:
@@ -208,6 +220,12 @@ class ReceiverStats:
             key = f"0x{int(status):04X}"
             self._refused[key] = self._refused.get(key, 0) + 1
 
+    def add_sanitised(self, dropped: Sequence[str], truncated: Sequence[str]) -> None:
+        with self._lock:
+            for counts, keywords in ((self._values_dropped, dropped), (self._values_truncated, truncated)):
+                for keyword in keywords:
+                    counts[keyword] = counts.get(keyword, 0) + 1
+
     def add_connection_event(self, kind: str) -> None:
         """Count a connection-level event: refused_address_limit, evicted_idle, tls_failed,
         association_refused, association_limit."""
@@ -218,7 +236,8 @@ class ReceiverStats:
         with self._lock:
             return {"stored": self._stored, "refused": dict(self._refused),
                     "stage_seconds": dict(self._seconds), "row_commits": self._row_commits,
-                    "connections": dict(self._connections)}
+                    "connections": dict(self._connections), "values_dropped": dict(self._values_dropped),
+                    "values_truncated": dict(self._values_truncated)}
 
 
 class CallerLike(Protocol):
@@ -990,7 +1009,7 @@ def handle_store(event: Event, deps: StoreDeps) -> Dataset | int:
     try:
         started = time.perf_counter()
         part10, header = _decode_stage(event)
-        record = _identify_stage(event, header, deps.store, size_bytes=len(part10))
+        record = _identify_stage(event, header, deps.store, size_bytes=len(part10), stats=stats)
         decoded = time.perf_counter()
         stats.add_stage("decode", decoded - started)
         stored = _write_stage(deps.store, record, part10)
@@ -1035,14 +1054,16 @@ def _decode_stage(event: Event) -> tuple[bytes, Dataset]:
                        command_sop_uid, logged=True) from exc
 
 
-def _identify_stage(event: Event, header: Dataset, store: InstanceStore, *, size_bytes: int) -> InstanceRecord:
-    """The DB row; 0xA900 when the identifying UIDs are unusable, 0xC210 if an element won't decode."""
+def _identify_stage(event: Event, header: Dataset, store: InstanceStore, *, size_bytes: int,
+                    stats: ReceiverStats | None = None) -> InstanceRecord:
+    """The DB row; 0xA900 when the identifying UIDs are unusable, 0xC210 if one of them won't
+    decode (any other header value is optional: left out when bad, see build_record)."""
     command_sop_uid = _command_sop_uid(event)
     try:
-        return build_record(header, event, _calling_ae(event), store, size_bytes=size_bytes)
+        return build_record(header, event, _calling_ae(event), store, size_bytes=size_bytes, stats=stats)
     except InvalidUid as exc:
         raise _Refused(StoreStatus.DATASET_MISMATCH, str(exc), command_sop_uid) from exc
-    except Exception as exc:  # a lazily decoded element failed to convert
+    except Exception as exc:  # an identifying element failed to convert
         logger.exception("C-STORE header element does not decode",
                          extra={"action": "store_rejected", "sop_instance_uid": command_sop_uid})
         raise _Refused(StoreStatus.CANNOT_UNDERSTAND, f"header element does not decode: {type(exc).__name__}",
@@ -1215,8 +1236,14 @@ def _skip_fragments(buffer: memoryview, position: int, end: int) -> int:
 
 
 def build_record(header: Dataset, event: Event, calling_ae: str, store: InstanceStore,
-                 *, size_bytes: int) -> InstanceRecord:
-    """The DB row for an instance; raises ``InvalidUid`` when its identity is unusable."""
+                 *, size_bytes: int, stats: ReceiverStats | None = None) -> InstanceRecord:
+    """The DB row for an instance; raises ``InvalidUid`` when its identity is unusable.
+
+    Only the identity (Study, Series and SOP Instance UID, SOP Class) may refuse an
+    instance. Every other value is optional: one that does not decode or is not valid
+    for its VR is left out (None) and text is cleaned and cut to its column, so the
+    database always takes the row; what was left out or cut is logged by keyword.
+    """
     study_uid = check_uid("StudyInstanceUID", header.get("StudyInstanceUID"))
     series_uid = check_uid("SeriesInstanceUID", header.get("SeriesInstanceUID"))
     sop_uid = check_uid("SOPInstanceUID", header.get("SOPInstanceUID"))
@@ -1228,8 +1255,8 @@ def build_record(header: Dataset, event: Event, calling_ae: str, store: Instance
     if sop_class != command_class:
         raise InvalidUid("SOPClassUID differs from the C-STORE request's Affected SOP Class UID")
     relative = store.relative_path(study_uid, series_uid, sop_uid)
-    number_of_frames = _int_or_none(header.get("NumberOfFrames"))
-    return InstanceRecord(
+    values = _OptionalValues(header)
+    record = InstanceRecord(
         study_instance_uid=study_uid,
         series_instance_uid=series_uid,
         sop_instance_uid=sop_uid,
@@ -1237,51 +1264,184 @@ def build_record(header: Dataset, event: Event, calling_ae: str, store: Instance
         transfer_syntax_uid=str(event.context.transfer_syntax),
         path=relative.as_posix(),
         size_bytes=size_bytes,
-        modality=_text_or_none(header.get("Modality")),
-        series_number=_int_or_none(header.get("SeriesNumber")),
-        series_description=_text_or_none(header.get("SeriesDescription")),
-        instance_number=_int_or_none(header.get("InstanceNumber")),
-        slice_position=slice_position(header),
-        images_in_acquisition=_int_or_none(header.get("ImagesInAcquisition")),
-        number_of_frames=number_of_frames,
-        study_date=_text_or_none(header.get("StudyDate")),
-        patient_age=_text_or_none(header.get("PatientAge")),
-        patient_birth_date=_text_or_none(header.get("PatientBirthDate")),
-        station_name=_text_or_none(header.get("StationName")),
-        institution=_text_or_none(header.get("InstitutionName")),
+        # Jobs are matched to bundles by modality: the SOP class stands in for a bad one.
+        modality=values.code("Modality", _MODALITY_LEN) or _MODALITY_OF_CLASS.get(sop_class),
+        series_number=values.integer("SeriesNumber"),
+        series_description=values.text("SeriesDescription", _SERIES_DESCRIPTION_LEN),
+        instance_number=values.integer("InstanceNumber"),
+        slice_position=values.slice_position(),
+        images_in_acquisition=values.integer("ImagesInAcquisition"),
+        number_of_frames=values.integer("NumberOfFrames"),
+        study_date=values.date("StudyDate"),
+        patient_age=values.age("PatientAge"),
+        patient_birth_date=values.date("PatientBirthDate"),
+        station_name=values.text("StationName", _STATION_NAME_LEN),
+        institution=values.text("InstitutionName", _INSTITUTION_LEN),
         calling_ae=calling_ae,
     )
+    if values.dropped or values.truncated:
+        # Keywords only: the values are patient data.
+        logger.debug("header values left out of or cut to fit the instance's row", extra={
+            "action": "header_values_dropped", "sop_instance_uid": sop_uid,
+            "dropped": values.dropped, "truncated": values.truncated})
+        if stats is not None:
+            stats.add_sanitised(values.dropped, values.truncated)
+    return record
+
+
+def _column_length(column: Any) -> int:
+    return int(column.property.columns[0].type.length)
+
+
+# The columns the optional values fill (PostgreSQL refuses a longer value; SQLite keeps it).
+_MODALITY_LEN = _column_length(Study.modality)
+_SERIES_DESCRIPTION_LEN = _column_length(Series.series_description)
+_STATION_NAME_LEN = _column_length(Study.station_name)
+_INSTITUTION_LEN = _column_length(Study.institution)
+# Integer columns are 32-bit on PostgreSQL.
+_INT_COLUMN = range(-(2 ** 31), 2 ** 31)
+_DA = re.compile(r"\d{8}")
+_AS = re.compile(r"\d{3}[DWMY]")
+# C0 and C1 controls, NUL padding among them: no column or screen wants them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What bytes the character set could not decode become: the value is not known.
+_UNDECODED = "\ufffd"
+
+
+class _OptionalValues:
+    """Reads the optional header values of one instance; never raises on them. Notes by
+    keyword (never the value) what was left out (`dropped`) or cut to fit (`truncated`)."""
+
+    def __init__(self, header: Dataset) -> None:
+        self.header = header
+        self.dropped: list[str] = []
+        self.truncated: list[str] = []
+
+    def _read(self, keyword: str) -> Any:
+        try:
+            return self.header.get(keyword)
+        except Exception:  # unknown VR, a value that does not convert for its VR...
+            self._drop(keyword)
+            return None
+
+    def _drop(self, keyword: str) -> None:
+        self.dropped.append(keyword)
+
+    def _string(self, keyword: str) -> str | None:
+        """The value as read; None when absent, dropped when not text or not decoded."""
+        value = self._read(keyword)
+        if value is None:
+            return None
+        if isinstance(value, MultiValue) and all(isinstance(v, str) for v in value):
+            value = "\\".join(value)  # a backslash read as a value separator
+        elif not isinstance(value, str):
+            value = getattr(value, "original_string", None)  # DA/TM objects keep what was read
+            if not isinstance(value, str):
+                self._drop(keyword)
+                return None
+        if _UNDECODED in value:
+            self._drop(keyword)
+            return None
+        return value
+
+    def _text(self, keyword: str) -> str | None:
+        """Free text without control characters; None when that leaves nothing."""
+        value = self._string(keyword)
+        return None if value is None else (_CONTROL.sub("", value).strip() or None)
+
+    def _formatted(self, keyword: str) -> str | None:
+        """A value of a formatted VR (DA, AS): only padding is taken off, a control
+        character inside leaves it invalid."""
+        value = self._string(keyword)
+        return None if value is None else (value.strip(" \x00") or None)
+
+    def text(self, keyword: str, length: int) -> str | None:
+        text = self._text(keyword)
+        if text is not None and len(text) > length:
+            self.truncated.append(keyword)
+            text = text[:length].rstrip()
+        return text
+
+    def code(self, keyword: str, length: int) -> str | None:
+        """A code string is left out when too long: a cut code would be another code."""
+        text = self._text(keyword)
+        if text is not None and len(text) > length:
+            self._drop(keyword)
+            return None
+        return text
+
+    def date(self, keyword: str) -> str | None:
+        """DA: eight digits that form a real date."""
+        text = self._formatted(keyword)
+        if text is None:
+            return None
+        if _DA.fullmatch(text):
+            try:
+                date(int(text[:4]), int(text[4:6]), int(text[6:]))
+                return text
+            except ValueError:
+                pass
+        self._drop(keyword)
+        return None
+
+    def age(self, keyword: str) -> str | None:
+        """AS: three digits and D, W, M or Y."""
+        text = self._formatted(keyword)
+        if text is None:
+            return None
+        if _AS.fullmatch(text.upper()):
+            return text.upper()
+        self._drop(keyword)
+        return None
+
+    def integer(self, keyword: str) -> int | None:
+        value = self._read(keyword)
+        if value is None or value == "":
+            return None
+        try:
+            if isinstance(value, (bytes, bytearray)):
+                raise TypeError("not a number")
+            number = int(value)
+        except (TypeError, ValueError, OverflowError):
+            self._drop(keyword)
+            return None
+        if number not in _INT_COLUMN:
+            self._drop(keyword)
+            return None
+        return number
+
+    def slice_position(self) -> float | None:
+        position = self._read("ImagePositionPatient")
+        orientation = self._read("ImageOrientationPatient")
+        if position is None or orientation is None:
+            return None
+        along = _along_normal(position, orientation)
+        if along is None:
+            self._drop("ImagePositionPatient")  # with the orientation: one derived value
+        return along
 
 
 def slice_position(header: Dataset) -> float | None:
     """ImagePositionPatient projected on the slice normal (row x column direction)."""
     position = header.get("ImagePositionPatient")
     orientation = header.get("ImageOrientationPatient")
-    if position is None or orientation is None or len(position) != 3 or len(orientation) != 6:
+    if position is None or orientation is None:
         return None
+    return _along_normal(position, orientation)
+
+
+def _along_normal(position: Any, orientation: Any) -> float | None:
+    """None unless three and six finite numbers give a finite position."""
     try:
+        if len(position) != 3 or len(orientation) != 6:
+            return None
         rx, ry, rz, cx, cy, cz = (float(v) for v in orientation)
         px, py, pz = (float(v) for v in position)
     except (TypeError, ValueError):
         return None
     nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
-    return px * nx + py * ny + pz * nz
-
-
-def _int_or_none(value: object) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return None
-
-
-def _text_or_none(value: object) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
+    along = px * nx + py * ny + pz * nz
+    return along if math.isfinite(along) else None
 
 
 # --- outcomes ---------------------------------------------------------------------------------

@@ -80,8 +80,9 @@ def ct_slice(study_uid: str, series_uid: str, sop_uid: str, index: int, count: i
 
 
 def write_ct_series(out_dir: Path, count: int, *, rows: int = 64, cols: int = 64,
-                    seed: int = 0) -> list[Path]:
-    """Write a synthetic CT series (one file per slice) and return the paths in slice order."""
+                    seed: int = 0, extra: dict[str, object] | None = None) -> list[Path]:
+    """Write a synthetic CT series (one file per slice) and return the paths in slice order;
+    `extra` sets attributes by keyword on every slice."""
     rng = random.Random(seed)
     noise = np.random.default_rng(seed)
     study_uid, series_uid = make_uid(rng), make_uid(rng)
@@ -90,6 +91,8 @@ def write_ct_series(out_dir: Path, count: int, *, rows: int = 64, cols: int = 64
     for index in range(count):
         pixels = noise.integers(-1000, 1500, size=(rows, cols), dtype=np.int16)
         ds = ct_slice(study_uid, series_uid, make_uid(rng), index, count, pixels)
+        for keyword, value in (extra or {}).items():
+            setattr(ds, keyword, value)
         path = out_dir / f"ct_{index:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
