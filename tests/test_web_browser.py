@@ -93,7 +93,10 @@ def test_admin_flags_a_study_and_finds_it_in_the_review_queue(browser: Browser, 
     expect(page.locator("h1")).to_contain_text(seeded.positive)
     preview = page.locator(".previews img").first
     expect(preview).to_be_visible()
-    assert page.evaluate("(img) => img.complete && img.naturalWidth", preview.element_handle()) == 64
+    # Visible is not loaded: wait for the image itself (generously, the machine may be busy).
+    image = preview.element_handle()
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=image, timeout=60_000)
+    assert page.evaluate("(img) => img.naturalWidth", image) == 64
     page.fill("#comment", "possible subdural, please check")
     page.click("#review-form button[value=flag]")
     expect(page.locator("#flag-state")).to_contain_text("possible subdural, please check")
