@@ -28,6 +28,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if it is still running after `timeout_s`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 # Where Debian's orthanc-dicomweb puts the DICOMweb plugin; the environment
 # variable points at another copy (e.g. one unpacked without root).
 DICOMWEB_PLUGIN_ENV = "HEADSCREEN_ORTHANC_DICOMWEB"
@@ -98,13 +109,8 @@ class Orthanc:
         raise HeadscreenError("Orthanc did not start in time")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop_process(self.process)
 
     @property
     def url(self) -> str:

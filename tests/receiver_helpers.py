@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMEN
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.orthanc import free_port, stop_process
 from daemon.receiver import AllowedCaller, Receiver, ReceiverConfig, start_receiver
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
@@ -204,9 +204,7 @@ class TlsStorescp:
         self.folder = folder
         self.out = folder / "received"
         self.out.mkdir(parents=True)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         cert, key = pki.pair("server")
         log = (folder / "storescp.log").open("wb")
         self.process = subprocess.Popen(
@@ -222,13 +220,7 @@ class TlsStorescp:
         return [pydicom.dcmread(p) for p in sorted(self.out.iterdir())]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def _listening(port: int) -> bool:

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from daemon.errors import TransientError
-from daemon.orthanc import free_port
+from daemon.orthanc import free_port, stop_process
 from daemon.receiver import ASSOCIATION_REJECTED_STATUS, TLS_REFUSED_STATUS, AllowedCaller, TlsServerConfig
 from export.delivery import STATUS_SUCCESS, Destination, TlsClient, send
 from receiver_helpers import SCP_AE, SCU_AE, Harness, Pki, TlsStorescp, start_harness, write_ct_series
@@ -234,13 +234,7 @@ class TlsOrthanc:
         return {self.request("GET", f"/instances/{i}/simplified-tags")["SOPInstanceUID"] for i in ids}
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def test_orthanc_sends_to_us_over_tls_and_receives_our_delivery(tmp_path: Path, pki: Pki,
