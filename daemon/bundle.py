@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# Files a bundle keeps for training (fine-tuning, the learning curves) that serving never
+# reads: a serving copy (the bundles packaged in the wheel) leaves them out. When present
+# they are verified like the others.
+TRAINING_ONLY_FILES = frozenset({"weights.pt", "training_metrics.csv"})
 
 
 class _Strict(BaseModel):
@@ -170,6 +174,8 @@ def load_bundle(directory: Path) -> Bundle:
     """Read and verify a bundle; raise BundleError saying exactly what is wrong."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: no such bundle folder")
     try:
         raw = json.loads(manifest_path.read_text())
     except FileNotFoundError:
@@ -191,6 +197,9 @@ def load_bundle(directory: Path) -> Bundle:
     for name, expected in manifest.files.items():
         file_path = directory / name
         if not file_path.is_file():
+            if name in TRAINING_ONLY_FILES and name != manifest.model_file:
+                log.debug("bundle without a training-only file", extra={"bundle": manifest.key, "file": name})
+                continue
             raise BundleError(f"{directory}: file {name} listed in the manifest is missing")
         actual = sha256_file(file_path)
         if actual != expected:

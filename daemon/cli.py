@@ -26,7 +26,8 @@ exit codes:
   1    runtime failure: the database, a peer, the disk or a port refused (e.g. the
        DICOM port is in use), or an unexpected error
   2    usage or configuration error: an unknown option or value, an invalid
-       configuration file (the message names the key), a bad bundle
+       configuration file (the message names the key), a bad bundle, or
+       no usable bundle (serve refuses to start without one)
   130  interrupted (Ctrl-C)"""
 
 

@@ -8,6 +8,7 @@ underscore (HEADSCREEN_DELIVERY__MAX_ATTEMPTS=5); lists are given as JSON
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import json
 import os
@@ -392,9 +393,26 @@ class Settings(BaseSettings):
 
 
 def shipped_bundles() -> list[Path]:
-    """The default bundles in the repository's models/ folder, when present."""
-    root = Path(__file__).resolve().parent.parent / "models"
-    return sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
+    """The default bundles: those in the source tree's models/ folder (a checkout or an
+    editable install), else the serving copies packaged in the wheel (headscreen.models,
+    installed as site-packages/headscreen/models/<bundle>/)."""
+    for root in default_bundle_roots():
+        found = sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
+        if found:
+            return found
+    return []
+
+
+def default_bundle_roots() -> list[Path]:
+    """Where `shipped_bundles` looks, in order (named when serve finds no bundle)."""
+    roots = [Path(__file__).resolve().parent.parent / "models"]
+    try:
+        spec = importlib.util.find_spec("headscreen.models")
+    except ImportError:  # no headscreen package at all
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        roots += [Path(p) for p in spec.submodule_search_locations if Path(p).resolve() != roots[0]]
+    return roots
 
 
 def load_settings(path: Path | None = None, **overrides: object) -> Settings:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import Settings
+from daemon.config import Settings, default_bundle_roots
+from daemon.errors import ConfigError
 from daemon.receiver import ReceiverConfig, receiver_options, start_receiver
 from daemon.scheduler import bundle_refs, start_scheduler
 from daemon.web import WebServer, start_web_server
@@ -92,10 +93,22 @@ def _start_console(settings: Settings, sessions: sessionmaker[Session], bundles:
         return None
 
 
+def usable_bundles(settings: Settings) -> list[BundleRef]:
+    """Every configured bundle, verified; a bundle that fails its check stops serve
+    (BundleError), and so does having none: a daemon without a model would take studies
+    in and screen none of them."""
+    bundles = bundle_refs(settings)
+    if not bundles:
+        looked = " or ".join(str(root) for root in default_bundle_roots())
+        raise ConfigError(f"no usable model bundle: `bundles` is not set and no default bundle was found "
+                          f"(looked in {looked}); set bundles = [\"/path/to/bundle\"] in the configuration")
+    return bundles
+
+
 def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
+    bundles = usable_bundles(settings)  # refuses before anything starts or is written
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
-    bundles = bundle_refs(settings)  # refuses tampered bundles before anything starts
     engine = make_engine(settings.database_url)
     sessions = session_factory(engine)
     stop = threading.Event()
