@@ -1,8 +1,11 @@
 """Offline MNI templates and the tissue model shared by phantoms and registration.
 
-Sources (bundled, no network): nilearn's ICBM152 2009 brain mask and GM/WM maps,
-and Colin27 (mricron-data) for the whole-head outline. Everything is built lazily
-and cached per process; nothing happens at import.
+Sources (bundled, no network): nilearn's ICBM152 2009 brain mask and GM/WM maps
+(inside the nilearn wheel), and Colin27 for the whole-head outline and the registration
+atlas: `imaging/data/ch2.nii.gz`, a byte-identical copy of Debian mricron-data's
+/usr/share/mricron/templates/ch2.nii.gz (licence: imaging/data/README.md), packaged with
+headscreen so that serving needs no Debian package. Everything is built lazily and cached
+per process; nothing happens at import.
 
 All images here live on one MNI grid in LPS with identity direction
 (``BASE_ORIGIN_LPS``, 1 mm), padded below the ICBM field of view so that the
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +29,10 @@ from daemon.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-COLIN27_PATH = Path("/usr/share/mricron/templates/ch2.nii.gz")
+# Colin27 (ch2.nii.gz): $HEADSCREEN_COLIN27 when set, else the packaged copy, else Debian's.
+COLIN27_ENV = "HEADSCREEN_COLIN27"
+PACKAGED_COLIN27 = Path(__file__).resolve().parent / "data" / "ch2.nii.gz"
+DEBIAN_COLIN27 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 BOTTOM_PAD_MM = 24
 SKULL_THICKNESS_MM = 7.0
 HEAD_MARGIN_MM = 12.0
@@ -122,14 +129,35 @@ def tissue_maps() -> TissueMaps:
                       reference=ref)
 
 
+def colin27_path() -> Path:
+    """The Colin27 T1 the templates are built from: the file $HEADSCREEN_COLIN27 names,
+    else the copy packaged in imaging/data, else Debian mricron-data's (all three the same
+    bytes on a standard install; tests/test_deploy.py checks that the results are)."""
+    named = os.environ.get(COLIN27_ENV)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigError(f"{COLIN27_ENV}: {path} is not a file")
+        return path
+    for path in (PACKAGED_COLIN27, DEBIAN_COLIN27):
+        if path.is_file():
+            return path
+    raise ConfigError(f"Colin27 template missing: neither {PACKAGED_COLIN27} (packaged with headscreen; "
+                      f"reinstall it) nor {DEBIAN_COLIN27} (Debian mricron-data) exists")
+
+
+def _colin_on_reference(ref: sitk.Image) -> np.ndarray:
+    """Colin27 resampled (linear) to the base grid, as read from `colin27_path()`."""
+    path = colin27_path()
+    colin_nifti = nib.load(str(path))
+    if not isinstance(colin_nifti, nib.spatialimages.SpatialImage):
+        raise ConfigError(f"Colin27 template: {path} is not a NIfTI image")
+    return _on_base(nifti_to_sitk(colin_nifti), ref)
+
+
 def _colin_head(ref: sitk.Image) -> np.ndarray:
     """Whole-head mask (skin inward) from Colin27 resampled to the base grid."""
-    if not COLIN27_PATH.exists():
-        raise ConfigError(f"COLIN27_PATH: {COLIN27_PATH} missing (install mricron-data)")
-    colin_nifti = nib.load(str(COLIN27_PATH))
-    if not isinstance(colin_nifti, nib.spatialimages.SpatialImage):
-        raise ConfigError(f"COLIN27_PATH: {COLIN27_PATH} is not a NIfTI image")
-    colin = _on_base(nifti_to_sitk(colin_nifti), ref)
+    colin = _colin_on_reference(ref)
     head = colin > 20.0
     labels, count = ndimage.label(head)
     if count > 1:
@@ -202,9 +230,7 @@ def atlas(modality: str, spacing_mm: float = 2.0) -> sitk.Image:
 @functools.lru_cache(maxsize=1)
 def colin27_on_base() -> np.ndarray:
     """Colin27 on the base grid (z, y, x), air 0, the padded neck continued from its last slice."""
-    if not COLIN27_PATH.exists():
-        raise ConfigError(f"COLIN27_PATH: {COLIN27_PATH} missing (install mricron-data)")
-    colin = _on_base(nifti_to_sitk(nib.load(str(COLIN27_PATH))), tissue_maps().reference)
+    colin = _colin_on_reference(tissue_maps().reference)
     colin[:BOTTOM_PAD_MM] = colin[BOTTOM_PAD_MM][None]
     colin.setflags(write=False)
     return colin
