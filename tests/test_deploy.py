@@ -102,3 +102,107 @@ def test_container_runs_with_umask_and_without_privileges() -> None:
     for line in ("restart: on-failure:5", "read_only: true", "cap_drop: [ALL]",
                  'security_opt: ["no-new-privileges:true"]'):
         assert line in compose, line
+
+
+# --------------------------------------------------------------------------- what a wheel install needs
+
+def _serve_without_default_bundles(config: Path) -> subprocess.CompletedProcess:
+    """`headscreen serve` as if no default bundle were installed (none packaged, no models/)."""
+    code = ("import sys, daemon.config\n"
+            "daemon.config.shipped_bundles = lambda: []\n"
+            "from daemon.cli import main\n"
+            f"sys.exit(main(['-c', {str(config)!r}, 'serve']))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_serve_refuses_to_start_without_a_usable_bundle(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    config = tmp_path / "headscreen.toml"
+    config.write_text(f'allow_any_caller = true\nstorage_dir = "{storage}"\nport = 0\n[web]\nenabled = false\n')
+    result = _serve_without_default_bundles(config)
+    from daemon.cli import EXIT_USAGE
+
+    assert result.returncode == EXIT_USAGE == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no usable model bundle" in lines[0] and "set bundles" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not storage.exists()  # refused before anything was written
+    # A configured bundle that is not there is refused the same way, naming it.
+    config.write_text(config.read_text().replace("port = 0\n", f'port = 0\nbundles = ["{tmp_path / "nope"}"]\n'))
+    missing = subprocess.run([sys.executable, "-m", "daemon.cli", "-c", str(config), "serve"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert missing.returncode == 2 and "no such bundle folder" in missing.stderr, missing.stderr
+    assert str(tmp_path / "nope") in missing.stderr and not storage.exists()
+
+
+def test_a_serving_copy_of_a_bundle_needs_no_training_files(tmp_path: Path) -> None:
+    import shutil
+
+    from daemon.bundle import TRAINING_ONLY_FILES, load_bundle
+    from daemon.config import shipped_bundles
+    from daemon.errors import BundleError
+
+    source = shipped_bundles()[0]
+    copy = tmp_path / source.name
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns(*TRAINING_ONLY_FILES))
+    assert load_bundle(copy).manifest.key == source.name
+    # A training file that is there is still checked; one that serving reads may not be left out.
+    (copy / "training_metrics.csv").write_text("tampered\n")
+    with pytest.raises(BundleError, match="training_metrics.csv does not match"):
+        load_bundle(copy)
+    (copy / "training_metrics.csv").unlink()
+    (copy / "normative.npz").unlink()
+    with pytest.raises(BundleError, match="normative.npz listed in the manifest is missing"):
+        load_bundle(copy)
+
+
+def test_colin27_is_packaged_and_preferred(monkeypatch, tmp_path: Path) -> None:
+    from daemon.errors import ConfigError
+    from imaging import templates
+
+    monkeypatch.delenv(templates.COLIN27_ENV, raising=False)
+    assert templates.colin27_path() == templates.PACKAGED_COLIN27
+    assert templates.PACKAGED_COLIN27.stat().st_size < 4_000_000
+    if templates.DEBIAN_COLIN27.is_file():
+        assert templates.PACKAGED_COLIN27.read_bytes() == templates.DEBIAN_COLIN27.read_bytes()
+    monkeypatch.setenv(templates.COLIN27_ENV, str(tmp_path / "absent.nii.gz"))
+    with pytest.raises(ConfigError, match="HEADSCREEN_COLIN27"):
+        templates.colin27_path()
+
+
+@pytest.mark.slow
+def test_templates_are_identical_from_the_packaged_and_the_debian_colin27(monkeypatch) -> None:
+    """The shipped models depend on the preprocessing: the atlas, its masks and the tissue
+    maps must be the same arrays whichever copy of Colin27 they are built from."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from imaging import templates
+
+    if not templates.DEBIAN_COLIN27.is_file():
+        pytest.skip("Debian mricron-data is not installed")
+    cached = (templates.tissue_maps, templates.colin27_on_base, templates.atlas,
+              templates.atlas_metric_mask, templates.atlas_brain_mask)
+
+    def build(source: Path) -> dict[str, np.ndarray]:
+        monkeypatch.setenv(templates.COLIN27_ENV, str(source))
+        for function in cached:
+            function.cache_clear()
+        maps = templates.tissue_maps()
+        arrays = {name: getattr(maps, name) for name in ("gm", "wm", "brain", "skull_depth", "head")}
+        arrays |= {f"level{i}": level for i, level in enumerate(maps.parenchyma_levels)}
+        arrays["colin"] = templates.colin27_on_base()
+        for modality in ("CT", "MR"):
+            arrays[f"atlas_{modality}"] = sitk.GetArrayFromImage(templates.atlas(modality))
+        arrays["metric_mask"] = sitk.GetArrayFromImage(templates.atlas_metric_mask())
+        return arrays
+
+    try:
+        packaged = build(templates.PACKAGED_COLIN27)
+        debian = build(templates.DEBIAN_COLIN27)
+    finally:
+        for function in cached:
+            function.cache_clear()
+    assert packaged.keys() == debian.keys()
+    for name in packaged:
+        assert np.array_equal(packaged[name], debian[name]), name
