@@ -65,9 +65,10 @@ from imaging.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
 
-# The error map reaches export in units of the bundle's healthy 99th percentile
-# (daemon.inference), so one fixed scale means the same on every study: below
-# 1 is within the healthy range and stays grey, 3 and above is full red.
+# The map reaches export in multiples of the bundle's healthy limit (daemon.inference:
+# positive z over the healthy 99.9th percentile of z, or error over the healthy 99th
+# percentile), so one fixed scale means the same on every study: below 1 is within
+# the healthy range and stays grey, 3 and above is full red.
 OVERLAY_STYLE = OverlayStyle(error_lower=1.0, error_upper=3.0)
 
 # Without a policy every score is judged against the bundle's own reference.
@@ -332,6 +333,7 @@ def _screen(
     objects = timer.measure(
         "build_results", _build_results, sources, native_map, summary, overlay_indices, output_dir,
         runner.bundle.seg_threshold(seg_threshold) if with_seg else None, note,
+        "z" if manifest.normative is not None else "error",
     )
     log.info(
         "job computed",
@@ -650,13 +652,15 @@ def _build_results(
     output_dir: Path,
     seg_threshold: float | None = DEFAULT_THRESHOLD,
     reference: ReferenceNote | None = None,
+    map_unit: str = "z",
 ) -> list[OutputObject]:
     """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG), the SR.
-    All are built before any is written: a build that fails leaves no file behind."""
+    The SEG comes before the SR, which references its segment. All are built before
+    any is written: a build that fails leaves no file behind."""
     sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=overlay_indices,
-                                       style=OVERLAY_STYLE, reference=reference)
+                                       style=OVERLAY_STYLE, reference=reference, map_unit=map_unit)
     seg = build_segmentation(sources, native_map, summary, seg_threshold) if seg_threshold is not None else None
-    sr = build_report(sources, summary, sc_datasets, reference=reference)
+    sr = build_report(sources, summary, sc_datasets, reference=reference, segmentation=seg)
     objects = [_write(ds, output_dir / f"sc-{i:04d}.dcm", "sc") for i, ds in enumerate(sc_datasets, start=1)]
     if seg is not None:
         objects.append(_write(seg, output_dir / "seg.dcm", "seg"))

@@ -37,10 +37,14 @@ __all__ = [
     "REFERENCE_CALIBRATING",
     "ABSENT",
     "ANOMALY_FINDING",
+    "ANOMALY_REGION",
+    "ABNORMAL_STRUCTURE",
+    "REGION_VOLUME",
     "BRAIN",
     "UNIT_SCORE",
     "UNIT_PERCENT",
     "UNIT_YEAR",
+    "UNIT_ML",
     "FAMILY_ANOGAN",
     "FAMILY_VAE_AGE",
     "algorithm_family_code",
@@ -97,11 +101,17 @@ REFERENCE_CALIBRATING = _private("HS0042", "None yet: scanner calibrating, no sc
 # --- finding / anatomy -------------------------------------------------------
 ANOMALY_FINDING = _private("HS0020", "Brain anomaly screening")
 BRAIN = CodedConcept("12738006", "SCT", "Brain")
+# The SEG segment's category and property type; the SR's region group (TID 1411) names
+# the same type as its Finding, so a reader can match the two.
+ABNORMAL_STRUCTURE = CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
+ANOMALY_REGION = CodedConcept("263654008", "SCT", "Abnormal")
+REGION_VOLUME = CodedConcept("118565006", "SCT", "Volume")
 
 # --- units (UCUM) -------------------------------------------------------------
 UNIT_SCORE = CodedConcept("{score}", "UCUM", "score")
 UNIT_PERCENT = CodedConcept("%", "UCUM", "Percent")
 UNIT_YEAR = CodedConcept("a", "UCUM", "year")
+UNIT_ML = CodedConcept("ml", "UCUM", "milliliter")
 
 FAMILY_ANOGAN = _private("HS0030", "f-AnoGAN 3D anomaly detection")
 FAMILY_VAE_AGE = _private("HS0031", "VAE 3D anomaly detection with brain age")

@@ -1,10 +1,13 @@
 """Secondary Capture overlays: the voxel error map in colour on the original slices.
 
-Each output image is the source slice in a soft-tissue window (grey), the error
+Each output image is the source slice in a soft-tissue window (grey), the anomaly
 map alpha-blended on top (transparent below the lower display bound, then
 yellow -> red up to the upper bound) and a legend band underneath with the
-scores and the "AI-generated - not for primary diagnosis" notice. No patient
-identity is burned in.
+scores, the colour scale and its unit, and the "AI-generated - not for primary
+diagnosis" notice. The map is in multiples of the healthy limit (daemon.inference):
+with a normative model the positive z-map over the z that 99.9 % of healthy brain
+voxels stay below, otherwise the voxel error over the healthy 99th percentile of
+error (``map_unit`` "z" or "error"). No patient identity is burned in.
 
 A study that is not eligible gets no overlay; `build_not_screened_image` makes
 its one plain greyscale image instead ("NOT SCREENED: <reason>"), so a reader
@@ -41,6 +44,9 @@ __all__ = [
     "NOT_SCREENED_SERIES_DESCRIPTION",
     "NOT_SCREENED_NOTICE",
     "DISCLAIMER",
+    "MAP_UNITS",
+    "ordinal",
+    "percentile_phrase",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,14 @@ SERIES_DESCRIPTION = "AI anomaly map - NOT FOR PRIMARY DIAGNOSIS"
 DISCLAIMER = "AI-generated - not for primary diagnosis"
 NOT_SCREENED_SERIES_DESCRIPTION = "AI screening NOT DONE - NOT FOR DIAGNOSIS"
 NOT_SCREENED_NOTICE = "Not for diagnosis"
+
+#: What the map is and what one unit of it is, per kind of bundle: (short name, legend line).
+MAP_UNITS = {
+    "z": ("positive z-map", "Unit: positive z-score in multiples of the healthy limit, the z that 99.9% of "
+                            "healthy brain voxels stay below"),
+    "error": ("voxel error map", "Unit: voxel error in multiples of the healthy limit, the error that 99% of "
+                                 "healthy voxels stay below"),
+}
 
 _YELLOW = np.array([255.0, 255.0, 0.0])
 _RED = np.array([255.0, 0.0, 0.0])
@@ -174,20 +188,40 @@ def _fmt(value: float | None, spec: str, absent: str = "not available") -> str:
     return absent if value is None else format(value, spec)
 
 
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th ... 11th, 12th, 13th ... 21st, 22nd, 23rd ... 111th."""
+    if n < 0:
+        raise ValueError(f"ordinal: argument 'n' must be >= 0, got {n}")
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def percentile_phrase(value: float) -> str:
+    """'80th percentile' for a whole number (at one decimal), else 'percentile 79.2':
+    an ordinal suffix on a decimal ('79.2th') is not English."""
+    rounded = round(float(value), 1)
+    if rounded == int(rounded):
+        return f"{ordinal(int(rounded))} percentile"
+    return f"percentile {rounded:.1f}"
+
+
 def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], slice_label: str,
-                  reference: ReferenceNote | None = None) -> list[tuple[str, bool]]:
+                  reference: ReferenceNote | None = None, map_unit: str = "z") -> list[tuple[str, bool]]:
     """(text, is_alert) lines of the legend, ASCII only."""
     algo = summary.algorithm
     lines: list[tuple[str, bool]] = [(DISCLAIMER.upper(), True)]
     lines.append((f"{algo.manufacturer} {algo.family}: {algo.name} {algo.version}", False))
     percentile = finite_or_none(summary.percentile)
-    pct = "" if percentile is None else f" ({percentile:.1f}th percentile of healthy reference)"
-    lines.append((f"Anomaly score {_fmt(summary.anomaly_score, '.3f')}{pct}", False))
+    pct = "" if percentile is None else f" ({percentile_phrase(percentile)} of healthy reference)"
+    if finite_or_none(summary.anomaly_score) is None:
+        lines.append(("No anomaly score: the model gave no valid number", True))
+    else:
+        lines.append((f"Anomaly score {_fmt(summary.anomaly_score, '.3f')}{pct}", False))
     if reference is not None and reference.calibrating:
         # In place of a screen result: why there is none.
         lines.append((reference.legend_text, True))
     elif summary.screen_positive is None:
-        lines.append(("Screen result: not available", False))
+        lines.append(("No screen result: absence of findings is NOT implied", True))
     else:
         verdict = "POSITIVE" if summary.screen_positive else "negative"
         lines.append((f"Screen result: {verdict} at threshold {_fmt(summary.threshold, '.3f')}", summary.screen_positive))
@@ -206,7 +240,9 @@ def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], sli
         )
     if summary.qc_reasons:
         lines.append(("QC: " + "; ".join(summary.qc_reasons), True))
-    lines.append((f"Colour: error {error_bounds[0]:.3g} (yellow) to {error_bounds[1]:.3g} (red)  {slice_label}", False))
+    lo, hi = error_bounds
+    lines.append((f"Colour: {lo:.3g} (yellow) to {hi:.3g} (red), uncoloured below {lo:.3g}  {slice_label}", False))
+    lines.append((MAP_UNITS[map_unit][1], False))
     return lines
 
 
@@ -340,6 +376,7 @@ def build_overlay_series(
     max_slices: int | None = None,
     style: OverlayStyle | None = None,
     reference: ReferenceNote | None = None,
+    map_unit: str = "z",
 ) -> list[Dataset]:
     """One RGB Secondary Capture image per chosen slice (see module docstring).
 
@@ -347,8 +384,11 @@ def build_overlay_series(
     ``slice_indices=None`` the ``max_slices`` (default ``style.default_slice_count``)
     consecutive slices centred on the slice with the largest summed error are rendered.
     ``reference`` adds the healthy reference to the legend, or says the scanner is
-    calibrating in place of a screen result.
+    calibrating in place of a screen result. ``map_unit`` says what the map's unit is
+    (a key of MAP_UNITS: "z" for a bundle with a normative model, else "error").
     """
+    if map_unit not in MAP_UNITS:
+        raise ValueError(f"build_overlay_series: argument 'map_unit' must be one of {', '.join(MAP_UNITS)}")
     if not summary.eligible:
         # A result that cannot be trusted gets no colour: see build_not_screened_image.
         raise ValueError("build_overlay_series: argument 'summary' is not eligible; use build_not_screened_image")
@@ -368,7 +408,7 @@ def build_overlay_series(
     factor = max(1, math.ceil(style.min_render_width / int(source_datasets[0].Columns)))
     images = [
         _build_one(source_datasets[k], values[k], error_map[k], k, len(source_datasets), position + 1,
-                   series_uid, series_number, summary, window, bounds, factor, style, reference)
+                   series_uid, series_number, summary, window, bounds, factor, style, reference, map_unit)
         for position, k in enumerate(indices)
     ]
     logger.info(
@@ -394,11 +434,12 @@ def _build_one(
     factor: int,
     style: OverlayStyle,
     reference: ReferenceNote | None = None,
+    map_unit: str = "z",
 ) -> Dataset:
     inverted = getattr(source, "PhotometricInterpretation", "") == "MONOCHROME1"
     rgb = _upscale(render_overlay(values, error, window, bounds, style, inverted), factor)
     label = f"slice {slice_index + 1}/{n_slices}"
-    pixels = _add_legend(rgb, _legend_lines(summary, bounds, label, reference))
+    pixels = _add_legend(rgb, _legend_lines(summary, bounds, label, reference, map_unit))
     spacing = None
     if hasattr(source, "PixelSpacing"):
         spacing = tuple(float(v) / factor for v in source.PixelSpacing)
@@ -433,7 +474,8 @@ def _build_one(
     sc.ImageComments = (f"{DISCLAIMER} - {reference.legend_text}" if reference is not None and reference.calibrating
                         else DISCLAIMER)
     sc.DerivationDescription = (
-        f"{algo.family} voxel error map ({algo.name} {algo.version}) alpha-blended on the source slice"
+        f"{algo.family} {MAP_UNITS[map_unit][0]} ({algo.name} {algo.version}) in multiples of the healthy limit, "
+        "alpha-blended on the source slice"
     )[:1024]
     sc.SecondaryCaptureDeviceManufacturer = algo.manufacturer
     sc.SecondaryCaptureDeviceManufacturerModelName = algo.name[:64]

@@ -1,8 +1,9 @@
 """DICOM Segmentation: the thresholded anomaly map on the source series' geometry.
 
 Viewers that overlay SEG (OHIF, 3D Slicer, many PACS) then show the region on
-the original slices. One BINARY segment, labelled as an AI-generated anomaly
-region; one frame per source slice that has any voxel set, each frame
+the original slices. One BINARY segment, labelled and described as an
+AI-generated anomaly region with the algorithm that made it, and tracked (Tracking
+ID/UID) so the SR's region group names the same segment; one frame per source slice that has any voxel set, each frame
 referencing its source image. An empty mask gives no SEG at all: a SEG with no
 frames is not a valid object, and the SR already says the study was screened.
 """
@@ -19,15 +20,18 @@ from scipy import ndimage
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from export import codes as hs_codes
 from export.model import ResultSummary
 
 __all__ = ["build_segmentation", "anomaly_mask", "missing_for_seg", "source_voxel_ml", "SEG_SERIES_DESCRIPTION",
-           "SEGMENT_LABEL", "DEFAULT_THRESHOLD", "MIN_CLUSTER_ML", "calibrate_threshold"]
+           "SEGMENT_LABEL", "SEGMENT_TRACKING_ID", "segment_description_text", "DEFAULT_THRESHOLD", "MIN_CLUSTER_ML", "calibrate_threshold"]
 
 logger = logging.getLogger(__name__)
 
 SEG_SERIES_DESCRIPTION = "AI anomaly region - NOT FOR PRIMARY DIAGNOSIS"
 SEGMENT_LABEL = "AI anomaly region"
+#: The segment's Tracking ID; the SR's TID 1411 group carries the same ID and UID.
+SEGMENT_TRACKING_ID = "headscreen anomaly region"
 #: Error-map units are multiples of the healthy limit (daemon.inference): 1.0 marks every
 #: voxel above what healthy scans reach. A bundle may carry its own, calibrated on healthy
 #: scans (manifest calibration.seg_threshold); this is the fallback.
@@ -36,7 +40,12 @@ DEFAULT_THRESHOLD = 1.0
 #: threshold are the healthy reference's own noise, not findings (0.5 mL is an 8 mm cube).
 MIN_CLUSTER_ML = 0.5
 _SEG_SERIES_NUMBER = 9902
-_ABNORMAL = hd.sr.CodedConcept("263654008", "SCT", "Abnormal")
+
+
+def segment_description_text(summary: ResultSummary) -> str:
+    """Segment Description (LO, 64): what the segment is and which algorithm made it."""
+    algo = summary.algorithm
+    return f"AI-generated anomaly region, {algo.name} {algo.version}"[:64]
 
 
 def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, voxel_ml: float | None = None,
@@ -135,8 +144,8 @@ def build_segmentation(
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=SEGMENT_LABEL,
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=_ABNORMAL,
+        segmented_property_category=hs_codes.ABNORMAL_STRUCTURE,
+        segmented_property_type=hs_codes.ANOMALY_REGION,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name=summary.algorithm.name,
@@ -145,7 +154,11 @@ def build_segmentation(
             source=summary.algorithm.manufacturer,
             parameters={"threshold": f"{threshold:g} x healthy limit", "min_region_ml": f"{MIN_CLUSTER_ML:g}"},
         ),
+        tracking_id=SEGMENT_TRACKING_ID,
+        tracking_uid=hd.UID(),
     )
+    # Type 3, not a highdicom argument: the label is short, this says what it is and by whom.
+    description.SegmentDescription = segment_description_text(summary)
     seg = hd.seg.Segmentation(
         source_images=list(sources),
         pixel_array=mask,

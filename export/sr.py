@@ -1,21 +1,25 @@
 """TID 1500 Comprehensive 3D SR carrying what a screening job found.
 
-One measurement group (TID 1501) holds the numeric results as TID 300 NUM items
-(anomaly score, percentile, operating threshold, predicted/chronological age,
-brain-age gap), the algorithm identity (TID 4019), the finding site and
-references to the source slices. The report-level Qualitative Evaluations
-container (TID 1500 row 12) holds the coded evaluations: eligibility, screen
-result, healthy reference, each QC finding, "Measurement not available" for
-every value that was not produced, and the plain-language summary. A coded item
-that has a detail (a QC finding, the reference) is followed by a TEXT item whose
-concept name is the coded value and whose value is the full text, so two findings
-sharing a code both keep their detail. The SC instances are listed in the
-evidence sequence. A study that was not eligible still gets a report that says
-so and why: one coded reason per blocking reason, the advisory QC issues, and
-no number and no screen result at all. An eligible result names the healthy
-reference its percentile is against (the bundle's, or this scanner's own); while
-the scanner is calibrating it carries the score but no percentile, threshold or
-screen result, and says why.
+One measurement group holds the numeric results as TID 300 NUM items (anomaly
+score, percentile, operating threshold, predicted/chronological age, brain-age
+gap), the algorithm identity (TID 4019) and the finding site. Without a SEG it is
+a TID 1501 group; with one it is a TID 1411 group whose region is the SEG's
+segment (Referenced Segment), with the analysed series by UID (Source series for
+segmentation) and the region's volume added. Neither lists the source slices one
+by one: the series and its instances are in the evidence sequence. The
+report-level Qualitative Evaluations container (TID 1500 row 12) holds the coded
+evaluations: eligibility, screen result, healthy reference, each QC finding,
+"Measurement not available" for every value that was not produced, and the
+plain-language summary. A coded item that has a detail (a QC finding, the
+reference) is followed by a TEXT item whose concept name is the coded value and
+whose value is the full text, so two findings sharing a code both keep their
+detail. The SC instances and the SEG are listed in the evidence sequence. A study
+that was not eligible still gets a report that says so and why: one coded reason
+per blocking reason, the advisory QC issues, and no number, no screen result and
+no region at all. An eligible result names the healthy reference its percentile
+is against (the bundle's, or this scanner's own); while the scanner is calibrating
+it carries the score but no percentile, threshold, screen result or region, and
+says why.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
     CodeContentItem,
@@ -39,9 +44,11 @@ from highdicom.sr import (
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
-    SourceImageForMeasurementGroup,
+    ReferencedSegment,
+    SourceSeriesForSegmentation,
     TextContentItem,
     TrackingIdentifier,
+    VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
 from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
@@ -49,13 +56,18 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from export import codes
 from export.model import ResultSummary, finite_or_none, reference_header
+from export.seg import source_voxel_ml
 
-__all__ = ["build_report", "ReferenceNote", "SR_SERIES_DESCRIPTION", "TRACKING_IDENTIFIER", "REPORT_SUMMARY_TEXT"]
+__all__ = ["build_report", "ReferenceNote", "SR_SERIES_DESCRIPTION", "TRACKING_IDENTIFIER", "REGION_TRACKING_IDENTIFIER",
+           "REPORT_SUMMARY_TEXT"]
 
 logger = logging.getLogger(__name__)
 
 SR_SERIES_DESCRIPTION = "AI screening report - NOT FOR PRIMARY DIAGNOSIS"
 TRACKING_IDENTIFIER = "headscreen brain anomaly screening"
+#: Tracking identifier of the region group when the SEG's segment has none of its own.
+REGION_TRACKING_IDENTIFIER = "headscreen anomaly region"
+_SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 #: Concept name of the free-text summary item in the Qualitative Evaluations container.
 REPORT_SUMMARY_TEXT = CodedConcept("121106", "DCM", "Comment")
 
@@ -225,13 +237,94 @@ def summary_text(summary: ResultSummary, reference: ReferenceNote | None = None,
     return " ".join(parts)[:1024]
 
 
-def _check_inputs(source_datasets: Sequence[Dataset], sc_datasets: Sequence[Dataset]) -> None:
+def _check_inputs(source_datasets: Sequence[Dataset], sc_datasets: Sequence[Dataset], summary: ResultSummary,
+                  reference: ReferenceNote | None, segmentation: Dataset | None) -> None:
     if len(source_datasets) == 0:
         raise ValueError("build_report: argument 'source_datasets' is empty")
     study = source_datasets[0].StudyInstanceUID
     for name, group in (("source_datasets", source_datasets), ("sc_datasets", sc_datasets)):
         if any(ds.StudyInstanceUID != study for ds in group):
             raise ValueError(f"build_report: argument '{name}' contains instances of another study")
+    if segmentation is None:
+        return
+    if segmentation.SOPClassUID != _SEG_STORAGE:
+        raise ValueError("build_report: argument 'segmentation' is not a Segmentation instance")
+    if segmentation.StudyInstanceUID != study:
+        raise ValueError("build_report: argument 'segmentation' belongs to another study")
+    # A region beside no screen result would read as a finding.
+    if not summary.eligible or (reference is not None and reference.calibrating):
+        raise ValueError("build_report: argument 'segmentation' given for a result without a screen result")
+    series = {str(s.SeriesInstanceUID) for s in segmentation.get("ReferencedSeriesSequence", [])}
+    if str(source_datasets[0].SeriesInstanceUID) not in series:
+        raise ValueError("build_report: argument 'segmentation' was not made from the source series")
+
+
+def _segment_volumes_ml(segmentation: Dataset, voxel_ml: float | None) -> dict[int, float]:
+    """Volume of each segment in mL (set pixels x source voxel volume); empty when the
+    voxel volume is not known."""
+    if voxel_ml is None:
+        return {}
+    frames = np.asarray(segmentation.pixel_array).reshape(-1, int(segmentation.Rows), int(segmentation.Columns))
+    # Per frame, or once in the shared groups when there is one segment.
+    shared = segmentation.SharedFunctionalGroupsSequence[0].get("SegmentIdentificationSequence")
+    counts: dict[int, int] = {}
+    for index, item in enumerate(segmentation.PerFrameFunctionalGroupsSequence):
+        number = int((item.get("SegmentIdentificationSequence") or shared)[0].ReferencedSegmentNumber)
+        counts[number] = counts.get(number, 0) + int(np.count_nonzero(frames[index]))
+    return {number: count * voxel_ml for number, count in counts.items()}
+
+
+def _referenced_segment(segmentation: Dataset, source_datasets: Sequence[Dataset]) -> tuple[ReferencedSegment, Dataset]:
+    """The SEG's one segment as a Referenced Segment, with the analysed series by UID
+    (Source series for segmentation: one row, not one per slice); and its Segment item."""
+    if len(segmentation.SegmentSequence) != 1:
+        raise ValueError("build_report: argument 'segmentation' must have exactly one segment")
+    segment = segmentation.SegmentSequence[0]
+    reference = ReferencedSegment(
+        sop_class_uid=segmentation.SOPClassUID,
+        sop_instance_uid=segmentation.SOPInstanceUID,
+        segment_number=int(segment.SegmentNumber),
+        source_series=SourceSeriesForSegmentation(str(source_datasets[0].SeriesInstanceUID)),
+    )
+    for item in reference:
+        if item.ConceptNameCodeSequence[0].CodeValue == "121232":
+            # pydicom's meaning is capitalised; PS3.16's (Pixelmed warns on the difference) is not.
+            item.ConceptNameCodeSequence[0].CodeMeaning = "Source series for segmentation"
+    return reference, segment
+
+
+def _measurement_group(source_datasets: Sequence[Dataset], measurements: list[Measurement],
+                       algorithm_id: AlgorithmIdentification, segmentation: Dataset | None):
+    """TID 1501 without a SEG; with one, TID 1411 whose region is the SEG's segment.
+
+    One group either way: validators (Pixelmed) check every group of the report against
+    one template, so a TID 1501 group beside a TID 1411 one fails. TID 1411 has no
+    group-level algorithm row: each NUM names its algorithm (TID 4019) itself.
+    Neither lists source slices: the evidence sequence holds the series.
+    """
+    if segmentation is None:
+        return MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(identifier=TRACKING_IDENTIFIER, uid=hd.UID()),
+            finding_type=codes.ANOMALY_FINDING,
+            algorithm_id=algorithm_id,
+            finding_sites=[FindingSite(anatomic_location=codes.BRAIN)],
+            measurements=measurements or None,
+        )
+    reference, segment = _referenced_segment(segmentation, source_datasets)
+    volume = _segment_volumes_ml(segmentation, source_voxel_ml(source_datasets)).get(int(segment.SegmentNumber))
+    if volume is not None:
+        measurements = [*measurements, Measurement(name=codes.REGION_VOLUME, value=round(volume, 3), unit=codes.UNIT_ML,
+                                                   algorithm_id=algorithm_id)]
+    return VolumetricROIMeasurementsAndQualitativeEvaluations(
+        # The segment's own tracking ID/UID, so SEG and SR name one region.
+        tracking_identifier=TrackingIdentifier(
+            identifier=str(segment.get("TrackingID") or REGION_TRACKING_IDENTIFIER),
+            uid=str(segment.get("TrackingUID") or hd.UID())),
+        referenced_segment=reference,
+        finding_type=codes.ANOMALY_FINDING,
+        finding_sites=[FindingSite(anatomic_location=codes.BRAIN)],
+        measurements=measurements or None,
+    )
 
 
 def build_report(
@@ -243,6 +336,7 @@ def build_report(
     series_instance_uid: str | None = None,
     previous_versions: Sequence[Dataset] | None = None,
     reference: ReferenceNote | None = None,
+    segmentation: Dataset | None = None,
 ) -> Comprehensive3DSR:
     """The TID 1500 report for one job (see module docstring).
 
@@ -250,8 +344,10 @@ def build_report(
     ``sc_datasets`` the overlay images (may be empty, e.g. when not eligible).
     ``previous_versions`` are earlier reports this one supersedes. ``reference`` names
     the healthy reference of an eligible result, or says the scanner is calibrating.
+    ``segmentation`` is this job's SEG (export.seg), built first so its UIDs are known;
+    each of its segments gets a region group that references it.
     """
-    _check_inputs(source_datasets, sc_datasets)
+    _check_inputs(source_datasets, sc_datasets, summary, reference, segmentation)
     if reference is not None:
         reference.check(summary, "build_report")
     algorithm_id = _algorithm_identification(summary)
@@ -259,15 +355,7 @@ def build_report(
     absent: list[CodedConcept] = []
     if summary.eligible:
         measurements, absent = _measurements(summary, algorithm_id, reference)
-    # TID 1501 has no series-level reference row: the group names each analysed slice.
-    group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(identifier=TRACKING_IDENTIFIER, uid=hd.UID()),
-        finding_type=codes.ANOMALY_FINDING,
-        algorithm_id=algorithm_id,
-        finding_sites=[FindingSite(anatomic_location=codes.BRAIN)],
-        measurements=measurements or None,
-        source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_datasets],
-    )
+    group = _measurement_group(source_datasets, measurements, algorithm_id, segmentation)
     report = MeasurementReport(
         observation_context=_observation_context(summary),
         procedure_reported=codes.procedure_code(summary.modality),
@@ -280,7 +368,8 @@ def build_report(
                         relationship_type="CONTAINS"),
     ]
     report[0].ContentSequence.append(evaluations)
-    evidence = [reference_header(source_datasets[0]), *source_datasets[1:], *sc_datasets]
+    evidence = [reference_header(source_datasets[0]), *source_datasets[1:], *sc_datasets,
+                *([] if segmentation is None else [segmentation])]
     algo = summary.algorithm
     sr = Comprehensive3DSR(
         evidence=evidence,
@@ -309,6 +398,7 @@ def build_report(
         "built report",
         extra={"action": "sr_built", "sop_instance_uid": sr.SOPInstanceUID, "eligible": summary.eligible,
                "reference": None if reference is None else reference.kind,
-               "measurements": len(measurements), "sc_instances": len(sc_datasets)},
+               "measurements": len(measurements), "sc_instances": len(sc_datasets),
+               "segment_referenced": segmentation is not None},
     )
     return sr

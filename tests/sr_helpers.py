@@ -1,7 +1,8 @@
 """Reading back what an SR says, for tests of eligible and not-eligible reports.
 
-The numbers sit in the one TID 1501 measurement group; the coded evaluations in the
-report-level Qualitative Evaluations container (TID 1500 row 12), each followed by a
+The numbers sit in the one measurement group (TID 1501, or TID 1411 when the report
+references a SEG's segment); the coded evaluations in the report-level Qualitative
+Evaluations container (TID 1500 row 12), each followed by a
 TEXT item named by its coded value when it has a detail (export/sr.py).
 """
 
@@ -22,7 +23,8 @@ class ReadBack:
     qualitative evaluation items."""
 
     def __init__(self, report: hd.sr.Comprehensive3DSR):
-        [self.group] = report.content.get_image_measurement_groups()
+        [self.group] = [*report.content.get_image_measurement_groups(),
+                        *report.content.get_volumetric_roi_measurement_groups()]
         self.evaluation_items = qualitative_evaluation_items(report)
 
     def __getattr__(self, name: str):

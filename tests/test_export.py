@@ -228,11 +228,65 @@ def test_legend_carries_results_but_no_patient_identity(ct_series):
 
     datasets, _ = ct_series
     lines = " ".join(text for text, _ in _legend_lines(MR_SUMMARY, (0.1, 0.9), "slice 1/40"))
-    for fragment in ("AI-GENERATED - NOT FOR PRIMARY DIAGNOSIS", "1.750", "42.0th percentile", "negative", "+4.4 y", "mr-vae-age 0.3.1"):
+    for fragment in ("AI-GENERATED - NOT FOR PRIMARY DIAGNOSIS", "1.750", "42nd percentile of healthy reference",
+                     "negative", "+4.4 y", "mr-vae-age 0.3.1"):
         assert fragment in lines, fragment
     for identity in (str(datasets[0].PatientName), datasets[0].PatientID, "Synthetic", "1958"):
         assert identity not in lines
     assert lines.isascii()
+
+
+@pytest.mark.parametrize("n, text", [(0, "0th"), (1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th"), (11, "11th"),
+                                     (12, "12th"), (13, "13th"), (21, "21st"), (22, "22nd"), (23, "23rd"),
+                                     (101, "101st"), (111, "111th"), (112, "112th")])
+def test_ordinals_are_english(n, text):
+    from export.sc import ordinal
+
+    assert ordinal(n) == text
+
+
+@pytest.mark.parametrize("value, text", [(79.2, "percentile 79.2"), (79.0, "79th percentile"), (1.0, "1st percentile"),
+                                         (42.04, "42nd percentile"), (99.96, "100th percentile"),
+                                         (12.0, "12th percentile"), (0.5, "percentile 0.5")])
+def test_percentiles_never_get_a_suffix_on_a_decimal(value, text):
+    from export.sc import percentile_phrase
+
+    assert percentile_phrase(value) == text
+
+
+def test_legend_states_the_colour_scale_and_its_unit():
+    from export.sc import _legend_lines
+
+    summary = dataclasses.replace(MR_SUMMARY, percentile=79.2)
+    z = [text for text, _ in _legend_lines(summary, (1.0, 3.0), "slice 1/40")]
+    assert "Anomaly score 1.750 (percentile 79.2 of healthy reference)" in z
+    assert not any("79.2th" in t for t in z)
+    assert "Colour: 1 (yellow) to 3 (red), uncoloured below 1  slice 1/40" in z
+    # The map's unit: the normative z-map over the healthy limit (daemon.scores), or the raw error.
+    assert ("Unit: positive z-score in multiples of the healthy limit, the z that 99.9% of healthy brain voxels "
+            "stay below") in z
+    error = [text for text, _ in _legend_lines(summary, (1.0, 3.0), "slice 1/40", map_unit="error")]
+    assert ("Unit: voxel error in multiples of the healthy limit, the error that 99% of healthy voxels stay below"
+            in error)
+
+
+def test_legend_says_in_words_when_there_is_no_score():
+    from export.sc import _legend_lines
+
+    summary = ct_summary(anomaly_score=float("nan"), percentile=None, screen_positive=None, qc_reasons=[])
+    lines = _legend_lines(summary, (1.0, 3.0), "slice 1/40")
+    assert ("No anomaly score: the model gave no valid number", True) in lines
+    assert ("No screen result: absence of findings is NOT implied", True) in lines
+    assert not any(t.startswith("Anomaly score") or t.startswith("Screen result") for t, _ in lines)
+
+
+def test_overlay_names_its_unit_and_refuses_an_unknown_one(ct_series):
+    datasets, error = ct_series
+    [z] = build_overlay_series(datasets, error, ct_summary(), slice_indices=[25])
+    [raw] = build_overlay_series(datasets, error, ct_summary(), slice_indices=[25], map_unit="error")
+    assert "positive z-map" in z.DerivationDescription and "voxel error map" in raw.DerivationDescription
+    with pytest.raises(ValueError, match="map_unit"):
+        build_overlay_series(datasets, error, ct_summary(), slice_indices=[25], map_unit="hu")
 
 
 def test_explicit_slices_and_style(ct_series):
@@ -337,7 +391,9 @@ def test_sr_measurements_equal_the_summary_ct(ct_series, ct_overlays):
         ("HS0111", "skull_defect: skull_coverage 0.2 outside [0.35, 10]"), ("HS0199", "custom check: snr=3.1")]
     assert sr.StudyInstanceUID == datasets[0].StudyInstanceUID and sr.PatientID == datasets[0].PatientID
     assert sr.SeriesNumber == 9002 and sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
-    assert [s.referenced_sop_instance_uid for s in group.source_images] == [d.SOPInstanceUID for d in datasets]
+    # No row per slice: the evidence sequence below lists the series' instances.
+    assert group.source_images == []
+    assert not [e for e in sr.iterall() if e.keyword == "ValueType" and e.value == "IMAGE"]
     evidence = {
         ref.ReferencedSOPInstanceUID
         for study in sr.CurrentRequestedProcedureEvidenceSequence

@@ -17,7 +17,7 @@ from export.sc import choose_slices
 from daemon.bundle import Bundle, load_bundle
 from daemon.config import shipped_bundles
 from export.seg import (DEFAULT_THRESHOLD, MIN_CLUSTER_ML, SEG_CANDIDATES, SEG_HEALTHY_BUDGET_ML, SEG_SERIES_DESCRIPTION,
-                        SEGMENT_LABEL, anomaly_mask, build_segmentation, calibrate_threshold, source_voxel_ml)
+                        SEGMENT_LABEL, SEGMENT_TRACKING_ID, anomaly_mask, build_segmentation, calibrate_threshold, source_voxel_ml)
 from serve_harness import dciodvfy_errors
 from test_export import LESION, ct_summary, make_ct_series
 
@@ -75,6 +75,9 @@ def test_seg_identity_and_labels(seg_file, series):
     assert seg.SeriesDescription == SEG_SERIES_DESCRIPTION
     segment = seg.SegmentSequence[0]
     assert segment.SegmentLabel == SEGMENT_LABEL
+    # What it is and which algorithm made it, in words too; tracked for the SR to name it.
+    assert segment.SegmentDescription == "AI-generated anomaly region, ct-anogan 1.2.0"
+    assert segment.TrackingID == SEGMENT_TRACKING_ID and segment.TrackingUID
     assert segment.SegmentAlgorithmType == "AUTOMATIC"
     algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("ct-anogan", "1.2.0")
@@ -121,6 +124,11 @@ def test_build_results_adds_seg_only_when_enabled(tmp_path, series):
     assert "seg" not in [o.kind for o in disabled] and "seg" not in [o.kind for o in empty]
     seg_object = next(o for o in enabled if o.kind == "seg")
     assert pydicom.dcmread(seg_object.path).SOPInstanceUID == seg_object.sop_instance_uid
+    # The SEG is built first; the SR references its segment, and none when there is no SEG.
+    for objects, seg_uid in ((enabled, seg_object.sop_instance_uid), (disabled, None), (empty, None)):
+        report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(next(o.path for o in objects if o.kind == "sr")))
+        regions = report.content.get_volumetric_roi_measurement_groups()
+        assert [g.referenced_segment.referenced_sop_instance_uid for g in regions] == ([seg_uid] if seg_uid else [])
 
 
 def test_render_seg_overlay_png(seg_file, series):

@@ -1,7 +1,9 @@
 """Every kind of headscreen SR is a conformant TID 1500 report: Pixelmed's DicomSRValidator
 finds no error and no warning, dciodvfy no error, and highdicom reads back the values the
-summary had, each in its place (numbers in the TID 1501 group, coded evaluations and their
-details in the report-level Qualitative Evaluations container)."""
+summary had, each in its place (numbers in the measurement group, coded evaluations and their
+details in the report-level Qualitative Evaluations container). The positive result comes
+with a SEG: its group (TID 1411) references the SEG's segment; no other kind references one,
+and none lists the source slices one by one."""
 
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 
 from export import codes
 from export.model import ResultSummary
 from export.sc import build_overlay_series
+from export.seg import build_segmentation, source_voxel_ml
 from export.sr import REPORT_SUMMARY_TEXT, ReferenceNote, build_report
 from serve_harness import dciodvfy_errors
 from sr_helpers import (
@@ -49,6 +53,7 @@ class Kind:
     numbers: dict[str, float]       # measurement code -> value
     evaluations: list[tuple[str, str, str]]  # (concept, value, detail) in order
     procedure: str
+    with_seg: bool = False  # built with this job's SEG (then the group is TID 1411)
 
 
 def _absent(*concepts) -> list[tuple[str, str, str]]:
@@ -79,7 +84,7 @@ def _kinds() -> dict[str, Kind]:
              (codes.HEALTHY_REFERENCE.value, codes.REFERENCE_SITE.value, SITE.text),
              (codes.QC_ISSUE.value, "HS0120", GAP),
              (codes.QC_ISSUE.value, "HS0121", "uneven_slice_spacing: 3 step(s) deviate")],
-            "25056-3"),
+            "25056-3", with_seg=True),
         "not-eligible": Kind(
             QC_BLOCKED, None, {},
             [(codes.ELIGIBILITY.value, codes.NOT_ELIGIBLE.value, ""),
@@ -113,8 +118,22 @@ KINDS = _kinds()
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory) -> dict[str, Path]:
-    datasets, error = make_ct_series()
+def series():
+    return make_ct_series()
+
+
+@pytest.fixture(scope="module")
+def segmentation(series) -> hd.seg.Segmentation:
+    datasets, error = series
+    # make_ct_series' map peaks at ~1 on the lesion: doubled, the 1.0 threshold cuts a sphere.
+    seg = build_segmentation(datasets, error * 2.0, KINDS["eligible-positive"].summary)
+    assert seg is not None
+    return seg
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory, series, segmentation) -> dict[str, Path]:
+    datasets, error = series
     out = tmp_path_factory.mktemp("sr-kinds")
     overlays = build_overlay_series(datasets, error, KINDS["eligible-negative"].summary, slice_indices=[20, 25],
                                     reference=BUNDLE)
@@ -122,7 +141,8 @@ def reports(tmp_path_factory) -> dict[str, Path]:
     for name, kind in KINDS.items():
         previous = [built["eligible-negative"]] if name == "superseded" else None
         sc = overlays if name in ("eligible-negative", "superseded") else []
-        built[name] = build_report(datasets, kind.summary, sc, reference=kind.reference, previous_versions=previous)
+        built[name] = build_report(datasets, kind.summary, sc, reference=kind.reference, previous_versions=previous,
+                                   segmentation=segmentation if kind.with_seg else None)
     paths = {}
     for name, sr in built.items():
         paths[name] = out / f"{name}.dcm"
@@ -161,10 +181,13 @@ def test_highdicom_reads_back_the_summary(reports, name) -> None:
     kind = KINDS[name]
     dataset, group = _read(reports[name])
     measured = {m.name.value: m for m in group.get_measurements()}
-    assert {code: m.value for code, m in measured.items()} == pytest.approx(kind.numbers)
+    # The region's volume (with a SEG) is checked against the SEG below.
+    assert ({code: m.value for code, m in measured.items() if code != codes.REGION_VOLUME.value}
+            == pytest.approx(kind.numbers))
+    assert (codes.REGION_VOLUME.value in measured) == kind.with_seg
     for code, measurement in measured.items():
         unit = {codes.ANOMALY_PERCENTILE.value: "%", codes.ANOMALY_SCORE.value: "{score}",
-                codes.OPERATING_THRESHOLD.value: "{score}"}.get(code, "a")
+                codes.OPERATING_THRESHOLD.value: "{score}", codes.REGION_VOLUME.value: "ml"}.get(code, "a")
         assert measurement.unit.value == unit and measurement.unit.scheme_designator == "UCUM", code
         # Each model output names its algorithm (TID 4019); Subject Age is a header input.
         names = [str(c.TextValue) for c in _children(measurement[0], "111001")]
@@ -180,13 +203,71 @@ def test_highdicom_reads_back_the_summary(reports, name) -> None:
     # One Procedure Reported, from CID 100.
     procedures = _children(dataset, "121058")
     assert [p.ConceptCodeSequence[0].CodeValue for p in procedures] == [kind.procedure]
-    # Algorithm identity per TID 4019 in the group; the manufacturer only as the SR's.
-    assert [str(c.TextValue) for c in _children(group.group[0], "111003")] == [kind.summary.algorithm.version]
-    assert _children(group.group[0], "111002") and _children(group.group[0], "111000")
+    # Algorithm identity per TID 4019 in the group (TID 1411 has no such row: each NUM names
+    # it, checked above); the manufacturer only as the SR's.
+    versions = [str(c.TextValue) for c in _children(group.group[0], "111003")]
+    assert versions == ([] if kind.with_seg else [kind.summary.algorithm.version])
+    if not kind.with_seg:
+        assert _children(group.group[0], "111002") and _children(group.group[0], "111000")
     assert "122405" not in {e.value for e in dataset.iterall() if e.keyword == "CodeValue"}
     assert dataset.Manufacturer == kind.summary.algorithm.manufacturer
-    # TID 1501 has no series-level reference: every analysed slice, once.
-    assert len({s.referenced_sop_instance_uid for s in group.source_images}) == len(group.source_images) == N_SLICES
+    # No row per source slice: the one IMAGE item is the Referenced Segment, if any.
+    images = [e for e in dataset.iterall() if e.keyword == "ValueType" and e.value == "IMAGE"]
+    assert len(images) == (1 if kind.with_seg else 0)
+    evidence = [ref for study in dataset.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence]
+    assert sum(ref.ReferencedSOPClassUID != SEG_STORAGE for ref in evidence) >= N_SLICES
+
+
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def test_the_positive_report_references_its_seg_segment(reports, series, segmentation) -> None:
+    datasets, _ = series
+    dataset = pydicom.dcmread(reports["eligible-positive"])
+    report = hd.sr.Comprehensive3DSR.from_dataset(dataset)
+    assert report.content.get_image_measurement_groups() == []
+    [group] = report.content.get_volumetric_roi_measurement_groups(
+        referenced_sop_instance_uid=segmentation.SOPInstanceUID)
+    reference = group.referenced_segment
+    assert reference.referenced_sop_instance_uid == segmentation.SOPInstanceUID
+    assert reference.referenced_sop_class_uid == SEG_STORAGE
+    assert reference.referenced_segment_numbers == [1]
+    # One series-level row for the sources, not one per slice.
+    assert reference.source_series_for_segmentation.value == datasets[0].SeriesInstanceUID
+    assert reference.source_images_for_segmentation == []
+    # SEG and SR track the same region, and the SR measures its volume.
+    segment = segmentation.SegmentSequence[0]
+    assert (group.tracking_identifier, group.tracking_uid) == (segment.TrackingID, segment.TrackingUID)
+    [volume] = [m for m in group.get_measurements() if m.name == codes.REGION_VOLUME]
+    set_voxels = int(np.count_nonzero(segmentation.pixel_array))
+    assert volume.value == pytest.approx(set_voxels * source_voxel_ml(datasets), abs=1e-3) and volume.value > 0.5
+    assert volume.unit.value == "ml"
+    evidence = {ref.ReferencedSOPInstanceUID: ref.ReferencedSOPClassUID
+                for study in dataset.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert evidence[segmentation.SOPInstanceUID] == SEG_STORAGE
+
+
+@pytest.mark.parametrize("name", [n for n, k in KINDS.items() if not k.with_seg])
+def test_a_report_without_a_seg_references_none(reports, name) -> None:
+    dataset = pydicom.dcmread(reports[name])
+    report = hd.sr.Comprehensive3DSR.from_dataset(dataset)
+    assert report.content.get_volumetric_roi_measurement_groups() == []
+    codes_used = {e.value for e in dataset.iterall() if e.keyword == "CodeValue"}
+    assert not codes_used & {"121191", "121232"}  # Referenced Segment, Source series for segmentation
+    classes = {e.value for e in dataset.iterall() if e.keyword == "ReferencedSOPClassUID"}
+    assert SEG_STORAGE not in classes
+
+
+def test_a_seg_is_refused_beside_no_screen_result(series, segmentation) -> None:
+    datasets, _ = series
+    for summary, reference in ((QC_BLOCKED, None), (KINDS["calibrating"].summary, CALIBRATING)):
+        with pytest.raises(ValueError, match="segmentation"):
+            build_report(datasets, summary, [], reference=reference, segmentation=segmentation)
+    other, _ = make_ct_series(seed=3)
+    with pytest.raises(ValueError, match="segmentation"):
+        build_report(other, ct_summary(), [], segmentation=segmentation)
 
 
 def test_a_not_eligible_report_reads_as_not_eligible(reports) -> None:
