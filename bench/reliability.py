@@ -99,7 +99,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # bad_input (the mutation catalogue), test_site_calibration
+sys.path.insert(0, str(REPO / "tests"))  # bad_input (the mutation catalogue), receiver_helpers, test_site_calibration
 
 import httpx  # noqa: E402
 import pydicom  # noqa: E402
@@ -112,6 +112,7 @@ from sqlalchemy import func, select  # noqa: E402
 from db.engine import make_engine  # noqa: E402
 from db.models import AuditEvent, Delivery, IngestRejection, Instance, Job, Result, ResultObject, Series, Study  # noqa: E402
 from db.states import DeliveryState, JobState, ObjectKind, StudyState  # noqa: E402
+from receiver_helpers import closed_by_peer, idle_sockets  # noqa: E402
 
 CALLING_AE = "BENCHPACS"
 DEST_AE = "BENCHDEST"
@@ -834,26 +835,6 @@ def fuzz(args: argparse.Namespace, db_kind: str, heads: list[object], bundles: l
 
 
 # --- 3. floods ------------------------------------------------------------------------------
-
-def idle_sockets(port: int, sources: Sequence[str]) -> list[socket.socket]:
-    sockets = []
-    for source in sources:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind((source, 0))
-        sock.connect(("127.0.0.1", port))
-        sockets.append(sock)
-    return sockets
-
-
-def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
-    sock.settimeout(within_s)
-    try:
-        return sock.recv(1) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except (TimeoutError, socket.timeout):
-        return False
-
 
 def store_one(port: int, item: Item) -> tuple[str, float]:
     started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -235,3 +236,25 @@ def _listening(port: int) -> bool:
         if any(line.split()[1].endswith(hex_port) and line.split()[3] == "0A" for line in lines):
             return True
     return False
+
+
+def idle_sockets(port: int, sources: list[str]) -> list[socket.socket]:
+    """TCP connections to 127.0.0.1:port that never send a byte, one per source address given."""
+    sockets = []
+    for source in sources:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        sockets.append(sock)
+    return sockets
+
+
+def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
+    """True once the receiver has closed this connection (EOF or reset)."""
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False

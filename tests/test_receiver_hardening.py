@@ -26,7 +26,7 @@ from daemon.receiver import (
     RefusalKey,
     RefusalLog,
 )
-from receiver_helpers import SCP_AE, SCU_AE, Harness, start_harness
+from receiver_helpers import SCP_AE, SCU_AE, Harness, closed_by_peer, idle_sockets, start_harness
 
 GENEROUS_S = 30.0
 
@@ -34,28 +34,6 @@ GENEROUS_S = 30.0
 def _echoscu(port: int, *, calling: str = SCU_AE, called: str = SCP_AE) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["echoscu", "-to", "20", "-ta", "20", "-aet", calling, "-aec", called,
                            "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
-
-
-def _idle_sockets(port: int, sources: list[str]) -> list[socket.socket]:
-    """TCP connections that never send a byte, one per source address given."""
-    sockets = []
-    for source in sources:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind((source, 0))
-        sock.connect(("127.0.0.1", port))
-        sockets.append(sock)
-    return sockets
-
-
-def _closed_by_peer(sock: socket.socket, within_s: float) -> bool:
-    """True once the receiver has closed this connection (EOF or reset)."""
-    sock.settimeout(within_s)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 @pytest.fixture
@@ -67,14 +45,14 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 
 @pytest.mark.parametrize("source", ["127.0.0.2", "127.0.0.1"], ids=["other-address", "same-address"])
 def test_echo_succeeds_while_twenty_idle_sockets_are_open(harness: Harness, source: str) -> None:
-    idle = _idle_sockets(harness.port, [source] * 20)
+    idle = idle_sockets(harness.port, [source] * 20)
     try:
         started = time.monotonic()
         result = _echoscu(harness.port)  # from 127.0.0.1
         assert result.returncode == 0, result.stderr
         assert time.monotonic() - started < GENEROUS_S
         # 8 per address: each connection past that closed the address's oldest idle one.
-        assert all(_closed_by_peer(sock, 5.0) for sock in idle[:12])
+        assert all(closed_by_peer(sock, 5.0) for sock in idle[:12])
         evicted = 13 if source == "127.0.0.1" else 12  # the echo made room for itself too
         assert harness.receiver.stats.snapshot()["connections"] == {"evicted_idle": evicted}
     finally:
@@ -84,12 +62,12 @@ def test_echo_succeeds_while_twenty_idle_sockets_are_open(harness: Harness, sour
 
 def test_idle_sockets_from_many_addresses_are_evicted_oldest_first(tmp_path: Path) -> None:
     h = start_harness(tmp_path, max_idle_connections=8)
-    idle = _idle_sockets(h.port, [f"127.0.1.{i}" for i in range(1, 21)])
+    idle = idle_sockets(h.port, [f"127.0.1.{i}" for i in range(1, 21)])
     try:
         result = _echoscu(h.port)
         assert result.returncode == 0, result.stderr
         # The first 12 (and one more for the echo) made room for newer ones; the newest 7 wait.
-        assert all(_closed_by_peer(sock, 5.0) for sock in idle[:12])
+        assert all(closed_by_peer(sock, 5.0) for sock in idle[:12])
         assert h.receiver.stats.snapshot()["connections"]["evicted_idle"] >= 12
         h.receiver.flush_refusals()
         evictions = [r for r in h.rejections() if "idle, to admit another: more than 8 connections without" in r.reason]
@@ -102,13 +80,13 @@ def test_idle_sockets_from_many_addresses_are_evicted_oldest_first(tmp_path: Pat
 
 def test_a_silent_connection_is_closed_after_the_request_timeout(tmp_path: Path) -> None:
     h = start_harness(tmp_path, association_request_timeout_s=1.0)
-    (silent,) = _idle_sockets(h.port, ["127.0.0.3"])
+    (silent,) = idle_sockets(h.port, ["127.0.0.3"])
     stalled = socket.create_connection(("127.0.0.1", h.port))
     try:
         # A-ASSOCIATE-RQ header promising 1000 bytes, then nothing (a stalled PDU).
         stalled.sendall(bytes([0x01, 0x00]) + (1000).to_bytes(4, "big"))
-        assert _closed_by_peer(silent, GENEROUS_S)
-        assert _closed_by_peer(stalled, GENEROUS_S)
+        assert closed_by_peer(silent, GENEROUS_S)
+        assert closed_by_peer(stalled, GENEROUS_S)
         assert _echoscu(h.port).returncode == 0
     finally:
         silent.close()
@@ -161,8 +139,8 @@ def test_an_address_whose_connections_are_all_associated_gets_no_more(tmp_path: 
     held = [ae.associate("127.0.0.1", h.port, ae_title=SCP_AE) for _ in range(2)]
     try:
         assert all(a.is_established for a in held)
-        (extra,) = _idle_sockets(h.port, ["127.0.0.1"])
-        assert _closed_by_peer(extra, GENEROUS_S)  # closed on accept: nothing idle to make room
+        (extra,) = idle_sockets(h.port, ["127.0.0.1"])
+        assert closed_by_peer(extra, GENEROUS_S)  # closed on accept: nothing idle to make room
         extra.close()
         # Recorded off the accept path by the refusal log's own thread: soon, not at once.
         deadline = time.monotonic() + GENEROUS_S
@@ -181,7 +159,7 @@ def test_an_address_whose_connections_are_all_associated_gets_no_more(tmp_path: 
 
 def test_association_limit_counts_requested_associations_only(tmp_path: Path) -> None:
     h = start_harness(tmp_path, maximum_associations=2)
-    idle = _idle_sockets(h.port, ["127.0.0.5"] * 4)  # more idle sockets than the limit: no effect
+    idle = idle_sockets(h.port, ["127.0.0.5"] * 4)  # more idle sockets than the limit: no effect
     ae = AE(ae_title=SCU_AE)
     ae.add_requested_context(Verification)
     held = [ae.associate("127.0.0.1", h.port, ae_title=SCP_AE) for _ in range(2)]
