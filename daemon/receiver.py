@@ -44,33 +44,28 @@ left out of the row, and text is cut to its column (build_record).
 
 Pixel data is never decoded: the header is parsed up to (7FE0,xxxx) and the rest
 is only walked to check that it is complete; the bytes are stored as received.
+
+This module is the SCP itself (configuration, start-up, the handlers and their stages).
+Beside it: daemon/callers.py (allow-list, TLS context), daemon/connections.py (admission
+before association, refusal log), daemon/dataset_check.py (header decode, completeness
+walk), daemon/instance_record.py (the database row), db/group_commit.py.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import math
-import re
 import socket
 import ssl
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import date
 from enum import IntEnum
-from io import BytesIO
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -91,29 +86,39 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, build_context, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.events import Event
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.callers import AllowedCaller, CallerEntry, CallerPolicy, TlsServerConfig, normalise_host, server_ssl_context
+from daemon.connections import (
+    CONNECTION_REFUSED_STATUS,
+    TLS_REFUSED_STATUS,
+    ConnectionGuard,
+    GuardedAssociationServer,
+    RefusalKey,
+    RefusalLog,
+    Connection,
+    set_timeout,
+)
+from daemon.dataset_check import parse_header
 from daemon.errors import InputRejected
-from daemon.storage import InstanceStore, InvalidUid, StorageFull, StoredInstance, check_uid
+from daemon.instance_record import build_record, command_sop_uid, slice_position
+from daemon.storage import InstanceStore, InvalidUid, StorageFull, StoredInstance
 from db import api as db_api
-from db.models import Series, Study
+from db.group_commit import GroupCommit
 from db.types import InstanceRecord, RecordOutcome
 
 logger = logging.getLogger(__name__)
-
 STORAGE_CLASSES: tuple[str, ...] = (
     CTImageStorage,
     EnhancedCTImageStorage,
     MRImageStorage,
     EnhancedMRImageStorage,
 )
-_MODALITY_OF_CLASS = {CTImageStorage: "CT", EnhancedCTImageStorage: "CT", MRImageStorage: "MR",
-                      EnhancedMRImageStorage: "MR"}
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -159,9 +164,6 @@ def _rj_status(rsd: tuple[int, int, int]) -> int:
 ASSOCIATION_REJECTED_STATUS = _rj_status(_RJ_CALLING_AE)
 CALLED_AE_REJECTED_STATUS = _rj_status(_RJ_CALLED_AE)
 ASSOCIATION_LIMIT_STATUS = _rj_status(_RJ_LOCAL_LIMIT)
-# Refusals before any A-ASSOCIATE exchange have no ACSE code; these lie outside its range.
-CONNECTION_REFUSED_STATUS = 0xFF0001  # closed at once: address over its limit, or an idle one evicted
-TLS_REFUSED_STATUS = 0xFF0002         # TLS handshake failed (no or untrusted certificate, plain DICOM)
 
 # pynetdicom counts every connection thread, idle or not, against its own limit, which
 # is how 17 silent sockets locked the port; we count requested associations ourselves
@@ -171,18 +173,6 @@ _PYNETDICOM_ASSOCIATION_CEILING = 4096
 _DB_ATTEMPTS = 6
 _DB_BACKOFF_S = 0.02
 _ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is LO
-
-# Walking a data set by element lengths (see check_complete).
-_PIXEL_GROUP = 0x7FE0
-_ITEM_TAG = 0xFFFEE000
-_SEQUENCE_DELIMITER_TAG = 0xFFFEE0DD
-_ITEM_DELIMITER_TAG = 0xFFFEE00D
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_KNOWN_VRS = {vr.encode() for vr in (
-    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL",
-    "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US",
-    "UT", "UV")}
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
 class ReceiverStats:
@@ -240,37 +230,6 @@ class ReceiverStats:
                     "values_truncated": dict(self._values_truncated)}
 
 
-class CallerLike(Protocol):
-    """Anything with an AE title and an optional host (daemon.config.AllowedCaller fits)."""
-
-    ae_title: str
-    host: str | None
-
-
-CallerEntry = CallerLike | tuple[str, str | None] | str
-
-
-@dataclass(frozen=True)
-class AllowedCaller:
-    ae_title: str
-    host: str | None = None
-
-
-@dataclass(frozen=True)
-class TlsServerConfig:
-    """DICOM over TLS on a second port (PS3.15 B.1); paths are PEM files."""
-
-    cert: Path
-    key: Path
-    # CAs whose client certificates are trusted; without one no client certificate is asked for.
-    ca: Path | None = None
-    require_client_cert: bool = False
-    # (calling AE title, client certificate subject CN) pairs; when given, a TLS caller
-    # must present the certificate mapped to the AE title it calls with.
-    caller_certificates: Sequence[tuple[str, str]] = ()
-    port: int = 2762
-
-
 @dataclass(frozen=True)
 class ReceiverConfig:
     """What the receiver needs from the settings; the CLI maps Settings onto it."""
@@ -323,75 +282,6 @@ def receiver_options(section: Any) -> dict[str, Any]:
             caller_certificates=[(c.ae_title, c.subject_cn) for c in tls.caller_certificates], port=tls.port,
         ) if tls.enabled else None,
     }
-
-
-def _no_passphrase() -> bytes:
-    # OpenSSL would otherwise prompt on the terminal for an encrypted key and hang.
-    raise ValueError("the TLS private key is encrypted; use an unencrypted key readable only by the service user")
-
-
-def server_ssl_context(tls: TlsServerConfig) -> ssl.SSLContext:
-    """The TLS context of the SCP: TLS 1.2 or later, client certificates verified against `ca`."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.cert), str(tls.key), password=_no_passphrase)
-    if tls.ca is not None:
-        context.load_verify_locations(cafile=str(tls.ca))
-        # Optional: a certificate sent is still verified; only its absence is tolerated.
-        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-    elif tls.require_client_cert or tls.caller_certificates:
-        raise ValueError("TlsServerConfig: client certificates need a 'ca' to verify them against")
-    return context
-
-
-class CallerPolicy:
-    """Decides whether a (calling AE title, host) may open an association."""
-
-    def __init__(self, allowed: Sequence[CallerEntry], allow_any: bool) -> None:
-        self.allow_any = allow_any
-        self._allowed = [_caller_key(entry) for entry in allowed]
-
-    def refusal(self, calling_ae: str, host: str | None) -> str | None:
-        """None if the caller is allowed, else the reason for refusing it."""
-        if self.allow_any:
-            return None
-        peer = _normalise_host(host)
-        title = calling_ae.strip()
-        known_title = False
-        for allowed_title, allowed_host in self._allowed:
-            if allowed_title != title:
-                continue
-            known_title = True
-            if allowed_host is None or allowed_host == peer:
-                return None
-        if known_title:
-            return "calling AE title not allowed from this host"
-        return "calling AE title not in the allow-list"
-
-
-def _caller_key(entry: CallerEntry) -> tuple[str, str | None]:
-    """(AE title, host) from an AllowedCaller-like object, an (ae_title, host) pair or a bare title."""
-    if isinstance(entry, str):
-        title, host = entry, None
-    elif isinstance(entry, tuple | list):
-        title, host = entry[0], (entry[1] if len(entry) > 1 else None)
-    else:
-        title, host = entry.ae_title, entry.host
-    if not isinstance(title, str) or not title.strip():
-        raise ValueError(f"allowed_callers: {entry!r} has no AE title")
-    return title.strip(), _normalise_host(host)
-
-
-def _normalise_host(host: str | None) -> str | None:
-    if host is None:
-        return None
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address)
 
 
 @dataclass
@@ -555,366 +445,6 @@ def _start_server(ae: AE, address: tuple[str, int], handlers: list[Any], guard: 
     return server
 
 
-# --- connections before association -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RefusalKey:
-    """What makes two refusals 'the same' for counting."""
-
-    host: str | None
-    calling_ae: str | None  # None: refused before any A-ASSOCIATE-RQ was read
-    reason: str
-    status: int
-
-    @property
-    def what(self) -> str:
-        return "connection closed" if self.calling_ae is None else "association refused"
-
-    @property
-    def action(self) -> str:
-        return "connection_closed" if self.calling_ae is None else "association_rejected"
-
-    def row_text(self) -> str:
-        return f"{self.what}: {self.reason} (from {self.host})"
-
-
-class RefusalLog:
-    """Association and connection refusals, recorded in the database at a bounded rate.
-
-    The first refusal of each (address, calling AE, reason) in an interval is logged
-    and recorded as it happens; repeats are counted and recorded as one row per key
-    when the interval ends ("association refused 299 more times in the last 60 s:
-    ..."). Past max_keys
-    distinct keys in one interval the rest share one overflow count. A flood thus adds
-    at most 2 x max_keys + 1 rows per interval, however fast it comes.
-    """
-
-    def __init__(self, record: Callable[[str | None, str, int], None], interval_s: float = 60.0,
-                 max_keys: int = 32) -> None:
-        self._record = record
-        self._interval_s = interval_s
-        self._max_keys = max_keys
-        self._lock = threading.Lock()
-        self._repeats: dict[RefusalKey, int] = {}  # key -> refusals after its first, this interval
-        self._overflow = 0
-        self._deferred: list[RefusalKey] = []  # firsts noted in the accept loop; written by our thread
-        self._window_start = time.monotonic()
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="RefusalLog", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        self.flush()
-
-    def refused(self, key: RefusalKey, *, defer: bool = False) -> None:
-        """Count one refusal; the first of its key this interval is recorded now (or, with
-        `defer`, by the log's own thread: the accept loop must not wait on the database)."""
-        with self._lock:
-            if key in self._repeats:
-                self._repeats[key] += 1
-                return
-            if len(self._repeats) >= self._max_keys:
-                self._overflow += 1
-                return
-            self._repeats[key] = 0
-            if defer:
-                self._deferred.append(key)
-                self._wake.set()
-                return
-        self._write_first(key)
-
-    def flush(self) -> None:
-        """Write the deferred firsts and the counted repeats, and start a new interval."""
-        with self._lock:
-            deferred, self._deferred = self._deferred, []
-            repeats = {key: count for key, count in self._repeats.items() if count}
-            overflow, self._overflow = self._overflow, 0
-            self._repeats = {}
-            now = time.monotonic()
-            seconds, self._window_start = now - self._window_start, now
-        for key in deferred:
-            self._write_first(key)
-        for key, count in repeats.items():
-            logger.warning(f"{key.what} (repeats)", extra={
-                "action": key.action, "calling_ae": key.calling_ae, "peer_host": key.host,
-                "reason": key.reason, "count": count})
-            self._record(key.calling_ae, f"{key.what} {count} more times in the last {seconds:.0f} s: "
-                                         f"{key.reason} (from {key.host})", key.status)
-        if overflow:
-            logger.warning("refusals not itemised", extra={"action": "association_rejected", "count": overflow})
-            self._record(None, f"{overflow} more refusals in the last {seconds:.0f} s from other addresses or "
-                               f"AE titles (over {self._max_keys} kinds; not itemised)", CONNECTION_REFUSED_STATUS)
-
-    def _write_first(self, key: RefusalKey) -> None:
-        logger.warning(key.what, extra={"action": key.action, "calling_ae": key.calling_ae,
-                                        "peer_host": key.host, "reason": key.reason})
-        self._record(key.calling_ae, key.row_text(), key.status)
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self._interval_s
-        while not self._stopping.is_set():
-            self._wake.wait(max(0.0, deadline - time.monotonic()))
-            self._wake.clear()
-            try:
-                if time.monotonic() >= deadline:
-                    self.flush()
-                    deadline = time.monotonic() + self._interval_s
-                else:
-                    with self._lock:
-                        deferred, self._deferred = self._deferred, []
-                    for key in deferred:
-                        self._write_first(key)
-            except Exception:  # the recorder logs its own failures; this thread must live on
-                logger.exception("refusal log flush failed", extra={"action": "rejection_not_recorded"})
-
-
-class _Connection:
-    """One accepted TCP connection, from accept until its association thread ends."""
-
-    def __init__(self, address: str | None, sock: socket.socket, tls: bool) -> None:
-        self.address = address
-        self.sock = sock
-        self.tls = tls
-        self.opened = time.monotonic()
-        self.assoc: Any = None
-        self.handler_done = False
-        self.requested = False  # its A-ASSOCIATE-RQ arrived
-        self.accepted = False   # holds one of the association slots
-        self.evicted = False
-        self.peer_cn: str | None = None
-
-    def alive(self) -> bool:
-        """Whether it still counts against the limits."""
-        if self.evicted:
-            return False  # its socket is shut and its thread woken: ending now
-        if not self.handler_done:
-            return True
-        assoc = self.assoc
-        if assoc is None or not assoc.is_alive():
-            return False
-        # Released, aborted or rejected: its thread is only tearing down. Counting it
-        # would refuse a PACS that opens one short association after another.
-        return not (assoc.is_released or assoc.is_aborted or assoc.is_rejected)
-
-    def idle(self) -> bool:
-        return not self.requested and self.alive()
-
-    def close(self) -> None:
-        """Close the connection under its thread (called from the accept loop)."""
-        try:
-            # The base class's shutdown: SSLSocket.shutdown would also drop its SSL object
-            # under the thread still using it.
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
-        assoc = self.assoc
-        if assoc is not None:
-            # The acceptor waits up to the ACSE timeout for an A-ASSOCIATE-RQ; None ends
-            # that wait now (pynetdicom treats it as the timeout), freeing the thread.
-            assoc.dul.to_user_queue.put(None)
-
-
-class ConnectionGuard:
-    """What a peer may hold before and while associated, across the plain and TLS ports.
-
-    - at most `per_address` connections per address: past it, a new connection
-      closes that address's oldest idle one, or is itself closed on accept (before a
-      thread is started) when all of them are associated;
-    - at most `max_idle` connections that have not sent an A-ASSOCIATE-RQ; a new one
-      closes the oldest of them (a real caller sends its request within milliseconds);
-    - at most `max_associations` requested associations: idle sockets do not count.
-
-    Closing the oldest idle connection, not refusing the new one, means a caller's
-    own stale sockets (or an abuser's) never keep its fresh connection out.
-    """
-
-    def __init__(self, *, per_address: int, max_idle: int, max_associations: int,
-                 refusals: RefusalLog | None, stats: ReceiverStats) -> None:
-        self.per_address = per_address
-        self.max_idle = max_idle
-        self.max_associations = max_associations
-        self.refusals = refusals
-        self.stats = stats
-        self._lock = threading.Lock()
-        self._connections: list[_Connection] = []
-
-    def admit(self, sock: socket.socket, address: str, *, tls: bool) -> _Connection | None:
-        host = _normalise_host(address)
-        evicted: _Connection | None = None
-        why = ""
-        connection: _Connection | None = None
-        with self._lock:
-            self._connections = [c for c in self._connections if c.alive()]
-            mine = [c for c in self._connections if c.address == host]
-            idle = [c for c in self._connections if c.idle()]
-            if len(mine) >= self.per_address:
-                mine_idle = [c for c in mine if c.idle()]
-                if mine_idle:
-                    evicted = min(mine_idle, key=lambda c: c.opened)
-                    why = f"idle, to admit another: more than {self.per_address} connections from this address"
-            elif len(idle) >= self.max_idle:
-                evicted = min(idle, key=lambda c: c.opened)
-                why = f"idle, to admit another: more than {self.max_idle} connections without an association request"
-            if len(mine) < self.per_address or evicted is not None:
-                connection = _Connection(host, sock, tls)
-                self._connections.append(connection)
-            if evicted is not None:
-                evicted.evicted = True
-        if connection is None:
-            self.stats.add_connection_event("refused_address_limit")
-            self._refused(RefusalKey(host, None, f"more than {self.per_address} associated connections from "
-                                     "this address", CONNECTION_REFUSED_STATUS))
-        if evicted is not None:
-            evicted.close()
-            self.stats.add_connection_event("evicted_idle")
-            self._refused(RefusalKey(evicted.address, None, why, CONNECTION_REFUSED_STATUS))
-        return connection
-
-    def close_idle(self) -> None:
-        """Close every connection that has not requested an association (at shutdown)."""
-        with self._lock:
-            idle = [c for c in self._connections if c.idle()]
-            for connection in idle:
-                connection.evicted = True
-        for connection in idle:
-            connection.close()
-
-    def take_association_slot(self, connection: _Connection) -> bool:
-        with self._lock:
-            held = sum(1 for c in self._connections if c.accepted and c is not connection and c.alive())
-            if held >= self.max_associations:
-                return False
-            connection.accepted = True
-            return True
-
-    def tls_failed(self, connection: _Connection, reason: str) -> None:
-        if connection.evicted:
-            return  # recorded as the eviction
-        self.stats.add_connection_event("tls_failed")
-        self._refused(RefusalKey(connection.address, None, f"TLS handshake failed: {reason}", TLS_REFUSED_STATUS))
-
-    def _refused(self, key: RefusalKey) -> None:
-        if self.refusals is not None:
-            self.refusals.refused(key, defer=True)
-
-
-class _GuardedRequestHandler(RequestHandler):
-    server: GuardedAssociationServer
-
-    def handle(self) -> None:
-        # As RequestHandler.handle, with the association tied to its connection first:
-        # its A-ASSOCIATE-RQ may arrive the moment the thread starts.
-        assoc = self._create_association()
-        connection = self.server.current_connection()
-        connection.assoc = assoc
-        assoc.headscreen_connection = connection  # type: ignore[attr-defined]
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
-
-
-class GuardedAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's server with admission control (ConnectionGuard) and a TLS handshake
-    that runs in the connection's thread under a timeout.
-
-    pynetdicom's own TLS server handshakes inside the accept loop with no timeout, so a
-    single silent peer on the TLS port would stop every other caller.
-    """
-
-    def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
-                 ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,
-                 guard: ConnectionGuard, tls_context: ssl.SSLContext | None = None,
-                 handshake_timeout_s: float = 10.0) -> None:
-        self.guard = guard
-        self.tls_context = tls_context
-        self.handshake_timeout_s = handshake_timeout_s
-        self._local = threading.local()
-        super().__init__(ae, address, ae_title, contexts, None, evt_handlers=evt_handlers,
-                         request_handler=_GuardedRequestHandler)
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = self.socket.accept()
-        # Accepted sockets block forever by default: a peer stalling mid-PDU would pin its
-        # thread. The timeout is raised to network_timeout_s once the association is requested.
-        client.settimeout(self.handshake_timeout_s)
-        return client, address
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        connection = self.guard.admit(request, str(client_address[0]), tls=self.tls_context is not None)
-        if connection is None:
-            self.shutdown_request(request)
-            return
-        thread = threading.Thread(target=make_target(lambda: self._serve(request, client_address, connection)),
-                                  name="HeadscreenConnection", daemon=True)
-        thread.start()
-
-    def current_connection(self) -> _Connection:
-        return self._local.connection  # type: ignore[no-any-return]
-
-    def _serve(self, request: socket.socket, client_address: Any, connection: _Connection) -> None:
-        sock: socket.socket | None = request
-        try:
-            if self.tls_context is not None:
-                sock = self._handshake(request, connection)
-                if sock is None:
-                    return
-            self._local.connection = connection
-            self.finish_request(sock, client_address)  # runs _GuardedRequestHandler.handle
-        except Exception:
-            logger.exception("connection handler failed", extra={"action": "connection_error"})
-            if sock is not None:
-                self.shutdown_request(sock)
-        finally:
-            self._local.connection = None
-            connection.handler_done = True
-
-    def _handshake(self, raw: socket.socket, connection: _Connection) -> ssl.SSLSocket | None:
-        assert self.tls_context is not None
-        wrapped: ssl.SSLSocket | None = None
-        try:
-            wrapped = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-            connection.sock = wrapped
-            wrapped.do_handshake()  # under the accepted socket's timeout
-        except (ssl.SSLError, OSError) as exc:
-            self.guard.tls_failed(connection, _tls_failure(exc, self.handshake_timeout_s))
-            self.shutdown_request(wrapped if wrapped is not None else raw)
-            return None
-        connection.peer_cn = _subject_cn(wrapped.getpeercert())
-        return wrapped
-
-
-def _tls_failure(exc: BaseException, timeout_s: float) -> str:
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return f"no handshake within {timeout_s:g} s"
-    if isinstance(exc, ssl.SSLError):
-        return str(exc.reason or type(exc).__name__).lower().replace("_", " ")
-    return "connection closed during the handshake"
-
-
-def _subject_cn(certificate: dict[str, Any] | None) -> str | None:
-    """The subject commonName of a verified peer certificate (getpeercert() form)."""
-    for rdn in (certificate or {}).get("subject", ()):
-        for name, value in rdn:
-            if name == "commonName":
-                return str(value)
-    return None
-
-
-def _set_timeout(sock: socket.socket, seconds: float) -> None:
-    try:
-        sock.settimeout(seconds)
-    except OSError:
-        pass  # already closed
-
-
 # --- handlers ---------------------------------------------------------------------------------
 
 
@@ -933,16 +463,16 @@ def handle_association_request(event: Event, deps: StoreDeps) -> None:
     certificate is not mapped to its AE title, one calling another AE title (when
     checked), and any beyond the association limit; record why at a bounded rate."""
     assoc = event.assoc
-    connection: _Connection | None = getattr(assoc, "headscreen_connection", None)
+    connection: Connection | None = getattr(assoc, "headscreen_connection", None)
     if connection is not None:
         connection.requested = True  # no longer idle: never evicted from here on
     calling_ae = _calling_ae(event)
-    host = _normalise_host(assoc.requestor.address)
+    host = normalise_host(assoc.requestor.address)
     refusal = _association_refusal(event, deps, connection, calling_ae, host)
     if refusal is None:
         if connection is not None:
             # Past the request, a stalled PDU may wait the full network timeout.
-            _set_timeout(connection.sock, deps.network_timeout_s)
+            set_timeout(connection.sock, deps.network_timeout_s)
         prefer_requestor_transfer_syntaxes(assoc)
         return
     rsd, reason = refusal
@@ -960,7 +490,7 @@ def handle_association_request(event: Event, deps: StoreDeps) -> None:
     assoc.kill()
 
 
-def _association_refusal(event: Event, deps: StoreDeps, connection: _Connection | None, calling_ae: str,
+def _association_refusal(event: Event, deps: StoreDeps, connection: Connection | None, calling_ae: str,
                          host: str | None) -> tuple[tuple[int, int, int], str] | None:
     """(A-ASSOCIATE-RJ result/source/reason, why) or None to accept."""
     reason = deps.policy.refusal(calling_ae, host)
@@ -1041,33 +571,33 @@ class _Refused(Exception):
 
 def _decode_stage(event: Event) -> tuple[bytes, Dataset]:
     """The Part 10 bytes to store and the decoded header; 0xC210 if it does not decode."""
-    command_sop_uid = _command_sop_uid(event)
+    command_uid = command_sop_uid(event)
     try:
         header = parse_header(event.encoded_dataset(include_meta=False), UID(event.context.transfer_syntax))
         return event.encoded_dataset(), header
     except InputRejected as exc:
-        raise _Refused(StoreStatus.CANNOT_UNDERSTAND, str(exc), command_sop_uid) from exc
+        raise _Refused(StoreStatus.CANNOT_UNDERSTAND, str(exc), command_uid) from exc
     except Exception as exc:  # pydicom raises many types on malformed input
         logger.exception("C-STORE data set does not decode",
-                         extra={"action": "store_rejected", "sop_instance_uid": command_sop_uid})
+                         extra={"action": "store_rejected", "sop_instance_uid": command_uid})
         raise _Refused(StoreStatus.CANNOT_UNDERSTAND, f"data set does not decode: {type(exc).__name__}",
-                       command_sop_uid, logged=True) from exc
+                       command_uid, logged=True) from exc
 
 
 def _identify_stage(event: Event, header: Dataset, store: InstanceStore, *, size_bytes: int,
                     stats: ReceiverStats | None = None) -> InstanceRecord:
     """The DB row; 0xA900 when the identifying UIDs are unusable, 0xC210 if one of them won't
     decode (any other header value is optional: left out when bad, see build_record)."""
-    command_sop_uid = _command_sop_uid(event)
+    command_uid = command_sop_uid(event)
     try:
         return build_record(header, event, _calling_ae(event), store, size_bytes=size_bytes, stats=stats)
     except InvalidUid as exc:
-        raise _Refused(StoreStatus.DATASET_MISMATCH, str(exc), command_sop_uid) from exc
+        raise _Refused(StoreStatus.DATASET_MISMATCH, str(exc), command_uid) from exc
     except Exception as exc:  # an identifying element failed to convert
         logger.exception("C-STORE header element does not decode",
-                         extra={"action": "store_rejected", "sop_instance_uid": command_sop_uid})
+                         extra={"action": "store_rejected", "sop_instance_uid": command_uid})
         raise _Refused(StoreStatus.CANNOT_UNDERSTAND, f"header element does not decode: {type(exc).__name__}",
-                       command_sop_uid, logged=True) from exc
+                       command_uid, logged=True) from exc
 
 
 def _write_stage(store: InstanceStore, record: InstanceRecord, part10: bytes) -> StoredInstance:
@@ -1096,352 +626,6 @@ def _record_stage(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
         logger.info("late instance reopened a complete study", extra={
             "action": "study_reopened", "study_instance_uid": record.study_instance_uid})
     return outcome
-
-
-def _command_sop_uid(event: Event) -> str:
-    return str(getattr(event.request, "AffectedSOPInstanceUID", None) or "").strip()
-
-
-# --- header decoding --------------------------------------------------------------------------
-
-
-def parse_header(encoded: bytes, transfer_syntax: UID) -> Dataset:
-    """Decode the data set up to pixel data and check the rest is complete.
-
-    Raises ``InputRejected`` for an empty, truncated or malformed data set.
-    """
-    if not encoded:
-        raise InputRejected("empty data set")
-    if transfer_syntax.is_deflated:
-        try:
-            encoded = zlib.decompress(encoded, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise InputRejected(f"deflated data set does not inflate: {exc}") from exc
-    implicit = bool(transfer_syntax.is_implicit_VR)
-    _check_plausible_start(encoded, implicit)
-    check_complete(encoded, implicit)
-    try:
-        header = read_dataset(BytesIO(encoded), implicit, True, stop_when=_at_pixel_group)
-    except (EOFError, struct.error) as exc:
-        raise InputRejected("data set is truncated in its header") from exc
-    if len(header) == 0:
-        raise InputRejected("data set has no elements before pixel data")
-    return header
-
-
-def _check_plausible_start(encoded: bytes, implicit: bool) -> None:
-    """Every storage IOD has SOP Class UID (0008,0016), so a data set starts in group 0008."""
-    if len(encoded) < 8:
-        raise InputRejected("data set is shorter than one element")
-    (group,) = struct.unpack_from("<H", encoded, 0)
-    if group != 0x0008:
-        raise InputRejected(f"not a DICOM data set: first element is in group {group:04X}, not 0008")
-    if not implicit and encoded[4:6] not in _KNOWN_VRS:
-        raise InputRejected("not an explicit VR data set: first element has no valid VR")
-
-
-def _at_pixel_group(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag.group >= _PIXEL_GROUP
-
-
-def check_complete(encoded: bytes, implicit: bool) -> None:
-    """Walk every element by its length (never decoding values) to catch truncation.
-
-    pydicom stops quietly at a short read, so a cut-off data set would otherwise
-    look valid; this walk is what guarantees a stored file is whole.
-    """
-    buffer = memoryview(encoded)
-    end = _walk_dataset(buffer, 0, len(buffer), implicit, in_item=False)
-    if end != len(buffer):
-        raise InputRejected("data set is truncated")
-
-
-def _walk_dataset(buffer: memoryview, position: int, end: int, implicit: bool, *, in_item: bool) -> int:
-    while position < end:
-        tag, vr, length, position = _element_header(buffer, position, implicit)
-        if tag == _ITEM_DELIMITER_TAG and in_item:
-            return position
-        if length != _UNDEFINED_LENGTH:
-            position += length
-            if position > end:
-                raise InputRejected(f"data set is truncated in element ({tag >> 16:04X},{tag & 0xFFFF:04X})")
-        elif (tag >> 16) == _PIXEL_GROUP:
-            position = _skip_fragments(buffer, position, end)
-        else:
-            # Undefined-length SQ (or UN holding an implicit VR sequence).
-            position = _walk_sequence(buffer, position, end, implicit or vr == b"UN")
-    if in_item:
-        raise InputRejected("data set is truncated inside a sequence item")
-    return position
-
-
-def _walk_sequence(buffer: memoryview, position: int, end: int, implicit: bool) -> int:
-    while True:
-        if position + 8 > end:
-            raise InputRejected("data set is truncated inside a sequence")
-        tag, length = _item_header(buffer, position)
-        position += 8
-        if tag == _SEQUENCE_DELIMITER_TAG:
-            return position
-        if tag != _ITEM_TAG:
-            raise InputRejected("sequence is malformed")
-        if length == _UNDEFINED_LENGTH:
-            position = _walk_dataset(buffer, position, end, implicit, in_item=True)
-        else:
-            position += length
-            if position > end:
-                raise InputRejected("data set is truncated inside a sequence item")
-
-
-def _item_header(buffer: memoryview, position: int) -> tuple[int, int]:
-    group, element, length = struct.unpack_from("<HHL", buffer, position)
-    return group << 16 | element, length
-
-
-def _element_header(buffer: memoryview, position: int, implicit: bool) -> tuple[int, bytes, int, int]:
-    if position + 8 > len(buffer):
-        raise InputRejected("data set ends inside an element header")
-    group, element = struct.unpack_from("<HH", buffer, position)
-    tag = group << 16 | element
-    if implicit or group == 0xFFFE:
-        (length,) = struct.unpack_from("<L", buffer, position + 4)
-        return tag, b"", length, position + 8
-    vr = bytes(buffer[position + 4:position + 6])
-    if vr in _LONG_VRS:
-        if position + 12 > len(buffer):
-            raise InputRejected("data set ends inside an element header")
-        (length,) = struct.unpack_from("<L", buffer, position + 8)
-        return tag, vr, length, position + 12
-    (length,) = struct.unpack_from("<H", buffer, position + 6)
-    return tag, vr, length, position + 8
-
-
-def _skip_fragments(buffer: memoryview, position: int, end: int) -> int:
-    """Skip encapsulated pixel data items up to the sequence delimiter."""
-    while True:
-        if position + 8 > end:
-            raise InputRejected("encapsulated pixel data is truncated")
-        tag, length = _item_header(buffer, position)
-        position += 8
-        if tag == _SEQUENCE_DELIMITER_TAG:
-            return position
-        if tag != _ITEM_TAG or length == _UNDEFINED_LENGTH:
-            raise InputRejected("encapsulated pixel data is malformed")
-        position += length
-        if position > end:
-            raise InputRejected("encapsulated pixel data is truncated")
-
-
-# --- record building --------------------------------------------------------------------------
-
-
-def build_record(header: Dataset, event: Event, calling_ae: str, store: InstanceStore,
-                 *, size_bytes: int, stats: ReceiverStats | None = None) -> InstanceRecord:
-    """The DB row for an instance; raises ``InvalidUid`` when its identity is unusable.
-
-    Only the identity (Study, Series and SOP Instance UID, SOP Class) may refuse an
-    instance. Every other value is optional: one that does not decode or is not valid
-    for its VR is left out (None) and text is cleaned and cut to its column, so the
-    database always takes the row; what was left out or cut is logged by keyword.
-    """
-    study_uid = check_uid("StudyInstanceUID", header.get("StudyInstanceUID"))
-    series_uid = check_uid("SeriesInstanceUID", header.get("SeriesInstanceUID"))
-    sop_uid = check_uid("SOPInstanceUID", header.get("SOPInstanceUID"))
-    sop_class = check_uid("SOPClassUID", header.get("SOPClassUID"))
-    command_sop_uid = _command_sop_uid(event)
-    command_class = str(event.request.AffectedSOPClassUID or "").strip()
-    if sop_uid != command_sop_uid:
-        raise InvalidUid("SOPInstanceUID differs from the C-STORE request's Affected SOP Instance UID")
-    if sop_class != command_class:
-        raise InvalidUid("SOPClassUID differs from the C-STORE request's Affected SOP Class UID")
-    relative = store.relative_path(study_uid, series_uid, sop_uid)
-    values = _OptionalValues(header)
-    record = InstanceRecord(
-        study_instance_uid=study_uid,
-        series_instance_uid=series_uid,
-        sop_instance_uid=sop_uid,
-        sop_class_uid=sop_class,
-        transfer_syntax_uid=str(event.context.transfer_syntax),
-        path=relative.as_posix(),
-        size_bytes=size_bytes,
-        # Jobs are matched to bundles by modality: the SOP class stands in for a bad one.
-        modality=values.code("Modality", _MODALITY_LEN) or _MODALITY_OF_CLASS.get(sop_class),
-        series_number=values.integer("SeriesNumber"),
-        series_description=values.text("SeriesDescription", _SERIES_DESCRIPTION_LEN),
-        instance_number=values.integer("InstanceNumber"),
-        slice_position=values.slice_position(),
-        images_in_acquisition=values.integer("ImagesInAcquisition"),
-        number_of_frames=values.integer("NumberOfFrames"),
-        study_date=values.date("StudyDate"),
-        patient_age=values.age("PatientAge"),
-        patient_birth_date=values.date("PatientBirthDate"),
-        station_name=values.text("StationName", _STATION_NAME_LEN),
-        institution=values.text("InstitutionName", _INSTITUTION_LEN),
-        calling_ae=calling_ae,
-    )
-    if values.dropped or values.truncated:
-        # Keywords only: the values are patient data.
-        logger.debug("header values left out of or cut to fit the instance's row", extra={
-            "action": "header_values_dropped", "sop_instance_uid": sop_uid,
-            "dropped": values.dropped, "truncated": values.truncated})
-        if stats is not None:
-            stats.add_sanitised(values.dropped, values.truncated)
-    return record
-
-
-def _column_length(column: Any) -> int:
-    return int(column.property.columns[0].type.length)
-
-
-# The columns the optional values fill (PostgreSQL refuses a longer value; SQLite keeps it).
-_MODALITY_LEN = _column_length(Study.modality)
-_SERIES_DESCRIPTION_LEN = _column_length(Series.series_description)
-_STATION_NAME_LEN = _column_length(Study.station_name)
-_INSTITUTION_LEN = _column_length(Study.institution)
-# Integer columns are 32-bit on PostgreSQL.
-_INT_COLUMN = range(-(2 ** 31), 2 ** 31)
-_DA = re.compile(r"\d{8}")
-_AS = re.compile(r"\d{3}[DWMY]")
-# C0 and C1 controls, NUL padding among them: no column or screen wants them.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# What bytes the character set could not decode become: the value is not known.
-_UNDECODED = "\ufffd"
-
-
-class _OptionalValues:
-    """Reads the optional header values of one instance; never raises on them. Notes by
-    keyword (never the value) what was left out (`dropped`) or cut to fit (`truncated`)."""
-
-    def __init__(self, header: Dataset) -> None:
-        self.header = header
-        self.dropped: list[str] = []
-        self.truncated: list[str] = []
-
-    def _read(self, keyword: str) -> Any:
-        try:
-            return self.header.get(keyword)
-        except Exception:  # unknown VR, a value that does not convert for its VR...
-            self._drop(keyword)
-            return None
-
-    def _drop(self, keyword: str) -> None:
-        self.dropped.append(keyword)
-
-    def _string(self, keyword: str) -> str | None:
-        """The value as read; None when absent, dropped when not text or not decoded."""
-        value = self._read(keyword)
-        if value is None:
-            return None
-        if isinstance(value, MultiValue) and all(isinstance(v, str) for v in value):
-            value = "\\".join(value)  # a backslash read as a value separator
-        elif not isinstance(value, str):
-            value = getattr(value, "original_string", None)  # DA/TM objects keep what was read
-            if not isinstance(value, str):
-                self._drop(keyword)
-                return None
-        if _UNDECODED in value:
-            self._drop(keyword)
-            return None
-        return value
-
-    def _text(self, keyword: str) -> str | None:
-        """Free text without control characters; None when that leaves nothing."""
-        value = self._string(keyword)
-        return None if value is None else (_CONTROL.sub("", value).strip() or None)
-
-    def _formatted(self, keyword: str) -> str | None:
-        """A value of a formatted VR (DA, AS): only padding is taken off, a control
-        character inside leaves it invalid."""
-        value = self._string(keyword)
-        return None if value is None else (value.strip(" \x00") or None)
-
-    def text(self, keyword: str, length: int) -> str | None:
-        text = self._text(keyword)
-        if text is not None and len(text) > length:
-            self.truncated.append(keyword)
-            text = text[:length].rstrip()
-        return text
-
-    def code(self, keyword: str, length: int) -> str | None:
-        """A code string is left out when too long: a cut code would be another code."""
-        text = self._text(keyword)
-        if text is not None and len(text) > length:
-            self._drop(keyword)
-            return None
-        return text
-
-    def date(self, keyword: str) -> str | None:
-        """DA: eight digits that form a real date."""
-        text = self._formatted(keyword)
-        if text is None:
-            return None
-        if _DA.fullmatch(text):
-            try:
-                date(int(text[:4]), int(text[4:6]), int(text[6:]))
-                return text
-            except ValueError:
-                pass
-        self._drop(keyword)
-        return None
-
-    def age(self, keyword: str) -> str | None:
-        """AS: three digits and D, W, M or Y."""
-        text = self._formatted(keyword)
-        if text is None:
-            return None
-        if _AS.fullmatch(text.upper()):
-            return text.upper()
-        self._drop(keyword)
-        return None
-
-    def integer(self, keyword: str) -> int | None:
-        value = self._read(keyword)
-        if value is None or value == "":
-            return None
-        try:
-            if isinstance(value, (bytes, bytearray)):
-                raise TypeError("not a number")
-            number = int(value)
-        except (TypeError, ValueError, OverflowError):
-            self._drop(keyword)
-            return None
-        if number not in _INT_COLUMN:
-            self._drop(keyword)
-            return None
-        return number
-
-    def slice_position(self) -> float | None:
-        position = self._read("ImagePositionPatient")
-        orientation = self._read("ImageOrientationPatient")
-        if position is None or orientation is None:
-            return None
-        along = _along_normal(position, orientation)
-        if along is None:
-            self._drop("ImagePositionPatient")  # with the orientation: one derived value
-        return along
-
-
-def slice_position(header: Dataset) -> float | None:
-    """ImagePositionPatient projected on the slice normal (row x column direction)."""
-    position = header.get("ImagePositionPatient")
-    orientation = header.get("ImageOrientationPatient")
-    if position is None or orientation is None:
-        return None
-    return _along_normal(position, orientation)
-
-
-def _along_normal(position: Any, orientation: Any) -> float | None:
-    """None unless three and six finite numbers give a finite position."""
-    try:
-        if len(position) != 3 or len(orientation) != 6:
-            return None
-        rx, ry, rz, cx, cy, cz = (float(v) for v in orientation)
-        px, py, pz = (float(v) for v in position)
-    except (TypeError, ValueError):
-        return None
-    nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
-    along = px * nx + py * ny + pz * nz
-    return along if math.isfinite(along) else None
 
 
 # --- outcomes ---------------------------------------------------------------------------------
@@ -1509,97 +693,6 @@ def _record_one(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
     outcome: RecordOutcome = _with_db_retry(deps, lambda session: db_api.record_instance(session, record))
     deps.stats.add_row_commit()
     return outcome
-
-
-class _Pending:
-    __slots__ = ("record", "wake", "outcome", "error", "lead")
-
-    def __init__(self, record: InstanceRecord) -> None:
-        self.record = record
-        self.wake = threading.Event()  # set when the row is settled or this waiter must lead
-        self.outcome: RecordOutcome | None = None
-        self.error: BaseException | None = None
-        self.lead = False
-
-    def result(self) -> RecordOutcome:
-        if self.error is not None:
-            raise self.error
-        if self.outcome is None:
-            raise RuntimeError("group commit finished without an outcome")
-        return self.outcome
-
-
-class GroupCommit:
-    """Group commit for instance rows arriving on concurrent associations.
-
-    Each handler submits its row and blocks until that row is committed. The first
-    handler to find no commit running leads: it commits everything queued so far
-    in one go and hands the lead to the oldest waiter if more arrived meanwhile.
-    A lone association is never delayed; concurrent ones share one commit (and one
-    fsync of the database journal) when the database offers a batch call. A failed
-    batch is retried row by row, so one bad row fails only its own C-STORE.
-    """
-
-    def __init__(self, commit: Callable[[list[InstanceRecord]], list[RecordOutcome]],
-                 commit_one: Callable[[InstanceRecord], RecordOutcome], max_batch: int = 32) -> None:
-        self._commit = commit
-        self._commit_one = commit_one
-        self._max_batch = max_batch
-        self._lock = threading.Lock()
-        self._queue: list[_Pending] = []
-        self._leading = False
-
-    def submit(self, record: InstanceRecord) -> RecordOutcome:
-        pending = _Pending(record)
-        with self._lock:
-            self._queue.append(pending)
-            if not self._leading:
-                self._leading = True
-                pending.lead = True
-        if not pending.lead:
-            pending.wake.wait()
-        if pending.lead:
-            # A leader is always the oldest queued row, so its own row is in its batch.
-            self._lead_one_batch()
-        return pending.result()
-
-    def _lead_one_batch(self) -> None:
-        with self._lock:
-            batch = self._queue[:self._max_batch]
-            del self._queue[:self._max_batch]
-        try:
-            self._settle(batch)
-        finally:
-            with self._lock:
-                if self._queue:
-                    successor = self._queue[0]
-                    successor.lead = True
-                    successor.wake.set()
-                else:
-                    self._leading = False
-
-    def _settle(self, batch: list[_Pending]) -> None:
-        try:
-            outcomes = self._commit([p.record for p in batch])
-        except Exception:
-            if len(batch) == 1:
-                self._settle_one(batch[0])
-                return
-            logger.warning("batch commit failed; committing rows one by one",
-                           extra={"action": "group_commit_fallback", "rows": len(batch)}, exc_info=True)
-            for pending in batch:
-                self._settle_one(pending)
-            return
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            pending.outcome = outcome
-            pending.wake.set()
-
-    def _settle_one(self, pending: _Pending) -> None:
-        try:
-            pending.outcome = self._commit_one(pending.record)
-        except BaseException as exc:  # handed to the submitting handler, which answers 0xA701
-            pending.error = exc
-        pending.wake.set()
 
 
 def _with_db_retry(deps: StoreDeps, work: Callable[[Session], Any]) -> Any:

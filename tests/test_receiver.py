@@ -31,13 +31,8 @@ from pynetdicom.association import Association
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.receiver import (
-    ASSOCIATION_REJECTED_STATUS,
-    AllowedCaller,
-    ReceiverConfig,
-    StoreStatus,
-    start_receiver,
-)
+from daemon.callers import AllowedCaller
+from daemon.receiver import ASSOCIATION_REJECTED_STATUS, ReceiverConfig, StoreStatus, start_receiver
 from db.engine import make_engine, session_factory
 from db.models import Instance
 from receiver_helpers import SCP_AE, SCU_AE, Harness, make_uid, start_harness, write_ct_series

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from daemon.receiver import AllowedCaller, Receiver, ReceiverConfig, start_receiver
+from daemon.callers import AllowedCaller
+from daemon.receiver import Receiver, ReceiverConfig, start_receiver
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
 from db.models import Instance, Series

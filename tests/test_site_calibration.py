@@ -33,7 +33,7 @@ from sqlalchemy import select
 from daemon.bundle import load_bundle, write_bundle
 from daemon.cli import main
 from daemon.config import Settings, load_settings, shipped_bundles
-from daemon.receiver import slice_position
+from daemon.instance_record import slice_position
 from daemon.reference import Reference, threshold_at_specificity
 from daemon.worker import Worker
 from db import api

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import daemon.worker
 from daemon.config import Settings, load_settings
-from daemon.receiver import slice_position
+from daemon.instance_record import slice_position
 from daemon.worker import Worker
 from db import api
 from db.types import BundleRef, InstanceRecord

@@ -1,0 +1,389 @@
+"""What a peer may hold before and while associated: admission of connections, the TLS
+handshake in the connection's own thread, and refusals recorded at a bounded rate.
+
+pynetdicom's server counts every connection thread against its limit and handshakes TLS
+inside its accept loop; GuardedAssociationServer replaces both (see ConnectionGuard).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom import AE, evt
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
+
+from daemon.callers import normalise_host
+
+if TYPE_CHECKING:
+    from daemon.receiver import ReceiverStats
+
+logger = logging.getLogger(__name__)
+
+# Refusals before any A-ASSOCIATE exchange have no ACSE code; these lie outside its range.
+CONNECTION_REFUSED_STATUS = 0xFF0001  # closed at once: address over its limit, or an idle one evicted
+TLS_REFUSED_STATUS = 0xFF0002         # TLS handshake failed (no or untrusted certificate, plain DICOM)
+
+
+@dataclass(frozen=True)
+class RefusalKey:
+    """What makes two refusals 'the same' for counting."""
+
+    host: str | None
+    calling_ae: str | None  # None: refused before any A-ASSOCIATE-RQ was read
+    reason: str
+    status: int
+
+    @property
+    def what(self) -> str:
+        return "connection closed" if self.calling_ae is None else "association refused"
+
+    @property
+    def action(self) -> str:
+        return "connection_closed" if self.calling_ae is None else "association_rejected"
+
+    def row_text(self) -> str:
+        return f"{self.what}: {self.reason} (from {self.host})"
+
+
+class RefusalLog:
+    """Association and connection refusals, recorded in the database at a bounded rate.
+
+    The first refusal of each (address, calling AE, reason) in an interval is logged
+    and recorded as it happens; repeats are counted and recorded as one row per key
+    when the interval ends ("association refused 299 more times in the last 60 s:
+    ..."). Past max_keys
+    distinct keys in one interval the rest share one overflow count. A flood thus adds
+    at most 2 x max_keys + 1 rows per interval, however fast it comes.
+    """
+
+    def __init__(self, record: Callable[[str | None, str, int], None], interval_s: float = 60.0,
+                 max_keys: int = 32) -> None:
+        self._record = record
+        self._interval_s = interval_s
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        self._repeats: dict[RefusalKey, int] = {}  # key -> refusals after its first, this interval
+        self._overflow = 0
+        self._deferred: list[RefusalKey] = []  # firsts noted in the accept loop; written by our thread
+        self._window_start = time.monotonic()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="RefusalLog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.flush()
+
+    def refused(self, key: RefusalKey, *, defer: bool = False) -> None:
+        """Count one refusal; the first of its key this interval is recorded now (or, with
+        `defer`, by the log's own thread: the accept loop must not wait on the database)."""
+        with self._lock:
+            if key in self._repeats:
+                self._repeats[key] += 1
+                return
+            if len(self._repeats) >= self._max_keys:
+                self._overflow += 1
+                return
+            self._repeats[key] = 0
+            if defer:
+                self._deferred.append(key)
+                self._wake.set()
+                return
+        self._write_first(key)
+
+    def flush(self) -> None:
+        """Write the deferred firsts and the counted repeats, and start a new interval."""
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+            repeats = {key: count for key, count in self._repeats.items() if count}
+            overflow, self._overflow = self._overflow, 0
+            self._repeats = {}
+            now = time.monotonic()
+            seconds, self._window_start = now - self._window_start, now
+        for key in deferred:
+            self._write_first(key)
+        for key, count in repeats.items():
+            logger.warning(f"{key.what} (repeats)", extra={
+                "action": key.action, "calling_ae": key.calling_ae, "peer_host": key.host,
+                "reason": key.reason, "count": count})
+            self._record(key.calling_ae, f"{key.what} {count} more times in the last {seconds:.0f} s: "
+                                         f"{key.reason} (from {key.host})", key.status)
+        if overflow:
+            logger.warning("refusals not itemised", extra={"action": "association_rejected", "count": overflow})
+            self._record(None, f"{overflow} more refusals in the last {seconds:.0f} s from other addresses or "
+                               f"AE titles (over {self._max_keys} kinds; not itemised)", CONNECTION_REFUSED_STATUS)
+
+    def _write_first(self, key: RefusalKey) -> None:
+        logger.warning(key.what, extra={"action": key.action, "calling_ae": key.calling_ae,
+                                        "peer_host": key.host, "reason": key.reason})
+        self._record(key.calling_ae, key.row_text(), key.status)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self._interval_s
+        while not self._stopping.is_set():
+            self._wake.wait(max(0.0, deadline - time.monotonic()))
+            self._wake.clear()
+            try:
+                if time.monotonic() >= deadline:
+                    self.flush()
+                    deadline = time.monotonic() + self._interval_s
+                else:
+                    with self._lock:
+                        deferred, self._deferred = self._deferred, []
+                    for key in deferred:
+                        self._write_first(key)
+            except Exception:  # the recorder logs its own failures; this thread must live on
+                logger.exception("refusal log flush failed", extra={"action": "rejection_not_recorded"})
+
+
+class Connection:
+    """One accepted TCP connection, from accept until its association thread ends."""
+
+    def __init__(self, address: str | None, sock: socket.socket, tls: bool) -> None:
+        self.address = address
+        self.sock = sock
+        self.tls = tls
+        self.opened = time.monotonic()
+        self.assoc: Any = None
+        self.handler_done = False
+        self.requested = False  # its A-ASSOCIATE-RQ arrived
+        self.accepted = False   # holds one of the association slots
+        self.evicted = False
+        self.peer_cn: str | None = None
+
+    def alive(self) -> bool:
+        """Whether it still counts against the limits."""
+        if self.evicted:
+            return False  # its socket is shut and its thread woken: ending now
+        if not self.handler_done:
+            return True
+        assoc = self.assoc
+        if assoc is None or not assoc.is_alive():
+            return False
+        # Released, aborted or rejected: its thread is only tearing down. Counting it
+        # would refuse a PACS that opens one short association after another.
+        return not (assoc.is_released or assoc.is_aborted or assoc.is_rejected)
+
+    def idle(self) -> bool:
+        return not self.requested and self.alive()
+
+    def close(self) -> None:
+        """Close the connection under its thread (called from the accept loop)."""
+        try:
+            # The base class's shutdown: SSLSocket.shutdown would also drop its SSL object
+            # under the thread still using it.
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+        assoc = self.assoc
+        if assoc is not None:
+            # The acceptor waits up to the ACSE timeout for an A-ASSOCIATE-RQ; None ends
+            # that wait now (pynetdicom treats it as the timeout), freeing the thread.
+            assoc.dul.to_user_queue.put(None)
+
+
+class ConnectionGuard:
+    """What a peer may hold before and while associated, across the plain and TLS ports.
+
+    - at most `per_address` connections per address: past it, a new connection
+      closes that address's oldest idle one, or is itself closed on accept (before a
+      thread is started) when all of them are associated;
+    - at most `max_idle` connections that have not sent an A-ASSOCIATE-RQ; a new one
+      closes the oldest of them (a real caller sends its request within milliseconds);
+    - at most `max_associations` requested associations: idle sockets do not count.
+
+    Closing the oldest idle connection, not refusing the new one, means a caller's
+    own stale sockets (or an abuser's) never keep its fresh connection out.
+    """
+
+    def __init__(self, *, per_address: int, max_idle: int, max_associations: int,
+                 refusals: RefusalLog | None, stats: ReceiverStats) -> None:
+        self.per_address = per_address
+        self.max_idle = max_idle
+        self.max_associations = max_associations
+        self.refusals = refusals
+        self.stats = stats
+        self._lock = threading.Lock()
+        self._connections: list[Connection] = []
+
+    def admit(self, sock: socket.socket, address: str, *, tls: bool) -> Connection | None:
+        host = normalise_host(address)
+        evicted: Connection | None = None
+        why = ""
+        connection: Connection | None = None
+        with self._lock:
+            self._connections = [c for c in self._connections if c.alive()]
+            mine = [c for c in self._connections if c.address == host]
+            idle = [c for c in self._connections if c.idle()]
+            if len(mine) >= self.per_address:
+                mine_idle = [c for c in mine if c.idle()]
+                if mine_idle:
+                    evicted = min(mine_idle, key=lambda c: c.opened)
+                    why = f"idle, to admit another: more than {self.per_address} connections from this address"
+            elif len(idle) >= self.max_idle:
+                evicted = min(idle, key=lambda c: c.opened)
+                why = f"idle, to admit another: more than {self.max_idle} connections without an association request"
+            if len(mine) < self.per_address or evicted is not None:
+                connection = Connection(host, sock, tls)
+                self._connections.append(connection)
+            if evicted is not None:
+                evicted.evicted = True
+        if connection is None:
+            self.stats.add_connection_event("refused_address_limit")
+            self._refused(RefusalKey(host, None, f"more than {self.per_address} associated connections from "
+                                     "this address", CONNECTION_REFUSED_STATUS))
+        if evicted is not None:
+            evicted.close()
+            self.stats.add_connection_event("evicted_idle")
+            self._refused(RefusalKey(evicted.address, None, why, CONNECTION_REFUSED_STATUS))
+        return connection
+
+    def close_idle(self) -> None:
+        """Close every connection that has not requested an association (at shutdown)."""
+        with self._lock:
+            idle = [c for c in self._connections if c.idle()]
+            for connection in idle:
+                connection.evicted = True
+        for connection in idle:
+            connection.close()
+
+    def take_association_slot(self, connection: Connection) -> bool:
+        with self._lock:
+            held = sum(1 for c in self._connections if c.accepted and c is not connection and c.alive())
+            if held >= self.max_associations:
+                return False
+            connection.accepted = True
+            return True
+
+    def tls_failed(self, connection: Connection, reason: str) -> None:
+        if connection.evicted:
+            return  # recorded as the eviction
+        self.stats.add_connection_event("tls_failed")
+        self._refused(RefusalKey(connection.address, None, f"TLS handshake failed: {reason}", TLS_REFUSED_STATUS))
+
+    def _refused(self, key: RefusalKey) -> None:
+        if self.refusals is not None:
+            self.refusals.refused(key, defer=True)
+
+
+class _GuardedRequestHandler(RequestHandler):
+    server: GuardedAssociationServer
+
+    def handle(self) -> None:
+        # As RequestHandler.handle, with the association tied to its connection first:
+        # its A-ASSOCIATE-RQ may arrive the moment the thread starts.
+        assoc = self._create_association()
+        connection = self.server.current_connection()
+        connection.assoc = assoc
+        assoc.headscreen_connection = connection  # type: ignore[attr-defined]
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's server with admission control (ConnectionGuard) and a TLS handshake
+    that runs in the connection's thread under a timeout.
+
+    pynetdicom's own TLS server handshakes inside the accept loop with no timeout, so a
+    single silent peer on the TLS port would stop every other caller.
+    """
+
+    def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
+                 ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,
+                 guard: ConnectionGuard, tls_context: ssl.SSLContext | None = None,
+                 handshake_timeout_s: float = 10.0) -> None:
+        self.guard = guard
+        self.tls_context = tls_context
+        self.handshake_timeout_s = handshake_timeout_s
+        self._local = threading.local()
+        super().__init__(ae, address, ae_title, contexts, None, evt_handlers=evt_handlers,
+                         request_handler=_GuardedRequestHandler)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        # Accepted sockets block forever by default: a peer stalling mid-PDU would pin its
+        # thread. The timeout is raised to network_timeout_s once the association is requested.
+        client.settimeout(self.handshake_timeout_s)
+        return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        connection = self.guard.admit(request, str(client_address[0]), tls=self.tls_context is not None)
+        if connection is None:
+            self.shutdown_request(request)
+            return
+        thread = threading.Thread(target=make_target(lambda: self._serve(request, client_address, connection)),
+                                  name="HeadscreenConnection", daemon=True)
+        thread.start()
+
+    def current_connection(self) -> Connection:
+        return self._local.connection  # type: ignore[no-any-return]
+
+    def _serve(self, request: socket.socket, client_address: Any, connection: Connection) -> None:
+        sock: socket.socket | None = request
+        try:
+            if self.tls_context is not None:
+                sock = self._handshake(request, connection)
+                if sock is None:
+                    return
+            self._local.connection = connection
+            self.finish_request(sock, client_address)  # runs _GuardedRequestHandler.handle
+        except Exception:
+            logger.exception("connection handler failed", extra={"action": "connection_error"})
+            if sock is not None:
+                self.shutdown_request(sock)
+        finally:
+            self._local.connection = None
+            connection.handler_done = True
+
+    def _handshake(self, raw: socket.socket, connection: Connection) -> ssl.SSLSocket | None:
+        assert self.tls_context is not None
+        wrapped: ssl.SSLSocket | None = None
+        try:
+            wrapped = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            connection.sock = wrapped
+            wrapped.do_handshake()  # under the accepted socket's timeout
+        except (ssl.SSLError, OSError) as exc:
+            self.guard.tls_failed(connection, _tls_failure(exc, self.handshake_timeout_s))
+            self.shutdown_request(wrapped if wrapped is not None else raw)
+            return None
+        connection.peer_cn = _subject_cn(wrapped.getpeercert())
+        return wrapped
+
+
+def _tls_failure(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return f"no handshake within {timeout_s:g} s"
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or type(exc).__name__).lower().replace("_", " ")
+    return "connection closed during the handshake"
+
+
+def _subject_cn(certificate: dict[str, Any] | None) -> str | None:
+    """The subject commonName of a verified peer certificate (getpeercert() form)."""
+    for rdn in (certificate or {}).get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return None
+
+
+def set_timeout(sock: socket.socket, seconds: float) -> None:
+    try:
+        sock.settimeout(seconds)
+    except OSError:
+        pass  # already closed
