@@ -8,11 +8,11 @@ from imaging import preprocess
 from imaging.phantoms import Lesion, Phantom, Pose, make_head, write_dicom_series
 from imaging.preprocess import ModelGrid, Preprocessed, default_params, to_native
 from imaging.selection import Preference, SelectionRules, Selection, SeriesCandidate, Verdict, select_series
-from imaging.volume import SeriesRejected, Volume, load_series, patient_age_years
+from imaging.volume import SeriesRejected, Volume, load_series
 
 __all__ = [
     "Lesion", "ModelGrid", "Phantom", "Pose", "Preference", "Preprocessed", "Selection", "SelectionRules",
     "SeriesCandidate", "SeriesRejected", "Verdict", "Volume",
-    "default_params", "load_series", "make_head", "patient_age_years", "preprocess", "select_series",
+    "default_params", "load_series", "make_head", "preprocess", "select_series",
     "to_native", "write_dicom_series",
 ]

@@ -40,13 +40,12 @@ class Volume:
     modality: str
     qc_reasons: list[str] = field(default_factory=list)
     qc_metrics: dict[str, float] = field(default_factory=dict)
-    patient_age_years: float | None = None
     slice_positions: np.ndarray | None = None
     frame_numbers: list[int] | None = None  # 1-based frame per slice for multi-frame objects
 
     @classmethod
     def from_image(cls, image: sitk.Image, modality: str, series_uid: str = "synthetic",
-                   slice_sop_uids: list[str] | None = None, patient_age_years: float | None = None) -> "Volume":
+                   slice_sop_uids: list[str] | None = None) -> "Volume":
         """Wrap an in-memory image (phantoms, training) as a Volume."""
         if image.GetDimension() != 3:
             raise ValueError(f"image: expected 3D, got {image.GetDimension()}D")
@@ -56,8 +55,7 @@ class Volume:
         if len(slice_sop_uids) != n_slices:
             raise ValueError(f"slice_sop_uids: expected {n_slices} entries, got {len(slice_sop_uids)}")
         return cls(image=sitk.Cast(image, sitk.sitkFloat32), series_uid=series_uid,
-                   slice_sop_uids=list(slice_sop_uids), modality=modality,
-                   patient_age_years=patient_age_years)
+                   slice_sop_uids=list(slice_sop_uids), modality=modality)
 
     @property
     def is_regular(self) -> bool:
@@ -293,7 +291,7 @@ def _build_volume(frames: list[_Frame], stack: np.ndarray, geometry: _Geometry, 
     return Volume(image=image, series_uid=str(first.SeriesInstanceUID),
                   slice_sop_uids=[frame.sop_uid for frame in frames], modality=str(first.get("Modality", "")),
                   qc_reasons=list(geometry.qc_reasons), qc_metrics=dict(geometry.qc_metrics),
-                  patient_age_years=patient_age_years(first), slice_positions=positions,
+                  slice_positions=positions,
                   frame_numbers=None if frame_numbers[0] is None else [int(n or 0) for n in frame_numbers])
 
 
@@ -310,21 +308,3 @@ def _deshear(stack: np.ndarray, positions: np.ndarray, frame: _Frame, geometry: 
         shift_cols = float(offset @ frame.row_dir) / col_spacing
         out[k] = ndimage.shift(stack[k], (shift_rows, shift_cols), order=1, mode="constant", cval=background)
     return out
-
-
-def patient_age_years(ds: pydicom.Dataset) -> float | None:
-    """Chronological age from PatientAge ("063Y", "006M", ...) or birth and study dates."""
-    text = str(ds.get("PatientAge", "") or "").strip().upper()
-    units = {"Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.2425, "D": 1.0 / 365.2425}
-    if len(text) == 4 and text[:3].isdigit() and text[3] in units:
-        return float(int(text[:3])) * units[text[3]]
-    birth, study = str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
-    try:
-        from datetime import datetime
-
-        born = datetime.strptime(birth[:8], "%Y%m%d")
-        seen = datetime.strptime(study[:8], "%Y%m%d")
-    except ValueError:
-        return None
-    age = (seen - born).days / 365.2425
-    return age if 0 <= age < 150 else None

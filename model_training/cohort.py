@@ -138,7 +138,7 @@ def prepare_case(case: Case, params: dict[str, Any], cache_dir: Path | None, fol
     pose = phantoms.Pose(rotation_deg=case.rotation_deg, translation_mm=case.translation_mm)
     head = phantoms.make_head(case.modality, age=case.age, seed=case.seed, pose=pose, lesion=case.lesion,
                               scale=case.scale, randomise=case.randomise)
-    volume = Volume.from_image(head.image, case.modality, series_uid=f"synthetic.{case.seed}", patient_age_years=case.age)
+    volume = Volume.from_image(head.image, case.modality, series_uid=f"synthetic.{case.seed}")
     result = preprocess(volume, params)
     prepared = Prepared(
         np.asarray(result.model_input, dtype=np.float32),

@@ -113,7 +113,7 @@ def load_volume(row: DatasetRow, modality: str) -> Volume:
         return load_series(files)
     if row.path.name.lower().endswith(NIFTI_SUFFIXES):
         image = sitk.Cast(sitk.ReadImage(str(row.path)), sitk.sitkFloat32)
-        return Volume.from_image(image, modality, series_uid=f"nifti.{row.path.name}", patient_age_years=row.age)
+        return Volume.from_image(image, modality, series_uid=f"nifti.{row.path.name}")
     raise InputRejected(f"unsupported_file: {row.path.name} is neither NIfTI nor a DICOM folder")
 
 

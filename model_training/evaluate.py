@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from daemon.bundle import Bundle
 from daemon.errors import InputRejected
@@ -314,8 +314,7 @@ def score_suite(runner: BundleRunner, cases: Sequence[Any], keep_maps: bool = Tr
     records = []
     for i, case in enumerate(cases):
         scan = make_scan(case)
-        volume = Volume.from_image(scan.image, case.modality, series_uid=f"synthetic.{case.seed}",
-                                   patient_age_years=case.age)
+        volume = Volume.from_image(scan.image, case.modality, series_uid=f"synthetic.{case.seed}")
         local = case.kind in ANOMALY_TYPES and ANOMALY_TYPES[case.kind].local
         records.append(score_volume(runner, volume, case.case_id, case.kind, case.label, case.age, scan.mask, local,
                                     keep_maps, hemorrhage_ml=scan.hemorrhage_ml,
