@@ -725,30 +725,13 @@ def kill_trials(args: argparse.Namespace, db_kind: str, heads: list[object], bun
 
 # --- 2. fuzzed input ------------------------------------------------------------------------
 
-def corpus(n: int, seed: int) -> list[list[object]]:
-    """As tests/test_fuzz_input.corpus: the catalogue dealt out in a seeded order, then a
-    seeded draw of up to one more mutation per study."""
-    from bad_input import MUTATIONS
-
-    rng = random.Random(seed)
-    dealt = rng.sample(MUTATIONS, len(MUTATIONS))
-    plans: list[list[object]] = [[] for _ in range(n)]
-    for k, mutation in enumerate(dealt):
-        plans[k % n].append(mutation)
-    for plan in plans:
-        extra = rng.choice(MUTATIONS)
-        if rng.random() < 0.5 and extra not in plan:
-            plan.append(extra)
-    return plans
-
-
 def fuzz(args: argparse.Namespace, db_kind: str, heads: list[object], bundles: list[Path], root: Path) -> None:
-    from bad_input import PATIENT, PATIENT_ID, damage, leaks
+    from bad_input import PATIENT, PATIENT_ID, damage, deal_mutations, leaks
 
     destination = Destination()
     serve: Serve | None = None
     db: Db | None = None
-    plans = corpus(args.fuzz, args.seed)
+    plans = deal_mutations(args.fuzz, args.seed)
     try:
         with database(db_kind, root, args.pg_admin) as url:
             serve = Serve(root, url, bundles, destination.port, overlay_slices=1)
@@ -765,12 +748,12 @@ def fuzz(args: argparse.Namespace, db_kind: str, heads: list[object], bundles: l
                                     thickness=8.0, extra=dict(PATIENT), patient_id=PATIENT_ID)
                 rng = random.Random(args.seed * 1000 + k)
                 for mutation in plan:
-                    damage([i.path for i in items], mutation, rng)  # type: ignore[arg-type]
+                    damage([i.path for i in items], mutation, rng)
                 send_items(serve.port, items)
                 for item in items:
                     status = item.statuses[-1]
                     statuses["no response" if status is None else f"0x{status:04X}"] += 1
-                studies[items[0].study] = (items, [m.name for m in plan])  # type: ignore[attr-defined]
+                studies[items[0].study] = (items, [m.name for m in plan])
                 order.append(items[0].study)
             sent_s = time.monotonic() - started
             received = [uid for uid, (items, _) in studies.items() if any(i.acked for i in items)]

@@ -136,3 +136,19 @@ def damage(files: Sequence[Path], mutation: Mutation, rng: random.Random) -> lis
             change = mutation.change
             rewrite(path, lambda ds: change(ds, rng))
     return targets
+
+
+def deal_mutations(studies: int, seed: int) -> list[list[Mutation]]:
+    """The mutations of each of `studies` studies: the catalogue dealt out in a seeded order
+    (so each is used when there are studies enough), and a seeded draw of up to one more
+    per study. The same seed gives the same corpus on every run."""
+    rng = random.Random(seed)
+    dealt = rng.sample(MUTATIONS, len(MUTATIONS))
+    plans: list[list[Mutation]] = [[] for _ in range(studies)]
+    for k, mutation in enumerate(dealt):
+        plans[k % studies].append(mutation)
+    for plan in plans:
+        extra = rng.choice(MUTATIONS)
+        if rng.random() < 0.5 and extra not in plan:
+            plan.append(extra)
+    return plans

@@ -27,7 +27,7 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from bad_input import MUTATIONS, PATIENT, PATIENT_ID, Mutation, damage, leaks
+from bad_input import MUTATIONS, PATIENT, PATIENT_ID, Mutation, damage, deal_mutations, leaks
 from daemon.config import load_settings
 from daemon.logs import JsonFormatter
 from daemon.scheduler import bundle_refs
@@ -45,21 +45,6 @@ from worker_helpers import record_stored_files
 SEED = 1212
 STUDIES = 24
 OUR_LOGGERS = ("daemon", "imaging", "export", "db")
-
-
-def corpus() -> list[list[Mutation]]:
-    """The mutations of each study: the catalogue dealt out in a seeded order (so each is
-    used), and a seeded draw of up to one more per study."""
-    rng = random.Random(SEED)
-    dealt = rng.sample(MUTATIONS, len(MUTATIONS))
-    plans: list[list[Mutation]] = [[] for _ in range(STUDIES)]
-    for k, mutation in enumerate(dealt):
-        plans[k % STUDIES].append(mutation)
-    for plan in plans:
-        extra = rng.choice(MUTATIONS)
-        if rng.random() < 0.5 and extra not in plan:
-            plan.append(extra)
-    return plans
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +97,7 @@ def _our_log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_every_damaged_study_ends_with_one_report_after_one_attempt(site, caplog):
     settings, worker = site
     heads = [make_head("CT", age=45.0 + 10 * k, seed=40 + k, spacing=(2.0, 2.0, 2.0)) for k in range(2)]
-    plans = corpus()
+    plans = deal_mutations(STUDIES, SEED)
     assert {m.name for plan in plans for m in plan} == {m.name for m in MUTATIONS}
     caplog.set_level(logging.INFO)
     studies = {_receive(settings, worker, heads, k, plan): plan for k, plan in enumerate(plans)}
