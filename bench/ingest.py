@@ -47,6 +47,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMEN
 from daemon.receiver import AllowedCaller, ReceiverConfig, ReceiverStats, start_receiver
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
+from throwaway_db import throwaway_postgres
 
 SCU_AE = "BENCHSCU"
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
@@ -172,25 +173,6 @@ def storescp(work: Path) -> Iterator[tuple[int, str, Path, ReceiverStats | None]
 
 
 @contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    """A throw-away PostgreSQL database next to the admin one; returns its URL."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    admin = make_url(admin_url)
-    name = f"hs_bench_{os.getpid()}_{time.monotonic_ns()}"
-    connect = dict(host=admin.host, port=admin.port or 5432, user=admin.username,
-                   password=admin.password, dbname=admin.database or "postgres", autocommit=True)
-    with psycopg.connect(**connect) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(**connect) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextmanager
 def headscreen(work: Path, durable: bool = True, database_url: str | None = None,
                sqlite_synchronous: str | None = None) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
     storage = work / "headscreen"
@@ -240,7 +222,7 @@ def orthanc(work: Path) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]
 
 @contextmanager
 def _on_postgres(work: Path, admin_url: str) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
-    with postgres_database(admin_url) as url, headscreen(work, database_url=url) as target:
+    with throwaway_postgres(admin_url, "hs_bench") as url, headscreen(work, database_url=url) as target:
         yield target
 
 

@@ -113,6 +113,7 @@ from db.engine import make_engine  # noqa: E402
 from db.models import AuditEvent, Delivery, IngestRejection, Instance, Job, Result, ResultObject, Series, Study  # noqa: E402
 from db.states import DeliveryState, JobState, ObjectKind, StudyState  # noqa: E402
 from receiver_helpers import closed_by_peer, idle_sockets  # noqa: E402
+from throwaway_db import throwaway_postgres  # noqa: E402
 
 CALLING_AE = "BENCHPACS"
 DEST_AE = "BENCHDEST"
@@ -295,20 +296,8 @@ def database(kind: str, folder: Path, pg_admin: str) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{folder / 'storage' / 'headscreen.db'}"
         return
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    admin = make_url(pg_admin)
-    name = f"hs_reliability_{os.getpid()}_{time.monotonic_ns()}"
-    connect = dict(host=admin.host or "127.0.0.1", port=admin.port or 5432, user=admin.username,
-                   password=admin.password, dbname=admin.database or "postgres", autocommit=True)
-    with psycopg.connect(**connect) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(**connect) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with throwaway_postgres(pg_admin, "hs_reliability") as url:
+        yield url
 
 
 # --- the PACS: a sender and a destination ---------------------------------------------------
