@@ -206,3 +206,14 @@ def test_templates_are_identical_from_the_packaged_and_the_debian_colin27(monkey
     assert packaged.keys() == debian.keys()
     for name in packaged:
         assert np.array_equal(packaged[name], debian[name]), name
+
+
+def test_container_installs_the_wheel_not_the_source_tree() -> None:
+    """The image gets the bundles and Colin27 from the wheel: no editable install, no
+    models/ or weights in the final stage, no Debian mricron-data."""
+    containerfile = (REPO / "deploy" / "Containerfile").read_text()
+    final = containerfile.rsplit("\nFROM ", 1)[1]
+    assert "pip wheel" in containerfile.rsplit("\nFROM ", 1)[0]
+    assert "COPY --from=wheel" in final and "pip install --no-cache-dir /tmp/dist/headscreen-*.whl" in final
+    assert "-e ." not in containerfile and "COPY models" not in final
+    assert not [line for line in containerfile.splitlines() if line.startswith("RUN") and "mricron" in line]
