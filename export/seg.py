@@ -24,7 +24,8 @@ from export import codes as hs_codes
 from export.model import ResultSummary
 
 __all__ = ["build_segmentation", "anomaly_mask", "missing_for_seg", "source_voxel_ml", "SEG_SERIES_DESCRIPTION",
-           "SEGMENT_LABEL", "SEGMENT_TRACKING_ID", "segment_description_text", "DEFAULT_THRESHOLD", "MIN_CLUSTER_ML", "calibrate_threshold"]
+           "SEGMENT_LABEL", "SEGMENT_TRACKING_ID", "segment_description_text", "DEFAULT_THRESHOLD", "MIN_CLUSTER_ML",
+           "calibrate_threshold"]
 
 logger = logging.getLogger(__name__)
 
