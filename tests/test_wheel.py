@@ -60,8 +60,12 @@ def wheel(tmp_path_factory) -> Path:
     """The wheel built from a copy of this tree (other work in the checkout is left alone)."""
     base = tmp_path_factory.mktemp("wheel")
     source = base / "src"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "__pycache__", "build", "dist", "*.egg-info", "demo-out", "cache", ".pytest_cache"))
+    # What deploy/Containerfile copies into its build stage.
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    for name in (*PACKAGES, "models"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(base / "dist"), str(source)], check=True, capture_output=True, timeout=300)
