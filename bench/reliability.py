@@ -548,6 +548,27 @@ def settle(db: Db, studies: Sequence[str], timeout_s: float) -> tuple[float, dic
         time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def started_serve(db_kind: str, root: Path, pg_admin: str, bundles: list[Path], destination_port: int | None = None,
+                  *, prepare: Callable[[Serve], None] | None = None,
+                  **options: object) -> Iterator[tuple[Serve, Db, float]]:
+    """A private serve on a fresh database, `prepare`d and started: (serve, db, seconds to start).
+    Stopped and closed on the way out, before its database is dropped."""
+    with database(db_kind, root, pg_admin) as url:
+        serve = Serve(root, url, bundles, destination_port, **options)  # type: ignore[arg-type]
+        db: Db | None = None
+        try:
+            if prepare is not None:
+                prepare(serve)
+            up = serve.start()
+            db = Db(url)
+            yield serve, db, up
+        finally:
+            serve.stop()
+            if db is not None:
+                db.close()
+
+
 def final_report_ok(view: StudyView, destination: Destination) -> bool:
     """Exactly one current result, its SR delivered and at the PACS, and no other SR of the
     study at the PACS except those of superseded results."""
@@ -669,13 +690,8 @@ def kill_trials(args: argparse.Namespace, db_kind: str, heads: list[object], bun
     rng = random.Random(args.seed)
     destination = Destination(delay_s=args.dest_delay)
     trials: list[Trial] = []
-    serve: Serve | None = None
-    db: Db | None = None
     try:
-        with database(db_kind, root, args.pg_admin) as url:
-            serve = Serve(root, url, bundles, destination.port)
-            first_start = serve.start()
-            db = Db(url)
+        with started_serve(db_kind, root, args.pg_admin, bundles, destination.port) as (serve, db, first_start):
             print(f"\n[kill -9 trials, {db_kind}] serve up in {first_start:.1f} s; {args.kill_trials} trials of "
                   f"{args.studies_per_trial} studies x 48 instances; PACS delay {args.dest_delay * 1000:.0f} ms "
                   f"per C-STORE; seed {args.seed}", flush=True)
@@ -686,14 +702,7 @@ def kill_trials(args: argparse.Namespace, db_kind: str, heads: list[object], bun
                 trials.append(trial)
                 print(f"  trial {index + 1} ({phase}) done in {time.monotonic() - started:.0f} s: "
                       + "; ".join(trial.notes), flush=True)
-            serve.stop()
-            db.close()
-            db = None
     finally:
-        if db is not None:
-            db.close()
-        if serve is not None:
-            serve.stop()
         destination.stop()
     headers = ["trial", "phase", "killed at (delay, DB state)", "studies", "sent", "acked", "resent", "lost",
                "dup rows", "redeliv", "reopened", "stuck", "no 1 rpt", "settle s"]
@@ -718,14 +727,10 @@ def fuzz(args: argparse.Namespace, db_kind: str, heads: list[object], bundles: l
     from bad_input import PATIENT, PATIENT_ID, damage, deal_mutations, leaks
 
     destination = Destination()
-    serve: Serve | None = None
-    db: Db | None = None
     plans = deal_mutations(args.fuzz, args.seed)
     try:
-        with database(db_kind, root, args.pg_admin) as url:
-            serve = Serve(root, url, bundles, destination.port, overlay_slices=1)
-            up = serve.start()
-            db = Db(url)
+        with started_serve(db_kind, root, args.pg_admin, bundles, destination.port,
+                           overlay_slices=1) as (serve, db, up):
             print(f"\n[fuzzed input, {db_kind}] serve up in {up:.1f} s; {args.fuzz} studies, "
                   f"{sum(map(len, plans))} mutations", flush=True)
             studies: dict[str, tuple[list[Item], list[str]]] = {}
@@ -749,13 +754,7 @@ def fuzz(args: argparse.Namespace, db_kind: str, heads: list[object], bundles: l
             settle_s, views = settle(db, received, args.settle_timeout)
             serve.stop()
             leaked = [line for line in serve.log.read_text(errors="replace").splitlines() if leaks(line)]
-            db.close()
-            db = None
     finally:
-        if db is not None:
-            db.close()
-        if serve is not None:
-            serve.stop()
         destination.stop()
 
     bad = [uid for uid in received if not final_report_ok(views[uid], destination)]
@@ -815,116 +814,107 @@ def store_one(port: int, item: Item) -> tuple[str, float]:
     return ("no response" if status is None else f"0x{status:04X}"), time.perf_counter() - started
 
 
+def _add_console_users(serve: Serve) -> None:
+    """Migrate the database and add the admin and the viewer the login flood uses."""
+    for command in (("db", "upgrade"), ("users", "add", ADMIN[0], "--role", "admin", "--password-stdin"),
+                    ("users", "add", VIEWER[0], "--role", "viewer", "--password-stdin")):
+        secret = {ADMIN[0]: ADMIN[1], VIEWER[0]: VIEWER[1]}.get(command[2]) if len(command) > 2 else None
+        done = serve.cli(*command, stdin=None if secret is None else secret + "\n")
+        if done.returncode != 0:
+            raise RuntimeError(f"headscreen {' '.join(command)}: {done.stderr.strip()}")
+
+
 def floods(args: argparse.Namespace, db_kind: str, heads: list[object], bundles: list[Path], root: Path) -> None:
-    serve: Serve | None = None
-    db: Db | None = None
     idle_rows: list[list[object]] = []
-    try:
-        with database(db_kind, root, args.pg_admin) as url:
-            serve = Serve(root, url, bundles, None, workers=0, web=True, refusal_interval_s=REFUSAL_INTERVAL_S)
-            for command in (("db", "upgrade"), ("users", "add", ADMIN[0], "--role", "admin", "--password-stdin"),
-                            ("users", "add", VIEWER[0], "--role", "viewer", "--password-stdin")):
-                secret = {ADMIN[0]: ADMIN[1], VIEWER[0]: VIEWER[1]}.get(command[2]) if len(command) > 2 else None
-                done = serve.cli(*command, stdin=None if secret is None else secret + "\n")
-                if done.returncode != 0:
-                    raise RuntimeError(f"headscreen {' '.join(command)}: {done.stderr.strip()}")
-            up = serve.start()
-            db = Db(url)
-            print(f"\n[floods, {db_kind}] serve up in {up:.1f} s (console on {serve.web_port}, no workers)", flush=True)
-            slices = write_study(heads[0], root / "studies" / "one", rows=64, cols=64, thickness=8.0)
+    with started_serve(db_kind, root, args.pg_admin, bundles, workers=0, web=True,
+                       refusal_interval_s=REFUSAL_INTERVAL_S, prepare=_add_console_users) as (serve, db, up):
+        print(f"\n[floods, {db_kind}] serve up in {up:.1f} s (console on {serve.web_port}, no workers)", flush=True)
+        slices = write_study(heads[0], root / "studies" / "one", rows=64, cols=64, thickness=8.0)
 
-            # a. idle connections
-            ok, seconds = echo(serve.port)
-            status, store_s = store_one(serve.port, slices[0])
-            idle_rows.append(["none (baseline)", 0, "yes" if ok else "NO", f"{seconds:.3f}", status, f"{store_s:.3f}", "-"])
-            for label, sources in ((f"{args.idle} addresses 127.0.2.x", [f"127.0.2.{i + 1}" for i in range(args.idle)]),
-                                   ("the PACS's address 127.0.0.1", ["127.0.0.1"] * args.idle)):
-                idle = idle_sockets(serve.port, sources)
-                try:
-                    time.sleep(0.5)
-                    ok, seconds = echo(serve.port)
-                    status, store_s = store_one(serve.port, slices[1 + len(idle_rows)])
-                    closed = sum(closed_by_peer(sock, 0.2) for sock in idle)
-                    idle_rows.append([label, len(idle), "yes" if ok else "NO", f"{seconds:.3f}", status,
-                                      f"{store_s:.3f}", closed])
-                finally:
-                    for sock in idle:
-                        sock.close()
-            table(f"a. idle TCP connections, then a real C-ECHO and C-STORE from {CALLING_AE} ({db_kind})",
-                  ["idle connections from", "open", "echo served", "echo s", "store status", "store s",
-                   "idle closed by receiver"], idle_rows)
+        # a. idle connections
+        ok, seconds = echo(serve.port)
+        status, store_s = store_one(serve.port, slices[0])
+        idle_rows.append(["none (baseline)", 0, "yes" if ok else "NO", f"{seconds:.3f}", status, f"{store_s:.3f}", "-"])
+        for label, sources in ((f"{args.idle} addresses 127.0.2.x", [f"127.0.2.{i + 1}" for i in range(args.idle)]),
+                               ("the PACS's address 127.0.0.1", ["127.0.0.1"] * args.idle)):
+            idle = idle_sockets(serve.port, sources)
+            try:
+                time.sleep(0.5)
+                ok, seconds = echo(serve.port)
+                status, store_s = store_one(serve.port, slices[1 + len(idle_rows)])
+                closed = sum(closed_by_peer(sock, 0.2) for sock in idle)
+                idle_rows.append([label, len(idle), "yes" if ok else "NO", f"{seconds:.3f}", status,
+                                  f"{store_s:.3f}", closed])
+            finally:
+                for sock in idle:
+                    sock.close()
+        table(f"a. idle TCP connections, then a real C-ECHO and C-STORE from {CALLING_AE} ({db_kind})",
+              ["idle connections from", "open", "echo served", "echo s", "store status", "store s",
+               "idle closed by receiver"], idle_rows)
 
-            # b. refused associations
-            time.sleep(REFUSAL_INTERVAL_S + 1)  # the idle evictions' counted rows are written first
-            before_all, before = db.rejections(), db.rejections(INTRUDER_AE)
-            ae = AE(ae_title=INTRUDER_AE)
-            ae.add_requested_context(Verification)
-            ae.acse_timeout = ae.network_timeout = 30
+        # b. refused associations
+        time.sleep(REFUSAL_INTERVAL_S + 1)  # the idle evictions' counted rows are written first
+        before_all, before = db.rejections(), db.rejections(INTRUDER_AE)
+        ae = AE(ae_title=INTRUDER_AE)
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 30
+        started = time.perf_counter()
+        rejected = other = 0
+        for _ in range(300):
+            assoc = ae.associate("127.0.0.1", serve.port, ae_title=SCP_AE)
+            if assoc.is_rejected:
+                rejected += 1
+            else:
+                other += 1
+                if assoc.is_established:
+                    assoc.release()
+        flood_s = time.perf_counter() - started
+        at_once = db.rejections(INTRUDER_AE) - before
+        ok, seconds = echo(serve.port)
+        time.sleep(REFUSAL_INTERVAL_S + 1.5)  # the counted rest is written by then
+        after = db.rejections(INTRUDER_AE) - before
+        table(f"b. 300 associations from unknown calling AE {INTRUDER_AE} ({db_kind})", ["figure", "value"], [
+            ["rejected / other outcome", f"{rejected} / {other}"],
+            ["seconds for the 300", f"{flood_s:.2f}"],
+            ["ingest_rejections rows right after", at_once],
+            [f"rows after the refusal interval ({REFUSAL_INTERVAL_S:.0f} s)", after],
+            ["rows of all kinds added", db.rejections() - before_all],
+            ["legitimate C-ECHO served / s", f"{'yes' if ok else 'NO'} / {seconds:.3f}"],
+        ])
+
+        # c. login flood
+        base = f"http://127.0.0.1:{serve.web_port}"
+        locked_before = db.audit("login_locked")
+        answers: Counter[int] = Counter()
+        with httpx.Client(base_url=base, timeout=30) as client:
             started = time.perf_counter()
-            rejected = other = 0
-            for _ in range(300):
-                assoc = ae.associate("127.0.0.1", serve.port, ae_title=SCP_AE)
-                if assoc.is_rejected:
-                    rejected += 1
-                else:
-                    other += 1
-                    if assoc.is_established:
-                        assoc.release()
+            for _ in range(200):
+                answers[client.post("/api/v1/login", json={"username": ADMIN[0],
+                                                           "password": "wrong-password"}).status_code] += 1
             flood_s = time.perf_counter() - started
-            at_once = db.rejections(INTRUDER_AE) - before
-            ok, seconds = echo(serve.port)
-            time.sleep(REFUSAL_INTERVAL_S + 1.5)  # the counted rest is written by then
-            after = db.rejections(INTRUDER_AE) - before
-            table(f"b. 300 associations from unknown calling AE {INTRUDER_AE} ({db_kind})", ["figure", "value"], [
-                ["rejected / other outcome", f"{rejected} / {other}"],
-                ["seconds for the 300", f"{flood_s:.2f}"],
-                ["ingest_rejections rows right after", at_once],
-                [f"rows after the refusal interval ({REFUSAL_INTERVAL_S:.0f} s)", after],
-                ["rows of all kinds added", db.rejections() - before_all],
-                ["legitimate C-ECHO served / s", f"{'yes' if ok else 'NO'} / {seconds:.3f}"],
-            ])
-
-            # c. login flood
-            base = f"http://127.0.0.1:{serve.web_port}"
-            locked_before = db.audit("login_locked")
-            answers: Counter[int] = Counter()
-            with httpx.Client(base_url=base, timeout=30) as client:
-                started = time.perf_counter()
-                for _ in range(200):
-                    answers[client.post("/api/v1/login", json={"username": ADMIN[0],
-                                                               "password": "wrong-password"}).status_code] += 1
-                flood_s = time.perf_counter() - started
-                t0 = time.perf_counter()
-                legit = client.post("/api/v1/login", json={"username": VIEWER[0], "password": VIEWER[1]})
-                legit_s = time.perf_counter() - t0
-            with httpx.Client(base_url=base, timeout=30) as other_client:
-                flooded = other_client.post("/api/v1/login", json={"username": ADMIN[0], "password": ADMIN[1]})
-                health = other_client.get("/healthz/live").status_code
-            table(f"c. 200 wrong passwords for {ADMIN[0]} from 127.0.0.1, then {VIEWER[0]}'s right one ({db_kind})",
-                  ["figure", "value"], [
-                      ["answers to the 200", counts_text(Counter({str(k): v for k, v in answers.items()}))],
-                      ["429 (throttled, no hashing)", answers.get(429, 0)],
-                      ["seconds for the 200 / per request", f"{flood_s:.2f} / {1000 * flood_s / 200:.1f} ms"],
-                      ["legitimate login (other account, same address)",
-                       f"{legit.status_code} {'succeeded' if legit.status_code == 200 else 'FAILED'} in {legit_s:.3f} s"],
-                      ["flooded account, right password (expected 429 while locked)", flooded.status_code],
-                      ["login_locked audit rows added", db.audit("login_locked") - locked_before],
-                      ["/healthz/live after the floods", health],
-                  ])
-            metrics = httpx.get(f"{base}/metrics", timeout=30).text
-            events = [line for line in metrics.splitlines()
-                      if line.startswith(("headscreen_receiver_connection_events_total",
-                                          "headscreen_receiver_store_refusals_total")) and not line.startswith("#")]
-            if events:
-                print("  receiver counters (/metrics): " + "; ".join(events))
-            serve.stop()
-            db.close()
-            db = None
-    finally:
-        if db is not None:
-            db.close()
-        if serve is not None:
-            serve.stop()
+            t0 = time.perf_counter()
+            legit = client.post("/api/v1/login", json={"username": VIEWER[0], "password": VIEWER[1]})
+            legit_s = time.perf_counter() - t0
+        with httpx.Client(base_url=base, timeout=30) as other_client:
+            flooded = other_client.post("/api/v1/login", json={"username": ADMIN[0], "password": ADMIN[1]})
+            health = other_client.get("/healthz/live").status_code
+        table(f"c. 200 wrong passwords for {ADMIN[0]} from 127.0.0.1, then {VIEWER[0]}'s right one ({db_kind})",
+              ["figure", "value"], [
+                  ["answers to the 200", counts_text(Counter({str(k): v for k, v in answers.items()}))],
+                  ["429 (throttled, no hashing)", answers.get(429, 0)],
+                  ["seconds for the 200 / per request", f"{flood_s:.2f} / {1000 * flood_s / 200:.1f} ms"],
+                  ["legitimate login (other account, same address)",
+                   f"{legit.status_code} {'succeeded' if legit.status_code == 200 else 'FAILED'} in {legit_s:.3f} s"],
+                  ["flooded account, right password (expected 429 while locked)", flooded.status_code],
+                  ["login_locked audit rows added", db.audit("login_locked") - locked_before],
+                  ["/healthz/live after the floods", health],
+              ])
+        metrics = httpx.get(f"{base}/metrics", timeout=30).text
+        events = [line for line in metrics.splitlines()
+                  if line.startswith(("headscreen_receiver_connection_events_total",
+                                      "headscreen_receiver_store_refusals_total")) and not line.startswith("#")]
+        if events:
+            print("  receiver counters (/metrics): " + "; ".join(events))
 
 
 # --- main -----------------------------------------------------------------------------------
