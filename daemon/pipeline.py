@@ -28,7 +28,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from daemon.errors import DECODE_ERRORS, InputRejected, TransientError, is_input
 from daemon.inference import BundleRunner, Inference
 from daemon.privacy import failure_reason, frames_only, scrub
 from daemon.reference import Calibrating, Reference, ReferencePolicy, scoring_identity, station_key
+from daemon.storage import atomic_write
 from db.api import JobOutcome, JobTicket, OutputObject, ShadowOutcome
 from export.kos import build_rejection_note
 from export.model import AlgorithmInfo, ResultSummary
@@ -670,15 +670,9 @@ def _build_results(
 
 def _write(dataset: Dataset, path: Path, kind: str) -> OutputObject:
     """Write atomically: a crash never leaves a half-written result to deliver."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(buffer.getvalue())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, buffer.getvalue())
     return OutputObject(
         sop_instance_uid=str(dataset.SOPInstanceUID),
         sop_class_uid=str(dataset.SOPClassUID),

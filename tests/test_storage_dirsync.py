@@ -106,3 +106,34 @@ def test_concurrent_store_writes_are_all_on_disk_with_fewer_directory_fsyncs(tmp
     for sop, data in payloads.items():
         assert (tmp_path / "1.2" / "1.2.3" / f"{sop}.dcm").read_bytes() == data
     assert 1 <= store._dir_sync(tmp_path / "1.2" / "1.2.3").fsyncs <= len(payloads)  # noqa: SLF001
+
+
+def test_atomic_write_syncs_the_file_then_its_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A result file (daemon.pipeline) is durable like a received instance: its rename is
+    followed by an fsync of the directory, and no temporary file stays behind."""
+    order: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (order.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b))[1])
+    monkeypatch.setattr(storage, "_fsync_dir", lambda d: order.append(f"dir:{Path(d).name}"))
+    target = tmp_path / "job-7" / "sr.dcm"
+    storage.atomic_write(target, b"DICM" * 100)
+    assert target.read_bytes() == b"DICM" * 100
+    assert order == ["fsync", "replace", "dir:job-7"]
+    assert [p.name for p in target.parent.iterdir()] == ["sr.dcm"]
+
+
+def test_atomic_write_that_fails_leaves_the_old_file_and_no_debris(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "sr.dcm"
+    target.write_bytes(b"old")
+
+    def full_disk(fd: int, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError):
+        storage.atomic_write(target, b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["sr.dcm"]
