@@ -37,26 +37,12 @@ from daemon.web.health import ServeRuntime
 from daemon.web.metrics import _ResultTail
 from db import api
 from db.engine import make_engine, session_factory
-from db.migrate import upgrade
 from db.models import IngestRejection
 from db_factories import BUNDLES, T0, add_series, claimed_job, outcome, uid
 from serve_harness import REPO
-from web_helpers import Console, open_console
+from web_helpers import Console, console, console_any_db  # noqa: F401 (fixtures)
 
 SHIPPED_CT_BUNDLE = REPO / "models" / "ct-fanogan-compact-2.0.0"
-
-
-@pytest.fixture
-def console(tmp_path: Path) -> Iterator[Console]:
-    url = f"sqlite:///{tmp_path / 'db' / 'headscreen.sqlite'}"
-    upgrade(url)
-    yield from open_console(tmp_path, url)
-
-
-@pytest.fixture
-def console_any_db(tmp_path: Path, db_url: str) -> Iterator[Console]:
-    """The same console on SQLite and on PostgreSQL."""
-    yield from open_console(tmp_path, db_url)
 
 
 def scrape(client, accept: str | None = None) -> dict[str, object]:

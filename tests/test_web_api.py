@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import sys
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,23 +17,11 @@ from sqlalchemy import select
 
 from daemon.web import start_web_server
 from db import api
-from db.migrate import upgrade
 from db.models import Delivery, Job
 from db_factories import BUNDLES
-from web_helpers import ADMIN, CSRF, VIEWER, Console, Seeded, login_form_token, open_console
-
-
-@pytest.fixture
-def console(tmp_path: Path) -> Iterator[Console]:
-    url = f"sqlite:///{tmp_path / 'db' / 'headscreen.sqlite'}"
-    upgrade(url)
-    yield from open_console(tmp_path, url)
-
-
-@pytest.fixture
-def console_any_db(tmp_path: Path, db_url: str) -> Iterator[Console]:
-    """The same console on SQLite and on PostgreSQL."""
-    yield from open_console(tmp_path, db_url)
+from web_helpers import (  # noqa: F401 (console, console_any_db: fixtures)
+    ADMIN, CSRF, VIEWER, Console, Seeded, console, console_any_db, login_form_token,
+)
 
 
 READ_ENDPOINTS = [

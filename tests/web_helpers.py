@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from fastapi import FastAPI
@@ -23,6 +24,7 @@ from daemon.config import Settings, load_settings
 from daemon.web import create_app
 from db import api
 from db.engine import make_engine, session_factory
+from db.migrate import upgrade
 from db.models import AuditEvent, Study
 from db.types import JobOutcome, OutputObject, RetryPolicy
 from db_factories import BUNDLES, SC_STORAGE, SR_STORAGE, add_series, uid
@@ -191,6 +193,21 @@ def open_console(tmp_path: Path, url: str, **web: object) -> Iterator[Console]:
         add_users(session)
     yield Console(settings, sessions, seeded)
     engine.dispose()
+
+
+# Fixtures: a test module takes them by importing them.
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[Console]:
+    """A seeded console on a fresh SQLite file."""
+    url = f"sqlite:///{tmp_path / 'db' / 'headscreen.sqlite'}"
+    upgrade(url)
+    yield from open_console(tmp_path, url)
+
+
+@pytest.fixture
+def console_any_db(tmp_path: Path, db_url: str) -> Iterator[Console]:
+    """The same console on SQLite and on PostgreSQL."""
+    yield from open_console(tmp_path, db_url)
 
 
 _CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
