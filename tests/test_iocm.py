@@ -18,7 +18,9 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.config import Settings
 from daemon.pipeline import _build_results
+from daemon.worker import Worker
 from db import api
 from db.engine import make_engine
 from db.migrate import alembic_config, current_revision, head_revision, upgrade
@@ -221,6 +223,19 @@ def _writing_job(series):
     return run_job
 
 
+def _first_result_made(tmp_path: Path, db_url: str, db_sessions: sessionmaker[Session],
+                       monkeypatch: pytest.MonkeyPatch, series, destinations: list[dict],
+                       **settings_overrides: object) -> tuple[Settings, Worker, int]:
+    """Settings and a worker that has run the first job of a queued CT study:
+    (settings, worker, study id)."""
+    settings = worker_settings(tmp_path, db_url, destinations=destinations, **settings_overrides)
+    worker = make_worker(monkeypatch, settings, db_sessions, _writing_job(series), runner=reporting_runner())
+    with db_sessions() as session:
+        _, study_id = queued_ct_study(session)
+    assert worker.run_one()
+    return settings, worker, study_id
+
+
 def _reopen(sessions: sessionmaker[Session], study_id: int) -> None:
     """A late instance of the study arrives and the study completes again: a new job."""
     with sessions() as session:
@@ -243,12 +258,8 @@ def test_a_superseded_result_ends_rejected_at_the_pacs_by_a_note_listing_exactly
     pacs: tuple[OrderedSCP, OrderedSCP], series,
 ) -> None:
     wants, refuses = pacs
-    settings = worker_settings(tmp_path, db_url, destinations=_destinations(wants, refuses))
-    worker = make_worker(monkeypatch, settings, db_sessions, _writing_job(series), runner=reporting_runner())
-    with db_sessions() as session:
-        _, study_id = queued_ct_study(session)
-
-    assert worker.run_one()
+    _, worker, study_id = _first_result_made(tmp_path, db_url, db_sessions, monkeypatch, series,
+                                             _destinations(wants, refuses))
     with db_sessions() as session:
         [first] = session.execute(select(Result.id)).scalars().all()
     old = {o.sop_instance_uid: o for o in _objects(db_sessions, first)}
@@ -306,11 +317,7 @@ def test_no_note_where_no_destination_wants_one(
 ) -> None:
     _, refuses = pacs
     destinations = [d for d in _destinations(*pacs) if d["name"] == "archive"]
-    settings = worker_settings(tmp_path, db_url, destinations=destinations)
-    worker = make_worker(monkeypatch, settings, db_sessions, _writing_job(series), runner=reporting_runner())
-    with db_sessions() as session:
-        _, study_id = queued_ct_study(session)
-    assert worker.run_one()
+    settings, worker, study_id = _first_result_made(tmp_path, db_url, db_sessions, monkeypatch, series, destinations)
     _reopen(db_sessions, study_id)
     assert worker.run_one()
     with db_sessions() as session:
@@ -325,11 +332,8 @@ def test_a_note_that_cannot_be_built_never_costs_the_new_result(
     pacs: tuple[OrderedSCP, OrderedSCP], series, caplog: pytest.LogCaptureFixture,
 ) -> None:
     wants, _ = pacs
-    settings = worker_settings(tmp_path, db_url, destinations=_destinations(*pacs)[:1])
-    worker = make_worker(monkeypatch, settings, db_sessions, _writing_job(series), runner=reporting_runner())
-    with db_sessions() as session:
-        _, study_id = queued_ct_study(session)
-    assert worker.run_one()
+    _, worker, study_id = _first_result_made(tmp_path, db_url, db_sessions, monkeypatch, series,
+                                             _destinations(*pacs)[:1])
     with db_sessions() as session:
         [first] = session.execute(select(Result.id)).scalars().all()
     for obj in _objects(db_sessions, first):
@@ -355,12 +359,9 @@ def test_the_delivery_round_sends_a_note_right_after_its_result(
     from daemon.delivery import deliver_due
 
     wants, _ = pacs
-    settings = worker_settings(tmp_path, db_url, destinations=_destinations(*pacs)[:1],
-                               delivery={"base_delay_s": 0.01, "max_delay_s": 0.01, "timeout_s": 5})
-    worker = make_worker(monkeypatch, settings, db_sessions, _writing_job(series), runner=reporting_runner())
-    with db_sessions() as session:
-        _, study_id = queued_ct_study(session)
-    assert worker.run_one()
+    settings, worker, study_id = _first_result_made(
+        tmp_path, db_url, db_sessions, monkeypatch, series, _destinations(*pacs)[:1],
+        delivery={"base_delay_s": 0.01, "max_delay_s": 0.01, "timeout_s": 5})
     wants.stop()
     _reopen(db_sessions, study_id)
     assert worker.run_one()  # its delivery fails: the PACS is down
