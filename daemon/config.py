@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from daemon.errors import ConfigError
 from daemon.privacy import redact_authorization, redact_secrets, redact_url
+from db.types import RetryPolicy
 
 CONFIG_ENV = "HEADSCREEN_CONFIG"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
@@ -214,9 +215,10 @@ class DestinationConfig(_Section):
 
 
 class DeliveryConfig(_Section):
-    max_attempts: int = Field(8, ge=1)
-    base_delay_s: float = Field(2.0, gt=0)
-    max_delay_s: float = Field(300.0, gt=0)
+    # The retry policy's own defaults (db.types.RetryPolicy), set in one place.
+    max_attempts: int = Field(RetryPolicy.max_attempts, ge=1)
+    base_delay_s: float = Field(RetryPolicy.base_delay_s, gt=0)
+    max_delay_s: float = Field(RetryPolicy.max_delay_s, gt=0)
     timeout_s: float = Field(30.0, gt=0)
 
 

@@ -94,6 +94,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.callers import AllowedCaller, CallerEntry, CallerPolicy, TlsServerConfig, normalise_host, server_ssl_context
+from daemon.config import ReceiverSection, Settings
 from daemon.connections import (
     CONNECTION_REFUSED_STATUS,
     TLS_REFUSED_STATUS,
@@ -230,37 +231,43 @@ class ReceiverStats:
                     "values_truncated": dict(self._values_truncated)}
 
 
+def _default(model: Any, name: str) -> Any:
+    """A setting's default from daemon.config, so it is written down in one place."""
+    return model.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class ReceiverConfig:
-    """What the receiver needs from the settings; the CLI maps Settings onto it."""
+    """What the receiver needs from the settings; the CLI maps Settings onto it.
+    Defaults are the settings' own (daemon.config)."""
 
     ae_title: str
     storage_dir: Path
-    bind_address: str = "0.0.0.0"
-    port: int = 11112
+    bind_address: str = _default(Settings, "bind_address")
+    port: int = _default(Settings, "port")
     # AllowedCaller-like objects, (ae_title, host) pairs or bare AE titles.
     allowed_callers: Sequence[CallerEntry] = ()
     allow_any_caller: bool = False
-    disk_min_free_mb: int = 2048
+    disk_min_free_mb: int = _default(Settings, "disk_min_free_mb")
     # 4 MiB is above every SCU's send limit, so peers send their largest PDUs.
     maximum_pdu_size: int = 4 * 1024 * 1024
-    maximum_associations: int = 16
-    network_timeout_s: float = 60.0
+    maximum_associations: int = _default(ReceiverSection, "max_associations")
+    network_timeout_s: float = _default(ReceiverSection, "network_timeout_s")
     # fsync files and directories; False only for throw-away test stores.
     durable: bool = True
     # A connection must send its A-ASSOCIATE-RQ (and finish any TLS handshake) within
     # this; also the ACSE timeout. pynetdicom's 30 s let silent sockets hold slots.
-    association_request_timeout_s: float = 10.0
+    association_request_timeout_s: float = _default(ReceiverSection, "association_request_timeout_s")
     # Connections one address may hold at once; more are closed on accept.
-    max_connections_per_address: int = 8
+    max_connections_per_address: int = _default(ReceiverSection, "max_connections_per_address")
     # Connections that have not yet sent an A-ASSOCIATE-RQ; past this the oldest is closed.
-    max_idle_connections: int = 32
+    max_idle_connections: int = _default(ReceiverSection, "max_idle_connections")
     # Refusals are recorded once per kind as they happen, then counted per interval.
-    refusal_log_interval_s: float = 60.0
+    refusal_log_interval_s: float = _default(ReceiverSection, "refusal_log_interval_s")
     # Refuse an association whose Called AE Title is not ours (A-ASSOCIATE-RJ 1/1/7).
-    check_called_ae_title: bool = False
+    check_called_ae_title: bool = _default(ReceiverSection, "check_called_ae_title")
     # Listen for plain DICOM on `port`; False with `tls` set means TLS only.
-    plain: bool = True
+    plain: bool = _default(ReceiverSection, "plain_dicom")
     tls: TlsServerConfig | None = None
 
 
