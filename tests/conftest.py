@@ -45,10 +45,12 @@ DB_BACKENDS = ["sqlite", "postgresql"]
 SLOWEST_FIRST = [
     "test_e2e.py",  # 148 s
     "test_delivery_e2e.py",  # 146 s
+    "test_wheel.py",  # ~140 s loaded (added 2026-12-02: builds a wheel, installs it, screens a study)
     "test_dataset.py",  # 105 s
     "test_site_calibration.py",  # 88 s
     "test_real_scans.py",  # 65 s
     "test_training_fit.py",  # 43 s
+    "test_deploy.py",  # ~60 s loaded (since serving from packaged copies was added)
     "test_fuzz_input.py",  # ~40 s (added after the 2026-12-02 timing run)
     "test_imaging.py",  # 39 s
     "test_web_api.py",  # 35 s
