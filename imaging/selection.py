@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import pydicom
@@ -26,6 +26,8 @@ from pydantic import BaseModel, Field
 from daemon.errors import InputRejected
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Orientation = Literal["axial", "coronal", "sagittal", "oblique", "mixed", "unknown"]
 # A slice plane counts as axial/coronal/sagittal when its normal is within ~35 degrees
@@ -266,35 +268,30 @@ def usable_instances(headers: Sequence[pydicom.Dataset]) -> tuple[list[pydicom.D
     """The instances whose geometry and pixel description decode, in order, and how many
     were left out for which reason. Absent geometry is not a decode failure (the rules and
     the loader judge that)."""
-    kept: list[pydicom.Dataset] = []
-    excluded: dict[str, int] = {}
-    for ds in headers:
-        problem = instance_problem(ds)
-        if problem is None:
-            kept.append(ds)
-        else:
-            excluded[problem] = excluded.get(problem, 0) + 1
-    if excluded:
-        logger.warning("instances left out of their series", extra={"action": "instances_excluded",
-                                                                    "excluded": excluded, "kept": len(kept)})
-    return kept, excluded
+    return _leave_out(headers, instance_problem, "instances left out of their series", "instances_excluded")
 
 
 def usable_files(paths: Sequence[Path | str]) -> tuple[list[Path], dict[str, int]]:
     """The files whose header and pixel data decode (each read in full), and how many were
     left out for which reason. A file that cannot be opened at all raises OSError: that is
     storage trouble, not bad input."""
-    kept: list[Path] = []
+    return _leave_out([Path(p) for p in paths], file_problem, "files left out of their series", "files_excluded")
+
+
+def _leave_out(items: Sequence[T], problem_of: Callable[[T], str | None], message: str,
+               action: str) -> tuple[list[T], dict[str, int]]:
+    """The items `problem_of` finds nothing wrong with, in order, and how many it left out
+    for which reason (logged as a warning when any)."""
+    kept: list[T] = []
     excluded: dict[str, int] = {}
-    for path in paths:
-        problem = file_problem(Path(path))
+    for item in items:
+        problem = problem_of(item)
         if problem is None:
-            kept.append(Path(path))
+            kept.append(item)
         else:
             excluded[problem] = excluded.get(problem, 0) + 1
     if excluded:
-        logger.warning("files left out of their series", extra={"action": "files_excluded",
-                                                                "excluded": excluded, "kept": len(kept)})
+        logger.warning(message, extra={"action": action, "excluded": excluded, "kept": len(kept)})
     return kept, excluded
 
 
