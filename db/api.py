@@ -24,7 +24,16 @@ from db.housekeeping import counts, get_result_objects, mark_purged, retention_c
 from db.ingest import record_instance, record_instances, record_rejection, recorded_instance_paths
 from db.jobs import claim_job, current_results, fail_job, finish_job, heartbeat, requeue_expired
 from db.console import QueueHealth, audit_trail, failures, metrics_snapshot, overview, queue_health, score_distributions, training_manifest
-from db.review import audit, count_studies, get_study, list_studies, requeue_study, set_flag, set_review
+from db.review import (
+    audit,
+    count_studies,
+    get_study,
+    list_studies,
+    record_review,
+    requeue_study,
+    set_flag,
+    set_review,
+)
 from db.shadow import (
     bundle_scores,
     change_bundle_roles,
@@ -149,6 +158,7 @@ __all__ = [
     "requeue_study",
     "resend_dead",
     "retention_candidates",
+    "record_review",
     "set_flag",
     "set_review",
     "study_instances",

@@ -68,12 +68,7 @@ def set_flag(
     now: datetime | None = None,
 ) -> None:
     """Flag or unflag a study for review (commits, audited). Raises StudyNotFound."""
-    now = clock(now)
-    with write_transaction(session):
-        study = _study_by_uid(session, study_uid, lock=True)
-        study.flagged = flagged
-        study.flag_comment = comment
-        add_audit(session, actor, "flag_set" if flagged else "flag_cleared", now, study.id, {"comment": comment})
+    record_review(session, study_uid, actor, flagged=flagged, comment=comment, now=now)
 
 
 def set_review(
@@ -85,15 +80,34 @@ def set_review(
     now: datetime | None = None,
 ) -> None:
     """Record an admin's review of a study (commits, audited). Raises StudyNotFound."""
+    record_review(session, study_uid, actor, reviewed=reviewed, confirmed_normal=confirmed_normal, now=now)
+
+
+def record_review(
+    session: Session,
+    study_uid: str,
+    actor: str,
+    *,
+    flagged: bool | None = None,
+    comment: str | None = None,
+    reviewed: bool | None = None,
+    confirmed_normal: bool = False,
+    now: datetime | None = None,
+) -> None:
+    """Set the flag (with its comment) and/or the review of a study in one transaction,
+    so a reader never sees one without the other (commits, audited). Raises StudyNotFound."""
     now = clock(now)
     with write_transaction(session):
         study = _study_by_uid(session, study_uid, lock=True)
-        study.reviewed = reviewed
-        study.confirmed_normal = confirmed_normal
-        add_audit(
-            session, actor, "review_set", now, study.id,
-            {"reviewed": reviewed, "confirmed_normal": confirmed_normal},
-        )
+        if flagged is not None:
+            study.flagged = flagged
+            study.flag_comment = comment
+            add_audit(session, actor, "flag_set" if flagged else "flag_cleared", now, study.id, {"comment": comment})
+        if reviewed is not None:
+            study.reviewed = reviewed
+            study.confirmed_normal = confirmed_normal
+            add_audit(session, actor, "review_set", now, study.id,
+                      {"reviewed": reviewed, "confirmed_normal": confirmed_normal})
 
 
 def requeue_study(

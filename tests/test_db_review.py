@@ -80,6 +80,37 @@ def test_set_flag_is_audited_and_filterable(db_session: Session, three_studies: 
         api.set_flag(db_session, "1.2.3.4", True, None, "dr.admin")
 
 
+def test_a_review_and_its_flag_commit_together_or_not_at_all(
+    db_session: Session, three_studies: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """'Normal' clears the flag and marks the study reviewed in one transaction: when the
+    second half fails, the first is not left behind."""
+    import db.review
+
+    study = three_studies["outlier"]
+    api.set_flag(db_session, study, True, "check the bleed", "dr.admin", now=at(9000))
+    real_audit = db.review.add_audit
+
+    def failing_review_audit(session, actor, action, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if action == "review_set":
+            raise RuntimeError("database went away")
+        return real_audit(session, actor, action, *args, **kwargs)
+
+    monkeypatch.setattr(db.review, "add_audit", failing_review_audit)
+    with pytest.raises(RuntimeError):
+        api.record_review(db_session, study, "dr.admin", flagged=False, comment="benign", reviewed=True,
+                          confirmed_normal=True, now=at(9100))
+    db_session.expire_all()
+    [row] = [r for r in api.list_studies(db_session, StudyFilters()) if r.study_instance_uid == study]
+    assert (row.flagged, row.flag_comment, row.reviewed) == (True, "check the bleed", False)
+    monkeypatch.undo()
+    api.record_review(db_session, study, "dr.admin", flagged=False, comment="benign", reviewed=True,
+                      confirmed_normal=True, now=at(9200))
+    db_session.expire_all()
+    [row] = [r for r in api.list_studies(db_session, StudyFilters()) if r.study_instance_uid == study]
+    assert (row.flagged, row.flag_comment, row.reviewed) == (False, "benign", True)
+
+
 def test_get_study_detail(db_session: Session, three_studies: dict[str, str]) -> None:
     detail = api.get_study(db_session, three_studies["qc_failed"])
     assert detail is not None

@@ -39,18 +39,17 @@ def review(ctx: WebContext, study_uid: str, action: ReviewAction, comment: str |
     try:
         with ctx.db() as session:
             if action is ReviewAction.FLAG:
-                api.set_flag(session, study_uid, True, comment, actor)
+                api.record_review(session, study_uid, actor, flagged=True, comment=comment)
             elif action is ReviewAction.UNFLAG:
-                api.set_flag(session, study_uid, False, None, actor)
+                api.record_review(session, study_uid, actor, flagged=False)
             elif action is ReviewAction.CONFIRM:
-                api.set_flag(session, study_uid, True, comment or "finding confirmed", actor)
-                api.set_review(session, study_uid, True, False, actor)
+                api.record_review(session, study_uid, actor, flagged=True, comment=comment or "finding confirmed",
+                                  reviewed=True)
             elif action is ReviewAction.DISMISS:
-                api.set_flag(session, study_uid, False, comment, actor)
-                api.set_review(session, study_uid, True, False, actor)
+                api.record_review(session, study_uid, actor, flagged=False, comment=comment, reviewed=True)
             elif action is ReviewAction.NORMAL:
-                api.set_flag(session, study_uid, False, comment, actor)
-                api.set_review(session, study_uid, True, True, actor)
+                api.record_review(session, study_uid, actor, flagged=False, comment=comment, reviewed=True,
+                                  confirmed_normal=True)
     except StudyNotFound:
         raise HTTPException(status_code=404, detail="no such study") from None
     logger.info("review action", extra={"action": f"review_{action.value}", "study_uid": study_uid, "user": actor})
