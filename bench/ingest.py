@@ -44,7 +44,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-from daemon.receiver import AllowedCaller, ReceiverConfig, ReceiverStats, start_receiver
+from daemon.callers import AllowedCaller
+from daemon.receiver import ReceiverConfig, ReceiverStats, start_receiver
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
 from throwaway_db import throwaway_postgres

@@ -93,11 +93,9 @@ from pynetdicom.utils import make_target
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.callers import AllowedCaller, CallerEntry, CallerPolicy, TlsServerConfig, normalise_host, server_ssl_context
+from daemon.callers import CallerEntry, CallerPolicy, TlsServerConfig, normalise_host, server_ssl_context
 from daemon.config import ReceiverSection, Settings
 from daemon.connections import (
-    CONNECTION_REFUSED_STATUS,
-    TLS_REFUSED_STATUS,
     ConnectionGuard,
     GuardedAssociationServer,
     RefusalKey,
@@ -107,7 +105,7 @@ from daemon.connections import (
 )
 from daemon.dataset_check import parse_header
 from daemon.errors import InputRejected
-from daemon.instance_record import build_record, command_sop_uid, slice_position
+from daemon.instance_record import build_record, command_sop_uid
 from daemon.storage import InstanceStore, InvalidUid, StorageFull, StoredInstance
 from db import api as db_api
 from db.group_commit import GroupCommit

@@ -17,7 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.orthanc import free_port, stop_process
-from daemon.receiver import AllowedCaller, Receiver, ReceiverConfig, start_receiver
+from daemon.callers import AllowedCaller
+from daemon.receiver import Receiver, ReceiverConfig, start_receiver
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
 from db.models import IngestRejection, Instance
