@@ -12,6 +12,7 @@ import re
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, EnhancedMRImageStorage, MRImageStorage
@@ -20,6 +21,7 @@ from pynetdicom.events import Event
 from daemon.storage import InstanceStore, InvalidUid, check_uid
 from db.models import Series, Study
 from db.types import InstanceRecord
+from imaging.volume import slice_normal
 
 if TYPE_CHECKING:
     from daemon.receiver import ReceiverStats
@@ -234,10 +236,8 @@ def _along_normal(position: Any, orientation: Any) -> float | None:
     try:
         if len(position) != 3 or len(orientation) != 6:
             return None
-        rx, ry, rz, cx, cy, cz = (float(v) for v in orientation)
-        px, py, pz = (float(v) for v in position)
+        normal = slice_normal(orientation)
+        along = float(np.asarray([float(v) for v in position]) @ normal)
     except (TypeError, ValueError):
         return None
-    nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
-    along = px * nx + py * ny + pz * nz
     return along if math.isfinite(along) else None

@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from export import codes as hs_codes
 from export.model import ResultSummary
+from imaging.volume import slice_normal
 
 __all__ = ["build_segmentation", "anomaly_mask", "missing_for_seg", "source_voxel_ml", "SEG_SERIES_DESCRIPTION",
            "SEGMENT_LABEL", "SEGMENT_TRACKING_ID", "segment_description_text", "DEFAULT_THRESHOLD", "MIN_CLUSTER_ML",
@@ -72,8 +73,7 @@ def source_voxel_ml(sources: Sequence[Dataset]) -> float | None:
         rows_mm, cols_mm = (float(v) for v in first.PixelSpacing)
         step = float(first.get("SliceThickness") or 0.0)
         if len(sources) > 1:
-            iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
-            normal = np.cross(iop[:3], iop[3:])
+            normal = slice_normal(first.ImageOrientationPatient)
             delta = np.asarray([float(v) for v in sources[1].ImagePositionPatient]) - np.asarray(
                 [float(v) for v in first.ImagePositionPatient])
             step = abs(float(delta @ normal)) or step

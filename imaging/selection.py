@@ -24,6 +24,7 @@ import pydicom
 from pydantic import BaseModel, Field
 
 from daemon.errors import InputRejected
+from imaging.volume import slice_normal
 
 logger = logging.getLogger(__name__)
 
@@ -426,12 +427,12 @@ def _geometry(headers: Sequence[pydicom.Dataset]) -> tuple[list[np.ndarray], lis
                 orientation = _item(item, shared, "PlaneOrientationSequence")
                 position = _item(item, shared, "PlanePositionSequence")
                 if orientation is not None and "ImageOrientationPatient" in orientation:
-                    normals.append(_normal(orientation.ImageOrientationPatient))
+                    normals.append(slice_normal(orientation.ImageOrientationPatient))
                 if position is not None and "ImagePositionPatient" in position:
                     positions.append(np.asarray([float(v) for v in position.ImagePositionPatient]))
             continue
         if "ImageOrientationPatient" in ds:
-            normals.append(_normal(ds.ImageOrientationPatient))
+            normals.append(slice_normal(ds.ImageOrientationPatient))
         if "ImagePositionPatient" in ds:
             positions.append(np.asarray([float(v) for v in ds.ImagePositionPatient]))
     return normals, positions
@@ -443,12 +444,6 @@ def _item(item: pydicom.Dataset, shared: pydicom.Dataset | None, keyword: str) -
         if values:
             return values[0]
     return None
-
-
-def _normal(iop) -> np.ndarray:
-    values = np.asarray([float(v) for v in iop])
-    normal = np.cross(values[:3], values[3:])
-    return normal / (np.linalg.norm(normal) or 1.0)
 
 
 def _orientation(normals: list[np.ndarray]) -> Orientation:

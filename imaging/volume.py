@@ -13,6 +13,19 @@ import SimpleITK as sitk
 
 from daemon.errors import InputRejected
 
+def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Unit normal of a slice plane (row direction x column direction) from the six values
+    of ImageOrientationPatient; the zero vector when the two directions are parallel or
+    zero, so a degenerate header never looks like a real orientation. Raises ValueError or
+    TypeError for values that are not numbers."""
+    values = np.asarray([float(v) for v in orientation], dtype=float)
+    if values.shape != (6,):
+        raise ValueError(f"ImageOrientationPatient: expected 6 values, got {values.size}")
+    normal = np.cross(values[:3], values[3:])
+    length = float(np.linalg.norm(normal))
+    return normal / length if length > 1e-9 and np.isfinite(length) else np.zeros(3)
+
+
 logger = logging.getLogger(__name__)
 
 # Tolerances for slice geometry (fractions of the median slice spacing unless noted).
@@ -243,8 +256,7 @@ class _Geometry:
 
 def _slice_order(frames: list[_Frame]) -> tuple[np.ndarray, _Geometry]:
     """Sort slices along the normal (not by InstanceNumber) and measure the spacing."""
-    normal = np.cross(frames[0].row_dir, frames[0].col_dir)
-    normal /= np.linalg.norm(normal)
+    normal = slice_normal(np.concatenate([frames[0].row_dir, frames[0].col_dir]))
     distances = np.array([frame.position @ normal for frame in frames])
     order = np.argsort(distances, kind="stable")
     distances = distances[order]

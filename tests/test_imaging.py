@@ -518,3 +518,14 @@ def test_shipped_bundles_use_todays_preprocessing():
     for manifest in sorted((Path(__file__).resolve().parents[1] / "models").glob("*/manifest.json")):
         params = json.loads(manifest.read_text())["preprocessing"]
         assert params == default_params(params["modality"]), manifest.parent.name
+
+
+def test_slice_normal_is_the_unit_row_by_column_direction() -> None:
+    from imaging.volume import slice_normal
+
+    assert np.allclose(slice_normal([1, 0, 0, 0, 1, 0]), [0, 0, 1])  # axial
+    assert np.allclose(slice_normal(["0", "1", "0", "0", "0", "-1"]), [-1, 0, 0])  # sagittal, as DS strings
+    assert np.allclose(slice_normal([2, 0, 0, 0, 0, 3]), [0, -1, 0])  # not unit length: still a unit normal
+    assert not slice_normal([1, 0, 0, 1, 0, 0]).any()  # parallel directions: no orientation
+    with pytest.raises(ValueError):
+        slice_normal([1, 0, 0, 0, 1])
