@@ -26,8 +26,8 @@ import logging
 import os
 import random
 import shutil
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,15 +40,15 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from throwaway_db import throwaway_postgres
 
 from daemon.callers import AllowedCaller
 from daemon.receiver import ReceiverConfig, ReceiverStats, start_receiver
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
-from throwaway_db import throwaway_postgres
 
 SCU_AE = "BENCHSCU"
 UID_ROOT = "1.2.826.0.1.3680043.8.498."

@@ -68,7 +68,8 @@ def main() -> None:
             series = write_dicom_series(realscans.as_phantom(image, mask), folder / f"t1-{k}",
                                         rows=160, cols=160, slice_thickness=2.0)
             volume = load_series(series)
-            label = "real T1 as acquired" if k == 0 else f"real T1 posed {pose.rotation_deg} deg {pose.translation_mm} mm"
+            label = ("real T1 as acquired" if k == 0
+                     else f"real T1 posed {pose.rotation_deg} deg {pose.translation_mm} mm")
             row = _case(label, volume, repeat)
             result: Preprocessed = row.pop("_result")
             truth_mask = sitk.Resample(mask, volume.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)

@@ -43,7 +43,7 @@ def main() -> None:
     try:
         import ants
     except ImportError:
-        raise SystemExit("antspyx is not installed: .venv/bin/pip install antspyx")
+        raise SystemExit("antspyx is not installed: .venv/bin/pip install antspyx") from None
     real = realscans.load_real_t1()
     atlas = templates.atlas("MR", 2.0)
     metric_mask = templates.atlas_metric_mask(2.0)

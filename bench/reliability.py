@@ -108,12 +108,12 @@ from pynetdicom import AE, StoragePresentationContexts, evt  # noqa: E402
 from pynetdicom import _config as pynetdicom_config  # noqa: E402
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
+from throwaway_db import throwaway_postgres  # noqa: E402
 
 from db.engine import make_engine  # noqa: E402
 from db.models import AuditEvent, Delivery, IngestRejection, Instance, Job, Result, ResultObject, Series, Study  # noqa: E402
 from db.states import DeliveryState, JobState, ObjectKind, StudyState  # noqa: E402
 from receiver_helpers import closed_by_peer, idle_sockets  # noqa: E402
-from throwaway_db import throwaway_postgres  # noqa: E402
 
 CALLING_AE = "BENCHPACS"
 DEST_AE = "BENCHDEST"
@@ -510,7 +510,8 @@ class Db:
         with self.engine.connect() as conn:
             uids = list(acked)
             for start in range(0, len(uids), 400):
-                for sop, path, size in conn.execute(select(Instance.sop_instance_uid, Instance.path, Instance.size_bytes)
+                for sop, path, size in conn.execute(select(Instance.sop_instance_uid, Instance.path,
+                                                           Instance.size_bytes)
                                                     .where(Instance.sop_instance_uid.in_(uids[start:start + 400]))):
                     rows[sop] = (storage / path, size)
         lost = []
@@ -652,7 +653,8 @@ def run_trial(index: int, phase: str, serve: Serve, db: Db, destination: Destina
     sender.join(120)
     acked_before_kill = sum(i.acked for i in items)
     t_joined = time.monotonic()
-    trial.killed_at = (f"+{delay:.2f}s rows {rows}/{len(items)} (acked {acked_before_kill}) jobs {counts_text(db.jobs_by_state(studies))} "
+    trial.killed_at = (f"+{delay:.2f}s rows {rows}/{len(items)} (acked {acked_before_kill}) "
+                       f"jobs {counts_text(db.jobs_by_state(studies))} "
                        f"deliv {counts_text(db.deliveries_by_state(studies))}")
     if not reached:
         trial.notes.append(f"phase {phase} not seen within {args.phase_timeout:.0f} s; killed anyway")

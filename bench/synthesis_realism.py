@@ -539,12 +539,14 @@ def main() -> None:
     print_rows("-- intensities relative to the WM class mean", mr_rows, 3)
     print_rows(f"-- noise power spectrum, high-pass residual in homogeneous WM, band {MR_BAND[0]}-{MR_BAND[1]} c/mm "
                "(real coronal 2 mm; synthetic axial native)", mr_nps, 3)
-    print(f"\n== CT: real = pydicom single slices; synthetic = the axial slice at the matching MNI level ({t_ct:.0f} s)")
+    print(f"\n== CT: real = pydicom single slices; synthetic = the axial slice at the matching MNI level "
+          f"({t_ct:.0f} s)")
     for title, rows, nps in ct_blocks:
         print_rows(title, rows, 2)
         print_rows(f"   noise power spectrum in uniform parenchyma, band {CT_BAND[0]}-{CT_BAND[1]} c/mm", nps, 3)
     spacing = [lk["spacing_mm"] for lk in ct_looks]
-    print(f"\nsynthetic CT drawn: slice thickness {min(s[2] for s in spacing):.1f}-{max(s[2] for s in spacing):.1f} mm, "
+    print(f"\nsynthetic CT drawn: slice thickness {min(s[2] for s in spacing):.1f}-"
+          f"{max(s[2] for s in spacing):.1f} mm, "
           f"noise {min(lk['noise'] for lk in ct_looks):.1f}-{max(lk['noise'] for lk in ct_looks):.1f} HU, "
           f"correlation {min(lk['noise_corr_mm'] for lk in ct_looks):.2f}-"
           f"{max(lk['noise_corr_mm'] for lk in ct_looks):.2f} mm; real slices are 5 mm thick")

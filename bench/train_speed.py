@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 from model_training import train_fanogan as fanogan_training  # noqa: E402
 from model_training import train_vae as vae_training  # noqa: E402
 from model_training.export_onnx import FAnoGANGraph, VaeGraph  # noqa: E402
-from model_training.networks import GAN_PRESETS, VAE_PRESETS, VAE3D, build_fanogan  # noqa: E402
+from model_training.networks import GAN_PRESETS, VAE3D, VAE_PRESETS, build_fanogan  # noqa: E402
 from model_training.runtime import Samples, pick_device, seed_everything  # noqa: E402
 
 GRID = 64
@@ -78,10 +78,12 @@ def fanogan(preset: str, device: torch.device, batch: int, steps: int) -> dict[s
         opts = fanogan_training._optimisers(nets, stage, cfg)
         if stage == "wgan":
             figures["critic_step_s"] = _per_step(
-                lambda bar: fanogan_training._wgan_epoch(nets, opts, samples, cfg, gen, device, bar), device)
+                lambda bar: fanogan_training._wgan_epoch(nets, opts, samples, cfg, gen, device, bar),  # noqa: B023 (called at once)
+                device)
         else:
             figures["finetune_step_s"] = _per_step(
-                lambda bar: fanogan_training._izi_f_epoch(nets, opts["eg"], samples, cfg, gen, device, bar), device)
+                lambda bar: fanogan_training._izi_f_epoch(nets, opts["eg"], samples, cfg, gen, device, bar),  # noqa: B023
+                device)
     graph = FAnoGANGraph(nets.encoder, nets.generator, nets.critic, cfg.kappa)
     figures["inference_s"] = _inference(graph, torch.from_numpy(samples.images[:1, None]).to(device), device)
     return figures
@@ -113,7 +115,8 @@ def main() -> int:
         for method, run in (("f-AnoGAN", fanogan), ("VAE-a_p", vae)):
             figures = run(preset, device, args.batch, args.steps)
             shown = ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
-            print(f"{method:9s} {preset:8s} {shown}; inference {1.0 / figures['inference_s']:.1f} volumes/s", flush=True)
+            print(f"{method:9s} {preset:8s} {shown}; inference {1.0 / figures['inference_s']:.1f} volumes/s",
+                  flush=True)
     return 0
 
 

@@ -44,7 +44,9 @@ QUERIES = {
 }
 # Other console reads, timed once each at the same size (not study-list targets).
 OTHER_ENDPOINTS = {"overview page data": "/api/v1/overview", "drift (weekly, 400 days)": "/api/v1/drift?days=400",
-                   "metrics": "/metrics", "CSV export (one station, 2 days)": "/api/v1/studies.csv?station=CT-3&received_from={from_day}&received_to={to_day}"}
+                   "metrics": "/metrics",
+                   "CSV export (one station, 2 days)":
+                       "/api/v1/studies.csv?station=CT-3&received_from={from_day}&received_to={to_day}"}
 STATIONS = [f"CT-{i}" for i in range(6)] + [f"MR-{i}" for i in range(4)]
 CHUNK = 5000
 

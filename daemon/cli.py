@@ -141,7 +141,8 @@ def cmd_studies_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_row_dict(r) for r in rows], indent=2, default=str))
         return 0
-    header = f"{'study uid':<44} {'mod':<3} {'state':<9} {'inst':>5} {'score':>8} {'pct':>6} {'screen':>7} {'pred':>5} {'age':>5} {'gap':>6} {'flag':<4} qc"
+    header = (f"{'study uid':<44} {'mod':<3} {'state':<9} {'inst':>5} {'score':>8} {'pct':>6} {'screen':>7} "
+              f"{'pred':>5} {'age':>5} {'gap':>6} {'flag':<4} qc")
     print(header)
     for r in rows:
         screen = "-" if r.screen_positive is None else ("POS" if r.screen_positive else "neg")
@@ -351,7 +352,8 @@ def cmd_bundles_verify(args: argparse.Namespace) -> int:
     for path in paths:
         runner = BundleRunner(load_bundle(Path(path)))
         m = runner.bundle.manifest
-        print(f"ok  {m.key}  {m.modality}  {m.method}  sha256={runner.bundle.sha256[:16]}  providers={runner.providers}")
+        print(f"ok  {m.key}  {m.modality}  {m.method}  sha256={runner.bundle.sha256[:16]}  "
+              f"providers={runner.providers}")
     return 0
 
 

@@ -139,7 +139,8 @@ def _send_group(
             assert destination.url is not None  # the config validator guarantees it
             statuses = send_stow(destination.url, paths, timeout, destination.authorization or None)
         else:
-            peer = Destination(destination.name, destination.ae_title or "", destination.host or "", destination.port or 0,
+            peer = Destination(destination.name, destination.ae_title or "", destination.host or "",
+                               destination.port or 0,
                                tls=destination.tls)
             statuses = send(peer, paths, calling_ae=settings.ae_title, timeout=timeout, on_status=on_status)
     except TransientError as exc:

@@ -228,7 +228,8 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 def print_table(reports: list[StudyReport]) -> None:
     print()
-    print(f"{'study':<15} {'score':>9} {'pct':>6} {'screen':>7} {'pred age':>8} {'age':>6} {'gap':>6} {'s to deliv':>10}  QC flags")
+    print(f"{'study':<15} {'score':>9} {'pct':>6} {'screen':>7} {'pred age':>8} {'age':>6} {'gap':>6} "
+          f"{'s to deliv':>10}  QC flags")
     for r in reports:
         screen = "-" if r.screen_positive is None else ("POS" if r.screen_positive else "neg")
         print(f"{r.label:<15} {_fmt(r.score, 4):>9} {_fmt(r.percentile):>6} {screen:>7} {_fmt(r.predicted_age):>8} "

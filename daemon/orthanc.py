@@ -99,7 +99,8 @@ class Orthanc:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise HeadscreenError(f"Orthanc exited with {self.process.returncode}; see {self.workdir / 'orthanc.log'}")
+                raise HeadscreenError(f"Orthanc exited with {self.process.returncode}; "
+                                      f"see {self.workdir / 'orthanc.log'}")
             try:
                 self.get("/system")
                 return self

@@ -67,6 +67,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -74,7 +75,6 @@ from pydicom.uid import (
     EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -96,11 +96,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.callers import CallerEntry, CallerPolicy, TlsServerConfig, normalise_host, server_ssl_context
 from daemon.config import ReceiverSection, Settings
 from daemon.connections import (
+    Connection,
     ConnectionGuard,
     GuardedAssociationServer,
     RefusalKey,
     RefusalLog,
-    Connection,
     set_timeout,
 )
 from daemon.dataset_check import parse_header

@@ -434,7 +434,7 @@ def station_views(bundles: Sequence[Bundle], counts: Sequence[Any], references: 
                 for i, value in enumerate((c.results, c.scored, c.confirmed_normal_scored, c.calibrating)):
                     totals[i] += value
         policy = ReferencePolicy(mode=mode, min_references=min_references, grouping=grouping,  # type: ignore[arg-type]
-                                 lookup=lambda *key: active.get(key[-1]))
+                                 lookup=lambda *key: active.get(key[-1]))  # noqa: B023 (used in this iteration only)
         for group, (results, scored, normal, calibrating) in sorted(tally.items()):
             # The group key is a station key of itself (a model key lacks the station part).
             chosen = policy.choose(bundle, group)
@@ -456,5 +456,6 @@ def station_views(bundles: Sequence[Bundle], counts: Sequence[Any], references: 
                     **common, reference_id=chosen.reference_id, n=chosen.n, threshold=chosen.threshold,
                     specificity=chosen.specificity, provenance=dict(chosen.provenance), created_at=chosen.created_at,
                     created_by=None if site is None or chosen.source == "bundle" else site.created_by, needed=None,
-                    unused_site_reference=site.reference_id if site is not None and chosen.source == "bundle" else None))
+                    unused_site_reference=(site.reference_id if site is not None and chosen.source == "bundle"
+                                           else None)))
     return views

@@ -93,11 +93,14 @@ def sweep_storage(settings: Settings, sessions: sessionmaker[Session]) -> Debris
     return sweep_debris(settings.storage_dir, recorded)
 
 
-def start_scheduler(settings: Settings, sessions: sessionmaker[Session], bundles: list[api.BundleRef]) -> BackgroundScheduler:
+def start_scheduler(settings: Settings, sessions: sessionmaker[Session],
+                    bundles: list[api.BundleRef]) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
     every = settings.sweep_interval_s
-    scheduler.add_job(sweep_completeness, "interval", seconds=every, args=[settings, sessions, bundles], id="completeness")
-    scheduler.add_job(sweep_leases, "interval", seconds=max(every, settings.heartbeat_s / 2), args=[settings, sessions], id="leases")
+    scheduler.add_job(sweep_completeness, "interval", seconds=every, args=[settings, sessions, bundles],
+                      id="completeness")
+    scheduler.add_job(sweep_leases, "interval", seconds=max(every, settings.heartbeat_s / 2),
+                      args=[settings, sessions], id="leases")
     scheduler.add_job(sweep_deliveries, "interval", seconds=max(every, 2.0), args=[settings, sessions], id="deliveries")
     scheduler.add_job(sweep_retention, "interval", hours=1, args=[settings, sessions], id="retention",
                       next_run_time=datetime.now(UTC) + timedelta(minutes=1))

@@ -46,7 +46,7 @@ class Normative:
     z_limit: float = 1.0  # healthy 99.9th percentile of z: the overlay's unit
 
     @classmethod
-    def fit(cls, error_maps: np.ndarray, brain_masks: np.ndarray, margin_voxels: int = 1) -> "Normative":
+    def fit(cls, error_maps: np.ndarray, brain_masks: np.ndarray, margin_voxels: int = 1) -> Normative:
         """Per-voxel mean and SD of healthy errors, each voxel over the cases whose
         brain covers it. `error_maps` and `brain_masks` are [N, D, H, W]."""
         masks = np.asarray(brain_masks, dtype=bool)
@@ -64,7 +64,7 @@ class Normative:
         sd = np.maximum(sd, max(floor, 1e-6))
         return cls(mean.astype(np.float32), sd.astype(np.float32), support, int(margin_voxels))
 
-    def with_z_limit(self, error_maps: np.ndarray, brain_masks: np.ndarray, percentile: float = 99.9) -> "Normative":
+    def with_z_limit(self, error_maps: np.ndarray, brain_masks: np.ndarray, percentile: float = 99.9) -> Normative:
         """Set the overlay unit from held-out healthy cases (not those the statistics came from)."""
         values = [z_map(e, self)[evaluation_mask(m, self)] for e, m in zip(error_maps, brain_masks)]
         pooled = np.concatenate(values) if values else np.zeros(0)
@@ -77,7 +77,7 @@ class Normative:
                             margin_voxels=self.margin_voxels, z_limit=self.z_limit)
 
     @classmethod
-    def load(cls, path: Path) -> "Normative":
+    def load(cls, path: Path) -> Normative:
         with np.load(path) as data:
             shape = tuple(int(s) for s in data["shape"])
             support = np.unpackbits(data["support"])[: int(np.prod(shape))].reshape(shape).astype(bool)
@@ -103,7 +103,8 @@ def z_map(error_map: np.ndarray, normative: Normative) -> np.ndarray:
     return ((np.asarray(error_map, dtype=np.float32) - normative.mean) / normative.sd).astype(np.float32)
 
 
-def masked_terms(error_map: np.ndarray, brain_mask: np.ndarray, normative: Normative) -> tuple[dict[str, float], np.ndarray]:
+def masked_terms(error_map: np.ndarray, brain_mask: np.ndarray,
+                 normative: Normative) -> tuple[dict[str, float], np.ndarray]:
     """The masked score terms and the overlay map (positive z in units of the healthy
     limit, zero outside the evaluated voxels). Raises ValueError when too little brain
     is left to score, which preprocessing QC should have caught."""

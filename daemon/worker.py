@@ -47,9 +47,9 @@ from daemon.pipeline import (
     run_job,
     score_shadow,
 )
+from daemon.privacy import failure_reason, frames_only, withhold_values_in_logs
 from daemon.reference import ReferencePolicy, scoring_identity
 from daemon.shadow import RolePlan, resolve_roles
-from daemon.privacy import failure_reason, frames_only, withhold_values_in_logs
 from db import api
 from db.engine import make_engine, session_factory
 from db.types import BundleRef, JobOutcome, ShadowOutcome
@@ -61,7 +61,8 @@ def load_runners(settings: Settings) -> dict[tuple[str, str], BundleRunner]:
     """Every configured bundle, verified and loaded once per process."""
     runners = {}
     for path in settings.bundles:
-        runner = BundleRunner(load_bundle(path), intra_op_threads=max(1, (os.cpu_count() or 2) // max(1, settings.workers)))
+        runner = BundleRunner(load_bundle(path),
+                              intra_op_threads=max(1, (os.cpu_count() or 2) // max(1, settings.workers)))
         runners[(runner.bundle.manifest.name, runner.bundle.manifest.version)] = runner
     return runners
 
@@ -112,7 +113,8 @@ class Worker:
             log.info("warmed up", extra={"bundle": manifest.key, "seconds": round(time.perf_counter() - started, 2)})
 
     def run_forever(self, poll_s: float = 0.5) -> None:
-        log.info("worker started", extra={"worker_id": self.worker_id, "bundles": [f"{n}-{v}" for n, v in self.runners]})
+        log.info("worker started",
+                 extra={"worker_id": self.worker_id, "bundles": [f"{n}-{v}" for n, v in self.runners]})
         while not self.stopping.is_set():
             if not self.run_one():
                 self.stopping.wait(poll_s)
@@ -386,7 +388,8 @@ def worker_process_main(settings: Settings, worker_index: int) -> None:
     configure_logging(settings)
     withhold_values_in_logs()
     engine = make_engine(settings.database_url)
-    worker = Worker(settings, session_factory(engine), worker_id=f"{socket.gethostname()}:{os.getpid()}:w{worker_index}")
+    worker = Worker(settings, session_factory(engine),
+                    worker_id=f"{socket.gethostname()}:{os.getpid()}:w{worker_index}")
     # SIGTERM drains: the current job finishes, then the loop ends.
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())

@@ -19,11 +19,20 @@ from db.calibration import (
     retire_site_reference,
     station_counts,
 )
+from db.console import (
+    QueueHealth,
+    audit_trail,
+    failures,
+    metrics_snapshot,
+    overview,
+    queue_health,
+    score_distributions,
+    training_manifest,
+)
 from db.deliveries import claim_deliveries, mark_delivered, mark_delivery_failed, resend_dead
 from db.housekeeping import counts, get_result_objects, mark_purged, retention_candidates, study_instances
 from db.ingest import record_instance, record_instances, record_rejection, recorded_instance_paths
 from db.jobs import claim_job, current_results, fail_job, finish_job, heartbeat, requeue_expired
-from db.console import QueueHealth, audit_trail, failures, metrics_snapshot, overview, queue_health, score_distributions, training_manifest
 from db.review import (
     audit,
     count_studies,
@@ -43,7 +52,6 @@ from db.shadow import (
     shadow_results_of_study,
 )
 from db.sweep import sweep_completeness
-from db.users import create_user, list_users, login, logout, resolve_session, set_password
 from db.txn import DEFAULT_JOB_MAX_ATTEMPTS, SYSTEM_ACTOR, utcnow
 from db.types import (
     BundleRef,
@@ -76,6 +84,7 @@ from db.types import (
     StudyNotFound,
     StudyRow,
 )
+from db.users import create_user, list_users, login, logout, resolve_session, set_password
 
 __all__ = [
     "DEFAULT_JOB_MAX_ATTEMPTS",

@@ -104,7 +104,8 @@ def retire_site_reference(session: Session, reference_id: int, actor: str, reaso
     if not reason:
         raise ValueError("reason: say why the reference is retired")
     with write_transaction(session):
-        ref = session.execute(locked(select(SiteReference).where(SiteReference.id == reference_id))).scalar_one_or_none()
+        ref = session.execute(
+            locked(select(SiteReference).where(SiteReference.id == reference_id))).scalar_one_or_none()
         if ref is None or ref.retired_at is not None:
             raise ReferenceNotFound(f"no active site reference with id {reference_id}")
         ref.retired_at, ref.retired_by, ref.retire_reason = now, actor, reason[:2000]

@@ -6,16 +6,16 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from daemon.privacy import scrub
+from db.engine import is_postgres
 from db.models import AuditEvent, Delivery, IngestRejection, Instance, Job, Result, ResultObject, Study
 from db.states import DeliveryState, JobState
-from db.engine import is_postgres
 from db.txn import clock, end_read
 
 logger = logging.getLogger(__name__)
@@ -189,11 +189,9 @@ def queue_health(session: Session, now: datetime | None = None) -> QueueHealth:
 
 def _aware(value: datetime) -> datetime:
     # Aggregates bypass the UTC column type on SQLite and come back naive (or as text).
-    from datetime import timezone
-
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def failures(session: Session, limit: int = 200) -> tuple[list[FailedJob], list[DeadDelivery]]:
@@ -307,7 +305,8 @@ def metrics_snapshot(session: Session) -> dict[str, Any]:
     out: dict[str, Any] = {
         "instances": int(session.execute(select(func.count(Instance.id))).scalar_one()),
         "rejections": int(session.execute(select(func.count(IngestRejection.id))).scalar_one()),
-        "studies": {str(s): int(c) for s, c in session.execute(select(Study.state, func.count()).group_by(Study.state))},
+        "studies": {str(s): int(c) for s, c in
+                    session.execute(select(Study.state, func.count()).group_by(Study.state))},
         "jobs": {str(s): int(c) for s, c in session.execute(select(Job.state, func.count()).group_by(Job.state))},
         "deliveries": {str(s): int(c) for s, c in
                        session.execute(select(Delivery.state, func.count()).group_by(Delivery.state))},

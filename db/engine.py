@@ -7,12 +7,11 @@ reads and then writes can fail at once with SQLITE_BUSY instead of waiting, so
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import logging
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 

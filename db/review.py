@@ -10,8 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, String, and_, cast, exists, func, or_, select, update
-from sqlalchemy.orm import aliased
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.expression import ScalarSelect
 
 from daemon.privacy import scrub

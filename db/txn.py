@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Executable, Select
@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 from db.engine import is_postgres
 from db.models import AuditEvent
 from db.states import DeliveryState, JobState
-
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ IMAGE_MODALITIES = frozenset({"CT", "MR"})
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def clock(now: datetime | None) -> datetime:

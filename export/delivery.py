@@ -111,7 +111,8 @@ def _inspect(path: Path) -> _FileInfo | None:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
         return _FileInfo(path, UID(ds.file_meta.MediaStorageSOPClassUID), UID(ds.file_meta.TransferSyntaxUID))
     except (OSError, InvalidDicomError, AttributeError) as exc:
-        logger.error("result file unreadable, not sent", extra={"action": "delivery_skip", "path": str(path), "error": str(exc)})
+        logger.error("result file unreadable, not sent",
+                     extra={"action": "delivery_skip", "path": str(path), "error": str(exc)})
         return None
 
 
@@ -125,7 +126,8 @@ def _contexts(files: Sequence[_FileInfo]) -> list[PresentationContext]:
             if ts not in offered:
                 offered.append(ts)
     if len(syntaxes) > _MAX_CONTEXTS:
-        raise ValueError(f"send: argument 'paths' needs {len(syntaxes)} SOP classes, more than {_MAX_CONTEXTS} contexts")
+        raise ValueError(f"send: argument 'paths' needs {len(syntaxes)} SOP classes, "
+                         f"more than {_MAX_CONTEXTS} contexts")
     return [build_context(sop, tss) for sop, tss in syntaxes.items()]
 
 
@@ -222,7 +224,8 @@ def send(
     failed = sum(1 for s in statuses.values() if s != STATUS_SUCCESS)
     logger.info(
         "delivery finished",
-        extra={"action": "delivery_sent", "files": len(infos), "confirmed": len(statuses), "not_success": failed, **log_extra},
+        extra={"action": "delivery_sent", "files": len(infos), "confirmed": len(statuses), "not_success": failed,
+               **log_extra},
     )
     return statuses
 
@@ -248,7 +251,8 @@ def _sop_instance_uid(path: Path) -> str | None:
     try:
         return str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
     except (OSError, InvalidDicomError, AttributeError) as exc:
-        logger.error("result file unreadable, not sent", extra={"action": "delivery_skip", "path": str(path), "error": str(exc)})
+        logger.error("result file unreadable, not sent",
+                     extra={"action": "delivery_skip", "path": str(path), "error": str(exc)})
         return None
 
 
@@ -310,7 +314,8 @@ def send_stow(
     except urllib.error.HTTPError as exc:
         code, answer = exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
-        logger.warning("STOW-RS request failed", extra={"action": "delivery_stow_failed", "error": str(exc), **log_extra})
+        logger.warning("STOW-RS request failed",
+                       extra={"action": "delivery_stow_failed", "error": str(exc), **log_extra})
         raise TransientError(f"STOW-RS to {url} failed: {exc}") from exc
     if code not in (200, 202, 409):
         logger.warning("STOW-RS refused", extra={"action": "delivery_stow_failed", "http_status": code, **log_extra})

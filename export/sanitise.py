@@ -135,7 +135,7 @@ def sanitise_sources(datasets: Sequence[Dataset]) -> Sanitised:
         for tag in [t for t in copy_.keys()
                     if (keyword_for_tag(t) in _SHARED or t == 0x00080005) and t not in shared]:
             del copy_[tag]
-        for tag, element in shared.items():
+        for element in shared.values():
             copy_.add(copy.copy(element))
         clean.append(copy_)
     if dropped:

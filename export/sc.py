@@ -224,7 +224,8 @@ def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], sli
         lines.append(("No screen result: absence of findings is NOT implied", True))
     else:
         verdict = "POSITIVE" if summary.screen_positive else "negative"
-        lines.append((f"Screen result: {verdict} at threshold {_fmt(summary.threshold, '.3f')}", summary.screen_positive))
+        lines.append((f"Screen result: {verdict} at threshold {_fmt(summary.threshold, '.3f')}",
+                      summary.screen_positive))
     if reference is not None and not reference.calibrating:
         lines.append((reference.legend_text, False))
     age_gap = finite_or_none(summary.age_gap)
@@ -246,7 +247,8 @@ def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], sli
     return lines
 
 
-def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, draw: ImageDraw.ImageDraw, width: int) -> list[str]:
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, draw: ImageDraw.ImageDraw,
+          width: int) -> list[str]:
     words, lines, current = text.split(" "), [], ""
     for word in words:
         candidate = f"{current} {word}".strip()
@@ -518,7 +520,8 @@ def _not_screened_lines(summary: ResultSummary) -> list[tuple[str, bool]]:
     lines = [(not_screened_headline(summary), True)]
     if len(reasons) > 1:
         lines.append((f"and {len(reasons) - 1} more reason(s): see the AI screening report", True))
-    lines.append((f"{NOT_SCREENED_NOTICE}. No screening result was produced; absence of findings is NOT implied.", False))
+    lines.append((f"{NOT_SCREENED_NOTICE}. No screening result was produced; absence of findings is NOT implied.",
+                  False))
     lines.append((f"{DISCLAIMER.upper()}: {algo.manufacturer} {algo.name} {algo.version}", False))
     return lines
 
@@ -632,5 +635,6 @@ def build_not_screened_image(
     if shown is not None:
         sc.SourceImageSequence = DicomSequence([_source_reference(source, with_purpose=True)])
         sc.ReferencedImageSequence = DicomSequence([_source_reference(source, with_purpose=False)])
-    logger.info("built not-screened image", extra={"action": "sc_not_screened", "with_source_pixels": shown is not None})
+    logger.info("built not-screened image",
+                extra={"action": "sc_not_screened", "with_source_pixels": shown is not None})
     return sc

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
-from scipy import ndimage
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
+from scipy import ndimage
 
 from export import codes as hs_codes
 from export.model import ResultSummary

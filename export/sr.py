@@ -58,7 +58,8 @@ from export import codes
 from export.model import ResultSummary, finite_or_none, reference_header
 from export.seg import source_voxel_ml
 
-__all__ = ["build_report", "ReferenceNote", "SR_SERIES_DESCRIPTION", "TRACKING_IDENTIFIER", "REGION_TRACKING_IDENTIFIER",
+__all__ = ["build_report", "ReferenceNote", "SR_SERIES_DESCRIPTION", "TRACKING_IDENTIFIER",
+           "REGION_TRACKING_IDENTIFIER",
            "REPORT_SUMMARY_TEXT"]
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,8 @@ def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification,
         value = finite_or_none(raw)
         if value is None:
             if raw is not None:
-                logger.warning("non-finite value reported as absent", extra={"action": "sr_nonfinite", "concept": name.meaning})
+                logger.warning("non-finite value reported as absent",
+                               extra={"action": "sr_nonfinite", "concept": name.meaning})
             absent.append(name)
         else:
             present.append(Measurement(name=name, value=float(value), unit=unit,

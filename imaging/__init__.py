@@ -7,7 +7,7 @@ re-exporting the function under the same name would hide the module.
 from imaging import preprocess
 from imaging.phantoms import Lesion, Phantom, Pose, make_head, write_dicom_series
 from imaging.preprocess import ModelGrid, Preprocessed, default_params, to_native
-from imaging.selection import Preference, SelectionRules, Selection, SeriesCandidate, Verdict, select_series
+from imaging.selection import Preference, Selection, SelectionRules, SeriesCandidate, Verdict, select_series
 from imaging.volume import SeriesRejected, Volume, load_series
 
 __all__ = [

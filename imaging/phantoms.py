@@ -11,7 +11,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,7 +129,8 @@ def make_head(modality: str = "CT", age: float = 60.0, seed: int = 0, pose: Pose
     image = _resample(_on_base(mni), ref, inverse, values["air"])
     sigma = DEFAULT_NOISE[modality] if noise is None else float(noise)
     if sigma > 0:
-        array = sitk.GetArrayViewFromImage(image) + rng.normal(0.0, sigma, size=image.GetSize()[::-1]).astype(np.float32)
+        noise = rng.normal(0.0, sigma, size=image.GetSize()[::-1]).astype(np.float32)
+        array = sitk.GetArrayViewFromImage(image) + noise
         noisy = sitk.GetImageFromArray(array.astype(np.float32))
         noisy.CopyInformation(image)
         image = noisy
@@ -409,7 +410,7 @@ def _base_dataset(phantom: Phantom, grid: sitk.Image, study_uid: str | None, ser
                   series_number: int, frame_of_reference_uid: str | None, patient_id: str | None,
                   signed: bool) -> Dataset:
     is_ct = phantom.modality == "CT"
-    study_date = study_date or datetime.now(timezone.utc).date()
+    study_date = study_date or datetime.now(UTC).date()
     age = phantom.age if patient_age is None else float(patient_age)
     birth, age_string = _dates(age, study_date)
     study_uid = study_uid or generate_uid()

@@ -103,7 +103,8 @@ _MR: dict[str, Any] = {
     # No skull-coverage check on T1: bone is dark like CSF and air there, and the rule
     # that works on phantoms called the one real T1 a missing bone flap (0.06).
     "qc_ranges": {"brain_volume_ml": [900.0, 2600.0], "head_dice": [0.92, 1.0],
-                  "head_similarity": [0.3, 1.0], "rotation_deg": [0.0, 60.0], "affine_scale": [0.8, 1.25], "noise_relative": [0.0, 0.2],
+                  "head_similarity": [0.3, 1.0], "rotation_deg": [0.0, 60.0], "affine_scale": [0.8, 1.25],
+                  "noise_relative": [0.0, 0.2],
                   "slice_spacing_cv": [0.0, 0.05]},
 }
 
@@ -147,7 +148,7 @@ class ModelGrid:
     spacing: tuple[float, float, float]
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "ModelGrid":
+    def from_params(cls, params: dict[str, Any]) -> ModelGrid:
         d, h, w = (int(v) for v in params["grid"])
         low = np.asarray(params["fov_lps_mm"]["min"], dtype=float)
         high = np.asarray(params["fov_lps_mm"]["max"], dtype=float)
@@ -253,7 +254,8 @@ def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
 
     metrics = _qc_metrics(volume, working, registration, brain, template_mask, grid, params, reg_settings,
                           moved, in_view)
-    reasons = list(volume.qc_reasons) + _orientation_reasons(registration) + qc.check_ranges(metrics, params["qc_ranges"])
+    reasons = (list(volume.qc_reasons) + _orientation_reasons(registration)
+               + qc.check_ranges(metrics, params["qc_ranges"]))
     # When the image is not a head at all, that is the reason a reader needs first.
     reasons.sort(key=lambda reason: qc.reason_prefix(reason) != "not_a_head")
     lap("qc")

@@ -250,7 +250,7 @@ class _BrainGrid:
     voxel_ml: float
 
     @classmethod
-    def of(cls, head: RealHead) -> "_BrainGrid":
+    def of(cls, head: RealHead) -> _BrainGrid:
         image = head.image
         brain = sitk.GetArrayFromImage(head.brain_mask) > 0
         index = np.indices(brain.shape, dtype=np.float64)[::-1]  # x, y, z index grids

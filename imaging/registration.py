@@ -313,7 +313,8 @@ def _optimise(pyramid: _Pyramid, transform: sitk.Transform, stage: dict[str, Any
     samples = stage.get("samples_per_level") or [stage["samples"]] * levels
     for spacing, metric_name, sample_count in zip(stage["levels_mm"], metrics, samples):
         level_stage = {**stage, "metric": metric_name, "samples": sample_count}
-        atlas, moving, mask = pyramid.level(float(spacing), stage.get("clamp") if metric_name == "correlation" else None)
+        atlas, moving, mask = pyramid.level(float(spacing),
+                                            stage.get("clamp") if metric_name == "correlation" else None)
         method = _method(level_stage, settings, current, mask)
         before = transform.__class__(current)
         method.SetInitialTransform(before)

@@ -71,7 +71,7 @@ class SeriesCandidate:
         return sum(count for _, count in self.excluded)
 
     @classmethod
-    def from_datasets(cls, headers: Sequence[pydicom.Dataset]) -> "SeriesCandidate":
+    def from_datasets(cls, headers: Sequence[pydicom.Dataset]) -> SeriesCandidate:
         """Summarise one series from its headers (read with stop_before_pixels=True); an
         instance whose geometry does not decode is left out and counted (`usable_instances`)."""
         if not headers:
@@ -127,7 +127,7 @@ class SelectionRules(BaseModel):
     preferences: list[Preference] = Field(default_factory=list)
 
     @classmethod
-    def default_for(cls, modality: str) -> "SelectionRules":
+    def default_for(cls, modality: str) -> SelectionRules:
         if modality == "CT":
             return cls(
                 modality="CT",

@@ -113,7 +113,8 @@ def draw(modality: str, rng: np.random.Generator) -> Appearance:
                   "csf": u("csf") + offset, "scalp": u("scalp") + offset, "fat": u("fat") + offset,
                   "skull_table": u("skull_table"), "skull_diploe": u("skull_diploe")}
         noise, corr, bias = u("noise_at_5mm"), u("noise_corr_mm"), float(rng.uniform(0.0, 4.0))
-        streak, hardening, holder = u("streak_hu") * float(rng.random() < 0.5), u("beam_hardening_hu"), bool(rng.random() < 0.7)
+        streak, hardening = u("streak_hu") * float(rng.random() < 0.5), u("beam_hardening_hu")
+        holder = bool(rng.random() < 0.7)
     else:
         wm = u("wm")
         tissue = {"air": 0.0, "wm": wm, "gm": wm * u("gm_ratio"), "csf": wm * u("csf_ratio"),
@@ -210,7 +211,8 @@ def acquire_and_sample(fine: sitk.Image, final: sitk.Image, appearance: Appearan
     hardening and streaks, a head holder, partial coverage (cut relative to the
     brain's lowest and highest slice, `brain_rows`), and last the textured noise,
     so cut slices are as noisy as any air."""
-    sigma_mm = [max(appearance.blur_mm, 0.01), max(appearance.blur_mm, 0.01), max(appearance.spacing_mm[2] / 2.355, 0.01)]
+    sigma_mm = [max(appearance.blur_mm, 0.01), max(appearance.blur_mm, 0.01),
+                max(appearance.spacing_mm[2] / 2.355, 0.01)]
     blurred = sitk.SmoothingRecursiveGaussian(fine, [float(s) for s in sigma_mm])
     image = sitk.Resample(blurred, final, sitk.Transform(), sitk.sitkLinear, appearance.tissue["air"], sitk.sitkFloat32)
     spacing = np.asarray(image.GetSpacing())

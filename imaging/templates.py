@@ -81,7 +81,7 @@ def _base_reference() -> sitk.Image:
     return ref
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _icbm(name: str) -> sitk.Image:
     """Load one nilearn ICBM152 2009 1 mm image (bundled with nilearn)."""
     from nilearn import datasets  # deferred: importing nilearn is slow

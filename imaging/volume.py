@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 from daemon.errors import InputRejected
 
+
 def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
     """Unit normal of a slice plane (row direction x column direction) from the six values
     of ImageOrientationPatient; the zero vector when the two directions are parallel or
@@ -58,7 +59,7 @@ class Volume:
 
     @classmethod
     def from_image(cls, image: sitk.Image, modality: str, series_uid: str = "synthetic",
-                   slice_sop_uids: list[str] | None = None) -> "Volume":
+                   slice_sop_uids: list[str] | None = None) -> Volume:
         """Wrap an in-memory image (phantoms, training) as a Volume."""
         if image.GetDimension() != 3:
             raise ValueError(f"image: expected 3D, got {image.GetDimension()}D")
@@ -152,7 +153,7 @@ def _frames_and_pixels(datasets: list[pydicom.Dataset]) -> tuple[list[_Frame], l
         else:
             frames.append(_single_frame(ds))
             pixels.append(_pixel_array(ds))
-    for frame, array in zip(frames, pixels):
+    for array in pixels:
         if array.ndim != 2:
             raise SeriesRejected(f"not_grayscale: pixel array of shape {array.shape}")
     return frames, pixels
@@ -184,7 +185,8 @@ def _single_frame(ds: pydicom.Dataset) -> _Frame:
                   position=np.asarray([float(v) for v in _required(ds, "ImagePositionPatient")]),
                   row_dir=orientation[:3], col_dir=orientation[3:], pixel_spacing=(spacing[0], spacing[1]),
                   shape=(int(ds.Rows), int(ds.Columns)),
-                  slope=float(ds.get("RescaleSlope", 1.0) or 1.0), intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0))
+                  slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
+                  intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0))
 
 
 def _group(ds: pydicom.Dataset, index: int, sequence: str) -> pydicom.Dataset | None:

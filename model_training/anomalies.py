@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -193,7 +193,8 @@ def _noise_sigma(modality: str) -> float:
     return phantoms.DEFAULT_NOISE[modality]
 
 
-def _scan(case: SuiteCase, head: phantoms.Phantom, values: np.ndarray, mask: np.ndarray, **details: float | str) -> SyntheticScan:
+def _scan(case: SuiteCase, head: phantoms.Phantom, values: np.ndarray, mask: np.ndarray,
+          **details: float | str) -> SyntheticScan:
     volume = float(mask.sum()) * _voxel_ml(head.image)
     return SyntheticScan(case, _like(values, head.image), _mask_image(mask, head.image), head.brain_mask,
                          {"volume_ml": round(volume, 2), **details})
@@ -248,7 +249,8 @@ def _lesion_center(rng: np.random.Generator) -> tuple[float, float, float]:
     return (side * float(rng.uniform(15, 35)), float(rng.uniform(-45, 25)), float(rng.uniform(0, 35)))
 
 
-def _blob(case, pose, scale, spacing, rng, kind: str, low_ml: float, high_ml: float) -> tuple[phantoms.Phantom, np.ndarray]:
+def _blob(case, pose, scale, spacing, rng, kind: str, low_ml: float,
+          high_ml: float) -> tuple[phantoms.Phantom, np.ndarray]:
     volume = float(np.exp(rng.uniform(np.log(low_ml), np.log(high_ml))))
     head = _head(case, pose, scale, spacing, phantoms.Lesion(kind, _lesion_center(rng), volume))  # type: ignore[arg-type]
     return head, _array(head.lesion_mask) > 0
@@ -256,7 +258,8 @@ def _blob(case, pose, scale, spacing, rng, kind: str, low_ml: float, high_ml: fl
 
 def _intraparenchymal(case, pose, scale, spacing, rng) -> SyntheticScan:
     head, mask = _blob(case, pose, scale, spacing, rng, "hemorrhage", 2.0, 45.0)
-    return _scan(case, head, _array(head.image), mask, hemorrhage_ml=round(float(mask.sum()) * _voxel_ml(head.image), 2))
+    return _scan(case, head, _array(head.image), mask,
+                 hemorrhage_ml=round(float(mask.sum()) * _voxel_ml(head.image), 2))
 
 
 def _midline_shift(case, pose, scale, spacing, rng) -> SyntheticScan:

@@ -48,7 +48,7 @@ class BundleSpec:
 def build_manifest(spec: BundleSpec) -> Manifest:
     training = {
         "torch": torch.__version__,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **spec.training,
     }
     return Manifest(
@@ -106,5 +106,6 @@ def write_model_bundle(out_dir: Path, onnx_path: Path, spec: BundleSpec, metrics
             "scored (support) and the overlay unit (z_limit); see daemon/scores.py")})
     write_bundle(out_dir, manifest)
     bundle = load_bundle(out_dir)
-    log.info("bundle written", extra={"action": "bundle_written", "bundle": bundle.manifest.key, "sha256": bundle.sha256})
+    log.info("bundle written",
+             extra={"action": "bundle_written", "bundle": bundle.manifest.key, "sha256": bundle.sha256})
     return bundle

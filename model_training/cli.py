@@ -7,14 +7,14 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from daemon.bundle import load_bundle
-from daemon.inference import BundleRunner
 from daemon.errors import HeadscreenError
+from daemon.inference import BundleRunner
 from model_training.cohort import anomalous_cases, healthy_cases, prepare_case
 from model_training.fit import METHODS, TrainOptions, fit_bundle
 from model_training.scoring import detection_metrics
@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = TrainOptions(
         modality=args.modality, method=args.method, preset=args.preset, out=args.out, n_train=args.n_train,
         epochs=(args.epochs if args.epochs is not None else
-                (INIT_FROM_EPOCHS if args.init_from else DEFAULT_EPOCHS)[args.method]), encoder_epochs=args.encoder_epochs,
+                (INIT_FROM_EPOCHS if args.init_from else DEFAULT_EPOCHS)[args.method]),
+        encoder_epochs=args.encoder_epochs,
         finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, cache=args.cache, device=args.device,
         resume=args.resume, seed=args.seed,
         # A resume restores weights, optimiser and RNG state exactly, so the same

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from daemon.errors import InputRejected
 import imaging
+from daemon.errors import InputRejected
 from imaging import phantoms
 from imaging.preprocess import preprocess
 from imaging.volume import Volume
@@ -148,7 +148,8 @@ def prepare_case(case: Case, params: dict[str, Any], cache_dir: Path | None, fol
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, image=prepared.image, brain_mask=prepared.brain_mask, qc=json.dumps(list(prepared.qc_reasons)))
+        np.savez_compressed(tmp, image=prepared.image, brain_mask=prepared.brain_mask,
+                            qc=json.dumps(list(prepared.qc_reasons)))
         tmp.replace(path)
     return prepared
 
@@ -212,7 +213,8 @@ def _prepare_all(cases: list[Case], params: dict[str, Any], cache_dir: Path | No
     """Cases are independent, so `jobs` processes (one ITK thread each) share them;
     synthesis and registration dominate a cohort's build time."""
     if jobs <= 1 or len(cases) <= 1:
-        return [prepare_case(c, params, cache_dir, folder) for c in tqdm(cases, desc=label, disable=not progress, leave=False)]
+        return [prepare_case(c, params, cache_dir, folder)
+                for c in tqdm(cases, desc=label, disable=not progress, leave=False)]
     # spawn: the parent may hold torch and ITK thread pools that fork would copy half-alive.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(jobs, len(cases)), mp_context=context,

@@ -17,15 +17,16 @@ import csv
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from daemon.errors import ConfigError, InputRejected
 import imaging
+from daemon.errors import ConfigError, InputRejected
 from imaging.preprocess import preprocess
 from imaging.volume import Volume, load_series
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -167,7 +168,8 @@ def evaluate_records(records: Sequence[Record], n_boot: int = 1000, seed: int = 
         with_model = [r for r in chosen if r.model_score is not None]
         return {
             "system": sample_metrics([r.label for r in chosen], [r.system_score for r in chosen], n_boot, seed),
-            "model_only": sample_metrics([r.label for r in with_model], [r.model_score for r in with_model], n_boot, seed),
+            "model_only": sample_metrics([r.label for r in with_model], [r.model_score for r in with_model],
+                                         n_boot, seed),
             "qc_flagged": int(sum(r.flagged_by_qc for r in subset if r.label == 1)),
             "rejected": int(sum(r.rejected is not None for r in subset if r.label == 1)),
         }
@@ -214,7 +216,8 @@ def score_volume(runner: BundleRunner, volume: Volume, case_id: str, kind: str, 
     record.predicted_age = inference.predicted_age
     if keep_maps and local and mask is not None:
         # The mask goes through the very registration the image took (nearest neighbour).
-        on_grid = sitk.Resample(mask, prepared.reference, prepared.transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        on_grid = sitk.Resample(mask, prepared.reference, prepared.transform, sitk.sitkNearestNeighbor, 0,
+                                sitk.sitkUInt8)
         record.mask = sitk.GetArrayFromImage(on_grid).astype(bool)
         record.error_map = inference.error_map
         record.brain = np.asarray(prepared.brain_mask, dtype=bool)
@@ -243,7 +246,8 @@ def write_report(records: Sequence[Record], metrics: dict[str, Any], out_dir: Pa
     colours = plt.cm.tab20(np.linspace(0.0, 1.0, max(len(kinds), 1)))
     styles = ["-", "--", "-.", ":"]
     for i, kind in enumerate(["all", *kinds]):
-        positives = [r for r in records if r.label == 1 and (kind == "all" or r.kind == kind) and r.model_score is not None]
+        positives = [r for r in records
+                     if r.label == 1 and (kind == "all" or r.kind == kind) and r.model_score is not None]
         if not positives or not normals:
             continue
         y = np.r_[np.zeros(len(normals)), np.ones(len(positives))]
@@ -276,7 +280,8 @@ def write_report(records: Sequence[Record], metrics: dict[str, Any], out_dir: Pa
         fig, ax = plt.subplots(figsize=(6, 6))
         for label, name in ((0, "normal"), (1, "abnormal")):
             chosen = [r for r in aged if r.label == label]
-            ax.scatter(np.array([r.true_age for r in chosen], float), np.array([r.predicted_age for r in chosen], float),
+            ax.scatter(np.array([r.true_age for r in chosen], float),
+                       np.array([r.predicted_age for r in chosen], float),
                        s=14, label=name)
         both = np.array([[r.true_age, r.predicted_age] for r in aged], float)
         low, high = float(both.min()), float(both.max())

@@ -63,7 +63,8 @@ class VaeGraph(nn.Module):
     def forward(self, image: torch.Tensor, chronological_age: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         out = self.vae(image, chronological_age=chronological_age, sample=False)
         error_map = (image - out.recon).abs()
-        terms = (error_map, l1_per_sample(image, out.recon), kl_per_sample(out.mu, out.logvar), focal_per_sample(error_map))
+        terms = (error_map, l1_per_sample(image, out.recon), kl_per_sample(out.mu, out.logvar),
+                 focal_per_sample(error_map))
         return terms + ((out.age,) if out.age is not None else ())
 
 

@@ -137,7 +137,8 @@ def _train_vae(cohort: Cohort, opts: TrainOptions, device: Any, init: dict | Non
                        resume=opts.resume, progress=opts.progress, init=init)
     hyper = {"latent": preset.latent, "channels": list(preset.channels), "variant": cfg.variant, "lr": cfg.lr,
              "beta": cfg.beta, "gamma": cfg.gamma, "epochs": cfg.epochs}
-    return Trained(VaeGraph(result.model), result.metrics_path, result.steps, hyper, {"model": result.model.state_dict()})
+    return Trained(VaeGraph(result.model), result.metrics_path, result.steps, hyper,
+                   {"model": result.model.state_dict()})
 
 
 # Terms the weight search may use: each paper's own term and the masked terms of
@@ -248,11 +249,13 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     def scored(samples: Samples, masks: np.ndarray) -> Scored:
         return _with_masked_terms(scorer.score(samples), masks, normative)
 
-    val_h, val_a = scored(cohort.healthy["val"], cohort.healthy_masks["val"]), scored(cohort.anomalous["val"], cohort.anomalous_masks["val"])
+    val_h = scored(cohort.healthy["val"], cohort.healthy_masks["val"])
+    val_a = scored(cohort.anomalous["val"], cohort.anomalous_masks["val"])
     weights = _score_weights(opts.method, val_h, val_a)
     terms, age_gap_weight = _term_weights(weights)
     cal = _with_masked_terms(cal_raw, cohort.healthy_masks["calibration"], normative)
-    calibration = calibrate(cal.combined(terms, age_gap_weight), cal_raw.error_maps, cohort.healthy_masks["calibration"])
+    calibration = calibrate(cal.combined(terms, age_gap_weight), cal_raw.error_maps,
+                            cohort.healthy_masks["calibration"])
     overlays = [masked_terms(error, mask, normative)[1]
                 for error, mask in zip(cal_raw.error_maps, cohort.healthy_masks["calibration"])]
     grid_voxel_ml = float(np.prod(ModelGrid.from_params(params).spacing)) / 1000.0
@@ -272,10 +275,12 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
         description=_description(opts), grid=test.grid, preprocessing=params, score_terms=terms,
         age_gap_weight=age_gap_weight, score_definition=_definition(opts.method, opts.kappa, terms, age_gap_weight),
         calibration=calibration, age_supported=age_supported, age_validation_mae=age_mae(val_h),
-        training={"command": opts.command, "preset": opts.preset, "seed": opts.seed, "n_train": len(cohort.healthy["train"]),
+        training={"command": opts.command, "preset": opts.preset, "seed": opts.seed,
+                  "n_train": len(cohort.healthy["train"]),
                   "epochs": trained.hyper["epochs"], "steps": trained.steps, "batch_size": opts.batch_size,
                   "duration_s": round(time.monotonic() - began, 1), "flip_lr": opts.flip_lr, "resumed": opts.resume,
-                  "imaging_code_sha256": folder.name.rsplit("-", 1)[-1] if folder else imaging_fingerprint(), "cohort_s": round(cohort_s, 1),
+                  "imaging_code_sha256": folder.name.rsplit("-", 1)[-1] if folder else imaging_fingerprint(),
+                  "cohort_s": round(cohort_s, 1),
                   "train_s": round(train_s, 1), "device": str(device), "hyperparameters": trained.hyper,
                   "data": f"dataset CSV {opts.dataset}" if opts.dataset is not None else
                   ("domain-randomised synthetic heads (imaging.synthesis over imaging.phantoms: ICBM152 2009 tissue "
@@ -355,7 +360,8 @@ def _metrics(test_h: Scored, test_a: Scored, val_h: Scored, val_a: Scored, terms
     out: dict[str, Any] = {"test": detection_metrics(score_h, score_a, threshold)}
     out["test_per_term_auroc"] = {t: detection_metrics(test_h.terms[t], test_a.terms[t])["auroc"] for t in test_h.terms}
     if test_h.age is not None:
-        out["test_per_term_auroc"]["age_gap"] = detection_metrics(np.abs(test_h.age_gap()), np.abs(test_a.age_gap()))["auroc"]
+        out["test_per_term_auroc"]["age_gap"] = detection_metrics(np.abs(test_h.age_gap()),
+                                                                  np.abs(test_a.age_gap()))["auroc"]
         out["age_mae_healthy_test"] = age_mae(test_h)
         out["age_mae_anomalous_test"] = age_mae(test_a)
     out["validation"] = detection_metrics(val_h.combined(terms, age_gap_weight), val_a.combined(terms, age_gap_weight))

@@ -6,8 +6,8 @@ graphs return as score terms; the training losses are their batch means.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

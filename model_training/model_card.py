@@ -33,7 +33,8 @@ def render_model_card(m: Manifest) -> str:
         *_training_data(t),
         f"Healthy ages are uniform in 20-85 years and split stratified by age. n_train = {t.get('n_train')},",
         f"healthy cases left out by the preprocessing QC: {metrics.get('qc_excluded', 'n/a')}.",
-        f"Anomalies for validation and test: synthetic lesions ({', '.join(metrics.get('anomaly_kinds', []))}), 3-40 mL, log-uniform.",
+        f"Anomalies for validation and test: synthetic lesions ({', '.join(metrics.get('anomaly_kinds', []))}), "
+        "3-40 mL, log-uniform.",
         "",
         "## Reproduce",
         "",
@@ -41,7 +42,8 @@ def render_model_card(m: Manifest) -> str:
         f"{t.get('command')}",
         "```",
         "",
-        f"Preset `{t.get('preset')}`, seed {t.get('seed')}, epochs {t.get('epochs')}, {t.get('steps')} optimiser steps,",
+        f"Preset `{t.get('preset')}`, seed {t.get('seed')}, epochs {t.get('epochs')}, "
+        f"{t.get('steps')} optimiser steps,",
         f"{t.get('duration_s')} s in total on {t.get('device')} (torch {t.get('torch')}), {t.get('date')}"
         + (" (the last, resumed segment of the run only)." if t.get("resumed") else "."),
         *(f"- {note}" for note in t.get("notes", [])),
@@ -51,7 +53,8 @@ def render_model_card(m: Manifest) -> str:
         f"{m.score.definition}",
         "",
         f"Calibration on {cal.n} held-out healthy synthetic cases: threshold {cal.threshold:.6g} at",
-        f"{cal.specificity:.0%} specificity. ONNX vs PyTorch max |diff| {m.parity.get('max_abs_diff', float('nan')):.2e}.",
+        f"{cal.specificity:.0%} specificity. "
+        f"ONNX vs PyTorch max |diff| {m.parity.get('max_abs_diff', float('nan')):.2e}.",
         (f"Overlay and SEG: the positive z-map inside the scored brain, in units of the healthy 99.9th percentile "
          f"of z (`{m.normative.file}`)." if m.normative else
          f"Overlay and SEG: the raw error in units of the healthy voxel-error 99th percentile inside the brain "
@@ -85,7 +88,8 @@ def render_model_card(m: Manifest) -> str:
         ]
     paper = metrics.get("paper_score")
     if paper:
-        lines.append(f"| AUROC of the paper's own score ({paper.get('definition')}) | {_fmt(paper.get('test_auroc'))} |")
+        lines.append(f"| AUROC of the paper's own score ({paper.get('definition')}) "
+                     f"| {_fmt(paper.get('test_auroc'))} |")
     lines += [
         "",
         "These numbers measure how well the model separates synthetic lesions from synthetic healthy",

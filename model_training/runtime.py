@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import csv
 import logging
+import math
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class Samples:
     def grid(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.images.shape[1:])  # type: ignore[return-value]
 
-    def subset(self, index: np.ndarray) -> "Samples":
+    def subset(self, index: np.ndarray) -> Samples:
         return Samples(self.images[index], self.ages[index])
 
 

@@ -256,7 +256,8 @@ def train_fanogan(
             if stage != "wgan":  # the WGAN keeps the usual constant rate
                 cosine_lr(next(iter(opts.values())), _stage_lr(cfg, stage), epoch, cfg.epochs(stage))
             n_batches = max(len(samples) // cfg.batch_size, 1)
-            with tqdm(total=n_batches, desc=f"{stage} {epoch + 1}/{cfg.epochs(stage)}", disable=not progress, leave=False) as bar:
+            with tqdm(total=n_batches, desc=f"{stage} {epoch + 1}/{cfg.epochs(stage)}", disable=not progress,
+                      leave=False) as bar:
                 if stage == "wgan":
                     row = _wgan_epoch(nets, opts, samples, cfg, gen, device, bar)
                 else:
@@ -264,7 +265,8 @@ def train_fanogan(
             steps += int(row.pop("steps"))
             if val is not None and stage != "wgan":
                 row["val_izi_f"] = float(evaluate_izi_f(nets, val, cfg.kappa, device).mean())
-            metrics.append({"stage": stage, "epoch": epoch + 1, "steps": steps, "seconds": round(time.monotonic() - began, 2), **row})
+            metrics.append({"stage": stage, "epoch": epoch + 1, "steps": steps,
+                            "seconds": round(time.monotonic() - began, 2), **row})
             epochs_done += 1
             save_checkpoint(work_dir / CHECKPOINT, _checkpoint_state(nets, opts, stage, epoch + 1, steps, gen))
         start_epoch = 0

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model_training.losses import kl_per_sample, l1_per_sample, vae_loss
-from model_training.networks import VAE_PRESETS, VAE3D, VaePreset
+from model_training.networks import VAE3D, VAE_PRESETS, VaePreset
 from model_training.runtime import (
     MetricsLog,
     Samples,
@@ -162,7 +162,8 @@ def train_vae(
         began = time.monotonic()
         cosine_lr(opt, cfg.lr, epoch, cfg.schedule_epochs or cfg.epochs)
         n_batches = max(len(samples) // cfg.batch_size, 1)
-        with tqdm(total=n_batches, desc=f"{cfg.variant} {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False) as bar:
+        with tqdm(total=n_batches, desc=f"{cfg.variant} {epoch + 1}/{cfg.epochs}", disable=not progress,
+                  leave=False) as bar:
             row = _epoch(model, opt, samples, cfg, gen, device, bar)
         steps += int(row.pop("steps"))
         recalibrate_batch_norm(model, samples, cfg.batch_size, device)
@@ -174,7 +175,8 @@ def train_vae(
         metrics.append({"epoch": epoch + 1, "steps": steps, "seconds": round(time.monotonic() - began, 2), **row})
         save_checkpoint(
             work_dir / CHECKPOINT,
-            {"epoch": epoch + 1, "steps": steps, "model": model.state_dict(), "optimiser": opt.state_dict(), "rng": rng_state(gen)},
+            {"epoch": epoch + 1, "steps": steps, "model": model.state_dict(), "optimiser": opt.state_dict(),
+             "rng": rng_state(gen)},
         )
     model.eval()
     return VaeResult(model=model, metrics_path=metrics.path, steps=steps, epochs=cfg.epochs - first)

@@ -128,12 +128,12 @@ BY_NAME = {m.name: m for m in MUTATIONS}
 def damage(files: Sequence[Path], mutation: Mutation, rng: random.Random) -> list[Path]:
     """Apply `mutation` to its files of the series; returns the files it touched."""
     targets = list(files) if mutation.where == "all" else [files[len(files) // 2]]
+    change = mutation.change
     for path in targets:
-        if mutation.change is None:
+        if change is None:
             data = path.read_bytes()
             path.write_bytes(data[: len(data) - max(2, len(data) // 3)])
         else:
-            change = mutation.change
             rewrite(path, lambda ds: change(ds, rng))
     return targets
 

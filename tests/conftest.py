@@ -30,6 +30,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade
 
+# The console fixtures (`console`, `console_any_db`) live in tests/web_helpers.py; a test
+# names them as arguments without importing them (an import would shadow them: F811).
+pytest_plugins = ["web_helpers"]
+
 PG_ADMIN_URL = os.environ.get(
     "HEADSCREEN_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session
 
 from db import api
 from db.types import BundleRef, InstanceRecord, JobOutcome, JobTicket, OutputObject
 
-T0 = datetime(2026, 1, 5, 8, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 5, 8, 0, 0, tzinfo=UTC)
 CT_BUNDLE = BundleRef(name="ct-fanogan", version="1.0.0", modality="CT")
 MR_BUNDLE = BundleRef(name="mr-vae-age", version="1.0.0", modality="MR")
 BUNDLES = [CT_BUNDLE, MR_BUNDLE]

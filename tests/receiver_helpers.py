@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.orthanc import free_port, stop_process
 from daemon.callers import AllowedCaller
+from daemon.orthanc import free_port, stop_process
 from daemon.receiver import Receiver, ReceiverConfig, start_receiver
 from db.engine import make_engine, session_factory
 from db.migrate import upgrade

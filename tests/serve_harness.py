@@ -182,7 +182,8 @@ timeout_s = 10.0
 
     def deliveries(self) -> list[tuple[Delivery, ResultObject]]:
         with self.sessions()() as session:
-            rows = session.execute(select(Delivery, ResultObject).join(ResultObject, Delivery.result_object_id == ResultObject.id))
+            rows = session.execute(select(Delivery, ResultObject)
+                                   .join(ResultObject, Delivery.result_object_id == ResultObject.id))
             return [tuple(r) for r in rows]
 
     def all_delivered(self, expected_results: int = 1) -> bool:

@@ -3,7 +3,8 @@ import pytest
 from daemon.ages import chronological_age, parse_age_string
 
 
-@pytest.mark.parametrize(("text", "years"), [("063Y", 63.0), ("006M", 0.5), ("052W", 52 * 7 / 365.25), ("", None), ("63", None), ("063X", None)])
+@pytest.mark.parametrize(("text", "years"), [("063Y", 63.0), ("006M", 0.5), ("052W", 52 * 7 / 365.25), ("", None),
+                                           ("63", None), ("063X", None)])
 def test_age_strings(text, years):
     result = parse_age_string(text)
     assert result == pytest.approx(years) if years is not None else result is None

@@ -61,7 +61,8 @@ def test_list_filters_outliers_and_qc(configured, capsys):
 def test_flag_and_unflag_are_audited(configured, capsys):
     config, sessions = configured
     study = finished_study(sessions, True, [])
-    assert run(capsys, "-c", str(config), "studies", "flag", study, "--comment", "check left temporal", "--actor", "dr.a")[0] == 0
+    assert run(capsys, "-c", str(config), "studies", "flag", study, "--comment", "check left temporal",
+               "--actor", "dr.a")[0] == 0
     _, out = run(capsys, "-c", str(config), "studies", "--flagged", "--json")
     rows = json.loads(out)
     assert [r["study_instance_uid"] for r in rows] == [study] and rows[0]["flag_comment"] == "check left temporal"
@@ -110,7 +111,8 @@ def _config_with_secrets(tmp_path) -> str:
             'destinations = [\n'
             f'  {{ name = "web", kind = "stow", url = "https://pacs.example/dicom-web/studies", '
             f'authorization = "Bearer {BEARER_TOKEN}" }},\n'
-            f'  {{ name = "web2", kind = "stow", url = "https://hs:{STOW_PASSWORD}@pacs2.example/dicom-web/studies" }},\n'
+            f'  {{ name = "web2", kind = "stow", '
+            f'url = "https://hs:{STOW_PASSWORD}@pacs2.example/dicom-web/studies" }},\n'
             '  { name = "pacs", ae_title = "PACS", host = "127.0.0.1", port = 104 },\n'
             ']\n')
 
@@ -136,7 +138,8 @@ def test_config_check_redacts_secrets_given_in_the_environment(tmp_path, capsys,
     config.write_text(f'allow_any_caller = true\nstorage_dir = "{tmp_path / "storage"}"\n')
     monkeypatch.setenv("HEADSCREEN_DATABASE_URL", f"postgresql+psycopg://hs:{DB_PASSWORD}@db/hs")
     monkeypatch.setenv("HEADSCREEN_DESTINATIONS", json.dumps([
-        {"name": "web", "kind": "stow", "url": "https://pacs/dicom-web/studies", "authorization": f"Basic {BEARER_TOKEN}"}]))
+        {"name": "web", "kind": "stow", "url": "https://pacs/dicom-web/studies",
+         "authorization": f"Basic {BEARER_TOKEN}"}]))
     assert main(["-c", str(config), "config", "check"]) == 0
     out, err = capsys.readouterr()
     assert DB_PASSWORD not in out + err and BEARER_TOKEN not in out + err

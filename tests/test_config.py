@@ -30,7 +30,8 @@ def test_environment_overrides_file(tmp_path, monkeypatch):
     path = write(tmp_path, 'port = 4000\nallow_any_caller = true\n[delivery]\nmax_attempts = 3\n')
     monkeypatch.setenv("HEADSCREEN_PORT", "5000")
     monkeypatch.setenv("HEADSCREEN_DELIVERY__MAX_ATTEMPTS", "9")
-    monkeypatch.setenv("HEADSCREEN_DESTINATIONS", '[{"name": "pacs", "ae_title": "PACS", "host": "10.1.1.1", "port": 104}]')
+    monkeypatch.setenv("HEADSCREEN_DESTINATIONS",
+                       '[{"name": "pacs", "ae_title": "PACS", "host": "10.1.1.1", "port": 104}]')
     settings = load_settings(path)
     assert settings.port == 5000
     assert settings.delivery.max_attempts == 9
@@ -50,7 +51,8 @@ def test_database_defaults_to_sqlite_in_storage(tmp_path):
         ('allowed_callers = [{ ae_title = "PACS", host = "not-an-ip" }]', "allowed_callers.0.host"),
         ("workers = -1\nallow_any_caller = true", "workers"),
         ("allow_any_caller = true\nunknown_key = 1", "unknown_key"),
-        ('allow_any_caller = true\ndestinations = [{ name = "p", ae_title = "P", host = "h", port = 0 }]', "destinations.0.port"),
+        ('allow_any_caller = true\ndestinations = [{ name = "p", ae_title = "P", host = "h", port = 0 }]',
+         "destinations.0.port"),
         ("", "allowed_callers is empty"),
         ('allow_any_caller = true\ndatabase_url = "mysql://x"', "database_url"),
     ],

@@ -69,7 +69,8 @@ def test_reads_the_console_manifest_format(dataset: Path) -> None:
     ("path,age,sex,scanner,split", "{ok},forty,F,S,train", "not a number"),
     ("path,age,sex,scanner,split", "{ok},40,F,S,holdout", "split"),
 ])
-def test_bad_rows_are_reported_with_their_line(tmp_path: Path, dataset: Path, header: str, row: str, message: str) -> None:
+def test_bad_rows_are_reported_with_their_line(tmp_path: Path, dataset: Path, header: str, row: str,
+                                               message: str) -> None:
     ok = read_dataset(dataset)[0].path
     bad = tmp_path / "bad.csv"
     bad.write_text(header + "\n" + row.format(ok=ok) + "\n")

@@ -13,10 +13,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import api
+from db.migrate import current_revision, head_revision
 from db.models import Instance, Job, Result, Series, Study
 from db.states import JobState, StudyState
 from db.types import RetryPolicy
-from db.migrate import current_revision, head_revision
 from db_factories import (
     BUNDLES,
     add_series,

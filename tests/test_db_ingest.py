@@ -288,7 +288,8 @@ def test_study_instances_are_grouped_by_series_in_instance_order(db_session: Ses
     for rec in recs:
         out = api.record_instance(db_session, rec, now=T0)
     grouped = api.study_instances(db_session, out.study_id)
-    assert [sop for _, sop in grouped[series]] == [recs[1].sop_instance_uid, recs[2].sop_instance_uid, recs[0].sop_instance_uid]
+    assert [sop for _, sop in grouped[series]] == [recs[1].sop_instance_uid, recs[2].sop_instance_uid,
+                                                   recs[0].sop_instance_uid]
 
 
 # ---------------------------------------------------------------- an instance re-sent under another study

@@ -8,6 +8,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db import api
@@ -81,7 +82,7 @@ def test_naive_datetimes_are_refused(db_session: Session) -> None:
 def test_state_check_constraint_rejects_unknown_values(db_session: Session) -> None:
     study = uid()
     add_series(db_session, study, 1)
-    with pytest.raises(Exception):
+    with pytest.raises(IntegrityError):
         db_session.execute(text("UPDATE studies SET state = 'bogus'"))
         db_session.commit()
     db_session.rollback()
@@ -89,7 +90,7 @@ def test_state_check_constraint_rejects_unknown_values(db_session: Session) -> N
 
 
 def test_foreign_keys_are_enforced(db_session: Session) -> None:
-    with pytest.raises(Exception):
+    with pytest.raises(IntegrityError):
         api.audit(db_session, "admin", "orphan", study_id=987654)
     db_session.rollback()
 
@@ -115,7 +116,8 @@ def test_logs_carry_no_patient_data(db_session: Session, caplog: pytest.LogCaptu
     api.sweep_completeness(db_session, T0.replace(hour=12), 60, 10, [])
     from db_factories import record
 
-    api.record_instance(db_session, record(study, series, 9, 45.0, patient_birth_date="19710203"), now=T0.replace(hour=13))
+    api.record_instance(db_session, record(study, series, 9, 45.0, patient_birth_date="19710203"),
+                        now=T0.replace(hour=13))
     logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     assert "study_reopened" in logged  # something was logged
     assert "19710203" not in logged and "054Y" not in logged

@@ -210,12 +210,12 @@ class StowServer:
 
 @pytest.fixture(scope="module")
 def result_files(tmp_path_factory) -> list[Path]:
+    from daemon.pipeline import _build_results
     from test_export import ct_summary, make_ct_series
 
-    from daemon.pipeline import _build_results
-
     datasets, error = make_ct_series(seed=4)
-    objects = _build_results(datasets, error * 2.0, ct_summary(), choose_slices(error, 3), tmp_path_factory.mktemp("results"), 1.0)
+    objects = _build_results(datasets, error * 2.0, ct_summary(), choose_slices(error, 3),
+                             tmp_path_factory.mktemp("results"), 1.0)
     assert {o.kind for o in objects} == {"sc", "seg", "sr"}
     return [Path(o.path) for o in objects]
 

@@ -29,7 +29,8 @@ SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 def big_ct(tmp_path_factory) -> list[Path]:
     """The 300-slice 512x512 head CT the foundation issue asks for."""
     folder = tmp_path_factory.mktemp("ct300")
-    phantom = make_head("CT", age=58.0, seed=3, pose=Pose(rotation_deg=(3.0, 0.0, -4.0), translation_mm=(4.0, 6.0, -5.0)),
+    phantom = make_head("CT", age=58.0, seed=3,
+                        pose=Pose(rotation_deg=(3.0, 0.0, -4.0), translation_mm=(4.0, 6.0, -5.0)),
                         lesion=Lesion(kind="hemorrhage", center_mm=(25.0, -10.0, 15.0), volume_ml=15.0))
     return write_dicom_series(phantom, folder, rows=512, cols=512, slices=300, slice_thickness=0.6,
                               series_description="HEAD 0.6 H30s soft tissue")

@@ -12,8 +12,17 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from model_training.cli import evaluate_main
-from model_training.evaluate import (Record, bootstrap_ci, dice, evaluate_records, finite_scores, sample_metrics,
-                                     specificity_at_full_sensitivity, voxel_metrics, write_report)
+from model_training.evaluate import (
+    Record,
+    bootstrap_ci,
+    dice,
+    evaluate_records,
+    finite_scores,
+    sample_metrics,
+    specificity_at_full_sensitivity,
+    voxel_metrics,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CT_BUNDLE = next(p for p in sorted((ROOT / "models").iterdir()) if p.name.startswith("ct-fanogan-compact-"))

@@ -107,7 +107,8 @@ def ct_summary(**changes) -> ResultSummary:
     values = dict(
         eligible=True, modality="CT", algorithm=ALGO_CT, anomaly_score=0.4123, percentile=97.5,
         screen_positive=True, threshold=0.3, chronological_age=67.0,
-        qc_reasons=["skull_defect: skull_coverage 0.2 outside [0.35, 10]", "custom check: snr=3.1"], selected_series_uid=None,
+        qc_reasons=["skull_defect: skull_coverage 0.2 outside [0.35, 10]", "custom check: snr=3.1"],
+        selected_series_uid=None,
     )
     values.update(changes)
     return ResultSummary(**values)
@@ -125,7 +126,8 @@ NOT_ELIGIBLE = ResultSummary(
 QC_BLOCKED = ResultSummary(
     eligible=False, modality="CT", algorithm=ALGO_CT,
     ineligible_reason="noise_high: noise_sigma 49.3 outside [0, 25]; noise_high: noise_relative 0.9 outside [0, 0.3]",
-    ineligible_reasons=("noise_high: noise_sigma 49.3 outside [0, 25]", "noise_high: noise_relative 0.9 outside [0, 0.3]"),
+    ineligible_reasons=("noise_high: noise_sigma 49.3 outside [0, 25]",
+                        "noise_high: noise_relative 0.9 outside [0, 0.3]"),
     qc_reasons=["noise_high: noise_sigma 49.3 outside [0, 25]", "noise_high: noise_relative 0.9 outside [0, 0.3]",
                 "missing_slices: 1 slice(s) missing in 1 gap(s)"],
     qc_metrics={"noise_sigma": 49.3},
@@ -603,7 +605,8 @@ def test_dsr2html_renders_scores_and_ineligibility(tmp_path, ct_series, ct_overl
         ("not-eligible", NOT_ELIGIBLE, ["Not eligible", "no axial head CT"]),
         ("qc-blocked", QC_BLOCKED, ["Not eligible", "High image noise", "noise_relative 0.9", "Missing slices"]),
     ):
-        path = _write(build_report(datasets, summary, ct_overlays if summary.eligible else []), tmp_path / f"{name}.dcm")
+        path = _write(build_report(datasets, summary, ct_overlays if summary.eligible else []),
+                      tmp_path / f"{name}.dcm")
         html = tmp_path / f"{name}.html"
         run = subprocess.run(["dsr2html", str(path), str(html)], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr

@@ -261,7 +261,8 @@ def test_written_series_pass_dciodvfy_and_read_back(tmp_path, modality):
     ds = pydicom.dcmread(paths[len(paths) // 2])
     assert ds.Modality == modality and ds.PatientAge == "063Y"
     assert ds.PatientName == f"PHANTOM^{modality}" and ds.Manufacturer == "headscreen-phantom"
-    study, birth = (int(ds.StudyDate[:4]), int(ds.StudyDate[4:])), (int(ds.PatientBirthDate[:4]), int(ds.PatientBirthDate[4:]))
+    study = (int(ds.StudyDate[:4]), int(ds.StudyDate[4:]))
+    birth = (int(ds.PatientBirthDate[:4]), int(ds.PatientBirthDate[4:]))
     assert study[0] - birth[0] - (study[1] < birth[1]) == 63
     volume = load_series(paths)
     assert volume.modality == modality
@@ -351,7 +352,8 @@ def test_gantry_tilt_is_detected_and_resampled(tmp_path, small_ct_series):
 def test_mixed_sizes_and_unreadable_files_are_rejected(tmp_path, small_ct_series):
     phantom = make_head("CT", age=50.0, seed=2, spacing=(2.0, 2.0, 2.0))
     series_uid = pydicom.dcmread(small_ct_series[0], stop_before_pixels=True).SeriesInstanceUID
-    other = write_dicom_series(phantom, tmp_path / "other", rows=80, cols=80, slice_thickness=10.0, series_uid=series_uid)
+    other = write_dicom_series(phantom, tmp_path / "other", rows=80, cols=80, slice_thickness=10.0,
+                               series_uid=series_uid)
     with pytest.raises(SeriesRejected, match="mixed_sizes"):
         load_series(list(small_ct_series[:5]) + other[:5])
     junk = tmp_path / "junk.dcm"

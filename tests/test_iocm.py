@@ -16,6 +16,7 @@ import pytest
 from alembic import command
 from pydicom.dataset import Dataset
 from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings
@@ -135,14 +136,14 @@ def test_migration_admits_rejection_notes_and_keeps_existing_rows(empty_db_url: 
         with Session(engine) as session:
             assert session.get(ResultObject, row_id).kind == ObjectKind.SR
             _insert_object(session, "kos")
-            with pytest.raises(Exception):
+            with pytest.raises(IntegrityError):
                 _insert_object(session, "bogus")  # the constraint is still there, only wider
             session.rollback()
         command.downgrade(alembic_config(empty_db_url), "0004")
         with Session(engine) as session:
             kinds = session.execute(text("SELECT kind FROM result_objects")).scalars().all()
             assert kinds == ["sr"]  # rejection notes cannot exist before 0005
-            with pytest.raises(Exception):
+            with pytest.raises(IntegrityError):
                 _insert_object(session, "kos")
             session.rollback()
     finally:

@@ -12,12 +12,12 @@ import pydicom
 import pytest
 from pydicom.valuerep import DA
 
+import daemon.pipeline
+from bad_input import BAD_BIRTH_DATES, BY_NAME, PATIENT, PATIENT_ID, damage, leaks
 from daemon.bundle import load_bundle
 from daemon.config import shipped_bundles
 from daemon.inference import BundleRunner
-import daemon.pipeline
 from daemon.pipeline import StudyFiles, run_job
-from bad_input import BAD_BIRTH_DATES, BY_NAME, PATIENT, PATIENT_ID, damage, leaks
 from db.api import JobTicket
 from export import codes
 from export.sc import NOT_SCREENED_SERIES_DESCRIPTION
@@ -44,7 +44,8 @@ def study_of(files: list[Path]) -> StudyFiles:
 
 
 def test_lesion_study_gives_valid_overlays_on_the_lesion(tmp_path, ct_runner):
-    phantom = make_head("CT", age=67.0, seed=8, lesion=Lesion(kind="hemorrhage", center_mm=(25.0, -10.0, 15.0), volume_ml=25.0))
+    phantom = make_head("CT", age=67.0, seed=8,
+                        lesion=Lesion(kind="hemorrhage", center_mm=(25.0, -10.0, 15.0), volume_ml=25.0))
     files = write_dicom_series(phantom, tmp_path / "in", rows=256, cols=256, slices=100, slice_thickness=1.8)
     study = study_of(files)
     outcome = run_job(ticket(study.study_instance_uid), study, ct_runner, tmp_path / "out", overlay_slices=12)
@@ -55,7 +56,8 @@ def test_lesion_study_gives_valid_overlays_on_the_lesion(tmp_path, ct_runner):
     assert kinds.count("sr") == 1 and kinds.count("sc") == 12
     for obj in outcome.objects:
         assert dciodvfy_errors(Path(obj.path)) == [], obj.path
-    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(next(o.path for o in outcome.objects if o.kind == "sr")))
+    sr_path = next(o.path for o in outcome.objects if o.kind == "sr")
+    report = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(sr_path))
     assert report.StudyInstanceUID == study.study_instance_uid
     # The overlays are the slices through the lesion: its mask's z-range in the source series.
     lesion_slices = _lesion_source_slices(phantom, files)
@@ -223,7 +225,8 @@ def test_advisory_reason_keeps_a_normal_result(tmp_path, ct_runner):
     coded = coded_evaluations(group)
     assert coded[codes.ELIGIBILITY.value] == [(codes.ELIGIBLE.value, "")]
     assert codes.NOT_ELIGIBLE_REASON.value not in coded
-    assert ("HS0120", next(r for r in outcome.qc_reasons if r.startswith("missing_slices"))) in coded[codes.QC_ISSUE.value]
+    missing = next(r for r in outcome.qc_reasons if r.startswith("missing_slices"))
+    assert ("HS0120", missing) in coded[codes.QC_ISSUE.value]
     assert codes.ANOMALY_SCORE.value in {m.name.value for m in group.get_measurements()}
 
 

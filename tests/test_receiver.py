@@ -26,8 +26,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 

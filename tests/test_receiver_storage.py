@@ -11,12 +11,12 @@ import pydicom
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from daemon.errors import InputRejected
 from daemon.callers import AllowedCaller, CallerPolicy
 from daemon.dataset_check import parse_header
+from daemon.errors import InputRejected
 from daemon.instance_record import slice_position
-from db.group_commit import GroupCommit
 from daemon.storage import InstanceStore, InvalidUid, StorageFull, study_directory
+from db.group_commit import GroupCommit
 from db.types import InstanceRecord, RecordOutcome
 from receiver_helpers import write_ct_series
 

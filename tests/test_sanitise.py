@@ -14,7 +14,16 @@ import pytest
 from pydicom.valuerep import DA
 
 from bad_input import (
-    BAD_BIRTH_DATES, BIRTH_DATE, BY_NAME, PATIENT, PATIENT_ID, PATIENT_NAME, damage, leaks, rewrite, set_raw,
+    BAD_BIRTH_DATES,
+    BIRTH_DATE,
+    BY_NAME,
+    PATIENT,
+    PATIENT_ID,
+    PATIENT_NAME,
+    damage,
+    leaks,
+    rewrite,
+    set_raw,
 )
 from daemon.errors import InputRejected, TransientError, is_input_error
 from export.sanitise import NOTE_PREFIX, TYPE2, clean_header, sanitise_sources

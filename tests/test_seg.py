@@ -12,13 +12,23 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from daemon.pipeline import _build_results
-from export.sc import choose_slices
 from daemon.bundle import Bundle, load_bundle
 from daemon.config import shipped_bundles
-from export.seg import (DEFAULT_THRESHOLD, MIN_CLUSTER_ML, SEG_CANDIDATES, SEG_HEALTHY_BUDGET_ML, SEG_SERIES_DESCRIPTION,
-                        SEGMENT_LABEL, SEGMENT_TRACKING_ID, anomaly_mask, build_segmentation, calibrate_threshold,
-                        source_voxel_ml)
+from daemon.pipeline import _build_results
+from export.sc import choose_slices
+from export.seg import (
+    DEFAULT_THRESHOLD,
+    MIN_CLUSTER_ML,
+    SEG_CANDIDATES,
+    SEG_HEALTHY_BUDGET_ML,
+    SEG_SERIES_DESCRIPTION,
+    SEGMENT_LABEL,
+    SEGMENT_TRACKING_ID,
+    anomaly_mask,
+    build_segmentation,
+    calibrate_threshold,
+    source_voxel_ml,
+)
 from serve_harness import dciodvfy_errors
 from test_export import LESION, ct_summary, make_ct_series
 

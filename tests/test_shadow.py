@@ -26,8 +26,8 @@ import daemon.pipeline
 from daemon.bundle import load_bundle, write_bundle
 from daemon.cli import main
 from daemon.config import load_settings
-from daemon.pipeline import SharedStages, Timer
 from daemon.instance_record import slice_position
+from daemon.pipeline import SharedStages, Timer
 from daemon.scheduler import bundle_refs, sweep_completeness
 from daemon.shadow import UNASSIGNED, compare, current_plan, promote, put_in_shadow, resolve_roles, retire
 from daemon.web import create_app

@@ -225,7 +225,8 @@ def test_a_new_scanner_is_calibrated_from_its_own_healthy_studies(site: Site, he
     healthy = [site.receive(new_scanner(make_head("CT", age=52.0 + k, seed=400 + k, spacing=(2.0, 2.0, 2.0),
                                                   noise=0.0), seed=900 + k), NEW_SCANNER) for k in range(3)]
     lesions = [site.receive(new_scanner(make_head("CT", age=60.0, seed=500 + k, spacing=(2.0, 2.0, 2.0), noise=0.0,
-                                                  lesion=Lesion("hemorrhage", center, 30.0)), seed=950 + k), NEW_SCANNER)
+                                                  lesion=Lesion("hemorrhage", center, 30.0)), seed=950 + k),
+                            NEW_SCANNER)
                for k, center in enumerate([(25.0, -10.0, 15.0), (-22.0, 12.0, 22.0)])]
     elsewhere = site.receive(new_scanner(heads[0], seed=999))  # the phantom scanner's own headers
     site.screen()

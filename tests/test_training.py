@@ -21,7 +21,7 @@ from model_training.export_onnx import FAnoGANGraph, VaeGraph, export_and_check
 from model_training.networks import VAE3D, GanPreset, VaePreset
 from model_training.runtime import Samples, pick_device
 from model_training.train_fanogan import FAnoGANConfig, evaluate_izi_f, train_fanogan
-from model_training.train_vae import VaeConfig, evaluate_terms, train_vae
+from model_training.train_vae import VaeConfig, train_vae
 
 TINY_GAN = GanPreset(size=16, latent=16, channels=(4, 8))
 TINY_VAE = VaePreset(latent=16, channels=(4, 8), age_hidden=16)

@@ -19,10 +19,7 @@ from daemon.web import start_web_server
 from db import api
 from db.models import Delivery, Job
 from db_factories import BUNDLES
-from web_helpers import (  # noqa: F401 (console, console_any_db: fixtures)
-    ADMIN, CSRF, VIEWER, Console, Seeded, console, console_any_db, login_form_token,
-)
-
+from web_helpers import ADMIN, CSRF, VIEWER, Console, Seeded, login_form_token
 
 READ_ENDPOINTS = [
     "/api/v1/me", "/api/v1/overview", "/api/v1/studies", "/api/v1/studies.csv", "/api/v1/review-queue",
@@ -256,7 +253,8 @@ def test_review_actions_move_studies_out_of_the_queue(console: Console) -> None:
     s = console.seeded
     client = console.client(ADMIN)
     assert set(_uids(client, "", "/api/v1/review-queue")) == {s.positive, s.qc_failed}
-    assert client.post(f"/api/v1/studies/{s.positive}/review", json={"action": "confirm", "comment": "bleed"}).status_code == 200
+    response = client.post(f"/api/v1/studies/{s.positive}/review", json={"action": "confirm", "comment": "bleed"})
+    assert response.status_code == 200
     assert client.post(f"/api/v1/studies/{s.qc_failed}/review", json={"action": "dismiss"}).status_code == 200
     assert _uids(client, "", "/api/v1/review-queue") == []
     positive, dismissed = console.study(s.positive), console.study(s.qc_failed)
@@ -277,7 +275,8 @@ def test_confirmed_normal_studies_form_the_training_manifest(console: Console) -
     detail = client.get(f"/api/v1/studies/{s.negative}").json()
     series_uid = detail["results"][0]["selected_series_uid"]
     assert row["path"] == str(console.settings.storage_dir / s.negative / series_uid)
-    assert (row["age"], row["scanner"], row["split"], row["label"], row["modality"]) == ("54.0", "CT-SOUTH", "train", "normal", "CT")
+    assert ((row["age"], row["scanner"], row["split"], row["label"], row["modality"])
+            == ("54.0", "CT-SOUTH", "train", "normal", "CT"))
     assert console.study(s.negative).confirmed_normal
 
 
@@ -290,7 +289,8 @@ def test_failures_requeue_and_resend(console: Console) -> None:
     assert {d["delivery_id"] for d in failures["dead_deliveries"]} == set(s.dead_delivery_ids)
     job_ids = client.post(f"/api/v1/studies/{s.failed_job}/requeue").json()["job_ids"]
     assert len(job_ids) == 1
-    assert client.post("/api/v1/deliveries/resend", json={"delivery_ids": s.dead_delivery_ids}).json() == {"requeued": 1}
+    resent = client.post("/api/v1/deliveries/resend", json={"delivery_ids": s.dead_delivery_ids})
+    assert resent.json() == {"requeued": 1}
     after = client.get("/api/v1/failures").json()
     assert after == {"failed_jobs": [], "dead_deliveries": []}
     with console.sessions() as session:
@@ -332,7 +332,8 @@ def test_pages_render_their_content(console: Console) -> None:
     drift = client.get("/drift").text
     assert "CT-NORTH" in drift and "<svg" in drift
     response = client.get("/studies")
-    assert response.headers["x-frame-options"] == "DENY" and "default-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "default-src 'self'" in response.headers["content-security-policy"]
 
 
 def test_csv_export_of_the_filtered_list(console: Console) -> None:

@@ -10,7 +10,6 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.orthanc import free_port

@@ -94,7 +94,8 @@ def test_the_wheel_holds_what_serving_needs(wheel: Path) -> None:
     # Colin27, the same bytes the source tree has, with its licence.
     with zipfile.ZipFile(wheel) as archive:
         colin = archive.read("imaging/data/ch2.nii.gz")
-        assert hashlib.sha256(colin).digest() == hashlib.sha256((REPO / "imaging/data/ch2.nii.gz").read_bytes()).digest()
+        assert (hashlib.sha256(colin).digest()
+                == hashlib.sha256((REPO / "imaging/data/ch2.nii.gz").read_bytes()).digest())
     assert "imaging/data/README.md" in sizes
     # Every module and the console's files (the packages are listed in pyproject.toml).
     for package in PACKAGES:
@@ -155,7 +156,8 @@ def test_the_wheel_in_a_clean_venv_screens_a_study(wheel: Path, tmp_path: Path) 
         "try:\n    open('/usr/share/mricron/templates/ch2.nii.gz', 'rb')\n    hidden = False\n"
         "except FileNotFoundError:\n    hidden = True\n"
         "print(json.dumps({'daemon': daemon.__file__, 'colin': str(t.colin27_path()), 'hidden': hidden,\n"
-        "  'bundles': [str(p) for p in c.shipped_bundles()], 'torch': importlib.util.find_spec('torch') is not None}))\n"
+        "  'bundles': [str(p) for p in c.shipped_bundles()],\n"
+        "  'torch': importlib.util.find_spec('torch') is not None}))\n"
     )))
     assert where["daemon"].startswith(str(site)) and where["colin"].startswith(str(site)), where
     assert where["hidden"] and not where["torch"], where

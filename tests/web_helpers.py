@@ -11,12 +11,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 

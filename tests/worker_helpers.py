@@ -64,10 +64,10 @@ def queued_ct_study(session: Session) -> tuple[str, int]:
     return complete_study(session, now=api.utcnow() - timedelta(hours=2))
 
 
-def _lenient(read: Callable[[], Any]) -> Any:
+def _lenient(ds: pydicom.Dataset, read: Callable[[pydicom.Dataset], Any]) -> Any:
     """A record field as the receiver keeps it: None when the value does not decode."""
     try:
-        return read()
+        return read(ds)
     except Exception:
         return None
 
@@ -84,9 +84,9 @@ def record_stored_files(session: Session, storage_dir: Path, files: Sequence[Pat
             sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
             transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
             path=Path(path).relative_to(storage_dir).as_posix(), size_bytes=Path(path).stat().st_size,
-            modality=_lenient(lambda: str(ds.Modality)), series_number=_lenient(lambda: int(ds.SeriesNumber)),
-            instance_number=_lenient(lambda: int(ds.InstanceNumber)),
-            slice_position=_lenient(lambda: slice_position(ds)), calling_ae="PACS"))
+            modality=_lenient(ds, lambda d: str(d.Modality)), series_number=_lenient(ds, lambda d: int(d.SeriesNumber)),
+            instance_number=_lenient(ds, lambda d: int(d.InstanceNumber)),
+            slice_position=_lenient(ds, slice_position), calling_ae="PACS"))
     received = api.utcnow() - timedelta(hours=2)
     api.record_instances(session, records, now=received)
     done = api.sweep_completeness(session, received + timedelta(seconds=3600), 60, 10, list(bundles))

@@ -121,7 +121,8 @@ def review_queue(request: Request, user: PageUser, query: Query_) -> HTMLRespons
     return _study_list(request, user, query, "review.html", needs_review=True)
 
 
-def _study_list(request: Request, user: Principal, query: StudyQuery, template: str, needs_review: bool) -> HTMLResponse:
+def _study_list(request: Request, user: Principal, query: StudyQuery, template: str,
+                needs_review: bool) -> HTMLResponse:
     filters = query.to_filters(needs_review=needs_review)
     with context_of(request).db() as session:
         rows = api.list_studies(session, filters)
@@ -145,7 +146,8 @@ def study(request: Request, user: PageUser, study_uid: str) -> HTMLResponse:
                    shadows=[s for s in shadows if current is not None and s.result_id == current.result_id])
 
 
-def _qc_ranges(request: Request, result: api.ResultSummaryRow | None, modality: str | None) -> dict[str, tuple[float, float]]:
+def _qc_ranges(request: Request, result: api.ResultSummaryRow | None,
+               modality: str | None) -> dict[str, tuple[float, float]]:
     """metric -> (low, high): the plausible ranges of the bundle that produced the result
     (its manifest's preprocessing.qc_ranges), else the preprocessing defaults."""
     params: dict[str, Any] = {}
