@@ -76,7 +76,7 @@ _LISTEN_ERRORS = {
 def _listen_failure(settings: Settings, exc: OSError) -> str:
     ports = [settings.port]
     tls = getattr(getattr(settings, "receiver", None), "tls", None)
-    if getattr(tls, "enabled", False):
+    if tls is not None and getattr(tls, "enabled", False):
         ports.append(tls.port)
     where = " or ".join(f"{settings.bind_address}:{port}" for port in ports)
     return f"cannot listen for DICOM on {where}: {_LISTEN_ERRORS[exc.errno or 0]}"

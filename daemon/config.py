@@ -197,7 +197,7 @@ class DestinationConfig(_Section):
         data["url"] = None if self.url is None else redact_url(self.url)
         return data
 
-    def __repr_args__(self):  # type: ignore[no-untyped-def]
+    def __repr_args__(self):
         # repr() ends up in tracebacks and log lines; it must not carry the token.
         redacted = self.redacted()
         for key, value in super().__repr_args__():
@@ -389,7 +389,7 @@ class Settings(BaseSettings):
         data["destinations"] = [d.redacted() for d in self.destinations]
         return data
 
-    def __repr_args__(self):  # type: ignore[no-untyped-def]
+    def __repr_args__(self):
         for key, value in super().__repr_args__():
             yield key, redact_url(value) if key == "database_url" and isinstance(value, str) else value
 
@@ -420,7 +420,7 @@ def default_bundle_roots() -> list[Path]:
 def load_settings(path: Path | None = None, **overrides: object) -> Settings:
     """Read the TOML file (argument, else $HEADSCREEN_CONFIG), apply env, validate."""
     path = path or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
-    data: dict[str, object] = {}
+    data: dict[str, Any] = {}
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text())

@@ -315,6 +315,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                          request_handler=_GuardedRequestHandler)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None  # the listening socket, open while the server runs
         client, address = self.socket.accept()
         # Accepted sockets block forever by default: a peer stalling mid-PDU would pin its
         # thread. The timeout is raised to network_timeout_s once the association is requested.
@@ -331,15 +332,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         thread.start()
 
     def current_connection(self) -> Connection:
-        return self._local.connection  # type: ignore[no-any-return]
+        return self._local.connection
 
     def _serve(self, request: socket.socket, client_address: Any, connection: Connection) -> None:
         sock: socket.socket | None = request
         try:
             if self.tls_context is not None:
                 sock = self._handshake(request, connection)
-                if sock is None:
-                    return
+            if sock is None:
+                return
             self._local.connection = connection
             self.finish_request(sock, client_address)  # runs _GuardedRequestHandler.handle
         except Exception:

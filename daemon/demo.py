@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -31,6 +32,9 @@ from daemon.orthanc import Orthanc, free_port, orthanc_available
 from db.engine import make_engine, session_factory
 from db.models import Delivery, Result, ResultObject, Study
 
+if TYPE_CHECKING:  # at run time imaging is imported only where a study is synthesized
+    from imaging.phantoms import LesionKind
+
 log = logging.getLogger(__name__)
 
 SENDER_AE = "DEMO-SCU"
@@ -41,7 +45,7 @@ class DemoCase:
     label: str
     modality: str
     age: float
-    lesion_kind: str | None
+    lesion_kind: LesionKind | None
     seed: int
 
 
@@ -99,8 +103,10 @@ class LocalStorageSCP:
         self.port = free_port()
         ae = AE(ae_title="DEMO-PACS")
         ae.supported_contexts = StoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        assert server is not None  # block=False returns the running server
+        self.server = server
 
     def _store(self, event) -> int:
         (self.folder / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(event.encoded_dataset())
@@ -193,9 +199,10 @@ def poll_results(database_url: str, studies: dict[str, str]) -> list[StudyReport
                     report.qc = "; ".join(result.qc_reasons or []) or "none"
                     report.objects = [o.path for o in objects if o.kind == "sc"]
                     report.done = bool(deliveries) and len(delivered) == len(deliveries)
-                    if report.done and study.completed_at:
-                        last = max(_aware(d.delivered_at) for d in delivered)
-                        report.seconds_to_delivery = (last - _aware(study.completed_at)).total_seconds()
+                    completed_at = study.completed_at if study is not None else None
+                    if report.done and completed_at is not None:
+                        last = max(_aware(d.delivered_at) for d in delivered if d.delivered_at is not None)
+                        report.seconds_to_delivery = (last - _aware(completed_at)).total_seconds()
                 reports.append(report)
     finally:
         engine.dispose()
@@ -270,7 +277,10 @@ def run_demo(work: Path, timeout_s: float = 240.0) -> int:
                 # The hospital's flow: the study is in the PACS, which forwards it.
                 for path in paths:
                     orthanc.upload(path)
-                orthanc.push_study("headscreen", orthanc.find_study(study_uid))
+                orthanc_id = orthanc.find_study(study_uid)
+                if orthanc_id is None:
+                    raise HeadscreenError(f"Orthanc does not list the study {case.label} just uploaded")
+                orthanc.push_study("headscreen", orthanc_id)
                 print(f"  Orthanc forwarded {case.label} to headscreen by C-STORE")
             else:
                 send_files(paths, port, "HEADSCREEN")

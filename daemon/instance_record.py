@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_MODALITY_OF_CLASS = {CTImageStorage: "CT", EnhancedCTImageStorage: "CT", MRImageStorage: "MR",
+_MODALITY_OF_CLASS: dict[str, str] = {CTImageStorage: "CT", EnhancedCTImageStorage: "CT", MRImageStorage: "MR",
                       EnhancedMRImageStorage: "MR"}
 
 

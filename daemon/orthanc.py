@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from daemon.errors import HeadscreenError
 
@@ -133,7 +134,7 @@ class Orthanc:
     def get(self, path: str):
         return self._request("GET", path)
 
-    def post(self, path: str, payload) -> object:
+    def post(self, path: str, payload) -> Any:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         return self._request("POST", path, body)
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -64,6 +65,9 @@ from imaging.selection import (
 from imaging.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
+
+# A series that does not load: an input problem or pixels that do not decode.
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (InputRejected, *DECODE_ERRORS)
 
 # The map reaches export in multiples of the bundle's healthy limit (daemon.inference:
 # positive z over the healthy 99.9th percentile of z, or error over the healthy 99th
@@ -193,7 +197,7 @@ def _load_volume(paths: list[Path], timer: Timer) -> tuple[Volume | None, str | 
     each file is checked and those whose pixels do not decode are left out before one more try."""
     try:
         return timer.measure("load_volume", load_series, paths), None, {}
-    except (InputRejected, *DECODE_ERRORS) as exc:
+    except _LOAD_ERRORS as exc:
         failure: BaseException = exc
     try:
         good, bad = timer.measure("check_files", usable_files, paths)
@@ -202,7 +206,7 @@ def _load_volume(paths: list[Path], timer: Timer) -> tuple[Volume | None, str | 
     if bad and good:
         try:
             return timer.measure("load_volume", load_series, good), None, bad
-        except (InputRejected, *DECODE_ERRORS) as exc:
+        except _LOAD_ERRORS as exc:
             failure = exc
     if isinstance(failure, InputRejected):
         return None, scrub(str(failure)), bad  # our words, but they may quote a library's
@@ -361,8 +365,8 @@ def score_shadow(
     timer = Timer()
     manifest = runner.bundle.manifest
     read = shared.read(study, rules or SelectionRules.default_for(manifest.modality), timer)
-    common = dict(bundle_name=manifest.name, bundle_version=manifest.version,
-                  scoring_sha256=scoring_identity(runner.bundle))
+    common: dict[str, Any] = dict(bundle_name=manifest.name, bundle_version=manifest.version,
+                                  scoring_sha256=scoring_identity(runner.bundle))
 
     def not_eligible(reasons: str | list[str], qc_reasons: Sequence[str] = (), station: str | None = None,
                      reused: bool = False) -> ShadowOutcome:
@@ -445,9 +449,10 @@ def _ineligible(
     series_uid = chosen or next((uid for uid, h in headers.items() if h), None)
     clean = sanitise_sources(headers[series_uid]) if series_uid is not None else None
     notes = [clean.note] if clean is not None and clean.note else []
-    common = dict(eligible=False, ineligible_reason=ineligible_reason, ineligible_reasons=tuple(reasons),
-                  qc_reasons=list(dict.fromkeys([*reasons, *qc_reasons, *notes])),
-                  qc_metrics=dict(qc_metrics or {}), algorithm=algorithm)
+    common: dict[str, Any] = dict(eligible=False, ineligible_reason=ineligible_reason,
+                                  ineligible_reasons=tuple(reasons),
+                                  qc_reasons=list(dict.fromkeys([*reasons, *qc_reasons, *notes])),
+                                  qc_metrics=dict(qc_metrics or {}), algorithm=algorithm)
     if clean is None:
         return _outcome(ResultSummary(modality="OT", **common), verdicts, timer, [])
     series_headers = _in_slice_order(clean.datasets, slice_order)
@@ -616,7 +621,7 @@ def _algorithm(runner: BundleRunner) -> AlgorithmInfo:
 def _read_headers(study: StudyFiles) -> dict[str, list[Dataset]]:
     headers: dict[str, list[Dataset]] = {}
     for series_uid, paths in study.series.items():
-        datasets = []
+        datasets: list[Dataset] = []
         for path in paths:
             try:
                 datasets.append(pydicom.dcmread(path, stop_before_pixels=True))

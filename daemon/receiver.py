@@ -444,6 +444,7 @@ def _start_server(ae: AE, address: tuple[str, int], handlers: list[Any], guard: 
     """What AE.start_server(block=False) does, with our server class."""
     server = ae.make_server(address, evt_handlers=handlers, server_class=GuardedAssociationServer,
                             guard=guard, tls_context=tls_context, handshake_timeout_s=handshake_timeout_s)
+    assert isinstance(server, GuardedAssociationServer)
     thread = threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer", daemon=True)
     thread.start()
     ae._servers.append(server)  # so AE.shutdown() stops it too
@@ -669,7 +670,7 @@ def _refuse(deps: StoreDeps, event: Event, refused: _Refused) -> Dataset:
     return _status(refused.status, refused.reason)
 
 
-def _record_rejection(deps: StoreDeps, calling_ae: str, reason: str, status: int,
+def _record_rejection(deps: StoreDeps, calling_ae: str | None, reason: str, status: int,
                       sop_uid: str | None, sop_class: str | None = None) -> None:
     try:
         _with_db_retry(deps, lambda session: db_api.record_rejection(

@@ -439,9 +439,10 @@ def station_views(bundles: Sequence[Bundle], counts: Sequence[Any], references: 
             # The group key is a station key of itself (a model key lacks the station part).
             chosen = policy.choose(bundle, group)
             site = active.get(group)
-            common = dict(bundle_key=manifest.key, modality=manifest.modality, station=group, grouping=grouping,
-                          results=results, scored=scored, confirmed_normal_scored=normal,
-                          calibrating_results=calibrating, in_use=chosen.kind)
+            common: dict[str, Any] = dict(
+                bundle_key=manifest.key, modality=manifest.modality, station=group, grouping=grouping,
+                results=results, scored=scored, confirmed_normal_scored=normal, calibrating_results=calibrating,
+                in_use=chosen.kind)
             if isinstance(chosen, Calibrating):
                 views.append(StationView(
                     **common, reference_id=None if site is None else site.reference_id, n=chosen.has,

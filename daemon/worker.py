@@ -237,6 +237,7 @@ class Worker:
         if failure is not None:
             self._fail(ticket, *failure, policy)
             return None
+        assert outcome is not None  # _run returns an outcome or a failure
         destinations = [d.name for d in self.settings.destinations]
         rejection = self._rejection_note(ticket, runner, outcome, extra)
         with self.sessions() as session:

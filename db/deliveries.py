@@ -119,7 +119,7 @@ def _rejection_may_go():
     return and_(~new_result_undelivered, ~old_result_open)
 
 
-def mark_delivered(session: Session, delivery_id: int, status: int, now: datetime | None = None) -> bool:
+def mark_delivered(session: Session, delivery_id: int, status: int | None, now: datetime | None = None) -> bool:
     """In flight -> delivered (commits). False when the delivery was not in flight."""
     now = clock(now)
     begin_write(session)

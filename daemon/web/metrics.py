@@ -182,20 +182,20 @@ class DatabaseCollector(Collector):
 
         jobs = by_state(Job)
         gauge = GaugeMetricFamily("headscreen_jobs", "Jobs waiting for or held by a worker.", labels=["state"])
-        for state in _ACTIVE_JOB_STATES:
-            gauge.add_metric([str(state)], jobs.get(str(state), 0))
+        for job_state in _ACTIVE_JOB_STATES:
+            gauge.add_metric([str(job_state)], jobs.get(str(job_state), 0))
         yield gauge
         counter = CounterMetricFamily("headscreen_jobs_finished", "Jobs ended: done (a result), failed (attempts "
                                       "used up or not retryable), superseded (the study changed).", labels=["outcome"])
-        for state in _ENDED_JOB_STATES:
-            counter.add_metric([str(state)], jobs.get(str(state), 0))
+        for job_state in _ENDED_JOB_STATES:
+            counter.add_metric([str(job_state)], jobs.get(str(job_state), 0))
         yield counter
 
         deliveries = by_state(Delivery)
         gauge = GaugeMetricFamily("headscreen_deliveries", "Result objects to send (pending, in_flight) or "
                                   "dead-lettered (dead: see `headscreen resend`).", labels=["state"])
-        for state in _OPEN_DELIVERY_STATES:
-            gauge.add_metric([str(state)], deliveries.get(str(state), 0))
+        for delivery_state in _OPEN_DELIVERY_STATES:
+            gauge.add_metric([str(delivery_state)], deliveries.get(str(delivery_state), 0))
         yield gauge
         counter = CounterMetricFamily("headscreen_deliveries_delivered", "Result objects a destination accepted.")
         counter.add_metric([], deliveries.get(str(DeliveryState.DELIVERED), 0))

@@ -66,10 +66,10 @@ def login_submit(
     try:
         opened = login.attempt_login(request, username, password)
     except login.Throttled as exc:
-        response = _login_page(request, next, "Too many failed log-ins. Please wait "
-                               f"{exc.retry_after_s} s and try again.", status_code=429)
-        response.headers["Retry-After"] = str(exc.retry_after_s)
-        return response
+        page = _login_page(request, next, "Too many failed log-ins. Please wait "
+                           f"{exc.retry_after_s} s and try again.", status_code=429)
+        page.headers["Retry-After"] = str(exc.retry_after_s)
+        return page
     if opened is None:
         return _login_page(request, next, "Wrong user name or password.", status_code=401)
     response = RedirectResponse(_safe_next(next), status_code=303)

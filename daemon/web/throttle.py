@@ -49,6 +49,10 @@ class Throttled(Exception):
         self.retry_after_s = retry_after_s
 
 
+def _scoped(account: str, address: str) -> tuple[tuple[Scope, str], ...]:
+    return (("account", account), ("address", address))
+
+
 class LoginThrottle:
     def __init__(self, config: WebConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
@@ -81,7 +85,7 @@ class LoginThrottle:
         with self._lock:
             now = self.clock()
             states = [(scope, self._state(scope, key, now)) for scope, key in
-                      (("account", account), ("address", address))]
+                      _scoped(account, address)]
             wait = max((s.locked_until - now for _, s in states), default=0.0)
             if wait <= 0 and any(len(s.failures) + s.pending >= self._limit(scope) for scope, s in states):
                 wait = 1.0  # the limit is taken by checks still running; they end in well under a second
@@ -102,7 +106,7 @@ class LoginThrottle:
     def abandoned(self, account: str, address: str) -> None:
         """The check did not finish (database error): neither a failure nor a success."""
         with self._lock:
-            for scope, key in (("account", account), ("address", address)):
+            for scope, key in _scoped(account, address):
                 state = self._states[scope].get(key)
                 if state is not None:
                     state.pending = max(0, state.pending - 1)
@@ -112,7 +116,7 @@ class LoginThrottle:
         started = []
         with self._lock:
             now = self.clock()
-            for scope, key in (("account", account), ("address", address)):
+            for scope, key in _scoped(account, address):
                 state = self._state(scope, key, now)
                 state.pending = max(0, state.pending - 1)
                 state.failures.append(now)
