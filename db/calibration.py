@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import Row, and_, case, func, select
 from sqlalchemy.orm import Session
 
 from db.engine import write_transaction
@@ -47,7 +48,7 @@ def calibration_candidates(session: Session, bundle_name: str, bundle_version: s
     )
     if confirmed_normal_only:
         stmt = stmt.where(Study.confirmed_normal.is_(True))
-    rows = list(session.execute(stmt).all())
+    rows: list[Row[Any]] = list(session.execute(stmt).all())
     # A shadow bundle's verdicts count too, so it can be calibrated before it is promoted.
     # They are identified by the current active result of the same study.
     shadow = (

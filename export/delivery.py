@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -119,7 +119,7 @@ def _inspect(path: Path) -> _FileInfo | None:
 def _contexts(files: Sequence[_FileInfo]) -> list[PresentationContext]:
     """One context per SOP class, offering each stored transfer syntax first and
     the uncompressed ones as fallback (pynetdicom converts between those)."""
-    syntaxes: dict[UID, list[UID]] = {}
+    syntaxes: dict[UID, list[str | UID]] = {}
     for info in files:
         offered = syntaxes.setdefault(info.sop_class_uid, [])
         for ts in (info.transfer_syntax_uid, *_UNCOMPRESSED):
@@ -133,7 +133,8 @@ def _contexts(files: Sequence[_FileInfo]) -> list[PresentationContext]:
 
 def _enable_nodelay(event: evt.Event) -> None:
     # Small PDUs (the C-STORE command) otherwise wait on Nagle + delayed ACK.
-    sock = event.assoc.dul.socket.socket
+    assoc_socket = event.assoc.dul.socket
+    sock = assoc_socket.socket if assoc_socket is not None else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -269,7 +270,7 @@ def _status_by_uid(body: bytes) -> dict[str, int]:
     def items(tag: str) -> list[dict]:
         return (response.get(tag) or {}).get("Value") or []
 
-    def first(item: dict, tag: str) -> object:
+    def first(item: dict, tag: str) -> Any:
         values = (item.get(tag) or {}).get("Value") or [None]
         return values[0]
 

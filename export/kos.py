@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 from highdicom.sr import CodedConcept
@@ -82,7 +83,7 @@ def build_rejection_note(
         referenced_objects=evidence,
         description=REJECTION_DESCRIPTION,
     )
-    equipment = {}
+    equipment: dict[str, Any] = {}
     if algorithm is not None:
         equipment = dict(manufacturer_model_name=algorithm.name[:64], software_versions=algorithm.version[:64])
     note = hd.ko.KeyObjectSelectionDocument(

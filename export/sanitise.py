@@ -30,8 +30,9 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from highdicom.enum import SpecificCharacterSetValues
 from pydicom import config
@@ -43,6 +44,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import DA, DT, TM, validate_value
 
+_check_specific_character_set: Callable[..., Any] | None
 try:  # the check highdicom applies to the character set it writes
     from highdicom.valuerep import _check_specific_character_set
 except ImportError:  # a highdicom without it: its enumeration of defined terms

@@ -457,7 +457,7 @@ def _build_one(
         sop_instance_uid=hd.UID(),
         instance_number=instance_number,
         manufacturer=algo.manufacturer,
-        pixel_spacing=spacing,
+        pixel_spacing=spacing,  # type: ignore[arg-type]  # highdicom annotates it tuple[int, int]; it is mm
         patient_orientation=_patient_orientation(source),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=SERIES_DESCRIPTION,

@@ -364,7 +364,8 @@ def build_report(
         imaging_measurements=[group],
     )
     evaluations = ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
-    evaluations.ContentSequence = [
+    # pydicom types the attribute as a Sequence; a list of content items is what it takes.
+    evaluations.ContentSequence = [  # type: ignore[assignment]
         *_evaluations(summary, reference, absent),
         TextContentItem(name=REPORT_SUMMARY_TEXT, value=summary_text(summary, reference, absent),
                         relationship_type="CONTAINS"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -47,13 +48,17 @@ def real_t1_available() -> bool:
     return REAL_T1.exists() and REAL_T1_BRAIN.exists()
 
 
+def _nifti(path: Path) -> nib.Nifti1Image:
+    return cast(nib.Nifti1Image, nib.load(str(path)))  # nibabel's load is typed as any image format
+
+
 def load_real_t1() -> RealHead:
     """The real T1 with its reference brain mask (install Debian's insighttoolkit5-examples)."""
     if not real_t1_available():
         raise ConfigError(f"REAL_T1: {REAL_T1} missing (install Debian package insighttoolkit5-examples)")
-    image = nifti_to_sitk(nib.load(str(REAL_T1))) * T1_SCALE
-    brain = nifti_to_sitk(nib.load(str(REAL_T1_BRAIN)), dtype=np.uint8) > 0
-    labels = nifti_to_sitk(nib.load(str(REAL_T1_LABELS)), dtype=np.uint8)
+    image = nifti_to_sitk(_nifti(REAL_T1)) * T1_SCALE
+    brain = nifti_to_sitk(_nifti(REAL_T1_BRAIN), dtype=np.uint8) > 0
+    labels = nifti_to_sitk(_nifti(REAL_T1_LABELS), dtype=np.uint8)
     return RealHead(image=sitk.Cast(image, sitk.sitkFloat32), brain_mask=sitk.Cast(brain, sitk.sitkUInt8),
                     labels=sitk.Cast(labels, sitk.sitkUInt8))
 

@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import SimpleITK as sitk
@@ -140,9 +140,9 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
         yaws = grid["yaw"] if name == "as_labelled" else grid["yaw_turned"]
         scored = [(consider(name, flip @ _euler(pitch, roll, yaw)), (pitch, roll, yaw))
                   for pitch in grid["pitch"] for yaw in yaws for roll in rolls]
-        best = min(scored)[1]
+        best_angles = min(scored)[1]
         for step in _joint_steps(float(grid["joint_step"])):
-            consider(name, flip @ _euler(*(b + d for b, d in zip(best, step))))
+            consider(name, flip @ _euler(*(b + d for b, d in zip(best_angles, step))))
     candidates.sort(key=lambda c: c[0])
     searched = time.perf_counter()
 
@@ -158,7 +158,7 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     rigid_stage = settings["rigid"]
     coarse_stage = {**rigid_stage, "levels_mm": rigid_stage["levels_mm"][:1]}
     fine_stage = {**rigid_stage, "levels_mm": rigid_stage["levels_mm"][1:]}
-    best: tuple[float, sitk.Transform, str] | None = None
+    best: tuple[float, sitk.Euler3DTransform, str] | None = None
     for _, transform, name in shortlist:
         refined, metric = _optimise(pyramid, transform, coarse_stage, settings)
         if best is None or metric < best[0]:
@@ -303,8 +303,11 @@ def _superior_axis_down(matrix: np.ndarray) -> bool:
     return bool(up[2] < 0.0)
 
 
-def _optimise(pyramid: _Pyramid, transform: sitk.Transform, stage: dict[str, Any],
-              settings: dict[str, Any]) -> tuple[sitk.Transform, float]:
+_T = TypeVar("_T", bound=sitk.Transform)
+
+
+def _optimise(pyramid: _Pyramid, transform: _T, stage: dict[str, Any],
+              settings: dict[str, Any]) -> tuple[_T, float]:
     """Run a stage coarse to fine over its levels; returns the moved transform and final metric."""
     current = transform.__class__(transform)
     metric = float("inf")

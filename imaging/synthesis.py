@@ -222,7 +222,7 @@ def acquire_and_sample(fine: sitk.Image, final: sitk.Image, appearance: Appearan
     head = values > (air + (300.0 if ct else 0.05 * appearance.tissue["wm"]))
     if ct:
         values += appearance.bias * smooth_field(values.shape, rng) * head
-        _beam_hardening(values, head, appearance, rng, tuple(float(v) for v in spacing[::-1]))
+        _beam_hardening(values, head, appearance, rng, (float(spacing[2]), float(spacing[1]), float(spacing[0])))
         _streaks(values, head, appearance, rng)
         if appearance.holder:
             _head_holder(values, head, spacing, rng)
