@@ -9,6 +9,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -173,12 +174,13 @@ def evaluate_bundle(bundle_dir: Path, n: int, seed: int, cache: Path | None, thr
             scores.setdefault(label, []).append(result.anomaly_score)
             if result.age_gap is not None:
                 age_errors.setdefault(label, []).append(abs(result.age_gap))
-    result = {"bundle": m.key, "sha256": bundle.sha256, "seed": seed,
-              **detection_metrics(np.array(scores["healthy"]), np.array(scores["lesion"]), m.calibration.threshold)}
+    summary: dict[str, Any] = {
+        "bundle": m.key, "sha256": bundle.sha256, "seed": seed,
+        **detection_metrics(np.array(scores["healthy"]), np.array(scores["lesion"]), m.calibration.threshold)}
     if m.age.supported:
-        result["age_mae_healthy"] = float(np.mean(age_errors["healthy"])) if age_errors.get("healthy") else None
-        result["age_mae_lesion"] = float(np.mean(age_errors["lesion"])) if age_errors.get("lesion") else None
-    return result
+        summary["age_mae_healthy"] = float(np.mean(age_errors["healthy"])) if age_errors.get("healthy") else None
+        summary["age_mae_lesion"] = float(np.mean(age_errors["lesion"])) if age_errors.get("lesion") else None
+    return summary
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:

@@ -160,10 +160,10 @@ def stratified_split(ages: np.ndarray, counts: dict[str, int]) -> dict[str, np.n
     total = sum(counts.values())
     if total != len(ages):
         raise ValueError(f"counts sum to {total}, but there are {len(ages)} subjects")
-    taken = {name: [] for name in counts}
+    taken: dict[str, list[int]] = {name: [] for name in counts}
     for rank, index in enumerate(np.argsort(ages, kind="stable")):
         deficit = {n: counts[n] * (rank + 1) / total - len(taken[n]) for n in counts if len(taken[n]) < counts[n]}
-        taken[max(deficit, key=deficit.get)].append(int(index))
+        taken[max(deficit, key=lambda n: deficit[n])].append(int(index))
     return {name: np.array(sorted(idx), dtype=int) for name, idx in taken.items()}
 
 

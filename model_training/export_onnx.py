@@ -33,7 +33,14 @@ class ExportError(BundleError):
     """The exported graph is missing or disagrees with PyTorch."""
 
 
-class FAnoGANGraph(nn.Module):
+class ExportGraph(nn.Module):
+    """A scoring graph that names its ONNX inputs and outputs."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+
+class FAnoGANGraph(ExportGraph):
     """image -> (error_map, izi_f, focal): the whole f-AnoGAN scoring path in one graph."""
 
     output_names = ("error_map", "izi_f", "focal")
@@ -51,7 +58,7 @@ class FAnoGANGraph(nn.Module):
         return error_map, score, focal_per_sample(error_map)
 
 
-class VaeGraph(nn.Module):
+class VaeGraph(ExportGraph):
     """image (+ chronological_age for vae_ac) -> (error_map, rec, kl, focal[, age]); z = mu."""
 
     def __init__(self, vae: VAE3D) -> None:
@@ -68,14 +75,14 @@ class VaeGraph(nn.Module):
         return terms + ((out.age,) if out.age is not None else ())
 
 
-def _example_inputs(graph: nn.Module, grid: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+def _example_inputs(graph: ExportGraph, grid: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
     image = torch.zeros(2, 1, *grid)
     if "chronological_age" in graph.input_names:
         return image, torch.full((2,), 50.0)
     return (image,)
 
 
-def export_graph(graph: nn.Module, path: Path, grid: tuple[int, int, int]) -> Path:
+def export_graph(graph: ExportGraph, path: Path, grid: tuple[int, int, int]) -> Path:
     """Write `graph` (in eval mode) as a single-file ONNX model, opset 17, dynamic batch."""
     graph.eval()
     path = Path(path)
@@ -100,7 +107,7 @@ def export_graph(graph: nn.Module, path: Path, grid: tuple[int, int, int]) -> Pa
     return path
 
 
-def parity_max_abs_diff(graph: nn.Module, path: Path, images: np.ndarray, ages: np.ndarray | None = None) -> float:
+def parity_max_abs_diff(graph: ExportGraph, path: Path, images: np.ndarray, ages: np.ndarray | None = None) -> float:
     """Largest |onnxruntime - pytorch| over every output for `images` [N,1,D,H,W]."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {"image": images.astype(np.float32)}
@@ -126,7 +133,7 @@ def parity_max_abs_diff(graph: nn.Module, path: Path, images: np.ndarray, ages: 
 
 
 def export_and_check(
-    graph: nn.Module, path: Path, real_images: np.ndarray, real_ages: np.ndarray, seed: int = 0
+    graph: ExportGraph, path: Path, real_images: np.ndarray, real_ages: np.ndarray, seed: int = 0
 ) -> float:
     """Export, then compare on random and on real inputs; raise if above tolerance."""
     graph = graph.cpu()

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from daemon.bundle import Bundle, load_bundle
 from daemon.errors import ConfigError
@@ -27,7 +26,7 @@ from imaging.preprocess import ModelGrid, default_params
 from model_training.bundles import WEIGHTS_FILE, BundleSpec, load_weights, save_weights, write_model_bundle
 from model_training.calibration import ScoreWeights, calibrate, select_score_weights
 from model_training.cohort import Cohort, CohortSpec, build_cohort, cache_folder, imaging_fingerprint
-from model_training.export_onnx import FAnoGANGraph, VaeGraph, export_and_check
+from model_training.export_onnx import ExportGraph, FAnoGANGraph, VaeGraph, export_and_check
 from model_training.losses import FOCAL_KERNEL
 from model_training.model_card import write_model_card
 from model_training.networks import GAN_PRESETS, VAE_PRESETS, GanPreset
@@ -87,7 +86,7 @@ class TrainOptions:
 
 @dataclass(frozen=True)
 class Trained:
-    graph: nn.Module
+    graph: ExportGraph
     metrics_csv: Path
     steps: int
     hyper: dict[str, Any]
@@ -153,8 +152,9 @@ def _score_weights(method: str, val_healthy: Scored, val_anomalous: Scored) -> S
 
     def terms(scored: Scored) -> dict[str, np.ndarray]:
         out = {t: v for t, v in scored.terms.items() if t in allowed}
-        if scored.age is not None:
-            out["age_gap"] = np.abs(scored.age_gap())  # type: ignore[arg-type]
+        gap = scored.age_gap()
+        if gap is not None:
+            out["age_gap"] = np.abs(gap)
         return out
     return select_score_weights(terms(val_healthy), terms(val_anomalous), "izi_f" if method == "fanogan" else "kl")
 
@@ -308,13 +308,14 @@ def _paper_score(method: str, val_h: Scored, val_a: Scored, test_h: Scored, test
 
     def terms(scored: Scored) -> dict[str, np.ndarray]:
         out = {t: scored.terms[t] for t in names}
-        if scored.age is not None:
-            out["age_gap"] = np.abs(scored.age_gap())  # type: ignore[arg-type]
+        gap = scored.age_gap()
+        if gap is not None:
+            out["age_gap"] = np.abs(gap)
         return out
     weights = select_score_weights(terms(val_h), terms(val_a), names[-1])
 
     def combined(scored: Scored) -> np.ndarray:
-        return sum(w * v for t, v in terms(scored).items() for w in [weights.get(t)])
+        return np.sum([w * v for t, v in terms(scored).items() for w in [weights.get(t)]], axis=0)
     definition = " + ".join(f"{w:.3g} * {t}" for t, w in weights.terms.items())
     return {"definition": definition, "weights": weights.terms,
             "test_auroc": detection_metrics(combined(test_h), combined(test_a))["auroc"]}
@@ -359,9 +360,9 @@ def _metrics(test_h: Scored, test_a: Scored, val_h: Scored, val_a: Scored, terms
     score_h, score_a = test_h.combined(terms, age_gap_weight), test_a.combined(terms, age_gap_weight)
     out: dict[str, Any] = {"test": detection_metrics(score_h, score_a, threshold)}
     out["test_per_term_auroc"] = {t: detection_metrics(test_h.terms[t], test_a.terms[t])["auroc"] for t in test_h.terms}
-    if test_h.age is not None:
-        out["test_per_term_auroc"]["age_gap"] = detection_metrics(np.abs(test_h.age_gap()),
-                                                                  np.abs(test_a.age_gap()))["auroc"]
+    gap_h, gap_a = test_h.age_gap(), test_a.age_gap()
+    if gap_h is not None and gap_a is not None:
+        out["test_per_term_auroc"]["age_gap"] = detection_metrics(np.abs(gap_h), np.abs(gap_a))["auroc"]
         out["age_mae_healthy_test"] = age_mae(test_h)
         out["age_mae_anomalous_test"] = age_mae(test_a)
     out["validation"] = detection_metrics(val_h.combined(terms, age_gap_weight), val_a.combined(terms, age_gap_weight))

@@ -147,5 +147,5 @@ def anomaly_score(
     """alpha * Rec + beta * KL + gamma * |age gap| (MR paper, Eq. 3)."""
     score = alpha * rec + beta * kl
     if age_gap is not None and gamma:
-        score = score + gamma * abs(age_gap)
+        score = score + gamma * (age_gap.abs() if isinstance(age_gap, torch.Tensor) else np.abs(age_gap))
     return score

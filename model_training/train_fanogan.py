@@ -226,7 +226,8 @@ def train_fanogan(
         raise ValueError(f"samples grid {samples.grid} does not match preset size {cfg.preset.size}")
     work_dir = Path(work_dir)
     gen = seed_everything(cfg.seed)
-    nets = FAnoGANNets(*(m.to(device) for m in build_fanogan(cfg.preset)))
+    generator, critic, encoder = build_fanogan(cfg.preset)
+    nets = FAnoGANNets(generator.to(device), critic.to(device), encoder.to(device))
     metrics = MetricsLog(work_dir / "metrics.csv", METRIC_FIELDS)
     state = load_checkpoint(work_dir / CHECKPOINT) if resume else None
     if not resume and metrics.path.exists():
