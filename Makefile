@@ -43,12 +43,14 @@ FAST_IGNORE := tests/test_e2e.py tests/test_delivery_e2e.py tests/test_web_brows
 test-fast: system-deps install-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(addprefix --ignore=,$(FAST_IGNORE)) $(PYTEST_ARGS)
 
-## make lint: `ruff check` (rules in pyproject's [tool.ruff]). CI runs it before `make test`.
+## make lint: `ruff check` (rules in pyproject's [tool.ruff]) and mypy with the pydantic plugin
+## ([tool.mypy]: daemon, db, export, imaging, model_training). CI runs it before `make test`.
 ## Not `ruff format --check`: the formatter would rewrite 153 of the 181 Python files (the
 ## code aligns continuation lines under the opening bracket; the formatter does not), so
 ## the tree is not formatter-clean and a reformat would bury the history.
 lint: install-test
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: system-deps install-test
 	$(BIN)/python bench/ingest.py
