@@ -84,10 +84,15 @@ _CT: dict[str, Any] = {
     "noise_band": [-100.0, 150.0],
     # head_dice: 0.96 on the real T1 after a good registration (one head's shape is not
     # the atlas'), 0.98 on phantoms, 0.70-0.88 for noise, a chest or a cylinder.
-    "qc_ranges": {"brain_volume_ml": [900.0, 2600.0], "head_dice": [0.92, 1.0], "brain_dice": [0.93, 1.0],
+    # brain_dice (HU brain extraction vs the registered atlas brain) and affine_scale from
+    # 112 healthy domain-randomised heads (synthesis of 9015f1c): correctly registered ones
+    # reach brain_dice 0.90-0.95 and scale down to 0.78 (MNI152 is larger than most adult
+    # heads); with 0.93 and 0.8, 68 of the 112 failed the QC. A failed extraction or a collapsed
+    # registration lies well below the new bounds.
+    "qc_ranges": {"brain_volume_ml": [900.0, 2600.0], "head_dice": [0.92, 1.0], "brain_dice": [0.85, 1.0],
                   "skull_coverage": [0.35, 10.0],
                   "head_similarity": [0.3, 1.0],
-                  "rotation_deg": [0.0, 60.0], "affine_scale": [0.8, 1.25], "noise_sigma": [0.0, 25.0],
+                  "rotation_deg": [0.0, 60.0], "affine_scale": [0.72, 1.25], "noise_sigma": [0.0, 25.0],
                   "slice_spacing_cv": [0.0, 0.05]},
 }
 

@@ -158,20 +158,34 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     rigid_stage = settings["rigid"]
     coarse_stage = {**rigid_stage, "levels_mm": rigid_stage["levels_mm"][:1]}
     fine_stage = {**rigid_stage, "levels_mm": rigid_stage["levels_mm"][1:]}
-    best: tuple[float, sitk.Euler3DTransform, str] | None = None
+    refined: list[tuple[float, sitk.Euler3DTransform, str]] = []
     for _, transform, name in shortlist:
-        refined, metric = _optimise(pyramid, transform, coarse_stage, settings)
-        if best is None or metric < best[0]:
-            best = (metric, refined, name)
-    assert best is not None
-    rigid = _optimise(pyramid, best[1], fine_stage, settings)[0] if fine_stage["levels_mm"] else best[1]
+        moved, metric = _optimise(pyramid, transform, coarse_stage, settings)
+        refined.append((metric, moved, name))
+    refined.sort(key=lambda c: c[0])
+    best = refined[0]
+
+    def finish(rigid: sitk.Euler3DTransform) -> tuple[sitk.AffineTransform, float]:
+        if fine_stage["levels_mm"]:
+            rigid = _optimise(pyramid, rigid, fine_stage, settings)[0]
+        affine = sitk.AffineTransform(3)
+        affine.SetCenter(rigid.GetCenter())
+        affine.SetMatrix(rigid.GetMatrix())
+        affine.SetTranslation(rigid.GetTranslation())
+        return _optimise(pyramid, affine, settings["affine"], settings)
 
     rigid_done = time.perf_counter()
-    affine = sitk.AffineTransform(3)
-    affine.SetCenter(rigid.GetCenter())
-    affine.SetMatrix(rigid.GetMatrix())
-    affine.SetTranslation(rigid.GetTranslation())
-    affine, metric = _optimise(pyramid, affine, settings["affine"], settings)
+    affine, metric = finish(best[1])
+    hypothesis = best[2]
+    labelled = next((c for c in refined if c[2] == "as_labelled"), None)
+    if hypothesis != "as_labelled" and labelled is not None:
+        # Headers almost always say the right way round, and a skull alone is nearly
+        # symmetric front to back: on realistic CT heads a back-to-front turn won the
+        # coarse level by 0.3-3 % (11 of 136 healthy synthetic heads). A turn must also
+        # win the full registration, whose last level weighs the soft tissue and brain.
+        labelled_affine, labelled_metric = finish(labelled[1])
+        if labelled_metric <= metric:
+            affine, metric, hypothesis = labelled_affine, labelled_metric, "as_labelled"
 
     matrix = np.asarray(affine.GetMatrix()).reshape(3, 3)
     rotation = _rotation_angle_deg(rotation_part(matrix))
@@ -182,7 +196,7 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
                                 stage_seconds={"search": searched - start, "rigid": rigid_done - searched,
                                                "affine": time.perf_counter() - rigid_done})
     logger.debug("registered", extra={"action": "registered", "rotation_deg": rotation, "metric": metric,
-                                      "hypothesis": best[2], "seconds": result.seconds})
+                                      "hypothesis": hypothesis, "seconds": result.seconds})
     return result
 
 
