@@ -42,7 +42,7 @@ from db_factories import BUNDLES, T0, add_series, claimed_job, outcome, uid
 from serve_harness import REPO
 from web_helpers import Console, console, console_any_db  # noqa: F401 (fixtures)
 
-SHIPPED_CT_BUNDLE = REPO / "models" / "ct-fanogan-compact-2.0.0"
+SHIPPED_CT_BUNDLE = next(p for p in sorted((REPO / "models").iterdir()) if p.name.startswith("ct-fanogan-compact-"))
 
 
 def scrape(client, accept: str | None = None) -> dict[str, object]:
