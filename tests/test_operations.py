@@ -249,9 +249,13 @@ def test_inside_serve_readiness_probes_the_receiver_sweeps_and_worker_processes(
         with console.sessions() as session:  # the probe is no refused peer
             assert session.execute(select(func.count(IngestRejection.id))).scalar_one() == 0
 
+        receiver.stats.add_sanitised(["PatientAge", "PatientAge"], ["StationName"])
         families = scrape(client)
         assert value(families, "headscreen_receiver_instances_stored",
                      "headscreen_receiver_instances_stored_total") == 0
+        header_values = ("headscreen_receiver_header_values", "headscreen_receiver_header_values_total")
+        assert value(families, *header_values, outcome="dropped", keyword="PatientAge") == 2
+        assert value(families, *header_values, outcome="truncated", keyword="StationName") == 1
         assert value(families, "headscreen_worker_processes", "headscreen_worker_processes", state="alive") == 2
         assert families["headscreen_scheduler_last_sweep_timestamp_seconds"].type == "gauge"
 

@@ -265,6 +265,15 @@ class ServeCollector(Collector):
         for stage, seconds in sorted(stats.get("stage_seconds", {}).items()):
             counter.add_metric([stage], seconds)
         yield counter
+        # Optional header values a stored instance's row went without, by DICOM keyword (never
+        # a value): a sender whose headers break one field shows up here before anyone asks.
+        counter = CounterMetricFamily("headscreen_receiver_header_values", "Optional header values left out of "
+                                      "(dropped) or cut to fit (truncated) the rows of stored instances, by keyword.",
+                                      labels=["outcome", "keyword"])
+        for outcome, key in (("dropped", "values_dropped"), ("truncated", "values_truncated")):
+            for keyword, n in sorted(stats.get(key, {}).items()):
+                counter.add_metric([outcome, keyword], n)
+        yield counter
 
         pool = runtime.workers
         gauge = GaugeMetricFamily("headscreen_worker_processes", "Worker processes of this serve, by state.",
