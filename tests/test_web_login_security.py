@@ -333,6 +333,19 @@ def test_viewers_see_error_categories_and_admins_the_detail(make_console: Callab
     assert admin.get("/api/v1/failures").json()["failed_jobs"][0]["last_error"] == "preprocess: no brain found"
 
 
+def test_account_events_in_the_audit_trail_are_for_admins_only(make_console: Callable[..., Console]) -> None:
+    """Who logged in, from where, and who failed to: a viewer reads the study trail, not that."""
+    console = make_console()
+    viewer, admin = console.client(VIEWER), console.client(ADMIN)  # each logs in: a "login" row
+    with console.sessions() as session:
+        api.audit(session, "mallory", "login_failed", detail={"address": "10.9.9.9"})
+    account = ("login", "logout", "user_")
+    seen_by_admin = {e["action"] for e in admin.get("/api/v1/audit").json()}
+    assert {"login", "login_failed"} <= seen_by_admin
+    seen_by_viewer = {e["action"] for e in viewer.get("/api/v1/audit").json()}
+    assert seen_by_viewer and not [a for a in seen_by_viewer if a.startswith(account)], seen_by_viewer
+
+
 @pytest.mark.parametrize(("text", "category"), [
     ("ValueError: Unable to convert '<withheld>' to 'DA' object", "ValueError"),
     ("TypeError (message withheld) at daemon/pipeline.py:12", "TypeError"),

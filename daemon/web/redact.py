@@ -1,6 +1,7 @@
 """What a viewer may read of failure text: its category (the exception type or the
 stage that failed), never the text, which may quote a data set. Admins read the
-text as the database gives it (already scrubbed of DICOM values)."""
+text as the database gives it (already scrubbed of DICOM values). Account events
+(log-ins, failed log-ins, lockouts, users made or changed) are for admins only."""
 
 from __future__ import annotations
 
@@ -47,9 +48,17 @@ def for_role(user: Principal, value: T) -> T:
     return value if user.is_admin else _redacted(value)
 
 
+# Who logged in, from where, who failed and which accounts exist: account security.
+ACCOUNT_ACTION_PREFIXES = ("login", "logout", "user_")
+
+
+def _account_event(value: Any) -> bool:
+    return isinstance(value, AuditEntry) and value.action.startswith(ACCOUNT_ACTION_PREFIXES)
+
+
 def _redacted(value: Any) -> Any:
     if isinstance(value, list):
-        return [_redacted(v) for v in value]
+        return [_redacted(v) for v in value if not _account_event(v)]
     if isinstance(value, tuple):
         return tuple(_redacted(v) for v in value)
     if isinstance(value, AuditEntry):
