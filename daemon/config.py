@@ -310,6 +310,9 @@ class Settings(BaseSettings):
     # Error-map units (multiples of the healthy 99th percentile) at or above which a voxel is in the SEG.
     # None: each bundle's own, calibrated on healthy scans (1.0 for a bundle without one).
     seg_threshold: float | None = Field(None, gt=0)
+    # The anomaly map itself as a DICOM Parametric Map (float32, on the source geometry), for
+    # viewers that show one; off by default (a float map of a thin-slice CT is large).
+    parametric_map_enabled: bool = False
     # Series selection rules per modality; each key given replaces the default's.
     selection: dict[Literal["CT", "MR"], dict[str, Any]] = {}
     delivery: DeliveryConfig = DeliveryConfig()

@@ -47,6 +47,7 @@ from daemon.storage import atomic_write
 from db.api import JobOutcome, JobTicket, OutputObject, ShadowOutcome
 from export.kos import build_rejection_note
 from export.model import AlgorithmInfo, ResultSummary
+from export.pm import build_parametric_map
 from export.sanitise import TYPE2, sanitise_sources
 from export.sc import OverlayStyle, build_not_screened_image, build_overlay_series, choose_slices
 from export.seg import DEFAULT_THRESHOLD, build_segmentation, missing_for_seg
@@ -225,15 +226,18 @@ def run_job(
     seg_threshold: float | None = None,
     references: ReferencePolicy | None = None,
     shared: SharedStages | None = None,
+    parametric_map_enabled: bool = False,
 ) -> JobOutcome:
     """`seg_threshold` None takes the bundle's calibrated one (Bundle.seg_threshold).
     `references` chooses the healthy reference per scanner (default: the bundle's own).
     `shared` keeps what shadow bundles of the study may reuse (see SharedStages).
+    `parametric_map_enabled` adds the anomaly map as a Parametric Map (export.pm) to an
+    eligible result judged against a reference (never while calibrating, as the SEG).
     An input error on the way gives a not-eligible result instead (`not_screened_after_error`)."""
     stages = shared if shared is not None else SharedStages()
     try:
         return _screen(ticket, study, runner, output_dir, overlay_slices, rules, seg_enabled, seg_threshold,
-                       references, stages)
+                       references, stages, parametric_map_enabled)
     except Exception as exc:
         if not is_input_error(exc):
             raise
@@ -251,6 +255,7 @@ def _screen(
     seg_threshold: float | None,
     references: ReferencePolicy | None,
     stages: SharedStages,
+    parametric_map_enabled: bool = False,
 ) -> JobOutcome:
     timer = Timer()
     manifest = runner.bundle.manifest
@@ -325,19 +330,26 @@ def _screen(
     clean = timer.measure("sanitise", sanitise_sources, sources)
     sources = clean.datasets
     note = ReferenceNote(kind=reference.kind, text=reference.describe(), legend=reference.legend())
-    # No SEG while calibrating: a region with no screen result would read as a finding.
-    with_seg = seg_enabled and not isinstance(reference, Calibrating)
-    missing = missing_for_seg(sources) if with_seg else []
+    # No SEG or parametric map while calibrating: a region or map with no screen result
+    # would read as a finding. Both are placed on the source geometry, which must be usable.
+    calibrating = isinstance(reference, Calibrating)
+    with_seg = seg_enabled and not calibrating
+    with_pm = parametric_map_enabled and not calibrating
+    missing = missing_for_seg(sources) if with_seg or with_pm else []
     if missing:
-        with_seg = False
-        qc_reasons.append(f"seg_not_built: the source series lacks a usable {', '.join(missing)}")
+        if with_seg:
+            qc_reasons.append(f"seg_not_built: the source series lacks a usable {', '.join(missing)}")
+        if with_pm:
+            log.info("parametric map not built: source geometry unusable",
+                     extra={"job_id": ticket.job_id, "missing": missing})
+        with_seg = with_pm = False
     if clean.note:
         qc_reasons.append(clean.note)
     summary = dataclasses.replace(summary, qc_reasons=list(dict.fromkeys(qc_reasons)))
     objects = timer.measure(
         "build_results", _build_results, sources, native_map, summary, overlay_indices, output_dir,
         runner.bundle.seg_threshold(seg_threshold) if with_seg else None, note,
-        "z" if manifest.normative is not None else "error",
+        "z" if manifest.normative is not None else "error", with_pm,
     )
     log.info(
         "job computed",
@@ -658,17 +670,22 @@ def _build_results(
     seg_threshold: float | None = DEFAULT_THRESHOLD,
     reference: ReferenceNote | None = None,
     map_unit: str = "z",
+    parametric_map: bool = False,
 ) -> list[OutputObject]:
-    """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG), the SR.
-    The SEG comes before the SR, which references its segment. All are built before
-    any is written: a build that fails leaves no file behind."""
+    """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG), the
+    Parametric Map of the same map when `parametric_map`, the SR. The SEG and the map come
+    before the SR, which references the SEG's segment and lists both in its evidence. All
+    are built before any is written: a build that fails leaves no file behind."""
     sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=overlay_indices,
                                        style=OVERLAY_STYLE, reference=reference, map_unit=map_unit)
     seg = build_segmentation(sources, native_map, summary, seg_threshold) if seg_threshold is not None else None
-    sr = build_report(sources, summary, sc_datasets, reference=reference, segmentation=seg)
+    pm = build_parametric_map(sources, native_map, summary, map_unit) if parametric_map else None
+    sr = build_report(sources, summary, sc_datasets, reference=reference, segmentation=seg, parametric_map=pm)
     objects = [_write(ds, output_dir / f"sc-{i:04d}.dcm", "sc") for i, ds in enumerate(sc_datasets, start=1)]
     if seg is not None:
         objects.append(_write(seg, output_dir / "seg.dcm", "seg"))
+    if pm is not None:
+        objects.append(_write(pm, output_dir / "pm.dcm", "pm"))
     objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
     return objects
 

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -298,7 +299,9 @@ class Worker:
             study = self._study_files(ticket)
             rules = self.settings.selection_rules(runner.bundle.manifest.modality)
             # `shared` only when shadows will reuse the stages (the call is otherwise as before).
-            more = {} if shared is None else {"shared": shared}
+            more: dict[str, Any] = {} if shared is None else {"shared": shared}
+            if self.settings.parametric_map_enabled:
+                more["parametric_map_enabled"] = True
             outcome = run_job(ticket, study, runner, output_dir, self.settings.overlay_slices, rules,
                               seg_enabled=self.settings.seg_enabled, seg_threshold=self.settings.seg_threshold,
                               references=self.references, **more)

@@ -33,6 +33,7 @@ class ObjectKind(StrEnum):
     SC = "sc"
     SR = "sr"
     SEG = "seg"
+    PM = "pm"  # a Parametric Map of the anomaly map (parametric_map_enabled)
     KOS = "kos"  # an IOCM rejection note: lists the instances of the result it supersedes
 
 

@@ -73,7 +73,7 @@ class JobTicket:
 class OutputObject:
     sop_instance_uid: str
     sop_class_uid: str
-    kind: str  # "sc" | "sr" | "seg" | "kos"
+    kind: str  # "sc" | "sr" | "seg" | "pm" | "kos"
     path: str
 
 

@@ -45,6 +45,8 @@ __all__ = [
     "UNIT_PERCENT",
     "UNIT_YEAR",
     "UNIT_ML",
+    "UNIT_NONE",
+    "MAP_QUANTITY",
     "FAMILY_ANOGAN",
     "FAMILY_VAE_AGE",
     "algorithm_family_code",
@@ -112,6 +114,16 @@ UNIT_SCORE = CodedConcept("{score}", "UCUM", "score")
 UNIT_PERCENT = CodedConcept("%", "UCUM", "Percent")
 UNIT_YEAR = CodedConcept("a", "UCUM", "year")
 UNIT_ML = CodedConcept("ml", "UCUM", "milliliter")
+# The anomaly map's values are ratios (a z or an error over its healthy limit): dimensionless.
+UNIT_NONE = CodedConcept("1", "UCUM", "no units")
+
+# --- the parametric map's quantity (Real World Value Mapping, Quantity Definition) ----------
+# What one unit of the map is, per kind of bundle (export.sc MAP_UNITS): no standard concept
+# exists for a value in multiples of a healthy reference limit.
+MAP_QUANTITY: dict[str, CodedConcept] = {
+    "z": _private("HS0050", "Positive z-score in multiples of the healthy limit"),
+    "error": _private("HS0051", "Voxel error in multiples of the healthy limit"),
+}
 
 FAMILY_ANOGAN = _private("HS0030", "f-AnoGAN 3D anomaly detection")
 FAMILY_VAE_AGE = _private("HS0031", "VAE 3D anomaly detection with brain age")

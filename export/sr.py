@@ -13,7 +13,8 @@ evaluations: eligibility, screen result, healthy reference, each QC finding,
 plain-language summary. A coded item that has a detail (a QC finding, the
 reference) is followed by a TEXT item whose concept name is the coded value and
 whose value is the full text, so two findings sharing a code both keep their
-detail. The SC instances and the SEG are listed in the evidence sequence. A study
+detail. The SC instances, the SEG and the parametric map (export.pm, when one is
+sent) are listed in the evidence sequence. A study
 that was not eligible still gets a report that says so and why: one coded reason
 per blocking reason, the advisory QC issues, and no number, no screen result and
 no region at all. An eligible result names the healthy reference its percentile
@@ -339,6 +340,7 @@ def build_report(
     previous_versions: Sequence[Dataset] | None = None,
     reference: ReferenceNote | None = None,
     segmentation: Dataset | None = None,
+    parametric_map: Dataset | None = None,
 ) -> Comprehensive3DSR:
     """The TID 1500 report for one job (see module docstring).
 
@@ -347,9 +349,12 @@ def build_report(
     ``previous_versions`` are earlier reports this one supersedes. ``reference`` names
     the healthy reference of an eligible result, or says the scanner is calibrating.
     ``segmentation`` is this job's SEG (export.seg), built first so its UIDs are known;
-    each of its segments gets a region group that references it.
+    each of its segments gets a region group that references it. ``parametric_map`` is
+    this job's Parametric Map (export.pm): listed in the evidence, not in the content tree.
     """
     _check_inputs(source_datasets, sc_datasets, summary, reference, segmentation)
+    if parametric_map is not None and parametric_map.StudyInstanceUID != source_datasets[0].StudyInstanceUID:
+        raise ValueError("build_report: argument 'parametric_map' belongs to another study")
     if reference is not None:
         reference.check(summary, "build_report")
     algorithm_id = _algorithm_identification(summary)
@@ -372,7 +377,8 @@ def build_report(
     ]
     report[0].ContentSequence.append(evaluations)
     evidence = [reference_header(source_datasets[0]), *source_datasets[1:], *sc_datasets,
-                *([] if segmentation is None else [segmentation])]
+                *([] if segmentation is None else [segmentation]),
+                *([] if parametric_map is None else [parametric_map])]
     algo = summary.algorithm
     sr = Comprehensive3DSR(
         evidence=evidence,

@@ -132,7 +132,7 @@ def test_migration_admits_rejection_notes_and_keeps_existing_rows(empty_db_url: 
         with Session(engine) as session:
             row_id = _insert_object(session, "sr")
         upgrade(empty_db_url)
-        assert current_revision(empty_db_url) == head_revision() == "0005"
+        assert current_revision(empty_db_url) == head_revision()
         with Session(engine) as session:
             assert session.get(ResultObject, row_id).kind == ObjectKind.SR
             _insert_object(session, "kos")
