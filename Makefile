@@ -37,11 +37,12 @@ XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: system-deps install-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
 
-## make test-fast: the loop while changing code; leaves out the end-to-end tests (Orthanc,
-## dcmtk peers, a browser) and the real-scan suite. `make test` is the gate.
-FAST_IGNORE := tests/test_e2e.py tests/test_delivery_e2e.py tests/test_web_browser.py tests/test_real_scans.py
+## make test-fast: the loop while changing code, SQLite only: leaves out the tests marked
+## `slow` (end to end with Orthanc or dcmtk peers, a browser, the wheel installed, the
+## real-scan suite, training) and the PostgreSQL cases (marked `postgres` by conftest's
+## db_url parametrisation). `make test` runs everything and is the gate.
 test-fast: system-deps install-test
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(addprefix --ignore=,$(FAST_IGNORE)) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) -m "not slow and not postgres" $(PYTEST_ARGS)
 
 ## make lint: `ruff check` (rules in pyproject's [tool.ruff]) and mypy with the pydantic plugin
 ## ([tool.mypy]: daemon, db, export, imaging, model_training). CI runs it before `make test`.

@@ -37,7 +37,9 @@ pytest_plugins = ["web_helpers"]
 PG_ADMIN_URL = os.environ.get(
     "HEADSCREEN_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-DB_BACKENDS = ["sqlite", "postgresql"]
+# The PostgreSQL cases carry the `postgres` mark: `make test-fast` runs SQLite only
+# (-m "not slow and not postgres"), `make test` both.
+DB_BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 # Test modules in descending time: the sum of their tests' times in a `make test` run
 # with two workers on the 2-core machine (2026-12-02: 1022 s in all, 9 min 18 s of wall

@@ -93,6 +93,7 @@ def test_preprocessing_is_cached(dataset: Path, tmp_path: Path) -> None:
     assert len(list((tmp_path / "dataset").glob("*.npz"))) == 2
 
 
+@pytest.mark.slow  # builds a training cohort
 def test_training_cohort_from_the_csv(dataset: Path, tmp_path: Path) -> None:
     from model_training.cohort import CohortSpec
 
@@ -105,6 +106,7 @@ def test_training_cohort_from_the_csv(dataset: Path, tmp_path: Path) -> None:
     assert cohort.healthy_masks["train"].shape == (2, *default_params("CT")["grid"])
 
 
+@pytest.mark.slow  # evaluates a bundle on the CSV cohort
 def test_headscreen_evaluate_on_the_csv(dataset: Path, tmp_path: Path, capsys) -> None:
     report = tmp_path / "report"
     argv = ["--bundle", str(CT_BUNDLE), "--dataset", str(dataset), "--report", str(report), "--bootstrap", "50"]
@@ -116,6 +118,7 @@ def test_headscreen_evaluate_on_the_csv(dataset: Path, tmp_path: Path, capsys) -
     assert json.loads(capsys.readouterr().out)["source"].startswith("dataset ")
 
 
+@pytest.mark.slow  # trains a bundle
 def test_headscreen_train_on_the_csv_writes_a_bundle_that_records_it(dataset: Path, tmp_path: Path) -> None:
     from daemon.bundle import load_bundle
     from model_training.cli import main

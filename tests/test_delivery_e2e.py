@@ -30,6 +30,8 @@ from imaging.phantoms import Lesion, make_head, write_dicom_series
 from receiver_helpers import Pki, TlsStorescp
 from serve_harness import REPO, Daemon, RecordingSCP, storescu, wait_until
 
+pytestmark = pytest.mark.slow  # end to end with real peers: `make test-fast` leaves it out
+
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> list[Path]:

@@ -20,6 +20,8 @@ from daemon.orthanc import Orthanc
 from imaging.phantoms import Lesion, Pose, make_head, write_dicom_series
 from serve_harness import Daemon, RecordingSCP, dciodvfy_errors, storescu, wait_until
 
+pytestmark = pytest.mark.slow  # end to end with real peers (dcmtk, Orthanc): `make test-fast` leaves it out
+
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"

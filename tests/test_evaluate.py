@@ -124,6 +124,7 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert (tmp_path / "report" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # evaluates the shipped bundle on fresh phantoms
 def test_headscreen_evaluate_report_on_the_shipped_ct_bundle(tmp_path: Path, capsys) -> None:
     report = tmp_path / "report"
     argv = ["--bundle", str(CT_BUNDLE), "--report", str(report), "--kinds", "subdural,failed_registration",

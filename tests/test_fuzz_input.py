@@ -42,6 +42,8 @@ from sr_helpers import coded_evaluations, measurement_group
 from test_site_calibration import fast_bundle
 from worker_helpers import record_stored_files
 
+pytestmark = pytest.mark.slow  # every damaged study end to end through the worker: `make test-fast` leaves it out
+
 SEED = 1212
 STUDIES = 24
 OUR_LOGGERS = ("daemon", "imaging", "export", "db")

@@ -51,6 +51,8 @@ from imaging.volume import SeriesRejected, Volume, load_series
 from serve_harness import dciodvfy_errors
 from sr_helpers import coded_evaluations, measurement_group, sr_texts
 
+pytestmark = pytest.mark.slow  # the real-scan suite: `make test-fast` leaves it out
+
 NIBABEL_DICOM_DATA = Path(__import__("nibabel").__file__).parent / "nicom" / "tests" / "data"
 
 # Targets for the real T1 (the imaging stage's promise on a real head).

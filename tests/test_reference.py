@@ -287,6 +287,7 @@ def test_site_report_names_its_reference(reports) -> None:
     assert SITE.text + "." in " ".join(sr_texts(pydicom.dcmread(str(reports["site"]))))
 
 
+@pytest.mark.slow  # PixelMed's SR validator in a Java process
 def test_pixelmed_finds_nothing_wrong_with_the_reference_items(reports) -> None:
     # The calibrating report only (the validator's set-up costs ~15 s): the site one differs by
     # the reference item's value and the screen result, both of a shape Pixelmed sees here too,

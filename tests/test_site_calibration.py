@@ -45,6 +45,8 @@ from export import codes
 from imaging.phantoms import Lesion, Phantom, make_head, write_dicom_series
 from sr_helpers import coded_evaluations, measurement_group, sr_texts
 
+pytestmark = pytest.mark.slow  # 60 studies end to end through the real worker: `make test-fast` leaves it out
+
 NEW_SCANNER = {"Manufacturer": "Acme Medical", "ManufacturerModelName": "HeadScan 64", "StationName": "ct-west"}
 NEW_KEY = "ACME MEDICAL|HEADSCAN 64|CT-WEST"
 OLD_KEY = "HEADSCREEN-PHANTOM|SYNTHETIC HEAD|PHANTOM01"  # what write_dicom_series puts by default

@@ -150,6 +150,7 @@ def reports(tmp_path_factory, series, segmentation) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.slow  # PixelMed's SR validator in a Java process
 def test_pixelmed_finds_no_error_and_no_warning_in_any_kind(reports) -> None:
     findings = pixelmed_findings(list(reports.values()))
     failures = {}

@@ -20,6 +20,8 @@ from imaging.preprocess import default_params
 from model_training.cli import evaluate_main, main
 from model_training.cohort import anomalous_cases, cache_folder, healthy_cases, prepare_case, stratified_split
 
+pytestmark = pytest.mark.slow  # training end to end: `make test-fast` leaves it out
+
 COARSE = {
     "grid": [16, 16, 16],
     "working_spacing_mm": 4.0,

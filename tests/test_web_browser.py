@@ -19,6 +19,8 @@ from db.migrate import upgrade
 from db_factories import BUNDLES
 from web_helpers import ADMIN, Seeded, add_users, seed, web_settings
 
+pytestmark = pytest.mark.slow  # headless Chromium: `make test-fast` leaves it out
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]

@@ -31,6 +31,8 @@ from daemon.bundle import MANIFEST_NAME, TRAINING_ONLY_FILES
 from daemon.orthanc import free_port
 from serve_harness import Daemon, RecordingSCP, have, storescu, wait_until
 
+pytestmark = pytest.mark.slow  # builds the wheel, installs it in a clean venv: `make test-fast` leaves it out
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("daemon", "db", "export", "imaging", "model_training")
 # 11.7 MiB when written (two bundles 8.3 MiB compressed, Colin27 3.3 MiB, code 0.4 MiB);
@@ -139,7 +141,6 @@ def _venv_python(venv: Path, code: str) -> str:
     return result.stdout
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (have("storescu") and have("echoscu")), reason="needs dcmtk (storescu, echoscu)")
 def test_the_wheel_in_a_clean_venv_screens_a_study(wheel: Path, tmp_path: Path) -> None:
     from imaging.phantoms import make_head, write_dicom_series
