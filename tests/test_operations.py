@@ -40,7 +40,7 @@ from db.engine import make_engine, session_factory
 from db.models import IngestRejection
 from db_factories import BUNDLES, T0, add_series, claimed_job, outcome, uid
 from serve_harness import REPO
-from web_helpers import Console, console, console_any_db  # noqa: F401 (fixtures)
+from web_helpers import Console
 
 SHIPPED_CT_BUNDLE = next(p for p in sorted((REPO / "models").iterdir()) if p.name.startswith("ct-fanogan-compact-"))
 
