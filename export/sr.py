@@ -403,6 +403,7 @@ def build_report(
             )
         ],
     )
+    _separate_containers(sr)
     logger.info(
         "built report",
         extra={"action": "sr_built", "sop_instance_uid": sr.SOPInstanceUID, "eligible": summary.eligible,
@@ -411,3 +412,15 @@ def build_report(
                "segment_referenced": segmentation is not None},
     )
     return sr
+
+
+def _separate_containers(node: Dataset) -> None:
+    """Every container's items are separate statements, not one running text (highdicom
+    writes CONTINUOUS): viewers such as dcmtk's dsr2html then print each measurement with
+    its name ("Anomaly score: 3.1 {score}") instead of the bare numbers."""
+    if "ContinuityOfContent" in node:
+        node.ContinuityOfContent = "SEPARATE"
+    for item in node.get("ContentSequence", []):
+        if item.ValueType == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"
+        _separate_containers(item)

@@ -166,19 +166,6 @@ def _render_sr(sr_path: Path, html_path: Path, page: Page) -> str:
     return re.sub(r"\s+", " ", page.inner_text("body"))
 
 
-def _separate(sr: pydicom.Dataset) -> pydicom.Dataset:
-    """The SR (changed in place) with every container's Continuity Of Content SEPARATE."""
-    def walk(node):
-        for item in node.get("ContentSequence", []):
-            if item.ValueType == "CONTAINER":
-                item.ContinuityOfContent = "SEPARATE"
-            walk(item)
-
-    sr.ContinuityOfContent = "SEPARATE"
-    walk(sr)
-    return sr
-
-
 def test_orthanc_serves_back_through_dicomweb_what_was_sent(served: Served) -> None:
     for kind, path in served.sent.items():
         assert served.served[kind] == path.read_bytes(), kind
@@ -215,25 +202,15 @@ def test_dsr2html_lists_the_measurements_and_links_the_seg(served: Served, page:
     assert "SG image" in text
 
 
-@pytest.mark.xfail(strict=True, reason="the SR's containers are CONTINUOUS (highdicom's default), which dcmtk "
-                                       "renders as running text: the numbers without their names (issue 13)")
 def test_dsr2html_names_each_measurement(served: Served, page: Page, tmp_path: Path) -> None:
-    sr_path = tmp_path / "sr.dcm"
+    """The SR's containers are SEPARATE, so dsr2html prints every row as "Name: value unit"
+    (CONTINUOUS, highdicom's default, printed the numbers without their names)."""
+    sr = _dataset(served.served["sr"])
+    assert sr.ContinuityOfContent == "SEPARATE"
+    sr_path = tmp_path / "sr-names.dcm"
     sr_path.write_bytes(served.served["sr"])
-    text = _render_sr(sr_path, tmp_path / "sr.html", page)
-    assert "Referenced Segment" in text
-    for code in MEASUREMENTS:
-        assert f"{code.meaning}:" in text
-
-
-def test_dsr2html_names_each_measurement_when_containers_are_separate(served: Served, page: Page,
-                                                                       tmp_path: Path) -> None:
-    """What the xfail above lacks: with SEPARATE containers every row reads "Name: value unit"."""
-    sr = _separate(_dataset(served.served["sr"]))
-    sr_path = tmp_path / "sr-separate.dcm"
-    sr.save_as(sr_path, enforce_file_format=True)
-    text = _render_sr(sr_path, tmp_path / "sr-separate.html", page)
-    shot = tmp_path / "viewer-sr-dsr2html-separate.png"
+    text = _render_sr(sr_path, tmp_path / "sr-names.html", page)
+    shot = tmp_path / "viewer-sr-dsr2html-names.png"
     page.screenshot(path=str(shot), full_page=True)
     _keep(shot)
     numbers = _numbers(sr)
