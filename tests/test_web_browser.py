@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from daemon.web import WebServer, start_web_server
 from db import api
@@ -21,9 +21,6 @@ from web_helpers import ADMIN, Seeded, add_users, seed, web_settings
 
 pytestmark = pytest.mark.slow  # headless Chromium: `make test-fast` leaves it out
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 SHOTS = Path("/tmp/web-shots")
 
 
@@ -43,16 +40,6 @@ def live(tmp_path: Path) -> Iterator[tuple[str, Seeded]]:
     finally:
         server.shutdown()
         engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} missing: run tests/install-system-deps.sh (Debian chromium)", pytrace=False)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
 
 
 def _shot(page: Page, name: str) -> None:
