@@ -180,7 +180,7 @@ def test_templates_are_identical_from_the_packaged_and_the_debian_colin27(monkey
     from imaging import templates
 
     if not templates.DEBIAN_COLIN27.is_file():
-        pytest.skip("Debian mricron-data is not installed")
+        pytest.fail("Debian mricron-data missing: run tests/install-system-deps.sh", pytrace=False)
     cached = (templates.tissue_maps, templates.colin27_on_base, templates.atlas,
               templates.atlas_metric_mask, templates.atlas_brain_mask)
 

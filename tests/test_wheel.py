@@ -141,9 +141,11 @@ def _venv_python(venv: Path, code: str) -> str:
     return result.stdout
 
 
-@pytest.mark.skipif(not (have("storescu") and have("echoscu")), reason="needs dcmtk (storescu, echoscu)")
 def test_the_wheel_in_a_clean_venv_screens_a_study(wheel: Path, tmp_path: Path) -> None:
     from imaging.phantoms import make_head, write_dicom_series
+
+    if not (have("storescu") and have("echoscu")):
+        pytest.fail("dcmtk (storescu, echoscu) missing: run tests/install-system-deps.sh", pytrace=False)
 
     venv = tmp_path / "venv"
     seconds = _install(wheel, venv)
