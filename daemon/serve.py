@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.config import Settings, default_bundle_roots
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, TransientError
 from daemon.receiver import ReceiverConfig, receiver_options, start_receiver
 from daemon.scheduler import bundle_refs, start_scheduler
 from daemon.web import WebServer, start_web_server
@@ -29,6 +29,10 @@ from db.migrate import upgrade
 from db.types import BundleRef
 
 log = logging.getLogger(__name__)
+
+# How long `serve` waits for a PostgreSQL that is not up yet (a container started beside
+# it, a host rebooting) before it gives up with exit status 1.
+DATABASE_WAIT_S = 60.0
 
 
 def receiver_config(settings: Settings) -> ReceiverConfig:
@@ -105,9 +109,54 @@ def usable_bundles(settings: Settings) -> list[BundleRef]:
     return bundles
 
 
+def wait_for_database(url: str, timeout_s: float) -> None:
+    """Return once PostgreSQL accepts a connection; retry every failure to connect (refused,
+    a name not resolving yet, "starting up") for up to `timeout_s`, one log line per try,
+    then raise TransientError with the last reason. SQLite needs no wait."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.pool import NullPool
+
+    from daemon.privacy import redact_secrets
+    from db.engine import normalise_url
+
+    parsed = normalise_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return
+    engine = create_engine(parsed, poolclass=NullPool, connect_args={"connect_timeout": 5})
+    started = time.monotonic()
+    delay_s, attempt = 0.5, 0
+    try:
+        while True:
+            attempt += 1
+            try:
+                with engine.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+            except OperationalError as exc:
+                # The driver's first line says why (its later lines may quote more).
+                first = str(exc.orig or type(exc).__name__).strip().splitlines()[:1]
+                reason = redact_secrets(first[0]) if first else type(exc).__name__
+                left_s = timeout_s - (time.monotonic() - started)
+                if left_s <= 0:
+                    raise TransientError(f"database not reachable after {timeout_s:.0f} s "
+                                         f"({attempt} tries): {reason}") from None
+                log.warning(f"database not reachable yet; retrying for up to {timeout_s:.0f} s",
+                            extra={"action": "db_wait", "attempt": attempt, "reason": reason})
+                time.sleep(min(delay_s, left_s))
+                delay_s = min(delay_s * 2, 5.0)
+                continue
+            if attempt > 1:
+                log.info("database reachable", extra={"action": "db_ready", "attempt": attempt,
+                                                      "waited_s": round(time.monotonic() - started, 1)})
+            return
+    finally:
+        engine.dispose()
+
+
 def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
     bundles = usable_bundles(settings)  # refuses before anything starts or is written
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
+    wait_for_database(settings.database_url, DATABASE_WAIT_S)
     upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     sessions = session_factory(engine)
