@@ -17,7 +17,7 @@ from daemon.bundle import load_bundle
 from daemon.errors import HeadscreenError
 from daemon.inference import BundleRunner
 from model_training.cohort import anomalous_cases, healthy_cases, prepare_case
-from model_training.fit import METHODS, TrainOptions, fit_bundle
+from model_training.fit import DEFAULT_MIN_VAL_AUROC, METHODS, BelowQualityFloor, TrainOptions, fit_bundle
 from model_training.scoring import detection_metrics
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,29 @@ DEFAULT_EPOCHS = {"fanogan": 10, "vae": 12, "vae_ac": 12, "vae_ap": 12}
 # the joint refinement or the VAE adapt to the site's scans.
 INIT_FROM_EPOCHS = {"fanogan": 0, "vae": 4, "vae_ac": 4, "vae_ap": 4}
 
+EXIT_OK, EXIT_FAILED, EXIT_BELOW_FLOOR = 0, 2, 3
+TRAIN_EXIT_CODES = f"""\
+exit codes:
+  {EXIT_OK}    the bundle was written
+  {EXIT_FAILED}    usage error, or training failed (the message says why); no bundle
+  {EXIT_BELOW_FLOOR}    refused: the validation AUROC is below --min-val-auroc; no bundle
+       (--force writes it, and its model card and manifest say it was forced)
+  130  interrupted (Ctrl-C)"""
+
+
+def _auroc_floor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not an AUROC (0 to 1)")
+    return value
+
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="headscreen train", description="Train a model and write its bundle.")
+    p = argparse.ArgumentParser(prog="headscreen train", description="Train a model and write its bundle.",
+                                epilog=TRAIN_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modality", choices=("CT", "MR"), required=True)
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--preset", choices=("compact", "paper"), default="compact")
@@ -51,7 +71,13 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=2, help="torch threads, and processes building the cohort")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is drawn only when stderr is a terminal; the log has one line per epoch)")
+    p.add_argument("--min-val-auroc", type=_auroc_floor, default=DEFAULT_MIN_VAL_AUROC, metavar="AUROC",
+                   help="refuse to write a bundle whose validation AUROC (lesion vs healthy) is below this "
+                        f"(default {DEFAULT_MIN_VAL_AUROC})")
+    p.add_argument("--force", action="store_true",
+                   help="write the bundle even below --min-val-auroc; its model card and manifest say so")
     p.add_argument("--no-flip", action="store_true", help="no left-right flip augmentation")
     p.add_argument("--init-from", type=Path, metavar="BUNDLE",
                    help="fine-tune from a bundle's weights.pt (same method and preset; its preprocessing is kept)")
@@ -85,15 +111,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         preprocessing_overrides=json.loads(args.preprocessing.read_text()) if args.preprocessing else None,
         dataset=args.dataset,
         init_from=args.init_from,
+        min_val_auroc=args.min_val_auroc,
+        force=args.force,
     )
     try:
         bundle = fit_bundle(opts)
+    except BelowQualityFloor as exc:
+        log.error("%s", exc, extra={"action": "train_refused", "exit_code": EXIT_BELOW_FLOOR})
+        return EXIT_BELOW_FLOOR
     except HeadscreenError as exc:
         log.error("training failed: %s", exc, extra={"action": "train_failed"})
-        return 2
-    log.info("bundle ready", extra={"action": "train_done", "bundle": bundle.manifest.key, "sha256": bundle.sha256,
-                                    "auroc": bundle.manifest.metrics.get("test", {}).get("auroc")})
-    return 0
+        return EXIT_FAILED
+    m = bundle.manifest
+    log.info("bundle ready", extra={"action": "train_done", "bundle": m.key, "sha256": bundle.sha256,
+                                    "validation_auroc": m.metrics.get("validation", {}).get("auroc"),
+                                    "test_auroc": m.metrics.get("test", {}).get("auroc"),
+                                    "forced": m.training.get("quality_gate", {}).get("forced", False)})
+    return EXIT_OK
 
 
 def _anomaly_kinds(text: str) -> tuple[str, ...]:

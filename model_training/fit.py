@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from daemon.bundle import Bundle, load_bundle
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, HeadscreenError
 from daemon.scores import MASKED_TERMS, NORMATIVE_FILE, Normative, batch_terms, masked_terms
 from export.seg import calibrate_threshold as calibrate_seg_threshold
 from imaging.preprocess import ModelGrid, default_params
@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 
 VERSION_PATTERN = re.compile(r"^(?P<name>.+)-(?P<version>\d+\.\d+\.\d+)$")
 METHODS = ("fanogan", "vae", "vae_ac", "vae_ap")
+# A bundle whose validation AUROC (lesion vs healthy, the final weighted score) is below
+# this is refused unless forced: a run that learnt nothing must not become a bundle.
+DEFAULT_MIN_VAL_AUROC = 0.6
+
+
+class BelowQualityFloor(HeadscreenError):
+    """The trained model's validation AUROC is below the floor; no bundle was written."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,8 @@ class TrainOptions:
     preprocessing_overrides: dict[str, Any] | None = None
     dataset: Path | None = None  # CSV (model_training.dataset) instead of the synthetic cohort
     init_from: Path | None = None  # a bundle whose weights.pt starts a fine-tune
+    min_val_auroc: float = DEFAULT_MIN_VAL_AUROC
+    force: bool = False  # write the bundle even below the floor (recorded as forced)
 
     def name_and_version(self) -> tuple[str, str]:
         match = VERSION_PATTERN.match(Path(self.out).name)
@@ -117,7 +126,8 @@ def _train_fanogan(cohort: Cohort, opts: TrainOptions, device: Any, init: dict |
                         finetune_epochs=opts.finetune_epochs, batch_size=opts.batch_size, kappa=opts.kappa,
                         flip_lr=opts.flip_lr, seed=opts.seed)
     result = train_fanogan(cohort.healthy["train"], cfg, opts.run_dir(), device, val=cohort.healthy["val"],
-                           resume=opts.resume, progress=opts.progress, init=init)
+                           resume=opts.resume, progress=opts.progress, init=init,
+                           val_anomalous=cohort.anomalous.get("val"))
     nets = result.nets
     graph = FAnoGANGraph(nets.encoder, nets.generator, nets.critic, cfg.kappa)
     hyper = {"latent": preset.latent, "channels": list(preset.channels), "kappa": cfg.kappa, "n_critic": cfg.n_critic,
@@ -133,7 +143,7 @@ def _train_vae(cohort: Cohort, opts: TrainOptions, device: Any, init: dict | Non
     cfg = VaeConfig(preset=preset, variant=opts.method, epochs=opts.epochs, batch_size=opts.batch_size,
                     flip_lr=opts.flip_lr, seed=opts.seed)
     result = train_vae(cohort.healthy["train"], cfg, opts.run_dir(), device, val=cohort.healthy["val"],
-                       resume=opts.resume, progress=opts.progress, init=init)
+                       resume=opts.resume, progress=opts.progress, init=init, val_anomalous=cohort.anomalous.get("val"))
     hyper = {"latent": preset.latent, "channels": list(preset.channels), "variant": cfg.variant, "lr": cfg.lr,
              "beta": cfg.beta, "gamma": cfg.gamma, "epochs": cfg.epochs}
     return Trained(VaeGraph(result.model), result.metrics_path, result.steps, hyper,
@@ -269,6 +279,7 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
                    anomaly_kinds=sorted({c.lesion_kind for c in cohort.cases["anomalous_test"] if c.lesion_kind}))
     metrics["score_weight_search"] = {**weights.terms, "validation_auroc": weights.validation_auroc}
     metrics["paper_score"] = _paper_score(opts.method, val_h, val_a, test_h, test_a)
+    gate = quality_gate(metrics["validation"]["auroc"], opts)
     age_supported = val_h.age is not None
     bundle_spec = BundleSpec(
         name=name, version=version, modality=opts.modality, method=opts.method,
@@ -288,7 +299,8 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
                    "synthetic phantoms (imaging.phantoms: ICBM152 2009 tissue maps + Colin27 head outline)"),
                   "randomised": opts.randomise,
                   "init_from": ({"bundle": init_bundle.manifest.key, "sha256": init_bundle.sha256}
-                                if init_bundle else None)},
+                                if init_bundle else None),
+                  "quality_gate": gate},
         metrics=metrics, parity_max_abs_diff=parity,
         extra={"extra_inputs": {"chronological_age": "float32 [N], years"}} if opts.method == "vae_ac" else {},
     )
@@ -296,6 +308,23 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
                                 normative=opts.run_dir() / NORMATIVE_FILE, weights=weights_path)
     write_model_card(Path(opts.out), bundle.manifest)
     return bundle
+
+
+def quality_gate(validation_auroc: float, opts: TrainOptions) -> dict[str, Any]:
+    """The floor check, as the manifest records it; raises BelowQualityFloor (before
+    anything is written to `opts.out`) when the model is below it and not forced."""
+    passed = validation_auroc >= opts.min_val_auroc
+    gate = {"metric": "validation AUROC, lesion vs healthy, final weighted score", "floor": opts.min_val_auroc,
+            "value": round(validation_auroc, 4), "passed": passed, "forced": not passed and opts.force}
+    if not passed and not opts.force:
+        raise BelowQualityFloor(
+            f"bundle refused: validation AUROC {validation_auroc:.3f} is below the floor {opts.min_val_auroc:.3f} "
+            f"(--min-val-auroc); nothing was written to {opts.out}. Train longer or on more data, or pass --force "
+            "to write it anyway (its model card and manifest will say it was forced)")
+    if not passed:
+        log.warning("bundle below the quality floor written because --force was given", extra={
+            "action": "train_forced", "validation_auroc": round(validation_auroc, 4), "floor": opts.min_val_auroc})
+    return gate
 
 
 PAPER_TERMS = {"fanogan": ("izi_f",), "vae": ("rec", "kl")}

@@ -28,6 +28,7 @@ def render_model_card(m: Manifest) -> str:
         "",
         f"{m.description}",
         "",
+        *_forced_warning(t.get("quality_gate")),
         "## What it was trained on",
         "",
         *_training_data(t),
@@ -77,6 +78,7 @@ def render_model_card(m: Manifest) -> str:
         f"| sensitivity at threshold | {_fmt(test.get('sensitivity_at_threshold'))} |",
         f"| specificity at threshold | {_fmt(test.get('specificity_at_threshold'))} |",
         f"| n healthy / n lesion | {_fmt(test.get('n_healthy'))} / {_fmt(test.get('n_anomalous'))} |",
+        *_gate_row(metrics.get("validation", {}), t.get("quality_gate")),
     ]
     for term, auroc in metrics.get("test_per_term_auroc", {}).items():
         lines.append(f"| AUROC of `{term}` alone | {_fmt(auroc)} |")
@@ -117,6 +119,21 @@ def render_model_card(m: Manifest) -> str:
     if m.age.supported:
         lines.append("- Brain age is learned from the phantoms' synthetic atrophy model, not from real ageing.")
     return "\n".join(lines) + "\n"
+
+
+def _forced_warning(gate: dict[str, Any] | None) -> list[str]:
+    if not gate or not gate.get("forced"):
+        return []
+    return [f"**Forced: its validation AUROC {_fmt(gate.get('value'))} is below the quality floor "
+            f"{_fmt(gate.get('floor'))}. `headscreen train` refused it and it was written only because "
+            "`--force` was given. Do not serve it without checking why.**", ""]
+
+
+def _gate_row(validation: dict[str, Any], gate: dict[str, Any] | None) -> list[str]:
+    if not gate:
+        return [f"| validation AUROC | {_fmt(validation.get('auroc'))} |"]
+    verdict = "passed" if gate.get("passed") else ("**below, forced**" if gate.get("forced") else "below")
+    return [f"| validation AUROC (quality floor {_fmt(gate.get('floor'))}: {verdict}) | {_fmt(gate.get('value'))} |"]
 
 
 def _training_data(t: dict[str, Any]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -14,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,12 @@ def batches(
         yield images, ages
 
 
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """How many batches `batches` yields for `n` samples (a last batch of 1 is dropped)."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest > 1 or (rest == 1 and n == 1) else 0)
+
+
 def in_chunks(
     samples: Samples, size: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -152,10 +161,33 @@ class MetricsLog:
             if new:
                 writer.writeheader()
             writer.writerow(row)
-        log.info("epoch done", extra={"action": "train_epoch", **{k: row.get(k) for k in self.fields}})
+        # One line per epoch; figures to 5 significant digits (the CSV keeps them all).
+        figures = {k: _rounded(row[k]) for k in self.fields if row.get(k) is not None}
+        log.info("epoch done", extra={"action": "train_epoch", **figures})
 
     def rows(self) -> list[dict[str, str]]:
         if not self.path.is_file():
             return []
         with self.path.open(newline="") as handle:
             return list(csv.DictReader(handle))
+
+
+def _rounded(value: Any) -> Any:
+    return float(f"{value:.5g}") if isinstance(value, float) else value
+
+
+@contextlib.contextmanager
+def stage_bar(total_batches: int, desc: str, progress: bool) -> Iterator[tqdm]:
+    """One progress bar over a whole training stage (a step per batch; the last epoch's
+    figures beside it via `set_postfix`). Drawn only on a terminal: tqdm's `disable=None`
+    turns it off when stderr is a file or a pipe, which get the log's one line per epoch and
+    never the bar's carriage returns. While it is drawn, log lines print above it."""
+    with tqdm(total=total_batches, desc=desc, unit="batch", dynamic_ncols=True,
+              disable=None if progress else True) as bar:
+        with logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
+            yield bar
+
+
+def bar_figures(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, str]:
+    """The figures of an epoch's row worth showing beside the bar, compactly."""
+    return {k: f"{row[k]:.4g}" for k in keys if isinstance(row.get(k), float) and math.isfinite(row[k])}

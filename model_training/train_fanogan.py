@@ -26,7 +26,9 @@ from model_training.networks import GAN_PRESETS, Critic, Encoder, GanPreset, Gen
 from model_training.runtime import (
     MetricsLog,
     Samples,
+    bar_figures,
     batches,
+    batches_per_epoch,
     cosine_lr,
     in_chunks,
     load_checkpoint,
@@ -34,12 +36,19 @@ from model_training.runtime import (
     rng_state,
     save_checkpoint,
     seed_everything,
+    stage_bar,
 )
+from model_training.scoring import rank_auroc
 
 log = logging.getLogger(__name__)
 
 STAGES = ("wgan", "encoder", "finetune")
-METRIC_FIELDS = ["stage", "epoch", "steps", "d_loss", "wasserstein", "gp", "g_loss", "izi_f", "val_izi_f", "seconds"]
+# val_auroc: AUROC of the per-case izi_f, lesion vs healthy validation cases (stages 2 and 3,
+# when the trainer is given lesion cases): what the encoder has learnt so far; the bundle's
+# validation AUROC uses the weighted score chosen after training.
+METRIC_FIELDS = ["stage", "epoch", "steps", "d_loss", "wasserstein", "gp", "g_loss", "izi_f", "val_izi_f", "val_auroc",
+                 "seconds"]
+BAR_FIGURES = ("d_loss", "wasserstein", "izi_f", "val_izi_f", "val_auroc")
 CHECKPOINT = "fanogan.pt"
 
 
@@ -218,10 +227,12 @@ def train_fanogan(
     resume: bool = False,
     progress: bool = True,
     init: dict | None = None,
+    val_anomalous: Samples | None = None,
 ) -> FAnoGANResult:
     """Run (or resume) the three stages; returns the trained networks. `init` (a
     bundle's weights, `{"generator": ..., "critic": ..., "encoder": ...}`) starts a
-    fine-tune from trained networks (a stage with 0 epochs is skipped)."""
+    fine-tune from trained networks (a stage with 0 epochs is skipped). `val_anomalous`
+    (lesion cases) adds the validation AUROC to the figures of stages 2 and 3."""
     if samples.grid != (cfg.preset.size,) * 3:
         raise ValueError(f"samples grid {samples.grid} does not match preset size {cfg.preset.size}")
     work_dir = Path(work_dir)
@@ -252,24 +263,28 @@ def train_fanogan(
         if state is not None and stage_index == start_stage and first > 0:
             for k, o in opts.items():
                 o.load_state_dict(state["optimisers"][k])
-        for epoch in range(first, cfg.epochs(stage)):
-            began = time.monotonic()
-            if stage != "wgan":  # the WGAN keeps the usual constant rate
-                cosine_lr(next(iter(opts.values())), _stage_lr(cfg, stage), epoch, cfg.epochs(stage))
-            n_batches = max(len(samples) // cfg.batch_size, 1)
-            with tqdm(total=n_batches, desc=f"{stage} {epoch + 1}/{cfg.epochs(stage)}", disable=not progress,
-                      leave=False) as bar:
+        epochs = cfg.epochs(stage) - first
+        with stage_bar(batches_per_epoch(len(samples), cfg.batch_size) * epochs, stage, progress and epochs > 0) as bar:
+            for epoch in range(first, cfg.epochs(stage)):
+                began = time.monotonic()
+                if stage != "wgan":  # the WGAN keeps the usual constant rate
+                    cosine_lr(next(iter(opts.values())), _stage_lr(cfg, stage), epoch, cfg.epochs(stage))
+                bar.set_description(f"{stage} epoch {epoch + 1}/{cfg.epochs(stage)}")
                 if stage == "wgan":
                     row = _wgan_epoch(nets, opts, samples, cfg, gen, device, bar)
                 else:
                     row = _izi_f_epoch(nets, next(iter(opts.values())), samples, cfg, gen, device, bar)
-            steps += int(row.pop("steps"))
-            if val is not None and stage != "wgan":
-                row["val_izi_f"] = float(evaluate_izi_f(nets, val, cfg.kappa, device).mean())
-            metrics.append({"stage": stage, "epoch": epoch + 1, "steps": steps,
-                            "seconds": round(time.monotonic() - began, 2), **row})
-            epochs_done += 1
-            save_checkpoint(work_dir / CHECKPOINT, _checkpoint_state(nets, opts, stage, epoch + 1, steps, gen))
+                steps += int(row.pop("steps"))
+                if val is not None and stage != "wgan":
+                    healthy = evaluate_izi_f(nets, val, cfg.kappa, device)
+                    row["val_izi_f"] = float(healthy.mean())
+                    if val_anomalous is not None and len(val_anomalous):
+                        row["val_auroc"] = rank_auroc(healthy, evaluate_izi_f(nets, val_anomalous, cfg.kappa, device))
+                metrics.append({"stage": stage, "epoch": epoch + 1, "steps": steps,
+                                "seconds": round(time.monotonic() - began, 2), **row})
+                bar.set_postfix(bar_figures(row, BAR_FIGURES))
+                epochs_done += 1
+                save_checkpoint(work_dir / CHECKPOINT, _checkpoint_state(nets, opts, stage, epoch + 1, steps, gen))
         start_epoch = 0
     for m in nets.modules().values():
         m.eval()

@@ -22,7 +22,9 @@ from model_training.networks import VAE3D, VAE_PRESETS, VaePreset
 from model_training.runtime import (
     MetricsLog,
     Samples,
+    bar_figures,
     batches,
+    batches_per_epoch,
     cosine_lr,
     in_chunks,
     load_checkpoint,
@@ -30,11 +32,18 @@ from model_training.runtime import (
     rng_state,
     save_checkpoint,
     seed_everything,
+    stage_bar,
 )
+from model_training.scoring import rank_auroc
 
 log = logging.getLogger(__name__)
 
-METRIC_FIELDS = ["epoch", "steps", "loss", "rec", "kl", "age_mae", "val_rec", "val_kl", "val_age_mae", "seconds"]
+# val_auroc: AUROC of the per-case reconstruction error (rec), lesion vs healthy validation
+# cases, when the trainer is given lesion cases: a quick figure of what the network has
+# learnt so far (the bundle's validation AUROC uses the weighted score chosen after training).
+METRIC_FIELDS = ["epoch", "steps", "loss", "rec", "kl", "age_mae", "val_rec", "val_kl", "val_age_mae", "val_auroc",
+                 "seconds"]
+BAR_FIGURES = ("loss", "val_rec", "val_age_mae", "val_auroc")
 CHECKPOINT = "vae.pt"
 
 
@@ -138,8 +147,10 @@ def train_vae(
     resume: bool = False,
     progress: bool = True,
     init: dict | None = None,
+    val_anomalous: Samples | None = None,
 ) -> VaeResult:
-    """`init` (a bundle's weights, `{"model": state_dict}`) starts a fine-tune from a trained model."""
+    """`init` (a bundle's weights, `{"model": state_dict}`) starts a fine-tune from a trained model;
+    `val_anomalous` (lesion cases) adds the validation AUROC to each epoch's figures."""
     work_dir = Path(work_dir)
     gen = seed_everything(cfg.seed)
     model = VAE3D(samples.grid, cfg.preset, cfg.variant).to(device)
@@ -158,25 +169,29 @@ def train_vae(
         first, steps = state["epoch"], state["steps"]
         log.info("resuming", extra={"action": "train_resume", "epoch": first})
     model.train()
-    for epoch in range(first, cfg.epochs):
-        began = time.monotonic()
-        cosine_lr(opt, cfg.lr, epoch, cfg.schedule_epochs or cfg.epochs)
-        n_batches = max(len(samples) // cfg.batch_size, 1)
-        with tqdm(total=n_batches, desc=f"{cfg.variant} {epoch + 1}/{cfg.epochs}", disable=not progress,
-                  leave=False) as bar:
+    epochs = cfg.epochs - first
+    total_batches = batches_per_epoch(len(samples), cfg.batch_size) * epochs
+    with stage_bar(total_batches, cfg.variant, progress and epochs > 0) as bar:
+        for epoch in range(first, cfg.epochs):
+            began = time.monotonic()
+            cosine_lr(opt, cfg.lr, epoch, cfg.schedule_epochs or cfg.epochs)
+            bar.set_description(f"{cfg.variant} epoch {epoch + 1}/{cfg.epochs}")
             row = _epoch(model, opt, samples, cfg, gen, device, bar)
-        steps += int(row.pop("steps"))
-        recalibrate_batch_norm(model, samples, cfg.batch_size, device)
-        if val is not None:
-            terms = evaluate_terms(model, val, device)
-            row.update(val_rec=float(terms.rec.mean()), val_kl=float(terms.kl.mean()))
-            if terms.age is not None:
-                row["val_age_mae"] = float(np.abs(terms.age - val.ages).mean())
-        metrics.append({"epoch": epoch + 1, "steps": steps, "seconds": round(time.monotonic() - began, 2), **row})
-        save_checkpoint(
-            work_dir / CHECKPOINT,
-            {"epoch": epoch + 1, "steps": steps, "model": model.state_dict(), "optimiser": opt.state_dict(),
-             "rng": rng_state(gen)},
-        )
+            steps += int(row.pop("steps"))
+            recalibrate_batch_norm(model, samples, cfg.batch_size, device)
+            if val is not None:
+                terms = evaluate_terms(model, val, device)
+                row.update(val_rec=float(terms.rec.mean()), val_kl=float(terms.kl.mean()))
+                if terms.age is not None:
+                    row["val_age_mae"] = float(np.abs(terms.age - val.ages).mean())
+                if val_anomalous is not None and len(val_anomalous):
+                    row["val_auroc"] = rank_auroc(terms.rec, evaluate_terms(model, val_anomalous, device).rec)
+            metrics.append({"epoch": epoch + 1, "steps": steps, "seconds": round(time.monotonic() - began, 2), **row})
+            bar.set_postfix(bar_figures(row, BAR_FIGURES))
+            save_checkpoint(
+                work_dir / CHECKPOINT,
+                {"epoch": epoch + 1, "steps": steps, "model": model.state_dict(), "optimiser": opt.state_dict(),
+                 "rng": rng_state(gen)},
+            )
     model.eval()
     return VaeResult(model=model, metrics_path=metrics.path, steps=steps, epochs=cfg.epochs - first)

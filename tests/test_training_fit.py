@@ -61,6 +61,9 @@ def test_train_cli_writes_a_verified_ct_bundle_and_evaluate_scores_it(
             "--n-train", "2", "--n-val", "1", "--n-calibration", "2", "--n-test", "1", "--n-anomalous", "2",
             "--epochs", "1", "--encoder-epochs", "1", "--finetune-epochs", "1", "--batch-size", "2",
             "--device", "cpu", "--threads", "1", "--no-progress", "--preprocessing", str(coarse_params_file),
+            # One lesion and one healthy validation case: the AUROC is 0, 0.5 or 1, so no floor
+            # (tests/test_train_floor.py tests it).
+            "--min-val-auroc", "0",
             # The plain phantoms: two cases at a 16^3 grid must pass QC (randomised heads
             # are tested in test_synthesis.py and trained the shipped bundles).
             "--no-randomise"]
@@ -102,7 +105,7 @@ def test_train_cli_writes_a_verified_ct_bundle_and_evaluate_scores_it(
     base = ["--modality", "CT", "--method", "fanogan", "--cache", str(cache), "--n-train", "2", "--n-val", "1",
             "--n-calibration", "2", "--n-test", "1", "--n-anomalous", "2", "--encoder-epochs", "1",
             "--finetune-epochs", "1", "--batch-size", "2", "--device", "cpu", "--threads", "1", "--no-progress",
-            "--no-randomise"]
+            "--no-randomise", "--min-val-auroc", "0"]
     assert main([*base, "--out", str(tuned), "--init-from", str(out)]) == 0
     child = load_bundle(tuned).manifest
     assert child.training["init_from"] == {"bundle": "ct-test-0.1.0", "sha256": bundle.sha256}
