@@ -4,9 +4,12 @@ and the container files keep patient data private too."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import subprocess
 import sys
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -217,3 +220,167 @@ def test_container_installs_the_wheel_not_the_source_tree() -> None:
     assert "COPY --from=wheel" in final and "pip install --no-cache-dir /tmp/dist/headscreen-*.whl" in final
     assert "-e ." not in containerfile and "COPY models" not in final
     assert not [line for line in containerfile.splitlines() if line.startswith("RUN") and "mricron" in line]
+
+
+# --------------------------------------------------------------------------- compose and the image's settings
+
+def test_compose_starts_headscreen_after_a_healthy_database() -> None:
+    import yaml
+    from sqlalchemy.engine import make_url
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from container_helpers import COMPOSE, env_of, healthcheck_command, parse_containerfile
+
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    db, headscreen = services["db"], services["headscreen"]
+    # PostgreSQL is healthy when it answers over TCP (not the init server's socket).
+    test = db["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "pg_isready" and test[test.index("-h") + 1] == "127.0.0.1"
+    assert db["restart"] == "unless-stopped"
+    assert headscreen["depends_on"] == {"db": {"condition": "service_healthy"}}
+    assert re.fullmatch(r"on-failure:\d", headscreen["restart"])
+    # The database URL names the db service, with the password from a required variable.
+    url = headscreen["environment"]["HEADSCREEN_DATABASE_URL"]
+    assert re.search(r":\$\{HEADSCREEN_DB_PASSWORD:\?[^}]+\}@", url), url
+    assert db["environment"]["POSTGRES_PASSWORD"].startswith("${HEADSCREEN_DB_PASSWORD:?")
+    parsed = make_url(re.sub(r"\$\{[^}]*\}", "secret", url))
+    assert (parsed.host, parsed.username, parsed.database) == ("db", db["environment"]["POSTGRES_USER"],
+                                                               db["environment"]["POSTGRES_DB"])
+    # DICOM and the console published, on ports the image exposes and the defaults listen on.
+    (image,) = [stage for stage in parse_containerfile() if stage.name is None]
+    exposed = {int(p) for step in image.all("EXPOSE") for p in step.args.split()}
+    published = {int(mapping.rsplit(":", 1)[1]) for mapping in headscreen["ports"]}
+    from daemon.config import Settings, WebConfig
+
+    assert published == {Settings.model_fields["port"].default, WebConfig.model_fields["port"].default}
+    assert published <= exposed
+    # The image's readiness check, the same in compose (engines that drop HEALTHCHECK).
+    assert headscreen["healthcheck"]["test"] == ["CMD", *healthcheck_command(image)]
+    assert "/healthz" in healthcheck_command(image)[-1]
+    assert env_of(image)["HEADSCREEN_WEB__BIND_ADDRESS"] == "0.0.0.0"
+
+
+def test_the_image_environment_opens_the_console_to_published_ports(monkeypatch, tmp_path: Path) -> None:
+    """The image's ENV wins over a configuration that keeps the console on loopback."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from container_helpers import env_of, parse_containerfile
+    from daemon.config import load_settings
+
+    config = tmp_path / "headscreen.toml"
+    config.write_text('allow_any_caller = true\n[web]\nbind_address = "127.0.0.1"\nport = 8080\n')
+    assert load_settings(config).web.bind_address == "127.0.0.1"
+    for key, value in env_of(parse_containerfile()[-1]).items():
+        if key != "HEADSCREEN_CONFIG":
+            monkeypatch.setenv(key, value)
+    assert load_settings(config).web.bind_address == "0.0.0.0"
+
+
+# --------------------------------------------------------------------------- serve waits for PostgreSQL
+
+class TcpRelay:
+    """Forwards a local port to PostgreSQL once started: a database that comes up late."""
+
+    def __init__(self, port: int, upstream: tuple[str, int]) -> None:
+        import socketserver
+
+        relay = self
+
+        class Pipe(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                with socket.create_connection(upstream, timeout=30) as peer:
+                    peer.settimeout(None)
+                    pump = threading.Thread(target=relay._copy, args=(peer, self.request), daemon=True)
+                    pump.start()
+                    relay._copy(self.request, peer)
+                    pump.join(30)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.port = port
+        self._server_class = socketserver.ThreadingTCPServer
+        self._handler = Pipe
+        self.server: socketserver.ThreadingTCPServer | None = None
+
+    @staticmethod
+    def _copy(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                target.shutdown(socket.SHUT_WR)
+
+    def start(self) -> None:
+        self.server = self._server_class(("127.0.0.1", self.port), self._handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.mark.postgres
+def test_serve_waits_for_a_database_that_comes_up_late(tmp_path: Path) -> None:
+    """compose's restart case: PostgreSQL not answering yet when serve starts."""
+    from sqlalchemy.engine import make_url
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import PG_ADMIN_URL, create_pg_database, drop_pg_database
+    from daemon.orthanc import free_port
+    from serve_harness import Daemon, have, wait_until
+
+    if not have("echoscu"):
+        pytest.fail("dcmtk (echoscu) missing: run tests/install-system-deps.sh", pytrace=False)
+    admin = make_url(PG_ADMIN_URL)
+    relay = TcpRelay(free_port(), (admin.host or "127.0.0.1", admin.port or 5432))
+    name, url = create_pg_database()
+    late_url = make_url(url).set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False)
+    daemon = Daemon(tmp_path / "hs", database_url=late_url)
+    failures: list[BaseException] = []
+
+    def database_comes_up() -> None:
+        try:
+            wait_until(lambda: "database not reachable yet" in daemon.log_tail(), 90, 0.2, "the waiting log line")
+            relay.start()
+        except BaseException as exc:  # reported by the test thread
+            failures.append(exc)
+
+    opener = threading.Thread(target=database_comes_up, daemon=True)
+    try:
+        opener.start()
+        daemon.start(timeout_s=150)
+        opener.join(10)
+        assert not failures, failures
+        log = daemon.log_tail(200)
+        assert "action=db_wait attempt=1" in log and "database reachable" in log, log
+        assert "Traceback" not in log
+        assert daemon.stop() == 0, daemon.log_tail()
+    finally:
+        daemon.close()
+        relay.stop()
+        drop_pg_database(name)
+
+
+def test_serve_gives_up_on_a_database_that_never_answers(tmp_path: Path) -> None:
+    """Bounded: after the wait, one line says why and serve exits 1 (runtime failure)."""
+    from daemon.cli import EXIT_FAILURE
+    from daemon.orthanc import free_port
+
+    config = tmp_path / "headscreen.toml"
+    config.write_text(f'allow_any_caller = true\nstorage_dir = "{tmp_path / "storage"}"\nport = 0\n'
+                      f'database_url = "postgresql+psycopg://postgres@127.0.0.1:{free_port()}/headscreen"\n'
+                      "[web]\nenabled = false\n")
+    code = ("import sys, daemon.serve\n"
+            "daemon.serve.DATABASE_WAIT_S = 3.0\n"
+            "from daemon.cli import main\n"
+            f"sys.exit(main(['-c', {str(config)!r}, 'serve']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert result.returncode == EXIT_FAILURE == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    waits = [line for line in lines if "database not reachable yet; retrying for up to 3 s" in line]
+    assert len(waits) >= 2 and "Connection refused" in waits[0], result.stderr
+    assert "database not reachable after 3 s" in lines[-1] and "exit_code=1" in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
