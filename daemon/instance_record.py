@@ -79,6 +79,9 @@ def build_record(header: Dataset, event: Event, calling_ae: str, store: Instance
         station_name=values.text("StationName", _STATION_NAME_LEN),
         institution=values.text("InstitutionName", _INSTITUTION_LEN),
         calling_ae=calling_ae,
+        # An identifier cut to fit would name another study or patient: left out instead.
+        accession_number=values.code("AccessionNumber", _ACCESSION_LEN),
+        patient_id=values.code("PatientID", _PATIENT_ID_LEN),
     )
     if values.dropped or values.truncated:
         # Keywords only: the values are patient data.
@@ -99,6 +102,8 @@ _MODALITY_LEN = _column_length(Study.modality)
 _SERIES_DESCRIPTION_LEN = _column_length(Series.series_description)
 _STATION_NAME_LEN = _column_length(Study.station_name)
 _INSTITUTION_LEN = _column_length(Study.institution)
+_ACCESSION_LEN = _column_length(Study.accession_number)
+_PATIENT_ID_LEN = _column_length(Study.patient_id)
 # Integer columns are 32-bit on PostgreSQL.
 _INT_COLUMN = range(-(2 ** 31), 2 ** 31)
 _DA = re.compile(r"\d{8}")

@@ -40,7 +40,8 @@ _studies = cast(Table, Study.__table__)
 _series = cast(Table, Series.__table__)
 _instances = cast(Table, Instance.__table__)
 # Study columns filled from the first instance that has them (never overwritten).
-_FILLED_STUDY_ATTRS = ("study_date", "patient_age", "patient_birth_date", "station_name", "institution")
+_FILLED_STUDY_ATTRS = ("study_date", "patient_age", "patient_birth_date", "station_name", "institution",
+                       "accession_number", "patient_id")
 
 # The study (row-locked on PostgreSQL: it serialises arrivals for one study, reopen and
 # generation) and the series id when the series exists, in one round trip.
@@ -293,6 +294,8 @@ def _new_study_values(rec: InstanceRecord, now: datetime) -> dict[str, Any]:
         "station_name": rec.station_name,
         "institution": rec.institution,
         "calling_ae": rec.calling_ae,
+        "accession_number": rec.accession_number,
+        "patient_id": rec.patient_id,
         "flagged": False,
         "flag_comment": None,
         "reviewed": False,

@@ -73,6 +73,9 @@ class Study(Base):
         sa.Index("ix_studies_first_received", "first_received_at", "id"),
         sa.Index("ix_studies_station", "station_name", "last_received_at"),
         sa.Index("ix_studies_modality", "modality", "last_received_at"),
+        # The console finds a study as the hospital names it.
+        sa.Index("ix_studies_accession_number", "accession_number"),
+        sa.Index("ix_studies_patient_id", "patient_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -90,6 +93,9 @@ class Study(Base):
     station_name: Mapped[str | None] = mapped_column(sa.String(64))
     institution: Mapped[str | None] = mapped_column(sa.String(64))
     calling_ae: Mapped[str | None] = mapped_column(sa.String(16))
+    # Patient data: shown in the authenticated console only, never logged.
+    accession_number: Mapped[str | None] = mapped_column(sa.String(64))
+    patient_id: Mapped[str | None] = mapped_column(sa.String(64))
     flagged: Mapped[bool] = mapped_column(default=False)
     flag_comment: Mapped[str | None] = mapped_column(sa.Text)
     reviewed: Mapped[bool] = mapped_column(default=False)

@@ -198,12 +198,26 @@ def _apply_filters(stmt: Select[Any], filters: StudyFilters) -> Select[Any]:
         stmt = stmt.where(Study.station_name == filters.station)
     if filters.reviewed is not None:
         stmt = stmt.where(Study.reviewed.is_(filters.reviewed))
+    if filters.eligible is not None:
+        stmt = stmt.where(Result.eligible.is_(filters.eligible))
+    if filters.search:
+        stmt = stmt.where(_search_clause(filters.search))
     if filters.needs_review:
         stmt = stmt.where(
             Study.reviewed.is_(False),
             or_(Result.qc_failed.is_(True), Result.screen_positive.is_(True), Study.flagged.is_(True)),
         )
     return stmt
+
+
+def _search_clause(term: str) -> Any:
+    """Accession number, patient ID or Study Instance UID equal to `term` or starting with
+    it, ignoring case alike on both dialects (bound parameters, LIKE wildcards escaped:
+    user text is never SQL)."""
+    term = term.strip()
+    prefix = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return or_(*(column.ilike(prefix, escape="\\")
+                 for column in (Study.accession_number, Study.patient_id, Study.study_instance_uid)))
 
 
 _SORT_COLUMNS: dict[str, Any] = {
@@ -230,6 +244,7 @@ def _uses_result(filters: StudyFilters) -> bool:
         filters.outliers_only or filters.qc_failed_only or filters.qc_reason or filters.needs_review
         or filters.sort in ("percentile", "score", "age_gap")
         or any(v is not None for v in (filters.min_percentile, filters.max_percentile, filters.screen_positive,
+                                       filters.eligible,
                                        filters.min_age_gap, filters.max_age_gap))
     )
 
@@ -296,6 +311,9 @@ def _to_row(study: Study, result: Result | None, instance_count: int, jobs: dict
         station_name=study.station_name,
         reviewed=study.reviewed,
         confirmed_normal=study.confirmed_normal,
+        accession_number=study.accession_number,
+        patient_id=study.patient_id,
+        study_date=study.study_date,
     )
     if result is None:
         return row

@@ -36,6 +36,8 @@ class InstanceRecord:
     station_name: str | None = None
     institution: str | None = None
     calling_ae: str | None = None
+    accession_number: str | None = None  # patient data: never logged
+    patient_id: str | None = None  # patient data: never logged
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,9 @@ class StudyFilters:
     station: str | None = None
     reviewed: bool | None = None
     needs_review: bool = False  # QC failure, screen-positive or flagged, not yet reviewed
+    eligible: bool | None = None  # the current result's eligibility (False: a blocking QC failure)
+    # Accession number, patient ID or Study Instance UID: exact, or the start of one.
+    search: str | None = None
     sort: str = "received"  # one of STUDY_SORTS
     descending: bool = True
 
@@ -221,6 +226,10 @@ class StudyRow:
     reviewed: bool = False
     confirmed_normal: bool = False
     qc_failed: bool = False
+    # How the hospital names the study (patient data: the authenticated console only).
+    accession_number: str | None = None
+    patient_id: str | None = None
+    study_date: str | None = None  # YYYYMMDD as received
 
 
 @dataclass(frozen=True)
