@@ -8,16 +8,20 @@ inside its accept loop; GuardedAssociationServer replaces both (see ConnectionGu
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import select
 import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, evt
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from daemon.callers import normalise_host
@@ -291,8 +295,123 @@ class _GuardedRequestHandler(RequestHandler):
         connection = self.server.current_connection()
         connection.assoc = assoc
         assoc.headscreen_connection = connection  # type: ignore[attr-defined]
+        wait_for_events(assoc)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
+
+
+# --- event-driven waiting in pynetdicom's reactors ----------------------------------------------
+#
+# pynetdicom 3.0 polls: its DUL thread checks the socket with select(timeout=0) and sleeps
+# 1 ms when idle, and the acceptor's reactor sleeps 1 ms and polls its message queue. Every
+# PDU and every C-STORE response waits up to a millisecond, and the idle loops of each
+# association spin about 1,000 times a second, competing for the GIL and the two cores
+# (a third of the receiver's CPU samples under py-spy). pynetdicom offers no setting for
+# this (its own comment says "TODO: try and make this event based"), so, per association
+# and before its threads start, we make both waits block until something happens:
+# - the DUL waits in select() on its socket and on a wake-up pipe that every primitive
+#   queued for sending writes to (its loop delay is 0; the wait is in `ready`);
+# - the reactor's non-blocking poll of its message queue waits for the next message or
+#   any primitive for the user (release, abort) instead of returning at once.
+# Both waits are bounded (_IDLE_WAIT_S), so timers, kills and shutdown are still seen
+# promptly; nothing else in pynetdicom changes (only attributes of this association).
+_IDLE_WAIT_S = 0.05
+
+
+class _Waker:
+    """A pipe whose read end select() can watch; writing a byte wakes the waiter."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        # Closed when the association is collected, never while a thread may still use them.
+        weakref.finalize(self, _close_fds, self.read_fd, self.write_fd)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.write_fd, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: a wake-up is already pending
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class _WakingQueue(queue.Queue[Any]):
+    """A queue whose put() also runs `on_put` (wakes whoever waits for it)."""
+
+    def __init__(self, on_put: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_put = on_put
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._on_put()
+
+
+class _ReactorInbox(_WakingQueue):
+    """The DIMSE message queue: a non-blocking get (the reactor's poll) waits up to
+    _IDLE_WAIT_S for a message or a primitive for the user; a blocking get is unchanged."""
+
+    def __init__(self, arrived: threading.Event) -> None:
+        super().__init__(arrived.set)
+        self._arrived = arrived
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block:
+            return super().get(block, timeout)
+        self._arrived.wait(_IDLE_WAIT_S)
+        self._arrived.clear()  # before the get: an item put after it sets the event again
+        return super().get(block=False)
+
+
+class _WaitingAssociationSocket(AssociationSocket):
+    """AssociationSocket whose `ready` blocks until data arrives or a primitive is queued."""
+
+    _waker: _Waker
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            time.sleep(0.001)  # pynetdicom's own loop delay: the DUL winds down meanwhile
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted bytes select() cannot see (pynetdicom #528)
+        # Events still queued for the state machine must not wait for the network.
+        wait = 0.0 if not self.event_queue.empty() else _IDLE_WAIT_S
+        try:
+            readable, _, _ = select.select([sock.fileno(), self._waker.read_fd], [], [], wait)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport closed, as pynetdicom's `ready` does
+            return False
+        if self._waker.read_fd in readable:
+            self._waker.drain()
+        return sock.fileno() in readable
+
+
+def wait_for_events(assoc: Any) -> None:
+    """Make this acceptor's DUL and reactor wait on events instead of polling (see above).
+    Call before the association's threads start."""
+    dul = assoc.dul
+    waker = _Waker()
+    dul.socket.__class__ = _WaitingAssociationSocket  # built by pynetdicom; only `ready` differs
+    dul.socket._waker = waker
+    dul.to_provider_queue = _WakingQueue(waker.wake)
+    dul._run_loop_delay = 0  # the DUL's idle wait is the select() in `ready`
+    arrived = threading.Event()
+    dul.to_user_queue = _WakingQueue(arrived.set)
+    assoc.dimse.msg_queue = _ReactorInbox(arrived)
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):

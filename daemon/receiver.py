@@ -36,19 +36,25 @@ the accept loop.
 
 Each C-STORE is handled in stages, each with its own named status:
 header decode (0xC210) -> identifying UIDs (0xA900) -> disk watermark (0xA700,
-nothing written) -> atomic write (0xA701) -> database row (0xA701) -> Success.
-Success is answered only after the file is fsynced and the row committed. A bad
-instance never ends the association. Only its identity (UIDs, SOP class) can refuse
-an instance: any other recorded header value that does not decode or fit its VR is
-left out of the row, and text is cut to its column (build_record).
+nothing written) -> journal and atomic write (0xA701) -> database row (0xA701) -> Success.
+Success is answered only after the instance is durable and recorded: one fdatasync
+of the ingest journal (shared by concurrent associations; daemon/ingest_journal.py)
+makes its bytes and its row durable (a restart replays the journal), its file is whole
+under its recorded path, and then its database row is committed without a sync of its
+own (group commit across associations). The row is committed only after the file is in
+place and the journal entry is on disk, so the scheduler and the workers never see a
+row without its bytes. A bad instance never ends the association. Only its identity
+(UIDs, SOP class) can refuse an instance: any other recorded header value that does not
+decode or fit its VR is left out of the row, and text is cut to its column (build_record).
 
 Pixel data is never decoded: the header is parsed up to (7FE0,xxxx) and the rest
 is only walked to check that it is complete; the bytes are stored as received.
 
 This module is the SCP itself (configuration, start-up, the handlers and their stages).
 Beside it: daemon/callers.py (allow-list, TLS context), daemon/connections.py (admission
-before association, refusal log), daemon/dataset_check.py (header decode, completeness
-walk), daemon/instance_record.py (the database row), db/group_commit.py.
+before association, refusal log, event-driven waits in pynetdicom's reactors),
+daemon/dataset_check.py (header decode, completeness walk), daemon/instance_record.py
+(the database row), daemon/ingest_journal.py, db/group_commit.py.
 """
 
 from __future__ import annotations
@@ -105,9 +111,11 @@ from daemon.connections import (
 )
 from daemon.dataset_check import parse_header
 from daemon.errors import InputRejected
+from daemon.ingest_journal import IngestJournal, JournalEntry, recover
 from daemon.instance_record import build_record, command_sop_uid
-from daemon.storage import InstanceStore, InvalidUid, StorageFull, StoredInstance
+from daemon.storage import InstanceStore, InvalidUid, StorageFull, StoredInstance, sync_files
 from db import api as db_api
+from db import ingest as db_ingest
 from db.group_commit import GroupCommit
 from db.types import InstanceRecord, RecordOutcome
 
@@ -169,6 +177,8 @@ ASSOCIATION_LIMIT_STATUS = _rj_status(_RJ_LOCAL_LIMIT)
 # (ConnectionGuard) and leave pynetdicom's check only as a far-off backstop.
 _PYNETDICOM_ASSOCIATION_CEILING = 4096
 
+# The ingest journal's segments, below the storage root (never a UID: the debris sweep skips it).
+JOURNAL_DIR = ".journal"
 _DB_ATTEMPTS = 6
 _DB_BACKOFF_S = 0.02
 _ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is LO
@@ -302,6 +312,8 @@ class StoreDeps:
     write_lock: threading.Lock | None = None
     group_commit: GroupCommit | None = None
     stats: ReceiverStats = field(default_factory=ReceiverStats)
+    # Durable stores: instances are made durable here first; files and rows follow unsynced.
+    journal: IngestJournal | None = None
     refusals: RefusalLog | None = None
     guard: ConnectionGuard | None = None
     # Set when the Called AE Title must be ours.
@@ -315,11 +327,13 @@ class Receiver:
     """A running SCP; ``shutdown()`` stops the servers and their associations."""
 
     def __init__(self, ae: AE, servers: Sequence[ThreadedAssociationServer], stats: ReceiverStats,
-                 refusals: RefusalLog | None = None, guard: ConnectionGuard | None = None) -> None:
+                 refusals: RefusalLog | None = None, guard: ConnectionGuard | None = None,
+                 journal: IngestJournal | None = None) -> None:
         self._ae = ae
         self._servers = list(servers)
         self._refusals = refusals
         self._guard = guard
+        self.journal = journal
         self.stats = stats
 
     @property
@@ -360,6 +374,8 @@ class Receiver:
         for assoc in pending:
             assoc.join(max(0.0, deadline - time.monotonic()))
         self._ae.shutdown()
+        if self.journal is not None:
+            self.journal.close()  # checkpoints what is settled; the rest is replayed at the next start
         if self._refusals is not None:
             self._refusals.stop()  # writes what was still only counted
 
@@ -399,7 +415,15 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
                      caller_certificates=frozenset(
                          (ae.strip(), cn) for ae, cn in (config.tls.caller_certificates if config.tls else ())),
                      network_timeout_s=config.network_timeout_s)
-    # Concurrent associations share one transaction, so one journal fsync, per batch.
+    if config.durable:
+        # Before listening, and so before serve starts the scheduler and workers: a row
+        # whose file a crash lost gets its bytes back before anything reads it.
+        recover(store.root / JOURNAL_DIR, lambda entries: _replay(deps, entries))
+        deps.journal = IngestJournal(
+            store.root / JOURNAL_DIR, sync_files=lambda paths: sync_files(store.root, paths),
+            sync_records=lambda: _with_db_retry(deps, db_ingest.make_commits_durable))
+        deps.journal.start()
+    # Concurrent associations share one transaction, so one database commit, per batch.
     deps.group_commit = GroupCommit(
         commit=lambda records: _record_batch(deps, records),
         commit_one=lambda record: _record_one(deps, record),
@@ -430,9 +454,11 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
                                          config.association_request_timeout_s))
     except BaseException:
         ae.shutdown()
+        if deps.journal is not None:
+            deps.journal.close()
         raise
     deps.refusals.start()
-    receiver = Receiver(ae, servers, deps.stats, deps.refusals, deps.guard)
+    receiver = Receiver(ae, servers, deps.stats, deps.refusals, deps.guard, deps.journal)
     logger.info("receiver listening", extra={"action": "receiver_start", "ae_title": config.ae_title,
                                              "port": receiver.port, "tls_port": receiver.tls_port,
                                              "storage_dir": str(store.root)})
@@ -548,20 +574,30 @@ def handle_store(event: Event, deps: StoreDeps) -> Dataset | int:
         record = _identify_stage(event, header, deps.store, size_bytes=len(part10), stats=stats)
         decoded = time.perf_counter()
         stats.add_stage("decode", decoded - started)
-        stored = _write_stage(deps.store, record, part10)
+        stored, entry = _write_stage(deps, record, part10)
         written = time.perf_counter()
         stats.add_stage("write", written - decoded)
-        outcome = _record_stage(deps, record)
+        try:
+            _stored(record, stored, _record_stage(deps, record))
+        finally:
+            if entry is not None and deps.journal is not None:
+                deps.journal.settle(entry, stored.path)  # its segment may go at the next checkpoint
         stats.add_stage("record", time.perf_counter() - written)
     except _Refused as refused:
         stats.add_refused(refused.status)
         return _refuse(deps, event, refused)
     stats.add_stored()
+    return int(StoreStatus.SUCCESS)  # a bare status skips encoding a response data set
+
+
+def _stored(record: InstanceRecord, stored: StoredInstance, outcome: RecordOutcome) -> None:
+    if outcome.study_reopened:
+        logger.info("late instance reopened a complete study", extra={
+            "action": "study_reopened", "study_instance_uid": record.study_instance_uid})
     logger.debug("instance stored", extra={
         "action": "instance_stored", "sop_instance_uid": record.sop_instance_uid,
         "study_instance_uid": record.study_instance_uid, "new_row": outcome.created,
         "study_reopened": outcome.study_reopened, "size_bytes": stored.size_bytes})
-    return int(StoreStatus.SUCCESS)  # a bare status skips encoding a response data set
 
 
 class _Refused(Exception):
@@ -606,10 +642,27 @@ def _identify_stage(event: Event, header: Dataset, store: InstanceStore, *, size
                        command_uid, logged=True) from exc
 
 
-def _write_stage(store: InstanceStore, record: InstanceRecord, part10: bytes) -> StoredInstance:
-    """The durable file; 0xA700 below the disk watermark (nothing written), 0xA701 on I/O errors."""
+def _write_stage(deps: StoreDeps, record: InstanceRecord,
+                 part10: bytes) -> tuple[StoredInstance, JournalEntry | None]:
+    """The durable instance and its file; 0xA700 below the disk watermark (nothing written),
+    0xA701 on I/O errors. With the journal: the entry is appended, the file written while
+    the journal syncs, and this returns once the entry is durable (the caller settles it)."""
+    store, journal = deps.store, deps.journal
     try:
-        return store.write(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid, part10)
+        if journal is None:
+            return store.write(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid,
+                               part10), None
+        store.check_space(2 * len(part10))  # the journal's copy and the file
+        entry = journal.append(record, part10)
+        stored: StoredInstance | None = None
+        try:
+            stored = store.write(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid,
+                                 part10, sync=False, space_checked=True)
+            journal.wait_durable(entry)
+        except BaseException:
+            journal.settle(entry, stored.path if stored is not None else None)
+            raise
+        return stored, entry
     except StorageFull as exc:
         raise _Refused(StoreStatus.OUT_OF_RESOURCES, str(exc), record.sop_instance_uid) from exc
     except OSError as exc:
@@ -628,9 +681,6 @@ def _record_stage(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
                          extra={"action": "store_failed", "sop_instance_uid": record.sop_instance_uid})
         raise _Refused(StoreStatus.STORE_FAILED, f"database record failed: {type(exc).__name__}",
                        record.sop_instance_uid, logged=True) from exc
-    if outcome.study_reopened:
-        logger.info("late instance reopened a complete study", extra={
-            "action": "study_reopened", "study_instance_uid": record.study_instance_uid})
     return outcome
 
 
@@ -687,17 +737,50 @@ def _record_instance(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
 
 
 def _record_batch(deps: StoreDeps, records: list[InstanceRecord]) -> list[RecordOutcome]:
-    """Commit several instances' rows in one transaction (db.api.record_instances)."""
+    """Commit several instances' rows in one transaction (db.api.record_instances); the
+    commit does not wait for the disk when the journal already holds them durably."""
     if len(records) == 1:
         return [_record_one(deps, records[0])]
-    outcomes = list(_with_db_retry(deps, lambda session: db_api.record_instances(session, records)))
+    durable = deps.journal is None
+    outcomes = list(_with_db_retry(deps, lambda session: db_api.record_instances(session, records,
+                                                                                  durable=durable)))
     deps.stats.add_row_commit()
     return outcomes
 
 
 def _record_one(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
-    outcome: RecordOutcome = _with_db_retry(deps, lambda session: db_api.record_instance(session, record))
+    durable = deps.journal is None
+    outcome: RecordOutcome = _with_db_retry(deps, lambda session: db_api.record_instance(session, record,
+                                                                                          durable=durable))
     deps.stats.add_row_commit()
+    return outcome
+
+
+def _replay(deps: StoreDeps, entries: list[tuple[InstanceRecord, bytes]]) -> None:
+    """Recovery (daemon.ingest_journal.recover): each file written and fsynced, then the rows
+    recorded with a durable commit, in journal order. A row that cannot be recorded even on
+    its own is logged and left out (its instance was refused when it arrived, never acknowledged)."""
+    for record, data in entries:
+        # The same path build_record recorded (both come from InstanceStore.relative_path).
+        deps.store.write(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid,
+                         data, sync=True, space_checked=True)
+    records = [record for record, _ in entries]
+    try:
+        _with_db_retry(deps, lambda session: db_api.record_instances(session, records))
+        return
+    except Exception:
+        logger.warning("journal replay: batch not recorded; recording rows one by one",
+                       extra={"action": "journal_replay_fallback", "rows": len(records)}, exc_info=True)
+    for record in records:
+        try:
+            _replay_one(deps, record)
+        except Exception:
+            logger.exception("journal replay: row not recorded", extra={
+                "action": "journal_replay_failed", "sop_instance_uid": record.sop_instance_uid})
+
+
+def _replay_one(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
+    outcome: RecordOutcome = _with_db_retry(deps, lambda session: db_api.record_instance(session, record))
     return outcome
 
 

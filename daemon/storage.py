@@ -9,7 +9,10 @@ A file is written to a temporary name in its final directory, flushed, fsynced,
 renamed over the final name and the directory is fsynced, so after ``write``
 returns the instance survives a power cut and a reader never sees half a file.
 Concurrent writers into one directory share a directory fsync: one that starts
-after a writer's rename covers that rename too (see ``DirectorySync``).
+after a writer's rename covers that rename too (see ``DirectorySync``). The
+receiver writes with ``sync=False`` instead: its ingest journal already holds the
+instance durably, and a journal checkpoint makes many files and their directories
+durable at once (``sync_files``; daemon/ingest_journal.py).
 Writing the same SOP Instance UID again replaces the file atomically, which makes
 a re-send idempotent. One process writes a storage tree (the SCP); a temporary
 file left by a crash is replaced when its instance is sent again, and goes with
@@ -23,16 +26,19 @@ instance moved to another study, a purge that could not remove everything).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import cast
 
 from daemon.errors import InputRejected, TransientError
 
@@ -115,15 +121,21 @@ class InstanceStore:
                 f"the watermark of {self.min_free_bytes // _MIB} MiB"
             )
 
-    def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredInstance:
-        """Store ``data`` (a whole Part 10 file) atomically and durably.
+    def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *,
+              sync: bool | None = None, space_checked: bool = False) -> StoredInstance:
+        """Store ``data`` (a whole Part 10 file) atomically and, with ``sync`` (default:
+        the store's ``durable``), durably: the file and its directory are fsynced.
+        ``sync=False`` is for a caller that holds a durable copy elsewhere (the ingest
+        journal) and makes the file durable later (``sync_files``).
 
         Raises ``InvalidUid`` for a UID that cannot be a file name, ``StorageFull``
-        before touching the disk when space is short, ``OSError`` on write failure
-        (the temporary file is removed).
+        before touching the disk when space is short (unless the caller has just
+        checked), ``OSError`` on write failure (the temporary file is removed).
         """
+        sync = self.durable if sync is None else sync
         relative = self.relative_path(study_uid, series_uid, sop_uid)
-        self.check_space(len(data))
+        if not space_checked:
+            self.check_space(len(data))
         final = self.root.joinpath(*relative.parts)
         # One temporary name per SOP instance: a re-send after a crash reuses (and so
         # removes) the temporary file the crash left behind.
@@ -132,29 +144,29 @@ class InstanceStore:
             self._ensure_dir(final.parent)
             try:
                 try:
-                    self._write_file(tmp, data)
+                    self._write_file(tmp, data, sync)
                 except FileNotFoundError:
                     # The directory was removed (retention clean-up) since we cached it.
                     self._forget_dir(final.parent)
                     self._ensure_dir(final.parent)
-                    self._write_file(tmp, data)
+                    self._write_file(tmp, data, sync)
                 os.replace(tmp, final)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-        if self.durable:
+        if sync:
             # Outside the SOP lock: writers of other SOPs into this directory share the fsync.
             self._dir_sync(final.parent).sync()
         return StoredInstance(path=final, relative_path=relative.as_posix(), size_bytes=len(data))
 
-    def _write_file(self, path: Path, data: bytes) -> None:
+    def _write_file(self, path: Path, data: bytes, sync: bool) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            if self.durable:
+            if sync:
                 os.fsync(fd)
         finally:
             os.close(fd)
@@ -242,6 +254,63 @@ class DirectorySync:
             self._running = False
             self.fsyncs += 1
             self._cond.notify_all()
+
+
+def sync_files(root: Path, files: Iterable[Path]) -> None:
+    """Make files written without ``sync`` durable, with their directory entries.
+
+    On Linux one syncfs(2) of the filesystem flushes them all at once (and whatever
+    else is dirty there); elsewhere each file is fsynced. A file gone meanwhile (a
+    re-send renamed a new copy over it, a purge) is skipped: its replacement is
+    covered by its own writer.
+    """
+    files = list(files)
+    if not files:
+        return
+    if not _syncfs(root):
+        for path in files:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for directory in sorted({path.parent for path in files}):
+        try:
+            _fsync_dir(directory)
+        except FileNotFoundError:
+            continue
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int], int], function)
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _syncfs(root: Path) -> bool:
+    """syncfs(2) of the filesystem holding ``root``; False where there is none."""
+    if _SYNCFS is None:
+        return False
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _SYNCFS(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error), str(root))
+    finally:
+        os.close(fd)
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

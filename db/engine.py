@@ -3,6 +3,11 @@
 SQLite write transactions start with BEGIN IMMEDIATE: a deferred transaction that
 reads and then writes can fail at once with SQLITE_BUSY instead of waiting, so
 `db.api` marks its write transactions with the WRITE_TX option (see `begin_write`).
+
+A write transaction may be marked relaxed (RELAXED_COMMIT): its commit does not wait
+for the disk (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit=off). Only the
+receiver uses that, for rows whose durable copy is already in its ingest journal
+(daemon/ingest_journal.py); every other transaction stays synchronous.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 WRITE_TX = "headscreen_write_tx"
+RELAXED_COMMIT = "headscreen_relaxed_commit"
 WAL_RETRY_S = 0.02
 
 
@@ -93,8 +99,13 @@ def _ensure_wal(cursor: Any) -> None:
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
-    immediate = conn.get_execution_options().get(WRITE_TX, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    options = conn.get_execution_options()
+    # Per connection, and set before each transaction that needs the other level.
+    synchronous = "NORMAL" if options.get(RELAXED_COMMIT, False) else "FULL"
+    if conn.info.get("synchronous", "FULL") != synchronous:
+        conn.exec_driver_sql(f"PRAGMA synchronous={synchronous}")
+        conn.info["synchronous"] = synchronous
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(WRITE_TX, False) else "BEGIN")
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -102,15 +113,18 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
-def begin_write(session: Session) -> None:
-    """Start the session's write transaction (IMMEDIATE on SQLite).
+def begin_write(session: Session, *, relaxed: bool = False) -> None:
+    """Start the session's write transaction (IMMEDIATE on SQLite); `relaxed`: its
+    commit does not wait for the disk (see the module docstring).
 
     A transaction the caller left open is committed first: every `db.api` function
     owns its own transaction.
     """
     if session.in_transaction():
         session.commit()
-    session.connection(execution_options={WRITE_TX: True})
+    connection = session.connection(execution_options={WRITE_TX: True, RELAXED_COMMIT: relaxed})
+    if relaxed and connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
 
 
 def is_postgres(session: Session) -> bool:
@@ -119,9 +133,9 @@ def is_postgres(session: Session) -> bool:
 
 
 @contextmanager
-def write_transaction(session: Session) -> Iterator[None]:
+def write_transaction(session: Session, *, relaxed: bool = False) -> Iterator[None]:
     """`begin_write`, then commit on success or roll back on any error."""
-    begin_write(session)
+    begin_write(session, relaxed=relaxed)
     try:
         yield
         session.commit()

@@ -12,11 +12,17 @@ header facts; both studies are re-evaluated (a complete one reopens, generation 
 either's quiet period restarts) and each gets an `instance_moved` audit event.
 The file at the old path then has no row, and the storage sweep removes it
 (daemon.storage.sweep_debris).
+
+The receiver commits with `durable=False` when its ingest journal already holds a
+durable copy of each instance (daemon/ingest_journal.py): the commit then does not
+wait for the disk, and `make_commits_durable` later flushes everything committed so
+far at once, before the journal lets go of those instances.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -152,7 +158,8 @@ class _Batch:
     moved: list[tuple[int, int]] = field(default_factory=list)
 
 
-def record_instance(session: Session, rec: InstanceRecord, now: datetime | None = None) -> RecordOutcome:
+def record_instance(session: Session, rec: InstanceRecord, now: datetime | None = None, *,
+                    durable: bool = True) -> RecordOutcome:
     """Store one received instance (commits). Idempotent on SOP Instance UID.
 
     A new instance in a complete study reopens it (generation + 1) unless the
@@ -160,19 +167,20 @@ def record_instance(session: Session, rec: InstanceRecord, now: datetime | None 
     A duplicate in the same series only refreshes path and size; one sent under
     another series or study is moved there (see the module docstring).
     """
-    return record_instances(session, [rec], now)[0]
+    return record_instances(session, [rec], now, durable=durable)[0]
 
 
 def record_instances(
-    session: Session, records: Sequence[InstanceRecord], now: datetime | None = None
+    session: Session, records: Sequence[InstanceRecord], now: datetime | None = None, *, durable: bool = True
 ) -> list[RecordOutcome]:
     """Store many received instances in ONE transaction (commits); outcomes in order.
 
     Each instance gets exactly the semantics of `record_instance`; the commit (and
     so the journal fsync) is shared. If any row fails, nothing is committed.
+    `durable=False`: the commit does not wait for the disk (see the module docstring).
     """
     batch = _Batch(now=clock(now))
-    with write_transaction(session):
+    with write_transaction(session, relaxed=not durable):
         connection = session.connection()
         outcomes = [_record_in_transaction(session, connection, batch, rec) for rec in records]
         _apply_deferred_updates(connection, batch)
@@ -380,6 +388,34 @@ def _study_touch_params(study: _StudyState, now: datetime) -> dict[str, Any]:
     for attr in _FILLED_STUDY_ATTRS:
         params[f"b_{attr}"] = next((getattr(r, attr) for r in study.records if getattr(r, attr) is not None), None)
     return params
+
+
+def make_commits_durable(session: Session) -> None:
+    """Make every transaction committed so far durable, relaxed ones included.
+
+    PostgreSQL: a transaction with an id commits synchronously, which flushes the WAL up
+    to its commit record, so every earlier commit too. SQLite (WAL, synchronous=NORMAL
+    for relaxed commits): its checkpoints sync the database file, so fsyncing the WAL
+    and the database file covers every commit.
+    """
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        session.execute(text("SELECT txid_current()"))
+        session.commit()
+        return
+    database = bind.engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    end_read(session)
+    for path in (f"{database}-wal", database):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # no WAL: everything is in the (checkpoint-synced) database file
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def recorded_instance_paths(session: Session, paths: Iterable[str]) -> set[str]:
