@@ -56,6 +56,8 @@ class FailedJob:
     attempts: int
     last_error: str | None
     finished_at: datetime | None
+    accession_number: str | None = None  # patient data: the authenticated console only
+    patient_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class DeadDelivery:
     attempts: int
     last_status: int | None
     last_error: str | None
+    accession_number: str | None = None  # patient data: the authenticated console only
+    patient_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -200,22 +204,24 @@ def failures(session: Session, limit: int = 200) -> tuple[list[FailedJob], list[
                                                                           JobState.DONE)),
                                  Job.generation >= Study.generation).correlate(Study).exists()
     job_rows = session.execute(
-        select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
+        select(Job, Study.study_instance_uid, Study.accession_number, Study.patient_id)
+        .join(Study, Study.id == Job.study_id)
         .where(Job.state == JobState.FAILED, ~rerun).order_by(Job.id.desc()).limit(limit)
     ).all()
     # Scrubbed again on the way out: rows written before reasons were sanitised may quote data-set values.
     jobs = [FailedJob(j.id, uid, f"{j.bundle_name}-{j.bundle_version}", j.attempts, _scrubbed(j.last_error),
-                      j.finished_at)
-            for j, uid in job_rows]
+                      j.finished_at, accession, patient)
+            for j, uid, accession, patient in job_rows]
     dead_rows = session.execute(
-        select(Delivery, ResultObject.kind, Study.study_instance_uid)
+        select(Delivery, ResultObject.kind, Study.study_instance_uid, Study.accession_number, Study.patient_id)
         .join(ResultObject, ResultObject.id == Delivery.result_object_id)
         .join(Result, Result.id == ResultObject.result_id)
         .join(Study, Study.id == Result.study_id)
         .where(Delivery.state == DeliveryState.DEAD).order_by(Delivery.id.desc()).limit(limit)
     ).all()
-    dead = [DeadDelivery(d.id, uid, d.destination, str(kind), d.attempts, d.last_status, _scrubbed(d.last_error))
-            for d, kind, uid in dead_rows]
+    dead = [DeadDelivery(d.id, uid, d.destination, str(kind), d.attempts, d.last_status, _scrubbed(d.last_error),
+                         accession, patient)
+            for d, kind, uid, accession, patient in dead_rows]
     end_read(session)
     return jobs, dead
 

@@ -79,7 +79,7 @@ def test_admin_flags_a_study_and_finds_it_in_the_review_queue(browser: Browser, 
     _shot(page, "02-studies-filtered")
 
     page.click(f"a[href='/studies/{seeded.positive}']")
-    expect(page.locator("h1")).to_contain_text(seeded.positive)
+    expect(page.locator("#study-uid")).to_contain_text(seeded.positive)
     preview = page.locator(".previews img").first
     expect(preview).to_be_visible()
     # Visible is not loaded: wait for the image itself (generously, the machine may be busy).

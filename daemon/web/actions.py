@@ -97,7 +97,8 @@ def jsonable(value: Any) -> Any:
 
 
 CSV_COLUMNS = (
-    "study_instance_uid", "modality", "state", "station_name", "first_received_at", "last_received_at",
+    "study_instance_uid", "accession_number", "patient_id", "study_date", "modality", "state", "station_name",
+    "first_received_at", "last_received_at",
     "completed_at", "instance_count", "bundle_name", "bundle_version", "eligible", "anomaly_score", "percentile",
     "screen_positive", "predicted_age", "chronological_age", "age_gap", "qc_reasons", "flagged", "flag_comment",
     "reviewed", "confirmed_normal",

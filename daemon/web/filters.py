@@ -35,6 +35,8 @@ class StudyQuery:
     flagged: Tri | None = None
     reviewed: Tri | None = None
     station: str | None = None
+    eligible: Tri | None = None
+    q: str | None = None  # accession number, patient ID or Study UID (or the start of one)
     sort: SortName = "received"
     order: Literal["asc", "desc"] = "desc"
     page: int = 1
@@ -63,6 +65,8 @@ class StudyQuery:
             reviewed=_tri(self.reviewed),
             station=self.station or None,
             needs_review=needs_review,
+            eligible=_tri(self.eligible),
+            search=self.q or None,
             sort=self.sort,
             descending=self.order == "desc",
             limit=self.per_page,
@@ -104,6 +108,8 @@ def study_query(
     flagged: Annotated[Tri | None, Query()] = None,
     reviewed: Annotated[Tri | None, Query()] = None,
     station: Annotated[str | None, Query(max_length=64)] = None,
+    eligible: Annotated[Tri | None, Query()] = None,
+    q: Annotated[str | None, Query(max_length=64)] = None,
     sort: Annotated[SortName, Query()] = "received",
     order: Annotated[Literal["asc", "desc"], Query()] = "desc",
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
@@ -111,4 +117,5 @@ def study_query(
 ) -> StudyQuery:
     return StudyQuery(state, modality, received_from, received_to, screen, min_percentile, max_percentile,
                       min_age_gap, max_age_gap, qc_failed, _blank_to_none(qc_reason), flagged, reviewed,
-                      _blank_to_none(station), sort, order, page, per_page)
+                      _blank_to_none(station), eligible, _blank_to_none((q or "").strip()), sort, order, page,
+                      per_page)

@@ -4,8 +4,9 @@ answered with a redirect (post/redirect/get)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
@@ -26,6 +27,16 @@ from imaging.preprocess import default_params
 logger = logging.getLogger(__name__)
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+
+def _dicom_date(value: str | None) -> str:
+    """A DICOM DA (YYYYMMDD) as YYYY-MM-DD; anything else as it is, "-" when absent."""
+    if not value:
+        return "-"
+    return f"{value[:4]}-{value[4:6]}-{value[6:]}" if len(value) == 8 and value.isdigit() else value
+
+
+templates.env.filters["da"] = _dicom_date
 router = APIRouter(include_in_schema=False)
 Query_ = Annotated[StudyQuery, Depends(study_query)]
 
@@ -88,6 +99,38 @@ def logout(request: Request, user: PageCsrf) -> Response:
     return response
 
 
+@dataclass(frozen=True)
+class Attention:
+    """One thing on the overview that needs someone: how many, and the list that shows them."""
+
+    key: str
+    label: str
+    count: int
+    href: str
+    capped: bool = False  # more than the count (the study count stops at 10,000)
+
+
+# Each count is taken with the very filters of the list it links to, so the two agree.
+ATTENTION_LISTS = (
+    ("positives", "screen positives awaiting review", StudyQuery(screen="positive", reviewed="no")),
+    ("qc_failures", "QC failures (not eligible) awaiting review", StudyQuery(eligible="no", reviewed="no")),
+)
+
+
+def _attention(request: Request, dead_deliveries: int) -> list[Attention]:
+    ctx = context_of(request)
+    items = []
+    with ctx.db() as session:
+        for key, label, query in ATTENTION_LISTS:
+            count, capped = api.count_studies(session, query.to_filters())
+            items.append(Attention(key, label, count, f"/studies?{query.query_string()}", capped))
+    calibrating = [s for s in actions.calibration_view(ctx)["stations"] if s.in_use == "calibrating"]
+    items.append(Attention("calibrating", "stations calibrating (no screen result yet)", len(calibrating),
+                           "/calibration?in_use=calibrating"))
+    items.append(Attention("dead", "dead deliveries", dead_deliveries, "/failures?show=dead"))
+    return items
+
+
 @router.get("/")
 def overview(request: Request, user: PageUser) -> HTMLResponse:
     with context_of(request).db() as session:
@@ -102,7 +145,8 @@ def overview(request: Request, user: PageUser) -> HTMLResponse:
     latency_chart = charts.line_chart(days, {"mean latency": [latency.get(d) for d in days]},
                                       title="Latency: last instance received -> result (s)", unit=" s")
     return _render(request, "overview.html", user, view=view, counts_chart=Markup(counts_chart),
-                   latency_chart=Markup(latency_chart), health=_health(request))
+                   latency_chart=Markup(latency_chart), health=_health(request),
+                   attention=_attention(request, view.deliveries.get("dead", 0)))
 
 
 def _health(request: Request) -> dict[str, Any]:
@@ -180,10 +224,12 @@ def study_requeue(request: Request, user: PageAdmin, study_uid: str) -> Response
 
 
 @router.get("/failures")
-def failures(request: Request, user: PageUser) -> HTMLResponse:
+def failures(request: Request, user: PageUser, show: Literal["jobs", "dead"] | None = None) -> HTMLResponse:
+    """Failed jobs and dead deliveries; `show=jobs` or `show=dead` lists one of the two."""
     with context_of(request).db() as session:
         jobs, dead = api.failures(session)
-    return _render(request, "failures.html", user, jobs=for_role(user, jobs), dead=for_role(user, dead))
+    return _render(request, "failures.html", user, jobs=for_role(user, jobs), dead=for_role(user, dead),
+                   show=show)
 
 
 @router.post("/deliveries/resend")
@@ -218,8 +264,13 @@ def drift(request: Request, user: PageUser, period_days: int = 7, modality: str 
 
 
 @router.get("/calibration")
-def calibration(request: Request, user: PageUser) -> HTMLResponse:
-    return _render(request, "calibration.html", user, view=actions.calibration_view(context_of(request)))
+def calibration(request: Request, user: PageUser,
+                in_use: Literal["calibrating", "site", "bundle"] | None = None) -> HTMLResponse:
+    """References per scanner; `in_use=calibrating|site|bundle` lists only the scanners judged so."""
+    view = actions.calibration_view(context_of(request))
+    if in_use:
+        view["stations"] = [s for s in view["stations"] if s.in_use == in_use]
+    return _render(request, "calibration.html", user, view=view, in_use=in_use)
 
 
 @router.post("/calibration/references/{reference_id}/retire")
