@@ -3,7 +3,8 @@
 Builds a synthetic 300-slice 512x512 int16 CT study, then sends it with one
 association and with four concurrent associations (four storescu processes) to
 (a) dcmtk storescp writing to a temporary directory, (b) headscreen's receiver
-(real storage with fsync, SQLite), optionally (c) Orthanc as a reference PACS.
+(durable: each instance is in its ingest journal, fdatasynced, before Success; SQLite,
+optionally PostgreSQL), optionally (c) Orthanc as a reference PACS.
 Prints instances/s, MB/s and the ratio to storescp.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeats 3] [--orthanc]
@@ -68,6 +69,8 @@ class Figure:
     stage_seconds: dict[str, float] | None = None
     # headscreen only: database commits of instance rows (group commit shares them)
     row_commits: int | None = None
+    # headscreen only: fdatasyncs of the ingest journal (concurrent associations share them)
+    journal_syncs: int | None = None
 
     @property
     def per_second(self) -> float:
@@ -230,7 +233,7 @@ def _on_postgres(work: Path, admin_url: str) -> Iterator[tuple[int, str, Path, R
 def measure(name: str, target: Callable[[Path], object], paths: list[Path], associations: int,
             repeats: int, megabytes: float) -> Figure:
     """Best and median of `repeats` runs, each into a fresh target (fresh storage and database)."""
-    times, stages, commits = [], [], []
+    times, stages, commits, syncs = [], [], [], []
     for _ in range(repeats):
         with (tempfile.TemporaryDirectory(prefix="ingest-", dir=os.environ.get("BENCH_TMP")) as tmp,
               target(Path(tmp)) as (port, called_ae, out_dir, stats)):  # type: ignore[attr-defined]
@@ -242,9 +245,11 @@ def measure(name: str, target: Callable[[Path], object], paths: list[Path], asso
                 snapshot = stats.snapshot()
                 stages.append(snapshot["stage_seconds"])
                 commits.append(snapshot["row_commits"])
+                syncs.append(snapshot["journal_syncs"])
     best = min(range(repeats), key=times.__getitem__)
     return Figure(name, associations, times[best], statistics.median(times), len(paths), megabytes,
-                  stages[best] if stages else None, commits[best] if commits else None)
+                  stages[best] if stages else None, commits[best] if commits else None,
+                  syncs[best] if syncs else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,19 +289,27 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"load after: {_load()}")
     baseline = {f.associations: f for f in figures if f.target == "storescp"}
+    # Issue 14's target is relative to Orthanc (best and median, same run).
+    reference = {f.associations: f for f in figures if f.target == "orthanc"}
     print(f"{'target':<20}{'assocs':>7}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}{'x storescp':>12}"
-          f"{'median x':>10}")
+          f"{'median x':>10}{'x orthanc':>11}{'median x':>10}")
     for f in figures:
         ratio = baseline[f.associations].seconds / f.seconds
         median_ratio = baseline[f.associations].median_seconds / f.median_seconds
+        orthanc_ratios = ""
+        if f.associations in reference:
+            anchor = reference[f.associations]
+            orthanc_ratios = f"{anchor.seconds / f.seconds:>11.2f}{anchor.median_seconds / f.median_seconds:>10.2f}"
         stages = ""
         if f.stage_seconds:
             stages = "  ms/instance: " + " ".join(
                 f"{stage} {1000 * seconds / f.instances:.1f}" for stage, seconds in f.stage_seconds.items())
         if f.row_commits:
             stages += f"; rows/commit {f.instances / f.row_commits:.1f}"
+        if f.journal_syncs:
+            stages += f"; instances/journal sync {f.instances / f.journal_syncs:.1f}"
         print(f"{f.target:<20}{f.associations:>7}{f.seconds:>9.2f}{f.per_second:>9.1f}"
-              f"{f.mb_per_second:>9.1f}{ratio:>12.2f}{median_ratio:>10.2f}{stages}")
+              f"{f.mb_per_second:>9.1f}{ratio:>12.2f}{median_ratio:>10.2f}{orthanc_ratios}{stages}")
     if args.sqlite_normal:
         print("* synchronous=NORMAL: durable against a process crash, NOT against power loss; "
               "headscreen runs FULL")

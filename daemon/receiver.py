@@ -201,6 +201,8 @@ class ReceiverStats:
         self._connections: dict[str, int] = {}
         self._values_dropped: dict[str, int] = {}
         self._values_truncated: dict[str, int] = {}
+        # fdatasyncs of the ingest journal so far (set by start_receiver on durable stores).
+        self.journal_syncs: Callable[[], int] = lambda: 0
 
     def add_stage(self, stage: str, seconds: float) -> None:
         with self._lock:
@@ -236,7 +238,7 @@ class ReceiverStats:
             return {"stored": self._stored, "refused": dict(self._refused),
                     "stage_seconds": dict(self._seconds), "row_commits": self._row_commits,
                     "connections": dict(self._connections), "values_dropped": dict(self._values_dropped),
-                    "values_truncated": dict(self._values_truncated)}
+                    "values_truncated": dict(self._values_truncated), "journal_syncs": self.journal_syncs()}
 
 
 def _default(model: Any, name: str) -> Any:
@@ -423,6 +425,8 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
             store.root / JOURNAL_DIR, sync_files=lambda paths: sync_files(store.root, paths),
             sync_records=lambda: _with_db_retry(deps, db_ingest.make_commits_durable))
         deps.journal.start()
+        journal = deps.journal
+        deps.stats.journal_syncs = lambda: journal.syncs
     # Concurrent associations share one transaction, so one database commit, per batch.
     deps.group_commit = GroupCommit(
         commit=lambda records: _record_batch(deps, records),
