@@ -32,6 +32,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$status" = 0 ] || exit "$status"
 fi
 
+# OHIF Viewer's prebuilt web app for tests/test_viewer_ohif.py: cached outside git, fetched
+# with npm only when absent.
+bash "$(dirname "${BASH_SOURCE[0]}")/install-ohif.sh"
+
 if [ "${HEADSCREEN_SKIP_POSTGRES:-0}" != "1" ]; then
   if ! pg_isready -q -h 127.0.0.1 -p 5432; then
     cluster=$(ls /etc/postgresql | sort -V | tail -n 1)

@@ -3,11 +3,16 @@ console shows, a real Secondary Capture file for previews, users, and app settin
 
 from __future__ import annotations
 
+import http.client
+import os
 import random
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -234,5 +239,115 @@ def browser() -> Iterator[Browser]:
         pytest.fail(f"{CHROMIUM} missing: run tests/install-system-deps.sh (Debian chromium)", pytrace=False)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+# ------------------------------------------------------------------ OHIF Viewer (tests/test_viewer_ohif.py)
+
+# cornerstone3D (OHIF's renderer) needs WebGL2: with no GPU, Chromium's ANGLE runs it on
+# SwiftShader, its CPU Vulkan; --enable-unsafe-swiftshader keeps that allowed for WebGL.
+WEBGL_CHROMIUM_ARGS = [a for a in CHROMIUM_ARGS if a != "--disable-gpu"] + [
+    "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+
+# OHIF's prebuilt web app, fetched by tests/install-ohif.sh (the same version and folder).
+OHIF_VERSION = "3.13.2"
+OHIF_DIR_ENV = "HEADSCREEN_OHIF_DIR"
+OHIF_CONFIG = Path(__file__).parent / "ohif" / "app-config.js"
+
+
+def ohif_dist() -> Path:
+    """The `dist/` of @ohif/app as tests/install-ohif.sh unpacked it; fails the test when absent."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = Path(os.environ.get(OHIF_DIR_ENV) or cache / "headscreen-test" / f"ohif-{OHIF_VERSION}")
+    if not (folder / ".complete").is_file() or not (folder / "dist" / "index.html").is_file():
+        pytest.fail(f"OHIF Viewer {OHIF_VERSION} missing in {folder}: run tests/install-ohif.sh "
+                    "(tests/install-system-deps.sh runs it)", pytrace=False)
+    return folder / "dist"
+
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host",
+               "proxy-authorization", "proxy-authenticate", "content-length"}
+
+
+class _OhifHandler(SimpleHTTPRequestHandler):
+    """OHIF's files, our app-config.js, /dicom-web/ passed to Orthanc, index.html for the app's routes."""
+
+    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript",
+                      ".wasm": "application/wasm", ".json": "application/json"}
+    config: Path
+    orthanc_port: int
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # URLs carry study UIDs; the test reports what matters
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/dicom-web/"):
+            self._proxy()
+        elif path == "/app-config.js":
+            self._send(200, "text/javascript", self.config.read_bytes())
+        else:
+            if not Path(self.translate_path(self.path)).is_file():
+                self.path = "/index.html"  # a route of the single-page app (/viewer, /segmentation)
+            super().do_GET()
+
+    def _send(self, status: int, content_type: str, body: bytes,
+              headers: Iterable[tuple[str, str]] = ()) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _proxy(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.orthanc_port, timeout=120)
+        try:
+            connection.request("GET", self.path, headers={k: v for k, v in self.headers.items()
+                                                          if k.lower() not in _HOP_BY_HOP})
+            response = connection.getresponse()
+            body = response.read()
+            headers = [(k, v) for k, v in response.getheaders()
+                       if k.lower() not in _HOP_BY_HOP and k.lower() != "content-type"]
+            self._send(response.status, response.getheader("Content-Type", "application/octet-stream"), body,
+                       headers)
+        finally:
+            connection.close()
+
+
+class OhifServer:
+    """OHIF's dist and Orthanc's DICOMweb on one origin (no CORS), on a free localhost port.
+
+    The standard library's threaded HTTP server is enough: static files plus one GET proxy."""
+
+    def __init__(self, dist: Path, orthanc_port: int, config: Path = OHIF_CONFIG) -> None:
+        handler = type("Handler", (_OhifHandler,), {"config": config, "orthanc_port": orthanc_port})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(dist)))
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="ohif-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> OhifServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def webgl_browser() -> Iterator[Browser]:
+    """Headless Chromium with WebGL2 on SwiftShader (no GPU needed), for OHIF."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} missing: run tests/install-system-deps.sh (Debian chromium)", pytrace=False)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=WEBGL_CHROMIUM_ARGS, headless=True)
         yield chromium
         chromium.close()
