@@ -211,16 +211,17 @@ def _single_threaded_itk() -> None:
 def _prepare_all(cases: list[Case], params: dict[str, Any], cache_dir: Path | None, label: str,
                  progress: bool, folder: Path | None, jobs: int = 1) -> list[Prepared]:
     """Cases are independent, so `jobs` processes (one ITK thread each) share them;
-    synthesis and registration dominate a cohort's build time."""
+    synthesis and registration dominate a cohort's build time. The bar (disable=None) is
+    drawn on a terminal only: a log file gets no carriage returns."""
     if jobs <= 1 or len(cases) <= 1:
         return [prepare_case(c, params, cache_dir, folder)
-                for c in tqdm(cases, desc=label, disable=not progress, leave=False)]
+                for c in tqdm(cases, desc=label, disable=None if progress else True, leave=False)]
     # spawn: the parent may hold torch and ITK thread pools that fork would copy half-alive.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(jobs, len(cases)), mp_context=context,
                              initializer=_single_threaded_itk) as pool:
         futures = [pool.submit(prepare_case, c, params, cache_dir, folder) for c in cases]
-        return [f.result() for f in tqdm(futures, desc=label, disable=not progress, leave=False)]
+        return [f.result() for f in tqdm(futures, desc=label, disable=None if progress else True, leave=False)]
 
 
 def _stack(cases: list[Case], prepared: list[Prepared]) -> tuple[Samples, np.ndarray]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -295,3 +297,17 @@ def test_batch_norm_recalibration_makes_eval_mode_match_the_training_set(cpu) ->
     # The mean of three equal-sized batch means is the whole set's mean.
     assert torch.allclose(norm.running_mean, features.mean(0), atol=1e-5)
     assert norm.momentum == 0.1 and not model.training
+
+
+def test_progress_bars_stay_out_of_a_log_file(tmp_path: Path) -> None:
+    """Asked for, the cohort's and the trainers' bars are drawn on a terminal only
+    (test_train_floor.py shows one there): stderr in a file gets nothing from them."""
+    code = ("from model_training.cohort import _prepare_all\n"
+            "from model_training.runtime import stage_bar\n"
+            "_prepare_all([], {}, None, 'cohort', True, None)\n"
+            "with stage_bar(3, 'vae', True) as bar:\n"
+            "    bar.update(3)\n")
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as handle:
+        subprocess.run([sys.executable, "-c", code], stderr=handle, check=True, timeout=300)
+    assert log.read_bytes() == b""
