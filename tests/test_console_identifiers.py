@@ -104,6 +104,10 @@ def test_overview_counts_link_to_lists_of_the_same_studies(console: Console) -> 
     # The seed: one screen positive not reviewed; its QC failure is advisory (still eligible).
     assert (counts["positives"], counts["qc_failures"], counts["dead"]) == ("1", "0",
                                                                            str(len(console.seeded.dead_delivery_ids)))
+    # The API's overview gives the same counts and links, for a monitoring system.
+    body = api_client.get("/api/v1/overview").json()
+    assert {a["key"]: (str(a["count"]), a["href"]) for a in body["attention"]} == {
+        key: (counts[key], links[key].replace("&amp;", "&")) for key in links}
     positives = api_client.get("/api/v1/studies?screen=positive&reviewed=no").json()["studies"]
     assert [r["study_instance_uid"] for r in positives] == [console.seeded.positive]
     assert client.get("/failures?show=bogus").status_code == 422

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from datetime import date, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import HTTPException
 
 from daemon.web.context import WebContext
+from daemon.web.filters import StudyQuery
 from db import api
 from db.types import StudyDetail, StudyNotFound, StudyRow
 
@@ -249,3 +250,35 @@ def change_role(ctx: WebContext, key: str, action: RoleAction, reason: str, acto
         raise HTTPException(status_code=409, detail=str(exc)) from None
     logger.info("bundle role action", extra={"action": f"bundle_{action.value}", "bundle": key, "user": actor})
     return changed
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One thing on the overview that needs someone: how many, and the list that shows them."""
+
+    key: str
+    label: str
+    count: int
+    href: str
+    capped: bool = False  # more than the count (the study count stops at 10,000)
+
+
+# Each count is taken with the very filters of the list it links to, so the two agree.
+ATTENTION_LISTS = (
+    ("positives", "screen positives awaiting review", StudyQuery(screen="positive", reviewed="no")),
+    ("qc_failures", "QC failures (not eligible) awaiting review", StudyQuery(eligible="no", reviewed="no")),
+)
+
+
+def attention(ctx: WebContext, dead_deliveries: int) -> list[Attention]:
+    """The overview's "needs attention" counts, each with the list it links to."""
+    items = []
+    with ctx.db() as session:
+        for key, label, query in ATTENTION_LISTS:
+            count, capped = api.count_studies(session, query.to_filters())
+            items.append(Attention(key, label, count, f"/studies?{query.query_string()}", capped))
+    calibrating = [s for s in calibration_view(ctx)["stations"] if s.in_use == "calibrating"]
+    items.append(Attention("calibrating", "stations calibrating (no screen result yet)", len(calibrating),
+                           "/calibration?in_use=calibrating"))
+    items.append(Attention("dead", "dead deliveries", dead_deliveries, "/failures?show=dead"))
+    return items

@@ -4,7 +4,6 @@ answered with a redirect (post/redirect/get)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -99,38 +98,6 @@ def logout(request: Request, user: PageCsrf) -> Response:
     return response
 
 
-@dataclass(frozen=True)
-class Attention:
-    """One thing on the overview that needs someone: how many, and the list that shows them."""
-
-    key: str
-    label: str
-    count: int
-    href: str
-    capped: bool = False  # more than the count (the study count stops at 10,000)
-
-
-# Each count is taken with the very filters of the list it links to, so the two agree.
-ATTENTION_LISTS = (
-    ("positives", "screen positives awaiting review", StudyQuery(screen="positive", reviewed="no")),
-    ("qc_failures", "QC failures (not eligible) awaiting review", StudyQuery(eligible="no", reviewed="no")),
-)
-
-
-def _attention(request: Request, dead_deliveries: int) -> list[Attention]:
-    ctx = context_of(request)
-    items = []
-    with ctx.db() as session:
-        for key, label, query in ATTENTION_LISTS:
-            count, capped = api.count_studies(session, query.to_filters())
-            items.append(Attention(key, label, count, f"/studies?{query.query_string()}", capped))
-    calibrating = [s for s in actions.calibration_view(ctx)["stations"] if s.in_use == "calibrating"]
-    items.append(Attention("calibrating", "stations calibrating (no screen result yet)", len(calibrating),
-                           "/calibration?in_use=calibrating"))
-    items.append(Attention("dead", "dead deliveries", dead_deliveries, "/failures?show=dead"))
-    return items
-
-
 @router.get("/")
 def overview(request: Request, user: PageUser) -> HTMLResponse:
     with context_of(request).db() as session:
@@ -146,7 +113,7 @@ def overview(request: Request, user: PageUser) -> HTMLResponse:
                                       title="Latency: last instance received -> result (s)", unit=" s")
     return _render(request, "overview.html", user, view=view, counts_chart=Markup(counts_chart),
                    latency_chart=Markup(latency_chart), health=_health(request),
-                   attention=_attention(request, view.deliveries.get("dead", 0)))
+                   attention=actions.attention(context_of(request), view.deliveries.get("dead", 0)))
 
 
 def _health(request: Request) -> dict[str, Any]:

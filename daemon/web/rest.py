@@ -89,8 +89,11 @@ def me(user: ApiUser) -> dict[str, str]:
 
 @router.get("/overview")
 def overview(request: Request, user: ApiUser) -> dict[str, Any]:
-    with context_of(request).db() as session:
-        body: dict[str, Any] = jsonable(api.overview(session))
+    ctx = context_of(request)
+    with ctx.db() as session:
+        view = api.overview(session)
+    body: dict[str, Any] = jsonable(view)
+    body["attention"] = jsonable(actions.attention(ctx, view.deliveries.get("dead", 0)))
     return body
 
 
