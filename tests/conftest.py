@@ -49,6 +49,7 @@ DB_BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 # time first). A module not listed keeps its place after these; a stale list only
 # costs balance, never correctness.
 SLOWEST_FIRST = [
+    "test_container.py",  # 340-530 s loaded (added 2026-12-02: a wheel build, ~60 packages installed, a study)
     "test_e2e.py",  # 148 s
     "test_delivery_e2e.py",  # 146 s
     "test_wheel.py",  # ~140 s loaded (added 2026-12-02: builds a wheel, installs it, screens a study)
