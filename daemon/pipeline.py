@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ from imaging.selection import (
     usable_files,
     usable_instances,
 )
-from imaging.volume import Volume, load_series
+from imaging.volume import Volume, load_series, read_header, release_pixels
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,12 @@ class SharedStages:
     are read once; preprocessing runs once per set of preprocessing parameters, so a shadow
     bundle with the active bundle's parameters scores the very same model input."""
 
-    def __init__(self) -> None:
+    def __init__(self, release_volume: bool = False) -> None:
+        """`release_volume`: nothing preprocesses the volume a second time (no shadow bundle),
+        so its voxels are dropped once preprocessed (imaging.volume.Volume.release_pixels)."""
         self._read: StudyRead | None = None
         self._prepared: dict[str, Preprocessed | InputRejected] = {}
+        self._release_volume = release_volume
 
     def read(self, study: StudyFiles, rules: SelectionRules, timer: Timer) -> StudyRead:
         if self._read is None:
@@ -153,6 +157,8 @@ class SharedStages:
                 self._prepared[key] = timer.measure("preprocess", preprocess, volume, params)
             except InputRejected as exc:
                 self._prepared[key] = exc
+            if self._release_volume:
+                volume.release_pixels()
         found = self._prepared[key]
         if isinstance(found, InputRejected):
             raise found
@@ -160,9 +166,13 @@ class SharedStages:
 
 
 def _read_study(study: StudyFiles, rules: SelectionRules, timer: Timer) -> StudyRead:
-    headers = timer.measure("read_headers", _read_headers, study)
+    # Each file is parsed once: its pixel data stays in the file until the volume is built.
+    headers = timer.measure("read_headers", _read_headers, study, True)
     candidates = [SeriesCandidate.from_datasets(h) for h in headers.values() if h]
     selection = timer.measure("select", select_series, candidates, rules)
+    for series_uid, datasets in headers.items():
+        if series_uid != selection.chosen:
+            _release_all(datasets)
     verdicts = [_verdict_dict(v) for v in selection.verdicts]
     read = StudyRead(headers, verdicts, selection.chosen)
     if selection.chosen is None:
@@ -181,7 +191,10 @@ def _read_study(study: StudyFiles, rules: SelectionRules, timer: Timer) -> Study
         _text(first, "PatientAge"), _text(first, "PatientBirthDate"), _text(first, "StudyDate")
     )
     paths = [Path(ds.filename) for ds in kept]
-    read.volume, read.load_error, unloadable = _load_volume(paths, timer)
+    try:
+        read.volume, read.load_error, unloadable = _load_volume(kept, paths, timer)
+    finally:
+        _release_all(headers[chosen])  # what a failed load left (the instances left out too)
     if unloadable and read.volume is not None:
         loaded = set(read.volume.slice_sop_uids)
         headers[chosen] = [ds for ds in kept if _text(ds, "SOPInstanceUID") in loaded]
@@ -193,11 +206,13 @@ def _read_study(study: StudyFiles, rules: SelectionRules, timer: Timer) -> Study
     return read
 
 
-def _load_volume(paths: list[Path], timer: Timer) -> tuple[Volume | None, str | None, dict[str, int]]:
-    """(volume, None, left out) or (None, why not, left out). When the series does not load,
-    each file is checked and those whose pixels do not decode are left out before one more try."""
+def _load_volume(headers: list[Dataset], paths: list[Path],
+                 timer: Timer) -> tuple[Volume | None, str | None, dict[str, int]]:
+    """(volume, None, left out) or (None, why not, left out), from the headers read already
+    (their pixel data is read now). When the series does not load, each file is checked and
+    those whose pixels do not decode are left out before one more try."""
     try:
-        return timer.measure("load_volume", load_series, paths), None, {}
+        return timer.measure("load_volume", load_series, headers), None, {}
     except _LOAD_ERRORS as exc:
         failure: BaseException = exc
     try:
@@ -234,7 +249,7 @@ def run_job(
     `parametric_map_enabled` adds the anomaly map as a Parametric Map (export.pm) to an
     eligible result judged against a reference (never while calibrating, as the SEG).
     An input error on the way gives a not-eligible result instead (`not_screened_after_error`)."""
-    stages = shared if shared is not None else SharedStages()
+    stages = shared if shared is not None else SharedStages(release_volume=True)
     try:
         return _screen(ticket, study, runner, output_dir, overlay_slices, rules, seg_enabled, seg_threshold,
                        references, stages, parametric_map_enabled)
@@ -327,7 +342,9 @@ def _screen(
                        else choose_slices(native_map, overlay_slices))
     sources = timer.measure("read_pixels", _read_sources, headers[chosen], volume.slice_sop_uids, overlay_indices)
     # The results copy patient, study and equipment values: only ones that decode and validate.
-    clean = timer.measure("sanitise", sanitise_sources, sources)
+    # Only the first slice and the overlay slices are copied from; the SEG and the SR place
+    # or reference the others, which need their identity and geometry only.
+    clean = timer.measure("sanitise", sanitise_sources, sources, {0, *overlay_indices})
     sources = clean.datasets
     note = ReferenceNote(kind=reference.kind, text=reference.describe(), legend=reference.legend())
     # No SEG or parametric map while calibrating: a region or map with no screen result
@@ -630,13 +647,17 @@ def _algorithm(runner: BundleRunner) -> AlgorithmInfo:
     )
 
 
-def _read_headers(study: StudyFiles) -> dict[str, list[Dataset]]:
+def _read_headers(study: StudyFiles, deferred_pixels: bool = False) -> dict[str, list[Dataset]]:
+    """Each stored instance's header, by series; with `deferred_pixels` each also keeps its
+    pixel data unread in the file (imaging.volume.read_header) for the volume to decode,
+    and the caller releases what is not decoded (`_release_all`)."""
     headers: dict[str, list[Dataset]] = {}
     for series_uid, paths in study.series.items():
         datasets: list[Dataset] = []
         for path in paths:
             try:
-                datasets.append(pydicom.dcmread(path, stop_before_pixels=True))
+                datasets.append(read_header(path) if deferred_pixels
+                                else pydicom.dcmread(path, stop_before_pixels=True))
             except OSError as exc:
                 # A stored file that is missing or unreadable is storage trouble (a mount
                 # not there, a disk error), never "no images": retried, then failed loudly.
@@ -646,6 +667,11 @@ def _read_headers(study: StudyFiles) -> dict[str, list[Dataset]]:
                 log.warning("unparseable stored instance", extra={"path": str(path), "error": type(exc).__name__})
         headers[series_uid] = datasets
     return headers
+
+
+def _release_all(datasets: Sequence[Dataset]) -> None:
+    for ds in datasets:
+        release_pixels(ds)
 
 
 def _read_sources(headers: list[Dataset], slice_sop_uids: list[str], pixel_slices: list[int]) -> list[Dataset]:
@@ -674,20 +700,67 @@ def _build_results(
 ) -> list[OutputObject]:
     """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG), the
     Parametric Map of the same map when `parametric_map`, the SR. The SEG and the map come
-    before the SR, which references the SEG's segment and lists both in its evidence. All
-    are built before any is written: a build that fails leaves no file behind."""
-    sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=overlay_indices,
-                                       style=OVERLAY_STYLE, reference=reference, map_unit=map_unit)
-    seg = build_segmentation(sources, native_map, summary, seg_threshold) if seg_threshold is not None else None
-    pm = build_parametric_map(sources, native_map, summary, map_unit) if parametric_map else None
-    sr = build_report(sources, summary, sc_datasets, reference=reference, segmentation=seg, parametric_map=pm)
-    objects = [_write(ds, output_dir / f"sc-{i:04d}.dcm", "sc") for i, ds in enumerate(sc_datasets, start=1)]
-    if seg is not None:
-        objects.append(_write(seg, output_dir / "seg.dcm", "seg"))
-    if pm is not None:
-        objects.append(_write(pm, output_dir / "pm.dcm", "pm"))
-    objects.append(_write(sr, output_dir / "sr.dcm", "sr"))
-    return objects
+    before the SR, which references the SEG's segment and lists both in its evidence.
+    Each object goes to a temporary file as soon as it is built (an overlay image is then
+    kept as its header only); all are renamed into place once every one is built, so a
+    build that fails leaves no result file behind."""
+    staged = _StagedFiles(output_dir)
+    try:
+        sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=overlay_indices,
+                                           style=OVERLAY_STYLE, reference=reference, map_unit=map_unit,
+                                           sink=lambda ds: staged.add(ds, f"sc-{len(staged) + 1:04d}.dcm", "sc"))
+        seg = build_segmentation(sources, native_map, summary, seg_threshold) if seg_threshold is not None else None
+        if seg is not None:
+            staged.add(seg, "seg.dcm", "seg")
+        pm = build_parametric_map(sources, native_map, summary, map_unit) if parametric_map else None
+        if pm is not None:
+            staged.add(pm, "pm.dcm", "pm")
+        sr = build_report(sources, summary, sc_datasets, reference=reference, segmentation=seg, parametric_map=pm)
+        staged.add(sr, "sr.dcm", "sr")
+    except BaseException:
+        staged.discard()
+        raise
+    return staged.commit()
+
+
+class _StagedFiles:
+    """Result files written under temporary names (each fdatasync'ed) and renamed into place
+    together; the directory is synced once for the set, so all are durable before run_job
+    returns, and so before any delivery of them is recorded."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.objects: list[OutputObject] = []
+        self._temporary: list[tuple[Path, Path]] = []
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def add(self, dataset: Dataset, name: str, kind: str) -> Dataset:
+        """Write `dataset`; returns it, without its pixel data (no longer needed in memory)."""
+        path = self.folder / name
+        tmp = path.with_name(f".{name}.tmp")
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._temporary.append((tmp, path))
+        _write_synced(tmp, buffer.getbuffer())
+        del buffer
+        self.objects.append(OutputObject(sop_instance_uid=str(dataset.SOPInstanceUID),
+                                         sop_class_uid=str(dataset.SOPClassUID), kind=kind, path=str(path)))
+        if kind == "sc":
+            release_pixels(dataset)
+        return dataset
+
+    def discard(self) -> None:
+        for tmp, _ in self._temporary:
+            tmp.unlink(missing_ok=True)
+
+    def commit(self) -> list[OutputObject]:
+        for tmp, path in self._temporary:
+            os.replace(tmp, path)
+        _sync_dir(self.folder)
+        return self.objects
 
 
 def _write(dataset: Dataset, path: Path, kind: str) -> OutputObject:
@@ -701,6 +774,27 @@ def _write(dataset: Dataset, path: Path, kind: str) -> OutputObject:
         kind=kind,
         path=str(path),
     )
+
+
+def _write_synced(path: Path, data: memoryview) -> None:
+    """Write `path` whole and fdatasync it (a temporary name: see _StagedFiles)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make the renames into `folder` durable (its directory entries)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _verdict_dict(verdict) -> dict:

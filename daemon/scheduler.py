@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +23,12 @@ from daemon.storage import DebrisCount, sweep_debris
 from db import api
 
 log = logging.getLogger(__name__)
+
+
+class JobsQueued(Protocol):
+    """What the sweeps set when they queue a job (a multiprocessing.Event of `serve`)."""
+
+    def set(self) -> None: ...
 
 
 def bundle_refs(settings: Settings) -> list[api.BundleRef]:
@@ -41,9 +48,11 @@ def active_bundles(sessions: sessionmaker[Session], bundles: list[api.BundleRef]
         return current_plan(session, bundles).active
 
 
-def sweep_completeness(settings: Settings, sessions: sessionmaker[Session], bundles: list[api.BundleRef]) -> list[int]:
+def sweep_completeness(settings: Settings, sessions: sessionmaker[Session], bundles: list[api.BundleRef],
+                       wake: JobsQueued | None = None) -> list[int]:
     """Complete ready studies; each gets a job for its modality's active bundle (shadow
-    bundles run inside that job, see daemon.worker)."""
+    bundles run inside that job, see daemon.worker). `wake` is set when any was completed,
+    so an idle worker claims the job now rather than at its next poll."""
     active = active_bundles(sessions, bundles)
     with sessions() as session:
         completed = api.sweep_completeness(
@@ -52,14 +61,18 @@ def sweep_completeness(settings: Settings, sessions: sessionmaker[Session], bund
         )
     if completed:
         log.info("studies complete", extra={"action": "complete", "count": len(completed)})
+        if wake is not None:
+            wake.set()
     return completed
 
 
-def sweep_leases(settings: Settings, sessions: sessionmaker[Session]) -> int:
+def sweep_leases(settings: Settings, sessions: sessionmaker[Session], wake: JobsQueued | None = None) -> int:
     with sessions() as session:
         returned = api.requeue_expired(session, datetime.now(UTC))
     if returned:
         log.warning("expired leases returned to the queue", extra={"action": "requeue_expired", "count": returned})
+        if wake is not None:
+            wake.set()
     return returned
 
 
@@ -94,13 +107,15 @@ def sweep_storage(settings: Settings, sessions: sessionmaker[Session]) -> Debris
 
 
 def start_scheduler(settings: Settings, sessions: sessionmaker[Session],
-                    bundles: list[api.BundleRef]) -> BackgroundScheduler:
+                    bundles: list[api.BundleRef], wake: JobsQueued | None = None) -> BackgroundScheduler:
+    """The sweeps on their intervals; `wake` is set whenever a sweep queues a job (the
+    workers of `serve` wait on it)."""
     scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
     every = settings.sweep_interval_s
-    scheduler.add_job(sweep_completeness, "interval", seconds=every, args=[settings, sessions, bundles],
+    scheduler.add_job(sweep_completeness, "interval", seconds=every, args=[settings, sessions, bundles, wake],
                       id="completeness")
     scheduler.add_job(sweep_leases, "interval", seconds=max(every, settings.heartbeat_s / 2),
-                      args=[settings, sessions], id="leases")
+                      args=[settings, sessions, wake], id="leases")
     scheduler.add_job(sweep_deliveries, "interval", seconds=max(every, 2.0), args=[settings, sessions], id="deliveries")
     scheduler.add_job(sweep_retention, "interval", hours=1, args=[settings, sessions], id="retention",
                       next_run_time=datetime.now(UTC) + timedelta(minutes=1))

@@ -58,6 +58,8 @@ class WorkerPool:
 
     def __post_init__(self) -> None:
         self._context = multiprocessing.get_context("spawn")
+        # Set by the sweeps when they queue a job: an idle worker claims it at once.
+        self.wake = self._context.Event()
 
     def ensure(self) -> None:
         for index in range(self.count):
@@ -66,7 +68,7 @@ class WorkerPool:
                 continue
             if process is not None:
                 log.warning("worker exited; starting a new one", extra={"worker": index, "exitcode": process.exitcode})
-            process = self._context.Process(target=worker_process_main, args=(self.settings, index),
+            process = self._context.Process(target=worker_process_main, args=(self.settings, index, self.wake),
                                             name=f"headscreen-worker-{index}", daemon=False)
             process.start()
             self.processes[index] = process
@@ -165,8 +167,8 @@ def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
         signal.signal(signum, lambda *_: stop.set())
 
     receiver = start_receiver(receiver_config(settings), sessions)
-    scheduler = start_scheduler(settings, sessions, bundles)
     pool = WorkerPool(settings, settings.workers)
+    scheduler = start_scheduler(settings, sessions, bundles, wake=pool.wake)
     pool.ensure()
     # The console's /healthz and /metrics read the receiver, sweeps and workers of this process.
     web = _start_console(settings, sessions, bundles, ServeRuntime(receiver, scheduler, pool))

@@ -21,6 +21,7 @@ listing the old result's instances, for the destinations with `iocm_rejection` o
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -112,13 +113,19 @@ class Worker:
             prepared = preprocess(Volume.from_image(phantom.image, manifest.modality), manifest.preprocessing)
             runner.run(prepared.model_input, 50.0)
             log.info("warmed up", extra={"bundle": manifest.key, "seconds": round(time.perf_counter() - started, 2)})
+        release_template_sources()
 
-    def run_forever(self, poll_s: float = 0.5) -> None:
+    def run_forever(self, poll_s: float = 0.5, wake: Waitable | None = None) -> None:
+        """Claim jobs until stopped. `wake` (set by the scheduler of `serve` when it queues a
+        job) ends the wait between polls at once; the poll stays for what no event announces
+        (a retry whose backoff ended, a job queued by another machine or by the CLI)."""
         log.info("worker started",
                  extra={"worker_id": self.worker_id, "bundles": [f"{n}-{v}" for n, v in self.runners]})
         while not self.stopping.is_set():
+            if wake is not None:
+                wake.clear()  # before the claim: a job queued after it sets it again
             if not self.run_one():
-                self.stopping.wait(poll_s)
+                (wake or self.stopping).wait(poll_s)
         log.info("worker stopped", extra={"worker_id": self.worker_id})
 
     def run_one(self) -> bool:
@@ -345,6 +352,18 @@ class Worker:
         return self.settings.storage_dir / path
 
 
+def release_template_sources() -> None:
+    """Drop the 1 mm template material (ICBM and Colin27 images, the tissue model: about
+    0.5 GB) once the atlas-grid caches that preprocessing reads are built from it. A job
+    reads only those; whatever needs the material again rebuilds it (seconds)."""
+    from imaging import templates
+
+    templates.tissue_maps.cache_clear()
+    templates.colin27_on_base.cache_clear()
+    templates._icbm.cache_clear()
+    gc.collect()
+
+
 class LeaseKeeper:
     """Renews a job's lease every heartbeat_s from a thread, until stopped.
 
@@ -385,8 +404,16 @@ class LeaseKeeper:
                 return  # nothing left to keep; finish_job's fence discards the result
 
 
-def worker_process_main(settings: Settings, worker_index: int) -> None:
-    """Entry point of a worker process started by `headscreen serve`."""
+class Waitable(Protocol):
+    """An event shared with the scheduler (threading.Event, multiprocessing.Event)."""
+
+    def clear(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def worker_process_main(settings: Settings, worker_index: int, wake: Waitable | None = None) -> None:
+    """Entry point of a worker process started by `headscreen serve`; `wake` is set when a job is queued."""
     from daemon.logs import configure_logging
 
     configure_logging(settings)
@@ -399,6 +426,6 @@ def worker_process_main(settings: Settings, worker_index: int) -> None:
     signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
     try:
         worker.warm_up()
-        worker.run_forever()
+        worker.run_forever(wake=wake)
     finally:
         engine.dispose()

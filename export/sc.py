@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -379,6 +379,7 @@ def build_overlay_series(
     style: OverlayStyle | None = None,
     reference: ReferenceNote | None = None,
     map_unit: str = "z",
+    sink: Callable[[Dataset], Dataset] | None = None,
 ) -> list[Dataset]:
     """One RGB Secondary Capture image per chosen slice (see module docstring).
 
@@ -388,6 +389,8 @@ def build_overlay_series(
     ``reference`` adds the healthy reference to the legend, or says the scanner is
     calibrating in place of a screen result. ``map_unit`` says what the map's unit is
     (a key of MAP_UNITS: "z" for a bundle with a normative model, else "error").
+    ``sink`` takes each image as soon as it is built, in order, and returns what the list
+    holds of it (the caller may write it and keep the header only: one image in memory).
     """
     if map_unit not in MAP_UNITS:
         raise ValueError(f"build_overlay_series: argument 'map_unit' must be one of {', '.join(MAP_UNITS)}")
@@ -408,11 +411,11 @@ def build_overlay_series(
     window = _display_window(summary.modality, list(values.values()), style)
     bounds = _error_bounds(error_map, style)
     factor = max(1, math.ceil(style.min_render_width / int(source_datasets[0].Columns)))
-    images = [
-        _build_one(source_datasets[k], values[k], error_map[k], k, len(source_datasets), position + 1,
-                   series_uid, series_number, summary, window, bounds, factor, style, reference, map_unit)
-        for position, k in enumerate(indices)
-    ]
+    images = []
+    for position, k in enumerate(indices):
+        image = _build_one(source_datasets[k], values[k], error_map[k], k, len(source_datasets), position + 1,
+                           series_uid, series_number, summary, window, bounds, factor, style, reference, map_unit)
+        images.append(image if sink is None else sink(image))
     logger.info(
         "built overlay series",
         extra={"action": "sc_built", "series_uid": series_uid, "images": len(images),

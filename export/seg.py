@@ -25,8 +25,9 @@ from export.model import ResultSummary
 from imaging.volume import slice_normal
 
 __all__ = ["build_segmentation", "anomaly_mask", "missing_for_seg", "source_voxel_ml", "SEG_SERIES_DESCRIPTION",
-           "SEGMENT_LABEL", "SEGMENT_TRACKING_ID", "segment_description_text", "DEFAULT_THRESHOLD", "MIN_CLUSTER_ML",
-           "calibrate_threshold"]
+           "SEGMENT_LABEL", "SEGMENT_TRACKING_ID",
+           "segmented_slices", "segment_description_text", "DEFAULT_THRESHOLD", "MIN_CLUSTER_ML",
+           "calibrate_threshold", "anomaly_region"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +55,63 @@ def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, v
                  min_cluster_ml: float = MIN_CLUSTER_ML) -> np.ndarray:
     """Voxels at or above ``threshold`` (NaN counts as not set), in connected regions
     (26-neighbourhood) of at least ``min_cluster_ml`` when the voxel volume is known."""
-    with np.errstate(invalid="ignore"):  # NaN >= t is False: no full-volume copy needed
-        mask = np.asarray(native_map) >= threshold
-    if voxel_ml is None or min_cluster_ml <= 0 or not mask.any():
-        return mask
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    keep = np.bincount(labels.ravel()) * voxel_ml >= min_cluster_ml
-    keep[0] = False  # background
-    return keep[labels]
+    native_map = np.asarray(native_map)
+    mask = np.zeros(native_map.shape, dtype=bool)
+    region = anomaly_region(native_map, threshold, voxel_ml, min_cluster_ml)
+    if region is not None:
+        mask[region[0]:region[0] + len(region[1])] = region[1]
+    return mask
+
+
+def anomaly_region(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, voxel_ml: float | None = None,
+                   min_cluster_ml: float = MIN_CLUSTER_ML) -> tuple[int, np.ndarray] | None:
+    """`anomaly_mask` as (first slice, mask of the slices from it to the last one set), or
+    None when none is set: only the slices that can hold a region are thresholded and
+    labelled (a thin-slice CT map is ~80 M voxels, its labels 4 bytes each)."""
+    native_map = np.asarray(native_map)
+    if native_map.ndim < 2 or native_map.size == 0:
+        mask = native_map >= threshold
+        return (0, mask) if mask.any() else None
+    # fmax skips NaN (never set); one value per slice, no full-size temporary.
+    peaks = np.fmax.reduce(native_map.reshape(native_map.shape[0], -1), axis=1)
+    with np.errstate(invalid="ignore"):
+        hits = np.flatnonzero(peaks >= threshold)
+    if hits.size == 0:
+        return None
+    first, last = int(hits[0]), int(hits[-1]) + 1
+    with np.errstate(invalid="ignore"):  # NaN >= t is False
+        mask = native_map[first:last] >= threshold
+    if voxel_ml is not None and min_cluster_ml > 0:
+        box = _bounding_box(mask)
+        assert box is not None  # the slices were chosen for holding set voxels
+        inside = mask[box]
+        labels, _ = ndimage.label(inside, structure=np.ones((3, 3, 3), dtype=bool))
+        keep = np.bincount(labels.ravel()) * voxel_ml >= min_cluster_ml
+        keep[0] = False  # background
+        mask[box] = keep[labels]
+        hits = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+        if hits.size == 0:
+            return None
+        mask = mask[int(hits[0]):int(hits[-1]) + 1]
+        first += int(hits[0])
+    return first, mask
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every set voxel of `mask`; None when none is set."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=others))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def segmented_slices(mask: np.ndarray) -> list[int]:
+    """Indices of the slices (axis 0) holding any set voxel of `mask`."""
+    return [int(k) for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))]
 
 
 def source_voxel_ml(sources: Sequence[Dataset]) -> float | None:
@@ -127,20 +177,34 @@ def build_segmentation(
     native_map: np.ndarray,
     summary: ResultSummary,
     threshold: float = DEFAULT_THRESHOLD,
+    mask: np.ndarray | None = None,
 ) -> hd.seg.Segmentation | None:
     """A BINARY SEG of ``native_map >= threshold``, or None when nothing is set.
 
-    ``sources`` are the full source datasets in slice order (index k = slice k of
-    ``native_map``, shape (slices, rows, cols)).
+    ``sources`` are the source datasets in slice order (index k = slice k of
+    ``native_map``, shape (slices, rows, cols)); only the slices the region touches are
+    read (headers suffice), and only they are the SEG's source images. ``mask`` is
+    ``anomaly_mask(native_map, threshold, source_voxel_ml(sources))`` when the caller has it.
     """
     if native_map.ndim != 3 or native_map.shape[0] != len(sources):
         raise ValueError(
             f"build_segmentation: argument 'native_map' shape {native_map.shape} does not match {len(sources)} sources"
         )
-    mask = anomaly_mask(native_map, threshold, source_voxel_ml(sources))
-    if not mask.any():
+    if mask is None:
+        region = anomaly_region(native_map, threshold, source_voxel_ml(sources))
+    elif mask.shape != native_map.shape:
+        raise ValueError(f"build_segmentation: argument 'mask' shape {mask.shape} is not {native_map.shape}")
+    else:
+        region = (0, mask)
+    touched = [] if region is None else segmented_slices(region[1])
+    if region is None or not touched:
         logger.info("anomaly mask empty, no SEG", extra={"action": "seg_skip", "threshold": threshold})
         return None
+    # highdicom checks and references every source image it is given; empty frames are
+    # left out anyway, so the slices without a region need not be given at all.
+    first_slice, region_mask = region
+    sources = [sources[first_slice + k] for k in touched]
+    mask = region_mask[touched]
     first = sources[0]
     description = hd.seg.SegmentDescription(
         segment_number=1,

@@ -194,6 +194,8 @@ def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
     """
     params = with_defaults(params)
     modality = params["modality"]
+    if volume.pixels_released:
+        raise ValueError("preprocess: argument 'volume' has had its pixels released")
     if volume.modality != modality:
         raise InputRejected(f"modality_mismatch: preprocessing is for {modality}, the series is {volume.modality}")
     _check_coverage(volume, float(params["min_coverage_mm"]))
@@ -391,31 +393,46 @@ def to_native(model_map: np.ndarray, preprocessed: Preprocessed, volume: Volume)
     source.CopyInformation(preprocessed.reference)
     native_to_mni = preprocessed.transform.GetInverse()
     if volume.is_regular:
-        return _to_native_box(source, preprocessed.transform, native_to_mni, volume.image)
+        return _to_native_box(source, preprocessed.transform, native_to_mni, volume.image, volume.size)
     return _to_native_per_slice(source, native_to_mni, volume)
 
 
 def _to_native_box(source: sitk.Image, mni_to_native: sitk.Transform, native_to_mni: sitk.Transform,
-                   native: sitk.Image) -> np.ndarray:
-    """Resample only inside the native bounding box of the model grid; zeros elsewhere."""
+                   native: sitk.Image, native_size_xyz: tuple[int, int, int]) -> np.ndarray:
+    """Resample only inside the native bounding box of the model grid; zeros elsewhere.
+    `native` gives the grid's geometry, `native_size_xyz` its size (the voxels may be released)."""
     size = np.array(source.GetSize())
     corners = [source.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
                for corner in np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in size])).reshape(3, -1).T]
     indices = np.array([native.TransformPhysicalPointToContinuousIndex(mni_to_native.TransformPoint(c))
                         for c in corners])
-    native_size = np.array(native.GetSize())
+    native_size = np.array(native_size_xyz)
     low = np.clip(np.floor(indices.min(axis=0)).astype(int) - 1, 0, native_size)
     high = np.clip(np.ceil(indices.max(axis=0)).astype(int) + 2, 0, native_size)
     out = np.zeros(tuple(native_size[::-1]), dtype=np.float32)
     if np.any(high <= low):
         return out
-    box = sitk.Image([int(v) for v in high - low], sitk.sitkUInt8)
-    box.SetSpacing(native.GetSpacing())
-    box.SetDirection(native.GetDirection())
-    box.SetOrigin(native.TransformIndexToPhysicalPoint([int(v) for v in low]))
-    resampled = sitk.Resample(source, box, native_to_mni, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    out[low[2]:high[2], low[1]:high[1], low[0]:high[0]] = sitk.GetArrayViewFromImage(resampled)
+    # In slabs of slices, each straight into its place: the box of a thin-slice CT is
+    # hundreds of MB of float32, a slab a few tens (each voxel is the same either way).
+    resample = sitk.ResampleImageFilter()
+    resample.SetOutputSpacing(native.GetSpacing())
+    resample.SetOutputDirection(native.GetDirection())
+    resample.SetTransform(native_to_mni)
+    resample.SetInterpolator(sitk.sitkLinear)
+    resample.SetDefaultPixelValue(0.0)
+    resample.SetOutputPixelType(sitk.sitkFloat32)
+    width, height = int(high[0] - low[0]), int(high[1] - low[1])
+    step = max(1, _SLAB_VOXELS // (width * height))
+    for start in range(int(low[2]), int(high[2]), step):
+        stop = min(start + step, int(high[2]))
+        resample.SetSize([width, height, stop - start])
+        resample.SetOutputOrigin(native.TransformIndexToPhysicalPoint([int(low[0]), int(low[1]), start]))
+        slab = resample.Execute(source)
+        out[start:stop, low[1]:high[1], low[0]:high[0]] = sitk.GetArrayViewFromImage(slab)
     return out
+
+
+_SLAB_VOXELS = 8_000_000
 
 
 def _to_native_per_slice(source: sitk.Image, native_to_mni: sitk.Transform, volume: Volume) -> np.ndarray:
@@ -423,7 +440,7 @@ def _to_native_per_slice(source: sitk.Image, native_to_mni: sitk.Transform, volu
     positions = volume.slice_positions
     if positions is None:
         raise ValueError("volume: slice_positions are needed for an irregular slice grid")
-    cols, rows, n_slices = volume.image.GetSize()
+    cols, rows, n_slices = volume.size
     out = np.zeros((n_slices, rows, cols), dtype=np.float32)
     plane = sitk.Image([cols, rows, 1], sitk.sitkUInt8)
     plane.SetSpacing(volume.image.GetSpacing())
@@ -537,9 +554,12 @@ def _in_atlas_space(working: sitk.Image, registration: RegistrationResult, modal
     return sitk.GetArrayFromImage(moved), sitk.GetArrayFromImage(in_view).astype(bool)
 
 
+@functools.lru_cache(maxsize=8)
 def _cranium_rows(modality: str, atlas_spacing: float) -> slice:
     """Atlas rows (z) from 20 mm above the template brain's floor up: the face and neck
-    vary with the field of view and from head to head; the cranium does not."""
+    vary with the field of view and from head to head; the cranium does not. Cached: the
+    template brain's box is a search of the 1 mm tissue model, which a worker releases
+    once warm (daemon.worker)."""
     atlas = templates.atlas(modality, atlas_spacing)
     floor_z = templates.brain_bbox_lps()[0][2] + 20.0
     floor_index = int(np.ceil(atlas.TransformPhysicalPointToContinuousIndex((0.0, 0.0, floor_z))[2]))

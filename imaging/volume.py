@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class Volume:
     qc_metrics: dict[str, float] = field(default_factory=dict)
     slice_positions: np.ndarray | None = None
     frame_numbers: list[int] | None = None  # 1-based frame per slice for multi-frame objects
+    # Set by `release_pixels`: the grid's size once `image` holds its geometry only.
+    released_size: tuple[int, int, int] | None = None
 
     @classmethod
     def from_image(cls, image: sitk.Image, modality: str, series_uid: str = "synthetic",
@@ -72,12 +75,37 @@ class Volume:
                    slice_sop_uids=list(slice_sop_uids), modality=modality)
 
     @property
+    def size(self) -> tuple[int, int, int]:
+        """(columns, rows, slices) of the native grid (also after `release_pixels`)."""
+        if self.released_size is not None:
+            return self.released_size
+        cols, rows, slices = self.image.GetSize()
+        return (cols, rows, slices)
+
+    @property
+    def pixels_released(self) -> bool:
+        return self.released_size is not None
+
+    def release_pixels(self) -> None:
+        """Drop the voxels and keep the geometry: once preprocessed, a job needs the native
+        grid only to take maps back onto it, and a thin-slice CT's voxels are 300 MB.
+        `image` is then a one-voxel image with the grid's origin, spacing and direction."""
+        if self.released_size is not None:
+            return
+        size = self.size
+        stub = sitk.Image([1, 1, 1], sitk.sitkFloat32)
+        stub.SetOrigin(self.image.GetOrigin())
+        stub.SetSpacing(self.image.GetSpacing())
+        stub.SetDirection(self.image.GetDirection())
+        self.image, self.released_size = stub, size
+
+    @property
     def is_regular(self) -> bool:
         """True when every slice lies exactly on the image grid (no gaps, no tilt)."""
         if self.slice_positions is None:
             return True
         grid = np.array([self.image.TransformIndexToPhysicalPoint((0, 0, k))
-                         for k in range(self.image.GetSize()[2])])
+                         for k in range(self.size[2])])
         return bool(np.allclose(grid, self.slice_positions, atol=1e-2))
 
 
@@ -97,21 +125,57 @@ class _Frame:
     assumed: bool = False  # geometry was missing and has been assumed
 
 
-def load_series(paths: Sequence[Path | str]) -> Volume:
-    """Read one DICOM series (single-frame slices or one enhanced multi-frame object)."""
-    if not paths:
+# Values larger than this (pixel data) are read from the file only when decoded, into the
+# volume, and released at once: each file is read once, one slice's pixels held at a time.
+DEFER_SIZE = 16 * 1024
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def read_header(path: Path | str) -> pydicom.Dataset:
+    """A stored instance parsed once: the header now, the pixel data when it is decoded."""
+    return pydicom.dcmread(path, defer_size=DEFER_SIZE)
+
+
+def release_pixels(ds: pydicom.Dataset) -> None:
+    """Drop a dataset's pixel data (and pydicom's decoded copy), leaving the header."""
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+
+
+def load_series(sources: Sequence[Path | str | pydicom.Dataset]) -> Volume:
+    """Read one DICOM series (single-frame slices or one enhanced multi-frame object).
+
+    `sources` are file paths, or datasets read already (`read_header`): their pixel data
+    is decoded into the volume and then released from them, so the series is read once.
+    """
+    if not sources:
         raise SeriesRejected("empty_series: no files given")
-    datasets = [_read(Path(p)) for p in paths]
+    datasets = [s if isinstance(s, pydicom.Dataset) else _read(Path(s)) for s in sources]
     series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series_uids) != 1:
         raise SeriesRejected(f"mixed_series: {len(series_uids)} SeriesInstanceUIDs among the files")
-    frames, pixels = _frames_and_pixels(datasets)
-    _check_consistent(frames)
-    order, geometry = _slice_order(frames)
-    frames = [frames[i] for i in order]
-    stack = _rescaled_stack(frames, [pixels[i] for i in order])
+    if all(_is_single_frame(ds) for ds in datasets):
+        frames = [_single_frame(ds) for ds in datasets]
+        _check_consistent(frames)
+        order, geometry = _slice_order(frames)
+        frames = [frames[i] for i in order]
+        rows, cols = frames[0].shape
+        # Decoded straight into the image's own buffer: no second full-size copy.
+        image = sitk.Image([cols, rows, len(frames)], sitk.sitkFloat32)
+        stack = _decoded_stack(frames, [datasets[i] for i in order], _writable_array(image))
+    else:
+        image = None
+        frames, pixels = _frames_and_pixels(datasets)
+        for ds in datasets:
+            release_pixels(ds)
+        _check_consistent(frames)
+        order, geometry = _slice_order(frames)
+        frames = [frames[i] for i in order]
+        stack = _rescaled_stack(frames, [pixels[i] for i in order])
+        del pixels
     first = datasets[0]
-    volume = _build_volume(frames, stack, geometry, first)
+    volume = _build_volume(frames, stack, geometry, first, image)
     if any(frame.assumed for frame in frames):
         volume.qc_reasons.insert(0, "geometry_assumed: multi-frame object without plane position/orientation")
     logger.info("series loaded", extra={"action": "series_loaded", "series_uid": volume.series_uid,
@@ -121,7 +185,7 @@ def load_series(paths: Sequence[Path | str]) -> Volume:
 
 def _read(path: Path) -> pydicom.Dataset:
     try:
-        return pydicom.dcmread(path)
+        return read_header(path)
     except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise SeriesRejected(f"unreadable_file: {path.name}: {exc}") from exc
 
@@ -157,6 +221,40 @@ def _frames_and_pixels(datasets: list[pydicom.Dataset]) -> tuple[list[_Frame], l
         if array.ndim != 2:
             raise SeriesRejected(f"not_grayscale: pixel array of shape {array.shape}")
     return frames, pixels
+
+
+def _is_single_frame(ds: pydicom.Dataset) -> bool:
+    return "PerFrameFunctionalGroupsSequence" not in ds and int(ds.get("NumberOfFrames", 1) or 1) <= 1
+
+
+def _writable_array(image: sitk.Image) -> np.ndarray:
+    """A writable numpy view of a float32 image's buffer (SimpleITK offers a read-only one);
+    valid while `image` lives."""
+    view = sitk.GetArrayViewFromImage(image)  # makes the buffer the image's own
+    address = view.__array_interface__["data"][0]
+    buffer = (ctypes.c_byte * view.nbytes).from_address(address)
+    return np.frombuffer(memoryview(buffer), dtype=view.dtype).reshape(view.shape)
+
+
+def _decoded_stack(frames: list[_Frame], datasets: list[pydicom.Dataset], stack: np.ndarray) -> np.ndarray:
+    """Single-frame slices, in order, decoded one at a time into `stack`, float32 (slices,
+    rows, cols), as `_rescaled_stack` does; each slice's pixel data is released once copied."""
+    rows, cols = frames[0].shape
+    for k, (frame, ds) in enumerate(zip(frames, datasets)):
+        try:
+            array = _pixel_array(ds)
+        finally:
+            release_pixels(ds)
+        if array.ndim != 2:
+            raise SeriesRejected(f"not_grayscale: pixel array of shape {array.shape}")
+        if array.shape != (rows, cols):
+            raise SeriesRejected(f"mixed_sizes: {(rows, cols)} and {array.shape} in one series")
+        stack[k] = array  # one cast, no temporaries
+        if frame.slope != 1.0:
+            stack[k] *= np.float32(frame.slope)
+        if frame.intercept != 0.0:
+            stack[k] += np.float32(frame.intercept)
+    return stack
 
 
 def _rescaled_stack(frames: list[_Frame], pixels: list[np.ndarray]) -> np.ndarray:
@@ -290,13 +388,17 @@ def _slice_order(frames: list[_Frame]) -> tuple[np.ndarray, _Geometry]:
     return order, _Geometry(normal, distances, spacing, reasons, metrics, tilt)
 
 
-def _build_volume(frames: list[_Frame], stack: np.ndarray, geometry: _Geometry, first: pydicom.Dataset) -> Volume:
+def _build_volume(frames: list[_Frame], stack: np.ndarray, geometry: _Geometry, first: pydicom.Dataset,
+                  image: sitk.Image | None = None) -> Volume:
+    """`image`, when given, is the image whose buffer `stack` is."""
     row_spacing, col_spacing = frames[0].pixel_spacing
     positions = np.array([frame.position for frame in frames])
     if geometry.tilt_deg > TILT_TOLERANCE_DEG:
         stack = _deshear(stack, positions, frames[0], geometry)
+        image = None
     z_spacing = geometry.spacing or float(first.get("SliceThickness", 1.0) or 1.0)
-    image = sitk.GetImageFromArray(stack)
+    if image is None:
+        image = sitk.GetImageFromArray(stack)
     image.SetSpacing((col_spacing, row_spacing, z_spacing))
     image.SetOrigin(tuple(float(v) for v in positions[0]))
     direction = np.column_stack([frames[0].row_dir, frames[0].col_dir, geometry.normal])

@@ -1,0 +1,186 @@
+"""What makes a job cheap (issue 14) without changing what it finds: each file read once,
+the volume's voxels released once preprocessed, the SEG built from the slices it marks, the
+sources cleaned in full only where an object copies from them, result files synced as a
+set, and a worker woken by the sweep that queues its job."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon import scheduler
+from db import api
+from db.models import Job
+from db.states import JobState
+from db_factories import BUNDLES, add_series, outcome, uid
+from export.sanitise import COPIED, REFERENCE_KEYWORDS, sanitise_sources
+from export.seg import anomaly_mask, anomaly_region, build_segmentation, source_voxel_ml
+from imaging.phantoms import make_head, write_dicom_series
+from imaging.preprocess import ModelGrid, Preprocessed, default_params, preprocess, to_native
+from imaging.volume import load_series, read_header
+from serve_harness import dciodvfy_errors
+from test_export import ct_summary, make_ct_series
+from worker_helpers import make_worker, worker_settings
+
+
+@pytest.fixture(scope="module")
+def ct_files(tmp_path_factory) -> list[Path]:
+    phantom = make_head("CT", age=50.0, seed=3, spacing=(2.0, 2.0, 2.0))
+    return write_dicom_series(phantom, tmp_path_factory.mktemp("ct"), rows=96, cols=96, slices=60)
+
+
+def _naive_stack(files: list[Path]) -> np.ndarray:
+    """Every slice read in full by pydicom, rescaled, in order along the slice normal."""
+    datasets = [pydicom.dcmread(p) for p in files]
+    datasets.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    return np.stack([ds.pixel_array.astype(np.float32) * np.float32(ds.RescaleSlope)
+                     + np.float32(ds.RescaleIntercept) for ds in datasets])
+
+
+def test_a_series_read_once_gives_the_same_volume_and_keeps_no_pixels(ct_files):
+    headers = [read_header(p) for p in reversed(ct_files)]
+    from_headers = load_series(headers)
+    from_paths = load_series(ct_files)
+    assert np.array_equal(sitk.GetArrayViewFromImage(from_headers.image), _naive_stack(ct_files))
+    assert np.array_equal(sitk.GetArrayViewFromImage(from_headers.image), sitk.GetArrayViewFromImage(from_paths.image))
+    assert from_headers.slice_sop_uids == from_paths.slice_sop_uids
+    assert from_headers.image.GetOrigin() == from_paths.image.GetOrigin()
+    assert from_headers.image.GetDirection() == from_paths.image.GetDirection()
+    # The headers are as if read without pixels: nothing is held twice.
+    assert all("PixelData" not in ds for ds in headers)
+    assert all(str(ds.SOPInstanceUID) for ds in headers)
+
+
+def test_a_released_volume_maps_back_the_same_and_is_not_preprocessed_again(ct_files):
+    volume = load_series(ct_files)
+    grid = ModelGrid.from_params(default_params("CT"))
+    reference = grid.reference_image()
+    # The phantom is written in MNI space: the identity places the model grid on it.
+    prepared = Preprocessed(model_input=np.zeros(grid.size_zyx, np.float32), brain_mask=np.ones(grid.size_zyx, bool),
+                            qc_metrics={}, qc_reasons=[], transform=sitk.AffineTransform(3), reference=reference)
+    model_map = np.random.default_rng(0).random(grid.size_zyx, dtype=np.float32)
+    before = to_native(model_map, prepared, volume)
+    size = volume.image.GetSize()
+    volume.release_pixels()
+    assert volume.pixels_released and volume.size == size and volume.image.GetNumberOfPixels() == 1
+    after = to_native(model_map, prepared, volume)
+    assert before.shape == (size[2], size[1], size[0]) and np.count_nonzero(before) > 0
+    assert np.array_equal(before, after)
+    with pytest.raises(ValueError, match="volume"):
+        preprocess(volume, default_params("CT"))
+
+
+def _labelled_everywhere(native_map: np.ndarray, threshold: float, voxel_ml: float, min_ml: float) -> np.ndarray:
+    """The mask as it was computed before: the whole map thresholded and labelled."""
+    with np.errstate(invalid="ignore"):
+        mask = native_map >= threshold
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    keep = np.bincount(labels.ravel()) * voxel_ml >= min_ml
+    keep[0] = False
+    return keep[labels]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_region_is_the_mask_labelled_over_the_whole_map(seed):
+    rng = np.random.default_rng(seed)
+    native_map = rng.random((50, 40, 30), dtype=np.float32) * 0.9
+    native_map[10:16, 5:12, 4:9] = 1.5           # a region kept
+    native_map[30, 20, 20] = 2.0                 # an isolated voxel: left out
+    native_map[44:47, 30:33, 25:28] = 1.2        # a small region at the edge
+    native_map[rng.random(native_map.shape) < 0.001] = np.nan
+    for min_ml in (0.0, 0.02, 0.5):
+        expected = _labelled_everywhere(native_map, 1.0, 0.001, min_ml)
+        assert np.array_equal(anomaly_mask(native_map, 1.0, 0.001, min_ml), expected)
+        region = anomaly_region(native_map, 1.0, 0.001, min_ml)
+        if not expected.any():
+            assert region is None
+            continue
+        assert region is not None
+        first, mask = region
+        assert np.array_equal(mask, expected[first:first + len(mask)])
+        assert not expected[:first].any() and not expected[first + len(mask):].any()
+    assert anomaly_region(np.zeros((5, 4, 4), np.float32), 1.0, 0.001) is None
+
+
+def test_the_seg_references_only_the_slices_it_marks(tmp_path):
+    datasets, error = make_ct_series(seed=11)
+    error = error * 2.0
+    expected = anomaly_mask(error, 1.0, source_voxel_ml(datasets))
+    marked = [k for k in range(len(datasets)) if expected[k].any()]
+    assert 0 < len(marked) < len(datasets)
+    seg = build_segmentation(datasets, error, ct_summary())
+    assert seg is not None
+    referenced = [item.ReferencedSOPInstanceUID for series in seg.ReferencedSeriesSequence
+                  for item in series.ReferencedInstanceSequence]
+    assert sorted(referenced) == sorted(str(datasets[k].SOPInstanceUID) for k in marked)
+    assert int(seg.NumberOfFrames) == len(marked)
+    assert int(np.count_nonzero(seg.pixel_array)) == int(expected.sum())
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+
+
+def test_sources_are_cleaned_in_full_only_where_objects_copy_from_them():
+    datasets, _ = make_ct_series(seed=4)
+    clean = sanitise_sources(datasets, full={0, 7})
+    assert len(clean.datasets) == len(datasets)
+    for k, ds in enumerate(clean.datasets):
+        assert str(ds.SOPInstanceUID) == str(datasets[k].SOPInstanceUID)
+        assert list(ds.ImagePositionPatient) == list(datasets[k].ImagePositionPatient)
+        assert str(ds.StudyInstanceUID) == str(datasets[0].StudyInstanceUID)
+        keywords = {element.keyword for element in ds}
+        if k in (0, 7):
+            assert "WindowCenter" in keywords or "KVP" in keywords or len(keywords - REFERENCE_KEYWORDS - COPIED) > 0
+            assert "PixelData" in keywords
+        else:
+            assert keywords <= REFERENCE_KEYWORDS | COPIED | {"SpecificCharacterSet"}, keywords - REFERENCE_KEYWORDS
+            assert "PixelData" not in keywords
+
+
+def test_a_sweep_that_queues_a_job_wakes_the_workers(tmp_path, db_url: str, db_sessions: sessionmaker[Session]):
+    settings = worker_settings(tmp_path, db_url, quiet_period_s=60.0, whole_quiet_s=0.0)
+    with db_sessions() as session:
+        add_series(session, uid(), 30, now=api.utcnow() - timedelta(seconds=120), spacing=5.0)
+    wake = threading.Event()
+    assert scheduler.sweep_completeness(settings, db_sessions, list(BUNDLES), wake) != []
+    assert wake.is_set()
+    wake.clear()
+    assert scheduler.sweep_completeness(settings, db_sessions, list(BUNDLES), wake) == []
+    assert not wake.is_set()
+
+
+def test_a_woken_worker_claims_at_once_not_at_its_next_poll(tmp_path, db_url: str,
+                                                            db_sessions: sessionmaker[Session],
+                                                            monkeypatch: pytest.MonkeyPatch):
+    settings = worker_settings(tmp_path, db_url, quiet_period_s=60.0, whole_quiet_s=0.0)
+    done = threading.Event()
+
+    def job(*_args: object, **_kwargs: object):
+        done.set()
+        return outcome(objects=[])
+
+    worker = make_worker(monkeypatch, settings, db_sessions, job)
+    wake = threading.Event()
+    # A poll far longer than the wait below: only the event can bring the job in time.
+    thread = threading.Thread(target=worker.run_forever, kwargs={"poll_s": 3600.0, "wake": wake}, daemon=True)
+    thread.start()
+    try:
+        with db_sessions() as session:
+            add_series(session, uid(), 30, now=api.utcnow() - timedelta(seconds=120), spacing=5.0)
+        assert scheduler.sweep_completeness(settings, db_sessions, list(BUNDLES), wake) != []
+        assert done.wait(120), "the woken worker did not take the job"
+    finally:
+        worker.stopping.set()
+        wake.set()
+        thread.join(120)
+    with db_sessions() as session:
+        assert [j.state for j in session.scalars(select(Job))] == [JobState.DONE]
