@@ -14,22 +14,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 import pytest
 
 from daemon.bundle import MANIFEST_NAME, TRAINING_ONLY_FILES
 from daemon.orthanc import free_port
-from serve_harness import Daemon, RecordingSCP, have, storescu, wait_until
+from serve_harness import RecordingSCP, storescu, wait_until
+from wheel_helpers import (
+    HIDDEN_MARK,
+    InstalledDaemon,
+    assert_screened,
+    bundle_dirs,
+    hide_debian_templates,
+    install_wheel_with_host_pip,
+    phantom_ct_study,
+    require_dcmtk,
+    venv_python,
+)
 
 pytestmark = pytest.mark.slow  # builds the wheel, installs it in a clean venv: `make test-fast` leaves it out
 
@@ -38,23 +46,6 @@ PACKAGES = ("daemon", "db", "export", "imaging", "model_training")
 # 11.7 MiB when written (two bundles 8.3 MiB compressed, Colin27 3.3 MiB, code 0.4 MiB);
 # room for a third bundle of the same size while a CT bundle is replaced, no more.
 WHEEL_LIMIT_BYTES = 20 * 1024 * 1024
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-# Loaded into every interpreter of the test venv (serve and its spawned workers) by a .pth
-# file: opening anything of Debian's mricron-data fails, as on a host without it.
-HIDE_DEBIAN = """\
-import sys
-
-def _no_mricron(event, args):
-    if event == "open" and args and str(args[0]).startswith("/usr/share/mricron"):
-        raise FileNotFoundError(2, "hidden by tests/test_wheel.py", str(args[0]))
-
-sys.addaudithook(_no_mricron)
-"""
-
-
-def bundle_dirs() -> list[Path]:
-    root = REPO / "models"
-    return sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
 
 
 @pytest.fixture(scope="module")
@@ -108,53 +99,14 @@ def test_the_wheel_holds_what_serving_needs(wheel: Path) -> None:
     assert not [name for name in sizes if name.startswith(("tests/", "models/", "bench/"))]
 
 
-@dataclass
-class InstalledDaemon(Daemon):
-    """`headscreen serve` from the wheel's virtual environment, away from the source tree."""
-
-    venv: Path | None = None
-
-    def start(self, timeout_s: float = 120.0) -> InstalledDaemon:
-        assert self.venv is not None
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HEADSCREEN_", "VIRTUAL_ENV"))}
-        log = (self.workdir / "serve.log").open("ab")
-        self.process = subprocess.Popen([str(self.venv / "bin" / "headscreen"), "-c", str(self.config), "serve"],
-                                        stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
-                                        start_new_session=True)
-        wait_until(self.echo, timeout_s, 0.5, "C-ECHO from the installed headscreen serve")
-        return self
-
-
-def _install(wheel: Path, venv: Path) -> float:
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    result = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                             "-q", "--no-compile", str(wheel)], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return time.monotonic() - started
-
-
-def _venv_python(venv: Path, code: str) -> str:
-    result = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
-                            cwd=venv, timeout=300, env={"PATH": os.environ.get("PATH", "")})
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def test_the_wheel_in_a_clean_venv_screens_a_study(wheel: Path, tmp_path: Path) -> None:
-    from imaging.phantoms import make_head, write_dicom_series
-
-    if not (have("storescu") and have("echoscu")):
-        pytest.fail("dcmtk (storescu, echoscu) missing: run tests/install-system-deps.sh", pytrace=False)
-
+    require_dcmtk()
     venv = tmp_path / "venv"
-    seconds = _install(wheel, venv)
+    seconds = install_wheel_with_host_pip(wheel, venv)
     print(f"\nclean venv with the wheel and its dependencies in {seconds:.0f} s")
-    site = Path(_venv_python(venv, "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip())
-    (site / "_hide_mricron.py").write_text(HIDE_DEBIAN)
-    (site / "_hide_mricron.pth").write_text("import _hide_mricron\n")
+    site = hide_debian_templates(venv)
     # The installed code, bundles and template are the venv's own; no torch; no Debian Colin27.
-    where = json.loads(_venv_python(venv, (
+    where = json.loads(venv_python(venv, (
         "import json, importlib.util, daemon, imaging.templates as t, daemon.config as c\n"
         "try:\n    open('/usr/share/mricron/templates/ch2.nii.gz', 'rb')\n    hidden = False\n"
         "except FileNotFoundError:\n    hidden = True\n"
@@ -167,10 +119,7 @@ def test_the_wheel_in_a_clean_venv_screens_a_study(wheel: Path, tmp_path: Path) 
     assert sorted(Path(p).name for p in where["bundles"]) == [p.name for p in bundle_dirs()]
     assert all(p.startswith(str(site / "headscreen" / "models")) for p in where["bundles"])
 
-    phantom = make_head("CT", age=44.0, seed=5)
-    study = write_dicom_series(phantom, tmp_path / "study", rows=192, cols=192, slices=60, slice_thickness=3.0,
-                               series_description="HEAD 3.0 soft tissue")
-    study_uid = str(pydicom.dcmread(study[0], stop_before_pixels=True).StudyInstanceUID)
+    study, study_uid = phantom_ct_study(tmp_path / "study")
     destination = RecordingSCP(tmp_path / "pacs")
     web_port = free_port()
     daemon = InstalledDaemon(tmp_path / "hs", destinations=[("pacs", destination.ae_title, destination.port)],
@@ -181,11 +130,7 @@ def test_the_wheel_in_a_clean_venv_screens_a_study(wheel: Path, tmp_path: Path) 
         storescu(study, daemon.port)
         wait_until(daemon.all_delivered, 240, 1.0, "results delivered by the installed serve")
         print(f"serve started, study screened and delivered in {time.monotonic() - started:.0f} s")
-        reports = [d for d in destination.datasets() if d.SOPClassUID == SR_CLASS]
-        assert len(reports) == 1 and str(reports[0].StudyInstanceUID) == study_uid
-        result = daemon.results()[0]
-        assert result.eligible and result.anomaly_score is not None
-        print(f"stage timings: {result.timings}")
+        assert_screened(daemon, destination, study_uid)
         # The console's pages and files come from the wheel too.
         with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/login", timeout=30) as page:
             assert page.status == 200 and b"<form" in page.read()
@@ -195,4 +140,4 @@ def test_the_wheel_in_a_clean_venv_screens_a_study(wheel: Path, tmp_path: Path) 
     finally:
         daemon.close()
         destination.stop()
-    assert "hidden by tests/test_wheel.py" not in (tmp_path / "hs" / "serve.log").read_text()
+    assert HIDDEN_MARK not in (tmp_path / "hs" / "serve.log").read_text()
