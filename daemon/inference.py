@@ -51,6 +51,9 @@ class BundleRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads or min(4, os.cpu_count() or 1)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Without the arena the activations are freed after each run (~40 MB per bundle
+        # held otherwise, for a run of a few hundredths of a second).
+        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(
             str(bundle.model_path), sess_options=options, providers=pick_providers()
         )
