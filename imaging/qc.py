@@ -90,18 +90,32 @@ def noise_sigma(slab: np.ndarray, low: float, high: float) -> float:
     return float(1.4826 * mad / np.sqrt(2.0))
 
 
-def skull_coverage(bone_like: np.ndarray, sectors: np.ndarray) -> float:
-    """Bone found in the worst-covered sector of the skull vault, relative to the median
-    sector (1 = like the rest of the skull, 0 = no bone: a missing bone flap).
+def skull_coverage(profiles: np.ndarray, seen: np.ndarray, caps: np.ndarray, bone_hu: float,
+                   min_seen: float) -> float:
+    """Bone found in the worst-covered cap of the skull vault: the share of the cap's rays
+    along which the image rises above `bone_hu` (1 = bone all round, 0 = a missing bone flap).
 
-    `bone_like` (bool) and `sectors` (templates.skull_sectors) share the atlas grid.
+    `profiles` (rays, samples) are values along rays from inside the brain outward, `seen`
+    (same shape, bool) says which samples the scan acquired, `caps` (rays, rays) which rays
+    make up the cap about each ray (templates.skull_rays). A ray that meets bone counts
+    wherever it is cut; one without bone counts only if the scan covered all of it, and a
+    cap only if at least `min_seen` of its rays count: an unscanned vertex is not a defect.
     """
-    labels = sectors[sectors > 0]
-    counts = np.bincount(labels, minlength=int(sectors.max()) + 1)[1:]
-    bone = np.bincount(labels, weights=bone_like[sectors > 0], minlength=counts.size + 1)[1:]
-    used = counts >= 10
-    if not used.any():
+    bone = ((profiles > bone_hu) & seen).any(axis=1)
+    counted = bone | seen.all(axis=1)
+    in_cap = caps.sum(axis=1)
+    counted_in_cap = caps.astype(np.int32) @ counted.astype(np.int32)
+    bone_in_cap = caps.astype(np.int32) @ bone.astype(np.int32)
+    judged = (counted_in_cap >= min_seen * in_cap) & (counted_in_cap > 0)
+    if not judged.any():
         return float("nan")
-    fractions = bone[used] / counts[used]
-    typical = float(np.median(fractions))
-    return float(fractions.min() / typical) if typical > 0 else 0.0
+    return float(np.min(bone_in_cap[judged] / counted_in_cap[judged]))
+
+
+def scanned_rows(values: np.ndarray, head: np.ndarray, air_below: float) -> np.ndarray:
+    """Per row (axis 0) of a registered image: False where most of the head there reads
+    as air. Such rows lie beyond the scanned range (slices filled with air, as synthetic
+    partial coverage does) and say nothing about the bone in them."""
+    in_head = head.sum(axis=(1, 2))
+    air = (head & (values < air_below)).sum(axis=(1, 2))
+    return ~((in_head > 0) & (air > 0.5 * in_head))

@@ -271,42 +271,54 @@ def atlas_brain_mask(spacing_mm: float = 2.0) -> sitk.Image:
     return sitk.Cast(mask > 0.5, sitk.sitkUInt8)
 
 
-SKULL_SECTORS = 48  # directions about the brain centre; each covers a cap of ~17 degrees
+# The skull check (imaging.qc.skull_coverage) looks for bone along rays from the template
+# brain's centre through the vault, rather than counting bone voxels in a fixed shell: a
+# real skull is not where the template's is to the millimetre (head shape and skull
+# thickness vary beyond what an affine registration undoes), and thin bone on thick slices
+# is smeared below any voxel threshold but still peaks along a ray that crosses it.
+SKULL_RAYS = 2000  # directions on the whole sphere (Fibonacci lattice); ~1040 point at the vault
+SKULL_RAY_WINDOW_MM = (-10.0, 25.0)  # searched from the template brain's edge: inward, outward
+SKULL_RAY_STEP_MM = 1.0
+SKULL_CAP_DEG = 15.0  # a bone flap is judged over caps of this half-angle (about a 4 cm disc at the skull)
 
 
-SKULL_SECTOR_MARGIN_MM = 4.0
+@dataclass(frozen=True)
+class SkullRays:
+    """Where the skull check samples, on the atlas grid of one spacing."""
+
+    points: np.ndarray     # (rays, samples, 3) continuous (z, y, x) voxel indices, inside to outside
+    directions: np.ndarray  # (rays, 3) unit (z, y, x); z is superior
+    caps: np.ndarray        # (rays, rays) bool: ray j lies within SKULL_CAP_DEG of ray i
+
+
+def _fibonacci_sphere(n: int) -> np.ndarray:
+    """Near-evenly spread unit vectors (z, y, x)."""
+    i = np.arange(n) + 0.5
+    z = 1.0 - 2.0 * i / n
+    r, phi = np.sqrt(1.0 - z * z), np.pi * (1.0 + 5 ** 0.5) * i
+    return np.stack([z, r * np.sin(phi), r * np.cos(phi)], axis=1)
 
 
 @functools.lru_cache(maxsize=8)
-def skull_sectors(spacing_mm: float = 2.0) -> np.ndarray:
-    """Labels (z, y, x) on the atlas grid: k >= 1 for voxels of the skull shell whose
-    direction from the brain centre is nearest to sector k's, 0 elsewhere. Only the
-    vault is labelled (sectors pointing at or above the horizontal): the skull base
-    has foramina and sinuses, and its coverage depends on the field of view."""
-    maps = tissue_maps()
-    shell = resample_to_spacing(_as_base_image((maps.skull_depth >= 0).astype(np.float32)), spacing_mm, 0.0)
-    shell_array = sitk.GetArrayFromImage(shell) > 0.5
-    # A real skull is not where the template's is to the millimetre (head shape and
-    # skull thickness vary beyond what an affine registration undoes): widen the shell
-    # so an intact but displaced skull still fills its sectors.
-    widen = max(1, int(round(SKULL_SECTOR_MARGIN_MM / spacing_mm)))
-    shell_array = ndimage.binary_dilation(shell_array, iterations=widen)
+def skull_rays(spacing_mm: float = 2.0) -> SkullRays:
+    """Rays from the template brain's centre through the vault (at or above the horizontal:
+    the skull base has foramina and sinuses, and its coverage depends on the field of view),
+    each sampled from 10 mm inside the template brain's edge to 25 mm outside it."""
     brain = sitk.GetArrayViewFromImage(atlas_brain_mask(spacing_mm)).astype(bool)
-    shell_array &= ~ndimage.binary_erosion(brain, iterations=widen)
     centre = np.array(ndimage.center_of_mass(brain))
-    shell_voxels = np.argwhere(shell_array)
-    offsets = (shell_voxels - centre) * spacing_mm  # (z, y, x) mm; z is superior
-    offsets /= np.linalg.norm(offsets, axis=1, keepdims=True) + 1e-9
-    # Fibonacci sphere: near-equal areas.
-    i = np.arange(SKULL_SECTORS) + 0.5
-    z = 1.0 - 2.0 * i / SKULL_SECTORS
-    r, phi = np.sqrt(1.0 - z * z), np.pi * (1.0 + 5 ** 0.5) * i
-    directions = np.stack([z, r * np.sin(phi), r * np.cos(phi)], axis=1)
-    nearest = np.argmax(offsets @ directions.T, axis=1)
-    labels = np.zeros(shell_array.shape, dtype=np.int16)
-    in_vault = directions[nearest, 0] >= -0.05
-    labels[tuple(shell_voxels[in_vault].T)] = nearest[in_vault] + 1
-    return labels
+    directions = _fibonacci_sphere(SKULL_RAYS)
+    directions = directions[directions[:, 0] >= -0.05]
+    # The brain's edge along each ray: its outermost sample inside the template brain.
+    radii = np.arange(0.0, 0.5 * max(brain.shape) * spacing_mm, 0.5)
+    along = centre + directions[:, None, :] * (radii[None, :, None] / spacing_mm)
+    inside = ndimage.map_coordinates(brain.astype(np.float32), along.transpose(2, 0, 1), order=0) > 0.5
+    edge_mm = radii[inside.shape[1] - 1 - np.argmax(inside[:, ::-1], axis=1)]
+    offsets = np.arange(SKULL_RAY_WINDOW_MM[0], SKULL_RAY_WINDOW_MM[1] + 1e-6, SKULL_RAY_STEP_MM)
+    points = centre + directions[:, None, :] * ((edge_mm[:, None] + offsets[None, :])[..., None] / spacing_mm)
+    caps = directions @ directions.T >= np.cos(np.radians(SKULL_CAP_DEG))
+    for array in (points, directions, caps):
+        array.setflags(write=False)
+    return SkullRays(points=points, directions=directions, caps=caps)
 
 
 def intensity_table(modality: str) -> dict[str, float]:

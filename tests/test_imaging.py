@@ -206,12 +206,68 @@ def test_steep_pitch_and_heavy_noise_register_and_noise_is_flagged():
 
 
 def test_skull_coverage_by_hand():
-    sectors = np.zeros((4, 10, 10), dtype=np.int16)
-    sectors[0], sectors[1], sectors[2] = 1, 2, 3  # three sectors of 100 voxels
-    bone = np.zeros(sectors.shape, dtype=bool)
-    bone[0, :8], bone[1, :8], bone[2, :2] = True, True, True  # 80 %, 80 %, 20 % bone
-    assert qc.skull_coverage(bone, sectors) == pytest.approx(0.2 / 0.8)
-    assert math.isnan(qc.skull_coverage(bone, np.zeros_like(sectors)))
+    # Four rays of five samples; caps: ray i with its neighbours i-1 and i+1.
+    caps = np.eye(4, dtype=bool) | np.eye(4, k=1, dtype=bool) | np.eye(4, k=-1, dtype=bool)
+    soft, peak = np.full(5, 40.0), np.array([40.0, 40.0, 600.0, 40.0, 40.0])
+    seen = np.ones((4, 5), dtype=bool)
+    intact = np.stack([peak] * 4)
+    assert qc.skull_coverage(intact, seen, caps, 250.0, 0.5) == 1.0
+    flap = np.stack([peak, soft, soft, peak])  # rays 1 and 2 meet no bone
+    assert qc.skull_coverage(flap, seen, caps, 250.0, 0.5) == pytest.approx(1 / 3)  # cap of ray 1: rays 0-2
+    # Bone a ray meets counts wherever the scan stops; a ray without bone counts only if
+    # the scan covered all of it, and a cap with too few counted rays is not judged.
+    cut = seen.copy()
+    cut[1, 3:], cut[2, 3:] = False, False  # rays 1 and 2 leave the field of view
+    assert qc.skull_coverage(flap, cut, caps, 250.0, 0.5) == 1.0
+    cut[0, 4] = False  # ray 0 is cut after its bone: still bone
+    assert qc.skull_coverage(flap, cut, caps, 250.0, 0.5) == 1.0
+    assert math.isnan(qc.skull_coverage(flap, cut, caps, 250.0, 0.9))  # no cap has 90 % of its rays
+    assert math.isnan(qc.skull_coverage(flap, np.zeros_like(seen), caps, 250.0, 0.5))
+
+
+def test_rows_of_the_head_filled_with_air_were_not_scanned():
+    head = np.ones((4, 3, 3), dtype=bool)
+    values = np.full(head.shape, 40.0)
+    values[3] = -1000.0  # a slice beyond the scanned range, filled with air
+    values[2, 0, 0] = -1000.0  # a little air in a scanned row (a sinus, a sunken flap)
+    head[0] = False  # no head in this row: nothing to judge, so it stays
+    assert qc.scanned_rows(values, head, -500.0).tolist() == [True, True, True, False]
+
+
+def _atlas_arrays_by_truth(image: sitk.Image, mni_to_native: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
+    """A phantom on the 2 mm atlas grid through its own pose: the registration, done perfectly."""
+    from imaging.preprocess import shrink
+
+    working = shrink(image, 2.0)
+    atlas = templates.atlas("CT", 2.0)
+    moved = sitk.Resample(working, atlas, mni_to_native, sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+    covered = sitk.Image(working.GetSize(), sitk.sitkUInt8) + 1
+    covered.CopyInformation(working)
+    in_view = sitk.Resample(covered, atlas, mni_to_native, sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(moved), sitk.GetArrayFromImage(in_view).astype(bool)
+
+
+def test_skull_check_accepts_a_healthy_head_the_sector_check_refused_and_refuses_its_missing_flap(monkeypatch):
+    # Cohort head 72 of `headscreen train --modality CT --seed 0`: the former check (bone
+    # voxels in fixed sectors of the template's skull shell) gave it 0.29, a "skull_defect",
+    # because its intact skull lay outside the template's shell. Rays find it wherever it is.
+    from imaging.preprocess import _skull_coverage
+    from model_training import anomalies
+    from model_training.cohort import healthy_cases
+
+    case = healthy_cases("CT", 73, 0, randomise=True)[72]
+    head = make_head("CT", age=case.age, seed=case.seed, pose=Pose(case.rotation_deg, case.translation_mm),
+                     scale=case.scale, randomise=True)
+    params = default_params("CT")
+    check, (low, high) = params["skull_check"], params["qc_ranges"]["skull_coverage"]
+    healthy = _skull_coverage(*_atlas_arrays_by_truth(head.image, head.mni_to_native), 2.0, check)
+    assert healthy >= 0.95
+    # The suite's craniectomy, cut from this very head: a bone flap of 25-40 degrees is gone.
+    monkeypatch.setattr(anomalies, "_head", lambda *args, **kwargs: head)
+    flap = anomalies.make_scan(anomalies.SuiteCase("CT", "craniectomy", case.age, 77))
+    assert flap.volume_ml > 20.0
+    opened = _skull_coverage(*_atlas_arrays_by_truth(flap.image, head.mni_to_native), 2.0, check)
+    assert opened < low <= healthy <= high
 
 
 def test_missing_bone_flap_is_a_skull_defect_and_an_intact_skull_is_not():
@@ -223,9 +279,9 @@ def test_missing_bone_flap_is_a_skull_defect_and_an_intact_skull_is_not():
     normal, flap = suite_cases(modality, 1, 77, kinds=("craniectomy",), n_normal=1)
     params = default_params(modality)
     intact = preprocess(Volume.from_image(make_scan(normal).image, modality), params)
-    assert intact.qc_metrics["skull_coverage"] > 0.8 and intact.qc_reasons == []
+    assert intact.qc_metrics["skull_coverage"] > 0.9 and intact.qc_reasons == []
     opened = preprocess(Volume.from_image(make_scan(flap).image, modality), params)
-    assert opened.qc_metrics["skull_coverage"] < 0.35
+    assert opened.qc_metrics["skull_coverage"] < params["qc_ranges"]["skull_coverage"][0]
     assert [r.split(":")[0] for r in opened.qc_reasons] == ["skull_defect"]
 
 
