@@ -222,7 +222,7 @@ class RealT1Cases:
         case = T1Case(name, variant, volume, result, mask, matrix, outcome, seconds)
         metrics = {k: round(v, 3) for k, v in result.qc_metrics.items()
                    if k in ("head_dice", "head_similarity", "rotation_deg", "affine_scale", "brain_volume_ml")}
-        print(f"\n[real T1 {name}] series {volume.image.GetSize()} at "
+        print(f"\n[real T1 {name}] series {volume.size} at "
               f"{tuple(round(s, 2) for s in volume.image.GetSpacing())} mm; "
               f"{'run_job' if outcome is not None else 'preprocess'} {seconds:.1f} s "
               f"(preprocess {result.timings.get('total', float('nan')):.1f} s); "
@@ -270,7 +270,7 @@ def agreement(case: T1Case, reference: T1Case, brain: sitk.Image) -> tuple[float
 def test_real_t1_series_is_read_as_written(t1_cases, name):
     case = t1_cases.get(name)
     variant = case.variant
-    size, spacing = case.volume.image.GetSize(), case.volume.image.GetSpacing()
+    size, spacing = case.volume.size, case.volume.image.GetSpacing()  # run_job released the voxels
     assert size[:2] == (variant.rows, variant.rows) and size[2] >= 40
     assert spacing[2] == pytest.approx(variant.slice_thickness, abs=1e-3)
     if variant.pixel_spacing is not None:
