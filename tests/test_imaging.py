@@ -247,6 +247,7 @@ def _atlas_arrays_by_truth(image: sitk.Image, mni_to_native: sitk.Transform) -> 
     return sitk.GetArrayFromImage(moved), sitk.GetArrayFromImage(in_view).astype(bool)
 
 
+@pytest.mark.slow  # 24 s on the shared 2-core machine: a domain-randomised head is synthesised
 def test_skull_check_accepts_a_healthy_head_the_sector_check_refused_and_refuses_its_missing_flap(monkeypatch):
     # Cohort head 72 of `headscreen train --modality CT --seed 0`: the former check (bone
     # voxels in fixed sectors of the template's skull shell) gave it 0.29, a "skull_defect",
