@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from daemon.storage import fsync_directory
 from db.types import InstanceRecord
 
 logger = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ class IngestJournal:
         path = self.directory / f"{seq:012d}.journal"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
         try:
-            _fsync_dir(self.directory)  # the segment's name is durable before any entry relies on it
+            fsync_directory(self.directory)  # the segment's name is durable before any entry relies on it
         except BaseException:
             os.close(fd)
             os.unlink(path)
@@ -318,7 +319,7 @@ def recover(directory: Path, apply: Callable[[list[tuple[InstanceRecord, bytes]]
     for path in segments:
         path.unlink()
     if segments:
-        _fsync_dir(directory)
+        fsync_directory(directory)
         logger.warning("ingest journal replayed after an unclean stop",
                        extra={"action": "journal_recovered", **asdict(count)})
     return count
@@ -360,7 +361,7 @@ def _make_directory(directory: Path) -> None:
     if directory.is_dir():
         return
     directory.mkdir(parents=True, exist_ok=True)
-    _fsync_dir(directory.parent)
+    fsync_directory(directory.parent)
 
 
 def _write_all(fd: int, parts: list[bytes]) -> None:
@@ -372,11 +373,3 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
             views.pop(0)
         if views and written:
             views[0] = views[0][written:]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -44,7 +44,7 @@ from daemon.errors import DECODE_ERRORS, InputRejected, TransientError, is_input
 from daemon.inference import BundleRunner, Inference
 from daemon.privacy import failure_reason, frames_only, scrub
 from daemon.reference import Calibrating, Reference, ReferencePolicy, scoring_identity, station_key
-from daemon.storage import atomic_write
+from daemon.storage import atomic_write, fsync_directory, write_synced
 from db.api import JobOutcome, JobTicket, OutputObject, ShadowOutcome
 from export.kos import build_rejection_note
 from export.model import AlgorithmInfo, ResultSummary
@@ -744,7 +744,7 @@ class _StagedFiles:
         dataset.save_as(buffer, enforce_file_format=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._temporary.append((tmp, path))
-        _write_synced(tmp, buffer.getbuffer())
+        write_synced(tmp, buffer.getbuffer())
         del buffer
         self.objects.append(OutputObject(sop_instance_uid=str(dataset.SOPInstanceUID),
                                          sop_class_uid=str(dataset.SOPClassUID), kind=kind, path=str(path)))
@@ -759,7 +759,7 @@ class _StagedFiles:
     def commit(self) -> list[OutputObject]:
         for tmp, path in self._temporary:
             os.replace(tmp, path)
-        _sync_dir(self.folder)
+        fsync_directory(self.folder)
         return self.objects
 
 
@@ -774,27 +774,6 @@ def _write(dataset: Dataset, path: Path, kind: str) -> OutputObject:
         kind=kind,
         path=str(path),
     )
-
-
-def _write_synced(path: Path, data: memoryview) -> None:
-    """Write `path` whole and fdatasync it (a temporary name: see _StagedFiles)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_dir(folder: Path) -> None:
-    """Make the renames into `folder` durable (its directory entries)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _verdict_dict(verdict) -> dict:

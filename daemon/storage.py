@@ -144,12 +144,12 @@ class InstanceStore:
             self._ensure_dir(final.parent)
             try:
                 try:
-                    self._write_file(tmp, data, sync)
+                    write_synced(tmp, data, sync)
                 except FileNotFoundError:
                     # The directory was removed (retention clean-up) since we cached it.
                     self._forget_dir(final.parent)
                     self._ensure_dir(final.parent)
-                    self._write_file(tmp, data, sync)
+                    write_synced(tmp, data, sync)
                 os.replace(tmp, final)
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -158,18 +158,6 @@ class InstanceStore:
             # Outside the SOP lock: writers of other SOPs into this directory share the fsync.
             self._dir_sync(final.parent).sync()
         return StoredInstance(path=final, relative_path=relative.as_posix(), size_bytes=len(data))
-
-    def _write_file(self, path: Path, data: bytes, sync: bool) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _ensure_dir(self, directory: Path) -> None:
         """Create the study/series directories once and make their entries durable."""
@@ -191,7 +179,7 @@ class InstanceStore:
                 current = directory
                 while current != self.root:
                     current = current.parent
-                    _fsync_dir(current)
+                    fsync_directory(current)
             self._known_dirs[directory] = None
             if len(self._known_dirs) > _KNOWN_DIRS_MAX:
                 self._known_dirs.popitem(last=False)
@@ -243,7 +231,7 @@ class DirectorySync:
             # Every rename that took a ticket so far happened before this fsync starts.
             covers = self._tickets
         try:
-            _fsync_dir(self.directory)
+            fsync_directory(self.directory)
         except BaseException:
             with self._cond:
                 self._running = False
@@ -279,7 +267,7 @@ def sync_files(root: Path, files: Iterable[Path]) -> None:
                 os.close(fd)
     for directory in sorted({path.parent for path in files}):
         try:
-            _fsync_dir(directory)
+            fsync_directory(directory)
         except FileNotFoundError:
             continue
 
@@ -313,10 +301,24 @@ def _syncfs(root: Path) -> bool:
     return True
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_directory(directory: Path) -> None:
+    """Make the names created or renamed in ``directory`` durable (its entries)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_synced(path: Path, data: bytes | memoryview, sync: bool = True) -> None:
+    """Create or replace ``path`` with ``data`` (mode 0640), fdatasync'd when ``sync``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fdatasync(fd)
     finally:
         os.close(fd)
 
@@ -327,19 +329,12 @@ def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
 
 
 # --- crash debris -----------------------------------------------------------------------------
@@ -545,5 +540,5 @@ def _put_back(hold: Path, path: Path) -> None:
     except FileExistsError:
         pass
     else:
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
     hold.unlink()

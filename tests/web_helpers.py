@@ -233,14 +233,18 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def _chromium(args: list[str]) -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} missing: run tests/install-system-deps.sh (Debian chromium)", pytrace=False)
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
         yield chromium
         chromium.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    yield from _chromium(CHROMIUM_ARGS)
 
 
 # ------------------------------------------------------------------ OHIF Viewer (tests/test_viewer_ohif.py)
@@ -345,9 +349,4 @@ class OhifServer:
 @pytest.fixture(scope="module")
 def webgl_browser() -> Iterator[Browser]:
     """Headless Chromium with WebGL2 on SwiftShader (no GPU needed), for OHIF."""
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} missing: run tests/install-system-deps.sh (Debian chromium)", pytrace=False)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=WEBGL_CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
+    yield from _chromium(WEBGL_CHROMIUM_ARGS)
