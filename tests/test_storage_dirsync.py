@@ -21,7 +21,7 @@ class GatedFsync:
         self.release = threading.Event()
         self.calls = 0
         self.fail_first = fail_first
-        self._real = storage._fsync_dir  # noqa: SLF001
+        self._real = storage.fsync_directory
 
     def __call__(self, directory: Path) -> None:
         self.calls += 1
@@ -61,7 +61,7 @@ def queue_behind_first(sync: DirectorySync, gate: GatedFsync, waiters: int) -> t
 
 def test_writers_queued_behind_an_fsync_share_the_next_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = GatedFsync()
-    monkeypatch.setattr(storage, "_fsync_dir", gate)
+    monkeypatch.setattr(storage, "fsync_directory", gate)
     sync = DirectorySync(tmp_path)
     threads, outcomes = queue_behind_first(sync, gate, waiters=5)
     assert not any(t.is_alive() for t in threads)
@@ -73,7 +73,7 @@ def test_writers_queued_behind_an_fsync_share_the_next_one(tmp_path: Path, monke
 def test_a_failed_fsync_fails_its_caller_and_the_waiters_retry(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     gate = GatedFsync(fail_first=True)
-    monkeypatch.setattr(storage, "_fsync_dir", gate)
+    monkeypatch.setattr(storage, "fsync_directory", gate)
     sync = DirectorySync(tmp_path)
     _, outcomes = queue_behind_first(sync, gate, waiters=3)
     assert outcomes == {0: "injected I/O error", 1: "ok", 2: "ok", 3: "ok"}
@@ -112,14 +112,14 @@ def test_atomic_write_syncs_the_file_then_its_directory(tmp_path: Path, monkeypa
     """A result file (daemon.pipeline) is durable like a received instance: its rename is
     followed by an fsync of the directory, and no temporary file stays behind."""
     order: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (order.append("fsync"), real_fsync(fd))[1])
+    real_fdatasync, real_replace = os.fdatasync, os.replace
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (order.append("fdatasync"), real_fdatasync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b))[1])
-    monkeypatch.setattr(storage, "_fsync_dir", lambda d: order.append(f"dir:{Path(d).name}"))
+    monkeypatch.setattr(storage, "fsync_directory", lambda d: order.append(f"dir:{Path(d).name}"))
     target = tmp_path / "job-7" / "sr.dcm"
     storage.atomic_write(target, b"DICM" * 100)
     assert target.read_bytes() == b"DICM" * 100
-    assert order == ["fsync", "replace", "dir:job-7"]
+    assert order == ["fdatasync", "replace", "dir:job-7"]
     assert [p.name for p in target.parent.iterdir()] == ["sr.dcm"]
 
 
