@@ -91,11 +91,16 @@ def test_a_silent_connection_is_closed_after_the_request_timeout(tmp_path: Path)
 def test_three_hundred_refusals_write_a_bounded_number_of_rows(harness: Harness) -> None:
     ae = AE(ae_title="INTRUDER")
     ae.add_requested_context(Verification)
-    rejected = 0
+    established = rejected = 0
     for _ in range(300):
         assoc = ae.associate("127.0.0.1", harness.port, ae_title=SCP_AE)
+        established += assoc.is_established
         rejected += assoc.is_rejected
-    assert rejected == 300
+    # None got in. The caller's side may read a few refusals as an abort: pynetdicom
+    # closes the socket right after sending the A-ASSOCIATE-RJ, and under load the
+    # close can overtake it. The receiver's own count (the row below) must be 300.
+    assert established == 0
+    assert rejected >= 290, rejected
     (first,) = harness.rejections()  # recorded as it happened; the rest only counted
     assert first.calling_ae == "INTRUDER" and first.status == ASSOCIATION_REJECTED_STATUS
     harness.receiver.flush_refusals()
