@@ -389,3 +389,19 @@ class WebSession(Base):
     csrf_token: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class StoredBlob(Base):
+    """Instance and result bytes when `storage_backend = "postgresql"` (daemon/blobstore.py),
+    keyed by the path an instance or result object row records (relative to the storage
+    root), so every machine reads them through the database alone. `kind` is "instance" or
+    "result"; the study UID lets a retention purge delete a study's instances at once."""
+
+    __tablename__ = "stored_blobs"
+
+    key: Mapped[str] = mapped_column(sa.String(512), primary_key=True)
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    study_instance_uid: Mapped[str] = mapped_column(sa.String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    stored_at: Mapped[datetime]
+    data: Mapped[bytes] = mapped_column(sa.LargeBinary)
