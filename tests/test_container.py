@@ -3,7 +3,8 @@ lines into a fresh build folder, its `pip wheel`, a fresh venv for python:3.11-s
 `pip install` of the wheel, then its CMD as written, with compose's database setting
 (a fresh PostgreSQL database), a configuration at the image's HEADSCREEN_CONFIG, and
 neither this machine's Debian extras on the PATH nor its mricron-data readable. A phantom
-CT study sent with dcmtk's storescu is screened and its results reach a receiving peer;
+CT study sent with dcmtk's storescu is screened and its results reach a receiving peer
+(the code, the bundles and Colin27 all from the installed wheel, and no torch);
 what was stored is not world-readable (the CMD's umask); the console answers on a
 non-loopback address and asks for a login; the image's HEALTHCHECK passes.
 
@@ -13,6 +14,7 @@ not): the build needs setuptools, the install ~60 dependencies, as in a real bui
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import signal
@@ -35,6 +37,7 @@ from serve_harness import Daemon, RecordingSCP, storescu, wait_until
 from wheel_helpers import (
     HIDDEN_MARK,
     assert_screened,
+    bundle_dirs,
     hide_debian_templates,
     phantom_ct_study,
     readable_by_others,
@@ -112,10 +115,20 @@ def test_the_containerfile_steps_build_an_image_that_screens(tmp_path: Path) -> 
     assert any(call.startswith("useradd --system") for call in image.root.recorded_calls())
     assert not image.root.path("/tmp/dist").exists()  # the wheel is not left in the image
 
+    # The installed code, bundles and template are the image's own; no torch; no Debian Colin27.
     site = hide_debian_templates(image.root.python)
-    where = venv_python(image.root.python, "import daemon, imaging.templates as t; "
-                                           "print(daemon.__file__); print(t.colin27_path())")
-    assert all(line.startswith(str(site)) for line in where.split()), where
+    where = json.loads(venv_python(image.root.python, (
+        "import json, importlib.util, daemon, imaging.templates as t, daemon.config as c\n"
+        "try:\n    open('/usr/share/mricron/templates/ch2.nii.gz', 'rb')\n    hidden = False\n"
+        "except FileNotFoundError:\n    hidden = True\n"
+        "print(json.dumps({'daemon': daemon.__file__, 'colin': str(t.colin27_path()), 'hidden': hidden,\n"
+        "  'bundles': [str(p) for p in c.shipped_bundles()],\n"
+        "  'torch': importlib.util.find_spec('torch') is not None}))\n"
+    )))
+    assert where["daemon"].startswith(str(site)) and where["colin"].startswith(str(site)), where
+    assert where["hidden"] and not where["torch"], where
+    assert sorted(Path(p).name for p in where["bundles"]) == [p.name for p in bundle_dirs()]
+    assert all(p.startswith(str(site / "headscreen" / "models")) for p in where["bundles"])
 
     # What compose gives the container: its database URL (pointed at a fresh database here).
     compose = yaml.safe_load(COMPOSE.read_text())["services"]["headscreen"]
@@ -156,6 +169,7 @@ def test_the_containerfile_steps_build_an_image_that_screens(tmp_path: Path) -> 
         assert http_status(f"{outside}/api/v1/studies") == 401
         assert http_status(f"{outside}/") == 303  # to /login
         assert http_status(f"{outside}/healthz") == 200
+        assert http_status(f"{outside}/static/style.css") == 200  # the console's files, from the wheel
 
         # exec: the Popen'd sh became headscreen, so SIGTERM reaches it and it drains.
         assert daemon.process is not None

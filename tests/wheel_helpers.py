@@ -1,6 +1,6 @@
 """What the installed-wheel tests share (tests/test_wheel.py, tests/test_container.py):
-a clean virtual environment that cannot read Debian's mricron-data, the installed
-`headscreen serve` as a Daemon, a phantom CT study, and the checks that it was screened."""
+a clean virtual environment that cannot read Debian's mricron-data, a phantom CT study,
+and the checks that it was screened."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from daemon.bundle import MANIFEST_NAME
-from serve_harness import Daemon, RecordingSCP, have, wait_until
+from serve_harness import Daemon, RecordingSCP, have
 
 REPO = Path(__file__).resolve().parent.parent
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -62,33 +60,6 @@ def hide_debian_templates(venv: Path) -> Path:
     (site / "_hide_mricron.py").write_text(HIDE_DEBIAN)
     (site / "_hide_mricron.pth").write_text("import _hide_mricron\n")
     return site
-
-
-def install_wheel_with_host_pip(wheel: Path, venv: Path) -> float:
-    """A venv without pip, the wheel installed into it by this environment's pip; seconds."""
-    started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    result = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                             "-q", "--no-compile", str(wheel)], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return time.monotonic() - started
-
-
-@dataclass
-class InstalledDaemon(Daemon):
-    """`headscreen serve` from a venv's console script, away from the source tree."""
-
-    venv: Path | None = None
-
-    def start(self, timeout_s: float = 120.0) -> InstalledDaemon:
-        assert self.venv is not None
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HEADSCREEN_", "VIRTUAL_ENV"))}
-        log = (self.workdir / "serve.log").open("ab")
-        self.process = subprocess.Popen([str(self.venv / "bin" / "headscreen"), "-c", str(self.config), "serve"],
-                                        stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env,
-                                        start_new_session=True)
-        wait_until(self.echo, timeout_s, 0.5, "C-ECHO from the installed headscreen serve")
-        return self
 
 
 def phantom_ct_study(folder: Path) -> tuple[list[Path], str]:
