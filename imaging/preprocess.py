@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 # extraction refined by intensity. A bundle written with version 1 keeps what shapes its
 # model input (grid, crop, smoothing, normalisation, skull stripping) but takes today's
 # registration and QC gates, which are properties of the imaging stage, not the model.
-PARAMS_VERSION = 2
+# 3: MR percentiles land at percentile_targets, leaving headroom above white matter (see
+# normalise); a bundle written before keeps its percentiles spanning the whole range.
+PARAMS_VERSION = 3
 _IMAGING_STAGE_KEYS = ("registration", "qc_ranges", "skull_check")
 
 _COMMON: dict[str, Any] = {
@@ -108,6 +110,12 @@ _MR: dict[str, Any] = {
     "window": None,
     "normalization": "percentile",
     "percentiles": [1.0, 99.0],
+    # Where those percentiles land in output_range. White matter is T1's brightest tissue,
+    # so the 99th percentile is white matter's upper edge: mapped to the top of the range,
+    # subacute blood (about 1.2x white matter, on the real T1 and in the synthesis) was
+    # clipped to white matter's level and a 5-15 mL bleed nearly vanished from the model
+    # input. At 0.5, intensities up to a third of the p1-p99 span above p99 stay distinct.
+    "percentile_targets": [-1.0, 0.5],
     "bias_correction": False,
     "registration": {"head_threshold_fraction": 0.15},
     "skull_strip": {"method": "t1_intensity_refined", "core_mm": 10.0, "search_mm": 5.0,
@@ -136,9 +144,14 @@ def with_defaults(params: dict[str, Any]) -> dict[str, Any]:
     if "modality" not in params:
         raise ConfigError("params: 'modality' is required")
     merged = default_params(params["modality"])
-    if int(params.get("version", 1)) < 2:
+    version = int(params.get("version", 1))
+    if version < 2:
         params = {key: value for key, value in params.items()
                   if key not in _IMAGING_STAGE_KEYS and key != "version"}
+    if version < 3 and "percentile_targets" not in params:
+        # Model input is the model's contract: an older bundle keeps percentiles that span
+        # the whole output range (as it was trained).
+        params = {**params, "percentile_targets": list(params.get("output_range", merged["output_range"]))}
     _deep_update(merged, params)
     return merged
 
@@ -407,19 +420,23 @@ def shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
 
 
 def normalise(values: np.ndarray, brain: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-    """Window (CT) or robust percentiles (MR) to the output range; outside the brain -> minimum."""
+    """Window (CT) or robust percentiles (MR, landing at percentile_targets) to the output
+    range, clipped there; outside the brain -> minimum."""
     out_low, out_high = params["output_range"]
+    target_low, target_high = out_low, out_high
     if params["normalization"] == "window":
         low, high = params["window"]
     else:
+        target_low, target_high = params.get("percentile_targets") or (out_low, out_high)
         inside = values[brain]
         if inside.size == 0:
             low, high = 0.0, 1.0
         else:
             low, high = (float(v) for v in np.percentile(inside, params["percentiles"]))
             high = max(high, low + 1e-3)
-    scaled = (np.clip(values, low, high) - low) / (high - low)
-    result = out_low + scaled * (out_high - out_low)
+    scaled = (np.clip(values, low, high + (high - low) * (out_high - target_high) / (target_high - target_low))
+              - low) / (high - low)
+    result = target_low + scaled * (target_high - target_low)
     result[~brain] = out_low
     # float32 rounding can step a hair past the range (1.0000002); the contract is the range.
     return np.clip(result.astype(np.float32), np.float32(out_low), np.float32(out_high))

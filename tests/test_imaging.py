@@ -24,7 +24,7 @@ from scipy import ndimage
 from daemon.errors import InputRejected
 from imaging import qc, templates
 from imaging.phantoms import Lesion, Pose, make_head, pose_transform, write_dicom_series
-from imaging.preprocess import ModelGrid, default_params, preprocess, to_native, with_defaults
+from imaging.preprocess import ModelGrid, default_params, normalise, preprocess, to_native, with_defaults
 from imaging.registration import affine_to_matrix
 from imaging.selection import SelectionRules, SeriesCandidate, select_series
 from imaging.skullstrip import dice
@@ -300,6 +300,36 @@ def test_default_params_are_json_and_single_slices_are_rejected():
     volume = load_series([get_testdata_file("693_UNCR.dcm")])
     with pytest.raises(InputRejected, match="insufficient_coverage"):
         preprocess(volume, default_params("CT"))
+
+
+def test_mr_normalisation_keeps_blood_brighter_than_white_matter_and_older_bundles_as_trained():
+    """T1's 99th brain percentile is white matter's upper edge: blood 1.2x brighter must stay
+    distinct (it was clipped to white matter's level before version 3), while a bundle
+    written before keeps the input it was trained on, to the bit."""
+    rng = np.random.default_rng(3)
+    brain = np.ones((20, 20, 20), dtype=bool)
+    brain[:2] = False
+    # CSF, grey and white matter at the real T1's k-means levels (bench/real_scans.py).
+    tissue = rng.choice([385.0, 612.0, 817.0], size=brain.shape, p=[0.15, 0.45, 0.4])
+    values = tissue + rng.normal(0, 20, brain.shape)
+    values[8:11, 8:11, 8:11] = 981.0  # 27 voxels of subacute blood, 0.4 % of the brain
+    blood, white = values == 981.0, (tissue == 817.0) & (values != 981.0)
+
+    current = with_defaults(default_params("MR"))
+    assert current["version"] >= 3 and current["percentile_targets"] == [-1.0, 0.5]
+    now = normalise(values, brain, current)
+    assert now[blood].min() > np.percentile(now[white], 99) + 0.1  # distinct, not clipped to white matter
+    assert now[blood].max() < 1.0 and now[~brain].max() == -1.0
+
+    older = {k: v for k, v in default_params("MR").items() if k != "percentile_targets"} | {"version": 2}
+    legacy = with_defaults(older)
+    assert legacy["percentile_targets"] == legacy["output_range"]
+    before = normalise(values, brain, legacy)
+    low, high = np.percentile(values[brain], [1.0, 99.0])
+    expected = np.clip(-1.0 + (np.clip(values, low, high) - low) / (high - low) * 2.0, -1.0, 1.0).astype(np.float32)
+    expected[~brain] = -1.0
+    assert np.array_equal(before, expected)
+    assert np.all(before[blood] == 1.0)  # the old clip: blood at white matter's top level
 
 
 # ---------------------------------------------------------------- DICOM out: validity and read-back
