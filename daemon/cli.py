@@ -15,6 +15,7 @@ from pathlib import Path
 from daemon.config import Settings, example_toml, load_settings
 from daemon.errors import HeadscreenError, TransientError
 from daemon.privacy import failure_reason, redact_secrets, withhold_values_in_logs
+from daemon.storage_probe import EXIT_STORAGE_MISMATCH, StorageMismatch
 from db.states import StudyState
 
 log = logging.getLogger("headscreen")
@@ -28,6 +29,9 @@ exit codes:
   2    usage or configuration error: an unknown option or value, an invalid
        configuration file (the message names the key), a bad bundle, or
        no usable bundle (serve refuses to start without one)
+  3    storage mismatch (serve, worker): storage_dir is not the storage the database's
+       instances are in (no .headscreen-storage-id marker: a local folder where the
+       shared mount should be; or another storage's marker); no job is taken
   130  interrupted (Ctrl-C)"""
 
 
@@ -593,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.fn(args)
+    except StorageMismatch as exc:
+        return _failed(str(exc), EXIT_STORAGE_MISMATCH, logged)
     except (CommandFailed, TransientError) as exc:
         return _failed(str(exc), EXIT_FAILURE, logged)
     except HeadscreenError as exc:

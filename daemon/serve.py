@@ -21,6 +21,7 @@ from daemon.config import Settings, default_bundle_roots
 from daemon.errors import ConfigError, TransientError
 from daemon.receiver import ReceiverConfig, receiver_options, start_receiver
 from daemon.scheduler import bundle_refs, start_scheduler
+from daemon.storage_probe import EXIT_STORAGE_MISMATCH, StorageMismatch, claim_storage, probe_applies
 from daemon.web import WebServer, start_web_server
 from daemon.web.health import ServeRuntime
 from daemon.worker import worker_process_main
@@ -66,6 +67,9 @@ class WorkerPool:
             process = self.processes.get(index)
             if process is not None and process.is_alive():
                 continue
+            if process is not None and process.exitcode == EXIT_STORAGE_MISMATCH:
+                # Its log line says why; another start would refuse the same way.
+                raise StorageMismatch("a worker refused storage_dir: it is not the storage the database records")
             if process is not None:
                 log.warning("worker exited; starting a new one", extra={"worker": index, "exitcode": process.exitcode})
             process = self._context.Process(target=worker_process_main, args=(self.settings, index, self.wake),
@@ -162,6 +166,8 @@ def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
     upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     sessions = session_factory(engine)
+    if probe_applies(settings):
+        claim_storage(settings.storage_dir, sessions)  # the identity workers check their storage_dir against
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon.bundle import load_bundle
@@ -50,14 +51,24 @@ from daemon.pipeline import (
     run_job,
     score_shadow,
 )
-from daemon.privacy import failure_reason, frames_only, withhold_values_in_logs
+from daemon.privacy import failure_reason, frames_only, redact_secrets, withhold_values_in_logs
 from daemon.reference import ReferencePolicy, scoring_identity
 from daemon.shadow import RolePlan, resolve_roles
+from daemon.storage_probe import EXIT_STORAGE_MISMATCH, StorageMismatch, check_storage, probe_applies
 from db import api
 from db.engine import make_engine, session_factory
 from db.types import BundleRef, JobOutcome, ShadowOutcome
 
 log = logging.getLogger(__name__)
+
+# The longest wait between tries while the database is unreachable.
+DB_RETRY_MAX_S = 10.0
+
+
+def _db_reason(exc: Exception) -> str:
+    """The driver's first line (refused, timed out); its later lines may quote statements."""
+    first = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()[:1]
+    return redact_secrets(first[0]) if first else type(exc).__name__
 
 
 def load_runners(settings: Settings) -> dict[tuple[str, str], BundleRunner]:
@@ -122,10 +133,25 @@ class Worker:
         (a retry whose backoff ended, a job queued by another machine or by the CLI)."""
         log.info("worker started",
                  extra={"worker_id": self.worker_id, "bundles": [f"{n}-{v}" for n, v in self.runners]})
+        outage_s = 0.0
         while not self.stopping.is_set():
             if wake is not None:
                 wake.clear()  # before the claim: a job queued after it sets it again
-            if not self.run_one():
+            try:
+                worked = self.run_one()
+            except (OperationalError, InterfaceError) as exc:
+                # The database is gone for now (network, restart): wait and claim again. A job
+                # in flight is not recorded; its lease runs out and the sweep queues it again.
+                outage_s = min(max(1.0, outage_s * 2), DB_RETRY_MAX_S)
+                log.error("database unreachable; trying again", extra={
+                    "worker_id": self.worker_id, "action": "db_unreachable", "retry_in_s": outage_s,
+                    "reason": _db_reason(exc)})
+                self.stopping.wait(outage_s)
+                continue
+            if outage_s:
+                log.info("database reachable again", extra={"worker_id": self.worker_id, "action": "db_ready"})
+                outage_s = 0.0
+            if not worked:
                 (wake or self.stopping).wait(poll_s)
         log.info("worker stopped", extra={"worker_id": self.worker_id})
 
@@ -431,6 +457,14 @@ def worker_process_main(settings: Settings, worker_index: int, wake: Waitable | 
     configure_logging(settings)
     withhold_values_in_logs()
     engine = make_engine(settings.database_url)
+    if probe_applies(settings):
+        # Before the bundles load: a worker on the wrong disk says so at once and takes no job.
+        try:
+            check_storage(settings.storage_dir, session_factory(engine))
+        except StorageMismatch as exc:
+            log.error(str(exc), extra={"action": "exit", "exit_code": EXIT_STORAGE_MISMATCH})
+            engine.dispose()
+            raise SystemExit(EXIT_STORAGE_MISMATCH) from None
     worker = Worker(settings, session_factory(engine),
                     worker_id=f"{socket.gethostname()}:{os.getpid()}:w{worker_index}")
     # SIGTERM drains: the current job finishes, then the loop ends.

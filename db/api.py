@@ -51,6 +51,7 @@ from db.shadow import (
     record_shadow_result,
     shadow_results_of_study,
 )
+from db.storage_identity import record_storage_id, recorded_storage_id
 from db.sweep import sweep_completeness
 from db.txn import DEFAULT_JOB_MAX_ATTEMPTS, SYSTEM_ACTOR, utcnow
 from db.types import (
@@ -168,6 +169,8 @@ __all__ = [
     "resend_dead",
     "retention_candidates",
     "record_review",
+    "record_storage_id",
+    "recorded_storage_id",
     "set_flag",
     "set_review",
     "study_instances",

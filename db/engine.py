@@ -32,6 +32,11 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 WRITE_TX = "headscreen_write_tx"
 RELAXED_COMMIT = "headscreen_relaxed_commit"
 WAL_RETRY_S = 0.02
+# libpq: a connection whose peer went silent (a network cut, a host gone, no RST) fails in
+# about 20 s instead of hanging for the kernel's ~15 min of retransmissions, so a worker on
+# another machine notices, waits and claims again (daemon/worker.py); connecting gives up at 10 s.
+PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                   "keepalives_count": 3, "tcp_user_timeout": 20_000}
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -48,7 +53,8 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     if backend == "sqlite":
         return _sqlite_engine(parsed, **kwargs)
     if backend == "postgresql":
-        return create_engine(parsed, pool_pre_ping=True, **kwargs)
+        connect_args = {**PG_CONNECT_ARGS, **kwargs.pop("connect_args", {})}
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **kwargs)
     raise ValueError(f"url: unsupported database backend {backend!r} (use sqlite or postgresql)")
 
 

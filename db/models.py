@@ -391,6 +391,19 @@ class WebSession(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class StorageIdentity(Base):
+    """The identity of the storage root the instances are in (one row, id 1): the UUID
+    `serve` wrote to `<storage_dir>/.headscreen-storage-id`. A worker whose storage_dir
+    holds another marker, or none, is not on the receiver's storage and takes no jobs
+    (daemon/storage_probe.py)."""
+
+    __tablename__ = "storage_identity"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    storage_id: Mapped[str] = mapped_column(sa.String(36))
+    created_at: Mapped[datetime]
+
+
 class StoredBlob(Base):
     """Instance and result bytes when `storage_backend = "postgresql"` (daemon/blobstore.py),
     keyed by the path an instance or result object row records (relative to the storage
