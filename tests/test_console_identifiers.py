@@ -114,3 +114,39 @@ def test_overview_counts_link_to_lists_of_the_same_studies(console: Console) -> 
     assert client.get("/calibration?in_use=bogus").status_code == 422
     dead_only = client.get("/failures?show=dead").text
     assert 'id="dead-deliveries"' in dead_only and 'id="failed-jobs"' not in dead_only
+
+
+def test_a_search_term_never_goes_into_a_url(console: Console) -> None:
+    """Proxies, browser history and Referer headers keep URLs: the term is posted and the lists
+    carry a random handle for it."""
+    s = console.seeded
+    _identify(console, s.positive, "RAD-2026-0001", "mrn_77")
+    client = console.client(VIEWER)
+    made = client.post("/api/v1/searches", json={"q": " MRN_77 "})
+    assert made.status_code == 200, made.text
+    handle = made.json()["find"]
+    assert "mrn" not in handle.lower() and len(handle) == 22
+    listed = client.get(f"/api/v1/studies?find={handle}").json()
+    assert [r["study_instance_uid"] for r in listed["studies"]] == [s.positive]
+    assert s.positive in client.get(f"/api/v1/studies.csv?find={handle}").text
+    # An old link with the term in it is refused, not answered with every study.
+    assert client.get("/api/v1/studies?q=mrn_77").status_code == 422
+    assert client.get("/api/v1/studies?find=" + "A" * 22).status_code == 410  # unknown or expired
+    assert client.get("/api/v1/studies?find=not-a-handle").status_code == 422
+    # Without the session's CSRF header a search is not made.
+    bare = console.client(VIEWER)
+    bare.headers.pop("X-CSRF-Token", None)
+    assert bare.post("/api/v1/searches", json={"q": "mrn_77"}).status_code == 403
+
+    # The console's filter form posts here and is sent on to the list with the handle.
+    page = console.client(ADMIN)
+    form = page.get("/studies").text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    sent = page.post("/studies/search", data={"csrf_token": token, "back": "/review", "q": "RAD-2026-0001",
+                                              "modality": "", "sort": "received", "order": "desc"},
+                     follow_redirects=False)
+    assert sent.status_code == 303
+    target = sent.headers["location"]
+    assert target.startswith("/review?") and "RAD" not in target and re.search(r"find=[\w-]{22}", target)
+    assert page.get(target).status_code == 200
+    assert page.post("/studies/search", data={"q": "RAD"}, follow_redirects=False).status_code == 403

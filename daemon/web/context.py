@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from daemon.bundle import Bundle, load_bundle
 from daemon.config import Settings
 from daemon.errors import HeadscreenError
+from daemon.web.searches import SearchHandles
 from daemon.web.throttle import LoginThrottle
 from db.types import BundleRef
 
@@ -42,6 +43,7 @@ class WebContext:
     _loaded: list[Bundle] | None = None
     login_throttle: LoginThrottle = field(init=False)
     login_csrf_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    searches: SearchHandles = field(default_factory=SearchHandles)
 
     def __post_init__(self) -> None:
         self.login_throttle = LoginThrottle(self.settings.web)

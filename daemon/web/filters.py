@@ -8,8 +8,10 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Literal
 from urllib.parse import urlencode
 
-from fastapi import HTTPException, Query
+from fastapi import HTTPException, Query, Request
 
+from daemon.web.context import context_of
+from daemon.web.searches import HANDLE, SearchHandles
 from db.types import STUDY_SORTS, StudyFilters
 
 Tri = Literal["yes", "no"]
@@ -17,6 +19,7 @@ SortName = Literal["received", "first_received", "percentile", "score", "age_gap
 assert set(SortName.__args__) == set(STUDY_SORTS)  # type: ignore[attr-defined]
 
 PER_PAGE_DEFAULT = 50
+SEARCH_MAX_LEN = 64
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class StudyQuery:
     station: str | None = None
     eligible: Tri | None = None
     q: str | None = None  # accession number, patient ID or Study UID (or the start of one)
+    find: str | None = None  # the handle q is kept under (daemon.web.searches); URLs carry this, never q
     sort: SortName = "received"
     order: Literal["asc", "desc"] = "desc"
     page: int = 1
@@ -75,7 +79,7 @@ class StudyQuery:
 
     def query_string(self, **changes: object) -> str:
         """This query with some parameters changed, for pagination and sort links."""
-        values = {k: getattr(self, k) for k in self.__dataclass_fields__} | changes
+        values = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "q"} | changes
         defaults = StudyQuery()
         kept = {k: str(v) for k, v in values.items() if v is not None and v != "" and v != getattr(defaults, k)}
         return urlencode(kept)
@@ -94,6 +98,7 @@ def _blank_to_none(value: str | None) -> str | None:
 
 
 def study_query(
+    request: Request,
     state: Annotated[Literal["receiving", "complete"] | None, Query()] = None,
     modality: Annotated[Literal["CT", "MR"] | None, Query()] = None,
     received_from: Annotated[date | None, Query()] = None,
@@ -109,13 +114,37 @@ def study_query(
     reviewed: Annotated[Tri | None, Query()] = None,
     station: Annotated[str | None, Query(max_length=64)] = None,
     eligible: Annotated[Tri | None, Query()] = None,
-    q: Annotated[str | None, Query(max_length=64)] = None,
+    find: Annotated[str | None, Query(pattern=HANDLE.pattern)] = None,
     sort: Annotated[SortName, Query()] = "received",
     order: Annotated[Literal["asc", "desc"], Query()] = "desc",
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
     per_page: Annotated[int, Query(ge=1, le=500)] = PER_PAGE_DEFAULT,
 ) -> StudyQuery:
-    return StudyQuery(state, modality, received_from, received_to, screen, min_percentile, max_percentile,
-                      min_age_gap, max_age_gap, qc_failed, _blank_to_none(qc_reason), flagged, reviewed,
-                      _blank_to_none(station), eligible, _blank_to_none((q or "").strip()), sort, order, page,
-                      per_page)
+    if "q" in request.query_params:  # an old link: say so rather than list every study
+        raise HTTPException(status_code=422, detail="a search term is not taken from the URL: post it to "
+                                                    "/api/v1/searches (or use the console's search box)")
+    term = None
+    if find:
+        term = context_of(request).searches.get(find)
+        if term is None:
+            raise HTTPException(status_code=410, detail="this search has expired (or the console restarted): "
+                                                        "search again")
+    return StudyQuery(state=state, modality=modality, received_from=received_from, received_to=received_to,
+                      screen=screen, min_percentile=min_percentile, max_percentile=max_percentile,
+                      min_age_gap=min_age_gap, max_age_gap=max_age_gap, qc_failed=qc_failed,
+                      qc_reason=_blank_to_none(qc_reason), flagged=flagged, reviewed=reviewed,
+                      station=_blank_to_none(station), eligible=eligible, q=term, find=find if term else None,
+                      sort=sort, order=order, page=page, per_page=per_page)
+
+
+def search_target(form: dict[str, str], searches: SearchHandles) -> str:
+    """The list URL's query string for a posted filter form: its fields as they are, except
+    the search term, which is kept on the server and replaced by its handle."""
+    fields = [name for name in StudyQuery.__dataclass_fields__ if name not in ("q", "find", "page")]
+    kept = {name: form[name].strip() for name in fields if form.get(name, "").strip()}
+    term = form.get("q", "").strip()
+    if len(term) > SEARCH_MAX_LEN:
+        raise HTTPException(status_code=422, detail=f"the search term is longer than {SEARCH_MAX_LEN} characters")
+    if term:
+        kept["find"] = searches.put(term)
+    return urlencode(kept)

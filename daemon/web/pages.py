@@ -17,7 +17,7 @@ from daemon.web import actions, charts, login, preview
 from daemon.web.actions import ReviewAction, RoleAction
 from daemon.web.auth import COOKIE, PageAdmin, PageCsrf, PageUser, Principal
 from daemon.web.context import checked_bundle_key, checked_uid, context_of
-from daemon.web.filters import StudyQuery, study_query
+from daemon.web.filters import StudyQuery, search_target, study_query
 from daemon.web.redact import for_role
 from daemon.web.rest import set_session_cookie
 from db import api
@@ -130,6 +130,16 @@ def studies(request: Request, user: PageUser, query: Query_) -> HTMLResponse:
 @router.get("/review")
 def review_queue(request: Request, user: PageUser, query: Query_) -> HTMLResponse:
     return _study_list(request, user, query, "review.html", needs_review=True)
+
+
+@router.post("/studies/search")
+async def search(request: Request, user: PageCsrf) -> RedirectResponse:
+    """The filter form posts here; the list it redirects to carries a handle for the search
+    term, never the term (daemon.web.searches)."""
+    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    back = "/review" if form.get("back") == "/review" else "/studies"
+    target = search_target(form, context_of(request).searches)
+    return RedirectResponse(f"{back}?{target}" if target else back, status_code=303)
 
 
 def _study_list(request: Request, user: Principal, query: StudyQuery, template: str,

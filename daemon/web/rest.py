@@ -9,11 +9,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
-from daemon.web import actions, preview
+from daemon.web import actions, preview, searches
 from daemon.web.actions import ReviewAction, RoleAction, jsonable
 from daemon.web.auth import COOKIE, ApiAdmin, ApiAdminRead, ApiCsrf, ApiUser
 from daemon.web.context import checked_bundle_key, checked_uid, context_of
-from daemon.web.filters import StudyQuery, study_query
+from daemon.web.filters import SEARCH_MAX_LEN, StudyQuery, study_query
 from daemon.web.login import Throttled, attempt_login, cookie_secure
 from daemon.web.redact import for_role
 from db import api
@@ -45,6 +45,10 @@ class RoleBody(BaseModel):
 class PromoteBody(RoleBody):
     # What the bundle active until now becomes.
     old_active: Literal["shadow", "retired"] = "shadow"
+
+
+class SearchBody(BaseModel):
+    q: str = Field(min_length=1, max_length=SEARCH_MAX_LEN)
 
 
 class ResendBody(BaseModel):
@@ -104,6 +108,14 @@ def _list(request: Request, query: StudyQuery, needs_review: bool = False) -> di
         total, capped = api.count_studies(session, filters)
     return {"page": query.page, "per_page": query.per_page, "total": total, "total_capped": capped,
             "studies": jsonable(rows)}
+
+
+@router.post("/searches")
+def new_search(request: Request, user: ApiCsrf, body: SearchBody) -> dict[str, Any]:
+    """A handle for a search term (accession number, patient ID or Study UID, or the start of
+    one), for `find=` on /studies, /studies.csv and /review-queue: the term itself never goes
+    into a URL, where proxies and browser history would keep it."""
+    return {"find": context_of(request).searches.put(body.q.strip()), "expires_in_s": int(searches.TTL_S)}
 
 
 @router.get("/studies")
