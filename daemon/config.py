@@ -294,6 +294,9 @@ class Settings(BaseSettings):
     receiver: ReceiverSection = ReceiverSection()
     storage_dir: Path = Path("/var/lib/headscreen")
     database_url: str = ""
+    # Instance and result bytes: files below storage_dir, or rows of the PostgreSQL
+    # database (daemon/blobstore.py), which every worker machine reaches.
+    storage_backend: Literal["filesystem", "postgresql"] = "filesystem"
     quiet_period_s: float = Field(60.0, gt=0)
     whole_quiet_s: float = Field(5.0, ge=0)
     bundles: list[Path] = []
@@ -335,6 +338,9 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.storage_dir / 'headscreen.db'}"
         if not self.database_url.startswith(("sqlite:///", "postgresql")):
             raise ValueError("database_url must be sqlite:///PATH or postgresql+psycopg://...")
+        if self.storage_backend == "postgresql" and not self.database_url.startswith("postgresql"):
+            raise ValueError('storage_backend = "postgresql" stores the bytes in the database: '
+                             "set database_url to a PostgreSQL URL (postgresql+psycopg://...)")
         if not self.bundles:
             self.bundles = shipped_bundles()
         if self.heartbeat_s >= self.lease_s:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.blobstore import BlobStore, Scratch, open_store
 from daemon.config import DestinationConfig, Settings
 from daemon.errors import TransientError
 from db import api
@@ -89,17 +90,19 @@ def deliver_due(
     if not tickets:
         return DeliveryStats()
     record = _Recorder(sessions, retry_policy(settings))
-    _send_tickets(settings, tickets, record)
+    store = open_store(settings, sessions)
+    _send_tickets(settings, store, tickets, record)
     if record.delivered:
         with sessions() as session:
             notes = api.claim_deliveries(session, datetime.now(UTC), limit, lease_s, result_id=result_id,
                                          kind=ObjectKind.KOS)
-        _send_tickets(settings, notes, record)
+        _send_tickets(settings, store, notes, record)
     log.info("delivery round", extra={"action": "deliver", "delivered": record.delivered, "failed": record.failed})
     return DeliveryStats(record.delivered, record.failed)
 
 
-def _send_tickets(settings: Settings, tickets: list[api.DeliveryTicket], record: _Recorder) -> None:
+def _send_tickets(settings: Settings, store: BlobStore, tickets: list[api.DeliveryTicket],
+                  record: _Recorder) -> None:
     by_destination: dict[str, list[api.DeliveryTicket]] = defaultdict(list)
     for ticket in tickets:
         by_destination[ticket.destination].append(ticket)
@@ -110,7 +113,8 @@ def _send_tickets(settings: Settings, tickets: list[api.DeliveryTicket], record:
             for ticket in group:
                 record(ticket, (None, f"destination {name!r} is no longer configured"))
         else:
-            _send_group(settings, config, group, record)
+            with Scratch(settings.storage_dir, "delivery") as scratch:
+                _send_group(settings, config, store, scratch, group, record)
 
 
 def _outcome(status: int | None) -> Outcome:
@@ -122,10 +126,19 @@ def _outcome(status: int | None) -> Outcome:
 def _send_group(
     settings: Settings,
     destination: DestinationConfig,
+    store: BlobStore,
+    scratch: Scratch,
     group: list[api.DeliveryTicket],
     record: Callable[[api.DeliveryTicket, Outcome], None],
 ) -> None:
-    by_path = {settings.storage_dir / t.path: t for t in group}
+    try:
+        # The files as the backend keeps them (a local copy of a result another machine stored).
+        by_path = dict(zip(store.local_paths([t.path for t in group], scratch), group, strict=True))
+    except TransientError as exc:
+        log.warning("result objects unreadable", extra={"destination": destination.name, "error": str(exc)})
+        for ticket in group:
+            record(ticket, (None, str(exc)))
+        return
     paths = list(by_path)
     timeout = settings.delivery.timeout_s
 

@@ -43,7 +43,9 @@ makes its bytes and its row durable (a restart replays the journal), its file is
 under its recorded path, and then its database row is committed without a sync of its
 own (group commit across associations). The row is committed only after the file is in
 place and the journal entry is on disk, so the scheduler and the workers never see a
-row without its bytes. A bad instance never ends the association. Only its identity
+row without its bytes. With storage_backend = "postgresql" (daemon/blobstore.py) no file
+is written: the instance's bytes are committed in the transaction of its row, and the
+journal checkpoint then has only the database to flush. A bad instance never ends the association. Only its identity
 (UIDs, SOP class) can refuse an instance: any other recorded header value that does not
 decode or fit its VR is left out of the row, and text is cut to its column (build_record).
 
@@ -279,6 +281,9 @@ class ReceiverConfig:
     # Listen for plain DICOM on `port`; False with `tls` set means TLS only.
     plain: bool = _default(ReceiverSection, "plain_dicom")
     tls: TlsServerConfig | None = None
+    # storage_backend = "postgresql": each instance's bytes are committed with its row
+    # (daemon/blobstore.py) and no instance file is written; storage_dir keeps the journal.
+    blobs_in_database: bool = False
 
 
 def receiver_options(section: Any) -> dict[str, Any]:
@@ -312,10 +317,12 @@ class StoreDeps:
     # SQLite has one writer at a time and its busy handler sleeps in growing steps
     # (up to 100 ms); queueing our own threads on a lock hands over at once instead.
     write_lock: threading.Lock | None = None
-    group_commit: GroupCommit | None = None
+    group_commit: GroupCommit[tuple[InstanceRecord, bytes | None]] | None = None
     stats: ReceiverStats = field(default_factory=ReceiverStats)
     # Durable stores: instances are made durable here first; files and rows follow unsynced.
     journal: IngestJournal | None = None
+    # The bytes go into the database with the row (storage_backend = "postgresql"), not into a file.
+    blobs_in_database: bool = False
     refusals: RefusalLog | None = None
     guard: ConnectionGuard | None = None
     # Set when the Called AE Title must be ours.
@@ -416,7 +423,9 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
                      called_ae_title=config.ae_title.strip() if config.check_called_ae_title else None,
                      caller_certificates=frozenset(
                          (ae.strip(), cn) for ae, cn in (config.tls.caller_certificates if config.tls else ())),
-                     network_timeout_s=config.network_timeout_s)
+                     network_timeout_s=config.network_timeout_s, blobs_in_database=config.blobs_in_database)
+    if config.blobs_in_database and _is_sqlite(session_factory):
+        raise ValueError("ReceiverConfig: instance bytes in the database need PostgreSQL")
     if config.durable:
         # Before listening, and so before serve starts the scheduler and workers: a row
         # whose file a crash lost gets its bytes back before anything reads it.
@@ -429,8 +438,8 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
         deps.stats.journal_syncs = lambda: journal.syncs
     # Concurrent associations share one transaction, so one database commit, per batch.
     deps.group_commit = GroupCommit(
-        commit=lambda records: _record_batch(deps, records),
-        commit_one=lambda record: _record_one(deps, record),
+        commit=lambda items: _record_batch(deps, items),
+        commit_one=lambda item: _record_one(deps, item),
     )
     deps.refusals = RefusalLog(
         lambda calling_ae, reason, status: _record_rejection(deps, calling_ae, reason, status, None),
@@ -465,7 +474,8 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
     receiver = Receiver(ae, servers, deps.stats, deps.refusals, deps.guard, deps.journal)
     logger.info("receiver listening", extra={"action": "receiver_start", "ae_title": config.ae_title,
                                              "port": receiver.port, "tls_port": receiver.tls_port,
-                                             "storage_dir": str(store.root)})
+                                             "storage_dir": str(store.root),
+                                             "instance_bytes": "database" if config.blobs_in_database else "files"})
     return receiver
 
 
@@ -582,10 +592,10 @@ def handle_store(event: Event, deps: StoreDeps) -> Dataset | int:
         written = time.perf_counter()
         stats.add_stage("write", written - decoded)
         try:
-            _stored(record, stored, _record_stage(deps, record))
+            _stored(record, _record_stage(deps, record, part10 if deps.blobs_in_database else None))
         finally:
             if entry is not None and deps.journal is not None:
-                deps.journal.settle(entry, stored.path)  # its segment may go at the next checkpoint
+                deps.journal.settle(entry, stored)  # its segment may go at the next checkpoint
         stats.add_stage("record", time.perf_counter() - written)
     except _Refused as refused:
         stats.add_refused(refused.status)
@@ -594,14 +604,14 @@ def handle_store(event: Event, deps: StoreDeps) -> Dataset | int:
     return int(StoreStatus.SUCCESS)  # a bare status skips encoding a response data set
 
 
-def _stored(record: InstanceRecord, stored: StoredInstance, outcome: RecordOutcome) -> None:
+def _stored(record: InstanceRecord, outcome: RecordOutcome) -> None:
     if outcome.study_reopened:
         logger.info("late instance reopened a complete study", extra={
             "action": "study_reopened", "study_instance_uid": record.study_instance_uid})
     logger.debug("instance stored", extra={
         "action": "instance_stored", "sop_instance_uid": record.sop_instance_uid,
         "study_instance_uid": record.study_instance_uid, "new_row": outcome.created,
-        "study_reopened": outcome.study_reopened, "size_bytes": stored.size_bytes})
+        "study_reopened": outcome.study_reopened, "size_bytes": record.size_bytes})
 
 
 class _Refused(Exception):
@@ -647,26 +657,30 @@ def _identify_stage(event: Event, header: Dataset, store: InstanceStore, *, size
 
 
 def _write_stage(deps: StoreDeps, record: InstanceRecord,
-                 part10: bytes) -> tuple[StoredInstance, JournalEntry | None]:
-    """The durable instance and its file; 0xA700 below the disk watermark (nothing written),
-    0xA701 on I/O errors. With the journal: the entry is appended, the file written while
-    the journal syncs, and this returns once the entry is durable (the caller settles it)."""
+                 part10: bytes) -> tuple[Path | None, JournalEntry | None]:
+    """The durable instance and its file (None when the bytes go into the database with the
+    row); 0xA700 below the disk watermark (nothing written), 0xA701 on I/O errors. With the
+    journal: the entry is appended, the file written while the journal syncs, and this
+    returns once the entry is durable (the caller settles it)."""
     store, journal = deps.store, deps.journal
     try:
         if journal is None:
+            if deps.blobs_in_database:
+                return None, None
             return store.write(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid,
-                               part10), None
-        store.check_space(2 * len(part10))  # the journal's copy and the file
+                               part10).path, None
+        store.check_space(len(part10) * (1 if deps.blobs_in_database else 2))  # the journal's copy (and the file)
         entry = journal.append(record, part10)
         stored: StoredInstance | None = None
         try:
-            stored = store.write(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid,
-                                 part10, sync=False, space_checked=True)
+            if not deps.blobs_in_database:
+                stored = store.write(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid,
+                                     part10, sync=False, space_checked=True)
             journal.wait_durable(entry)
         except BaseException:
             journal.settle(entry, stored.path if stored is not None else None)
             raise
-        return stored, entry
+        return (stored.path if stored is not None else None), entry
     except StorageFull as exc:
         raise _Refused(StoreStatus.OUT_OF_RESOURCES, str(exc), record.sop_instance_uid) from exc
     except OSError as exc:
@@ -676,10 +690,11 @@ def _write_stage(deps: StoreDeps, record: InstanceRecord,
                        record.sop_instance_uid, logged=True) from exc
 
 
-def _record_stage(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
-    """The committed DB row; 0xA701 if it cannot be committed (the file stays; a re-send fixes it)."""
+def _record_stage(deps: StoreDeps, record: InstanceRecord, payload: bytes | None) -> RecordOutcome:
+    """The committed DB row (with the instance's bytes when `payload` is given); 0xA701 if it
+    cannot be committed (the file stays; a re-send fixes it)."""
     try:
-        outcome = _record_instance(deps, record)
+        outcome = _record_instance(deps, record, payload)
     except Exception as exc:
         logger.exception("C-STORE database record failed",
                          extra={"action": "store_failed", "sop_instance_uid": record.sop_instance_uid})
@@ -734,57 +749,75 @@ def _record_rejection(deps: StoreDeps, calling_ae: str | None, reason: str, stat
                                                                 "sop_instance_uid": sop_uid})
 
 
-def _record_instance(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
+def _record_instance(deps: StoreDeps, record: InstanceRecord, payload: bytes | None = None) -> RecordOutcome:
     if deps.group_commit is None:
-        return _record_one(deps, record)
-    return deps.group_commit.submit(record)
+        return _record_one(deps, (record, payload))
+    return deps.group_commit.submit((record, payload))
 
 
-def _record_batch(deps: StoreDeps, records: list[InstanceRecord]) -> list[RecordOutcome]:
-    """Commit several instances' rows in one transaction (db.api.record_instances); the
-    commit does not wait for the disk when the journal already holds them durably."""
-    if len(records) == 1:
-        return [_record_one(deps, records[0])]
+def _record_batch(deps: StoreDeps, items: list[tuple[InstanceRecord, bytes | None]]) -> list[RecordOutcome]:
+    """Commit several instances' rows (and bytes) in one transaction (db.api.record_instances);
+    the commit does not wait for the disk when the journal already holds them durably."""
+    if len(items) == 1:
+        return [_record_one(deps, items[0])]
     durable = deps.journal is None
-    outcomes = list(_with_db_retry(deps, lambda session: db_api.record_instances(session, records,
-                                                                                  durable=durable)))
+    records = [record for record, _ in items]
+    payloads = _payloads(items)
+    outcomes = list(_with_db_retry(deps, lambda session: db_api.record_instances(
+        session, records, durable=durable, payloads=payloads)))
     deps.stats.add_row_commit()
     return outcomes
 
 
-def _record_one(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
+def _record_one(deps: StoreDeps, item: tuple[InstanceRecord, bytes | None]) -> RecordOutcome:
     durable = deps.journal is None
-    outcome: RecordOutcome = _with_db_retry(deps, lambda session: db_api.record_instance(session, record,
-                                                                                          durable=durable))
+    record, payload = item
+    outcome: RecordOutcome = _with_db_retry(deps, lambda session: db_api.record_instance(
+        session, record, durable=durable, payload=payload))
     deps.stats.add_row_commit()
     return outcome
 
 
+def _payloads(items: list[tuple[InstanceRecord, bytes | None]]) -> list[bytes] | None:
+    """The instances' bytes when they go into the database, else None."""
+    payloads = [payload for _, payload in items if payload is not None]
+    if not payloads:
+        return None
+    if len(payloads) != len(items):
+        raise ValueError("instances with and without their bytes in one batch")
+    return payloads
+
+
 def _replay(deps: StoreDeps, entries: list[tuple[InstanceRecord, bytes]]) -> None:
-    """Recovery (daemon.ingest_journal.recover): each file written and fsynced, then the rows
-    recorded with a durable commit, in journal order. A row that cannot be recorded even on
-    its own is logged and left out (its instance was refused when it arrived, never acknowledged)."""
-    for record, data in entries:
-        # The same path build_record recorded (both come from InstanceStore.relative_path).
-        deps.store.write(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid,
-                         data, sync=True, space_checked=True)
+    """Recovery (daemon.ingest_journal.recover): each file written and fsynced (or, with
+    the bytes in the database, stored with its row), then the rows recorded with a durable
+    commit, in journal order. A row that cannot be recorded even on its own is logged and
+    left out (its instance was refused when it arrived, never acknowledged)."""
+    in_database = deps.blobs_in_database
+    if not in_database:
+        for record, data in entries:
+            # The same path build_record recorded (both come from InstanceStore.relative_path).
+            deps.store.write(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid,
+                             data, sync=True, space_checked=True)
     records = [record for record, _ in entries]
+    payloads = [data for _, data in entries] if in_database else None
     try:
-        _with_db_retry(deps, lambda session: db_api.record_instances(session, records))
+        _with_db_retry(deps, lambda session: db_api.record_instances(session, records, payloads=payloads))
         return
     except Exception:
         logger.warning("journal replay: batch not recorded; recording rows one by one",
                        extra={"action": "journal_replay_fallback", "rows": len(records)}, exc_info=True)
-    for record in records:
+    for record, data in entries:
         try:
-            _replay_one(deps, record)
+            _replay_one(deps, record, data if in_database else None)
         except Exception:
             logger.exception("journal replay: row not recorded", extra={
                 "action": "journal_replay_failed", "sop_instance_uid": record.sop_instance_uid})
 
 
-def _replay_one(deps: StoreDeps, record: InstanceRecord) -> RecordOutcome:
-    outcome: RecordOutcome = _with_db_retry(deps, lambda session: db_api.record_instance(session, record))
+def _replay_one(deps: StoreDeps, record: InstanceRecord, payload: bytes | None) -> RecordOutcome:
+    outcome: RecordOutcome = _with_db_retry(deps, lambda session: db_api.record_instance(session, record,
+                                                                                          payload=payload))
     return outcome
 
 

@@ -7,13 +7,13 @@ directly from tests and from the CLI; the scheduler only times them.
 from __future__ import annotations
 
 import logging
-import shutil
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.blobstore import open_store
 from daemon.bundle import load_bundle
 from daemon.config import Settings
 from daemon.delivery import deliver_due
@@ -87,10 +87,9 @@ def sweep_retention(settings: Settings, sessions: sessionmaker[Session]) -> int:
     cutoff = datetime.now(UTC) - timedelta(days=settings.retention_days)
     with sessions() as session:
         candidates = api.retention_candidates(session, cutoff)
+    store = open_store(settings, sessions)
     for study_id, study_uid in candidates:
-        shutil.rmtree(settings.storage_dir / study_uid, ignore_errors=True)
-        with sessions() as session:
-            api.mark_purged(session, study_id)
+        store.purge_study(study_id, study_uid)
     if candidates:
         log.info("retention purge", extra={"action": "purge", "count": len(candidates)})
     return len(candidates)
@@ -103,7 +102,9 @@ def sweep_storage(settings: Settings, sessions: sessionmaker[Session]) -> Debris
         with sessions() as session:
             return api.recorded_instance_paths(session, paths)
 
-    return sweep_debris(settings.storage_dir, recorded)
+    count = sweep_debris(settings.storage_dir, recorded)
+    open_store(settings, sessions).sweep()  # scratch folders; orphaned bytes in the database
+    return count
 
 
 def start_scheduler(settings: Settings, sessions: sessionmaker[Session],

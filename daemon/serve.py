@@ -45,6 +45,7 @@ def receiver_config(settings: Settings) -> ReceiverConfig:
         allow_any_caller=settings.allow_any_caller,
         storage_dir=settings.storage_dir,
         disk_min_free_mb=settings.disk_min_free_mb,
+        blobs_in_database=settings.storage_backend == "postgresql",
         **receiver_options(settings.receiver),
     )
 

@@ -22,6 +22,7 @@ listing the old result's instances, for the destinations with `iocm_rejection` o
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import logging
 import os
@@ -38,6 +39,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from daemon.blobstore import Scratch, open_store, result_prefix, sweep_scratch
 from daemon.bundle import load_bundle
 from daemon.config import Settings
 from daemon.delivery import deliver_due
@@ -100,6 +102,10 @@ class Worker:
         self.stopping = threading.Event()
         self._configured: list[BundleRef] | None = None
         self._shadow_work: ShadowWork | None = None
+        self.store = open_store(settings, sessions)
+        # This job's local copies (postgresql backend); removed when the job is done.
+        self._scratch: Scratch | None = None
+        self._study: tuple[int, StudyFiles] | None = None
 
     def _site_reference(self, name: str, version: str, scoring: str, grouping: str, station: str):
         """The active site reference for a bundle manifest and scanner group (read per job,
@@ -161,13 +167,18 @@ class Worker:
             ticket = api.claim_job(session, self.worker_id, self.settings.lease_s, datetime.now(UTC))
         if ticket is None:
             return False
-        result_id = self._process(ticket)
-        shadows, self._shadow_work = self._shadow_work, None
-        if result_id is not None:
-            # The job is recorded and no longer leased, so a slow PACS cannot pass for a lost lease.
-            deliver_due(self.sessions, self.settings, result_id=result_id)
-            if shadows is not None:
-                self._run_shadows(shadows, result_id)
+        self._scratch = Scratch(self.settings.storage_dir, f"job-{ticket.job_id}")
+        try:
+            result_id = self._process(ticket)
+            shadows, self._shadow_work = self._shadow_work, None
+            if result_id is not None:
+                # The job is recorded and no longer leased, so a slow PACS cannot pass for a lost lease.
+                deliver_due(self.sessions, self.settings, result_id=result_id)
+                if shadows is not None:
+                    self._run_shadows(shadows, result_id)
+        finally:
+            self._scratch.close()
+            self._scratch, self._study = None, None
         return_freed_memory()
         return True
 
@@ -276,9 +287,18 @@ class Worker:
         assert outcome is not None  # _run returns an outcome or a failure
         destinations = [d.name for d in self.settings.destinations]
         rejection = self._rejection_note(ticket, runner, outcome, extra)
+        try:
+            # The postgresql backend: the result objects' bytes go with the result's rows.
+            outcome, notes, blobs = self.store.keep_results(outcome, self._result_prefix(ticket),
+                                                            [rejection.object] if rejection is not None else [])
+        except TransientError as exc:
+            self._fail(ticket, failure_reason(exc), True, policy)
+            return None
+        if rejection is not None:
+            rejection = dataclasses.replace(rejection, object=notes[0])
         with self.sessions() as session:
             result_id = api.finish_job(session, ticket.job_id, self.worker_id, outcome, destinations, datetime.now(UTC),
-                                       rejection=rejection)
+                                       rejection=rejection, blobs=blobs)
         if result_id is None:
             log.warning("lease lost before finishing; result discarded", extra=extra)
             return None
@@ -301,7 +321,8 @@ class Worker:
         if not objects or not any(d in result.destinations for result in current for d in wanted):
             return None
         try:
-            note = rejection_note([self._abs(o.path) for o in objects], runner, self._output_dir(ticket))
+            files = self.store.local_paths([o.path for o in objects], self._job_scratch())
+            note = rejection_note(files, runner, self._output_dir(ticket))
         except Exception as exc:
             log.error("rejection note not built; the superseded result stays in view",
                       extra={**extra, "action": "rejection_note_failed", "error": failure_reason(exc),
@@ -312,16 +333,33 @@ class Worker:
                                                 "rejects_result_ids": list(rejected), "instances": len(objects)})
         return api.RejectionNote(note, rejected, tuple(wanted))
 
+    def _result_prefix(self, ticket: api.JobTicket) -> str:
+        return result_prefix(ticket.study_instance_uid, ticket.job_id, ticket.attempt)
+
     def _output_dir(self, ticket: api.JobTicket) -> Path:
-        return self.settings.results_dir / ticket.study_instance_uid / f"job-{ticket.job_id}-attempt-{ticket.attempt}"
+        """Where the pipeline writes the result files: results_dir with the filesystem backend,
+        the job's scratch folder with the postgresql one."""
+        return self.store.result_folder(self._result_prefix(ticket), self._job_scratch())
+
+    def _job_scratch(self) -> Scratch:
+        if self._scratch is None:  # a caller outside run_one (tests): removed with the process
+            self._scratch = Scratch(self.settings.storage_dir, "job")
+        return self._scratch
 
     def _study_files(self, ticket: api.JobTicket) -> StudyFiles:
+        """The study's instances as local files (copied into the job's scratch folder once per
+        job with the postgresql backend; TransientError when bytes are missing)."""
+        if self._study is not None and self._study[0] == ticket.job_id:
+            return self._study[1]
         with self.sessions() as session:
             series = api.study_instances(session, ticket.study_id)
-        return StudyFiles(
+        scratch = self._job_scratch()
+        study = StudyFiles(
             ticket.study_instance_uid,
-            {uid: [self._abs(path) for path, _ in items] for uid, items in series.items()},
+            {uid: self.store.local_paths([path for path, _ in items], scratch) for uid, items in series.items()},
         )
+        self._study = (ticket.job_id, study)
+        return study
 
     def _run(
         self, ticket: api.JobTicket, runner: BundleRunner, extra: dict, shared: SharedStages | None = None,
@@ -375,9 +413,6 @@ class Worker:
         with self.sessions() as session:
             api.fail_job(session, ticket.job_id, self.worker_id, reason, retryable=retryable,
                          now=datetime.now(UTC), policy=policy)
-
-    def _abs(self, path: str) -> Path:
-        return self.settings.storage_dir / path
 
 
 def release_template_sources() -> None:
@@ -471,6 +506,7 @@ def worker_process_main(settings: Settings, worker_index: int, wake: Waitable | 
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
     try:
+        sweep_scratch(settings.storage_dir)  # what a crashed job left in this machine's scratch
         worker.warm_up()
         worker.run_forever(wake=wake)
     finally:

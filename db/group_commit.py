@@ -1,21 +1,27 @@
 """Group commit for rows arriving on concurrent threads (the receiver's associations):
-one transaction, so one fsync of the database journal, per batch."""
+one transaction, so one fsync of the database journal, per batch. An item is whatever
+the commit callbacks take: an InstanceRecord, or a record with its bytes (the
+PostgreSQL storage backend)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
-from db.types import InstanceRecord, RecordOutcome
+from db.types import RecordOutcome
 
 logger = logging.getLogger(__name__)
 
 
-class _Pending:
+Item = TypeVar("Item")
+
+
+class _Pending(Generic[Item]):
     __slots__ = ("record", "wake", "outcome", "error", "lead")
 
-    def __init__(self, record: InstanceRecord) -> None:
+    def __init__(self, record: Item) -> None:
         self.record = record
         self.wake = threading.Event()  # set when the row is settled or this waiter must lead
         self.outcome: RecordOutcome | None = None
@@ -30,7 +36,7 @@ class _Pending:
         return self.outcome
 
 
-class GroupCommit:
+class GroupCommit(Generic[Item]):
     """Group commit for instance rows arriving on concurrent associations.
 
     Each handler submits its row and blocks until that row is committed. The first
@@ -41,16 +47,16 @@ class GroupCommit:
     batch is retried row by row, so one bad row fails only its own C-STORE.
     """
 
-    def __init__(self, commit: Callable[[list[InstanceRecord]], list[RecordOutcome]],
-                 commit_one: Callable[[InstanceRecord], RecordOutcome], max_batch: int = 32) -> None:
+    def __init__(self, commit: Callable[[list[Item]], list[RecordOutcome]],
+                 commit_one: Callable[[Item], RecordOutcome], max_batch: int = 32) -> None:
         self._commit = commit
         self._commit_one = commit_one
         self._max_batch = max_batch
         self._lock = threading.Lock()
-        self._queue: list[_Pending] = []
+        self._queue: list[_Pending[Item]] = []
         self._leading = False
 
-    def submit(self, record: InstanceRecord) -> RecordOutcome:
+    def submit(self, record: Item) -> RecordOutcome:
         pending = _Pending(record)
         with self._lock:
             self._queue.append(pending)
@@ -79,7 +85,7 @@ class GroupCommit:
                 else:
                     self._leading = False
 
-    def _settle(self, batch: list[_Pending]) -> None:
+    def _settle(self, batch: list[_Pending[Item]]) -> None:
         try:
             outcomes = self._commit([p.record for p in batch])
         except Exception:
@@ -95,7 +101,7 @@ class GroupCommit:
             pending.outcome = outcome
             pending.wake.set()
 
-    def _settle_one(self, pending: _Pending) -> None:
+    def _settle_one(self, pending: _Pending[Item]) -> None:
         try:
             pending.outcome = self._commit_one(pending.record)
         except BaseException as exc:  # handed to the submitting handler, which answers 0xA701

@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
+from db import blobs
 from db.engine import write_transaction
 from db.models import Delivery, Instance, Job, Result, ResultObject, Series, Study
 from db.states import DeliveryState, JobState, StudyState
@@ -79,16 +80,20 @@ def retention_candidates(session: Session, older_than: datetime) -> list[tuple[i
     return [(study_id, uid) for study_id, uid in rows]
 
 
-def mark_purged(session: Session, study_id: int, actor: str = SYSTEM_ACTOR, now: datetime | None = None) -> int:
+def mark_purged(session: Session, study_id: int, actor: str = SYSTEM_ACTOR, now: datetime | None = None, *,
+                with_blobs: bool = False) -> int:
     """Delete the study's instance rows, keeping study, results and audit (commits, audited).
 
-    The caller deletes the files. Returns the number of instance rows deleted.
+    The caller deletes the files; `with_blobs` (the PostgreSQL storage backend) deletes the
+    instances' bytes in this transaction (db.blobs). Returns the number of instance rows deleted.
     """
     now = clock(now)
     with write_transaction(session):
         study = session.execute(locked(select(Study).where(Study.id == study_id))).scalar_one_or_none()
         if study is None:
             raise StudyNotFound(f"no study with id {study_id}")
+        if with_blobs:
+            blobs.delete_study_instances(session, study.study_instance_uid)
         series_ids = select(Series.id).where(Series.study_id == study_id).scalar_subquery()
         deleted = execute_counted(session, delete(Instance).where(Instance.series_id.in_(series_ids)))
         session.execute(update(Series).where(Series.study_id == study_id).values(instance_count=0))

@@ -33,6 +33,7 @@ from sqlalchemy import String, Table, bindparam, case, exists, func, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from db import blobs
 from db.engine import begin_write, write_transaction
 from db.models import IngestRejection, Instance, ResultObject, Series, Study, UTCDateTime
 from db.states import StudyState
@@ -159,7 +160,7 @@ class _Batch:
 
 
 def record_instance(session: Session, rec: InstanceRecord, now: datetime | None = None, *,
-                    durable: bool = True) -> RecordOutcome:
+                    durable: bool = True, payload: bytes | None = None) -> RecordOutcome:
     """Store one received instance (commits). Idempotent on SOP Instance UID.
 
     A new instance in a complete study reopens it (generation + 1) unless the
@@ -167,23 +168,30 @@ def record_instance(session: Session, rec: InstanceRecord, now: datetime | None 
     A duplicate in the same series only refreshes path and size; one sent under
     another series or study is moved there (see the module docstring).
     """
-    return record_instances(session, [rec], now, durable=durable)[0]
+    return record_instances(session, [rec], now, durable=durable,
+                            payloads=None if payload is None else [payload])[0]
 
 
 def record_instances(
-    session: Session, records: Sequence[InstanceRecord], now: datetime | None = None, *, durable: bool = True
+    session: Session, records: Sequence[InstanceRecord], now: datetime | None = None, *, durable: bool = True,
+    payloads: Sequence[bytes] | None = None,
 ) -> list[RecordOutcome]:
     """Store many received instances in ONE transaction (commits); outcomes in order.
 
     Each instance gets exactly the semantics of `record_instance`; the commit (and
     so the journal fsync) is shared. If any row fails, nothing is committed.
     `durable=False`: the commit does not wait for the disk (see the module docstring).
+    `payloads` (the PostgreSQL storage backend): each instance's bytes, stored under its
+    path in the same transaction (db.blobs), so no row is ever committed without them.
     """
     batch = _Batch(now=clock(now))
     with write_transaction(session, relaxed=not durable):
         connection = session.connection()
         outcomes = [_record_in_transaction(session, connection, batch, rec) for rec in records]
         _apply_deferred_updates(connection, batch)
+        if payloads is not None:
+            blobs.put(connection, blobs.INSTANCE, [(rec.path, rec.study_instance_uid, data)
+                                                   for rec, data in zip(records, payloads, strict=True)], batch.now)
     for study_uid, generation in batch.reopened:
         logger.info(
             "study reopened by a late arrival",

@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from daemon.privacy import scrub
+from db import blobs as stored_blobs
 from db.engine import begin_write, is_postgres, write_transaction
 from db.models import Delivery, Job, Result, ResultObject, Study
 from db.states import DeliveryState, JobState, ObjectKind
@@ -130,6 +131,7 @@ def finish_job(
     destinations: Sequence[str],
     now: datetime | None = None,
     rejection: RejectionNote | None = None,
+    blobs: Sequence[tuple[str, bytes]] = (),
 ) -> int | None:
     """Record the job's result, its objects and their deliveries; mark the job done.
 
@@ -137,6 +139,8 @@ def finish_job(
     changes and None is returned. One transaction (commits). Returns the result id.
     `rejection` is the IOCM rejection note of the results this one supersedes, if any
     (see RejectionNote); `claim_deliveries` holds it back until it may go out.
+    `blobs` (the PostgreSQL storage backend): the objects' bytes by key, stored in the same
+    transaction (db.blobs), so a fenced-off result leaves none behind.
     """
     now = clock(now)
     begin_write(session)
@@ -157,6 +161,9 @@ def finish_job(
         session.flush()
         _add_objects_and_deliveries(session, result, outcome.objects, destinations, now)
         note = _add_rejection_note(session, result, rejection, superseded, now)
+        if blobs:
+            study_uid = job.study.study_instance_uid
+            stored_blobs.put(session, stored_blobs.RESULT, [(key, study_uid, data) for key, data in blobs], now)
         job.state = JobState.DONE
         job.finished_at = now
         job.lease_expires_at = None

@@ -23,8 +23,8 @@ from db_factories import record, uid
 
 
 def settings_for(storage_dir: Path) -> Any:
-    """sweep_storage reads only storage_dir from the settings."""
-    return SimpleNamespace(storage_dir=storage_dir)
+    """sweep_storage reads only storage_dir and storage_backend from the settings."""
+    return SimpleNamespace(storage_dir=storage_dir, storage_backend="filesystem")
 
 
 def age(path: Path, seconds: float) -> Path:

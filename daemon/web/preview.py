@@ -11,6 +11,8 @@ import pydicom
 from fastapi import HTTPException
 from PIL import Image
 
+from daemon.blobstore import open_store
+from daemon.errors import TransientError
 from daemon.web.context import WebContext
 from db import api
 from db.types import StudyDetail
@@ -45,6 +47,15 @@ def _resolve(ctx: WebContext, stored: str) -> Path:
     return path
 
 
+def _source(ctx: WebContext, stored: str) -> Path | io.BytesIO:
+    """The stored result object: its file, or its bytes from the database (postgresql
+    backend: a result another machine produced is previewed all the same)."""
+    store = open_store(ctx.settings, ctx.sessions)
+    if not store.in_database:
+        return _resolve(ctx, stored)
+    return io.BytesIO(store.read_bytes(stored))
+
+
 def render_png(ctx: WebContext, detail: StudyDetail, sop_uid: str, max_size: int = 512) -> bytes:
     result_ids = {r.result_id for r in detail.results}
     with ctx.db() as session:
@@ -52,11 +63,10 @@ def render_png(ctx: WebContext, detail: StudyDetail, sop_uid: str, max_size: int
                  if o.sop_instance_uid == sop_uid and o.kind == "sc"]
     if not found:
         raise HTTPException(status_code=404, detail="no such preview")
-    path = _resolve(ctx, found[0].path)
     try:
-        dataset = pydicom.dcmread(path)
+        dataset = pydicom.dcmread(_source(ctx, found[0].path))
         pixels = dataset.pixel_array
-    except (OSError, ValueError, AttributeError) as exc:
+    except (OSError, ValueError, AttributeError, TransientError) as exc:
         logger.warning("preview unreadable", extra={"action": "preview_failed", "sop_uid": sop_uid,
                                                     "error": type(exc).__name__})
         raise HTTPException(status_code=404, detail="preview unavailable") from None
