@@ -27,6 +27,8 @@ from daemon.delivery import deliver_due
 from daemon.errors import ConfigError
 from daemon.ingest_journal import IngestJournal
 from daemon.scheduler import sweep_retention, sweep_storage
+from daemon.web.context import WebContext
+from daemon.web.preview import render_png
 from db import api
 from db.engine import make_engine, session_factory
 from db.models import Delivery, Instance, Job, Result, ResultObject, StoredBlob, Study
@@ -176,7 +178,7 @@ def test_an_acknowledged_instance_lost_with_its_row_comes_back_from_the_journal_
     assert _dcm_files(storage) == []
 
 
-def test_a_worker_with_its_own_empty_storage_screens_the_study_and_serve_delivers_its_result(
+def test_a_worker_with_its_own_empty_storage_screens_the_study_and_serve_delivers_and_previews_its_result(
         tmp_path: Path, pg_url: str, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
     files = write_ct_series(tmp_path / "in", SLICES)
     _receive(tmp_path, sessions, files)
@@ -211,6 +213,12 @@ def test_a_worker_with_its_own_empty_storage_screens_the_study_and_serve_deliver
         assert (stats.delivered, stats.failed) == (1, 0)
         assert destination.received == {obj.sop_instance_uid: 1}
         assert _dcm_files(serve.storage_dir) == []  # its delivery copy is gone too
+        # The console on the receiving machine previews it from the database.
+        with sessions() as session:
+            detail = api.get_study(session, _study_uid(sessions))
+        assert detail is not None
+        png = render_png(WebContext(serve, sessions, []), detail, obj.sop_instance_uid)
+        assert png.startswith(b"\x89PNG")
     finally:
         destination.stop()
 

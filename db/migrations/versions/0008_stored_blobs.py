@@ -10,8 +10,8 @@ worker stores its result objects' bytes in the transaction of its result, and ev
 machine reads them from here. The table exists on SQLite too (and stays empty there).
 
 The bytes column is stored EXTERNAL on PostgreSQL: out of line in TOAST, without the
-pglz compression that EXTENDED tries first. DICOM pixel data barely compresses with
-pglz, and trying cost the receiver's commit CPU time (docs/internals.md has the figures).
+compression that EXTENDED applies first. On a 300-slice CT, pglz cut the receiver's rate
+2.7-4 times and lz4 1.7-2.2 times, for a third less space (docs/internals.md has the figures).
 """
 
 from __future__ import annotations
