@@ -444,6 +444,99 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rescreen(args: argparse.Namespace) -> int:
+    """Re-screen a PACS archive's studies of a date range (daemon.rescreen); --list, --resume."""
+    import threading
+
+    from daemon import rescreen
+    from daemon.scheduler import active_bundles, bundle_refs
+    from db import rescreen as runs
+
+    settings = _settings(args)
+    from daemon.logs import setup_logging
+
+    # Warnings only (a line per study would break the bar); pynetdicom's own errors repeat ours.
+    setup_logging(args.log_format or settings.log_format, args.log_level or "WARNING")
+    withhold_values_in_logs()
+    if args.log_level != "DEBUG":
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    if args.list:
+        with _sessions(settings)() as session:
+            listed = runs.list_runs(session)
+        for run in listed:
+            print(_rescreen_line(run))
+        if not listed:
+            print("no rescreen runs")
+        return 0
+    if args.per_hour is not None and args.per_hour <= 0:
+        raise HeadscreenError("--per-hour: a number of studies above 0")
+    if args.max_in_flight < 1:
+        raise HeadscreenError("--max-in-flight: at least 1")
+    if args.resume is None:
+        if not args.source or not args.since:
+            raise HeadscreenError("rescreen needs --from NODE and --since DATE (or --resume ID, --list)")
+        node = rescreen.node_named(settings, args.source)
+        since, until = rescreen.checked_range(args.since, args.until)
+        query = runs.RescreenQuery(node.name, "dicomweb" if node.kind == "stow" else "dimse", since, until,
+                                   args.modality, args.record_only)
+    sessions = _sessions(settings)
+    with sessions() as session:
+        if args.resume is not None:
+            found_run = runs.get_run(session, args.resume)
+            if found_run is None:
+                raise HeadscreenError(f"--resume {args.resume}: no such rescreen run (see --list)")
+            if found_run.state == "finished":
+                print(_rescreen_line(found_run))
+                return 0
+            node = rescreen.node_named(settings, found_run.source)
+            run_id: int | None = found_run.run_id
+        else:
+            run_id = runs.unfinished_run(session, query)
+    source = rescreen.source_for(settings, node)
+    refs = bundle_refs(settings)
+    if run_id is None:
+        found = source.find(query.since, query.until, query.modality)  # an unreachable PACS stops here
+        with sessions() as session:
+            run_id = runs.create_run(session, query, args.per_hour, args.max_in_flight, args.actor)
+            runs.add_found(session, run_id, rescreen.by_date(found))
+        what = f"{query.since}..{query.until}" + (f", {query.modality}" if query.modality else "")
+        print(f"rescreen run #{run_id}: {len(found)} studies found on {node.name} ({what})"
+              + ("; results recorded only" if query.record_only else ""), flush=True)
+    else:
+        with sessions() as session:
+            again = runs.resume_run(session, run_id, args.per_hour, args.max_in_flight, args.actor)
+        print(f"resuming rescreen run #{run_id}" + (f" ({again} cut-short retrieves done again)" if again else ""),
+              flush=True)
+    stop = threading.Event()
+    progress = rescreen.Progress(0, enabled=not args.no_progress)
+    worker = rescreen.Rescreen(settings, sessions, run_id, source, lambda: active_bundles(sessions, refs), stop,
+                               args.per_hour, args.max_in_flight, args.actor, on_progress=progress.show)
+    with rescreen.SignalStop(stop):
+        try:
+            counts = worker.run()
+        finally:
+            progress.close()
+    with sessions() as session:
+        summary = runs.get_run(session, run_id)
+        failed = runs.failed_items(session, run_id, limit=20)
+    if summary is not None:
+        print(_rescreen_line(summary))
+    for study_uid, why in failed:
+        print(f"  failed {study_uid}: {why or '-'}")
+    if stop.is_set():
+        print(f"stopped; resume with: headscreen rescreen --resume {run_id}")
+        return EXIT_INTERRUPTED
+    return EXIT_OK if not counts.get("failed") else EXIT_FAILURE
+
+
+def _rescreen_line(run) -> str:
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(run.counts.items())) or "nothing found"
+    what = f"{run.since}..{run.until}" + (f" {run.modality}" if run.modality else "")
+    return (f"#{run.run_id:<4} {run.state:<8} from {run.source} ({run.source_kind}) {what}"
+            f"{' record-only' if run.record_only else ''}: {run.finished_items}/{run.found} finished ({counts}); "
+            f"started {run.created_at:%Y-%m-%d %H:%M} UTC by {run.created_by}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
@@ -572,6 +665,29 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--reason", help="why it is retired")
     calib.add_argument("--actor", default="cli")
     calib.set_defaults(fn=cmd_calibrate)
+
+    rescreen = commands.add_parser(
+        "rescreen", help="re-screen archived studies of a date range from a PACS, behind live studies",
+        description="Query a PACS node (one of `destinations`: C-FIND, or QIDO-RS for a DICOMweb node) for the "
+                    "studies of a date range, retrieve each (C-MOVE to our AE title, or WADO-RS) and screen it "
+                    "with the active bundle, behind live studies. Studies already screened by the same bundle are "
+                    "skipped. Ctrl-C or SIGTERM stops; the same command (or --resume ID) carries on. "
+                    "`headscreen serve` (receiver and workers) must be running.")
+    rescreen.add_argument("--from", dest="source", metavar="NODE", help="the PACS: a destination's name")
+    rescreen.add_argument("--since", metavar="DATE", help="first study date, YYYY-MM-DD")
+    rescreen.add_argument("--until", metavar="DATE", help="last study date, YYYY-MM-DD (default: today)")
+    rescreen.add_argument("--modality", choices=("CT", "MR"), help="only studies with this modality")
+    rescreen.add_argument("--record-only", action="store_true",
+                          help="record the results only: nothing is sent to any destination")
+    rescreen.add_argument("--per-hour", type=float, metavar="N",
+                          help="start at most N retrieves an hour (default: no limit)")
+    rescreen.add_argument("--max-in-flight", type=int, default=4, metavar="N",
+                          help="studies retrieved but not yet screened, at most (default 4)")
+    rescreen.add_argument("--resume", type=int, metavar="ID", help="carry on a stopped run")
+    rescreen.add_argument("--list", action="store_true", help="list rescreen runs and their progress")
+    rescreen.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on a terminal only)")
+    rescreen.add_argument("--actor", default="cli")
+    rescreen.set_defaults(fn=cmd_rescreen)
 
     demo = commands.add_parser("demo", help="end-to-end demonstration with a local PACS")
     demo.add_argument("--work", default="demo-out")

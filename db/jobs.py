@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from daemon.privacy import scrub
 from db import blobs as stored_blobs
 from db.engine import begin_write, is_postgres, write_transaction
-from db.models import Delivery, Job, Result, ResultObject, Study
+from db.models import Delivery, Job, RescreenRun, Result, ResultObject, Study
 from db.states import DeliveryState, JobState, ObjectKind
 from db.txn import SYSTEM_ACTOR, add_audit, clock, end_read, execute_counted, locked
 from db.types import CurrentResult, JobOutcome, JobTicket, OutputObject, RejectionNote, RetryPolicy
@@ -22,14 +22,15 @@ logger = logging.getLogger(__name__)
 
 
 def claim_job(session: Session, worker_id: str, lease_s: float, now: datetime | None = None) -> JobTicket | None:
-    """Claim the oldest available queued job under a lease (commits); None when idle."""
+    """Claim an available queued job under a lease (commits); None when idle. The most
+    urgent first (lowest `priority`: live studies before archive re-screening), then the oldest."""
     now = clock(now)
     begin_write(session)
     try:
         candidate = (
             select(Job.id)
             .where(Job.state == JobState.QUEUED, Job.available_at <= now)
-            .order_by(Job.available_at, Job.id)
+            .order_by(Job.priority, Job.available_at, Job.id)
             .limit(1)
         )
         if is_postgres(session):
@@ -154,6 +155,9 @@ def finish_job(
                 extra={"action": "finish_fenced", "job_id": job_id, "worker_id": worker_id},
             )
             return None
+        if job.rescreen_run_id is not None and session.execute(
+                select(RescreenRun.record_only).where(RescreenRun.id == job.rescreen_run_id)).scalar_one():
+            destinations, rejection = [], None  # `rescreen --record-only`: stored, never sent
         superseded = _supersede_previous_results(session, job)
         previous = superseded[0] if superseded else None
         result = _new_result(job, outcome, now, previous)

@@ -152,9 +152,14 @@ class IngestRejection(Base):
     reason: Mapped[str] = mapped_column(sa.Text)
 
 
+# Job priorities: lower is claimed first. Live studies come before archive re-screening.
+LIVE_PRIORITY = 0
+RESCREEN_PRIORITY = 100
+
+
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (sa.Index("ix_jobs_claim", "state", "available_at"),)
+    __table_args__ = (sa.Index("ix_jobs_claim", "state", "priority", "available_at"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(sa.ForeignKey("studies.id"), index=True)
@@ -172,8 +177,72 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(sa.Text)
+    priority: Mapped[int] = mapped_column(default=LIVE_PRIORITY, server_default=sa.text("0"))
+    # Set when the job screens a study retrieved by `headscreen rescreen` (its run decides delivery).
+    rescreen_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("rescreen_runs.id"))
 
     study: Mapped[Study] = relationship(back_populates="jobs")
+
+
+class RescreenRunState(StrEnum):
+    RUNNING = "running"  # a `headscreen rescreen` process works on it (or was killed: resume it)
+    STOPPED = "stopped"  # stopped by Ctrl-C / SIGTERM; resumable
+    FINISHED = "finished"  # every study skipped, screened or failed
+
+
+class RescreenItemState(StrEnum):
+    PENDING = "pending"  # found by the query, not retrieved yet
+    RETRIEVING = "retrieving"  # C-MOVE / WADO-RS under way (or cut short: retrieved again on resume)
+    QUEUED = "queued"  # retrieved (or already here) and its jobs queued at RESCREEN_PRIORITY
+    DONE = "done"  # its jobs finished: results recorded
+    SKIPPED = "skipped"  # already screened by the same bundle (name, version, manifest sha256)
+    FAILED = "failed"  # the retrieve or a job failed; `detail` says why
+
+
+class RescreenRun(Base):
+    """One archive re-screening (`headscreen rescreen`): its query and how it is run."""
+
+    __tablename__ = "rescreen_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source: Mapped[str] = mapped_column(sa.String(64))  # the node's name in `destinations`
+    source_kind: Mapped[str] = mapped_column(sa.String(16))  # "dimse" or "dicomweb"
+    since: Mapped[str] = mapped_column(sa.String(8))  # StudyDate range, YYYYMMDD, inclusive
+    until: Mapped[str] = mapped_column(sa.String(8))
+    modality: Mapped[str | None] = mapped_column(sa.String(16))
+    record_only: Mapped[bool] = mapped_column(default=False)
+    per_hour: Mapped[float | None] = mapped_column(sa.Float)  # retrieves started per hour; None: no limit
+    max_in_flight: Mapped[int]  # studies retrieved but not yet screened, at most
+    state: Mapped[RescreenRunState] = mapped_column(state_enum(RescreenRunState, "rescreen_run_state"))
+    created_by: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+    items: Mapped[list[RescreenItem]] = relationship(back_populates="run")
+
+
+class RescreenItem(Base):
+    """One study a re-screening run found, and how far it got."""
+
+    __tablename__ = "rescreen_items"
+    __table_args__ = (
+        sa.UniqueConstraint("run_id", "study_instance_uid"),
+        # The sweep asks whether a study it completes was retrieved by a run.
+        sa.Index("ix_rescreen_items_study", "study_instance_uid", "state"),
+        sa.Index("ix_rescreen_items_run_state", "run_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("rescreen_runs.id"))
+    study_instance_uid: Mapped[str] = mapped_column(sa.String(64))
+    modalities: Mapped[str | None] = mapped_column(sa.String(64))  # ModalitiesInStudy, backslash-separated
+    study_date: Mapped[str | None] = mapped_column(sa.String(8))
+    state: Mapped[RescreenItemState] = mapped_column(state_enum(RescreenItemState, "rescreen_item_state"))
+    detail: Mapped[str | None] = mapped_column(sa.Text)
+    updated_at: Mapped[datetime]
+
+    run: Mapped[RescreenRun] = relationship(back_populates="items")
 
 
 class Result(Base):

@@ -12,7 +12,16 @@ from sqlalchemy.orm import Session
 
 from db.completeness import InstanceFacts, study_wholeness
 from db.engine import begin_write
-from db.models import Instance, Job, Series, Study
+from db.models import (
+    LIVE_PRIORITY,
+    RESCREEN_PRIORITY,
+    Instance,
+    Job,
+    RescreenItem,
+    RescreenItemState,
+    Series,
+    Study,
+)
 from db.states import JobState, StudyState
 from db.txn import (
     ACTIVE_JOB_STATES,
@@ -173,6 +182,7 @@ def enqueue_jobs(
             },
         )
         return []
+    run_id = rescreen_run_of(session, study.study_instance_uid)
     jobs = [
         Job(
             study_id=study.id,
@@ -184,9 +194,23 @@ def enqueue_jobs(
             max_attempts=max_attempts,
             created_at=now,
             available_at=now,
+            priority=LIVE_PRIORITY if run_id is None else RESCREEN_PRIORITY,
+            rescreen_run_id=run_id,
         )
         for bundle in matching
     ]
     session.add_all(jobs)
     session.flush()
     return [job.id for job in jobs]
+
+
+def rescreen_run_of(session: Session, study_uid: str) -> int | None:
+    """The re-screening run that is retrieving or has queued this study, if any: its jobs
+    then wait behind live studies (and the run decides whether results are sent)."""
+    return session.execute(
+        select(RescreenItem.run_id)
+        .where(RescreenItem.study_instance_uid == study_uid,
+               RescreenItem.state.in_((RescreenItemState.RETRIEVING, RescreenItemState.QUEUED)))
+        .order_by(RescreenItem.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()

@@ -21,6 +21,7 @@ from daemon.web.filters import StudyQuery, search_target, study_query
 from daemon.web.redact import for_role
 from daemon.web.rest import set_session_cookie
 from db import api
+from db import rescreen as rescreen_runs
 from imaging.preprocess import default_params
 
 logger = logging.getLogger(__name__)
@@ -291,3 +292,17 @@ def bundle_shadow(request: Request, user: PageAdmin, key: str,
 def bundle_retire(request: Request, user: PageAdmin, key: str,
                   reason: Annotated[str, Form(max_length=actions.MAX_COMMENT)] = "") -> Response:
     return _role_form(request, user, key, RoleAction.RETIRE, reason)
+
+
+@router.get("/rescreen")
+def rescreen(request: Request, user: PageUser) -> HTMLResponse:
+    """Archive re-screening runs and how far each got; an admin also sees why studies failed."""
+    now = api.utcnow()
+    with context_of(request).db() as session:
+        runs = rescreen_runs.list_runs(session)
+        failed = {r.run_id: rescreen_runs.failed_items(session, r.run_id, limit=50)
+                  for r in runs if r.counts.get("failed") and user.is_admin}
+    # A running run writes at least every few seconds; one silent for minutes was killed.
+    stale = {r.run_id: int((now - r.updated_at).total_seconds() // 60) for r in runs
+             if r.state == "running" and (now - r.updated_at).total_seconds() > 120}
+    return _render(request, "rescreen.html", user, runs=runs, failed=failed, stale=stale)
