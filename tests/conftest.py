@@ -50,6 +50,7 @@ DB_BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 # costs balance, never correctness.
 SLOWEST_FIRST = [
     "test_container.py",  # 340-530 s loaded (added 2026-12-02: a wheel build, ~60 packages installed, a study)
+    "test_multi_machine.py",  # ~200 s at load 6 (added 2026-12-02: namespaces, its own PostgreSQL, a 30 s outage)
     "test_e2e.py",  # 148 s
     "test_delivery_e2e.py",  # 146 s
     "test_rescreen_e2e.py",  # ~190 s at load 6.5 (added 2026-12-02: Orthanc, serve, 24 studies re-screened)

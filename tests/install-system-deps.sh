@@ -5,9 +5,10 @@ set -euo pipefail
 
 # insighttoolkit5-examples carries the real whole-head T1 (and its brain mask) that the
 # real-scan tests and benchmarks use; libpixelmed-java the SR template validator; openssl makes
-# the DICOM TLS tests' certificates; systemd brings systemd-analyze for the unit file's check.
+# the DICOM TLS tests' certificates; systemd brings systemd-analyze for the unit file's check;
+# iproute2 the network namespaces of tests/test_multi_machine.py (ip netns, veth, bridge).
 packages=(dcmtk orthanc orthanc-dicomweb dicom3tools mricron-data insighttoolkit5-examples libpixelmed-java
-          postgresql chromium chromium-driver openssl systemd)
+          postgresql chromium chromium-driver openssl systemd iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
