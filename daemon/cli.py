@@ -444,17 +444,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+RESCREEN_ALIVE_S = 30.0  # a running rescreen run touched this recently has a live process
+
+
 def cmd_rescreen(args: argparse.Namespace) -> int:
     """Re-screen a PACS archive's studies of a date range (daemon.rescreen); --list, --resume."""
     import threading
 
     from daemon import rescreen
+    from daemon.logs import setup_logging
     from daemon.scheduler import active_bundles, bundle_refs
     from db import rescreen as runs
 
     settings = _settings(args)
-    from daemon.logs import setup_logging
-
     # Warnings only (a line per study would break the bar); pynetdicom's own errors repeat ours.
     setup_logging(args.log_format or settings.log_format, args.log_level or "WARNING")
     withhold_values_in_logs()
@@ -492,6 +494,13 @@ def cmd_rescreen(args: argparse.Namespace) -> int:
             run_id: int | None = found_run.run_id
         else:
             run_id = runs.unfinished_run(session, query)
+            found_run = None if run_id is None else runs.get_run(session, run_id)
+    if found_run is not None and found_run.state == "running":
+        # A process that works on a run touches it every second or so; two would race.
+        silent_s = (datetime.now(UTC) - found_run.updated_at).total_seconds()
+        if silent_s < RESCREEN_ALIVE_S:
+            raise HeadscreenError(f"rescreen run #{found_run.run_id} is being worked on by another process "
+                                  f"(last seen {silent_s:.0f} s ago); stop it first")
     source = rescreen.source_for(settings, node)
     refs = bundle_refs(settings)
     if run_id is None:
