@@ -11,6 +11,7 @@ half a second each; two are 40-slice series that are scored.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -33,6 +34,9 @@ IN_RANGE = [date(2024, 3, d) for d in range(1, 25)]  # 24 CT studies to re-scree
 ELIGIBLE = 2  # of which this many are scored (40 slices); the rest are 4-slice, not eligible
 OUT_OF_RANGE = [date(2023, 12, 30), date(2024, 5, 2)]
 SINCE, UNTIL = "2024-03-01", "2024-03-31"
+# The CT bundle only: a worker warms up one bundle (tens of seconds on a loaded machine), not two.
+CT_BUNDLE = next(p for p in sorted((REPO / "models").iterdir()) if p.name.startswith("ct-fanogan-compact-"))
+CT_ONLY = f'bundles = ["{CT_BUNDLE}"]'
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +88,7 @@ def pacs_with(tmp_path: Path, studies: list[list[Path]], receiver_port: int) -> 
 
 
 def worker(daemon: Daemon, log: Path) -> subprocess.Popen:
-    """A `headscreen worker` on the daemon's queue (serve runs none: the test decides when
-    jobs are claimed)."""
+    """A `headscreen worker` on the daemon's queue (serve runs none: the test pauses it)."""
     return subprocess.Popen([sys.executable, "-m", "daemon.cli", "-c", str(daemon.config), "worker"],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=REPO)
 
@@ -100,7 +103,7 @@ def test_rescreen_a_date_range_behind_live_studies_stop_resume_and_skip(tmp_path
     pacs_studies = archive["in_range"] + archive["out_of_range"] + archive["mr"]
     orthanc = pacs_with(tmp_path, pacs_studies, port)
     daemon = Daemon(tmp_path / "hs", port=port, destinations=[("orthanc", orthanc.aet, orthanc.dicom_port)],
-                    workers=0)
+                    workers=0, extra=CT_ONLY)
     wanted = {uid_of(files) for files in archive["in_range"]}
     live = {uid_of(files) for files in archive["live"]}
     screening: subprocess.Popen | None = None
@@ -123,9 +126,11 @@ def test_rescreen_a_date_range_behind_live_studies_stop_resume_and_skip(tmp_path
         assert {i.study_instance_uid for i in items} == wanted
         assert any(i.state == "pending" for i in items), "the stop came after the last study"
 
-        # Resumed with the worker stopped, the run queues studies up to --max-in-flight; live
-        # studies arrive; a worker then takes the live ones first.
-        assert stop(screening) == 0
+        # The worker, paused once idle, lets the resumed run queue studies up to --max-in-flight;
+        # live studies arrive; the worker, let go, takes the live ones first.
+        wait_until(lambda: not [j for j in rows(daemon, Job) if j.state in ("queued", "running")], 120, 0.2,
+                   "the worker idle")
+        os.kill(screening.pid, signal.SIGSTOP)
         log = (tmp_path / "rescreen-2.log").open("w")
         second = subprocess.Popen(rescreen_cmd(daemon, *args), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         queued = lambda priority: [j for j in rows(daemon, Job)  # noqa: E731
@@ -135,7 +140,7 @@ def test_rescreen_a_date_range_behind_live_studies_stop_resume_and_skip(tmp_path
             storescu(files, daemon.port)
         wait_until(lambda: len(queued(0)) == len(live), 60, 0.2, "the live studies' jobs")
         waiting = {j.id for j in queued(RESCREEN_PRIORITY)}
-        screening = worker(daemon, tmp_path / "worker.log")
+        os.kill(screening.pid, signal.SIGCONT)
         assert second.wait(240) == 0
         log.close()
         output = (tmp_path / "rescreen-2.log").read_text()
@@ -198,7 +203,7 @@ def test_rescreen_from_a_dicomweb_node_records_only(tmp_path, archive, monkeypat
     # as our own AE title, which is therefore an allowed caller.
     monkeypatch.setenv("HEADSCREEN_DESTINATIONS", json.dumps(
         [{"name": "web-pacs", "kind": "stow", "url": orthanc.stow_url}]))
-    daemon = Daemon(tmp_path / "hs", port=port, allowed=("STORESCU", "HEADSCREEN", "TESTSCU"))
+    daemon = Daemon(tmp_path / "hs", port=port, allowed=("STORESCU", "HEADSCREEN", "TESTSCU"), extra=CT_ONLY)
     try:
         daemon.start()
         done = rescreen(daemon, "--from", "web-pacs", "--since", SINCE, "--until", UNTIL, "--record-only")
@@ -229,3 +234,11 @@ def test_rescreen_errors_are_one_line(tmp_path):
         assert message in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not rows(daemon, RescreenRun)  # nothing was started
+    # A run of the same query that another process works on (touched just now) is left alone.
+    from db import rescreen as runs
+
+    with daemon.sessions()() as session:
+        run_id = runs.create_run(session, runs.RescreenQuery("down", "dimse", "20240301", "20240331", None, False),
+                                 None, 4, "test")
+    done = rescreen(daemon, "--from", "down", "--since", SINCE, "--until", UNTIL, timeout=120)
+    assert done.returncode == 2 and f"rescreen run #{run_id} is being worked on by another process" in done.stderr
