@@ -53,7 +53,7 @@ SLOWEST_FIRST = [
     "test_multi_machine.py",  # ~200 s at load 6 (added 2026-12-02: namespaces, its own PostgreSQL, a 30 s outage)
     "test_e2e.py",  # 148 s
     "test_delivery_e2e.py",  # 146 s
-    "test_rescreen_e2e.py",  # ~190 s at load 6.5 (added 2026-12-02: Orthanc, serve, 24 studies re-screened)
+    "test_rescreen_e2e.py",  # ~150 s at load 6 (added 2026-12-02: Orthanc, serve, 24 studies re-screened)
     "test_viewer_ohif.py",  # ~125 s at load 15 (added 2026-12-02: OHIF Viewer in headless Chromium)
     "test_dataset.py",  # 105 s
     "test_site_calibration.py",  # 88 s
