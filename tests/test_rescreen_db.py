@@ -171,3 +171,114 @@ def test_the_console_shows_each_run_and_admins_see_why_studies_failed(console: C
     assert viewed.status_code == 200 and f"rescreen-run-{run_id}" in viewed.text
     assert "the PACS sent no instance" not in viewed.text
     assert 'href="/rescreen"' in viewed.text  # in the menu
+
+
+# --------------------------------------------------------------------------- the run loop
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class WorkingStop:
+    """The run's stop flag; each wait moves the clock on and a worker screens one queued job."""
+
+    def __init__(self, clock: FakeClock, sessions) -> None:
+        self.clock, self.sessions, self.flag, self.waits = clock, sessions, False, 0
+
+    def is_set(self) -> bool:
+        return self.flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        assert self.waits < 500, "the run does not end"
+        self.clock.now += timeout or 0.0
+        with self.sessions() as session:
+            ticket = api.claim_job(session, "w1", 60)
+            if ticket is not None:
+                api.finish_job(session, ticket.job_id, "w1", outcome(), [])
+        return self.flag
+
+
+class ArchiveSource:
+    """A PACS whose retrieve records the study's instances as the receiver would, failing
+    the first `failures[uid]` times."""
+
+    kind, name = "dimse", "pacs"
+
+    def __init__(self, sessions, clock: FakeClock, run_id: int, failures: dict[str, int]) -> None:
+        self.sessions, self.clock, self.run_id, self.failures = sessions, clock, run_id, failures
+        self.calls: list[tuple[str, float, int]] = []  # (study, when, studies in flight then)
+
+    def find(self, since: str, until: str, modality: str | None) -> list[FoundStudy]:
+        raise AssertionError("not asked")
+
+    def retrieve(self, study_uid: str, stop) -> str | None:
+        with self.sessions() as session:
+            counts = runs.item_counts(session, self.run_id)
+        self.calls.append((study_uid, self.clock.now, counts.get("retrieving", 0) + counts.get("queued", 0)))
+        if self.failures.get(study_uid, 0) > 0:
+            self.failures[study_uid] -= 1
+            return "PACS busy"
+        with self.sessions() as session:
+            add_series(session, study_uid, 4)
+        return None
+
+
+def test_the_run_keeps_its_rate_and_in_flight_limit_and_retries_a_failed_retrieve(db_sessions, monkeypatch) -> None:
+    import types
+
+    import daemon.rescreen as rescreen
+
+    clock = FakeClock()
+    monkeypatch.setattr(rescreen.time, "monotonic", clock)
+    studies = [uid() for _ in range(6)]
+    flaky, broken = studies[1], studies[2]
+    with db_sessions() as session:
+        run_id, _ = _run_with(session, studies)
+        screened = uid()  # found by the query, already screened by the same bundle: skipped
+        runs.add_found(session, run_id, [FoundStudy(screened, ("CT",), None)])
+        add_series(session, screened, 4, now=at(0))
+        api.sweep_completeness(session, at(100), 60, 10, BUNDLES)
+        ticket = api.claim_job(session, "w0", 60, at(110))
+        assert ticket is not None
+        api.finish_job(session, ticket.job_id, "w0", outcome(), [], at(120))
+    stop = WorkingStop(clock, db_sessions)
+    source = ArchiveSource(db_sessions, clock, run_id, {flaky: 2, broken: 5})
+    runner = rescreen.Rescreen(types.SimpleNamespace(job_max_attempts=3), db_sessions, run_id, source,
+                               lambda: BUNDLES, stop, per_hour=360, max_in_flight=2, actor="test")
+    counts = runner.run()
+    assert counts == {"done": 5, "failed": 1, "skipped": 1}
+    with db_sessions() as session:
+        assert dict(runs.failed_items(session, run_id)) == {broken: "PACS busy"}
+        summary = runs.get_run(session, run_id)
+        assert summary is not None and summary.state == "finished"
+    assert all(in_flight <= 2 for _, _, in_flight in source.calls)  # the one being retrieved counts
+    starts = [when for _, when, _ in source.calls]
+    assert all(b - a >= 10.0 for a, b in zip(starts, starts[1:], strict=False))  # 360 an hour
+    tries = [when for study, when, _ in source.calls if study == flaky]
+    assert len(tries) == 3 and tries[1] - tries[0] >= 5.0 and tries[2] - tries[1] >= 10.0
+    assert [study for study, _, _ in source.calls].count(broken) == 3
+    assert screened not in [study for study, _, _ in source.calls]
+
+
+def test_a_stopped_run_is_marked_stopped(db_sessions) -> None:
+    import types
+
+    import daemon.rescreen as rescreen
+
+    with db_sessions() as session:
+        run_id, _ = _run_with(session, [uid()])
+    stop = WorkingStop(FakeClock(), db_sessions)
+    stop.flag = True
+    runner = rescreen.Rescreen(types.SimpleNamespace(job_max_attempts=3), db_sessions, run_id,
+                               ArchiveSource(db_sessions, FakeClock(), run_id, {}), lambda: BUNDLES, stop,
+                               per_hour=None, max_in_flight=2, actor="test")
+    assert runner.run() == {"pending": 1}
+    with db_sessions() as session:
+        summary = runs.get_run(session, run_id)
+        assert summary is not None and summary.state == "stopped"
