@@ -4,7 +4,7 @@ Every reader and writer of instance and result bytes goes through a BlobStore ch
 the `storage_backend` setting. Each stored object has a key: the path its database row
 records, relative to the storage root (`<study>/<series>/<sop>.dcm` for an instance,
 `results/<study>/job-<id>-attempt-<n>/<name>.dcm` for a result object; result rows
-written before this module hold absolute paths, which both backends still read).
+written before these keys hold absolute paths, which both backends still read).
 
 - `filesystem`: the key is a file below storage_dir (daemon/storage.py writes received
   instances; the pipeline writes result files in place). Nothing is copied: a reader gets
@@ -114,9 +114,22 @@ class BlobStore(ABC):
         self.root = Path(root)
         self.sessions = sessions
 
+    #: Where the bytes are, for messages.
+    where: str
+
     @abstractmethod
+    def available(self, keys: Sequence[str], scratch: Scratch) -> dict[str, Path]:
+        """A readable local file for each of `keys` whose bytes are there; the others are left out."""
+
     def local_paths(self, keys: Sequence[str], scratch: Scratch) -> list[Path]:
-        """A readable local file for each key, in order (TransientError when bytes are missing)."""
+        """A readable local file for each key, in order; TransientError when any is missing."""
+        found = self.available(keys, scratch)
+        lost = len({key for key in keys if key not in found})
+        if lost:
+            # Counts only: keys hold UIDs.
+            raise TransientError(f"{lost} of {len(set(keys))} stored objects missing from {self.where}; "
+                                 "storage not reachable?")
+        return [found[key] for key in keys]
 
     @abstractmethod
     def read_bytes(self, key: str) -> bytes:
@@ -149,9 +162,15 @@ class FilesystemStore(BlobStore):
 
     name = "filesystem"
     in_database = False
+    where = "storage_dir"
+
+    def available(self, keys: Sequence[str], scratch: Scratch) -> dict[str, Path]:
+        paths = {key: self.root / key for key in keys}
+        return {key: path for key, path in paths.items() if path.is_file()}
 
     def local_paths(self, keys: Sequence[str], scratch: Scratch) -> list[Path]:
-        # Not checked here: the readers turn a missing file into a TransientError themselves.
+        # The files themselves, unchecked: a worker's reads turn a missing or unreadable file
+        # into a TransientError (daemon.pipeline), and a stat each would only cost on a share.
         return [self.root / key for key in keys]
 
     def read_bytes(self, key: str) -> bytes:
@@ -167,7 +186,10 @@ class FilesystemStore(BlobStore):
     def keep_results(self, outcome: JobOutcome, prefix: str,
                      extra: Sequence[OutputObject] = ()) -> tuple[JobOutcome, list[OutputObject],
                                                                   list[tuple[str, bytes]]]:
-        return outcome, list(extra), []  # written in place and durable already (daemon.pipeline)
+        # Written in place and durable already (daemon.pipeline); recorded by key, so a machine
+        # that mounts the storage elsewhere finds them too.
+        objects = [_keyed(obj, prefix) for obj in outcome.objects]
+        return dataclasses.replace(outcome, objects=objects), [_keyed(obj, prefix) for obj in extra], []
 
     def purge_study(self, study_id: int, study_uid: str) -> None:
         shutil.rmtree(self.root / study_uid, ignore_errors=True)
@@ -184,8 +206,9 @@ class PostgresStore(BlobStore):
 
     name = "postgresql"
     in_database = True
+    where = "the database"
 
-    def local_paths(self, keys: Sequence[str], scratch: Scratch) -> list[Path]:
+    def available(self, keys: Sequence[str], scratch: Scratch) -> dict[str, Path]:
         wanted = list(dict.fromkeys(keys))
         paths: dict[str, Path] = {}
         with self.sessions() as session:
@@ -195,17 +218,11 @@ class PostgresStore(BlobStore):
                 with open(path, "wb") as stream:
                     stream.write(data)
                 paths[key] = path
-        missing = [key for key in wanted if key not in paths]
-        for key in missing:
+        for key in wanted:
             legacy = self.root / key  # written before the switch from the filesystem backend
-            if legacy.is_file():
+            if key not in paths and legacy.is_file():
                 paths[key] = legacy
-        lost = sum(1 for key in missing if key not in paths)
-        if lost:
-            # Counts only: keys hold UIDs.
-            raise TransientError(f"{lost} of {len(wanted)} stored objects missing from the database; "
-                                 "storage not reachable?")
-        return [paths[key] for key in keys]
+        return paths
 
     def read_bytes(self, key: str) -> bytes:
         with self.sessions() as session:
@@ -226,12 +243,13 @@ class PostgresStore(BlobStore):
         stored: list[tuple[str, bytes]] = []
 
         def keyed(obj: OutputObject) -> OutputObject:
-            key = f"{prefix}/{Path(obj.path).name}"
             try:
-                stored.append((key, Path(obj.path).read_bytes()))
+                data = Path(obj.path).read_bytes()
             except OSError as exc:
                 raise TransientError(f"result file unreadable in scratch ({type(exc).__name__})") from None
-            return dataclasses.replace(obj, path=key)
+            kept = _keyed(obj, prefix)
+            stored.append((kept.path, data))
+            return kept
 
         objects = [keyed(obj) for obj in outcome.objects]
         others = [keyed(obj) for obj in extra]
@@ -250,6 +268,11 @@ class PostgresStore(BlobStore):
             logger.info("orphaned stored objects removed", extra={"action": "blob_sweep", "removed": removed})
         sweep_scratch(self.root)
         return removed
+
+
+def _keyed(obj: OutputObject, prefix: str) -> OutputObject:
+    """A result object as recorded: its key instead of the file the pipeline wrote."""
+    return dataclasses.replace(obj, path=f"{prefix}/{Path(obj.path).name}")
 
 
 def _relative(key: str) -> PurePosixPath:

@@ -133,11 +133,18 @@ def _send_group(
 ) -> None:
     try:
         # The files as the backend keeps them (a local copy of a result another machine stored).
-        by_path = dict(zip(store.local_paths([t.path for t in group], scratch), group, strict=True))
+        found = store.available([t.path for t in group], scratch)
     except TransientError as exc:
-        log.warning("result objects unreadable", extra={"destination": destination.name, "error": str(exc)})
-        for ticket in group:
-            record(ticket, (None, str(exc)))
+        found, missing = {}, str(exc)
+    else:
+        missing = f"result object missing from {store.where}; storage not reachable?"
+    by_path = {found[t.path]: t for t in group if t.path in found}
+    for ticket in group:
+        if ticket.path not in found:  # a failed attempt: retried, then dead-lettered, as a refused send
+            log.warning("result object unreadable", extra={"destination": destination.name,
+                                                           "delivery_id": ticket.delivery_id, "error": missing})
+            record(ticket, (None, missing))
+    if not by_path:
         return
     paths = list(by_path)
     timeout = settings.delivery.timeout_s

@@ -172,7 +172,7 @@ class StudyReport:
     done: bool = False
 
 
-def poll_results(database_url: str, studies: dict[str, str]) -> list[StudyReport]:
+def poll_results(database_url: str, studies: dict[str, str], storage_dir: Path) -> list[StudyReport]:
     engine = make_engine(database_url)
     reports = []
     try:
@@ -197,7 +197,8 @@ def poll_results(database_url: str, studies: dict[str, str]) -> list[StudyReport
                     report.predicted_age, report.chronological_age = result.predicted_age, result.chronological_age
                     report.age_gap = result.age_gap
                     report.qc = "; ".join(result.qc_reasons or []) or "none"
-                    report.objects = [o.path for o in objects if o.kind == "sc"]
+                    # Result paths are recorded relative to the storage root (daemon.blobstore).
+                    report.objects = [str(storage_dir / o.path) for o in objects if o.kind == "sc"]
                     report.done = bool(deliveries) and len(delivered) == len(deliveries)
                     completed_at = study.completed_at if study is not None else None
                     if report.done and completed_at is not None:
@@ -287,12 +288,12 @@ def run_demo(work: Path, timeout_s: float = 240.0) -> int:
                 print(f"  sent {case.label} to headscreen with storescu")
             studies[study_uid] = case.label
         deadline = time.monotonic() + timeout_s
-        reports = poll_results(_database_url(work), studies)
+        reports = poll_results(_database_url(work), studies, work / "storage")
         while not all(r.done for r in reports) and time.monotonic() < deadline:
             if serve.poll() is not None:
                 raise HeadscreenError(f"headscreen serve exited with {serve.returncode}; see serve.log")
             time.sleep(1.0)
-            reports = poll_results(_database_url(work), studies)
+            reports = poll_results(_database_url(work), studies, work / "storage")
         print_table(reports)
         for report in reports:
             for png in write_previews(report, work / "previews"):

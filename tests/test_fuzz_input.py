@@ -130,14 +130,14 @@ def test_every_damaged_study_ends_with_one_report_after_one_attempt(site, caplog
             if len(reports) != 1:
                 found.append(f"{len(reports)} SRs")
             for obj in objects:
-                errors = dciodvfy_errors(Path(obj.path))
+                errors = dciodvfy_errors(settings.storage_dir / obj.path)
                 if errors:
                     found.append(f"dciodvfy {obj.kind}: {errors[:3]}")
             if reports:
-                sr = pydicom.dcmread(reports[0].path)
+                sr = pydicom.dcmread(settings.storage_dir / reports[0].path)
                 if sr.StudyInstanceUID != study_uid:
                     found.append("SR of another study")
-                coded = coded_evaluations(measurement_group(reports[0].path))
+                coded = coded_evaluations(measurement_group(settings.storage_dir / reports[0].path))
                 said = codes.ELIGIBLE.value if result.eligible else codes.NOT_ELIGIBLE.value
                 if coded.get(codes.ELIGIBILITY.value) != [(said, "")]:
                     found.append(f"SR eligibility {coded.get(codes.ELIGIBILITY.value)} vs result {result.eligible}")

@@ -333,12 +333,12 @@ def test_a_note_that_cannot_be_built_never_costs_the_new_result(
     pacs: tuple[OrderedSCP, OrderedSCP], series, caplog: pytest.LogCaptureFixture,
 ) -> None:
     wants, _ = pacs
-    _, worker, study_id = _first_result_made(tmp_path, db_url, db_sessions, monkeypatch, series,
-                                             _destinations(*pacs)[:1])
+    settings, worker, study_id = _first_result_made(tmp_path, db_url, db_sessions, monkeypatch, series,
+                                                    _destinations(*pacs)[:1])
     with db_sessions() as session:
         [first] = session.execute(select(Result.id)).scalars().all()
     for obj in _objects(db_sessions, first):
-        Path(obj.path).unlink()  # the old result's files are gone (removed by hand)
+        (settings.storage_dir / obj.path).unlink()  # the old result's files are gone (removed by hand)
     _reopen(db_sessions, study_id)
     caplog.set_level(logging.INFO)
     assert worker.run_one()

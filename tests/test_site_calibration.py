@@ -139,7 +139,7 @@ class Site:
             rows = session.execute(select(ResultObject).where(ResultObject.result_id == result.id)).scalars().all()
         found: dict[str, list[str]] = {}
         for row in rows:
-            found.setdefault(str(row.kind), []).append(row.path)
+            found.setdefault(str(row.kind), []).append(str(self.settings.storage_dir / row.path))
         return found
 
     def confirm_normal(self, study_uids: list[str]) -> None:

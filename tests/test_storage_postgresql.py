@@ -12,11 +12,10 @@ import io
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import delete, select, update
@@ -33,11 +32,10 @@ from db import api
 from db.engine import make_engine, session_factory
 from db.models import Delivery, Instance, Job, Result, ResultObject, StoredBlob, Study
 from db.states import DeliveryState, JobState, StudyState
-from db.types import JobOutcome, OutputObject
 from db_factories import BUNDLES
 from receiver_helpers import SCP_AE, SCU_AE, start_harness, write_ct_series
 from serve_harness import RecordingSCP
-from worker_helpers import make_worker, worker_settings
+from worker_helpers import ReadsEverything, make_worker, worker_settings
 
 pytestmark = pytest.mark.postgres
 
@@ -105,33 +103,6 @@ def _complete(sessions: sessionmaker[Session]) -> int:
         session.commit()
     assert len(done) == 1
     return done[0]
-
-
-class ReadsEverything:
-    """A stand-in pipeline: reads every instance file it is given (what the real one does
-    first), then writes one result object (a CT image, which any SCP stores) into output_dir."""
-
-    def __init__(self) -> None:
-        self.read: dict[str, bytes] = {}
-        self.paths: list[Path] = []
-
-    def __call__(self, ticket: Any, study: Any, runner: Any, output_dir: Path, *_: Any, **__: Any) -> JobOutcome:
-        for paths in study.series.values():
-            for path in paths:
-                self.paths.append(Path(path))
-                dataset = pydicom.dcmread(path)
-                self.read[str(dataset.SOPInstanceUID)] = dataset.PixelData
-        result = dataset.copy()
-        result.SOPInstanceUID = generate_uid()
-        result.file_meta.MediaStorageSOPInstanceUID = result.SOPInstanceUID
-        result.SeriesInstanceUID = generate_uid()
-        output_dir.mkdir(parents=True, exist_ok=True)
-        result.save_as(output_dir / "sc-0001.dcm", enforce_file_format=True)
-        obj = OutputObject(str(result.SOPInstanceUID), str(result.SOPClassUID), "sc", str(output_dir / "sc-0001.dcm"))
-        return JobOutcome(eligible=True, ineligible_reason=None, anomaly_score=1.0, percentile=50.0,
-                          screen_positive=False, threshold=2.0, predicted_age=None, chronological_age=64.0,
-                          age_gap=None, qc_reasons=[], qc_metrics={}, selected_series_uid=None,
-                          series_verdicts=[], timings={}, objects=[obj])
 
 
 def _machine(tmp_path: Path, name: str, pg_url: str, **overrides: object) -> Settings:
@@ -299,3 +270,29 @@ def test_the_storage_sweep_removes_bytes_no_row_points_at(
 def test_the_postgresql_backend_needs_a_postgresql_database(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="set database_url to a PostgreSQL URL"):
         worker_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", storage_backend="postgresql")
+
+
+def test_a_result_whose_bytes_are_missing_is_a_failed_delivery_attempt_retried_later(
+        tmp_path: Path, pg_url: str, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
+    _receive(tmp_path, sessions, write_ct_series(tmp_path / "in", 2))
+    _complete(sessions)
+    destination = RecordingSCP(tmp_path / "pacs")
+    try:
+        destinations = [{"name": "pacs", "ae_title": destination.ae_title, "host": "127.0.0.1",
+                         "port": destination.port}]
+        monkeypatch.setattr("daemon.worker.deliver_due", lambda *args, **kwargs: None)  # serve delivers
+        worker = make_worker(monkeypatch, _machine(tmp_path, "worker-host", pg_url, destinations=destinations),
+                             sessions, ReadsEverything())
+        assert worker.run_one()
+        with sessions() as session:
+            session.execute(delete(StoredBlob).where(StoredBlob.kind == "result"))
+            session.commit()
+        stats = deliver_due(sessions, _machine(tmp_path, "receiver", pg_url, destinations=destinations))
+        assert (stats.delivered, stats.failed) == (0, 1)
+        assert destination.received == {}
+        with sessions() as session:
+            [delivery] = session.execute(select(Delivery)).scalars().all()
+        assert delivery.state == DeliveryState.PENDING and delivery.attempts == 1
+        assert delivery.last_error == "result object missing from the database; storage not reachable?"
+    finally:
+        destination.stop()

@@ -210,8 +210,8 @@ def test_an_input_error_is_never_retried_and_the_study_gets_its_not_eligible_rep
     assert any(r.startswith("header_values_dropped: PatientBirthDate ") for r in result.qc_reasons)
     assert sorted(o.kind for o in objects) == ["sc", "sr"]
     for obj in objects:
-        assert dciodvfy_errors(Path(obj.path)) == [], obj.path
-    sr = pydicom.dcmread(next(o.path for o in objects if o.kind == "sr"))
+        assert dciodvfy_errors(settings.storage_dir / obj.path) == [], obj.path
+    sr = pydicom.dcmread(settings.storage_dir / next(o.path for o in objects if o.kind == "sr"))
     assert (sr.PatientID, str(sr.PatientName), sr.PatientBirthDate) == (PATIENT_ID, PATIENT_NAME, "")
     texts = [str(result.ineligible_reason), *map(str, result.qc_reasons), *_our_log_lines(caplog)]
     assert [t for t in texts if leaks(t) or PATIENT_NAME in t] == []

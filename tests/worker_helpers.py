@@ -14,6 +14,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
 import daemon.worker
@@ -21,7 +22,7 @@ from daemon.config import Settings, load_settings
 from daemon.instance_record import slice_position
 from daemon.worker import Worker
 from db import api
-from db.types import BundleRef, InstanceRecord
+from db.types import BundleRef, InstanceRecord, JobOutcome, OutputObject
 from db_factories import BUNDLES, CT_BUNDLE, complete_study
 
 RunJob = Callable[..., Any]
@@ -92,3 +93,30 @@ def record_stored_files(session: Session, storage_dir: Path, files: Sequence[Pat
     done = api.sweep_completeness(session, received + timedelta(seconds=3600), 60, 10, list(bundles))
     assert len(done) == 1
     return records[0].study_instance_uid, done[0]
+
+
+class ReadsEverything:
+    """A stand-in pipeline: reads every instance file it is given (what the real one does
+    first), then writes one result object (a CT image, which any SCP stores) into output_dir."""
+
+    def __init__(self) -> None:
+        self.read: dict[str, bytes] = {}
+        self.paths: list[Path] = []
+
+    def __call__(self, ticket: Any, study: Any, runner: Any, output_dir: Path, *_: Any, **__: Any) -> JobOutcome:
+        for paths in study.series.values():
+            for path in paths:
+                self.paths.append(Path(path))
+                dataset = pydicom.dcmread(path)
+                self.read[str(dataset.SOPInstanceUID)] = dataset.PixelData
+        result = dataset.copy()
+        result.SOPInstanceUID = generate_uid()
+        result.file_meta.MediaStorageSOPInstanceUID = result.SOPInstanceUID
+        result.SeriesInstanceUID = generate_uid()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        result.save_as(output_dir / "sc-0001.dcm", enforce_file_format=True)
+        obj = OutputObject(str(result.SOPInstanceUID), str(result.SOPClassUID), "sc", str(output_dir / "sc-0001.dcm"))
+        return JobOutcome(eligible=True, ineligible_reason=None, anomaly_score=1.0, percentile=50.0,
+                          screen_positive=False, threshold=2.0, predicted_age=None, chronological_age=64.0,
+                          age_gap=None, qc_reasons=[], qc_metrics={}, selected_series_uid=None,
+                          series_verdicts=[], timings={}, objects=[obj])
