@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
@@ -181,14 +181,18 @@ class DimseSource:
     def find(self, since: str, until: str, modality: str | None) -> list[FoundStudy]:
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = ""
-        query.StudyDate = f"{since}-{until}"
-        query.ModalitiesInStudy = modality or ""
         assoc = self._associate(StudyRootQueryRetrieveInformationModelFind)
+        answers: list[Dataset] = []
         try:
-            answers = self._find(assoc, query)
+            # One day per C-FIND: many PACS cap the matches of one query (often at 500 or 1000)
+            # without saying so, and a year of head CT is far more than that.
+            for day in _days(since, until):
+                query = Dataset()
+                query.QueryRetrieveLevel = "STUDY"
+                query.StudyInstanceUID = ""
+                query.StudyDate = day
+                query.ModalitiesInStudy = modality or ""
+                answers += self._find(assoc, query)
         finally:
             assoc.release()
         found: dict[str, FoundStudy] = {}
@@ -236,6 +240,12 @@ class DimseSource:
             if assoc.is_established:
                 assoc.release()
         return "; ".join(dict.fromkeys(failures)) or None
+
+
+def _days(since: str, until: str) -> list[str]:
+    """Every date from `since` to `until` (YYYYMMDD, inclusive)."""
+    first, last = (datetime.strptime(d, "%Y%m%d").date() for d in (since, until))
+    return [(first + timedelta(days=n)).strftime("%Y%m%d") for n in range((last - first).days + 1)]
 
 
 def _move_outcome(final: Dataset | None, move_destination: str) -> str | None:
