@@ -214,9 +214,13 @@ class PostgresStore(BlobStore):
         with self.sessions() as session:
             for key, data in db_blobs.read(session, wanted):
                 path = scratch.path / _relative(key)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb") as stream:
-                    stream.write(data)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(path, "wb") as stream:
+                        stream.write(data)
+                except OSError as exc:  # this machine's disk (full?): retried, maybe elsewhere
+                    why = exc.strerror or type(exc).__name__
+                    raise TransientError(f"local copy below storage_dir failed ({why})") from None
                 paths[key] = path
         for key in wanted:
             legacy = self.root / key  # written before the switch from the filesystem backend
