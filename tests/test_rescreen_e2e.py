@@ -23,7 +23,7 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from daemon.orthanc import Orthanc, dicomweb_plugin, free_port
+from daemon.orthanc import DICOMWEB_PLUGIN_ENV, Orthanc, dicomweb_plugin, free_port
 from db.models import RESCREEN_PRIORITY, Job, RescreenItem, RescreenRun, Result
 from imaging.phantoms import make_head, write_dicom_series
 from serve_harness import REPO, Daemon, storescu, wait_until
@@ -194,8 +194,9 @@ def rows_with_study(daemon: Daemon) -> list[Job]:
         return list(session.scalars(select(Job).options(joinedload(Job.study)).order_by(Job.id)))
 
 
-@pytest.mark.skipif(dicomweb_plugin() is None, reason="Orthanc's DICOMweb plugin (orthanc-dicomweb) not installed")
 def test_rescreen_from_a_dicomweb_node_records_only(tmp_path, archive, monkeypatch):
+    assert dicomweb_plugin() is not None, (
+        f"Orthanc's DICOMweb plugin is missing: run tests/install-system-deps.sh (or set {DICOMWEB_PLUGIN_ENV})")
     port = free_port()
     studies = archive["in_range"][ELIGIBLE:ELIGIBLE + 3]
     orthanc = pacs_with(tmp_path, studies, port)
