@@ -282,3 +282,17 @@ def test_a_stopped_run_is_marked_stopped(db_sessions) -> None:
     with db_sessions() as session:
         summary = runs.get_run(session, run_id)
         assert summary is not None and summary.state == "stopped"
+
+
+def test_the_api_lists_runs_with_failure_reasons_for_admins(console: Console) -> None:
+    a, b = uid(), uid()
+    with console.sessions() as session:
+        run_id, items = _run_with(session, [a, b])
+        runs.mark_item(session, items[b], RescreenItemState.FAILED, "the PACS sent no instance")
+    listed = console.client(ADMIN).get("/api/v1/rescreen").json()
+    run = next(r for r in listed if r["run_id"] == run_id)
+    assert (run["found"], run["finished"], run["counts"]) == (2, 1, {"pending": 1, "failed": 1})
+    assert run["failed_studies"] == [{"study_uid": b, "reason": "the PACS sent no instance"}]
+    viewed = next(r for r in console.client(VIEWER).get("/api/v1/rescreen").json() if r["run_id"] == run_id)
+    assert viewed["counts"] == run["counts"] and "failed_studies" not in viewed
+    assert console.client().get("/api/v1/rescreen").status_code == 401

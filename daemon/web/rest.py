@@ -17,6 +17,7 @@ from daemon.web.filters import SEARCH_MAX_LEN, StudyQuery, study_query
 from daemon.web.login import Throttled, attempt_login, cookie_secure
 from daemon.web.redact import for_role
 from db import api
+from db import rescreen as rescreen_runs
 
 logger = logging.getLogger(__name__)
 
@@ -294,3 +295,20 @@ def bundle_retire(request: Request, user: ApiAdmin, key: str, body: RoleBody) ->
     changed = actions.change_role(context_of(request), checked_bundle_key(key), RoleAction.RETIRE, body.reason,
                                   user.username)
     return {"changed": jsonable(changed)}
+
+
+@router.get("/rescreen")
+def rescreen(request: Request, user: ApiUser) -> list[dict[str, Any]]:
+    """Archive re-screening runs (`headscreen rescreen`): query, state, studies per state and
+    how many are finished; for an admin also the failed studies and why."""
+    with context_of(request).db() as session:
+        runs = rescreen_runs.list_runs(session)
+        listed: list[dict[str, Any]] = []
+        for run in runs:
+            row = jsonable(run) | {"found": run.found, "finished": run.finished_items}
+            if user.is_admin and run.counts.get("failed"):
+                row["failed_studies"] = [{"study_uid": uid, "reason": why}
+                                         for uid, why in rescreen_runs.failed_items(session, run.run_id)]
+            listed.append(row)
+    return listed
+
