@@ -445,6 +445,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 RESCREEN_ALIVE_S = 30.0  # a running rescreen run touched this recently has a live process
+DEFAULT_MAX_IN_FLIGHT = 4
 
 
 def cmd_rescreen(args: argparse.Namespace) -> int:
@@ -472,7 +473,7 @@ def cmd_rescreen(args: argparse.Namespace) -> int:
         return 0
     if args.per_hour is not None and args.per_hour <= 0:
         raise HeadscreenError("--per-hour: a number of studies above 0")
-    if args.max_in_flight < 1:
+    if args.max_in_flight is not None and args.max_in_flight < 1:
         raise HeadscreenError("--max-in-flight: at least 1")
     if args.resume is None:
         if not args.source or not args.since:
@@ -501,25 +502,28 @@ def cmd_rescreen(args: argparse.Namespace) -> int:
         if silent_s < RESCREEN_ALIVE_S:
             raise HeadscreenError(f"rescreen run #{found_run.run_id} is being worked on by another process "
                                   f"(last seen {silent_s:.0f} s ago); stop it first")
+    # Options not given keep what a resumed run had; a new run starts unlimited, 4 in flight.
+    per_hour = args.per_hour if args.per_hour is not None else found_run.per_hour if found_run else None
+    max_in_flight = args.max_in_flight or (found_run.max_in_flight if found_run else DEFAULT_MAX_IN_FLIGHT)
     source = rescreen.source_for(settings, node)
     refs = bundle_refs(settings)
     if run_id is None:
         found = source.find(query.since, query.until, query.modality)  # an unreachable PACS stops here
         with sessions() as session:
-            run_id = runs.create_run(session, query, args.per_hour, args.max_in_flight, args.actor)
+            run_id = runs.create_run(session, query, per_hour, max_in_flight, args.actor)
             runs.add_found(session, run_id, rescreen.by_date(found))
         what = f"{query.since}..{query.until}" + (f", {query.modality}" if query.modality else "")
         print(f"rescreen run #{run_id}: {len(found)} studies found on {node.name} ({what})"
               + ("; results recorded only" if query.record_only else ""), flush=True)
     else:
         with sessions() as session:
-            again = runs.resume_run(session, run_id, args.per_hour, args.max_in_flight, args.actor)
+            again = runs.resume_run(session, run_id, per_hour, max_in_flight, args.actor)
         print(f"resuming rescreen run #{run_id}" + (f" ({again} cut-short retrieves done again)" if again else ""),
               flush=True)
     stop = threading.Event()
     progress = rescreen.Progress(0, enabled=not args.no_progress)
     worker = rescreen.Rescreen(settings, sessions, run_id, source, lambda: active_bundles(sessions, refs), stop,
-                               args.per_hour, args.max_in_flight, args.actor, on_progress=progress.show)
+                               per_hour, max_in_flight, args.actor, on_progress=progress.show)
     with rescreen.SignalStop(stop):
         try:
             counts = worker.run()
@@ -689,9 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     rescreen.add_argument("--record-only", action="store_true",
                           help="record the results only: nothing is sent to any destination")
     rescreen.add_argument("--per-hour", type=float, metavar="N",
-                          help="start at most N retrieves an hour (default: no limit)")
-    rescreen.add_argument("--max-in-flight", type=int, default=4, metavar="N",
-                          help="studies retrieved but not yet screened, at most (default 4)")
+                          help="start at most N retrieves an hour (default: no limit; a resumed run keeps its own)")
+    rescreen.add_argument("--max-in-flight", type=int, metavar="N",
+                          help=f"studies retrieved but not yet screened, at most (default {DEFAULT_MAX_IN_FLIGHT}; "
+                               "a resumed run keeps its own)")
     rescreen.add_argument("--resume", type=int, metavar="ID", help="carry on a stopped run")
     rescreen.add_argument("--list", action="store_true", help="list rescreen runs and their progress")
     rescreen.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on a terminal only)")
