@@ -260,6 +260,50 @@ def test_compose_starts_headscreen_after_a_healthy_database() -> None:
     assert env_of(image)["HEADSCREEN_WEB__BIND_ADDRESS"] == "0.0.0.0"
 
 
+def test_multi_machine_compose_runs_one_receiver_and_workers(monkeypatch, tmp_path: Path) -> None:
+    """deploy/compose.multi.yaml (docs/deployment.md): PostgreSQL, a receiver with no worker of
+    its own, and workers that publish nothing; every headscreen service gets the same database
+    and storage backend, and each one's environment is a valid configuration."""
+    import yaml
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from container_helpers import healthcheck_command, parse_containerfile
+    from daemon.config import Settings, WebConfig, load_settings
+
+    services = yaml.safe_load((REPO / "deploy" / "compose.multi.yaml").read_text())["services"]
+    assert set(services) == {"db", "receiver", "worker"}
+    db, receiver, worker = services["db"], services["receiver"], services["worker"]
+    assert db["healthcheck"]["test"][1] == "pg_isready"
+    connections = int(db["command"][db["command"].index("-c") + 1].split("=", 1)[1])
+    assert connections >= 100  # 20 workers at ~2 connections each, serve up to 15, the console, the CLI
+    for service in (receiver, worker):
+        assert service["depends_on"] == {"db": {"condition": "service_healthy"}}
+        assert re.fullmatch(r"on-failure:\d", service["restart"])
+        assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+    shared = ("HEADSCREEN_DATABASE_URL", "HEADSCREEN_STORAGE_BACKEND")
+    assert {k: receiver["environment"][k] for k in shared} == {k: worker["environment"][k] for k in shared}
+    assert "@db/" in receiver["environment"]["HEADSCREEN_DATABASE_URL"]
+    # The receiver receives and runs the console; the workers run `headscreen worker` and listen on nothing.
+    published = {int(mapping.rsplit(":", 1)[1]) for mapping in receiver["ports"]}
+    assert published == {Settings.model_fields["port"].default, WebConfig.model_fields["port"].default}
+    (image,) = [stage for stage in parse_containerfile() if stage.name is None]
+    assert receiver["healthcheck"]["test"] == ["CMD", *healthcheck_command(image)]
+    assert "ports" not in worker and worker["healthcheck"] == {"disable": True}
+    assert worker["command"][-1].endswith("exec headscreen worker")
+    config = tmp_path / "headscreen.toml"
+    config.write_text("allow_any_caller = true\n")
+    seen = {}
+    for name, service in (("receiver", receiver), ("worker", worker)):
+        for key, value in service["environment"].items():
+            monkeypatch.setenv(key, re.sub(r"\$\{[^}]*\}", "secret", value))
+        seen[name] = load_settings(config)
+        for key in service["environment"]:
+            monkeypatch.delenv(key)
+    assert seen["receiver"].workers == 0 and seen["worker"].workers >= 1
+    assert seen["receiver"].storage_backend == seen["worker"].storage_backend == "postgresql"
+    assert seen["receiver"].database_url == seen["worker"].database_url
+
+
 def test_the_image_environment_opens_the_console_to_published_ports(monkeypatch, tmp_path: Path) -> None:
     """The image's ENV wins over a configuration that keeps the console on loopback."""
     sys.path.insert(0, str(REPO / "tests"))
