@@ -79,7 +79,7 @@ def claim_storage(storage_dir: Path, sessions: sessionmaker[Session]) -> str:
             log.info("storage identity written", extra={"action": "storage_id_written", "storage_id": marker})
         with sessions() as session:
             recorded = api.record_storage_id(session, marker)
-    _compare(storage_dir, marker, recorded, "serve")
+    _compare(storage_dir, marker, recorded, "serve does not start")
     return recorded
 
 
@@ -89,7 +89,7 @@ def check_storage(storage_dir: Path, sessions: sessionmaker[Session], wait_s: fl
     database is unreachable or records no storage yet (the receiver has not started), it
     waits up to `wait_s`."""
     recorded = _wait_recorded(sessions, wait_s, poll_s)
-    _compare(storage_dir, read_marker(storage_dir), recorded, "this worker")
+    _compare(storage_dir, read_marker(storage_dir), recorded, "this worker takes no jobs")
     return recorded
 
 
@@ -121,7 +121,7 @@ def _wait_recorded(sessions: sessionmaker[Session], wait_s: float, poll_s: float
         time.sleep(poll_s)
 
 
-def _compare(storage_dir: Path, marker: str | None, recorded: str, who: str) -> None:
+def _compare(storage_dir: Path, marker: str | None, recorded: str, refusal: str) -> None:
     # No apostrophes: the log filter withholds text between quotes (daemon.privacy).
     if marker == recorded:
         return
@@ -130,8 +130,8 @@ def _compare(storage_dir: Path, marker: str | None, recorded: str, who: str) -> 
             f"storage_dir {storage_dir} is not the storage of the receiver: it has no {MARKER_NAME} (a local "
             f"folder where the shared mount should be, or the mount is not mounted); the instances in the database "
             f"are in storage {recorded}. Mount the storage_dir of the receiver there (or set storage_dir to the "
-            f"mount); {who} takes no jobs until then")
+            f"mount); {refusal} until then")
     raise StorageMismatch(
         f"storage_dir {storage_dir} is another headscreen storage ({marker}); the instances in the database are "
         f"in storage {recorded}. Point storage_dir at the storage of the receiver (or database_url at the "
-        f"database of this storage); {who} takes no jobs until then")
+        f"database of this storage); {refusal} until then")

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 from daemon import worker as worker_module
 from daemon.serve import WorkerPool
@@ -22,6 +24,8 @@ from daemon.storage_probe import (
     probe_applies,
 )
 from db import api
+from db.engine import make_engine, session_factory
+from db.migrate import upgrade
 from db.models import Job
 from db_factories import complete_study
 from serve_harness import REPO
@@ -102,8 +106,19 @@ def test_probe_applies_to_the_filesystem_backend_only() -> None:
     assert not probe_applies(Database())
 
 
-def test_headscreen_worker_on_a_local_folder_exits_3_and_claims_nothing(tmp_path, db_url, db_sessions) -> None:
+@pytest.fixture
+def sqlite_db(tmp_path) -> Iterator[tuple[str, sessionmaker[Session]]]:
+    """The command-line cases on SQLite only (the probe's queries run on both databases above)."""
+    url = f"sqlite:///{tmp_path / 'db' / 'headscreen.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield url, session_factory(engine)
+    engine.dispose()
+
+
+def test_headscreen_worker_on_a_local_folder_exits_3_and_claims_nothing(tmp_path, sqlite_db) -> None:
     """The command a second machine runs: its storage_dir is a local folder, not the mount."""
+    db_url, db_sessions = sqlite_db
     claim_storage(tmp_path / "mount", db_sessions)
     with db_sessions() as session:
         complete_study(session)
@@ -122,6 +137,22 @@ def test_headscreen_worker_on_a_local_folder_exits_3_and_claims_nothing(tmp_path
     assert jobs and all(j.state == "queued" and j.attempts == 0 for j in jobs)
     assert "3    storage mismatch" in subprocess.run([sys.executable, "-m", "daemon.cli", "--help"], cwd=REPO,
                                                     capture_output=True, text=True, timeout=60).stdout
+
+
+def test_headscreen_serve_on_another_folder_exits_3_before_listening(tmp_path, sqlite_db) -> None:
+    """A second receiver started on a fresh folder against a database that records a storage."""
+    db_url, db_sessions = sqlite_db
+    recorded = claim_storage(tmp_path / "mount", db_sessions)
+    fresh = tmp_path / "fresh"
+    config = tmp_path / "serve.toml"
+    config.write_text(f'environment = "development"\nstorage_dir = "{fresh}"\ndatabase_url = "{db_url}"\n'
+                      "allow_any_caller = true\nworkers = 0\nport = 0\n[web]\nenabled = false\n")
+    done = subprocess.run([sys.executable, "-m", "daemon.cli", "-c", str(config), "serve"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == EXIT_STORAGE_MISMATCH
+    said = done.stdout + done.stderr
+    assert f"has no {MARKER_NAME}" in said and recorded in said and "serve does not start" in said
+    assert not (fresh / MARKER_NAME).exists()
 
 
 def test_serve_stops_when_a_worker_refuses_the_storage(tmp_path) -> None:
