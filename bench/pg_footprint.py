@@ -3,7 +3,8 @@
 1. One real CT study through a real `headscreen serve` (one worker, a throw-away PostgreSQL
    database, a dcmtk storescp as the destination): the rows each table holds afterwards and
    the transactions committed for it (pg_stat_database, read after serve has stopped so
-   every backend has flushed its counters, less the idle sweeps' rate measured before).
+   every backend has flushed its counters, less the idle sweeps' rate measured before), and
+   the most connections each process held at once (pg_stat_activity by application_name).
 2. The same shape filled `--fill` times through db.api (record_instances, the completeness
    sweep, claim, finish_job with as many result objects as the real result had, deliveries
    claimed and marked delivered): table and index bytes divided by the studies and scaled
@@ -21,6 +22,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -66,6 +68,35 @@ def commits(url: str) -> int:
         engine.dispose()
 
 
+class ConnectionSampler:
+    """The most connections each application_name held at once (pg_stat_activity, every 0.1 s)."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self.peak: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ConnectionSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.engine.dispose()
+
+    def _run(self) -> None:
+        with self.engine.connect() as connection:
+            while not self.stop.wait(0.1):
+                rows = connection.execute(text(
+                    "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() GROUP BY 1")).all()
+                connection.commit()
+                for name, count in rows:
+                    self.peak[name or "(none)"] = max(self.peak.get(name or "(none)", 0), count)
+
+
 def real_study(root: Path, url: str, slices: int, size: int) -> tuple[dict[str, int], int, float]:
     """Rows per table after one study; transactions committed while it went through, and the
     idle rate (the sweeps' own transactions per second, measured before it was sent)."""
@@ -80,14 +111,17 @@ def real_study(root: Path, url: str, slices: int, size: int) -> tuple[dict[str, 
             time.sleep(20.0)
             sent_from, started = commits(url), time.monotonic()
             idle_rate = (sent_from - idle_from) / (started - idle_started)
-            storescu(study, daemon.port)
-            wait_until(lambda: daemon.all_delivered(1), 900, 0.2, "result delivered")
+            with ConnectionSampler(url) as sampler:
+                storescu(study, daemon.port)
+                wait_until(lambda: daemon.all_delivered(1), 900, 0.2, "result delivered")
             daemon.stop()  # every backend exits and flushes its counters
             window = time.monotonic() - started
             time.sleep(1.0)
             sent_to = commits(url)
         finally:
             daemon.close()
+    print("connections held at once, at most, while the study went through: "
+          + ", ".join(f"{name} {count}" for name, count in sorted(sampler.peak.items())))
     print(f"idle: {idle_rate:.1f} transactions/s (the sweeps every 0.25 s in this configuration); study window "
           f"{window:.0f} s, {sent_to - sent_from} transactions in it")
     return table_rows(url), round(sent_to - sent_from - idle_rate * window), idle_rate

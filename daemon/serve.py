@@ -165,7 +165,7 @@ def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
     wait_for_database(settings.database_url, DATABASE_WAIT_S)
     upgrade(settings.database_url)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, application_name="headscreen serve")
     sessions = session_factory(engine)
     if probe_applies(settings):
         claim_storage(settings.storage_dir, sessions)  # the identity workers check their storage_dir against

@@ -491,7 +491,7 @@ def worker_process_main(settings: Settings, worker_index: int, wake: Waitable | 
 
     configure_logging(settings)
     withhold_values_in_logs()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, application_name=f"headscreen worker {worker_index}")
     if probe_applies(settings):
         # Before the bundles load: a worker on the wrong disk says so at once and takes no job.
         try:

@@ -47,13 +47,17 @@ def normalise_url(url: str | URL) -> URL:
     return parsed
 
 
-def make_engine(url: str | URL, **kwargs: Any) -> Engine:
+def make_engine(url: str | URL, application_name: str | None = None, **kwargs: Any) -> Engine:
+    """`application_name` (PostgreSQL): what pg_stat_activity shows for this process's
+    connections, so a database admin sees which role holds them (docs/deployment.md)."""
     parsed = normalise_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         return _sqlite_engine(parsed, **kwargs)
     if backend == "postgresql":
         connect_args = {**PG_CONNECT_ARGS, **kwargs.pop("connect_args", {})}
+        if application_name:
+            connect_args["application_name"] = application_name[:63]  # PostgreSQL's NAMEDATALEN - 1
         return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **kwargs)
     raise ValueError(f"url: unsupported database backend {backend!r} (use sqlite or postgresql)")
 

@@ -56,6 +56,24 @@ def test_plain_postgresql_url_uses_psycopg() -> None:
         engine.dispose()
 
 
+def test_each_role_names_its_connections_and_drops_dead_ones_quickly(db_url: str) -> None:
+    """PostgreSQL: pg_stat_activity shows which headscreen process holds a connection, and a
+    connection whose peer went silent fails in seconds (keepalives, tcp_user_timeout); SQLite
+    takes the same call."""
+    engine = make_engine(db_url, application_name="headscreen worker 3")
+    try:
+        with engine.connect() as connection:
+            if engine.dialect.name != "postgresql":
+                assert connection.execute(text("SELECT 1")).scalar_one() == 1
+                return
+            assert connection.execute(text("SHOW application_name")).scalar_one() == "headscreen worker 3"
+            # libpq's own options (the client's socket): SHOW would give the server's.
+            params = connection.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+            assert (params["tcp_user_timeout"], params["keepalives_idle"], params["keepalives"]) == ("20000", "10", "1")
+    finally:
+        engine.dispose()
+
+
 def test_unsupported_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="url"):
         make_engine("mysql://localhost/x")
