@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+import pydicom
 import pytest
 from pynetdicom import AE, StoragePresentationContexts, evt
 from sqlalchemy import select
@@ -273,8 +274,6 @@ class Phases:
 
 
 def study_uid(files: list[Path]) -> str:
-    import pydicom
-
     return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
 
 
