@@ -31,7 +31,8 @@ exit codes:
        no usable bundle (serve refuses to start without one)
   3    storage mismatch (serve, worker): storage_dir is not the storage the database's
        instances are in (no .headscreen-storage-id marker: a local folder where the
-       shared mount should be; or another storage's marker); no job is taken
+       shared mount should be; or another storage's marker); no job is taken.
+       train: refused, the validation AUROC is below --min-val-auroc; no bundle
   130  interrupted (Ctrl-C)"""
 
 
