@@ -35,9 +35,11 @@ logger = logging.getLogger(__name__)
 # extraction refined by intensity. A bundle written with version 1 keeps what shapes its
 # model input (grid, crop, smoothing, normalisation, skull stripping) but takes today's
 # registration and QC gates, which are properties of the imaging stage, not the model.
-# 3: MR percentiles land at percentile_targets, leaving headroom above white matter (see
-# normalise); a bundle written before keeps its percentiles spanning the whole range.
-PARAMS_VERSION = 3
+# 3 (MR only): percentiles land at percentile_targets, leaving headroom above white matter
+# (see normalise); an MR bundle written before keeps its percentiles spanning the whole
+# range. CT's input did not change, so CT stays at 2 (its shipped manifest with it).
+PARAMS_VERSION = 2
+MR_PARAMS_VERSION = 3
 _IMAGING_STAGE_KEYS = ("registration", "qc_ranges", "skull_check")
 
 _COMMON: dict[str, Any] = {
@@ -106,6 +108,7 @@ _CT: dict[str, Any] = {
 }
 
 _MR: dict[str, Any] = {
+    "version": MR_PARAMS_VERSION,
     "modality": "MR",
     "window": None,
     "normalization": "percentile",
@@ -148,7 +151,7 @@ def with_defaults(params: dict[str, Any]) -> dict[str, Any]:
     if version < 2:
         params = {key: value for key, value in params.items()
                   if key not in _IMAGING_STAGE_KEYS and key != "version"}
-    if version < 3 and "percentile_targets" not in params:
+    if version < 3 and params.get("modality") == "MR" and "percentile_targets" not in params:
         # Model input is the model's contract: an older bundle keeps percentiles that span
         # the whole output range (as it was trained).
         params = {**params, "percentile_targets": list(params.get("output_range", merged["output_range"]))}
