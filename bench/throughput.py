@@ -75,6 +75,19 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
+def send_timed(daemon: Daemon, studies: list[list[Path]], pids: dict[str, int],
+               timeout_s: float) -> tuple[float, dict[str, float]]:
+    """Send every study with storescu and wait until all results are delivered: the wall
+    seconds from the first send, and the CPU seconds each of `pids` spent meanwhile."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    started = time.monotonic()
+    for files in studies:
+        storescu(files, daemon.port)
+    wait_until(lambda: daemon.all_delivered(len(studies)), timeout_s, 0.2, "all results delivered")
+    seconds = time.monotonic() - started
+    return seconds, {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+
+
 def make_studies(root: Path, count: int) -> list[list[Path]]:
     """`count` copies of one 300-slice CT, each with its own study, series and SOP UIDs."""
     phantom = make_head("CT", age=62.0, seed=21,
@@ -159,13 +172,7 @@ def run(studies: list[list[Path]], root: Path, workers: int, database_url: str |
                 "destination": destination.pid}
         for pid in worker_pids:
             reset_peak(pid)
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        started = time.monotonic()
-        for files in studies:
-            storescu(files, daemon.port)
-        wait_until(lambda: daemon.all_delivered(len(studies)), 1800, 0.2, "all results delivered")
-        seconds = time.monotonic() - started
-        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        seconds, cpu = send_timed(daemon, studies, pids, 1800)
         peaks = {f"worker{i + 1}": peak_rss_mb(p) for i, p in enumerate(worker_pids)}
         return Run(label, len(studies), seconds, cpu, peaks)
 

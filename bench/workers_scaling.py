@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -35,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pydicom.uid import generate_uid  # noqa: E402
-from throughput import cpu_seconds, peak_rss_mb, reset_peak, storescp  # noqa: E402
+from throughput import peak_rss_mb, reset_peak, send_timed, storescp  # noqa: E402
 from throwaway_db import throwaway_postgres  # noqa: E402
 
 from imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402
-from serve_harness import REPO, Daemon, storescu, wait_until  # noqa: E402
+from serve_harness import REPO, Daemon, wait_until  # noqa: E402
 
 
 def make_studies(root: Path, count: int, slices: int, size: int) -> list[list[Path]]:
@@ -81,13 +80,7 @@ def run(studies: list[list[Path]], root: Path, backend: str, workers: int, url: 
         for process in processes:
             reset_peak(process.pid)
         pids = {"receiver": daemon.process.pid, **{f"worker{i}": p.pid for i, p in enumerate(processes)}}
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        started = time.monotonic()
-        for files in studies:
-            storescu(files, daemon.port)
-        wait_until(lambda: daemon.all_delivered(len(studies)), 3600, 0.2, "all results delivered")
-        seconds = time.monotonic() - started
-        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        seconds, cpu = send_timed(daemon, studies, pids, 3600)
         done_by = [sum(1 for j in daemon.jobs() if j.lease_owner and j.lease_owner.endswith(f":{p.pid}:w{i}"))
                    for i, p in enumerate(processes)]
         peaks = [peak_rss_mb(p.pid) for p in processes]
