@@ -145,16 +145,14 @@ class DimseSource:
     def _associate(self, *contexts: str):
         from pynetdicom import AE
 
-        from export.delivery import client_ssl_context
+        from export.delivery import client_tls_args
 
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.network_timeout = self.timeout_s
         ae.dimse_timeout = max(self.timeout_s, 600.0)  # a C-MOVE answers once per instance sent
         for context in contexts:
             ae.add_requested_context(context)
-        tls_args = None
-        if self.node.tls is not None:
-            tls_args = (client_ssl_context(self.node.tls), self.node.tls.server_name or self.node.host or "")
+        tls_args = client_tls_args(self.name, self.node.tls, self.node.host)
         assoc = ae.associate(self.node.host or "", self.node.port or 0, ae_title=self.node.ae_title or "",
                              tls_args=tls_args)
         if not assoc.is_established:

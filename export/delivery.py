@@ -80,6 +80,18 @@ def client_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
+def client_tls_args(name: str, tls: TlsSettings | None, host: str | None) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's `tls_args` for an association to a peer (None without TLS); a context
+    that cannot be set up (unreadable certificate or key) is a TransientError."""
+    if tls is None:
+        return None
+    try:
+        context = client_ssl_context(tls)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise TransientError(f"TLS set-up for {name} failed: {exc}") from exc
+    return context, tls.server_name or host or ""
+
+
 @dataclass(frozen=True)
 class Destination:
     """A C-STORE SCP we deliver results to; `tls` set: over DICOM TLS."""
@@ -190,13 +202,7 @@ def send(
     ae.requested_contexts = _contexts(infos)
     log_extra = {"destination": destination.name, "ae_title": destination.ae_title,
                  "host": destination.host, "port": destination.port, "tls": destination.tls is not None}
-    tls_args = None
-    if destination.tls is not None:
-        try:
-            context = client_ssl_context(destination.tls)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise TransientError(f"TLS set-up for {destination.name} failed: {exc}") from exc
-        tls_args = (context, destination.tls.server_name or destination.host)
+    tls_args = client_tls_args(destination.name, destination.tls, destination.host)
     assoc = ae.associate(
         destination.host, destination.port, ae_title=destination.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, _enable_nodelay)], tls_args=tls_args,
