@@ -46,10 +46,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from throwaway_db import throwaway_postgres
 
-from daemon.callers import AllowedCaller
-from daemon.receiver import ReceiverConfig, ReceiverStats, start_receiver
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
+from headscreen.daemon.callers import AllowedCaller
+from headscreen.daemon.receiver import ReceiverConfig, ReceiverStats, start_receiver
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
 
 SCU_AE = "BENCHSCU"
 UID_ROOT = "1.2.826.0.1.3680043.8.498."

@@ -31,8 +31,8 @@ import pydicom  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 from throughput import children, cpu_seconds, is_worker, peak_rss_mb, reset_peak  # noqa: E402
 
-from db.models import Study  # noqa: E402
-from imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402
+from headscreen.db.models import Study  # noqa: E402
+from headscreen.imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402
 from serve_harness import Daemon, RecordingSCP, storescu, wait_until  # noqa: E402
 
 SERIES = {

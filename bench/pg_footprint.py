@@ -36,11 +36,11 @@ from throughput import storescp  # noqa: E402
 from throwaway_db import throwaway_postgres  # noqa: E402
 from workers_scaling import make_studies  # noqa: E402
 
-from db import api  # noqa: E402
-from db.engine import make_engine, session_factory  # noqa: E402
-from db.migrate import upgrade  # noqa: E402
-from db.models import Base  # noqa: E402
-from db.types import BundleRef, InstanceRecord, JobOutcome, OutputObject  # noqa: E402
+from headscreen.db import api  # noqa: E402
+from headscreen.db.engine import make_engine, session_factory  # noqa: E402
+from headscreen.db.migrate import upgrade  # noqa: E402
+from headscreen.db.models import Base  # noqa: E402
+from headscreen.db.types import BundleRef, InstanceRecord, JobOutcome, OutputObject  # noqa: E402
 from serve_harness import Daemon, storescu, wait_until  # noqa: E402
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from imaging import qc, realscans, templates
-from imaging.phantoms import Pose, make_head, make_non_head, write_dicom_series
-from imaging.preprocess import Preprocessed, default_params, preprocess
-from imaging.registration import affine_to_matrix, rotation_part
-from imaging.skullstrip import dice
-from imaging.volume import Volume, load_series
+from headscreen.imaging import qc, realscans, templates
+from headscreen.imaging.phantoms import Pose, make_head, make_non_head, write_dicom_series
+from headscreen.imaging.preprocess import Preprocessed, default_params, preprocess
+from headscreen.imaging.registration import affine_to_matrix, rotation_part
+from headscreen.imaging.skullstrip import dice
+from headscreen.imaging.volume import Volume, load_series
 
 REAL_POSES = [Pose((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)), Pose((10.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
               Pose((0.0, 0.0, 20.0), (20.0, -10.0, 5.0)), Pose((30.0, 0.0, 0.0), (0.0, 20.0, -20.0)),

@@ -1,6 +1,6 @@
 """Quality of the SHIPPED bundles on a held-out synthetic anomaly suite (trains nothing).
 
-Each bundle is run through daemon.inference.BundleRunner after imaging's preprocessing
+Each bundle is run through headscreen.inference.BundleRunner after imaging's preprocessing
 with the bundle's own parameters, i.e. exactly what the daemon runs. The suite's case
 seeds (model_training.anomalies) are disjoint from the training cohort's: the suite
 seed must differ from the seed recorded in the bundle's manifest.
@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.bundle import discover_bundles, load_bundle  # noqa: E402
-from model_training.anomalies import ANOMALY_TYPES, suite_cases  # noqa: E402
-from model_training.evaluate import evaluate_records, load_runner, sample_metrics, score_suite, write_report  # noqa: E402
+from headscreen.bundle import discover_bundles, load_bundle  # noqa: E402
+from headscreen.model_training.anomalies import ANOMALY_TYPES, suite_cases  # noqa: E402
+from headscreen.model_training.evaluate import evaluate_records, load_runner, sample_metrics, score_suite, write_report  # noqa: E402
 
 QC_TYPES = ("wrong_orientation", "truncated", "failed_registration", "craniectomy")
 

@@ -37,16 +37,16 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from daemon.bundle import MANIFEST_NAME, Bundle, load_bundle
-from daemon.config import shipped_bundles
-from daemon.errors import InputRejected
-from daemon.inference import BundleRunner, Inference
-from export.seg import MIN_CLUSTER_ML, anomaly_mask
-from imaging import qc, realscans
-from imaging.phantoms import Pose, write_dicom_series
-from imaging.preprocess import Preprocessed, preprocess, to_native
-from imaging.skullstrip import dice
-from imaging.volume import Volume, load_series
+from headscreen.bundle import MANIFEST_NAME, Bundle, load_bundle
+from headscreen.daemon.config import shipped_bundles
+from headscreen.errors import InputRejected
+from headscreen.export.seg import MIN_CLUSTER_ML, anomaly_mask
+from headscreen.imaging import qc, realscans
+from headscreen.imaging.phantoms import Pose, write_dicom_series
+from headscreen.imaging.preprocess import Preprocessed, preprocess, to_native
+from headscreen.imaging.skullstrip import dice
+from headscreen.imaging.volume import Volume, load_series
+from headscreen.inference import BundleRunner, Inference
 
 # No age in the ITK example data (no header fields, no documentation of the subject).
 ASSUMED_AGE_YEARS = 40.0
@@ -280,7 +280,7 @@ def _summary(rows: list[Row]) -> dict[str, int]:
 
 def _record(bundle: Bundle, rows: list[Row], summary: dict[str, int], age: float) -> None:
     """Into the manifest's metrics (not hashed: the files it lists are) and the model card."""
-    from model_training.model_card import write_model_card  # torch-free
+    from headscreen.model_training.model_card import write_model_card  # torch-free
 
     path = bundle.path / MANIFEST_NAME
     raw = json.loads(path.read_text())

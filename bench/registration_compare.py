@@ -25,10 +25,10 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from imaging import realscans, templates
-from imaging.phantoms import Pose
-from imaging.preprocess import _registration_settings, default_params, shrink
-from imaging.registration import affine_to_matrix, register_to_atlas, rotation_part
+from headscreen.imaging import realscans, templates
+from headscreen.imaging.phantoms import Pose
+from headscreen.imaging.preprocess import _registration_settings, default_params, shrink
+from headscreen.imaging.registration import affine_to_matrix, register_to_atlas, rotation_part
 
 POSES = [Pose((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)), Pose((10.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
          Pose((0.0, 0.0, 20.0), (20.0, -10.0, 5.0)), Pose((30.0, 0.0, 0.0), (0.0, 20.0, -20.0)),

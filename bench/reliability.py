@@ -110,9 +110,19 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  #
 from sqlalchemy import func, select  # noqa: E402
 from throwaway_db import throwaway_postgres  # noqa: E402
 
-from db.engine import make_engine  # noqa: E402
-from db.models import AuditEvent, Delivery, IngestRejection, Instance, Job, Result, ResultObject, Series, Study  # noqa: E402
-from db.states import DeliveryState, JobState, ObjectKind, StudyState  # noqa: E402
+from headscreen.db.engine import make_engine  # noqa: E402
+from headscreen.db.models import (  # noqa: E402
+    AuditEvent,
+    Delivery,
+    IngestRejection,
+    Instance,
+    Job,
+    Result,
+    ResultObject,
+    Series,
+    Study,
+)
+from headscreen.db.states import DeliveryState, JobState, ObjectKind, StudyState  # noqa: E402
 from receiver_helpers import closed_by_peer, idle_sockets  # noqa: E402
 
 CALLING_AE = "BENCHPACS"
@@ -254,13 +264,13 @@ slice_thickness_mm = [0.4, 8.0]
 """)
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "daemon.cli", "-c", str(self.config), *args], cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "headscreen", "-c", str(self.config), *args], cwd=REPO,
                               input=stdin, capture_output=True, text=True, timeout=300)
 
     def start(self, timeout_s: float = 180.0) -> float:
         """Start serve and wait for a C-ECHO; seconds it took."""
         started = time.monotonic()
-        self.process = CHILDREN.spawn([sys.executable, "-m", "daemon.cli", "-c", str(self.config), "serve"], self.log)
+        self.process = CHILDREN.spawn([sys.executable, "-m", "headscreen", "-c", str(self.config), "serve"], self.log)
         while time.monotonic() - started < timeout_s:
             if self.process.poll() is not None:
                 raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.log_tail()}")
@@ -383,7 +393,7 @@ class Destination:
 
 def write_study(head: object, folder: Path, *, rows: int, cols: int, thickness: float,
                 extra: dict[str, str] | None = None, patient_id: str | None = None) -> list[Item]:
-    from imaging.phantoms import write_dicom_series
+    from headscreen.imaging.phantoms import write_dicom_series
 
     study_uid, series_uid = generate_uid(), generate_uid()
     paths = write_dicom_series(head, folder, study_uid=study_uid, series_uid=series_uid, rows=rows, cols=cols,
@@ -970,11 +980,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="hs-reliability-") as tmp, _stopping_children():
             root = Path(tmp)
-            from imaging.phantoms import make_head
+            from headscreen.imaging.phantoms import make_head
 
             heads = [make_head("CT", age=45.0 + 10 * k, seed=40 + k, spacing=(2.0, 2.0, 2.0)) for k in range(2)]
             if args.shipped_bundles:
-                from daemon.config import shipped_bundles
+                from headscreen.daemon.config import shipped_bundles
 
                 bundles = [Path(b) for b in shipped_bundles()]
             else:

@@ -41,12 +41,12 @@ from ingest import SCU_AE, build_study, send
 from sqlalchemy import select, text
 from throwaway_db import throwaway_postgres
 
-from daemon.blobstore import BlobStore, FilesystemStore, PostgresStore, Scratch
-from daemon.callers import AllowedCaller
-from daemon.receiver import ReceiverConfig, start_receiver
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.models import Instance
+from headscreen.daemon.blobstore import BlobStore, FilesystemStore, PostgresStore, Scratch
+from headscreen.daemon.callers import AllowedCaller
+from headscreen.daemon.receiver import ReceiverConfig, start_receiver
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.models import Instance
 
 _COLUMN_SETUP = {
     "filesystem": None,

@@ -76,8 +76,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 from sklearn.mixture import GaussianMixture
 
-from imaging import realscans, synthesis
-from imaging.phantoms import Phantom, make_head
+from headscreen.imaging import realscans, synthesis
+from headscreen.imaging.phantoms import Phantom, make_head
 
 N_TEMPLATE = 4
 REAL_T1_SPACING = (2.0, 2.0, 3.0)      # the real T1's voxel (x, y, z mm); synthetic heads are brought to it

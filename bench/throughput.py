@@ -36,8 +36,8 @@ import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from throwaway_db import throwaway_postgres  # noqa: E402
 
-from daemon.orthanc import free_port  # noqa: E402
-from imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402
+from headscreen.daemon.orthanc import free_port  # noqa: E402
+from headscreen.imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402
 from serve_harness import Daemon, storescu, wait_until  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -27,11 +27,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from model_training import train_fanogan as fanogan_training  # noqa: E402
-from model_training import train_vae as vae_training  # noqa: E402
-from model_training.export_onnx import FAnoGANGraph, VaeGraph  # noqa: E402
-from model_training.networks import GAN_PRESETS, VAE3D, VAE_PRESETS, build_fanogan  # noqa: E402
-from model_training.runtime import Samples, pick_device, seed_everything  # noqa: E402
+from headscreen.model_training import train_fanogan as fanogan_training  # noqa: E402
+from headscreen.model_training import train_vae as vae_training  # noqa: E402
+from headscreen.model_training.export_onnx import FAnoGANGraph, VaeGraph  # noqa: E402
+from headscreen.model_training.networks import GAN_PRESETS, VAE3D, VAE_PRESETS, build_fanogan  # noqa: E402
+from headscreen.model_training.runtime import Samples, pick_device, seed_everything  # noqa: E402
 
 GRID = 64
 

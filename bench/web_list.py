@@ -25,12 +25,12 @@ from sqlalchemy import insert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.config import load_settings  # noqa: E402
-from daemon.web import create_app  # noqa: E402
-from db import api  # noqa: E402
-from db.engine import make_engine, session_factory  # noqa: E402
-from db.migrate import upgrade  # noqa: E402
-from db.models import Job, Result, Series, Study  # noqa: E402
+from headscreen.daemon.config import load_settings  # noqa: E402
+from headscreen.daemon.web import create_app  # noqa: E402
+from headscreen.db import api  # noqa: E402
+from headscreen.db.engine import make_engine, session_factory  # noqa: E402
+from headscreen.db.migrate import upgrade  # noqa: E402
+from headscreen.db.models import Job, Result, Series, Study  # noqa: E402
 
 QUERIES = {
     "first page": "",

@@ -37,7 +37,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 from throughput import peak_rss_mb, reset_peak, send_timed, storescp  # noqa: E402
 from throwaway_db import throwaway_postgres  # noqa: E402
 
-from imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402
+from headscreen.imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402
 from serve_harness import REPO, Daemon, wait_until  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def run(studies: list[list[Path]], root: Path, backend: str, workers: int, url: 
                 config.write_text(daemon.config.read_text().replace(
                     f'storage_dir = "{daemon.storage}"', f'storage_dir = "{daemon.workdir / f"worker-{index}"}"'))
             log = (daemon.workdir / f"worker-{index}.log").open("ab")
-            process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "-c", str(config), "worker",
+            process = subprocess.Popen([sys.executable, "-m", "headscreen", "-c", str(config), "worker",
                                         "--index", str(index)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
             stack.callback(_stop, process)
             processes.append(process)

@@ -37,12 +37,12 @@ from pathlib import Path, PurePosixPath
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import Settings
-from daemon.errors import TransientError
-from daemon.storage import ORPHAN_GRACE_S
-from db import api
-from db import blobs as db_blobs
-from db.types import JobOutcome, OutputObject
+from headscreen.daemon.config import Settings
+from headscreen.daemon.storage import ORPHAN_GRACE_S
+from headscreen.db import api
+from headscreen.db import blobs as db_blobs
+from headscreen.db.types import JobOutcome, OutputObject
+from headscreen.errors import TransientError
 
 logger = logging.getLogger(__name__)
 

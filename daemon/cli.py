@@ -12,11 +12,11 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from daemon.config import Settings, example_toml, load_settings
-from daemon.errors import HeadscreenError, TransientError
-from daemon.privacy import failure_reason, redact_secrets, withhold_values_in_logs
-from daemon.storage_probe import EXIT_STORAGE_MISMATCH, StorageMismatch
-from db.states import StudyState
+from headscreen.daemon.config import Settings, example_toml, load_settings
+from headscreen.daemon.storage_probe import EXIT_STORAGE_MISMATCH, StorageMismatch
+from headscreen.db.states import StudyState
+from headscreen.errors import HeadscreenError, TransientError
+from headscreen.privacy import failure_reason, redact_secrets, withhold_values_in_logs
 
 log = logging.getLogger("headscreen")
 
@@ -57,8 +57,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from daemon.logs import configure_logging
-    from daemon.serve import serve
+    from headscreen.daemon.logs import configure_logging
+    from headscreen.daemon.serve import serve
 
     settings = _settings(args)
     configure_logging(settings)
@@ -89,14 +89,14 @@ def _listen_failure(settings: Settings, exc: OSError) -> str:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A worker on its own (e.g. on another machine sharing a PostgreSQL queue)."""
-    from daemon.worker import worker_process_main
+    from headscreen.daemon.worker import worker_process_main
 
     worker_process_main(_settings(args), args.index)  # sets up logging from the settings
     return 0
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from db.migrate import current_revision, upgrade
+    from headscreen.db.migrate import current_revision, upgrade
 
     settings = _settings(args)
     settings.storage_dir.mkdir(parents=True, exist_ok=True)
@@ -118,8 +118,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def _sessions(settings: Settings):
-    from db.engine import make_engine, session_factory
-    from db.migrate import upgrade
+    from headscreen.db.engine import make_engine, session_factory
+    from headscreen.db.migrate import upgrade
 
     upgrade(settings.database_url)
     return session_factory(make_engine(settings.database_url))
@@ -134,7 +134,7 @@ def _fmt(value: object, digits: int = 1) -> str:
 
 
 def cmd_studies_list(args: argparse.Namespace) -> int:
-    from db import api
+    from headscreen.db import api
 
     settings = _settings(args)
     filters = api.StudyFilters(
@@ -165,7 +165,7 @@ def _row_dict(row) -> dict:
 
 
 def cmd_studies_flag(args: argparse.Namespace) -> int:
-    from db import api
+    from headscreen.db import api
 
     settings = _settings(args)
     with _sessions(settings)() as session:
@@ -176,8 +176,8 @@ def cmd_studies_flag(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    from daemon.delivery import deliver_due
-    from db import api
+    from headscreen.daemon.delivery import deliver_due
+    from headscreen.db import api
 
     settings = _settings(args)
     sessions = _sessions(settings)
@@ -191,7 +191,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from db import api
+    from headscreen.db import api
 
     settings = _settings(args)
     with _sessions(settings)() as session:
@@ -201,9 +201,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_web(args: argparse.Namespace) -> int:
     """The admin console on its own (the receiver and workers may run elsewhere)."""
-    from daemon.logs import configure_logging
-    from daemon.scheduler import bundle_refs
-    from daemon.web import run_web
+    from headscreen.daemon.logs import configure_logging
+    from headscreen.daemon.scheduler import bundle_refs
+    from headscreen.daemon.web import run_web
 
     settings = _settings(args)
     configure_logging(settings)
@@ -230,7 +230,7 @@ def _read_password(args: argparse.Namespace) -> str:
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
-    from db import api
+    from headscreen.db import api
 
     settings = _settings(args)
     password = _read_password(args)
@@ -241,7 +241,7 @@ def cmd_users_add(args: argparse.Namespace) -> int:
 
 
 def cmd_users_passwd(args: argparse.Namespace) -> int:
-    from db import api
+    from headscreen.db import api
 
     settings = _settings(args)
     password = _read_password(args)
@@ -252,7 +252,7 @@ def cmd_users_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_users_list(args: argparse.Namespace) -> int:
-    from db import api
+    from headscreen.db import api
 
     with _sessions(_settings(args))() as session:
         for user in api.list_users(session):
@@ -274,8 +274,8 @@ def _percent(share: float | None) -> str:
 
 
 def _bundles_list(args: argparse.Namespace) -> int:
-    from daemon.scheduler import bundle_refs
-    from daemon.shadow import comparisons, current_plan
+    from headscreen.daemon.scheduler import bundle_refs
+    from headscreen.daemon.shadow import comparisons, current_plan
 
     settings = _settings(args)
     with _sessions(settings)() as session:
@@ -315,9 +315,9 @@ def _bundles_list(args: argparse.Namespace) -> int:
 
 
 def _bundles_change(args: argparse.Namespace) -> int:
-    from daemon import shadow
-    from daemon.scheduler import bundle_refs
-    from db import api
+    from headscreen.daemon import shadow
+    from headscreen.daemon.scheduler import bundle_refs
+    from headscreen.db import api
 
     if sum(bool(k) for k in (args.shadow, args.promote, args.retire)) != 1:
         raise HeadscreenError("give one of --shadow, --promote, --retire")
@@ -350,8 +350,8 @@ def _bundles_change(args: argparse.Namespace) -> int:
 
 
 def cmd_bundles_verify(args: argparse.Namespace) -> int:
-    from daemon.bundle import load_bundle
-    from daemon.inference import BundleRunner
+    from headscreen.bundle import load_bundle
+    from headscreen.inference import BundleRunner
 
     paths = args.paths or _settings(args).bundles
     for path in paths:
@@ -363,7 +363,7 @@ def cmd_bundles_verify(args: argparse.Namespace) -> int:
 
 
 def _calibration_bundles(settings: Settings, wanted: str | None) -> list:
-    from daemon.bundle import load_bundle
+    from headscreen.bundle import load_bundle
 
     bundles = [load_bundle(Path(path)) for path in settings.bundles]
     if wanted is not None:
@@ -383,8 +383,8 @@ def _reference_line(ref) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Site references: estimate (default), --list, --retire."""
-    from daemon.reference import calibrate
-    from db import api
+    from headscreen.daemon.reference import calibrate
+    from headscreen.db import api
 
     settings = _settings(args)
     sessions = _sessions(settings)
@@ -453,10 +453,10 @@ def cmd_rescreen(args: argparse.Namespace) -> int:
     """Re-screen a PACS archive's studies of a date range (daemon.rescreen); --list, --resume."""
     import threading
 
-    from daemon import rescreen
-    from daemon.logs import setup_logging
-    from daemon.scheduler import active_bundles, bundle_refs
-    from db import rescreen as runs
+    from headscreen.daemon import rescreen
+    from headscreen.daemon.logs import setup_logging
+    from headscreen.daemon.scheduler import active_bundles, bundle_refs
+    from headscreen.db import rescreen as runs
 
     settings = _settings(args)
     # Warnings only (a line per study would break the bar); pynetdicom's own errors repeat ours.
@@ -552,18 +552,18 @@ def _rescreen_line(run) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
+    from headscreen.daemon.demo import run_demo
 
     return run_demo(Path(args.work), timeout_s=args.timeout)
 
 
 def cmd_training(args: argparse.Namespace, rest: list[str]) -> int:
-    from daemon.logs import setup_logging
+    from headscreen.daemon.logs import setup_logging
 
     if not logging.getLogger().handlers:  # as logging.basicConfig: a host's handlers stay
         setup_logging(args.log_format or "text", args.log_level or "INFO")
     try:
-        from model_training import cli as training_cli
+        from headscreen.model_training import cli as training_cli
     except ImportError as exc:
         raise HeadscreenError(f"training needs the 'train' extra (pip install 'headscreen[train]'): {exc}") from None
     entry = {"train": training_cli.main, "evaluate": training_cli.evaluate_main}[args.command]
@@ -755,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
 def _failed(message: str, code: int, logged: bool, exc: BaseException | None = None) -> int:
     """Say why the command stops: a log event for a daemon (one JSON line with --log-format
     json; a traceback is kept as frames without messages), else one line on stderr."""
-    from daemon.logs import is_set_up
+    from headscreen.daemon.logs import is_set_up
 
     if logged and is_set_up():
         log.error(message, exc_info=exc, extra={"action": "exit", "exit_code": code})

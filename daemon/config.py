@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from daemon.errors import ConfigError
-from daemon.privacy import redact_authorization, redact_secrets, redact_url
-from db.types import RetryPolicy
+from headscreen.db.types import RetryPolicy
+from headscreen.errors import ConfigError
+from headscreen.privacy import redact_authorization, redact_secrets, redact_url
 
 CONFIG_ENV = "HEADSCREEN_CONFIG"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
@@ -368,7 +368,7 @@ class Settings(BaseSettings):
 
     def selection_rules(self, modality: str):
         """The declarative series-selection rules for a modality (defaults + overrides)."""
-        from imaging.selection import Preference, SelectionRules
+        from headscreen.imaging.selection import Preference, SelectionRules
 
         default = SelectionRules.default_for(modality)
         override = self.selection.get(modality)  # type: ignore[call-overload]
@@ -515,4 +515,4 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
 
 def example_toml() -> str:
     """The complete commented example printed by `headscreen config example`."""
-    return resources.files("daemon").joinpath("config_example.toml").read_text()
+    return resources.files("headscreen.daemon").joinpath("config_example.toml").read_text()

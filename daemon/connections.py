@@ -24,10 +24,10 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from daemon.callers import normalise_host
+from headscreen.daemon.callers import normalise_host
 
 if TYPE_CHECKING:
-    from daemon.receiver import ReceiverStats
+    from headscreen.daemon.receiver import ReceiverStats
 
 logger = logging.getLogger(__name__)
 

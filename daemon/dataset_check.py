@@ -17,7 +17,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
-from daemon.errors import InputRejected
+from headscreen.errors import InputRejected
 
 _PIXEL_GROUP = 0x7FE0
 _ITEM_TAG = 0xFFFEE000

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.blobstore import BlobStore, Scratch, open_store
-from daemon.config import DestinationConfig, Settings
-from daemon.errors import TransientError
-from db import api
-from db.states import ObjectKind
-from export.delivery import Destination, send, send_stow
+from headscreen.daemon.blobstore import BlobStore, Scratch, open_store
+from headscreen.daemon.config import DestinationConfig, Settings
+from headscreen.db import api
+from headscreen.db.states import ObjectKind
+from headscreen.errors import TransientError
+from headscreen.export.delivery import Destination, send, send_stow
 
 log = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ from PIL import Image
 from pynetdicom import AE, StoragePresentationContexts, evt
 from sqlalchemy import select
 
-from daemon.errors import HeadscreenError
-from daemon.orthanc import Orthanc, free_port, orthanc_available
-from db.engine import make_engine, session_factory
-from db.models import Delivery, Result, ResultObject, Study
+from headscreen.daemon.orthanc import Orthanc, free_port, orthanc_available
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.models import Delivery, Result, ResultObject, Study
+from headscreen.errors import HeadscreenError
 
 if TYPE_CHECKING:  # at run time imaging is imported only where a study is synthesized
-    from imaging.phantoms import LesionKind
+    from headscreen.imaging.phantoms import LesionKind
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ CASES = (
 
 def synthesize(case: DemoCase, out_dir: Path) -> tuple[str, list[Path]]:
     """A phantom study written as DICOM; returns (StudyInstanceUID, files)."""
-    from imaging.phantoms import Lesion, Pose, make_head, write_dicom_series
+    from headscreen.imaging.phantoms import Lesion, Pose, make_head, write_dicom_series
 
     lesion = Lesion(kind=case.lesion_kind, center_mm=(25.0, -10.0, 15.0), volume_ml=20.0) if case.lesion_kind else None
     phantom = make_head(case.modality, age=case.age, seed=case.seed,
@@ -264,7 +264,7 @@ def run_demo(work: Path, timeout_s: float = 240.0) -> int:
         print(f"PACS: Orthanc not installed; a local Storage SCP on port {local.port}")
     config = write_config(work, port, destination)
     serve_log = (work / "serve.log").open("wb")
-    serve = subprocess.Popen([sys.executable, "-m", "daemon.cli", "-c", str(config), "serve"],
+    serve = subprocess.Popen([sys.executable, "-m", "headscreen", "-c", str(config), "serve"],
                              stdout=serve_log, stderr=subprocess.STDOUT)
     try:
         wait_for_echo(port, serve)

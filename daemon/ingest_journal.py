@@ -43,8 +43,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from daemon.storage import fsync_directory
-from db.types import InstanceRecord
+from headscreen.daemon.storage import fsync_directory
+from headscreen.db.types import InstanceRecord
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from pydicom.multival import MultiValue
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, EnhancedMRImageStorage, MRImageStorage
 from pynetdicom.events import Event
 
-from daemon.storage import InstanceStore, InvalidUid, check_uid
-from db.models import Series, Study
-from db.types import InstanceRecord
-from imaging.volume import slice_normal
+from headscreen.daemon.storage import InstanceStore, InvalidUid, check_uid
+from headscreen.db.models import Series, Study
+from headscreen.db.types import InstanceRecord
+from headscreen.imaging.volume import slice_normal
 
 if TYPE_CHECKING:
-    from daemon.receiver import ReceiverStats
+    from headscreen.daemon.receiver import ReceiverStats
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from daemon.config import Settings
+from headscreen.daemon.config import Settings
 
 # Record attributes that are not structured fields; uvicorn's color_message repeats the
 # message with colour codes.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 _BASE_KEYS = ("time", "level", "logger", "message")
-# Extras that hold a traceback (daemon.privacy.WithholdValues puts one in error_trace).
+# Extras that hold a traceback (headscreen.privacy.WithholdValues puts one in error_trace).
 _TRACE_EXTRAS = ("error_trace",)
 # ANSI/VT100 escape sequences: CSI (colours, cursor moves), OSC (titles), and single ESC x.
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import HeadscreenError
+from headscreen.errors import HeadscreenError
 
 ORTHANC_BINARY = "Orthanc"
 

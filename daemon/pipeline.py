@@ -13,7 +13,7 @@ bundle's own, a site reference, or none yet ("calibrating": score only, no SEG).
 A shadow bundle (daemon.shadow) goes through `score_shadow`: the same stages up to
 the verdict, reusing the study's stages via SharedStages, and no DICOM object.
 
-Input errors (daemon.errors.is_input_error: a header value pydicom or highdicom cannot
+Input errors (headscreen.errors.is_input_error: a header value pydicom or highdicom cannot
 decode or will not accept) are bad input too: an instance whose geometry or pixels do
 not decode is left out of its series and counted (imaging.selection), the results are
 built from sanitised copies of the source headers (export.sanitise), and anything that
@@ -39,23 +39,21 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from daemon.ages import chronological_age
-from daemon.errors import DECODE_ERRORS, InputRejected, TransientError, is_input_error
-from daemon.inference import BundleRunner, Inference
-from daemon.privacy import failure_reason, frames_only, scrub
-from daemon.reference import Calibrating, Reference, ReferencePolicy, scoring_identity, station_key
-from daemon.storage import atomic_write, fsync_directory, write_synced
-from db.api import JobOutcome, JobTicket, OutputObject, ShadowOutcome
-from export.kos import build_rejection_note
-from export.model import AlgorithmInfo, ResultSummary
-from export.pm import build_parametric_map
-from export.sanitise import TYPE2, sanitise_sources
-from export.sc import OverlayStyle, build_not_screened_image, build_overlay_series, choose_slices
-from export.seg import DEFAULT_THRESHOLD, build_segmentation, missing_for_seg
-from export.sr import ReferenceNote, build_report
-from imaging.preprocess import Preprocessed, preprocess, to_native
-from imaging.qc import blocking_reasons
-from imaging.selection import (
+from headscreen.daemon.ages import chronological_age
+from headscreen.daemon.reference import Calibrating, Reference, ReferencePolicy, scoring_identity, station_key
+from headscreen.daemon.storage import atomic_write, fsync_directory, write_synced
+from headscreen.db.api import JobOutcome, JobTicket, OutputObject, ShadowOutcome
+from headscreen.errors import DECODE_ERRORS, InputRejected, TransientError, is_input_error
+from headscreen.export.kos import build_rejection_note
+from headscreen.export.model import AlgorithmInfo, ResultSummary
+from headscreen.export.pm import build_parametric_map
+from headscreen.export.sanitise import TYPE2, sanitise_sources
+from headscreen.export.sc import OverlayStyle, build_not_screened_image, build_overlay_series, choose_slices
+from headscreen.export.seg import DEFAULT_THRESHOLD, build_segmentation, missing_for_seg
+from headscreen.export.sr import ReferenceNote, build_report
+from headscreen.imaging.preprocess import Preprocessed, preprocess, to_native
+from headscreen.imaging.qc import blocking_reasons
+from headscreen.imaging.selection import (
     EXCLUDED_UNREADABLE,
     SelectionRules,
     SeriesCandidate,
@@ -64,14 +62,16 @@ from imaging.selection import (
     usable_files,
     usable_instances,
 )
-from imaging.volume import Volume, load_series, read_header, release_pixels
+from headscreen.imaging.volume import Volume, load_series, read_header, release_pixels
+from headscreen.inference import BundleRunner, Inference
+from headscreen.privacy import failure_reason, frames_only, scrub
 
 log = logging.getLogger(__name__)
 
 # A series that does not load: an input problem or pixels that do not decode.
 _LOAD_ERRORS: tuple[type[BaseException], ...] = (InputRejected, *DECODE_ERRORS)
 
-# The map reaches export in multiples of the bundle's healthy limit (daemon.inference:
+# The map reaches export in multiples of the bundle's healthy limit (headscreen.inference:
 # positive z over the healthy 99.9th percentile of z, or error over the healthy 99th
 # percentile), so one fixed scale means the same on every study: below 1 is within
 # the healthy range and stays grey, 3 and above is full red.
@@ -529,7 +529,7 @@ def not_screened_after_error(
     read: StudyRead | None = None,
 ) -> JobOutcome:
     """The not-eligible result of a study whose input raised an input error (see
-    daemon.errors.is_input_error): the reason names the kind of error, never its message
+    headscreen.errors.is_input_error): the reason names the kind of error, never its message
     (pydicom and highdicom quote the value). `read` is what was read before; without it
     the headers are read again (a storage error then still raises TransientError)."""
     kind = type(exc).__name__

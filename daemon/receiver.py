@@ -101,9 +101,9 @@ from pynetdicom.utils import make_target
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.callers import CallerEntry, CallerPolicy, TlsServerConfig, normalise_host, server_ssl_context
-from daemon.config import ReceiverSection, Settings
-from daemon.connections import (
+from headscreen.daemon.callers import CallerEntry, CallerPolicy, TlsServerConfig, normalise_host, server_ssl_context
+from headscreen.daemon.config import ReceiverSection, Settings
+from headscreen.daemon.connections import (
     Connection,
     ConnectionGuard,
     GuardedAssociationServer,
@@ -111,15 +111,15 @@ from daemon.connections import (
     RefusalLog,
     set_timeout,
 )
-from daemon.dataset_check import parse_header
-from daemon.errors import InputRejected
-from daemon.ingest_journal import IngestJournal, JournalEntry, recover
-from daemon.instance_record import build_record, command_sop_uid
-from daemon.storage import InstanceStore, InvalidUid, StorageFull, StoredInstance, sync_files
-from db import api as db_api
-from db import ingest as db_ingest
-from db.group_commit import GroupCommit
-from db.types import InstanceRecord, RecordOutcome
+from headscreen.daemon.dataset_check import parse_header
+from headscreen.daemon.ingest_journal import IngestJournal, JournalEntry, recover
+from headscreen.daemon.instance_record import build_record, command_sop_uid
+from headscreen.daemon.storage import InstanceStore, InvalidUid, StorageFull, StoredInstance, sync_files
+from headscreen.db import api as db_api
+from headscreen.db import ingest as db_ingest
+from headscreen.db.group_commit import GroupCommit
+from headscreen.db.types import InstanceRecord, RecordOutcome
+from headscreen.errors import InputRejected
 
 logger = logging.getLogger(__name__)
 STORAGE_CLASSES: tuple[str, ...] = (

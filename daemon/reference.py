@@ -28,8 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from daemon.bundle import MANIFEST_NAME, Bundle
-from db.types import CalibrationCandidate, SiteReferenceRow
+from headscreen.bundle import MANIFEST_NAME, Bundle
+from headscreen.db.types import CalibrationCandidate, SiteReferenceRow
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def calibrate(session: Any, bundle: Bundle, *, actor: str, grouping: str = "stat
     """Estimate and store a site reference per scanner group of `bundle` (one group when
     `station` is given). A group whose active reference was built from the very same
     studies by the same rule is left as it is."""
-    from db import api
+    from headscreen.db import api
 
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping: one of {', '.join(GROUPINGS)}, got {grouping!r}")

@@ -29,12 +29,12 @@ from typing import Any, Protocol
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import DestinationConfig, Settings
-from daemon.errors import HeadscreenError, TransientError
-from db import rescreen as store
-from db.models import RescreenItemState, RescreenRunState
-from db.rescreen import FoundStudy, RescreenQuery
-from db.types import BundleRef
+from headscreen.daemon.config import DestinationConfig, Settings
+from headscreen.db import rescreen as store
+from headscreen.db.models import RescreenItemState, RescreenRunState
+from headscreen.db.rescreen import FoundStudy, RescreenQuery
+from headscreen.db.types import BundleRef
+from headscreen.errors import HeadscreenError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class DimseSource:
     def _associate(self, *contexts: str):
         from pynetdicom import AE
 
-        from export.delivery import client_tls_args
+        from headscreen.export.delivery import client_tls_args
 
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.network_timeout = self.timeout_s
@@ -317,7 +317,7 @@ class DicomwebSource:
         import requests
         from pynetdicom import AE
 
-        from daemon.receiver import STORAGE_CLASSES, TRANSFER_SYNTAXES
+        from headscreen.daemon.receiver import STORAGE_CLASSES, TRANSFER_SYNTAXES
 
         client = self._client()
         try:

@@ -13,14 +13,14 @@ from typing import Protocol
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.blobstore import open_store
-from daemon.bundle import load_bundle
-from daemon.config import Settings
-from daemon.delivery import deliver_due
-from daemon.reference import scoring_identity
-from daemon.shadow import current_plan
-from daemon.storage import DebrisCount, sweep_debris
-from db import api
+from headscreen.bundle import load_bundle
+from headscreen.daemon.blobstore import open_store
+from headscreen.daemon.config import Settings
+from headscreen.daemon.delivery import deliver_due
+from headscreen.daemon.reference import scoring_identity
+from headscreen.daemon.shadow import current_plan
+from headscreen.daemon.storage import DebrisCount, sweep_debris
+from headscreen.db import api
 
 log = logging.getLogger(__name__)
 

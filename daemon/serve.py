@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import Settings, default_bundle_roots
-from daemon.errors import ConfigError, TransientError
-from daemon.receiver import ReceiverConfig, receiver_options, start_receiver
-from daemon.scheduler import bundle_refs, start_scheduler
-from daemon.storage_probe import EXIT_STORAGE_MISMATCH, StorageMismatch, claim_storage, probe_applies
-from daemon.web import WebServer, start_web_server
-from daemon.web.health import ServeRuntime
-from daemon.worker import worker_process_main
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.types import BundleRef
+from headscreen.daemon.config import Settings, default_bundle_roots
+from headscreen.daemon.receiver import ReceiverConfig, receiver_options, start_receiver
+from headscreen.daemon.scheduler import bundle_refs, start_scheduler
+from headscreen.daemon.storage_probe import EXIT_STORAGE_MISMATCH, StorageMismatch, claim_storage, probe_applies
+from headscreen.daemon.web import WebServer, start_web_server
+from headscreen.daemon.web.health import ServeRuntime
+from headscreen.daemon.worker import worker_process_main
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.types import BundleRef
+from headscreen.errors import ConfigError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ def wait_for_database(url: str, timeout_s: float) -> None:
     from sqlalchemy.exc import OperationalError
     from sqlalchemy.pool import NullPool
 
-    from daemon.privacy import redact_secrets
-    from db.engine import normalise_url
+    from headscreen.db.engine import normalise_url
+    from headscreen.privacy import redact_secrets
 
     parsed = normalise_url(url)
     if parsed.get_backend_name() != "postgresql":

@@ -22,9 +22,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from daemon.errors import HeadscreenError
-from db.shadow import recorded_role
-from db.types import BundleRef, BundleRoleRow, BundleScoreRow, RoleChange, RoleConflict
+from headscreen.db.shadow import recorded_role
+from headscreen.db.types import BundleRef, BundleRoleRow, BundleScoreRow, RoleChange, RoleConflict
+from headscreen.errors import HeadscreenError
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ class BundleNotConfigured(HeadscreenError):
 
 def configured_refs(paths: Sequence[Path]) -> list[BundleRef]:
     """The configured bundles (verified) with their modality and manifest sha256."""
-    from daemon.bundle import load_bundle
-    from daemon.reference import scoring_identity
+    from headscreen.bundle import load_bundle
+    from headscreen.daemon.reference import scoring_identity
 
     refs = []
     for path in paths:
@@ -135,7 +135,7 @@ def resolve_roles(configured: Sequence[BundleRef], recorded: Sequence[BundleRole
 
 
 def current_plan(session: Any, configured: Sequence[BundleRef]) -> RolePlan:
-    from db import api
+    from headscreen.db import api
 
     return resolve_roles(configured, api.list_bundle_roles(session))
 
@@ -154,7 +154,7 @@ def put_in_shadow(session: Any, configured: Sequence[BundleRef], key: str, actor
                   now: datetime | None = None) -> list[BundleRoleRow]:
     """Run `key` in shadow of its modality's active bundle (audited). With no active bundle
     recorded yet, the one active by default is recorded as active in the same change."""
-    from db import api
+    from headscreen.db import api
 
     plan = current_plan(session, configured)
     state = _state(plan, key)
@@ -177,7 +177,7 @@ def promote(session: Any, configured: Sequence[BundleRef], key: str, actor: str,
             old_active: OldActive = "shadow", now: datetime | None = None) -> list[BundleRoleRow]:
     """Make the shadow bundle `key` its modality's active bundle; the active one becomes
     `old_active` ("shadow" or "retired"). One audited change; jobs claimed afterwards use it."""
-    from db import api
+    from headscreen.db import api
 
     if old_active not in ("shadow", "retired"):
         raise ValueError(f"old_active: 'shadow' or 'retired', got {old_active!r}")
@@ -200,7 +200,7 @@ def promote(session: Any, configured: Sequence[BundleRef], key: str, actor: str,
 def retire(session: Any, configured: Sequence[BundleRef], key: str, actor: str, reason: str,
            now: datetime | None = None) -> list[BundleRoleRow]:
     """Stop running a shadow (or unassigned) bundle (audited); the active one is replaced by promoting."""
-    from db import api
+    from headscreen.db import api
 
     plan = current_plan(session, configured)
     state = _state(plan, key)
@@ -333,7 +333,7 @@ def _disagreement(a: BundleScoreRow, b: BundleScoreRow, kind: str) -> Disagreeme
 
 def comparisons(session: Any, plan: RolePlan) -> list[Comparison]:
     """Each modality's active bundle against each of its shadow bundles (read-only)."""
-    from db import api
+    from headscreen.db import api
 
     pairs = [(m, a.key, s.key) for m in plan.modalities for a in plan.active_for(m) for s in plan.shadows_for(m)]
     if not pairs:

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import cast
 
-from daemon.errors import InputRejected, TransientError
+from headscreen.errors import InputRejected, TransientError
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.errors import HeadscreenError
+from headscreen.errors import HeadscreenError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -66,8 +66,8 @@ def claim_storage(storage_dir: Path, sessions: sessionmaker[Session]) -> str:
     and recorded in the database the first time. Refuses (StorageMismatch) a storage_dir
     without the marker once the database records one: the instances the database lists
     are elsewhere."""
-    from daemon.storage import atomic_write
-    from db import api
+    from headscreen.daemon.storage import atomic_write
+    from headscreen.db import api
 
     marker = read_marker(storage_dir)
     with sessions() as session:
@@ -97,8 +97,8 @@ def _wait_recorded(sessions: sessionmaker[Session], wait_s: float, poll_s: float
     # Imported here: the CLI imports this module for its exit code only.
     from sqlalchemy.exc import DBAPIError
 
-    from daemon.privacy import redact_secrets
-    from db import api
+    from headscreen.db import api
+    from headscreen.privacy import redact_secrets
 
     deadline = time.monotonic() + wait_s
     reason = "no storage recorded yet"
@@ -122,7 +122,7 @@ def _wait_recorded(sessions: sessionmaker[Session], wait_s: float, poll_s: float
 
 
 def _compare(storage_dir: Path, marker: str | None, recorded: str, refusal: str) -> None:
-    # No apostrophes: the log filter withholds text between quotes (daemon.privacy).
+    # No apostrophes: the log filter withholds text between quotes (headscreen.privacy).
     if marker == recorded:
         return
     if marker is None:

@@ -10,7 +10,7 @@ with the bundle active now. Shadow bundles score the study in the same worker, a
 the active result is recorded and handed to delivery (see `_run_shadows`).
 
 How a job that raised ends: a TransientError is retried; an input error (an input value
-that does not decode: daemon.errors.is_input_error) fails the same way on every try, so
+that does not decode: headscreen.errors.is_input_error) fails the same way on every try, so
 it is never retried and the study gets its not-eligible report instead; anything else
 not ours (a bug) is retried, then failed.
 
@@ -39,13 +39,11 @@ from typing import Any, Protocol
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.blobstore import Scratch, open_store, result_prefix, sweep_scratch
-from daemon.bundle import load_bundle
-from daemon.config import Settings
-from daemon.delivery import deliver_due
-from daemon.errors import HeadscreenError, TransientError, is_input_error
-from daemon.inference import BundleRunner
-from daemon.pipeline import (
+from headscreen.bundle import load_bundle
+from headscreen.daemon.blobstore import Scratch, open_store, result_prefix, sweep_scratch
+from headscreen.daemon.config import Settings
+from headscreen.daemon.delivery import deliver_due
+from headscreen.daemon.pipeline import (
     SharedStages,
     StudyFiles,
     not_screened_after_error,
@@ -53,13 +51,15 @@ from daemon.pipeline import (
     run_job,
     score_shadow,
 )
-from daemon.privacy import failure_reason, frames_only, redact_secrets, withhold_values_in_logs
-from daemon.reference import ReferencePolicy, scoring_identity
-from daemon.shadow import RolePlan, resolve_roles
-from daemon.storage_probe import EXIT_STORAGE_MISMATCH, StorageMismatch, check_storage, probe_applies
-from db import api
-from db.engine import make_engine, session_factory
-from db.types import BundleRef, JobOutcome, ShadowOutcome
+from headscreen.daemon.reference import ReferencePolicy, scoring_identity
+from headscreen.daemon.shadow import RolePlan, resolve_roles
+from headscreen.daemon.storage_probe import EXIT_STORAGE_MISMATCH, StorageMismatch, check_storage, probe_applies
+from headscreen.db import api
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.types import BundleRef, JobOutcome, ShadowOutcome
+from headscreen.errors import HeadscreenError, TransientError, is_input_error
+from headscreen.inference import BundleRunner
+from headscreen.privacy import failure_reason, frames_only, redact_secrets, withhold_values_in_logs
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,9 @@ class Worker:
         the first real study is as fast as the rest (template building alone
         takes several seconds).
         """
-        from imaging.phantoms import make_head
-        from imaging.preprocess import preprocess
-        from imaging.volume import Volume
+        from headscreen.imaging.phantoms import make_head
+        from headscreen.imaging.preprocess import preprocess
+        from headscreen.imaging.volume import Volume
 
         for runner in self.runners.values():
             manifest = runner.bundle.manifest
@@ -419,7 +419,7 @@ def release_template_sources() -> None:
     """Drop the 1 mm template material (ICBM and Colin27 images, the tissue model: about
     0.5 GB) once the atlas-grid caches that preprocessing reads are built from it. A job
     reads only those; whatever needs the material again rebuilds it (seconds)."""
-    from imaging import templates
+    from headscreen.imaging import templates
 
     templates.tissue_maps.cache_clear()
     templates.colin27_on_base.cache_clear()
@@ -487,7 +487,7 @@ class Waitable(Protocol):
 
 def worker_process_main(settings: Settings, worker_index: int, wake: Waitable | None = None) -> None:
     """Entry point of a worker process started by `headscreen serve`; `wake` is set when a job is queued."""
-    from daemon.logs import configure_logging
+    from headscreen.daemon.logs import configure_logging
 
     configure_logging(settings)
     withhold_values_in_logs()

@@ -8,10 +8,10 @@ rows other workers hold (SKIP LOCKED). Timestamps are timezone-aware UTC; `now`
 defaults to the current time so tests can pass a fixed clock.
 
 The functions live in one module per concern and are re-exported here, with the
-dataclasses they take and return, so callers need only `from db import api`.
+dataclasses they take and return, so callers need only `from headscreen.db import api`.
 """
 
-from db.calibration import (
+from headscreen.db.calibration import (
     active_site_reference,
     calibration_candidates,
     create_site_reference,
@@ -19,7 +19,7 @@ from db.calibration import (
     retire_site_reference,
     station_counts,
 )
-from db.console import (
+from headscreen.db.console import (
     QueueHealth,
     audit_trail,
     failures,
@@ -29,11 +29,11 @@ from db.console import (
     score_distributions,
     training_manifest,
 )
-from db.deliveries import claim_deliveries, mark_delivered, mark_delivery_failed, resend_dead
-from db.housekeeping import counts, get_result_objects, mark_purged, retention_candidates, study_instances
-from db.ingest import record_instance, record_instances, record_rejection, recorded_instance_paths
-from db.jobs import claim_job, current_results, fail_job, finish_job, heartbeat, requeue_expired
-from db.review import (
+from headscreen.db.deliveries import claim_deliveries, mark_delivered, mark_delivery_failed, resend_dead
+from headscreen.db.housekeeping import counts, get_result_objects, mark_purged, retention_candidates, study_instances
+from headscreen.db.ingest import record_instance, record_instances, record_rejection, recorded_instance_paths
+from headscreen.db.jobs import claim_job, current_results, fail_job, finish_job, heartbeat, requeue_expired
+from headscreen.db.review import (
     audit,
     count_studies,
     get_study,
@@ -43,7 +43,7 @@ from db.review import (
     set_flag,
     set_review,
 )
-from db.shadow import (
+from headscreen.db.shadow import (
     bundle_scores,
     change_bundle_roles,
     list_bundle_roles,
@@ -51,10 +51,10 @@ from db.shadow import (
     record_shadow_result,
     shadow_results_of_study,
 )
-from db.storage_identity import record_storage_id, recorded_storage_id
-from db.sweep import sweep_completeness
-from db.txn import DEFAULT_JOB_MAX_ATTEMPTS, SYSTEM_ACTOR, utcnow
-from db.types import (
+from headscreen.db.storage_identity import record_storage_id, recorded_storage_id
+from headscreen.db.sweep import sweep_completeness
+from headscreen.db.txn import DEFAULT_JOB_MAX_ATTEMPTS, SYSTEM_ACTOR, utcnow
+from headscreen.db.types import (
     BundleRef,
     BundleRoleRow,
     BundleScoreRow,
@@ -85,7 +85,7 @@ from db.types import (
     StudyNotFound,
     StudyRow,
 )
-from db.users import create_user, list_users, login, logout, resolve_session, set_password
+from headscreen.db.users import create_user, list_users, login, logout, resolve_session, set_password
 
 __all__ = [
     "DEFAULT_JOB_MAX_ATTEMPTS",

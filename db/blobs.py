@@ -22,9 +22,9 @@ from sqlalchemy import Table, bindparam, delete, exists, select, text
 from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.orm import Session
 
-from db.engine import write_transaction
-from db.models import Instance, ResultObject, StoredBlob, UTCDateTime
-from db.txn import end_read
+from headscreen.db.engine import write_transaction
+from headscreen.db.models import Instance, ResultObject, StoredBlob, UTCDateTime
+from headscreen.db.txn import end_read
 
 INSTANCE = "instance"
 RESULT = "result"

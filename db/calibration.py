@@ -14,11 +14,17 @@ from typing import Any
 from sqlalchemy import Row, and_, case, func, select
 from sqlalchemy.orm import Session
 
-from db.engine import write_transaction
-from db.models import Result, ShadowResult, SiteReference, Study
-from db.states import ReferenceKind
-from db.txn import add_audit, clock, end_read, locked
-from db.types import CalibrationCandidate, NewSiteReference, ReferenceNotFound, SiteReferenceRow, StationCounts
+from headscreen.db.engine import write_transaction
+from headscreen.db.models import Result, ShadowResult, SiteReference, Study
+from headscreen.db.states import ReferenceKind
+from headscreen.db.txn import add_audit, clock, end_read, locked
+from headscreen.db.types import (
+    CalibrationCandidate,
+    NewSiteReference,
+    ReferenceNotFound,
+    SiteReferenceRow,
+    StationCounts,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from daemon.privacy import scrub
-from db.engine import is_postgres
-from db.models import AuditEvent, Delivery, IngestRejection, Instance, Job, Result, ResultObject, Study
-from db.states import DeliveryState, JobState
-from db.txn import clock, end_read
+from headscreen.db.engine import is_postgres
+from headscreen.db.models import AuditEvent, Delivery, IngestRejection, Instance, Job, Result, ResultObject, Study
+from headscreen.db.states import DeliveryState, JobState
+from headscreen.db.txn import clock, end_read
+from headscreen.privacy import scrub
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from db.engine import begin_write, is_postgres, write_transaction
-from db.models import Delivery, Result, ResultObject, Study
-from db.states import DeliveryState, ObjectKind
-from db.txn import add_audit, clock, execute_counted, locked
-from db.types import DeliveryTicket, RetryPolicy
+from headscreen.db.engine import begin_write, is_postgres, write_transaction
+from headscreen.db.models import Delivery, Result, ResultObject, Study
+from headscreen.db.states import DeliveryState, ObjectKind
+from headscreen.db.txn import add_audit, clock, execute_counted, locked
+from headscreen.db.types import DeliveryTicket, RetryPolicy
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.errors import TransientError
+from headscreen.errors import TransientError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from db.types import RecordOutcome
+from headscreen.db.types import RecordOutcome
 
 logger = logging.getLogger(__name__)
 

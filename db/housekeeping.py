@@ -8,11 +8,11 @@ from datetime import datetime
 from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from db import blobs
-from db.engine import write_transaction
-from db.models import Delivery, Instance, Job, Result, ResultObject, Series, Study
-from db.states import DeliveryState, JobState, StudyState
-from db.txn import (
+from headscreen.db import blobs
+from headscreen.db.engine import write_transaction
+from headscreen.db.models import Delivery, Instance, Job, Result, ResultObject, Series, Study
+from headscreen.db.states import DeliveryState, JobState, StudyState
+from headscreen.db.txn import (
     ACTIVE_JOB_STATES,
     OPEN_DELIVERY_STATES,
     SYSTEM_ACTOR,
@@ -22,7 +22,7 @@ from db.txn import (
     execute_counted,
     locked,
 )
-from db.types import OutputObject, StudyNotFound
+from headscreen.db.types import OutputObject, StudyNotFound
 
 logger = logging.getLogger(__name__)
 

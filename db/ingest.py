@@ -33,12 +33,12 @@ from sqlalchemy import String, Table, bindparam, case, exists, func, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from db import blobs
-from db.engine import begin_write, write_transaction
-from db.models import IngestRejection, Instance, ResultObject, Series, Study, UTCDateTime
-from db.states import StudyState
-from db.txn import IMAGE_MODALITIES, SYSTEM_ACTOR, add_audit, clock, end_read, insert_ignore
-from db.types import InstanceRecord, RecordOutcome
+from headscreen.db import blobs
+from headscreen.db.engine import begin_write, write_transaction
+from headscreen.db.models import IngestRejection, Instance, ResultObject, Series, Study, UTCDateTime
+from headscreen.db.states import StudyState
+from headscreen.db.txn import IMAGE_MODALITIES, SYSTEM_ACTOR, add_audit, clock, end_read, insert_ignore
+from headscreen.db.types import InstanceRecord, RecordOutcome
 
 logger = logging.getLogger(__name__)
 

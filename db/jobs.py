@@ -10,13 +10,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from daemon.privacy import scrub
-from db import blobs as stored_blobs
-from db.engine import begin_write, is_postgres, write_transaction
-from db.models import Delivery, Job, RescreenRun, Result, ResultObject, Study
-from db.states import DeliveryState, JobState, ObjectKind
-from db.txn import SYSTEM_ACTOR, add_audit, clock, end_read, execute_counted, locked
-from db.types import CurrentResult, JobOutcome, JobTicket, OutputObject, RejectionNote, RetryPolicy
+from headscreen.db import blobs as stored_blobs
+from headscreen.db.engine import begin_write, is_postgres, write_transaction
+from headscreen.db.models import Delivery, Job, RescreenRun, Result, ResultObject, Study
+from headscreen.db.states import DeliveryState, JobState, ObjectKind
+from headscreen.db.txn import SYSTEM_ACTOR, add_audit, clock, end_read, execute_counted, locked
+from headscreen.db.types import CurrentResult, JobOutcome, JobTicket, OutputObject, RejectionNote, RetryPolicy
+from headscreen.privacy import scrub
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL
 
-from db.engine import make_engine, normalise_url
+from headscreen.db.engine import make_engine, normalise_url
 
 logger = logging.getLogger(__name__)
 

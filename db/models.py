@@ -14,7 +14,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from db.states import DeliveryState, JobState, ObjectKind, ReferenceKind, StudyState
+from headscreen.db.states import DeliveryState, JobState, ObjectKind, ReferenceKind, StudyState
 
 # Stable constraint names so migrations and models compare equal on every dialect.
 NAMING_CONVENTION = {

@@ -17,9 +17,8 @@ from datetime import datetime
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from daemon.privacy import scrub
-from db.engine import write_transaction
-from db.models import (
+from headscreen.db.engine import write_transaction
+from headscreen.db.models import (
     Instance,
     Job,
     RescreenItem,
@@ -30,10 +29,19 @@ from db.models import (
     Series,
     Study,
 )
-from db.states import JobState, StudyState
-from db.sweep import enqueue_jobs
-from db.txn import ACTIVE_JOB_STATES, DEFAULT_JOB_MAX_ATTEMPTS, add_audit, clock, end_read, insert_ignore, locked
-from db.types import BundleRef
+from headscreen.db.states import JobState, StudyState
+from headscreen.db.sweep import enqueue_jobs
+from headscreen.db.txn import (
+    ACTIVE_JOB_STATES,
+    DEFAULT_JOB_MAX_ATTEMPTS,
+    add_audit,
+    clock,
+    end_read,
+    insert_ignore,
+    locked,
+)
+from headscreen.db.types import BundleRef
+from headscreen.privacy import scrub
 
 logger = logging.getLogger(__name__)
 

@@ -13,13 +13,12 @@ from sqlalchemy import Select, String, and_, cast, exists, func, or_, select, up
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.expression import ScalarSelect
 
-from daemon.privacy import scrub
-from db.engine import begin_write, write_transaction
-from db.models import Delivery, Job, Result, ResultObject, Series, Study
-from db.states import JobState, StudyState
-from db.sweep import enqueue_jobs
-from db.txn import ACTIVE_JOB_STATES, DEFAULT_JOB_MAX_ATTEMPTS, add_audit, clock, end_read, locked
-from db.types import (
+from headscreen.db.engine import begin_write, write_transaction
+from headscreen.db.models import Delivery, Job, Result, ResultObject, Series, Study
+from headscreen.db.states import JobState, StudyState
+from headscreen.db.sweep import enqueue_jobs
+from headscreen.db.txn import ACTIVE_JOB_STATES, DEFAULT_JOB_MAX_ATTEMPTS, add_audit, clock, end_read, locked
+from headscreen.db.types import (
     BundleRef,
     DeliverySummary,
     JobSummary,
@@ -30,6 +29,7 @@ from db.types import (
     StudyNotFound,
     StudyRow,
 )
+from headscreen.privacy import scrub
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,11 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from daemon.privacy import scrub
-from db.engine import write_transaction
-from db.models import BundleRole, BundleRoleKind, Job, Result, ShadowResult, Study
-from db.states import JobState
-from db.txn import SYSTEM_ACTOR, add_audit, clock, end_read, locked
-from db.types import (
+from headscreen.db.engine import write_transaction
+from headscreen.db.models import BundleRole, BundleRoleKind, Job, Result, ShadowResult, Study
+from headscreen.db.states import JobState
+from headscreen.db.txn import SYSTEM_ACTOR, add_audit, clock, end_read, locked
+from headscreen.db.types import (
     BundleRef,
     BundleRoleRow,
     BundleScoreRow,
@@ -31,6 +30,7 @@ from db.types import (
     ShadowOutcome,
     ShadowResultRow,
 )
+from headscreen.privacy import scrub
 
 logger = logging.getLogger(__name__)
 

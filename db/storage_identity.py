@@ -7,9 +7,9 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.engine import write_transaction
-from db.models import StorageIdentity
-from db.txn import clock, end_read, insert_ignore
+from headscreen.db.engine import write_transaction
+from headscreen.db.models import StorageIdentity
+from headscreen.db.txn import clock, end_read, insert_ignore
 
 _ROW_ID = 1  # one storage root per database
 

@@ -10,9 +10,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.completeness import InstanceFacts, study_wholeness
-from db.engine import begin_write
-from db.models import (
+from headscreen.db.completeness import InstanceFacts, study_wholeness
+from headscreen.db.engine import begin_write
+from headscreen.db.models import (
     LIVE_PRIORITY,
     RESCREEN_PRIORITY,
     Instance,
@@ -22,8 +22,8 @@ from db.models import (
     Series,
     Study,
 )
-from db.states import JobState, StudyState
-from db.txn import (
+from headscreen.db.states import JobState, StudyState
+from headscreen.db.txn import (
     ACTIVE_JOB_STATES,
     DEFAULT_JOB_MAX_ATTEMPTS,
     SYSTEM_ACTOR,
@@ -33,7 +33,7 @@ from db.txn import (
     execute_counted,
     locked,
 )
-from db.types import BundleRef
+from headscreen.db.types import BundleRef
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from sqlalchemy import CursorResult, Executable, Select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.engine import is_postgres
-from db.models import AuditEvent
-from db.states import DeliveryState, JobState
+from headscreen.db.engine import is_postgres
+from headscreen.db.models import AuditEvent
+from headscreen.db.states import DeliveryState, JobState
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from daemon.errors import HeadscreenError
+from headscreen.errors import HeadscreenError
 
 
 class StudyNotFound(HeadscreenError):

@@ -19,10 +19,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from daemon.errors import HeadscreenError, InputRejected
-from db.engine import begin_write, write_transaction
-from db.models import User, UserRole, WebSession
-from db.txn import add_audit, clock, end_read, execute_counted
+from headscreen.db.engine import begin_write, write_transaction
+from headscreen.db.models import User, UserRole, WebSession
+from headscreen.db.txn import add_audit, clock, end_read, execute_counted
+from headscreen.errors import HeadscreenError, InputRejected
 
 logger = logging.getLogger(__name__)
 

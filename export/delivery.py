@@ -25,7 +25,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.presentation import PresentationContext
 
-from daemon.errors import TransientError
+from headscreen.errors import TransientError
 
 __all__ = ["Destination", "TlsClient", "client_ssl_context", "send", "send_stow", "STATUS_SUCCESS",
            "STATUS_NO_CONTEXT", "STATUS_STOW_FAILED"]

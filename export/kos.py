@@ -26,7 +26,7 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from export.model import AlgorithmInfo, reference_header
+from headscreen.export.model import AlgorithmInfo, reference_header
 
 __all__ = [
     "KOS_SERIES_DESCRIPTION",

@@ -5,7 +5,7 @@ The same map the SEG thresholds and the SC overlays colour (``native_map``, from
 that show parametric maps (an IHE AI Results primitive) can then window or fuse it over the
 source series. One frame per source slice, each frame referencing its source image.
 
-The values are in multiples of the bundle's healthy limit (daemon.inference): the positive
+The values are in multiples of the bundle's healthy limit (headscreen.inference): the positive
 z over the healthy 99.9th percentile of z ("z", a bundle with a normative voxel model), or
 the voxel error over the healthy 99th percentile of error ("error"). Below 1 is within the
 healthy range. The Real World Value Mapping says so: unit UCUM "1" (a dimensionless ratio)
@@ -23,9 +23,9 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from export import codes as hs_codes
-from export.model import ResultSummary
-from export.sc import MAP_UNITS
+from headscreen.export import codes as hs_codes
+from headscreen.export.model import ResultSummary
+from headscreen.export.sc import MAP_UNITS
 
 __all__ = ["build_parametric_map", "PM_SERIES_DESCRIPTION", "PM_CONTENT_LABEL", "PM_SERIES_NUMBER", "LUT_LABELS",
            "lut_explanation", "map_description"]

@@ -4,7 +4,7 @@ Each output image is the source slice in a soft-tissue window (grey), the anomal
 map alpha-blended on top (transparent below the lower display bound, then
 yellow -> red up to the upper bound) and a legend band underneath with the
 scores, the colour scale and its unit, and the "AI-generated - not for primary
-diagnosis" notice. The map is in multiples of the healthy limit (daemon.inference):
+diagnosis" notice. The map is in multiples of the healthy limit (headscreen.inference):
 with a normative model the positive z-map over the z that 99.9 % of healthy brain
 voxels stay below, otherwise the voxel error over the healthy 99th percentile of
 error (``map_unit`` "z" or "error"). No patient identity is burned in.
@@ -29,9 +29,9 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from export import codes
-from export.model import ResultSummary, finite_or_none, reference_header
-from export.sr import ReferenceNote
+from headscreen.export import codes
+from headscreen.export.model import ResultSummary, finite_or_none, reference_header
+from headscreen.export.sr import ReferenceNote
 
 __all__ = [
     "OverlayStyle",

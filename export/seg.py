@@ -20,9 +20,10 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
-from export import codes as hs_codes
-from export.model import ResultSummary
-from imaging.volume import slice_normal
+from headscreen.export import codes as hs_codes
+from headscreen.export.model import ResultSummary
+from headscreen.imaging.volume import slice_normal
+from headscreen.scores import DEFAULT_SEG_THRESHOLD
 
 __all__ = ["build_segmentation", "anomaly_mask", "missing_for_seg", "source_voxel_ml", "SEG_SERIES_DESCRIPTION",
            "SEGMENT_LABEL", "SEGMENT_TRACKING_ID",
@@ -35,10 +36,8 @@ SEG_SERIES_DESCRIPTION = "AI anomaly region - NOT FOR PRIMARY DIAGNOSIS"
 SEGMENT_LABEL = "AI anomaly region"
 #: The segment's Tracking ID; the SR's TID 1411 group carries the same ID and UID.
 SEGMENT_TRACKING_ID = "headscreen anomaly region"
-#: Error-map units are multiples of the healthy limit (daemon.inference): 1.0 marks every
-#: voxel above what healthy scans reach. A bundle may carry its own, calibrated on healthy
-#: scans (manifest calibration.seg_threshold); this is the fallback.
-DEFAULT_THRESHOLD = 1.0
+#: The fallback threshold, in multiples of the healthy limit (the bundle contract's).
+DEFAULT_THRESHOLD = DEFAULT_SEG_THRESHOLD
 #: Connected regions smaller than this are left out: isolated voxels and thin rims above the
 #: threshold are the healthy reference's own noise, not findings (0.5 mL is an 8 mm cube).
 MIN_CLUSTER_ML = 0.5

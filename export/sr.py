@@ -55,9 +55,9 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from export import codes
-from export.model import ResultSummary, finite_or_none, reference_header
-from export.seg import source_voxel_ml
+from headscreen.export import codes
+from headscreen.export.model import ResultSummary, finite_or_none, reference_header
+from headscreen.export.seg import source_voxel_ml
 
 __all__ = ["build_report", "ReferenceNote", "SR_SERIES_DESCRIPTION", "TRACKING_IDENTIFIER",
            "REGION_TRACKING_IDENTIFIER",

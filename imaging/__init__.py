@@ -4,11 +4,11 @@
 re-exporting the function under the same name would hide the module.
 """
 
-from imaging import preprocess
-from imaging.phantoms import Lesion, Phantom, Pose, make_head, write_dicom_series
-from imaging.preprocess import ModelGrid, Preprocessed, default_params, to_native
-from imaging.selection import Preference, Selection, SelectionRules, SeriesCandidate, Verdict, select_series
-from imaging.volume import SeriesRejected, Volume, load_series
+from headscreen.imaging import preprocess
+from headscreen.imaging.phantoms import Lesion, Phantom, Pose, make_head, write_dicom_series
+from headscreen.imaging.preprocess import ModelGrid, Preprocessed, default_params, to_native
+from headscreen.imaging.selection import Preference, Selection, SelectionRules, SeriesCandidate, Verdict, select_series
+from headscreen.imaging.volume import SeriesRejected, Volume, load_series
 
 __all__ = [
     "Lesion", "ModelGrid", "Phantom", "Pose", "Preference", "Preprocessed", "Selection", "SelectionRules",

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from imaging import synthesis, templates
+from headscreen.imaging import synthesis, templates
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from daemon.errors import ConfigError, InputRejected
-from imaging import qc, skullstrip, templates
-from imaging.registration import RegistrationResult, register_to_atlas
-from imaging.volume import Volume
+from headscreen.errors import ConfigError, InputRejected
+from headscreen.imaging import qc, skullstrip, templates
+from headscreen.imaging.registration import RegistrationResult, register_to_atlas
+from headscreen.imaging.volume import Volume
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ BLOCKING = frozenset({
     "skull_strip_poor", "brain_extraction_failed", "brain_volume_implausible",
     "insufficient_coverage", "noise_high", "not_a_head", "modality_mismatch", "geometry_assumed",
     "no_suitable_series",
-    # The input itself failed to decode or was refused (daemon.errors): nothing to screen.
+    # The input itself failed to decode or was refused (headscreen.errors): nothing to screen.
     "input_undecodable", "input_rejected",
 })
 # Worth telling the reader, but the result still stands.

@@ -23,9 +23,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from daemon.errors import ConfigError
-from imaging.phantoms import Phantom, Pose
-from imaging.templates import nifti_to_sitk
+from headscreen.errors import ConfigError
+from headscreen.imaging.phantoms import Phantom, Pose
+from headscreen.imaging.templates import nifti_to_sitk
 
 ITK_EXAMPLES_DATA = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data")
 REAL_T1 = ITK_EXAMPLES_DATA / "KmeansTest_T1UCharRaw.nii.gz"

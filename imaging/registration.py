@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from daemon.errors import InputRejected
+from headscreen.errors import InputRejected
 
 logger = logging.getLogger(__name__)
 

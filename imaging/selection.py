@@ -23,8 +23,8 @@ import numpy as np
 import pydicom
 from pydantic import BaseModel, Field
 
-from daemon.errors import InputRejected
-from imaging.volume import slice_normal
+from headscreen.errors import InputRejected
+from headscreen.imaging.volume import slice_normal
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from imaging import templates
+from headscreen.imaging import templates
 
 CONTROL_SPACING_MM = 40.0
 RANGES: dict[str, dict[str, tuple[float, float]]] = {

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from daemon.errors import ConfigError
+from headscreen.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from daemon.errors import InputRejected
+from headscreen.errors import InputRejected
 
 
 def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:

@@ -22,8 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from imaging import phantoms
-from imaging.templates import intensity_table
+from headscreen.imaging import phantoms
+from headscreen.imaging.templates import intensity_table
 
 log = logging.getLogger(__name__)
 

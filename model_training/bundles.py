@@ -1,4 +1,4 @@
-"""Write a model bundle (manifest + ONNX + training metrics) through daemon.bundle."""
+"""Write a model bundle (manifest + ONNX + training metrics) through headscreen.bundle."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from daemon.bundle import Bundle, Manifest, NormativeSpec, load_bundle, write_bundle
-from daemon.scores import NORMATIVE_FILE
-from model_training.calibration import Calibration
+from headscreen.bundle import Bundle, Manifest, NormativeSpec, load_bundle, write_bundle
+from headscreen.model_training.calibration import Calibration
+from headscreen.scores import NORMATIVE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def write_model_bundle(out_dir: Path, onnx_path: Path, spec: BundleSpec, metrics
         shutil.copyfile(normative, out_dir / NORMATIVE_FILE)
         manifest = manifest.model_copy(update={"normative": NormativeSpec(
             file=NORMATIVE_FILE, definition="healthy per-voxel error mean and SD on the model grid, the voxels "
-            "scored (support) and the overlay unit (z_limit); see daemon/scores.py")})
+            "scored (support) and the overlay unit (z_limit); see headscreen/scores.py")})
     write_bundle(out_dir, manifest)
     bundle = load_bundle(out_dir)
     log.info("bundle written",

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from daemon.bundle import load_bundle
-from daemon.errors import HeadscreenError
-from daemon.inference import BundleRunner
-from model_training.cohort import anomalous_cases, healthy_cases, prepare_case
-from model_training.fit import DEFAULT_MIN_VAL_AUROC, METHODS, BelowQualityFloor, TrainOptions, fit_bundle
-from model_training.scoring import detection_metrics
+from headscreen.bundle import load_bundle
+from headscreen.errors import HeadscreenError
+from headscreen.inference import BundleRunner
+from headscreen.model_training.cohort import anomalous_cases, healthy_cases, prepare_case
+from headscreen.model_training.fit import DEFAULT_MIN_VAL_AUROC, METHODS, BelowQualityFloor, TrainOptions, fit_bundle
+from headscreen.model_training.scoring import detection_metrics
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _anomaly_kinds(text: str) -> tuple[str, ...]:
     """--kinds: known anomaly types only (a usage error, not a traceback, names the rest)."""
-    from model_training.anomalies import ANOMALY_TYPES
+    from headscreen.model_training.anomalies import ANOMALY_TYPES
 
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
     unknown = [k for k in kinds if k not in ANOMALY_TYPES]
@@ -164,9 +164,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def evaluate_report(args: argparse.Namespace) -> dict:
     """The full evaluation (model_training.evaluate) with a report folder."""
-    from model_training import evaluate as ev
-    from model_training.anomalies import suite_cases
-    from model_training.dataset import load_volume, read_dataset
+    from headscreen.model_training import evaluate as ev
+    from headscreen.model_training.anomalies import suite_cases
+    from headscreen.model_training.dataset import load_volume, read_dataset
 
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
@@ -193,7 +193,7 @@ def evaluate_report(args: argparse.Namespace) -> dict:
 
 
 def evaluate_bundle(bundle_dir: Path, n: int, seed: int, cache: Path | None, threads: int = 2) -> dict:
-    """The daemon's scoring (daemon.inference.BundleRunner) applied to fresh labelled phantoms."""
+    """The daemon's scoring (headscreen.inference.BundleRunner) applied to fresh labelled phantoms."""
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
     runner = BundleRunner(bundle, intra_op_threads=threads)

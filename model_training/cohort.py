@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-import imaging
-from daemon.errors import InputRejected
-from imaging import phantoms
-from imaging.preprocess import preprocess
-from imaging.volume import Volume
-from model_training.runtime import Samples
+from headscreen import imaging
+from headscreen.errors import InputRejected
+from headscreen.imaging import phantoms
+from headscreen.imaging.preprocess import preprocess
+from headscreen.imaging.volume import Volume
+from headscreen.model_training.runtime import Samples
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-import imaging
-from daemon.errors import ConfigError, InputRejected
-from imaging.preprocess import preprocess
-from imaging.volume import Volume, load_series
+from headscreen import imaging
+from headscreen.errors import ConfigError, InputRejected
+from headscreen.imaging.preprocess import preprocess
+from headscreen.imaging.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,8 @@ def build_dataset_cohort(csv_path: Path | str, params: dict[str, Any], cache_dir
     """A training Cohort (model_training.cohort) from the CSV: normal rows by split; abnormal
     rows of val/test as the anomalous sets. A hospital's normal-only manifest has no
     abnormal rows, so those fall back to the synthetic lesion cases (recorded as such)."""
-    from model_training.cohort import Cohort, anomalous_cases, prepare_case  # torch side: imported on use
-    from model_training.runtime import Samples
+    from headscreen.model_training.cohort import Cohort, anomalous_cases, prepare_case  # torch side: imported on use
+    from headscreen.model_training.runtime import Samples
 
     rows = read_dataset(csv_path)
     modality = params["modality"]

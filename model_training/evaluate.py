@@ -4,7 +4,7 @@ Sample level: AUROC, AUPRC and the best specificity at 100 % sensitivity, each w
 stratified bootstrap 95 % CI, overall and per anomaly type (each type against all
 normals). Voxel level, where masks exist: AUPRC and best Dice of the error map within
 the brain. Age: MAE on normal and abnormal scans. Scans are scored with
-`daemon.inference.BundleRunner` (exactly what the daemon runs), torch-free.
+`headscreen.inference.BundleRunner` (exactly what the daemon runs), torch-free.
 
 A scan the daemon would not pass as normal without a model score (preprocessing
 rejects it, or QC flags it) gets the "system" score +inf: it goes to a person, so it is
@@ -25,11 +25,11 @@ import numpy as np
 import SimpleITK as sitk
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from daemon.bundle import Bundle
-from daemon.errors import InputRejected
-from daemon.inference import BundleRunner
-from imaging.preprocess import preprocess
-from imaging.volume import Volume
+from headscreen.bundle import Bundle
+from headscreen.errors import InputRejected
+from headscreen.imaging.preprocess import preprocess
+from headscreen.imaging.volume import Volume
+from headscreen.inference import BundleRunner
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def load_runner(bundle: Bundle, threads: int = 2) -> BundleRunner:
 def score_suite(runner: BundleRunner, cases: Sequence[Any], keep_maps: bool = True,
                 progress: Callable[[int, int], None] | None = None) -> list[Record]:
     """Synthesize and score suite cases (model_training.anomalies) one at a time."""
-    from model_training.anomalies import ANOMALY_TYPES, make_scan
+    from headscreen.model_training.anomalies import ANOMALY_TYPES, make_scan
 
     records = []
     for i, case in enumerate(cases):

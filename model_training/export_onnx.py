@@ -19,9 +19,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from daemon.errors import BundleError
-from model_training.losses import focal_per_sample, izi_f_per_sample, kl_per_sample, l1_per_sample
-from model_training.networks import AGE_SCALE, VAE3D, Critic, Encoder, Generator
+from headscreen.errors import BundleError
+from headscreen.model_training.losses import focal_per_sample, izi_f_per_sample, kl_per_sample, l1_per_sample
+from headscreen.model_training.networks import AGE_SCALE, VAE3D, Critic, Encoder, Generator
 
 log = logging.getLogger(__name__)
 

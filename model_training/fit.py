@@ -18,22 +18,22 @@ from typing import Any
 
 import numpy as np
 
-from daemon.bundle import Bundle, load_bundle
-from daemon.errors import ConfigError, HeadscreenError
-from daemon.scores import MASKED_TERMS, NORMATIVE_FILE, Normative, batch_terms, masked_terms
-from export.seg import calibrate_threshold as calibrate_seg_threshold
-from imaging.preprocess import ModelGrid, default_params
-from model_training.bundles import WEIGHTS_FILE, BundleSpec, load_weights, save_weights, write_model_bundle
-from model_training.calibration import ScoreWeights, calibrate, select_score_weights
-from model_training.cohort import Cohort, CohortSpec, build_cohort, cache_folder, imaging_fingerprint
-from model_training.export_onnx import ExportGraph, FAnoGANGraph, VaeGraph, export_and_check
-from model_training.losses import FOCAL_KERNEL
-from model_training.model_card import write_model_card
-from model_training.networks import GAN_PRESETS, VAE_PRESETS, GanPreset
-from model_training.runtime import Samples, pick_device
-from model_training.scoring import OnnxScorer, Scored, age_mae, detection_metrics
-from model_training.train_fanogan import FAnoGANConfig, train_fanogan
-from model_training.train_vae import VaeConfig, train_vae
+from headscreen.bundle import Bundle, load_bundle
+from headscreen.errors import ConfigError, HeadscreenError
+from headscreen.export.seg import calibrate_threshold as calibrate_seg_threshold
+from headscreen.imaging.preprocess import ModelGrid, default_params
+from headscreen.model_training.bundles import WEIGHTS_FILE, BundleSpec, load_weights, save_weights, write_model_bundle
+from headscreen.model_training.calibration import ScoreWeights, calibrate, select_score_weights
+from headscreen.model_training.cohort import Cohort, CohortSpec, build_cohort, cache_folder, imaging_fingerprint
+from headscreen.model_training.export_onnx import ExportGraph, FAnoGANGraph, VaeGraph, export_and_check
+from headscreen.model_training.losses import FOCAL_KERNEL
+from headscreen.model_training.model_card import write_model_card
+from headscreen.model_training.networks import GAN_PRESETS, VAE_PRESETS, GanPreset
+from headscreen.model_training.runtime import Samples, pick_device
+from headscreen.model_training.scoring import OnnxScorer, Scored, age_mae, detection_metrics
+from headscreen.model_training.train_fanogan import FAnoGANConfig, train_fanogan
+from headscreen.model_training.train_vae import VaeConfig, train_vae
+from headscreen.scores import MASKED_TERMS, NORMATIVE_FILE, Normative, batch_terms, masked_terms
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _train_vae(cohort: Cohort, opts: TrainOptions, device: Any, init: dict | Non
 
 
 # Terms the weight search may use: each paper's own term and the masked terms of
-# daemon.scores. The graph's unmasked `focal` and `rec` stay outputs for comparison,
+# headscreen.scores. The graph's unmasked `focal` and `rec` stay outputs for comparison,
 # but a maximum over an unmasked map peaks at the crop edge on real heads.
 CANDIDATE_TERMS = {"fanogan": ("izi_f", *MASKED_TERMS), "vae": ("kl", *MASKED_TERMS)}
 NORMATIVE_MARGIN_VOXELS = 1
@@ -183,7 +183,7 @@ def _last_row(metrics_csv: Path) -> dict[str, str]:
 FOCAL_DEFINITION = (f"focal = largest mean of the raw error map over any {FOCAL_KERNEL}^3-voxel cube "
                     "(unmasked, reported for comparison)")
 MASKED_DEFINITION = (
-    "masked terms (daemon/scores.py) use z = (error - healthy voxel mean) / healthy voxel SD, the normative "
+    "masked terms (headscreen/scores.py) use z = (error - healthy voxel mean) / healthy voxel SD, the normative "
     "model fitted on the healthy training scans (normative.npz), only inside the case's brain mask eroded by "
     f"{NORMATIVE_MARGIN_VOXELS} voxel and away from the grid edge: z_mean = mean z; z_focal = largest mean z over "
     "any 5^3-voxel cube mostly inside that mask; z_extent = share of those voxels with z > 3; rec_brain = mean "
@@ -237,7 +237,7 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
                       opts.n_anomalous // 2, opts.n_anomalous - opts.n_anomalous // 2, opts.seed, opts.randomise)
     folder = _cohort_folder(opts, params)
     if opts.dataset is not None:
-        from model_training.dataset import build_dataset_cohort
+        from headscreen.model_training.dataset import build_dataset_cohort
         cohort = build_dataset_cohort(opts.dataset, params, opts.cache, spec, opts.progress)
     else:
         cohort = build_cohort(spec, params, opts.cache, opts.progress, folder, jobs=opts.threads)
@@ -378,7 +378,7 @@ def _fit_normative(scorer: OnnxScorer, cohort: Cohort, cal: Scored) -> Normative
 
 
 def _with_masked_terms(scored: Scored, masks: np.ndarray, normative: Normative) -> Scored:
-    """The same scores plus daemon.scores' masked terms; the maps are dropped."""
+    """The same scores plus headscreen.scores' masked terms; the maps are dropped."""
     masked = batch_terms(scored.error_maps, masks, normative)
     return Scored(terms={**scored.terms, **masked}, age=scored.age, error_maps=np.zeros((0,)),
                   chronological_age=scored.chronological_age)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from daemon.bundle import Manifest
-from export.seg import DEFAULT_THRESHOLD, MIN_CLUSTER_ML, SEG_HEALTHY_BUDGET_ML, SEG_HEALTHY_QUANTILE
+from headscreen.bundle import Manifest
+from headscreen.export.seg import DEFAULT_THRESHOLD, MIN_CLUSTER_ML, SEG_HEALTHY_BUDGET_ML, SEG_HEALTHY_QUANTILE
 
 
 def _fmt(value: Any, decimals: int = 3) -> str:

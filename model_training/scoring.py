@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from model_training.runtime import Samples
+from headscreen.model_training.runtime import Samples
 
 
 @dataclass(frozen=True)

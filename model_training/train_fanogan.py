@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model_training.losses import critic_loss, generator_loss, izi_f_loss, izi_f_per_sample
-from model_training.networks import GAN_PRESETS, Critic, Encoder, GanPreset, Generator, build_fanogan
-from model_training.runtime import (
+from headscreen.model_training.losses import critic_loss, generator_loss, izi_f_loss, izi_f_per_sample
+from headscreen.model_training.networks import GAN_PRESETS, Critic, Encoder, GanPreset, Generator, build_fanogan
+from headscreen.model_training.runtime import (
     MetricsLog,
     Samples,
     bar_figures,
@@ -38,7 +38,7 @@ from model_training.runtime import (
     seed_everything,
     stage_bar,
 )
-from model_training.scoring import rank_auroc
+from headscreen.model_training.scoring import rank_auroc
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model_training.losses import kl_per_sample, l1_per_sample, vae_loss
-from model_training.networks import VAE3D, VAE_PRESETS, VaePreset
-from model_training.runtime import (
+from headscreen.model_training.losses import kl_per_sample, l1_per_sample, vae_loss
+from headscreen.model_training.networks import VAE3D, VAE_PRESETS, VaePreset
+from headscreen.model_training.runtime import (
     MetricsLog,
     Samples,
     bar_figures,
@@ -34,7 +34,7 @@ from model_training.runtime import (
     seed_everything,
     stage_bar,
 )
-from model_training.scoring import rank_auroc
+from headscreen.model_training.scoring import rank_auroc
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import pytest
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
 
 # The console fixtures (`console`, `console_any_db`) live in tests/web_helpers.py; a test
 # names them as arguments without importing them (an import would shadow them: F811).

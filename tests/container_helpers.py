@@ -180,8 +180,9 @@ def copy_into(stage: StageRoot, step: Instruction, stages: dict[str, StageRoot])
         origin = source_root / source.lstrip("/")
         assert origin.exists(), f"COPY {source}: not in the build context"
         if origin.is_dir():
-            # A folder's contents go to DEST, as COPY does.
-            shutil.copytree(origin, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            # A folder's contents go to DEST, links as links (headscreen/daemon -> ../daemon), as COPY does.
+            shutil.copytree(origin, target, symlinks=True, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
         else:
             destination = target / origin.name if into_folder else target
             destination.parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from db import api
-from db.types import BundleRef, InstanceRecord, JobOutcome, JobTicket, OutputObject
+from headscreen.db import api
+from headscreen.db.types import BundleRef, InstanceRecord, JobOutcome, JobTicket, OutputObject
 
 T0 = datetime(2026, 1, 5, 8, 0, 0, tzinfo=UTC)
 CT_BUNDLE = BundleRef(name="ct-fanogan", version="1.0.0", modality="CT")
@@ -118,7 +118,7 @@ def sr_object() -> OutputObject:
 
 def claim_all_in_process(url: str, worker_id: str, now_s: float, start: object, out: object) -> None:
     """Child-process body for multi-process claim tests: claim until the queue is empty."""
-    from db.engine import make_engine, session_factory
+    from headscreen.db.engine import make_engine, session_factory
 
     engine = make_engine(url)
     sessions = session_factory(engine)
@@ -133,7 +133,7 @@ def claim_all_in_process(url: str, worker_id: str, now_s: float, start: object, 
 
 def upgrade_in_process(url: str, start: object, out: object) -> None:
     """Child-process body: migrate the database once the siblings are ready."""
-    from db.migrate import upgrade
+    from headscreen.db.migrate import upgrade
 
     start.wait()  # type: ignore[attr-defined]
     try:
@@ -147,7 +147,7 @@ def write_once_in_process(url: str, start: object, out: object) -> None:
     """Child-process body: open a (possibly brand new) SQLite file and write once."""
     from sqlalchemy import text
 
-    from db.engine import WRITE_TX, make_engine
+    from headscreen.db.engine import WRITE_TX, make_engine
 
     try:
         engine = make_engine(url)

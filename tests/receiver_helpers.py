@@ -16,12 +16,12 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.callers import AllowedCaller
-from daemon.orthanc import free_port, stop_process
-from daemon.receiver import Receiver, ReceiverConfig, start_receiver
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.models import IngestRejection, Instance
+from headscreen.daemon.callers import AllowedCaller
+from headscreen.daemon.orthanc import free_port, stop_process
+from headscreen.daemon.receiver import Receiver, ReceiverConfig, start_receiver
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.models import IngestRejection, Instance
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's documented example root
 

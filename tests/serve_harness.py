@@ -17,9 +17,9 @@ import pydicom
 from pynetdicom import AE, StoragePresentationContexts, evt
 from sqlalchemy import func, select
 
-from daemon.orthanc import free_port
-from db.engine import make_engine, session_factory
-from db.models import Delivery, Instance, Job, Result, ResultObject, Study
+from headscreen.daemon.orthanc import free_port
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.models import Delivery, Instance, Job, Result, ResultObject, Study
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -126,7 +126,7 @@ timeout_s = 10.0
     def start(self, timeout_s: float = 90.0) -> Daemon:
         log = (self.workdir / "serve.log").open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "-c", str(self.config), "serve"],
+            [sys.executable, "-m", "headscreen", "-c", str(self.config), "serve"],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
         )
         wait_until(self.echo, timeout_s, 0.3, "C-ECHO from headscreen serve")

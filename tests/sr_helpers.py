@@ -15,7 +15,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 
-from export import codes
+from headscreen.export import codes
 
 
 class ReadBack:

@@ -1,6 +1,6 @@
 import pytest
 
-from daemon.ages import chronological_age, parse_age_string
+from headscreen.daemon.ages import chronological_age, parse_age_string
 
 
 @pytest.mark.parametrize(("text", "years"), [("063Y", 63.0), ("006M", 0.5), ("052W", 52 * 7 / 365.25), ("", None),

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from imaging.preprocess import default_params, preprocess
-from imaging.volume import Volume
-from model_training.anomalies import ANOMALY_TYPES, NORMAL, SuiteCase, make_scan, suite_cases
+from headscreen.imaging.preprocess import default_params, preprocess
+from headscreen.imaging.volume import Volume
+from headscreen.model_training.anomalies import ANOMALY_TYPES, NORMAL, SuiteCase, make_scan, suite_cases
 
 SPACING = 2.0  # coarse native grid keeps each scan well under a second
 

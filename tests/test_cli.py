@@ -8,12 +8,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from daemon.cli import main
-from db import api
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.models import AuditEvent
 from db_factories import T0, claimed_job, outcome
+from headscreen.daemon.cli import main
+from headscreen.db import api
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.models import AuditEvent
 
 
 @pytest.fixture

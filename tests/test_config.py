@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Settings, example_toml, load_settings
-from daemon.errors import ConfigError
+from headscreen.daemon.config import Settings, example_toml, load_settings
+from headscreen.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -149,7 +149,7 @@ def test_receiver_defaults_keep_plain_dicom_and_the_old_behaviour(tmp_path):
 
 
 def test_receiver_tls_settings_reach_the_receiver(tmp_path, pki, monkeypatch):
-    from daemon.serve import receiver_config
+    from headscreen.daemon.serve import receiver_config
 
     text = ('allowed_callers = [{ ae_title = "PACS" }]\n[receiver]\nmax_connections_per_address = 4\n'
             + _tls_table(pki, require_client_cert=True, port=2763)

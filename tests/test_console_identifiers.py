@@ -15,9 +15,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
-from db import api
-from db.models import Study
-from db.types import StudyFilters
+from headscreen.db import api
+from headscreen.db.models import Study
+from headscreen.db.types import StudyFilters
 from receiver_helpers import SCP_AE, SCU_AE, start_harness, write_ct_series
 from web_helpers import ADMIN, VIEWER, Console
 

@@ -32,7 +32,7 @@ from sqlalchemy.engine import make_url
 
 from conftest import create_pg_database, drop_pg_database
 from container_helpers import COMPOSE, BuiltImage, build, healthcheck_command
-from daemon.orthanc import free_port
+from headscreen.daemon.orthanc import free_port
 from serve_harness import Daemon, RecordingSCP, storescu, wait_until
 from wheel_helpers import (
     HIDDEN_MARK,
@@ -118,7 +118,8 @@ def test_the_containerfile_steps_build_an_image_that_screens(tmp_path: Path) -> 
     # The installed code, bundles and template are the image's own; no torch; no Debian Colin27.
     site = hide_debian_templates(image.root.python)
     where = json.loads(venv_python(image.root.python, (
-        "import json, importlib.util, daemon, imaging.templates as t, daemon.config as c\n"
+        "import json, importlib.util, headscreen.daemon as daemon, headscreen.imaging.templates as t\n"
+        "import headscreen.daemon.config as c\n"
         "try:\n    open('/usr/share/mricron/templates/ch2.nii.gz', 'rb')\n    hidden = False\n"
         "except FileNotFoundError:\n    hidden = True\n"
         "print(json.dumps({'daemon': daemon.__file__, 'colin': str(t.colin27_path()), 'hidden': hidden,\n"

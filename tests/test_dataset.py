@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from daemon.errors import ConfigError
-from imaging import phantoms
-from imaging.preprocess import default_params
-from model_training.cli import evaluate_main
-from model_training.dataset import build_dataset_cohort, load_volume, prepare_row, read_dataset
+from headscreen.errors import ConfigError
+from headscreen.imaging import phantoms
+from headscreen.imaging.preprocess import default_params
+from headscreen.model_training.cli import evaluate_main
+from headscreen.model_training.dataset import build_dataset_cohort, load_volume, prepare_row, read_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CT_BUNDLE = next(p for p in sorted((ROOT / "models").iterdir()) if p.name.startswith("ct-fanogan-compact-"))
@@ -95,7 +95,7 @@ def test_preprocessing_is_cached(dataset: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow  # builds a training cohort
 def test_training_cohort_from_the_csv(dataset: Path, tmp_path: Path) -> None:
-    from model_training.cohort import CohortSpec
+    from headscreen.model_training.cohort import CohortSpec
 
     spec = CohortSpec("CT", n_train=2, n_val=1, n_calibration=1, n_test=1, n_anomalous_val=1, n_anomalous_test=1)
     cohort = build_dataset_cohort(dataset, default_params("CT"), tmp_path, spec, progress=False)
@@ -120,8 +120,8 @@ def test_headscreen_evaluate_on_the_csv(dataset: Path, tmp_path: Path, capsys) -
 
 @pytest.mark.slow  # trains a bundle
 def test_headscreen_train_on_the_csv_writes_a_bundle_that_records_it(dataset: Path, tmp_path: Path) -> None:
-    from daemon.bundle import load_bundle
-    from model_training.cli import main
+    from headscreen.bundle import load_bundle
+    from headscreen.model_training.cli import main
 
     coarse = tmp_path / "coarse.json"
     coarse.write_text(json.dumps({"grid": [16, 16, 16], "working_spacing_mm": 4.0,

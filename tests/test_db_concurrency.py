@@ -12,11 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import api
-from db.migrate import current_revision, head_revision
-from db.models import Instance, Job, Result, Series, Study
-from db.states import JobState, StudyState
-from db.types import RetryPolicy
 from db_factories import (
     BUNDLES,
     add_series,
@@ -28,6 +23,11 @@ from db_factories import (
     upgrade_in_process,
     write_once_in_process,
 )
+from headscreen.db import api
+from headscreen.db.migrate import current_revision, head_revision
+from headscreen.db.models import Instance, Job, Result, Series, Study
+from headscreen.db.states import JobState, StudyState
+from headscreen.db.types import RetryPolicy
 
 LATER_S = 10**6
 

@@ -10,11 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import api
-from db.models import AuditEvent, Delivery, ResultObject, Study
-from db.states import DeliveryState, ObjectKind
-from db.types import OutputObject, RejectionNote, RetryPolicy
 from db_factories import BUNDLES, at, claimed_job, outcome, record, uid
+from headscreen.db import api
+from headscreen.db.models import AuditEvent, Delivery, ResultObject, Study
+from headscreen.db.states import DeliveryState, ObjectKind
+from headscreen.db.types import OutputObject, RejectionNote, RetryPolicy
 
 NO_JITTER = RetryPolicy(max_attempts=3, base_delay_s=10, max_delay_s=60, jitter=0.0)
 

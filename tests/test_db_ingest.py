@@ -10,11 +10,17 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import api
-from db.completeness import MIN_HEAD_COVERAGE_MM, InstanceFacts, series_wholeness, slice_coverage_mm, study_wholeness
-from db.models import AuditEvent, IngestRejection, Instance, Job, Series, Study
-from db.states import JobState, StudyState
 from db_factories import BUNDLES, CT_BUNDLE, T0, add_series, at, record, uid
+from headscreen.db import api
+from headscreen.db.completeness import (
+    MIN_HEAD_COVERAGE_MM,
+    InstanceFacts,
+    series_wholeness,
+    slice_coverage_mm,
+    study_wholeness,
+)
+from headscreen.db.models import AuditEvent, IngestRejection, Instance, Job, Series, Study
+from headscreen.db.states import JobState, StudyState
 
 # ---------------------------------------------------------------- pure wholeness
 

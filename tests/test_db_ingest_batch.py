@@ -14,13 +14,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conftest import create_pg_database, drop_pg_database
-from db import api
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.models import AuditEvent, Instance, Series, Study
-from db.states import StudyState
-from db.types import InstanceRecord
 from db_factories import BUNDLES, T0, add_series, at, record, uid
+from headscreen.db import api
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.models import AuditEvent, Instance, Series, Study
+from headscreen.db.states import StudyState
+from headscreen.db.types import InstanceRecord
 
 
 @contextmanager

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import api
-from db.models import AuditEvent, Delivery, Job, Result, ResultObject, Study
-from db.states import DeliveryState, JobState
-from db.types import RetryPolicy
 from db_factories import BUNDLES, add_series, at, claimed_job, complete_study, outcome, record, uid
+from headscreen.db import api
+from headscreen.db.models import AuditEvent, Delivery, Job, Result, ResultObject, Study
+from headscreen.db.states import DeliveryState, JobState
+from headscreen.db.types import RetryPolicy
 
 
 def test_claim_takes_the_oldest_available_job_once(db_session: Session) -> None:

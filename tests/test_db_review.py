@@ -6,11 +6,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import api
-from db.models import AuditEvent, Instance, Job
-from db.states import JobState, StudyState
-from db.types import StudyFilters, StudyNotFound
 from db_factories import BUNDLES, CT_BUNDLE, MR_BUNDLE, add_series, at, complete_study, outcome, uid
+from headscreen.db import api
+from headscreen.db.models import AuditEvent, Instance, Job
+from headscreen.db.states import JobState, StudyState
+from headscreen.db.types import StudyFilters, StudyNotFound
 
 
 def finish_next(session: Session, now_s: float, **overrides: object) -> int:
@@ -85,18 +85,18 @@ def test_a_review_and_its_flag_commit_together_or_not_at_all(
 ) -> None:
     """'Normal' clears the flag and marks the study reviewed in one transaction: when the
     second half fails, the first is not left behind."""
-    import db.review
+    import headscreen.db.review
 
     study = three_studies["outlier"]
     api.set_flag(db_session, study, True, "check the bleed", "dr.admin", now=at(9000))
-    real_audit = db.review.add_audit
+    real_audit = headscreen.db.review.add_audit
 
     def failing_review_audit(session, actor, action, *args, **kwargs):  # type: ignore[no-untyped-def]
         if action == "review_set":
             raise RuntimeError("database went away")
         return real_audit(session, actor, action, *args, **kwargs)
 
-    monkeypatch.setattr(db.review, "add_audit", failing_review_audit)
+    monkeypatch.setattr(headscreen.db.review, "add_audit", failing_review_audit)
     with pytest.raises(RuntimeError):
         api.record_review(db_session, study, "dr.admin", flagged=False, comment="benign", reviewed=True,
                           confirmed_normal=True, now=at(9100))

@@ -11,12 +11,12 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db import api
-from db.engine import make_engine
-from db.migrate import current_revision, head_revision, upgrade
-from db.models import AuditEvent, Base
-from db.states import StudyState
 from db_factories import T0, add_series, uid
+from headscreen.db import api
+from headscreen.db.engine import make_engine
+from headscreen.db.migrate import current_revision, head_revision, upgrade
+from headscreen.db.models import AuditEvent, Base
+from headscreen.db.states import StudyState
 
 
 def test_empty_database_migrates_to_the_models_schema(empty_db_url: str) -> None:
@@ -116,7 +116,7 @@ def test_foreign_keys_are_enforced(db_session: Session) -> None:
 def test_downgrade_to_base_and_up_again(empty_db_url: str) -> None:
     from alembic import command
 
-    from db.migrate import alembic_config
+    from headscreen.db.migrate import alembic_config
 
     upgrade(empty_db_url)
     command.downgrade(alembic_config(empty_db_url), "base")

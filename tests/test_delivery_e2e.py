@@ -21,12 +21,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from daemon.config import DestinationConfig
-from daemon.errors import TransientError
-from daemon.orthanc import DICOMWEB_PLUGIN_ENV, Orthanc, dicomweb_plugin, free_port
-from export.delivery import STATUS_SUCCESS, send_stow
-from export.sc import choose_slices
-from imaging.phantoms import Lesion, make_head, write_dicom_series
+from headscreen.daemon.config import DestinationConfig
+from headscreen.daemon.orthanc import DICOMWEB_PLUGIN_ENV, Orthanc, dicomweb_plugin, free_port
+from headscreen.errors import TransientError
+from headscreen.export.delivery import STATUS_SUCCESS, send_stow
+from headscreen.export.sc import choose_slices
+from headscreen.imaging.phantoms import Lesion, make_head, write_dicom_series
 from receiver_helpers import Pki, TlsStorescp
 from serve_harness import REPO, Daemon, RecordingSCP, storescu, wait_until
 
@@ -95,7 +95,7 @@ def test_dead_letters_are_resent_once_by_the_cli(tmp_path, study):
         wait_until(all_dead, 50, 0.2, "every delivery dead-lettered")
         assert all(d.attempts == 4 for d, _ in daemon.deliveries())
         destination.start()
-        resend = subprocess.run([sys.executable, "-m", "daemon.cli", "-c", str(daemon.config), "resend"],
+        resend = subprocess.run([sys.executable, "-m", "headscreen", "-c", str(daemon.config), "resend"],
                                 capture_output=True, text=True, cwd=REPO, timeout=60)
         assert resend.returncode == 0, resend.stderr
         assert f"{len(_objects(daemon))} dead-lettered deliveries queued again" in resend.stdout
@@ -212,7 +212,7 @@ class StowServer:
 
 @pytest.fixture(scope="module")
 def result_files(tmp_path_factory) -> list[Path]:
-    from daemon.pipeline import _build_results
+    from headscreen.daemon.pipeline import _build_results
     from test_export import ct_summary, make_ct_series
 
     datasets, error = make_ct_series(seed=4)

@@ -78,7 +78,7 @@ def test_a_bad_configuration_does_not_restart_loop(unit, tmp_path: Path) -> None
     # The status the CLI exits with for an invalid configuration is the one not restarted.
     bad = tmp_path / "headscreen.toml"
     bad.write_text("port = 70000\n")
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", "-c", str(bad), "serve"],
+    result = subprocess.run([sys.executable, "-m", "headscreen", "-c", str(bad), "serve"],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert "invalid configuration" in result.stderr
     assert service["RestartPreventExitStatus"] == [str(result.returncode)]
@@ -111,9 +111,9 @@ def test_container_runs_with_umask_and_without_privileges() -> None:
 
 def _serve_without_default_bundles(config: Path) -> subprocess.CompletedProcess:
     """`headscreen serve` as if no default bundle were installed (none packaged, no models/)."""
-    code = ("import sys, daemon.config\n"
-            "daemon.config.shipped_bundles = lambda: []\n"
-            "from daemon.cli import main\n"
+    code = ("import sys, headscreen.daemon.config\n"
+            "headscreen.daemon.config.shipped_bundles = lambda: []\n"
+            "from headscreen.daemon.cli import main\n"
             f"sys.exit(main(['-c', {str(config)!r}, 'serve']))\n")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
 
@@ -123,7 +123,7 @@ def test_serve_refuses_to_start_without_a_usable_bundle(tmp_path: Path) -> None:
     config = tmp_path / "headscreen.toml"
     config.write_text(f'allow_any_caller = true\nstorage_dir = "{storage}"\nport = 0\n[web]\nenabled = false\n')
     result = _serve_without_default_bundles(config)
-    from daemon.cli import EXIT_USAGE
+    from headscreen.daemon.cli import EXIT_USAGE
 
     assert result.returncode == EXIT_USAGE == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -132,7 +132,7 @@ def test_serve_refuses_to_start_without_a_usable_bundle(tmp_path: Path) -> None:
     assert not storage.exists()  # refused before anything was written
     # A configured bundle that is not there is refused the same way, naming it.
     config.write_text(config.read_text().replace("port = 0\n", f'port = 0\nbundles = ["{tmp_path / "nope"}"]\n'))
-    missing = subprocess.run([sys.executable, "-m", "daemon.cli", "-c", str(config), "serve"],
+    missing = subprocess.run([sys.executable, "-m", "headscreen", "-c", str(config), "serve"],
                              capture_output=True, text=True, cwd=REPO, timeout=120)
     assert missing.returncode == 2 and "no such bundle folder" in missing.stderr, missing.stderr
     assert str(tmp_path / "nope") in missing.stderr and not storage.exists()
@@ -141,9 +141,9 @@ def test_serve_refuses_to_start_without_a_usable_bundle(tmp_path: Path) -> None:
 def test_a_serving_copy_of_a_bundle_needs_no_training_files(tmp_path: Path) -> None:
     import shutil
 
-    from daemon.bundle import TRAINING_ONLY_FILES, load_bundle
-    from daemon.config import shipped_bundles
-    from daemon.errors import BundleError
+    from headscreen.bundle import TRAINING_ONLY_FILES, load_bundle
+    from headscreen.daemon.config import shipped_bundles
+    from headscreen.errors import BundleError
 
     source = shipped_bundles()[0]
     copy = tmp_path / source.name
@@ -160,8 +160,8 @@ def test_a_serving_copy_of_a_bundle_needs_no_training_files(tmp_path: Path) -> N
 
 
 def test_colin27_is_packaged_and_preferred(monkeypatch, tmp_path: Path) -> None:
-    from daemon.errors import ConfigError
-    from imaging import templates
+    from headscreen.errors import ConfigError
+    from headscreen.imaging import templates
 
     monkeypatch.delenv(templates.COLIN27_ENV, raising=False)
     assert templates.colin27_path() == templates.PACKAGED_COLIN27
@@ -180,7 +180,7 @@ def test_templates_are_identical_from_the_packaged_and_the_debian_colin27(monkey
     import numpy as np
     import SimpleITK as sitk
 
-    from imaging import templates
+    from headscreen.imaging import templates
 
     if not templates.DEBIAN_COLIN27.is_file():
         pytest.fail("Debian mricron-data missing: run tests/install-system-deps.sh", pytrace=False)
@@ -250,7 +250,7 @@ def test_compose_starts_headscreen_after_a_healthy_database() -> None:
     (image,) = [stage for stage in parse_containerfile() if stage.name is None]
     exposed = {int(p) for step in image.all("EXPOSE") for p in step.args.split()}
     published = {int(mapping.rsplit(":", 1)[1]) for mapping in headscreen["ports"]}
-    from daemon.config import Settings, WebConfig
+    from headscreen.daemon.config import Settings, WebConfig
 
     assert published == {Settings.model_fields["port"].default, WebConfig.model_fields["port"].default}
     assert published <= exposed
@@ -268,7 +268,7 @@ def test_multi_machine_compose_runs_one_receiver_and_workers(monkeypatch, tmp_pa
 
     sys.path.insert(0, str(REPO / "tests"))
     from container_helpers import healthcheck_command, parse_containerfile
-    from daemon.config import Settings, WebConfig, load_settings
+    from headscreen.daemon.config import Settings, WebConfig, load_settings
 
     services = yaml.safe_load((REPO / "deploy" / "compose.multi.yaml").read_text())["services"]
     assert set(services) == {"db", "receiver", "worker"}
@@ -308,7 +308,7 @@ def test_the_image_environment_opens_the_console_to_published_ports(monkeypatch,
     """The image's ENV wins over a configuration that keeps the console on loopback."""
     sys.path.insert(0, str(REPO / "tests"))
     from container_helpers import env_of, parse_containerfile
-    from daemon.config import load_settings
+    from headscreen.daemon.config import load_settings
 
     config = tmp_path / "headscreen.toml"
     config.write_text('allow_any_caller = true\n[web]\nbind_address = "127.0.0.1"\nport = 8080\n')
@@ -373,7 +373,7 @@ def test_serve_waits_for_a_database_that_comes_up_late(tmp_path: Path) -> None:
 
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import PG_ADMIN_URL, create_pg_database, drop_pg_database
-    from daemon.orthanc import free_port
+    from headscreen.daemon.orthanc import free_port
     from serve_harness import Daemon, have, wait_until
 
     if not have("echoscu"):
@@ -410,16 +410,16 @@ def test_serve_waits_for_a_database_that_comes_up_late(tmp_path: Path) -> None:
 
 def test_serve_gives_up_on_a_database_that_never_answers(tmp_path: Path) -> None:
     """Bounded: after the wait, one line says why and serve exits 1 (runtime failure)."""
-    from daemon.cli import EXIT_FAILURE
-    from daemon.orthanc import free_port
+    from headscreen.daemon.cli import EXIT_FAILURE
+    from headscreen.daemon.orthanc import free_port
 
     config = tmp_path / "headscreen.toml"
     config.write_text(f'allow_any_caller = true\nstorage_dir = "{tmp_path / "storage"}"\nport = 0\n'
                       f'database_url = "postgresql+psycopg://postgres@127.0.0.1:{free_port()}/headscreen"\n'
                       "[web]\nenabled = false\n")
-    code = ("import sys, daemon.serve\n"
-            "daemon.serve.DATABASE_WAIT_S = 3.0\n"
-            "from daemon.cli import main\n"
+    code = ("import sys, headscreen.daemon.serve\n"
+            "headscreen.daemon.serve.DATABASE_WAIT_S = 3.0\n"
+            "from headscreen.daemon.cli import main\n"
             f"sys.exit(main(['-c', {str(config)!r}, 'serve']))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=180)
     assert result.returncode == EXIT_FAILURE == 1, result.stderr

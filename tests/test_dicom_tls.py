@@ -18,12 +18,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from daemon.callers import AllowedCaller, TlsServerConfig
-from daemon.connections import TLS_REFUSED_STATUS
-from daemon.errors import TransientError
-from daemon.orthanc import free_port, stop_process
-from daemon.receiver import ASSOCIATION_REJECTED_STATUS
-from export.delivery import STATUS_SUCCESS, Destination, TlsClient, send
+from headscreen.daemon.callers import AllowedCaller, TlsServerConfig
+from headscreen.daemon.connections import TLS_REFUSED_STATUS
+from headscreen.daemon.orthanc import free_port, stop_process
+from headscreen.daemon.receiver import ASSOCIATION_REJECTED_STATUS
+from headscreen.errors import TransientError
+from headscreen.export.delivery import STATUS_SUCCESS, Destination, TlsClient, send
 from receiver_helpers import SCP_AE, SCU_AE, Harness, Pki, TlsStorescp, start_harness, write_ct_series
 
 TIMEOUT_S = 60

@@ -16,8 +16,8 @@ import highdicom as hd
 import pydicom
 import pytest
 
-from daemon.orthanc import Orthanc
-from imaging.phantoms import Lesion, Pose, make_head, write_dicom_series
+from headscreen.daemon.orthanc import Orthanc
+from headscreen.imaging.phantoms import Lesion, Pose, make_head, write_dicom_series
 from serve_harness import Daemon, RecordingSCP, dciodvfy_errors, storescu, wait_until
 
 pytestmark = pytest.mark.slow  # end to end with real peers (dcmtk, Orthanc): `make test-fast` leaves it out
@@ -142,7 +142,7 @@ def test_kill9_serve_mid_transfer_loses_nothing_acknowledged(tmp_path, big_ct):
         with daemon.sessions()() as session:
             from sqlalchemy import select
 
-            from db.models import Instance
+            from headscreen.db.models import Instance
 
             recorded = {i.sop_instance_uid: i.path for i in session.scalars(select(Instance))}
         for sop_uid in acknowledged:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from model_training.cli import evaluate_main
-from model_training.evaluate import (
+from headscreen.model_training.cli import evaluate_main
+from headscreen.model_training.evaluate import (
     Record,
     bootstrap_ci,
     dice,

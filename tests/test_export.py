@@ -20,11 +20,11 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
-from daemon.errors import TransientError
-from export import codes
-from export.delivery import STATUS_NO_CONTEXT, STATUS_SUCCESS, Destination, send
-from export.model import AlgorithmInfo, ResultSummary
-from export.sc import (
+from headscreen.errors import TransientError
+from headscreen.export import codes
+from headscreen.export.delivery import STATUS_NO_CONTEXT, STATUS_SUCCESS, Destination, send
+from headscreen.export.model import AlgorithmInfo, ResultSummary
+from headscreen.export.sc import (
     DISCLAIMER,
     NOT_SCREENED_SERIES_DESCRIPTION,
     SERIES_DESCRIPTION,
@@ -33,7 +33,7 @@ from export.sc import (
     build_overlay_series,
     choose_slices,
 )
-from export.sr import build_report
+from headscreen.export.sr import build_report
 from sr_helpers import ReadBack, evaluations_with_details, qualitative_evaluation_items
 
 N_SLICES, SIZE = 40, 128
@@ -226,7 +226,7 @@ def test_reddest_pixels_sit_on_the_lesion(ct_overlays):
 
 
 def test_legend_carries_results_but_no_patient_identity(ct_series):
-    from export.sc import _legend_lines
+    from headscreen.export.sc import _legend_lines
 
     datasets, _ = ct_series
     lines = " ".join(text for text, _ in _legend_lines(MR_SUMMARY, (0.1, 0.9), "slice 1/40"))
@@ -242,7 +242,7 @@ def test_legend_carries_results_but_no_patient_identity(ct_series):
                                      (12, "12th"), (13, "13th"), (21, "21st"), (22, "22nd"), (23, "23rd"),
                                      (101, "101st"), (111, "111th"), (112, "112th")])
 def test_ordinals_are_english(n, text):
-    from export.sc import ordinal
+    from headscreen.export.sc import ordinal
 
     assert ordinal(n) == text
 
@@ -251,20 +251,20 @@ def test_ordinals_are_english(n, text):
                                          (42.04, "42nd percentile"), (99.96, "100th percentile"),
                                          (12.0, "12th percentile"), (0.5, "percentile 0.5")])
 def test_percentiles_never_get_a_suffix_on_a_decimal(value, text):
-    from export.sc import percentile_phrase
+    from headscreen.export.sc import percentile_phrase
 
     assert percentile_phrase(value) == text
 
 
 def test_legend_states_the_colour_scale_and_its_unit():
-    from export.sc import _legend_lines
+    from headscreen.export.sc import _legend_lines
 
     summary = dataclasses.replace(MR_SUMMARY, percentile=79.2)
     z = [text for text, _ in _legend_lines(summary, (1.0, 3.0), "slice 1/40")]
     assert "Anomaly score 1.750 (percentile 79.2 of healthy reference)" in z
     assert not any("79.2th" in t for t in z)
     assert "Colour: 1 (yellow) to 3 (red), uncoloured below 1  slice 1/40" in z
-    # The map's unit: the normative z-map over the healthy limit (daemon.scores), or the raw error.
+    # The map's unit: the normative z-map over the healthy limit (headscreen.scores), or the raw error.
     assert ("Unit: positive z-score in multiples of the healthy limit, the z that 99.9% of healthy brain voxels "
             "stay below") in z
     error = [text for text, _ in _legend_lines(summary, (1.0, 3.0), "slice 1/40", map_unit="error")]
@@ -273,7 +273,7 @@ def test_legend_states_the_colour_scale_and_its_unit():
 
 
 def test_legend_says_in_words_when_there_is_no_score():
-    from export.sc import _legend_lines
+    from headscreen.export.sc import _legend_lines
 
     summary = ct_summary(anomaly_score=float("nan"), percentile=None, screen_positive=None, qc_reasons=[])
     lines = _legend_lines(summary, (1.0, 3.0), "slice 1/40")
@@ -661,7 +661,7 @@ def test_send_delivers_every_object_to_a_pynetdicom_scp(result_files):
 
 
 def test_send_sets_tcp_nodelay(monkeypatch, result_files):
-    from export import delivery
+    from headscreen.export import delivery
 
     seen: list[int] = []
     original = delivery._enable_nodelay

@@ -28,16 +28,16 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from bad_input import MUTATIONS, PATIENT, PATIENT_ID, Mutation, damage, deal_mutations, leaks
-from daemon.config import load_settings
-from daemon.logs import JsonFormatter
-from daemon.scheduler import bundle_refs
-from daemon.worker import Worker
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.models import AuditEvent, Job, Result, ResultObject, Study
-from db.states import JobState
-from export import codes
-from imaging.phantoms import make_head, write_dicom_series
+from headscreen.daemon.config import load_settings
+from headscreen.daemon.logs import JsonFormatter
+from headscreen.daemon.scheduler import bundle_refs
+from headscreen.daemon.worker import Worker
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.models import AuditEvent, Job, Result, ResultObject, Study
+from headscreen.db.states import JobState
+from headscreen.export import codes
+from headscreen.imaging.phantoms import make_head, write_dicom_series
 from sr_helpers import coded_evaluations, measurement_group
 from test_site_calibration import fast_bundle
 from worker_helpers import record_stored_files
@@ -46,7 +46,7 @@ pytestmark = pytest.mark.slow  # every damaged study end to end through the work
 
 SEED = 1212
 STUDIES = 24
-OUR_LOGGERS = ("daemon", "imaging", "export", "db")
+OUR_LOGGERS = "headscreen."  # every module logs under the package: headscreen.daemon.worker, ...
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,8 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 def _our_log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Our own loggers' records as emitted, before any production filter (pydicom's own
-    warnings quote values; `headscreen serve` filters those, see daemon.privacy)."""
-    return [JsonFormatter().format(r) for r in caplog.records if r.name.split(".")[0] in OUR_LOGGERS]
+    warnings quote values; `headscreen serve` filters those, see headscreen.privacy)."""
+    return [JsonFormatter().format(r) for r in caplog.records if r.name.startswith(OUR_LOGGERS)]
 
 
 def test_every_damaged_study_ends_with_one_report_after_one_attempt(site, caplog):

@@ -21,14 +21,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless
 from scipy import ndimage
 
-from daemon.errors import InputRejected
-from imaging import qc, templates
-from imaging.phantoms import Lesion, Pose, make_head, pose_transform, write_dicom_series
-from imaging.preprocess import ModelGrid, default_params, normalise, preprocess, to_native, with_defaults
-from imaging.registration import affine_to_matrix
-from imaging.selection import SelectionRules, SeriesCandidate, select_series
-from imaging.skullstrip import dice
-from imaging.volume import SeriesRejected, Volume, load_series
+from headscreen.errors import InputRejected
+from headscreen.imaging import qc, templates
+from headscreen.imaging.phantoms import Lesion, Pose, make_head, pose_transform, write_dicom_series
+from headscreen.imaging.preprocess import ModelGrid, default_params, normalise, preprocess, to_native, with_defaults
+from headscreen.imaging.registration import affine_to_matrix
+from headscreen.imaging.selection import SelectionRules, SeriesCandidate, select_series
+from headscreen.imaging.skullstrip import dice
+from headscreen.imaging.volume import SeriesRejected, Volume, load_series
 
 POSE = Pose(rotation_deg=(10.0, -8.0, 12.0), translation_mm=(15.0, -10.0, 18.0))
 LESION = Lesion("hemorrhage", center_mm=(30.0, -10.0, 20.0), volume_ml=15.0)
@@ -237,7 +237,7 @@ def test_rows_of_the_head_filled_with_air_were_not_scanned():
 
 def _atlas_arrays_by_truth(image: sitk.Image, mni_to_native: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
     """A phantom on the 2 mm atlas grid through its own pose: the registration, done perfectly."""
-    from imaging.preprocess import shrink
+    from headscreen.imaging.preprocess import shrink
 
     working = shrink(image, 2.0)
     atlas = templates.atlas("CT", 2.0)
@@ -253,9 +253,9 @@ def test_skull_check_accepts_a_healthy_head_the_sector_check_refused_and_refuses
     # Cohort head 72 of `headscreen train --modality CT --seed 0`: the former check (bone
     # voxels in fixed sectors of the template's skull shell) gave it 0.29, a "skull_defect",
     # because its intact skull lay outside the template's shell. Rays find it wherever it is.
-    from imaging.preprocess import _skull_coverage
-    from model_training import anomalies
-    from model_training.cohort import healthy_cases
+    from headscreen.imaging.preprocess import _skull_coverage
+    from headscreen.model_training import anomalies
+    from headscreen.model_training.cohort import healthy_cases
 
     case = healthy_cases("CT", 73, 0, randomise=True)[72]
     head = make_head("CT", age=case.age, seed=case.seed, pose=Pose(case.rotation_deg, case.translation_mm),
@@ -276,7 +276,7 @@ def test_missing_bone_flap_is_a_skull_defect_and_an_intact_skull_is_not():
     # CT only: on T1 bone is as dark as CSF and air, and the rule called the real T1 a
     # missing bone flap (see test_real_scans.py), so MR has no skull-coverage check.
     modality = "CT"
-    from model_training.anomalies import make_scan, suite_cases
+    from headscreen.model_training.anomalies import make_scan, suite_cases
 
     normal, flap = suite_cases(modality, 1, 77, kinds=("craniectomy",), n_normal=1)
     params = default_params(modality)
@@ -394,7 +394,7 @@ def test_missing_slices_give_a_qc_reason(tmp_path, small_ct_series):
 
 
 def _identity_preprocessed(grid: ModelGrid):
-    from imaging.preprocess import Preprocessed
+    from headscreen.imaging.preprocess import Preprocessed
 
     identity = sitk.AffineTransform(3)
     return Preprocessed(model_input=np.zeros(grid.size_zyx, np.float32), brain_mask=np.zeros(grid.size_zyx, bool),
@@ -612,7 +612,7 @@ def test_shipped_bundles_use_todays_preprocessing():
 
 
 def test_slice_normal_is_the_unit_row_by_column_direction() -> None:
-    from imaging.volume import slice_normal
+    from headscreen.imaging.volume import slice_normal
 
     assert np.allclose(slice_normal([1, 0, 0, 0, 1, 0]), [0, 0, 1])  # axial
     assert np.allclose(slice_normal(["0", "1", "0", "0", "0", "-1"]), [-1, 0, 0])  # sagittal, as DS strings
@@ -628,7 +628,7 @@ def test_a_realistic_ct_head_is_not_registered_back_to_front(index: int) -> None
     turned 180 degrees about the S-I axis at the coarse level (0.3-2 %): registered back to
     front, they were refused as 'orientation_unusual'. A turn must also win the full
     registration, and here it does not."""
-    from model_training.cohort import healthy_cases
+    from headscreen.model_training.cohort import healthy_cases
 
     case = healthy_cases("CT", index + 1, 0, randomise=True)[index]
     pose = Pose(rotation_deg=case.rotation_deg, translation_mm=case.translation_mm)

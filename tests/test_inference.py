@@ -7,9 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from daemon.bundle import Manifest, load_bundle, write_bundle
-from daemon.errors import BundleError
-from daemon.inference import BundleRunner
+from headscreen.bundle import Manifest, load_bundle, write_bundle
+from headscreen.errors import BundleError
+from headscreen.inference import BundleRunner
 
 GRID = [4, 4, 4]
 

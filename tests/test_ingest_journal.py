@@ -19,11 +19,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import delete, select
 
-import daemon.ingest_journal as journal_module
-from daemon.ingest_journal import IngestJournal, recover
-from db.engine import make_engine, session_factory
-from db.models import Instance
-from db.types import InstanceRecord
+import headscreen.daemon.ingest_journal as journal_module
+from headscreen.daemon.ingest_journal import IngestJournal, recover
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.models import Instance
+from headscreen.db.types import InstanceRecord
 from receiver_helpers import SCU_AE, start_harness, write_ct_series
 from serve_harness import Daemon, have, wait_until
 

@@ -19,24 +19,24 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import Settings
-from daemon.pipeline import _build_results
-from daemon.worker import Worker
-from db import api
-from db.engine import make_engine
-from db.migrate import alembic_config, current_revision, head_revision, upgrade
-from db.models import AuditEvent, Delivery, Result, ResultObject, Study
-from db.states import DeliveryState, ObjectKind
 from db_factories import BUNDLES, outcome, record
-from export.kos import (
+from headscreen.daemon.config import Settings
+from headscreen.daemon.pipeline import _build_results
+from headscreen.daemon.worker import Worker
+from headscreen.db import api
+from headscreen.db.engine import make_engine
+from headscreen.db.migrate import alembic_config, current_revision, head_revision, upgrade
+from headscreen.db.models import AuditEvent, Delivery, Result, ResultObject, Study
+from headscreen.db.states import DeliveryState, ObjectKind
+from headscreen.export.kos import (
     KOS_SERIES_NUMBER,
     KOS_STORAGE,
     REJECTED_FOR_QUALITY_REASONS,
     build_rejection_note,
     rejected_instances,
 )
-from export.sc import choose_slices
-from export.sr import build_report
+from headscreen.export.sc import choose_slices
+from headscreen.export.sr import build_report
 from serve_harness import RecordingSCP, dciodvfy_errors
 from test_export import NOT_ELIGIBLE, ct_summary, make_ct_series
 from worker_helpers import make_worker, queued_ct_study, reporting_runner, worker_settings
@@ -357,7 +357,7 @@ def test_the_delivery_round_sends_a_note_right_after_its_result(
 ) -> None:
     """A PACS down while the new result was made: the scheduler's next round (all results)
     sends the new result, then its note, in that one call."""
-    from daemon.delivery import deliver_due
+    from headscreen.daemon.delivery import deliver_due
 
     wants, _ = pacs
     settings, worker, study_id = _first_result_made(

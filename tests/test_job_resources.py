@@ -17,16 +17,16 @@ from scipy import ndimage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import scheduler
-from db import api
-from db.models import Job
-from db.states import JobState
 from db_factories import BUNDLES, add_series, outcome, uid
-from export.sanitise import COPIED, REFERENCE_KEYWORDS, sanitise_sources
-from export.seg import anomaly_mask, anomaly_region, build_segmentation, source_voxel_ml
-from imaging.phantoms import make_head, write_dicom_series
-from imaging.preprocess import ModelGrid, Preprocessed, default_params, preprocess, to_native
-from imaging.volume import load_series, read_header
+from headscreen.daemon import scheduler
+from headscreen.db import api
+from headscreen.db.models import Job
+from headscreen.db.states import JobState
+from headscreen.export.sanitise import COPIED, REFERENCE_KEYWORDS, sanitise_sources
+from headscreen.export.seg import anomaly_mask, anomaly_region, build_segmentation, source_voxel_ml
+from headscreen.imaging.phantoms import make_head, write_dicom_series
+from headscreen.imaging.preprocess import ModelGrid, Preprocessed, default_params, preprocess, to_native
+from headscreen.imaging.volume import load_series, read_header
 from serve_harness import dciodvfy_errors
 from test_export import ct_summary, make_ct_series
 from worker_helpers import make_worker, worker_settings

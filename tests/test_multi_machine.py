@@ -47,12 +47,12 @@ import pytest
 from pynetdicom import AE, StoragePresentationContexts, evt
 from sqlalchemy import select
 
-from daemon.config import shipped_bundles
-from daemon.orthanc import free_port
-from daemon.storage_probe import EXIT_STORAGE_MISMATCH, MARKER_NAME
-from db.engine import make_engine, session_factory
-from db.models import Delivery, Job, Result, ResultObject, Study
-from imaging.phantoms import make_head, write_dicom_series
+from headscreen.daemon.config import shipped_bundles
+from headscreen.daemon.orthanc import free_port
+from headscreen.daemon.storage_probe import EXIT_STORAGE_MISMATCH, MARKER_NAME
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.models import Delivery, Job, Result, ResultObject, Study
+from headscreen.imaging.phantoms import make_head, write_dicom_series
 from serve_harness import REPO, RecordingSCP, wait_until
 
 pytestmark = pytest.mark.slow  # namespaces, a PostgreSQL of its own, three headscreen processes
@@ -208,7 +208,7 @@ timeout_s = 10.0
     def spawn(self, name: str, ns: str, *argv: str) -> subprocess.Popen:
         """A headscreen command inside namespace `ns`, in its own process group."""
         log = (self.root / f"{name}.log").open("ab")
-        process = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "daemon.cli", *argv],
+        process = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "headscreen", *argv],
                                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[name] = process
         self.cleanup.callback(kill_group, process)

@@ -26,19 +26,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from daemon.cli import main
-from daemon.config import Settings, example_toml, load_settings
-from daemon.errors import ConfigError
-from daemon.logs import JsonFormatter, TextFormatter
-from daemon.privacy import WithholdValues
-from daemon.receiver import ReceiverConfig, start_receiver
-from daemon.web import create_app, health
-from daemon.web.health import ServeRuntime
-from daemon.web.metrics import _ResultTail
-from db import api
-from db.engine import make_engine, session_factory
-from db.models import IngestRejection
 from db_factories import BUNDLES, T0, add_series, claimed_job, outcome, uid
+from headscreen.daemon.cli import main
+from headscreen.daemon.config import Settings, example_toml, load_settings
+from headscreen.daemon.logs import JsonFormatter, TextFormatter
+from headscreen.daemon.receiver import ReceiverConfig, start_receiver
+from headscreen.daemon.web import create_app, health
+from headscreen.daemon.web.health import ServeRuntime
+from headscreen.daemon.web.metrics import _ResultTail
+from headscreen.db import api
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.models import IngestRejection
+from headscreen.errors import ConfigError
+from headscreen.privacy import WithholdValues
 from serve_harness import REPO
 from web_helpers import Console
 
@@ -333,7 +333,7 @@ def test_text_logs_have_no_colour_codes_and_one_line_per_message() -> None:
 # --- the command line -------------------------------------------------------------------------
 
 def cli(*argv: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "headscreen", *argv], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout_s)
 
 
@@ -385,7 +385,7 @@ def test_an_unexpected_error_is_one_line_without_its_message(monkeypatch, capsys
     def broken(args) -> int:
         raise ValueError("Smith^John 19700101")  # a message that quotes patient data
 
-    monkeypatch.setattr("daemon.cli.cmd_status", broken)
+    monkeypatch.setattr("headscreen.daemon.cli.cmd_status", broken)
     assert main(["-c", str(_config(tmp_path)), "status"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ValueError" in err and "Smith" not in err and "19700101" not in err

@@ -12,17 +12,17 @@ import pydicom
 import pytest
 from pydicom.valuerep import DA
 
-import daemon.pipeline
+import headscreen.daemon.pipeline
 from bad_input import BAD_BIRTH_DATES, BY_NAME, PATIENT, PATIENT_ID, damage, leaks
-from daemon.bundle import load_bundle
-from daemon.config import shipped_bundles
-from daemon.inference import BundleRunner
-from daemon.pipeline import StudyFiles, run_job
-from db.api import JobTicket
-from export import codes
-from export.sc import NOT_SCREENED_SERIES_DESCRIPTION
-from imaging.phantoms import Lesion, make_head, write_dicom_series
-from imaging.selection import SelectionRules
+from headscreen.bundle import load_bundle
+from headscreen.daemon.config import shipped_bundles
+from headscreen.daemon.pipeline import StudyFiles, run_job
+from headscreen.db.api import JobTicket
+from headscreen.export import codes
+from headscreen.export.sc import NOT_SCREENED_SERIES_DESCRIPTION
+from headscreen.imaging.phantoms import Lesion, make_head, write_dicom_series
+from headscreen.imaging.selection import SelectionRules
+from headscreen.inference import BundleRunner
 from serve_harness import dciodvfy_errors
 from sr_helpers import coded_evaluations, measurement_group, sr_texts
 
@@ -183,7 +183,7 @@ def test_blocking_reason_with_odd_headers_still_gives_the_report(tmp_path, ct_ru
 
 
 def test_blocking_and_advisory_reasons_are_both_reported(tmp_path, ct_runner, noisy_study, monkeypatch):
-    real_preprocess = daemon.pipeline.preprocess
+    real_preprocess = headscreen.daemon.pipeline.preprocess
 
     def flipped(volume, params):
         prepared = real_preprocess(volume, params)
@@ -191,7 +191,7 @@ def test_blocking_and_advisory_reasons_are_both_reported(tmp_path, ct_runner, no
             "orientation_flipped: head upside down", "skull_defect: skull_coverage 0.1 outside [0.35, 10]",
             "noise_high: noise_sigma 49 outside [0, 25]", "noise_high: noise_relative 0.9 outside [0, 0.3]"])
 
-    monkeypatch.setattr(daemon.pipeline, "preprocess", flipped)
+    monkeypatch.setattr(headscreen.daemon.pipeline, "preprocess", flipped)
     outcome = run_job(ticket(noisy_study.study_instance_uid), noisy_study, ct_runner, tmp_path / "out",
                       overlay_slices=12)
     assert not outcome.eligible and _screen_outputs(outcome) == {}
@@ -232,7 +232,7 @@ def test_advisory_reason_keeps_a_normal_result(tmp_path, ct_runner):
 
 def test_a_missing_stored_file_is_a_transient_error_never_a_result(tmp_path, ct_runner):
     """Storage that is not there (an unmounted share) must be retried, not screened as "no images"."""
-    from daemon.errors import TransientError
+    from headscreen.errors import TransientError
 
     phantom = make_head("CT", age=50.0, seed=9)
     files = write_dicom_series(phantom, tmp_path / "series", rows=64, cols=64, slices=4, slice_thickness=5.0)
@@ -319,13 +319,13 @@ def test_undecodable_patient_values_are_left_out_of_every_result_and_named(tmp_p
 def test_an_input_error_while_building_results_gives_a_not_eligible_report(tmp_path, fast_runner, small_head,
                                                                            monkeypatch):
     study, _ = _bad_study(small_head, tmp_path / "in")
-    real = daemon.pipeline.build_overlay_series
+    real = headscreen.daemon.pipeline.build_overlay_series
 
     def refuses_a_value(*args, **kwargs):
         DA(BAD_BIRTH_DATES[0])  # as highdicom does on a value it will not copy
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(daemon.pipeline, "build_overlay_series", refuses_a_value)
+    monkeypatch.setattr(headscreen.daemon.pipeline, "build_overlay_series", refuses_a_value)
     out = tmp_path / "out"
     (out / "sc-0007.dcm").parent.mkdir(parents=True)
     (out / "sc-0007.dcm").write_bytes(b"left by an earlier stage")
@@ -346,14 +346,14 @@ def test_the_not_eligible_report_goes_out_even_when_highdicom_refuses_the_series
     files = write_dicom_series(phantom, tmp_path / "scout", rows=64, cols=64, slices=3, slice_thickness=5.0,
                                series_description="SCOUT", patient_id=PATIENT_ID, extra=dict(PATIENT))
     study = study_of(files)
-    real = daemon.pipeline.build_report
+    real = headscreen.daemon.pipeline.build_report
 
     def refuses_all_but_the_last(sources, summary, sc_datasets, *args, **kwargs):
         if sc_datasets:  # the first two tries list the image: refused as if a value did not validate
             DA(BAD_BIRTH_DATES[1])
         return real(sources, summary, sc_datasets, *args, **kwargs)
 
-    monkeypatch.setattr(daemon.pipeline, "build_report", refuses_all_but_the_last)
+    monkeypatch.setattr(headscreen.daemon.pipeline, "build_report", refuses_all_but_the_last)
     outcome = run_job(ticket(study.study_instance_uid), study, ct_runner, tmp_path / "out", overlay_slices=1)
     assert not outcome.eligible and "no suitable series" in outcome.ineligible_reason
     # The report alone: an image it cannot list is not sent.
@@ -363,5 +363,5 @@ def test_the_not_eligible_report_goes_out_even_when_highdicom_refuses_the_series
     sr = pydicom.dcmread(sr_path)
     assert (sr.StudyInstanceUID, sr.PatientID) == (study.study_instance_uid, PATIENT_ID)
     assert sum("retried on less" in r.getMessage() for r in caplog.records) == 2
-    ours = [r for r in caplog.records if r.name.split(".")[0] in ("daemon", "export", "imaging")]
+    ours = [r for r in caplog.records if r.name.startswith("headscreen.")]
     assert [r.getMessage() for r in ours if leaks(f"{r.getMessage()} {getattr(r, 'error', '')}")] == []

@@ -13,20 +13,26 @@ from pynetdicom import build_context
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import Settings
-from daemon.pipeline import SharedStages, StudyFiles, _build_results, run_job
-from daemon.reference import ReferencePolicy
-from db.api import JobTicket
-from db.models import Delivery, ResultObject
-from db.states import DeliveryState, ObjectKind
 from db_factories import outcome
-from export import codes
-from export.pm import LUT_LABELS, PM_CONTENT_LABEL, PM_SERIES_DESCRIPTION, PM_SERIES_NUMBER, build_parametric_map
-from export.sc import build_overlay_series, choose_slices
-from export.seg import build_segmentation
-from export.sr import ReferenceNote, build_report
-from imaging.phantoms import make_head, write_dicom_series
-from imaging.selection import SelectionRules
+from headscreen.daemon.config import Settings
+from headscreen.daemon.pipeline import SharedStages, StudyFiles, _build_results, run_job
+from headscreen.daemon.reference import ReferencePolicy
+from headscreen.db.api import JobTicket
+from headscreen.db.models import Delivery, ResultObject
+from headscreen.db.states import DeliveryState, ObjectKind
+from headscreen.export import codes
+from headscreen.export.pm import (
+    LUT_LABELS,
+    PM_CONTENT_LABEL,
+    PM_SERIES_DESCRIPTION,
+    PM_SERIES_NUMBER,
+    build_parametric_map,
+)
+from headscreen.export.sc import build_overlay_series, choose_slices
+from headscreen.export.seg import build_segmentation
+from headscreen.export.sr import ReferenceNote, build_report
+from headscreen.imaging.phantoms import make_head, write_dicom_series
+from headscreen.imaging.selection import SelectionRules
 from serve_harness import RecordingSCP, dciodvfy_errors
 from sr_helpers import errors_and_warnings, pixelmed_findings
 from test_export import ct_summary, make_ct_series
@@ -203,8 +209,8 @@ def phantom_study(tmp_path_factory) -> StudyFiles:
 
 @pytest.fixture(scope="module")
 def fast_runner(tmp_path_factory):
-    from daemon.bundle import load_bundle
-    from daemon.inference import BundleRunner
+    from headscreen.bundle import load_bundle
+    from headscreen.inference import BundleRunner
     from test_site_calibration import fast_bundle
 
     return BundleRunner(load_bundle(fast_bundle(tmp_path_factory.mktemp("fast"))))

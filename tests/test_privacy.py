@@ -19,15 +19,15 @@ from pydicom.valuerep import DA
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import Settings
-from daemon.errors import InputRejected, TransientError
-from daemon.logs import JsonFormatter, TextFormatter
-from daemon.privacy import failure_reason, scrub, withhold_values_in_logs
-from daemon.web import create_app
-from db import api
-from db.models import AuditEvent, Delivery, Job
-from db.states import JobState
 from db_factories import BUNDLES, CT_IMAGE_STORAGE
+from headscreen.daemon.config import Settings
+from headscreen.daemon.logs import JsonFormatter, TextFormatter
+from headscreen.daemon.web import create_app
+from headscreen.db import api
+from headscreen.db.models import AuditEvent, Delivery, Job
+from headscreen.db.states import JobState
+from headscreen.errors import InputRejected, TransientError
+from headscreen.privacy import failure_reason, scrub, withhold_values_in_logs
 from web_helpers import ADMIN, VIEWER, add_users, seed
 from worker_helpers import make_worker, queued_ct_study, worker_settings
 
@@ -118,7 +118,7 @@ class RawRecords(logging.Filter):
 @pytest.fixture
 def raw_records() -> Iterator[RawRecords]:
     raw = RawRecords()
-    loggers = [logging.getLogger(name) for name in ("daemon.worker", "db.jobs", "daemon.delivery")]
+    loggers = [logging.getLogger(f"headscreen.{name}") for name in ("daemon.worker", "db.jobs", "daemon.delivery")]
     for logger in loggers:
         logger.addFilter(raw)
     yield raw
@@ -228,11 +228,11 @@ def test_log_filter_withholds_exception_messages_and_library_warnings(caplog: py
         try:
             DA(BIRTH_DATES[1])
         except ValueError:
-            logging.getLogger("daemon.receiver").exception("C-STORE data set does not decode")
+            logging.getLogger("headscreen.daemon.receiver").exception("C-STORE data set does not decode")
         logging.getLogger("pydicom").warning(f"Invalid value for VR DA: '{BIRTH_DATES[1]}'")
-        logging.getLogger("daemon.pipeline").warning("unreadable stored instance",
+        logging.getLogger("headscreen.daemon.pipeline").warning("unreadable stored instance",
                                                      extra={"error": f"bad name {PATIENT_NAME}"})
-        logging.getLogger("export").warning("association %s", f"refused for {PATIENT_ID!r}")
+        logging.getLogger("headscreen.export").warning("association %s", f"refused for {PATIENT_ID!r}")
         warnings.warn_explicit(f"Invalid value for VR PN: {PATIENT_NAME!r}", UserWarning, "x.py", 1)
     finally:
         logging.captureWarnings(False)

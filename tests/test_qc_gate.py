@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from export import codes
-from imaging import qc
+from headscreen.export import codes
+from headscreen.imaging import qc
 
 CONFORMANCE = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 

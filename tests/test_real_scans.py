@@ -33,21 +33,21 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-import daemon.pipeline
-from daemon.bundle import load_bundle
-from daemon.config import shipped_bundles
-from daemon.errors import InputRejected
-from daemon.inference import BundleRunner
-from daemon.pipeline import StudyFiles, run_job
-from db.api import JobTicket
-from export import codes
-from export.sc import NOT_SCREENED_SERIES_DESCRIPTION
-from imaging import qc, realscans
-from imaging.phantoms import Pose, make_non_head, write_dicom_series
-from imaging.preprocess import Preprocessed, preprocess
-from imaging.registration import affine_to_matrix, rotation_part
-from imaging.skullstrip import dice
-from imaging.volume import SeriesRejected, Volume, load_series
+import headscreen.daemon.pipeline as pipeline_module
+from headscreen.bundle import load_bundle
+from headscreen.daemon.config import shipped_bundles
+from headscreen.daemon.pipeline import StudyFiles, run_job
+from headscreen.db.api import JobTicket
+from headscreen.errors import InputRejected
+from headscreen.export import codes
+from headscreen.export.sc import NOT_SCREENED_SERIES_DESCRIPTION
+from headscreen.imaging import qc, realscans
+from headscreen.imaging.phantoms import Pose, make_non_head, write_dicom_series
+from headscreen.imaging.preprocess import Preprocessed, preprocess
+from headscreen.imaging.registration import affine_to_matrix, rotation_part
+from headscreen.imaging.skullstrip import dice
+from headscreen.imaging.volume import SeriesRejected, Volume, load_series
+from headscreen.inference import BundleRunner
 from serve_harness import dciodvfy_errors
 from sr_helpers import coded_evaluations, measurement_group, sr_texts
 
@@ -209,8 +209,8 @@ class RealT1Cases:
                 return wrapper
 
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(daemon.pipeline, "load_series", capture(daemon.pipeline.load_series, "volume"))
-                patch.setattr(daemon.pipeline, "preprocess", capture(daemon.pipeline.preprocess, "result"))
+                patch.setattr(pipeline_module, "load_series", capture(pipeline_module.load_series, "volume"))
+                patch.setattr(pipeline_module, "preprocess", capture(pipeline_module.preprocess, "result"))
                 study = study_of(files)
                 outcome = run_job(ticket(study.study_instance_uid, "mr"), study, self.runner,
                                   self.folder / f"{name}-out", overlay_slices=4)

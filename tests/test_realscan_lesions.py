@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from imaging import realscans
+from headscreen.imaging import realscans
 
 CASES = [("hemorrhage", 5.0), ("hemorrhage", 40.0), ("subdural", 35.0), ("infarct", 25.0), ("tumour", 20.0)]
 SEED = 3

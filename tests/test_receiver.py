@@ -31,10 +31,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.callers import AllowedCaller
-from daemon.receiver import ASSOCIATION_REJECTED_STATUS, ReceiverConfig, StoreStatus, start_receiver
-from db.engine import make_engine, session_factory
-from db.models import Instance
+from headscreen.daemon.callers import AllowedCaller
+from headscreen.daemon.receiver import ASSOCIATION_REJECTED_STATUS, ReceiverConfig, StoreStatus, start_receiver
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.models import Instance
 from receiver_helpers import SCP_AE, SCU_AE, Harness, make_uid, start_harness, write_ct_series
 
 ALLOWED = (AllowedCaller(SCU_AE), AllowedCaller("PACS_BOUND", host="10.9.9.9"))
@@ -432,7 +432,7 @@ def test_logs_carry_uids_but_no_patient_data(harness: Harness, tmp_path: Path,
     good, bad = write_ct_series(tmp_path / "ct", 2, seed=11)
     ds = pydicom.dcmread(bad)
     del ds.StudyInstanceUID
-    with caplog.at_level(logging.DEBUG, logger="daemon"):
+    with caplog.at_level(logging.DEBUG, logger="headscreen"):
         assoc = _associate(harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
         try:
             statuses = [assoc.send_c_store(good).Status, assoc.send_c_store(ds).Status]
@@ -440,7 +440,7 @@ def test_logs_carry_uids_but_no_patient_data(harness: Harness, tmp_path: Path,
             assoc.release()
         assert _dcmtk("echoscu", harness.port, calling="INTRUDER").returncode != 0
     assert statuses == [StoreStatus.SUCCESS, StoreStatus.DATASET_MISMATCH]
-    records = [r for r in caplog.records if r.name.startswith("daemon")]
+    records = [r for r in caplog.records if r.name.startswith("headscreen.")]
     assert {getattr(r, "action", None) for r in records} >= {"instance_stored", "store_rejected",
                                                              "association_rejected"}
     logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in records)

@@ -31,9 +31,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bad_input import BIRTH_DATE, MUTATIONS, PATIENT, PATIENT_ID, Mutation, damage, leaks, set_raw
-from daemon.logs import JsonFormatter
-from daemon.receiver import StoreStatus
-from db.models import Instance, Series, Study
+from headscreen.daemon.logs import JsonFormatter
+from headscreen.daemon.receiver import StoreStatus
+from headscreen.db.models import Instance, Series, Study
 from receiver_helpers import SCP_AE, SCU_AE, Harness, start_harness, write_ct_series
 
 SEED = 1201
@@ -184,13 +184,12 @@ def _column_problems(study: Study, series: Series, instances: list[Instance]) ->
 def _our_log_text(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Our loggers' records as emitted and as objects (extras, exception and all)."""
     return [f"{JsonFormatter().format(r)} {r.__dict__}" for r in caplog.records
-            if r.name.split(".")[0] in ("daemon", "db")]
+            if r.name.startswith("headscreen.")]
 
 
 def test_every_instance_with_its_identity_intact_is_stored_and_recorded(
         any_db_harness: Harness, tmp_path: Path, chunked_send: None, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="daemon")
-    caplog.set_level(logging.DEBUG, logger="db")
+    caplog.set_level(logging.DEBUG, logger="headscreen")
     problems: dict[str, list[str]] = {}
     comments: list[str] = []
     damaged_slice: dict[str, str] = {}

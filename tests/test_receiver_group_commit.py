@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from daemon.callers import AllowedCaller
-from daemon.receiver import Receiver, ReceiverConfig, start_receiver
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.models import Instance, Series
+from headscreen.daemon.callers import AllowedCaller
+from headscreen.daemon.receiver import Receiver, ReceiverConfig, start_receiver
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.models import Instance, Series
 from receiver_helpers import write_ct_series
 
 SCU_AE = "GCSCU"

@@ -18,8 +18,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from daemon.connections import CONNECTION_REFUSED_STATUS, RefusalKey, RefusalLog
-from daemon.receiver import ASSOCIATION_LIMIT_STATUS, ASSOCIATION_REJECTED_STATUS, CALLED_AE_REJECTED_STATUS
+from headscreen.daemon.connections import CONNECTION_REFUSED_STATUS, RefusalKey, RefusalLog
+from headscreen.daemon.receiver import ASSOCIATION_LIMIT_STATUS, ASSOCIATION_REJECTED_STATUS, CALLED_AE_REJECTED_STATUS
 from receiver_helpers import SCP_AE, SCU_AE, Harness, closed_by_peer, idle_sockets, start_harness
 
 GENEROUS_S = 30.0

@@ -11,13 +11,13 @@ import pydicom
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from daemon.callers import AllowedCaller, CallerPolicy
-from daemon.dataset_check import parse_header
-from daemon.errors import InputRejected
-from daemon.instance_record import slice_position
-from daemon.storage import InstanceStore, InvalidUid, StorageFull, study_directory
-from db.group_commit import GroupCommit
-from db.types import InstanceRecord, RecordOutcome
+from headscreen.daemon.callers import AllowedCaller, CallerPolicy
+from headscreen.daemon.dataset_check import parse_header
+from headscreen.daemon.instance_record import slice_position
+from headscreen.daemon.storage import InstanceStore, InvalidUid, StorageFull, study_directory
+from headscreen.db.group_commit import GroupCommit
+from headscreen.db.types import InstanceRecord, RecordOutcome
+from headscreen.errors import InputRejected
 from receiver_helpers import write_ct_series
 
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"

@@ -16,11 +16,11 @@ from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from daemon.bundle import load_bundle
-from daemon.cli import main
-from daemon.config import load_settings, shipped_bundles
-from daemon.errors import ConfigError
-from daemon.reference import (
+from db_factories import T0, add_series, outcome, uid
+from headscreen.bundle import load_bundle
+from headscreen.daemon.cli import main
+from headscreen.daemon.config import load_settings, shipped_bundles
+from headscreen.daemon.reference import (
     Calibrating,
     Reference,
     ReferencePolicy,
@@ -32,13 +32,13 @@ from daemon.reference import (
     station_views,
     threshold_at_specificity,
 )
-from db import api
-from db.models import AuditEvent
-from db.types import BundleRef, CalibrationCandidate
-from db_factories import T0, add_series, outcome, uid
-from export import codes
-from export.sc import _legend_lines, build_overlay_series
-from export.sr import ReferenceNote, build_report
+from headscreen.db import api
+from headscreen.db.models import AuditEvent
+from headscreen.db.types import BundleRef, CalibrationCandidate
+from headscreen.errors import ConfigError
+from headscreen.export import codes
+from headscreen.export.sc import _legend_lines, build_overlay_series
+from headscreen.export.sr import ReferenceNote, build_report
 from serve_harness import dciodvfy_errors
 from sr_helpers import coded_evaluations, errors_and_warnings, measurement_group, pixelmed_findings, sr_texts
 from test_export import ct_summary, make_ct_series
@@ -60,7 +60,7 @@ def candidate(i: int, score: float | None, *, normal: bool = True, eligible: boo
 # --------------------------------------------------------------------------- math
 
 def test_threshold_rule_is_the_training_rule() -> None:
-    from model_training.calibration import threshold_at_specificity as training_rule
+    from headscreen.model_training.calibration import threshold_at_specificity as training_rule
 
     rng = np.random.default_rng(3)
     for size in (1, 2, 19, 20, 21, 60, 333):
@@ -340,8 +340,8 @@ def test_calibration_settings_are_validated(tmp_path) -> None:
 @pytest.fixture
 def configured(tmp_path, ct_bundle):
     """A SQLite site whose CT bundle is the shipped one; returns (config, sessions, BundleRef, scoring)."""
-    from db.engine import make_engine, session_factory
-    from db.migrate import upgrade
+    from headscreen.db.engine import make_engine, session_factory
+    from headscreen.db.migrate import upgrade
 
     storage = tmp_path / "storage"
     storage.mkdir()
@@ -396,7 +396,7 @@ def test_cli_calibrates_lists_and_retires(configured, capsys) -> None:
 
 
 def test_console_shows_the_reference_per_scanner_and_retires_with_csrf(configured) -> None:
-    from daemon.web import create_app
+    from headscreen.daemon.web import create_app
 
     config, sessions, ref, scoring = configured
     settings = load_settings(config, calibration={"mode": "site", "min_references": 5})
@@ -458,7 +458,7 @@ def test_station_views_follow_the_mode(ct_bundle) -> None:
 
 
 def test_a_score_that_is_not_a_number_gets_no_verdict(ct_bundle) -> None:
-    from daemon.pipeline import _judged
+    from headscreen.daemon.pipeline import _judged
 
     reference = Reference.from_bundle(ct_bundle)
     assert _judged(float("nan"), reference) == (None, None, reference.threshold)

@@ -9,13 +9,13 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import api
-from db import rescreen as runs
-from db.models import RESCREEN_PRIORITY, Delivery, Job, RescreenItemState
-from db.rescreen import FoundStudy, RescreenQuery
-from db.states import JobState
-from db.types import BundleRef
 from db_factories import BUNDLES, add_series, at, outcome, uid
+from headscreen.db import api
+from headscreen.db import rescreen as runs
+from headscreen.db.models import RESCREEN_PRIORITY, Delivery, Job, RescreenItemState
+from headscreen.db.rescreen import FoundStudy, RescreenQuery
+from headscreen.db.states import JobState
+from headscreen.db.types import BundleRef
 from web_helpers import ADMIN, VIEWER, Console
 
 QUERY = RescreenQuery("pacs", "dimse", "20250101", "20251231", "CT", record_only=False)
@@ -232,7 +232,7 @@ class ArchiveSource:
 def test_the_run_keeps_its_rate_and_in_flight_limit_and_retries_a_failed_retrieve(db_sessions, monkeypatch) -> None:
     import types
 
-    import daemon.rescreen as rescreen
+    import headscreen.daemon.rescreen as rescreen
 
     clock = FakeClock()
     monkeypatch.setattr(rescreen.time, "monotonic", clock)
@@ -269,7 +269,7 @@ def test_the_run_keeps_its_rate_and_in_flight_limit_and_retries_a_failed_retriev
 def test_a_stopped_run_is_marked_stopped(db_sessions) -> None:
     import types
 
-    import daemon.rescreen as rescreen
+    import headscreen.daemon.rescreen as rescreen
 
     with db_sessions() as session:
         run_id, _ = _run_with(session, [uid()])

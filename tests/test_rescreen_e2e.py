@@ -23,9 +23,9 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from daemon.orthanc import DICOMWEB_PLUGIN_ENV, Orthanc, dicomweb_plugin, free_port
-from db.models import RESCREEN_PRIORITY, Job, RescreenItem, RescreenRun, Result
-from imaging.phantoms import make_head, write_dicom_series
+from headscreen.daemon.orthanc import DICOMWEB_PLUGIN_ENV, Orthanc, dicomweb_plugin, free_port
+from headscreen.db.models import RESCREEN_PRIORITY, Job, RescreenItem, RescreenRun, Result
+from headscreen.imaging.phantoms import make_head, write_dicom_series
 from serve_harness import REPO, Daemon, storescu, wait_until
 
 pytestmark = pytest.mark.slow  # end to end with Orthanc and serve: `make test-fast` leaves it out
@@ -66,7 +66,7 @@ def uid_of(files: list[Path]) -> str:
 
 
 def rescreen_cmd(daemon: Daemon, *args: str) -> list[str]:
-    return [sys.executable, "-m", "daemon.cli", "-c", str(daemon.config), "rescreen", *args]
+    return [sys.executable, "-m", "headscreen", "-c", str(daemon.config), "rescreen", *args]
 
 
 def rescreen(daemon: Daemon, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -89,7 +89,7 @@ def pacs_with(tmp_path: Path, studies: list[list[Path]], receiver_port: int) -> 
 
 def worker(daemon: Daemon, log: Path) -> subprocess.Popen:
     """A `headscreen worker` on the daemon's queue (serve runs none: the test pauses it)."""
-    return subprocess.Popen([sys.executable, "-m", "daemon.cli", "-c", str(daemon.config), "worker"],
+    return subprocess.Popen([sys.executable, "-m", "headscreen", "-c", str(daemon.config), "worker"],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=REPO)
 
 
@@ -236,7 +236,7 @@ def test_rescreen_errors_are_one_line(tmp_path):
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not rows(daemon, RescreenRun)  # nothing was started
     # A run of the same query that another process works on (touched just now) is left alone.
-    from db import rescreen as runs
+    from headscreen.db import rescreen as runs
 
     with daemon.sessions()() as session:
         run_id = runs.create_run(session, runs.RescreenQuery("down", "dimse", "20240301", "20240331", None, False),

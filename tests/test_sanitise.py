@@ -1,6 +1,6 @@
 """Bad input, unit by unit: the sanitised copies results are built from (export.sanitise),
 instances left out of their series (imaging.selection), and which errors are input
-errors (daemon.errors.is_input_error)."""
+errors (headscreen.errors.is_input_error)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from bad_input import (
     rewrite,
     set_raw,
 )
-from daemon.errors import InputRejected, TransientError, is_input_error
-from export.sanitise import NOTE_PREFIX, TYPE2, clean_header, sanitise_sources
-from imaging.phantoms import make_head, write_dicom_series
-from imaging.selection import (
+from headscreen.errors import InputRejected, TransientError, is_input_error
+from headscreen.export.sanitise import NOTE_PREFIX, TYPE2, clean_header, sanitise_sources
+from headscreen.imaging.phantoms import make_head, write_dicom_series
+from headscreen.imaging.selection import (
     EXCLUDED_GEOMETRY,
     EXCLUDED_PIXEL_HEADER,
     EXCLUDED_PIXELS,

@@ -1,11 +1,11 @@
-"""Masked z-map scores (daemon/scores.py): inside the brain, never at the grid edge."""
+"""Masked z-map scores (headscreen/scores.py): inside the brain, never at the grid edge."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from daemon.scores import EDGE_VOXELS, MASKED_TERMS, Normative, batch_terms, evaluation_mask, masked_terms, z_map
+from headscreen.scores import EDGE_VOXELS, MASKED_TERMS, Normative, batch_terms, evaluation_mask, masked_terms, z_map
 
 GRID = (24, 24, 24)
 
@@ -119,7 +119,7 @@ def abs_graph(path) -> None:
 
 
 def normative_bundle(tmp_path, normative: Normative, with_file: bool = True):
-    from daemon.bundle import Manifest, write_bundle
+    from headscreen.bundle import Manifest, write_bundle
 
     folder = tmp_path / "masked-1.0.0"
     folder.mkdir()
@@ -138,8 +138,8 @@ def normative_bundle(tmp_path, normative: Normative, with_file: bool = True):
 
 
 def test_the_daemon_scores_inside_the_case_brain_with_the_bundle_normative_model(tmp_path, healthy, normative):
-    from daemon.bundle import load_bundle
-    from daemon.inference import BundleRunner
+    from headscreen.bundle import load_bundle
+    from headscreen.inference import BundleRunner
 
     maps, masks = healthy
     runner = BundleRunner(load_bundle(normative_bundle(tmp_path, normative)))
@@ -156,8 +156,8 @@ def test_the_daemon_scores_inside_the_case_brain_with_the_bundle_normative_model
 
 
 def test_a_bundle_with_masked_terms_but_no_normative_model_is_refused(tmp_path, normative):
-    from daemon.bundle import load_bundle
-    from daemon.errors import BundleError
+    from headscreen.bundle import load_bundle
+    from headscreen.errors import BundleError
 
     with pytest.raises(BundleError, match="need a normative section"):
         load_bundle(normative_bundle(tmp_path, normative, with_file=False))

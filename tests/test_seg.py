@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from daemon.bundle import Bundle, load_bundle
-from daemon.config import shipped_bundles
-from daemon.pipeline import _build_results
-from export.sc import choose_slices
-from export.seg import (
+from headscreen.bundle import Bundle, load_bundle
+from headscreen.daemon.config import shipped_bundles
+from headscreen.daemon.pipeline import _build_results
+from headscreen.export.sc import choose_slices
+from headscreen.export.seg import (
     DEFAULT_THRESHOLD,
     MIN_CLUSTER_ML,
     SEG_CANDIDATES,

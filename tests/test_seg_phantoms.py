@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from daemon.bundle import load_bundle
-from daemon.inference import BundleRunner
-from export.seg import anomaly_mask
-from imaging.phantoms import Lesion, Pose, make_head
-from imaging.preprocess import preprocess, to_native, with_defaults
-from imaging.skullstrip import dice
-from imaging.volume import Volume
+from headscreen.bundle import load_bundle
+from headscreen.export.seg import anomaly_mask
+from headscreen.imaging.phantoms import Lesion, Pose, make_head
+from headscreen.imaging.preprocess import preprocess, to_native, with_defaults
+from headscreen.imaging.skullstrip import dice
+from headscreen.imaging.volume import Volume
+from headscreen.inference import BundleRunner
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 POSE = Pose((4.0, -3.0, 5.0), (3.0, -2.0, 4.0))

@@ -22,23 +22,23 @@ from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-import daemon.pipeline
-from daemon.bundle import load_bundle, write_bundle
-from daemon.cli import main
-from daemon.config import load_settings
-from daemon.instance_record import slice_position
-from daemon.pipeline import SharedStages, Timer
-from daemon.scheduler import bundle_refs, sweep_completeness
-from daemon.shadow import UNASSIGNED, compare, current_plan, promote, put_in_shadow, resolve_roles, retire
-from daemon.web import create_app
-from daemon.worker import Worker
-from db import api
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.models import AuditEvent, Delivery, Job, Result, ResultObject, ShadowResult, Study
-from db.types import BundleRef, BundleScoreRow, InstanceRecord, RoleChange, ShadowOutcome
+import headscreen.daemon.pipeline
 from db_factories import T0, claimed_job, outcome
-from imaging.phantoms import make_head, write_dicom_series
+from headscreen.bundle import load_bundle, write_bundle
+from headscreen.daemon.cli import main
+from headscreen.daemon.config import load_settings
+from headscreen.daemon.instance_record import slice_position
+from headscreen.daemon.pipeline import SharedStages, Timer
+from headscreen.daemon.scheduler import bundle_refs, sweep_completeness
+from headscreen.daemon.shadow import UNASSIGNED, compare, current_plan, promote, put_in_shadow, resolve_roles, retire
+from headscreen.daemon.web import create_app
+from headscreen.daemon.worker import Worker
+from headscreen.db import api
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.models import AuditEvent, Delivery, Job, Result, ResultObject, ShadowResult, Study
+from headscreen.db.types import BundleRef, BundleScoreRow, InstanceRecord, RoleChange, ShadowOutcome
+from headscreen.imaging.phantoms import make_head, write_dicom_series
 from serve_harness import RecordingSCP
 from test_site_calibration import fast_bundle
 from web_helpers import ADMIN, VIEWER, add_users
@@ -200,7 +200,8 @@ def test_compare_endpoint_and_promotion_form(tmp_path: Path) -> None:
 
 def test_preprocessing_is_shared_only_between_equal_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(daemon.pipeline, "preprocess", lambda volume, params: calls.append(params) or object())
+    monkeypatch.setattr(headscreen.daemon.pipeline, "preprocess",
+                        lambda volume, params: calls.append(params) or object())
     stages, timer = SharedStages(), Timer()
     first, reused_first = stages.preprocess("volume", {"a": 1, "b": [2]}, timer)
     again, reused_again = stages.preprocess("volume", {"b": [2], "a": 1}, timer)
@@ -364,7 +365,7 @@ def test_shadow_bundles_score_beside_the_active_one_and_a_promotion_applies_to_t
 def test_shadow_verdicts_are_calibration_candidates(tmp_path: Path) -> None:
     """A shadow bundle can get a site reference before it is promoted: its verdicts beside
     current results count, identified by the study's current result; failed runs do not."""
-    from db.calibration import calibration_candidates
+    from headscreen.db.calibration import calibration_candidates
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)

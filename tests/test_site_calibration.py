@@ -30,19 +30,19 @@ import SimpleITK as sitk
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from daemon.bundle import load_bundle, write_bundle
-from daemon.cli import main
-from daemon.config import Settings, load_settings, shipped_bundles
-from daemon.instance_record import slice_position
-from daemon.reference import Reference, threshold_at_specificity
-from daemon.worker import Worker
-from db import api
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.models import Result, ResultObject, Study
-from db.types import InstanceRecord
-from export import codes
-from imaging.phantoms import Lesion, Phantom, make_head, write_dicom_series
+from headscreen.bundle import load_bundle, write_bundle
+from headscreen.daemon.cli import main
+from headscreen.daemon.config import Settings, load_settings, shipped_bundles
+from headscreen.daemon.instance_record import slice_position
+from headscreen.daemon.reference import Reference, threshold_at_specificity
+from headscreen.daemon.worker import Worker
+from headscreen.db import api
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.models import Result, ResultObject, Study
+from headscreen.db.types import InstanceRecord
+from headscreen.export import codes
+from headscreen.imaging.phantoms import Lesion, Phantom, make_head, write_dicom_series
 from sr_helpers import coded_evaluations, measurement_group, sr_texts
 
 pytestmark = pytest.mark.slow  # 60 studies end to end through the real worker: `make test-fast` leaves it out

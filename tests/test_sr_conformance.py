@@ -16,11 +16,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from export import codes
-from export.model import ResultSummary
-from export.sc import build_overlay_series
-from export.seg import build_segmentation, source_voxel_ml
-from export.sr import REPORT_SUMMARY_TEXT, ReferenceNote, build_report
+from headscreen.export import codes
+from headscreen.export.model import ResultSummary
+from headscreen.export.sc import build_overlay_series
+from headscreen.export.seg import build_segmentation, source_voxel_ml
+from headscreen.export.sr import REPORT_SUMMARY_TEXT, ReferenceNote, build_report
 from serve_harness import dciodvfy_errors
 from sr_helpers import (
     ReadBack,

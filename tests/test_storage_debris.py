@@ -14,12 +14,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import storage
-from daemon.scheduler import sweep_storage
-from daemon.storage import ORPHAN_GRACE_S, TEMP_GRACE_S, InstanceStore, sweep_debris
-from db import api
-from db.models import Instance
 from db_factories import record, uid
+from headscreen.daemon import storage
+from headscreen.daemon.scheduler import sweep_storage
+from headscreen.daemon.storage import ORPHAN_GRACE_S, TEMP_GRACE_S, InstanceStore, sweep_debris
+from headscreen.db import api
+from headscreen.db.models import Instance
 
 
 def settings_for(storage_dir: Path) -> Any:
@@ -66,7 +66,7 @@ def test_old_debris_goes_young_and_recorded_files_stay(tmp_path: Path, caplog: p
     young_temp = tmp_path / study / series / f".{uid()}.dcm.tmp"
     young_temp.write_bytes(b"half")
     recorded = Recorded({relative(tmp_path, kept_recorded)})
-    with caplog.at_level(logging.INFO, logger="daemon.storage"):
+    with caplog.at_level(logging.INFO, logger="headscreen.daemon.storage"):
         count = sweep_debris(tmp_path, recorded)
     assert (count.temp_removed, count.orphans_removed, count.young_kept, count.errors) == (1, 1, 1, 0)
     assert kept_recorded.exists() and young_orphan.exists() and young_temp.exists()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import storage
-from daemon.storage import DirectorySync, InstanceStore
+from headscreen.daemon import storage
+from headscreen.daemon.storage import DirectorySync, InstanceStore
 
 
 class GatedFsync:

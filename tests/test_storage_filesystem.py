@@ -12,9 +12,9 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.delivery import deliver_due
-from db.models import Job, ResultObject
-from db.states import JobState
+from headscreen.daemon.delivery import deliver_due
+from headscreen.db.models import Job, ResultObject
+from headscreen.db.states import JobState
 from receiver_helpers import write_ct_series
 from serve_harness import RecordingSCP
 from worker_helpers import ReadsEverything, make_worker, record_stored_files, worker_settings
@@ -30,7 +30,7 @@ def test_a_result_is_recorded_by_key_and_delivered_from_another_mount_point(
         files = write_ct_series(worker_host.storage_dir / "in", 4)
         with db_sessions() as session:
             record_stored_files(session, worker_host.storage_dir, files)
-        monkeypatch.setattr("daemon.worker.deliver_due", lambda *args, **kwargs: None)  # serve delivers
+        monkeypatch.setattr("headscreen.daemon.worker.deliver_due", lambda *args, **kwargs: None)  # serve delivers
         assert make_worker(monkeypatch, worker_host, db_sessions, ReadsEverything()).run_one()
         with db_sessions() as session:
             [obj] = session.execute(select(ResultObject)).scalars().all()

@@ -21,18 +21,18 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import Settings
-from daemon.delivery import deliver_due
-from daemon.errors import ConfigError
-from daemon.ingest_journal import IngestJournal
-from daemon.scheduler import sweep_retention, sweep_storage
-from daemon.web.context import WebContext
-from daemon.web.preview import render_png
-from db import api
-from db.engine import make_engine, session_factory
-from db.models import Delivery, Instance, Job, Result, ResultObject, StoredBlob, Study
-from db.states import DeliveryState, JobState, StudyState
 from db_factories import BUNDLES
+from headscreen.daemon.config import Settings
+from headscreen.daemon.delivery import deliver_due
+from headscreen.daemon.ingest_journal import IngestJournal
+from headscreen.daemon.scheduler import sweep_retention, sweep_storage
+from headscreen.daemon.web.context import WebContext
+from headscreen.daemon.web.preview import render_png
+from headscreen.db import api
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.models import Delivery, Instance, Job, Result, ResultObject, StoredBlob, Study
+from headscreen.db.states import DeliveryState, JobState, StudyState
+from headscreen.errors import ConfigError
 from receiver_helpers import SCP_AE, SCU_AE, start_harness, write_ct_series
 from serve_harness import RecordingSCP
 from worker_helpers import ReadsEverything, make_worker, worker_settings
@@ -163,7 +163,7 @@ def test_a_worker_with_its_own_empty_storage_screens_the_study_and_serve_deliver
         other.storage_dir.mkdir(parents=True)
         pipeline = ReadsEverything()
         worker = make_worker(monkeypatch, other, sessions, pipeline)
-        monkeypatch.setattr("daemon.worker.deliver_due", lambda *args, **kwargs: None)  # serve delivers
+        monkeypatch.setattr("headscreen.daemon.worker.deliver_due", lambda *args, **kwargs: None)  # serve delivers
         assert worker.run_one()
 
         # Every instance was read, from copies below the worker's own storage_dir, now removed.
@@ -280,7 +280,7 @@ def test_a_result_whose_bytes_are_missing_is_a_failed_delivery_attempt_retried_l
     try:
         destinations = [{"name": "pacs", "ae_title": destination.ae_title, "host": "127.0.0.1",
                          "port": destination.port}]
-        monkeypatch.setattr("daemon.worker.deliver_due", lambda *args, **kwargs: None)  # serve delivers
+        monkeypatch.setattr("headscreen.daemon.worker.deliver_due", lambda *args, **kwargs: None)  # serve delivers
         worker = make_worker(monkeypatch, _machine(tmp_path, "worker-host", pg_url, destinations=destinations),
                              sessions, ReadsEverything())
         assert worker.run_one()

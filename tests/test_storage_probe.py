@@ -13,9 +13,10 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon import worker as worker_module
-from daemon.serve import WorkerPool
-from daemon.storage_probe import (
+from db_factories import complete_study
+from headscreen.daemon import worker as worker_module
+from headscreen.daemon.serve import WorkerPool
+from headscreen.daemon.storage_probe import (
     EXIT_STORAGE_MISMATCH,
     MARKER_NAME,
     StorageMismatch,
@@ -23,11 +24,10 @@ from daemon.storage_probe import (
     claim_storage,
     probe_applies,
 )
-from db import api
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.models import Job
-from db_factories import complete_study
+from headscreen.db import api
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.models import Job
 from serve_harness import REPO
 
 
@@ -127,7 +127,7 @@ def test_headscreen_worker_on_a_local_folder_exits_3_and_claims_nothing(tmp_path
     config = tmp_path / "worker.toml"
     config.write_text(f'environment = "development"\nstorage_dir = "{local}"\ndatabase_url = "{db_url}"\n'
                       "workers = 1\nallow_any_caller = true\n")
-    done = subprocess.run([sys.executable, "-m", "daemon.cli", "-c", str(config), "worker"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "headscreen", "-c", str(config), "worker"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == EXIT_STORAGE_MISMATCH == 3
     said = done.stdout + done.stderr
@@ -135,7 +135,7 @@ def test_headscreen_worker_on_a_local_folder_exits_3_and_claims_nothing(tmp_path
     with db_sessions() as session:
         jobs = list(session.query(Job))
     assert jobs and all(j.state == "queued" and j.attempts == 0 for j in jobs)
-    assert "3    storage mismatch" in subprocess.run([sys.executable, "-m", "daemon.cli", "--help"], cwd=REPO,
+    assert "3    storage mismatch" in subprocess.run([sys.executable, "-m", "headscreen", "--help"], cwd=REPO,
                                                     capture_output=True, text=True, timeout=60).stdout
 
 
@@ -147,7 +147,7 @@ def test_headscreen_serve_on_another_folder_exits_3_before_listening(tmp_path, s
     config = tmp_path / "serve.toml"
     config.write_text(f'environment = "development"\nstorage_dir = "{fresh}"\ndatabase_url = "{db_url}"\n'
                       "allow_any_caller = true\nworkers = 0\nport = 0\n[web]\nenabled = false\n")
-    done = subprocess.run([sys.executable, "-m", "daemon.cli", "-c", str(config), "serve"], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "headscreen", "-c", str(config), "serve"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == EXIT_STORAGE_MISMATCH
     said = done.stdout + done.stderr
@@ -192,6 +192,6 @@ def test_worker_waits_out_a_database_outage_and_claims_again(monkeypatch) -> Non
 
 def test_marker_name_is_not_a_uid() -> None:
     """The debris sweep walks UID-named folders only; the marker must never look like one."""
-    from daemon.storage import _is_uid
+    from headscreen.daemon.storage import _is_uid
 
     assert not _is_uid(MARKER_NAME)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from imaging import synthesis, templates
-from imaging.phantoms import make_head
+from headscreen.imaging import synthesis, templates
+from headscreen.imaging.phantoms import make_head
 
 DRAW_SEEDS = range(300)
 ANATOMY = synthesis.ANATOMY

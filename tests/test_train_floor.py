@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from imaging import phantoms
+from headscreen.imaging import phantoms
 
 pytestmark = pytest.mark.slow  # trains (twice, seconds each on a 16^3 grid)
 
@@ -62,7 +62,7 @@ def run_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _argv(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "daemon.cli", "train", "--modality", "CT", "--method", "vae_ap",
+    return [sys.executable, "-m", "headscreen", "train", "--modality", "CT", "--method", "vae_ap",
             "--out", str(out), "--cache", str(inputs["cache"]), "--dataset", str(inputs["dataset"]),
             "--preprocessing", str(inputs["params"]), "--n-anomalous", "2", "--epochs", str(EPOCHS),
             "--batch-size", "2", "--device", "cpu", "--threads", "1", *extra]
@@ -124,7 +124,7 @@ def _run_on_terminal(argv: list[str]) -> tuple[int, str]:
 
 
 def test_forced_bundle_is_written_and_says_so_and_the_terminal_shows_a_bar(run_inputs: dict[str, Path]) -> None:
-    from daemon.bundle import load_bundle
+    from headscreen.bundle import load_bundle
 
     out = run_inputs["models"] / "ct-forced-0.1.0"
     code, screen = _run_on_terminal(_argv(run_inputs, out, "--force"))
@@ -149,7 +149,7 @@ def test_forced_bundle_is_written_and_says_so_and_the_terminal_shows_a_bar(run_i
 
 
 def test_floor_is_checked_as_an_auroc() -> None:
-    done = subprocess.run([sys.executable, "-m", "daemon.cli", "train", "--modality", "CT", "--method", "vae",
+    done = subprocess.run([sys.executable, "-m", "headscreen", "train", "--modality", "CT", "--method", "vae",
                            "--out", "x-0.1.0", "--min-val-auroc", "1.5"], capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 2 and "1.5 is not an AUROC (0 to 1)" in done.stderr

@@ -14,16 +14,21 @@ import pytest
 import torch
 from scipy import ndimage
 
-from daemon.bundle import load_bundle
-from daemon.errors import BundleError
-from model_training import losses
-from model_training.bundles import BundleSpec, write_model_bundle
-from model_training.calibration import calibrate, error_map_scale, select_score_weights, threshold_at_specificity
-from model_training.export_onnx import FAnoGANGraph, VaeGraph, export_and_check
-from model_training.networks import VAE3D, GanPreset, VaePreset
-from model_training.runtime import Samples, pick_device
-from model_training.train_fanogan import FAnoGANConfig, evaluate_izi_f, train_fanogan
-from model_training.train_vae import VaeConfig, train_vae
+from headscreen.bundle import load_bundle
+from headscreen.errors import BundleError
+from headscreen.model_training import losses
+from headscreen.model_training.bundles import BundleSpec, write_model_bundle
+from headscreen.model_training.calibration import (
+    calibrate,
+    error_map_scale,
+    select_score_weights,
+    threshold_at_specificity,
+)
+from headscreen.model_training.export_onnx import FAnoGANGraph, VaeGraph, export_and_check
+from headscreen.model_training.networks import VAE3D, GanPreset, VaePreset
+from headscreen.model_training.runtime import Samples, pick_device
+from headscreen.model_training.train_fanogan import FAnoGANConfig, evaluate_izi_f, train_fanogan
+from headscreen.model_training.train_vae import VaeConfig, train_vae
 
 TINY_GAN = GanPreset(size=16, latent=16, channels=(4, 8))
 TINY_VAE = VaePreset(latent=16, channels=(4, 8), age_hidden=16)
@@ -161,7 +166,7 @@ def test_weight_search_keeps_the_base_term_alone_when_nothing_else_helps() -> No
 
 
 def test_own_auroc_agrees_with_scikit_learn_including_ties() -> None:
-    from model_training.scoring import detection_metrics, rank_auroc
+    from headscreen.model_training.scoring import detection_metrics, rank_auroc
 
     rng = np.random.default_rng(8)
     healthy, anomalous = rng.normal(0, 1, 40).round(1), rng.normal(0.8, 1, 30).round(1)  # rounding makes ties
@@ -251,7 +256,7 @@ def test_fanogan_resume_skips_finished_stages(trained_gan, tmp_path: Path, cpu) 
 
 
 def _bundle_spec(grid: tuple[int, int, int], diff: float) -> BundleSpec:
-    from model_training.calibration import Calibration
+    from headscreen.model_training.calibration import Calibration
 
     return BundleSpec(
         name="test-fanogan", version="0.0.1", modality="CT", method="fanogan", description="tiny test bundle",
@@ -284,7 +289,7 @@ def test_bundle_round_trips_through_the_daemon_loader_and_refuses_tampering(trai
 
 
 def test_batch_norm_recalibration_makes_eval_mode_match_the_training_set(cpu) -> None:
-    from model_training.train_vae import recalibrate_batch_norm
+    from headscreen.model_training.train_vae import recalibrate_batch_norm
 
     data = smooth_volumes(12, (8, 8, 8), seed=9)
     model = VAE3D((8, 8, 8), VaePreset(latent=4, channels=(4,), age_hidden=4), "vae_ap").eval()
@@ -302,8 +307,8 @@ def test_batch_norm_recalibration_makes_eval_mode_match_the_training_set(cpu) ->
 def test_progress_bars_stay_out_of_a_log_file(tmp_path: Path) -> None:
     """Asked for, the cohort's and the trainers' bars are drawn on a terminal only
     (test_train_floor.py shows one there): stderr in a file gets nothing from them."""
-    code = ("from model_training.cohort import _prepare_all\n"
-            "from model_training.runtime import stage_bar\n"
+    code = ("from headscreen.model_training.cohort import _prepare_all\n"
+            "from headscreen.model_training.runtime import stage_bar\n"
             "_prepare_all([], {}, None, 'cohort', True, None)\n"
             "with stage_bar(3, 'vae', True) as bar:\n"
             "    bar.update(3)\n")

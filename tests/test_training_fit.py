@@ -14,11 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.bundle import load_bundle
-from daemon.scores import MASKED_TERMS
-from imaging.preprocess import default_params
-from model_training.cli import evaluate_main, main
-from model_training.cohort import anomalous_cases, cache_folder, healthy_cases, prepare_case, stratified_split
+from headscreen.bundle import load_bundle
+from headscreen.imaging.preprocess import default_params
+from headscreen.model_training.cli import evaluate_main, main
+from headscreen.model_training.cohort import (
+    anomalous_cases,
+    cache_folder,
+    healthy_cases,
+    prepare_case,
+    stratified_split,
+)
+from headscreen.scores import MASKED_TERMS
 
 pytestmark = pytest.mark.slow  # training end to end: `make test-fast` leaves it out
 

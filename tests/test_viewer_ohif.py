@@ -37,10 +37,10 @@ from playwright.sync_api import Browser, BrowserContext, Page
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from scipy import ndimage
 
-from daemon.orthanc import Orthanc, dicomweb_plugin, orthanc_available
-from daemon.pipeline import _build_results
-from export import codes
-from export.sc import choose_slices
+from headscreen.daemon.orthanc import Orthanc, dicomweb_plugin, orthanc_available
+from headscreen.daemon.pipeline import _build_results
+from headscreen.export import codes
+from headscreen.export.sc import choose_slices
 from serve_harness import dciodvfy_errors
 from test_export import make_ct_series
 from test_sr_conformance import POSITIVE_MR, SITE

@@ -34,10 +34,10 @@ from PIL import Image
 from playwright.sync_api import Browser, Page
 from scipy import ndimage
 
-from daemon.orthanc import Orthanc, dicomweb_plugin, orthanc_available
-from daemon.pipeline import _build_results
-from export import codes
-from export.sc import choose_slices
+from headscreen.daemon.orthanc import Orthanc, dicomweb_plugin, orthanc_available
+from headscreen.daemon.pipeline import _build_results
+from headscreen.export import codes
+from headscreen.export.sc import choose_slices
 from test_export import LESION, LESION_RADIUS, make_ct_series
 from test_sr_conformance import POSITIVE_MR, SITE
 

@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
-from daemon.web import start_web_server
-from db import api
-from db.models import Delivery, Job
 from db_factories import BUNDLES
+from headscreen.daemon.web import start_web_server
+from headscreen.db import api
+from headscreen.db.models import Delivery, Job
 from web_helpers import ADMIN, CSRF, VIEWER, Console, Seeded, login_form_token
 
 READ_ENDPOINTS = [
@@ -407,7 +407,7 @@ def test_web_server_thread_serves_and_stops(console: Console) -> None:
 
 
 def test_cli_users_add_then_login(console: Console, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from daemon.cli import main
+    from headscreen.daemon.cli import main
 
     config = tmp_path / "hs.toml"
     config.write_text(f'allow_any_caller = true\nstorage_dir = "{console.settings.storage_dir}"\n'

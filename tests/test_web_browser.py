@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from daemon.web import WebServer, start_web_server
-from db import api
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
 from db_factories import BUNDLES
+from headscreen.daemon.web import WebServer, start_web_server
+from headscreen.db import api
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
 from web_helpers import ADMIN, Seeded, add_users, seed, web_settings
 
 pytestmark = pytest.mark.slow  # headless Chromium: `make test-fast` leaves it out

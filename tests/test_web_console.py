@@ -26,14 +26,14 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from daemon.bundle import load_bundle
-from daemon.config import load_settings
-from daemon.web import WebServer, start_web_server
-from db import api
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.types import BundleRef, OutputObject
 from db_factories import BUNDLES, SR_STORAGE, add_series, uid
+from headscreen.bundle import load_bundle
+from headscreen.daemon.config import load_settings
+from headscreen.daemon.web import WebServer, start_web_server
+from headscreen.db import api
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.types import BundleRef, OutputObject
 from web_helpers import ADMIN, Seeded, _finish, add_users, seed
 
 pytestmark = pytest.mark.slow  # headless Chromium: `make test-fast` leaves it out
@@ -258,7 +258,7 @@ def test_overview_counts_link_to_lists_that_show_exactly_them(browser: Browser, 
     # left out here.
     assert live.server.server.config.access_log is False
     records = [r for r in caplog.records if r.name != "uvicorn.access"]
-    assert any(r.name.startswith("daemon.web") for r in records)
+    assert any(r.name.startswith("headscreen.daemon.web") for r in records)
     for secret in ("PAT-77", "PAT-88", "ACC-1001", "ACC-1002", "ACC-2002"):
         assert not [r for r in records if secret in r.getMessage() or secret in str(vars(r))], secret
 

@@ -13,15 +13,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from daemon.config import WebConfig
-from daemon.web import start_web_server
-from daemon.web.redact import error_category
-from daemon.web.throttle import LoginThrottle, Throttled
-from db import api
-from db.migrate import upgrade
-from db.models import Result, Study
-from db.types import ShadowOutcome
 from db_factories import BUNDLES
+from headscreen.daemon.config import WebConfig
+from headscreen.daemon.web import start_web_server
+from headscreen.daemon.web.redact import error_category
+from headscreen.daemon.web.throttle import LoginThrottle, Throttled
+from headscreen.db import api
+from headscreen.db.migrate import upgrade
+from headscreen.db.models import Result, Study
+from headscreen.db.types import ShadowOutcome
 from web_helpers import ADMIN, VIEWER, Console, login_form_token, open_console
 
 WRONG = "not-the-password"
@@ -190,7 +190,7 @@ def test_lockouts_start_short_again_after_a_quiet_spell() -> None:
 
 
 def test_throttle_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("daemon.web.throttle.MAX_KEYS", 50)
+    monkeypatch.setattr("headscreen.daemon.web.throttle.MAX_KEYS", 50)
     throttle = LoginThrottle(WebConfig(), clock=FakeClock())
     for i in range(500):
         throttle.begin(f"user{i}", f"10.0.{i // 250}.{i % 250}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.orthanc import free_port
+from headscreen.daemon.orthanc import free_port
 from serve_harness import REPO, Daemon, wait_until
 
 
@@ -28,7 +28,7 @@ def test_serve_starts_the_console_and_stops_it(tmp_path: Path) -> None:
     web_port = free_port()
     daemon = Daemon(tmp_path / "hs", workers=0, web_port=web_port)
     config = daemon.config
-    subprocess.run([sys.executable, "-m", "daemon.cli", "-c", str(config), "users", "add", "ops", "--role", "viewer",
+    subprocess.run([sys.executable, "-m", "headscreen", "-c", str(config), "users", "add", "ops", "--role", "viewer",
                     "--password-stdin"], input="ops-password-1\n", text=True, check=True, cwd=REPO)
     daemon.start()
     try:

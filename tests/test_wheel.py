@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.bundle import MANIFEST_NAME, TRAINING_ONLY_FILES
+from headscreen.bundle import MANIFEST_NAME, TRAINING_ONLY_FILES
 from wheel_helpers import (
     bundle_dirs,
 )
@@ -29,6 +29,7 @@ from wheel_helpers import (
 pytestmark = pytest.mark.slow  # builds the wheel: `make test-fast` leaves it out
 
 REPO = Path(__file__).resolve().parent.parent
+# The layer folders; headscreen/ (the import root) links to them.
 PACKAGES = ("daemon", "db", "export", "imaging", "model_training")
 # 11.7 MiB when written (two bundles 8.3 MiB compressed, Colin27 3.3 MiB, code 0.4 MiB);
 # room for a third bundle of the same size while a CT bundle is replaced, no more.
@@ -44,6 +45,8 @@ def wheel(tmp_path_factory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, source / name)
+    shutil.copytree(REPO / "headscreen", source / "headscreen", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     for name in (*PACKAGES, "models"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     started = time.monotonic()
@@ -73,14 +76,18 @@ def test_the_wheel_holds_what_serving_needs(wheel: Path) -> None:
         print(f"  {bundle.name}: " + ", ".join(f"{n} {sizes[prefix + n] / 1e6:.2f} MB" for n in sorted(packaged)))
     # Colin27, the same bytes the source tree has, with its licence.
     with zipfile.ZipFile(wheel) as archive:
-        colin = archive.read("imaging/data/ch2.nii.gz")
+        colin = archive.read("headscreen/imaging/data/ch2.nii.gz")
         assert (hashlib.sha256(colin).digest()
                 == hashlib.sha256((REPO / "imaging/data/ch2.nii.gz").read_bytes()).digest())
-    assert "imaging/data/README.md" in sizes
+    assert "headscreen/imaging/data/README.md" in sizes
     # Every module and the console's files (the packages are listed in pyproject.toml).
     for package in PACKAGES:
         for path in (REPO / package).rglob("*"):
             if path.is_file() and path.suffix in {".py", ".html", ".js", ".css", ".toml", ".mako"} \
                     and "__pycache__" not in path.parts:
-                assert path.relative_to(REPO).as_posix() in sizes, path
-    assert not [name for name in sizes if name.startswith(("tests/", "models/", "bench/"))]
+                assert f"headscreen/{path.relative_to(REPO).as_posix()}" in sizes, path
+    for path in (REPO / "headscreen").glob("*.py"):
+        assert f"headscreen/{path.name}" in sizes, path
+    # One import root: nothing else lands in site-packages (no top-level `daemon` to clash
+    # with PyPI's python-daemon, no `db`, `export`, ...).
+    assert {name.split("/")[0] for name in sizes if ".dist-info/" not in name} == {"headscreen"}

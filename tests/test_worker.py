@@ -17,13 +17,13 @@ from pydicom.valuerep import DA
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-import daemon.worker
+import headscreen.daemon.worker
 from bad_input import BAD_BIRTH_DATES, PATIENT_ID, PATIENT_NAME, leaks, set_raw
-from daemon.logs import JsonFormatter
-from db import api
-from db.models import Job, Result, ResultObject
-from db.states import JobState
 from db_factories import CT_IMAGE_STORAGE, claimed_job, outcome
+from headscreen.daemon.logs import JsonFormatter
+from headscreen.db import api
+from headscreen.db.models import Job, Result, ResultObject
+from headscreen.db.states import JobState
 from serve_harness import dciodvfy_errors
 from worker_helpers import make_worker, queued_ct_study, record_stored_files, reporting_runner, worker_settings
 
@@ -71,7 +71,7 @@ def test_a_normal_job_with_a_slow_delivery_logs_no_lease_lost(
         time.sleep(HEARTBEATS_WORTH_S)  # a delivery as long as the job: the old heartbeat was still beating here
         delivered.append(result_id)
 
-    monkeypatch.setattr(daemon.worker, "deliver_due", slow_pacs)
+    monkeypatch.setattr(headscreen.daemon.worker, "deliver_due", slow_pacs)
     worker = make_worker(monkeypatch, worker_settings(tmp_path, db_url), db_sessions, slow_job)
     caplog.set_level(logging.DEBUG)
 
@@ -184,7 +184,7 @@ def _decodes_the_birth_date(_ticket: object, study, *_args: object, **_kwargs: o
 
 
 def _our_log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [JsonFormatter().format(r) for r in caplog.records if r.name.split(".")[0] in ("daemon", "db", "export")]
+    return [JsonFormatter().format(r) for r in caplog.records if r.name.startswith("headscreen.")]
 
 
 def test_an_input_error_is_never_retried_and_the_study_gets_its_not_eligible_report(
@@ -229,7 +229,7 @@ def test_an_input_error_whose_report_fails_too_fails_the_job_at_once(
     def no_report(*_args: object, **_kwargs: object):
         DA(BAD_BIRTH_DATES[1])
 
-    monkeypatch.setattr(daemon.worker, "not_screened_after_error", no_report)
+    monkeypatch.setattr(headscreen.daemon.worker, "not_screened_after_error", no_report)
     worker = make_worker(monkeypatch, settings, db_sessions, _decodes_the_birth_date, runner=reporting_runner())
     caplog.set_level(logging.INFO)
     assert worker.run_one()

@@ -25,14 +25,14 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import Settings, load_settings
-from daemon.web import create_app
-from db import api
-from db.engine import make_engine, session_factory
-from db.migrate import upgrade
-from db.models import AuditEvent, Study
-from db.types import JobOutcome, OutputObject, RetryPolicy
 from db_factories import BUNDLES, SC_STORAGE, SR_STORAGE, add_series, uid
+from headscreen.daemon.config import Settings, load_settings
+from headscreen.daemon.web import create_app
+from headscreen.db import api
+from headscreen.db.engine import make_engine, session_factory
+from headscreen.db.migrate import upgrade
+from headscreen.db.models import AuditEvent, Study
+from headscreen.db.types import JobOutcome, OutputObject, RetryPolicy
 
 ADMIN, VIEWER = ("alice", "admin-pass-1"), ("victor", "viewer-pass-1")
 CSRF = "X-CSRF-Token"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from daemon.bundle import MANIFEST_NAME
+from headscreen.bundle import MANIFEST_NAME
 from serve_harness import Daemon, RecordingSCP, have
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def hide_debian_templates(venv: Path) -> Path:
 
 def phantom_ct_study(folder: Path) -> tuple[list[Path], str]:
     """A small synthetic head CT series (no patient data); its files and Study Instance UID."""
-    from imaging.phantoms import make_head, write_dicom_series
+    from headscreen.imaging.phantoms import make_head, write_dicom_series
 
     phantom = make_head("CT", age=44.0, seed=5)
     study = write_dicom_series(phantom, folder, rows=192, cols=192, slices=60, slice_thickness=3.0,

@@ -17,13 +17,13 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy.orm import Session, sessionmaker
 
-import daemon.worker
-from daemon.config import Settings, load_settings
-from daemon.instance_record import slice_position
-from daemon.worker import Worker
-from db import api
-from db.types import BundleRef, InstanceRecord, JobOutcome, OutputObject
+import headscreen.daemon.worker
 from db_factories import BUNDLES, CT_BUNDLE, complete_study
+from headscreen.daemon.config import Settings, load_settings
+from headscreen.daemon.instance_record import slice_position
+from headscreen.daemon.worker import Worker
+from headscreen.db import api
+from headscreen.db.types import BundleRef, InstanceRecord, JobOutcome, OutputObject
 
 RunJob = Callable[..., Any]
 
@@ -55,8 +55,8 @@ def make_worker(monkeypatch: pytest.MonkeyPatch, settings: Settings, sessions: s
     """A Worker whose only bundle is a stand-in CT runner (`fake_runner` unless `runner`),
     and whose pipeline is `run_job`."""
     runners = {(CT_BUNDLE.name, CT_BUNDLE.version): runner or fake_runner()}
-    monkeypatch.setattr(daemon.worker, "load_runners", lambda _settings: runners)
-    monkeypatch.setattr(daemon.worker, "run_job", run_job)
+    monkeypatch.setattr(headscreen.daemon.worker, "load_runners", lambda _settings: runners)
+    monkeypatch.setattr(headscreen.daemon.worker, "run_job", run_job)
     return Worker(settings, sessions, worker_id=worker_id)
 
 

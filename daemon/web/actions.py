@@ -14,10 +14,10 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from daemon.web.context import WebContext
-from daemon.web.filters import StudyQuery
-from db import api
-from db.types import StudyDetail, StudyNotFound, StudyRow
+from headscreen.daemon.web.context import WebContext
+from headscreen.daemon.web.filters import StudyQuery
+from headscreen.db import api
+from headscreen.db.types import StudyDetail, StudyNotFound, StudyRow
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def review(ctx: WebContext, study_uid: str, action: ReviewAction, comment: str |
 
 
 def requeue(ctx: WebContext, study_uid: str, actor: str) -> list[int]:
-    from daemon.shadow import current_plan
+    from headscreen.daemon.shadow import current_plan
 
     if not ctx.bundles:
         raise HTTPException(status_code=409, detail="no model bundles configured")
@@ -153,7 +153,7 @@ def training_manifest_csv(ctx: WebContext) -> str:
 
 def calibration_view(ctx: WebContext) -> dict[str, Any]:
     """Per bundle and scanner: the healthy reference in use, and every site reference."""
-    from daemon.reference import station_views
+    from headscreen.daemon.reference import station_views
 
     config = ctx.settings.calibration
     with ctx.db() as session:
@@ -192,7 +192,7 @@ class RoleAction(StrEnum):
 def bundles_view(ctx: WebContext) -> dict[str, Any]:
     """Per modality: the active bundle, its shadows (with the comparison on the studies both
     judged), retired and unassigned bundles; and every recorded role with who, when, why."""
-    from daemon.shadow import comparisons, current_plan
+    from headscreen.daemon.shadow import comparisons, current_plan
 
     with ctx.db() as session:
         plan = current_plan(session, ctx.bundles)
@@ -220,7 +220,7 @@ def bundles_view(ctx: WebContext) -> dict[str, Any]:
 
 
 def comparisons_view(ctx: WebContext) -> list[Any]:
-    from daemon.shadow import comparisons, current_plan
+    from headscreen.daemon.shadow import comparisons, current_plan
 
     with ctx.db() as session:
         return comparisons(session, current_plan(session, ctx.bundles))
@@ -229,7 +229,7 @@ def comparisons_view(ctx: WebContext) -> list[Any]:
 def change_role(ctx: WebContext, key: str, action: RoleAction, reason: str, actor: str,
                 old_active: str = "shadow") -> list[Any]:
     """Put a bundle in shadow, promote it, or retire it (admin; audited by db.shadow)."""
-    from daemon import shadow
+    from headscreen.daemon import shadow
 
     reason = (reason or "").strip()[:MAX_COMMENT]
     if not reason:

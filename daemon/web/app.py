@@ -15,11 +15,11 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon.config import Settings
-from daemon.web import health, metrics, pages, rest
-from daemon.web.auth import LoginRequired
-from daemon.web.context import WebContext
-from db.types import BundleRef
+from headscreen.daemon.config import Settings
+from headscreen.daemon.web import health, metrics, pages, rest
+from headscreen.daemon.web.auth import LoginRequired
+from headscreen.daemon.web.context import WebContext
+from headscreen.db.types import BundleRef
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
-from daemon.web.context import context_of
-from db import api
-from db.users import ActiveSession
+from headscreen.daemon.web.context import context_of
+from headscreen.db import api
+from headscreen.db.users import ActiveSession
 
 logger = logging.getLogger(__name__)
 

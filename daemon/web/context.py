@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any
 from fastapi import HTTPException, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.bundle import Bundle, load_bundle
-from daemon.config import Settings
-from daemon.errors import HeadscreenError
-from daemon.web.searches import SearchHandles
-from daemon.web.throttle import LoginThrottle
-from db.types import BundleRef
+from headscreen.bundle import Bundle, load_bundle
+from headscreen.daemon.config import Settings
+from headscreen.daemon.web.searches import SearchHandles
+from headscreen.daemon.web.throttle import LoginThrottle
+from headscreen.db.types import BundleRef
+from headscreen.errors import HeadscreenError
 
 if TYPE_CHECKING:
-    from daemon.web.health import ServeRuntime
+    from headscreen.daemon.web.health import ServeRuntime
 
 logger = logging.getLogger(__name__)
 

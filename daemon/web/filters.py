@@ -10,9 +10,9 @@ from urllib.parse import urlencode
 
 from fastapi import HTTPException, Query, Request
 
-from daemon.web.context import context_of
-from daemon.web.searches import HANDLE, SearchHandles
-from db.types import STUDY_SORTS, StudyFilters
+from headscreen.daemon.web.context import context_of
+from headscreen.daemon.web.searches import HANDLE, SearchHandles
+from headscreen.db.types import STUDY_SORTS, StudyFilters
 
 Tri = Literal["yes", "no"]
 SortName = Literal["received", "first_received", "percentile", "score", "age_gap", "station", "modality"]

@@ -28,11 +28,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
-from daemon.web.context import WebContext, context_of
-from db import api
-from db.models import Study
-from db.states import StudyState
-from db.txn import end_read
+from headscreen.daemon.web.context import WebContext, context_of
+from headscreen.db import api
+from headscreen.db.models import Study
+from headscreen.db.states import StudyState
+from headscreen.db.txn import end_read
 
 router = APIRouter(tags=["operations"])
 

@@ -10,10 +10,10 @@ import secrets
 
 from fastapi import Request, Response
 
-from daemon.web.context import WebContext, context_of
-from daemon.web.throttle import Throttled
-from db import api
-from db.users import LoginSession
+from headscreen.daemon.web.context import WebContext, context_of
+from headscreen.daemon.web.throttle import Throttled
+from headscreen.db import api
+from headscreen.db.users import LoginSession
 
 logger = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from daemon.web.context import WebContext
-from db.models import Delivery, IngestRejection, Instance, Job, Result, Study
-from db.states import DeliveryState, JobState, StudyState
-from db.txn import end_read
+from headscreen.daemon.web.context import WebContext
+from headscreen.db.models import Delivery, IngestRejection, Instance, Job, Result, Study
+from headscreen.db.states import DeliveryState, JobState, StudyState
+from headscreen.db.txn import end_read
 
 logger = logging.getLogger(__name__)
 

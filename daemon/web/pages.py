@@ -13,16 +13,16 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
-from daemon.web import actions, charts, login, preview
-from daemon.web.actions import ReviewAction, RoleAction
-from daemon.web.auth import COOKIE, PageAdmin, PageCsrf, PageUser, Principal
-from daemon.web.context import checked_bundle_key, checked_uid, context_of
-from daemon.web.filters import StudyQuery, search_target, study_query
-from daemon.web.redact import for_role
-from daemon.web.rest import set_session_cookie
-from db import api
-from db import rescreen as rescreen_runs
-from imaging.preprocess import default_params
+from headscreen.daemon.web import actions, charts, login, preview
+from headscreen.daemon.web.actions import ReviewAction, RoleAction
+from headscreen.daemon.web.auth import COOKIE, PageAdmin, PageCsrf, PageUser, Principal
+from headscreen.daemon.web.context import checked_bundle_key, checked_uid, context_of
+from headscreen.daemon.web.filters import StudyQuery, search_target, study_query
+from headscreen.daemon.web.redact import for_role
+from headscreen.daemon.web.rest import set_session_cookie
+from headscreen.db import api
+from headscreen.db import rescreen as rescreen_runs
+from headscreen.imaging.preprocess import default_params
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def overview(request: Request, user: PageUser) -> HTMLResponse:
 
 
 def _health(request: Request) -> dict[str, Any]:
-    from daemon.web.health import health_report
+    from headscreen.daemon.web.health import health_report
 
     return health_report(context_of(request))
 

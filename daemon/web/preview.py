@@ -11,11 +11,11 @@ import pydicom
 from fastapi import HTTPException
 from PIL import Image
 
-from daemon.blobstore import open_store
-from daemon.errors import TransientError
-from daemon.web.context import WebContext
-from db import api
-from db.types import StudyDetail
+from headscreen.daemon.blobstore import open_store
+from headscreen.daemon.web.context import WebContext
+from headscreen.db import api
+from headscreen.db.types import StudyDetail
+from headscreen.errors import TransientError
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import re
 from dataclasses import fields, is_dataclass, replace
 from typing import Any, TypeVar
 
-from daemon.web.auth import Principal
-from db.console import AuditEntry
+from headscreen.daemon.web.auth import Principal
+from headscreen.db.console import AuditEntry
 
 T = TypeVar("T")
 

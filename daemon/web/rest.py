@@ -9,15 +9,15 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
-from daemon.web import actions, preview, searches
-from daemon.web.actions import ReviewAction, RoleAction, jsonable
-from daemon.web.auth import COOKIE, ApiAdmin, ApiAdminRead, ApiCsrf, ApiUser
-from daemon.web.context import checked_bundle_key, checked_uid, context_of
-from daemon.web.filters import SEARCH_MAX_LEN, StudyQuery, study_query
-from daemon.web.login import Throttled, attempt_login, cookie_secure
-from daemon.web.redact import for_role
-from db import api
-from db import rescreen as rescreen_runs
+from headscreen.daemon.web import actions, preview, searches
+from headscreen.daemon.web.actions import ReviewAction, RoleAction, jsonable
+from headscreen.daemon.web.auth import COOKIE, ApiAdmin, ApiAdminRead, ApiCsrf, ApiUser
+from headscreen.daemon.web.context import checked_bundle_key, checked_uid, context_of
+from headscreen.daemon.web.filters import SEARCH_MAX_LEN, StudyQuery, study_query
+from headscreen.daemon.web.login import Throttled, attempt_login, cookie_secure
+from headscreen.daemon.web.redact import for_role
+from headscreen.db import api
+from headscreen.db import rescreen as rescreen_runs
 
 logger = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.config import Settings
-from daemon.web.app import create_app
-from daemon.web.health import ServeRuntime
-from db.types import BundleRef
+from headscreen.daemon.config import Settings
+from headscreen.daemon.web.app import create_app
+from headscreen.daemon.web.health import ServeRuntime
+from headscreen.db.types import BundleRef
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from daemon.config import WebConfig
+from headscreen.daemon.config import WebConfig
 
 Scope = Literal["account", "address"]
 # Keys kept per scope; beyond it the least recently seen is forgotten, so a flood of

@@ -11,8 +11,8 @@ from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from db.engine import WRITE_TX, make_engine
-from db.models import Base
+from headscreen.db.engine import WRITE_TX, make_engine
+from headscreen.db.models import Base
 
 # Any constant: the advisory lock id that serialises concurrent PostgreSQL upgrades.
 PG_MIGRATION_LOCK_ID = 0x6865_6164  # "head"

@@ -26,6 +26,10 @@ from scipy import ndimage
 NORMATIVE_FILE = "normative.npz"
 # Terms this module computes (the ONNX graph computes the papers' own terms).
 MASKED_TERMS = ("z_mean", "z_focal", "z_extent", "rec_brain", "z_focal_rel", "z_extent_rel")
+#: The SEG's threshold on the error map, in multiples of the healthy limit: 1.0 marks every
+#: voxel above what healthy scans reach. A bundle may carry its own, calibrated on healthy
+#: scans (manifest calibration.seg_threshold); this is the fallback.
+DEFAULT_SEG_THRESHOLD = 1.0
 EXTENT_Z = 3.0            # a voxel "exceeds" the healthy range above this z
 FOCAL_KERNEL = 5          # voxels per side of the cube the focal term averages over
 FOCAL_MIN_SHARE = 0.5     # share of the cube that must lie in the mask

@@ -18,9 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from daemon.errors import BundleError
-from daemon.scores import MASKED_TERMS, Normative
-from export.seg import DEFAULT_THRESHOLD as DEFAULT_SEG_THRESHOLD
+from headscreen.errors import BundleError
+from headscreen.scores import DEFAULT_SEG_THRESHOLD, MASKED_TERMS, Normative
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class OutputSpec(_Strict):
 
 
 class ScoreSpec(_Strict):
-    terms: dict[str, float] = Field(description="term -> weight: an ONNX output, or a masked term of daemon.scores")
+    terms: dict[str, float] = Field(description="term -> weight: an ONNX output, or a masked term of headscreen.scores")
     age_gap_weight: float = 0.0
     definition: str = ""
 
@@ -59,7 +58,7 @@ class Calibration(_Strict):
     error_map_scale: float = Field(gt=0, description="healthy voxel-error 99th percentile")
     n: int
     seg_threshold: float | None = Field(None, gt=0, description="SEG threshold in overlay units, calibrated "
-                                        "on healthy scans; absent: export.seg.DEFAULT_THRESHOLD")
+                                        "on healthy scans; absent: scores.DEFAULT_SEG_THRESHOLD")
 
     @field_validator("reference_scores")
     @classmethod
@@ -70,7 +69,7 @@ class Calibration(_Strict):
 
 
 class NormativeSpec(_Strict):
-    """The healthy per-voxel error model (daemon.scores) that masked terms and the overlay use."""
+    """The healthy per-voxel error model (headscreen.scores) that masked terms and the overlay use."""
 
     file: str = Field(description="npz with per-voxel mean, SD and support on the model grid")
     definition: str = ""

@@ -18,13 +18,15 @@ import re
 import traceback
 from pathlib import Path
 
-from daemon.errors import HeadscreenError
+from headscreen.errors import HeadscreenError
 
 WITHHELD = "<withheld>"
 REDACTED = "***"
 MAX_REASON_CHARS = 500
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The headscreen package as imported (a checkout or site-packages): its modules are ours,
+# named relative to it ("daemon/worker.py") wherever it is installed.
+_PACKAGE_ROOT = Path(__file__).parent
 # Quoted text: Python's repr of str and bytes, and most libraries' messages, quote values.
 _QUOTED = re.compile(r"""b?'[^'\n]*'|b?"[^"\n]*\"""")
 # A DICOM person name has ^ between its components (Family^Given).
@@ -70,13 +72,13 @@ def _where(tb: object) -> str:
 
 def _is_ours(filename: str) -> bool:
     path = Path(filename)
-    return path.is_relative_to(_PROJECT_ROOT) and "site-packages" not in path.parts and ".venv" not in path.parts
+    return path.is_relative_to(_PACKAGE_ROOT)
 
 
 def _short(frame: traceback.FrameSummary) -> str:
     path = Path(frame.filename)
     if _is_ours(frame.filename):
-        name = path.relative_to(_PROJECT_ROOT).as_posix()
+        name = path.relative_to(_PACKAGE_ROOT).as_posix()
     elif "site-packages" in path.parts:
         name = Path(*path.parts[path.parts.index("site-packages") + 1:]).as_posix()
     else:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from daemon.bundle import Bundle
-from daemon.errors import BundleError
-from daemon.scores import MASKED_TERMS, masked_terms
+from headscreen.bundle import Bundle
+from headscreen.errors import BundleError
+from headscreen.scores import MASKED_TERMS, masked_terms
 
 log = logging.getLogger(__name__)
 
