@@ -51,6 +51,7 @@ from headscreen.export.sanitise import TYPE2, sanitise_sources
 from headscreen.export.sc import OverlayStyle, build_not_screened_image, build_overlay_series, choose_slices
 from headscreen.export.seg import DEFAULT_THRESHOLD, build_segmentation, missing_for_seg
 from headscreen.export.sr import ReferenceNote, build_report
+from headscreen.figures import ResultFigures
 from headscreen.imaging.preprocess import Preprocessed, preprocess, to_native
 from headscreen.imaging.qc import blocking_reasons
 from headscreen.imaging.selection import (
@@ -319,25 +320,10 @@ def _screen(
     # bundle's own unless the site calibrated it); Inference keeps the bundle's.
     station = station_key(first)
     reference = timer.measure("reference", (references or BUNDLE_REFERENCES).choose, runner.bundle, station)
-    percentile, screen_positive, threshold = _judged(inference.anomaly_score, reference)
     if age is None:
         qc_reasons.append(f"chronological_age_{age_source}")
-    summary = ResultSummary(
-        eligible=True,
-        ineligible_reason=None,
-        anomaly_score=inference.anomaly_score,
-        percentile=percentile,
-        screen_positive=screen_positive,
-        threshold=threshold,
-        predicted_age=inference.predicted_age,
-        chronological_age=inference.chronological_age,
-        age_gap=inference.age_gap,
-        qc_reasons=qc_reasons,
-        qc_metrics=qc_metrics,
-        modality=manifest.modality,
-        algorithm=algorithm,
-        selected_series_uid=chosen,
-    )
+    figures = _screened(inference, reference, qc_reasons, qc_metrics, chosen)
+    summary = ResultSummary(**figures.figures(), modality=manifest.modality, algorithm=algorithm)
     overlay_indices = (list(range(len(volume.slice_sop_uids))) if overlay_slices == 0
                        else choose_slices(native_map, overlay_slices))
     sources = timer.measure("read_pixels", _read_sources, headers[chosen], volume.slice_sop_uids, overlay_indices)
@@ -371,7 +357,8 @@ def _screen(
     log.info(
         "job computed",
         extra={"job_id": ticket.job_id, "bundle": manifest.key, "score": inference.anomaly_score,
-               "percentile": percentile, "reference": reference.kind, "station": station, "timings": timer.stages},
+               "percentile": summary.percentile, "reference": reference.kind, "station": station,
+               "timings": timer.stages},
     )
     outcome = _outcome(summary, verdicts, timer, objects)
     return dataclasses.replace(
@@ -425,17 +412,26 @@ def score_shadow(
     if blocking:
         return not_eligible(blocking, qc_reasons, station, reused)
     reference = timer.measure("reference", (references or BUNDLE_REFERENCES).choose, runner.bundle, station)
-    percentile, screen_positive, threshold = _judged(inference.anomaly_score, reference)
     if read.age is None:
         qc_reasons.append(f"chronological_age_{read.age_source}")
     return ShadowOutcome(
-        **common, eligible=True, anomaly_score=inference.anomaly_score, percentile=percentile,
-        screen_positive=screen_positive, threshold=threshold, predicted_age=inference.predicted_age,
-        chronological_age=inference.chronological_age, age_gap=inference.age_gap,
-        terms={k: float(v) for k, v in inference.terms.items()}, qc_reasons=qc_reasons, station_key=station,
+        **common, **_screened(inference, reference, qc_reasons).figures(),
+        terms={k: float(v) for k, v in inference.terms.items()}, station_key=station,
         reference_kind=reference.kind,
         reference_id=reference.reference_id if isinstance(reference, Reference) else None,
         shared_preprocessing=reused, timings=timer.stages,
+    )
+
+
+def _screened(inference: Inference, reference: Reference | Calibrating, qc_reasons: list[str],
+              qc_metrics: dict[str, float] | None = None, selected_series_uid: str | None = None) -> ResultFigures:
+    """The figures of an eligible study: the model's, judged against `reference`."""
+    percentile, screen_positive, threshold = _judged(inference.anomaly_score, reference)
+    return ResultFigures(
+        eligible=True, anomaly_score=inference.anomaly_score, percentile=percentile,
+        screen_positive=screen_positive, threshold=threshold, predicted_age=inference.predicted_age,
+        chronological_age=inference.chronological_age, age_gap=inference.age_gap, qc_reasons=qc_reasons,
+        qc_metrics=dict(qc_metrics or {}), selected_series_uid=selected_series_uid,
     )
 
 
@@ -614,19 +610,11 @@ def _not_screened_image(series_headers: list[Dataset], summary: ResultSummary, w
 
 def _outcome(summary: ResultSummary, verdicts: list[dict], timer: Timer, objects: list[OutputObject]) -> JobOutcome:
     """What the database records of a job: the summary the DICOM objects carry."""
+    figures = summary.figures()
+    # Stored as JSON: numpy numbers from the QC become plain floats.
+    figures["qc_metrics"] = {k: float(v) for k, v in figures["qc_metrics"].items()}
     return JobOutcome(
-        eligible=summary.eligible,
-        ineligible_reason=summary.ineligible_reason,
-        anomaly_score=summary.anomaly_score,
-        percentile=summary.percentile,
-        screen_positive=summary.screen_positive,
-        threshold=summary.threshold,
-        predicted_age=summary.predicted_age,
-        chronological_age=summary.chronological_age,
-        age_gap=summary.age_gap,
-        qc_reasons=list(summary.qc_reasons),
-        qc_metrics={k: float(v) for k, v in summary.qc_metrics.items()},
-        selected_series_uid=summary.selected_series_uid,
+        **figures,
         series_verdicts=verdicts,
         timings=timer.stages,
         objects=objects,

@@ -12,10 +12,11 @@ from sqlalchemy.orm import Session
 
 from headscreen.db import blobs as stored_blobs
 from headscreen.db.engine import begin_write, is_postgres, write_transaction
-from headscreen.db.models import Delivery, Job, RescreenRun, Result, ResultObject, Study
+from headscreen.db.models import RESULT_FIGURES, Delivery, Job, RescreenRun, Result, ResultObject, Study
 from headscreen.db.states import DeliveryState, JobState, ObjectKind
 from headscreen.db.txn import SYSTEM_ACTOR, add_audit, clock, end_read, execute_counted, locked
 from headscreen.db.types import CurrentResult, JobOutcome, JobTicket, OutputObject, RejectionNote, RetryPolicy
+from headscreen.figures import figures_of
 from headscreen.privacy import scrub
 
 logger = logging.getLogger(__name__)
@@ -277,19 +278,8 @@ def _new_result(job: Job, outcome: JobOutcome, now: datetime, previous_id: int |
         study_id=job.study_id,
         bundle_name=job.bundle_name,
         bundle_version=job.bundle_version,
-        eligible=outcome.eligible,
-        ineligible_reason=outcome.ineligible_reason,
-        anomaly_score=outcome.anomaly_score,
-        percentile=outcome.percentile,
-        screen_positive=outcome.screen_positive,
-        threshold=outcome.threshold,
-        predicted_age=outcome.predicted_age,
-        chronological_age=outcome.chronological_age,
-        age_gap=outcome.age_gap,
+        **figures_of(outcome, RESULT_FIGURES),
         qc_failed=bool(outcome.qc_reasons) or not outcome.eligible,
-        qc_reasons=list(outcome.qc_reasons),
-        qc_metrics=dict(outcome.qc_metrics),
-        selected_series_uid=outcome.selected_series_uid,
         series_verdicts=list(outcome.series_verdicts),
         timings=dict(outcome.timings),
         created_at=now,

@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from headscreen.db.states import DeliveryState, JobState, ObjectKind, ReferenceKind, StudyState
+from headscreen.figures import FIGURES
 
 # Stable constraint names so migrations and models compare equal on every dialect.
 NAMING_CONVENTION = {
@@ -246,6 +247,9 @@ class RescreenItem(Base):
 
 
 class Result(Base):
+    """A job's result. Its figure columns (eligible .. selected_series_uid) hold one
+    `headscreen.figures.ResultFigures`; they are read and written by `RESULT_FIGURES` alone."""
+
     __tablename__ = "results"
     __table_args__ = (
         sa.Index("ix_results_current", "study_id", "superseded", "id"),
@@ -383,6 +387,18 @@ class ShadowResult(Base):
     timings: Mapped[dict[str, Any]]
     error: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[datetime]
+
+
+def stored_figures(model: type[Base]) -> tuple[str, ...]:
+    """The result figures (`headscreen.figures.FIGURES`) that `model`'s table has a column for."""
+    columns = set(model.__table__.columns.keys())
+    return tuple(name for name in FIGURES if name in columns)
+
+
+# What `headscreen.figures.figures_of` copies between a record and a row, both ways. A shadow
+# run keeps no QC metrics and no selected series (its active result has them).
+RESULT_FIGURES = stored_figures(Result)
+SHADOW_FIGURES = stored_figures(ShadowResult)
 
 
 class ResultObject(Base):

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.expression import ScalarSelect
 
 from headscreen.db.engine import begin_write, write_transaction
-from headscreen.db.models import Delivery, Job, Result, ResultObject, Series, Study
+from headscreen.db.models import RESULT_FIGURES, Delivery, Job, Result, ResultObject, Series, Study
 from headscreen.db.states import JobState, StudyState
 from headscreen.db.sweep import enqueue_jobs
 from headscreen.db.txn import ACTIVE_JOB_STATES, DEFAULT_JOB_MAX_ATTEMPTS, add_audit, clock, end_read, locked
@@ -29,6 +29,7 @@ from headscreen.db.types import (
     StudyNotFound,
     StudyRow,
 )
+from headscreen.figures import figures_of
 from headscreen.privacy import scrub
 
 logger = logging.getLogger(__name__)
@@ -322,14 +323,7 @@ def _to_row(study: Study, result: Result | None, instance_count: int, jobs: dict
         result_id=result.id,
         bundle_name=result.bundle_name,
         bundle_version=result.bundle_version,
-        eligible=result.eligible,
-        anomaly_score=result.anomaly_score,
-        percentile=result.percentile,
-        screen_positive=result.screen_positive,
-        predicted_age=result.predicted_age,
-        chronological_age=result.chronological_age,
-        age_gap=result.age_gap,
-        qc_reasons=list(result.qc_reasons),
+        **figures_of(result, RESULT_FIGURES),
         qc_failed=result.qc_failed,
     )
 
@@ -418,18 +412,7 @@ def _results_of(session: Session, study_id: int) -> list[ResultSummaryRow]:
             job_id=r.job_id,
             bundle_name=r.bundle_name,
             bundle_version=r.bundle_version,
-            eligible=r.eligible,
-            ineligible_reason=r.ineligible_reason,
-            anomaly_score=r.anomaly_score,
-            percentile=r.percentile,
-            screen_positive=r.screen_positive,
-            threshold=r.threshold,
-            predicted_age=r.predicted_age,
-            chronological_age=r.chronological_age,
-            age_gap=r.age_gap,
-            qc_reasons=list(r.qc_reasons),
-            qc_metrics=dict(r.qc_metrics),
-            selected_series_uid=r.selected_series_uid,
+            **figures_of(r, RESULT_FIGURES),
             series_verdicts=list(r.series_verdicts),
             timings=dict(r.timings),
             created_at=r.created_at,

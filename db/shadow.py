@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from headscreen.db.engine import write_transaction
-from headscreen.db.models import BundleRole, BundleRoleKind, Job, Result, ShadowResult, Study
+from headscreen.db.models import SHADOW_FIGURES, BundleRole, BundleRoleKind, Job, Result, ShadowResult, Study
 from headscreen.db.states import JobState
 from headscreen.db.txn import SYSTEM_ACTOR, add_audit, clock, end_read, locked
 from headscreen.db.types import (
@@ -30,6 +30,7 @@ from headscreen.db.types import (
     ShadowOutcome,
     ShadowResultRow,
 )
+from headscreen.figures import figures_of
 from headscreen.privacy import scrub
 
 logger = logging.getLogger(__name__)
@@ -172,11 +173,8 @@ def record_shadow_result(session: Session, result_id: int, shadow: ShadowOutcome
             return None
         row = ShadowResult(
             result_id=result_id, study_id=result.study_id, bundle_name=shadow.bundle_name,
-            bundle_version=shadow.bundle_version, scoring_sha256=shadow.scoring_sha256, eligible=shadow.eligible,
-            ineligible_reason=shadow.ineligible_reason, anomaly_score=shadow.anomaly_score,
-            percentile=shadow.percentile, screen_positive=shadow.screen_positive, threshold=shadow.threshold,
-            predicted_age=shadow.predicted_age, chronological_age=shadow.chronological_age, age_gap=shadow.age_gap,
-            terms={k: float(v) for k, v in shadow.terms.items()}, qc_reasons=list(shadow.qc_reasons),
+            bundle_version=shadow.bundle_version, scoring_sha256=shadow.scoring_sha256,
+            **figures_of(shadow, SHADOW_FIGURES), terms={k: float(v) for k, v in shadow.terms.items()},
             station_key=shadow.station_key, reference_kind=shadow.reference_kind, reference_id=shadow.reference_id,
             shared_preprocessing=shadow.shared_preprocessing, timings=dict(shadow.timings),
             # Viewers read it: no value from a data set may be in it.
@@ -197,10 +195,7 @@ def shadow_results_of_study(session: Session, study_id: int) -> list[ShadowResul
                            .order_by(ShadowResult.id)).scalars().all()
     out = [ShadowResultRow(
         shadow_result_id=r.id, result_id=r.result_id, bundle_name=r.bundle_name, bundle_version=r.bundle_version,
-        eligible=r.eligible, ineligible_reason=r.ineligible_reason, anomaly_score=r.anomaly_score,
-        percentile=r.percentile, screen_positive=r.screen_positive, threshold=r.threshold,
-        predicted_age=r.predicted_age, age_gap=r.age_gap, qc_reasons=list(r.qc_reasons),
-        reference_kind=None if r.reference_kind is None else str(r.reference_kind),
+        **figures_of(r, SHADOW_FIGURES), reference_kind=None if r.reference_kind is None else str(r.reference_kind),
         shared_preprocessing=bool(r.shared_preprocessing), timings=dict(r.timings),
         error=None if r.error is None else scrub(r.error), created_at=r.created_at) for r in rows]
     end_read(session)

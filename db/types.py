@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from headscreen.errors import HeadscreenError
+from headscreen.figures import ResultFigures
 
 
 class StudyNotFound(HeadscreenError):
@@ -100,19 +101,9 @@ class RejectionNote:
 
 
 @dataclass(frozen=True)
-class JobOutcome:
-    eligible: bool
-    ineligible_reason: str | None
-    anomaly_score: float | None
-    percentile: float | None
-    screen_positive: bool | None
-    threshold: float | None
-    predicted_age: float | None
-    chronological_age: float | None
-    age_gap: float | None
-    qc_reasons: list[str]
-    qc_metrics: dict[str, float]
-    selected_series_uid: str | None
+class JobOutcome(ResultFigures):
+    """What a job found (its figures, as its SR reports them) and what it made."""
+
     series_verdicts: list[dict[str, Any]]
     timings: dict[str, float]
     objects: list[OutputObject]
@@ -122,6 +113,10 @@ class JobOutcome:
     scoring_sha256: str | None = None
     reference_kind: str | None = None
     reference_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.eligible is None:
+            raise ValueError("JobOutcome: argument 'eligible' is required")
 
 
 @dataclass(frozen=True)
@@ -198,7 +193,9 @@ class StudyFilters:
 
 
 @dataclass(frozen=True)
-class StudyRow:
+class StudyRow(ResultFigures):
+    """A study with the figures of its latest current result (all None without one)."""
+
     study_id: int
     study_instance_uid: str
     modality: str | None
@@ -214,14 +211,6 @@ class StudyRow:
     result_id: int | None = None
     bundle_name: str | None = None
     bundle_version: str | None = None
-    eligible: bool | None = None
-    anomaly_score: float | None = None
-    percentile: float | None = None
-    screen_positive: bool | None = None
-    predicted_age: float | None = None
-    chronological_age: float | None = None
-    age_gap: float | None = None
-    qc_reasons: list[str] = field(default_factory=list)
     station_name: str | None = None
     reviewed: bool = False
     confirmed_normal: bool = False
@@ -255,23 +244,13 @@ class JobSummary:
 
 
 @dataclass(frozen=True)
-class ResultSummaryRow:
+class ResultSummaryRow(ResultFigures):
+    """One recorded result of a study: its figures and its bookkeeping."""
+
     result_id: int
     job_id: int
     bundle_name: str
     bundle_version: str
-    eligible: bool
-    ineligible_reason: str | None
-    anomaly_score: float | None
-    percentile: float | None
-    screen_positive: bool | None
-    threshold: float | None
-    predicted_age: float | None
-    chronological_age: float | None
-    age_gap: float | None
-    qc_reasons: list[str]
-    qc_metrics: dict[str, float]
-    selected_series_uid: str | None
     series_verdicts: list[dict[str, Any]]
     timings: dict[str, float]
     created_at: datetime
@@ -448,24 +427,14 @@ class RoleChange:
 
 
 @dataclass(frozen=True)
-class ShadowOutcome:
+class ShadowOutcome(ResultFigures):
     """What a shadow bundle made of a study (`db.api.record_shadow_result`); `error` set when
-    the run itself failed. Never delivered: there are no objects."""
+    the run itself failed (and `eligible` None). Never delivered: there are no objects."""
 
     bundle_name: str
     bundle_version: str
     scoring_sha256: str | None = None
-    eligible: bool | None = None
-    ineligible_reason: str | None = None
-    anomaly_score: float | None = None
-    percentile: float | None = None
-    screen_positive: bool | None = None
-    threshold: float | None = None
-    predicted_age: float | None = None
-    chronological_age: float | None = None
-    age_gap: float | None = None
     terms: dict[str, float] = field(default_factory=dict)
-    qc_reasons: list[str] = field(default_factory=list)
     station_key: str | None = None
     reference_kind: str | None = None
     reference_id: int | None = None
@@ -475,20 +444,13 @@ class ShadowOutcome:
 
 
 @dataclass(frozen=True)
-class ShadowResultRow:
+class ShadowResultRow(ResultFigures):
+    """One recorded shadow run; `eligible` None when the run failed."""
+
     shadow_result_id: int
     result_id: int
     bundle_name: str
     bundle_version: str
-    eligible: bool | None
-    ineligible_reason: str | None
-    anomaly_score: float | None
-    percentile: float | None
-    screen_positive: bool | None
-    threshold: float | None
-    predicted_age: float | None
-    age_gap: float | None
-    qc_reasons: list[str]
     reference_kind: str | None
     shared_preprocessing: bool
     timings: dict[str, float]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from pydicom import Dataset
 from pydicom.valuerep import DA, TM
+
+from headscreen.figures import ResultFigures
 
 __all__ = ["AlgorithmInfo", "ResultSummary", "MODEL_FAMILIES", "reference_header"]
 
@@ -56,32 +57,23 @@ _SCREEN_OUTPUTS = ("anomaly_score", "percentile", "screen_positive", "threshold"
 
 
 @dataclass(frozen=True)
-class ResultSummary:
-    """The outcome of one job. ``None`` for a number means the value is absent and
-    the SR says so explicitly; it never means zero or normal.
+class ResultSummary(ResultFigures):
+    """The outcome of one job, as the SR, SC and SEG builders read it: its figures
+    (`headscreen.figures.ResultFigures`, where ``None`` for a number means the value is
+    absent and the SR says so explicitly) plus the modality and the algorithm.
 
     ``ineligible_reasons`` are the reasons (usually blocking QC reasons) that made
     the study not eligible; ``qc_reasons`` may hold them too, plus advisory ones.
     When empty for a not-eligible study, ``ineligible_reason`` is the one reason.
     """
 
-    eligible: bool
     modality: str
     algorithm: AlgorithmInfo
-    ineligible_reason: str | None = None
-    anomaly_score: float | None = None
-    percentile: float | None = None
-    screen_positive: bool | None = None
-    threshold: float | None = None
-    predicted_age: float | None = None
-    chronological_age: float | None = None
-    age_gap: float | None = None
-    qc_reasons: list[str] = field(default_factory=list)
-    qc_metrics: dict[str, Any] = field(default_factory=dict)
-    selected_series_uid: str | None = None
     ineligible_reasons: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.eligible is None:
+            raise ValueError("ResultSummary: argument 'eligible' is required")
         if not self.modality:
             raise ValueError("ResultSummary: argument 'modality' must not be empty")
         if not self.eligible and not self.ineligible_reason:
