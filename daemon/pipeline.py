@@ -703,7 +703,8 @@ def _build_results(
         pm = build_parametric_map(sources, native_map, summary, map_unit) if parametric_map else None
         if pm is not None:
             staged.add(pm, "pm.dcm", "pm")
-        sr = build_report(sources, summary, sc_datasets, reference=reference, segmentation=seg, parametric_map=pm)
+        sr = build_report(sources, summary, sc_datasets, reference=reference, segmentation=seg, parametric_map=pm,
+                          anomaly_map=native_map, map_unit=map_unit)
         staged.add(sr, "sr.dcm", "sr")
     except BaseException:
         staged.discard()

@@ -40,6 +40,7 @@ __all__ = [
     "ANOMALY_REGION",
     "ABNORMAL_STRUCTURE",
     "REGION_VOLUME",
+    "MAXIMUM",
     "BRAIN",
     "UNIT_SCORE",
     "UNIT_PERCENT",
@@ -108,6 +109,8 @@ BRAIN = CodedConcept("12738006", "SCT", "Brain")
 ABNORMAL_STRUCTURE = CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
 ANOMALY_REGION = CodedConcept("263654008", "SCT", "Abnormal")
 REGION_VOLUME = CodedConcept("118565006", "SCT", "Volume")
+# TID 300 Derivation (CID 3488) of the anomaly map's maximum, reported with the point it lies at.
+MAXIMUM = CodedConcept("56851009", "SCT", "Maximum")
 
 # --- units (UCUM) -------------------------------------------------------------
 UNIT_SCORE = CodedConcept("{score}", "UCUM", "score")

@@ -6,7 +6,10 @@ gap), the algorithm identity (TID 4019) and the finding site. Without a SEG it i
 a TID 1501 group; with one it is a TID 1411 group whose region is the SEG's
 segment (Referenced Segment), with the analysed series by UID (Source series for
 segmentation) and the region's volume added. Neither lists the source slices one
-by one: the series and its instances are in the evidence sequence. The
+by one: the series and its instances are in the evidence sequence. A TID 1501
+group also gives the anomaly map's maximum, inferred from a POINT where it lies
+on its source slice: OHIF shows a group only where it has image coordinates
+(TID 1411 allows none beside a Referenced Segment). The
 report-level Qualitative Evaluations container (TID 1500 row 12) holds the coded
 evaluations: eligibility, screen result, healthy reference, each QC finding,
 "Measurement not available" for every value that was not produced, and the
@@ -38,14 +41,17 @@ from highdicom.sr import (
     Comprehensive3DSR,
     ContainerContentItem,
     ContentItem,
+    CoordinatesForMeasurement,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
+    GraphicTypeValues,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
     ReferencedSegment,
+    SourceImageForRegion,
     SourceSeriesForSegmentation,
     TextContentItem,
     TrackingIdentifier,
@@ -148,9 +154,13 @@ def _observation_context(summary: ResultSummary) -> ObservationContext:
     )
 
 
-def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification,
-                  reference: ReferenceNote | None = None) -> tuple[list[Measurement], list[CodedConcept]]:
-    """Numeric measurements present in the summary, and the concept of each missing one."""
+def _measurements(summary: ResultSummary, reference: ReferenceNote | None = None,
+                  algorithm_id: AlgorithmIdentification | None = None) -> tuple[list[Measurement], list[CodedConcept]]:
+    """Numeric measurements present in the summary, and the concept of each missing one.
+
+    ``algorithm_id`` names the algorithm on each model output (TID 300 row 17): for a TID 1411
+    group, which has no group-level row. A TID 1501 group names it once for all (row 10), and
+    its NUMs carry no children: OHIF reads a NUM with children only when one is a SCOORD."""
     # The chronological age is an input taken from the header, not produced by the model.
     planned = [
         (codes.ANOMALY_SCORE, summary.anomaly_score, codes.UNIT_SCORE, True),
@@ -176,6 +186,34 @@ def _measurements(summary: ResultSummary, algorithm_id: AlgorithmIdentification,
             present.append(Measurement(name=name, value=float(value), unit=unit,
                                        algorithm_id=algorithm_id if by_algorithm else None))
     return present, absent
+
+
+def _map_peak(source_datasets: Sequence[Dataset], anomaly_map: np.ndarray, map_unit: str) -> Measurement | None:
+    """The anomaly map's maximum as a NUM (Derivation: Maximum) inferred from the point
+    where it lies: a SCOORD POINT at that pixel's centre on the source image (TID 300 ->
+    TID 320). None when the map has no positive finite value."""
+    if map_unit not in codes.MAP_QUANTITY:
+        raise ValueError(f"build_report: argument 'map_unit' must be one of {', '.join(codes.MAP_QUANTITY)}")
+    shape = (len(source_datasets), int(source_datasets[0].Rows), int(source_datasets[0].Columns))
+    if anomaly_map.shape != shape:
+        raise ValueError("build_report: argument 'anomaly_map' does not have the source series' shape")
+    best, where = 0.0, None
+    for k, plane in enumerate(anomaly_map):  # slice by slice: no copy of a thin-slice CT's map
+        finite = np.where(np.isfinite(plane), plane, -np.inf)
+        index = int(np.argmax(finite))
+        if finite.flat[index] > best:
+            best, where = float(finite.flat[index]), (k, index)
+    if where is None:
+        return None
+    k, index = where
+    row, column = (int(i) for i in np.unravel_index(index, shape[1:]))
+    source = source_datasets[k]
+    # Image coordinates: (0, 0) is the top left corner of the top left pixel (PS3.3 C.18.6.1.1).
+    point = CoordinatesForMeasurement(
+        graphic_type=GraphicTypeValues.POINT, graphic_data=np.array([[column + 0.5, row + 0.5]]),
+        source_image=SourceImageForRegion(str(source.SOPClassUID), str(source.SOPInstanceUID)))
+    return Measurement(name=codes.MAP_QUANTITY[map_unit], value=round(best, 4), unit=codes.UNIT_NONE,
+                       derivation=codes.MAXIMUM, referenced_coordinates=[point])
 
 
 def _coded(name: CodedConcept, value: CodedConcept, detail: str | None = None) -> list[ContentItem]:
@@ -341,6 +379,8 @@ def build_report(
     reference: ReferenceNote | None = None,
     segmentation: Dataset | None = None,
     parametric_map: Dataset | None = None,
+    anomaly_map: np.ndarray | None = None,
+    map_unit: str = "z",
 ) -> Comprehensive3DSR:
     """The TID 1500 report for one job (see module docstring).
 
@@ -351,6 +391,9 @@ def build_report(
     ``segmentation`` is this job's SEG (export.seg), built first so its UIDs are known;
     each of its segments gets a region group that references it. ``parametric_map`` is
     this job's Parametric Map (export.pm): listed in the evidence, not in the content tree.
+    ``anomaly_map`` is the map on the source geometry (slices, rows, columns; ``map_unit``
+    "z" or "error" as in export.sc): an eligible report gives its maximum and the point
+    where it lies, the location a viewer such as OHIF needs to show the group at all.
     """
     _check_inputs(source_datasets, sc_datasets, summary, reference, segmentation)
     if parametric_map is not None and parametric_map.StudyInstanceUID != source_datasets[0].StudyInstanceUID:
@@ -361,12 +404,18 @@ def build_report(
     measurements: list[Measurement] = []
     absent: list[CodedConcept] = []
     if summary.eligible:
-        measurements, absent = _measurements(summary, algorithm_id, reference)
-    group = _measurement_group(source_datasets, measurements, algorithm_id, segmentation)
+        measurements, absent = _measurements(summary, reference,
+                                             algorithm_id=None if segmentation is None else algorithm_id)
+        # TID 1419 (the NUMs of a TID 1411 group) has no INFERRED FROM row: the peak and its
+        # point only in a TID 1501 group.
+        peak = (None if anomaly_map is None or segmentation is not None
+                else _map_peak(source_datasets, anomaly_map, map_unit))
+        if peak is not None:
+            measurements.append(peak)
     report = MeasurementReport(
         observation_context=_observation_context(summary),
         procedure_reported=codes.procedure_code(summary.modality),
-        imaging_measurements=[group],
+        imaging_measurements=[_measurement_group(source_datasets, measurements, algorithm_id, segmentation)],
     )
     evaluations = ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
     # pydicom types the attribute as a Sequence; a list of content items is what it takes.

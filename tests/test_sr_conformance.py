@@ -3,7 +3,8 @@ finds no error and no warning, dciodvfy no error, and highdicom reads back the v
 summary had, each in its place (numbers in the measurement group, coded evaluations and their
 details in the report-level Qualitative Evaluations container). The positive result comes
 with a SEG: its group (TID 1411) references the SEG's segment; no other kind references one,
-and none lists the source slices one by one."""
+and none lists the source slices one by one. The other eligible kinds (a TID 1501 group) give
+the anomaly map's maximum at the point it lies on."""
 
 from __future__ import annotations
 
@@ -142,7 +143,7 @@ def reports(tmp_path_factory, series, segmentation) -> dict[str, Path]:
         previous = [built["eligible-negative"]] if name == "superseded" else None
         sc = overlays if name in ("eligible-negative", "superseded") else []
         built[name] = build_report(datasets, kind.summary, sc, reference=kind.reference, previous_versions=previous,
-                                   segmentation=segmentation if kind.with_seg else None)
+                                   segmentation=segmentation if kind.with_seg else None, anomaly_map=error)
     paths = {}
     for name, sr in built.items():
         paths[name] = out / f"{name}.dcm"
@@ -177,22 +178,30 @@ def _children(item, concept: str) -> list:
     return [c for c in item.get("ContentSequence", []) if c.ConceptNameCodeSequence[0].CodeValue == concept]
 
 
+PEAK = codes.MAP_QUANTITY["z"].value
+
+
 @pytest.mark.parametrize("name", list(KINDS))
 def test_highdicom_reads_back_the_summary(reports, name) -> None:
     kind = KINDS[name]
     dataset, group = _read(reports[name])
     measured = {m.name.value: m for m in group.get_measurements()}
-    # The region's volume (with a SEG) is checked against the SEG below.
-    assert ({code: m.value for code, m in measured.items() if code != codes.REGION_VOLUME.value}
+    # The region's volume (with a SEG) is checked against the SEG below, the map's maximum
+    # (without one) in test_the_map_maximum_is_given_at_its_point.
+    assert ({code: m.value for code, m in measured.items() if code not in (codes.REGION_VOLUME.value, PEAK)}
             == pytest.approx(kind.numbers))
     assert (codes.REGION_VOLUME.value in measured) == kind.with_seg
+    assert (PEAK in measured) == (kind.summary.eligible and not kind.with_seg)
     for code, measurement in measured.items():
         unit = {codes.ANOMALY_PERCENTILE.value: "%", codes.ANOMALY_SCORE.value: "{score}",
-                codes.OPERATING_THRESHOLD.value: "{score}", codes.REGION_VOLUME.value: "ml"}.get(code, "a")
+                codes.OPERATING_THRESHOLD.value: "{score}", codes.REGION_VOLUME.value: "ml", PEAK: "1"}.get(code, "a")
         assert measurement.unit.value == unit and measurement.unit.scheme_designator == "UCUM", code
-        # Each model output names its algorithm (TID 4019); Subject Age is a header input.
+        # In a TID 1411 group each model output names its algorithm (TID 4019; Subject Age is a
+        # header input); a TID 1501 group names it once, and its NUMs have no algorithm children
+        # (OHIF drops a NUM whose children hold no SCOORD).
         names = [str(c.TextValue) for c in _children(measurement[0], "111001")]
-        assert names == ([] if code == codes.CHRONOLOGICAL_AGE.value else [kind.summary.algorithm.name]), code
+        by_model = kind.with_seg and code != codes.CHRONOLOGICAL_AGE.value
+        assert names == ([kind.summary.algorithm.name] if by_model else []), code
     coded = evaluations_with_details(group.evaluation_items)
     assert coded == kind.evaluations
     # The plain-language summary closes the container; nothing else is in it.
@@ -212,9 +221,10 @@ def test_highdicom_reads_back_the_summary(reports, name) -> None:
         assert _children(group.group[0], "111002") and _children(group.group[0], "111000")
     assert "122405" not in {e.value for e in dataset.iterall() if e.keyword == "CodeValue"}
     assert dataset.Manufacturer == kind.summary.algorithm.manufacturer
-    # No row per source slice: the one IMAGE item is the Referenced Segment, if any.
+    # No row per source slice: the one IMAGE item is the Referenced Segment, or the image the
+    # map's maximum is on; none without a result.
     images = [e for e in dataset.iterall() if e.keyword == "ValueType" and e.value == "IMAGE"]
-    assert len(images) == (1 if kind.with_seg else 0)
+    assert len(images) == (1 if kind.summary.eligible else 0)
     evidence = [ref for study in dataset.CurrentRequestedProcedureEvidenceSequence
                 for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence]
     assert sum(ref.ReferencedSOPClassUID != SEG_STORAGE for ref in evidence) >= N_SLICES
@@ -269,6 +279,24 @@ def test_a_seg_is_refused_beside_no_screen_result(series, segmentation) -> None:
     other, _ = make_ct_series(seed=3)
     with pytest.raises(ValueError, match="segmentation"):
         build_report(other, ct_summary(), [], segmentation=segmentation)
+
+
+@pytest.mark.parametrize("name", [n for n, k in KINDS.items() if k.summary.eligible and not k.with_seg])
+def test_the_map_maximum_is_given_at_its_point(reports, series, name) -> None:
+    """OHIF shows a measurement group only where it has image coordinates: the map's maximum
+    (Derivation: Maximum) is inferred from the point it lies at, on the source image."""
+    datasets, error = series
+    _, group = _read(reports[name])
+    [peak] = [m for m in group.get_measurements() if m.name.value == PEAK]
+    assert peak.value == pytest.approx(float(error.max()), abs=1e-4)
+    assert peak.derivation == codes.MAXIMUM
+    [point] = peak.referenced_coordinates
+    k, row, column = np.unravel_index(int(np.argmax(error)), error.shape)
+    assert point.GraphicType == "POINT"
+    assert [float(v) for v in point.GraphicData] == [column + 0.5, row + 0.5]
+    [image] = point.ContentSequence
+    assert image.RelationshipType == "SELECTED FROM"
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == datasets[k].SOPInstanceUID
 
 
 def test_a_not_eligible_report_reads_as_not_eligible(reports) -> None:
