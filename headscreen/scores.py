@@ -11,6 +11,12 @@ a margin and kept away from the model grid's edge.
 The `_rel` terms compare each voxel with the case's own median and spread of z, so
 a scanner that raises the error everywhere does not raise them; a finding does.
 
+The `z_asym` terms compare each voxel with its mirror image across the midline. The
+model grid is MNI, centred on the midline in x (its last array axis), and healthy
+anatomy, the model's systematic errors and the blur of re-posing a head are nearly
+left-right symmetric there, while hemorrhage, subdurals, infarcts and tumours are
+mostly one-sided: z minus mirrored z cancels the first and keeps the second.
+
 Torch-free: training computes the same terms with this module, so the bundle's
 calibration describes exactly what the daemon computes.
 """
@@ -25,7 +31,8 @@ from scipy import ndimage
 
 NORMATIVE_FILE = "normative.npz"
 # Terms this module computes (the ONNX graph computes the papers' own terms).
-MASKED_TERMS = ("z_mean", "z_focal", "z_extent", "rec_brain", "z_focal_rel", "z_extent_rel")
+MASKED_TERMS = ("z_mean", "z_focal", "z_extent", "rec_brain", "z_focal_rel", "z_extent_rel",
+                "z_asym_focal", "z_asym_extent")
 #: The SEG's threshold on the error map, in multiples of the healthy limit: 1.0 marks every
 #: voxel above what healthy scans reach. A bundle may carry its own, calibrated on healthy
 #: scans (manifest calibration.seg_threshold); this is the fallback.
@@ -37,6 +44,9 @@ EDGE_VOXELS = 2           # voxels next to the grid edge never count (the crop b
 SUPPORT_SHARE = 0.8       # a voxel counts where at least this share of healthy brains cover it
 SD_FLOOR_PERCENTILE = 10  # SDs below this percentile of the brain's SDs are raised to it
 MIN_EVALUATED_VOXELS = 200
+LR_AXIS = -1              # x (left-right) on the (z, y, x) model grid, whose x range is symmetric about 0
+# z minus mirrored z: the difference of two unit-SD values has SD sqrt(2).
+ASYM_EXTENT_Z = EXTENT_Z * float(np.sqrt(2.0))
 
 
 @dataclass(frozen=True)
@@ -117,11 +127,7 @@ def masked_terms(error_map: np.ndarray, brain_mask: np.ndarray,
         raise ValueError(f"only {int(mask.sum())} brain voxels to score (need {MIN_EVALUATED_VOXELS})")
     z = z_map(error_map, normative)
     inside = z[mask]
-    weights = ndimage.uniform_filter(mask.astype(np.float32), FOCAL_KERNEL, mode="constant")
-    sums = ndimage.uniform_filter(np.where(mask, z, 0.0).astype(np.float32), FOCAL_KERNEL, mode="constant")
-    eligible = mask & (weights >= FOCAL_MIN_SHARE)
-    local = sums[eligible] / weights[eligible]
-    focal = float(local.max()) if local.size else float(inside.max())
+    focal = _focal(z, mask)
     # A scanner unlike the training data raises the error everywhere; a finding raises
     # it somewhere. The *_rel terms measure against the case's own median and spread.
     median = float(np.median(inside))
@@ -133,9 +139,30 @@ def masked_terms(error_map: np.ndarray, brain_mask: np.ndarray,
         "rec_brain": float(np.asarray(error_map)[mask].mean()),
         "z_focal_rel": (focal - median) / spread,
         "z_extent_rel": float(np.mean(inside > median + EXTENT_Z * spread)),
+        **asymmetry_terms(z, mask),
     }
     overlay = np.where(mask, np.clip(z, 0.0, None) / normative.z_limit, 0.0).astype(np.float32)
     return terms, overlay
+
+
+def _focal(values: np.ndarray, mask: np.ndarray) -> float:
+    """Largest mean of `values` over a FOCAL_KERNEL cube mostly inside `mask`."""
+    weights = ndimage.uniform_filter(mask.astype(np.float32), FOCAL_KERNEL, mode="constant")
+    sums = ndimage.uniform_filter(np.where(mask, values, 0.0).astype(np.float32), FOCAL_KERNEL, mode="constant")
+    eligible = mask & (weights >= FOCAL_MIN_SHARE)
+    local = sums[eligible] / weights[eligible]
+    return float(local.max()) if local.size else float(values[mask].max())
+
+
+def asymmetry_terms(z: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """z_asym_focal and z_asym_extent: the focal and extent terms of z minus z mirrored
+    across the midline, over the scored voxels whose mirror image is scored too."""
+    both = mask & np.flip(mask, axis=LR_AXIS)
+    if not both.any():
+        return {"z_asym_focal": 0.0, "z_asym_extent": 0.0}
+    difference = np.where(both, z - np.flip(z, axis=LR_AXIS), 0.0).astype(np.float32)
+    return {"z_asym_focal": _focal(difference, both),
+            "z_asym_extent": float(np.mean(difference[both] > ASYM_EXTENT_Z))}
 
 
 def batch_terms(error_maps: np.ndarray, brain_masks: np.ndarray, normative: Normative) -> dict[str, np.ndarray]:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from headscreen.scores import EDGE_VOXELS, MASKED_TERMS, Normative, batch_terms, evaluation_mask, masked_terms, z_map
+from headscreen.scores import (
+    EDGE_VOXELS,
+    LR_AXIS,
+    MASKED_TERMS,
+    Normative,
+    asymmetry_terms,
+    batch_terms,
+    evaluation_mask,
+    masked_terms,
+    z_map,
+)
 
 GRID = (24, 24, 24)
 
@@ -174,3 +184,43 @@ def test_relative_terms_ignore_an_error_that_rises_everywhere(healthy, normative
     lesion[ball(3.0, (11.5, 9.0, 9.0))] += 0.6
     found, _ = masked_terms(lesion, masks[24], normative)
     assert found["z_focal_rel"] > 2 * shifted["z_focal_rel"]
+
+
+def test_asymmetry_terms_cancel_what_is_mirror_symmetric_and_keep_what_is_one_sided():
+    """z minus z mirrored across the midline (the grid's x centre): zero for any symmetric map."""
+    mask = ball(9.0)
+    rng = np.random.default_rng(3)
+    z = rng.normal(0.0, 1.0, GRID).astype(np.float32)
+    symmetric = z + np.flip(z, axis=LR_AXIS)
+    symmetric[ball(3.0, (11.5, 11.5, 6.0)) | ball(3.0, (11.5, 11.5, 17.0))] += 8.0  # a bilateral "finding"
+    assert asymmetry_terms(symmetric, mask) == {"z_asym_focal": 0.0, "z_asym_extent": 0.0}
+    one_sided = z.copy()
+    one_sided[ball(3.0, (11.5, 11.5, 6.0))] += 8.0
+    terms = asymmetry_terms(one_sided, mask)
+    assert terms["z_asym_focal"] > 4.0 and terms["z_asym_extent"] > 0.01
+    assert asymmetry_terms(z, mask)["z_asym_focal"] < 0.5 * terms["z_asym_focal"]
+
+
+def test_a_bilateral_error_raises_z_focal_but_hardly_the_asymmetry(healthy, normative):
+    """Errors that every re-posed or blurred head shows on both sides (the cortex rim) are not
+    findings; the same error on one side is."""
+    maps, masks = healthy
+    base, _ = masked_terms(maps[23], masks[23], normative)
+    left, right = ball(2.5, (11.5, 11.5, 6.5)), ball(2.5, (11.5, 11.5, 16.5))
+    both_sides, one_side = maps[23].copy(), maps[23].copy()
+    both_sides[left | right] += 0.6
+    one_side[left] += 0.6
+    bilateral, _ = masked_terms(both_sides, masks[23], normative)
+    unilateral, _ = masked_terms(one_side, masks[23], normative)
+    assert bilateral["z_focal"] > base["z_focal"] + 3.0 and unilateral["z_focal"] > base["z_focal"] + 3.0
+    assert unilateral["z_asym_focal"] > base["z_asym_focal"] + 3.0
+    assert bilateral["z_asym_focal"] < base["z_asym_focal"] + 1.0
+
+
+@pytest.mark.parametrize("modality", ["MR", "CT"])
+def test_the_model_grid_is_centred_on_the_midline_so_mirroring_x_mirrors_the_head(modality):
+    from headscreen.imaging.preprocess import default_params
+
+    fov = default_params(modality)["fov_lps_mm"]
+    assert fov["min"][0] == -fov["max"][0]  # x (left-right) spans -a..a: voxel i mirrors voxel W-1-i
+    assert LR_AXIS in (-1, 2)  # x is the last axis of the (z, y, x) grid
