@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from headscreen.db.txn import DEFAULT_JOB_MAX_ATTEMPTS
 from headscreen.db.types import RetryPolicy
 from headscreen.errors import ConfigError
 from headscreen.privacy import redact_authorization, redact_secrets, redact_url
@@ -306,7 +307,7 @@ class Settings(BaseSettings):
     lease_s: float = Field(120.0, gt=0)
     heartbeat_s: float = Field(10.0, gt=0)
     sweep_interval_s: float = Field(1.0, gt=0)
-    job_max_attempts: int = Field(3, ge=1)
+    job_max_attempts: int = Field(DEFAULT_JOB_MAX_ATTEMPTS, ge=1)  # the queue's own default (db.txn)
     retention_days: float = Field(30.0, ge=0)
     overlay_slices: int = Field(24, ge=0)
     seg_enabled: bool = True

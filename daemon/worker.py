@@ -73,6 +73,12 @@ def _db_reason(exc: Exception) -> str:
     return redact_secrets(first[0]) if first else type(exc).__name__
 
 
+def job_retry_policy(settings: Settings) -> api.RetryPolicy:
+    """How a failed job is retried: the settings' attempts, sooner and capped lower than a
+    delivery (a job's transient failure is local: storage, the database)."""
+    return api.RetryPolicy(max_attempts=settings.job_max_attempts, base_delay_s=5.0, max_delay_s=120.0)
+
+
 def load_runners(settings: Settings) -> dict[tuple[str, str], BundleRunner]:
     """Every configured bundle, verified and loaded once per process."""
     runners = {}
@@ -206,8 +212,8 @@ class Worker:
         if not active:
             if modality is None:
                 return ticket  # a bundle nobody knows: it fails below as not loaded
-            policy = api.RetryPolicy(max_attempts=self.settings.job_max_attempts)
-            self._fail(ticket, f"no active {modality} bundle: see headscreen bundles --list", False, policy)
+            self._fail(ticket, f"no active {modality} bundle: see headscreen bundles --list", False,
+                       job_retry_policy(self.settings))
             return None
         with self.sessions() as session:
             bound = api.rebind_job(session, ticket.job_id, self.worker_id, active[0], datetime.now(UTC))
@@ -270,7 +276,7 @@ class Worker:
                 return None
             ticket = bound
         runner = self.runners.get((ticket.bundle_name, ticket.bundle_version))
-        policy = api.RetryPolicy(max_attempts=self.settings.job_max_attempts, base_delay_s=5.0, max_delay_s=120.0)
+        policy = job_retry_policy(self.settings)
         if runner is None:
             self._fail(ticket, f"bundle {ticket.bundle_name}-{ticket.bundle_version} is not loaded on this worker",
                        False, policy)

@@ -222,3 +222,31 @@ def test_destination_tls_is_checked_at_load(tmp_path, pki):
     with pytest.raises(ConfigError, match="tls is for kind 'dimse'"):
         load_settings(write(tmp_path, 'allow_any_caller = true\ndestinations = [{ name = "w", kind = "stow", '
                                       f'url = "https://pacs/dicom-web/studies", tls = {{ ca = "{pki.ca}" }} }}]\n'))
+
+
+def test_a_default_another_layer_reads_is_written_once() -> None:
+    """The job queue's attempts, the delivery retry policy and the receiver's options are
+    the settings' defaults because they are taken from one place (issue 16, item 7): a
+    different value there reaches the settings, not only an equal one written twice."""
+    import subprocess
+    import sys
+
+    from headscreen.daemon.delivery import retry_policy
+    from headscreen.daemon.receiver import ReceiverConfig
+    from headscreen.daemon.worker import job_retry_policy
+    from headscreen.db.types import RetryPolicy
+
+    script = ("import headscreen.db.txn as txn, headscreen.db.types as types\n"
+              "txn.DEFAULT_JOB_MAX_ATTEMPTS = 7\n"
+              "types.RetryPolicy.max_attempts = 11\n"
+              "from headscreen.daemon.config import DeliveryConfig, Settings\n"
+              "print(Settings.model_fields['job_max_attempts'].default,"
+              " DeliveryConfig.model_fields['max_attempts'].default)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["7", "11"]
+    settings = Settings(allow_any_caller=True, job_max_attempts=5)
+    assert job_retry_policy(settings).max_attempts == 5
+    assert retry_policy(settings).max_attempts == RetryPolicy.max_attempts
+    receiver = ReceiverConfig(ae_title="HEADSCREEN", storage_dir=Path("."))
+    assert (receiver.port, receiver.maximum_associations) == (
+        Settings.model_fields["port"].default, settings.receiver.max_associations)
