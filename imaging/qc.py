@@ -101,7 +101,11 @@ def skull_coverage(profiles: np.ndarray, seen: np.ndarray, caps: np.ndarray, bon
     wherever it is cut; one without bone counts only if the scan covered all of it, and a
     cap only if at least `min_seen` of its rays count: an unscanned vertex is not a defect.
     """
-    bone = ((profiles > bone_hu) & seen).any(axis=1)
+    return cap_coverage(((profiles > bone_hu) & seen).any(axis=1), seen, caps, min_seen)
+
+
+def cap_coverage(bone: np.ndarray, seen: np.ndarray, caps: np.ndarray, min_seen: float) -> float:
+    """The share of rays with `bone` (rays,) in the worst judged cap (see skull_coverage)."""
     counted = bone | seen.all(axis=1)
     in_cap = caps.sum(axis=1)
     counted_in_cap = caps.astype(np.int32) @ counted.astype(np.int32)
@@ -110,6 +114,22 @@ def skull_coverage(profiles: np.ndarray, seen: np.ndarray, caps: np.ndarray, bon
     if not judged.any():
         return float("nan")
     return float(np.min(bone_in_cap[judged] / counted_in_cap[judged]))
+
+
+def t1_bone_depth(profiles: np.ndarray, margin: float, step_mm: float) -> np.ndarray:
+    """How much dark bone each ray crosses on T1 (mm x fraction of the brain's level).
+
+    Cortical bone has no T1 signal: between the brain and the scalp (bright fat, marrow,
+    muscle) it is a dark trough. `profiles` (rays, samples), divided by the brain's level,
+    run from inside the brain outward. Each sample's depth below the lower of the brightest
+    values inward and outward of it (the water level of the trough) is summed where it
+    exceeds `margin`. A missing bone flap leaves soft tissue against the brain: the only
+    trough left is the thin CSF rim. Air beyond the skin is no trough (no wall outside it).
+    """
+    inward = np.maximum.accumulate(profiles, axis=1)
+    outward = np.maximum.accumulate(profiles[:, ::-1], axis=1)[:, ::-1]
+    depth = np.minimum(inward, outward) - profiles
+    return np.clip(depth - margin, 0.0, None).sum(axis=1) * step_mm
 
 
 def scanned_rows(values: np.ndarray, head: np.ndarray, air_below: float) -> np.ndarray:

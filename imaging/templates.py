@@ -299,6 +299,11 @@ def _fibonacci_sphere(n: int) -> np.ndarray:
     return np.stack([z, r * np.sin(phi), r * np.cos(phi)], axis=1)
 
 
+def skull_ray_offsets_mm() -> np.ndarray:
+    """Where each ray's samples lie, in mm from the template brain's edge (outward positive)."""
+    return np.arange(SKULL_RAY_WINDOW_MM[0], SKULL_RAY_WINDOW_MM[1] + 1e-6, SKULL_RAY_STEP_MM)
+
+
 @functools.lru_cache(maxsize=8)
 def skull_rays(spacing_mm: float = 2.0) -> SkullRays:
     """Rays from the template brain's centre through the vault (at or above the horizontal:
@@ -313,7 +318,7 @@ def skull_rays(spacing_mm: float = 2.0) -> SkullRays:
     along = centre + directions[:, None, :] * (radii[None, :, None] / spacing_mm)
     inside = ndimage.map_coordinates(brain.astype(np.float32), along.transpose(2, 0, 1), order=0) > 0.5
     edge_mm = radii[inside.shape[1] - 1 - np.argmax(inside[:, ::-1], axis=1)]
-    offsets = np.arange(SKULL_RAY_WINDOW_MM[0], SKULL_RAY_WINDOW_MM[1] + 1e-6, SKULL_RAY_STEP_MM)
+    offsets = skull_ray_offsets_mm()
     points = centre + directions[:, None, :] * ((edge_mm[:, None] + offsets[None, :])[..., None] / spacing_mm)
     caps = directions @ directions.T >= np.cos(np.radians(SKULL_CAP_DEG))
     for array in (points, directions, caps):

@@ -226,6 +226,20 @@ def test_skull_coverage_by_hand():
     assert math.isnan(qc.skull_coverage(flap, np.zeros_like(seen), caps, 250.0, 0.5))
 
 
+def test_t1_bone_depth_is_the_dark_trough_between_brain_and_scalp():
+    # Profiles in units of the brain's level, from inside the brain outward, 1 mm apart.
+    skull = np.array([0.8, 0.8, 0.3, 0.1, 0.1, 0.1, 0.3, 1.2, 0.7, 0.0, 0.0])   # brain, bone, fat, air
+    flap = np.array([0.8, 0.8, 0.3, 0.55, 0.55, 0.55, 0.55, 0.55, 0.5, 0.0, 0.0])  # CSF rim, then scalp
+    depth = qc.t1_bone_depth(np.stack([skull, flap]), 0.05, 1.0)
+    # skull: water level 0.8 (the brain); (0.45 + 0.65 * 3 + 0.45) mm below it less the margin
+    assert depth[0] == pytest.approx(2.85)
+    assert depth[1] == pytest.approx(0.2)  # the CSF rim only: 0.55 - 0.3 - 0.05
+    # Air beyond the skin is no trough: darkness needs tissue on both sides.
+    assert qc.t1_bone_depth(np.array([[0.8, 0.5, 0.2, 0.0, 0.0]]), 0.05, 1.0)[0] == 0.0
+    caps = np.ones((2, 2), dtype=bool)
+    assert qc.cap_coverage(depth >= 0.8, np.ones((2, 11), dtype=bool), caps, 0.5) == 0.5
+
+
 def test_rows_of_the_head_filled_with_air_were_not_scanned():
     head = np.ones((4, 3, 3), dtype=bool)
     values = np.full(head.shape, 40.0)
@@ -272,16 +286,16 @@ def test_skull_check_accepts_a_healthy_head_the_sector_check_refused_and_refuses
     assert opened < low <= healthy <= high
 
 
-def test_missing_bone_flap_is_a_skull_defect_and_an_intact_skull_is_not():
-    # CT only: on T1 bone is as dark as CSF and air, and the rule called the real T1 a
-    # missing bone flap (see test_real_scans.py), so MR has no skull-coverage check.
-    modality = "CT"
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_missing_bone_flap_is_a_skull_defect_and_an_intact_skull_is_not(modality):
+    # MR: the T1 check (dark trough between brain and scalp over the upper vault); that it
+    # passes the real T1 in every pose is tested in test_real_scans.py.
     from headscreen.model_training.anomalies import make_scan, suite_cases
 
     normal, flap = suite_cases(modality, 1, 77, kinds=("craniectomy",), n_normal=1)
     params = default_params(modality)
     intact = preprocess(Volume.from_image(make_scan(normal).image, modality), params)
-    assert intact.qc_metrics["skull_coverage"] > 0.9 and intact.qc_reasons == []
+    assert intact.qc_metrics["skull_coverage"] > (0.9 if modality == "CT" else 0.3) and intact.qc_reasons == []
     opened = preprocess(Volume.from_image(make_scan(flap).image, modality), params)
     assert opened.qc_metrics["skull_coverage"] < params["qc_ranges"]["skull_coverage"][0]
     assert [r.split(":")[0] for r in opened.qc_reasons] == ["skull_defect"]

@@ -294,6 +294,11 @@ def test_real_t1_passes_the_qc_gate(t1_cases, name):
     metrics = case.result.qc_metrics
     assert metrics["head_similarity"] >= 0.3 and metrics["head_dice"] >= 0.92, metrics
     assert not any(r.startswith("orientation_flipped") for r in case.result.qc_reasons)
+    # The T1 skull check sees this healthy skull in every pose (0.62-0.74 measured; the
+    # suite's bone flaps 0-0.04): no skull_defect, advisory or not.
+    low = params({"MR": t1_cases.runner}, "MR")["qc_ranges"]["skull_coverage"][0]
+    assert metrics["skull_coverage"] >= low, metrics
+    assert not any(r.startswith("skull_defect") for r in case.result.qc_reasons), case.result.qc_reasons
 
 
 @pytest.mark.parametrize("name", [n for n in T1_VARIANTS if n != "as_acquired"])
