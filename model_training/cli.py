@@ -17,7 +17,14 @@ from headscreen.bundle import load_bundle
 from headscreen.errors import HeadscreenError
 from headscreen.inference import BundleRunner
 from headscreen.model_training.cohort import anomalous_cases, healthy_cases, prepare_case
-from headscreen.model_training.fit import DEFAULT_MIN_VAL_AUROC, METHODS, BelowQualityFloor, TrainOptions, fit_bundle
+from headscreen.model_training.fit import (
+    DEFAULT_MIN_VAL_AUROC,
+    METHODS,
+    BelowQualityFloor,
+    TrainOptions,
+    fit_bundle,
+    recalibrate_bundle,
+)
 from headscreen.model_training.scoring import detection_metrics
 
 log = logging.getLogger(__name__)
@@ -79,6 +86,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="write the bundle even below --min-val-auroc; its model card and manifest say so")
     p.add_argument("--no-flip", action="store_true", help="no left-right flip augmentation")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="with --init-from: keep its network and normative model, train nothing; search the score "
+                        "weights again over today's terms and recalibrate the thresholds on the same cohort "
+                        "(give the bundle's own --seed and split counts)")
     p.add_argument("--init-from", type=Path, metavar="BUNDLE",
                    help="fine-tune from a bundle's weights.pt (same method and preset; its preprocessing is kept)")
     p.add_argument("--no-randomise", action="store_true",
@@ -115,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         force=args.force,
     )
     try:
-        bundle = fit_bundle(opts)
+        bundle = recalibrate_bundle(opts) if args.recalibrate else fit_bundle(opts)
     except BelowQualityFloor as exc:
         log.error("%s", exc, extra={"action": "train_refused", "exit_code": EXIT_BELOW_FLOOR})
         return EXIT_BELOW_FLOOR

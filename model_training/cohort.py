@@ -231,14 +231,16 @@ def _stack(cases: list[Case], prepared: list[Prepared]) -> tuple[Samples, np.nda
 
 
 def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | None, progress: bool = True,
-                 folder: Path | None = None, jobs: int = 1) -> Cohort:
-    """All splits for one modality. Healthy cases that fail the preprocessing QC
-    are left out of training, as the CT paper's automatic QC does."""
+                 folder: Path | None = None, jobs: int = 1, healthy_splits: tuple[str, ...] = SPLITS) -> Cohort:
+    """All splits for one modality (healthy: those named in `healthy_splits`; the
+    split of the others is the same, so a recalibration can skip "train").
+    Healthy cases that fail the preprocessing QC are left out of training, as the
+    CT paper's automatic QC does."""
     counts = {"train": spec.n_train, "val": spec.n_val, "calibration": spec.n_calibration, "test": spec.n_test}
     cases = healthy_cases(spec.modality, sum(counts.values()), spec.seed, spec.randomise)
     split = stratified_split(np.array([c.age for c in cases]), counts)
     cohort = Cohort(spec=spec, params=params, healthy={}, healthy_masks={}, anomalous={})
-    for name in SPLITS:
+    for name in (s for s in SPLITS if s in healthy_splits):
         chosen = [cases[i] for i in split[name]]
         prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} {name}", progress, folder, jobs)
         keep = [i for i, p in enumerate(prepared) if not p.qc_reasons]
@@ -254,5 +256,6 @@ def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | Non
         cohort.anomalous[name], cohort.anomalous_masks[name] = _stack(chosen, prepared)
         cohort.cases[f"anomalous_{name}"] = chosen
     log.info("cohort ready", extra={"action": "cohort_ready", "modality": spec.modality,
-                                    "n_train": len(cohort.healthy["train"]), "qc_excluded": cohort.qc_excluded})
+                                    "n_train": len(cohort.healthy["train"]) if "train" in cohort.healthy else 0,
+                                    "qc_excluded": cohort.qc_excluded})
     return cohort

@@ -23,7 +23,7 @@ from headscreen.errors import ConfigError, HeadscreenError
 from headscreen.export.seg import calibrate_threshold as calibrate_seg_threshold
 from headscreen.imaging.preprocess import ModelGrid, default_params
 from headscreen.model_training.bundles import WEIGHTS_FILE, BundleSpec, load_weights, save_weights, write_model_bundle
-from headscreen.model_training.calibration import ScoreWeights, calibrate, select_score_weights
+from headscreen.model_training.calibration import Calibration, ScoreWeights, calibrate, select_score_weights
 from headscreen.model_training.cohort import Cohort, CohortSpec, build_cohort, cache_folder, imaging_fingerprint
 from headscreen.model_training.export_onnx import ExportGraph, FAnoGANGraph, VaeGraph, export_and_check
 from headscreen.model_training.losses import FOCAL_KERNEL
@@ -188,8 +188,9 @@ MASKED_DEFINITION = (
     f"{NORMATIVE_MARGIN_VOXELS} voxel and away from the grid edge: z_mean = mean z; z_focal = largest mean z over "
     "any 5^3-voxel cube mostly inside that mask; z_extent = share of those voxels with z > 3; rec_brain = mean "
     "error there; z_focal_rel = (z_focal - median z) / (1.4826 x median absolute deviation of z); z_extent_rel = "
-    "share of voxels with z above median + 3 x that spread; overlay = positive z over the healthy 99.9th "
-    "percentile of z")
+    "share of voxels with z above median + 3 x that spread; z_asym_focal and z_asym_extent = the z_focal and "
+    "z_extent of d = z minus z mirrored across the midline (the grid's x centre), over the voxels whose mirror "
+    "is scored too, extent at d > 3 x sqrt(2); overlay = positive z over the healthy 99.9th percentile of z")
 
 
 def _definition(method: str, kappa: float, terms: dict[str, float], age_gap_weight: float) -> str:
@@ -255,37 +256,18 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     cal_raw = scorer.score(cohort.healthy["calibration"])  # maps kept: the z_limit and the error scale
     normative = _fit_normative(scorer, cohort, cal_raw)
     normative.save(opts.run_dir() / NORMATIVE_FILE)
-
-    def scored(samples: Samples, masks: np.ndarray) -> Scored:
-        return _with_masked_terms(scorer.score(samples), masks, normative)
-
-    val_h = scored(cohort.healthy["val"], cohort.healthy_masks["val"])
-    val_a = scored(cohort.anomalous["val"], cohort.anomalous_masks["val"])
-    weights = _score_weights(opts.method, val_h, val_a)
-    terms, age_gap_weight = _term_weights(weights)
-    cal = _with_masked_terms(cal_raw, cohort.healthy_masks["calibration"], normative)
-    calibration = calibrate(cal.combined(terms, age_gap_weight), cal_raw.error_maps,
-                            cohort.healthy_masks["calibration"])
-    overlays = [masked_terms(error, mask, normative)[1]
-                for error, mask in zip(cal_raw.error_maps, cohort.healthy_masks["calibration"])]
-    grid_voxel_ml = float(np.prod(ModelGrid.from_params(params).spacing)) / 1000.0
-    calibration = dataclasses.replace(calibration, seg_threshold=calibrate_seg_threshold(overlays, grid_voxel_ml))
-    del cal_raw, overlays
-    test_h = scored(test, cohort.healthy_masks["test"])
-    test_a = scored(cohort.anomalous["test"], cohort.anomalous_masks["test"])
-    metrics = _metrics(test_h, test_a, val_h, val_a, terms, age_gap_weight, calibration.threshold)
+    fitted = _weigh_and_calibrate(opts, scorer, cohort, normative, params, cal_raw)
+    del cal_raw
+    terms, age_gap_weight, calibration = fitted.terms, fitted.age_gap_weight, fitted.calibration
+    metrics = fitted.metrics
     metrics.update(n_train=len(cohort.healthy["train"]), qc_excluded=cohort.qc_excluded,
-                   final_epoch=_last_row(trained.metrics_csv),
-                   anomaly_kinds=sorted({c.lesion_kind for c in cohort.cases["anomalous_test"] if c.lesion_kind}))
-    metrics["score_weight_search"] = {**weights.terms, "validation_auroc": weights.validation_auroc}
-    metrics["paper_score"] = _paper_score(opts.method, val_h, val_a, test_h, test_a)
+                   final_epoch=_last_row(trained.metrics_csv))
     gate = quality_gate(metrics["validation"]["auroc"], opts)
-    age_supported = val_h.age is not None
     bundle_spec = BundleSpec(
         name=name, version=version, modality=opts.modality, method=opts.method,
         description=_description(opts), grid=test.grid, preprocessing=params, score_terms=terms,
         age_gap_weight=age_gap_weight, score_definition=_definition(opts.method, opts.kappa, terms, age_gap_weight),
-        calibration=calibration, age_supported=age_supported, age_validation_mae=age_mae(val_h),
+        calibration=calibration, age_supported=fitted.age_supported, age_validation_mae=fitted.age_validation_mae,
         training={"command": opts.command, "preset": opts.preset, "seed": opts.seed,
                   "n_train": len(cohort.healthy["train"]),
                   "epochs": trained.hyper["epochs"], "steps": trained.steps, "batch_size": opts.batch_size,
@@ -306,6 +288,107 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     )
     bundle = write_model_bundle(opts.out, onnx_path, bundle_spec, trained.metrics_csv,
                                 normative=opts.run_dir() / NORMATIVE_FILE, weights=weights_path)
+    write_model_card(Path(opts.out), bundle.manifest)
+    return bundle
+
+
+@dataclass(frozen=True)
+class Weighed:
+    """Score weights (validation split), calibration (calibration split) and test metrics."""
+
+    terms: dict[str, float]
+    age_gap_weight: float
+    calibration: Calibration  # SEG threshold included
+    metrics: dict[str, Any]
+    age_supported: bool
+    age_validation_mae: float | None
+
+
+def _weigh_and_calibrate(opts: TrainOptions, scorer: OnnxScorer, cohort: Cohort, normative: Normative,
+                         params: dict[str, Any], cal_raw: Scored) -> Weighed:
+    """Everything after the network and its normative model: the weight search over the
+    candidate terms, the threshold and SEG threshold on healthy calibration scans, and
+    the test metrics (n_train, qc_excluded and final_epoch are the caller's)."""
+
+    def scored(samples: Samples, masks: np.ndarray) -> Scored:
+        return _with_masked_terms(scorer.score(samples), masks, normative)
+
+    val_h = scored(cohort.healthy["val"], cohort.healthy_masks["val"])
+    val_a = scored(cohort.anomalous["val"], cohort.anomalous_masks["val"])
+    weights = _score_weights(opts.method, val_h, val_a)
+    terms, age_gap_weight = _term_weights(weights)
+    cal = _with_masked_terms(cal_raw, cohort.healthy_masks["calibration"], normative)
+    calibration = calibrate(cal.combined(terms, age_gap_weight), cal_raw.error_maps,
+                            cohort.healthy_masks["calibration"])
+    overlays = [masked_terms(error, mask, normative)[1]
+                for error, mask in zip(cal_raw.error_maps, cohort.healthy_masks["calibration"])]
+    grid_voxel_ml = float(np.prod(ModelGrid.from_params(params).spacing)) / 1000.0
+    calibration = dataclasses.replace(calibration, seg_threshold=calibrate_seg_threshold(overlays, grid_voxel_ml))
+    del overlays
+    test_h = scored(cohort.healthy["test"], cohort.healthy_masks["test"])
+    test_a = scored(cohort.anomalous["test"], cohort.anomalous_masks["test"])
+    metrics = _metrics(test_h, test_a, val_h, val_a, terms, age_gap_weight, calibration.threshold)
+    metrics["anomaly_kinds"] = sorted({c.lesion_kind for c in cohort.cases["anomalous_test"] if c.lesion_kind})
+    metrics["score_weight_search"] = {**weights.terms, "validation_auroc": weights.validation_auroc}
+    metrics["paper_score"] = _paper_score(opts.method, val_h, val_a, test_h, test_a)
+    return Weighed(terms, age_gap_weight, calibration, metrics, val_h.age is not None, age_mae(val_h))
+
+
+def recalibrate_bundle(opts: TrainOptions) -> Bundle:
+    """A new version of the bundle `opts.init_from` with the very same network (model.onnx,
+    weights.pt) and normative model, trained on nothing: the score weights are searched
+    again over today's candidate terms on the validation split, the threshold and SEG
+    threshold calibrated again and the test metrics recomputed, on the cohort the bundle
+    was trained with (same seed, split counts and preprocessing; the train split, which
+    only the network and the normative model used, is not rebuilt). This is how a new
+    score term (headscreen.scores) reaches a shipped bundle without retraining."""
+    if opts.init_from is None:
+        raise ConfigError("--recalibrate needs --init-from BUNDLE (the bundle to recalibrate)")
+    if opts.preprocessing_overrides or opts.dataset is not None:
+        raise ConfigError("--recalibrate keeps the bundle's preprocessing and synthetic cohort: "
+                          "no --preprocessing or --dataset")
+    if Path(opts.out).resolve() == Path(opts.init_from).resolve():
+        raise ConfigError("--recalibrate writes a new bundle: --out must differ from --init-from")
+    began = time.monotonic()
+    name, version = opts.name_and_version()
+    _init_weights(opts)  # the same checks as a fine-tune: modality, method and preset match
+    source = load_bundle(opts.init_from)
+    m = source.manifest
+    if source.normative is None:
+        raise ConfigError(f"--init-from {opts.init_from}: the bundle has no normative model to score against")
+    params = m.preprocessing
+    spec = CohortSpec(opts.modality, opts.n_train, opts.n_val, opts.n_calibration, opts.n_test,
+                      opts.n_anomalous // 2, opts.n_anomalous - opts.n_anomalous // 2, opts.seed, opts.randomise)
+    folder = cache_folder(opts.cache, params) if opts.cache is not None else None
+    cohort = build_cohort(spec, params, opts.cache, opts.progress, folder, jobs=opts.threads,
+                          healthy_splits=("val", "calibration", "test"))
+    scorer = OnnxScorer(source.model_path, opts.threads)
+    cal_raw = scorer.score(cohort.healthy["calibration"])
+    fitted = _weigh_and_calibrate(opts, scorer, cohort, source.normative, params, cal_raw)
+    del cal_raw
+    metrics: dict[str, Any] = dict(fitted.metrics)
+    metrics.update({k: m.metrics[k] for k in ("n_train", "qc_excluded", "final_epoch") if k in m.metrics})
+    gate = quality_gate(metrics["validation"]["auroc"], opts)
+    training = {**m.training, "quality_gate": gate, "recalibrated": {
+        "command": opts.command, "from": {"bundle": m.key, "sha256": source.sha256},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "duration_s": round(time.monotonic() - began, 1),
+        "what": "same network and normative model; score weights, threshold and SEG threshold searched and "
+                "calibrated again on the training cohort's validation and calibration splits"}}
+    spec_out = BundleSpec(
+        name=name, version=version, modality=m.modality, method=opts.method, description=m.description,
+        grid=(int(m.input.shape[1]), int(m.input.shape[2]), int(m.input.shape[3])), preprocessing=params,
+        score_terms=fitted.terms,        age_gap_weight=fitted.age_gap_weight,
+        score_definition=_definition(opts.method, opts.kappa, fitted.terms, fitted.age_gap_weight),
+        calibration=fitted.calibration, age_supported=fitted.age_supported,
+        age_validation_mae=fitted.age_validation_mae, training=training, metrics=metrics,
+        parity_max_abs_diff=float(m.parity.get("max_abs_diff", 0.0)),
+        extra={"extra_inputs": {"chronological_age": "float32 [N], years"}} if opts.method == "vae_ac" else {},
+    )
+    csv_path = source.path / "training_metrics.csv"
+    bundle = write_model_bundle(opts.out, source.model_path, spec_out, csv_path if csv_path.is_file() else None,
+                                normative=source.path / NORMATIVE_FILE,
+                                weights=source.path / WEIGHTS_FILE if WEIGHTS_FILE in m.files else None)
     write_model_card(Path(opts.out), bundle.manifest)
     return bundle
 

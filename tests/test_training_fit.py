@@ -120,6 +120,24 @@ def test_train_cli_writes_a_verified_ct_bundle_and_evaluate_scores_it(
     assert main([*base[:2], "--method", "vae_ap", *base[4:], "--out", str(tmp_path / "x-0.1.0"),
                  "--init-from", str(out)]) == 2
 
+    # New score terms reach a shipped bundle without training: same network, weights and
+    # normative model; the weights searched and the thresholds calibrated again on the
+    # bundle's own cohort, the train split not rebuilt.
+    recal = tmp_path / "models" / "ct-test-0.1.1"
+    cached = len(list(cache_folder(cache, m.preprocessing).glob("*.npz")))
+    assert main([*base, "--out", str(recal), "--init-from", str(out), "--recalibrate",
+                 "--preprocessing", str(coarse_params_file)]) == 2  # its preprocessing is the bundle's
+    assert main([*base, "--out", str(recal), "--init-from", str(out), "--recalibrate"]) == 0
+    again = load_bundle(recal).manifest
+    assert {f: again.files[f] for f in ("model.onnx", "normative.npz", "weights.pt")} == \
+        {f: m.files[f] for f in ("model.onnx", "normative.npz", "weights.pt")}
+    assert again.training["recalibrated"]["from"] == {"bundle": "ct-test-0.1.0", "sha256": bundle.sha256}
+    assert again.training["command"] == m.training["command"] and again.preprocessing == m.preprocessing
+    assert set(again.score.terms) == {"izi_f", *MASKED_TERMS} and again.calibration.n == m.calibration.n
+    assert again.calibration.threshold == max(again.calibration.reference_scores)
+    assert len(list(cache_folder(cache, m.preprocessing).glob("*.npz"))) == cached
+    assert "z_asym_focal" in again.score.definition and "z_asym_focal" in again.metrics["test_per_term_auroc"]
+
 
 def test_prepare_case_reads_back_from_the_cache(tmp_path: Path) -> None:
     params = default_params("MR")
