@@ -43,7 +43,7 @@ from headscreen.export import codes
 from headscreen.export.sc import NOT_SCREENED_SERIES_DESCRIPTION
 from headscreen.imaging import qc, realscans
 from headscreen.imaging.phantoms import Pose, make_non_head, write_dicom_series
-from headscreen.imaging.preprocess import Preprocessed, preprocess
+from headscreen.imaging.preprocess import Preprocessed, preprocess, with_defaults
 from headscreen.imaging.registration import affine_to_matrix, rotation_part
 from headscreen.imaging.skullstrip import dice
 from headscreen.imaging.volume import SeriesRejected, Volume, load_series
@@ -296,7 +296,7 @@ def test_real_t1_passes_the_qc_gate(t1_cases, name):
     assert not any(r.startswith("orientation_flipped") for r in case.result.qc_reasons)
     # The T1 skull check sees this healthy skull in every pose (0.62-0.74 measured; the
     # suite's bone flaps 0-0.04): no skull_defect, advisory or not.
-    low = params({"MR": t1_cases.runner}, "MR")["qc_ranges"]["skull_coverage"][0]
+    low = with_defaults(params({"MR": t1_cases.runner}, "MR"))["qc_ranges"]["skull_coverage"][0]
     assert metrics["skull_coverage"] >= low, metrics
     assert not any(r.startswith("skull_defect") for r in case.result.qc_reasons), case.result.qc_reasons
 
