@@ -43,8 +43,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from headscreen.daemon.storage import fsync_directory
 from headscreen.db.types import InstanceRecord
+from headscreen.durable import fsync_directory
 
 logger = logging.getLogger(__name__)
 

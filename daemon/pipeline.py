@@ -41,8 +41,8 @@ from pydicom.dataset import Dataset
 
 from headscreen.daemon.ages import chronological_age
 from headscreen.daemon.reference import Calibrating, Reference, ReferencePolicy, scoring_identity, station_key
-from headscreen.daemon.storage import atomic_write, fsync_directory, write_synced
 from headscreen.db.api import JobOutcome, JobTicket, OutputObject, ShadowOutcome
+from headscreen.durable import atomic_write, fsync_directory, write_synced
 from headscreen.errors import DECODE_ERRORS, InputRejected, TransientError, is_input_error
 from headscreen.export.kos import build_rejection_note
 from headscreen.export.model import AlgorithmInfo, ResultSummary

@@ -66,8 +66,8 @@ def claim_storage(storage_dir: Path, sessions: sessionmaker[Session]) -> str:
     and recorded in the database the first time. Refuses (StorageMismatch) a storage_dir
     without the marker once the database records one: the instances the database lists
     are elsewhere."""
-    from headscreen.daemon.storage import atomic_write
     from headscreen.db import api
+    from headscreen.durable import atomic_write
 
     marker = read_marker(storage_dir)
     with sessions() as session:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from headscreen.durable import atomic_write
 from headscreen.errors import BundleError
 from headscreen.scores import DEFAULT_SEG_THRESHOLD, MASKED_TERMS, Normative
 
@@ -165,7 +166,8 @@ def write_bundle(directory: Path, manifest: Manifest) -> Path:
     }
     final = manifest.model_copy(update={"files": files, "schema_version": SCHEMA_VERSION})
     path = directory / MANIFEST_NAME
-    path.write_text(json.dumps(final.model_dump(mode="json"), indent=2) + "\n")
+    # The manifest is written last and whole: a bundle without one is not a bundle.
+    atomic_write(path, (json.dumps(final.model_dump(mode="json"), indent=2) + "\n").encode())
     return path
 
 

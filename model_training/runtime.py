@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import math
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+
+from headscreen.durable import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +119,10 @@ def cosine_lr(opt: torch.optim.Optimizer, base_lr: float, epoch: int, epochs: in
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically so an interrupted run never leaves a torn checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Whole or absent after a crash, so a resumed run never reads a torn checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

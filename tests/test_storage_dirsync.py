@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from headscreen import durable
 from headscreen.daemon import storage
 from headscreen.daemon.storage import DirectorySync, InstanceStore
 
@@ -115,9 +116,9 @@ def test_atomic_write_syncs_the_file_then_its_directory(tmp_path: Path, monkeypa
     real_fdatasync, real_replace = os.fdatasync, os.replace
     monkeypatch.setattr(os, "fdatasync", lambda fd: (order.append("fdatasync"), real_fdatasync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b))[1])
-    monkeypatch.setattr(storage, "fsync_directory", lambda d: order.append(f"dir:{Path(d).name}"))
+    monkeypatch.setattr(durable, "fsync_directory", lambda d: order.append(f"dir:{Path(d).name}"))
     target = tmp_path / "job-7" / "sr.dcm"
-    storage.atomic_write(target, b"DICM" * 100)
+    durable.atomic_write(target, b"DICM" * 100)
     assert target.read_bytes() == b"DICM" * 100
     assert order == ["fdatasync", "replace", "dir:job-7"]
     assert [p.name for p in target.parent.iterdir()] == ["sr.dcm"]
@@ -133,7 +134,24 @@ def test_atomic_write_that_fails_leaves_the_old_file_and_no_debris(tmp_path: Pat
 
     monkeypatch.setattr(os, "write", full_disk)
     with pytest.raises(OSError):
-        storage.atomic_write(target, b"new")
+        durable.atomic_write(target, b"new")
     monkeypatch.undo()
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["sr.dcm"]
+
+
+def test_a_training_checkpoint_is_written_as_durably_as_a_result(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One atomic write for every layer: a checkpoint a resumed run reads is synced, renamed
+    and its directory synced, like a result file."""
+    from headscreen.model_training.runtime import load_checkpoint, save_checkpoint
+
+    order: list[str] = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (order.append("fdatasync"), real_fdatasync(fd))[1])
+    monkeypatch.setattr(durable, "fsync_directory", lambda d: order.append(f"dir:{Path(d).name}"))
+    target = tmp_path / "run" / "checkpoint.pt"
+    save_checkpoint(target, {"epoch": 3})
+    assert order == ["fdatasync", "dir:run"]
+    assert load_checkpoint(target) == {"epoch": 3}
+    assert [p.name for p in target.parent.iterdir()] == ["checkpoint.pt"]
