@@ -114,7 +114,7 @@ def test_rescreen_a_date_range_behind_live_studies_stop_resume_and_skip(tmp_path
         log = (tmp_path / "rescreen-1.log").open("w")
         first = subprocess.Popen(rescreen_cmd(daemon, *args), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         done = lambda: sum(i.state == "done" for i in rows(daemon, RescreenItem))  # noqa: E731
-        wait_until(lambda: done() >= 5, 180, 0.2, "five re-screened studies")
+        wait_until(lambda: done() >= 5, 360, 0.2, "five re-screened studies")
         assert stop(first) == 130
         log.close()
         output = (tmp_path / "rescreen-1.log").read_text()
@@ -128,17 +128,17 @@ def test_rescreen_a_date_range_behind_live_studies_stop_resume_and_skip(tmp_path
 
         # The worker, paused once idle, lets the resumed run queue studies up to --max-in-flight;
         # live studies arrive; the worker, let go, takes the live ones first.
-        wait_until(lambda: not [j for j in rows(daemon, Job) if j.state in ("queued", "running")], 120, 0.2,
+        wait_until(lambda: not [j for j in rows(daemon, Job) if j.state in ("queued", "running")], 360, 0.2,
                    "the worker idle")
         os.kill(screening.pid, signal.SIGSTOP)
         log = (tmp_path / "rescreen-2.log").open("w")
         second = subprocess.Popen(rescreen_cmd(daemon, *args), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         queued = lambda priority: [j for j in rows(daemon, Job)  # noqa: E731
                                    if j.priority == priority and j.state == "queued"]
-        wait_until(lambda: len(queued(RESCREEN_PRIORITY)) >= 4, 120, 0.2, "re-screening jobs waiting in the queue")
+        wait_until(lambda: len(queued(RESCREEN_PRIORITY)) >= 4, 360, 0.2, "re-screening jobs waiting in the queue")
         for files in archive["live"]:
             storescu(files, daemon.port)
-        wait_until(lambda: len(queued(0)) == len(live), 60, 0.2, "the live studies' jobs")
+        wait_until(lambda: len(queued(0)) == len(live), 240, 0.2, "the live studies' jobs")
         waiting = {j.id for j in queued(RESCREEN_PRIORITY)}
         os.kill(screening.pid, signal.SIGCONT)
         assert second.wait(240) == 0
@@ -164,7 +164,7 @@ def test_rescreen_a_date_range_behind_live_studies_stop_resume_and_skip(tmp_path
         assert sum(r.eligible for r in results) == ELIGIBLE
         assert {i.state for i in rows(daemon, RescreenItem)} == {"done"}
         assert rows(daemon, RescreenRun)[0].state == "finished"
-        wait_until(daemon.all_delivered, 120, 0.5, "results delivered to the PACS")
+        wait_until(daemon.all_delivered, 360, 0.5, "results delivered to the PACS")
         assert stop(screening) == 0
         sent_back = orthanc.series_of_study(sorted(wanted)[0])
         assert "SR" in {s["MainDicomTags"].get("Modality") for s in sent_back}

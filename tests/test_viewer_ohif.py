@@ -337,8 +337,23 @@ def _error_details(page: Page, shot: Path) -> list[str]:
     return [" | ".join(lines[:2])]
 
 
+# OHIF's own race on a busy machine: the SR is opened while the CT's stack viewport is still
+# being set up, cornerstone destroys and re-creates it, and OHIF's handler holds the old one.
+_VIEWPORT_RACE = "StackViewport._throwIfDestroyed"
+
+
 def _sr_in_ohif(context: BrowserContext, url: str, study_uid: str, display_sets: int, sr: pydicom.Dataset,
                 shots: Path, prefix: str = "ohif-sr") -> SrInOhif:
+    """The SR as OHIF opens it; opened once more in a new page if the first try hit the
+    viewport race (any other error, or the race twice, stays in the result)."""
+    first = _sr_in_ohif_once(context, url, study_uid, display_sets, sr, shots, prefix)
+    if not any(_VIEWPORT_RACE in error for error in first.errors):
+        return first
+    return _sr_in_ohif_once(context, url, study_uid, display_sets, sr, shots, f"{prefix}-again")
+
+
+def _sr_in_ohif_once(context: BrowserContext, url: str, study_uid: str, display_sets: int, sr: pydicom.Dataset,
+                     shots: Path, prefix: str) -> SrInOhif:
     """The basic viewer with the SR opened from the study browser and the measurement panel shown."""
     page = context.new_page()
     failed = _failed_requests(page)
