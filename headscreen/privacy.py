@@ -32,7 +32,7 @@ _QUOTED = re.compile(r"""b?'[^'\n]*'|b?"[^"\n]*\"""")
 # A DICOM person name has ^ between its components (Family^Given).
 _PERSON_NAME = re.compile(r"[^\s,;:()\[\]{}]*\^[^\s,;:()\[\]{}]*")
 # DA and DT values, and ISO dates; not inside UIDs or longer numbers.
-_DATE_LIKE = re.compile(r"(?<![\d.])\d{4}[-/.]?\d{2}[-/.]?\d{2}(?:[\dT:.+-]*)(?![\d.])")
+_DATE_LIKE = re.compile(r"(?<![\w.])\d{4}[-/.]?\d{2}[-/.]?\d{2}(?:[\dT:.+-]*)(?![\w.])")
 # Free text after an attribute keyword ("PatientName=...", "PatientID: ...").
 _PATIENT_OR_STUDY_KEYWORD = re.compile(
     r"\b(Patient\w*|Other\s?Patient\w*|Accession\w*|Referring\w*|StudyID|StudyDescription|"
