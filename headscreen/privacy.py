@@ -33,6 +33,9 @@ _QUOTED = re.compile(r"""b?'[^'\n]*'|b?"[^"\n]*\"""")
 _PERSON_NAME = re.compile(r"[^\s,;:()\[\]{}]*\^[^\s,;:()\[\]{}]*")
 # DA and DT values, and ISO dates; not inside UIDs or longer numbers.
 _DATE_LIKE = re.compile(r"(?<![\w.])\d{4}[-/.]?\d{2}[-/.]?\d{2}(?:[\dT:.+-]*)(?![\w.])")
+# Our own identifiers (storage and job UUIDs) are hex tokens whose digit runs can read
+# like a date; they carry no patient value and are kept whole.
+_UUID = re.compile(r"\b[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\b")
 # Free text after an attribute keyword ("PatientName=...", "PatientID: ...").
 _PATIENT_OR_STUDY_KEYWORD = re.compile(
     r"\b(Patient\w*|Other\s?Patient\w*|Accession\w*|Referring\w*|StudyID|StudyDescription|"
@@ -40,12 +43,20 @@ _PATIENT_OR_STUDY_KEYWORD = re.compile(
 )
 
 
+def _withhold_dates_outside_uuids(text: str) -> str:
+    kept, start = [], 0
+    for uuid in _UUID.finditer(text):
+        kept += [_DATE_LIKE.sub(WITHHELD, text[start:uuid.start()]), uuid.group()]
+        start = uuid.end()
+    return "".join([*kept, _DATE_LIKE.sub(WITHHELD, text[start:])])
+
+
 def scrub(text: str) -> str:
     """`text` with anything that looks like a DICOM value replaced by <withheld>."""
     text = _QUOTED.sub(WITHHELD, text)
     text = _PATIENT_OR_STUDY_KEYWORD.sub(lambda m: f"{m.group(1)}{m.group(2)}{WITHHELD}", text)
     text = _PERSON_NAME.sub(WITHHELD, text)
-    text = _DATE_LIKE.sub(WITHHELD, text)
+    text = _withhold_dates_outside_uuids(text)
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
 
 

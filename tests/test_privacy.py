@@ -258,3 +258,16 @@ def test_scrub_and_failure_reason_keep_our_words() -> None:
     assert reason.startswith("ValueError") and "pydicom/valuerep.py" in reason and _leaks(reason) == []
     assert failure_reason(InputRejected("insufficient_coverage: 80 mm < 120 mm")) == \
         "InputRejected: insufficient_coverage: 80 mm < 120 mm"
+
+
+@pytest.mark.parametrize("token", [
+    "b2fa8975-9259-43b3-a1c4-0d2e5f6a7b8c",  # digit runs 8975-9259 read like a date
+    "20261202-1a2b-4c3d-8e9f-0a1b2c3d4e5f",
+    "deadbeef-2026-1202-8e9f-000000000000",
+    "b2fa8975-1234-4567-8e9f-0a1b2c3d4e5f",  # 1234-4567 between dashes
+])
+def test_scrub_keeps_a_storage_id_whose_digits_look_like_a_date(token: str) -> None:
+    message = f"storage folder has no .headscreen-storage-id matching {token}"
+    assert scrub(message) == message
+    # A date standing alone beside it is still withheld.
+    assert scrub(f"{token} seen 2026-12-02") == f"{token} seen <withheld>"
