@@ -34,7 +34,12 @@ Ranges and where they come from (typical adult values; each is a uniform draw):
 - Resolution: in-plane 0.7-1.2 mm (finer grids only cost time: the model grid is
   2.3 mm), slice thickness 0.6-5 mm (thin CT, thick
   routine slices, 3D MR), partial-volume blur of the slice profile.
-- Anatomy: displacement up to 2-6 mm SD on a 40 mm control grid; head axes
+- Anatomy: displacement up to 2-6 mm SD on a 40 mm control grid, mirror-symmetric
+  across the midline except for a one-sided part of 0.1-0.4 of the symmetric one
+  (about 0.2-2.3 mm SD): a healthy brain's left-right differences (petalia, torque)
+  are a few millimetres (Toga & Thompson, Nat Rev Neurosci 2003), far less than the
+  differences between brains; an unconstrained field made synthetic heads more one-sided
+  than the real T1 (`bench/real_scans.py`, term z_asym_focal); head axes
   scaled 0.86-0.98 each (the ICBM brain is 1.88 L, an adult's 1.1-1.6 L; the real
   T1's is 1.54 L); skull 4.5-7 mm with dense tables; the scalp trimmed by 2-7 mm
   (the template outline leaves 18-21 mm from brain to skin, the real T1 13 mm);
@@ -65,7 +70,8 @@ RANGES: dict[str, dict[str, tuple[float, float]]] = {
            "scalp_ratio": (0.5, 0.9), "fat_ratio": (0.8, 1.9), "table_ratio": (0.0, 0.15),
            "diploe_ratio": (0.3, 1.5), "bias": (0.05, 0.30), "noise_ratio": (0.01, 0.08)},
 }
-ANATOMY = {"deformation_mm": (2.0, 6.0), "axis_scale": (0.86, 0.98), "skull_mm": (4.5, 7.0),
+ANATOMY = {"deformation_mm": (2.0, 6.0), "deformation_asymmetry": (0.1, 0.4), "axis_scale": (0.86, 0.98),
+           "skull_mm": (4.5, 7.0),
            "inplane_mm": (0.7, 1.2), "slice_mm": (0.6, 5.0), "blur_mm": (0.0, 0.8), "scalp_trim_mm": (2.0, 7.0),
            # Coverage cuts, from the brain's top and bottom (positive: beyond the brain).
            "vertex_cut_mm": (-5.0, 15.0), "base_cut_mm": (-5.0, 15.0)}
@@ -93,6 +99,7 @@ class Appearance:
     cut_vertex_mm: float | None     # from the brain's top; None: the whole head is covered
     cut_base_mm: float | None       # from the brain's bottom
     scalp_trim_mm: float = 0.0
+    deformation_asymmetry: float = 1.0  # one-sided share of the deformation (1: as symmetric as noise)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +144,7 @@ def draw(modality: str, rng: np.random.Generator) -> Appearance:
         cut_vertex_mm=u("vertex_cut_mm", ANATOMY) if rng.random() < 0.3 else None,
         cut_base_mm=u("base_cut_mm", ANATOMY) if rng.random() < 0.5 else None,
         scalp_trim_mm=u("scalp_trim_mm", ANATOMY),
+        deformation_asymmetry=u("deformation_asymmetry", ANATOMY),  # drawn last: earlier draws keep their values
     )
 
 
@@ -168,15 +176,24 @@ def compose(gm: np.ndarray, wm: np.ndarray, appearance: Appearance, fat_depth_mm
 
 
 def deformation(appearance: Appearance, rng: np.random.Generator) -> sitk.Transform:
-    """A smooth random displacement on the MNI base grid (a coarse field, linearly interpolated)."""
+    """A smooth random displacement on the MNI base grid (a coarse field, linearly
+    interpolated): mostly mirror-symmetric across the midline, as healthy heads are, with
+    a one-sided part of `appearance.deformation_asymmetry` of the symmetric one."""
     ref = templates.tissue_maps().reference
     size = [int(math.ceil(s * sp / CONTROL_SPACING_MM)) + 3 for s, sp in zip(ref.GetSize(), ref.GetSpacing())]
-    field = rng.normal(0.0, appearance.deformation_mm, size=(*size[::-1], 3))
-    field = ndimage.gaussian_filter(field, sigma=(0.7, 0.7, 0.7, 0.0))
+    field = ndimage.gaussian_filter(rng.normal(0.0, 1.0, size=(*size[::-1], 3)), sigma=(0.7, 0.7, 0.7, 0.0))
+    # Mirror across x = 0 (the MNI midline): x-displacements change sign, y and z do not.
+    mirrored = field[:, :, ::-1, :] * np.array([-1.0, 1.0, 1.0])
+    symmetric, one_sided = (field + mirrored) / 2.0, (field - mirrored) / 2.0
+    field = (symmetric / max(float(symmetric.std()), 1e-6)
+             + appearance.deformation_asymmetry * one_sided / max(float(one_sided.std()), 1e-6))
     field *= appearance.deformation_mm / max(float(field.std()), 1e-6)
     image = sitk.GetImageFromArray(field.astype(np.float64), isVector=True)
     image.SetSpacing((CONTROL_SPACING_MM,) * 3)
-    image.SetOrigin(tuple(o - CONTROL_SPACING_MM for o in ref.GetOrigin()))
+    # Control points symmetric about x = 0, so the mirror above is the anatomical one.
+    origin = [o - CONTROL_SPACING_MM for o in ref.GetOrigin()]
+    origin[0] = -(size[0] - 1) / 2.0 * CONTROL_SPACING_MM
+    image.SetOrigin(tuple(origin))
     transform = sitk.DisplacementFieldTransform(image)
     transform.SetInterpolator(sitk.sitkLinear)
     return transform

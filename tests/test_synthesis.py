@@ -98,12 +98,36 @@ def test_anatomy_and_acquisition_draws_lie_in_the_documented_ranges(modality):
         else:
             assert within(inplane, ANATOMY["inplane_mm"]) and within(thick, ANATOMY["slice_mm"])
         assert all(within(s, ANATOMY["axis_scale"]) for s in look.axis_scale)
-        for name in ("deformation_mm", "skull_mm", "blur_mm"):
+        for name in ("deformation_mm", "deformation_asymmetry", "skull_mm", "blur_mm"):
             assert within(getattr(look, name), ANATOMY[name]), name
         assert look.cut_vertex_mm is None or within(look.cut_vertex_mm, ANATOMY["vertex_cut_mm"])
         assert look.cut_base_mm is None or within(look.cut_base_mm, ANATOMY["base_cut_mm"])
         assert within(look.scalp_trim_mm, ANATOMY["scalp_trim_mm"])
     assert 0 < isotropic < len(DRAW_SEEDS)
+
+
+def _displacement_and_mirror(look: synthesis.Appearance, points: list[tuple[float, float, float]]):
+    transform = synthesis.deformation(look, np.random.default_rng(3))
+    here = np.array([np.subtract(transform.TransformPoint(p), p) for p in points])
+    mirrored = [(-x, y, z) for x, y, z in points]
+    there = np.array([np.subtract(transform.TransformPoint(p), p) for p in mirrored])
+    return here, there * np.array([-1.0, 1.0, 1.0])  # the mirror image of the displacement there
+
+
+def test_the_deformation_is_mirror_symmetric_but_for_its_one_sided_share():
+    points = [(float(x), float(y), float(z)) for x in (12.0, 37.0, 61.0) for y in (-55.0, 4.0, 48.0)
+              for z in (-20.0, 15.0, 44.0)]
+    look = synthesis.draw("MR", np.random.default_rng([4, 7]))
+    here, mirror = _displacement_and_mirror(dataclasses.replace(look, deformation_asymmetry=0.0), points)
+    np.testing.assert_allclose(here, mirror, atol=1e-6)
+    assert np.abs(here).max() > 1.0  # and it does deform
+    # The one-sided part grows with its share and stays below the symmetric part.
+    shares = {}
+    for asymmetry in (0.1, 0.4, 1.0):
+        here, mirror = _displacement_and_mirror(dataclasses.replace(look, deformation_asymmetry=asymmetry), points)
+        shares[asymmetry] = float(np.linalg.norm(here - mirror) / np.linalg.norm(here + mirror))
+    assert shares[0.1] < shares[0.4] < shares[1.0]
+    assert shares[0.4] < 0.6 < shares[1.0]
 
 
 # --------------------------------------------------------------------------- scanner effects on small arrays
