@@ -64,7 +64,7 @@ from headscreen.imaging.selection import (
     usable_instances,
 )
 from headscreen.imaging.volume import Volume, load_series, read_header, release_pixels
-from headscreen.inference import BundleRunner, Inference
+from headscreen.inference import BundleRunner, Inference, map_unit_of
 from headscreen.privacy import failure_reason, frames_only, scrub
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ def _screen(
     objects = timer.measure(
         "build_results", _build_results, sources, native_map, summary, overlay_indices, output_dir,
         runner.bundle.seg_threshold(seg_threshold) if with_seg else None, note,
-        "z" if manifest.normative is not None else "error", with_pm,
+        map_unit_of(manifest), with_pm,
     )
     log.info(
         "job computed",

@@ -126,6 +126,7 @@ UNIT_NONE = CodedConcept("1", "UCUM", "no units")
 MAP_QUANTITY: dict[str, CodedConcept] = {
     "z": _private("HS0050", "Positive z-score in multiples of the healthy limit"),
     "error": _private("HS0051", "Voxel error in multiples of the healthy limit"),
+    "z_one_sided": _private("HS0052", "One-sided positive z-score in multiples of the healthy limit"),
 }
 
 FAMILY_ANOGAN = _private("HS0030", "f-AnoGAN 3D anomaly detection")

@@ -37,7 +37,7 @@ PM_CONTENT_LABEL = "ANOMALY_MAP"
 #: SC 9001, SR 9002, SEG 9902, rejection note 9903.
 PM_SERIES_NUMBER = 9904
 #: Real World Value Mapping LUT Label (SH, 16) per kind of map.
-LUT_LABELS = {"z": "Z_OVER_LIMIT", "error": "ERROR_OVER_LIMIT"}
+LUT_LABELS = {"z": "Z_OVER_LIMIT", "error": "ERROR_OVER_LIMIT", "z_one_sided": "ZASYM_OVER_LIMIT"}
 #: The window a viewer opens it with: 1 (the healthy limit) to 3 (full red on the SC overlay).
 _WINDOW = (1.0, 3.0)
 _WINDOW_EXPLANATION = "healthy limit (1) to 3x"
@@ -46,7 +46,8 @@ _WINDOW_EXPLANATION = "healthy limit (1) to 3x"
 def lut_explanation(map_unit: str) -> str:
     """LUT Explanation (LO, 64): what one unit of the map is."""
     return {"z": "positive z / healthy limit (z of healthy 99.9th pct)",
-            "error": "voxel error / healthy limit (healthy 99th pct error)"}[map_unit]
+            "error": "voxel error / healthy limit (healthy 99th pct error)",
+            "z_one_sided": "one-sided positive z / healthy limit (healthy 99.9th pct)"}[map_unit]
 
 
 def map_description(summary: ResultSummary, map_unit: str) -> str:

@@ -62,6 +62,9 @@ MAP_UNITS = {
                             "healthy brain voxels stay below"),
     "error": ("voxel error map", "Unit: voxel error in multiples of the healthy limit, the error that 99% of "
                                  "healthy voxels stay below"),
+    # A bundle scored on left-right asymmetry (headscreen.scores.one_sided_z): what both sides share fades.
+    "z_one_sided": ("one-sided positive z-map", "Unit: positive z-score less its mirror image's, in multiples of the "
+                                                "healthy limit; alike on both sides fades"),
 }
 
 _YELLOW = np.array([255.0, 255.0, 0.0])

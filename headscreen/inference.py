@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from headscreen.bundle import Bundle
+from headscreen.bundle import Bundle, Manifest
 from headscreen.errors import BundleError
-from headscreen.scores import MASKED_TERMS, masked_terms
+from headscreen.scores import MASKED_TERMS, masked_terms, uses_asymmetry
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,14 @@ class Inference:
 
 
 PLAUSIBLE_AGE_YEARS = (0.0, 120.0)
+
+
+def map_unit_of(manifest: Manifest) -> str:
+    """What the error map sent to export is (export.sc MAP_UNITS): the raw error without a
+    normative model, the one-sided z when the score weighs asymmetry, else the z."""
+    if manifest.normative is None:
+        return "error"
+    return "z_one_sided" if uses_asymmetry(manifest.score.terms) else "z"
 
 
 def pick_providers() -> list[str]:
@@ -92,7 +100,8 @@ class BundleRunner:
         if normative is not None:
             mask = normative.support if brain_mask is None else brain_mask
             try:
-                masked, error_map = masked_terms(raw_error, mask, normative)
+                masked, error_map = masked_terms(raw_error, mask, normative,
+                                                 one_sided=uses_asymmetry(manifest.score.terms))
             except ValueError as exc:
                 raise BundleError(f"{manifest.key}: {exc}") from None
             terms.update(masked)

@@ -31,8 +31,8 @@ from scipy import ndimage
 
 NORMATIVE_FILE = "normative.npz"
 # Terms this module computes (the ONNX graph computes the papers' own terms).
-MASKED_TERMS = ("z_mean", "z_focal", "z_extent", "rec_brain", "z_focal_rel", "z_extent_rel",
-                "z_asym_focal", "z_asym_extent")
+ASYMMETRY_TERMS = ("z_asym_focal", "z_asym_extent")
+MASKED_TERMS = ("z_mean", "z_focal", "z_extent", "rec_brain", "z_focal_rel", "z_extent_rel", *ASYMMETRY_TERMS)
 #: The SEG's threshold on the error map, in multiples of the healthy limit: 1.0 marks every
 #: voxel above what healthy scans reach. A bundle may carry its own, calibrated on healthy
 #: scans (manifest calibration.seg_threshold); this is the fallback.
@@ -117,11 +117,18 @@ def z_map(error_map: np.ndarray, normative: Normative) -> np.ndarray:
     return ((np.asarray(error_map, dtype=np.float32) - normative.mean) / normative.sd).astype(np.float32)
 
 
-def masked_terms(error_map: np.ndarray, brain_mask: np.ndarray,
-                 normative: Normative) -> tuple[dict[str, float], np.ndarray]:
+def uses_asymmetry(term_weights: dict[str, float]) -> bool:
+    """Whether a bundle's score weighs the asymmetry terms: its overlay and SEG are then
+    one-sided too, so they show what the score saw."""
+    return any(weight > 0 for term, weight in term_weights.items() if term in ASYMMETRY_TERMS)
+
+
+def masked_terms(error_map: np.ndarray, brain_mask: np.ndarray, normative: Normative,
+                 one_sided: bool = False) -> tuple[dict[str, float], np.ndarray]:
     """The masked score terms and the overlay map (positive z in units of the healthy
-    limit, zero outside the evaluated voxels). Raises ValueError when too little brain
-    is left to score, which preprocessing QC should have caught."""
+    limit, zero outside the evaluated voxels; `one_sided`: less what the voxel's mirror
+    image also has, see `one_sided_z`). Raises ValueError when too little brain is left
+    to score, which preprocessing QC should have caught."""
     mask = evaluation_mask(brain_mask, normative)
     if int(mask.sum()) < MIN_EVALUATED_VOXELS:
         raise ValueError(f"only {int(mask.sum())} brain voxels to score (need {MIN_EVALUATED_VOXELS})")
@@ -141,8 +148,18 @@ def masked_terms(error_map: np.ndarray, brain_mask: np.ndarray,
         "z_extent_rel": float(np.mean(inside > median + EXTENT_Z * spread)),
         **asymmetry_terms(z, mask),
     }
-    overlay = np.where(mask, np.clip(z, 0.0, None) / normative.z_limit, 0.0).astype(np.float32)
+    shown = one_sided_z(z, mask) if one_sided else z
+    overlay = np.where(mask, np.clip(shown, 0.0, None) / normative.z_limit, 0.0).astype(np.float32)
     return terms, overlay
+
+
+def one_sided_z(z: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """z, lowered by the mirror image's z where that is positive too: an error both
+    hemispheres share (hard anatomy, a scanner unlike training) fades, a one-sided
+    finding keeps its value. Voxels whose mirror is not scored keep z."""
+    both = mask & np.flip(mask, axis=LR_AXIS)
+    mirrored = np.flip(z, axis=LR_AXIS)
+    return np.where(both, np.minimum(z, z - mirrored), z).astype(np.float32)
 
 
 def _focal(values: np.ndarray, mask: np.ndarray) -> float:

@@ -33,7 +33,7 @@ from headscreen.model_training.runtime import Samples, pick_device
 from headscreen.model_training.scoring import OnnxScorer, Scored, age_mae, detection_metrics
 from headscreen.model_training.train_fanogan import FAnoGANConfig, train_fanogan
 from headscreen.model_training.train_vae import VaeConfig, train_vae
-from headscreen.scores import MASKED_TERMS, NORMATIVE_FILE, Normative, batch_terms, masked_terms
+from headscreen.scores import MASKED_TERMS, NORMATIVE_FILE, Normative, batch_terms, masked_terms, uses_asymmetry
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,9 @@ MASKED_DEFINITION = (
     "error there; z_focal_rel = (z_focal - median z) / (1.4826 x median absolute deviation of z); z_extent_rel = "
     "share of voxels with z above median + 3 x that spread; z_asym_focal and z_asym_extent = the z_focal and "
     "z_extent of d = z minus z mirrored across the midline (the grid's x centre), over the voxels whose mirror "
-    "is scored too, extent at d > 3 x sqrt(2); overlay = positive z over the healthy 99.9th percentile of z")
+    "is scored too, extent at d > 3 x sqrt(2); overlay = positive z over the healthy 99.9th percentile of z; "
+    "a score that weighs z_asym terms shows z less its mirror image's z where that is lower (one-sided), in the "
+    "overlay and the SEG")
 
 
 def _definition(method: str, kappa: float, terms: dict[str, float], age_gap_weight: float) -> str:
@@ -320,7 +322,7 @@ def _weigh_and_calibrate(opts: TrainOptions, scorer: OnnxScorer, cohort: Cohort,
     cal = _with_masked_terms(cal_raw, cohort.healthy_masks["calibration"], normative)
     calibration = calibrate(cal.combined(terms, age_gap_weight), cal_raw.error_maps,
                             cohort.healthy_masks["calibration"])
-    overlays = [masked_terms(error, mask, normative)[1]
+    overlays = [masked_terms(error, mask, normative, one_sided=uses_asymmetry(terms))[1]
                 for error, mask in zip(cal_raw.error_maps, cohort.healthy_masks["calibration"])]
     grid_voxel_ml = float(np.prod(ModelGrid.from_params(params).spacing)) / 1000.0
     calibration = dataclasses.replace(calibration, seg_threshold=calibrate_seg_threshold(overlays, grid_voxel_ml))

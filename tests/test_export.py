@@ -270,6 +270,8 @@ def test_legend_states_the_colour_scale_and_its_unit():
     error = [text for text, _ in _legend_lines(summary, (1.0, 3.0), "slice 1/40", map_unit="error")]
     assert ("Unit: voxel error in multiples of the healthy limit, the error that 99% of healthy voxels stay below"
             in error)
+    one_sided = [text for text, _ in _legend_lines(summary, (1.0, 3.0), "slice 1/40", map_unit="z_one_sided")]
+    assert any("less its mirror image's" in t and "healthy limit" in t for t in one_sided)
 
 
 def test_legend_says_in_words_when_there_is_no_score():
@@ -287,6 +289,8 @@ def test_overlay_names_its_unit_and_refuses_an_unknown_one(ct_series):
     [z] = build_overlay_series(datasets, error, ct_summary(), slice_indices=[25])
     [raw] = build_overlay_series(datasets, error, ct_summary(), slice_indices=[25], map_unit="error")
     assert "positive z-map" in z.DerivationDescription and "voxel error map" in raw.DerivationDescription
+    [one_sided] = build_overlay_series(datasets, error, ct_summary(), slice_indices=[25], map_unit="z_one_sided")
+    assert "one-sided positive z-map" in one_sided.DerivationDescription
     with pytest.raises(ValueError, match="map_unit"):
         build_overlay_series(datasets, error, ct_summary(), slice_indices=[25], map_unit="hu")
 

@@ -311,3 +311,17 @@ def test_worker_passes_the_setting_records_the_kind_and_delivers_it(
         [pm] = [o for o, _ in rows if o.kind == ObjectKind.PM]
         received = pydicom.dcmread(pacs.folder / f"{pm.sop_instance_uid}.dcm", stop_before_pixels=True)
         assert received.SOPClassUID == PM_CLASS
+
+
+def test_a_one_sided_map_names_its_own_quantity_and_passes_dciodvfy(series, tmp_path):
+    """A bundle scored on left-right asymmetry sends the one-sided z (headscreen.scores.one_sided_z)."""
+    datasets, error = series
+    path = tmp_path / "pm-one-sided.dcm"
+    build_parametric_map(datasets, error, ct_summary(), map_unit="z_one_sided").save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    back = pydicom.dcmread(path, stop_before_pixels=True)
+    [mapping] = back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence
+    quantity = mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
+    assert (quantity.CodeValue, quantity.CodingSchemeDesignator) == ("HS0052", "99HEADSCREEN")
+    assert mapping.LUTLabel == "ZASYM_OVER_LIMIT" and "one-sided" in mapping.LUTExplanation
+    assert back.ContentDescription == "AI-generated one-sided positive z-map, not for primary diagnosis"

@@ -14,6 +14,7 @@ from headscreen.scores import (
     batch_terms,
     evaluation_mask,
     masked_terms,
+    one_sided_z,
     z_map,
 )
 
@@ -128,7 +129,8 @@ def abs_graph(path) -> None:
     onnx.save(model, path)
 
 
-def normative_bundle(tmp_path, normative: Normative, with_file: bool = True):
+def normative_bundle(tmp_path, normative: Normative, with_file: bool = True,
+                     terms: dict[str, float] | None = None):
     from headscreen.bundle import Manifest, write_bundle
 
     folder = tmp_path / "masked-1.0.0"
@@ -139,7 +141,7 @@ def normative_bundle(tmp_path, normative: Normative, with_file: bool = True):
     manifest = Manifest(
         name="masked", version="1.0.0", modality="CT", method="f-anogan-3d",
         input={"name": "image", "shape": [1, *GRID]}, preprocessing={"grid": list(GRID)},
-        score={"terms": {"z_focal": 1.0, "rec": 0.0}},
+        score={"terms": terms or {"z_focal": 1.0, "rec": 0.0}},
         calibration={"reference_scores": [0.0, 1.0, 2.0, 3.0], "threshold": 2.5, "error_map_scale": 1.0, "n": 4},
         normative={"file": "normative.npz"} if with_file else None,
     )
@@ -224,3 +226,34 @@ def test_the_model_grid_is_centred_on_the_midline_so_mirroring_x_mirrors_the_hea
     fov = default_params(modality)["fov_lps_mm"]
     assert fov["min"][0] == -fov["max"][0]  # x (left-right) spans -a..a: voxel i mirrors voxel W-1-i
     assert LR_AXIS in (-1, 2)  # x is the last axis of the (z, y, x) grid
+
+
+def test_one_sided_z_fades_what_both_sides_share_and_keeps_a_one_sided_finding():
+    mask = ball(9.0)
+    z = np.zeros(GRID, dtype=np.float32)
+    left, right, lone = ball(2.0, (11.5, 8.0, 6.0)), ball(2.0, (11.5, 8.0, 17.0)), ball(2.0, (11.5, 15.0, 6.0))
+    z[left | right] = 5.0   # alike on both sides (mirror images of each other)
+    z[lone] = 6.0           # one side only
+    shown = one_sided_z(z, mask)
+    assert np.abs(shown[left | right]).max() == 0.0
+    assert shown[lone].min() == pytest.approx(6.0)
+    # A mirror that is better than usual (negative z) does not raise a voxel above its own z.
+    z[np.flip(lone, axis=LR_AXIS)] = -2.0
+    assert one_sided_z(z, mask)[lone].max() == pytest.approx(6.0)
+
+
+def test_a_bundle_scored_on_asymmetry_shows_a_one_sided_overlay_and_says_so(tmp_path, healthy, normative):
+    from headscreen.bundle import load_bundle
+    from headscreen.inference import BundleRunner, map_unit_of
+
+    maps, masks = healthy
+    runner = BundleRunner(load_bundle(normative_bundle(tmp_path, normative, terms={"z_asym_focal": 1.0})))
+    left, right = ball(2.5, (11.5, 11.5, 6.5)), ball(2.5, (11.5, 11.5, 16.5))
+    both_sides = maps[23].copy()
+    both_sides[left | right] += 0.6
+    result = runner.run(both_sides, None, brain_mask=masks[23])
+    _, plain = masked_terms(both_sides, masks[23], runner.bundle.normative)
+    assert plain[left].max() > 2.0 and result.error_map[left].max() < 0.5 * plain[left].max()
+    assert map_unit_of(runner.bundle.manifest) == "z_one_sided"
+    (tmp_path / "plain").mkdir()
+    assert map_unit_of(load_bundle(normative_bundle(tmp_path / "plain", normative)).manifest) == "z"

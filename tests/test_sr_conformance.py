@@ -144,6 +144,10 @@ def reports(tmp_path_factory, series, segmentation) -> dict[str, Path]:
         sc = overlays if name in ("eligible-negative", "superseded") else []
         built[name] = build_report(datasets, kind.summary, sc, reference=kind.reference, previous_versions=previous,
                                    segmentation=segmentation if kind.with_seg else None, anomaly_map=error)
+    # A bundle scored on asymmetry names its one-sided map maximum with its own code (HS0052).
+    built["eligible-negative-one-sided"] = build_report(
+        datasets, KINDS["eligible-negative"].summary, overlays, reference=BUNDLE, anomaly_map=error,
+        map_unit="z_one_sided")
     paths = {}
     for name, sr in built.items():
         paths[name] = out / f"{name}.dcm"
@@ -258,6 +262,12 @@ def test_the_positive_report_references_its_seg_segment(reports, series, segment
                 for study in dataset.CurrentRequestedProcedureEvidenceSequence
                 for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
     assert evidence[segmentation.SOPInstanceUID] == SEG_STORAGE
+
+
+def test_a_one_sided_map_maximum_has_its_own_code(reports) -> None:
+    _, group = _read(reports["eligible-negative-one-sided"])
+    names = {m.name.value for m in group.get_measurements()}
+    assert codes.MAP_QUANTITY["z_one_sided"].value in names and PEAK not in names
 
 
 @pytest.mark.parametrize("name", [n for n, k in KINDS.items() if not k.with_seg])
