@@ -41,7 +41,7 @@ Ranges and where they come from (typical adult values; each is a uniform draw):
   differences between brains; an unconstrained field made synthetic heads more one-sided
   than the real T1 (`bench/real_scans.py`, term z_asym_focal); head axes
   scaled 0.86-0.98 each (the ICBM brain is 1.88 L, an adult's 1.1-1.6 L; the real
-  T1's is 1.54 L); skull 4.5-7 mm with dense tables; the scalp trimmed by 2-7 mm
+  T1's is 1.54 L); skull 4.5-7 mm with dense tables; the scalp trimmed by 2-7 mm, leaving at least 4 mm over the outer table
   (the template outline leaves 18-21 mm from brain to skin, the real T1 13 mm);
   partial coverage: the vertex cut from 5 mm into to 15 mm above the brain, the base
   from 15 mm below to 5 mm into it (the brain mask stays whole: it is the anatomy).
@@ -77,6 +77,7 @@ ANATOMY = {"deformation_mm": (2.0, 6.0), "deformation_asymmetry": (0.1, 0.4), "a
            "vertex_cut_mm": (-5.0, 15.0), "base_cut_mm": (-5.0, 15.0)}
 NOISE_REFERENCE_SLICE_MM = 5.0  # CT noise is drawn at 5 mm and scales with 1/sqrt(thickness)
 FAT_DEPTH_MM = (1.5, 5.0)  # subcutaneous fat lies between skin and the galea/muscle
+MIN_SCALP_MM = 4.0  # the trim never thins the scalp over the outer table below this
 
 
 @dataclass(frozen=True)
@@ -154,13 +155,30 @@ def scalp_depth() -> np.ndarray:
     return ndimage.distance_transform_edt(templates.tissue_maps().head).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=1)
+def brain_distance() -> np.ndarray:
+    """mm from the brain outward (once per process): the skull's inner table is at 0."""
+    return ndimage.distance_transform_edt(~templates.tissue_maps().brain).astype(np.float32)
+
+
+def scalp_trim(appearance: Appearance) -> np.ndarray:
+    """mm of scalp trimmed at each voxel: the drawn trim, but never leaving less than
+    MIN_SCALP_MM over the outer table. The template's scalp is 1.5-2.6 mm thinner on one
+    side, and a full trim there put the skin on the bone, which no real head has (the real
+    T1 keeps 10 mm from brain to skin there)."""
+    depth = scalp_depth()
+    # Scalp thickness through this voxel: to the skin plus to the outer table.
+    thickness = depth + brain_distance() - appearance.skull_mm
+    return np.clip(np.minimum(appearance.scalp_trim_mm, thickness - MIN_SCALP_MM), 0.0, None)
+
+
 def compose(gm: np.ndarray, wm: np.ndarray, appearance: Appearance, fat_depth_mm: tuple[float, float]) -> np.ndarray:
     """Tissue fractions -> intensities on the MNI base grid, with this head's values and skull."""
     maps = templates.tissue_maps()
     values = appearance.tissue
     image = np.full(gm.shape, values["air"], dtype=np.float32)
     depth = scalp_depth()
-    trim = appearance.scalp_trim_mm
+    trim = scalp_trim(appearance)
     image[maps.head & (depth > trim)] = values["scalp"]
     fat = (maps.head & (depth >= trim + fat_depth_mm[0]) & (depth < trim + fat_depth_mm[1])
            & (maps.skull_depth < 0) & ~maps.brain)
