@@ -90,6 +90,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="with --init-from: keep its network and normative model, train nothing; search the score "
                         "weights again over today's terms and recalibrate the thresholds on the same cohort "
                         "(give the bundle's own --seed and split counts)")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="what changed and why, in words; recorded in the manifest and the model card (repeatable)")
     p.add_argument("--init-from", type=Path, metavar="BUNDLE",
                    help="fine-tune from a bundle's weights.pt (same method and preset; its preprocessing is kept)")
     p.add_argument("--no-randomise", action="store_true",
@@ -124,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_from=args.init_from,
         min_val_auroc=args.min_val_auroc,
         force=args.force,
+        notes=tuple(args.note),
     )
     try:
         bundle = recalibrate_bundle(opts) if args.recalibrate else fit_bundle(opts)

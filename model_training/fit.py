@@ -79,6 +79,7 @@ class TrainOptions:
     init_from: Path | None = None  # a bundle whose weights.pt starts a fine-tune
     min_val_auroc: float = DEFAULT_MIN_VAL_AUROC
     force: bool = False  # write the bundle even below the floor (recorded as forced)
+    notes: tuple[str, ...] = ()  # what changed and why, in words, for the manifest and model card
 
     def name_and_version(self) -> tuple[str, str]:
         match = VERSION_PATTERN.match(Path(self.out).name)
@@ -284,7 +285,7 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
                   "randomised": opts.randomise,
                   "init_from": ({"bundle": init_bundle.manifest.key, "sha256": init_bundle.sha256}
                                 if init_bundle else None),
-                  "quality_gate": gate},
+                  "quality_gate": gate, **({"notes": list(opts.notes)} if opts.notes else {})},
         metrics=metrics, parity_max_abs_diff=parity,
         extra={"extra_inputs": {"chronological_age": "float32 [N], years"}} if opts.method == "vae_ac" else {},
     )
@@ -346,9 +347,8 @@ def recalibrate_bundle(opts: TrainOptions) -> Bundle:
     score term (headscreen.scores) reaches a shipped bundle without retraining."""
     if opts.init_from is None:
         raise ConfigError("--recalibrate needs --init-from BUNDLE (the bundle to recalibrate)")
-    if opts.preprocessing_overrides or opts.dataset is not None:
-        raise ConfigError("--recalibrate keeps the bundle's preprocessing and synthetic cohort: "
-                          "no --preprocessing or --dataset")
+    if opts.dataset is not None:
+        raise ConfigError("--recalibrate keeps the bundle's synthetic cohort: no --dataset")
     if Path(opts.out).resolve() == Path(opts.init_from).resolve():
         raise ConfigError("--recalibrate writes a new bundle: --out must differ from --init-from")
     began = time.monotonic()
@@ -358,7 +358,7 @@ def recalibrate_bundle(opts: TrainOptions) -> Bundle:
     m = source.manifest
     if source.normative is None:
         raise ConfigError(f"--init-from {opts.init_from}: the bundle has no normative model to score against")
-    params = m.preprocessing
+    params = recalibration_params(m.preprocessing, opts.preprocessing_overrides)
     spec = CohortSpec(opts.modality, opts.n_train, opts.n_val, opts.n_calibration, opts.n_test,
                       opts.n_anomalous // 2, opts.n_anomalous - opts.n_anomalous // 2, opts.seed, opts.randomise)
     folder = cache_folder(opts.cache, params) if opts.cache is not None else None
@@ -376,7 +376,8 @@ def recalibrate_bundle(opts: TrainOptions) -> Bundle:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         "duration_s": round(time.monotonic() - began, 1),
         "what": "same network and normative model; score weights, threshold and SEG threshold searched and "
-                "calibrated again on the training cohort's validation and calibration splits"}}
+                "calibrated again on the training cohort's validation and calibration splits, rebuilt with the "
+                "imaging code of the day", "imaging_code_sha256": imaging_fingerprint(), "notes": list(opts.notes)}}
     spec_out = BundleSpec(
         name=name, version=version, modality=m.modality, method=opts.method, description=m.description,
         grid=(int(m.input.shape[1]), int(m.input.shape[2]), int(m.input.shape[3])), preprocessing=params,
@@ -393,6 +394,20 @@ def recalibrate_bundle(opts: TrainOptions) -> Bundle:
                                 weights=source.path / WEIGHTS_FILE if WEIGHTS_FILE in m.files else None)
     write_model_card(Path(opts.out), bundle.manifest)
     return bundle
+
+
+# What a recalibration may change in a bundle's preprocessing: the QC gates decide which
+# studies are scored, not what the network sees.
+RECALIBRATION_PREPROCESSING_KEYS = frozenset({"qc_ranges"})
+
+
+def recalibration_params(bundle_params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The bundle's preprocessing with `overrides` merged, which may only touch the QC gates."""
+    changed = set(overrides or {}) - RECALIBRATION_PREPROCESSING_KEYS
+    if changed:
+        raise ConfigError(f"--recalibrate keeps the bundle's preprocessing; --preprocessing may change only "
+                          f"{', '.join(sorted(RECALIBRATION_PREPROCESSING_KEYS))}, not {', '.join(sorted(changed))}")
+    return merge_params(bundle_params, overrides or {})
 
 
 def quality_gate(validation_auroc: float, opts: TrainOptions) -> dict[str, Any]:

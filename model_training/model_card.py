@@ -7,6 +7,7 @@ from typing import Any
 
 from headscreen.bundle import Manifest
 from headscreen.export.seg import DEFAULT_THRESHOLD, MIN_CLUSTER_ML, SEG_HEALTHY_BUDGET_ML, SEG_HEALTHY_QUANTILE
+from headscreen.scores import uses_asymmetry
 
 
 def _fmt(value: Any, decimals: int = 3) -> str:
@@ -22,6 +23,7 @@ def _sig(value: Any) -> str:
 
 def render_model_card(m: Manifest) -> str:
     t, metrics, cal = m.training, m.metrics, m.calibration
+    one_sided = uses_asymmetry(m.score.terms)
     test = metrics.get("test", {})
     lines = [
         f"# Model card: {m.name} {m.version}",
@@ -48,6 +50,7 @@ def render_model_card(m: Manifest) -> str:
         f"{t.get('duration_s')} s in total on {t.get('device')} (torch {t.get('torch')}), {t.get('date')}"
         + (" (the last, resumed segment of the run only)." if t.get("resumed") else "."),
         *(f"- {note}" for note in t.get("notes", [])),
+        *_recalibrated(t.get("recalibrated")),
         "",
         "## Scoring",
         "",
@@ -56,7 +59,10 @@ def render_model_card(m: Manifest) -> str:
         f"Calibration on {cal.n} held-out healthy synthetic cases: threshold {cal.threshold:.6g} at",
         f"{cal.specificity:.0%} specificity. "
         f"ONNX vs PyTorch max |diff| {m.parity.get('max_abs_diff', float('nan')):.2e}.",
-        (f"Overlay and SEG: the positive z-map inside the scored brain, in units of the healthy 99.9th percentile "
+        (f"Overlay and SEG: the one-sided positive z-map inside the scored brain (z lowered by its mirror image's z "
+         f"where that is positive too, as the score is), in units of the healthy 99.9th percentile of z "
+         f"(`{m.normative.file}`)." if m.normative and one_sided else
+         f"Overlay and SEG: the positive z-map inside the scored brain, in units of the healthy 99.9th percentile "
          f"of z (`{m.normative.file}`)." if m.normative else
          f"Overlay and SEG: the raw error in units of the healthy voxel-error 99th percentile inside the brain "
          f"({cal.error_map_scale:.4g})."),
@@ -116,9 +122,21 @@ def render_model_card(m: Manifest) -> str:
         "  real scanners and real artefacts are only approximated by the randomisation ranges.",
         "- Lesions are idealised blobs of a single intensity; real findings are far more varied.",
     ]
+    if one_sided:
+        lines.append("- The score weighs left-right asymmetry: a finding alike on both sides (bilateral subdurals, "
+                     "symmetric oedema or atrophy) fades in the score, the overlay and the SEG.")
     if m.age.supported:
         lines.append("- Brain age is learned from the phantoms' synthetic atrophy model, not from real ageing.")
     return "\n".join(lines) + "\n"
+
+
+def _recalibrated(record: dict[str, Any] | None) -> list[str]:
+    if not record:
+        return []
+    source = record.get("from", {})
+    return [f"- Recalibrated {record.get('date')} from {source.get('bundle')} ({record.get('duration_s')} s): "
+            f"{record.get('what')}.", f"  `{record.get('command')}`",
+            *(f"- {note}" for note in record.get("notes", []))]
 
 
 def _forced_warning(gate: dict[str, Any] | None) -> list[str]:

@@ -127,8 +127,11 @@ def test_train_cli_writes_a_verified_ct_bundle_and_evaluate_scores_it(
     cached = len(list(cache_folder(cache, m.preprocessing).glob("*.npz")))
     assert main([*base, "--out", str(recal), "--init-from", str(out), "--recalibrate",
                  "--preprocessing", str(coarse_params_file)]) == 2  # its preprocessing is the bundle's
-    assert main([*base, "--out", str(recal), "--init-from", str(out), "--recalibrate"]) == 0
+    assert main([*base, "--out", str(recal), "--init-from", str(out), "--recalibrate",
+                 "--note", "why it was recalibrated"]) == 0
     again = load_bundle(recal).manifest
+    assert again.training["recalibrated"]["notes"] == ["why it was recalibrated"]
+    assert "why it was recalibrated" in (recal / "MODEL_CARD.md").read_text()
     assert {f: again.files[f] for f in ("model.onnx", "normative.npz", "weights.pt")} == \
         {f: m.files[f] for f in ("model.onnx", "normative.npz", "weights.pt")}
     assert again.training["recalibrated"]["from"] == {"bundle": "ct-test-0.1.0", "sha256": bundle.sha256}
@@ -149,3 +152,17 @@ def test_prepare_case_reads_back_from_the_cache(tmp_path: Path) -> None:
     assert first.image.min() >= -1.0 and first.image.max() <= 1.0 and first.brain_mask.any()
     again = prepare_case(case, params, tmp_path)
     assert np.array_equal(first.image, again.image) and np.array_equal(first.brain_mask, again.brain_mask)
+
+
+def test_a_recalibration_may_change_the_qc_gates_and_nothing_the_network_sees() -> None:
+    from headscreen.errors import ConfigError
+    from headscreen.model_training.fit import recalibration_params
+
+    params = default_params("MR")
+    stricter = recalibration_params(params, {"qc_ranges": {"noise_relative": [0.0, 0.05]}})
+    assert stricter["qc_ranges"]["noise_relative"] == [0.0, 0.05]
+    assert stricter["qc_ranges"]["head_dice"] == params["qc_ranges"]["head_dice"]  # merged, not replaced
+    assert {**stricter, "qc_ranges": None} == {**params, "qc_ranges": None}
+    assert recalibration_params(params, None) == params
+    with pytest.raises(ConfigError, match="grid"):
+        recalibration_params(params, {"grid": [32, 32, 32]})
