@@ -21,6 +21,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
@@ -296,6 +302,7 @@ class _GuardedRequestHandler(RequestHandler):
         connection.assoc = assoc
         assoc.headscreen_connection = connection  # type: ignore[attr-defined]
         wait_for_events(assoc)
+        drop_silent_log_handlers(assoc)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
 
@@ -431,6 +438,26 @@ def wait_for_events(assoc: Any) -> None:
     arrived = threading.Event()
     dul.to_user_queue = _WakingQueue(arrived.set)
     assoc.dimse.msg_queue = _ReactorInbox(arrived)
+
+
+# pynetdicom binds these to every association; they only log (at INFO and DEBUG), but they
+# format each PDU and DIMSE message first: about 0.35 ms of the receiver's CPU per instance.
+_STANDARD_LOG_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
+def drop_silent_log_handlers(assoc: Any) -> None:
+    """Unbind pynetdicom's logging handlers from this association when the pynetdicom
+    logger would discard what they log (daemon.logs keeps it at WARNING); whoever turns
+    that logger up to INFO or DEBUG before an association starts still gets them."""
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        return
+    for event, handler in _STANDARD_LOG_HANDLERS:
+        assoc.unbind(event, handler)
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):
