@@ -27,11 +27,14 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from headscreen.daemon.callers import AllowedCaller
+from headscreen.daemon.connections import _store_response_command
 from headscreen.daemon.receiver import ASSOCIATION_REJECTED_STATUS, ReceiverConfig, StoreStatus, start_receiver
 from headscreen.db.engine import make_engine, session_factory
 from headscreen.db.models import Instance
@@ -161,6 +164,27 @@ def test_storescu_series_is_stored_byte_exact_and_recorded(any_db_harness: Harne
         assert row.images_in_acquisition == 5
     assert [r.slice_position for r in rows] == pytest.approx([0.0, 2.5, 5.0, 7.5, 10.0])
     assert not list(any_db_harness.storage_dir.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(("status", "sop_instance", "message_id"), [
+    (0x0000, "1.2.3.4", 1), (0xA700, "1.2.3.45", 65535),
+    (0xB000, "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678", 7)])
+def test_plain_store_responses_are_encoded_as_pynetdicom_encodes_them(status: int, sop_instance: str,
+                                                                       message_id: int) -> None:
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID = CTImageStorage
+    response.AffectedSOPInstanceUID = sop_instance
+    response.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    expected = [pdata.presentation_data_value_list for pdata in message.encode_msg(1, 16384)]
+    command = _store_response_command(response)
+    assert command is not None
+    assert expected == [[(1, b"\x03" + command)]]
+    # A comment is left to pynetdicom.
+    response.ErrorComment = "refused"
+    assert _store_response_command(response) is None
 
 
 def test_resending_a_series_is_idempotent(any_db_harness: Harness, tmp_path: Path) -> None:
