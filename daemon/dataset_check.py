@@ -1,5 +1,5 @@
-"""A received data set's header, decoded without touching pixel data, and the check that
-the whole data set is there.
+"""A received data set's header, decoded without touching pixel data, the check that
+the whole data set is there, and the Part 10 preamble and file meta it is stored under.
 
 pydicom stops quietly at a short read; walking every element by its length is what
 guarantees a stored file is whole. Pixel data is never decoded: the header is parsed up to
@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from headscreen.errors import InputRejected
 
@@ -29,6 +30,41 @@ _KNOWN_VRS = {vr.encode() for vr in (
     "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US",
     "UT", "UV")}
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_META_GROUP = 0x0002
+
+
+def part10_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """The preamble, prefix and file meta group of a received instance, byte for byte what
+    pynetdicom's Event.encoded_dataset() writes before the data set (tests/test_receiver.py
+    compares them). Packed directly: pydicom builds and encodes a FileMetaDataset for it,
+    about 0.45 ms of CPU per instance, more than parsing the whole header.
+    """
+    elements = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),  # File Meta Information Version
+        _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+        _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+        _meta_element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
+        _meta_element(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+        _meta_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ))
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<L", len(elements)))
+    return _PREAMBLE + group_length + elements
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    # A UID that is not ASCII is refused at identification (check_uid); never raise here.
+    encoded = str(value).encode("ascii", "replace")
+    return encoded + pad if len(encoded) % 2 else encoded
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of group 0002."""
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2s2xL", _META_GROUP, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", _META_GROUP, element, vr, len(value)) + value
 
 
 def parse_header(encoded: bytes, transfer_syntax: UID) -> Dataset:

@@ -71,7 +71,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -94,6 +94,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, build_context, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -111,7 +112,7 @@ from headscreen.daemon.connections import (
     RefusalLog,
     set_timeout,
 )
-from headscreen.daemon.dataset_check import parse_header
+from headscreen.daemon.dataset_check import parse_header, part10_prefix
 from headscreen.daemon.ingest_journal import IngestJournal, JournalEntry, recover
 from headscreen.daemon.instance_record import build_record, command_sop_uid
 from headscreen.daemon.storage import InstanceStore, InvalidUid, StorageFull, StoredInstance, sync_files
@@ -629,8 +630,13 @@ def _decode_stage(event: Event) -> tuple[bytes, Dataset]:
     """The Part 10 bytes to store and the decoded header; 0xC210 if it does not decode."""
     command_uid = command_sop_uid(event)
     try:
-        header = parse_header(event.encoded_dataset(include_meta=False), UID(event.context.transfer_syntax))
-        return event.encoded_dataset(), header
+        dataset = event.encoded_dataset(include_meta=False)
+        transfer_syntax = UID(event.context.transfer_syntax)
+        header = parse_header(dataset, transfer_syntax)
+        request = cast(C_STORE, event.request)  # EVT_C_STORE's
+        prefix = part10_prefix(str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
+                               transfer_syntax)
+        return prefix + dataset, header
     except InputRejected as exc:
         raise _Refused(StoreStatus.CANNOT_UNDERSTAND, str(exc), command_uid) from exc
     except Exception as exc:  # pydicom raises many types on malformed input

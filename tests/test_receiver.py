@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     EnhancedMRImageStorage,
@@ -29,6 +30,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -164,6 +166,22 @@ def test_storescu_series_is_stored_byte_exact_and_recorded(any_db_harness: Harne
         assert row.images_in_acquisition == 5
     assert [r.slice_position for r in rows] == pytest.approx([0.0, 2.5, 5.0, 7.5, 10.0])
     assert not list(any_db_harness.storage_dir.rglob("*.tmp"))
+
+
+def test_stored_file_meta_is_what_pynetdicom_writes(harness: Harness, tmp_path: Path) -> None:
+    # The receiver packs the preamble and file meta itself (dataset_check.part10_prefix).
+    paths = write_ct_series(tmp_path / "ct", 3, seed=11)
+    result = _storescu(harness.port, paths)
+    assert result.returncode == 0, result.stderr
+    rows = harness.instances()
+    assert len(rows) == 3
+    for row in rows:
+        stored = (harness.storage_dir / row.path).read_bytes()
+        meta = create_file_meta(sop_class_uid=UID(row.sop_class_uid), sop_instance_uid=UID(row.sop_instance_uid),
+                                transfer_syntax=UID(row.transfer_syntax_uid))
+        expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+        assert stored[:len(expected)] == expected
+        assert stored[len(expected):] == _dataset_bytes(harness.storage_dir / row.path)
 
 
 @pytest.mark.parametrize(("status", "sop_instance", "message_id"), [
