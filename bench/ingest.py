@@ -11,7 +11,10 @@ Prints instances/s, MB/s and the ratio to storescp.
                                      [--sqlite-normal] [--no-fsync] [--postgres ADMIN_URL]
 
 Each row is the best and the median of --repeats runs, each into a fresh target;
-the load average is printed before and after (the machine may be shared).
+the load average is printed before and after (the machine may be shared). For
+headscreen rows, "cpu" is the receiver's CPU time per instance (this process's user
++ system time during the send: the receiver runs in it, storescu in children), a
+figure a shared machine disturbs far less than the wall-clock rate.
 ``--sqlite-normal`` adds a row with SQLite synchronous=NORMAL: in WAL mode that
 survives a crash of the process but NOT a power cut, so it is not what headscreen
 runs (it keeps FULL); it only shows what the per-commit fsync costs.
@@ -26,6 +29,7 @@ import json
 import logging
 import os
 import random
+import resource
 import shutil
 import socket
 import statistics
@@ -71,6 +75,8 @@ class Figure:
     row_commits: int | None = None
     # headscreen only: fdatasyncs of the ingest journal (concurrent associations share them)
     journal_syncs: int | None = None
+    # headscreen only: the receiver's CPU seconds (user + system) during the best run
+    cpu_seconds: float | None = None
 
     @property
     def per_second(self) -> float:
@@ -233,11 +239,13 @@ def _on_postgres(work: Path, admin_url: str) -> Iterator[tuple[int, str, Path, R
 def measure(name: str, target: Callable[[Path], object], paths: list[Path], associations: int,
             repeats: int, megabytes: float) -> Figure:
     """Best and median of `repeats` runs, each into a fresh target (fresh storage and database)."""
-    times, stages, commits, syncs = [], [], [], []
+    times, stages, commits, syncs, cpu = [], [], [], [], []
     for _ in range(repeats):
         with (tempfile.TemporaryDirectory(prefix="ingest-", dir=os.environ.get("BENCH_TMP")) as tmp,
               target(Path(tmp)) as (port, called_ae, out_dir, stats)):  # type: ignore[attr-defined]
+            cpu_before = _process_cpu_seconds()
             times.append(send(paths, port, called_ae, associations))
+            cpu.append(_process_cpu_seconds() - cpu_before)
             stored = sum(1 for p in Path(out_dir).rglob("*") if p.is_file())
             if name != "orthanc" and stored < len(paths):
                 raise RuntimeError(f"{name}: only {stored} of {len(paths)} files stored")
@@ -249,7 +257,12 @@ def measure(name: str, target: Callable[[Path], object], paths: list[Path], asso
     best = min(range(repeats), key=times.__getitem__)
     return Figure(name, associations, times[best], statistics.median(times), len(paths), megabytes,
                   stages[best] if stages else None, commits[best] if commits else None,
-                  syncs[best] if syncs else None)
+                  syncs[best] if syncs else None, cpu[best] if stages else None)
+
+
+def _process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # this process only: not storescu, storescp or Orthanc
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             anchor = reference[f.associations]
             orthanc_ratios = f"{anchor.seconds / f.seconds:>11.2f}{anchor.median_seconds / f.median_seconds:>10.2f}"
         stages = ""
+        if f.cpu_seconds is not None:
+            stages = f"  cpu {1000 * f.cpu_seconds / f.instances:.2f} ms/instance;"
         if f.stage_seconds:
-            stages = "  ms/instance: " + " ".join(
+            stages += "  ms/instance: " + " ".join(
                 f"{stage} {1000 * seconds / f.instances:.1f}" for stage, seconds in f.stage_seconds.items())
         if f.row_commits:
             stages += f"; rows/commit {f.instances / f.row_commits:.1f}"
