@@ -386,6 +386,9 @@ class _ReactorInbox(_WakingQueue):
         return super().get(block=False)
 
 
+_FIRST_READ_BYTES = 1 << 20
+
+
 class _WaitingAssociationSocket(AssociationSocket):
     """AssociationSocket whose `ready` blocks until data arrives or a primitive is queued,
     and whose `recv` reads into one buffer as much as the socket holds."""
@@ -398,15 +401,19 @@ class _WaitingAssociationSocket(AssociationSocket):
         object copied once more into the PDU's buffer."""
         sock = self.socket
         assert sock is not None  # pynetdicom reads only from an open socket
-        buffer = bytearray(nr_bytes)
+        # The length comes from the peer's PDU header, before any check: the buffer grows
+        # with what arrives (at most doubling), so a header claiming 4 GiB costs nothing.
+        buffer = bytearray(min(nr_bytes, _FIRST_READ_BYTES))
         nr_read = 0
-        with memoryview(buffer) as view:
-            while nr_read < nr_bytes:
-                count = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-                if not count:
-                    break  # the peer closed: pynetdicom reports the PDU as short
-                nr_read += count
-        if nr_read < nr_bytes:
+        while nr_read < nr_bytes:
+            if nr_read == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - nr_read, len(buffer))))
+            with memoryview(buffer) as view:
+                count = sock.recv_into(view[nr_read:], len(buffer) - nr_read)
+            if not count:
+                break  # the peer closed: pynetdicom reports the PDU as short
+            nr_read += count
+        if nr_read < len(buffer):
             del buffer[nr_read:]
         return buffer
 

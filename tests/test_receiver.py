@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import subprocess
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from headscreen.daemon.callers import AllowedCaller
-from headscreen.daemon.connections import _store_response_command
+from headscreen.daemon.connections import _store_response_command, _WaitingAssociationSocket
 from headscreen.daemon.receiver import ASSOCIATION_REJECTED_STATUS, ReceiverConfig, StoreStatus, start_receiver
 from headscreen.db.engine import make_engine, session_factory
 from headscreen.db.models import Instance
@@ -489,3 +491,24 @@ def test_logs_carry_uids_but_no_patient_data(harness: Harness, tmp_path: Path,
     assert ds.SOPInstanceUID in logged
     for phi in ("PHANTOM", "SYNTH0001", "19600101", "064Y", "Synthetic Hospital"):
         assert phi not in logged
+
+
+def test_a_pdu_header_claiming_gigabytes_costs_only_what_arrives() -> None:
+    """The PDU length is the peer's word, read before any check: the receiver's socket
+    grows its buffer with the bytes that arrive, and returns them whole."""
+    ours, peer = socket.socketpair()
+    reader = object.__new__(_WaitingAssociationSocket)  # only its socket is needed to read
+    reader.socket = ours
+    payload = random.Random(7).randbytes(3 * 1024 * 1024 + 17)  # several buffer growths
+    sender = threading.Thread(target=lambda: (peer.sendall(payload), peer.sendall(b"tail"), peer.close()))
+    sender.start()
+    try:
+        assert bytes(reader.recv(len(payload))) == payload
+        tracemalloc.start()
+        assert bytes(reader.recv(0xFFFF_FFF0)) == b"tail"  # the peer closed: a short read
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak < 16 * 1024 * 1024, peak
+    finally:
+        sender.join(timeout=30)
+        ours.close()
