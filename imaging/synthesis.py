@@ -41,8 +41,9 @@ Ranges and where they come from (typical adult values; each is a uniform draw):
   differences between brains; an unconstrained field made synthetic heads more one-sided
   than the real T1 (`bench/real_scans.py`, term z_asym_focal); head axes
   scaled 0.86-0.98 each (the ICBM brain is 1.88 L, an adult's 1.1-1.6 L; the real
-  T1's is 1.54 L); skull 4.5-7 mm with dense tables; the scalp trimmed by 2-7 mm, leaving at least 4 mm over the outer table
-  (the template outline leaves 18-21 mm from brain to skin, the real T1 13 mm);
+  T1's is 1.54 L); skull 4.5-7 mm with dense tables; the scalp trimmed by 2-7 mm,
+  leaving at least 4 mm over the outer table (the template outline leaves 18-21 mm
+  from brain to skin, the real T1 13 mm);
   partial coverage: the vertex cut from 5 mm into to 15 mm above the brain, the base
   from 15 mm below to 5 mm into it (the brain mask stays whole: it is the anatomy).
 Measured against the real data by `bench/synthesis_realism.py`.
