@@ -32,10 +32,11 @@ demo: system-deps install
 
 ## make test: everything the tests need (Debian tools included), then the suite, on two
 ## pytest-xdist workers: one test module per work unit, slowest modules first (see
-## tests/conftest.py). `make test XDIST=` runs it serially in one process.
+## tests/conftest.py). `make test XDIST=` runs it serially in one process. The 25 slowest
+## tests are listed at the end, so a run shows where the suite's time goes.
 XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: system-deps install-test
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) --durations=25 $(PYTEST_ARGS)
 
 ## make test-fast: the loop while changing code, SQLite only: leaves out the tests marked
 ## `slow` (end to end with Orthanc or dcmtk peers, a browser, the wheel installed, the
