@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,40 @@ def _ranking(labels: np.ndarray, score: np.ndarray) -> tuple[float, float, float
     return float(roc_auc_score(labels, score)), float(np.mean(anomalous > threshold)), separation
 
 
+# Combinations ranked per block: a block's scores stay a few tens of MB.
+_BLOCK = 16384
+
+
+def _rank_every_combination(weights: np.ndarray, values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`_ranking` of every row of `weights` [C, T] at once, over `values` [T, N]: [C, 3].
+    Each score is summed term by term in the same order as a single combination's,
+    so ties (a lesion case that is a healthy scan) stay exact ties."""
+    healthy, anomalous = labels == 0, labels == 1
+    n_healthy, n_anomalous = int(healthy.sum()), int(anomalous.sum())
+    if n_healthy == 0 or n_anomalous == 0:
+        raise ValueError("the weight search needs healthy and anomalous validation cases")
+    k = math.ceil(DEFAULT_SPECIFICITY * n_healthy)
+    ranks = np.empty((len(weights), 3))
+    for start in range(0, len(weights), _BLOCK):
+        block = weights[start:start + _BLOCK]
+        score = np.zeros((len(block), values.shape[1]))
+        for t in range(values.shape[0]):
+            score += block[:, t:t + 1] * values[t][None, :]
+        # Mann-Whitney AUROC from average ranks: P(anomalous > healthy) + P(tie) / 2.
+        rank_sum = rankdata(score, axis=1)[:, anomalous].sum(axis=1)
+        ranks[start:start + len(block), 0] = (rank_sum - n_anomalous * (n_anomalous + 1) / 2) / (
+            n_anomalous * n_healthy)
+        healthy_scores, anomalous_scores = score[:, healthy], score[:, anomalous]
+        threshold = np.partition(healthy_scores, k - 1, axis=1)[:, k - 1]
+        ranks[start:start + len(block), 1] = (anomalous_scores > threshold[:, None]).mean(axis=1)
+        spread = healthy_scores.std(axis=1)
+        spread[spread <= 0] = 1.0
+        # As `_ranking` computes it, rounding included: the grid's order breaks exact ties.
+        shifted = anomalous_scores - healthy_scores.mean(axis=1, keepdims=True)
+        ranks[start:start + len(block), 2] = shifted.mean(axis=1) / spread
+    return ranks
+
+
 def select_score_weights(
     healthy: dict[str, np.ndarray], anomalous: dict[str, np.ndarray], base: str
 ) -> ScoreWeights:
@@ -125,26 +160,26 @@ def select_score_weights(
     term first) wins among equals. Pass |age gap| as `age_gap`. Each dict maps term -> [N]."""
     names = [base, *(t for t in healthy if t != base)]
     labels = np.r_[np.zeros(len(healthy[base])), np.ones(len(anomalous[base]))]
-    values = {t: np.r_[healthy[t], anomalous[t]] for t in names}
-    units = {t: _spread(healthy[base]) / _spread(healthy[t]) for t in names}
+    values = np.stack([np.r_[healthy[t], anomalous[t]] for t in names]).astype(np.float64)
+    units = np.array([_spread(healthy[base]) / _spread(healthy[t]) for t in names])
     combos = [m for m in itertools.product(_MULTIPLIERS, repeat=len(names)) if max(m) == 1.0]
     combos.sort(key=lambda m: (sum(v > 0 for v in m), [v == 0 for v in m]))
-    ranked = []
-    for multipliers in combos:
-        weights = {t: m * units[t] for t, m in zip(names, multipliers)}
-        score = sum(w * values[t] for t, w in weights.items() if w)
-        ranked.append((_ranking(labels, score), ScoreWeights(weights, 0.0)))
+    multipliers = np.array(combos)
+    ranks = _rank_every_combination(multipliers * units[None, :], values, labels)
     # A small validation set rewards whatever happens to fit it: take the simplest
     # combination (fewest terms) whose AUROC and sensitivity are within one case of the
     # best ("one standard error" rule), then the best ranked among those that simple.
-    top = max(rank for rank, _ in ranked)
+    top = ranks[np.lexsort(ranks.T[::-1])[-1]]
     n_healthy, n_anomalous = int((labels == 0).sum()), int((labels == 1).sum())
-    close = [(rank, w) for rank, w in ranked
-             if rank[0] >= top[0] - 1.0 / max(n_healthy, 1) and rank[1] >= top[1] - 1.0 / max(n_anomalous, 1)]
-    fewest = min(sum(v > 0 for v in w.terms.values()) for _, w in close)
-    rank, chosen = max(((r, w) for r, w in close if sum(v > 0 for v in w.terms.values()) == fewest),
-                       key=lambda item: item[0])
-    best = (rank, ScoreWeights(chosen.terms, rank[0]))
+    close = (ranks[:, 0] >= top[0] - 1.0 / max(n_healthy, 1)) & (ranks[:, 1] >= top[1] - 1.0 / max(n_anomalous, 1))
+    n_terms = (multipliers > 0).sum(axis=1)
+    candidates = np.flatnonzero(close & (n_terms == n_terms[close].min()))
+    # The best ranked; among equal ranks the first in the grid's order (the simplest).
+    order = np.lexsort((-candidates, *ranks[candidates].T[::-1]))
+    chosen = candidates[order[-1]]
+    terms = {t: float(m) for t, m in zip(names, multipliers[chosen] * units)}
+    rank = _ranking(labels, sum(w * values[i] for i, w in enumerate(terms.values()) if w))
+    best = (rank, ScoreWeights(terms, rank[0]))
     log.info("score weights", extra={"action": "score_weights", "weights": best[1].terms,
                                      "validation_auroc": best[1].validation_auroc})
     return best[1]

@@ -165,6 +165,21 @@ def test_weight_search_keeps_the_base_term_alone_when_nothing_else_helps() -> No
     assert weights.terms == {"izi_f": 1.0, "focal": 0.0}
 
 
+def test_every_combination_is_ranked_as_one_combination_alone_ties_included() -> None:
+    from headscreen.model_training.calibration import _rank_every_combination, _ranking
+
+    rng = np.random.default_rng(9)
+    values = rng.normal(0, 1, (4, 30)).round(1)  # rounding makes ties
+    values[:, 25:] = values[:, :5]  # five lesion cases that are healthy scans: exact ties
+    labels = np.r_[np.zeros(20), np.ones(10)]
+    weights = rng.choice([0.0, 0.3, 1.0, 3.0], (50, 4))
+    weights[0] = 0.0  # every score zero: AUROC 0.5, no spread
+    ranks = _rank_every_combination(weights, values, labels)
+    for w, rank in zip(weights, ranks):
+        expected = _ranking(labels, sum(wi * values[i] for i, wi in enumerate(w) if wi) + np.zeros(30))
+        assert rank.tolist() == pytest.approx(list(expected), abs=1e-12)
+
+
 def test_own_auroc_agrees_with_scikit_learn_including_ties() -> None:
     from headscreen.model_training.scoring import detection_metrics, rank_auroc
 
