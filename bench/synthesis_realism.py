@@ -25,7 +25,8 @@ MR T1 - the real whole-head T1 of Debian's insighttoolkit5-examples (`realscans.
   95th percentile of everything between brain and skin deeper than 2 mm (fat, marrow), and
   the skull's dark band (10th percentile within 8 mm outside the brain mask, deeper than 4
   mm from the skin), all relative to the WM class mean so that units cancel; and the
-  median distance from the brain mask to the skin over the vault (mm).
+  median distance from the brain mask to the skin over the vault (mm), and its left-right
+  gap over the lateral vault (more than 30 mm off the brain's midline).
 - Synthetic heads are brought to the real T1's voxel volume first (a Gaussian of sigma
   0.28 x the target spacing, which divides white-noise variance as block averaging does,
   then nearest sampling on a 2 x 2 x 3 mm grid, 3 mm along the synthetic slice axis):
@@ -158,14 +159,15 @@ def l1(a: list[float], b: list[float]) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).sum())
 
 
-def world_z(image: sitk.Image) -> np.ndarray:
-    """Physical z (LPS, superior +) of every voxel, array order (z, y, x)."""
+def world(image: sitk.Image, axis: int) -> np.ndarray:
+    """Physical coordinate `axis` (LPS: 0 patient left +, 2 superior +) of every voxel,
+    array order (z, y, x)."""
     size = image.GetSize()
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     spacing = np.asarray(image.GetSpacing())
     k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in size[::-1]], indexing="ij")
-    row = direction[2] * spacing
-    return (image.GetOrigin()[2] + row[0] * i + row[1] * j + row[2] * k).astype(np.float32)
+    row = direction[axis] * spacing
+    return (image.GetOrigin()[axis] + row[0] * i + row[1] * j + row[2] * k).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- MR
@@ -220,7 +222,7 @@ def mr_measures(image: sitk.Image, brain_image: sitk.Image, native: sitk.Image |
     head = ndimage.binary_fill_holes(largest_component(head))
     for k in range(head.shape[0]):
         head[k] = ndimage.binary_fill_holes(head[k])
-    z = world_z(image)
+    z = world(image, 2)
     vault = z > float(z[brain].mean())
     from_brain = ndimage.distance_transform_edt(~brain, sampling=spacing_zyx)
     depth = ndimage.distance_transform_edt(head, sampling=spacing_zyx)
@@ -233,6 +235,13 @@ def mr_measures(image: sitk.Image, brain_image: sitk.Image, native: sitk.Image |
     out["extracranial_p95_wm"] = float(np.percentile(values[head & ~brain & vault & (depth > 2.0)], 95.0)) / wm
     skin = head & ~ndimage.binary_erosion(head) & vault
     out["brain_to_skin_mm"] = float(np.median(from_brain[skin]))
+    # Per side, over the lateral vault (more than 30 mm off the brain's midline): a scalp
+    # trimmed thin on one side only makes healthy heads one-sided (see synthesis.scalp_trim).
+    x = world(image, 0)
+    x -= float(x[brain].mean())
+    left, right = (float(np.median(from_brain[skin & (side * x > 30.0)])) for side in (1.0, -1.0))
+    out["brain_to_skin_left_mm"], out["brain_to_skin_right_mm"] = left, right
+    out["brain_to_skin_side_gap_mm"] = abs(left - right)
     out["voxel_ml"] = float(np.prod(image.GetSpacing())) / 1000.0
     if native is not None:
         out.update(background(native, image, head, wm))
@@ -495,6 +504,8 @@ def main() -> None:
         ("skull_band_p10_wm", "skull dark band p10 / WM",
          f"table {r['MR']['table_ratio'][0]}-{r['MR']['table_ratio'][1]}", ""),
         ("brain_to_skin_mm", "brain mask to skin, vault (mm)", "skull 4.5-7 + Colin27 scalp", ""),
+        ("brain_to_skin_side_gap_mm", "left - right brain-to-skin, lateral vault (|mm|)", "scalp >= 4 mm",
+         "a one-sided scalp makes a healthy head one-sided"),
     )
     mr_rows = [Row(label, real_mr.get(key), pick(mr_syn, key), pick(mr_tpl, key), drawn, note)
                for key, label, drawn, note in mr_keys]
@@ -506,7 +517,7 @@ def main() -> None:
     mr_nps = nps_rows(real_mr["nps"], [s["nps"] for s in mr_syn], [t["nps"] for t in mr_tpl], MR_BAND_EDGES, "MR")
 
     ctr = r["CT"]
-    drawn_ct = {"noise_sd": f"{ctr['noise'][0]}-{ctr['noise'][1]} (per voxel, any thickness)",
+    drawn_ct = {"noise_sd": f"{ctr['noise_at_5mm'][0]}-{ctr['noise_at_5mm'][1]} at 5 mm slices, x sqrt(5 / mm)",
                 "parenchyma_hu": f"wm {ctr['gm'][0] - ctr['gm_minus_wm'][1] + ctr['offset'][0]:g}"
                                  f" - gm {ctr['gm'][1] + ctr['offset'][1]:g}",
                 "grey_white_hu": f"{ctr['gm_minus_wm'][0]}-{ctr['gm_minus_wm'][1]}",
