@@ -31,6 +31,7 @@ from headscreen import imaging
 from headscreen.errors import InputRejected
 from headscreen.imaging import phantoms
 from headscreen.imaging.preprocess import preprocess
+from headscreen.imaging.qc import blocking_reasons
 from headscreen.imaging.volume import Volume
 from headscreen.model_training.runtime import Samples
 
@@ -234,8 +235,9 @@ def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | Non
                  folder: Path | None = None, jobs: int = 1, healthy_splits: tuple[str, ...] = SPLITS) -> Cohort:
     """All splits for one modality (healthy: those named in `healthy_splits`; the
     split of the others is the same, so a recalibration can skip "train").
-    Healthy cases that fail the preprocessing QC are left out of training, as the
-    CT paper's automatic QC does."""
+    Healthy cases the daemon would not screen (a blocking QC reason, imaging.qc) are left
+    out, as the CT paper's automatic QC does; ones with advisory reasons only (a suspected
+    skull defect, say) stay, since the daemon screens them and calibration must see them."""
     counts = {"train": spec.n_train, "val": spec.n_val, "calibration": spec.n_calibration, "test": spec.n_test}
     cases = healthy_cases(spec.modality, sum(counts.values()), spec.seed, spec.randomise)
     split = stratified_split(np.array([c.age for c in cases]), counts)
@@ -243,7 +245,7 @@ def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | Non
     for name in (s for s in SPLITS if s in healthy_splits):
         chosen = [cases[i] for i in split[name]]
         prepared = _prepare_all(chosen, params, cache_dir, f"{spec.modality} {name}", progress, folder, jobs)
-        keep = [i for i, p in enumerate(prepared) if not p.qc_reasons]
+        keep = [i for i, p in enumerate(prepared) if not blocking_reasons(list(p.qc_reasons))]
         cohort.qc_excluded += len(prepared) - len(keep)
         chosen, prepared = [chosen[i] for i in keep], [prepared[i] for i in keep]
         if not chosen:

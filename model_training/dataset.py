@@ -28,6 +28,7 @@ import SimpleITK as sitk
 from headscreen import imaging
 from headscreen.errors import ConfigError, InputRejected
 from headscreen.imaging.preprocess import preprocess
+from headscreen.imaging.qc import blocking_reasons
 from headscreen.imaging.volume import Volume, load_series
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def _stack(arrays: list[Any]) -> np.ndarray:
 def training_arrays(prepared: list[PreparedRow], split: str, drop_qc: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, D, H, W) and ages of one split's usable normal rows (the training input)."""
     chosen = [p for p in prepared if p.row.split == split and p.row.is_normal and p.image is not None
-              and not (drop_qc and p.qc_reasons) and p.row.age is not None]
+              and not (drop_qc and blocking_reasons(list(p.qc_reasons))) and p.row.age is not None]
     if not chosen:
         raise ConfigError(f"split {split!r}: no usable normal rows with an age")
     return _stack([p.image for p in chosen]).astype(np.float32), np.array([p.row.age for p in chosen], np.float32)
@@ -193,7 +194,7 @@ def build_dataset_cohort(csv_path: Path | str, params: dict[str, Any], cache_dir
     for split in SPLITS:
         usable = [p for p in prepared if p.row.split == split and p.row.is_normal and p.image is not None
                   and p.row.age is not None]
-        kept = [p for p in usable if not p.qc_reasons]
+        kept = [p for p in usable if not blocking_reasons(list(p.qc_reasons))]  # as the daemon screens
         cohort.qc_excluded += len(usable) - len(kept)
         if not kept:
             raise ConfigError(f"{csv_path}: split {split!r} has no usable normal {modality} rows with an age")

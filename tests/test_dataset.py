@@ -137,3 +137,19 @@ def test_headscreen_train_on_the_csv_writes_a_bundle_that_records_it(dataset: Pa
     assert manifest.training["data"] == f"dataset CSV {dataset}"
     assert manifest.training["n_train"] == 2
     assert "--dataset" in manifest.training["command"]
+
+
+def test_rows_the_daemon_would_screen_stay_in_training_and_calibration() -> None:
+    """An advisory QC reason (a suspected skull defect) keeps a normal row: the daemon screens
+    such a study, so its calibration must see it. A blocking one (registration) drops it."""
+    from headscreen.model_training.dataset import DatasetRow, PreparedRow, training_arrays
+
+    def prepared(age: float, *reasons: str) -> PreparedRow:
+        row = DatasetRow(Path(f"{age}.nii.gz"), age, "F", "SIM-CT", "calibration", "normal")
+        return PreparedRow(row, np.full((2, 2, 2), age, np.float32), np.ones((2, 2, 2), bool), reasons)
+
+    rows = [prepared(30.0), prepared(40.0, "skull_defect: skull_coverage 0 outside [0.12, 1]"),
+            prepared(50.0, "registration_poor: head_dice 0.85 outside [0.92, 1]")]
+    _, ages = training_arrays(rows, "calibration")
+    assert ages.tolist() == [30.0, 40.0]
+    assert training_arrays(rows, "calibration", drop_qc=False)[1].tolist() == [30.0, 40.0, 50.0]
