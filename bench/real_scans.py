@@ -252,7 +252,8 @@ def _score(runner: BundleRunner, case: Case, prepared: Preprocessed | str, age: 
         return row
     brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
     voxel_ml = float(np.prod(case.volume.image.GetSpacing())) / 1000.0
-    seg = anomaly_mask(to_native(brain_error, prepared, case.volume), runner.bundle.seg_threshold(), voxel_ml)
+    seg = anomaly_mask(to_native(brain_error, prepared, case.volume), runner.bundle.seg_threshold(), voxel_ml,
+                       grow=runner.bundle.seg_grow())
     row.eligible = True
     row.score, row.threshold = inference.anomaly_score, inference.threshold
     row.positive, row.percentile = inference.screen_positive, inference.percentile
@@ -319,8 +320,9 @@ def _yes(value: bool | None) -> str:
 
 def _print_table(bundle: Bundle, rows: list[Row], summary: dict[str, int]) -> None:
     manifest = bundle.manifest
+    grown = f", grown to {bundle.seg_grow():g} x it" if bundle.seg_grow() < 1 else ""
     print(f"\n== {manifest.key} ({manifest.modality}, {manifest.method}); SEG threshold {bundle.seg_threshold():g} "
-          f"x healthy limit, regions >= {MIN_CLUSTER_ML:g} mL")
+          f"x healthy limit{grown}, regions >= {MIN_CLUSTER_ML:g} mL")
     print("healthy poses (targets: below threshold, predicted age 20-90 y, SEG <= 5 mL)")
     header = f"{'case':<25} {'score':>9} {'thresh':>9} {'pos':>4} {'pct':>6} {'age':>6} {'SEG mL':>7} {'met':>4}  terms"
     print(header)

@@ -352,7 +352,7 @@ def _screen(
     objects = timer.measure(
         "build_results", _build_results, sources, native_map, summary, overlay_indices, output_dir,
         runner.bundle.seg_threshold(seg_threshold) if with_seg else None, note,
-        map_unit_of(manifest), with_pm,
+        map_unit_of(manifest), with_pm, runner.bundle.seg_grow(),
     )
     log.info(
         "job computed",
@@ -685,8 +685,10 @@ def _build_results(
     reference: ReferenceNote | None = None,
     map_unit: str = "z",
     parametric_map: bool = False,
+    seg_grow: float = 1.0,
 ) -> list[OutputObject]:
-    """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG), the
+    """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG; its regions
+    grown to `seg_grow` x the threshold, export.seg.anomaly_mask), the
     Parametric Map of the same map when `parametric_map`, the SR. The SEG and the map come
     before the SR, which references the SEG's segment and lists both in its evidence.
     Each object goes to a temporary file as soon as it is built (an overlay image is then
@@ -697,7 +699,8 @@ def _build_results(
         sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=overlay_indices,
                                            style=OVERLAY_STYLE, reference=reference, map_unit=map_unit,
                                            sink=lambda ds: staged.add(ds, f"sc-{len(staged) + 1:04d}.dcm", "sc"))
-        seg = build_segmentation(sources, native_map, summary, seg_threshold) if seg_threshold is not None else None
+        seg = (build_segmentation(sources, native_map, summary, seg_threshold, grow=seg_grow)
+               if seg_threshold is not None else None)
         if seg is not None:
             staged.add(seg, "seg.dcm", "seg")
         pm = build_parametric_map(sources, native_map, summary, map_unit) if parametric_map else None

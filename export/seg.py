@@ -28,7 +28,7 @@ from headscreen.scores import DEFAULT_SEG_THRESHOLD
 __all__ = ["build_segmentation", "anomaly_mask", "missing_for_seg", "source_voxel_ml", "SEG_SERIES_DESCRIPTION",
            "SEGMENT_LABEL", "SEGMENT_TRACKING_ID",
            "segmented_slices", "segment_description_text", "DEFAULT_THRESHOLD", "MIN_CLUSTER_ML",
-           "calibrate_threshold", "anomaly_region"]
+           "calibrate_threshold", "anomaly_region", "SEG_GROW"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,41 +51,54 @@ def segment_description_text(summary: ResultSummary) -> str:
 
 
 def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, voxel_ml: float | None = None,
-                 min_cluster_ml: float = MIN_CLUSTER_ML) -> np.ndarray:
+                 min_cluster_ml: float = MIN_CLUSTER_ML, grow: float = 1.0) -> np.ndarray:
     """Voxels at or above ``threshold`` (NaN counts as not set), in connected regions
-    (26-neighbourhood) of at least ``min_cluster_ml`` when the voxel volume is known."""
+    (26-neighbourhood) of at least ``min_cluster_ml`` when the voxel volume is known.
+    ``grow`` < 1 (hysteresis): a region is every connected voxel at or above
+    ``grow * threshold`` around at least one voxel at or above ``threshold``, so a finding is
+    marked to its edge, not only at its peak; regions with no such voxel are left out."""
     native_map = np.asarray(native_map)
     mask = np.zeros(native_map.shape, dtype=bool)
-    region = anomaly_region(native_map, threshold, voxel_ml, min_cluster_ml)
+    region = anomaly_region(native_map, threshold, voxel_ml, min_cluster_ml, grow)
     if region is not None:
         mask[region[0]:region[0] + len(region[1])] = region[1]
     return mask
 
 
 def anomaly_region(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, voxel_ml: float | None = None,
-                   min_cluster_ml: float = MIN_CLUSTER_ML) -> tuple[int, np.ndarray] | None:
+                   min_cluster_ml: float = MIN_CLUSTER_ML, grow: float = 1.0) -> tuple[int, np.ndarray] | None:
     """`anomaly_mask` as (first slice, mask of the slices from it to the last one set), or
     None when none is set: only the slices that can hold a region are thresholded and
     labelled (a thin-slice CT map is ~80 M voxels, its labels 4 bytes each)."""
+    if not 0 < grow <= 1:
+        raise ValueError(f"grow must be in (0, 1], got {grow}")
     native_map = np.asarray(native_map)
+    low = threshold * grow
     if native_map.ndim < 2 or native_map.size == 0:
         mask = native_map >= threshold
         return (0, mask) if mask.any() else None
     # fmax skips NaN (never set); one value per slice, no full-size temporary.
     peaks = np.fmax.reduce(native_map.reshape(native_map.shape[0], -1), axis=1)
     with np.errstate(invalid="ignore"):
-        hits = np.flatnonzero(peaks >= threshold)
-    if hits.size == 0:
-        return None
+        if not (peaks >= threshold).any():
+            return None
+        hits = np.flatnonzero(peaks >= low)
     first, last = int(hits[0]), int(hits[-1]) + 1
     with np.errstate(invalid="ignore"):  # NaN >= t is False
-        mask = native_map[first:last] >= threshold
-    if voxel_ml is not None and min_cluster_ml > 0:
+        mask = native_map[first:last] >= low
+    by_size = voxel_ml is not None and min_cluster_ml > 0
+    if by_size or grow < 1:
         box = _bounding_box(mask)
         assert box is not None  # the slices were chosen for holding set voxels
-        inside = mask[box]
-        labels, _ = ndimage.label(inside, structure=np.ones((3, 3, 3), dtype=bool))
-        keep = np.bincount(labels.ravel()) * voxel_ml >= min_cluster_ml
+        labels, _ = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
+        keep = np.ones(int(labels.max()) + 1, dtype=bool)
+        if by_size:
+            assert voxel_ml is not None
+            keep &= np.bincount(labels.ravel(), minlength=keep.size) * voxel_ml >= min_cluster_ml
+        if grow < 1:  # only regions that reach the threshold itself
+            with np.errstate(invalid="ignore"):
+                seeded = np.unique(labels[native_map[first:last][box] >= threshold])
+            keep &= np.isin(np.arange(keep.size), seeded)
         keep[0] = False  # background
         mask[box] = keep[labels]
         hits = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
@@ -139,15 +152,20 @@ def source_voxel_ml(sources: Sequence[Dataset]) -> float | None:
 SEG_HEALTHY_BUDGET_ML = 1.0
 SEG_HEALTHY_QUANTILE = 0.95
 SEG_CANDIDATES = tuple(round(0.3 + 0.05 * k, 2) for k in range(35))  # 0.30 ... 2.00
+# What `headscreen train` calibrates new bundles with (manifest calibration.seg_grow): each
+# region grows from its voxels at the threshold through connected voxels at half of it
+# (hysteresis, as in Canny's edge linking). At the threshold alone a finding's peak was
+# marked and its body was not.
+SEG_GROW = 0.5
 
 
-def calibrate_threshold(overlays: list[np.ndarray], voxel_ml: float) -> float:
-    """The lowest candidate threshold whose healthy SEG volumes (model grid, overlay units)
-    meet the budget; the highest candidate when none does."""
+def calibrate_threshold(overlays: list[np.ndarray], voxel_ml: float, grow: float = 1.0) -> float:
+    """The lowest candidate threshold whose healthy SEG volumes (model grid, overlay units,
+    regions grown to `grow` x the threshold) meet the budget; the highest candidate when none does."""
     if not overlays:
         raise ValueError("no healthy overlays to calibrate the SEG threshold on")
     for threshold in SEG_CANDIDATES:
-        volumes = [float(anomaly_mask(o, threshold, voxel_ml).sum()) * voxel_ml for o in overlays]
+        volumes = [float(anomaly_mask(o, threshold, voxel_ml, grow=grow).sum()) * voxel_ml for o in overlays]
         healthy_ml = float(np.quantile(volumes, SEG_HEALTHY_QUANTILE))
         if healthy_ml <= SEG_HEALTHY_BUDGET_ML:
             break
@@ -177,20 +195,23 @@ def build_segmentation(
     summary: ResultSummary,
     threshold: float = DEFAULT_THRESHOLD,
     mask: np.ndarray | None = None,
+    grow: float = 1.0,
 ) -> hd.seg.Segmentation | None:
-    """A BINARY SEG of ``native_map >= threshold``, or None when nothing is set.
+    """A BINARY SEG of ``native_map >= threshold`` (grown to ``grow * threshold``, as
+    `anomaly_mask`), or None when nothing is set.
 
     ``sources`` are the source datasets in slice order (index k = slice k of
     ``native_map``, shape (slices, rows, cols)); only the slices the region touches are
     read (headers suffice), and only they are the SEG's source images. ``mask`` is
-    ``anomaly_mask(native_map, threshold, source_voxel_ml(sources))`` when the caller has it.
+    ``anomaly_mask(native_map, threshold, source_voxel_ml(sources), grow=grow)`` when the
+    caller has it.
     """
     if native_map.ndim != 3 or native_map.shape[0] != len(sources):
         raise ValueError(
             f"build_segmentation: argument 'native_map' shape {native_map.shape} does not match {len(sources)} sources"
         )
     if mask is None:
-        region = anomaly_region(native_map, threshold, source_voxel_ml(sources))
+        region = anomaly_region(native_map, threshold, source_voxel_ml(sources), grow=grow)
     elif mask.shape != native_map.shape:
         raise ValueError(f"build_segmentation: argument 'mask' shape {mask.shape} is not {native_map.shape}")
     else:
@@ -216,7 +237,8 @@ def build_segmentation(
             version=summary.algorithm.version,
             family=codes.cid7162.ArtificialIntelligence,
             source=summary.algorithm.manufacturer,
-            parameters={"threshold": f"{threshold:g} x healthy limit", "min_region_ml": f"{MIN_CLUSTER_ML:g}"},
+            parameters={"threshold": f"{threshold:g} x healthy limit", "min_region_ml": f"{MIN_CLUSTER_ML:g}",
+                        **({"grown_to": f"{threshold * grow:g} x healthy limit"} if grow < 1 else {})},
         ),
         tracking_id=SEGMENT_TRACKING_ID,
         tracking_uid=hd.UID(),

@@ -60,6 +60,9 @@ class Calibration(_Strict):
     n: int
     seg_threshold: float | None = Field(None, gt=0, description="SEG threshold in overlay units, calibrated "
                                         "on healthy scans; absent: scores.DEFAULT_SEG_THRESHOLD")
+    seg_grow: float | None = Field(None, gt=0, le=1, description="SEG regions grow from voxels at the "
+                                   "threshold through connected voxels at this fraction of it (export.seg); "
+                                   "absent: 1, no growth")
 
     @field_validator("reference_scores")
     @classmethod
@@ -144,6 +147,10 @@ class Bundle:
         if configured is not None:
             return configured
         return self.manifest.calibration.seg_threshold or DEFAULT_SEG_THRESHOLD
+
+    def seg_grow(self) -> float:
+        """The fraction of the SEG threshold its regions grow to (calibrated with it)."""
+        return self.manifest.calibration.seg_grow or 1.0
 
 
 def sha256_file(path: Path) -> str:

@@ -31,6 +31,7 @@ class Calibration:
     error_map_scale: float
     n: int
     seg_threshold: float | None = None
+    seg_grow: float | None = None
 
     def as_manifest(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -42,6 +43,8 @@ class Calibration:
         }
         if self.seg_threshold is not None:
             out["seg_threshold"] = self.seg_threshold
+        if self.seg_grow is not None:
+            out["seg_grow"] = self.seg_grow
         return out
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from headscreen.bundle import Bundle, load_bundle
 from headscreen.errors import ConfigError, HeadscreenError
+from headscreen.export.seg import SEG_GROW
 from headscreen.export.seg import calibrate_threshold as calibrate_seg_threshold
 from headscreen.imaging.preprocess import ModelGrid, default_params
 from headscreen.model_training.bundles import WEIGHTS_FILE, BundleSpec, load_weights, save_weights, write_model_bundle
@@ -326,7 +327,8 @@ def _weigh_and_calibrate(opts: TrainOptions, scorer: OnnxScorer, cohort: Cohort,
     overlays = [masked_terms(error, mask, normative, one_sided=uses_asymmetry(terms))[1]
                 for error, mask in zip(cal_raw.error_maps, cohort.healthy_masks["calibration"])]
     grid_voxel_ml = float(np.prod(ModelGrid.from_params(params).spacing)) / 1000.0
-    calibration = dataclasses.replace(calibration, seg_threshold=calibrate_seg_threshold(overlays, grid_voxel_ml))
+    seg_threshold = calibrate_seg_threshold(overlays, grid_voxel_ml, SEG_GROW)
+    calibration = dataclasses.replace(calibration, seg_threshold=seg_threshold, seg_grow=SEG_GROW)
     del overlays
     test_h = scored(cohort.healthy["test"], cohort.healthy_masks["test"])
     test_a = scored(cohort.anomalous["test"], cohort.anomalous_masks["test"])

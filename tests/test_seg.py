@@ -216,3 +216,45 @@ def test_site_setting_overrides_the_bundle_seg_threshold():
     assert Bundle(bundle.path, bundle.manifest.model_copy(update={"calibration": without})).seg_threshold() \
         == DEFAULT_THRESHOLD
     assert MIN_CLUSTER_ML > 0
+
+
+def test_a_region_grows_from_its_peak_to_its_edge_and_unseeded_ones_stay_out():
+    field = np.zeros((20, 20, 20), dtype=np.float32)
+    field[2:10, 2:10, 2:10] = 0.8            # a finding's body: under the threshold
+    field[5:7, 5:7, 5:7] = 2.0               # its peak: over it
+    field[14:19, 14:19, 14:19] = 0.8         # a shoulder with no peak (healthy noise)
+    field[0, 19, 19] = np.nan                # never set
+    voxel_ml = 0.008
+    assert anomaly_mask(field, 1.0, voxel_ml, min_cluster_ml=0.0).sum() == 8  # no growth: the peak only
+    assert anomaly_mask(field, 1.0, voxel_ml).sum() == 0  # ... and 0.064 mL is under the minimum
+    grown = anomaly_mask(field, 1.0, voxel_ml, min_cluster_ml=0.0, grow=0.5)
+    assert grown.sum() == 512 and grown[2:10, 2:10, 2:10].all()
+    # The size filter applies to the grown region: 512 voxels are 4.1 mL.
+    assert anomaly_mask(field, 1.0, voxel_ml, min_cluster_ml=5.0, grow=0.5).sum() == 0
+    assert anomaly_mask(field, 1.0, voxel_ml, grow=0.5).sum() == 512
+    # Only the voxels at the threshold seed: no peak anywhere, nothing at all.
+    assert anomaly_mask(np.where(field > 1, 0.8, field), 1.0, voxel_ml, grow=0.5).sum() == 0
+    with pytest.raises(ValueError, match="grow"):
+        anomaly_mask(field, 1.0, grow=0.0)
+
+
+def test_grown_regions_are_calibrated_with_their_growth_and_named_in_the_seg(series):
+    rng = np.random.default_rng(3)
+    overlays = [(np.clip(n := ndimage.gaussian_filter(rng.normal(size=(40, 40, 40)), 2.0), 0, None)
+                 / n.std() * 0.45).astype(np.float32) for _ in range(20)]
+    # Growth marks more of each healthy patch: the calibrated seed threshold rises.
+    assert calibrate_threshold(overlays, 0.02, grow=0.5) > calibrate_threshold(overlays, 0.02)
+    datasets, error = series
+    plain = build_segmentation(datasets, error, ct_summary())
+    grown = build_segmentation(datasets, error, ct_summary(), grow=0.5)
+    assert plain is not None and grown is not None
+    frames = [len(s.PerFrameFunctionalGroupsSequence) for s in (plain, grown)]
+    assert frames[1] > frames[0]  # the grown region spans more slices
+
+    def parameters(seg: hd.seg.Segmentation) -> str:
+        return str(seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters)
+
+    assert "grown_to" not in parameters(plain) and "grown_to=0.5 x healthy limit" in parameters(grown)
+    bundle = load_bundle(shipped_bundles()[0])
+    assert Bundle(bundle.path, bundle.manifest.model_copy(update={"calibration": bundle.manifest.calibration
+                  .model_copy(update={"seg_grow": None})})).seg_grow() == 1.0
