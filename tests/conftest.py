@@ -50,16 +50,16 @@ DB_BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 # costs balance, never correctness.
 SLOWEST_FIRST = [
     "test_container.py",  # 340-530 s loaded (added 2026-12-02: a wheel build, ~60 packages installed, a study)
-    "test_train_floor.py",  # 275 s on 2026-12-03 (--durations: two trainings; it was missing here and ran last)
+    "test_train_floor.py",  # 275 s on 2026-12-03, most of it the score-weight search, vectorised since (37970b2)
     "test_multi_machine.py",  # ~200 s at load 6 (added 2026-12-02: namespaces, its own PostgreSQL, a 30 s outage)
     "test_e2e.py",  # 148 s
     "test_delivery_e2e.py",  # 146 s
     "test_rescreen_e2e.py",  # ~150 s at load 6 (added 2026-12-02: Orthanc, serve, 24 studies re-screened)
     "test_viewer_ohif.py",  # ~125 s at load 15 (added 2026-12-02: OHIF Viewer in headless Chromium)
-    "test_dataset.py",  # 187 s on 2026-12-03
+    "test_dataset.py",  # 187 s on 2026-12-03, before the weight search was vectorised
     "test_site_calibration.py",  # 88 s
     "test_real_scans.py",  # 65 s
-    "test_training_fit.py",  # 157 s on 2026-12-03 (a training, a fine-tune and a recalibration)
+    "test_training_fit.py",  # 157 s on 2026-12-03 (a training, a fine-tune, a recalibration), as test_dataset
     "test_deploy.py",  # ~60 s loaded (since serving from packaged copies was added)
     "test_fuzz_input.py",  # ~40 s (added after the 2026-12-02 timing run)
     "test_imaging.py",  # 39 s
