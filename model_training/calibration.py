@@ -181,8 +181,7 @@ def select_score_weights(
     order = np.lexsort((-candidates, *ranks[candidates].T[::-1]))
     chosen = candidates[order[-1]]
     terms = {t: float(m) for t, m in zip(names, multipliers[chosen] * units)}
-    rank = _ranking(labels, sum(w * values[i] for i, w in enumerate(terms.values()) if w))
-    best = (rank, ScoreWeights(terms, rank[0]))
-    log.info("score weights", extra={"action": "score_weights", "weights": best[1].terms,
-                                     "validation_auroc": best[1].validation_auroc})
-    return best[1]
+    # The reported AUROC is scikit-learn's, as for any single score.
+    auroc = _ranking(labels, sum(w * values[i] for i, w in enumerate(terms.values()) if w))[0]
+    log.info("score weights", extra={"action": "score_weights", "weights": terms, "validation_auroc": auroc})
+    return ScoreWeights(terms, auroc)
