@@ -7,6 +7,7 @@ seed must differ from the seed recorded in the bundle's manifest.
 
     .venv/bin/python bench/quality.py                 # small default, ~8-10 min on 2 cores
     .venv/bin/python bench/quality.py --cases 10 --report out/quality
+    .venv/bin/python bench/quality.py --bundle models/X --cases 4 --normals 12 --record   # into X's card
 
 Targets (issues 4 and 11): hemorrhage >= 5 mL AUROC >= 0.95; QC anomalies AUROC >= 0.99;
 age MAE on normal scans <= 4 years; infarct and tumour with oedema are reported per type.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -47,7 +49,8 @@ def _group(records: list, kinds: tuple[str, ...] | None, min_ml: float | None = 
 
 
 def run(bundle_dir: Path, n: int, n_normal: int, seed: int, threads: int, report: Path | None,
-        kinds: tuple[str, ...] | None = None) -> None:
+        kinds: tuple[str, ...] | None = None, record: str | None = None) -> None:
+    """`record`: the command line, to write the figures into the bundle's manifest and model card."""
     bundle = load_bundle(ROOT / bundle_dir)
     m = bundle.manifest
     training_seed = int(m.training.get("seed", 0)) if isinstance(m.training, dict) else 0
@@ -69,7 +72,8 @@ def run(bundle_dir: Path, n: int, n_normal: int, seed: int, threads: int, report
         n_kind = block["system"].get("n_abnormal", 0)
         print(f"   {kind:22s} {n_kind:3d} {_auc(block['system']):>24s} {_auc(block['model_only']):>24s} "
               f"{block['qc_flagged']:>5d}/{n_kind}")
-    targets = []
+    targets: list[tuple[str, dict, float]] = []
+    verdicts: list[dict[str, str]] = []
     hem = [k for k, t in ANOMALY_TYPES.items() if t.group == "hemorrhage"]
     g = _group(records, tuple(hem), 5.0)
     if g["system"].get("n_abnormal"):
@@ -80,16 +84,32 @@ def run(bundle_dir: Path, n: int, n_normal: int, seed: int, threads: int, report
         verdict = "n/a" if value is None else ("MET" if value >= target else "MISSED")
         print(f"   target {name:20s} AUROC >= {target}: system {_auc(block['system'])}, "
               f"model-only {_auc(block['model_only'])} -> {verdict}")
+        verdicts.append({"name": f"{name} AUROC >= {target}",
+                         "text": f"system {_auc(block['system']).strip()}, model-only "
+                                 f"{_auc(block['model_only']).strip()}: {verdict}"})
     age = metrics["age"]
     if "age_mae_normal" in age:
         verdict = "MET" if age["age_mae_normal"] <= 4.0 else "MISSED"
         print(f"   target age MAE normal <= 4 y: {age['age_mae_normal']:.1f} y (n={age['n_normal']}); "
               f"abnormal {age.get('age_mae_abnormal', float('nan')):.1f} y -> {verdict}")
+        verdicts.append({"name": "brain-age MAE on healthy heads <= 4 y",
+                         "text": f"{age['age_mae_normal']:.1f} y (n = {age['n_normal']}; lesion heads "
+                                 f"{age.get('age_mae_abnormal', float('nan')):.1f} y): {verdict}"})
     for kind, v in metrics["voxel"].items():
         if "auprc" in v:
             print(f"   voxel {kind:20s} AUPRC {v['auprc']:.3f}  best Dice {v['best_dice']:.3f}")
     if report is not None:
         write_report(records, metrics, report / m.key, {"bundle": m.key, "threshold": m.calibration.threshold})
+    if record is not None:
+        from headscreen.model_training.model_card import record_metrics  # torch-free
+
+        per_type = {kind: {"n": block["system"].get("n_abnormal", 0), "system": block["system"],
+                           "model_only": block["model_only"], "qc_caught": block["qc_flagged"]}
+                    for kind, block in metrics["per_type"].items()}
+        path = record_metrics(bundle.path, "synthetic_suite", {
+            "command": record, "seed": seed, "n_normal": n_normal,
+            "normals_flagged_by_qc": metrics["normals_flagged_by_qc"], "per_type": per_type, "targets": verdicts})
+        print(f"   recorded in {path} and its MODEL_CARD.md")
 
 
 def main() -> int:
@@ -100,6 +120,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bundle", action="append", type=Path, help="default: every shipped bundle under models/")
     p.add_argument("--report", type=Path, help="also write report folders (PNGs, metrics.json) here")
+    p.add_argument("--record", action="store_true",
+                   help="write the figures into each bundle's manifest (metrics.synthetic_suite) and model card; "
+                   "before release only: a rewritten manifest is a new scoring identity for site references")
     p.add_argument("--kinds", help="comma-separated anomaly types (default: all); 'qc' = the QC target's "
                    "types. A case depends only on (seed, type, index), so a subset scores as in the full suite")
     args = p.parse_args()
@@ -113,7 +136,8 @@ def main() -> int:
         if unknown:
             p.error(f"unknown anomaly types {unknown}; known: {sorted(ANOMALY_TYPES)}")
     for bundle in args.bundle or discover_bundles(ROOT / "models"):
-        run(bundle, args.cases, args.normals, args.seed, args.threads, args.report, kinds)
+        run(bundle, args.cases, args.normals, args.seed, args.threads, args.report, kinds,
+            record=shlex.join(["bench/quality.py", *sys.argv[1:]]) if args.record else None)
     return 0
 
 

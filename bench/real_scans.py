@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from headscreen.bundle import MANIFEST_NAME, Bundle, load_bundle
+from headscreen.bundle import Bundle, load_bundle
 from headscreen.daemon.config import shipped_bundles
 from headscreen.errors import InputRejected
 from headscreen.export.seg import MIN_CLUSTER_ML, anomaly_mask
@@ -281,11 +281,9 @@ def _summary(rows: list[Row]) -> dict[str, int]:
 
 def _record(bundle: Bundle, rows: list[Row], summary: dict[str, int], age: float) -> None:
     """Into the manifest's metrics (not hashed: the files it lists are) and the model card."""
-    from headscreen.model_training.model_card import write_model_card  # torch-free
+    from headscreen.model_training.model_card import record_metrics  # torch-free
 
-    path = bundle.path / MANIFEST_NAME
-    raw = json.loads(path.read_text())
-    raw.setdefault("metrics", {})["real_scans"] = {
+    path = record_metrics(bundle.path, "real_scans", {
         "source": (f"The real whole-head T1 of Debian insighttoolkit5-examples ({realscans.REAL_T1.name}, never used "
                    f"in training), healthy in {len(HEALTHY_POSES)} poses and with lesions painted in; age unknown, "
                    f"{age:g} years assumed"
@@ -301,9 +299,7 @@ def _record(bundle: Bundle, rows: list[Row], summary: dict[str, int], age: float
                     f"{summary['lesion_targets_met']}/{summary['lesion_targets']}): below threshold, age 20-90 y and "
                     f"SEG <= {HEALTHY_MAX_SEG_ML:g} mL when healthy; positive, above every healthy pose and Dice >= "
                     f"{MIN_DICE:g} with a lesion."),
-    }
-    path.write_text(json.dumps(raw, indent=2) + "\n")
-    write_model_card(bundle.path, load_bundle(bundle.path).manifest)
+    })
     print(f"recorded in {path} and its MODEL_CARD.md")
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from headscreen.bundle import Manifest
+from headscreen.bundle import MANIFEST_NAME, Manifest, load_bundle
 from headscreen.export.seg import DEFAULT_THRESHOLD, MIN_CLUSTER_ML, SEG_HEALTHY_BUDGET_ML, SEG_HEALTHY_QUANTILE
 from headscreen.scores import uses_asymmetry
 
@@ -104,8 +105,9 @@ def render_model_card(m: Manifest) -> str:
     lines += [
         "",
         "These numbers measure how well the model separates synthetic lesions from synthetic healthy",
-        "heads. They say nothing about performance on real patients; the next section does, as far as",
-        "one real scan can.",
+        "heads. They say nothing about performance on real patients; the real-scan section does, as far",
+        "as one real scan can.",
+        *_synthetic_suite(metrics.get("synthetic_suite")),
         *_real_scans(metrics.get("real_scans")),
         "",
         "## Intended use",
@@ -180,6 +182,48 @@ def _training_data(t: dict[str, Any]) -> list[str]:
         "sizes, with noise; then put through the daemon's own preprocessing (`imaging.preprocess` with",
         "the parameters recorded under `preprocessing` in `manifest.json`).",
     ]
+
+
+def _synthetic_suite(suite: dict[str, Any] | None) -> list[str]:
+    """The held-out anomaly suite (bench/quality.py) as recorded under metrics.synthetic_suite."""
+    if not suite:
+        return ["", "## Measured on the synthetic anomaly suite", "",
+                "Not recorded for this bundle (`bench/quality.py --record`)."]
+    lines = ["", "## Measured on the synthetic anomaly suite (`bench/quality.py`)", "",
+             f"`{suite.get('command', '')}`: suite seed {suite.get('seed')}, disjoint from the training seed; "
+             f"{suite.get('n_normal')} healthy heads ({suite.get('normals_flagged_by_qc')} refused by QC) against "
+             f"each type. System = the daemon's verdict (a QC refusal counts as flagged); model-only = the score "
+             f"alone. Synthetic scans only: evidence about synthetic heads, not about patients.", "",
+             "| type | n | system AUROC [95% CI] | model-only AUROC | refused by QC |", "|---|---|---|---|---|"]
+    for kind, row in suite.get("per_type", {}).items():
+        lines.append(f"| {kind} | {row.get('n')} | {_auroc_ci(row.get('system'))} | "
+                     f"{_auroc_ci(row.get('model_only'))} | {row.get('qc_caught')}/{row.get('n')} |")
+    lines.append("")
+    for target in suite.get("targets", []):
+        lines.append(f"- Target {target.get('name')}: {target.get('text')}")
+    return lines
+
+
+def _auroc_ci(block: dict[str, Any] | None) -> str:
+    auroc = (block or {}).get("auroc")
+    if not auroc:
+        return "n/a"
+    low, high = auroc["ci95"]
+    return f"{auroc['value']:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def record_metrics(bundle_dir: Path, key: str, value: dict[str, Any]) -> Path:
+    """Put `value` under the manifest's metrics[key] and rewrite the model card from it.
+    The files the manifest lists keep their hashes, so network, normative model and
+    calibration stay those the bundle was made with; but the manifest's own sha256 is the
+    scoring identity that site references and bundle roles are tied to: record before a
+    bundle is deployed."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw.setdefault("metrics", {})[key] = value
+    path.write_text(json.dumps(raw, indent=2) + "\n")
+    write_model_card(bundle_dir, load_bundle(bundle_dir).manifest)
+    return path
 
 
 def _real_scans(real: dict[str, Any] | None) -> list[str]:
