@@ -41,43 +41,43 @@ PG_ADMIN_URL = os.environ.get(
 # (-m "not slow and not postgres"), `make test` both.
 DB_BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
-# Test modules in descending time: the sum of their tests' times in a `make test` run
-# with two workers on the 2-core machine (2026-12-02: 1022 s in all, 9 min 18 s of wall
-# time, 519 s and 502 s on the two workers). pytest-xdist hands modules out in
-# collection order (with --no-loadscope-reorder; its default is "most tests first"):
-# with the longest units first the short ones fill in at the end (longest-processing-
-# time first). A module not listed keeps its place after these; a stale list only
-# costs balance, never correctness.
+# Test modules in descending time: the sum of their tests' times in a `make test` run with
+# two workers on the quiet 2-core machine (2026-12-03: 1830 s in all, 15 min 34 s of wall
+# time, CPU 89 % busy). pytest-xdist hands modules out in collection order (with
+# --no-loadscope-reorder; its default is "most tests first"): with the longest units first
+# the short ones fill in at the end (longest-processing-time first). A module not listed
+# keeps its place after these; a stale list only costs balance, never correctness.
 SLOWEST_FIRST = [
-    "test_container.py",  # 340-530 s loaded (added 2026-12-02: a wheel build, ~60 packages installed, a study)
-    "test_train_floor.py",  # 275 s on 2026-12-03, most of it the score-weight search, vectorised since (37970b2)
-    "test_multi_machine.py",  # ~200 s at load 6 (added 2026-12-02: namespaces, its own PostgreSQL, a 30 s outage)
-    "test_e2e.py",  # 148 s
-    "test_delivery_e2e.py",  # 146 s
-    "test_rescreen_e2e.py",  # ~150 s at load 6 (added 2026-12-02: Orthanc, serve, 24 studies re-screened)
-    "test_viewer_ohif.py",  # ~125 s at load 15 (added 2026-12-02: OHIF Viewer in headless Chromium)
-    "test_dataset.py",  # 187 s on 2026-12-03, before the weight search was vectorised
-    "test_site_calibration.py",  # 88 s
+    "test_delivery_e2e.py",  # 188 s
+    "test_e2e.py",  # 186 s
+    "test_multi_machine.py",  # 161 s
+    "test_rescreen_e2e.py",  # 100 s
+    "test_container.py",  # 95 s
+    "test_viewer_ohif.py",  # 87 s
+    "test_imaging.py",  # 81 s
+    "test_dataset.py",  # 71 s
     "test_real_scans.py",  # 65 s
-    "test_training_fit.py",  # 157 s on 2026-12-03 (a training, a fine-tune, a recalibration), as test_dataset
-    "test_deploy.py",  # ~60 s loaded (since serving from packaged copies was added)
-    "test_fuzz_input.py",  # ~40 s (added after the 2026-12-02 timing run)
-    "test_imaging.py",  # 39 s
-    "test_web_api.py",  # 35 s
-    "test_synthesis.py",  # 34 s
-    "test_db_concurrency.py",  # 32 s
-    "test_reference.py",  # 29 s
-    "test_evaluate.py",  # 27 s
-    "test_privacy.py",  # 26 s
-    "test_receiver.py",  # 25 s
-    "test_anomalies.py",  # 25 s
-    "test_pipeline.py",  # 20 s
-    "test_sr_conformance.py",  # ~18 s (added after the timing run, as are the next three)
-    "test_receiver_hardening.py",  # ~15 s
-    "test_dicom_tls.py",  # ~15 s
-    "test_iocm.py",  # ~10 s
-    "test_shadow.py",  # 15 s
-    "test_web_browser.py",  # 14 s
+    "test_site_calibration.py",  # 62 s
+    "test_train_floor.py",  # 45 s
+    "test_deploy.py",  # 38 s
+    "test_evaluate.py",  # 35 s
+    "test_web_api.py",  # 33 s
+    "test_pipeline.py",  # 31 s
+    "test_privacy.py",  # 28 s
+    "test_training_fit.py",  # 27 s
+    "test_anomalies.py",  # 26 s
+    "test_receiver_bad_headers.py",  # 26 s
+    "test_receiver_hardening.py",  # 23 s
+    "test_ingest_journal.py",  # 23 s
+    "test_receiver.py",  # 22 s
+    "test_sr_conformance.py",  # 22 s
+    "test_pm.py",  # 20 s
+    "test_iocm.py",  # 20 s
+    "test_db_concurrency.py",  # 20 s
+    "test_operations.py",  # 19 s
+    "test_fuzz_input.py",  # 17 s
+    "test_reference.py",  # 16 s
+    "test_synthesis.py",  # 16 s
 ]
 
 
