@@ -28,8 +28,8 @@ def ct_runner() -> BundleRunner:
 
 
 def _seg_of(runner: BundleRunner, lesion: Lesion | None, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """The SEG mask the daemon would send (pipeline: brain-masked map, bundle threshold,
-    regions >= 0.5 mL), the true lesion on the same grid, and the voxel volume in mL."""
+    """The SEG mask the daemon would send (pipeline: brain-masked map, bundle threshold and
+    growth, regions >= 0.5 mL), the true lesion on the same grid, and the voxel volume in mL."""
     head = make_head("CT", age=55.0, seed=seed, pose=POSE, lesion=lesion, randomise=True)
     volume = Volume.from_image(head.image, "CT")
     prepared = preprocess(volume, with_defaults(runner.bundle.manifest.preprocessing))
@@ -37,16 +37,19 @@ def _seg_of(runner: BundleRunner, lesion: Lesion | None, seed: int) -> tuple[np.
     inference = runner.run(prepared.model_input, 55.0, brain_mask=prepared.brain_mask)
     brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
     voxel_ml = float(np.prod(volume.image.GetSpacing())) / 1000.0
-    seg = anomaly_mask(to_native(brain_error, prepared, volume), runner.bundle.seg_threshold(), voxel_ml)
+    seg = anomaly_mask(to_native(brain_error, prepared, volume), runner.bundle.seg_threshold(), voxel_ml,
+                       grow=runner.bundle.seg_grow())
     return seg, sitk.GetArrayFromImage(head.lesion_mask) > 0, voxel_ml
 
 
 def test_a_healthy_phantom_gets_an_empty_or_tiny_seg(ct_runner: BundleRunner) -> None:
     seg, _, voxel_ml = _seg_of(ct_runner, None, seed=1)
+    print(f"healthy phantom SEG {float(seg.sum()) * voxel_ml:.2f} mL")
     assert float(seg.sum()) * voxel_ml < 1.0
 
 
 def test_a_20_ml_hemorrhage_phantom_is_segmented(ct_runner: BundleRunner) -> None:
     seg, truth, voxel_ml = _seg_of(ct_runner, Lesion("hemorrhage", volume_ml=20.0), seed=2)
     assert truth.sum() * voxel_ml == pytest.approx(20.0, rel=0.25)
+    print(f"20 mL hemorrhage phantom SEG {float(seg.sum()) * voxel_ml:.2f} mL, Dice {dice(seg, truth):.2f}")
     assert dice(seg, truth) >= 0.5, (float(seg.sum()) * voxel_ml, dice(seg, truth))
