@@ -175,15 +175,21 @@ def render_overlay(
     lo, hi = window
     grey = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
     grey = (1.0 - grey if inverted else grey) * 255.0
-    rgb = np.repeat(grey[..., None], 3, axis=2)
+    out = np.empty(grey.shape + (3,), dtype=np.uint8)
+    out[...] = np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]
+    # Only the coloured pixels (a few per cent of a slice) are blended.
     e_lo, e_hi = error_bounds
-    level = np.clip((np.nan_to_num(error, nan=e_lo) - e_lo) / (e_hi - e_lo), 0.0, 1.0)
-    shown = np.nan_to_num(error, nan=-np.inf) > e_lo
-    colour = _YELLOW + level[..., None] * (_RED - _YELLOW)
+    with np.errstate(invalid="ignore"):  # NaN > e_lo is False: never coloured
+        shown = np.asarray(error) > e_lo
+    if not shown.any():
+        return out
+    level = np.clip((np.asarray(error)[shown] - e_lo) / (e_hi - e_lo), 0.0, 1.0)
+    colour = _YELLOW + level[:, None] * (_RED - _YELLOW)
     a_lo, a_hi = style.alpha_range
-    alpha = np.where(shown, a_lo + level * (a_hi - a_lo), 0.0)[..., None]
-    blended = (1.0 - alpha) * rgb + alpha * colour
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    alpha = (a_lo + level * (a_hi - a_lo))[:, None]
+    blended = (1.0 - alpha) * grey[shown][:, None] + alpha * colour
+    out[shown] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out
 
 
 def _fmt(value: float | None, spec: str, absent: str = "not available") -> str:
