@@ -43,7 +43,7 @@ from headscreen.errors import InputRejected
 from headscreen.export.seg import MIN_CLUSTER_ML, anomaly_mask
 from headscreen.imaging import qc, realscans
 from headscreen.imaging.phantoms import Pose, write_dicom_series
-from headscreen.imaging.preprocess import Preprocessed, preprocess, to_native
+from headscreen.imaging.preprocess import Preprocessed, native_focus, preprocess, to_native
 from headscreen.imaging.skullstrip import dice
 from headscreen.imaging.volume import Volume, load_series
 from headscreen.inference import BundleRunner, Inference
@@ -252,8 +252,9 @@ def _score(runner: BundleRunner, case: Case, prepared: Preprocessed | str, age: 
         return row
     brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
     voxel_ml = float(np.prod(case.volume.image.GetSpacing())) / 1000.0
+    focus = native_focus(brain_error, prepared, case.volume) if inference.screen_positive else None
     seg = anomaly_mask(to_native(brain_error, prepared, case.volume), runner.bundle.seg_threshold(), voxel_ml,
-                       grow=runner.bundle.seg_grow())
+                       grow=runner.bundle.seg_grow(), focus=focus)
     row.eligible = True
     row.score, row.threshold = inference.anomaly_score, inference.threshold
     row.positive, row.percentile = inference.screen_positive, inference.percentile

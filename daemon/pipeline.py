@@ -49,10 +49,10 @@ from headscreen.export.model import AlgorithmInfo, ResultSummary
 from headscreen.export.pm import build_parametric_map
 from headscreen.export.sanitise import TYPE2, sanitise_sources
 from headscreen.export.sc import OverlayStyle, build_not_screened_image, build_overlay_series, choose_slices
-from headscreen.export.seg import DEFAULT_THRESHOLD, build_segmentation, missing_for_seg
+from headscreen.export.seg import DEFAULT_THRESHOLD, IndexBox, build_segmentation, missing_for_seg
 from headscreen.export.sr import ReferenceNote, build_report
 from headscreen.figures import ResultFigures
-from headscreen.imaging.preprocess import Preprocessed, preprocess, to_native
+from headscreen.imaging.preprocess import Preprocessed, native_focus, preprocess, to_native
 from headscreen.imaging.qc import blocking_reasons
 from headscreen.imaging.selection import (
     EXCLUDED_UNREADABLE,
@@ -349,10 +349,12 @@ def _screen(
     if clean.note:
         qc_reasons.append(clean.note)
     summary = dataclasses.replace(summary, qc_reasons=list(dict.fromkeys(qc_reasons)))
+    # A positive result's SEG also keeps what made it positive (export.seg.anomaly_mask).
+    focus = native_focus(brain_error, prepared, volume) if with_seg and summary.screen_positive else None
     objects = timer.measure(
         "build_results", _build_results, sources, native_map, summary, overlay_indices, output_dir,
         runner.bundle.seg_threshold(seg_threshold) if with_seg else None, note,
-        map_unit_of(manifest), with_pm, runner.bundle.seg_grow(),
+        map_unit_of(manifest), with_pm, runner.bundle.seg_grow(), focus,
     )
     log.info(
         "job computed",
@@ -686,9 +688,11 @@ def _build_results(
     map_unit: str = "z",
     parametric_map: bool = False,
     seg_grow: float = 1.0,
+    seg_focus: IndexBox | None = None,
 ) -> list[OutputObject]:
     """SC overlays, the SEG (None threshold: SEG disabled; empty mask: no SEG; its regions
-    grown to `seg_grow` x the threshold, export.seg.anomaly_mask), the
+    grown to `seg_grow` x the threshold, and those reaching into `seg_focus`,
+    export.seg.anomaly_mask), the
     Parametric Map of the same map when `parametric_map`, the SR. The SEG and the map come
     before the SR, which references the SEG's segment and lists both in its evidence.
     Each object goes to a temporary file as soon as it is built (an overlay image is then
@@ -699,7 +703,7 @@ def _build_results(
         sc_datasets = build_overlay_series(sources, native_map, summary, slice_indices=overlay_indices,
                                            style=OVERLAY_STYLE, reference=reference, map_unit=map_unit,
                                            sink=lambda ds: staged.add(ds, f"sc-{len(staged) + 1:04d}.dcm", "sc"))
-        seg = (build_segmentation(sources, native_map, summary, seg_threshold, grow=seg_grow)
+        seg = (build_segmentation(sources, native_map, summary, seg_threshold, grow=seg_grow, focus=seg_focus)
                if seg_threshold is not None else None)
         if seg is not None:
             staged.add(seg, "seg.dcm", "seg")

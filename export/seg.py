@@ -50,23 +50,33 @@ def segment_description_text(summary: ResultSummary) -> str:
     return f"AI-generated anomaly region, {algo.name} {algo.version}"[:64]
 
 
+#: A box of native voxel indices, (low z, y, x) and (high z, y, x), both inclusive.
+IndexBox = tuple[tuple[int, int, int], tuple[int, int, int]]
+
+
 def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, voxel_ml: float | None = None,
-                 min_cluster_ml: float = MIN_CLUSTER_ML, grow: float = 1.0) -> np.ndarray:
+                 min_cluster_ml: float = MIN_CLUSTER_ML, grow: float = 1.0, focus: IndexBox | None = None
+                 ) -> np.ndarray:
     """Voxels at or above ``threshold`` (NaN counts as not set), in connected regions
     (26-neighbourhood) of at least ``min_cluster_ml`` when the voxel volume is known.
     ``grow`` < 1 (hysteresis): a region is every connected voxel at or above
     ``grow * threshold`` around at least one voxel at or above ``threshold``, so a finding is
-    marked to its edge, not only at its peak; regions with no such voxel are left out."""
+    marked to its edge, not only at its peak; regions with no such voxel are left out.
+    ``focus`` (a screen-positive result: where the map's focal term peaks) keeps as well
+    the regions at or above ``grow * threshold`` that reach into that box, so the SEG of a
+    positive result marks what made it positive even where the map stays under the
+    threshold (the threshold is set for healthy scans to mark almost nothing)."""
     native_map = np.asarray(native_map)
     mask = np.zeros(native_map.shape, dtype=bool)
-    region = anomaly_region(native_map, threshold, voxel_ml, min_cluster_ml, grow)
+    region = anomaly_region(native_map, threshold, voxel_ml, min_cluster_ml, grow, focus)
     if region is not None:
         mask[region[0]:region[0] + len(region[1])] = region[1]
     return mask
 
 
 def anomaly_region(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, voxel_ml: float | None = None,
-                   min_cluster_ml: float = MIN_CLUSTER_ML, grow: float = 1.0) -> tuple[int, np.ndarray] | None:
+                   min_cluster_ml: float = MIN_CLUSTER_ML, grow: float = 1.0, focus: IndexBox | None = None
+                   ) -> tuple[int, np.ndarray] | None:
     """`anomaly_mask` as (first slice, mask of the slices from it to the last one set), or
     None when none is set: only the slices that can hold a region are thresholded and
     labelled (a thin-slice CT map is ~80 M voxels, its labels 4 bytes each)."""
@@ -77,17 +87,19 @@ def anomaly_region(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
     if native_map.ndim < 2 or native_map.size == 0:
         mask = native_map >= threshold
         return (0, mask) if mask.any() else None
+    focus_slices = _focus_slices(focus, native_map.shape) if native_map.ndim == 3 else None
     # fmax skips NaN (never set); one value per slice, no full-size temporary.
     peaks = np.fmax.reduce(native_map.reshape(native_map.shape[0], -1), axis=1)
     with np.errstate(invalid="ignore"):
-        if not (peaks >= threshold).any():
+        focused = focus_slices is not None and bool(np.any(native_map[focus_slices] >= low))
+        if not (peaks >= threshold).any() and not focused:
             return None
         hits = np.flatnonzero(peaks >= low)
     first, last = int(hits[0]), int(hits[-1]) + 1
     with np.errstate(invalid="ignore"):  # NaN >= t is False
         mask = native_map[first:last] >= low
     by_size = voxel_ml is not None and min_cluster_ml > 0
-    if by_size or grow < 1:
+    if by_size or grow < 1 or focused:
         box = _bounding_box(mask)
         assert box is not None  # the slices were chosen for holding set voxels
         labels, _ = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
@@ -95,10 +107,16 @@ def anomaly_region(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
         if by_size:
             assert voxel_ml is not None
             keep &= np.bincount(labels.ravel(), minlength=keep.size) * voxel_ml >= min_cluster_ml
-        if grow < 1:  # only regions that reach the threshold itself
+        if grow < 1 or focused:  # only regions that reach the threshold itself (or the focus)
             with np.errstate(invalid="ignore"):
-                seeded = np.unique(labels[native_map[first:last][box] >= threshold])
-            keep &= np.isin(np.arange(keep.size), seeded)
+                seeded = labels[native_map[first:last][box] >= threshold]
+            if focused:
+                assert focus_slices is not None
+                in_focus = np.zeros(mask.shape, dtype=bool)
+                z_from, z_to = max(focus_slices[0].start - first, 0), min(focus_slices[0].stop - first, last - first)
+                in_focus[(slice(z_from, z_to), *focus_slices[1:])] = True
+                seeded = np.concatenate([seeded, labels[in_focus[box]]])
+            keep &= np.isin(np.arange(keep.size), np.unique(seeded))
         keep[0] = False  # background
         mask[box] = keep[labels]
         hits = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
@@ -107,6 +125,17 @@ def anomaly_region(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
         mask = mask[int(hits[0]):int(hits[-1]) + 1]
         first += int(hits[0])
     return first, mask
+
+
+def _focus_slices(focus: IndexBox | None, shape: tuple[int, ...]) -> tuple[slice, slice, slice] | None:
+    """The focus box clipped to the map; None when it is not given or lies outside."""
+    if focus is None:
+        return None
+    low = [max(int(v), 0) for v in focus[0]]
+    high = [min(int(v) + 1, n) for v, n in zip(focus[1], shape, strict=True)]
+    if any(h <= lo for lo, h in zip(low, high, strict=True)):
+        return None
+    return slice(low[0], high[0]), slice(low[1], high[1]), slice(low[2], high[2])
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -196,22 +225,23 @@ def build_segmentation(
     threshold: float = DEFAULT_THRESHOLD,
     mask: np.ndarray | None = None,
     grow: float = 1.0,
+    focus: IndexBox | None = None,
 ) -> hd.seg.Segmentation | None:
-    """A BINARY SEG of ``native_map >= threshold`` (grown to ``grow * threshold``, as
-    `anomaly_mask`), or None when nothing is set.
+    """A BINARY SEG of ``native_map >= threshold`` (grown to ``grow * threshold``, with the
+    regions reaching into ``focus``, as `anomaly_mask`), or None when nothing is set.
 
     ``sources`` are the source datasets in slice order (index k = slice k of
     ``native_map``, shape (slices, rows, cols)); only the slices the region touches are
     read (headers suffice), and only they are the SEG's source images. ``mask`` is
-    ``anomaly_mask(native_map, threshold, source_voxel_ml(sources), grow=grow)`` when the
-    caller has it.
+    ``anomaly_mask(native_map, threshold, source_voxel_ml(sources), grow=grow, focus=focus)``
+    when the caller has it.
     """
     if native_map.ndim != 3 or native_map.shape[0] != len(sources):
         raise ValueError(
             f"build_segmentation: argument 'native_map' shape {native_map.shape} does not match {len(sources)} sources"
         )
     if mask is None:
-        region = anomaly_region(native_map, threshold, source_voxel_ml(sources), grow=grow)
+        region = anomaly_region(native_map, threshold, source_voxel_ml(sources), grow=grow, focus=focus)
     elif mask.shape != native_map.shape:
         raise ValueError(f"build_segmentation: argument 'mask' shape {mask.shape} is not {native_map.shape}")
     else:
@@ -238,7 +268,9 @@ def build_segmentation(
             family=codes.cid7162.ArtificialIntelligence,
             source=summary.algorithm.manufacturer,
             parameters={"threshold": f"{threshold:g} x healthy limit", "min_region_ml": f"{MIN_CLUSTER_ML:g}",
-                        **({"grown_to": f"{threshold * grow:g} x healthy limit"} if grow < 1 else {})},
+                        **({"grown_to": f"{threshold * grow:g} x healthy limit"} if grow < 1 else {}),
+                        **({"kept_at_focus": "regions at the focal maximum of a positive result"}
+                           if focus is not None else {})},
         ),
         tracking_id=SEGMENT_TRACKING_ID,
         tracking_uid=hd.UID(),

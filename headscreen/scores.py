@@ -162,13 +162,30 @@ def one_sided_z(z: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(both, np.minimum(z, z - mirrored), z).astype(np.float32)
 
 
-def _focal(values: np.ndarray, mask: np.ndarray) -> float:
-    """Largest mean of `values` over a FOCAL_KERNEL cube mostly inside `mask`."""
+def _cube_means(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(centres, means): the voxels whose FOCAL_KERNEL cube lies mostly inside `mask`, and
+    the mean of `values` (inside `mask`) over each of those cubes."""
     weights = ndimage.uniform_filter(mask.astype(np.float32), FOCAL_KERNEL, mode="constant")
     sums = ndimage.uniform_filter(np.where(mask, values, 0.0).astype(np.float32), FOCAL_KERNEL, mode="constant")
     eligible = mask & (weights >= FOCAL_MIN_SHARE)
-    local = sums[eligible] / weights[eligible]
+    return eligible, sums[eligible] / weights[eligible]
+
+
+def _focal(values: np.ndarray, mask: np.ndarray) -> float:
+    """Largest mean of `values` over a FOCAL_KERNEL cube mostly inside `mask`."""
+    _, local = _cube_means(values, mask)
     return float(local.max()) if local.size else float(values[mask].max())
+
+
+def focal_centre(values: np.ndarray, mask: np.ndarray) -> tuple[int, int, int] | None:
+    """The centre (z, y, x) of the FOCAL_KERNEL cube, mostly inside `mask`, where `values`
+    have their largest mean: where a map's focal term finds it. None when no cube fits."""
+    mask = np.asarray(mask, dtype=bool)
+    eligible, local = _cube_means(np.asarray(values), mask)
+    if local.size == 0:
+        return None
+    z, y, x = np.argwhere(eligible)[int(np.argmax(local))]
+    return int(z), int(y), int(x)
 
 
 def asymmetry_terms(z: np.ndarray, mask: np.ndarray) -> dict[str, float]:

@@ -28,6 +28,7 @@ from headscreen.errors import ConfigError, InputRejected
 from headscreen.imaging import qc, skullstrip, templates
 from headscreen.imaging.registration import RegistrationResult, register_to_atlas
 from headscreen.imaging.volume import Volume
+from headscreen.scores import FOCAL_KERNEL, focal_centre
 
 logger = logging.getLogger(__name__)
 
@@ -516,6 +517,37 @@ def _to_native_box(source: sitk.Image, mni_to_native: sitk.Transform, native_to_
 
 
 _SLAB_VOXELS = 8_000_000
+
+
+def native_focus(model_map: np.ndarray, preprocessed: Preprocessed, volume: Volume
+                 ) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """Where on the native slices a model-grid map's focal term peaks: the native index box
+    (low and high (slice, row, column), inclusive) around the centre of its strongest
+    FOCAL_KERNEL cube (`headscreen.scores.focal_centre`, inside the brain mask), as wide as
+    that cube. None when no cube fits in the brain or the centre falls off the slices."""
+    centre = focal_centre(model_map, preprocessed.brain_mask)
+    if centre is None:
+        return None
+    z, y, x = centre
+    point = preprocessed.transform.TransformPoint(preprocessed.reference.TransformIndexToPhysicalPoint((x, y, z)))
+    column, row, depth = volume.image.TransformPhysicalPointToContinuousIndex(point)
+    spacing = np.array(volume.image.GetSpacing())  # (columns, rows, slices)
+    if not volume.is_regular and volume.slice_positions is not None:
+        # Slices with gaps or tilt: the slice whose plane lies nearest the point.
+        normal = np.asarray(volume.image.GetDirection()).reshape(3, 3)[:, 2]
+        offsets = (np.asarray(volume.slice_positions) - np.asarray(point)) @ normal
+        depth = float(np.argmin(np.abs(offsets)))
+        steps = np.abs(np.diff(np.asarray(volume.slice_positions) @ normal))
+        spacing[2] = float(np.median(steps)) if steps.size else spacing[2]
+    half_mm = 0.5 * FOCAL_KERNEL * max(preprocessed.reference.GetSpacing())
+    half = np.ceil(half_mm / spacing).astype(int)
+    centre_native = np.rint([depth, row, column]).astype(int)
+    size = np.array(volume.size)[::-1]  # (slices, rows, columns)
+    if np.any(centre_native < 0) or np.any(centre_native >= size):
+        return None
+    low = np.maximum(centre_native - half[::-1], 0)
+    high = np.minimum(centre_native + half[::-1], size - 1)
+    return (int(low[0]), int(low[1]), int(low[2])), (int(high[0]), int(high[1]), int(high[2]))
 
 
 def _to_native_per_slice(source: sitk.Image, native_to_mni: sitk.Transform, volume: Volume) -> np.ndarray:

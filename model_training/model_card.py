@@ -71,7 +71,9 @@ def render_model_card(m: Manifest) -> str:
          f"healthy calibration cases mark at most {SEG_HEALTHY_BUDGET_ML:g} mL (regions under {MIN_CLUSTER_ML:g} mL "
          f"left out)" + (f"; each region grows from its voxels at the threshold through connected voxels at "
                          f"{cal.seg_grow:g} x it ({cal.seg_grow * cal.seg_threshold:g}), and the threshold was "
-                         f"calibrated so." if cal.seg_grow and cal.seg_grow < 1 else ".")
+                         f"calibrated so. A screen-positive result also keeps the region at that level where the "
+                         f"map's focal term peaks (export.seg.anomaly_mask)." if cal.seg_grow and cal.seg_grow < 1
+                         else ".")
          if cal.seg_threshold else
          f"SEG threshold {DEFAULT_THRESHOLD:g} (overlay units; not calibrated for this bundle; regions under "
          f"{MIN_CLUSTER_ML:g} mL left out)."),

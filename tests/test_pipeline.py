@@ -64,6 +64,11 @@ def test_lesion_study_gives_valid_overlays_on_the_lesion(tmp_path, ct_runner):
     referenced = {str(pydicom.dcmread(o.path).SourceImageSequence[0].ReferencedSOPInstanceUID)
                   for o in outcome.objects if o.kind == "sc"}
     assert referenced & lesion_slices
+    # Positive: its SEG keeps the region at the map's focal maximum too, and says so.
+    assert outcome.screen_positive
+    seg = pydicom.dcmread(next(o.path for o in outcome.objects if o.kind == "seg"))
+    parameters = str(seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters)
+    assert "kept_at_focus=" in parameters, parameters
 
 
 def _lesion_source_slices(phantom, files: list[Path]) -> set[str]:

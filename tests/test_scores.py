@@ -257,3 +257,18 @@ def test_a_bundle_scored_on_asymmetry_shows_a_one_sided_overlay_and_says_so(tmp_
     assert map_unit_of(runner.bundle.manifest) == "z_one_sided"
     (tmp_path / "plain").mkdir()
     assert map_unit_of(load_bundle(normative_bundle(tmp_path / "plain", normative)).manifest) == "z"
+
+
+def test_the_focal_centre_is_where_the_strongest_cube_lies_inside_the_mask():
+    from headscreen.scores import FOCAL_KERNEL, focal_centre
+
+    values = np.zeros((24, 24, 24), dtype=np.float32)
+    mask = np.zeros_like(values, dtype=bool)
+    mask[2:22, 2:22, 2:22] = True
+    values[8:13, 14:19, 5:10] = 3.0          # a 5^3 block: its centre is the focal centre
+    values[20, 20, 20] = 50.0                # one bright voxel on the mask's edge loses to the block
+    assert FOCAL_KERNEL == 5
+    assert focal_centre(values, mask) == (10, 16, 7)
+    values[0, 0, 0] = 1e6                    # outside the mask: never counted
+    assert focal_centre(values, mask) == (10, 16, 7)
+    assert focal_centre(values, np.zeros_like(mask)) is None

@@ -258,3 +258,43 @@ def test_grown_regions_are_calibrated_with_their_growth_and_named_in_the_seg(ser
     bundle = load_bundle(shipped_bundles()[0])
     assert Bundle(bundle.path, bundle.manifest.model_copy(update={"calibration": bundle.manifest.calibration
                   .model_copy(update={"seg_grow": None})})).seg_grow() == 1.0
+
+
+def test_a_positive_results_focus_keeps_the_region_under_the_threshold_that_made_it_positive():
+    field = np.zeros((20, 20, 20), dtype=np.float32)
+    field[2:10, 2:10, 2:10] = 0.8            # a finding under the threshold everywhere
+    field[14:19, 14:19, 14:19] = 0.8         # another patch, away from the focus
+    field[16, 2, 2] = np.nan
+    voxel_ml = 0.008
+    focus = ((4, 4, 4), (6, 6, 6))
+    assert anomaly_mask(field, 1.0, voxel_ml, min_cluster_ml=0.0, grow=0.5).sum() == 0  # no peak, no focus
+    kept = anomaly_mask(field, 1.0, voxel_ml, min_cluster_ml=0.0, grow=0.5, focus=focus)
+    assert kept.sum() == 512 and kept[2:10, 2:10, 2:10].all()  # the focused region only
+    # The growth level bounds it (without growth: the threshold itself, which nothing reaches)...
+    assert anomaly_mask(field, 1.0, voxel_ml, min_cluster_ml=0.0, focus=focus).sum() == 0
+    # ... and the minimum region volume still applies (512 voxels are 4.1 mL).
+    assert anomaly_mask(field, 1.0, voxel_ml, min_cluster_ml=5.0, grow=0.5, focus=focus).sum() == 0
+    # A focus on nothing set, or off the map, adds nothing.
+    for elsewhere in (((11, 11, 11), (12, 12, 12)), ((30, 0, 0), (31, 5, 5))):
+        assert anomaly_mask(field, 1.0, voxel_ml, min_cluster_ml=0.0, grow=0.5, focus=elsewhere).sum() == 0
+    # Beside a region that reaches the threshold, the focused one is added, not swapped in.
+    peaked = field.copy()
+    peaked[16, 16, 16] = 2.0
+    both = anomaly_mask(peaked, 1.0, voxel_ml, min_cluster_ml=0.0, grow=0.5, focus=focus)
+    assert both.sum() == 512 + 125 and both[14:19, 14:19, 14:19].all()
+    # A focus box reaching past the slices that hold set voxels is clipped to them.
+    wide = anomaly_mask(field, 1.0, voxel_ml, min_cluster_ml=0.0, grow=0.5, focus=((0, 4, 4), (19, 5, 5)))
+    assert wide.sum() == 512
+
+
+def test_the_seg_of_a_focused_result_says_so(series):
+    datasets, error = series
+    plain = build_segmentation(datasets, error, ct_summary(), grow=0.5)
+    focused = build_segmentation(datasets, error, ct_summary(), grow=0.5, focus=((0, 0, 0), (1, 1, 1)))
+    assert plain is not None and focused is not None
+
+    def parameters(seg: hd.seg.Segmentation) -> str:
+        return str(seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters)
+
+    assert "kept_at_focus" not in parameters(plain)
+    assert "kept_at_focus=regions at the focal maximum of a positive result" in parameters(focused)
