@@ -110,12 +110,12 @@ def anomaly_region(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
         if grow < 1 or focused:  # only regions that reach the threshold itself (or the focus)
             with np.errstate(invalid="ignore"):
                 seeded = labels[native_map[first:last][box] >= threshold]
-            if focused:
+            if focused:  # the labels inside the focus box, read through a view (no full-size mask)
                 assert focus_slices is not None
-                in_focus = np.zeros(mask.shape, dtype=bool)
-                z_from, z_to = max(focus_slices[0].start - first, 0), min(focus_slices[0].stop - first, last - first)
-                in_focus[(slice(z_from, z_to), *focus_slices[1:])] = True
-                seeded = np.concatenate([seeded, labels[in_focus[box]]])
+                z_focus = slice(focus_slices[0].start - first, focus_slices[0].stop - first)
+                within = tuple(slice(max(f.start, b.start) - b.start, max(min(f.stop, b.stop) - b.start, 0))
+                               for f, b in zip((z_focus, *focus_slices[1:]), box, strict=True))
+                seeded = np.concatenate([seeded, labels[within].ravel()])
             keep &= np.isin(np.arange(keep.size), np.unique(seeded))
         keep[0] = False  # background
         mask[box] = keep[labels]
