@@ -29,13 +29,9 @@ sys.path.insert(0, str(ROOT))
 from headscreen.bundle import discover_bundles, load_bundle  # noqa: E402
 from headscreen.model_training.anomalies import ANOMALY_TYPES, suite_cases  # noqa: E402
 from headscreen.model_training.evaluate import evaluate_records, load_runner, sample_metrics, score_suite, write_report  # noqa: E402
+from headscreen.model_training.model_card import auroc_ci  # noqa: E402
 
 QC_TYPES = ("wrong_orientation", "truncated", "failed_registration", "craniectomy")
-
-
-def _auc(block: dict) -> str:
-    a = block.get("auroc")
-    return "   n/a" if a is None else f"{a['value']:.3f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}]"
 
 
 def _group(records: list, kinds: tuple[str, ...] | None, min_ml: float | None = None) -> dict:
@@ -70,7 +66,7 @@ def run(bundle_dir: Path, n: int, n_normal: int, seed: int, threads: int, report
     print(f"   {'type':22s} {'n':>3s} {'system AUROC [95% CI]':>24s} {'model-only AUROC':>24s} {'QC-caught':>9s}")
     for kind, block in metrics["per_type"].items():
         n_kind = block["system"].get("n_abnormal", 0)
-        print(f"   {kind:22s} {n_kind:3d} {_auc(block['system']):>24s} {_auc(block['model_only']):>24s} "
+        print(f"   {kind:22s} {n_kind:3d} {auroc_ci(block['system']):>24s} {auroc_ci(block['model_only']):>24s} "
               f"{block['qc_flagged']:>5d}/{n_kind}")
     targets: list[tuple[str, dict, float]] = []
     verdicts: list[dict[str, str]] = []
@@ -82,11 +78,11 @@ def run(bundle_dir: Path, n: int, n_normal: int, seed: int, threads: int, report
     for name, block, target in targets:
         value = block["system"].get("auroc", {}).get("value")
         verdict = "n/a" if value is None else ("MET" if value >= target else "MISSED")
-        print(f"   target {name:20s} AUROC >= {target}: system {_auc(block['system'])}, "
-              f"model-only {_auc(block['model_only'])} -> {verdict}")
+        print(f"   target {name:20s} AUROC >= {target}: system {auroc_ci(block['system'])}, "
+              f"model-only {auroc_ci(block['model_only'])} -> {verdict}")
         verdicts.append({"name": f"{name} AUROC >= {target}",
-                         "text": f"system {_auc(block['system']).strip()}, model-only "
-                                 f"{_auc(block['model_only']).strip()}: {verdict}"})
+                         "text": f"system {auroc_ci(block['system'])}, model-only "
+                                 f"{auroc_ci(block['model_only'])}: {verdict}"})
     age = metrics["age"]
     if "age_mae_normal" in age:
         verdict = "MET" if age["age_mae_normal"] <= 4.0 else "MISSED"
@@ -101,7 +97,7 @@ def run(bundle_dir: Path, n: int, n_normal: int, seed: int, threads: int, report
     if report is not None:
         write_report(records, metrics, report / m.key, {"bundle": m.key, "threshold": m.calibration.threshold})
     if record is not None:
-        from headscreen.model_training.model_card import record_metrics  # torch-free
+        from headscreen.model_training.model_card import record_metrics
 
         per_type = {kind: {"n": block["system"].get("n_abnormal", 0), "system": block["system"],
                            "model_only": block["model_only"], "qc_caught": block["qc_flagged"]}

@@ -198,15 +198,16 @@ def _synthetic_suite(suite: dict[str, Any] | None) -> list[str]:
              f"alone. Synthetic scans only: evidence about synthetic heads, not about patients.", "",
              "| type | n | system AUROC [95% CI] | model-only AUROC | refused by QC |", "|---|---|---|---|---|"]
     for kind, row in suite.get("per_type", {}).items():
-        lines.append(f"| {kind} | {row.get('n')} | {_auroc_ci(row.get('system'))} | "
-                     f"{_auroc_ci(row.get('model_only'))} | {row.get('qc_caught')}/{row.get('n')} |")
+        lines.append(f"| {kind} | {row.get('n')} | {auroc_ci(row.get('system'))} | "
+                     f"{auroc_ci(row.get('model_only'))} | {row.get('qc_caught')}/{row.get('n')} |")
     lines.append("")
     for target in suite.get("targets", []):
         lines.append(f"- Target {target.get('name')}: {target.get('text')}")
     return lines
 
 
-def _auroc_ci(block: dict[str, Any] | None) -> str:
+def auroc_ci(block: dict[str, Any] | None) -> str:
+    """An AUROC block of model_training.evaluate.sample_metrics as 'value [low, high]'."""
     auroc = (block or {}).get("auroc")
     if not auroc:
         return "n/a"
