@@ -54,7 +54,8 @@ def pick_providers() -> list[str]:
 class BundleRunner:
     """Loads a bundle's ONNX graph once and turns model input into scores."""
 
-    def __init__(self, bundle: Bundle, intra_op_threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, intra_op_threads: int | None = None,
+                 providers: list[str] | None = None) -> None:
         self.bundle = bundle
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads or min(4, os.cpu_count() or 1)
@@ -63,7 +64,7 @@ class BundleRunner:
         # held otherwise, for a run of a few hundredths of a second).
         options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(
-            str(bundle.model_path), sess_options=options, providers=pick_providers()
+            str(bundle.model_path), sess_options=options, providers=providers or pick_providers()
         )
         self._check_outputs()
 
