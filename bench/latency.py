@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import pydicom  # noqa: E402
 from sqlalchemy import select  # noqa: E402
-from throughput import children, cpu_seconds, is_worker, peak_rss_mb, reset_peak  # noqa: E402
+from throughput import children, cpu_split, is_worker, peak_rss_mb, reset_peak  # noqa: E402
 
 from headscreen.db.models import Study  # noqa: E402
 from headscreen.imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                     files = write_dicom_series(phantom, root / f"{modality}-{run}", **SERIES[modality])
                     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
                     reset_peak(worker)
-                    cpu = cpu_seconds(worker)
+                    cpu = cpu_split(worker)
                     started = time.monotonic()
                     storescu(files, daemon.port)
                     sent = time.monotonic() - started
@@ -100,11 +100,13 @@ def main(argv: list[str] | None = None) -> None:
                     result = [r for r in daemon.results() if r.study_id == study.id][-1]
                     delivered = max(d.delivered_at for d, o in daemon.deliveries() if o.result_id == result.id)
                     objects = sum(1 for _, o in daemon.deliveries() if o.result_id == result.id)
+                    user, system = (after - before for after, before in zip(cpu_split(worker), cpu))
                     stages = ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items())
                     print(f"{modality} run {run + 1}: sent {len(files)} slices in {sent:.1f} s; "
                           f"completeness -> delivered {(delivered - completed).total_seconds():.2f} s, "
                           f"last ack -> delivered {(delivered - last_ack).total_seconds():.2f} s ({objects} objects); "
-                          f"worker CPU {cpu_seconds(worker) - cpu:.2f} s, peak RSS {peak_rss_mb(worker):.0f} MB; "
+                          f"worker CPU {user + system:.2f} s (user {user:.2f}, system {system:.2f}), "
+                          f"peak RSS {peak_rss_mb(worker):.0f} MB; "
                           f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}\n  stages (s): {stages}")
         finally:
             daemon.close()
