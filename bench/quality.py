@@ -86,11 +86,15 @@ def run(bundle_dir: Path, n: int, n_normal: int, seed: int, threads: int, report
     age = metrics["age"]
     if "age_mae_normal" in age:
         verdict = "MET" if age["age_mae_normal"] <= 4.0 else "MISSED"
-        print(f"   target age MAE normal <= 4 y: {age['age_mae_normal']:.1f} y (n={age['n_normal']}); "
-              f"abnormal {age.get('age_mae_abnormal', float('nan')):.1f} y -> {verdict}")
+        ci = age.get("age_mae_normal_ci95")
+        spread = (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+        bias = (f"mean gap {age['age_mean_gap_normal']:+.1f} y"
+                + (f", slope {age['age_slope_normal']:.2f}" if "age_slope_normal" in age else ""))
+        print(f"   target age MAE normal <= 4 y: {age['age_mae_normal']:.1f} y{spread} (n={age['n_normal']}; "
+              f"{bias}); abnormal {age.get('age_mae_abnormal', float('nan')):.1f} y -> {verdict}")
         verdicts.append({"name": "brain-age MAE on healthy heads <= 4 y",
-                         "text": f"{age['age_mae_normal']:.1f} y (n = {age['n_normal']}; lesion heads "
-                                 f"{age.get('age_mae_abnormal', float('nan')):.1f} y): {verdict}"})
+                         "text": f"{age['age_mae_normal']:.1f} y{spread} (n = {age['n_normal']}; {bias}; lesion "
+                                 f"heads {age.get('age_mae_abnormal', float('nan')):.1f} y): {verdict}"})
     for kind, v in metrics["voxel"].items():
         if "auprc" in v:
             print(f"   voxel {kind:20s} AUPRC {v['auprc']:.3f}  best Dice {v['best_dice']:.3f}")

@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from headscreen.model_training.cli import evaluate_main
 from headscreen.model_training.evaluate import (
     Record,
+    age_metrics,
     bootstrap_ci,
     dice,
     evaluate_records,
@@ -109,7 +110,22 @@ def test_evaluate_records_per_type_system_and_age() -> None:
     assert m["per_type"]["truncated"]["qc_flagged"] == 4 and m["per_type"]["truncated"]["rejected"] == 1
     assert m["hemorrhage_ge_5ml"]["system"]["n_abnormal"] == 5
     assert m["age"]["age_mae_normal"] == pytest.approx(2.0) and m["age"]["age_mae_abnormal"] == pytest.approx(10.0)
+    assert m["age"]["age_mae_normal_ci95"] == pytest.approx([2.0, 2.0])
+    assert m["age"]["age_slope_normal"] == pytest.approx(1.0)
     assert m["n_rejected"] == 1
+
+
+def test_age_metrics_show_the_spread_and_the_regression_to_the_mean() -> None:
+    rng = np.random.default_rng(1)
+    true = np.linspace(20.0, 80.0, 15)
+    predicted = 0.5 * true + 25.0 + rng.normal(0.0, 3.0, true.size)  # pulled towards 50
+    age = age_metrics([Record(f"n{i}", "normal", 0, 1.0, [], true_age=float(t), predicted_age=float(p))
+                       for i, (t, p) in enumerate(zip(true, predicted))], n_boot=500, seed=0)
+    low, high = age["age_mae_normal_ci95"]
+    assert low < age["age_mae_normal"] < high and high - low > 1.0
+    assert age["age_slope_normal"] == pytest.approx(0.5, abs=0.1)
+    assert age_metrics([Record("n0", "normal", 0, 1.0, [], true_age=50.0, predicted_age=53.0)]) == {
+        "age_mae_normal": 3.0, "age_mean_gap_normal": 3.0, "n_normal": 1}
 
 
 def test_write_report_files(tmp_path: Path) -> None:
