@@ -9,11 +9,12 @@ destination, sends each study with dcmtk's storescu, and prints per run:
 Targets (issue 14): CT <= 3 s, MR <= 2 s from completeness, <= 6 s from the last
 acknowledgement, worker peak <= 1 GB. Not a test.
 
-    .venv/bin/python bench/latency.py [--runs 2] [--modality CT MR] [--production-timing]
+    .venv/bin/python bench/latency.py [--runs 2] [--modality CT MR] [--whole-quiet S] [--test-timing]
 
-By default serve runs with the test harness's timing (whole_quiet_s 1, sweeps every
-0.25 s); --production-timing uses the shipped defaults (whole_quiet_s 5, sweep_interval_s 1,
-quiet_period_s 60), where --whole-quiet S overrides whole_quiet_s.
+serve runs with the shipped defaults for the settings that make waits (whole_quiet_s 5,
+sweep_interval_s 1, quiet_period_s 60; --whole-quiet S sets whole_quiet_s), which are
+what the targets are about; --test-timing uses the test harness's shorter ones instead
+(whole_quiet_s 1, sweeps every 0.25 s), whose "last ack" figure is NOT the product's.
 """
 
 from __future__ import annotations
@@ -66,15 +67,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--modality", nargs="+", default=["CT", "MR"], choices=sorted(SERIES))
-    parser.add_argument("--production-timing", action="store_true")
-    parser.add_argument("--whole-quiet", type=float, default=5.0, help="whole_quiet_s with --production-timing")
+    parser.add_argument("--test-timing", action="store_true",
+                        help="the test harness's short waits instead of the shipped defaults")
+    parser.add_argument("--whole-quiet", type=float, default=5.0, help="whole_quiet_s (not with --test-timing)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         destination = RecordingSCP(root / "pacs")
         daemon = Daemon(root / "hs", destinations=[("pacs", destination.ae_title, destination.port)])
-        if args.production_timing:
+        if not args.test_timing:
             _production_timing(daemon, args.whole_quiet)
+        print("timing: " + ("the test harness's (whole_quiet_s 1, sweeps every 0.25 s)" if args.test_timing
+                            else f"shipped defaults, whole_quiet_s {args.whole_quiet:g}"))
         daemon.start()
         try:
             assert daemon.process is not None
