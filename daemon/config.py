@@ -300,6 +300,8 @@ class Settings(BaseSettings):
     storage_backend: Literal["filesystem", "postgresql"] = "filesystem"
     quiet_period_s: float = Field(60.0, gt=0)
     whole_quiet_s: float = Field(5.0, ge=0)
+    # ...or this long once every association that sent it was released (None: not used).
+    released_quiet_s: float | None = Field(1.0, ge=0)
     bundles: list[Path] = []
     destinations: list[DestinationConfig] = []
     workers: int = Field(1, ge=0, le=64)

@@ -331,6 +331,30 @@ class StoreDeps:
     # (calling AE, certificate CN) pairs a TLS caller must match; empty: any trusted certificate.
     caller_certificates: frozenset[tuple[str, str]] = frozenset()
     network_timeout_s: float = 60.0
+    # The studies each open association has stored instances of (stamped at its release).
+    sent_studies: SentStudies = field(default_factory=lambda: SentStudies())
+
+
+class SentStudies:
+    """The studies each open association has stored instances of, so that its A-RELEASE
+    can stamp them (`Study.released_at`: db.sweep completes a whole study sooner once
+    the associations that sent it are released)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_association: dict[int, set[str]] = {}
+
+    def add(self, association: object, study_uid: str) -> None:
+        with self._lock:
+            self._by_association.setdefault(id(association), set()).add(study_uid)
+
+    def pop(self, association: object) -> set[str]:
+        with self._lock:
+            return self._by_association.pop(id(association), set())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_association)
 
 
 class Receiver:
@@ -455,6 +479,10 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
         (evt.EVT_REQUESTED, handle_association_request, [deps]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [deps]),
+        (evt.EVT_RELEASED, handle_released, [deps]),
+        # An abort or a dropped connection is no sign that the sender is done.
+        (evt.EVT_ABORTED, handle_ended, [deps]),
+        (evt.EVT_CONN_CLOSE, handle_ended, [deps]),
     ]
     listeners: list[tuple[int, ssl.SSLContext | None]] = []
     if config.plain:
@@ -602,7 +630,28 @@ def handle_store(event: Event, deps: StoreDeps) -> Dataset | int:
         stats.add_refused(refused.status)
         return _refuse(deps, event, refused)
     stats.add_stored()
+    deps.sent_studies.add(event.assoc, record.study_instance_uid)
     return int(StoreStatus.SUCCESS)  # a bare status skips encoding a response data set
+
+
+def handle_released(event: Event, deps: StoreDeps) -> None:
+    """An orderly A-RELEASE: the sender says it has sent what it meant to, so the studies
+    it stored may complete after `released_quiet_s` instead of `whole_quiet_s` (db.sweep).
+    Not recorded (logged): they wait the longer quiet period, as before."""
+    studies = deps.sent_studies.pop(event.assoc)
+    if not studies:
+        return
+    try:
+        _with_db_retry(deps, lambda session: db_api.record_association_released(session, studies))
+    except Exception as exc:
+        logger.warning("could not record an association's release; its studies wait whole_quiet_s",
+                       extra={"action": "release_not_recorded", "studies": len(studies),
+                              "error": type(exc).__name__})
+
+
+def handle_ended(event: Event, deps: StoreDeps) -> None:
+    """An abort or a closed connection: forget the association's studies, stamp none."""
+    deps.sent_studies.pop(event.assoc)
 
 
 def _stored(record: InstanceRecord, outcome: RecordOutcome) -> None:

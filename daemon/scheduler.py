@@ -57,7 +57,7 @@ def sweep_completeness(settings: Settings, sessions: sessionmaker[Session], bund
     with sessions() as session:
         completed = api.sweep_completeness(
             session, datetime.now(UTC), settings.quiet_period_s, settings.whole_quiet_s, active,
-            max_attempts=settings.job_max_attempts,
+            max_attempts=settings.job_max_attempts, released_quiet_s=settings.released_quiet_s,
         )
     if completed:
         log.info("studies complete", extra={"action": "complete", "count": len(completed)})

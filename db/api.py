@@ -31,7 +31,13 @@ from headscreen.db.console import (
 )
 from headscreen.db.deliveries import claim_deliveries, mark_delivered, mark_delivery_failed, resend_dead
 from headscreen.db.housekeeping import counts, get_result_objects, mark_purged, retention_candidates, study_instances
-from headscreen.db.ingest import record_instance, record_instances, record_rejection, recorded_instance_paths
+from headscreen.db.ingest import (
+    record_association_released,
+    record_instance,
+    record_instances,
+    record_rejection,
+    recorded_instance_paths,
+)
 from headscreen.db.jobs import claim_job, current_results, fail_job, finish_job, heartbeat, requeue_expired
 from headscreen.db.review import (
     audit,
@@ -160,6 +166,7 @@ __all__ = [
     "mark_delivered",
     "mark_delivery_failed",
     "mark_purged",
+    "record_association_released",
     "record_instance",
     "record_instances",
     "record_rejection",

@@ -30,7 +30,7 @@ from pathlib import PurePosixPath
 from typing import Any, cast
 
 from sqlalchemy import String, Table, bindparam, case, exists, func, or_, select, text, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.orm import Session
 
 from headscreen.db import blobs
@@ -438,6 +438,23 @@ def recorded_instance_paths(session: Session, paths: Iterable[str]) -> set[str]:
         found.update(session.execute(_PATHS_OF_SOPS, {"b_sops": chunk}).scalars())
     end_read(session)
     return found & wanted
+
+
+def record_association_released(session: Session, study_uids: Iterable[str], now: datetime | None = None) -> int:
+    """Stamp `released_at` on the studies still receiving among `study_uids`, those an
+    association stored instances of and has now ended in an A-RELEASE (db.sweep's
+    `released_quiet_s`). Returns how many were stamped."""
+    uids = sorted(set(study_uids))
+    if not uids:
+        return 0
+    now = clock(now)
+    statement = (update(Study)
+                 .where(Study.study_instance_uid.in_(uids), Study.state == StudyState.RECEIVING)
+                 .values(released_at=now)
+                 .execution_options(synchronize_session=False))
+    with write_transaction(session):
+        stamped = cast(CursorResult[Any], session.execute(statement)).rowcount
+    return int(stamped or 0)
 
 
 def record_rejection(

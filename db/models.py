@@ -88,6 +88,8 @@ class Study(Base):
     last_received_at: Mapped[datetime]
     completed_at: Mapped[datetime | None]
     purged_at: Mapped[datetime | None]
+    # When an association that stored instances of it last ended in an A-RELEASE (db.sweep).
+    released_at: Mapped[datetime | None]
     study_date: Mapped[str | None] = mapped_column(sa.String(8))
     patient_age: Mapped[str | None] = mapped_column(sa.String(4))
     patient_birth_date: Mapped[str | None] = mapped_column(sa.String(8))

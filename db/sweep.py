@@ -45,15 +45,20 @@ def sweep_completeness(
     whole_quiet_s: float,
     bundles: Sequence[BundleRef],
     max_attempts: int = DEFAULT_JOB_MAX_ATTEMPTS,
+    released_quiet_s: float | None = None,
 ) -> list[int]:
     """Complete the receiving studies that are ready and enqueue their jobs.
 
-    Ready: quiet for `quiet_period_s`, or quiet for `whole_quiet_s` and whole by
-    content (`db.completeness.study_wholeness`). One transaction per study.
+    Ready: quiet for `quiet_period_s`, or whole by content
+    (`db.completeness.study_wholeness`) and quiet for `whole_quiet_s`, or for
+    `released_quiet_s` (None: not used) once the associations that sent it have been
+    released since its last instance (`Study.released_at`): the sender said it is done,
+    so only another association can still add to it. One transaction per study.
     Returns the ids of the studies completed.
     """
     now = clock(now)
-    horizon = now - timedelta(seconds=min(quiet_period_s, whole_quiet_s))
+    shortest = min(quiet_period_s, whole_quiet_s, *([] if released_quiet_s is None else [released_quiet_s]))
+    horizon = now - timedelta(seconds=shortest)
     candidate_ids = session.execute(
         select(Study.id)
         .where(Study.state == StudyState.RECEIVING, Study.last_received_at <= horizon)
@@ -62,7 +67,8 @@ def sweep_completeness(
     end_read(session)
     completed = []
     for study_id in candidate_ids:
-        if _complete_if_ready(session, study_id, now, quiet_period_s, whole_quiet_s, bundles, max_attempts):
+        if _complete_if_ready(session, study_id, now, quiet_period_s, whole_quiet_s, bundles, max_attempts,
+                              released_quiet_s):
             completed.append(study_id)
     return completed
 
@@ -75,11 +81,12 @@ def _complete_if_ready(
     whole_quiet_s: float,
     bundles: Sequence[BundleRef],
     max_attempts: int,
+    released_quiet_s: float | None = None,
 ) -> bool:
     begin_write(session)
     try:
         study = session.execute(locked(select(Study).where(Study.id == study_id))).scalar_one()
-        reason = _readiness(session, study, now, quiet_period_s, whole_quiet_s)
+        reason = _readiness(session, study, now, quiet_period_s, whole_quiet_s, released_quiet_s)
         if reason is None:
             session.rollback()
             return False
@@ -111,17 +118,23 @@ def _complete_if_ready(
 
 
 def _readiness(
-    session: Session, study: Study, now: datetime, quiet_period_s: float, whole_quiet_s: float
+    session: Session, study: Study, now: datetime, quiet_period_s: float, whole_quiet_s: float,
+    released_quiet_s: float | None = None,
 ) -> str | None:
     if study.state != StudyState.RECEIVING:
         return None
     quiet_s = (now - study.last_received_at).total_seconds()
     if quiet_s >= quiet_period_s:
         return "quiet period elapsed"
-    if quiet_s < whole_quiet_s:
+    if quiet_s >= whole_quiet_s:
+        reason = "whole by content"
+    elif (released_quiet_s is not None and quiet_s >= released_quiet_s and study.released_at is not None
+          and study.released_at >= study.last_received_at):
+        reason = "whole by content, sender released"
+    else:
         return None
     verdict = study_wholeness(list(_instance_facts(session, study.id).values()))
-    return "whole by content" if verdict.whole else None
+    return reason if verdict.whole else None
 
 
 def _instance_facts(session: Session, study_id: int) -> dict[int, list[InstanceFacts]]:

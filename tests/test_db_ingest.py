@@ -228,6 +228,46 @@ def test_whole_study_completes_after_the_short_quiet(db_session: Session) -> Non
     assert api.sweep_completeness(db_session, at(10_000), 300, 30, BUNDLES) == []
 
 
+def _completion_reason(session: Session, study_id: int) -> str:
+    event = session.execute(select(AuditEvent).where(AuditEvent.study_id == study_id,
+                                                     AuditEvent.action == "study_complete")).scalar_one()
+    return str(event.detail["reason"])
+
+
+def test_a_whole_study_whose_sender_released_completes_after_the_release_quiet(db_session: Session) -> None:
+    study = uid()
+    add_series(db_session, study, 32)
+    # Still open (never released): the whole-study quiet applies.
+    assert api.sweep_completeness(db_session, at(5), 300, 30, BUNDLES, released_quiet_s=2) == []
+    assert api.record_association_released(db_session, [study, uid()], now=at(1)) == 1  # an unknown UID: nothing
+    assert api.sweep_completeness(db_session, at(1.9), 300, 30, BUNDLES, released_quiet_s=2) == []
+    assert api.sweep_completeness(db_session, at(5), 300, 30, BUNDLES) == []  # the rule is off without it
+    [done] = api.sweep_completeness(db_session, at(5), 300, 30, BUNDLES, released_quiet_s=2)
+    assert _completion_reason(db_session, done) == "whole by content, sender released"
+    # A complete study is not stamped again.
+    assert api.record_association_released(db_session, [study], now=at(6)) == 0
+
+
+def test_an_instance_after_the_release_waits_for_its_own_association(db_session: Session) -> None:
+    study = uid()
+    add_series(db_session, study, 32)
+    api.record_association_released(db_session, [study], now=at(1))
+    add_series(db_session, study, 32, now=at(3))  # a second series, from an association still open
+    assert api.sweep_completeness(db_session, at(10), 300, 30, BUNDLES, released_quiet_s=2) == []
+    api.record_association_released(db_session, [study], now=at(11))
+    [done] = api.sweep_completeness(db_session, at(13), 300, 30, BUNDLES, released_quiet_s=2)
+    assert _completion_reason(db_session, done) == "whole by content, sender released"
+
+
+def test_a_released_study_that_is_not_whole_waits_for_the_quiet_period(db_session: Session) -> None:
+    study = uid()
+    add_series(db_session, study, 120, spacing=0.625)  # 75 mm of a head: cut short
+    api.record_association_released(db_session, [study], now=at(1))
+    assert api.sweep_completeness(db_session, at(100), 300, 30, BUNDLES, released_quiet_s=2) == []
+    [done] = api.sweep_completeness(db_session, at(300), 300, 30, BUNDLES, released_quiet_s=2)
+    assert _completion_reason(db_session, done) == "quiet period elapsed"
+
+
 def test_images_in_acquisition_unmet_waits_for_the_quiet_period(db_session: Session) -> None:
     study = uid()
     add_series(db_session, study, 3, images_in_acquisition=5)

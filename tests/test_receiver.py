@@ -41,8 +41,9 @@ from headscreen.daemon.callers import AllowedCaller
 from headscreen.daemon.connections import _store_response_command, _WaitingAssociationSocket
 from headscreen.daemon.receiver import ASSOCIATION_REJECTED_STATUS, ReceiverConfig, StoreStatus, start_receiver
 from headscreen.db.engine import make_engine, session_factory
-from headscreen.db.models import Instance
+from headscreen.db.models import Instance, Study
 from receiver_helpers import SCP_AE, SCU_AE, Harness, make_uid, start_harness, write_ct_series
+from serve_harness import wait_until
 
 ALLOWED = (AllowedCaller(SCU_AE), AllowedCaller("PACS_BOUND", host="10.9.9.9"))
 
@@ -466,6 +467,35 @@ def test_concurrent_associations_all_succeed(any_db_harness: Harness, tmp_path: 
     with any_db_harness.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 36
     assert len(any_db_harness.stored_files()) == 36
+
+
+def test_a_release_stamps_the_studies_its_association_sent_and_an_abort_does_not(
+        any_db_harness: Harness, tmp_path: Path) -> None:
+    released, aborted = (write_ct_series(tmp_path / name, 4, seed=seed) for name, seed in (("r", 31), ("a", 32)))
+
+    def stamps(files: list[Path]) -> tuple[object, object]:
+        uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        with any_db_harness.sessions() as session:
+            row = session.execute(select(Study.released_at, Study.last_received_at)
+                                  .where(Study.study_instance_uid == uid)).one()
+        return row.released_at, row.last_received_at
+
+    def no_association_left() -> bool:
+        return not any_db_harness.receiver.ae.active_associations
+
+    assoc = _associate(any_db_harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
+    assert [int(assoc.send_c_store(p).Status) for p in released] == [StoreStatus.SUCCESS] * 4
+    assert stamps(released)[0] is None  # still open: the sender may have more to send
+    assoc.release()
+    wait_until(lambda: stamps(released)[0] is not None, 60, 0.05, "the release recorded")
+    released_at, last_received_at = stamps(released)
+    assert released_at >= last_received_at  # type: ignore[operator]
+
+    assoc = _associate(any_db_harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
+    assert [int(assoc.send_c_store(p).Status) for p in aborted] == [StoreStatus.SUCCESS] * 4
+    assoc.abort()
+    wait_until(no_association_left, 60, 0.05, "the aborted association gone")
+    assert stamps(aborted)[0] is None  # an abort says nothing about what is still to come
 
 
 # --- logging ---------------------------------------------------------------------------------
