@@ -307,6 +307,28 @@ def receiver_options(section: Any) -> dict[str, Any]:
     }
 
 
+class SentStudies:
+    """The studies each open association has stored instances of, so that its A-RELEASE
+    can stamp them (`Study.released_at`: db.sweep completes a whole study sooner once
+    the associations that sent it are released)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_association: dict[int, set[str]] = {}
+
+    def add(self, association: object, study_uid: str) -> None:
+        with self._lock:
+            self._by_association.setdefault(id(association), set()).add(study_uid)
+
+    def pop(self, association: object) -> set[str]:
+        with self._lock:
+            return self._by_association.pop(id(association), set())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_association)
+
+
 @dataclass
 class StoreDeps:
     """What the C-STORE and association handlers need; bound to them at server start."""
@@ -332,29 +354,7 @@ class StoreDeps:
     caller_certificates: frozenset[tuple[str, str]] = frozenset()
     network_timeout_s: float = 60.0
     # The studies each open association has stored instances of (stamped at its release).
-    sent_studies: SentStudies = field(default_factory=lambda: SentStudies())
-
-
-class SentStudies:
-    """The studies each open association has stored instances of, so that its A-RELEASE
-    can stamp them (`Study.released_at`: db.sweep completes a whole study sooner once
-    the associations that sent it are released)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_association: dict[int, set[str]] = {}
-
-    def add(self, association: object, study_uid: str) -> None:
-        with self._lock:
-            self._by_association.setdefault(id(association), set()).add(study_uid)
-
-    def pop(self, association: object) -> set[str]:
-        with self._lock:
-            return self._by_association.pop(id(association), set())
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._by_association)
+    sent_studies: SentStudies = field(default_factory=SentStudies)
 
 
 class Receiver:
