@@ -324,10 +324,6 @@ class SentStudies:
         with self._lock:
             return self._by_association.pop(id(association), set())
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._by_association)
-
 
 @dataclass
 class StoreDeps:
