@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from headscreen.db.completeness import InstanceFacts, study_wholeness
@@ -57,11 +57,15 @@ def sweep_completeness(
     Returns the ids of the studies completed.
     """
     now = clock(now)
-    shortest = min(quiet_period_s, whole_quiet_s, *([] if released_quiet_s is None else [released_quiet_s]))
-    horizon = now - timedelta(seconds=shortest)
+    quiet_enough = Study.last_received_at <= now - timedelta(seconds=min(quiet_period_s, whole_quiet_s))
+    if released_quiet_s is not None:
+        # Only released studies on the shorter wait: the others are not locked every sweep.
+        quiet_enough = or_(quiet_enough, and_(
+            Study.released_at >= Study.last_received_at,
+            Study.last_received_at <= now - timedelta(seconds=released_quiet_s)))
     candidate_ids = session.execute(
         select(Study.id)
-        .where(Study.state == StudyState.RECEIVING, Study.last_received_at <= horizon)
+        .where(Study.state == StudyState.RECEIVING, quiet_enough)
         .order_by(Study.last_received_at, Study.id)
     ).scalars().all()
     end_read(session)
