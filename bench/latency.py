@@ -5,7 +5,9 @@ destination, sends each study with dcmtk's storescu, and prints per run:
 - completeness -> last object delivered (the study's completed_at to the last delivered_at);
 - last instance acknowledged -> last object delivered (last_received_at to the last
   delivered_at: the quiet wait of completeness included);
-- the pipeline's stage timings, the worker's CPU-seconds and its peak RSS over the run.
+- where the time goes: completeness -> job started (pick-up), the job, job finished -> first
+  and last object delivered; the pipeline's stage timings, the worker's CPU-seconds and
+  its peak RSS over the run.
 Targets (issue 14): CT <= 3 s, MR <= 2 s from completeness, <= 6 s from the last
 acknowledgement, worker peak <= 1 GB. Not a test.
 
@@ -102,7 +104,13 @@ def main(argv: list[str] | None = None) -> None:
                         study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
                         completed, last_ack = study.completed_at, study.last_received_at
                     result = [r for r in daemon.results() if r.study_id == study.id][-1]
-                    delivered = max(d.delivered_at for d, o in daemon.deliveries() if o.result_id == result.id)
+                    job = [j for j in daemon.jobs() if j.study_id == study.id][-1]
+                    delivered_times = sorted(d.delivered_at for d, o in daemon.deliveries() if o.result_id == result.id)
+                    delivered = delivered_times[-1]
+                    spans = (f"pick-up {(job.started_at - completed).total_seconds():.2f}, "
+                             f"job {(job.finished_at - job.started_at).total_seconds():.2f}, "
+                             f"first delivery {(delivered_times[0] - job.finished_at).total_seconds():.2f}, "
+                             f"all {(delivered - job.finished_at).total_seconds():.2f}")
                     objects = sum(1 for _, o in daemon.deliveries() if o.result_id == result.id)
                     user, system = (after - before for after, before in zip(cpu_split(worker), cpu))
                     stages = ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items())
@@ -111,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
                           f"last ack -> delivered {(delivered - last_ack).total_seconds():.2f} s ({objects} objects); "
                           f"worker CPU {user + system:.2f} s (user {user:.2f}, system {system:.2f}), "
                           f"peak RSS {peak_rss_mb(worker):.0f} MB; "
-                          f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}\n  stages (s): {stages}")
+                          f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}\n"
+                          f"  spans (s): {spans}\n  stages (s): {stages}")
         finally:
             daemon.close()
             destination.stop()
