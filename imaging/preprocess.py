@@ -432,13 +432,41 @@ def _n4(image: sitk.Image) -> sitk.Image:
 
 
 def shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """Block-average to about `spacing_mm` (integer factors; anti-aliases for free)."""
+    """Block-average to about `spacing_mm` (integer factors; anti-aliases for free), float32."""
     factors = [max(1, int(round(spacing_mm / s))) for s in image.GetSpacing()]
-    if image.GetPixelID() != sitk.sitkFloat32:  # a full-size copy: only when needed
-        image = sitk.Cast(image, sitk.sitkFloat32)
+    if image.GetPixelID() == sitk.sitkFloat32:
+        return image if factors == [1, 1, 1] else sitk.BinShrink(image, factors)
     if factors == [1, 1, 1]:
-        return image
-    return sitk.BinShrink(image, factors)
+        return sitk.Cast(image, sitk.sitkFloat32)
+    return _shrink_in_slabs(image, factors)
+
+
+def _shrink_in_slabs(image: sitk.Image, factors: list[int]) -> sitk.Image:
+    """BinShrink of a non-float32 image (an int16 thin-slice CT) in slabs of whole blocks,
+    each slab cast to float32 on its own: the same voxels as casting the whole image first
+    (a block is averaged from its own slices only), without a full-size float32 copy."""
+    depth = factors[2]
+    n_out = image.GetSize()[2] // depth
+    if n_out == 0:
+        return sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
+    per_slab = max(1, _SHRINK_SLAB_VOXELS // (image.GetSize()[0] * image.GetSize()[1] * depth))
+    slabs = (sitk.BinShrink(sitk.Cast(image[:, :, start * depth:min(n_out, start + per_slab) * depth],
+                                      sitk.sitkFloat32), factors) for start in range(0, n_out, per_slab))
+    first = next(slabs)
+    out = np.empty((n_out,) + sitk.GetArrayViewFromImage(first).shape[1:], dtype=np.float32)
+    done = first.GetSize()[2]
+    out[:done] = sitk.GetArrayViewFromImage(first)
+    for slab in slabs:
+        out[done:done + slab.GetSize()[2]] = sitk.GetArrayViewFromImage(slab)
+        done += slab.GetSize()[2]
+    shrunk = sitk.GetImageFromArray(out)
+    shrunk.SetOrigin(first.GetOrigin())
+    shrunk.SetSpacing(first.GetSpacing())
+    shrunk.SetDirection(first.GetDirection())
+    return shrunk
+
+
+_SHRINK_SLAB_VOXELS = 4_000_000
 
 
 def normalise(values: np.ndarray, brain: np.ndarray, params: dict[str, Any]) -> np.ndarray:

@@ -24,7 +24,15 @@ from scipy import ndimage
 from headscreen.errors import InputRejected
 from headscreen.imaging import qc, templates
 from headscreen.imaging.phantoms import Lesion, Pose, make_head, pose_transform, write_dicom_series
-from headscreen.imaging.preprocess import ModelGrid, default_params, normalise, preprocess, to_native, with_defaults
+from headscreen.imaging.preprocess import (
+    ModelGrid,
+    default_params,
+    normalise,
+    preprocess,
+    shrink,
+    to_native,
+    with_defaults,
+)
 from headscreen.imaging.registration import affine_to_matrix
 from headscreen.imaging.selection import SelectionRules, SeriesCandidate, select_series
 from headscreen.imaging.skullstrip import dice
@@ -405,6 +413,66 @@ def test_load_series_sorts_by_position_not_instance_number(tmp_path, small_ct_se
     assert volume.qc_reasons == [] and volume.is_regular
     z = [volume.image.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(volume.image.GetSize()[2])]
     assert np.all(np.diff(z) > 0)
+
+
+def _hu(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    return ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1.0)) + float(ds.RescaleIntercept)
+
+
+def test_whole_number_hu_load_as_int16_with_the_values_pydicom_gives(small_ct_series):
+    volume = load_series(small_ct_series)
+    assert volume.image.GetPixelID() == sitk.sitkInt16  # half a float32 volume
+    stack = sitk.GetArrayViewFromImage(volume.image)
+    for k, path in enumerate(small_ct_series):
+        np.testing.assert_array_equal(stack[k], _hu(path))
+
+
+def test_values_that_do_not_fit_int16_turn_the_volume_float32(tmp_path, small_ct_series):
+    paths = _copy(small_ct_series, tmp_path / "wide")
+    # Unsigned 16-bit stored values up to 65535 with intercept -1024: the middle slice's
+    # HU (64511) do not fit int16, so the slices before it are widened and the rest follow.
+    for index, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array.astype(np.int32) + int(ds.RescaleIntercept) + 1024  # HU + 1024
+        if index == len(paths) // 2:
+            pixels[0, 0] = 65535
+        ds.PixelRepresentation, ds.RescaleIntercept = 0, -1024
+        ds.PixelData = np.clip(pixels, 0, 65535).astype(np.uint16).tobytes()
+        ds.save_as(path)
+    volume = load_series(paths)
+    assert volume.image.GetPixelID() == sitk.sitkFloat32
+    stack = sitk.GetArrayViewFromImage(volume.image)
+    for k, path in enumerate(paths):
+        np.testing.assert_array_equal(stack[k], _hu(path))
+    assert stack[len(paths) // 2, 0, 0] == 64511.0
+
+
+def test_a_fractional_rescale_loads_float32(tmp_path, small_ct_series):
+    paths = _copy(small_ct_series, tmp_path / "slope")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope = "0.5"
+        ds.save_as(path)
+    volume = load_series(paths)
+    assert volume.image.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(volume.image)[3], _hu(paths[3]), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("size_xyz, spacing", [((130, 97, 301), (0.5, 0.55, 0.6)), ((64, 64, 7), (1.0, 1.0, 1.0)),
+                                                ((60, 60, 40), (0.7, 0.7, 5.0)), ((41, 40, 5), (0.5, 0.5, 0.5))])
+def test_shrinking_an_int16_volume_gives_the_voxels_and_grid_of_shrinking_it_as_float32(size_xyz, spacing):
+    values = np.random.default_rng(0).integers(-1024, 3000, size=size_xyz[::-1]).astype(np.int16)
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing(spacing)
+    image.SetOrigin((-3.2, 10.5, 7.25))
+    rotation = sitk.Euler3DTransform((0, 0, 0), 0.1, -0.05, 0.2)
+    image.SetDirection(rotation.GetMatrix())
+    expected, shrunk = shrink(sitk.Cast(image, sitk.sitkFloat32), 2.0), shrink(image, 2.0)
+    assert shrunk.GetPixelID() == sitk.sitkFloat32
+    assert (shrunk.GetSize(), shrunk.GetOrigin(), shrunk.GetSpacing(), shrunk.GetDirection()) == (
+        expected.GetSize(), expected.GetOrigin(), expected.GetSpacing(), expected.GetDirection())
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(shrunk), sitk.GetArrayViewFromImage(expected))
 
 
 def test_missing_slices_give_a_qc_reason(tmp_path, small_ct_series):
