@@ -504,18 +504,37 @@ def to_native(model_map: np.ndarray, preprocessed: Preprocessed, volume: Volume)
     source = sitk.GetImageFromArray(np.ascontiguousarray(model_map, dtype=np.float32))
     source.CopyInformation(preprocessed.reference)
     native_to_mni = preprocessed.transform.GetInverse()
+    if volume.is_regular and not model_map.any():
+        return np.zeros(tuple(np.array(volume.size)[::-1]), dtype=np.float32)
     if volume.is_regular:
-        return _to_native_box(source, preprocessed.transform, native_to_mni, volume.image, volume.size)
+        return _to_native_box(source, preprocessed.transform, native_to_mni, volume.image, volume.size,
+                              _nonzero_box(model_map))
     return _to_native_per_slice(source, native_to_mni, volume)
 
 
+def _nonzero_box(model_map: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (x, y, z) index range, inclusive, of a map's non-zero voxels widened by one: a
+    linear interpolation outside it weighs zeros only (a brain-masked map is mostly zero)."""
+    nonzero = np.nonzero(model_map)
+    if nonzero[0].size == 0:
+        return None
+    shape = np.array(model_map.shape[::-1])
+    low = np.maximum(np.array([axis.min() for axis in nonzero[::-1]]) - 1, 0)
+    high = np.minimum(np.array([axis.max() for axis in nonzero[::-1]]) + 1, shape - 1)
+    return low, high
+
+
 def _to_native_box(source: sitk.Image, mni_to_native: sitk.Transform, native_to_mni: sitk.Transform,
-                   native: sitk.Image, native_size_xyz: tuple[int, int, int]) -> np.ndarray:
-    """Resample only inside the native bounding box of the model grid; zeros elsewhere.
-    `native` gives the grid's geometry, `native_size_xyz` its size (the voxels may be released)."""
+                   native: sitk.Image, native_size_xyz: tuple[int, int, int],
+                   nonzero: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Resample only inside the native bounding box of the model grid (of its `nonzero` index
+    box when given: `_nonzero_box`); zeros elsewhere. `native` gives the grid's geometry,
+    `native_size_xyz` its size (the voxels may be released)."""
     size = np.array(source.GetSize())
+    ranges = ([[-0.5, s - 0.5] for s in size] if nonzero is None
+              else [[float(lo) - 0.5, float(hi) + 0.5] for lo, hi in zip(*nonzero)])
     corners = [source.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
-               for corner in np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in size])).reshape(3, -1).T]
+               for corner in np.array(np.meshgrid(*ranges)).reshape(3, -1).T]
     indices = np.array([native.TransformPhysicalPointToContinuousIndex(mni_to_native.TransformPoint(c))
                         for c in corners])
     native_size = np.array(native_size_xyz)
