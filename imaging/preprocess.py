@@ -450,8 +450,16 @@ def _shrink_in_slabs(image: sitk.Image, factors: list[int]) -> sitk.Image:
     if n_out == 0:
         return sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
     per_slab = max(1, _SHRINK_SLAB_VOXELS // (image.GetSize()[0] * image.GetSize()[1] * depth))
-    slabs = (sitk.BinShrink(sitk.Cast(image[:, :, start * depth:min(n_out, start + per_slab) * depth],
-                                      sitk.sitkFloat32), factors) for start in range(0, n_out, per_slab))
+    voxels = sitk.GetArrayViewFromImage(image)
+
+    def shrunk_slab(start: int) -> sitk.Image:
+        slab = sitk.GetImageFromArray(voxels[start * depth:min(n_out, start + per_slab) * depth].astype(np.float32))
+        slab.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, start * depth)))
+        slab.SetSpacing(image.GetSpacing())
+        slab.SetDirection(image.GetDirection())
+        return sitk.BinShrink(slab, factors)
+
+    slabs = (shrunk_slab(start) for start in range(0, n_out, per_slab))
     first = next(slabs)
     out = np.empty((n_out,) + sitk.GetArrayViewFromImage(first).shape[1:], dtype=np.float32)
     done = first.GetSize()[2]
