@@ -16,6 +16,7 @@ who opens the study in the viewer sees that it was not screened and why.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -270,21 +271,25 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, draw: I
     return lines
 
 
-def _add_legend(image_rgb: np.ndarray, lines: list[tuple[str, bool]]) -> np.ndarray:
-    """Append a black band under the image with the legend text and a colour bar."""
+def _add_legend(image_rgb: np.ndarray, lines: list[tuple[str, bool]], per_slice: int = 0) -> np.ndarray:
+    """Append a black band under the image with the legend text and a colour bar. Only the
+    last `per_slice` lines differ from slice to slice: the band with the others is drawn
+    once per series (`_legend_start`) and copied, the same pixels as drawing it each time."""
     width = image_rgb.shape[1]
     font_px = max(11, width // 32)
-    font = ImageFont.load_default(size=font_px)
     margin = max(4, font_px // 2)
     line_h = int(font_px * 1.3)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    wrapped = [(part, alert) for text, alert in lines for part in _wrap(text, font, measure, width - 2 * margin)]
+    shared = tuple(lines[:len(lines) - per_slice])
+    wrapped_shared = [part for text, alert in shared for part in _wrapped(text, alert, font_px, width - 2 * margin)]
+    wrapped_own = [part for text, alert in lines[len(shared):]
+                   for part in _wrapped(text, alert, font_px, width - 2 * margin)]
     bar_h = max(6, font_px // 2)
-    band_h = 2 * margin + line_h * len(wrapped) + bar_h + margin
-    band = Image.new("RGB", (width, band_h), _LEGEND_BACKGROUND)
+    band_h = 2 * margin + line_h * (len(wrapped_shared) + len(wrapped_own)) + bar_h + margin
+    band = _legend_start(width, band_h, tuple(wrapped_shared)).copy()
     draw = ImageDraw.Draw(band)
-    y = margin
-    for text, alert in wrapped:
+    font = _legend_font(font_px)
+    y = margin + line_h * len(wrapped_shared)
+    for text, alert in wrapped_own:
         draw.text((margin, y), text, fill=_LEGEND_ALERT if alert else _LEGEND_TEXT, font=font)
         y += line_h
     bar_w = width - 2 * margin
@@ -292,6 +297,33 @@ def _add_legend(image_rgb: np.ndarray, lines: list[tuple[str, bool]]) -> np.ndar
     bar = (_YELLOW + ramp * (_RED - _YELLOW)).astype(np.uint8)[None, :, :].repeat(bar_h, axis=0)
     band.paste(Image.fromarray(bar, "RGB"), (margin, y + margin // 2))
     return np.concatenate([image_rgb, np.asarray(band)], axis=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _legend_font(font_px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=font_px)
+
+
+@functools.lru_cache(maxsize=256)
+def _wrapped(text: str, alert: bool, font_px: int, width: int) -> tuple[tuple[str, bool], ...]:
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return tuple((part, alert) for part in _wrap(text, _legend_font(font_px), measure, width))
+
+
+@functools.lru_cache(maxsize=4)
+def _legend_start(width: int, band_h: int, wrapped: tuple[tuple[str, bool], ...]) -> Image.Image:
+    """A legend band of `band_h` rows with `wrapped` drawn from the top (copy before use)."""
+    font_px = max(11, width // 32)
+    margin = max(4, font_px // 2)
+    line_h = int(font_px * 1.3)
+    band = Image.new("RGB", (width, band_h), _LEGEND_BACKGROUND)
+    draw = ImageDraw.Draw(band)
+    font = _legend_font(font_px)
+    y = margin
+    for text, alert in wrapped:
+        draw.text((margin, y), text, fill=_LEGEND_ALERT if alert else _LEGEND_TEXT, font=font)
+        y += line_h
+    return band
 
 
 def _patient_orientation(ds: Dataset) -> tuple[str, str]:
@@ -453,7 +485,8 @@ def _build_one(
     inverted = getattr(source, "PhotometricInterpretation", "") == "MONOCHROME1"
     rgb = _upscale(render_overlay(values, error, window, bounds, style, inverted), factor)
     label = f"slice {slice_index + 1}/{n_slices}"
-    pixels = _add_legend(rgb, _legend_lines(summary, bounds, label, reference, map_unit))
+    # The slice label is in the colour line, the second last; the unit line follows it.
+    pixels = _add_legend(rgb, _legend_lines(summary, bounds, label, reference, map_unit), per_slice=2)
     spacing = None
     if hasattr(source, "PixelSpacing"):
         spacing = tuple(float(v) / factor for v in source.PixelSpacing)
