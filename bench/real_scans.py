@@ -18,6 +18,9 @@ taken back to the native slices and thresholded as the SEG is (export/seg.py).
    Targets per lesion: screen positive, score above every healthy pose's, Dice of the
    native SEG with the inserted mask (tumour: core and oedema) at least 0.3.
 3. How many targets each bundle meets.
+4. For bundles with a normative model, how the network itself sees each lesion: inside
+   it, on the model grid, the mean error against the healthy voxel mean +- SD there and
+   the mean z (what bounds every score term and the SEG).
 
 Only MR bundles are judged: no real head CT volume is reachable offline (pydicom's real
 CT is single slices). The T1's age is unknown; an assumed age (default 40) is passed and
@@ -47,6 +50,7 @@ from headscreen.imaging.preprocess import Preprocessed, native_focus, preprocess
 from headscreen.imaging.skullstrip import dice
 from headscreen.imaging.volume import Volume, load_series
 from headscreen.inference import BundleRunner, Inference
+from headscreen.scores import evaluation_mask, z_map
 
 # No age in the ITK example data (no header fields, no documentation of the subject).
 ASSUMED_AGE_YEARS = 40.0
@@ -113,6 +117,8 @@ class Row:
     oedema_ml: float | None = None
     dice: float | None = None
     above_healthy: bool | None = None
+    # How the network sees the inserted lesion on the model grid (`_lesion_seen`).
+    lesion_seen: dict[str, float] | None = None
     targets: dict[str, bool] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -262,8 +268,32 @@ def _score(runner: BundleRunner, case: Case, prepared: Preprocessed | str, age: 
     row.notes = list(inference.notes)
     row.seg_ml = float(seg.sum()) * voxel_ml
     row.dice = dice(seg, case.lesion) if case.lesion is not None else None
+    if case.lesion is not None:
+        row.lesion_seen = _lesion_seen(runner, case, prepared, inference)
     row.seconds = time.perf_counter() - clock
     return row
+
+
+def _lesion_seen(runner: BundleRunner, case: Case, prepared: Preprocessed, inference: Inference
+                 ) -> dict[str, float] | None:
+    """Inside the inserted lesion, taken to the model grid: the network's mean error, the
+    healthy voxel mean and SD of the error there (the normative model) and the mean z. A
+    score and a SEG can only see a lesion that the network reconstructs worse than healthy
+    tissue, by several healthy SDs; None without a normative model."""
+    normative = runner.bundle.normative
+    if normative is None or inference.raw_error is None or case.lesion is None:
+        return None
+    lesion = sitk.GetImageFromArray(case.lesion.astype(np.float32))
+    lesion.CopyInformation(case.volume.image)
+    on_model = sitk.Resample(lesion, prepared.reference, prepared.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    inside = (sitk.GetArrayViewFromImage(on_model) >= 0.5) & evaluation_mask(prepared.brain_mask, normative)
+    if not inside.any():
+        return None
+    z = z_map(inference.raw_error, normative)
+    return {"voxels": float(inside.sum()), "error": float(inference.raw_error[inside].mean()),
+            "healthy_error_mean": float(normative.mean[inside].mean()),
+            "healthy_error_sd": float(normative.sd[inside].mean()),
+            "z": float(z[inside].mean()), "z_p90": float(np.percentile(z[inside], 90))}
 
 
 def _summary(rows: list[Row]) -> dict[str, int]:
@@ -347,6 +377,15 @@ def _print_table(bundle: Bundle, rows: list[Row], summary: dict[str, int]) -> No
         print(f"{row.case:<25} {inserted:>6} {_fmt(row.score, '.5g'):>9} {_yes(row.positive):>4} "
               f"{_fmt(row.percentile, '.1f'):>6} {_yes(row.above_healthy):>8} {_fmt(row.seg_ml, '.1f'):>7} "
               f"{_fmt(row.dice, '.2f'):>5} {sum(row.targets.values())}/{len(row.targets)}  {terms}")
+    seen = [r for r in rows if r.group == "lesion" and r.lesion_seen]
+    if seen:
+        print("how the network sees each lesion (inside it, on the model grid): its error against the healthy "
+              "voxel mean +- SD there, and z")
+        print(f"{'case':<25} {'voxels':>6} {'error':>6} {'healthy':>13} {'mean z':>7} {'z p90':>6}")
+        for row in seen:
+            s = row.lesion_seen or {}
+            print(f"{row.case:<25} {s['voxels']:>6.0f} {s['error']:>6.3f} "
+                  f"{s['healthy_error_mean']:>6.3f} +- {s['healthy_error_sd']:<4.3f} {s['z']:>7.2f} {s['z_p90']:>6.2f}")
     print(f"summary {manifest.key}: {summary['targets_met']}/{summary['targets']} targets met "
           f"(healthy {summary['healthy_targets_met']}/{summary['healthy_targets']}, "
           f"lesions {summary['lesion_targets_met']}/{summary['lesion_targets']}); rows meeting every target: "

@@ -31,6 +31,9 @@ class Inference:
     # otherwise the raw error over the healthy 99th percentile of error.
     error_map: np.ndarray
     notes: tuple[str, ...] = ()
+    # The network's own error map on the model grid, before any normative model (benchmarks
+    # read it to see how strongly the network itself sees a finding).
+    raw_error: np.ndarray | None = None
 
 
 PLAUSIBLE_AGE_YEARS = (0.0, 120.0)
@@ -135,4 +138,5 @@ class BundleRunner:
             age_gap=age_gap,
             error_map=error_map.astype(np.float32),
             notes=tuple(notes),
+            raw_error=raw_error,
         )

@@ -69,6 +69,7 @@ def test_scores_follow_the_manifest(tmp_path):
     assert result.percentile == pytest.approx(100 * 26 / 101)  # 0..2.5 in steps of 0.1
     assert not result.screen_positive
     assert np.allclose(result.error_map, 0.25)  # |0.5| / error_map_scale
+    assert result.raw_error is not None and np.allclose(result.raw_error, 0.5)  # the network's own |x|
 
 
 def test_missing_age_is_stated_not_guessed(tmp_path):
