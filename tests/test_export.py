@@ -274,6 +274,21 @@ def test_legend_states_the_colour_scale_and_its_unit():
     assert any("less its mirror image's" in t and "healthy limit" in t for t in one_sided)
 
 
+def test_legends_drawn_from_a_shared_band_have_the_pixels_of_legends_drawn_whole():
+    from headscreen.export.sc import _add_legend, _legend_lines
+
+    image = np.zeros((256, 320, 3), np.uint8)
+    for k in (1, 2, 40):
+        lines = _legend_lines(MR_SUMMARY, (1.0, 3.0), f"slice {k}/40")
+        shared = _add_legend(image, lines, per_slice=2)
+        whole = _add_legend(image, lines, per_slice=len(lines))  # nothing shared, nothing cached
+        assert shared.shape == whole.shape and shared.shape[0] > image.shape[0]
+        np.testing.assert_array_equal(shared, whole)
+    first, last = (_add_legend(image, _legend_lines(MR_SUMMARY, (1.0, 3.0), f"slice {k}/40"), per_slice=2)
+                   for k in (1, 40))
+    assert not np.array_equal(first, last)  # each slice still names itself
+
+
 def test_legend_says_in_words_when_there_is_no_score():
     from headscreen.export.sc import _legend_lines
 

@@ -5,6 +5,7 @@ Everything is real: ICBM/Colin27 templates, pydicom files on disk, dciodvfy, Sim
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -494,6 +495,31 @@ def _identity_preprocessed(grid: ModelGrid):
     identity = sitk.AffineTransform(3)
     return Preprocessed(model_input=np.zeros(grid.size_zyx, np.float32), brain_mask=np.zeros(grid.size_zyx, bool),
                         qc_metrics={}, qc_reasons=[], transform=identity, reference=grid.reference_image())
+
+
+def test_to_native_resamples_only_around_the_map_and_gives_the_whole_grid_result():
+    from headscreen.imaging.preprocess import _to_native_box
+
+    grid = ModelGrid.from_params(default_params("CT"))
+    # Native voxels finer than the model's, as a thin-slice CT's: a box one model voxel
+    # too small would lose values that the native margin cannot cover.
+    native_grid = sitk.Image([150, 186, 160], sitk.sitkFloat32)
+    native_grid.SetOrigin(grid.reference_image().GetOrigin())
+    volume = Volume.from_image(native_grid, "CT")
+    # A shift only: a rotation's bounding box would hide a box cut too tight.
+    shift = sitk.TranslationTransform(3, (2.3, -3.1, 4.4))
+    shifted = dataclasses.replace(_identity_preprocessed(grid), transform=shift)
+    source_map = np.zeros(grid.size_zyx, np.float32)
+    source_map[20:30, 25:40, 18:22] = np.random.default_rng(1).random((10, 15, 4), dtype=np.float32) + 0.5
+    source_map[0, :, 5] = 2.0  # at the grid's edge too
+    native = to_native(source_map, shifted, volume)
+    source = sitk.GetImageFromArray(source_map)
+    source.CopyInformation(shifted.reference)
+    whole = _to_native_box(source, shifted.transform, shifted.transform.GetInverse(), volume.image, volume.size)
+    np.testing.assert_array_equal(native, whole)
+    assert native.any()
+    empty = to_native(np.zeros(grid.size_zyx, np.float32), shifted, volume)
+    assert empty.shape == native.shape and not empty.any()
 
 
 def test_gantry_tilt_is_detected_and_resampled(tmp_path, small_ct_series):
