@@ -57,6 +57,8 @@ lint: install-test
 bench: system-deps install-test
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/delivery.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
