@@ -33,7 +33,7 @@ import pydicom  # noqa: E402
 from ingest import orthanc, storescp  # noqa: E402
 
 from headscreen.bundle import load_bundle  # noqa: E402
-from headscreen.daemon.config import shipped_bundles  # noqa: E402
+from headscreen.daemon.config import Settings, shipped_bundles  # noqa: E402
 from headscreen.daemon.pipeline import StudyFiles, run_job  # noqa: E402
 from headscreen.db import api  # noqa: E402
 from headscreen.export.delivery import STATUS_SUCCESS, Destination, send  # noqa: E402
@@ -41,12 +41,12 @@ from headscreen.imaging.phantoms import Lesion, Pose, make_head, write_dicom_ser
 from headscreen.inference import BundleRunner  # noqa: E402
 from serve_harness import RecordingSCP  # noqa: E402
 
-OVERLAY_SLICES = 24  # daemon.config.Settings.overlay_slices
+OVERLAY_SLICES = Settings.model_fields["overlay_slices"].default  # what the worker sends by default
 
 
 def build_result(folder: Path) -> tuple[list[Path], list[str]]:
     """The files of one CT result, as run_job writes them, and their kinds."""
-    bundle = next(load_bundle(p) for p in shipped_bundles() if load_bundle(p).manifest.modality == "CT")
+    bundle = next(b for b in map(load_bundle, shipped_bundles()) if b.manifest.modality == "CT")
     head = make_head("CT", age=62.0, seed=21,
                      pose=Pose(rotation_deg=(2.0, -3.0, 5.0), translation_mm=(3.0, -4.0, 6.0)),
                      lesion=Lesion(kind="hemorrhage", center_mm=(25.0, -10.0, 15.0), volume_ml=15.0))

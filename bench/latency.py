@@ -106,12 +106,12 @@ def main(argv: list[str] | None = None) -> None:
                     result = [r for r in daemon.results() if r.study_id == study.id][-1]
                     job = [j for j in daemon.jobs() if j.study_id == study.id][-1]
                     delivered_times = sorted(d.delivered_at for d, o in daemon.deliveries() if o.result_id == result.id)
+                    objects = len(delivered_times)
                     delivered = delivered_times[-1]
                     spans = (f"pick-up {(job.started_at - completed).total_seconds():.2f}, "
                              f"job {(job.finished_at - job.started_at).total_seconds():.2f}, "
                              f"first delivery {(delivered_times[0] - job.finished_at).total_seconds():.2f}, "
                              f"all {(delivered - job.finished_at).total_seconds():.2f}")
-                    objects = sum(1 for _, o in daemon.deliveries() if o.result_id == result.id)
                     user, system = (after - before for after, before in zip(cpu_split(worker), cpu))
                     stages = ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items())
                     print(f"{modality} run {run + 1}: sent {len(files)} slices in {sent:.1f} s; "

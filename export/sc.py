@@ -276,9 +276,7 @@ def _add_legend(image_rgb: np.ndarray, lines: list[tuple[str, bool]], per_slice:
     last `per_slice` lines differ from slice to slice: the band with the others is drawn
     once per series (`_legend_start`) and copied, the same pixels as drawing it each time."""
     width = image_rgb.shape[1]
-    font_px = max(11, width // 32)
-    margin = max(4, font_px // 2)
-    line_h = int(font_px * 1.3)
+    font_px, margin, line_h = _legend_layout(width)
     shared = tuple(lines[:len(lines) - per_slice])
     wrapped_shared = [part for text, alert in shared for part in _wrapped(text, alert, font_px, width - 2 * margin)]
     wrapped_own = [part for text, alert in lines[len(shared):]
@@ -299,6 +297,12 @@ def _add_legend(image_rgb: np.ndarray, lines: list[tuple[str, bool]], per_slice:
     return np.concatenate([image_rgb, np.asarray(band)], axis=0)
 
 
+def _legend_layout(width: int) -> tuple[int, int, int]:
+    """(font size, margin, line height) in pixels of the legend under an image `width` wide."""
+    font_px = max(11, width // 32)
+    return font_px, max(4, font_px // 2), int(font_px * 1.3)
+
+
 @functools.lru_cache(maxsize=8)
 def _legend_font(font_px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=font_px)
@@ -313,9 +317,7 @@ def _wrapped(text: str, alert: bool, font_px: int, width: int) -> tuple[tuple[st
 @functools.lru_cache(maxsize=4)
 def _legend_start(width: int, band_h: int, wrapped: tuple[tuple[str, bool], ...]) -> Image.Image:
     """A legend band of `band_h` rows with `wrapped` drawn from the top (copy before use)."""
-    font_px = max(11, width // 32)
-    margin = max(4, font_px // 2)
-    line_h = int(font_px * 1.3)
+    font_px, margin, line_h = _legend_layout(width)
     band = Image.new("RGB", (width, band_h), _LEGEND_BACKGROUND)
     draw = ImageDraw.Draw(band)
     font = _legend_font(font_px)

@@ -512,12 +512,12 @@ def to_native(model_map: np.ndarray, preprocessed: Preprocessed, volume: Volume)
     source = sitk.GetImageFromArray(np.ascontiguousarray(model_map, dtype=np.float32))
     source.CopyInformation(preprocessed.reference)
     native_to_mni = preprocessed.transform.GetInverse()
-    if volume.is_regular and not model_map.any():
+    if not volume.is_regular:
+        return _to_native_per_slice(source, native_to_mni, volume)
+    box = _nonzero_box(model_map)
+    if box is None:
         return np.zeros(tuple(np.array(volume.size)[::-1]), dtype=np.float32)
-    if volume.is_regular:
-        return _to_native_box(source, preprocessed.transform, native_to_mni, volume.image, volume.size,
-                              _nonzero_box(model_map))
-    return _to_native_per_slice(source, native_to_mni, volume)
+    return _to_native_box(source, preprocessed.transform, native_to_mni, volume.image, volume.size, box)
 
 
 def _nonzero_box(model_map: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
