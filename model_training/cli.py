@@ -72,6 +72,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=12, help="f-AnoGAN stage 3")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--kappa", type=float, default=1.0, help="f-AnoGAN feature-loss weight")
+    p.add_argument("--beta", type=float, default=1.0,
+                   help="VAE KL weight; the KL is averaged over latent dimensions and the L1 over voxels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=Path("cache"), help="preprocessed cohort cache and run folders")
     p.add_argument("--work-dir", type=Path, help="checkpoints and metrics (default <cache>/runs/<out name>)")
@@ -118,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # command without --resume reproduces the bundle from scratch.
         command="headscreen train " + shlex.join(a for a in argv_list if a != "--resume"),
         work_dir=args.work_dir, n_val=args.n_val, n_calibration=args.n_calibration, n_test=args.n_test,
-        n_anomalous=args.n_anomalous, kappa=args.kappa, threads=args.threads, progress=not args.no_progress,
+        n_anomalous=args.n_anomalous, kappa=args.kappa, beta=args.beta, threads=args.threads, progress=not args.no_progress,
         flip_lr=not args.no_flip,
         randomise=not args.no_randomise,
         preprocessing_overrides=json.loads(args.preprocessing.read_text()) if args.preprocessing else None,
