@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # command without --resume reproduces the bundle from scratch.
         command="headscreen train " + shlex.join(a for a in argv_list if a != "--resume"),
         work_dir=args.work_dir, n_val=args.n_val, n_calibration=args.n_calibration, n_test=args.n_test,
-        n_anomalous=args.n_anomalous, kappa=args.kappa, beta=args.beta, threads=args.threads, progress=not args.no_progress,
+        n_anomalous=args.n_anomalous, kappa=args.kappa, beta=args.beta, threads=args.threads,
+        progress=not args.no_progress,
         flip_lr=not args.no_flip,
         randomise=not args.no_randomise,
         preprocessing_overrides=json.loads(args.preprocessing.read_text()) if args.preprocessing else None,
