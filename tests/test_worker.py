@@ -5,6 +5,9 @@ ends: an input error is never retried, and the study gets its not-eligible repor
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -256,3 +259,20 @@ def test_storage_trouble_while_reporting_an_input_error_is_retried(
     job = _job(db_sessions, study_id)
     assert (job.state, job.attempts) == (JobState.QUEUED, 1)
     assert job.last_error.startswith("TransientError")
+
+
+@pytest.mark.parametrize(("admin_setting", "huge_pages_after"), [(None, "False"), ("1", "True")])
+def test_a_worker_asks_numpy_for_small_pages_unless_an_admin_chose(admin_setting: str | None,
+                                                                   huge_pages_after: str) -> None:
+    """numpy's switch returns its previous value: what the worker left it at."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if admin_setting is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = admin_setting
+    code = ("import numpy as np\n"
+            "np._core.multiarray._set_madvise_hugepage(True)  # as numpy starts on a THP kernel\n"
+            "from headscreen.daemon.worker import use_small_pages\n"
+            "use_small_pages()\n"
+            "print(np._core.multiarray._set_madvise_hugepage(True))\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.strip() == huge_pages_after
