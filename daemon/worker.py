@@ -467,8 +467,10 @@ def use_small_pages() -> None:
         return
     import numpy as np
 
-    setter = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
-    if setter is not None:  # numpy's own switch for the same environment variable
+    # numpy's own switch behind that variable (numpy.core before 2.0)
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    setter = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+    if setter is not None:
         setter(False)
 
 
