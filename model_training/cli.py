@@ -74,6 +74,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--kappa", type=float, default=1.0, help="f-AnoGAN feature-loss weight")
     p.add_argument("--beta", type=float, default=1.0,
                    help="VAE KL weight; the KL is averaged over latent dimensions and the L1 over voxels")
+    p.add_argument("--denoise", type=float, default=0.0, metavar="SIGMA",
+                   help="train the VAE to remove coarse noise of this SD (model input range [-1, 1]) "
+                        "added inside the brain; 0: clean inputs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=Path("cache"), help="preprocessed cohort cache and run folders")
     p.add_argument("--work-dir", type=Path, help="checkpoints and metrics (default <cache>/runs/<out name>)")
@@ -120,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # command without --resume reproduces the bundle from scratch.
         command="headscreen train " + shlex.join(a for a in argv_list if a != "--resume"),
         work_dir=args.work_dir, n_val=args.n_val, n_calibration=args.n_calibration, n_test=args.n_test,
-        n_anomalous=args.n_anomalous, kappa=args.kappa, beta=args.beta, threads=args.threads,
+        n_anomalous=args.n_anomalous, kappa=args.kappa, beta=args.beta, denoise=args.denoise, threads=args.threads,
         progress=not args.no_progress,
         flip_lr=not args.no_flip,
         randomise=not args.no_randomise,

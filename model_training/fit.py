@@ -72,6 +72,7 @@ class TrainOptions:
     n_anomalous: int = 40
     kappa: float = 1.0
     beta: float = 1.0  # VAE KL weight (the MR paper's 1)
+    denoise: float = 0.0  # VAE input noise SD (train_vae.VaeConfig.denoise_sigma)
     threads: int = 2
     progress: bool = True
     flip_lr: bool = True
@@ -144,11 +145,13 @@ def _train_fanogan(cohort: Cohort, opts: TrainOptions, device: Any, init: dict |
 def _train_vae(cohort: Cohort, opts: TrainOptions, device: Any, init: dict | None) -> Trained:
     preset = VAE_PRESETS[opts.preset]
     cfg = VaeConfig(preset=preset, variant=opts.method, epochs=opts.epochs, batch_size=opts.batch_size,
-                    beta=opts.beta, flip_lr=opts.flip_lr, seed=opts.seed)
+                    beta=opts.beta, denoise_sigma=opts.denoise, flip_lr=opts.flip_lr, seed=opts.seed)
     result = train_vae(cohort.healthy["train"], cfg, opts.run_dir(), device, val=cohort.healthy["val"],
                        resume=opts.resume, progress=opts.progress, init=init, val_anomalous=cohort.anomalous.get("val"))
     hyper = {"latent": preset.latent, "channels": list(preset.channels), "variant": cfg.variant, "lr": cfg.lr,
              "beta": cfg.beta, "gamma": cfg.gamma, "epochs": cfg.epochs}
+    if cfg.denoise_sigma > 0:
+        hyper.update(denoise_sigma=cfg.denoise_sigma, denoise_cells=cfg.denoise_cells)
     return Trained(VaeGraph(result.model), result.metrics_path, result.steps, hyper,
                    {"model": result.model.state_dict()})
 

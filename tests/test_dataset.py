@@ -131,10 +131,12 @@ def test_headscreen_train_on_the_csv_writes_a_bundle_that_records_it(dataset: Pa
     argv = ["--modality", "CT", "--method", "vae_ap", "--out", str(out), "--cache", str(tmp_path / "cache"),
             "--dataset", str(dataset), "--n-anomalous", "2", "--epochs", "1", "--batch-size", "2",
             "--device", "cpu", "--threads", "1", "--no-progress", "--preprocessing", str(coarse),
-            "--min-val-auroc", "0", "--beta", "0.001"]  # one epoch on two scans: the floor is not tested here
+            # one epoch on two scans: the floor is not tested here
+            "--min-val-auroc", "0", "--beta", "0.001", "--denoise", "0.2"]
     assert main(argv) == 0
     manifest = load_bundle(out).manifest
     assert manifest.training["hyperparameters"]["beta"] == 0.001
+    assert manifest.training["hyperparameters"]["denoise_sigma"] == 0.2
     assert manifest.training["data"] == f"dataset CSV {dataset}"
     assert manifest.training["n_train"] == 2
     assert "--dataset" in manifest.training["command"]

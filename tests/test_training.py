@@ -28,7 +28,7 @@ from headscreen.model_training.export_onnx import FAnoGANGraph, VaeGraph, export
 from headscreen.model_training.networks import VAE3D, GanPreset, VaePreset
 from headscreen.model_training.runtime import Samples, pick_device
 from headscreen.model_training.train_fanogan import FAnoGANConfig, evaluate_izi_f, train_fanogan
-from headscreen.model_training.train_vae import VaeConfig, train_vae
+from headscreen.model_training.train_vae import VaeConfig, coarse_noise, train_vae
 
 TINY_GAN = GanPreset(size=16, latent=16, channels=(4, 8))
 TINY_VAE = VaePreset(latent=16, channels=(4, 8), age_hidden=16)
@@ -120,6 +120,23 @@ def test_combined_anomaly_score_by_hand() -> None:
     score = losses.anomaly_score(rec, kl, gap, alpha=2.0, beta=1.0, gamma=0.1)
     assert score.tolist() == pytest.approx([0.4 + 0.5 + 1.0, 0.2 + 0.0 + 0.4])
     assert losses.anomaly_score(rec, kl, None, 2.0, 1.0, 0.1).tolist() == pytest.approx([0.9, 0.2])
+
+
+def test_coarse_noise_is_smooth_inside_the_brain_and_leaves_the_background() -> None:
+    images = torch.full((2, 1, 32, 32, 32), -1.0)
+    images[:, :, 4:28, 4:28, 4:28] = 0.1  # a brain at 0.1 in a background at the range's minimum
+    inside = images > -1.0
+    noisy = coarse_noise(images, sigma=0.2, cells=8, generator=torch.Generator().manual_seed(0))
+    noise = (noisy - images)[inside]
+    assert torch.equal(noisy[~inside], images[~inside])
+    assert 0.1 < float(noise.std()) < 0.3  # the asked-for SD, less what upsampling smooths away
+    # coarse: neighbouring voxels move together (white noise of this SD would differ by ~0.28)
+    step = (noisy - images)[:, :, 5:27, 5:27, 6:27] - (noisy - images)[:, :, 5:27, 5:27, 5:26]
+    assert float(step.abs().mean()) < 0.05
+    assert not torch.equal(noisy[0], noisy[1])  # each head its own noise
+    assert float(noisy.max()) <= 1.0 and float(noisy.min()) >= -1.0
+    bright = coarse_noise(torch.where(inside, 0.95, -1.0), 0.5, 8, torch.Generator().manual_seed(1))
+    assert float(bright.max()) == 1.0  # clipped as preprocessing clips
 
 
 # ---------------------------------------------------------------- calibration
@@ -239,6 +256,26 @@ def test_vae_variants_train_and_export(variant: str, tmp_path: Path, cpu) -> Non
     assert export_and_check(graph, tmp_path / "v.onnx", data.images[:3], data.ages[:3]) < 1e-4
     outputs = [o.name for o in ort.InferenceSession(str(tmp_path / "v.onnx")).get_outputs()]
     assert outputs == ["error_map", "rec", "kl", "focal"] + (["age"] if variant == "vae_ap" else [])
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.3])
+def test_vae_trains_on_noisy_inputs_only_when_asked(sigma: float, tmp_path: Path, cpu,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from headscreen.model_training import train_vae as module
+
+    seen: list[float] = []
+
+    def spy(images: torch.Tensor, *args: object) -> torch.Tensor:
+        noisy = coarse_noise(images, *args)  # type: ignore[arg-type]
+        seen.append(float((noisy - images).abs().max()))
+        return noisy
+
+    monkeypatch.setattr(module, "coarse_noise", spy)
+    data = smooth_volumes(8, (8, 8, 8), seed=7)
+    cfg = VaeConfig(preset=VaePreset(latent=8, channels=(4,), age_hidden=8), epochs=2, batch_size=4,
+                    denoise_sigma=sigma, denoise_cells=2)
+    train_vae(data, cfg, tmp_path / "run", cpu, progress=False)
+    assert len(seen) == (4 if sigma else 0) and all(change > 0 for change in seen)
 
 
 def test_vae_resume_continues_to_the_same_weights(tmp_path: Path, cpu) -> None:
