@@ -208,6 +208,23 @@ def test_sc_round_trip_keeps_identity_geometry_and_labels(ct_series, ct_overlays
     assert sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
 
 
+def test_sc_names_the_acquisition_equipment_and_highdicoms_memoised_check_answers_as_before(ct_series, ct_overlays):
+    # export.sc memoises highdicom's pixel-data check per SOP class: same answers, one walk each.
+    import highdicom._standard_utils as standard
+    import highdicom.base_content as base_content
+    from pydicom.uid import BasicTextSRStorage, MRImageStorage
+
+    memoised = base_content.does_iod_have_pixel_data
+    for uid in (CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage, BasicTextSRStorage):
+        assert memoised(uid) == standard.does_iod_have_pixel_data(uid), uid
+    assert memoised.cache_info().hits > 0
+    datasets, _ = ct_series
+    for sc in ct_overlays:
+        [acquisition] = [item for item in sc.ContributingEquipmentSequence
+                         if item.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"]  # Acquisition Equipment
+        assert acquisition.Manufacturer == datasets[0].Manufacturer == "Synthetic"
+
+
 def test_reddest_pixels_sit_on_the_lesion(ct_overlays):
     lesion_image = ct_overlays[12]  # subset starts 12 slices before the lesion
     assert lesion_image.SourceImageSequence[0].ReferencedSOPInstanceUID
