@@ -169,7 +169,9 @@ class SharedStages:
 def _read_study(study: StudyFiles, rules: SelectionRules, timer: Timer) -> StudyRead:
     # Each file is parsed once: its pixel data stays in the file until the volume is built.
     headers = timer.measure("read_headers", _read_headers, study, True)
-    candidates = [SeriesCandidate.from_datasets(h) for h in headers.values() if h]
+    # Once per series: selection counts what is left out, and the chosen series goes on without it.
+    usable = {uid: usable_instances(h) for uid, h in headers.items() if h}
+    candidates = [SeriesCandidate.from_datasets(headers[uid], found) for uid, found in usable.items()]
     selection = timer.measure("select", select_series, candidates, rules)
     for series_uid, datasets in headers.items():
         if series_uid != selection.chosen:
@@ -182,7 +184,7 @@ def _read_study(study: StudyFiles, rules: SelectionRules, timer: Timer) -> Study
     # Only the instances that decode go on (selection counted the others); a stored file
     # pydicom could not parse at all is left out too.
     stored = len(study.series.get(chosen, []))
-    kept, excluded = usable_instances(headers[chosen])
+    kept, excluded = usable[chosen][0], dict(usable[chosen][1])
     unparsed = stored - len(headers[chosen])
     if unparsed > 0:
         excluded = {EXCLUDED_UNREADABLE: unparsed, **excluded}

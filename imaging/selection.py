@@ -71,12 +71,14 @@ class SeriesCandidate:
         return sum(count for _, count in self.excluded)
 
     @classmethod
-    def from_datasets(cls, headers: Sequence[pydicom.Dataset]) -> SeriesCandidate:
+    def from_datasets(cls, headers: Sequence[pydicom.Dataset],
+                      usable: tuple[list[pydicom.Dataset], dict[str, int]] | None = None) -> SeriesCandidate:
         """Summarise one series from its headers (read with stop_before_pixels=True); an
-        instance whose geometry does not decode is left out and counted (`usable_instances`)."""
+        instance whose geometry does not decode is left out and counted (`usable_instances`,
+        or `usable`: what it returned for these headers, when the caller has it already)."""
         if not headers:
             raise InputRejected("empty_series: no headers to summarise")
-        kept, excluded = usable_instances(headers)
+        kept, excluded = usable if usable is not None else usable_instances(headers)
         first = kept[0] if kept else headers[0]
         normals, positions = _geometry(kept)
         orientation = _orientation(normals)

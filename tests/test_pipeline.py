@@ -275,17 +275,25 @@ def _bad_study(small_head, folder: Path, *mutations: str) -> tuple[StudyFiles, l
     return study_of(files), files
 
 
-def test_one_undecodable_slice_costs_that_slice_not_the_study(tmp_path, fast_runner, small_head):
+def test_one_undecodable_slice_costs_that_slice_not_the_study(tmp_path, fast_runner, small_head, monkeypatch):
+    from headscreen.imaging import selection
+
     study, files = _bad_study(small_head, tmp_path / "in")
     garbage, broken = files[5], files[-6]
     damage([garbage], BY_NAME["position_garbage_one"], random.Random(0))
     damage([broken], BY_NAME["pixels_truncated_one"], random.Random(0))
+    judged: list[object] = []
+    judge = selection.instance_problem
+    monkeypatch.setattr(selection, "instance_problem", lambda ds: judged.append(ds) or judge(ds))
     outcome = run_job(ticket(study.study_instance_uid), study, fast_runner, tmp_path / "out", overlay_slices=2,
                       rules=EIGHT_MM)
     assert outcome.eligible and outcome.anomaly_score is not None, outcome.qc_reasons
     assert (f"instances_excluded: 2 of {len(files)} instances of the series left out "
             "(geometry undecodable 1, pixel data missing or undecodable 1)") in outcome.qc_reasons
     assert "1 instance(s) left out: geometry undecodable 1" in outcome.series_verdicts[0]["reason"]
+    # Each header judged once, for selection and the volume alike; then, as the series did not
+    # load (the truncated slice), each of the files kept is read whole and judged again.
+    assert len(judged) == len(files) + (len(files) - 1)
     # A SEG only where the map crosses its threshold; never left out for want of geometry here.
     assert sorted(o.kind for o in outcome.objects if o.kind != "seg") == ["sc", "sc", "sr"]
     assert not any(r.startswith("seg_not_built") for r in outcome.qc_reasons)
