@@ -1,7 +1,9 @@
 """Seconds from study completeness to results delivered, for a 300-slice head CT and a brain MR.
 
-Starts `headscreen serve` (SQLite, shipped bundles, one worker) and a Storage SCP as the
-destination, sends each study with dcmtk's storescu, and prints per run:
+Starts `headscreen serve` (SQLite, shipped bundles, one worker) and a PACS as the
+destination (a real Orthanc by default; --destination pynetdicom: the test harness's
+Python Storage SCP, which takes a CT result 1.3-1.8x as long as Orthanc, bench/delivery.py),
+sends each study with dcmtk's storescu, and prints per run:
 - completeness -> last object delivered (the study's completed_at to the last delivered_at);
 - last instance acknowledged -> last object delivered (last_received_at to the last
   delivered_at: the quiet wait of completeness included);
@@ -12,6 +14,7 @@ Targets (issue 14): CT <= 3 s, MR <= 2 s from completeness, <= 6 s from the last
 acknowledgement, worker peak <= 1 GB. Not a test.
 
     .venv/bin/python bench/latency.py [--runs 2] [--modality CT MR] [--whole-quiet S] [--test-timing]
+                                      [--destination orthanc|pynetdicom]
 
 serve runs with the shipped defaults for the settings that make waits (whole_quiet_s 5,
 sweep_interval_s 1, quiet_period_s 60; --whole-quiet S sets whole_quiet_s), which are
@@ -26,11 +29,15 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import pydicom  # noqa: E402
+from ingest import orthanc  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 from throughput import children, cpu_split, is_worker, peak_rss_mb, reset_peak  # noqa: E402
 
@@ -65,6 +72,20 @@ def _production_timing(daemon: Daemon, whole_quiet_s: float) -> None:
     daemon.config.write_text(text)
 
 
+@contextmanager
+def _destination(kind: str, work: Path) -> Iterator[tuple[str, int]]:
+    """(AE title, port) of a started destination, stopped on exit."""
+    if kind == "orthanc":
+        with orthanc(work) as (port, ae_title, _storage, _stats):
+            yield ae_title, port
+        return
+    scp = RecordingSCP(work / "pacs")
+    try:
+        yield scp.ae_title, scp.port
+    finally:
+        scp.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2)
@@ -72,15 +93,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-timing", action="store_true",
                         help="the test harness's short waits instead of the shipped defaults")
     parser.add_argument("--whole-quiet", type=float, default=5.0, help="whole_quiet_s (not with --test-timing)")
+    parser.add_argument("--destination", choices=("orthanc", "pynetdicom"), default="orthanc",
+                        help="where the results go: a real Orthanc (the PACS) or the harness's Python SCP")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _destination(args.destination, Path(tmp)) as (ae_title, port):
         root = Path(tmp)
-        destination = RecordingSCP(root / "pacs")
-        daemon = Daemon(root / "hs", destinations=[("pacs", destination.ae_title, destination.port)])
+        daemon = Daemon(root / "hs", destinations=[("pacs", ae_title, port)])
         if not args.test_timing:
             _production_timing(daemon, args.whole_quiet)
         print("timing: " + ("the test harness's (whole_quiet_s 1, sweeps every 0.25 s)" if args.test_timing
-                            else f"shipped defaults, whole_quiet_s {args.whole_quiet:g}"))
+                            else f"shipped defaults, whole_quiet_s {args.whole_quiet:g}")
+              + f"; results delivered to {args.destination}")
         daemon.start()
         try:
             assert daemon.process is not None
@@ -123,7 +146,6 @@ def main(argv: list[str] | None = None) -> None:
                           f"  spans (s): {spans}\n  stages (s): {stages}")
         finally:
             daemon.close()
-            destination.stop()
 
 
 if __name__ == "__main__":
