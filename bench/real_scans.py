@@ -228,7 +228,12 @@ def _prepare(case: Case, params: dict) -> Preprocessed | str:
 
 def _judge(runner: BundleRunner, cases: list[Case], prepared: dict[str, Preprocessed | str],
            age: float) -> list[Row]:
-    rows = [_score(runner, case, prepared[case.name], age) for case in cases]
+    # The lesions are painted into the as-acquired scan (the first healthy case): its model
+    # input and error at the lesion's voxels say what the lesion changed and what was there.
+    first = prepared[cases[0].name]
+    baseline = (None if isinstance(first, str)
+                else (first, runner.run(first.model_input, age, brain_mask=first.brain_mask)))
+    rows = [_score(runner, case, prepared[case.name], age, baseline) for case in cases]
     healthy = [r.score for r in rows if r.group == "healthy" and r.score is not None]
     low, high = AGE_RANGE_YEARS
     for row in rows:
@@ -244,7 +249,8 @@ def _judge(runner: BundleRunner, cases: list[Case], prepared: dict[str, Preproce
     return rows
 
 
-def _score(runner: BundleRunner, case: Case, prepared: Preprocessed | str, age: float) -> Row:
+def _score(runner: BundleRunner, case: Case, prepared: Preprocessed | str, age: float,
+           baseline: tuple[Preprocessed, Inference] | None = None) -> Row:
     """One case through inference the daemon's way (daemon/pipeline.run_job)."""
     row = Row(case.name, case.group, eligible=False, inserted_ml=case.inserted_ml, oedema_ml=case.oedema_ml)
     if isinstance(prepared, str):
@@ -269,17 +275,24 @@ def _score(runner: BundleRunner, case: Case, prepared: Preprocessed | str, age: 
     row.seg_ml = float(seg.sum()) * voxel_ml
     row.dice = dice(seg, case.lesion) if case.lesion is not None else None
     if case.lesion is not None:
-        row.lesion_seen = _lesion_seen(runner, case, prepared, inference)
+        row.lesion_seen = _lesion_seen(runner, case, prepared, inference, baseline)
     row.seconds = time.perf_counter() - clock
     return row
 
 
-def _lesion_seen(runner: BundleRunner, case: Case, prepared: Preprocessed, inference: Inference
-                 ) -> dict[str, float] | None:
+def _lesion_seen(runner: BundleRunner, case: Case, prepared: Preprocessed, inference: Inference,
+                 baseline: tuple[Preprocessed, Inference] | None = None) -> dict[str, float] | None:
     """Inside the inserted lesion, taken to the model grid: the network's mean error, the
     healthy voxel mean and SD of the error there (the normative model) and the mean z. A
     score and a SEG can only see a lesion that the network reconstructs worse than healthy
-    tissue, by several healthy SDs; None without a normative model."""
+    tissue, by several healthy SDs; None without a normative model.
+
+    With the `baseline` (the scan the lesion was painted into): the lesion's contrast in
+    the model input (lesion minus the same voxels without it), the share of that contrast
+    that shows as error (the rise of the error there; 1: the network copied none of it),
+    and the mean z a network that copied none of it would reach, from the means
+    ((baseline error + |contrast| - healthy mean) / healthy SD): the most that healing
+    the lesion can give at this normalisation and healthy spread."""
     normative = runner.bundle.normative
     if normative is None or inference.raw_error is None or case.lesion is None:
         return None
@@ -290,10 +303,18 @@ def _lesion_seen(runner: BundleRunner, case: Case, prepared: Preprocessed, infer
     if not inside.any():
         return None
     z = z_map(inference.raw_error, normative)
-    return {"voxels": float(inside.sum()), "error": float(inference.raw_error[inside].mean()),
+    seen = {"voxels": float(inside.sum()), "error": float(inference.raw_error[inside].mean()),
             "healthy_error_mean": float(normative.mean[inside].mean()),
             "healthy_error_sd": float(normative.sd[inside].mean()),
             "z": float(z[inside].mean()), "z_p90": float(np.percentile(z[inside], 90))}
+    if baseline is not None and baseline[1].raw_error is not None:
+        before, before_inference = baseline
+        contrast = float((prepared.model_input[inside] - before.model_input[inside]).mean())
+        before_error = float(before_inference.raw_error[inside].mean())
+        seen.update(contrast=contrast, baseline_error=before_error,
+                    shown=(seen["error"] - before_error) / abs(contrast) if contrast else math.nan,
+                    z_healed=(before_error + abs(contrast) - seen["healthy_error_mean"]) / seen["healthy_error_sd"])
+    return seen
 
 
 def _summary(rows: list[Row]) -> dict[str, int]:
@@ -380,12 +401,18 @@ def _print_table(bundle: Bundle, rows: list[Row], summary: dict[str, int]) -> No
     seen = [r for r in rows if r.group == "lesion" and r.lesion_seen]
     if seen:
         print("how the network sees each lesion (inside it, on the model grid): its error against the healthy "
-              "voxel mean +- SD there, and z")
-        print(f"{'case':<25} {'voxels':>6} {'error':>6} {'healthy':>13} {'mean z':>7} {'z p90':>6}")
+              "voxel mean +- SD there, and z;\n  contrast: the lesion in the model input against the same voxels "
+              "of the scan without it (error there before: 'before'); shown: the share of the contrast that shows "
+              "as error;\n  z healed: the mean z of a network that copied none of it (from the means)")
+        print(f"{'case':<25} {'voxels':>6} {'error':>6} {'healthy':>13} {'mean z':>7} {'z p90':>6} "
+              f"{'contrast':>8} {'before':>6} {'shown':>5} {'z healed':>8}")
         for row in seen:
             s = row.lesion_seen or {}
+            extra = (f" {s['contrast']:>+8.3f} {s['baseline_error']:>6.3f} {s['shown']:>5.2f} {s['z_healed']:>8.2f}"
+                     if "contrast" in s else "")
             print(f"{row.case:<25} {s['voxels']:>6.0f} {s['error']:>6.3f} "
-                  f"{s['healthy_error_mean']:>6.3f} +- {s['healthy_error_sd']:<4.3f} {s['z']:>7.2f} {s['z_p90']:>6.2f}")
+                  f"{s['healthy_error_mean']:>6.3f} +- {s['healthy_error_sd']:<4.3f} {s['z']:>7.2f} {s['z_p90']:>6.2f}"
+                  + extra)
     print(f"summary {manifest.key}: {summary['targets_met']}/{summary['targets']} targets met "
           f"(healthy {summary['healthy_targets_met']}/{summary['healthy_targets']}, "
           f"lesions {summary['lesion_targets_met']}/{summary['lesion_targets']}); rows meeting every target: "
