@@ -5,6 +5,7 @@ set, and a worker woken by the sweep that queues its job."""
 
 from __future__ import annotations
 
+import random
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -17,12 +18,20 @@ from scipy import ndimage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bad_input import BY_NAME, damage
 from db_factories import BUNDLES, add_series, outcome, uid
 from headscreen.daemon import scheduler
 from headscreen.db import api
 from headscreen.db.models import Job
 from headscreen.db.states import JobState
-from headscreen.export.sanitise import COPIED, REFERENCE_KEYWORDS, sanitise_sources
+from headscreen.export.sanitise import (
+    _SHARED,
+    COPIED,
+    REFERENCE_KEYWORDS,
+    TYPE2,
+    clean_header,
+    sanitise_sources,
+)
 from headscreen.export.seg import anomaly_mask, anomaly_region, build_segmentation, source_voxel_ml
 from headscreen.imaging.phantoms import make_head, write_dicom_series
 from headscreen.imaging.preprocess import ModelGrid, Preprocessed, default_params, preprocess, to_native
@@ -144,6 +153,22 @@ def test_sources_are_cleaned_in_full_only_where_objects_copy_from_them():
         else:
             assert keywords <= REFERENCE_KEYWORDS | COPIED | {"SpecificCharacterSet"}, keywords - REFERENCE_KEYWORDS
             assert "PixelData" not in keywords
+
+
+def test_a_reference_copy_holds_what_a_whole_clean_copy_holds_of_those_attributes(tmp_path: Path):
+    datasets, _ = make_ct_series(seed=5)
+    datasets[3].add_new(0x00091010, "LO", "private")  # never copied
+    datasets[3].ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    path = tmp_path / "slice.dcm"
+    datasets[3].save_as(path, enforce_file_format=True)
+    damage([path], BY_NAME["slice_thickness_bad"], random.Random(0))  # a reference attribute that does not decode
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    whole, whole_dropped = clean_header(source, skip=_SHARED)
+    reference, reference_dropped = clean_header(source, skip=_SHARED, only=REFERENCE_KEYWORDS)
+    expected = [e for e in whole if e.keyword in REFERENCE_KEYWORDS | set(TYPE2)]  # Type 2: present, empty in both
+    assert [(e.tag, e.VR, e.value) for e in reference] == [(e.tag, e.VR, e.value) for e in expected]
+    assert "SliceThickness" in whole_dropped and reference_dropped == ["SliceThickness"]
+    assert {"SOPInstanceUID", "ImagePositionPatient", "ImageType", "Rows"} <= {e.keyword for e in reference}
 
 
 def test_a_sweep_that_queues_a_job_wakes_the_workers(tmp_path, db_url: str, db_sessions: sessionmaker[Session]):
