@@ -31,6 +31,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -465,13 +466,18 @@ def use_small_pages() -> None:
     NUMPY_MADVISE_HUGEPAGE, set by an admin, is left to decide."""
     if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
         return
-    import numpy as np
-
-    # numpy's own switch behind that variable (numpy.core before 2.0)
-    core = getattr(np, "_core", None) or getattr(np, "core", None)
-    setter = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+    setter = numpy_hugepage_switch()
     if setter is not None:
         setter(False)
+
+
+def numpy_hugepage_switch() -> Callable[[bool], bool] | None:
+    """numpy's own switch behind NUMPY_MADVISE_HUGEPAGE (under numpy.core before 2.0); it
+    returns its previous value. None where this numpy has none."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    return getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
 
 
 def return_freed_memory() -> None:

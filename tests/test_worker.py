@@ -268,11 +268,10 @@ def test_a_worker_asks_numpy_for_small_pages_unless_an_admin_chose(admin_setting
     env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
     if admin_setting is not None:
         env["NUMPY_MADVISE_HUGEPAGE"] = admin_setting
-    code = ("import numpy as np\n"
-            "np._core.multiarray._set_madvise_hugepage(True)  # as numpy starts on a THP kernel\n"
-            "from headscreen.daemon.worker import use_small_pages\n"
+    code = ("from headscreen.daemon.worker import numpy_hugepage_switch, use_small_pages\n"
+            "numpy_hugepage_switch()(True)  # as numpy starts on a THP kernel\n"
             "use_small_pages()\n"
-            "print(np._core.multiarray._set_madvise_hugepage(True))\n")
+            "print(numpy_hugepage_switch()(True))\n")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           check=True)
     assert done.stdout.strip() == huge_pages_after
