@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from headscreen.errors import ConfigError, InputRejected
 from headscreen.imaging import qc, skullstrip, templates
+from headscreen.imaging.concurrency import both
 from headscreen.imaging.registration import RegistrationResult, register_to_atlas
 from headscreen.imaging.volume import Volume
 from headscreen.scores import FOCAL_KERNEL, focal_centre
@@ -328,24 +329,31 @@ def _preprocess(volume: Volume, params: dict[str, Any], modality: str) -> Prepro
     brain_extraction.CopyInformation(extraction_grid)
     lap("skull_strip")
 
-    # Paper order: strip the skull, then smooth and resize, so bone never bleeds into the
-    # brain's edge (the edge blends with the black border instead, the same in every scan).
-    stripped = _strip_working(working, brain, reference, registration.transform, _masked_value(params, air),
-                              _edge_ceiling(params))
-    sigma = float(params["smoothing_sigma_mm"])
-    smoothed = sitk.SmoothingRecursiveGaussian(stripped, sigma) if sigma > 0 else stripped
-    values = sitk.GetArrayFromImage(
-        sitk.Resample(smoothed, reference, registration.transform, sitk.sitkLinear, air, sitk.sitkFloat32))
-    model_input = normalise(values, brain, params)
-    lap("smooth_resize_normalise")
+    def model_input_of() -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        # Paper order: strip the skull, then smooth and resize, so bone never bleeds into the
+        # brain's edge (the edge blends with the black border instead, the same in every scan).
+        stripped = _strip_working(working, brain, reference, registration.transform, _masked_value(params, air),
+                                  _edge_ceiling(params))
+        sigma = float(params["smoothing_sigma_mm"])
+        smoothed = sitk.SmoothingRecursiveGaussian(stripped, sigma) if sigma > 0 else stripped
+        values = sitk.GetArrayFromImage(
+            sitk.Resample(smoothed, reference, registration.transform, sitk.sitkLinear, air, sitk.sitkFloat32))
+        return normalise(values, brain, params), time.perf_counter() - started
 
-    metrics = _qc_metrics(volume, working, registration, brain, template_mask, grid, params, reg_settings,
-                          moved, in_view)
+    def qc_of() -> tuple[dict[str, float], float]:
+        started = time.perf_counter()
+        return (_qc_metrics(volume, working, registration, brain, template_mask, grid, params, reg_settings,
+                            moved, in_view), time.perf_counter() - started)
+
+    # Both only read what is above (imaging.concurrency): side by side, the same to the bit.
+    (model_input, input_s), (metrics, qc_s) = both(model_input_of, qc_of)
     reasons = (list(volume.qc_reasons) + _orientation_reasons(registration)
                + qc.check_ranges(metrics, params["qc_ranges"]))
     # When the image is not a head at all, that is the reason a reader needs first.
     reasons.sort(key=lambda reason: qc.reason_prefix(reason) != "not_a_head")
-    lap("qc")
+    lap("input_and_qc")
+    timings.update({"input_and_qc.smooth_resize_normalise": input_s, "input_and_qc.qc": qc_s})
     timings["total"] = sum(seconds for stage, seconds in timings.items() if "." not in stage)
     logger.info("preprocessed", extra={"action": "preprocessed", "series_uid": volume.series_uid,
                                        "seconds": round(timings["total"], 3), "qc_reasons": reasons})

@@ -6,8 +6,10 @@ The transform maps atlas (MNI, LPS) points to native scanner points, which is wh
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,6 +19,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from headscreen.errors import InputRejected
+from headscreen.imaging.concurrency import side_by_side, threads
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +83,15 @@ class _Pyramid:
     def __init__(self, atlas: sitk.Image, moving: sitk.Image, atlas_mask: sitk.Image) -> None:
         self.atlas, self.moving, self.atlas_mask = atlas, moving, atlas_mask
         self.levels: dict[tuple, tuple[sitk.Image, sitk.Image, sitk.Image]] = {}
+        self._lock = threading.Lock()  # registrations side by side share it
 
     def level(self, spacing_mm: float, clamp: list[float] | None = None) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
         key = (spacing_mm, tuple(clamp) if clamp else None)
+        with self._lock:
+            return self._level(key, spacing_mm, clamp)
+
+    def _level(self, key: tuple, spacing_mm: float,
+               clamp: list[float] | None) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
         if key not in self.levels:
             atlas, moving = _shrink(self.atlas, spacing_mm), _shrink(self.moving, spacing_mm)
             if clamp:
@@ -117,9 +126,8 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     scorer = _CoarseScorer(atlas, moving, atlas_mask, float(search["spacing_mm"]), COARSE_BINS)
     cranium_depth = float(search["cranium_depth_mm"])
     atlas_centre = _cranium_centroid(atlas_points, np.eye(3), cranium_depth)
-    candidates: list[tuple[float, sitk.Euler3DTransform, str]] = []
 
-    def consider(name: str, matrix: np.ndarray) -> float:
+    def consider(name: str, matrix: np.ndarray) -> tuple[float, sitk.Euler3DTransform, str]:
         # The cranium is found along this candidate's own superior axis, so a steep pitch
         # still pairs the top of the head with the top of the atlas.
         moving_centre = _cranium_centroid(moving_points, matrix, cranium_depth)
@@ -127,22 +135,27 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
         transform.SetCenter(tuple(atlas_centre))
         transform.SetMatrix(tuple(matrix.ravel()))
         transform.SetTranslation(tuple(moving_centre - atlas_centre))
-        score = scorer.score(matrix, atlas_centre, moving_centre)
-        candidates.append((score, transform, name))
-        return score
+        return scorer.score(matrix, atlas_centre, moving_centre), transform, name
 
     grid = search["tilts_deg"]
-    for name, flip in _HYPOTHESES.items():
+
+    def search_hypothesis(name: str, flip: np.ndarray) -> list[tuple[float, sitk.Euler3DTransform, str]]:
         # The head as labelled gets the full grid (pitch x yaw x roll: a one-axis-at-a-time
         # search missed combined roll and yaw on the real T1); the turned hypotheses only
         # need to be found when they are true, so pitch x yaw suffices for them.
         rolls = grid["roll"] if name == "as_labelled" else [0.0]
         yaws = grid["yaw"] if name == "as_labelled" else grid["yaw_turned"]
-        scored = [(consider(name, flip @ _euler(pitch, roll, yaw)), (pitch, roll, yaw))
-                  for pitch in grid["pitch"] for yaw in yaws for roll in rolls]
-        best_angles = min(scored)[1]
+        angles = [(pitch, roll, yaw) for pitch in grid["pitch"] for yaw in yaws for roll in rolls]
+        found = [consider(name, flip @ _euler(*tilt)) for tilt in angles]
+        best_angles = min(zip((score for score, _, _ in found), angles))[1]
         for step in _joint_steps(float(grid["joint_step"])):
-            consider(name, flip @ _euler(*(b + d for b, d in zip(best_angles, step))))
+            found.append(consider(name, flip @ _euler(*(b + d for b, d in zip(best_angles, step)))))
+        return found
+
+    # In hypothesis order, as one after another: ties then sort the same way.
+    candidates = [candidate for found in side_by_side(
+        [functools.partial(search_hypothesis, name, flip) for name, flip in _HYPOTHESES.items()])
+        for candidate in found]
     candidates.sort(key=lambda c: c[0])
     searched = time.perf_counter()
 
@@ -158,24 +171,24 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     rigid_stage = settings["rigid"]
     coarse_stage = {**rigid_stage, "levels_mm": rigid_stage["levels_mm"][:1]}
     fine_stage = {**rigid_stage, "levels_mm": rigid_stage["levels_mm"][1:]}
-    refined: list[tuple[float, sitk.Euler3DTransform, str]] = []
-    for _, transform, name in shortlist:
-        moved, metric = _optimise(pyramid, transform, coarse_stage, settings)
-        refined.append((metric, moved, name))
+    at_once = threads()
+    # Side by side (imaging.concurrency), each on its own: the same to the bit.
+    moved = side_by_side([functools.partial(_optimise, pyramid, transform, coarse_stage, settings)
+                          for _, transform, _ in shortlist], at_once)
+    refined = [(metric, transform, name) for (transform, metric), (_, _, name) in zip(moved, shortlist)]
     refined.sort(key=lambda c: c[0])
     best = refined[0]
 
-    def finish(rigid: sitk.Euler3DTransform) -> tuple[sitk.AffineTransform, float]:
+    def finish(rigid: sitk.Euler3DTransform, at_once: int) -> tuple[sitk.AffineTransform, float]:
         if fine_stage["levels_mm"]:
-            rigid = _optimise(pyramid, rigid, fine_stage, settings)[0]
+            rigid = _optimise(pyramid, rigid, fine_stage, settings, at_once)[0]
         affine = sitk.AffineTransform(3)
         affine.SetCenter(rigid.GetCenter())
         affine.SetMatrix(rigid.GetMatrix())
         affine.SetTranslation(rigid.GetTranslation())
-        return _optimise(pyramid, affine, settings["affine"], settings)
+        return _optimise(pyramid, affine, settings["affine"], settings, at_once)
 
     rigid_done = time.perf_counter()
-    affine, metric = finish(best[1])
     hypothesis = best[2]
     labelled = next((c for c in refined if c[2] == "as_labelled"), None)
     if hypothesis != "as_labelled" and labelled is not None:
@@ -183,9 +196,12 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
         # symmetric front to back: on realistic CT heads a back-to-front turn won the
         # coarse level by 0.3-3 % (11 of 136 healthy synthetic heads). A turn must also
         # win the full registration, whose last level weighs the soft tissue and brain.
-        labelled_affine, labelled_metric = finish(labelled[1])
+        (affine, metric), (labelled_affine, labelled_metric) = side_by_side(
+            [lambda: finish(best[1], 1), lambda: finish(labelled[1], 1)], at_once)
         if labelled_metric <= metric:
             affine, metric, hypothesis = labelled_affine, labelled_metric, "as_labelled"
+    else:
+        affine, metric = finish(best[1], at_once)
 
     matrix = np.asarray(affine.GetMatrix()).reshape(3, 3)
     rotation = _rotation_angle_deg(rotation_part(matrix))
@@ -321,8 +337,9 @@ _T = TypeVar("_T", bound=sitk.Transform)
 
 
 def _optimise(pyramid: _Pyramid, transform: _T, stage: dict[str, Any],
-              settings: dict[str, Any]) -> tuple[_T, float]:
-    """Run a stage coarse to fine over its levels; returns the moved transform and final metric."""
+              settings: dict[str, Any], at_once: int = 1) -> tuple[_T, float]:
+    """Run a stage coarse to fine over its levels; returns the moved transform and final metric.
+    With `at_once` > 1 each level's start metric is evaluated beside its run."""
     current = transform.__class__(transform)
     metric = float("inf")
     levels = len(stage["levels_mm"])
@@ -330,21 +347,34 @@ def _optimise(pyramid: _Pyramid, transform: _T, stage: dict[str, Any],
     samples = stage.get("samples_per_level") or [stage["samples"]] * levels
     for spacing, metric_name, sample_count in zip(stage["levels_mm"], metrics, samples):
         level_stage = {**stage, "metric": metric_name, "samples": sample_count}
-        atlas, moving, mask = pyramid.level(float(spacing),
-                                            stage.get("clamp") if metric_name == "correlation" else None)
-        method = _method(level_stage, settings, current, mask)
+        images = pyramid.level(float(spacing), stage.get("clamp") if metric_name == "correlation" else None)
         before = transform.__class__(current)
-        method.SetInitialTransform(before)
-        start_metric = float(method.MetricEvaluate(atlas, moving))
-        method = _method(level_stage, settings, current, mask)
-        method.SetInitialTransform(current, inPlace=True)
-        method.Execute(atlas, moving)
-        metric = float(method.GetMetricValue())
+        start_metric, metric = side_by_side([functools.partial(_start_metric, level_stage, settings, before, images),
+                                             functools.partial(_run_level, level_stage, settings, current, images)],
+                                            at_once)
         if not metric <= start_metric:
             # The optimiser made it worse (it can step out of a good basin on a head
             # unlike the atlas): keep where this level started.
             current, metric = before, start_metric
     return current, metric
+
+
+def _start_metric(stage: dict[str, Any], settings: dict[str, Any], start: sitk.Transform,
+                  images: tuple[sitk.Image, sitk.Image, sitk.Image]) -> float:
+    atlas, moving, mask = images
+    method = _method(stage, settings, start, mask)
+    method.SetInitialTransform(start)
+    return float(method.MetricEvaluate(atlas, moving))
+
+
+def _run_level(stage: dict[str, Any], settings: dict[str, Any], transform: sitk.Transform,
+               images: tuple[sitk.Image, sitk.Image, sitk.Image]) -> float:
+    """Optimise `transform` in place; returns the final metric."""
+    atlas, moving, mask = images
+    method = _method(stage, settings, transform, mask)
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(atlas, moving)
+    return float(method.GetMetricValue())
 
 
 def rotation_part(matrix: np.ndarray) -> np.ndarray:

@@ -206,7 +206,10 @@ def anomalous_cases(modality: str, n: int, seed: int, randomise: bool = False) -
 
 def _single_threaded_itk() -> None:
     import SimpleITK as sitk
+
+    from headscreen.imaging import concurrency
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    concurrency.set_threads(1)  # the processes already share the cores
 
 
 def _prepare_all(cases: list[Case], params: dict[str, Any], cache_dir: Path | None, label: str,
