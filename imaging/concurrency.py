@@ -29,6 +29,7 @@ def set_threads(threads: int) -> None:
 
 
 def threads() -> int:
+    """How many steps may run at once in this process."""
     return _threads
 
 
