@@ -47,11 +47,12 @@ from headscreen.errors import DECODE_ERRORS, InputRejected, TransientError, is_i
 from headscreen.export.kos import build_rejection_note
 from headscreen.export.model import AlgorithmInfo, ResultSummary
 from headscreen.export.pm import build_parametric_map
-from headscreen.export.sanitise import TYPE2, sanitise_sources
+from headscreen.export.sanitise import TYPE2, ReferenceCopies, reference_copies, sanitise_sources
 from headscreen.export.sc import OverlayStyle, build_not_screened_image, build_overlay_series, choose_slices
 from headscreen.export.seg import DEFAULT_THRESHOLD, IndexBox, build_segmentation, missing_for_seg
 from headscreen.export.sr import ReferenceNote, build_report
 from headscreen.figures import ResultFigures
+from headscreen.imaging import concurrency
 from headscreen.imaging.preprocess import Preprocessed, native_focus, preprocess, to_native
 from headscreen.imaging.qc import blocking_reasons
 from headscreen.imaging.selection import (
@@ -316,7 +317,7 @@ def _screen(
     # Outside the brain the model input is a constant background, so residuals
     # there say nothing about the patient: only the brain is coloured.
     brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
-    native_map = timer.measure("to_native", to_native, brain_error, prepared, volume)
+    native_map, copies_ahead = _native_map_with_references(brain_error, prepared, volume, headers[chosen], timer)
 
     # The percentile and screen result come from the reference of this scanner (the
     # bundle's own unless the site calibrated it); Inference keeps the bundle's.
@@ -332,7 +333,7 @@ def _screen(
     # The results copy patient, study and equipment values: only ones that decode and validate.
     # Only the first slice and the overlay slices are copied from; the SEG and the SR place
     # or reference the others, which need their identity and geometry only.
-    clean = timer.measure("sanitise", sanitise_sources, sources, {0, *overlay_indices})
+    clean = timer.measure("sanitise", sanitise_sources, sources, {0, *overlay_indices}, copies_ahead)
     sources = clean.datasets
     note = ReferenceNote(kind=reference.kind, text=reference.describe(), legend=reference.legend())
     # No SEG or parametric map while calibrating: a region or map with no screen result
@@ -369,6 +370,20 @@ def _screen(
         outcome, station_key=station, scoring_sha256=scoring_identity(runner.bundle), reference_kind=reference.kind,
         reference_id=reference.reference_id if isinstance(reference, Reference) else None,
     )
+
+
+def _native_map_with_references(brain_error: np.ndarray, prepared: Preprocessed, volume: Volume,
+                                series_headers: list[Dataset],
+                                timer: Timer) -> tuple[np.ndarray, ReferenceCopies | None]:
+    """The model's map on the native slices and, beside it where this worker has a core to
+    spare (imaging.concurrency), the reference-only copies that sanitising the sources
+    needs next: pydicom work (GIL-bound) beside ITK's resampling and numpy's copies
+    (which release it). Only the headers are read, which the mapping does not touch."""
+    if concurrency.threads() < 2:
+        return timer.measure("to_native", to_native, brain_error, prepared, volume), None
+    ordered = _ordered_sources(series_headers, volume.slice_sop_uids)
+    return concurrency.both(lambda: timer.measure("to_native", to_native, brain_error, prepared, volume),
+                            lambda: timer.measure("reference_copies", reference_copies, ordered))
 
 
 def score_shadow(
@@ -672,11 +687,15 @@ def _read_sources(headers: list[Dataset], slice_sop_uids: list[str], pixel_slice
     Only the overlay slices need pixels; the SR and the SEG need headers only,
     which were read already, so a thin-slice CT is not read a third time.
     """
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in headers}
-    ordered = [by_uid[uid] for uid in slice_sop_uids]
+    ordered = _ordered_sources(headers, slice_sop_uids)
     for k in sorted(set(pixel_slices)):
         ordered[k] = pydicom.dcmread(ordered[k].filename)
     return ordered
+
+
+def _ordered_sources(headers: list[Dataset], slice_sop_uids: list[str]) -> list[Dataset]:
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in headers}
+    return [by_uid[uid] for uid in slice_sop_uids]
 
 
 def _build_results(

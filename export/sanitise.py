@@ -50,7 +50,8 @@ try:  # the check highdicom applies to the character set it writes
 except ImportError:  # a highdicom without it: its enumeration of defined terms
     _check_specific_character_set = None
 
-__all__ = ["COPIED", "REFERENCE_KEYWORDS", "TYPE2", "NOTE_PREFIX", "Sanitised", "clean_header", "sanitise_sources"]
+__all__ = ["COPIED", "REFERENCE_KEYWORDS", "TYPE2", "NOTE_PREFIX", "ReferenceCopies", "Sanitised", "clean_header",
+           "reference_copies", "sanitise_sources"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,28 @@ class Sanitised:
                 + " (not decodable or not valid for the VR: left out of the results)")
 
 
-def sanitise_sources(datasets: Sequence[Dataset], full: Collection[int] | None = None) -> Sanitised:
+@dataclass(frozen=True)
+class ReferenceCopies:
+    """The reference-only copies (see `sanitise_sources`) of a series' later instances,
+    each with what it left out, by index; made before the instances to copy whole are known."""
+
+    count: int
+    made: dict[int, tuple[Dataset, list[str]]]
+
+
+def reference_copies(datasets: Sequence[Dataset]) -> ReferenceCopies:
+    """What `sanitise_sources(datasets, full)` makes of each instance not in `full`, made
+    ahead and then handed to it (the pipeline makes them while it maps the model's map
+    back to the native slices)."""
+    if not datasets:
+        return ReferenceCopies(0, {})
+    shared = _shared_values(clean_header(datasets[0])[0])
+    return ReferenceCopies(len(datasets), {index: _copy_sharing(dataset, shared, REFERENCE_KEYWORDS)
+                                           for index, dataset in enumerate(datasets[1:], start=1)})
+
+
+def sanitise_sources(datasets: Sequence[Dataset], full: Collection[int] | None = None,
+                     references: ReferenceCopies | None = None) -> Sanitised:
     """Clean copies of `datasets`, instances of one series (see module docstring): every
     copy carries the patient, study and series values of the first one, so the objects of
     one result agree. Never raises on the datasets' values.
@@ -133,32 +155,47 @@ def sanitise_sources(datasets: Sequence[Dataset], full: Collection[int] | None =
     `full` (None: all) names the datasets an object is built from (the first always is);
     the others are only referenced (by UID, and placed by geometry), so their copies hold
     only `REFERENCE_KEYWORDS` and the shared values: a 300-slice series is cleaned in a
-    fraction of the time."""
+    fraction of the time. `references` (`reference_copies` of the same instances, in the
+    same order) gives those copies made ahead."""
     if not datasets:
         return Sanitised([])
+    if references is not None and references.count != len(datasets):
+        raise ValueError("sanitise_sources: argument 'references' is not of these datasets")
     dropped: dict[str, None] = {}
     first, first_dropped = clean_header(datasets[0])
     dropped.update(dict.fromkeys(first_dropped))
-    # The character set goes with the values it was read with.
-    shared = {tag: first.get_item(tag) for tag in first.keys()
-              if keyword_for_tag(tag) in _SHARED or tag == 0x00080005}
+    shared = _shared_values(first)
     clean = [first]
     wanted = None if full is None else set(full)
     for index, dataset in enumerate(datasets[1:], start=1):
-        # Its own patient, study and series values are replaced by the first one's: not even read.
         only = None if wanted is None or index in wanted else REFERENCE_KEYWORDS
-        copy_, others = clean_header(dataset, skip=_SHARED, only=only)
+        made = references.made.get(index) if references is not None and only is not None else None
+        copy_, others = made if made is not None else _copy_sharing(dataset, shared, only)
         dropped.update(dict.fromkeys(others))
-        for tag in [t for t in copy_.keys()
-                    if (keyword_for_tag(t) in _SHARED or t == 0x00080005) and t not in shared]:
-            del copy_[tag]
-        for element in shared.values():
-            copy_.add(copy.copy(element))
         clean.append(copy_)
     if dropped:
         logger.warning("source header values left out of the results",
                        extra={"action": "header_values_dropped", "attributes": list(dropped)})
     return Sanitised(clean, tuple(dropped))
+
+
+def _shared_values(first: Dataset) -> dict[BaseTag, DataElement]:
+    # The character set goes with the values it was read with.
+    return {tag: first.get_item(tag) for tag in first.keys()
+            if keyword_for_tag(tag) in _SHARED or tag == 0x00080005}
+
+
+def _copy_sharing(dataset: Dataset, shared: dict[BaseTag, DataElement],
+                  only: frozenset[str] | None) -> tuple[Dataset, list[str]]:
+    """A clean copy of a later instance, the first one's shared values in place of its own."""
+    # Its own patient, study and series values are replaced by the first one's: not even read.
+    copy_, others = clean_header(dataset, skip=_SHARED, only=only)
+    for tag in [t for t in copy_.keys()
+                if (keyword_for_tag(t) in _SHARED or t == 0x00080005) and t not in shared]:
+        del copy_[tag]
+    for element in shared.values():
+        copy_.add(copy.copy(element))
+    return copy_, others
 
 
 def clean_header(dataset: Dataset, skip: frozenset[str] = frozenset(),

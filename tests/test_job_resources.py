@@ -30,6 +30,7 @@ from headscreen.export.sanitise import (
     REFERENCE_KEYWORDS,
     TYPE2,
     clean_header,
+    reference_copies,
     sanitise_sources,
 )
 from headscreen.export.seg import anomaly_mask, anomaly_region, build_segmentation, source_voxel_ml
@@ -169,6 +170,32 @@ def test_a_reference_copy_holds_what_a_whole_clean_copy_holds_of_those_attribute
     assert [(e.tag, e.VR, e.value) for e in reference] == [(e.tag, e.VR, e.value) for e in expected]
     assert "SliceThickness" in whole_dropped and reference_dropped == ["SliceThickness"]
     assert {"SOPInstanceUID", "ImagePositionPatient", "ImageType", "Rows"} <= {e.keyword for e in reference}
+
+
+@pytest.mark.parametrize("full", [{0, 3, 7}, {0}, None])
+def test_reference_copies_made_ahead_give_what_sanitising_alone_gives(tmp_path: Path, full: set[int] | None):
+    """The pipeline makes the reference-only copies while it maps the anomaly map back to
+    the native slices (daemon.pipeline._native_map_with_references); handed to
+    sanitise_sources they must give the very datasets and left-out keywords it makes alone."""
+    datasets, _ = make_ct_series(seed=5)
+    paths = []
+    for k, dataset in enumerate(datasets):
+        paths.append(tmp_path / f"{k:03d}.dcm")
+        dataset.save_as(paths[-1], enforce_file_format=True)
+    damage([paths[5]], BY_NAME["slice_thickness_bad"], random.Random(0))  # left out, and reported
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
+    sources = list(headers)
+    sources[3] = pydicom.dcmread(paths[3])  # an overlay slice, read again with its pixels
+
+    def elements(sanitised):
+        return [[(e.tag, e.VR, e.value) for e in ds] for ds in sanitised.datasets]
+
+    alone = sanitise_sources(sources, full)
+    ahead = sanitise_sources(sources, full, reference_copies(headers))
+    assert elements(ahead) == elements(alone)
+    assert ahead.dropped == alone.dropped and "SliceThickness" in alone.dropped
+    with pytest.raises(ValueError, match="references"):
+        sanitise_sources(sources[:-1], full, reference_copies(headers))
 
 
 def test_a_sweep_that_queues_a_job_wakes_the_workers(tmp_path, db_url: str, db_sessions: sessionmaker[Session]):
