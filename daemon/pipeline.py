@@ -95,7 +95,8 @@ class StudyFiles:
 
 @dataclass
 class Timer:
-    """Seconds per pipeline stage, recorded with the result."""
+    """Seconds per pipeline stage, recorded with the result. Stages measured side by side
+    overlap (reference_copies with to_native), so they do not add up to the job's time."""
 
     stages: dict[str, float] = field(default_factory=dict)
 
