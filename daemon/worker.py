@@ -491,9 +491,11 @@ _M_ARENA_MAX = -8
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas. Each thread that allocates may get an arena of its own,
-    which keeps what the thread freed: with registration and QC side by side
-    (imaging.concurrency) a CT job's peak RSS rose from 880-890 MB to 945-955 MB, with two
-    arenas 906 MB. Returns False where this is not glibc. Call before threads start."""
+    which keeps what the thread freed: with steps side by side (imaging.concurrency) a CT
+    job's peak RSS rose from 870-890 MB to 945-955 MB; with two arenas it is 890-960 MB.
+    One arena keeps the old peak, but the threads then queue on its lock and the MR
+    latency rose from 3.3 to 3.6-4.8 s. Returns False where this is not glibc. Call
+    before threads start."""
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, int(arenas)))
     except (OSError, AttributeError):
