@@ -379,7 +379,8 @@ def _native_map_with_references(brain_error: np.ndarray, prepared: Preprocessed,
     """The model's map on the native slices and, beside it where this worker has a core to
     spare (imaging.concurrency), the reference-only copies that sanitising the sources
     needs next: pydicom work (GIL-bound) beside ITK's resampling and numpy's copies
-    (which release it). Only the headers are read, which the mapping does not touch."""
+    (which release it). Only the headers are read, which the mapping does not touch.
+    (clean_header silences warnings process-wide while it runs: the mapping gives none.)"""
     if concurrency.threads() < 2:
         return timer.measure("to_native", to_native, brain_error, prepared, volume), None
     ordered = _ordered_sources(series_headers, volume.slice_sop_uids)
