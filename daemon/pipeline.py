@@ -31,6 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -736,6 +737,7 @@ def _build_results(
         sr = build_report(sources, summary, sc_datasets, reference=reference, segmentation=seg, parametric_map=pm,
                           anomaly_map=native_map, map_unit=map_unit)
         staged.add(sr, "sr.dcm", "sr")
+        staged.written()
     except BaseException:
         staged.discard()
         raise
@@ -745,12 +747,16 @@ def _build_results(
 class _StagedFiles:
     """Result files written under temporary names (each fdatasync'ed) and renamed into place
     together; the directory is synced once for the set, so all are durable before run_job
-    returns, and so before any delivery of them is recorded."""
+    returns, and so before any delivery of them is recorded. The writes and syncs run on a
+    writer thread (they release the GIL), so the next object is built meanwhile; `written`
+    waits for them and raises the first error."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.objects: list[OutputObject] = []
         self._temporary: list[tuple[Path, Path]] = []
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future[None]] = []
 
     def __len__(self) -> int:
         return len(self.objects)
@@ -763,7 +769,9 @@ class _StagedFiles:
         dataset.save_as(buffer, enforce_file_format=True)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._temporary.append((tmp, path))
-        write_synced(tmp, buffer.getbuffer())
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-writer")
+        self._writes.append(self._writer.submit(write_synced, tmp, buffer.getbuffer()))
         del buffer
         self.objects.append(OutputObject(sop_instance_uid=str(dataset.SOPInstanceUID),
                                          sop_class_uid=str(dataset.SOPClassUID), kind=kind, path=str(path)))
@@ -771,7 +779,24 @@ class _StagedFiles:
             release_pixels(dataset)
         return dataset
 
+    def written(self) -> None:
+        """Wait until every file is written and synced; the first write error, if any."""
+        writes, self._writes = self._writes, []
+        try:
+            for write in writes:
+                write.result()
+        finally:
+            for write in writes:
+                write.cancel()
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
     def discard(self) -> None:
+        try:
+            self.written()
+        except Exception:
+            pass  # the error that made the build fail is the one raised
         for tmp, _ in self._temporary:
             tmp.unlink(missing_ok=True)
 

@@ -377,3 +377,45 @@ def test_the_delivery_round_sends_a_note_right_after_its_result(
     assert states == {DeliveryState.DELIVERED}
     assert stats.delivered == len(_objects(db_sessions, newest))  # the new result and its note
     assert pydicom.dcmread(wants.folder / f"{wants.order[-1]}.dcm").SOPClassUID == KOS_STORAGE
+
+
+def test_result_files_are_written_on_the_writer_thread_and_all_durable_before_the_build_returns(series, tmp_path,
+                                                                                                 monkeypatch):
+    """The build hands each encoded object to a writer thread (write and fdatasync release
+    the GIL, so the next object is built meanwhile); it returns only once every file is
+    written and synced, renamed into place."""
+    import threading
+
+    import headscreen.daemon.pipeline as pipeline
+
+    real_write = pipeline.write_synced
+    threads: list[str] = []
+
+    def write(path, data, sync=True):
+        threads.append(threading.current_thread().name)
+        real_write(path, data, sync)
+
+    monkeypatch.setattr(pipeline, "write_synced", write)
+    paths = _result_files(series, tmp_path / "out")
+    assert len(threads) == len(paths) and all(name.startswith("result-writer") for name in threads)
+    assert all(path.stat().st_size > 0 for path in paths)
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_a_result_file_that_cannot_be_written_fails_the_build_and_leaves_no_file(series, tmp_path, monkeypatch):
+    import headscreen.daemon.pipeline as pipeline
+
+    real_write = pipeline.write_synced
+    calls = []
+
+    def write(path, data, sync=True):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_write(path, data, sync)
+
+    monkeypatch.setattr(pipeline, "write_synced", write)
+    datasets, error = series
+    with pytest.raises(OSError, match="No space left"):
+        _build_results(datasets, error, ct_summary(), choose_slices(error, 2), tmp_path / "out", 1.0)
+    assert list((tmp_path / "out").iterdir()) == []
