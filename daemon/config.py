@@ -140,6 +140,9 @@ class ReceiverSection(_Section):
     max_connections_per_address: int = Field(8, ge=1, le=1000)
     max_idle_connections: int = Field(32, ge=1, le=10_000)
     refusal_log_interval_s: float = Field(60.0, gt=0)
+    # Receiver processes accepting on the port (daemon/receiver_pool.py): one is bound to
+    # about one core; more let concurrent associations use the others.
+    processes: int = Field(1, ge=1, le=64)
     tls: ReceiverTlsConfig = ReceiverTlsConfig()
 
     @model_validator(mode="after")

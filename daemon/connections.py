@@ -7,6 +7,8 @@ inside its accept loop; GuardedAssociationServer replaces both (see ConnectionGu
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -17,9 +19,10 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from pynetdicom import AE, evt
 from pynetdicom._handlers import (
@@ -210,6 +213,53 @@ class Connection:
             assoc.dul.to_user_queue.put(None)
 
 
+class SharedAssociationCount:
+    """Associations held by each receiver process of one `serve` (daemon.receiver_pool), in
+    shared memory, so that `max_associations` bounds them all together. Each process writes
+    only its own slot; the parent zeroes the slot of a process that died.
+
+    The check and the count are made under an flock on `lock_path`, not a multiprocessing
+    lock: the kernel releases an flock when its holder dies, so a process killed while
+    holding it cannot stop every other process from admitting associations.
+    """
+
+    def __init__(self, slots: Any, index: int, lock_path: Path) -> None:
+        self._slots = slots  # multiprocessing RawArray('i', processes)
+        self.index = index
+        self.lock_path = lock_path
+        self._thread_lock = threading.Lock()  # an flock does not exclude threads sharing its file
+        self._fd: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"slots": self._slots, "index": self.index, "lock_path": self.lock_path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["slots"], state["index"], state["lock_path"])  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        with self._thread_lock:
+            if self._fd is None:
+                self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def held_elsewhere(self) -> int:
+        """Under `lock()`: what the other processes hold."""
+        return sum(held for i, held in enumerate(self._slots) if i != self.index)
+
+    def publish(self, held: int) -> None:
+        """Under `lock()`: what this process holds now."""
+        self._slots[self.index] = held
+
+    @property
+    def published(self) -> int:
+        return int(self._slots[self.index])
+
+
 class ConnectionGuard:
     """What a peer may hold before and while associated, across the plain and TLS ports.
 
@@ -222,15 +272,20 @@ class ConnectionGuard:
 
     Closing the oldest idle connection, not refusing the new one, means a caller's
     own stale sockets (or an abuser's) never keep its fresh connection out.
+
+    With several receiver processes (`shared`), the association limit counts every
+    process's associations; the per-address and idle limits hold per process.
     """
 
     def __init__(self, *, per_address: int, max_idle: int, max_associations: int,
-                 refusals: RefusalLog | None, stats: ReceiverStats) -> None:
+                 refusals: RefusalLog | None, stats: ReceiverStats,
+                 shared: SharedAssociationCount | None = None) -> None:
         self.per_address = per_address
         self.max_idle = max_idle
         self.max_associations = max_associations
         self.refusals = refusals
         self.stats = stats
+        self.shared = shared
         self._lock = threading.Lock()
         self._connections: list[Connection] = []
 
@@ -276,12 +331,32 @@ class ConnectionGuard:
             connection.close()
 
     def take_association_slot(self, connection: Connection) -> bool:
-        with self._lock:
+        with self._shared_lock(), self._lock:
             held = sum(1 for c in self._connections if c.accepted and c is not connection and c.alive())
-            if held >= self.max_associations:
+            elsewhere = self.shared.held_elsewhere() if self.shared is not None else 0
+            if held + elsewhere >= self.max_associations:
                 return False
             connection.accepted = True
+            if self.shared is not None:
+                self.shared.publish(held + 1)
             return True
+
+    def publish_held(self) -> None:
+        """Tell the other receiver processes what this one holds now (after an association
+        ends, and periodically), so an ended association stops counting there too."""
+        if self.shared is None:
+            return
+        with self._lock:
+            if self.shared.published == self._held():
+                return  # nothing changed: no need for the cross-process lock
+        with self.shared.lock(), self._lock:
+            self.shared.publish(self._held())
+
+    def _held(self) -> int:
+        return sum(1 for c in self._connections if c.accepted and c.alive())
+
+    def _shared_lock(self) -> contextlib.AbstractContextManager[None]:
+        return self.shared.lock() if self.shared is not None else contextlib.nullcontext()
 
     def tls_failed(self, connection: Connection, reason: str) -> None:
         if connection.evicted:
@@ -542,13 +617,40 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def __init__(self, ae: AE, address: tuple[str, int], ae_title: str, contexts: list[Any],
                  ssl_context: ssl.SSLContext | None = None, evt_handlers: list[Any] | None = None, *,
                  guard: ConnectionGuard, tls_context: ssl.SSLContext | None = None,
-                 handshake_timeout_s: float = 10.0) -> None:
+                 handshake_timeout_s: float = 10.0, listening_socket: socket.socket | None = None,
+                 shared_accept: bool = False) -> None:
         self.guard = guard
         self.tls_context = tls_context
         self.handshake_timeout_s = handshake_timeout_s
         self._local = threading.local()
+        # Set: accept on this socket, another receiver process's (daemon.receiver_pool).
+        self._adopted = listening_socket
+        # Several processes accept on one socket: a process that loses the race for a
+        # connection must go back to its loop at once, not wait in accept() for the next.
+        self._shared_accept = shared_accept or listening_socket is not None
         super().__init__(ae, address, ae_title, contexts, None, evt_handlers=evt_handlers,
                          request_handler=_GuardedRequestHandler)
+
+    def server_bind(self) -> None:
+        if self._adopted is None:
+            super().server_bind()
+        else:
+            cast(socket.socket, self.socket).close()
+            self.socket = self._adopted
+            self.server_address = self.socket.getsockname()
+        if self._shared_accept:
+            # accept() then raises BlockingIOError, which the loop ignores.
+            cast(socket.socket, self.socket).setblocking(False)
+
+    def server_activate(self) -> None:
+        if self._adopted is None:
+            super().server_activate()  # an adopted socket already listens
+
+    def server_close(self) -> None:
+        if self._shared_accept:
+            cast(socket.socket, self.socket).close()  # shutdown(), as pynetdicom's does, would stop it in every process
+        else:
+            super().server_close()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None  # the listening socket, open while the server runs

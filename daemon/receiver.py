@@ -62,6 +62,7 @@ daemon/dataset_check.py (header decode, completeness walk), daemon/instance_reco
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -110,6 +111,7 @@ from headscreen.daemon.connections import (
     GuardedAssociationServer,
     RefusalKey,
     RefusalLog,
+    SharedAssociationCount,
     set_timeout,
 )
 from headscreen.daemon.dataset_check import parse_header, part10_prefix
@@ -181,7 +183,9 @@ ASSOCIATION_LIMIT_STATUS = _rj_status(_RJ_LOCAL_LIMIT)
 _PYNETDICOM_ASSOCIATION_CEILING = 4096
 
 # The ingest journal's segments, below the storage root (never a UID: the debris sweep skips it).
+# Receiver process k > 0 of a serve (daemon.receiver_pool) keeps its own, ".journal-k".
 JOURNAL_DIR = ".journal"
+_OTHER_JOURNAL = re.compile(r"^\.journal-([1-9][0-9]*)$")
 _DB_ATTEMPTS = 6
 _DB_BACKOFF_S = 0.02
 _ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is LO
@@ -353,6 +357,31 @@ class StoreDeps:
     sent_studies: SentStudies = field(default_factory=SentStudies)
 
 
+def journal_directory(storage_root: Path, process_index: int) -> Path:
+    return storage_root / (JOURNAL_DIR if process_index == 0 else f"{JOURNAL_DIR}-{process_index}")
+
+
+def _journals_to_recover(storage_root: Path, process_index: int) -> list[Path]:
+    """Its own journal; the first process (serve's own, started before any other) also
+    replays what every other receiver process left, including processes no longer configured."""
+    own = [journal_directory(storage_root, process_index)]
+    if process_index != 0 or not storage_root.is_dir():
+        return own
+    others = [(int(m.group(1)), p) for p in storage_root.iterdir() if (m := _OTHER_JOURNAL.match(p.name))]
+    return own + [path for _, path in sorted(others)]
+
+
+@dataclass(frozen=True)
+class ProcessShare:
+    """This receiver is one of several processes of one `serve` (daemon.receiver_pool): they
+    accept on the same listening sockets and count their associations together."""
+
+    index: int
+    associations: SharedAssociationCount
+    # The first process's listening sockets, in listener order (plain, then TLS); empty in it.
+    listeners: tuple[socket.socket, ...] = ()
+
+
 class Receiver:
     """A running SCP; ``shutdown()`` stops the servers and their associations."""
 
@@ -381,6 +410,15 @@ class Receiver:
     @property
     def ae(self) -> AE:
         return self._ae
+
+    def publish_held(self) -> None:
+        """Republish the associations held, for the other processes of a pool."""
+        if self._guard is not None:
+            self._guard.publish_held()
+
+    def listening_sockets(self) -> tuple[socket.socket, ...]:
+        """For the other receiver processes of a pool, which accept on them too."""
+        return tuple(cast(socket.socket, server.socket) for server in self._servers)
 
     def flush_refusals(self) -> None:
         """Write the counted refusals now instead of at the end of the interval."""
@@ -429,8 +467,10 @@ def build_ae(config: ReceiverConfig) -> AE:
     return ae
 
 
-def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session]) -> Receiver:
-    """Start the SCP in background threads and return it (``port`` 0 picks a free port)."""
+def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session],
+                   share: ProcessShare | None = None) -> Receiver:
+    """Start the SCP in background threads and return it (``port`` 0 picks a free port).
+    `share`: one of several receiver processes (daemon.receiver_pool)."""
     store = InstanceStore(config.storage_dir, config.disk_min_free_mb, durable=config.durable)
     policy = CallerPolicy(config.allowed_callers, config.allow_any_caller)
     if not config.allow_any_caller and not config.allowed_callers:
@@ -450,9 +490,11 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
     if config.durable:
         # Before listening, and so before serve starts the scheduler and workers: a row
         # whose file a crash lost gets its bytes back before anything reads it.
-        recover(store.root / JOURNAL_DIR, lambda entries: _replay(deps, entries))
+        index = share.index if share is not None else 0
+        for directory in _journals_to_recover(store.root, index):
+            recover(directory, lambda entries: _replay(deps, entries))
         deps.journal = IngestJournal(
-            store.root / JOURNAL_DIR, sync_files=lambda paths: sync_files(store.root, paths),
+            journal_directory(store.root, index), sync_files=lambda paths: sync_files(store.root, paths),
             sync_records=lambda: _with_db_retry(deps, db_ingest.make_commits_durable))
         deps.journal.start()
         journal = deps.journal
@@ -468,7 +510,8 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
     deps.guard = ConnectionGuard(per_address=config.max_connections_per_address,
                                  max_idle=config.max_idle_connections,
                                  max_associations=config.maximum_associations,
-                                 refusals=deps.refusals, stats=deps.stats)
+                                 refusals=deps.refusals, stats=deps.stats,
+                                 shared=share.associations if share is not None else None)
     ae = build_ae(config)
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, handle_connection_open),
@@ -486,10 +529,15 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
     if config.tls is not None:
         listeners.append((config.tls.port, tls_context))
     servers: list[ThreadedAssociationServer] = []
+    adopted: Sequence[socket.socket | None] = share.listeners if share is not None and share.listeners else ()
+    if adopted and len(adopted) != len(listeners):
+        raise ValueError("ProcessShare: one listening socket per listener (plain, then TLS) is needed")
     try:
-        for port, context in listeners:
+        for i, (port, context) in enumerate(listeners):
             servers.append(_start_server(ae, (config.bind_address, port), handlers, deps.guard, context,
-                                         config.association_request_timeout_s))
+                                         config.association_request_timeout_s,
+                                         listening_socket=adopted[i] if adopted else None,
+                                         shared_accept=share is not None))
     except BaseException:
         ae.shutdown()
         if deps.journal is not None:
@@ -505,10 +553,13 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
 
 
 def _start_server(ae: AE, address: tuple[str, int], handlers: list[Any], guard: ConnectionGuard,
-                  tls_context: ssl.SSLContext | None, handshake_timeout_s: float) -> GuardedAssociationServer:
+                  tls_context: ssl.SSLContext | None, handshake_timeout_s: float, *,
+                  listening_socket: socket.socket | None = None,
+                  shared_accept: bool = False) -> GuardedAssociationServer:
     """What AE.start_server(block=False) does, with our server class."""
     server = ae.make_server(address, evt_handlers=handlers, server_class=GuardedAssociationServer,
-                            guard=guard, tls_context=tls_context, handshake_timeout_s=handshake_timeout_s)
+                            guard=guard, tls_context=tls_context, handshake_timeout_s=handshake_timeout_s,
+                            listening_socket=listening_socket, shared_accept=shared_accept)
     assert isinstance(server, GuardedAssociationServer)
     thread = threading.Thread(target=make_target(server.serve_forever), name="AcceptorServer", daemon=True)
     thread.start()
@@ -648,6 +699,8 @@ def handle_released(event: Event, deps: StoreDeps) -> None:
 def handle_ended(event: Event, deps: StoreDeps) -> None:
     """An abort or a closed connection: forget the association's studies, stamp none."""
     deps.sent_studies.pop(event.assoc)
+    if deps.guard is not None:
+        deps.guard.publish_held()  # its slot is free for the other receiver processes too
 
 
 def _stored(record: InstanceRecord, outcome: RecordOutcome) -> None:

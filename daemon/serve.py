@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session, sessionmaker
 
 from headscreen.daemon.config import Settings, default_bundle_roots
-from headscreen.daemon.receiver import ReceiverConfig, receiver_options, start_receiver
+from headscreen.daemon.receiver import ReceiverConfig, receiver_options
+from headscreen.daemon.receiver_pool import ReceiverPool, start_receivers
 from headscreen.daemon.scheduler import bundle_refs, start_scheduler
 from headscreen.daemon.storage_probe import EXIT_STORAGE_MISMATCH, StorageMismatch, claim_storage, probe_applies
 from headscreen.daemon.web import WebServer, start_web_server
@@ -173,7 +174,8 @@ def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
-    receiver = start_receiver(receiver_config(settings), sessions)
+    receiver = start_receivers(receiver_config(settings), sessions, processes=settings.receiver.processes,
+                               database_url=settings.database_url, settings=settings)
     pool = WorkerPool(settings, settings.workers)
     scheduler = start_scheduler(settings, sessions, bundles, wake=pool.wake)
     pool.ensure()
@@ -187,6 +189,8 @@ def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
     try:
         while not stop.wait(1.0):
             pool.ensure()
+            if isinstance(receiver, ReceiverPool):
+                receiver.ensure()
     finally:
         log.info("draining")
         receiver.shutdown()
