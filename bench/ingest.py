@@ -9,6 +9,7 @@ Prints instances/s, MB/s and the ratio to storescp.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeats 3] [--orthanc]
                                      [--sqlite-normal] [--no-fsync] [--postgres ADMIN_URL]
+                                     [--processes N ...]
 
 Each row is the best and the median of --repeats runs, each into a fresh target;
 the load average is printed before and after (the machine may be shared). For
@@ -18,6 +19,9 @@ figure a shared machine disturbs far less than the wall-clock rate.
 ``--sqlite-normal`` adds a row with SQLite synchronous=NORMAL: in WAL mode that
 survives a crash of the process but NOT a power cut, so it is not what headscreen
 runs (it keeps FULL); it only shows what the per-commit fsync costs.
+
+"headscreen xN" rows run N receiver processes on one port ([receiver] processes = N,
+daemon/receiver_pool.py); their "cpu" adds the other processes' CPU time (/proc).
 
 A benchmark, not a test: it prints figures and asserts nothing.
 """
@@ -51,7 +55,8 @@ from sqlalchemy.engine import Engine
 from throwaway_db import throwaway_postgres
 
 from headscreen.daemon.callers import AllowedCaller
-from headscreen.daemon.receiver import ReceiverConfig, ReceiverStats, start_receiver
+from headscreen.daemon.receiver import ReceiverConfig, ReceiverStats
+from headscreen.daemon.receiver_pool import ReceiverPool, start_receivers
 from headscreen.db.engine import make_engine, session_factory
 from headscreen.db.migrate import upgrade
 
@@ -182,9 +187,30 @@ def storescp(work: Path) -> Iterator[tuple[int, str, Path, ReceiverStats | None]
         process.wait(timeout=10)
 
 
+class _PoolCounters:
+    """A receiver pool's counters, and the CPU time of its other processes (not in RUSAGE_SELF)."""
+
+    def __init__(self, pool: ReceiverPool) -> None:
+        self.pool = pool
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.pool.stats.snapshot()
+
+    def child_cpu_seconds(self) -> float:
+        total = 0.0
+        for pid in self.pool.pids().values():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return total
+
+
 @contextmanager
 def headscreen(work: Path, durable: bool = True, database_url: str | None = None,
-               sqlite_synchronous: str | None = None) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
+               sqlite_synchronous: str | None = None,
+               processes: int = 1) -> Iterator[tuple[int, str, Path, ReceiverStats | _PoolCounters | None]]:
     storage = work / "headscreen"
     url = database_url or f"sqlite:///{storage / 'headscreen.db'}"
     storage.mkdir()
@@ -194,9 +220,10 @@ def headscreen(work: Path, durable: bool = True, database_url: str | None = None
         _override_synchronous(engine, sqlite_synchronous)
     config = ReceiverConfig(ae_title="HEADSCREEN", storage_dir=storage, bind_address="127.0.0.1", port=0,
                             allowed_callers=[AllowedCaller(SCU_AE)], disk_min_free_mb=0, durable=durable)
-    receiver = start_receiver(config, session_factory(engine))
+    receiver = start_receivers(config, session_factory(engine), processes=processes, database_url=url)
     try:
-        yield receiver.port, "HEADSCREEN", storage, receiver.stats
+        counters = _PoolCounters(receiver) if isinstance(receiver, ReceiverPool) else receiver.stats
+        yield receiver.port, "HEADSCREEN", storage, counters
     finally:
         receiver.shutdown()
         engine.dispose()
@@ -231,8 +258,10 @@ def orthanc(work: Path) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]
 
 
 @contextmanager
-def _on_postgres(work: Path, admin_url: str) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
-    with throwaway_postgres(admin_url, "hs_bench") as url, headscreen(work, database_url=url) as target:
+def _on_postgres(work: Path, admin_url: str,
+                 processes: int = 1) -> Iterator[tuple[int, str, Path, ReceiverStats | _PoolCounters | None]]:
+    with (throwaway_postgres(admin_url, "hs_bench") as url,
+          headscreen(work, database_url=url, processes=processes) as target):
         yield target
 
 
@@ -241,16 +270,17 @@ def measure(name: str, target: Callable[[Path], object], paths: list[Path], asso
     """Best and median of `repeats` runs, each into a fresh target (fresh storage and database)."""
     times, stages, commits, syncs, cpu = [], [], [], [], []
     for _ in range(repeats):
-        with (tempfile.TemporaryDirectory(prefix="ingest-", dir=os.environ.get("BENCH_TMP")) as tmp,
-              target(Path(tmp)) as (port, called_ae, out_dir, stats)):  # type: ignore[attr-defined]
-            cpu_before = _process_cpu_seconds()
-            times.append(send(paths, port, called_ae, associations))
-            cpu.append(_process_cpu_seconds() - cpu_before)
-            stored = sum(1 for p in Path(out_dir).rglob("*") if p.is_file())
-            if name != "orthanc" and stored < len(paths):
-                raise RuntimeError(f"{name}: only {stored} of {len(paths)} files stored")
+        with tempfile.TemporaryDirectory(prefix="ingest-", dir=os.environ.get("BENCH_TMP")) as tmp:
+            with target(Path(tmp)) as (port, called_ae, out_dir, stats):  # type: ignore[attr-defined]
+                child_cpu = getattr(stats, "child_cpu_seconds", lambda: 0.0)
+                cpu_before = _process_cpu_seconds() + child_cpu()
+                times.append(send(paths, port, called_ae, associations))
+                cpu.append(_process_cpu_seconds() + child_cpu() - cpu_before)
+                stored = sum(1 for p in Path(out_dir).rglob("*") if p.is_file())
+                if name != "orthanc" and stored < len(paths):
+                    raise RuntimeError(f"{name}: only {stored} of {len(paths)} files stored")
             if stats is not None:
-                snapshot = stats.snapshot()
+                snapshot = stats.snapshot()  # after the stop: a pool's processes have sent their last counts
                 stages.append(snapshot["stage_seconds"])
                 commits.append(snapshot["row_commits"])
                 syncs.append(snapshot["journal_syncs"])
@@ -274,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fsync", action="store_true", help="add a headscreen row without fsync")
     parser.add_argument("--sqlite-normal", action="store_true",
                         help="add a headscreen row with SQLite synchronous=NORMAL (not power-loss durable)")
+    parser.add_argument("--processes", type=int, nargs="*", default=[2], metavar="N",
+                        help="add headscreen rows with [receiver] processes = N (default: 2; none: no such rows)")
     parser.add_argument("--postgres", metavar="ADMIN_URL",
                         help="add a headscreen row on PostgreSQL (a temporary database is created "
                              "through ADMIN_URL, e.g. postgresql://postgres@127.0.0.1:5432/postgres)")
@@ -293,8 +325,13 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(("hs-sqlite-NORMAL*", lambda work: headscreen(work, sqlite_synchronous="NORMAL")))
         if args.no_fsync:
             targets.append(("headscreen-nofsync", lambda work: headscreen(work, durable=False)))
+        for count in args.processes:
+            targets.append((f"headscreen x{count}", lambda work, n=count: headscreen(work, processes=n)))
         if args.postgres:
             targets.append(("headscreen-postgres", lambda work: _on_postgres(work, args.postgres)))
+            for count in args.processes:
+                targets.append((f"hs-postgres x{count}",
+                                lambda work, n=count: _on_postgres(work, args.postgres, processes=n)))
         if args.orthanc and shutil.which("Orthanc"):
             targets.append(("orthanc", orthanc))
         figures = [measure(name, target, paths, associations, args.repeats, megabytes)

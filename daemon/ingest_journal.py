@@ -321,7 +321,7 @@ def recover(directory: Path, apply: Callable[[list[tuple[InstanceRecord, bytes]]
     if segments:
         fsync_directory(directory)
         logger.warning("ingest journal replayed after an unclean stop",
-                       extra={"action": "journal_recovered", **asdict(count)})
+                       extra={"action": "journal_recovered", "journal": directory.name, **asdict(count)})
     return count
 
 

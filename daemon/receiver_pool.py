@@ -64,6 +64,7 @@ class _Member:
     process: multiprocessing.process.BaseProcess
     reports: Connection  # the read end of its own pipe: a process that dies mid-report spoils only that
     ready: bool = False
+    retired: bool = False  # it ended; its pipe is closed by the reader thread, which may be waiting on it
 
 
 class PoolStats:
@@ -127,10 +128,12 @@ class ReceiverPool:
         self._slots = self._context.RawArray("i", processes)
         config.storage_dir.mkdir(parents=True, exist_ok=True)
         self._lock_path = config.storage_dir / LOCK_FILE
+        self._admin = self._share(0)  # for zeroing the slot of a process that died
         # First, and alone: its start replays every process's journal.
         self.own = start_receiver(config, session_factory, ProcessShare(0, self._share(0)))
         self.stats = PoolStats(self.own.stats.snapshot)
         self.members: dict[int, _Member] = {}
+        self._retired: list[_Member] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._reader = threading.Thread(target=self._read_reports, name="ReceiverPoolReports", daemon=True)
@@ -193,6 +196,9 @@ class ReceiverPool:
         for member in list(self.members.values()):
             self._take_reports(member)  # the last counts it sent as it stopped
             self._forget(member)
+        for member in self._retired:
+            member.reports.close()
+        self._retired.clear()
         self.own.shutdown(wait_s)
 
     def _share(self, index: int) -> SharedAssociationCount:
@@ -211,21 +217,34 @@ class ReceiverPool:
             self.members[index] = _Member(index, process, reports)
 
     def _forget(self, member: _Member) -> None:
-        with self._share(member.index).lock():
+        with self._admin.lock():
             self._slots[member.index] = 0  # what it held ended with it
         self.stats.retire(member.index)
-        member.reports.close()
+        with self._lock:
+            member.retired = True
+            self._retired.append(member)
 
     def _read_reports(self) -> None:
         while not self._stopping.is_set():
-            with self._lock:
-                members = {m.reports: m for m in self.members.values() if not m.reports.closed}
-            ready = multiprocessing.connection.wait(list(members), timeout=REPORT_INTERVAL_S) if members else []
-            if not members:
+            try:
+                self._read_reports_once()
+            except Exception:
+                logger.exception("receiver process reports not read; retried",
+                                 extra={"action": "receiver_pool_reports_failed"})
                 time.sleep(REPORT_INTERVAL_S)
-            for connection in ready:
+
+    def _read_reports_once(self) -> None:
+        with self._lock:
+            for member in self._retired:
+                member.reports.close()  # here, where no wait() is using it
+            self._retired.clear()
+            members = {m.reports: m for m in self.members.values() if not m.retired and not m.reports.closed}
+        if members:
+            for connection in multiprocessing.connection.wait(list(members), timeout=REPORT_INTERVAL_S):
                 self._take_reports(members[connection])  # type: ignore[index]
-            self.own.publish_held()
+        else:
+            time.sleep(REPORT_INTERVAL_S)
+        self.own.publish_held()
 
     def _take_reports(self, member: _Member) -> None:
         try:
@@ -233,9 +252,14 @@ class ReceiverPool:
                 kind, snapshot = member.reports.recv()
                 if kind == "ready":
                     member.ready = True
-                self.stats.report(member.index, snapshot)
+                if not member.retired:
+                    self.stats.report(member.index, snapshot)
         except (EOFError, OSError):
-            pass  # it has exited (or died mid-report); ensure() starts another
+            # It has exited (or died mid-report): nothing more comes; ensure() starts another.
+            with self._lock:
+                if not member.retired:
+                    member.retired = True
+                    self._retired.append(member)
 
 
 def start_receivers(config: ReceiverConfig, session_factory: sessionmaker[Session], *, processes: int,

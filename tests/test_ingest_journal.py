@@ -247,3 +247,41 @@ def test_kill9_during_ingest_loses_no_acknowledged_instance(tmp_path: Path, db_u
         kill.set()
         killer.join()
         daemon.close()
+
+
+@pytest.mark.slow
+def test_kill9_of_serve_with_two_receiver_processes_loses_no_acknowledged_instance(
+        tmp_path: Path, db_url: str) -> None:
+    """[receiver] processes = 2: four associations at once, so both processes store; serve's
+    process group is killed mid-stream; the restart replays both processes' journals."""
+    files = write_ct_series(tmp_path / "in", 120, rows=128, cols=128)
+    daemon = Daemon(tmp_path / "serve", database_url=db_url, workers=0, extra="[receiver]\nprocesses = 2\n")
+    daemon.start()  # answers C-ECHO once its own receiver listens; the second process follows
+    log = daemon.workdir / "serve.log"
+    wait_until(lambda: "action=receiver_pool_start processes=2" in log.read_text(), 120, what="both processes")
+    kill = threading.Event()
+    killer = threading.Thread(target=lambda: kill.wait(300) and daemon.kill9())
+    killer.start()
+    acked: dict[str, Path] = {}
+    senders = [threading.Thread(target=lambda part=files[i::4]: acked.update(
+        _send_until_killed(part, daemon.port, kill_after=10, kill=kill))) for i in range(4)]
+    try:
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        killer.join()
+        assert 10 <= len(acked) < len(files)
+        daemon.start()  # serve's own receiver replays every process's journal before listening
+        with daemon.sessions()() as session:
+            rows = {r.sop_instance_uid: r for r in session.scalars(select(Instance))}
+        assert [uid for uid in acked if uid not in rows] == []
+        for uid, source in acked.items():
+            dataset = pydicom.dcmread(daemon.storage / rows[uid].path)
+            assert dataset.SOPInstanceUID == uid
+            assert dataset.PixelData == pydicom.dcmread(source).PixelData
+        wait_until(lambda: not list(daemon.storage.glob(".journal*/*.journal")), 60, what="journal checkpoints")
+    finally:
+        kill.set()
+        killer.join()
+        daemon.close()
