@@ -213,6 +213,11 @@ class Connection:
             assoc.dul.to_user_queue.put(None)
 
 
+# A busier receiver process waits this long per connection it has more than the least busy one.
+ACCEPT_DEFERRAL_STEP_S = 0.003
+ACCEPT_DEFERRAL_MAX_S = 0.015
+
+
 class SharedAssociationCount:
     """Associations held by each receiver process of one `serve` (daemon.receiver_pool), in
     shared memory, so that `max_associations` bounds them all together. Each process writes
@@ -223,18 +228,36 @@ class SharedAssociationCount:
     holding it cannot stop every other process from admitting associations.
     """
 
-    def __init__(self, slots: Any, index: int, lock_path: Path) -> None:
+    def __init__(self, slots: Any, index: int, lock_path: Path, opened: Any = None) -> None:
         self._slots = slots  # multiprocessing RawArray('i', processes)
         self.index = index
         self.lock_path = lock_path
+        # Connections each process has open (RawArray('i', processes)), for accept_deferral.
+        self._opened = opened
         self._thread_lock = threading.Lock()  # an flock does not exclude threads sharing its file
         self._fd: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"slots": self._slots, "index": self.index, "lock_path": self.lock_path}
+        return {"slots": self._slots, "index": self.index, "lock_path": self.lock_path, "opened": self._opened}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["slots"], state["index"], state["lock_path"])  # type: ignore[misc]
+        self.__init__(state["slots"], state["index"], state["lock_path"], state["opened"])  # type: ignore[misc]
+
+    def note_open(self, connections: int) -> None:
+        """How many connections this process has open (one writer per slot: no lock)."""
+        if self._opened is not None:
+            self._opened[self.index] = connections
+
+    def accept_deferral(self) -> float:
+        """Seconds to wait before accepting: all processes wake for each new connection and
+        the first to call accept() gets it, so without this a burst of associations tends to
+        land on one process while another has none. A process with more open connections
+        than the least busy one waits a little, and usually finds the connection taken."""
+        if self._opened is None:
+            return 0.0
+        counts = list(self._opened)
+        excess = counts[self.index] - min(counts)
+        return min(ACCEPT_DEFERRAL_STEP_S * excess, ACCEPT_DEFERRAL_MAX_S) if excess > 0 else 0.0
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -309,6 +332,8 @@ class ConnectionGuard:
             if len(mine) < self.per_address or evicted is not None:
                 connection = Connection(host, sock, tls)
                 self._connections.append(connection)
+            if self.shared is not None:
+                self.shared.note_open(sum(1 for c in self._connections if c.alive() and c is not evicted))
             if evicted is not None:
                 evicted.evicted = True
         if connection is None:
@@ -347,6 +372,8 @@ class ConnectionGuard:
         if self.shared is None:
             return
         with self._lock:
+            self._connections = [c for c in self._connections if c.alive()]
+            self.shared.note_open(len(self._connections))
             if self.shared.published == self._held():
                 return  # nothing changed: no need for the cross-process lock
         with self.shared.lock(), self._lock:
@@ -354,6 +381,9 @@ class ConnectionGuard:
 
     def _held(self) -> int:
         return sum(1 for c in self._connections if c.accepted and c.alive())
+
+    def accept_deferral(self) -> float:
+        return self.shared.accept_deferral() if self.shared is not None else 0.0
 
     def _shared_lock(self) -> contextlib.AbstractContextManager[None]:
         return self.shared.lock() if self.shared is not None else contextlib.nullcontext()
@@ -654,6 +684,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None  # the listening socket, open while the server runs
+        if self._shared_accept and (deferral := self.guard.accept_deferral()) > 0:
+            time.sleep(deferral)  # let a less busy receiver process take it (BlockingIOError if one did)
         client, address = self.socket.accept()
         # Accepted sockets block forever by default: a peer stalling mid-PDU would pin its
         # thread. The timeout is raised to network_timeout_s once the association is requested.

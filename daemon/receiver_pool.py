@@ -126,6 +126,7 @@ class ReceiverPool:
         self.settings = settings
         self._context = multiprocessing.get_context("spawn")
         self._slots = self._context.RawArray("i", processes)
+        self._opened = self._context.RawArray("i", processes)
         config.storage_dir.mkdir(parents=True, exist_ok=True)
         self._lock_path = config.storage_dir / LOCK_FILE
         self._admin = self._share(0)  # for zeroing the slot of a process that died
@@ -202,7 +203,7 @@ class ReceiverPool:
         self.own.shutdown(wait_s)
 
     def _share(self, index: int) -> SharedAssociationCount:
-        return SharedAssociationCount(self._slots, index, self._lock_path)
+        return SharedAssociationCount(self._slots, index, self._lock_path, self._opened)
 
     def _spawn(self, index: int) -> None:
         reports, sender = self._context.Pipe(duplex=False)
@@ -219,6 +220,7 @@ class ReceiverPool:
     def _forget(self, member: _Member) -> None:
         with self._admin.lock():
             self._slots[member.index] = 0  # what it held ended with it
+            self._opened[member.index] = 0
         self.stats.retire(member.index)
         with self._lock:
             member.retired = True

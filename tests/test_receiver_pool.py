@@ -8,6 +8,7 @@ SIGSTOP. Held associations stay open meanwhile (the kernel keeps their sockets).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import socketserver
@@ -28,7 +29,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from headscreen.daemon.callers import AllowedCaller
-from headscreen.daemon.connections import GuardedAssociationServer
+from headscreen.daemon.connections import (
+    ACCEPT_DEFERRAL_MAX_S,
+    ACCEPT_DEFERRAL_STEP_S,
+    GuardedAssociationServer,
+    SharedAssociationCount,
+)
 from headscreen.daemon.ingest_journal import IngestJournal
 from headscreen.daemon.receiver import ASSOCIATION_LIMIT_STATUS, ReceiverConfig
 from headscreen.daemon.receiver_pool import ReceiverPool, merge_snapshots, start_receivers
@@ -299,4 +305,18 @@ def _journal_entry_without_row(directory: Path, source: Path, storage: Path) -> 
     journal.start()
     journal.wait_durable(journal.append(record, data))
     journal.close()  # the entry is not settled (no file, no row): its segment stays, as after a crash
+
+
+
+def test_a_busier_process_defers_its_accept_to_a_less_busy_one(tmp_path: Path) -> None:
+    opened = multiprocessing.get_context("spawn").RawArray("i", 3)
+    shares = [SharedAssociationCount(opened, i, tmp_path / "lock", opened) for i in range(3)]
+    shares[0].note_open(2)
+    shares[1].note_open(1)
+    shares[2].note_open(1)
+    assert shares[1].accept_deferral() == shares[2].accept_deferral() == 0.0  # the least busy accept at once
+    assert shares[0].accept_deferral() == pytest.approx(ACCEPT_DEFERRAL_STEP_S)
+    shares[0].note_open(40)
+    assert shares[0].accept_deferral() == ACCEPT_DEFERRAL_MAX_S  # bounded: a stuck peer delays it only a little
+    assert SharedAssociationCount(opened, 0, tmp_path / "lock").accept_deferral() == 0.0  # one process: never
 
