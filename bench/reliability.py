@@ -216,6 +216,7 @@ class Serve:
     web: bool = False
     overlay_slices: int = 8
     refusal_interval_s: float = 60.0
+    receiver_processes: int = 1
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -247,6 +248,7 @@ destinations = [{destinations}]
 
 [receiver]
 refusal_log_interval_s = {self.refusal_interval_s}
+processes = {self.receiver_processes}
 
 [web]
 enabled = {"true" if self.web else "false"}
@@ -274,10 +276,18 @@ slice_thickness_mm = [0.4, 8.0]
         while time.monotonic() - started < timeout_s:
             if self.process.poll() is not None:
                 raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.log_tail()}")
-            if echo(self.port, timeout_s=5.0)[0]:
+            # With several receiver processes, serve answers once its own listens; wait for all.
+            if echo(self.port, timeout_s=5.0)[0] and (self.receiver_processes == 1 or self._log_count(
+                    "action=receiver_pool_start") > self._pools_started):
+                self._pools_started += self.receiver_processes > 1
                 return time.monotonic() - started
             time.sleep(0.3)
         raise RuntimeError(f"serve did not answer C-ECHO in {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    _pools_started = 0
+
+    def _log_count(self, text: str) -> int:
+        return self.log.read_text(errors="replace").count(text) if self.log.exists() else 0
 
     def kill9(self) -> None:
         """kill -9 the whole process group: receiver, scheduler, workers, delivery."""
@@ -652,15 +662,22 @@ def run_trial(index: int, phase: str, serve: Serve, db: Db, destination: Destina
     studies = list(dict.fromkeys(i.study for i in items))
     trial.studies, trial.sent = len(studies), len(items)
 
-    sender = threading.Thread(target=send_items, args=(serve.port, items), daemon=True)
-    sender.start()
+    if serve.receiver_processes > 1:
+        # One association per study, at once, so that every receiver process stores.
+        senders = [threading.Thread(target=send_items, args=(serve.port, [i for i in items if i.study == study]),
+                                    daemon=True) for study in studies]
+    else:
+        senders = [threading.Thread(target=send_items, args=(serve.port, items), daemon=True)]
+    for sender in senders:
+        sender.start()
     reached = wait_for_phase(db, phase, studies, args.phase_timeout)
     delay = rng.uniform(0.0, PHASE_WINDOW_S[phase])
     time.sleep(delay)
     serve.kill9()
     rows = db.instance_rows(studies)
     t_kill = time.monotonic()
-    sender.join(120)
+    for sender in senders:
+        sender.join(120)
     acked_before_kill = sum(i.acked for i in items)
     t_joined = time.monotonic()
     trial.killed_at = (f"+{delay:.2f}s rows {rows}/{len(items)} (acked {acked_before_kill}) "
@@ -703,7 +720,8 @@ def kill_trials(args: argparse.Namespace, db_kind: str, heads: list[object], bun
     destination = Destination(delay_s=args.dest_delay)
     trials: list[Trial] = []
     try:
-        with started_serve(db_kind, root, args.pg_admin, bundles, destination.port) as (serve, db, first_start):
+        with started_serve(db_kind, root, args.pg_admin, bundles, destination.port,
+                           receiver_processes=args.receiver_processes) as (serve, db, first_start):
             print(f"\n[kill -9 trials, {db_kind}] serve up in {first_start:.1f} s; {args.kill_trials} trials of "
                   f"{args.studies_per_trial} studies x 48 instances; PACS delay {args.dest_delay * 1000:.0f} ms "
                   f"per C-STORE; seed {args.seed}", flush=True)
@@ -953,6 +971,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kill-trials", type=int, default=6, help="kill -9 trials (0 skips; default 6)")
     parser.add_argument("--studies-per-trial", type=int, default=2)
+    parser.add_argument("--receiver-processes", type=int, default=1,
+                        help="[receiver] processes for the kill -9 trials; above 1, each study of a trial "
+                             "is sent on its own association, all at once (default 1)")
     parser.add_argument("--fuzz", type=int, default=12, help="studies in the fuzzed corpus (0 skips; default 12)")
     parser.add_argument("--floods", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--idle", type=int, default=40, help="idle connections per flood (default 40)")
