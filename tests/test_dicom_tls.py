@@ -264,3 +264,22 @@ def test_orthanc_sends_to_us_over_tls_and_receives_our_delivery(tmp_path: Path, 
     finally:
         orthanc.stop()
         h.close()
+
+
+def test_another_receiver_process_serves_the_tls_port_too(tmp_path: Path, pki: Pki, series: list[Path]) -> None:
+    """[receiver] processes = 2: the second process accepts on serve's TLS socket and does
+    its own handshake (serve's own receiver is held, so every connection goes to it)."""
+    from test_receiver_pool import PoolHarness
+
+    pool = PoolHarness(tmp_path, tls=_tls(pki))
+    try:
+        pool.pause_own_accepting()
+        result = _storescu_tls(pool.pool.tls_port, series, _with_cert(pki))  # type: ignore[arg-type]
+        assert result.returncode == 0, result.stderr
+        sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in series}
+        assert {row.sop_instance_uid for row in pool.instances()} == sent
+        assert (pool.storage_dir / ".journal-1").is_dir()
+        anonymous = _storescu_tls(pool.pool.tls_port, series, ["+tla", "+cf", str(pki.ca)])  # type: ignore[arg-type]
+        assert anonymous.returncode != 0
+    finally:
+        pool.close()
