@@ -1,7 +1,7 @@
 """Several receiver processes on one port, so that ingest uses more than one core.
 
 One receiver process is bound by Python's GIL to about one core: with four associations
-at once it stored a CT at 0.64x Orthanc's rate on two cores. With `[receiver] processes
+at once it stored a 300-slice CT at 0.57-0.66x Orthanc's rate on two cores (bench/ingest.py). With `[receiver] processes
 = N`, `serve` runs its own receiver (process 0) and N - 1 more processes, each a whole
 receiver (daemon.receiver.start_receiver) with its own threads, ingest journal
 (`.journal-k` below the storage root) and database connections. They accept on
@@ -206,6 +206,7 @@ class ReceiverPool:
         return SharedAssociationCount(self._slots, index, self._lock_path, self._opened)
 
     def _spawn(self, index: int) -> None:
+        # From serve's main thread only: the parent-death signal fires when the spawning thread ends.
         reports, sender = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=receiver_process_main,

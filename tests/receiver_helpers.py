@@ -8,11 +8,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -259,3 +261,14 @@ def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def associate_once_a_slot_frees(ae: AE, port: int, timeout_s: float) -> Any:
+    """Associate until the receiver stops refusing (a released slot is counted free again
+    within moments, not at once); the association, which the caller releases."""
+    deadline = time.monotonic() + timeout_s
+    while (assoc := ae.associate("127.0.0.1", port, ae_title=SCP_AE)).is_rejected:
+        assert time.monotonic() < deadline, "the released slot never came back"
+        time.sleep(0.2)
+    return assoc
+

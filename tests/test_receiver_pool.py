@@ -41,7 +41,7 @@ from headscreen.daemon.receiver_pool import ReceiverPool, merge_snapshots, start
 from headscreen.db.engine import make_engine, session_factory
 from headscreen.db.migrate import upgrade
 from headscreen.db.models import IngestRejection, Instance
-from receiver_helpers import SCP_AE, SCU_AE, start_harness, write_ct_series
+from receiver_helpers import SCP_AE, SCU_AE, associate_once_a_slot_frees, start_harness, write_ct_series
 
 GENEROUS_S = 60.0
 
@@ -176,10 +176,7 @@ def test_the_association_limit_counts_the_associations_of_every_process(tmp_path
         stopped = False
         held.pop().release()
         # The slot process 1 freed is free in serve's own receiver too (shared count).
-        deadline = time.monotonic() + GENEROUS_S
-        while (fourth := ae.associate("127.0.0.1", harness.port, ae_title=SCP_AE)).is_rejected:
-            assert time.monotonic() < deadline, "the released slot never came back"
-            time.sleep(0.2)
+        fourth = associate_once_a_slot_frees(ae, harness.port, GENEROUS_S)
         assert fourth.is_established
         fourth.release()
     finally:
