@@ -218,6 +218,7 @@ class Serve:
     refusal_interval_s: float = 60.0
     receiver_processes: int = 1
     process: subprocess.Popen[bytes] | None = None
+    pools_started: int = field(default=0, init=False)  # "receiver_pool_start" log lines seen so far
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -278,13 +279,11 @@ slice_thickness_mm = [0.4, 8.0]
                 raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.log_tail()}")
             # With several receiver processes, serve answers once its own listens; wait for all.
             if echo(self.port, timeout_s=5.0)[0] and (self.receiver_processes == 1 or self._log_count(
-                    "action=receiver_pool_start") > self._pools_started):
-                self._pools_started += self.receiver_processes > 1
+                    "action=receiver_pool_start") > self.pools_started):
+                self.pools_started += self.receiver_processes > 1
                 return time.monotonic() - started
             time.sleep(0.3)
         raise RuntimeError(f"serve did not answer C-ECHO in {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    _pools_started = 0
 
     def _log_count(self, text: str) -> int:
         return self.log.read_text(errors="replace").count(text) if self.log.exists() else 0

@@ -529,7 +529,7 @@ def start_receiver(config: ReceiverConfig, session_factory: sessionmaker[Session
     if config.tls is not None:
         listeners.append((config.tls.port, tls_context))
     servers: list[ThreadedAssociationServer] = []
-    adopted: Sequence[socket.socket | None] = share.listeners if share is not None and share.listeners else ()
+    adopted = share.listeners if share is not None else ()
     if adopted and len(adopted) != len(listeners):
         raise ValueError("ProcessShare: one listening socket per listener (plain, then TLS) is needed")
     try:

@@ -17,7 +17,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -119,9 +119,9 @@ def _stored_path(storage: Path, source: Path) -> Path:
     return storage / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
 
 
-def _wait(predicate: object, what: str, timeout_s: float = GENEROUS_S) -> None:
+def _wait(predicate: Callable[[], bool], what: str, timeout_s: float = GENEROUS_S) -> None:
     deadline = time.monotonic() + timeout_s
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
 
