@@ -54,7 +54,8 @@ from headscreen.export.seg import DEFAULT_THRESHOLD, IndexBox, build_segmentatio
 from headscreen.export.sr import ReferenceNote, build_report
 from headscreen.figures import ResultFigures
 from headscreen.imaging import concurrency
-from headscreen.imaging.preprocess import Preprocessed, native_focus, preprocess, to_native
+from headscreen.imaging.native_map import NativeMap
+from headscreen.imaging.preprocess import Preprocessed, native_focus, preprocess, to_native_map
 from headscreen.imaging.qc import blocking_reasons
 from headscreen.imaging.selection import (
     EXCLUDED_UNREADABLE,
@@ -97,7 +98,7 @@ class StudyFiles:
 @dataclass
 class Timer:
     """Seconds per pipeline stage, recorded with the result. Stages measured side by side
-    overlap (reference_copies with to_native), so they do not add up to the job's time."""
+    overlap (reference_copies with choose_slices), so they do not add up to the job's time."""
 
     stages: dict[str, float] = field(default_factory=dict)
 
@@ -319,7 +320,8 @@ def _screen(
     # Outside the brain the model input is a constant background, so residuals
     # there say nothing about the patient: only the brain is coloured.
     brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
-    native_map, copies_ahead = _native_map_with_references(brain_error, prepared, volume, headers[chosen], timer)
+    # Resampled to the native slices only where it is read (imaging.preprocess.ResampledMap).
+    native = timer.measure("to_native", to_native_map, brain_error, prepared, volume)
 
     # The percentile and screen result come from the reference of this scanner (the
     # bundle's own unless the site calibrated it); Inference keeps the bundle's.
@@ -329,8 +331,8 @@ def _screen(
         qc_reasons.append(f"chronological_age_{age_source}")
     figures = _screened(inference, reference, qc_reasons, qc_metrics, chosen)
     summary = ResultSummary(**figures.figures(), modality=manifest.modality, algorithm=algorithm)
-    overlay_indices = (list(range(len(volume.slice_sop_uids))) if overlay_slices == 0
-                       else choose_slices(native_map, overlay_slices))
+    overlay_indices, copies_ahead = _overlay_slices_with_references(native, overlay_slices, volume,
+                                                                    headers[chosen], timer)
     sources = timer.measure("read_pixels", _read_sources, headers[chosen], volume.slice_sop_uids, overlay_indices)
     # The results copy patient, study and equipment values: only ones that decode and validate.
     # Only the first slice and the overlay slices are copied from; the SEG and the SR place
@@ -357,7 +359,7 @@ def _screen(
     # A positive result's SEG also keeps what made it positive (export.seg.anomaly_mask).
     focus = native_focus(brain_error, prepared, volume) if with_seg and summary.screen_positive else None
     objects = timer.measure(
-        "build_results", _build_results, sources, native_map, summary, overlay_indices, output_dir,
+        "build_results", _build_results, sources, native, summary, overlay_indices, output_dir,
         runner.bundle.seg_threshold(seg_threshold) if with_seg else None, note,
         map_unit_of(manifest), with_pm, runner.bundle.seg_grow(), focus,
     )
@@ -374,19 +376,23 @@ def _screen(
     )
 
 
-def _native_map_with_references(brain_error: np.ndarray, prepared: Preprocessed, volume: Volume,
-                                series_headers: list[Dataset],
-                                timer: Timer) -> tuple[np.ndarray, ReferenceCopies | None]:
-    """The model's map on the native slices and, beside it where this worker has a core to
+def _overlay_slices_with_references(native: NativeMap, overlay_slices: int, volume: Volume,
+                                    series_headers: list[Dataset],
+                                    timer: Timer) -> tuple[list[int], ReferenceCopies | None]:
+    """The slices the overlays show and, beside them where this worker has a core to
     spare (imaging.concurrency), the reference-only copies that sanitising the sources
-    needs next: pydicom work (GIL-bound) beside ITK's resampling and numpy's copies
-    (which release it). Only the headers are read, which the mapping does not touch.
+    needs next: pydicom work (GIL-bound) beside ITK's resampling for the slices' sums
+    (which releases it). Only the headers are read, which the map does not touch.
     (clean_header silences warnings process-wide while it runs: the mapping gives none.)"""
+    def chosen() -> list[int]:
+        if overlay_slices == 0:
+            return list(range(len(volume.slice_sop_uids)))
+        return timer.measure("choose_slices", choose_slices, native, overlay_slices)
+
     if concurrency.threads() < 2:
-        return timer.measure("to_native", to_native, brain_error, prepared, volume), None
+        return chosen(), None
     ordered = _ordered_sources(series_headers, volume.slice_sop_uids)
-    return concurrency.both(lambda: timer.measure("to_native", to_native, brain_error, prepared, volume),
-                            lambda: timer.measure("reference_copies", reference_copies, ordered))
+    return concurrency.both(chosen, lambda: timer.measure("reference_copies", reference_copies, ordered))
 
 
 def score_shadow(
@@ -703,7 +709,7 @@ def _ordered_sources(headers: list[Dataset], slice_sop_uids: list[str]) -> list[
 
 def _build_results(
     sources: list[Dataset],
-    native_map: np.ndarray,
+    native_map: NativeMap,
     summary: ResultSummary,
     overlay_indices: list[int],
     output_dir: Path,

@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from headscreen.export import codes as hs_codes
 from headscreen.export.model import ResultSummary
 from headscreen.export.sc import MAP_UNITS
+from headscreen.imaging.native_map import NativeMap, as_native_map
 
 __all__ = ["build_parametric_map", "PM_SERIES_DESCRIPTION", "PM_CONTENT_LABEL", "PM_SERIES_NUMBER", "LUT_LABELS",
            "lut_explanation", "map_description"]
@@ -59,7 +60,7 @@ def map_description(summary: ResultSummary, map_unit: str) -> str:
 
 def build_parametric_map(
     sources: Sequence[Dataset],
-    native_map: np.ndarray,
+    native_map: NativeMap | np.ndarray,
     summary: ResultSummary,
     map_unit: str = "z",
 ) -> hd.pm.ParametricMap:
@@ -68,10 +69,10 @@ def build_parametric_map(
     not finite are stored as 0 (not above the healthy limit)."""
     if map_unit not in MAP_UNITS:
         raise ValueError(f"build_parametric_map: argument 'map_unit' must be one of {', '.join(MAP_UNITS)}")
-    if native_map.ndim != 3 or native_map.shape[0] != len(sources):
+    if len(native_map.shape) != 3 or native_map.shape[0] != len(sources):
         raise ValueError(f"build_parametric_map: argument 'native_map' shape {native_map.shape} does not match "
                          f"{len(sources)} sources")
-    values = np.nan_to_num(np.asarray(native_map, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    values = np.nan_to_num(as_native_map(native_map).full(), nan=0.0, posinf=0.0, neginf=0.0)
     low, high = float(values.min()), float(values.max())
     first = sources[0]
     algo = summary.algorithm

@@ -34,6 +34,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from headscreen.export import codes
 from headscreen.export.model import ResultSummary, finite_or_none, reference_header
 from headscreen.export.sr import ReferenceNote
+from headscreen.imaging.native_map import NativeMap, as_native_map, choose_from_sums
 
 __all__ = [
     "OverlayStyle",
@@ -115,20 +116,12 @@ class OverlayStyle:
             raise ValueError("OverlayStyle: argument 'alpha_range' must satisfy 0 <= lo <= hi <= 1")
 
 
-def choose_slices(error_map: np.ndarray, count: int) -> list[int]:
+def choose_slices(error_map: NativeMap | np.ndarray, count: int) -> list[int]:
     """``count`` consecutive slice indices centred on the slice whose summed error
     is largest (shifted inwards at the volume's ends)."""
-    n_slices = error_map.shape[0]
-    if count >= n_slices:
-        return list(range(n_slices))
-    # Summing first and repairing only the slices that hold a NaN avoids a full
-    # copy of the native-resolution map (hundreds of MB for a thin-slice CT).
-    per_slice = error_map.reshape(n_slices, -1).sum(axis=1, dtype=np.float64)
-    for k in np.flatnonzero(~np.isfinite(per_slice)):
-        per_slice[k] = np.nansum(np.where(np.isinf(error_map[k]), np.nan, error_map[k]))
-    peak = int(np.argmax(per_slice))
-    start = min(max(peak - count // 2, 0), n_slices - count)
-    return list(range(start, start + count))
+    if count >= error_map.shape[0]:
+        return list(range(error_map.shape[0]))
+    return choose_from_sums(as_native_map(error_map).slice_sums(), count)
 
 
 def _modality_values(ds: Dataset) -> np.ndarray:
@@ -156,11 +149,11 @@ def _display_window(modality: str, slices: list[np.ndarray], style: OverlayStyle
 _BOUNDS_SAMPLE_VOXELS = 4_000_000
 
 
-def _error_bounds(error_map: np.ndarray, style: OverlayStyle) -> tuple[float, float]:
+def _error_bounds(error_map: NativeMap, style: OverlayStyle) -> tuple[float, float]:
     # Display bounds only: a regular subsample of a large map gives the same
     # percentiles to display precision at a fraction of the sort cost.
-    step = max(1, round((error_map.size / _BOUNDS_SAMPLE_VOXELS) ** (1 / 3)))
-    sample = error_map[::step, ::step, ::step] if step > 1 else error_map
+    step = max(1, round((math.prod(error_map.shape) / _BOUNDS_SAMPLE_VOXELS) ** (1 / 3)))
+    sample = error_map.sample(step)
     finite = sample[np.isfinite(sample)]
     if finite.size == 0:
         raise ValueError("build_overlay_series: argument 'error_map_native' has no finite values")
@@ -351,11 +344,11 @@ def _patient_orientation(ds: Dataset) -> tuple[str, str]:
 
 
 def _check_inputs(
-    source_datasets: Sequence[Dataset], error_map: np.ndarray, slice_indices: Sequence[int] | None
+    source_datasets: Sequence[Dataset], error_map: NativeMap, slice_indices: Sequence[int] | None
 ) -> None:
     if len(source_datasets) == 0:
         raise ValueError("build_overlay_series: argument 'source_datasets' is empty")
-    if error_map.ndim != 3:
+    if len(error_map.shape) != 3:
         raise ValueError(f"build_overlay_series: argument 'error_map_native' must be 3-D, got shape {error_map.shape}")
     if error_map.shape[0] != len(source_datasets):
         raise ValueError(
@@ -420,7 +413,7 @@ def _source_reference(source: Dataset, with_purpose: bool) -> Dataset:
 
 def build_overlay_series(
     source_datasets: list[Dataset],
-    error_map_native: np.ndarray,
+    error_map_native: NativeMap | np.ndarray,
     summary: ResultSummary,
     slice_indices: Sequence[int] | None = None,
     series_instance_uid: str | None = None,
@@ -453,7 +446,7 @@ def build_overlay_series(
     style = style or OverlayStyle()
     if max_slices is not None and max_slices < 1:
         raise ValueError(f"build_overlay_series: argument 'max_slices' must be >= 1, got {max_slices}")
-    error_map = np.asarray(error_map_native, dtype=np.float32)
+    error_map = as_native_map(error_map_native)
     _check_inputs(source_datasets, error_map, slice_indices)
     count = max_slices or style.default_slice_count
     indices = list(slice_indices) if slice_indices is not None else choose_slices(error_map, count)
@@ -461,10 +454,11 @@ def build_overlay_series(
     values = {k: _modality_values(source_datasets[k]) for k in indices}
     window = _display_window(summary.modality, list(values.values()), style)
     bounds = _error_bounds(error_map, style)
+    planes = _planes(error_map, indices)
     factor = max(1, math.ceil(style.min_render_width / int(source_datasets[0].Columns)))
     images = []
     for position, k in enumerate(indices):
-        image = _build_one(source_datasets[k], values[k], error_map[k], k, len(source_datasets), position + 1,
+        image = _build_one(source_datasets[k], values[k], planes[k], k, len(source_datasets), position + 1,
                            series_uid, series_number, summary, window, bounds, factor, style, reference, map_unit)
         images.append(image if sink is None else sink(image))
     logger.info(
@@ -473,6 +467,15 @@ def build_overlay_series(
                "slices": f"{indices[0]}..{indices[-1]}", "error_bounds": bounds},
     )
     return images
+
+
+def _planes(error_map: NativeMap, indices: Sequence[int]) -> dict[int, np.ndarray]:
+    """The map's slices at `indices`, each run of consecutive ones read as one slab."""
+    planes: dict[int, np.ndarray] = {}
+    wanted = np.array(sorted(set(indices)))
+    for run in np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1):
+        planes.update(zip((int(k) for k in run), error_map.slab(int(run[0]), int(run[-1]) + 1), strict=True))
+    return planes
 
 
 def _build_one(

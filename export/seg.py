@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from headscreen.export import codes as hs_codes
 from headscreen.export.model import ResultSummary
+from headscreen.imaging.native_map import IndexBox, NativeMap
 from headscreen.imaging.volume import slice_normal
 from headscreen.scores import DEFAULT_SEG_THRESHOLD
 
@@ -50,8 +51,6 @@ def segment_description_text(summary: ResultSummary) -> str:
     return f"AI-generated anomaly region, {algo.name} {algo.version}"[:64]
 
 
-#: A box of native voxel indices, (low z, y, x) and (high z, y, x), both inclusive.
-IndexBox = tuple[tuple[int, int, int], tuple[int, int, int]]
 
 
 def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, voxel_ml: float | None = None,
@@ -74,14 +73,41 @@ def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, v
     return mask
 
 
-def anomaly_region(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, voxel_ml: float | None = None,
-                   min_cluster_ml: float = MIN_CLUSTER_ML, grow: float = 1.0, focus: IndexBox | None = None
-                   ) -> tuple[int, np.ndarray] | None:
+def anomaly_region(native_map: NativeMap | np.ndarray, threshold: float = DEFAULT_THRESHOLD,
+                   voxel_ml: float | None = None, min_cluster_ml: float = MIN_CLUSTER_ML, grow: float = 1.0,
+                   focus: IndexBox | None = None) -> tuple[int, np.ndarray] | None:
     """`anomaly_mask` as (first slice, mask of the slices from it to the last one set), or
     None when none is set: only the slices that can hold a region are thresholded and
-    labelled (a thin-slice CT map is ~80 M voxels, its labels 4 bytes each)."""
+    labelled (a thin-slice CT map is ~80 M voxels, its labels 4 bytes each). Of a map that
+    is not an array only the box where it reaches the growth level, connected to a voxel at
+    the threshold or to the focus, is read: every voxel of a region lies in it."""
     if not 0 < grow <= 1:
         raise ValueError(f"grow must be in (0, 1], got {grow}")
+    if isinstance(native_map, np.ndarray):
+        return _anomaly_region(native_map, threshold, voxel_ml, min_cluster_ml, grow, focus)
+    shape = native_map.shape
+    found = native_map.at_least(threshold * grow, seeded_by=threshold, near=focus)
+    if found is None:
+        return None
+    offset, box = found
+    if focus is not None:  # in the box's indices
+        focus = (_shifted(focus[0], offset), _shifted(focus[1], offset))
+    region = _anomaly_region(box, threshold, voxel_ml, min_cluster_ml, grow, focus)
+    if region is None:
+        return None
+    first, mask = region
+    whole = np.zeros((mask.shape[0], *shape[1:]), dtype=bool)
+    whole[:, offset[1]:offset[1] + mask.shape[1], offset[2]:offset[2] + mask.shape[2]] = mask
+    return first + offset[0], whole
+
+
+def _shifted(index: tuple[int, int, int], offset: tuple[int, ...]) -> tuple[int, int, int]:
+    z, y, x = (int(i) - int(o) for i, o in zip(index, offset, strict=True))
+    return z, y, x
+
+
+def _anomaly_region(native_map: np.ndarray, threshold: float, voxel_ml: float | None, min_cluster_ml: float,
+                    grow: float, focus: IndexBox | None) -> tuple[int, np.ndarray] | None:
     native_map = np.asarray(native_map)
     low = threshold * grow
     if native_map.ndim < 2 or native_map.size == 0:
@@ -220,7 +246,7 @@ def missing_for_seg(sources: Sequence[Dataset]) -> list[str]:
 
 def build_segmentation(
     sources: Sequence[Dataset],
-    native_map: np.ndarray,
+    native_map: NativeMap | np.ndarray,
     summary: ResultSummary,
     threshold: float = DEFAULT_THRESHOLD,
     mask: np.ndarray | None = None,
@@ -236,7 +262,7 @@ def build_segmentation(
     ``anomaly_mask(native_map, threshold, source_voxel_ml(sources), grow=grow, focus=focus)``
     when the caller has it.
     """
-    if native_map.ndim != 3 or native_map.shape[0] != len(sources):
+    if len(native_map.shape) != 3 or native_map.shape[0] != len(sources):
         raise ValueError(
             f"build_segmentation: argument 'native_map' shape {native_map.shape} does not match {len(sources)} sources"
         )

@@ -64,6 +64,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from headscreen.export import codes
 from headscreen.export.model import ResultSummary, finite_or_none, reference_header
 from headscreen.export.seg import source_voxel_ml
+from headscreen.imaging.native_map import NativeMap, map_peak
 
 __all__ = ["build_report", "ReferenceNote", "SR_SERIES_DESCRIPTION", "TRACKING_IDENTIFIER",
            "REGION_TRACKING_IDENTIFIER",
@@ -188,25 +189,20 @@ def _measurements(summary: ResultSummary, reference: ReferenceNote | None = None
     return present, absent
 
 
-def _map_peak(source_datasets: Sequence[Dataset], anomaly_map: np.ndarray, map_unit: str) -> Measurement | None:
+def _map_peak(source_datasets: Sequence[Dataset], anomaly_map: NativeMap | np.ndarray,
+              map_unit: str) -> Measurement | None:
     """The anomaly map's maximum as a NUM (Derivation: Maximum) inferred from the point
     where it lies: a SCOORD POINT at that pixel's centre on the source image (TID 300 ->
     TID 320). None when the map has no positive finite value."""
     if map_unit not in codes.MAP_QUANTITY:
         raise ValueError(f"build_report: argument 'map_unit' must be one of {', '.join(codes.MAP_QUANTITY)}")
     shape = (len(source_datasets), int(source_datasets[0].Rows), int(source_datasets[0].Columns))
-    if anomaly_map.shape != shape:
+    if tuple(anomaly_map.shape) != shape:
         raise ValueError("build_report: argument 'anomaly_map' does not have the source series' shape")
-    best, where = 0.0, None
-    for k, plane in enumerate(anomaly_map):  # slice by slice: no copy of a thin-slice CT's map
-        finite = np.where(np.isfinite(plane), plane, -np.inf)
-        index = int(np.argmax(finite))
-        if finite.flat[index] > best:
-            best, where = float(finite.flat[index]), (k, index)
-    if where is None:
+    peak = map_peak(anomaly_map)
+    if peak is None:
         return None
-    k, index = where
-    row, column = (int(i) for i in np.unravel_index(index, shape[1:]))
+    best, (k, row, column) = peak
     source = source_datasets[k]
     # Image coordinates: (0, 0) is the top left corner of the top left pixel (PS3.3 C.18.6.1.1).
     point = CoordinatesForMeasurement(
@@ -379,7 +375,7 @@ def build_report(
     reference: ReferenceNote | None = None,
     segmentation: Dataset | None = None,
     parametric_map: Dataset | None = None,
-    anomaly_map: np.ndarray | None = None,
+    anomaly_map: NativeMap | np.ndarray | None = None,
     map_unit: str = "z",
 ) -> Comprehensive3DSR:
     """The TID 1500 report for one job (see module docstring).

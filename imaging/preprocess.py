@@ -27,6 +27,7 @@ from scipy import ndimage
 from headscreen.errors import ConfigError, InputRejected
 from headscreen.imaging import qc, skullstrip, templates
 from headscreen.imaging.concurrency import both
+from headscreen.imaging.native_map import DenseMap, IndexBox, NativeMap, slice_sums_of
 from headscreen.imaging.registration import RegistrationResult, register_to_atlas
 from headscreen.imaging.volume import Volume
 from headscreen.scores import FOCAL_KERNEL, focal_centre
@@ -514,18 +515,21 @@ def to_native(model_map: np.ndarray, preprocessed: Preprocessed, volume: Volume)
     Index k is the slice of `volume.slice_sop_uids[k]`; `[k, r, c]` is pixel (row r,
     column c) of that slice. Outside the model grid the map is 0.
     """
+    return to_native_map(model_map, preprocessed, volume).full()
+
+
+def to_native_map(model_map: np.ndarray, preprocessed: Preprocessed, volume: Volume) -> NativeMap:
+    """`to_native`'s map, resampled only where it is read (`ResampledMap`); a slice grid
+    with gaps or tilt is resampled slice by slice at once (`DenseMap`)."""
     expected = tuple(preprocessed.reference.GetSize()[::-1])
     if model_map.shape != expected:
         raise ValueError(f"model_map: expected shape {expected}, got {model_map.shape}")
-    source = sitk.GetImageFromArray(np.ascontiguousarray(model_map, dtype=np.float32))
+    model_map = np.ascontiguousarray(model_map, dtype=np.float32)
+    source = sitk.GetImageFromArray(model_map)
     source.CopyInformation(preprocessed.reference)
-    native_to_mni = preprocessed.transform.GetInverse()
     if not volume.is_regular:
-        return _to_native_per_slice(source, native_to_mni, volume)
-    box = _nonzero_box(model_map)
-    if box is None:
-        return np.zeros(tuple(np.array(volume.size)[::-1]), dtype=np.float32)
-    return _to_native_box(source, preprocessed.transform, native_to_mni, volume.image, volume.size, box)
+        return DenseMap(_to_native_per_slice(source, preprocessed.transform.GetInverse(), volume))
+    return ResampledMap(source, model_map, preprocessed.transform, volume.image, volume.size)
 
 
 def _nonzero_box(model_map: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -540,43 +544,142 @@ def _nonzero_box(model_map: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return low, high
 
 
-def _to_native_box(source: sitk.Image, mni_to_native: sitk.Transform, native_to_mni: sitk.Transform,
-                   native: sitk.Image, native_size_xyz: tuple[int, int, int],
-                   nonzero: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """Resample only inside the native bounding box of the model grid (of its `nonzero` index
-    box when given: `_nonzero_box`); zeros elsewhere. `native` gives the grid's geometry,
-    `native_size_xyz` its size (the voxels may be released)."""
-    size = np.array(source.GetSize())
-    ranges = ([[-0.5, s - 0.5] for s in size] if nonzero is None
-              else [[float(lo) - 0.5, float(hi) + 0.5] for lo, hi in zip(*nonzero)])
-    corners = [source.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
-               for corner in np.array(np.meshgrid(*ranges)).reshape(3, -1).T]
-    indices = np.array([native.TransformPhysicalPointToContinuousIndex(mni_to_native.TransformPoint(c))
-                        for c in corners])
-    native_size = np.array(native_size_xyz)
-    low = np.clip(np.floor(indices.min(axis=0)).astype(int) - 1, 0, native_size)
-    high = np.clip(np.ceil(indices.max(axis=0)).astype(int) + 2, 0, native_size)
-    out = np.zeros(tuple(native_size[::-1]), dtype=np.float32)
-    if np.any(high <= low):
+class ResampledMap:
+    """A model-grid map on a regular native slice grid (imaging.native_map.NativeMap),
+    resampled linearly only where it is read. A linearly interpolated value is a weighted
+    mean of the 8 model voxels around it, so it is 0 away from the map's non-zero voxels
+    and reaches a level only near a voxel that does: only those boxes are resampled.
+    `native` gives the grid's geometry, `native_size_xyz` its size (the voxels may be
+    released)."""
+
+    def __init__(self, source: sitk.Image, model_map: np.ndarray, mni_to_native: sitk.Transform,
+                 native: sitk.Image, native_size_xyz: tuple[int, int, int]) -> None:
+        self._source = source
+        self._model_map = model_map
+        self._mni_to_native = mni_to_native
+        self._native_to_mni = mni_to_native.GetInverse()
+        self._native = native
+        self._size_xyz = np.array(native_size_xyz)
+        self._nonzero = self._native_box(_nonzero_box(model_map))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self._size_xyz[::-1])
+
+    def slab(self, start: int, stop: int) -> np.ndarray:
+        out = np.zeros((stop - start, *self.shape[1:]), dtype=np.float32)
+        if self._nonzero is not None:
+            low, high = self._nonzero[0].copy(), self._nonzero[1].copy()
+            low[2], high[2] = max(low[2], start), min(high[2], stop)
+            if high[2] > low[2]:
+                out[low[2] - start:high[2] - start, low[1]:high[1], low[0]:high[0]] = self._region(low, high)
         return out
-    # In slabs of slices, each straight into its place: the box of a thin-slice CT is
-    # hundreds of MB of float32, a slab a few tens (each voxel is the same either way).
-    resample = sitk.ResampleImageFilter()
-    resample.SetOutputSpacing(native.GetSpacing())
-    resample.SetOutputDirection(native.GetDirection())
-    resample.SetTransform(native_to_mni)
-    resample.SetInterpolator(sitk.sitkLinear)
-    resample.SetDefaultPixelValue(0.0)
-    resample.SetOutputPixelType(sitk.sitkFloat32)
-    width, height = int(high[0] - low[0]), int(high[1] - low[1])
-    step = max(1, _SLAB_VOXELS // (width * height))
-    for start in range(int(low[2]), int(high[2]), step):
-        stop = min(start + step, int(high[2]))
-        resample.SetSize([width, height, stop - start])
-        resample.SetOutputOrigin(native.TransformIndexToPhysicalPoint([int(low[0]), int(low[1]), start]))
-        slab = resample.Execute(source)
-        out[start:stop, low[1]:high[1], low[0]:high[0]] = sitk.GetArrayViewFromImage(slab)
-    return out
+
+    def full(self) -> np.ndarray:
+        return self.slab(0, self.shape[0])
+
+    def sample(self, step: int) -> np.ndarray:
+        return self._strided(np.array([step, step, step]))
+
+    def slice_sums(self) -> np.ndarray:
+        """Estimated from every k-th row and column of every slice, k pixels no wider than
+        a model voxel: the map is linear between model voxels (~2.5 mm; a thin-slice CT's
+        pixels are ~0.5 mm, so k = 5 there)."""
+        pixel = min(self._native.GetSpacing()[:2])
+        step = max(1, int(min(self._source.GetSpacing()) / pixel))
+        return slice_sums_of(self._strided(np.array([step, step, 1])))
+
+    def at_least(self, level: float, seeded_by: float | None = None,
+                 near: IndexBox | None = None
+                 ) -> tuple[tuple[int, ...], np.ndarray] | None:
+        with np.errstate(invalid="ignore"):  # NaN >= level is False
+            mask = self._model_map >= level
+            if seeded_by is not None:
+                mask &= self._seeded(mask, self._model_map >= seeded_by, near)
+        box = self._native_box(_nonzero_box(mask))
+        if box is None:
+            return None
+        low, high = box[0], box[1]
+        return (int(low[2]), int(low[1]), int(low[0])), self._region(low, high)
+
+    def _seeded(self, mask: np.ndarray, seeds: np.ndarray,
+                near: IndexBox | None) -> np.ndarray:
+        """The model voxels of `mask` that native voxels connected to a seed (or to `near`)
+        can rest on. Neighbouring native voxels lie in the same or neighbouring model
+        cells, whose corners are at most two voxels apart: components of `mask` grown by
+        one voxel, kept where they hold a seed or meet the model box around `near`."""
+        cube = np.ones((3, 3, 3), dtype=bool)
+        labels, count = ndimage.label(ndimage.binary_dilation(mask, structure=cube), structure=cube)
+        keep = np.zeros(count + 1, dtype=bool)
+        keep[np.unique(labels[seeds])] = True
+        if near is not None:
+            keep[np.unique(labels[self._model_box(near)])] = True
+        keep[0] = False
+        return keep[labels]
+
+    def _model_box(self, near: IndexBox) -> tuple[slice, slice, slice]:
+        """The model (z, y, x) index box around an inclusive native (slice, row, column) box."""
+        (z0, y0, x0), (z1, y1, x1) = near
+        corners = [self._source.TransformPhysicalPointToContinuousIndex(self._native_to_mni.TransformPoint(
+            self._native.TransformContinuousIndexToPhysicalPoint([float(x), float(y), float(z)])))
+            for z in (z0, z1) for y in (y0, y1) for x in (x0, x1)]
+        low = np.maximum(np.floor(np.min(corners, axis=0)).astype(int) - 1, 0)
+        high = np.minimum(np.ceil(np.max(corners, axis=0)).astype(int) + 2, np.array(self._source.GetSize()))
+        return slice(low[2], high[2]), slice(low[1], high[1]), slice(low[0], high[0])
+
+    def _strided(self, step: np.ndarray) -> np.ndarray:
+        """map[::step_z, ::step_y, ::step_x] (step given as x, y, z)."""
+        out = np.zeros(tuple((-(-self._size_xyz // step))[::-1]), dtype=np.float32)
+        if self._nonzero is None:
+            return out
+        low, high = self._nonzero
+        first = -(-low // step) * step  # the first index on the stride inside the box
+        if np.any(first >= high):
+            return out
+        count = -(-(high - first) // step)
+        at = first // step
+        out[at[2]:at[2] + count[2], at[1]:at[1] + count[1], at[0]:at[0] + count[0]] = self._region(first, high, step)
+        return out
+
+    def _native_box(self, model_box: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+        """The native (x, y, z) index box, [low, high) as a (2, 3) array, that holds every
+        native voxel whose interpolation weighs a voxel of `model_box`; None if empty."""
+        if model_box is None:
+            return None
+        ranges = [[float(lo) - 0.5, float(hi) + 0.5] for lo, hi in zip(*model_box, strict=True)]
+        corners = [self._source.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+                   for corner in np.array(np.meshgrid(*ranges)).reshape(3, -1).T]
+        indices = np.array([self._native.TransformPhysicalPointToContinuousIndex(self._mni_to_native.TransformPoint(c))
+                            for c in corners])
+        low = np.clip(np.floor(indices.min(axis=0)).astype(int) - 1, 0, self._size_xyz)
+        high = np.clip(np.ceil(indices.max(axis=0)).astype(int) + 2, 0, self._size_xyz)
+        if np.any(high <= low):
+            return None
+        return np.array([low, high])
+
+    def _region(self, low: np.ndarray, high: np.ndarray, step: np.ndarray | None = None) -> np.ndarray:
+        """The map at native indices low + step * i below high per axis (x, y, z), as (z, y, x)."""
+        step = np.ones(3, dtype=int) if step is None else step
+        count = -(-(high - low) // step)
+        out = np.empty(tuple(int(n) for n in count[::-1]), dtype=np.float32)
+        resample = sitk.ResampleImageFilter()
+        resample.SetOutputSpacing([float(s) * int(k) for s, k in zip(self._native.GetSpacing(), step, strict=True)])
+        resample.SetOutputDirection(self._native.GetDirection())
+        resample.SetTransform(self._native_to_mni)
+        resample.SetInterpolator(sitk.sitkLinear)
+        resample.SetDefaultPixelValue(0.0)
+        resample.SetOutputPixelType(sitk.sitkFloat32)
+        # In slabs of slices, each straight into its place: the box of a thin-slice CT is
+        # hundreds of MB of float32, a slab a few tens (each voxel is the same either way).
+        per_slab = max(1, _SLAB_VOXELS // int(count[0] * count[1]))
+        for start in range(0, int(count[2]), per_slab):
+            stop = min(start + per_slab, int(count[2]))
+            resample.SetSize([int(count[0]), int(count[1]), stop - start])
+            origin = [int(low[0]), int(low[1]), int(low[2] + step[2] * start)]
+            resample.SetOutputOrigin(self._native.TransformIndexToPhysicalPoint(origin))
+            slab = resample.Execute(self._source)  # held: the view below does not keep it alive
+            out[start:stop] = sitk.GetArrayViewFromImage(slab)
+        return out
 
 
 _SLAB_VOXELS = 8_000_000

@@ -497,29 +497,89 @@ def _identity_preprocessed(grid: ModelGrid):
                         qc_metrics={}, qc_reasons=[], transform=identity, reference=grid.reference_image())
 
 
-def test_to_native_resamples_only_around_the_map_and_gives_the_whole_grid_result():
-    from headscreen.imaging.preprocess import _to_native_box
-
+def _shifted_native_case():
+    """A model-grid map with values in a box and on the grid's edge, a native grid finer
+    than the model's (as a thin-slice CT's: a box one model voxel too small would lose
+    values that the native margin cannot cover), and a shift between them (a rotation's
+    bounding box would hide a box cut too tight)."""
     grid = ModelGrid.from_params(default_params("CT"))
-    # Native voxels finer than the model's, as a thin-slice CT's: a box one model voxel
-    # too small would lose values that the native margin cannot cover.
     native_grid = sitk.Image([150, 186, 160], sitk.sitkFloat32)
     native_grid.SetOrigin(grid.reference_image().GetOrigin())
     volume = Volume.from_image(native_grid, "CT")
-    # A shift only: a rotation's bounding box would hide a box cut too tight.
     shift = sitk.TranslationTransform(3, (2.3, -3.1, 4.4))
     shifted = dataclasses.replace(_identity_preprocessed(grid), transform=shift)
     source_map = np.zeros(grid.size_zyx, np.float32)
     source_map[20:30, 25:40, 18:22] = np.random.default_rng(1).random((10, 15, 4), dtype=np.float32) + 0.5
     source_map[0, :, 5] = 2.0  # at the grid's edge too
-    native = to_native(source_map, shifted, volume)
     source = sitk.GetImageFromArray(source_map)
     source.CopyInformation(shifted.reference)
-    whole = _to_native_box(source, shifted.transform, shifted.transform.GetInverse(), volume.image, volume.size)
+    # The whole native grid resampled at once: what every read must agree with.
+    whole = sitk.GetArrayFromImage(sitk.Resample(source, volume.image, shift.GetInverse(), sitk.sitkLinear, 0.0,
+                                                 sitk.sitkFloat32))
+    return source_map, shifted, volume, whole
+
+
+def test_to_native_resamples_only_around_the_map_and_gives_the_whole_grid_result():
+    source_map, shifted, volume, whole = _shifted_native_case()
+    native = to_native(source_map, shifted, volume)
     np.testing.assert_array_equal(native, whole)
     assert native.any()
-    empty = to_native(np.zeros(grid.size_zyx, np.float32), shifted, volume)
+    empty = to_native(np.zeros_like(source_map), shifted, volume)
     assert empty.shape == native.shape and not empty.any()
+
+
+def test_a_resampled_map_reads_what_the_whole_map_holds():
+    from headscreen.imaging.native_map import map_peak, peak_of, slice_sums_of
+    from headscreen.imaging.preprocess import to_native_map
+
+    source_map, shifted, volume, whole = _shifted_native_case()
+    resampled = to_native_map(source_map, shifted, volume)
+    assert resampled.shape == whole.shape
+    np.testing.assert_array_equal(resampled.slab(40, 90), whole[40:90])
+    np.testing.assert_array_equal(resampled.slab(0, 3), whole[0:3])
+    # A strided read lands on other grid points: equal to the last bits of float32.
+    for step in (2, 3, 5):
+        np.testing.assert_allclose(resampled.sample(step), whole[::step, ::step, ::step], rtol=0, atol=1e-6)
+    # Slice sums come from every 4th row and column: they rank the slices as the whole does.
+    estimated, exact = resampled.slice_sums(), slice_sums_of(whole)
+    assert np.corrcoef(estimated, exact)[0, 1] > 0.99
+    assert abs(int(np.argmax(estimated)) - int(np.argmax(exact))) <= 2
+    # Every voxel at a level lies in the box at_least gives, with the whole map's values.
+    for level in (0.6, 1.2, 1.9):
+        found = resampled.at_least(level)
+        assert found is not None
+        (z, y, x), box = found
+        np.testing.assert_array_equal(box, whole[z:z + box.shape[0], y:y + box.shape[1], x:x + box.shape[2]])
+        assert np.count_nonzero(box >= level) == np.count_nonzero(whole >= level) > 0
+    assert resampled.at_least(2.5) is None
+    peak, expected = map_peak(resampled), peak_of(whole)
+    assert peak is not None and expected is not None
+    assert peak[1] == expected[1] and peak[0] == expected[0]
+
+
+def test_a_resampled_maps_regions_are_the_whole_maps():
+    """The SEG's region read from the box of components that reach the threshold (or the
+    focus) is the region of the whole map."""
+    from headscreen.export.seg import anomaly_region
+    from headscreen.imaging.preprocess import to_native_map
+
+    source_map, shifted, volume, whole = _shifted_native_case()
+    resampled = to_native_map(source_map, shifted, volume)
+    # The random block reaches 1.5 at most, the edge line 2.0: at 1.9 only the line seeds.
+    found = resampled.at_least(1.0, seeded_by=1.9)
+    assert found is not None and found[0][0] + found[1].shape[0] < 20  # the block lies beyond slice 40
+    unseeded = resampled.at_least(1.0)
+    assert unseeded is not None and unseeded[0][0] + unseeded[1].shape[0] > 40
+    inside_block = tuple(int(i) for i in np.argwhere((whole >= 1.2) & (whole < 1.5))[0])
+    focus = (tuple(i - 2 for i in inside_block), tuple(i + 2 for i in inside_block))
+    cases = [(1.9, 0.5, None, None), (1.9, 0.5, focus, None), (1.2, 1.0, None, 0.01), (1.4, 0.8, focus, 0.01)]
+    for threshold, grow, near, voxel_ml in cases:
+        expected = anomaly_region(whole, threshold, voxel_ml=voxel_ml, grow=grow, focus=near)
+        region = anomaly_region(resampled, threshold, voxel_ml=voxel_ml, grow=grow, focus=near)
+        assert expected is not None and region is not None
+        assert region[0] == expected[0]
+        np.testing.assert_array_equal(region[1], expected[1])
+    assert anomaly_region(resampled, 2.5, grow=0.5) is None
 
 
 def test_gantry_tilt_is_detected_and_resampled(tmp_path, small_ct_series):
