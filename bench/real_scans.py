@@ -46,7 +46,7 @@ from headscreen.errors import InputRejected
 from headscreen.export.seg import MIN_CLUSTER_ML, anomaly_mask
 from headscreen.imaging import qc, realscans
 from headscreen.imaging.phantoms import Pose, write_dicom_series
-from headscreen.imaging.preprocess import Preprocessed, native_focus, preprocess, to_native
+from headscreen.imaging.preprocess import Preprocessed, native_focus, preprocess, to_native_map
 from headscreen.imaging.skullstrip import dice
 from headscreen.imaging.volume import Volume, load_series
 from headscreen.inference import BundleRunner, Inference
@@ -265,7 +265,8 @@ def _score(runner: BundleRunner, case: Case, prepared: Preprocessed | str, age: 
     brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
     voxel_ml = float(np.prod(case.volume.image.GetSpacing())) / 1000.0
     focus = native_focus(brain_error, prepared, case.volume) if inference.screen_positive else None
-    seg = anomaly_mask(to_native(brain_error, prepared, case.volume), runner.bundle.seg_threshold(), voxel_ml,
+    # Read in parts, as the daemon's SEG reads it (imaging.preprocess.ResampledMap).
+    seg = anomaly_mask(to_native_map(brain_error, prepared, case.volume), runner.bundle.seg_threshold(), voxel_ml,
                        grow=runner.bundle.seg_grow(), focus=focus)
     row.eligible = True
     row.score, row.threshold = inference.anomaly_score, inference.threshold

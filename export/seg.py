@@ -53,7 +53,8 @@ def segment_description_text(summary: ResultSummary) -> str:
 
 
 
-def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, voxel_ml: float | None = None,
+def anomaly_mask(native_map: NativeMap | np.ndarray, threshold: float = DEFAULT_THRESHOLD,
+                 voxel_ml: float | None = None,
                  min_cluster_ml: float = MIN_CLUSTER_ML, grow: float = 1.0, focus: IndexBox | None = None
                  ) -> np.ndarray:
     """Voxels at or above ``threshold`` (NaN counts as not set), in connected regions
@@ -65,7 +66,8 @@ def anomaly_mask(native_map: np.ndarray, threshold: float = DEFAULT_THRESHOLD, v
     the regions at or above ``grow * threshold`` that reach into that box, so the SEG of a
     positive result marks what made it positive even where the map stays under the
     threshold (the threshold is set for healthy scans to mark almost nothing)."""
-    native_map = np.asarray(native_map)
+    if not isinstance(native_map, NativeMap):
+        native_map = np.asarray(native_map)
     mask = np.zeros(native_map.shape, dtype=bool)
     region = anomaly_region(native_map, threshold, voxel_ml, min_cluster_ml, grow, focus)
     if region is not None:
