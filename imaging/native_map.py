@@ -45,7 +45,8 @@ class NativeMap(Protocol):
                  ) -> tuple[tuple[int, ...], np.ndarray] | None:
         """A box holding every voxel whose value is >= `level` (given `seeded_by`, only
         those connected through such voxels to one >= `seeded_by` or to one inside `near`):
-        (its first index per axis, the map inside it); None when there is none."""
+        (its first index per axis, the map inside it); None when there is none (a map
+        held whole may give all of itself instead)."""
         ...
 
     def full(self) -> np.ndarray:

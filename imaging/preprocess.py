@@ -548,9 +548,11 @@ class ResampledMap:
     """A model-grid map on a regular native slice grid (imaging.native_map.NativeMap),
     resampled linearly only where it is read. A linearly interpolated value is a weighted
     mean of the 8 model voxels around it, so it is 0 away from the map's non-zero voxels
-    and reaches a level only near a voxel that does: only those boxes are resampled.
-    `native` gives the grid's geometry, `native_size_xyz` its size (the voxels may be
-    released)."""
+    and reaches a level only near a voxel that does: only those boxes are resampled. A
+    map whose non-zero box is small (WHOLE_MAP_VOXELS; an MR's, ~5 M) is resampled whole at its
+    first read and served from that: reading it in parts would cost about as much, and
+    its slice sums would be estimates. `native` gives the grid's geometry,
+    `native_size_xyz` its size (the voxels may be released)."""
 
     def __init__(self, source: sitk.Image, model_map: np.ndarray, mni_to_native: sitk.Transform,
                  native: sitk.Image, native_size_xyz: tuple[int, int, int]) -> None:
@@ -561,12 +563,25 @@ class ResampledMap:
         self._native = native
         self._size_xyz = np.array(native_size_xyz)
         self._nonzero = self._native_box(_nonzero_box(model_map))
+        self._small = (self._nonzero is not None
+                       and int(np.prod(self._nonzero[1] - self._nonzero[0])) <= WHOLE_MAP_VOXELS)
+        self._whole: DenseMap | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(n) for n in self._size_xyz[::-1])
 
+    def _dense(self) -> DenseMap | None:
+        """The whole map, resampled at the first read, when it is small."""
+        if self._small and self._whole is None:
+            self._whole = DenseMap(self._slab(0, self.shape[0]))
+        return self._whole
+
     def slab(self, start: int, stop: int) -> np.ndarray:
+        dense = self._dense()
+        return dense.slab(start, stop) if dense is not None else self._slab(start, stop)
+
+    def _slab(self, start: int, stop: int) -> np.ndarray:
         out = np.zeros((stop - start, *self.shape[1:]), dtype=np.float32)
         if self._nonzero is not None:
             low, high = self._nonzero[0].copy(), self._nonzero[1].copy()
@@ -579,12 +594,16 @@ class ResampledMap:
         return self.slab(0, self.shape[0])
 
     def sample(self, step: int) -> np.ndarray:
-        return self._strided(np.array([step, step, step]))
+        dense = self._dense()
+        return dense.sample(step) if dense is not None else self._strided(np.array([step, step, step]))
 
     def slice_sums(self) -> np.ndarray:
         """Estimated from every k-th row and column of every slice, k pixels no wider than
         a model voxel: the map is linear between model voxels (~2.5 mm; a thin-slice CT's
-        pixels are ~0.5 mm, so k = 5 there)."""
+        pixels are ~0.5 mm, so k = 5 there); exact for a small map."""
+        dense = self._dense()
+        if dense is not None:
+            return dense.slice_sums()
         pixel = min(self._native.GetSpacing()[:2])
         step = max(1, int(min(self._source.GetSpacing()) / pixel))
         return slice_sums_of(self._strided(np.array([step, step, 1])))
@@ -592,6 +611,9 @@ class ResampledMap:
     def at_least(self, level: float, seeded_by: float | None = None,
                  near: IndexBox | None = None
                  ) -> tuple[tuple[int, ...], np.ndarray] | None:
+        dense = self._dense()
+        if dense is not None:
+            return dense.at_least(level, seeded_by, near)
         with np.errstate(invalid="ignore"):  # NaN >= level is False
             mask = self._model_map >= level
             if seeded_by is not None:
@@ -683,6 +705,8 @@ class ResampledMap:
 
 
 _SLAB_VOXELS = 8_000_000
+# A map whose non-zero box holds at most this many native voxels is resampled whole (one slab).
+WHOLE_MAP_VOXELS = _SLAB_VOXELS
 
 
 def native_focus(model_map: np.ndarray, preprocessed: Preprocessed, volume: Volume

@@ -528,7 +528,17 @@ def test_to_native_resamples_only_around_the_map_and_gives_the_whole_grid_result
     assert empty.shape == native.shape and not empty.any()
 
 
-def test_a_resampled_map_reads_what_the_whole_map_holds():
+@pytest.fixture(params=["in parts", "whole"])
+def map_reads(request, monkeypatch):
+    """A thin-slice CT's map is read in parts, a small map (this test's) whole."""
+    from headscreen.imaging import preprocess as preprocess_module
+
+    if request.param == "in parts":
+        monkeypatch.setattr(preprocess_module, "WHOLE_MAP_VOXELS", 0)
+    return request.param
+
+
+def test_a_resampled_map_reads_what_the_whole_map_holds(map_reads):
     from headscreen.imaging.native_map import map_peak, peak_of, slice_sums_of
     from headscreen.imaging.preprocess import to_native_map
 
@@ -540,8 +550,11 @@ def test_a_resampled_map_reads_what_the_whole_map_holds():
     # A strided read lands on other grid points: equal to the last bits of float32.
     for step in (2, 3, 5):
         np.testing.assert_allclose(resampled.sample(step), whole[::step, ::step, ::step], rtol=0, atol=1e-6)
-    # Slice sums come from every 4th row and column: they rank the slices as the whole does.
+    # Read in parts, slice sums come from every k-th row and column: they rank the
+    # slices as the whole does. Read whole, they are the whole's.
     estimated, exact = resampled.slice_sums(), slice_sums_of(whole)
+    if map_reads == "whole":
+        np.testing.assert_array_equal(estimated, exact)
     assert np.corrcoef(estimated, exact)[0, 1] > 0.99
     assert abs(int(np.argmax(estimated)) - int(np.argmax(exact))) <= 2
     # Every voxel at a level lies in the box at_least gives, with the whole map's values.
@@ -551,13 +564,14 @@ def test_a_resampled_map_reads_what_the_whole_map_holds():
         (z, y, x), box = found
         np.testing.assert_array_equal(box, whole[z:z + box.shape[0], y:y + box.shape[1], x:x + box.shape[2]])
         assert np.count_nonzero(box >= level) == np.count_nonzero(whole >= level) > 0
-    assert resampled.at_least(2.5) is None
+    if map_reads == "in parts":  # a map held whole gives all of itself
+        assert resampled.at_least(2.5) is None
     peak, expected = map_peak(resampled), peak_of(whole)
     assert peak is not None and expected is not None
     assert peak[1] == expected[1] and peak[0] == expected[0]
 
 
-def test_a_resampled_maps_regions_are_the_whole_maps():
+def test_a_resampled_maps_regions_are_the_whole_maps(map_reads):
     """The SEG's region read from the box of components that reach the threshold (or the
     focus) is the region of the whole map."""
     from headscreen.export.seg import anomaly_region
@@ -566,10 +580,11 @@ def test_a_resampled_maps_regions_are_the_whole_maps():
     source_map, shifted, volume, whole = _shifted_native_case()
     resampled = to_native_map(source_map, shifted, volume)
     # The random block reaches 1.5 at most, the edge line 2.0: at 1.9 only the line seeds.
-    found = resampled.at_least(1.0, seeded_by=1.9)
-    assert found is not None and found[0][0] + found[1].shape[0] < 20  # the block lies beyond slice 40
-    unseeded = resampled.at_least(1.0)
-    assert unseeded is not None and unseeded[0][0] + unseeded[1].shape[0] > 40
+    if map_reads == "in parts":
+        found = resampled.at_least(1.0, seeded_by=1.9)
+        assert found is not None and found[0][0] + found[1].shape[0] < 20  # the block lies beyond slice 40
+        unseeded = resampled.at_least(1.0)
+        assert unseeded is not None and unseeded[0][0] + unseeded[1].shape[0] > 40
     inside_block = tuple(int(i) for i in np.argwhere((whole >= 1.2) & (whole < 1.5))[0])
     focus = (tuple(i - 2 for i in inside_block), tuple(i + 2 for i in inside_block))
     cases = [(1.9, 0.5, None, None), (1.9, 0.5, focus, None), (1.2, 1.0, None, 0.01), (1.4, 0.8, focus, 0.01)]
