@@ -127,15 +127,21 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     cranium_depth = float(search["cranium_depth_mm"])
     atlas_centre = _cranium_centroid(atlas_points, np.eye(3), cranium_depth)
 
-    def consider(name: str, matrix: np.ndarray) -> tuple[float, sitk.Euler3DTransform, str]:
-        # The cranium is found along this candidate's own superior axis, so a steep pitch
-        # still pairs the top of the head with the top of the atlas.
-        moving_centre = _cranium_centroid(moving_points, matrix, cranium_depth)
-        transform = sitk.Euler3DTransform()
-        transform.SetCenter(tuple(atlas_centre))
-        transform.SetMatrix(tuple(matrix.ravel()))
-        transform.SetTranslation(tuple(moving_centre - atlas_centre))
-        return scorer.score(matrix, atlas_centre, moving_centre), transform, name
+    def consider(name: str, matrices: list[np.ndarray]) -> list[tuple[float, sitk.Euler3DTransform, str]]:
+        # The cranium is found along each candidate's own superior axis, so a steep pitch
+        # still pairs the top of the head with the top of the atlas. All at once: the
+        # numpy calls are the cost, not their arithmetic.
+        stacked = np.array(matrices)
+        moving_centres = _cranium_centroids(moving_points, stacked, cranium_depth)
+        scores = scorer.score_many(stacked, atlas_centre, moving_centres)
+        found = []
+        for matrix, moving_centre, score in zip(matrices, moving_centres, scores, strict=True):
+            transform = sitk.Euler3DTransform()
+            transform.SetCenter(tuple(atlas_centre))
+            transform.SetMatrix(tuple(matrix.ravel()))
+            transform.SetTranslation(tuple(moving_centre - atlas_centre))
+            found.append((float(score), transform, name))
+        return found
 
     grid = search["tilts_deg"]
 
@@ -146,11 +152,10 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
         rolls = grid["roll"] if name == "as_labelled" else [0.0]
         yaws = grid["yaw"] if name == "as_labelled" else grid["yaw_turned"]
         angles = [(pitch, roll, yaw) for pitch in grid["pitch"] for yaw in yaws for roll in rolls]
-        found = [consider(name, flip @ _euler(*tilt)) for tilt in angles]
+        found = consider(name, [flip @ _euler(*tilt) for tilt in angles])
         best_angles = min(zip((score for score, _, _ in found), angles))[1]
-        for step in _joint_steps(float(grid["joint_step"])):
-            found.append(consider(name, flip @ _euler(*(b + d for b, d in zip(best_angles, step)))))
-        return found
+        return found + consider(name, [flip @ _euler(*(b + d for b, d in zip(best_angles, step)))
+                                       for step in _joint_steps(float(grid["joint_step"]))])
 
     # In hypothesis order, as one after another: ties then sort the same way.
     candidates = [candidate for found in side_by_side(
@@ -271,6 +276,17 @@ def _cranium_centroid(points: np.ndarray, atlas_to_native: np.ndarray, depth_mm:
     return points[height > top - depth_mm].mean(axis=0)
 
 
+def _cranium_centroids(points: np.ndarray, atlas_to_native: np.ndarray, depth_mm: float) -> np.ndarray:
+    """`_cranium_centroid` of each of a stack of candidate poses (K, 3, 3): (K, 3)."""
+    ups = atlas_to_native[:, :, 2]  # each pose's superior axis
+    heights = np.stack([points @ up for up in ups])  # as `_cranium_centroid` computes them
+    tops = np.percentile(heights, 99.5, axis=1)
+    top = heights > tops[:, None] - depth_mm
+    # Summed point after point as `_cranium_centroid`'s mean sums them (adding the zeros of
+    # the points left out changes no partial sum): the same to the bit.
+    return np.where(top[:, :, None], points[None], 0.0).sum(axis=1) / top.sum(axis=1)[:, None]
+
+
 def _shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     factors = [max(1, int(round(spacing_mm / s))) for s in image.GetSpacing()]
     return sitk.BinShrink(image, factors)
@@ -314,12 +330,36 @@ class _CoarseScorer:
         values = ndimage.map_coordinates(self.moving, index_xyz[:, ::-1].T, order=1, mode="constant",
                                          cval=self.moving_background)
         joint = np.bincount(self.atlas_bins * self.bins + _quantise(values, self.bins),
-                            minlength=self.bins * self.bins).reshape(self.bins, self.bins).astype(np.float64)
-        joint /= joint.sum()
-        pa, pm = joint.sum(axis=1), joint.sum(axis=0)
-        nonzero = joint > 0
-        mutual = float(np.sum(joint[nonzero] * np.log(joint[nonzero] / np.outer(pa, pm)[nonzero])))
-        return -mutual
+                            minlength=self.bins * self.bins).reshape(self.bins, self.bins)
+        return _negative_mutual_information(joint)
+
+
+    def score_many(self, matrices: np.ndarray, atlas_centre: np.ndarray, moving_centres: np.ndarray) -> np.ndarray:
+        """`score` of each of a stack of candidate poses (K, 3, 3) with their centres (K, 3)."""
+        count, bins = len(matrices), self.bins
+        native = (self.points - atlas_centre) @ matrices.transpose(0, 2, 1) + moving_centres[:, None, :]
+        index_xyz = (native - self.moving_origin) @ self.physical_to_index.T
+        values = ndimage.map_coordinates(self.moving, index_xyz[..., ::-1].reshape(-1, 3).T, order=1,
+                                         mode="constant", cval=self.moving_background).reshape(count, -1)
+        cells = (np.arange(count)[:, None] * bins + self.atlas_bins) * bins + _quantise_rows(values, bins)
+        joints = np.bincount(cells.ravel(), minlength=count * bins * bins).reshape(count, bins, bins)
+        return np.array([_negative_mutual_information(joint) for joint in joints])
+
+
+def _negative_mutual_information(counts: np.ndarray) -> float:
+    """Of a joint histogram (atlas bins x moving bins)."""
+    joint = counts.astype(np.float64)
+    joint /= joint.sum()
+    pa, pm = joint.sum(axis=1), joint.sum(axis=0)
+    nonzero = joint > 0
+    return -float(np.sum(joint[nonzero] * np.log(joint[nonzero] / np.outer(pa, pm)[nonzero])))
+
+
+def _quantise_rows(values: np.ndarray, bins: int) -> np.ndarray:
+    """`_quantise` of each row."""
+    low, high = np.percentile(values, [0.5, 99.5], axis=1)[:, :, None]
+    scaled = (np.clip(values, low, high) - low) / np.maximum(high - low, 1e-6)
+    return np.minimum((scaled * bins).astype(np.int64), bins - 1)
 
 
 def _quantise(values: np.ndarray, bins: int) -> np.ndarray:

@@ -832,3 +832,23 @@ def test_a_realistic_ct_head_is_not_registered_back_to_front(index: int) -> None
     result = preprocess(Volume.from_image(head.image, "CT"), default_params("CT"))
     assert result.qc_metrics["rotation_deg"] < 20.0, result.qc_metrics
     assert not [r for r in result.qc_reasons if r.startswith(("orientation", "registration"))], result.qc_reasons
+
+
+def test_the_start_search_scores_candidates_all_at_once_as_one_by_one(posed_ct):
+    """The coarse search scores a hypothesis' candidates in one go; each score and cranium
+    centre equals the one-candidate computation to the bit, so the search picks what it did."""
+    from headscreen.imaging import registration
+
+    moving = sitk.Cast(sitk.BinShrink(posed_ct.image, [2, 2, 2]), sitk.sitkFloat32)
+    scorer = registration._CoarseScorer(templates.atlas("CT", 2.0), moving, templates.atlas_metric_mask(2.0), 8.0,
+                                        registration.COARSE_BINS)
+    rng = np.random.default_rng(3)
+    poses = np.array([registration._euler(*rng.uniform(-60.0, 60.0, 3)) for _ in range(60)])
+    points = registration._mask_points(registration.head_mask(moving, -500.0))
+    atlas_centre = np.array([0.0, -20.0, 30.0])
+    centres = registration._cranium_centroids(points, poses, 110.0)
+    np.testing.assert_array_equal(centres, [registration._cranium_centroid(points, pose, 110.0) for pose in poses])
+    scores = scorer.score_many(poses, atlas_centre, centres)
+    np.testing.assert_array_equal(scores, [scorer.score(pose, atlas_centre, centre)
+                                           for pose, centre in zip(poses, centres, strict=True)])
+    assert len(set(scores.tolist())) > 50  # the poses differ, and so do their scores
