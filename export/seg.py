@@ -51,8 +51,6 @@ def segment_description_text(summary: ResultSummary) -> str:
     return f"AI-generated anomaly region, {algo.name} {algo.version}"[:64]
 
 
-
-
 def anomaly_mask(native_map: NativeMap | np.ndarray, threshold: float = DEFAULT_THRESHOLD,
                  voxel_ml: float | None = None,
                  min_cluster_ml: float = MIN_CLUSTER_ML, grow: float = 1.0, focus: IndexBox | None = None

@@ -548,11 +548,11 @@ class ResampledMap:
     """A model-grid map on a regular native slice grid (imaging.native_map.NativeMap),
     resampled linearly only where it is read. A linearly interpolated value is a weighted
     mean of the 8 model voxels around it, so it is 0 away from the map's non-zero voxels
-    and reaches a level only near a voxel that does: only those boxes are resampled. A
-    map whose non-zero box is small (WHOLE_MAP_VOXELS; an MR's, ~5 M) is resampled whole at its
-    first read and served from that: reading it in parts would cost about as much, and
-    its slice sums would be estimates. `native` gives the grid's geometry,
-    `native_size_xyz` its size (the voxels may be released)."""
+    and reaches a level only near a voxel that does: only those boxes are resampled.
+    A map whose non-zero box is small (WHOLE_MAP_VOXELS; an MR's is ~5 M voxels) is
+    resampled whole at its first read and served from that: reading it in parts would
+    cost about as much, and its slice sums would be estimates. `native` gives the grid's
+    geometry, `native_size_xyz` its size (the voxels may be released)."""
 
     def __init__(self, source: sitk.Image, model_map: np.ndarray, mni_to_native: sitk.Transform,
                  native: sitk.Image, native_size_xyz: tuple[int, int, int]) -> None:
