@@ -131,6 +131,8 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
         # The cranium is found along each candidate's own superior axis, so a steep pitch
         # still pairs the top of the head with the top of the atlas. All at once: the
         # numpy calls are the cost, not their arithmetic.
+        if not matrices:  # no joint steps (joint_step 0)
+            return []
         stacked = np.array(matrices)
         moving_centres = _cranium_centroids(moving_points, stacked, cranium_depth)
         scores = scorer.score_many(stacked, atlas_centre, moving_centres)
