@@ -335,7 +335,6 @@ class _CoarseScorer:
                             minlength=self.bins * self.bins).reshape(self.bins, self.bins)
         return _negative_mutual_information(joint)
 
-
     def score_many(self, matrices: np.ndarray, atlas_centre: np.ndarray, moving_centres: np.ndarray) -> np.ndarray:
         """`score` of each of a stack of candidate poses (K, 3, 3) with their centres (K, 3)."""
         count, bins = len(matrices), self.bins
