@@ -35,6 +35,7 @@ from headscreen.export import codes
 from headscreen.export.model import ResultSummary, finite_or_none, reference_header
 from headscreen.export.sr import ReferenceNote
 from headscreen.imaging.native_map import NativeMap, as_native_map, choose_from_sums
+from headscreen.imaging.volume import native_pixels
 
 __all__ = [
     "OverlayStyle",
@@ -126,7 +127,8 @@ def choose_slices(error_map: NativeMap | np.ndarray, count: int) -> list[int]:
 
 def _modality_values(ds: Dataset) -> np.ndarray:
     """Stored pixels -> modality units (HU for CT) via the rescale attributes."""
-    pixels = ds.pixel_array.astype(np.float32)
+    native = native_pixels(ds)
+    pixels = (native if native is not None else ds.pixel_array).astype(np.float32)
     slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
     intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
     return pixels * slope + intercept

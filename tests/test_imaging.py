@@ -37,7 +37,7 @@ from headscreen.imaging.preprocess import (
 from headscreen.imaging.registration import affine_to_matrix
 from headscreen.imaging.selection import SelectionRules, SeriesCandidate, select_series
 from headscreen.imaging.skullstrip import dice
-from headscreen.imaging.volume import SeriesRejected, Volume, load_series
+from headscreen.imaging.volume import SeriesRejected, Volume, load_series, native_pixels
 
 POSE = Pose(rotation_deg=(10.0, -8.0, 12.0), translation_mm=(15.0, -10.0, 18.0))
 LESION = Lesion("hemorrhage", center_mm=(30.0, -10.0, 20.0), volume_ml=15.0)
@@ -458,6 +458,38 @@ def test_a_fractional_rescale_loads_float32(tmp_path, small_ct_series):
     volume = load_series(paths)
     assert volume.image.GetPixelID() == sitk.sitkFloat32
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(volume.image)[3], _hu(paths[3]), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+@pytest.mark.parametrize("signed", [0, 1])
+def test_slices_read_straight_from_their_bytes_equal_what_pydicom_decodes(syntax, signed):
+    # Every stored bit depth, with the bits above it set at random: pydicom masks or
+    # sign-extends them, and so must the fast path.
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = syntax
+    rng = np.random.default_rng(signed)
+    for bits in range(1, 17):
+        for photometric in ("MONOCHROME1", "MONOCHROME2"):
+            ds.Rows, ds.Columns, ds.BitsStored, ds.HighBit = 7, 9, bits, bits - 1
+            ds.PixelRepresentation, ds.PhotometricInterpretation = signed, photometric
+            ds.PixelData = rng.integers(0, 1 << 16, (7, 9)).astype("<u2").tobytes()
+            fast = native_pixels(ds)
+            assert fast is not None and fast.dtype == ds.pixel_array.dtype
+            np.testing.assert_array_equal(fast, ds.pixel_array)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm", "emri_small.dcm",
+                                  "MR_small_RLE.dcm", "OBXXXX1A.dcm"])
+def test_what_the_fast_path_does_not_read_is_left_to_pydicom(name):
+    ds = pydicom.dcmread(get_testdata_file(name))
+    fast = native_pixels(ds)
+    simple = (ds.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+              and ds.BitsAllocated == 16 and ds.get("SamplesPerPixel") == 1 and int(ds.get("NumberOfFrames") or 1) == 1)
+    assert (fast is not None) == simple
+    if fast is not None:
+        np.testing.assert_array_equal(fast, ds.pixel_array)
+    ds.PixelData = ds.PixelData + b"\0\0"  # longer than Rows x Columns: pydicom's to judge
+    assert native_pixels(ds) is None
 
 
 @pytest.mark.parametrize("size_xyz, spacing", [((130, 97, 301), (0.5, 0.55, 0.6)), ((64, 64, 7), (1.0, 1.0, 1.0)),
