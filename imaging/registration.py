@@ -186,14 +186,14 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     refined.sort(key=lambda c: c[0])
     best = refined[0]
 
-    def finish(rigid: sitk.Euler3DTransform, at_once: int) -> tuple[sitk.AffineTransform, float]:
+    def finish(rigid: sitk.Euler3DTransform) -> tuple[sitk.AffineTransform, float]:
         if fine_stage["levels_mm"]:
-            rigid = _optimise(pyramid, rigid, fine_stage, settings, at_once)[0]
+            rigid = _optimise(pyramid, rigid, fine_stage, settings)[0]
         affine = sitk.AffineTransform(3)
         affine.SetCenter(rigid.GetCenter())
         affine.SetMatrix(rigid.GetMatrix())
         affine.SetTranslation(rigid.GetTranslation())
-        return _optimise(pyramid, affine, settings["affine"], settings, at_once)
+        return _optimise(pyramid, affine, settings["affine"], settings)
 
     rigid_done = time.perf_counter()
     hypothesis = best[2]
@@ -205,11 +205,11 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
         # win the full registration, whose last level weighs the soft tissue and brain.
         # The two finishes fill the threads: each runs its own levels one after another.
         (affine, metric), (labelled_affine, labelled_metric) = side_by_side(
-            [lambda: finish(best[1], 1), lambda: finish(labelled[1], 1)], at_once)
+            [lambda: finish(best[1]), lambda: finish(labelled[1])], at_once)
         if labelled_metric <= metric:
             affine, metric, hypothesis = labelled_affine, labelled_metric, "as_labelled"
     else:
-        affine, metric = finish(best[1], at_once)
+        affine, metric = finish(best[1])
 
     matrix = np.asarray(affine.GetMatrix()).reshape(3, 3)
     rotation = _rotation_angle_deg(rotation_part(matrix))
@@ -379,9 +379,8 @@ _T = TypeVar("_T", bound=sitk.Transform)
 
 
 def _optimise(pyramid: _Pyramid, transform: _T, stage: dict[str, Any],
-              settings: dict[str, Any], at_once: int = 1) -> tuple[_T, float]:
-    """Run a stage coarse to fine over its levels; returns the moved transform and final metric.
-    With `at_once` > 1 each level's start metric is evaluated beside its run."""
+              settings: dict[str, Any]) -> tuple[_T, float]:
+    """Run a stage coarse to fine over its levels; returns the moved transform and final metric."""
     current = transform.__class__(transform)
     metric = float("inf")
     levels = len(stage["levels_mm"])
@@ -391,32 +390,33 @@ def _optimise(pyramid: _Pyramid, transform: _T, stage: dict[str, Any],
         level_stage = {**stage, "metric": metric_name, "samples": sample_count}
         images = pyramid.level(float(spacing), stage.get("clamp") if metric_name == "correlation" else None)
         before = transform.__class__(current)
-        start_metric, metric = side_by_side([functools.partial(_start_metric, level_stage, settings, before, images),
-                                             functools.partial(_run_level, level_stage, settings, current, images)],
-                                            at_once)
-        if not metric <= start_metric:
+        start_metric, metric = _run_level(level_stage, settings, current, images)
+        if start_metric is not None and not metric <= start_metric:
             # The optimiser made it worse (it can step out of a good basin on a head
             # unlike the atlas): keep where this level started.
             current, metric = before, start_metric
     return current, metric
 
 
-def _start_metric(stage: dict[str, Any], settings: dict[str, Any], start: sitk.Transform,
-                  images: tuple[sitk.Image, sitk.Image, sitk.Image]) -> float:
-    atlas, moving, mask = images
-    method = _method(stage, settings, start, mask)
-    method.SetInitialTransform(start)
-    return float(method.MetricEvaluate(atlas, moving))
-
-
 def _run_level(stage: dict[str, Any], settings: dict[str, Any], transform: sitk.Transform,
-               images: tuple[sitk.Image, sitk.Image, sitk.Image]) -> float:
-    """Optimise `transform` in place; returns the final metric."""
+               images: tuple[sitk.Image, sitk.Image, sitk.Image]) -> tuple[float | None, float]:
+    """Optimise `transform` in place; returns the metric where it started and where it
+    ended, both on the level's own samples. ITK reports each iteration after its step with
+    the value from before it, so the first report holds the start's value, with no
+    evaluation of its own (a separate MetricEvaluate sets the metric up again and reads
+    every voxel in the mask). The start is None when the optimiser took no step, and so
+    left the transform where it was."""
     atlas, moving, mask = images
     method = _method(stage, settings, transform, mask)
     method.SetInitialTransform(transform, inPlace=True)
-    method.Execute(atlas, moving)
-    return float(method.GetMetricValue())
+    first: list[float] = []
+    method.AddCommand(sitk.sitkIterationEvent,
+                      lambda: None if first else first.append(method.GetMetricValue()))
+    try:
+        method.Execute(atlas, moving)
+    finally:
+        method.RemoveAllCommands()  # the command refers to the method: break the cycle
+    return (first[0] if first else None), float(method.GetMetricValue())
 
 
 def rotation_part(matrix: np.ndarray) -> np.ndarray:

@@ -866,6 +866,65 @@ def test_a_realistic_ct_head_is_not_registered_back_to_front(index: int) -> None
     assert not [r for r in result.qc_reasons if r.startswith(("orientation", "registration"))], result.qc_reasons
 
 
+def test_a_level_reads_its_start_metric_from_the_optimisers_first_report(posed_ct):
+    """Each level's start metric is the optimiser's first reported value, not an evaluation
+    of its own: ITK reports iteration k after its step, with the value at the position
+    before it (on the level's samples). Checked against fresh runs from those positions."""
+    from headscreen.imaging import registration
+
+    params = default_params("CT")["registration"]
+    moving = sitk.Cast(sitk.BinShrink(posed_ct.image, [2, 2, 2]), sitk.sitkFloat32)
+    pyramid = registration._Pyramid(templates.atlas("CT", 2.0), moving, templates.atlas_metric_mask(2.0))
+    images = pyramid.level(4.0)
+    stage = {**params["rigid"], "levels_mm": [4.0], "iterations": 3}
+    start = sitk.Euler3DTransform((0.0, -20.0, 30.0), 0.05, -0.03, 0.1, (4.0, -6.0, 3.0))
+
+    method = registration._method(stage, params, start, images[2])
+    moved = sitk.Euler3DTransform(start)
+    method.SetInitialTransform(moved, inPlace=True)
+    reports: list[tuple[float, tuple[float, ...]]] = []
+    method.AddCommand(sitk.sitkIterationEvent,
+                      lambda: reports.append((method.GetMetricValue(), method.GetOptimizerPosition())))
+    method.Execute(*images[:2])
+    method.RemoveAllCommands()
+    assert len(reports) == 3 and reports[0][1] != tuple(start.GetParameters())  # it stepped
+
+    first_start, _ = registration._run_level(stage, params, sitk.Euler3DTransform(start), images)
+    assert first_start == reports[0][0]
+    after_one_step = sitk.Euler3DTransform(start)
+    after_one_step.SetParameters(reports[0][1])
+    second_start, _ = registration._run_level(stage, params, after_one_step, images)
+    assert second_start == reports[1][0]  # the value at the position after step one, before step two
+
+
+def test_a_level_that_ends_worse_than_it_started_is_undone(monkeypatch):
+    from headscreen.imaging import registration
+
+    start = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.0, 0.0, 0.0, (1.0, 2.0, 3.0))
+
+    def level_ending(final: float, reported_start: float | None):
+        def run(stage, settings, transform, images):
+            if reported_start is not None:  # None: the optimiser took no step
+                transform.SetTranslation((9.0, 9.0, 9.0))
+            return reported_start, final
+        return run
+
+    class Levels:
+        def level(self, spacing_mm, clamp=None):
+            return (None, None, None)
+
+    stage = {"levels_mm": [4.0], "samples": 100}
+    monkeypatch.setattr(registration, "_run_level", level_ending(-0.5, -0.8))
+    kept, metric = registration._optimise(Levels(), start, stage, {})
+    assert kept.GetTranslation() == (1.0, 2.0, 3.0) and metric == -0.8
+    monkeypatch.setattr(registration, "_run_level", level_ending(-0.9, -0.8))
+    moved, metric = registration._optimise(Levels(), start, stage, {})
+    assert moved.GetTranslation() == (9.0, 9.0, 9.0) and metric == -0.9
+    monkeypatch.setattr(registration, "_run_level", level_ending(-0.5, None))
+    unmoved, metric = registration._optimise(Levels(), start, stage, {})
+    assert unmoved.GetTranslation() == (1.0, 2.0, 3.0) and metric == -0.5
+
+
 def test_the_start_search_scores_candidates_all_at_once_as_one_by_one(posed_ct):
     """The coarse search scores a hypothesis' candidates in one go; each score and cranium
     centre equals the one-candidate computation to the bit, so the search picks what it did."""
