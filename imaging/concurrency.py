@@ -3,8 +3,9 @@
 Each step runs on one ITK thread (preprocess) whichever Python thread runs it, and
 SimpleITK, scipy.ndimage and numpy release the GIL in their heavy loops, so two steps
 that share no mutable state give the same result in either order: registration's
-hypotheses, contenders and finishes, QC beside the model input. One worker alone on a 2-core machine then finishes a study sooner; a worker
-that shares the cores with others is told to run its steps one after another.
+hypotheses, contenders and finishes, QC beside the model input. One worker alone on a
+2-core machine then finishes a study sooner; a worker that shares the cores with others
+is told to run its steps one after another.
 """
 
 from __future__ import annotations

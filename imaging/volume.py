@@ -217,7 +217,7 @@ def native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
             return None
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits, signed = int(ds.BitsStored), ds.get("PixelRepresentation")
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # a header value that does not read: pydicom's to judge
         return None
     if not 1 <= bits <= 16 or signed not in (0, 1) or ds.get("HighBit") != bits - 1:
         return None
