@@ -195,7 +195,9 @@ class VAE3D(nn.Module):
             pads += [0, target - size]
         return F.pad(x, pads)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def encoder_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flattened bottom of the encoder, and what the age head reads: that
+        bottom with each stage's spatial mean appended."""
         h = self._pad(x)
         stage_means = []
         for layer in self.down:
@@ -203,9 +205,16 @@ class VAE3D(nn.Module):
             if isinstance(layer, nn.LeakyReLU):
                 stage_means.append(h.mean(dim=(2, 3, 4)))
         h = h.flatten(1)
-        age = None
-        if self.age_head is not None:
-            age = AGE_CENTER + self.age_head(torch.cat([h, *stage_means], dim=1)).squeeze(1) * AGE_SCALE
+        return h, torch.cat([h, *stage_means], dim=1)
+
+    def age_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        if self.age_head is None:
+            raise ValueError(f"variant {self.variant} has no age head")
+        return AGE_CENTER + self.age_head(features).squeeze(1) * AGE_SCALE
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        h, features = self.encoder_features(x)
+        age = self.age_from_features(features) if self.age_head is not None else None
         return self.to_mu(h), self.to_logvar(h), age
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

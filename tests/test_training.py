@@ -368,3 +368,40 @@ def test_progress_bars_stay_out_of_a_log_file(tmp_path: Path) -> None:
     with log.open("wb") as handle:
         subprocess.run([sys.executable, "-c", code], stderr=handle, check=True, timeout=300)
     assert log.read_bytes() == b""
+
+
+def test_an_age_head_refit_learns_age_and_leaves_the_rest_of_the_network_alone() -> None:
+    from headscreen.model_training.age_refit import refit_age_head
+
+    rng = np.random.default_rng(4)
+
+    def heads(n: int) -> Samples:
+        # Age shows as the share of dark voxels, as atrophy turns tissue to CSF.
+        ages = rng.uniform(20, 85, n).astype(np.float32)
+        images = np.where(rng.uniform(0, 1, (n, 8, 8, 8)) < (ages[:, None, None, None] / 100.0), -0.8, 0.6)
+        return Samples((images + rng.normal(0, 0.05, images.shape)).astype(np.float32), ages)
+
+    torch.manual_seed(0)
+    model = VAE3D((8, 8, 8), VaePreset(latent=4, channels=(4, 8), age_hidden=8), "vae_ap").eval()
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("age_head.")}
+    train, val = heads(96), heads(24)
+    probe = torch.from_numpy(val.images[:4, None])
+    with torch.no_grad():
+        mu, logvar, _ = model.encode(probe)
+        recon = model(probe, sample=False).recon
+
+    fit = refit_age_head(model, train, val, seed=0, epochs=60, weight_decay=1e-3)
+
+    assert fit.val_mae < 0.5 * fit.val_mae_before and fit.val_mae < 10.0
+    assert fit.n_heads == 96 and 1 <= fit.best_epoch <= 60 and fit.train_mae < fit.val_mae_before
+    # The kept head is the one with that validation MAE, and nothing else moved.
+    with torch.no_grad():
+        predicted = model.encode(torch.from_numpy(val.images[:, None]))[2]
+        assert abs(float((predicted - torch.from_numpy(val.ages)).abs().mean()) - fit.val_mae) < 1e-4
+        assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items() if k in frozen)
+        again_mu, again_logvar, _ = model.encode(probe)
+        assert torch.equal(again_mu, mu) and torch.equal(again_logvar, logvar)
+        assert torch.equal(model(probe, sample=False).recon, recon)
+    assert not model.training
+    with pytest.raises(ValueError, match="no age head"):
+        refit_age_head(VAE3D((8, 8, 8), VaePreset(latent=4, channels=(4,), age_hidden=4), "vae"), train, val)
