@@ -24,6 +24,7 @@ from headscreen.model_training.fit import (
     TrainOptions,
     fit_bundle,
     recalibrate_bundle,
+    refit_age_bundle,
 )
 from headscreen.model_training.scoring import detection_metrics
 
@@ -34,6 +35,9 @@ DEFAULT_EPOCHS = {"fanogan": 10, "vae": 12, "vae_ac": 12, "vae_ap": 12}
 # Fine-tuning from a bundle: the GAN is kept (its WGAN stage skipped); the encoder,
 # the joint refinement or the VAE adapt to the site's scans.
 INIT_FROM_EPOCHS = {"fanogan": 0, "vae": 4, "vae_ac": 4, "vae_ap": 4}
+# An age-head refit trains only the small head, on features computed once: epochs are cheap.
+AGE_REFIT_EPOCHS = 150
+DEFAULT_AGE_EXTRA = 400
 
 EXIT_OK, EXIT_FAILED, EXIT_BELOW_FLOOR = 0, 2, 3
 TRAIN_EXIT_CODES = f"""\
@@ -95,6 +99,15 @@ def train_parser() -> argparse.ArgumentParser:
                    help="with --init-from: keep its network and normative model, train nothing; search the score "
                         "weights again over today's terms and recalibrate the thresholds on the same cohort "
                         "(give the bundle's own --seed and split counts)")
+    p.add_argument("--refit-age", action="store_true",
+                   help="with --init-from (vae_ap): train its brain-age head again, the rest of the network "
+                        "frozen, on the cohort's train split plus --age-extra more healthy heads, then "
+                        f"recalibrate as --recalibrate does (give the bundle's own --seed and split counts; "
+                        f"--epochs: head epochs, default {AGE_REFIT_EPOCHS})")
+    p.add_argument("--age-extra", type=int, default=DEFAULT_AGE_EXTRA, metavar="N",
+                   help=f"--refit-age: extra healthy synthetic heads (default {DEFAULT_AGE_EXTRA})")
+    p.add_argument("--age-seed", type=int, metavar="SEED",
+                   help="--refit-age: seed of the extra heads (default --seed + 7; must differ from --seed)")
     p.add_argument("--note", action="append", default=[], metavar="TEXT",
                    help="what changed and why, in words; recorded in the manifest and the model card (repeatable)")
     p.add_argument("--init-from", type=Path, metavar="BUNDLE",
@@ -110,11 +123,14 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = train_parser().parse_args(argv)
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    if args.refit_age and args.recalibrate:
+        parser.error("--refit-age recalibrates too: give one of --refit-age and --recalibrate")
     argv_list = list(sys.argv[1:] if argv is None else argv)
     opts = TrainOptions(
         modality=args.modality, method=args.method, preset=args.preset, out=args.out, n_train=args.n_train,
-        epochs=(args.epochs if args.epochs is not None else
+        epochs=(args.epochs if args.epochs is not None else AGE_REFIT_EPOCHS if args.refit_age else
                 (INIT_FROM_EPOCHS if args.init_from else DEFAULT_EPOCHS)[args.method]),
         encoder_epochs=args.encoder_epochs,
         finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, cache=args.cache, device=args.device,
@@ -133,9 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_val_auroc=args.min_val_auroc,
         force=args.force,
         notes=tuple(args.note),
+        age_extra=args.age_extra,
+        age_seed=args.age_seed,
     )
     try:
-        bundle = recalibrate_bundle(opts) if args.recalibrate else fit_bundle(opts)
+        build = refit_age_bundle if args.refit_age else recalibrate_bundle if args.recalibrate else fit_bundle
+        bundle = build(opts)
     except BelowQualityFloor as exc:
         log.error("%s", exc, extra={"action": "train_refused", "exit_code": EXIT_BELOW_FLOOR})
         return EXIT_BELOW_FLOOR

@@ -234,6 +234,19 @@ def _stack(cases: list[Case], prepared: list[Prepared]) -> tuple[Samples, np.nda
     return Samples(images, np.array([c.age for c in cases], dtype=np.float32)), masks
 
 
+def build_healthy_samples(modality: str, n: int, seed: int, params: dict[str, Any], cache_dir: Path | None,
+                          folder: Path | None, randomise: bool = True, progress: bool = True,
+                          jobs: int = 1) -> Samples:
+    """`n` more healthy heads (healthy_cases with `seed`), less those the daemon would not
+    screen, as build_cohort leaves them out."""
+    cases = healthy_cases(modality, n, seed, randomise)
+    prepared = _prepare_all(cases, params, cache_dir, f"{modality} healthy, seed {seed}", progress, folder, jobs)
+    keep = [i for i, p in enumerate(prepared) if not blocking_reasons(list(p.qc_reasons))]
+    if not keep:
+        raise InputRejected(f"every extra healthy {modality} case failed the preprocessing QC")
+    return _stack([cases[i] for i in keep], [prepared[i] for i in keep])[0]
+
+
 def build_cohort(spec: CohortSpec, params: dict[str, Any], cache_dir: Path | None, progress: bool = True,
                  folder: Path | None = None, jobs: int = 1, healthy_splits: tuple[str, ...] = SPLITS) -> Cohort:
     """All splits for one modality (healthy: those named in `healthy_splits`; the

@@ -25,11 +25,25 @@ from headscreen.export.seg import calibrate_threshold as calibrate_seg_threshold
 from headscreen.imaging.preprocess import ModelGrid, default_params
 from headscreen.model_training.bundles import WEIGHTS_FILE, BundleSpec, load_weights, save_weights, write_model_bundle
 from headscreen.model_training.calibration import Calibration, ScoreWeights, calibrate, select_score_weights
-from headscreen.model_training.cohort import Cohort, CohortSpec, build_cohort, cache_folder, imaging_fingerprint
-from headscreen.model_training.export_onnx import ExportGraph, FAnoGANGraph, VaeGraph, export_and_check
+from headscreen.model_training.cohort import (
+    Cohort,
+    CohortSpec,
+    build_cohort,
+    build_healthy_samples,
+    cache_folder,
+    imaging_fingerprint,
+)
+from headscreen.model_training.export_onnx import (
+    PARITY_TOLERANCE,
+    ExportError,
+    ExportGraph,
+    FAnoGANGraph,
+    VaeGraph,
+    export_and_check,
+)
 from headscreen.model_training.losses import FOCAL_KERNEL
 from headscreen.model_training.model_card import write_model_card
-from headscreen.model_training.networks import GAN_PRESETS, VAE_PRESETS, GanPreset
+from headscreen.model_training.networks import GAN_PRESETS, VAE3D, VAE_PRESETS, GanPreset
 from headscreen.model_training.runtime import Samples, pick_device
 from headscreen.model_training.scoring import OnnxScorer, Scored, age_mae, detection_metrics
 from headscreen.model_training.train_fanogan import FAnoGANConfig, train_fanogan
@@ -83,6 +97,8 @@ class TrainOptions:
     min_val_auroc: float = DEFAULT_MIN_VAL_AUROC
     force: bool = False  # write the bundle even below the floor (recorded as forced)
     notes: tuple[str, ...] = ()  # what changed and why, in words, for the manifest and model card
+    age_extra: int = 0  # --refit-age: healthy heads beyond the cohort's train split
+    age_seed: int | None = None  # --refit-age: their seed (default seed + AGE_EXTRA_SEED_OFFSET)
 
     def name_and_version(self) -> tuple[str, str]:
         match = VERSION_PATTERN.match(Path(self.out).name)
@@ -340,6 +356,8 @@ def _weigh_and_calibrate(opts: TrainOptions, scorer: OnnxScorer, cohort: Cohort,
     metrics["anomaly_kinds"] = sorted({c.lesion_kind for c in cohort.cases["anomalous_test"] if c.lesion_kind})
     metrics["score_weight_search"] = {**weights.terms, "validation_auroc": weights.validation_auroc}
     metrics["paper_score"] = _paper_score(opts.method, val_h, val_a, test_h, test_a)
+    if cal.age is not None:
+        metrics["age_mae_healthy_calibration"] = age_mae(cal)
     return Weighed(terms, age_gap_weight, calibration, metrics, val_h.age is not None, age_mae(val_h))
 
 
@@ -351,53 +369,141 @@ def recalibrate_bundle(opts: TrainOptions) -> Bundle:
     was trained with (same seed, split counts and preprocessing; the train split, which
     only the network and the normative model used, is not rebuilt). This is how a new
     score term (headscreen.scores) reaches a shipped bundle without retraining."""
+    source, params, began = _rebuild_source(opts, "--recalibrate")
+    cohort = build_cohort(_cohort_spec(opts), params, opts.cache, opts.progress, _cache(opts, params),
+                          jobs=opts.threads, healthy_splits=("val", "calibration", "test"))
+    weights = source.path / WEIGHTS_FILE if WEIGHTS_FILE in source.manifest.files else None
+    return _rebuild_bundle(opts, source, params, cohort, source.model_path, weights, began, "recalibrated",
+                           "same network and normative model; score weights, threshold and SEG threshold searched "
+                           "and calibrated again on the training cohort's validation and calibration splits, rebuilt "
+                           "with the imaging code of the day", {})
+
+
+# The extra healthy heads of an age-head refit must not be the cohort's own heads.
+AGE_EXTRA_SEED_OFFSET = 7
+
+
+def refit_age_bundle(opts: TrainOptions) -> Bundle:
+    """A new version of the VAE-a_p bundle `opts.init_from` whose brain-age head is trained
+    again (model_training.age_refit) on the cohort's train split plus `opts.age_extra`
+    more healthy heads, everything else in the network frozen. The graph's anomaly
+    outputs are checked to be unchanged; then the bundle is recalibrated as by
+    --recalibrate, so its age figures (and any age-gap weight) are the new head's."""
+    from headscreen.model_training.age_refit import refit_age_head
+
+    if opts.method != "vae_ap":
+        raise ConfigError(f"--refit-age needs a vae_ap bundle (the method with an age head), not {opts.method}")
+    source, params, began = _rebuild_source(opts, "--refit-age")
+    age_seed = opts.seed + AGE_EXTRA_SEED_OFFSET if opts.age_seed is None else opts.age_seed
+    if age_seed == opts.seed:
+        raise ConfigError("--age-seed must differ from --seed: the extra heads would be the cohort's own")
+    cohort = build_cohort(_cohort_spec(opts), params, opts.cache, opts.progress, _cache(opts, params),
+                          jobs=opts.threads)
+    train = cohort.healthy["train"]
+    if opts.age_extra > 0:
+        extra = build_healthy_samples(opts.modality, opts.age_extra, age_seed, params, opts.cache,
+                                      _cache(opts, params), opts.randomise, opts.progress, opts.threads)
+        train = Samples(np.concatenate([train.images, extra.images]), np.concatenate([train.ages, extra.ages]))
+    model = VAE3D(train.grid, VAE_PRESETS[opts.preset], opts.method)
+    model.load_state_dict(load_weights(source.path / WEIGHTS_FILE)["nets"]["model"])
+    fit = refit_age_head(model, train, cohort.healthy["val"], seed=opts.seed, flip_lr=opts.flip_lr,
+                         epochs=opts.epochs, weight_decay=AGE_HEAD_WEIGHT_DECAY)
+    run = opts.run_dir()
+    run.mkdir(parents=True, exist_ok=True)
+    weights_path, onnx_path = run / WEIGHTS_FILE, run / "model.onnx"
+    save_weights(weights_path, opts.method, opts.preset, train.grid, {"model": model.state_dict()})
+    test = cohort.healthy["test"]
+    parity = export_and_check(VaeGraph(model), onnx_path, test.images[:2], test.ages[:2], seed=opts.seed)
+    unchanged = anomaly_outputs_diff(source.model_path, onnx_path, cohort.healthy["val"].images[:4])
+    record = {"n_heads": fit.n_heads, "n_cohort_train": len(cohort.healthy["train"]),
+              "extra": {"n": len(train) - len(cohort.healthy["train"]), "asked": opts.age_extra, "seed": age_seed},
+              "flip_lr": opts.flip_lr, "epochs": fit.epochs, "best_epoch": fit.best_epoch,
+              "weight_decay": fit.weight_decay, "train_mae": round(fit.train_mae, 3),
+              "val_mae_before": round(fit.val_mae_before, 3), "val_mae": round(fit.val_mae, 3),
+              "anomaly_outputs_max_abs_diff": unchanged, "parity_max_abs_diff": parity}
+    return _rebuild_bundle(opts, source, params, cohort, onnx_path, weights_path, began, "age_refit",
+                           "brain-age head trained again on more healthy heads, the rest of the network frozen "
+                           "(anomaly outputs unchanged); score weights, threshold and SEG threshold searched and "
+                           "calibrated again as by --recalibrate", record)
+
+
+AGE_HEAD_WEIGHT_DECAY = 1e-2
+
+
+def anomaly_outputs_diff(before: Path, after: Path, images: np.ndarray) -> float:
+    """Largest difference between two graphs' outputs other than `age` on `images`;
+    raises ExportError above the parity tolerance."""
+    old, new = OnnxScorer(before, 1), OnnxScorer(after, 1)
+    feeds = {"image": images[:, None].astype(np.float32)}
+    names = [n for n in old.outputs if n != "age"]
+    if sorted(names) != sorted(n for n in new.outputs if n != "age"):
+        raise ExportError(f"the refit graph's outputs {new.outputs} differ from the source's {old.outputs}")
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(old.session.run(names, feeds),
+                                                            new.session.run(names, feeds)))
+    if not diff < PARITY_TOLERANCE:
+        raise ExportError(f"the age-head refit changed the anomaly outputs by {diff:.3g}")
+    return diff
+
+
+def _rebuild_source(opts: TrainOptions, flag: str) -> tuple[Bundle, dict[str, Any], float]:
+    """The checked source bundle of a --recalibrate or --refit-age, its preprocessing, the start time."""
     if opts.init_from is None:
-        raise ConfigError("--recalibrate needs --init-from BUNDLE (the bundle to recalibrate)")
+        raise ConfigError(f"{flag} needs --init-from BUNDLE (the bundle to start from)")
     if opts.dataset is not None:
-        raise ConfigError("--recalibrate keeps the bundle's synthetic cohort: no --dataset")
+        raise ConfigError(f"{flag} keeps the bundle's synthetic cohort: no --dataset")
     if Path(opts.out).resolve() == Path(opts.init_from).resolve():
-        raise ConfigError("--recalibrate writes a new bundle: --out must differ from --init-from")
+        raise ConfigError(f"{flag} writes a new bundle: --out must differ from --init-from")
     began = time.monotonic()
-    name, version = opts.name_and_version()
+    opts.name_and_version()
     _init_weights(opts)  # the same checks as a fine-tune: modality, method and preset match
     source = load_bundle(opts.init_from)
-    m = source.manifest
     if source.normative is None:
         raise ConfigError(f"--init-from {opts.init_from}: the bundle has no normative model to score against")
-    params = recalibration_params(m.preprocessing, opts.preprocessing_overrides)
-    spec = CohortSpec(opts.modality, opts.n_train, opts.n_val, opts.n_calibration, opts.n_test,
+    return source, recalibration_params(source.manifest.preprocessing, opts.preprocessing_overrides), began
+
+
+def _cohort_spec(opts: TrainOptions) -> CohortSpec:
+    return CohortSpec(opts.modality, opts.n_train, opts.n_val, opts.n_calibration, opts.n_test,
                       opts.n_anomalous // 2, opts.n_anomalous - opts.n_anomalous // 2, opts.seed, opts.randomise)
-    folder = cache_folder(opts.cache, params) if opts.cache is not None else None
-    cohort = build_cohort(spec, params, opts.cache, opts.progress, folder, jobs=opts.threads,
-                          healthy_splits=("val", "calibration", "test"))
-    scorer = OnnxScorer(source.model_path, opts.threads)
+
+
+def _cache(opts: TrainOptions, params: dict[str, Any]) -> Path | None:
+    return cache_folder(opts.cache, params) if opts.cache is not None else None
+
+
+def _rebuild_bundle(opts: TrainOptions, source: Bundle, params: dict[str, Any], cohort: Cohort, onnx_path: Path,
+                    weights_path: Path | None, began: float, key: str, what: str,
+                    record: dict[str, Any]) -> Bundle:
+    """Weigh, calibrate and write the new version of `source` with the graph at `onnx_path`;
+    the manifest's training record gains `key` saying what was done."""
+    name, version = opts.name_and_version()
+    m = source.manifest
+    scorer = OnnxScorer(onnx_path, opts.threads)
     cal_raw = scorer.score(cohort.healthy["calibration"])
-    fitted = _weigh_and_calibrate(opts, scorer, cohort, source.normative, params, cal_raw)
+    fitted = _weigh_and_calibrate(opts, scorer, cohort, source.normative, params, cal_raw)  # type: ignore[arg-type]
     del cal_raw
     metrics: dict[str, Any] = dict(fitted.metrics)
     metrics.update({k: m.metrics[k] for k in ("n_train", "qc_excluded", "final_epoch") if k in m.metrics})
     gate = quality_gate(metrics["validation"]["auroc"], opts)
-    training = {**m.training, "quality_gate": gate, "recalibrated": {
+    training = {**m.training, "quality_gate": gate, key: {
         "command": opts.command, "from": {"bundle": m.key, "sha256": source.sha256},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        "duration_s": round(time.monotonic() - began, 1),
-        "what": "same network and normative model; score weights, threshold and SEG threshold searched and "
-                "calibrated again on the training cohort's validation and calibration splits, rebuilt with the "
-                "imaging code of the day", "imaging_code_sha256": imaging_fingerprint(), "notes": list(opts.notes)}}
+        "duration_s": round(time.monotonic() - began, 1), "what": what, **record,
+        "score_unchanged": fitted.terms == m.score.terms and fitted.age_gap_weight == m.score.age_gap_weight,
+        "imaging_code_sha256": imaging_fingerprint(), "notes": list(opts.notes)}}
     spec_out = BundleSpec(
         name=name, version=version, modality=m.modality, method=opts.method, description=m.description,
         grid=(int(m.input.shape[1]), int(m.input.shape[2]), int(m.input.shape[3])), preprocessing=params,
-        score_terms=fitted.terms,        age_gap_weight=fitted.age_gap_weight,
+        score_terms=fitted.terms, age_gap_weight=fitted.age_gap_weight,
         score_definition=_definition(opts.method, opts.kappa, fitted.terms, fitted.age_gap_weight),
         calibration=fitted.calibration, age_supported=fitted.age_supported,
         age_validation_mae=fitted.age_validation_mae, training=training, metrics=metrics,
-        parity_max_abs_diff=float(m.parity.get("max_abs_diff", 0.0)),
+        parity_max_abs_diff=float(record.get("parity_max_abs_diff", m.parity.get("max_abs_diff", 0.0))),
         extra={"extra_inputs": {"chronological_age": "float32 [N], years"}} if opts.method == "vae_ac" else {},
     )
     csv_path = source.path / "training_metrics.csv"
-    bundle = write_model_bundle(opts.out, source.model_path, spec_out, csv_path if csv_path.is_file() else None,
-                                normative=source.path / NORMATIVE_FILE,
-                                weights=source.path / WEIGHTS_FILE if WEIGHTS_FILE in m.files else None)
+    bundle = write_model_bundle(opts.out, onnx_path, spec_out, csv_path if csv_path.is_file() else None,
+                                normative=source.path / NORMATIVE_FILE, weights=weights_path)
     write_model_card(Path(opts.out), bundle.manifest)
     return bundle
 

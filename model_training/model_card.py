@@ -52,6 +52,7 @@ def render_model_card(m: Manifest) -> str:
         + (" (the last, resumed segment of the run only)." if t.get("resumed") else "."),
         *(f"- {note}" for note in t.get("notes", [])),
         *_recalibrated(t.get("recalibrated")),
+        *_age_refit(t.get("age_refit")),
         "",
         "## Scoring",
         "",
@@ -100,6 +101,9 @@ def render_model_card(m: Manifest) -> str:
             f"| brain-age MAE, lesion test (years) | {_fmt(metrics.get('age_mae_anomalous_test'))} |",
             f"| brain-age MAE, healthy validation (years) | {_fmt(m.age.validation_mae)} |",
         ]
+        if "age_mae_healthy_calibration" in metrics:
+            lines.append("| brain-age MAE, healthy calibration (years) | "
+                         f"{_fmt(metrics['age_mae_healthy_calibration'])} |")
     paper = metrics.get("paper_score")
     if paper:
         lines.append(f"| AUROC of the paper's own score ({paper.get('definition')}) "
@@ -144,6 +148,21 @@ def _recalibrated(record: dict[str, Any] | None) -> list[str]:
     return [f"- Recalibrated {record.get('date')} from {source.get('bundle')} ({record.get('duration_s')} s): "
             f"{record.get('what')}.", f"  `{record.get('command')}`",
             *(f"- {note}" for note in record.get("notes", []))]
+
+
+def _age_refit(record: dict[str, Any] | None) -> list[str]:
+    if not record:
+        return []
+    extra = record.get("extra", {})
+    return [f"- Brain-age head refit {record.get('date')} from {record.get('from', {}).get('bundle')} "
+            f"({record.get('duration_s')} s): {record.get('what')}. Trained on {record.get('n_heads')} healthy heads "
+            f"(the cohort's {record.get('n_cohort_train')} training heads and {extra.get('n')} more, seed "
+            f"{extra.get('seed')}{', each also mirrored' if record.get('flip_lr') else ''}), epoch "
+            f"{record.get('best_epoch')} of {record.get('epochs')} kept for its validation MAE: "
+            f"{_fmt(record.get('val_mae_before'))} years before, {_fmt(record.get('val_mae'))} after. Anomaly "
+            f"outputs differ from the source graph's by at most {record.get('anomaly_outputs_max_abs_diff'):.3g}; "
+            f"score {'unchanged' if record.get('score_unchanged') else 'searched again and changed'}.",
+            f"  `{record.get('command')}`", *(f"- {note}" for note in record.get("notes", []))]
 
 
 def _forced_warning(gate: dict[str, Any] | None) -> list[str]:

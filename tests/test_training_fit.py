@@ -166,3 +166,44 @@ def test_a_recalibration_may_change_the_qc_gates_and_nothing_the_network_sees() 
     assert recalibration_params(params, None) == params
     with pytest.raises(ConfigError, match="grid"):
         recalibration_params(params, {"grid": [32, 32, 32]})
+
+
+def test_refit_age_trains_only_the_age_head_of_a_vae_bundle(tmp_path: Path, coarse_params_file: Path) -> None:
+    import onnxruntime as ort
+
+    cache = tmp_path / "cache"
+    base = ["--modality", "MR", "--method", "vae_ap", "--cache", str(cache), "--n-train", "2", "--n-val", "1",
+            "--n-calibration", "2", "--n-test", "1", "--n-anomalous", "2", "--batch-size", "2", "--device", "cpu",
+            "--threads", "1", "--no-progress", "--no-randomise", "--min-val-auroc", "0"]
+    out = tmp_path / "models" / "mr-test-0.1.0"
+    assert main([*base, "--out", str(out), "--epochs", "1", "--preprocessing", str(coarse_params_file)]) == 0
+    source = load_bundle(out)
+
+    refit = tmp_path / "models" / "mr-test-0.2.0"
+    assert main([*base, "--out", str(refit), "--init-from", str(out), "--refit-age", "--age-seed", "0"]) == 2
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(refit), "--init-from", str(out), "--refit-age", "--recalibrate"])
+    assert not refit.exists()
+    assert main([*base, "--out", str(refit), "--init-from", str(out), "--refit-age", "--age-extra", "3",
+                 "--epochs", "5", "--note", "why the head was refit"]) == 0
+    m = load_bundle(refit).manifest
+    record = m.training["age_refit"]
+    assert record["from"] == {"bundle": "mr-test-0.1.0", "sha256": source.sha256}
+    assert record["extra"]["seed"] == 7 and record["extra"]["asked"] == 3 and record["epochs"] == 5
+    assert record["n_heads"] == record["n_cohort_train"] + record["extra"]["n"] >= 1
+    assert 1 <= record["best_epoch"] <= 5 and record["anomaly_outputs_max_abs_diff"] < 1e-4
+    # A new graph and weights; the normative model and the preprocessing are the source's.
+    assert m.files["model.onnx"] != source.manifest.files["model.onnx"]
+    assert m.files["weights.pt"] != source.manifest.files["weights.pt"]
+    assert m.files["normative.npz"] == source.manifest.files["normative.npz"]
+    assert m.preprocessing == source.manifest.preprocessing and m.age.supported
+    assert "age_mae_healthy_calibration" in m.metrics
+    # Only the age output moved, on any input.
+    image = np.random.default_rng(1).uniform(-1, 1, (2, 1, 16, 16, 16)).astype(np.float32)
+    before, after = (ort.InferenceSession(str(p / "model.onnx"), providers=["CPUExecutionProvider"])
+                     for p in (out, refit))
+    names = [o.name for o in before.get_outputs()]
+    for name, a, b in zip(names, before.run(names, {"image": image}), after.run(names, {"image": image})):
+        assert (np.abs(a - b).max() < 1e-4) == (name != "age"), name
+    card = (refit / "MODEL_CARD.md").read_text()
+    assert "Brain-age head refit" in card and "why the head was refit" in card
