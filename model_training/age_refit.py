@@ -5,7 +5,8 @@ on and overfits them: its error on held-out heads is three to four times that on
 own training heads. Refitting only the head on features of many more healthy heads
 (the encoder frozen, features computed once) costs minutes on a CPU, and leaves every
 anomaly output of the graph, and so the normative model and the calibration, as they
-were. A site can refit it on its own confirmed-normal studies with known ages.
+were. The same step would suit a site's confirmed-normal studies with known ages, but
+`headscreen train --refit-age` takes synthetic heads only for now (no --dataset).
 """
 
 from __future__ import annotations
