@@ -5,8 +5,8 @@ on and overfits them: its error on held-out heads is three to four times that on
 own training heads. Refitting only the head on features of many more healthy heads
 (the encoder frozen, features computed once) costs minutes on a CPU, and leaves every
 anomaly output of the graph, and so the normative model and the calibration, as they
-were. The same step would suit a site's confirmed-normal studies with known ages, but
-`headscreen train --refit-age` takes synthetic heads only for now (no --dataset).
+were. `headscreen train --refit-age --dataset CSV` does the same on a site's
+confirmed-normal studies with known ages (model_training.fit.refit_age_bundle).
 """
 
 from __future__ import annotations

@@ -102,7 +102,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-age", action="store_true",
                    help="with --init-from (vae_ap): train its brain-age head again, the rest of the network "
                         "frozen, on the cohort's train split plus --age-extra more healthy heads, then "
-                        f"recalibrate as --recalibrate does (give the bundle's own --seed and split counts; "
+                        f"recalibrate as --recalibrate does (give the bundle's own --seed and split counts, or "
+                        "--dataset: the site's CSV, whose normal train rows join the heads and whose val split "
+                        "judges the head; refused unless better there than the source's head; "
                         f"--epochs: head epochs, default {AGE_REFIT_EPOCHS})")
     p.add_argument("--age-extra", type=int, default=DEFAULT_AGE_EXTRA, metavar="N",
                    help=f"--refit-age: extra healthy synthetic heads (default {DEFAULT_AGE_EXTRA})")

@@ -376,7 +376,8 @@ def recalibrate_bundle(opts: TrainOptions) -> Bundle:
     return _rebuild_bundle(opts, source, params, cohort, source.model_path, weights, began, "recalibrated",
                            "same network and normative model; score weights, threshold and SEG threshold searched "
                            "and calibrated again on the training cohort's validation and calibration splits, rebuilt "
-                           "with the imaging code of the day", {})
+                           "with the imaging code of the day",
+                           {"data": f"the bundle's synthetic cohort (seed {opts.seed})"})
 
 
 # The extra healthy heads of an age-head refit must not be the cohort's own heads.
@@ -388,19 +389,27 @@ AGE_HEAD_WEIGHT_DECAY = 1e-2
 def refit_age_bundle(opts: TrainOptions) -> Bundle:
     """A new version of the VAE-a_p bundle `opts.init_from` whose brain-age head is trained
     again (model_training.age_refit) on the cohort's train split plus `opts.age_extra`
-    more healthy heads, everything else in the network frozen. The graph's anomaly
-    outputs are checked to be unchanged; then the bundle is recalibrated as by
-    --recalibrate, so its age figures (and any age-gap weight) are the new head's."""
+    more healthy synthetic heads, everything else in the network frozen. The cohort is
+    the bundle's own synthetic one, or with `opts.dataset` the site's CSV: its normal
+    train rows join the training heads and its val split chooses the epoch, so the head
+    is judged on the site's own scanners. A head no better on that split than the
+    source's is refused unless forced (age_refit_gate). The graph's anomaly outputs are
+    checked to be unchanged; then the bundle is recalibrated as by --recalibrate (on the
+    CSV's splits with a dataset), so its age figures (and any age-gap weight) are the new head's."""
     from headscreen.model_training.age_refit import refit_age_head
 
     if opts.method != "vae_ap":
         raise ConfigError(f"--refit-age needs a vae_ap bundle (the method with an age head), not {opts.method}")
-    source, params, began = _rebuild_source(opts, "--refit-age")
+    source, params, began = _rebuild_source(opts, "--refit-age", dataset_allowed=True)
     age_seed = opts.seed + AGE_EXTRA_SEED_OFFSET if opts.age_seed is None else opts.age_seed
     if age_seed == opts.seed:
         raise ConfigError("--age-seed must differ from --seed: the extra heads would be the cohort's own")
-    cohort = build_cohort(_cohort_spec(opts), params, opts.cache, opts.progress, _cache(opts, params),
-                          jobs=opts.threads)
+    if opts.dataset is not None:
+        from headscreen.model_training.dataset import build_dataset_cohort
+        cohort = build_dataset_cohort(opts.dataset, params, opts.cache, _cohort_spec(opts), opts.progress)
+    else:
+        cohort = build_cohort(_cohort_spec(opts), params, opts.cache, opts.progress, _cache(opts, params),
+                              jobs=opts.threads)
     train = cohort.healthy["train"]
     if opts.age_extra > 0:
         extra = build_healthy_samples(opts.modality, opts.age_extra, age_seed, params, opts.cache,
@@ -410,6 +419,7 @@ def refit_age_bundle(opts: TrainOptions) -> Bundle:
     model.load_state_dict(load_weights(source.path / WEIGHTS_FILE)["nets"]["model"])
     fit = refit_age_head(model, train, cohort.healthy["val"], seed=opts.seed, flip_lr=opts.flip_lr,
                          epochs=opts.epochs, weight_decay=AGE_HEAD_WEIGHT_DECAY)
+    gate = age_refit_gate(fit.val_mae, fit.val_mae_before, len(cohort.healthy["val"]), opts)
     run = opts.run_dir()
     run.mkdir(parents=True, exist_ok=True)
     weights_path, onnx_path = run / WEIGHTS_FILE, run / "model.onnx"
@@ -417,16 +427,35 @@ def refit_age_bundle(opts: TrainOptions) -> Bundle:
     test = cohort.healthy["test"]
     parity = export_and_check(VaeGraph(model), onnx_path, test.images[:2], test.ages[:2], seed=opts.seed)
     unchanged = anomaly_outputs_diff(source.model_path, onnx_path, cohort.healthy["val"].images[:4])
-    record = {"n_heads": fit.n_heads, "n_cohort_train": len(cohort.healthy["train"]),
+    data = (f"dataset CSV {opts.dataset}" if opts.dataset is not None
+            else f"the bundle's synthetic cohort (seed {opts.seed})")
+    record = {"n_heads": fit.n_heads, "n_cohort_train": len(cohort.healthy["train"]), "data": data,
+              "n_val": len(cohort.healthy["val"]),
               "extra": {"n": len(train) - len(cohort.healthy["train"]), "asked": opts.age_extra, "seed": age_seed},
               "flip_lr": opts.flip_lr, "epochs": fit.epochs, "best_epoch": fit.best_epoch,
               "weight_decay": fit.weight_decay, "train_mae": round(fit.train_mae, 3),
-              "val_mae_before": round(fit.val_mae_before, 3), "val_mae": round(fit.val_mae, 3),
+              "val_mae_before": round(fit.val_mae_before, 3), "val_mae": round(fit.val_mae, 3), "gate": gate,
               "anomaly_outputs_max_abs_diff": unchanged, "parity_max_abs_diff": parity}
     return _rebuild_bundle(opts, source, params, cohort, onnx_path, weights_path, began, "age_refit",
                            "brain-age head trained again on more healthy heads, the rest of the network frozen "
                            "(anomaly outputs unchanged); score weights, threshold and SEG threshold searched and "
                            "calibrated again as by --recalibrate", record)
+
+
+def age_refit_gate(val_mae: float, val_mae_before: float, n_val: int, opts: TrainOptions) -> dict[str, Any]:
+    """The refit head must predict the validation split's ages better than the source's
+    head did; raises BelowQualityFloor (nothing written) when not, unless forced."""
+    passed = val_mae < val_mae_before
+    gate = {"metric": "brain-age MAE on the healthy validation split, years", "n": n_val,
+            "source_head": round(val_mae_before, 3), "value": round(val_mae, 3), "passed": passed,
+            "forced": not passed and opts.force}
+    if not passed and not opts.force:
+        raise BelowQualityFloor(
+            f"age-head refit refused: its brain-age MAE on the {n_val} healthy validation heads is {val_mae:.2f} "
+            f"years, no better than the source head's {val_mae_before:.2f}; nothing was written to {opts.out}. "
+            "Give more healthy heads with ages (--dataset rows, --age-extra), or --force to write it anyway "
+            "(its manifest will say it was forced)")
+    return gate
 
 
 def anomaly_outputs_diff(before: Path, after: Path, images: np.ndarray) -> float:
@@ -444,11 +473,12 @@ def anomaly_outputs_diff(before: Path, after: Path, images: np.ndarray) -> float
     return diff
 
 
-def _rebuild_source(opts: TrainOptions, flag: str) -> tuple[Bundle, dict[str, Any], float]:
+def _rebuild_source(opts: TrainOptions, flag: str,
+                    dataset_allowed: bool = False) -> tuple[Bundle, dict[str, Any], float]:
     """The checked source bundle of a --recalibrate or --refit-age, its preprocessing, the start time."""
     if opts.init_from is None:
         raise ConfigError(f"{flag} needs --init-from BUNDLE (the bundle to start from)")
-    if opts.dataset is not None:
+    if opts.dataset is not None and not dataset_allowed:
         raise ConfigError(f"{flag} keeps the bundle's synthetic cohort: no --dataset")
     if Path(opts.out).resolve() == Path(opts.init_from).resolve():
         raise ConfigError(f"{flag} writes a new bundle: --out must differ from --init-from")

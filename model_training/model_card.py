@@ -58,7 +58,7 @@ def render_model_card(m: Manifest) -> str:
         "",
         f"{m.score.definition}",
         "",
-        f"Calibration on {cal.n} held-out healthy synthetic cases: threshold {cal.threshold:.6g} at",
+        f"Calibration on {cal.n} held-out healthy {_calibration_source(t)}: threshold {cal.threshold:.6g} at",
         f"{cal.specificity:.0%} specificity. "
         f"ONNX vs PyTorch max |diff| {m.parity.get('max_abs_diff', float('nan')):.2e}.",
         (f"Overlay and SEG: the one-sided positive z-map inside the scored brain (z lowered by its mirror image's z "
@@ -150,16 +150,29 @@ def _recalibrated(record: dict[str, Any] | None) -> list[str]:
             *(f"- {note}" for note in record.get("notes", []))]
 
 
+def _calibration_source(training: dict[str, Any]) -> str:
+    """What the calibration split was drawn from: the latest rebuild's data, else the training's."""
+    rebuilds = sorted((r for r in (training.get("recalibrated"), training.get("age_refit")) if r),
+                      key=lambda r: str(r.get("date")))
+    data = (rebuilds[-1].get("data") if rebuilds else None) or training.get("data") or ""
+    return f"cases of the {data}" if data.startswith("dataset CSV") else "synthetic cases"
+
+
 def _age_refit(record: dict[str, Any] | None) -> list[str]:
     if not record:
         return []
     extra = record.get("extra", {})
+    gate = record.get("gate") or {}
+    # A record without `data` (MR 2.5.0's) was of the bundle's synthetic cohort.
+    data = record.get("data", "the synthetic cohort")
     return [f"- Brain-age head refit {record.get('date')} from {record.get('from', {}).get('bundle')} "
             f"({record.get('duration_s')} s): {record.get('what')}. Trained on {record.get('n_heads')} healthy heads "
-            f"(the cohort's {record.get('n_cohort_train')} training heads and {extra.get('n')} more, seed "
+            f"({record.get('n_cohort_train')} training heads of {data} and {extra.get('n')} synthetic ones, seed "
             f"{extra.get('seed')}{', each also mirrored' if record.get('flip_lr') else ''}), epoch "
-            f"{record.get('best_epoch')} of {record.get('epochs')} kept for its validation MAE: "
-            f"{_fmt(record.get('val_mae_before'))} years before, {_fmt(record.get('val_mae'))} after. Anomaly "
+            f"{record.get('best_epoch')} of {record.get('epochs')} kept for its MAE on "
+            f"{record.get('n_val', 'the')} healthy validation heads: "
+            f"{_fmt(record.get('val_mae_before'))} years before, {_fmt(record.get('val_mae'))} after"
+            f"{' (NO BETTER: written only because --force was given)' if gate.get('forced') else ''}. Anomaly "
             f"outputs differ from the source graph's by at most {record.get('anomaly_outputs_max_abs_diff'):.3g}; "
             f"score {'unchanged' if record.get('score_unchanged') else 'searched again and changed'}.",
             f"  `{record.get('command')}`", *(f"- {note}" for note in record.get("notes", []))]

@@ -168,15 +168,26 @@ def test_a_recalibration_may_change_the_qc_gates_and_nothing_the_network_sees() 
         recalibration_params(params, {"grid": [32, 32, 32]})
 
 
-def test_refit_age_trains_only_the_age_head_of_a_vae_bundle(tmp_path: Path, coarse_params_file: Path) -> None:
+REFIT_BASE = ["--modality", "MR", "--method", "vae_ap", "--n-train", "2", "--n-val", "1", "--n-calibration", "2",
+              "--n-test", "1", "--n-anomalous", "2", "--batch-size", "2", "--device", "cpu", "--threads", "1",
+              "--no-progress", "--no-randomise", "--min-val-auroc", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_mr_bundle(tmp_path_factory: pytest.TempPathFactory, coarse_params_file: Path) -> tuple[Path, Path]:
+    """A one-epoch VAE-a_p MR bundle on the coarse grid, and its cohort cache."""
+    root = tmp_path_factory.mktemp("tiny-mr")
+    out, cache = root / "models" / "mr-test-0.1.0", root / "cache"
+    assert main([*REFIT_BASE, "--cache", str(cache), "--out", str(out), "--epochs", "1",
+                 "--preprocessing", str(coarse_params_file)]) == 0
+    return out, cache
+
+
+def test_refit_age_trains_only_the_age_head_of_a_vae_bundle(tmp_path: Path, tiny_mr_bundle: tuple[Path, Path]) -> None:
     import onnxruntime as ort
 
-    cache = tmp_path / "cache"
-    base = ["--modality", "MR", "--method", "vae_ap", "--cache", str(cache), "--n-train", "2", "--n-val", "1",
-            "--n-calibration", "2", "--n-test", "1", "--n-anomalous", "2", "--batch-size", "2", "--device", "cpu",
-            "--threads", "1", "--no-progress", "--no-randomise", "--min-val-auroc", "0"]
-    out = tmp_path / "models" / "mr-test-0.1.0"
-    assert main([*base, "--out", str(out), "--epochs", "1", "--preprocessing", str(coarse_params_file)]) == 0
+    out, cache = tiny_mr_bundle
+    base = [*REFIT_BASE, "--cache", str(cache)]
     source = load_bundle(out)
 
     refit = tmp_path / "models" / "mr-test-0.2.0"
@@ -184,14 +195,22 @@ def test_refit_age_trains_only_the_age_head_of_a_vae_bundle(tmp_path: Path, coar
     with pytest.raises(SystemExit):
         main([*base, "--out", str(refit), "--init-from", str(out), "--refit-age", "--recalibrate"])
     assert not refit.exists()
-    assert main([*base, "--out", str(refit), "--init-from", str(out), "--refit-age", "--age-extra", "3",
-                 "--epochs", "5", "--note", "why the head was refit"]) == 0
+    # Judged on one validation head, this refit's head is no better than the source's
+    # (24.8 against 1.0 years when written): refused, nothing written, unless forced.
+    refit_argv = [*base, "--out", str(refit), "--init-from", str(out), "--refit-age", "--age-extra", "3",
+                  "--epochs", "5", "--note", "why the head was refit"]
+    assert main(refit_argv) == 3
+    assert not refit.exists()
+    assert main([*refit_argv, "--force"]) == 0
     m = load_bundle(refit).manifest
     record = m.training["age_refit"]
     assert record["from"] == {"bundle": "mr-test-0.1.0", "sha256": source.sha256}
     assert record["extra"]["seed"] == 7 and record["extra"]["asked"] == 3 and record["epochs"] == 5
     assert record["n_heads"] == record["n_cohort_train"] + record["extra"]["n"] >= 1
     assert 1 <= record["best_epoch"] <= 5 and record["anomaly_outputs_max_abs_diff"] < 1e-4
+    assert record["data"] == "the bundle's synthetic cohort (seed 0)"
+    assert record["gate"]["forced"] and not record["gate"]["passed"] and record["gate"]["n"] == 1
+    assert record["gate"]["value"] == record["val_mae"] >= record["gate"]["source_head"] == record["val_mae_before"]
     # A new graph and weights; the normative model and the preprocessing are the source's.
     assert m.files["model.onnx"] != source.manifest.files["model.onnx"]
     assert m.files["weights.pt"] != source.manifest.files["weights.pt"]
@@ -207,3 +226,55 @@ def test_refit_age_trains_only_the_age_head_of_a_vae_bundle(tmp_path: Path, coar
         assert (np.abs(a - b).max() < 1e-4) == (name != "age"), name
     card = (refit / "MODEL_CARD.md").read_text()
     assert "Brain-age head refit" in card and "why the head was refit" in card
+    assert "NO BETTER: written only because --force was given" in card
+
+
+def _mr_site_csv(folder: Path) -> Path:
+    """A site's confirmed-normal MR studies with ages: NIfTI heads, two per split but one in test."""
+    import csv
+
+    import SimpleITK as sitk
+
+    from headscreen.imaging import phantoms
+
+    (folder / "scans").mkdir(parents=True)
+    rows = []
+    splits = ["train", "train", "train", "val", "val", "calibration", "calibration", "calibration", "test"]
+    for i, split in enumerate(splits):
+        age = 25.0 + 7.0 * i
+        head = phantoms.make_head("MR", age=age, seed=700 + i, spacing=(2.0, 2.0, 2.0))
+        path = folder / "scans" / f"n{i}.nii.gz"
+        sitk.WriteImage(head.image, str(path))
+        rows.append([f"scans/{path.name}", age, "F" if i % 2 else "M", "SITE-MR", split, "normal"])
+    csv_path = folder / "site.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "age", "sex", "scanner", "split", "label"])
+        writer.writerows(rows)
+    return csv_path
+
+
+def test_refit_age_on_a_sites_dataset_learns_and_is_judged_on_its_heads(
+        tmp_path: Path, tiny_mr_bundle: tuple[Path, Path]) -> None:
+    out, cache = tiny_mr_bundle
+    site = _mr_site_csv(tmp_path / "site")
+    refit = tmp_path / "models" / "mr-site-0.2.0"
+    # --force: a few epochs on tiny heads are not what this test judges; the gate is recorded either way.
+    assert main([*REFIT_BASE, "--cache", str(cache), "--out", str(refit), "--init-from", str(out), "--refit-age",
+                 "--dataset", str(site), "--age-extra", "2", "--epochs", "5", "--force"]) == 0
+    source, m = load_bundle(out), load_bundle(refit).manifest
+    record = m.training["age_refit"]
+    assert record["data"] == f"dataset CSV {site}"
+    assert record["n_cohort_train"] == 3 and record["n_val"] == 2 and record["gate"]["n"] == 2
+    assert record["n_heads"] == 3 + record["extra"]["n"] and record["extra"]["asked"] == 2
+    assert record["gate"]["forced"] == (not record["gate"]["passed"])
+    assert record["anomaly_outputs_max_abs_diff"] < 1e-4
+    # Recalibrated on the site's calibration rows, with the source's normative model.
+    assert m.calibration.n == 3 != source.manifest.calibration.n
+    assert m.files["normative.npz"] == source.manifest.files["normative.npz"]
+    card = (refit / "MODEL_CARD.md").read_text()
+    assert f"training heads of dataset CSV {site}" in card
+    assert f"held-out healthy cases of the dataset CSV {site}" in card
+    # A recalibration keeps the bundle's synthetic cohort: a dataset is refused there.
+    assert main([*REFIT_BASE, "--cache", str(cache), "--out", str(tmp_path / "recal"), "--init-from", str(out),
+                 "--recalibrate", "--dataset", str(site)]) == 2
