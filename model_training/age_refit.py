@@ -5,8 +5,9 @@ on and overfits them: its error on held-out heads is three to four times that on
 own training heads. Refitting only the head on features of many more healthy heads
 (the encoder frozen, features computed once) costs minutes on a CPU, and leaves every
 anomaly output of the graph, and so the normative model and the calibration, as they
-were. `headscreen train --refit-age --dataset CSV` does the same on a site's
-confirmed-normal studies with known ages (model_training.fit.refit_age_bundle).
+were. With a site's confirmed-normal studies (`headscreen train --refit-age --dataset
+CSV`) only the age output's offset is corrected (correct_age_offset): a few dozen heads
+estimate one number well, a whole head badly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from headscreen.model_training.networks import VAE3D
+from headscreen.model_training.networks import AGE_SCALE, VAE3D
 from headscreen.model_training.runtime import Samples
 
 log = logging.getLogger(__name__)
@@ -97,3 +98,54 @@ def refit_age_head(model: VAE3D, train: Samples, val: Samples, seed: int = 0, fl
                                       "best_epoch": fit.best_epoch, "val_mae": round(fit.val_mae, 2),
                                       "val_mae_before": round(before, 2)})
     return fit
+
+
+@dataclass(frozen=True)
+class AgeOffsetFit:
+    offset_years: float  # subtracted from every predicted age
+    n_train: int
+    before: dict[str, dict[str, float]]  # per split: n, MAE and mean gap (predicted - true) before
+    after: dict[str, dict[str, float]]
+
+    @property
+    def val_mae_before(self) -> float:
+        return self.before["val"]["mae"]
+
+    @property
+    def val_mae(self) -> float:
+        return self.after["val"]["mae"]
+
+
+def correct_age_offset(model: VAE3D, splits: dict[str, Samples]) -> AgeOffsetFit:
+    """Lower the age output by the median gap (predicted - true) of `splits["train"]`: a
+    site's scanner shifts predicted brain age as a whole, and one number is all a few
+    dozen heads can estimate without overfitting (on a simulated MR site of 56 training
+    heads, retraining the head raised the held-out MAE, the offset lowered it: see
+    docs/internals.md). The median: one mistyped age must not move it.
+    Only the head's last bias changes, so the graph's other outputs stay as they were."""
+    if model.age_head is None:
+        raise ValueError(f"variant {model.variant} has no age head to correct")
+    predicted = {name: _predicted(model, samples) for name, samples in splits.items()}
+    offset = float(np.median(predicted["train"] - splits["train"].ages))
+    last = model.age_head[-1]
+    assert isinstance(last, nn.Linear)
+    with torch.no_grad():
+        last.bias.sub_(offset / AGE_SCALE)
+    fit = AgeOffsetFit(offset_years=offset, n_train=len(splits["train"]),
+                       before={n: _figures(p, splits[n].ages) for n, p in predicted.items()},
+                       after={n: _figures(p - offset, splits[n].ages) for n, p in predicted.items()})
+    log.info("age offset corrected", extra={"action": "age_offset_corrected", "offset_years": round(offset, 2),
+                                            "n_train": fit.n_train, "val_mae": round(fit.val_mae, 2),
+                                            "val_mae_before": round(fit.val_mae_before, 2)})
+    return fit
+
+
+def _predicted(model: VAE3D, samples: Samples) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return model.age_from_features(encoder_features(model, samples.images)).numpy().astype(np.float64)
+
+
+def _figures(predicted: np.ndarray, ages: np.ndarray) -> dict[str, float]:
+    gap = predicted - np.asarray(ages, dtype=np.float64)
+    return {"n": int(len(gap)), "mae": round(float(np.abs(gap).mean()), 3), "mean_gap": round(float(gap.mean()), 3)}

@@ -18,6 +18,7 @@ from headscreen.errors import HeadscreenError
 from headscreen.inference import BundleRunner
 from headscreen.model_training.cohort import anomalous_cases, healthy_cases, prepare_case
 from headscreen.model_training.fit import (
+    DEFAULT_AGE_EXTRA,
     DEFAULT_MIN_VAL_AUROC,
     METHODS,
     BelowQualityFloor,
@@ -37,7 +38,6 @@ DEFAULT_EPOCHS = {"fanogan": 10, "vae": 12, "vae_ac": 12, "vae_ap": 12}
 INIT_FROM_EPOCHS = {"fanogan": 0, "vae": 4, "vae_ac": 4, "vae_ap": 4}
 # An age-head refit trains only the small head, on features computed once: epochs are cheap.
 AGE_REFIT_EPOCHS = 150
-DEFAULT_AGE_EXTRA = 400
 
 EXIT_OK, EXIT_FAILED, EXIT_BELOW_FLOOR = 0, 2, 3
 TRAIN_EXIT_CODES = f"""\
@@ -102,12 +102,13 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-age", action="store_true",
                    help="with --init-from (vae_ap): train its brain-age head again, the rest of the network "
                         "frozen, on the cohort's train split plus --age-extra more healthy heads, then "
-                        f"recalibrate as --recalibrate does (give the bundle's own --seed and split counts, or "
-                        "--dataset: the site's CSV, whose normal train rows join the heads and whose val split "
-                        "judges the head; refused unless better there than the source's head; "
-                        f"--epochs: head epochs, default {AGE_REFIT_EPOCHS})")
-    p.add_argument("--age-extra", type=int, default=DEFAULT_AGE_EXTRA, metavar="N",
-                   help=f"--refit-age: extra healthy synthetic heads (default {DEFAULT_AGE_EXTRA})")
+                        f"recalibrate as --recalibrate does (give the bundle's own --seed and split counts; "
+                        f"--epochs: head epochs, default {AGE_REFIT_EPOCHS}); with --dataset (a site's normal "
+                        "studies with ages) only the predicted age's offset is corrected, by the median gap of its "
+                        "train rows, and judged on its val rows. Refused unless better on the validation split")
+    p.add_argument("--age-extra", type=int, metavar="N",
+                   help=f"--refit-age: extra healthy synthetic heads (default {DEFAULT_AGE_EXTRA}; "
+                        "not with --dataset)")
     p.add_argument("--age-seed", type=int, metavar="SEED",
                    help="--refit-age: seed of the extra heads (default --seed + 7; must differ from --seed)")
     p.add_argument("--note", action="append", default=[], metavar="TEXT",

@@ -97,7 +97,7 @@ class TrainOptions:
     min_val_auroc: float = DEFAULT_MIN_VAL_AUROC
     force: bool = False  # write the bundle even below the floor (recorded as forced)
     notes: tuple[str, ...] = ()  # what changed and why, in words, for the manifest and model card
-    age_extra: int = 0  # --refit-age: healthy heads beyond the cohort's train split
+    age_extra: int | None = None  # --refit-age: healthy heads beyond the cohort's train split (None: default)
     age_seed: int | None = None  # --refit-age: their seed (default seed + AGE_EXTRA_SEED_OFFSET)
 
     def name_and_version(self) -> tuple[str, str]:
@@ -377,10 +377,11 @@ def recalibrate_bundle(opts: TrainOptions) -> Bundle:
                            "same network and normative model; score weights, threshold and SEG threshold searched "
                            "and calibrated again on the training cohort's validation and calibration splits, rebuilt "
                            "with the imaging code of the day",
-                           {"data": f"the bundle's synthetic cohort (seed {opts.seed})"})
+                           {"calibrated_on": f"the bundle's synthetic cohort (seed {opts.seed})"})
 
 
 # The extra healthy heads of an age-head refit must not be the cohort's own heads.
+DEFAULT_AGE_EXTRA = 400
 AGE_EXTRA_SEED_OFFSET = 7
 # 1e-4, 1e-3 and 1e-2 gave validation MAEs within 0.7 years of each other on the MR cohort; the strongest is kept.
 AGE_HEAD_WEIGHT_DECAY = 1e-2
@@ -389,57 +390,106 @@ AGE_HEAD_WEIGHT_DECAY = 1e-2
 def refit_age_bundle(opts: TrainOptions) -> Bundle:
     """A new version of the VAE-a_p bundle `opts.init_from` whose brain-age head is trained
     again (model_training.age_refit) on the cohort's train split plus `opts.age_extra`
-    more healthy synthetic heads, everything else in the network frozen. The cohort is
-    the bundle's own synthetic one, or with `opts.dataset` the site's CSV: its normal
-    train rows join the training heads and its val split chooses the epoch, so the head
-    is judged on the site's own scanners. A head no better on that split than the
-    source's is refused unless forced (age_refit_gate). The graph's anomaly outputs are
-    checked to be unchanged; then the bundle is recalibrated as by --recalibrate (on the
-    CSV's splits with a dataset), so its age figures (and any age-gap weight) are the new head's."""
+    more healthy heads, everything else in the network frozen. The graph's anomaly
+    outputs are checked to be unchanged; then the bundle is recalibrated as by
+    --recalibrate, so its age figures (and any age-gap weight) are the new head's.
+    With `opts.dataset` (a site's confirmed-normal studies with ages) only the age
+    output's offset is corrected instead (site_age_offset_bundle). Either way a head no
+    better on the validation split than the source's is refused unless forced."""
     from headscreen.model_training.age_refit import refit_age_head
 
     if opts.method != "vae_ap":
         raise ConfigError(f"--refit-age needs a vae_ap bundle (the method with an age head), not {opts.method}")
-    source, params, began = _rebuild_source(opts, "--refit-age", dataset_allowed=True)
+    if opts.dataset is not None:
+        return site_age_offset_bundle(opts)
+    source, params, began = _rebuild_source(opts, "--refit-age")
     age_seed = opts.seed + AGE_EXTRA_SEED_OFFSET if opts.age_seed is None else opts.age_seed
     if age_seed == opts.seed:
         raise ConfigError("--age-seed must differ from --seed: the extra heads would be the cohort's own")
-    if opts.dataset is not None:
-        from headscreen.model_training.dataset import build_dataset_cohort
-        cohort = build_dataset_cohort(opts.dataset, params, opts.cache, _cohort_spec(opts), opts.progress)
-    else:
-        cohort = build_cohort(_cohort_spec(opts), params, opts.cache, opts.progress, _cache(opts, params),
-                              jobs=opts.threads)
+    cohort = build_cohort(_cohort_spec(opts), params, opts.cache, opts.progress, _cache(opts, params),
+                          jobs=opts.threads)
     train = cohort.healthy["train"]
-    if opts.age_extra > 0:
-        extra = build_healthy_samples(opts.modality, opts.age_extra, age_seed, params, opts.cache,
+    age_extra = DEFAULT_AGE_EXTRA if opts.age_extra is None else opts.age_extra
+    if age_extra > 0:
+        extra = build_healthy_samples(opts.modality, age_extra, age_seed, params, opts.cache,
                                       _cache(opts, params), opts.randomise, opts.progress, opts.threads)
         train = Samples(np.concatenate([train.images, extra.images]), np.concatenate([train.ages, extra.ages]))
-    model = VAE3D(train.grid, VAE_PRESETS[opts.preset], opts.method)
-    model.load_state_dict(load_weights(source.path / WEIGHTS_FILE)["nets"]["model"])
+    model = _source_network(opts, source, train.grid)
     fit = refit_age_head(model, train, cohort.healthy["val"], seed=opts.seed, flip_lr=opts.flip_lr,
                          epochs=opts.epochs, weight_decay=AGE_HEAD_WEIGHT_DECAY)
     gate = age_refit_gate(fit.val_mae, fit.val_mae_before, len(cohort.healthy["val"]), opts)
-    run = opts.run_dir()
-    run.mkdir(parents=True, exist_ok=True)
-    weights_path, onnx_path = run / WEIGHTS_FILE, run / "model.onnx"
-    save_weights(weights_path, opts.method, opts.preset, train.grid, {"model": model.state_dict()})
     test = cohort.healthy["test"]
-    parity = export_and_check(VaeGraph(model), onnx_path, test.images[:2], test.ages[:2], seed=opts.seed)
-    unchanged = anomaly_outputs_diff(source.model_path, onnx_path, cohort.healthy["val"].images[:4])
-    data = (f"dataset CSV {opts.dataset}" if opts.dataset is not None
-            else f"the bundle's synthetic cohort (seed {opts.seed})")
-    record = {"n_heads": fit.n_heads, "n_cohort_train": len(cohort.healthy["train"]), "data": data,
+    onnx_path, weights_path, parity, unchanged = _export_refit(opts, source, model, test, cohort.healthy["val"])
+    record = {"n_heads": fit.n_heads, "n_cohort_train": len(cohort.healthy["train"]),
               "n_val": len(cohort.healthy["val"]),
-              "extra": {"n": len(train) - len(cohort.healthy["train"]), "asked": opts.age_extra, "seed": age_seed},
+              "extra": {"n": len(train) - len(cohort.healthy["train"]), "asked": age_extra, "seed": age_seed},
               "flip_lr": opts.flip_lr, "epochs": fit.epochs, "best_epoch": fit.best_epoch,
               "weight_decay": fit.weight_decay, "train_mae": round(fit.train_mae, 3),
               "val_mae_before": round(fit.val_mae_before, 3), "val_mae": round(fit.val_mae, 3), "gate": gate,
-              "anomaly_outputs_max_abs_diff": unchanged, "parity_max_abs_diff": parity}
+              "anomaly_outputs_max_abs_diff": unchanged, "parity_max_abs_diff": parity,
+              "calibrated_on": f"the bundle's synthetic cohort (seed {opts.seed})"}
     return _rebuild_bundle(opts, source, params, cohort, onnx_path, weights_path, began, "age_refit",
                            "brain-age head trained again on more healthy heads, the rest of the network frozen "
                            "(anomaly outputs unchanged); score weights, threshold and SEG threshold searched and "
                            "calibrated again as by --recalibrate", record)
+
+
+def site_age_offset_bundle(opts: TrainOptions) -> Bundle:
+    """A new version of `opts.init_from` whose predicted brain age is lowered by the median
+    gap of the site's normal train rows (model_training.age_refit.correct_age_offset);
+    the val rows judge it (age_refit_gate), every split present is reported before and
+    after. Nothing else changes: the score, the thresholds and the normative model are
+    the source's (a site's threshold is `headscreen calibrate`'s, per scanner)."""
+    from headscreen.model_training.age_refit import correct_age_offset
+    from headscreen.model_training.dataset import SPLITS as ROW_SPLITS
+    from headscreen.model_training.dataset import prepare_dataset, read_dataset, training_arrays
+
+    if opts.age_extra:
+        raise ConfigError("--refit-age --dataset corrects the age offset on the site's own heads: no --age-extra")
+    source, params, began = _rebuild_source(opts, "--refit-age", dataset_allowed=True)
+    prepared = list(prepare_dataset(read_dataset(opts.dataset), params, opts.cache))  # type: ignore[arg-type]
+    present = {p.row.split for p in prepared if p.row.is_normal}
+    splits = {name: Samples(*training_arrays(prepared, name)) for name in ROW_SPLITS
+              if name in present or name in ("train", "val")}  # train and val must have usable rows
+    model = _source_network(opts, source, splits["train"].grid)
+    fit = correct_age_offset(model, splits)
+    gate = age_refit_gate(fit.val_mae, fit.val_mae_before, len(splits["val"]), opts)
+    onnx_path, weights_path, parity, unchanged = _export_refit(opts, source, model, splits["val"], splits["val"])
+    m = source.manifest
+    record = {"mode": "site_offset", "data": f"dataset CSV {opts.dataset}", "offset_years": round(fit.offset_years, 3),
+              "n_train": fit.n_train, "n_val": len(splits["val"]), "before": fit.before, "after": fit.after,
+              # normal rows with an age that were not used: unreadable, or refused by the screening's QC
+              "rows_left_out": sum(p.row.is_normal and p.row.age is not None for p in prepared)
+              - sum(len(samples) for samples in splits.values()),
+              "val_mae_before": fit.val_mae_before, "val_mae": fit.val_mae, "gate": gate,
+              "anomaly_outputs_max_abs_diff": unchanged, "parity_max_abs_diff": parity}
+    training = {**m.training, "age_refit": _rebuild_record(
+        opts, source, began, "predicted brain age lowered by the median gap of the site's healthy training heads "
+        "(the age head's last bias; nothing else in the network changed); score, thresholds and normative model "
+        "are the source's", {**record, "score_unchanged": True})}
+    calibration = Calibration(**{f.name: getattr(m.calibration, f.name) for f in dataclasses.fields(Calibration)})
+    return _write_rebuilt(opts, source, params, onnx_path, weights_path, training, m.score.terms,
+                          m.score.age_gap_weight, calibration, dict(m.metrics), True, fit.val_mae, parity)
+
+
+def _source_network(opts: TrainOptions, source: Bundle, grid: tuple[int, int, int]) -> VAE3D:
+    model = VAE3D(grid, VAE_PRESETS[opts.preset], opts.method)
+    model.load_state_dict(load_weights(source.path / WEIGHTS_FILE)["nets"]["model"])
+    return model
+
+
+def _export_refit(opts: TrainOptions, source: Bundle, model: VAE3D, parity_heads: Samples,
+                  compare_heads: Samples) -> tuple[Path, Path, float, float]:
+    """Weights and ONNX graph of a model whose age head changed; the parity of the export,
+    and the largest change of any other output from the source graph's (anomaly_outputs_diff)."""
+    run = opts.run_dir()
+    run.mkdir(parents=True, exist_ok=True)
+    weights_path, onnx_path = run / WEIGHTS_FILE, run / "model.onnx"
+    save_weights(weights_path, opts.method, opts.preset, parity_heads.grid, {"model": model.state_dict()})
+    parity = export_and_check(VaeGraph(model), onnx_path, parity_heads.images[:2], parity_heads.ages[:2],
+                              seed=opts.seed)
+    return onnx_path, weights_path, parity, anomaly_outputs_diff(source.model_path, onnx_path,
+                                                                 compare_heads.images[:4])
 
 
 def age_refit_gate(val_mae: float, val_mae_before: float, n_val: int, opts: TrainOptions) -> dict[str, Any]:
@@ -453,7 +503,7 @@ def age_refit_gate(val_mae: float, val_mae_before: float, n_val: int, opts: Trai
         raise BelowQualityFloor(
             f"age-head refit refused: its brain-age MAE on the {n_val} healthy validation heads is {val_mae:.2f} "
             f"years, no better than the source head's {val_mae_before:.2f}; nothing was written to {opts.out}. "
-            "Give more healthy heads with ages (--dataset rows, --age-extra), or --force to write it anyway "
+            "Give more healthy heads with ages, or --force to write it anyway "
             "(its manifest will say it was forced)")
     return gate
 
@@ -505,7 +555,6 @@ def _rebuild_bundle(opts: TrainOptions, source: Bundle, params: dict[str, Any], 
                     record: dict[str, Any]) -> Bundle:
     """Weigh, calibrate and write the new version of `source` with the graph at `onnx_path`;
     the manifest's training record gains `key` saying what was done."""
-    name, version = opts.name_and_version()
     m = source.manifest
     scorer = OnnxScorer(onnx_path, opts.threads)
     cal_raw = scorer.score(cohort.healthy["calibration"])
@@ -514,20 +563,37 @@ def _rebuild_bundle(opts: TrainOptions, source: Bundle, params: dict[str, Any], 
     metrics: dict[str, Any] = dict(fitted.metrics)
     metrics.update({k: m.metrics[k] for k in ("n_train", "qc_excluded", "final_epoch") if k in m.metrics})
     gate = quality_gate(metrics["validation"]["auroc"], opts)
-    training = {**m.training, "quality_gate": gate, key: {
-        "command": opts.command, "from": {"bundle": m.key, "sha256": source.sha256},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        "duration_s": round(time.monotonic() - began, 1), "what": what, **record,
-        "score_unchanged": fitted.terms == m.score.terms and fitted.age_gap_weight == m.score.age_gap_weight,
-        "imaging_code_sha256": imaging_fingerprint(), "notes": list(opts.notes)}}
+    score_unchanged = fitted.terms == m.score.terms and fitted.age_gap_weight == m.score.age_gap_weight
+    training = {**m.training, "quality_gate": gate,
+                key: _rebuild_record(opts, source, began, what, {**record, "score_unchanged": score_unchanged})}
+    return _write_rebuilt(opts, source, params, onnx_path, weights_path, training, fitted.terms,
+                          fitted.age_gap_weight, fitted.calibration, metrics, fitted.age_supported,
+                          fitted.age_validation_mae,
+                          float(record.get("parity_max_abs_diff", m.parity.get("max_abs_diff", 0.0))))
+
+
+def _rebuild_record(opts: TrainOptions, source: Bundle, began: float, what: str,
+                    record: dict[str, Any]) -> dict[str, Any]:
+    return {"command": opts.command, "from": {"bundle": source.manifest.key, "sha256": source.sha256},
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            "duration_s": round(time.monotonic() - began, 1), "what": what, **record,
+            "imaging_code_sha256": imaging_fingerprint(), "notes": list(opts.notes)}
+
+
+def _write_rebuilt(opts: TrainOptions, source: Bundle, params: dict[str, Any], onnx_path: Path,
+                   weights_path: Path | None, training: dict[str, Any], terms: dict[str, float],
+                   age_gap_weight: float, calibration: Calibration, metrics: dict[str, Any],
+                   age_supported: bool, age_validation_mae: float | None, parity: float) -> Bundle:
+    """Write the new version of `source` (its normative model, description and grid) and its card."""
+    name, version = opts.name_and_version()
+    m = source.manifest
     spec_out = BundleSpec(
         name=name, version=version, modality=m.modality, method=opts.method, description=m.description,
         grid=(int(m.input.shape[1]), int(m.input.shape[2]), int(m.input.shape[3])), preprocessing=params,
-        score_terms=fitted.terms, age_gap_weight=fitted.age_gap_weight,
-        score_definition=_definition(opts.method, opts.kappa, fitted.terms, fitted.age_gap_weight),
-        calibration=fitted.calibration, age_supported=fitted.age_supported,
-        age_validation_mae=fitted.age_validation_mae, training=training, metrics=metrics,
-        parity_max_abs_diff=float(record.get("parity_max_abs_diff", m.parity.get("max_abs_diff", 0.0))),
+        score_terms=terms, age_gap_weight=age_gap_weight,
+        score_definition=_definition(opts.method, opts.kappa, terms, age_gap_weight),
+        calibration=calibration, age_supported=age_supported,
+        age_validation_mae=age_validation_mae, training=training, metrics=metrics, parity_max_abs_diff=parity,
         extra={"extra_inputs": {"chronological_age": "float32 [N], years"}} if opts.method == "vae_ac" else {},
     )
     csv_path = source.path / "training_metrics.csv"

@@ -151,28 +151,38 @@ def _recalibrated(record: dict[str, Any] | None) -> list[str]:
 
 
 def _calibration_source(training: dict[str, Any]) -> str:
-    """What the calibration split was drawn from: the latest rebuild's data, else the training's."""
-    rebuilds = sorted((r for r in (training.get("recalibrated"), training.get("age_refit")) if r),
-                      key=lambda r: str(r.get("date")))
-    data = (rebuilds[-1].get("data") if rebuilds else None) or training.get("data") or ""
+    """What the calibration split was drawn from: the latest rebuild that calibrated, else the training's."""
+    rebuilds = sorted((r for r in (training.get("recalibrated"), training.get("age_refit")) if r and
+                       r.get("calibrated_on")), key=lambda r: str(r.get("date")))
+    data = rebuilds[-1]["calibrated_on"] if rebuilds else training.get("data") or ""
     return f"cases of the {data}" if data.startswith("dataset CSV") else "synthetic cases"
 
 
 def _age_refit(record: dict[str, Any] | None) -> list[str]:
     if not record:
         return []
-    extra = record.get("extra", {})
     gate = record.get("gate") or {}
-    # A record without `data` (MR 2.5.0's) was of the bundle's synthetic cohort.
-    data = record.get("data", "the synthetic cohort")
+    forced = " (NO BETTER: written only because --force was given)" if gate.get("forced") else ""
+    head = f"({record.get('duration_s')} s): {record.get('what')}."
+    if record.get("mode") == "site_offset":
+        before, after = record.get("before", {}), record.get("after", {})
+        rows = [f"  - {split}: n = {before[split]['n']}, MAE {before[split]['mae']:.1f} -> "
+                f"{after[split]['mae']:.1f} years, mean gap {before[split]['mean_gap']:+.1f} -> "
+                f"{after[split]['mean_gap']:+.1f}" for split in before]
+        return [f"- Brain age corrected for a site {record.get('date')} from {record.get('from', {}).get('bundle')} "
+                f"{head} Offset {record.get('offset_years'):+.2f} years, the median gap of {record.get('n_train')} "
+                f"healthy training heads of the {record.get('data')}; judged on its {record.get('n_val')} validation "
+                f"heads{forced}. Anomaly outputs differ from the source graph's by at most "
+                f"{record.get('anomaly_outputs_max_abs_diff'):.3g}. Its healthy heads, before and after:", *rows,
+                f"  `{record.get('command')}`", *(f"- {note}" for note in record.get("notes", []))]
+    extra = record.get("extra", {})
     return [f"- Brain-age head refit {record.get('date')} from {record.get('from', {}).get('bundle')} "
-            f"({record.get('duration_s')} s): {record.get('what')}. Trained on {record.get('n_heads')} healthy heads "
-            f"({record.get('n_cohort_train')} training heads of {data} and {extra.get('n')} synthetic ones, seed "
+            f"{head} Trained on {record.get('n_heads')} healthy heads "
+            f"(the cohort's {record.get('n_cohort_train')} training heads and {extra.get('n')} more, seed "
             f"{extra.get('seed')}{', each also mirrored' if record.get('flip_lr') else ''}), epoch "
             f"{record.get('best_epoch')} of {record.get('epochs')} kept for its MAE on "
             f"{record.get('n_val', 'the')} healthy validation heads: "
-            f"{_fmt(record.get('val_mae_before'))} years before, {_fmt(record.get('val_mae'))} after"
-            f"{' (NO BETTER: written only because --force was given)' if gate.get('forced') else ''}. Anomaly "
+            f"{_fmt(record.get('val_mae_before'))} years before, {_fmt(record.get('val_mae'))} after{forced}. Anomaly "
             f"outputs differ from the source graph's by at most {record.get('anomaly_outputs_max_abs_diff'):.3g}; "
             f"score {'unchanged' if record.get('score_unchanged') else 'searched again and changed'}.",
             f"  `{record.get('command')}`", *(f"- {note}" for note in record.get("notes", []))]

@@ -405,3 +405,37 @@ def test_an_age_head_refit_learns_age_and_leaves_the_rest_of_the_network_alone()
     assert not model.training
     with pytest.raises(ValueError, match="no age head"):
         refit_age_head(VAE3D((8, 8, 8), VaePreset(latent=4, channels=(4,), age_hidden=4), "vae"), train, val)
+
+
+def test_a_site_age_offset_is_the_median_gap_of_its_training_heads_and_moves_only_the_age() -> None:
+    from headscreen.model_training.age_refit import correct_age_offset
+
+    rng = np.random.default_rng(5)
+    torch.manual_seed(1)
+    model = VAE3D((8, 8, 8), VaePreset(latent=4, channels=(4, 8), age_hidden=8), "vae_ap").eval()
+    untouched = {k: v.clone() for k, v in model.state_dict().items() if k != "age_head.3.bias"}
+
+    def heads(n: int) -> Samples:
+        return Samples(rng.uniform(-1, 1, (n, 8, 8, 8)).astype(np.float32), rng.uniform(20, 85, n).astype(np.float32))
+
+    splits = {"train": heads(9), "val": heads(4), "test": heads(3)}
+    splits["train"].ages[0] = 900.0  # a mistyped age does not move the median
+    x = {name: torch.from_numpy(samples.images[:, None]) for name, samples in splits.items()}
+    with torch.no_grad():
+        predicted = {name: model.encode(v)[2].numpy().astype(np.float64) for name, v in x.items()}
+        recon = model(x["val"], sample=False).recon
+
+    fit = correct_age_offset(model, splits)
+
+    gaps = predicted["train"] - splits["train"].ages
+    assert fit.offset_years == pytest.approx(float(np.median(gaps)), abs=1e-6)
+    assert fit.n_train == 9 and set(fit.before) == set(fit.after) == {"train", "val", "test"}
+    with torch.no_grad():
+        for name, v in x.items():
+            np.testing.assert_allclose(model.encode(v)[2].numpy(), predicted[name] - fit.offset_years, atol=1e-3)
+            gap = predicted[name] - fit.offset_years - splits[name].ages
+            assert fit.after[name]["mae"] == pytest.approx(float(np.abs(gap).mean()), abs=2e-3)
+            assert fit.before[name]["n"] == len(splits[name])
+        assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items() if k in untouched)
+        assert torch.equal(model(x["val"], sample=False).recon, recon)
+    assert fit.val_mae == fit.after["val"]["mae"] and fit.val_mae_before == fit.before["val"]["mae"]

@@ -208,7 +208,7 @@ def test_refit_age_trains_only_the_age_head_of_a_vae_bundle(tmp_path: Path, tiny
     assert record["extra"]["seed"] == 7 and record["extra"]["asked"] == 3 and record["epochs"] == 5
     assert record["n_heads"] == record["n_cohort_train"] + record["extra"]["n"] >= 1
     assert 1 <= record["best_epoch"] <= 5 and record["anomaly_outputs_max_abs_diff"] < 1e-4
-    assert record["data"] == "the bundle's synthetic cohort (seed 0)"
+    assert record["calibrated_on"] == "the bundle's synthetic cohort (seed 0)"
     assert record["gate"]["forced"] and not record["gate"]["passed"] and record["gate"]["n"] == 1
     assert record["gate"]["value"] == record["val_mae"] >= record["gate"]["source_head"] == record["val_mae_before"]
     # A new graph and weights; the normative model and the preprocessing are the source's.
@@ -254,27 +254,52 @@ def _mr_site_csv(folder: Path) -> Path:
     return csv_path
 
 
-def test_refit_age_on_a_sites_dataset_learns_and_is_judged_on_its_heads(
+def test_refit_age_on_a_sites_dataset_corrects_only_the_age_offset(
         tmp_path: Path, tiny_mr_bundle: tuple[Path, Path]) -> None:
+    import onnxruntime as ort
+
     out, cache = tiny_mr_bundle
     site = _mr_site_csv(tmp_path / "site")
     refit = tmp_path / "models" / "mr-site-0.2.0"
-    # --force: a few epochs on tiny heads are not what this test judges; the gate is recorded either way.
-    assert main([*REFIT_BASE, "--cache", str(cache), "--out", str(refit), "--init-from", str(out), "--refit-age",
-                 "--dataset", str(site), "--age-extra", "2", "--epochs", "5", "--force"]) == 0
-    source, m = load_bundle(out), load_bundle(refit).manifest
+    argv = [*REFIT_BASE, "--cache", str(cache), "--out", str(refit), "--init-from", str(out), "--refit-age",
+            "--dataset", str(site)]
+    assert main([*argv, "--age-extra", "2"]) == 2  # the site's own heads only
+    assert not refit.exists()
+    code = main(argv)
+    source = load_bundle(out)
+    if code == 3:  # no better on the site's two val heads: refused, nothing written; --force writes it
+        assert not refit.exists()
+        assert main([*argv, "--force"]) == 0
+    else:
+        assert code == 0
+    m = load_bundle(refit).manifest
     record = m.training["age_refit"]
-    assert record["data"] == f"dataset CSV {site}"
-    assert record["n_cohort_train"] == 3 and record["n_val"] == 2 and record["gate"]["n"] == 2
-    assert record["n_heads"] == 3 + record["extra"]["n"] and record["extra"]["asked"] == 2
-    assert record["gate"]["forced"] == (not record["gate"]["passed"])
-    assert record["anomaly_outputs_max_abs_diff"] < 1e-4
-    # Recalibrated on the site's calibration rows, with the source's normative model.
-    assert m.calibration.n == 3 != source.manifest.calibration.n
+    assert record["mode"] == "site_offset" and record["data"] == f"dataset CSV {site}"
+    assert record["n_train"] == 3 and record["n_val"] == 2 and record["gate"]["n"] == 2
+    assert record["gate"]["passed"] == (code == 0) and record["gate"]["forced"] == (code == 3)
+    assert {k: v["n"] for k, v in record["before"].items()} == {"train": 3, "val": 2, "calibration": 3, "test": 1}
+    assert record["rows_left_out"] == 0
+    # The train rows' median gap is the offset: afterwards it is 0 (their mean gap moved by as much).
+    offset = record["offset_years"]
+    assert record["after"]["train"]["mean_gap"] == pytest.approx(record["before"]["train"]["mean_gap"] - offset,
+                                                                 abs=2e-3)
+    assert record["anomaly_outputs_max_abs_diff"] < 1e-4 and record["score_unchanged"]
+    # The age output moved by exactly the offset; nothing else moved; score and thresholds are the source's.
+    image = np.random.default_rng(2).uniform(-1, 1, (2, 1, 16, 16, 16)).astype(np.float32)
+    before, after = (ort.InferenceSession(str(p / "model.onnx"), providers=["CPUExecutionProvider"])
+                     for p in (out, refit))
+    names = [o.name for o in before.get_outputs()]
+    for name, a, b in zip(names, before.run(names, {"image": image}), after.run(names, {"image": image})):
+        if name == "age":
+            np.testing.assert_allclose(b, a - offset, atol=1e-3)
+        else:
+            assert np.abs(a - b).max() < 1e-4, name
+    assert m.calibration == source.manifest.calibration and m.score == source.manifest.score
     assert m.files["normative.npz"] == source.manifest.files["normative.npz"]
+    assert m.age.validation_mae == pytest.approx(record["after"]["val"]["mae"])
     card = (refit / "MODEL_CARD.md").read_text()
-    assert f"training heads of dataset CSV {site}" in card
-    assert f"held-out healthy cases of the dataset CSV {site}" in card
+    assert "Brain age corrected for a site" in card and f"healthy training heads of the dataset CSV {site}" in card
+    assert "held-out healthy synthetic cases" in card  # the calibration stayed the source's
     # A recalibration keeps the bundle's synthetic cohort: a dataset is refused there.
     assert main([*REFIT_BASE, "--cache", str(cache), "--out", str(tmp_path / "recal"), "--init-from", str(out),
                  "--recalibrate", "--dataset", str(site)]) == 2
