@@ -453,10 +453,11 @@ def site_age_offset_bundle(opts: TrainOptions) -> Bundle:
               if name in present or name in ("train", "val")}  # train and val must have usable rows
     model = _source_network(opts, source, splits["train"].grid)
     fit = correct_age_offset(model, splits)
-    gate = age_refit_gate(fit.val_mae, fit.val_mae_before, len(splits["val"]), opts)
+    gate = age_refit_gate(fit.val_mae, fit.val_mae_before, len(splits["val"]), opts, fit.offset_ci95)
     onnx_path, weights_path, parity, unchanged = _export_refit(opts, source, model, splits["val"], splits["val"])
     m = source.manifest
     record = {"mode": "site_offset", "data": f"dataset CSV {opts.dataset}", "offset_years": round(fit.offset_years, 3),
+              "offset_ci95": _finite_or_none(fit.offset_ci95),
               "n_train": fit.n_train, "n_val": len(splits["val"]), "before": fit.before, "after": fit.after,
               # normal rows with an age that were not used: unreadable, or refused by the screening's QC
               "rows_left_out": sum(p.row.is_normal and p.row.age is not None for p in prepared)
@@ -492,20 +493,34 @@ def _export_refit(opts: TrainOptions, source: Bundle, model: VAE3D, parity_heads
                                                                  compare_heads.images[:4])
 
 
-def age_refit_gate(val_mae: float, val_mae_before: float, n_val: int, opts: TrainOptions) -> dict[str, Any]:
+def age_refit_gate(val_mae: float, val_mae_before: float, n_val: int, opts: TrainOptions,
+                   offset_ci95: tuple[float, float] | None = None) -> dict[str, Any]:
     """The refit head must predict the validation split's ages better than the source's
-    head did; raises BelowQualityFloor (nothing written) when not, unless forced."""
-    passed = val_mae < val_mae_before
+    head did, and a site's offset (`offset_ci95`, its bootstrap interval) must be told
+    apart from zero: a correction by noise only adds noise. Raises BelowQualityFloor
+    (nothing written) when not, unless forced."""
+    better = val_mae < val_mae_before
+    biased = offset_ci95 is None or offset_ci95[0] > 0 or offset_ci95[1] < 0  # NaN (one head): not biased
+    passed = better and biased
     gate = {"metric": "brain-age MAE on the healthy validation split, years", "n": n_val,
             "source_head": round(val_mae_before, 3), "value": round(val_mae, 3), "passed": passed,
             "forced": not passed and opts.force}
+    if offset_ci95 is not None:
+        gate["offset_ci95"] = _finite_or_none(offset_ci95)
     if not passed and not opts.force:
+        why = (f"the offset's 95 % interval [{offset_ci95[0]:.2f}, {offset_ci95[1]:.2f}] years holds 0: these heads "
+               "show no age bias to correct" if not biased and offset_ci95 is not None else
+               f"its brain-age MAE on the {n_val} healthy validation heads is {val_mae:.2f} years, no better than "
+               f"the source head's {val_mae_before:.2f}")
         raise BelowQualityFloor(
-            f"age-head refit refused: its brain-age MAE on the {n_val} healthy validation heads is {val_mae:.2f} "
-            f"years, no better than the source head's {val_mae_before:.2f}; nothing was written to {opts.out}. "
-            "Give more healthy heads with ages, or --force to write it anyway "
-            "(its manifest will say it was forced)")
+            f"age-head refit refused: {why}; nothing was written to {opts.out}. Give more healthy heads with ages, "
+            "or --force to write it anyway (its manifest will say it was forced)")
     return gate
+
+
+def _finite_or_none(values: tuple[float, ...]) -> list[float | None]:
+    """For JSON: rounded, NaN as null."""
+    return [round(v, 3) if np.isfinite(v) else None for v in values]
 
 
 def anomaly_outputs_diff(before: Path, after: Path, images: np.ndarray) -> float:

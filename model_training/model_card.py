@@ -170,7 +170,10 @@ def _age_refit(record: dict[str, Any] | None) -> list[str]:
                 f"{after[split]['mae']:.1f} years, mean gap {before[split]['mean_gap']:+.1f} -> "
                 f"{after[split]['mean_gap']:+.1f}" for split in before]
         return [f"- Brain age corrected for a site {record.get('date')} from {record.get('from', {}).get('bundle')} "
-                f"{head} Offset {record.get('offset_years'):+.2f} years, the median gap of {record.get('n_train')} "
+                f"{head} Offset {record.get('offset_years'):+.2f} years (95 % bootstrap interval "
+                f"{', '.join('n/a' if v is None else f'{v:+.2f}' for v in record.get('offset_ci95', []))}), "
+                f"the median gap of "
+                f"{record.get('n_train')} "
                 f"healthy training heads of the {record.get('data')}; judged on its {record.get('n_val')} validation "
                 f"heads{forced}. Anomaly outputs differ from the source graph's by at most "
                 f"{record.get('anomaly_outputs_max_abs_diff'):.3g}. Its healthy heads, before and after:", *rows,

@@ -439,3 +439,22 @@ def test_a_site_age_offset_is_the_median_gap_of_its_training_heads_and_moves_onl
         assert all(torch.equal(v, untouched[k]) for k, v in model.state_dict().items() if k in untouched)
         assert torch.equal(model(x["val"], sample=False).recon, recon)
     assert fit.val_mae == fit.after["val"]["mae"] and fit.val_mae_before == fit.before["val"]["mae"]
+    low, high = fit.offset_ci95
+    assert low <= fit.offset_years <= high and low < high
+
+
+def test_an_age_correction_is_refused_unless_better_on_validation_and_a_site_offset_unless_told_from_zero(
+        tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from headscreen.model_training.fit import BelowQualityFloor, age_refit_gate
+
+    opts = SimpleNamespace(force=False, out=tmp_path / "mr-x-1.0.0")  # what the gate reads of TrainOptions
+    assert age_refit_gate(5.0, 6.0, 20, opts)["passed"]
+    assert age_refit_gate(5.0, 6.0, 20, opts, (0.5, 3.0))["offset_ci95"] == [0.5, 3.0]
+    for args, why in [((6.0, 6.0, 20, opts), "no better"), ((5.0, 6.0, 20, opts, (-1.0, 3.0)), "holds 0"),
+                      ((5.0, 6.0, 1, opts, (float("nan"), float("nan"))), "holds 0")]:
+        with pytest.raises(BelowQualityFloor, match=why):
+            age_refit_gate(*args)
+    forced = age_refit_gate(5.0, 6.0, 20, SimpleNamespace(force=True, out=opts.out), (-1.0, 3.0))
+    assert forced["forced"] and not forced["passed"]
