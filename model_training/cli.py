@@ -105,7 +105,8 @@ def train_parser() -> argparse.ArgumentParser:
                         f"recalibrate as --recalibrate does (give the bundle's own --seed and split counts; "
                         f"--epochs: head epochs, default {AGE_REFIT_EPOCHS}); with --dataset (a site's normal "
                         "studies with ages) only the predicted age's offset is corrected, by the median gap of its "
-                        "train rows, and judged on its val rows. Refused unless better on the validation split")
+                        "train rows, and judged on its val rows. Refused unless better on the validation split "
+                        "(and, with --dataset, unless the offset's 95 %% interval excludes 0)")
     p.add_argument("--age-extra", type=int, metavar="N",
                    help=f"--refit-age: extra healthy synthetic heads (default {DEFAULT_AGE_EXTRA}; "
                         "not with --dataset)")

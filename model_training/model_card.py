@@ -162,7 +162,7 @@ def _age_refit(record: dict[str, Any] | None) -> list[str]:
     if not record:
         return []
     gate = record.get("gate") or {}
-    forced = " (NO BETTER: written only because --force was given)" if gate.get("forced") else ""
+    forced = " (REFUSED by its gate: written only because --force was given)" if gate.get("forced") else ""
     head = f"({record.get('duration_s')} s): {record.get('what')}."
     if record.get("mode") == "site_offset":
         before, after = record.get("before", {}), record.get("after", {})
@@ -172,9 +172,8 @@ def _age_refit(record: dict[str, Any] | None) -> list[str]:
         return [f"- Brain age corrected for a site {record.get('date')} from {record.get('from', {}).get('bundle')} "
                 f"{head} Offset {record.get('offset_years'):+.2f} years (95 % bootstrap interval "
                 f"{', '.join('n/a' if v is None else f'{v:+.2f}' for v in record.get('offset_ci95', []))}), "
-                f"the median gap of "
-                f"{record.get('n_train')} "
-                f"healthy training heads of the {record.get('data')}; judged on its {record.get('n_val')} validation "
+                f"the median gap of {record.get('n_train')} healthy training heads of the {record.get('data')}; "
+                f"judged on its {record.get('n_val')} validation "
                 f"heads{forced}. Anomaly outputs differ from the source graph's by at most "
                 f"{record.get('anomaly_outputs_max_abs_diff'):.3g}. Its healthy heads, before and after:", *rows,
                 f"  `{record.get('command')}`", *(f"- {note}" for note in record.get("notes", []))]

@@ -226,7 +226,7 @@ def test_refit_age_trains_only_the_age_head_of_a_vae_bundle(tmp_path: Path, tiny
         assert (np.abs(a - b).max() < 1e-4) == (name != "age"), name
     card = (refit / "MODEL_CARD.md").read_text()
     assert "Brain-age head refit" in card and "why the head was refit" in card
-    assert "NO BETTER: written only because --force was given" in card
+    assert "REFUSED by its gate: written only because --force was given" in card
 
 
 def _mr_site_csv(folder: Path) -> Path:
