@@ -14,6 +14,7 @@ Torch-free, so the evaluation side can use it without the training stack.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -177,6 +178,20 @@ def training_arrays(prepared: list[PreparedRow], split: str, drop_qc: bool = Tru
     if not chosen:
         raise ConfigError(f"split {split!r}: no usable normal rows with an age")
     return _stack([p.image for p in chosen]).astype(np.float32), np.array([p.row.age for p in chosen], np.float32)
+
+
+def hold_out_validation(prepared: list[PreparedRow], every: int = 4) -> tuple[list[PreparedRow], int]:
+    """With no normal val rows (the console's export marks every row train), every
+    `every`-th normal train row with an age, in order of age, becomes a val row: the held
+    out rows span the ages. Returns the rows and how many were moved (0: val rows exist)."""
+    if any(p.row.split == "val" and p.row.is_normal for p in prepared):
+        return prepared, 0
+    train = sorted((i for i, p in enumerate(prepared) if p.row.split == "train" and p.row.is_normal
+                    and p.row.age is not None), key=lambda i: (prepared[i].row.age, i))
+    moved = set(train[every // 2::every])
+    out = [dataclasses.replace(p, row=dataclasses.replace(p.row, split="val")) if i in moved else p
+           for i, p in enumerate(prepared)]
+    return out, len(moved)
 
 
 def build_dataset_cohort(csv_path: Path | str, params: dict[str, Any], cache_dir: Path | None, spec: Any,

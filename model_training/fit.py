@@ -437,17 +437,19 @@ def refit_age_bundle(opts: TrainOptions) -> Bundle:
 def site_age_offset_bundle(opts: TrainOptions) -> Bundle:
     """A new version of `opts.init_from` whose predicted brain age is lowered by the median
     gap of the site's normal train rows (model_training.age_refit.correct_age_offset);
-    the val rows judge it (age_refit_gate), every split present is reported before and
+    the val rows judge it (age_refit_gate; with none, a quarter of the train rows are
+    held out, dataset.hold_out_validation), every split present is reported before and
     after. Nothing else changes: the score, the thresholds and the normative model are
     the source's (a site's threshold is `headscreen calibrate`'s, per scanner)."""
     from headscreen.model_training.age_refit import correct_age_offset
     from headscreen.model_training.dataset import SPLITS as ROW_SPLITS
-    from headscreen.model_training.dataset import prepare_dataset, read_dataset, training_arrays
+    from headscreen.model_training.dataset import hold_out_validation, prepare_dataset, read_dataset, training_arrays
 
     if opts.age_extra:
         raise ConfigError("--refit-age --dataset corrects the age offset on the site's own heads: no --age-extra")
     source, params, began = _rebuild_source(opts, "--refit-age", dataset_allowed=True)
     prepared = list(prepare_dataset(read_dataset(opts.dataset), params, opts.cache))  # type: ignore[arg-type]
+    prepared, held_out = hold_out_validation(prepared)
     present = {p.row.split for p in prepared if p.row.is_normal}
     splits = {name: Samples(*training_arrays(prepared, name)) for name in ROW_SPLITS
               if name in present or name in ("train", "val")}  # train and val must have usable rows
@@ -458,7 +460,8 @@ def site_age_offset_bundle(opts: TrainOptions) -> Bundle:
     m = source.manifest
     record = {"mode": "site_offset", "data": f"dataset CSV {opts.dataset}", "offset_years": round(fit.offset_years, 3),
               "offset_ci95": _finite_or_none(fit.offset_ci95),
-              "n_train": fit.n_train, "n_val": len(splits["val"]), "before": fit.before, "after": fit.after,
+              "n_train": fit.n_train, "n_val": len(splits["val"]), "val_held_out_from_train": held_out,
+              "before": fit.before, "after": fit.after,
               # normal rows with an age that were not used: unreadable, or refused by the screening's QC
               "rows_left_out": sum(p.row.is_normal and p.row.age is not None for p in prepared)
               - sum(len(samples) for samples in splits.values()),

@@ -164,6 +164,7 @@ def _age_refit(record: dict[str, Any] | None) -> list[str]:
     gate = record.get("gate") or {}
     forced = " (REFUSED by its gate: written only because --force was given)" if gate.get("forced") else ""
     head = f"({record.get('duration_s')} s): {record.get('what')}."
+    held_out = " (held out from its train rows: the CSV had none)" if record.get("val_held_out_from_train") else ""
     if record.get("mode") == "site_offset":
         before, after = record.get("before", {}), record.get("after", {})
         rows = [f"  - {split}: n = {before[split]['n']}, MAE {before[split]['mae']:.1f} -> "
@@ -173,8 +174,8 @@ def _age_refit(record: dict[str, Any] | None) -> list[str]:
                 f"{head} Offset {record.get('offset_years'):+.2f} years (95 % bootstrap interval "
                 f"{', '.join('n/a' if v is None else f'{v:+.2f}' for v in record.get('offset_ci95', []))}), "
                 f"the median gap of {record.get('n_train')} healthy training heads of the {record.get('data')}; "
-                f"judged on its {record.get('n_val')} validation "
-                f"heads{forced}. Anomaly outputs differ from the source graph's by at most "
+                f"judged on its {record.get('n_val')} validation heads"
+                f"{held_out}{forced}. Anomaly outputs differ from the source graph's by at most "
                 f"{record.get('anomaly_outputs_max_abs_diff'):.3g}. Its healthy heads, before and after:", *rows,
                 f"  `{record.get('command')}`", *(f"- {note}" for note in record.get("notes", []))]
     extra = record.get("extra", {})

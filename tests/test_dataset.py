@@ -156,3 +156,25 @@ def test_rows_the_daemon_would_screen_stay_in_training_and_calibration() -> None
     _, ages = training_arrays(rows, "calibration")
     assert ages.tolist() == [30.0, 40.0]
     assert training_arrays(rows, "calibration", drop_qc=False)[1].tolist() == [30.0, 40.0, 50.0]
+
+
+def test_with_no_val_rows_a_quarter_of_the_train_rows_across_the_ages_is_held_out() -> None:
+    """The console's export marks every row train: a site's age correction still needs
+    rows to judge it on."""
+    from headscreen.model_training.dataset import DatasetRow, PreparedRow, hold_out_validation
+
+    def prepared(age: float | None, split: str = "train", label: str = "normal") -> PreparedRow:
+        row = DatasetRow(Path(f"{age}.nii.gz"), age, "F", "SITE", split, label)
+        return PreparedRow(row, np.zeros((2, 2, 2), np.float32), np.ones((2, 2, 2), bool), ())
+
+    ages = [float(a) for a in np.random.default_rng(3).permutation(np.arange(20, 84, 4))]  # 16 rows
+    rows = [prepared(a) for a in ages] + [prepared(None), prepared(50.0, "train", "hemorrhage")]
+    moved, n = hold_out_validation(rows)
+    held = sorted(p.row.age for p in moved if p.row.split == "val")
+    assert n == 4 and held == [28.0, 44.0, 60.0, 76.0]  # every 4th by age: young to old
+    assert [p.row.age for p in moved] == [p.row.age for p in rows]  # order and rows kept
+    assert moved[-2].row.split == moved[-1].row.split == "train"  # no age, or abnormal: never val
+    # A CSV with val rows of its own is left as it is.
+    with_val = [*rows, prepared(40.0, "val")]
+    kept, n = hold_out_validation(with_val)
+    assert n == 0 and kept is with_val
