@@ -258,8 +258,7 @@ def fit_bundle(opts: TrainOptions) -> Bundle:
     # only make sense for the inputs they were trained on.
     base_params = init_bundle.manifest.preprocessing if init_bundle else default_params(opts.modality)
     params = merge_params(base_params, opts.preprocessing_overrides or {})
-    spec = CohortSpec(opts.modality, opts.n_train, opts.n_val, opts.n_calibration, opts.n_test,
-                      opts.n_anomalous // 2, opts.n_anomalous - opts.n_anomalous // 2, opts.seed, opts.randomise)
+    spec = _cohort_spec(opts)
     folder = _cohort_folder(opts, params)
     if opts.dataset is not None:
         from headscreen.model_training.dataset import build_dataset_cohort
@@ -369,7 +368,7 @@ def recalibrate_bundle(opts: TrainOptions) -> Bundle:
     was trained with (same seed, split counts and preprocessing; the train split, which
     only the network and the normative model used, is not rebuilt). This is how a new
     score term (headscreen.scores) reaches a shipped bundle without retraining."""
-    source, params, began = _rebuild_source(opts, "--recalibrate")
+    source, params, began, _ = _rebuild_source(opts, "--recalibrate")
     cohort = build_cohort(_cohort_spec(opts), params, opts.cache, opts.progress, _cache(opts, params),
                           jobs=opts.threads, healthy_splits=("val", "calibration", "test"))
     weights = source.path / WEIGHTS_FILE if WEIGHTS_FILE in source.manifest.files else None
@@ -402,7 +401,7 @@ def refit_age_bundle(opts: TrainOptions) -> Bundle:
         raise ConfigError(f"--refit-age needs a vae_ap bundle (the method with an age head), not {opts.method}")
     if opts.dataset is not None:
         return site_age_offset_bundle(opts)
-    source, params, began = _rebuild_source(opts, "--refit-age")
+    source, params, began, nets = _rebuild_source(opts, "--refit-age")
     age_seed = opts.seed + AGE_EXTRA_SEED_OFFSET if opts.age_seed is None else opts.age_seed
     if age_seed == opts.seed:
         raise ConfigError("--age-seed must differ from --seed: the extra heads would be the cohort's own")
@@ -414,7 +413,7 @@ def refit_age_bundle(opts: TrainOptions) -> Bundle:
         extra = build_healthy_samples(opts.modality, age_extra, age_seed, params, opts.cache,
                                       _cache(opts, params), opts.randomise, opts.progress, opts.threads)
         train = Samples(np.concatenate([train.images, extra.images]), np.concatenate([train.ages, extra.ages]))
-    model = _source_network(opts, source, train.grid)
+    model = _source_network(opts, nets, train.grid)
     fit = refit_age_head(model, train, cohort.healthy["val"], seed=opts.seed, flip_lr=opts.flip_lr,
                          epochs=opts.epochs, weight_decay=AGE_HEAD_WEIGHT_DECAY)
     gate = age_refit_gate(fit.val_mae, fit.val_mae_before, len(cohort.healthy["val"]), opts)
@@ -447,13 +446,13 @@ def site_age_offset_bundle(opts: TrainOptions) -> Bundle:
 
     if opts.age_extra:
         raise ConfigError("--refit-age --dataset corrects the age offset on the site's own heads: no --age-extra")
-    source, params, began = _rebuild_source(opts, "--refit-age", dataset_allowed=True)
+    source, params, began, nets = _rebuild_source(opts, "--refit-age", dataset_allowed=True)
     prepared = list(prepare_dataset(read_dataset(opts.dataset), params, opts.cache))  # type: ignore[arg-type]
     prepared, held_out = hold_out_validation(prepared)
     present = {p.row.split for p in prepared if p.row.is_normal}
     splits = {name: Samples(*training_arrays(prepared, name)) for name in ROW_SPLITS
               if name in present or name in ("train", "val")}  # train and val must have usable rows
-    model = _source_network(opts, source, splits["train"].grid)
+    model = _source_network(opts, nets, splits["train"].grid)
     fit = correct_age_offset(model, splits)
     gate = age_refit_gate(fit.val_mae, fit.val_mae_before, len(splits["val"]), opts, fit.offset_ci95)
     onnx_path, weights_path, parity, unchanged = _export_refit(opts, source, model, splits["val"], splits["val"])
@@ -465,8 +464,7 @@ def site_age_offset_bundle(opts: TrainOptions) -> Bundle:
               # normal rows with an age that were not used: unreadable, or refused by the screening's QC
               "rows_left_out": sum(p.row.is_normal and p.row.age is not None for p in prepared)
               - sum(len(samples) for samples in splits.values()),
-              "val_mae_before": fit.val_mae_before, "val_mae": fit.val_mae, "gate": gate,
-              "anomaly_outputs_max_abs_diff": unchanged, "parity_max_abs_diff": parity}
+              "gate": gate, "anomaly_outputs_max_abs_diff": unchanged, "parity_max_abs_diff": parity}
     training = {**m.training, "age_refit": _rebuild_record(
         opts, source, began, "predicted brain age lowered by the median gap of the site's healthy training heads "
         "(the age head's last bias; nothing else in the network changed); score, thresholds and normative model "
@@ -476,9 +474,9 @@ def site_age_offset_bundle(opts: TrainOptions) -> Bundle:
                           m.score.age_gap_weight, calibration, dict(m.metrics), True, fit.val_mae, parity)
 
 
-def _source_network(opts: TrainOptions, source: Bundle, grid: tuple[int, int, int]) -> VAE3D:
+def _source_network(opts: TrainOptions, nets: dict, grid: tuple[int, int, int]) -> VAE3D:
     model = VAE3D(grid, VAE_PRESETS[opts.preset], opts.method)
-    model.load_state_dict(load_weights(source.path / WEIGHTS_FILE)["nets"]["model"])
+    model.load_state_dict(nets["model"])
     return model
 
 
@@ -542,8 +540,9 @@ def anomaly_outputs_diff(before: Path, after: Path, images: np.ndarray) -> float
 
 
 def _rebuild_source(opts: TrainOptions, flag: str,
-                    dataset_allowed: bool = False) -> tuple[Bundle, dict[str, Any], float]:
-    """The checked source bundle of a --recalibrate or --refit-age, its preprocessing, the start time."""
+                    dataset_allowed: bool = False) -> tuple[Bundle, dict[str, Any], float, dict]:
+    """The checked source bundle of a --recalibrate or --refit-age, its preprocessing, the
+    start time and its network weights (read once: weights.pt holds every net)."""
     if opts.init_from is None:
         raise ConfigError(f"{flag} needs --init-from BUNDLE (the bundle to start from)")
     if opts.dataset is not None and not dataset_allowed:
@@ -552,11 +551,11 @@ def _rebuild_source(opts: TrainOptions, flag: str,
         raise ConfigError(f"{flag} writes a new bundle: --out must differ from --init-from")
     began = time.monotonic()
     opts.name_and_version()
-    _init_weights(opts)  # the same checks as a fine-tune: modality, method and preset match
-    source = load_bundle(opts.init_from)
+    nets, source = _init_weights(opts)  # the same checks as a fine-tune: modality, method and preset match
+    assert nets is not None and source is not None  # init_from is set
     if source.normative is None:
         raise ConfigError(f"--init-from {opts.init_from}: the bundle has no normative model to score against")
-    return source, recalibration_params(source.manifest.preprocessing, opts.preprocessing_overrides), began
+    return source, recalibration_params(source.manifest.preprocessing, opts.preprocessing_overrides), began, nets
 
 
 def _cohort_spec(opts: TrainOptions) -> CohortSpec:
