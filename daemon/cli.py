@@ -440,9 +440,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 print(f"created site reference #{run.created.reference_id}: {what}")
             if found.n < minimum:
                 print(f"  below min_references ({minimum}): in site mode this scanner stays calibrating")
+            if found.brain_age is not None:
+                print("  " + _brain_age_line(found.brain_age))
     if settings.calibration.mode != "site" and created:
         print('note: [calibration] mode is "bundle"; site references are used once it is "site"')
     return 0
+
+
+def _brain_age_line(record: dict) -> str:
+    """A site reference's brain-age bias (daemon.reference.estimate_age_bias), in words."""
+    if record["applied"]:
+        low, high = record["ci95"]
+        return (f"brain age: corrected by {-record['offset_years']:+.2f} y (median gap of {record['n']} "
+                f"confirmed-normal studies, 95 % interval {low:+.2f} to {high:+.2f})")
+    return f"brain age: not corrected ({record['reason']})"
 
 
 RESCREEN_ALIVE_S = 30.0  # a running rescreen run touched this recently has a live process

@@ -453,12 +453,19 @@ def score_shadow(
 
 def _screened(inference: Inference, reference: Reference | Calibrating, qc_reasons: list[str],
               qc_metrics: dict[str, float] | None = None, selected_series_uid: str | None = None) -> ResultFigures:
-    """The figures of an eligible study: the model's, judged against `reference`."""
+    """The figures of an eligible study: the model's, judged against `reference`, its brain
+    age less the scanner's bias where the site reference holds one (the score keeps the
+    model's own gap: the reference's scores were computed with it)."""
     percentile, screen_positive, threshold = _judged(inference.anomaly_score, reference)
+    predicted, gap, offset = inference.predicted_age, inference.age_gap, None
+    if predicted is not None and isinstance(reference, Reference) and reference.age_offset is not None:
+        offset = reference.age_offset
+        predicted -= offset
+        gap = None if inference.chronological_age is None else predicted - inference.chronological_age
     return ResultFigures(
         eligible=True, anomaly_score=inference.anomaly_score, percentile=percentile,
-        screen_positive=screen_positive, threshold=threshold, predicted_age=inference.predicted_age,
-        chronological_age=inference.chronological_age, age_gap=inference.age_gap, qc_reasons=qc_reasons,
+        screen_positive=screen_positive, threshold=threshold, predicted_age=predicted,
+        chronological_age=inference.chronological_age, age_gap=gap, age_offset=offset, qc_reasons=qc_reasons,
         qc_metrics=dict(qc_metrics or {}), selected_series_uid=selected_series_uid,
     )
 

@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from headscreen.age_bias import age_bias
 from headscreen.bundle import MANIFEST_NAME, Bundle
 from headscreen.db.types import CalibrationCandidate, SiteReferenceRow
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 GROUPINGS = ("station", "model")
 RULE_CONFIRMED_NORMAL = "confirmed_normal"
 RULE_FIRST_N = "first_n_robust"
+# A scanner's brain-age bias is corrected only from at least this many confirmed-normal
+# studies with both ages: the bootstrap interval of a median of fewer is not worth much.
+AGE_BIAS_MIN_STUDIES = 20
 # MAD x 1.4826 estimates the standard deviation of normally distributed scores.
 MAD_TO_SD = 1.4826
 UNKNOWN_PART = "UNKNOWN"
@@ -149,6 +153,13 @@ class Reference:
     def kind(self) -> str:
         return self.source
 
+    @property
+    def age_offset(self) -> float | None:
+        """Years this scanner's brain age is lowered by: a site reference's bias where
+        `calibrate` found one (provenance "brain_age"); None: no correction."""
+        bias = self.provenance.get("brain_age") or {}
+        return float(bias["offset_years"]) if self.source == "site" and bias.get("applied") else None
+
     def percentile(self, score: float) -> float:
         """Percent of the reference's healthy scores at or below `score`."""
         return 100.0 * bisect.bisect_right(self.scores, score) / len(self.scores)
@@ -157,19 +168,28 @@ class Reference:
         return score > self.threshold
 
     def describe(self) -> str:
-        """The sentence the SR carries: which reference the percentile is against."""
+        """The sentence the SR carries: which reference the percentile is against (and
+        the brain-age correction that came with it)."""
         if self.source == "bundle":
             return f"Reference: bundle {self.bundle_key}, synthetic healthy phantoms, n={self.n}"
-        return f"Reference: site, station {self.station}, n={self.n}, created {self._created()}"
+        return f"Reference: site, station {self.station}, n={self.n}, created {self._created()}{self._age_note()}"
 
     def legend(self) -> str:
         """What the overlay burns in: no header text (the station), only our own words."""
         if self.source == "bundle":
             return self.describe()
-        return f"Reference: site, this scanner, n={self.n}, created {self._created()}"
+        return f"Reference: site, this scanner, n={self.n}, created {self._created()}{self._age_note()}"
 
     def _created(self) -> str:
         return self.created_at.date().isoformat() if self.created_at else "unknown"
+
+    def _age_note(self) -> str:
+        offset = self.age_offset
+        if offset is None:
+            return ""
+        n = self.provenance["brain_age"]["n"]
+        return (f"; brain age corrected by {-offset:+.1f} y, this scanner's median gap on "
+                f"{n} confirmed-normal studies")
 
 
 @dataclass(frozen=True)
@@ -248,6 +268,7 @@ class Estimate:
     excluded: dict[str, int]  # reason -> count
     outlier_cut: float | None = None
     requested: int | None = None
+    brain_age: dict[str, Any] | None = None  # estimate_age_bias; None: the bundle predicts no age
 
     @property
     def n(self) -> int:
@@ -273,6 +294,8 @@ class Estimate:
         if self.outlier_cut is not None:
             out["outlier_cut"] = self.outlier_cut
             out["outlier_mads"] = outlier_mads
+        if self.brain_age is not None:
+            out["brain_age"] = self.brain_age
         return out
 
 
@@ -287,12 +310,52 @@ def _scored(candidate: CalibrationCandidate, scoring: str) -> str | None:
     return None
 
 
+def estimate_age_bias(candidates: Sequence[CalibrationCandidate], scoring: str) -> dict[str, Any]:
+    """One scanner group's brain-age bias (headscreen.age_bias) from its results of studies
+    confirmed normal that have both ages, whatever rule chose the reference's scores:
+    patients not confirmed normal may be old beyond their years, which is what the gap is
+    there to show. Applied only from AGE_BIAS_MIN_STUDIES studies on, and only where its
+    95 % interval excludes 0. A JSON-ready record: counts and figures, no patient value."""
+    gaps: list[float] = []
+    excluded: dict[str, int] = {}
+    for c in candidates:
+        if not c.confirmed_normal:
+            continue
+        why = _scored(c, scoring) or ("no_predicted_age" if c.predicted_age is None else
+                                      "no_chronological_age" if c.chronological_age is None else None)
+        if why:
+            excluded[why] = excluded.get(why, 0) + 1
+            continue
+        # The model's own estimate: a result judged against an earlier site reference
+        # reports its brain age after that reference's correction.
+        gaps.append(float(c.predicted_age) + (c.age_offset or 0.0) - float(c.chronological_age))  # type: ignore[arg-type]
+    record: dict[str, Any] = {
+        "rule_text": "median gap (model brain age - chronological age) of studies confirmed normal",
+        "n": len(gaps), "excluded": excluded, "min_studies": AGE_BIAS_MIN_STUDIES, "applied": False,
+    }
+    if not gaps:
+        record["reason"] = "no study confirmed normal with both ages"
+        return record
+    bias = age_bias(gaps)
+    ci = [round(v, 3) if math.isfinite(v) else None for v in bias.ci95]
+    record.update(offset_years=round(bias.offset_years, 3), ci95=ci)
+    if bias.n < AGE_BIAS_MIN_STUDIES:
+        record["reason"] = f"{bias.n} studies with both ages, fewer than {AGE_BIAS_MIN_STUDIES}"
+    elif not bias.excludes_zero:
+        record["reason"] = (f"its 95 % interval [{bias.ci95[0]:+.2f}, {bias.ci95[1]:+.2f}] y holds 0: "
+                            "no bias to correct")
+    else:
+        record["applied"] = True
+    return record
+
+
 def estimate(candidates: Sequence[CalibrationCandidate], station: str, scoring: str, specificity: float, *,
-             first_n: int | None = None, outlier_mads: float = 3.0) -> Estimate | None:
+             first_n: int | None = None, outlier_mads: float = 3.0, with_age: bool = False) -> Estimate | None:
     """A reference from one scanner group's results (oldest first); None when none is usable.
 
     Without `first_n`: every result of a study confirmed normal. With it: the first
     `first_n` scored results, less those an admin flagged and the robust outliers.
+    `with_age` (the bundle predicts brain age): the group's brain-age bias too.
     """
     excluded: dict[str, int] = {}
 
@@ -334,7 +397,8 @@ def estimate(candidates: Sequence[CalibrationCandidate], station: str, scoring: 
     scores = tuple(float(c.anomaly_score) for c in kept)  # type: ignore[arg-type]
     return Estimate(station=station, rule=rule, scores=scores, result_ids=tuple(c.result_id for c in kept),
                     threshold=threshold_at_specificity(scores, specificity), specificity=specificity,
-                    considered=considered, excluded=excluded, outlier_cut=cut, requested=first_n)
+                    considered=considered, excluded=excluded, outlier_cut=cut, requested=first_n,
+                    brain_age=estimate_age_bias(candidates, scoring) if with_age else None)
 
 
 @dataclass(frozen=True)
@@ -352,7 +416,7 @@ def calibrate(session: Any, bundle: Bundle, *, actor: str, grouping: str = "stat
               now: datetime | None = None) -> list[CalibrationRun]:
     """Estimate and store a site reference per scanner group of `bundle` (one group when
     `station` is given). A group whose active reference was built from the very same
-    studies by the same rule is left as it is."""
+    studies by the same rule, with the same brain-age bias, is left as it is."""
     from headscreen.db import api
 
     if grouping not in GROUPINGS:
@@ -369,11 +433,12 @@ def calibrate(session: Any, bundle: Bundle, *, actor: str, grouping: str = "stat
     runs = []
     for group, members in sorted(groups.items()):
         found = estimate(members, group, scoring, manifest.calibration.specificity, first_n=first_n,
-                         outlier_mads=outlier_mads)
+                         outlier_mads=outlier_mads, with_age=bool(manifest.outputs.age))
         if found is None:
             continue
         active = api.active_site_reference(session, manifest.name, manifest.version, scoring, grouping, group)
-        if active is not None and active.rule == found.rule and sorted(active.result_ids) == sorted(found.result_ids):
+        if (active is not None and active.rule == found.rule and sorted(active.result_ids) == sorted(found.result_ids)
+                and active.provenance.get("brain_age") == found.brain_age):
             runs.append(CalibrationRun(manifest.key, found, None, unchanged_from=active.reference_id))
             continue
         created = None

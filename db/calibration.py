@@ -46,7 +46,8 @@ def calibration_candidates(session: Session, bundle_name: str, bundle_version: s
     current results, oldest first (read-only)."""
     stmt = (
         select(Result.id, Result.station_key, Result.eligible, Result.anomaly_score, Result.scoring_sha256,
-               Study.confirmed_normal, Study.flagged)
+               Study.confirmed_normal, Study.flagged, Result.predicted_age, Result.chronological_age,
+               Result.age_offset)
         .join(Study, Study.id == Result.study_id)
         .where(Result.bundle_name == bundle_name, Result.bundle_version == bundle_version,
                Result.superseded.is_(False), Result.station_key.is_not(None))
@@ -59,7 +60,8 @@ def calibration_candidates(session: Session, bundle_name: str, bundle_version: s
     # They are identified by the current active result of the same study.
     shadow = (
         select(ShadowResult.result_id, ShadowResult.station_key, ShadowResult.eligible, ShadowResult.anomaly_score,
-               ShadowResult.scoring_sha256, Study.confirmed_normal, Study.flagged)
+               ShadowResult.scoring_sha256, Study.confirmed_normal, Study.flagged, ShadowResult.predicted_age,
+               ShadowResult.chronological_age, ShadowResult.age_offset)
         .join(Result, Result.id == ShadowResult.result_id)
         .join(Study, Study.id == ShadowResult.study_id)
         .where(ShadowResult.bundle_name == bundle_name, ShadowResult.bundle_version == bundle_version,
@@ -73,8 +75,13 @@ def calibration_candidates(session: Session, bundle_name: str, bundle_version: s
     rows.sort(key=lambda r: r[0])
     end_read(session)
     return [CalibrationCandidate(result_id=r[0], station_key=r[1], eligible=bool(r[2]),
-                                 anomaly_score=None if r[3] is None else float(r[3]), scoring_sha256=r[4],
-                                 confirmed_normal=bool(r[5]), flagged=bool(r[6])) for r in rows]
+                                 anomaly_score=_float(r[3]), scoring_sha256=r[4],
+                                 confirmed_normal=bool(r[5]), flagged=bool(r[6]), predicted_age=_float(r[7]),
+                                 chronological_age=_float(r[8]), age_offset=_float(r[9])) for r in rows]
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def create_site_reference(session: Session, new: NewSiteReference, actor: str,

@@ -272,6 +272,7 @@ class Result(Base):
     predicted_age: Mapped[float | None] = mapped_column(sa.Float)
     chronological_age: Mapped[float | None] = mapped_column(sa.Float)
     age_gap: Mapped[float | None] = mapped_column(sa.Float)
+    age_offset: Mapped[float | None] = mapped_column(sa.Float)  # headscreen.figures.ResultFigures
     # Denormalised from qc_reasons/eligible so the admin filter is plain SQL on both dialects.
     qc_failed: Mapped[bool] = mapped_column(default=False)
     qc_reasons: Mapped[list[Any]]
@@ -379,6 +380,7 @@ class ShadowResult(Base):
     predicted_age: Mapped[float | None] = mapped_column(sa.Float)
     chronological_age: Mapped[float | None] = mapped_column(sa.Float)
     age_gap: Mapped[float | None] = mapped_column(sa.Float)
+    age_offset: Mapped[float | None] = mapped_column(sa.Float)  # headscreen.figures.ResultFigures
     terms: Mapped[dict[str, Any]]
     qc_reasons: Mapped[list[Any]]
     station_key: Mapped[str | None] = mapped_column(sa.String(200))

@@ -367,6 +367,10 @@ class CalibrationCandidate:
     scoring_sha256: str | None
     confirmed_normal: bool
     flagged: bool
+    # Brain age as reported (after any site correction, age_offset) and from the header.
+    predicted_age: float | None = None
+    chronological_age: float | None = None
+    age_offset: float | None = None
 
 
 @dataclass(frozen=True)

@@ -242,12 +242,14 @@ def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], sli
     if reference is not None and not reference.calibrating:
         lines.append((reference.legend_text, False))
     age_gap = finite_or_none(summary.age_gap)
+    offset = finite_or_none(summary.age_offset)
+    corrected = "" if offset is None else f" after this scanner's {-offset:+.1f} y correction"
     if age_gap is None:
         lines.append(("Brain-age gap: not available", False))
     else:
         lines.append(
             (
-                f"Brain-age gap {age_gap:+.1f} y (predicted {_fmt(summary.predicted_age, '.1f')},"
+                f"Brain-age gap {age_gap:+.1f} y (predicted {_fmt(summary.predicted_age, '.1f')}{corrected},"
                 f" chronological {_fmt(summary.chronological_age, '.1f')})",
                 False,
             )

@@ -35,6 +35,10 @@ class ResultFigures:
     predicted_age: float | None = None
     chronological_age: float | None = None
     age_gap: float | None = None
+    # Years the scanner's site reference took off the model's brain age (its median gap on
+    # confirmed-normal studies, daemon.reference); predicted_age and age_gap are after it.
+    # None: no correction. The model's own estimate is predicted_age + age_offset.
+    age_offset: float | None = None
     qc_reasons: list[str] = field(default_factory=list)
     qc_metrics: dict[str, float] = field(default_factory=dict)
     selected_series_uid: str | None = None

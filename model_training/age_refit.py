@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
+from headscreen.age_bias import age_bias
 from headscreen.model_training.networks import AGE_SCALE, VAE3D
 from headscreen.model_training.runtime import Samples
 
@@ -128,18 +128,13 @@ def correct_age_offset(model: VAE3D, splits: dict[str, Samples]) -> AgeOffsetFit
     if model.age_head is None:
         raise ValueError(f"variant {model.variant} has no age head to correct")
     predicted = {name: _predicted(model, samples) for name, samples in splits.items()}
-    gaps = predicted["train"] - splits["train"].ages
-    offset = float(np.median(gaps))
-    interval = (float("nan"), float("nan"))
-    if len(gaps) >= 2:
-        ci = stats.bootstrap((gaps,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile",
-                             random_state=np.random.default_rng(0)).confidence_interval
-        interval = (float(ci.low), float(ci.high))
+    bias = age_bias(predicted["train"] - splits["train"].ages)
+    offset = bias.offset_years
     last = model.age_head[-1]
     assert isinstance(last, nn.Linear)
     with torch.no_grad():
         last.bias.sub_(offset / AGE_SCALE)
-    fit = AgeOffsetFit(offset_years=offset, offset_ci95=interval, n_train=len(splits["train"]),
+    fit = AgeOffsetFit(offset_years=offset, offset_ci95=bias.ci95, n_train=len(splits["train"]),
                        before={n: _figures(p, splits[n].ages) for n, p in predicted.items()},
                        after={n: _figures(p - offset, splits[n].ages) for n, p in predicted.items()})
     log.info("age offset corrected", extra={"action": "age_offset_corrected", "offset_years": round(offset, 2),

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from headscreen.age_bias import excludes_zero
 from headscreen.bundle import Bundle, load_bundle
 from headscreen.errors import ConfigError, HeadscreenError
 from headscreen.export.seg import SEG_GROW
@@ -501,7 +502,7 @@ def age_refit_gate(val_mae: float, val_mae_before: float, n_val: int, opts: Trai
     apart from zero: a correction by noise only adds noise. Raises BelowQualityFloor
     (nothing written) when not, unless forced."""
     better = val_mae < val_mae_before
-    biased = offset_ci95 is None or offset_ci95[0] > 0 or offset_ci95[1] < 0  # NaN (one head): not biased
+    biased = offset_ci95 is None or excludes_zero(offset_ci95)  # NaN (one head): not biased
     passed = better and biased
     gate = {"metric": "brain-age MAE on the healthy validation split, years", "n": n_val,
             "source_head": round(val_mae_before, 3), "value": round(val_mae, 3), "passed": passed,

@@ -23,7 +23,7 @@ def test_empty_database_migrates_to_the_models_schema(empty_db_url: str) -> None
     assert current_revision(empty_db_url) is None
     upgrade(empty_db_url)
     upgrade(empty_db_url)  # a second upgrade is a no-op
-    assert current_revision(empty_db_url) == head_revision() == "0011"
+    assert current_revision(empty_db_url) == head_revision() == "0012"
     engine = make_engine(empty_db_url)
     try:
         with engine.connect() as connection:

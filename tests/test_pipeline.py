@@ -378,3 +378,42 @@ def test_the_not_eligible_report_goes_out_even_when_highdicom_refuses_the_series
     assert sum("retried on less" in r.getMessage() for r in caplog.records) == 2
     ours = [r for r in caplog.records if r.name.startswith("headscreen.")]
     assert [r.getMessage() for r in ours if leaks(f"{r.getMessage()} {getattr(r, 'error', '')}")] == []
+
+
+def test_an_mr_scanners_site_reference_corrects_the_reported_brain_age(tmp_path) -> None:
+    """The shipped MR bundle, a healthy phantom, judged against its bundle reference and then
+    against a site reference that holds an 8-year brain-age bias: the same model, the same
+    score, the brain age and gap 8 years lower, and the SR saying why."""
+    from headscreen.daemon.pipeline import SharedStages
+    from headscreen.daemon.reference import ReferencePolicy
+    from headscreen.db.api import SiteReferenceRow
+    from test_reference import T0
+
+    runner = BundleRunner(next(b for b in (load_bundle(p) for p in shipped_bundles()) if b.manifest.modality == "MR"))
+    phantom = make_head("MR", age=60.0, seed=11)
+    study = study_of(write_dicom_series(phantom, tmp_path / "in", rows=128, cols=128, slices=60, slice_thickness=3.0))
+    stages = SharedStages()
+    bundle = run_job(ticket(study.study_instance_uid), study, runner, tmp_path / "bundle", overlay_slices=1,
+                     shared=stages)
+    assert bundle.eligible and bundle.predicted_age is not None and bundle.age_offset is None
+    calibration = runner.bundle.manifest.calibration
+    row = SiteReferenceRow(
+        reference_id=3, bundle_name=runner.bundle.manifest.name, bundle_version=runner.bundle.manifest.version,
+        scoring_sha256="s", grouping="station", station="ANY", rule="confirmed_normal",
+        scores=sorted(calibration.reference_scores), n=len(calibration.reference_scores),
+        threshold=calibration.threshold, specificity=calibration.specificity, result_ids=[], created_at=T0,
+        provenance={"rule": "confirmed_normal", "brain_age": {"applied": True, "offset_years": 8.0, "n": 40}},
+        created_by="alice", retired_at=None, retired_by=None, retire_reason=None)
+    site = ReferencePolicy(mode="site", min_references=5, lookup=lambda *key: row)
+    corrected = run_job(ticket(study.study_instance_uid), study, runner, tmp_path / "site", overlay_slices=1,
+                        references=site, shared=stages)
+    assert corrected.reference_kind == "site" and corrected.age_offset == 8.0
+    assert corrected.anomaly_score == bundle.anomaly_score
+    assert corrected.predicted_age == pytest.approx(bundle.predicted_age - 8.0)
+    assert corrected.age_gap == pytest.approx(bundle.age_gap - 8.0)
+    sr_path = Path(next(o.path for o in corrected.objects if o.kind == "sr"))
+    assert dciodvfy_errors(sr_path) == []
+    numbers = {m.name.value: m.value for m in measurement_group(str(sr_path)).get_measurements()}
+    assert float(numbers[codes.PREDICTED_BRAIN_AGE.value]) == pytest.approx(corrected.predicted_age, abs=1e-3)
+    assert "brain age corrected by -8.0 y, this scanner's median gap on 40 confirmed-normal studies" in " ".join(
+        sr_texts(pydicom.dcmread(sr_path)))

@@ -5,6 +5,7 @@ and the console. The whole path on phantom studies is tests/test_site_calibratio
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import timedelta
 from pathlib import Path
@@ -21,10 +22,12 @@ from headscreen.bundle import load_bundle
 from headscreen.daemon.cli import main
 from headscreen.daemon.config import load_settings, shipped_bundles
 from headscreen.daemon.reference import (
+    AGE_BIAS_MIN_STUDIES,
     Calibrating,
     Reference,
     ReferencePolicy,
     estimate,
+    estimate_age_bias,
     group_key,
     robust_cut,
     scoring_identity,
@@ -41,7 +44,7 @@ from headscreen.export.sc import _legend_lines, build_overlay_series
 from headscreen.export.sr import ReferenceNote, build_report
 from serve_harness import dciodvfy_errors
 from sr_helpers import coded_evaluations, errors_and_warnings, measurement_group, pixelmed_findings, sr_texts
-from test_export import ct_summary, make_ct_series
+from test_export import MR_SUMMARY, ct_summary, make_ct_series
 
 STATION = "ACME|HEADSCAN 9|CT-WEST"
 
@@ -52,9 +55,20 @@ def ct_bundle():
 
 
 def candidate(i: int, score: float | None, *, normal: bool = True, eligible: bool = True, scoring: str = "s",
-              flagged: bool = False, station: str = STATION) -> CalibrationCandidate:
+              flagged: bool = False, station: str = STATION, ages: tuple[float | None, float | None] = (None, None),
+              age_offset: float | None = None) -> CalibrationCandidate:
+    """`ages`: (brain age as reported, chronological age)."""
     return CalibrationCandidate(result_id=i, station_key=station, eligible=eligible, anomaly_score=score,
-                                scoring_sha256=scoring, confirmed_normal=normal, flagged=flagged)
+                                scoring_sha256=scoring, confirmed_normal=normal, flagged=flagged,
+                                predicted_age=ages[0], chronological_age=ages[1], age_offset=age_offset)
+
+
+def aged(n: int, bias: float, *, start: int = 1, normal: bool = True, seed: int = 0) -> list[CalibrationCandidate]:
+    """n scored studies whose model brain age is the true age + `bias` + noise (sd 4 y)."""
+    rng = np.random.default_rng(seed)
+    true = rng.uniform(25, 80, n)
+    return [candidate(start + i, 0.4, normal=normal, ages=(float(t + bias + rng.normal(0, 4)), float(t)))
+            for i, t in enumerate(true)]
 
 
 # --------------------------------------------------------------------------- math
@@ -100,6 +114,101 @@ def test_confirmed_normal_rule_counts_what_it_could_not_use() -> None:
     assert found.considered == 5 and found.n == 2 and found.result_ids == (1, 6)
     assert found.excluded == {"not_eligible": 1, "other_bundle_manifest": 1, "no_score": 1}
     assert estimate([candidate(1, 0.3, normal=False)], STATION, "s", 0.95) is None
+
+
+# --------------------------------------------------------------------------- brain-age bias
+
+def test_a_scanners_brain_age_bias_is_the_median_gap_of_its_confirmed_normal_studies() -> None:
+    rows = [*aged(30, 8.0), *aged(10, 40.0, start=100, normal=False, seed=1),  # patients: not a reference
+            candidate(200, 0.4, ages=(None, 50.0)), candidate(201, 0.4, ages=(60.0, None)),
+            candidate(202, 0.4, scoring="old", ages=(60.0, 50.0)), candidate(203, None, eligible=False)]
+    record = estimate_age_bias(rows, "s")
+    gaps = [c.predicted_age - c.chronological_age for c in rows[:30]]  # type: ignore[operator]
+    assert record["n"] == 30 and record["offset_years"] == pytest.approx(float(np.median(gaps)), abs=1e-3)
+    assert record["applied"] is True and 4.0 < record["offset_years"] < 12.0
+    low, high = record["ci95"]
+    assert 0 < low <= record["offset_years"] <= high
+    assert record["excluded"] == {"no_predicted_age": 1, "no_chronological_age": 1, "other_bundle_manifest": 1,
+                                  "not_eligible": 1}
+    assert record["min_studies"] == AGE_BIAS_MIN_STUDIES
+
+
+def test_a_brain_age_already_corrected_is_estimated_from_the_models_own_age() -> None:
+    # The same studies, reported after an earlier site reference's +8 y correction: the next
+    # calibration must find the same bias, not none.
+    first = aged(30, 8.0)
+    reported = [candidate(c.result_id, 0.4, ages=(c.predicted_age - 8.0, c.chronological_age), age_offset=8.0)  # type: ignore[operator]
+                for c in first]
+    assert estimate_age_bias(reported, "s")["offset_years"] == pytest.approx(
+        estimate_age_bias(first, "s")["offset_years"], abs=1e-9)
+
+
+def test_no_brain_age_correction_from_few_studies_or_from_noise() -> None:
+    few = estimate_age_bias(aged(AGE_BIAS_MIN_STUDIES - 1, 8.0), "s")
+    assert few["applied"] is False and few["n"] == AGE_BIAS_MIN_STUDIES - 1
+    assert few["reason"] == f"{AGE_BIAS_MIN_STUDIES - 1} studies with both ages, fewer than {AGE_BIAS_MIN_STUDIES}"
+    unbiased = estimate_age_bias(aged(40, 0.0, seed=2), "s")
+    assert unbiased["applied"] is False and unbiased["ci95"][0] < 0 < unbiased["ci95"][1]
+    assert "holds 0: no bias to correct" in unbiased["reason"]
+    none = estimate_age_bias([candidate(1, 0.4)], "s")
+    assert none == {**none, "n": 0, "applied": False, "reason": "no study confirmed normal with both ages"}
+    assert "offset_years" not in none
+
+
+def test_a_site_reference_keeps_the_brain_age_bias_only_for_an_age_bundle() -> None:
+    rows = aged(25, 6.0)
+    with_age = estimate(rows, STATION, "s", 0.95, with_age=True)
+    assert with_age is not None and with_age.brain_age == estimate_age_bias(rows, "s")
+    assert with_age.provenance("station", _FakeBundle(), 3.0)["brain_age"] == with_age.brain_age
+    without = estimate(rows, STATION, "s", 0.95)
+    assert without is not None and without.brain_age is None
+    assert "brain_age" not in without.provenance("station", _FakeBundle(), 3.0)
+
+
+class _FakeBundle:
+    """What Estimate.provenance reads of a bundle."""
+
+    class manifest:  # noqa: N801 (mirrors Bundle.manifest)
+        key = "mr-test-1"
+
+        class calibration:  # noqa: N801
+            reference_scores = [0.1, 0.2]
+            threshold = 0.2
+
+
+def test_a_site_reference_with_a_bias_corrects_brain_age_and_says_so(ct_bundle) -> None:
+    bias = {"applied": True, "offset_years": 7.96, "ci95": [5.3, 11.7], "n": 31}
+    row = dataclasses.replace(_site_row(25), provenance={"rule": "confirmed_normal", "brain_age": bias})
+    reference = Reference.from_site(row)
+    assert reference.age_offset == 7.96
+    note = "brain age corrected by -8.0 y, this scanner's median gap on 31 confirmed-normal studies"
+    assert reference.describe().endswith("; " + note) and reference.legend().endswith("; " + note)
+    assert reference.legend().isascii()
+    unapplied = dataclasses.replace(row, provenance={"brain_age": {**bias, "applied": False, "reason": "few"}})
+    assert Reference.from_site(unapplied).age_offset is None
+    assert "brain age" not in Reference.from_site(unapplied).describe()
+    assert Reference.from_bundle(ct_bundle).age_offset is None
+
+
+def test_the_brain_age_of_a_result_is_corrected_by_its_site_reference_only() -> None:
+    from headscreen.daemon.pipeline import _screened
+    from headscreen.inference import Inference
+
+    inference = Inference(anomaly_score=0.5, terms={}, percentile=90.0, screen_positive=False, threshold=0.6,
+                          predicted_age=60.0, chronological_age=50.0, age_gap=10.0,
+                          error_map=np.zeros((2, 2, 2), np.float32))
+    bias = {"applied": True, "offset_years": 8.0, "ci95": [5.0, 11.0], "n": 30}
+    site = Reference.from_site(dataclasses.replace(_site_row(25), provenance={"brain_age": bias}))
+    corrected = _screened(inference, site, [])
+    assert (corrected.predicted_age, corrected.age_gap, corrected.age_offset) == (52.0, 2.0, 8.0)
+    assert corrected.anomaly_score == 0.5  # the score keeps the model's own gap, as its reference did
+    for reference in (Reference.from_site(_site_row(25)), Calibrating(station=STATION, needed=20, has=3)):
+        plain = _screened(inference, reference, [])
+        assert (plain.predicted_age, plain.age_gap, plain.age_offset) == (60.0, 10.0, None)
+    no_age = dataclasses.replace(inference, chronological_age=None, age_gap=None)
+    assert _screened(no_age, site, []).age_gap is None and _screened(no_age, site, []).predicted_age == 52.0
+    implausible = dataclasses.replace(inference, predicted_age=None, age_gap=None)
+    assert _screened(implausible, site, []).age_offset is None
 
 
 # --------------------------------------------------------------------------- scanners and choice
@@ -202,8 +311,10 @@ def test_site_references_are_created_chosen_newest_and_retired_audited(db_sessio
 
 
 def _scored(session, ref: BundleRef, score: float | None, station: str = STATION, normal: bool = False,
-            kind: str = "bundle", scoring: str = "s" * 64, now=T0) -> str:
-    """A study through the queue to a result that names its scanner; confirmed normal if asked."""
+            kind: str = "bundle", scoring: str = "s" * 64, now=T0, ages: tuple[float | None, float | None] = (None, None),
+            age_offset: float | None = None) -> str:
+    """A study through the queue to a result that names its scanner; confirmed normal if asked.
+    `ages`: (brain age as reported, chronological age)."""
     study = uid()
     add_series(session, study, 3, now=now, modality=ref.modality)
     api.sweep_completeness(session, now + timedelta(hours=1), 60, 10, [ref])
@@ -212,7 +323,9 @@ def _scored(session, ref: BundleRef, score: float | None, station: str = STATION
     result = outcome(anomaly_score=score, eligible=score is not None,
                      ineligible_reason=None if score is not None else "noise_high: test",
                      percentile=None, screen_positive=None, threshold=None, station_key=station,
-                     scoring_sha256=scoring if score is not None else None, reference_kind=kind if score else None)
+                     scoring_sha256=scoring if score is not None else None, reference_kind=kind if score else None,
+                     predicted_age=ages[0], chronological_age=ages[1], age_offset=age_offset,
+                     age_gap=None if None in ages else ages[0] - ages[1])  # type: ignore[operator]
     assert api.finish_job(session, ticket.job_id, "w1", result, [], now + timedelta(hours=1, seconds=5))
     if normal:
         api.set_review(session, study, True, True, "alice")
@@ -321,6 +434,27 @@ def test_overlay_legend_says_calibrating_in_place_of_a_screen_result() -> None:
     assert "Calibrating" in sc.ImageComments
 
 
+def test_a_site_corrected_brain_age_is_named_in_the_report_and_the_overlay(tmp_path) -> None:
+    offset = 7.96
+    summary = dataclasses.replace(MR_SUMMARY, predicted_age=MR_SUMMARY.predicted_age - offset,
+                                  age_gap=MR_SUMMARY.age_gap - offset, age_offset=offset)
+    text = (f"Reference: site, station {STATION}, n=60, created 2026-01-05; brain age corrected by -8.0 y, this "
+            "scanner's median gap on 31 confirmed-normal studies")
+    note = ReferenceNote(kind="site", text=text, legend=text.replace(f"station {STATION}", "this scanner"))
+    datasets, _ = make_ct_series()
+    path = tmp_path / "sr.dcm"
+    build_report(datasets, summary, [], reference=note).save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    numbers = {m.name.value: m.value for m in measurement_group(str(path)).get_measurements()}
+    assert float(numbers[codes.PREDICTED_BRAIN_AGE.value]) == pytest.approx(71.4 - offset)
+    assert float(numbers[codes.BRAIN_AGE_GAP.value]) == pytest.approx(4.4 - offset)
+    assert text + "." in " ".join(sr_texts(pydicom.dcmread(path)))
+    lines = [t for t, _ in _legend_lines(summary, (1.0, 3.0), "slice 1/40", note)]
+    assert f"Brain-age gap -3.6 y (predicted 63.4 after this scanner's -8.0 y correction, chronological 67.0)" in lines
+    plain = [t for t, _ in _legend_lines(MR_SUMMARY, (1.0, 3.0), "slice 1/40", SITE)]
+    assert "Brain-age gap +4.4 y (predicted 71.4, chronological 67.0)" in plain
+
+
 # --------------------------------------------------------------------------- config, CLI, console
 
 def test_calibration_settings_are_validated(tmp_path) -> None:
@@ -340,19 +474,35 @@ def test_calibration_settings_are_validated(tmp_path) -> None:
 @pytest.fixture
 def configured(tmp_path, ct_bundle):
     """A SQLite site whose CT bundle is the shipped one; returns (config, sessions, BundleRef, scoring)."""
+    yield from _configured(tmp_path, ct_bundle)
+
+
+@pytest.fixture
+def configured_mr(tmp_path, mr_bundle):
+    """As `configured`, with the shipped MR bundle (it predicts brain age)."""
+    yield from _configured(tmp_path, mr_bundle)
+
+
+@pytest.fixture(scope="module")
+def mr_bundle():
+    return next(b for b in (load_bundle(p) for p in shipped_bundles()) if b.manifest.modality == "MR")
+
+
+def _configured(tmp_path, bundle):
     from headscreen.db.engine import make_engine, session_factory
     from headscreen.db.migrate import upgrade
 
     storage = tmp_path / "storage"
     storage.mkdir()
     config = tmp_path / "headscreen.toml"
-    config.write_text(f'allow_any_caller = true\nstorage_dir = "{storage}"\nbundles = ["{ct_bundle.path}"]\n'
+    config.write_text(f'allow_any_caller = true\nstorage_dir = "{storage}"\nbundles = ["{bundle.path}"]\n'
                       "[calibration]\nmin_references = 5\n")
     url = f"sqlite:///{storage / 'headscreen.db'}"
     upgrade(url)
     engine = make_engine(url)
-    manifest = ct_bundle.manifest
-    yield config, session_factory(engine), BundleRef(manifest.name, manifest.version, "CT"), scoring_identity(ct_bundle)
+    manifest = bundle.manifest
+    yield (config, session_factory(engine), BundleRef(manifest.name, manifest.version, manifest.modality),
+           scoring_identity(bundle))
     engine.dispose()
 
 
@@ -437,6 +587,60 @@ def test_console_shows_the_reference_per_scanner_and_retires_with_csrf(configure
     assert after[STATION]["in_use"] == "calibrating" and after[STATION]["needed"] == 5
     assert admin.post("/calibration/references/1/retire",
                       data={"reason": "again", "csrf_token": csrf}).status_code == 404
+
+
+def test_calibrate_keeps_each_scanners_brain_age_bias_shown_by_cli_and_console(configured_mr, capsys) -> None:
+    from headscreen.daemon.web import create_app
+
+    config, sessions, ref, scoring = configured_mr
+    east = "ACME|HEADSCAN 9|MR-EAST"
+    rng = np.random.default_rng(5)
+    biased = []
+    with sessions() as session:
+        for i in range(24):  # this scanner's model ages run 8 years old
+            true = float(rng.uniform(25, 80))
+            biased.append(true + 8.0 + float(rng.normal(0, 3)) - true)
+            _scored(session, ref, 0.4, normal=True, scoring=scoring, ages=(true + biased[-1], true),
+                    now=T0 + timedelta(minutes=i))
+        for i in range(4):  # patients, never confirmed normal: far older brains, not a reference
+            _scored(session, ref, 0.5, scoring=scoring, ages=(90.0, 50.0), now=T0 + timedelta(minutes=30 + i))
+        for i, gap in enumerate(rng.permutation(np.linspace(-4, 4, 22))):  # another scanner, no bias
+            true = float(rng.uniform(25, 80))
+            _scored(session, ref, 0.4, station=east, normal=True, scoring=scoring, ages=(true + float(gap), true),
+                    now=T0 + timedelta(minutes=40 + i))
+        api.create_user(session, "alice", "admin-pass-1", "admin", actor="test")
+
+    def cli(*argv: str) -> str:
+        assert main(["-c", str(config), "calibrate", *argv]) == 0
+        return capsys.readouterr().out
+
+    out = cli()
+    median = float(np.median(biased))
+    assert f"brain age: corrected by {-median:+.2f} y (median gap of 24 confirmed-normal studies" in out
+    assert "brain age: not corrected (its 95 % interval" in out and "holds 0: no bias to correct)" in out
+    assert cli().count("unchanged") == 2
+    with sessions() as session:
+        row = api.active_site_reference(session, ref.name, ref.version, scoring, "station", STATION)
+    assert row is not None and row.provenance["brain_age"]["applied"] is True
+    policy = ReferencePolicy(mode="site", min_references=5, lookup=lambda *key: row if key[-1] == STATION else None)
+    chosen = policy.choose(load_bundle(load_settings(config).bundles[0]), STATION)
+    assert isinstance(chosen, Reference) and chosen.age_offset == pytest.approx(median, abs=1e-3)
+
+    # A result reported after that correction keeps it, and the next calibration reads the model's own age.
+    with sessions() as session:
+        _scored(session, ref, 0.4, normal=True, scoring=scoring, ages=(50.0, 49.0), age_offset=round(median, 3),
+                now=T0 + timedelta(hours=2))
+        last = api.calibration_candidates(session, ref.name, ref.version, confirmed_normal_only=True)[-1]
+    assert (last.predicted_age, last.chronological_age, last.age_offset) == (50.0, 49.0, round(median, 3))
+
+    settings = load_settings(config, calibration={"mode": "site", "min_references": 5})
+    client = TestClient(create_app(settings, sessions, [ref]), follow_redirects=False)
+    assert client.post("/api/v1/login", json={"username": "alice", "password": "admin-pass-1"}).status_code == 200
+    stations = {s["station"]: s for s in client.get("/api/v1/calibration").json()["stations"]}
+    assert stations[STATION]["provenance"]["brain_age"]["n"] == 24
+    page = client.get("/calibration").text
+    assert "Brain-age correction" in page and f"<b>{-round(median, 3):+.1f} y</b>" in page
+    assert "no bias to correct" in page
 
 
 def test_station_views_follow_the_mode(ct_bundle) -> None:

@@ -101,8 +101,8 @@ CSV_COLUMNS = (
     "study_instance_uid", "accession_number", "patient_id", "study_date", "modality", "state", "station_name",
     "first_received_at", "last_received_at",
     "completed_at", "instance_count", "bundle_name", "bundle_version", "eligible", "anomaly_score", "percentile",
-    "screen_positive", "predicted_age", "chronological_age", "age_gap", "qc_reasons", "flagged", "flag_comment",
-    "reviewed", "confirmed_normal",
+    "screen_positive", "predicted_age", "chronological_age", "age_gap", "age_offset", "qc_reasons", "flagged",
+    "flag_comment", "reviewed", "confirmed_normal",
 )
 
 
@@ -153,7 +153,7 @@ def training_manifest_csv(ctx: WebContext) -> str:
 
 def calibration_view(ctx: WebContext) -> dict[str, Any]:
     """Per bundle and scanner: the healthy reference in use, and every site reference."""
-    from headscreen.daemon.reference import station_views
+    from headscreen.daemon.reference import AGE_BIAS_MIN_STUDIES, station_views
 
     config = ctx.settings.calibration
     with ctx.db() as session:
@@ -162,6 +162,7 @@ def calibration_view(ctx: WebContext) -> dict[str, Any]:
     bundles = ctx.loaded_bundles()
     return {
         "mode": config.mode, "min_references": config.min_references, "grouping": config.grouping,
+        "age_bias_min_studies": AGE_BIAS_MIN_STUDIES,
         "bundles": [{"bundle_key": b.manifest.key, "modality": b.manifest.modality,
                      "n": len(b.manifest.calibration.reference_scores), "threshold": b.manifest.calibration.threshold,
                      "specificity": b.manifest.calibration.specificity} for b in bundles],
