@@ -11,12 +11,16 @@ import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from headscreen.daemon.config import Settings, example_toml, load_settings
 from headscreen.daemon.storage_probe import EXIT_STORAGE_MISMATCH, StorageMismatch
 from headscreen.db.states import StudyState
 from headscreen.errors import HeadscreenError, TransientError
 from headscreen.privacy import failure_reason, redact_secrets, withhold_values_in_logs
+
+if TYPE_CHECKING:
+    from headscreen.daemon.shadow import Comparison
 
 log = logging.getLogger("headscreen")
 
@@ -303,15 +307,25 @@ def _bundles_list(args: argparse.Namespace) -> int:
         for r in (r for r in plan.recorded if r.modality == modality and r.key not in configured):
             print(f"  {r.role:<10} {r.key:<36} (not configured here; set {r.changed_at:%Y-%m-%d} by {r.changed_by})")
         for c in (c for c in compared if c.modality == modality):
-            rho = "-" if c.spearman is None else f"{c.spearman:.3f}"
-            print(f"  compare {c.active} (active) vs {c.shadow} (shadow): {c.studies_both} studies judged by both "
-                  f"({c.scored_both} scored); screen results: {c.both_positive} both positive, {c.both_negative} "
-                  f"both negative, {c.disagree} disagree; Spearman {rho}; positives {_percent(c.active_positive_share)}"
-                  f" vs {_percent(c.shadow_positive_share)}"
-                  + (f"; {c.shadow_failed} shadow runs failed" if c.shadow_failed else ""))
+            print("  " + comparison_line(c))
     if not plan.modalities:
         print("no bundles configured")
     return 0
+
+
+def comparison_line(c: Comparison) -> str:
+    """An active and a shadow bundle compared (daemon.shadow.Comparison), in one line."""
+    rho = "-" if c.spearman is None else f"{c.spearman:.3f}"
+    line = (f"compare {c.active} (active) vs {c.shadow} (shadow): {c.studies_both} studies judged by both "
+            f"({c.scored_both} scored); screen results: {c.both_positive} both positive, {c.both_negative} "
+            f"both negative, {c.disagree} disagree; Spearman {rho}; positives {_percent(c.active_positive_share)}"
+            f" vs {_percent(c.shadow_positive_share)}")
+    if c.shadow_failed:
+        line += f"; {c.shadow_failed} shadow runs failed"
+    if c.age_studies:
+        line += (f"; brain-age MAE on {c.age_studies} confirmed-normal studies {c.active_age_mae:.1f} y (active) vs "
+                 f"{c.shadow_age_mae:.1f} y (shadow)")
+    return line
 
 
 def _bundles_change(args: argparse.Namespace) -> int:

@@ -253,6 +253,14 @@ class Comparison:
     active_positive_share: float | None  # positives / screen results, on the studies both judged
     shadow_positive_share: float | None
     disagreements: list[Disagreement]
+    # Brain age on the studies confirmed normal that both bundles gave one for (with a
+    # chronological age): what an age correction or refit is there to improve. Mean
+    # absolute and mean signed gap (reported - chronological), years; None without such studies.
+    age_studies: int = 0
+    active_age_mae: float | None = None
+    shadow_age_mae: float | None = None
+    active_age_gap: float | None = None
+    shadow_age_gap: float | None = None
 
     @property
     def disagree(self) -> int:
@@ -292,8 +300,13 @@ def compare(modality: str, active: str, shadow: str, rows: Sequence[BundleScoreR
     scores_b: list[float] = []
     positives_a = positives_b = verdicts_a = verdicts_b = 0
     disagreements: list[Disagreement] = []
+    gaps_a: list[float] = []
+    gaps_b: list[float] = []
     for study in both:
         a, b = mine[study], theirs[study]
+        if a.confirmed_normal and all(_finite(v) for v in (a.predicted_age, b.predicted_age, a.chronological_age)):
+            gaps_a.append(float(a.predicted_age) - float(a.chronological_age))  # type: ignore[arg-type]
+            gaps_b.append(float(b.predicted_age) - float(a.chronological_age))  # type: ignore[arg-type]
         if bool(a.eligible) != bool(b.eligible):
             counts["elig"] += 1
             disagreements.append(_disagreement(a, b, "eligibility"))
@@ -321,8 +334,14 @@ def compare(modality: str, active: str, shadow: str, rows: Sequence[BundleScoreR
         eligibility_disagree=counts["elig"], shadow_failed=failed, spearman=rho, spearman_p=p,
         active_positive_share=positives_a / verdicts_a if verdicts_a else None,
         shadow_positive_share=positives_b / verdicts_b if verdicts_b else None,
-        disagreements=disagreements[:MAX_DISAGREEMENTS],
+        disagreements=disagreements[:MAX_DISAGREEMENTS], age_studies=len(gaps_a),
+        active_age_mae=_mean([abs(g) for g in gaps_a]), shadow_age_mae=_mean([abs(g) for g in gaps_b]),
+        active_age_gap=_mean(gaps_a), shadow_age_gap=_mean(gaps_b),
     )
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _disagreement(a: BundleScoreRow, b: BundleScoreRow, kind: str) -> Disagreement:

@@ -211,7 +211,8 @@ def bundle_scores(session: Session, bundles: Sequence[tuple[str, str]]) -> list[
     wanted_shadow = or_(*(and_(ShadowResult.bundle_name == n, ShadowResult.bundle_version == v) for n, v in bundles))
     results = session.execute(
         select(Result.study_id, Study.study_instance_uid, Result.bundle_name, Result.bundle_version, Result.id,
-               Result.eligible, Result.anomaly_score, Result.percentile, Result.screen_positive, Result.created_at)
+               Result.eligible, Result.anomaly_score, Result.percentile, Result.screen_positive, Result.created_at,
+               Result.predicted_age, Result.chronological_age, Study.confirmed_normal)
         .join(Study, Study.id == Result.study_id)
         .where(Result.superseded.is_(False), wanted_result)
     ).all()
@@ -219,14 +220,15 @@ def bundle_scores(session: Session, bundles: Sequence[tuple[str, str]]) -> list[
         select(ShadowResult.study_id, Study.study_instance_uid, ShadowResult.bundle_name,
                ShadowResult.bundle_version, ShadowResult.id, ShadowResult.eligible, ShadowResult.anomaly_score,
                ShadowResult.percentile, ShadowResult.screen_positive, ShadowResult.created_at,
+               ShadowResult.predicted_age, ShadowResult.chronological_age, Study.confirmed_normal,
                ShadowResult.error)
         .join(Result, Result.id == ShadowResult.result_id)
         .join(Study, Study.id == ShadowResult.study_id)
         .where(Result.superseded.is_(False), wanted_shadow)
     ).all()
     end_read(session)
-    out = [BundleScoreRow(r[0], r[1], r[2], r[3], "result", r[4], bool(r[5]), r[6], r[7], r[8], False, r[9])
-           for r in results]
-    out += [BundleScoreRow(r[0], r[1], r[2], r[3], "shadow", r[4], r[5], r[6], r[7], r[8], r[10] is not None, r[9])
-            for r in shadows]
+    out = [BundleScoreRow(r[0], r[1], r[2], r[3], "result", r[4], bool(r[5]), r[6], r[7], r[8], False, r[9],
+                          r[10], r[11], bool(r[12])) for r in results]
+    out += [BundleScoreRow(r[0], r[1], r[2], r[3], "shadow", r[4], r[5], r[6], r[7], r[8], r[13] is not None, r[9],
+                           r[10], r[11], bool(r[12])) for r in shadows]
     return out

@@ -482,6 +482,11 @@ class BundleScoreRow:
     screen_positive: bool | None
     failed: bool  # a shadow run that failed (no verdict)
     created_at: datetime
+    # Brain age as reported (after any site correction) and from the header; whether an
+    # admin confirmed the study normal (the comparison's brain-age error is on those only).
+    predicted_age: float | None = None
+    chronological_age: float | None = None
+    confirmed_normal: bool = False
 
     @property
     def bundle_key(self) -> str:

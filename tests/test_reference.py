@@ -311,8 +311,8 @@ def test_site_references_are_created_chosen_newest_and_retired_audited(db_sessio
 
 
 def _scored(session, ref: BundleRef, score: float | None, station: str = STATION, normal: bool = False,
-            kind: str = "bundle", scoring: str = "s" * 64, now=T0, ages: tuple[float | None, float | None] = (None, None),
-            age_offset: float | None = None) -> str:
+            kind: str = "bundle", scoring: str = "s" * 64, now=T0,
+            ages: tuple[float | None, float | None] = (None, None), age_offset: float | None = None) -> str:
     """A study through the queue to a result that names its scanner; confirmed normal if asked.
     `ages`: (brain age as reported, chronological age)."""
     study = uid()
@@ -450,7 +450,7 @@ def test_a_site_corrected_brain_age_is_named_in_the_report_and_the_overlay(tmp_p
     assert float(numbers[codes.BRAIN_AGE_GAP.value]) == pytest.approx(4.4 - offset)
     assert text + "." in " ".join(sr_texts(pydicom.dcmread(path)))
     lines = [t for t, _ in _legend_lines(summary, (1.0, 3.0), "slice 1/40", note)]
-    assert f"Brain-age gap -3.6 y (predicted 63.4 after this scanner's -8.0 y correction, chronological 67.0)" in lines
+    assert "Brain-age gap -3.6 y (predicted 63.4 after this scanner's -8.0 y correction, chronological 67.0)" in lines
     plain = [t for t, _ in _legend_lines(MR_SUMMARY, (1.0, 3.0), "slice 1/40", SITE)]
     assert "Brain-age gap +4.4 y (predicted 71.4, chronological 67.0)" in plain
 

@@ -11,6 +11,7 @@ phantom (96 x 96, 8 mm slices, one overlay slice).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from datetime import timedelta
@@ -25,7 +26,7 @@ from sqlalchemy import select
 import headscreen.daemon.pipeline
 from db_factories import T0, claimed_job, outcome
 from headscreen.bundle import load_bundle, write_bundle
-from headscreen.daemon.cli import main
+from headscreen.daemon.cli import comparison_line, main
 from headscreen.daemon.config import load_settings
 from headscreen.daemon.instance_record import slice_position
 from headscreen.daemon.pipeline import SharedStages, Timer
@@ -138,6 +139,27 @@ def test_compare_on_a_known_set() -> None:
         ("2.25.5", "screen"), ("2.25.6", "screen"), ("2.25.7", "eligibility")]
 
 
+def test_compare_reports_each_bundles_brain_age_error_on_confirmed_normal_studies() -> None:
+    def aged(study: int, bundle: BundleRef, source: str, predicted: float | None, normal: bool = True,
+             chronological: float | None = 50.0) -> BundleScoreRow:
+        return dataclasses.replace(_row(study, bundle, source, 1.0, False), predicted_age=predicted,
+                                   chronological_age=chronological, confirmed_normal=normal)
+
+    rows = [aged(1, A, "result", 58.0), aged(1, B, "shadow", 51.0),
+            aged(2, A, "result", 46.0), aged(2, B, "shadow", 47.0),
+            aged(3, A, "result", 90.0, normal=False), aged(3, B, "shadow", 90.0, normal=False),  # a patient
+            aged(4, A, "result", 60.0, chronological=None), aged(4, B, "shadow", 50.0, chronological=None),
+            aged(5, A, "result", 60.0), aged(5, B, "shadow", None)]  # the shadow's age withheld
+    c = compare("MR", A.key, B.key, rows)
+    assert c.age_studies == 2
+    assert (c.active_age_mae, c.active_age_gap) == pytest.approx((6.0, 2.0))  # gaps +8, -4
+    assert (c.shadow_age_mae, c.shadow_age_gap) == pytest.approx((2.0, -1.0))  # gaps +1, -3
+    none = compare("MR", A.key, B.key, rows[4:6])
+    assert none.age_studies == 0 and none.active_age_mae is None and none.shadow_age_gap is None
+    assert comparison_line(c).endswith("; brain-age MAE on 2 confirmed-normal studies 6.0 y (active) vs 2.0 y (shadow)")
+    assert "brain-age" not in comparison_line(none)
+
+
 def test_compare_endpoint_and_promotion_form(tmp_path: Path) -> None:
     """The REST comparison on recorded results and shadow results; the console's promote
     form wants an admin and the session's CSRF token."""
@@ -156,10 +178,14 @@ def test_compare_endpoint_and_promotion_form(tmp_path: Path) -> None:
                 [(1.0, False, 1.1, False), (2.0, True, 2.2, True), (3.0, False, 3.3, True)]):
             ticket = claimed_job(session, now=T0 + timedelta(hours=k))
             result_id = api.finish_job(session, ticket.job_id, "w1", outcome(anomaly_score=score,
-                                                                             screen_positive=positive),
+                                                                             screen_positive=positive,
+                                                                             predicted_age=60.0 + k),
                                        [], T0 + timedelta(hours=k, seconds=3605))
             api.record_shadow_result(session, result_id, ShadowOutcome(
-                "ct-fanogan", "1.1.0", eligible=True, anomaly_score=shadow_score, screen_positive=shadow_positive))
+                "ct-fanogan", "1.1.0", eligible=True, anomaly_score=shadow_score, screen_positive=shadow_positive,
+                predicted_age=55.0 + k, chronological_age=54.0))
+            if k < 2:
+                api.set_review(session, ticket.study_instance_uid, True, True, "alice")
             # Recorded once: a second record of the same bundle beside the same result is ignored.
             assert api.record_shadow_result(session, result_id, ShadowOutcome("ct-fanogan", "1.1.0")) is None
             uids.append(ticket.study_instance_uid)
@@ -174,7 +200,10 @@ def test_compare_endpoint_and_promotion_form(tmp_path: Path) -> None:
     assert (body["both_positive"], body["both_negative"], body["disagree"], body["spearman"]) == (1, 1, 1, 1.0)
     assert (body["active_positive_share"], body["shadow_positive_share"]) == pytest.approx((1 / 3, 2 / 3))
     assert [(d["study_instance_uid"], d["study"]) for d in body["disagreements"]] == [(uids[2], f"/studies/{uids[2]}")]
+    # Studies 0 and 1 confirmed normal, chronological age 54: active ages 60, 61; shadow 55, 56.
+    assert (body["age_studies"], body["active_age_mae"], body["shadow_age_mae"]) == (2, 6.5, 1.5)
     page = viewer.get("/bundles")
+    assert "Brain-age error on confirmed-normal studies</th><td>active 6.5 y (mean gap +6.5), shadow 1.5 y" in page.text
     assert page.status_code == 200 and f'href="/studies/{uids[2]}"' in page.text and "Promote" not in page.text
     study_page = viewer.get(f"/studies/{uids[2]}")
     assert 'id="shadow-results"' in study_page.text and "ct-fanogan-1.1.0" in study_page.text
