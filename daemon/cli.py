@@ -129,6 +129,11 @@ def _sessions(settings: Settings):
     return session_factory(make_engine(settings.database_url))
 
 
+def _score(value: float | None) -> str:
+    """Significant digits: an MR bundle's scores are ~1e-5, where fixed decimals read 0."""
+    return "-" if value is None else f"{value:.4g}"
+
+
 def _fmt(value: object, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -150,14 +155,14 @@ def cmd_studies_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_row_dict(r) for r in rows], indent=2, default=str))
         return 0
-    header = (f"{'study uid':<44} {'mod':<3} {'state':<9} {'inst':>5} {'score':>8} {'pct':>6} {'screen':>7} "
+    header = (f"{'study uid':<44} {'mod':<3} {'state':<9} {'inst':>5} {'score':>10} {'pct':>6} {'screen':>7} "
               f"{'pred':>5} {'age':>5} {'gap':>6} {'flag':<4} qc")
     print(header)
     for r in rows:
         screen = "-" if r.screen_positive is None else ("POS" if r.screen_positive else "neg")
         print(
             f"{r.study_instance_uid:<44.44} {_fmt(r.modality):<3} {r.state:<9} {r.instance_count:>5} "
-            f"{_fmt(r.anomaly_score, 4):>8} {_fmt(r.percentile):>6} {screen:>7} {_fmt(r.predicted_age):>5} "
+            f"{_score(r.anomaly_score):>10} {_fmt(r.percentile):>6} {screen:>7} {_fmt(r.predicted_age):>5} "
             f"{_fmt(r.chronological_age):>5} {_fmt(r.age_gap):>6} {'yes' if r.flagged else '':<4} "
             f"{'; '.join(r.qc_reasons or [])}"
         )

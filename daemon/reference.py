@@ -178,7 +178,8 @@ class Reference:
         """What the overlay burns in: no header text (the station), only our own words."""
         if self.source == "bundle":
             return self.describe()
-        return f"Reference: site, this scanner, n={self.n}, created {self._created()}{self._age_note()}"
+        # No brain-age note: the overlay's brain-age line names the correction itself.
+        return f"Reference: site, this scanner, n={self.n}, created {self._created()}"
 
     def _created(self) -> str:
         return self.created_at.date().isoformat() if self.created_at else "unknown"

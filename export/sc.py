@@ -229,7 +229,8 @@ def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], sli
     if finite_or_none(summary.anomaly_score) is None:
         lines.append(("No anomaly score: the model gave no valid number", True))
     else:
-        lines.append((f"Anomaly score {_fmt(summary.anomaly_score, '.3f')}{pct}", False))
+        # Significant digits, not decimals: an MR bundle's scores are ~1e-5 (".3f" read 0.000).
+        lines.append((f"Anomaly score {_fmt(summary.anomaly_score, '.4g')}{pct}", False))
     if reference is not None and reference.calibrating:
         # In place of a screen result: why there is none.
         lines.append((reference.legend_text, True))
@@ -237,7 +238,7 @@ def _legend_lines(summary: ResultSummary, error_bounds: tuple[float, float], sli
         lines.append(("No screen result: absence of findings is NOT implied", True))
     else:
         verdict = "POSITIVE" if summary.screen_positive else "negative"
-        lines.append((f"Screen result: {verdict} at threshold {_fmt(summary.threshold, '.3f')}",
+        lines.append((f"Screen result: {verdict} at threshold {_fmt(summary.threshold, '.4g')}",
                       summary.screen_positive))
     if reference is not None and not reference.calibrating:
         lines.append((reference.legend_text, False))

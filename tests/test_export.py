@@ -247,7 +247,7 @@ def test_legend_carries_results_but_no_patient_identity(ct_series):
 
     datasets, _ = ct_series
     lines = " ".join(text for text, _ in _legend_lines(MR_SUMMARY, (0.1, 0.9), "slice 1/40"))
-    for fragment in ("AI-GENERATED - NOT FOR PRIMARY DIAGNOSIS", "1.750", "42nd percentile of healthy reference",
+    for fragment in ("AI-GENERATED - NOT FOR PRIMARY DIAGNOSIS", "Anomaly score 1.75 (", "42nd percentile of healthy reference",
                      "negative", "+4.4 y", "mr-vae-age 0.3.1"):
         assert fragment in lines, fragment
     for identity in (str(datasets[0].PatientName), datasets[0].PatientID, "Synthetic", "1958"):
@@ -278,7 +278,7 @@ def test_legend_states_the_colour_scale_and_its_unit():
 
     summary = dataclasses.replace(MR_SUMMARY, percentile=79.2)
     z = [text for text, _ in _legend_lines(summary, (1.0, 3.0), "slice 1/40")]
-    assert "Anomaly score 1.750 (percentile 79.2 of healthy reference)" in z
+    assert "Anomaly score 1.75 (percentile 79.2 of healthy reference)" in z
     assert not any("79.2th" in t for t in z)
     assert "Colour: 1 (yellow) to 3 (red), uncoloured below 1  slice 1/40" in z
     # The map's unit: the normative z-map over the healthy limit (headscreen.scores), or the raw error.

@@ -182,8 +182,8 @@ def test_a_site_reference_with_a_bias_corrects_brain_age_and_says_so(ct_bundle) 
     reference = Reference.from_site(row)
     assert reference.age_offset == 7.96
     note = "brain age corrected by -8.0 y, this scanner's median gap on 31 confirmed-normal studies"
-    assert reference.describe().endswith("; " + note) and reference.legend().endswith("; " + note)
-    assert reference.legend().isascii()
+    assert reference.describe().endswith("; " + note)
+    assert reference.legend() == "Reference: site, this scanner, n=25, created 2026-01-05"  # its age line says it
     unapplied = dataclasses.replace(row, provenance={"brain_age": {**bias, "applied": False, "reason": "few"}})
     assert Reference.from_site(unapplied).age_offset is None
     assert "brain age" not in Reference.from_site(unapplied).describe()
@@ -440,7 +440,7 @@ def test_a_site_corrected_brain_age_is_named_in_the_report_and_the_overlay(tmp_p
                                   age_gap=MR_SUMMARY.age_gap - offset, age_offset=offset)
     text = (f"Reference: site, station {STATION}, n=60, created 2026-01-05; brain age corrected by -8.0 y, this "
             "scanner's median gap on 31 confirmed-normal studies")
-    note = ReferenceNote(kind="site", text=text, legend=text.replace(f"station {STATION}", "this scanner"))
+    note = ReferenceNote(kind="site", text=text, legend="Reference: site, this scanner, n=60, created 2026-01-05")
     datasets, _ = make_ct_series()
     path = tmp_path / "sr.dcm"
     build_report(datasets, summary, [], reference=note).save_as(path, enforce_file_format=True)
@@ -453,6 +453,11 @@ def test_a_site_corrected_brain_age_is_named_in_the_report_and_the_overlay(tmp_p
     assert "Brain-age gap -3.6 y (predicted 63.4 after this scanner's -8.0 y correction, chronological 67.0)" in lines
     plain = [t for t, _ in _legend_lines(MR_SUMMARY, (1.0, 3.0), "slice 1/40", SITE)]
     assert "Brain-age gap +4.4 y (predicted 71.4, chronological 67.0)" in plain
+    # An MR bundle's scores are ~1e-5: significant digits, never "0.000".
+    small = dataclasses.replace(MR_SUMMARY, anomaly_score=3.564e-05, threshold=4.127e-05)
+    texts = [t for t, _ in _legend_lines(small, (1.0, 3.0), "slice 1/40", SITE)]
+    assert "Anomaly score 3.564e-05 (42nd percentile of healthy reference)" in texts
+    assert "Screen result: negative at threshold 4.127e-05" in texts
 
 
 # --------------------------------------------------------------------------- config, CLI, console
@@ -641,6 +646,11 @@ def test_calibrate_keeps_each_scanners_brain_age_bias_shown_by_cli_and_console(c
     page = client.get("/calibration").text
     assert "Brain-age correction" in page and f"<b>{-round(median, 3):+.1f} y</b>" in page
     assert "no bias to correct" in page
+    # An MR bundle's scores are ~1e-5: shown in significant digits, not as 0.0000.
+    with sessions() as session:
+        small = _scored(session, ref, 3.564e-05, scoring=scoring, ages=(50.0, 49.0), now=T0 + timedelta(hours=3))
+    assert "3.564e-05" in client.get(f"/studies/{small}").text
+    assert "3.564e-05" in client.get("/studies").text
 
 
 def test_station_views_follow_the_mode(ct_bundle) -> None:
