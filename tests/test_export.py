@@ -247,8 +247,8 @@ def test_legend_carries_results_but_no_patient_identity(ct_series):
 
     datasets, _ = ct_series
     lines = " ".join(text for text, _ in _legend_lines(MR_SUMMARY, (0.1, 0.9), "slice 1/40"))
-    for fragment in ("AI-GENERATED - NOT FOR PRIMARY DIAGNOSIS", "Anomaly score 1.75 (", "42nd percentile of healthy reference",
-                     "negative", "+4.4 y", "mr-vae-age 0.3.1"):
+    for fragment in ("AI-GENERATED - NOT FOR PRIMARY DIAGNOSIS", "Anomaly score 1.75 (",
+                     "42nd percentile of healthy reference", "negative", "+4.4 y", "mr-vae-age 0.3.1"):
         assert fragment in lines, fragment
     for identity in (str(datasets[0].PatientName), datasets[0].PatientID, "Synthetic", "1958"):
         assert identity not in lines
