@@ -633,8 +633,8 @@ def test_calibrate_keeps_each_scanners_brain_age_bias_shown_by_cli_and_console(c
 
     # A result reported after that correction keeps it, and the next calibration reads the model's own age.
     with sessions() as session:
-        _scored(session, ref, 0.4, normal=True, scoring=scoring, ages=(50.0, 49.0), age_offset=round(median, 3),
-                now=T0 + timedelta(hours=2))
+        corrected = _scored(session, ref, 0.4, normal=True, scoring=scoring, ages=(50.0, 49.0),
+                            age_offset=round(median, 3), now=T0 + timedelta(hours=2))
         last = api.calibration_candidates(session, ref.name, ref.version, confirmed_normal_only=True)[-1]
     assert (last.predicted_age, last.chronological_age, last.age_offset) == (50.0, 49.0, round(median, 3))
 
@@ -651,6 +651,9 @@ def test_calibrate_keeps_each_scanners_brain_age_bias_shown_by_cli_and_console(c
         small = _scored(session, ref, 3.564e-05, scoring=scoring, ages=(50.0, 49.0), now=T0 + timedelta(hours=3))
     assert "3.564e-05" in client.get(f"/studies/{small}").text
     assert "3.564e-05" in client.get("/studies").text
+    study_page = client.get(f"/studies/{corrected}").text
+    assert (f"50.0 <span class=\"muted\">after this scanner's {-round(median, 3):+.1f} y brain-age correction "
+            f"(model: {50.0 + round(median, 3):.1f})</span>") in study_page
 
 
 def test_station_views_follow_the_mode(ct_bundle) -> None:
