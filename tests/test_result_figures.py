@@ -37,6 +37,7 @@ SCREENED = {
     "predicted_age": 71.25,
     "chronological_age": 64.0,
     "age_gap": 7.25,
+    "age_offset": 4.5,
     "qc_reasons": ["slice_gap_irregular", "chronological_age_missing"],
     "qc_metrics": {"brain_volume_ml": 1180.5, "noise_sigma": 3.25},
     "selected_series_uid": "2.25.4242",
@@ -51,7 +52,7 @@ RECORDS = (model.ResultSummary, types.JobOutcome, types.ResultSummaryRow, types.
 
 
 def test_the_figures_are_declared_once_and_every_result_record_derives_from_them() -> None:
-    assert set(SCREENED) == set(FIGURES) and len(FIGURES) == 12
+    assert set(SCREENED) == set(FIGURES) and len(FIGURES) == 13
     for record in RECORDS:
         assert issubclass(record, ResultFigures), record.__name__
         assert not set(inspect.get_annotations(record)) & set(FIGURES), f"{record.__name__} redeclares a figure"
