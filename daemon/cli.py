@@ -437,7 +437,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         with sessions() as session:
             runs = calibrate(session, bundle, actor=args.actor, grouping=grouping, first_n=args.first,
                              station=args.station, outlier_mads=settings.calibration.outlier_mads,
-                             dry_run=args.dry_run, now=datetime.now(UTC))
+                             dry_run=args.dry_run, now=datetime.now(UTC),
+                             age_min_studies=settings.calibration.age_min_studies)
         if not runs:
             source = f"the first {args.first} scored studies" if args.first else "studies confirmed normal"
             print(f"{bundle.manifest.key}: no usable scores from {source}"

@@ -280,6 +280,9 @@ class CalibrationConfig(_Section):
     grouping: Literal["station", "model"] = "station"
     # `calibrate --first N`: scores above median + outlier_mads x 1.4826 x MAD are dropped.
     outlier_mads: float = Field(3.0, gt=0)
+    # A scanner's brain-age bias is corrected only from this many confirmed-normal studies
+    # with both ages (and only where its 95 % interval excludes 0).
+    age_min_studies: int = Field(20, ge=2, le=100_000)
 
 
 class Settings(BaseSettings):

@@ -38,7 +38,8 @@ GROUPINGS = ("station", "model")
 RULE_CONFIRMED_NORMAL = "confirmed_normal"
 RULE_FIRST_N = "first_n_robust"
 # A scanner's brain-age bias is corrected only from at least this many confirmed-normal
-# studies with both ages: the bootstrap interval of a median of fewer is not worth much.
+# studies with both ages by default ([calibration] age_min_studies): the bootstrap
+# interval of a median of fewer is not worth much.
 AGE_BIAS_MIN_STUDIES = 20
 # MAD x 1.4826 estimates the standard deviation of normally distributed scores.
 MAD_TO_SD = 1.4826
@@ -311,11 +312,12 @@ def _scored(candidate: CalibrationCandidate, scoring: str) -> str | None:
     return None
 
 
-def estimate_age_bias(candidates: Sequence[CalibrationCandidate], scoring: str) -> dict[str, Any]:
+def estimate_age_bias(candidates: Sequence[CalibrationCandidate], scoring: str,
+                      min_studies: int = AGE_BIAS_MIN_STUDIES) -> dict[str, Any]:
     """One scanner group's brain-age bias (headscreen.age_bias) from its results of studies
     confirmed normal that have both ages, whatever rule chose the reference's scores:
     patients not confirmed normal may be old beyond their years, which is what the gap is
-    there to show. Applied only from AGE_BIAS_MIN_STUDIES studies on, and only where its
+    there to show. Applied only from `min_studies` studies on, and only where its
     95 % interval excludes 0. A JSON-ready record: counts and figures, no patient value."""
     gaps: list[float] = []
     excluded: dict[str, int] = {}
@@ -332,7 +334,7 @@ def estimate_age_bias(candidates: Sequence[CalibrationCandidate], scoring: str) 
         gaps.append(float(c.predicted_age) + (c.age_offset or 0.0) - float(c.chronological_age))  # type: ignore[arg-type]
     record: dict[str, Any] = {
         "rule_text": "median gap (model brain age - chronological age) of studies confirmed normal",
-        "n": len(gaps), "excluded": excluded, "min_studies": AGE_BIAS_MIN_STUDIES, "applied": False,
+        "n": len(gaps), "excluded": excluded, "min_studies": min_studies, "applied": False,
     }
     if not gaps:
         record["reason"] = "no study confirmed normal with both ages"
@@ -340,8 +342,8 @@ def estimate_age_bias(candidates: Sequence[CalibrationCandidate], scoring: str) 
     bias = age_bias(gaps)
     ci = [round(v, 3) if math.isfinite(v) else None for v in bias.ci95]
     record.update(offset_years=round(bias.offset_years, 3), ci95=ci)
-    if bias.n < AGE_BIAS_MIN_STUDIES:
-        record["reason"] = f"{bias.n} studies with both ages, fewer than {AGE_BIAS_MIN_STUDIES}"
+    if bias.n < min_studies:
+        record["reason"] = f"{bias.n} studies with both ages, fewer than {min_studies}"
     elif not bias.excludes_zero:
         record["reason"] = (f"its 95 % interval [{bias.ci95[0]:+.2f}, {bias.ci95[1]:+.2f}] y holds 0: "
                             "no bias to correct")
@@ -351,12 +353,14 @@ def estimate_age_bias(candidates: Sequence[CalibrationCandidate], scoring: str) 
 
 
 def estimate(candidates: Sequence[CalibrationCandidate], station: str, scoring: str, specificity: float, *,
-             first_n: int | None = None, outlier_mads: float = 3.0, with_age: bool = False) -> Estimate | None:
+             first_n: int | None = None, outlier_mads: float = 3.0, with_age: bool = False,
+             age_min_studies: int = AGE_BIAS_MIN_STUDIES) -> Estimate | None:
     """A reference from one scanner group's results (oldest first); None when none is usable.
 
     Without `first_n`: every result of a study confirmed normal. With it: the first
     `first_n` scored results, less those an admin flagged and the robust outliers.
-    `with_age` (the bundle predicts brain age): the group's brain-age bias too.
+    `with_age` (the bundle predicts brain age): the group's brain-age bias too
+    (`estimate_age_bias`, from `age_min_studies`).
     """
     excluded: dict[str, int] = {}
 
@@ -399,7 +403,7 @@ def estimate(candidates: Sequence[CalibrationCandidate], station: str, scoring: 
     return Estimate(station=station, rule=rule, scores=scores, result_ids=tuple(c.result_id for c in kept),
                     threshold=threshold_at_specificity(scores, specificity), specificity=specificity,
                     considered=considered, excluded=excluded, outlier_cut=cut, requested=first_n,
-                    brain_age=estimate_age_bias(candidates, scoring) if with_age else None)
+                    brain_age=estimate_age_bias(candidates, scoring, age_min_studies) if with_age else None)
 
 
 @dataclass(frozen=True)
@@ -414,7 +418,7 @@ class CalibrationRun:
 
 def calibrate(session: Any, bundle: Bundle, *, actor: str, grouping: str = "station", first_n: int | None = None,
               station: str | None = None, outlier_mads: float = 3.0, dry_run: bool = False,
-              now: datetime | None = None) -> list[CalibrationRun]:
+              now: datetime | None = None, age_min_studies: int = AGE_BIAS_MIN_STUDIES) -> list[CalibrationRun]:
     """Estimate and store a site reference per scanner group of `bundle` (one group when
     `station` is given). A group whose active reference was built from the very same
     studies by the same rule, with the same brain-age bias, is left as it is."""
@@ -434,7 +438,8 @@ def calibrate(session: Any, bundle: Bundle, *, actor: str, grouping: str = "stat
     runs = []
     for group, members in sorted(groups.items()):
         found = estimate(members, group, scoring, manifest.calibration.specificity, first_n=first_n,
-                         outlier_mads=outlier_mads, with_age=bool(manifest.outputs.age))
+                         outlier_mads=outlier_mads, with_age=bool(manifest.outputs.age),
+                         age_min_studies=age_min_studies)
         if found is None:
             continue
         active = api.active_site_reference(session, manifest.name, manifest.version, scoring, grouping, group)

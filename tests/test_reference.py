@@ -150,6 +150,7 @@ def test_no_brain_age_correction_from_few_studies_or_from_noise() -> None:
     unbiased = estimate_age_bias(aged(40, 0.0, seed=2), "s")
     assert unbiased["applied"] is False and unbiased["ci95"][0] < 0 < unbiased["ci95"][1]
     assert "holds 0: no bias to correct" in unbiased["reason"]
+    assert estimate_age_bias(aged(10, 8.0), "s", min_studies=10)["applied"] is True  # [calibration] age_min_studies
     none = estimate_age_bias([candidate(1, 0.4)], "s")
     assert none == {**none, "n": 0, "applied": False, "reason": "no study confirmed normal with both ages"}
     assert "offset_years" not in none
@@ -464,13 +465,16 @@ def test_a_site_corrected_brain_age_is_named_in_the_report_and_the_overlay(tmp_p
 
 def test_calibration_settings_are_validated(tmp_path) -> None:
     path = tmp_path / "hs.toml"
-    path.write_text('allow_any_caller = true\n[calibration]\nmode = "site"\nmin_references = 30\ngrouping = "model"\n')
+    path.write_text('allow_any_caller = true\n[calibration]\nmode = "site"\nmin_references = 30\ngrouping = "model"\n'
+                    "age_min_studies = 40\n")
     settings = load_settings(path)
-    assert (settings.calibration.mode, settings.calibration.min_references, settings.calibration.grouping) == (
-        "site", 30, "model")
+    assert (settings.calibration.mode, settings.calibration.min_references, settings.calibration.grouping,
+            settings.calibration.age_min_studies) == ("site", 30, "model", 40)
+    assert load_settings(None, allow_any_caller=True).calibration.age_min_studies == 20
     assert load_settings(None, allow_any_caller=True).calibration.mode == "bundle"
     for bad, key in (('mode = "scanner"', "calibration.mode"), ("min_references = 0", "calibration.min_references"),
-                     ("threshold = 0.4", "calibration.threshold")):
+                     ("threshold = 0.4", "calibration.threshold"),
+                     ("age_min_studies = 1", "calibration.age_min_studies")):
         path.write_text(f"allow_any_caller = true\n[calibration]\n{bad}\n")
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_settings(path)
@@ -624,6 +628,8 @@ def test_calibrate_keeps_each_scanners_brain_age_bias_shown_by_cli_and_console(c
     assert f"brain age: corrected by {-median:+.2f} y (median gap of 24 confirmed-normal studies" in out
     assert "brain age: not corrected (its 95 % interval" in out and "holds 0: no bias to correct)" in out
     assert cli().count("unchanged") == 2
+    config.write_text(config.read_text() + "age_min_studies = 25\n")  # [calibration] is the file's last table
+    assert "brain age: not corrected (24 studies with both ages, fewer than 25)" in cli("--dry-run")
     with sessions() as session:
         row = api.active_site_reference(session, ref.name, ref.version, scoring, "station", STATION)
     assert row is not None and row.provenance["brain_age"]["applied"] is True

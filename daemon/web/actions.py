@@ -153,7 +153,7 @@ def training_manifest_csv(ctx: WebContext) -> str:
 
 def calibration_view(ctx: WebContext) -> dict[str, Any]:
     """Per bundle and scanner: the healthy reference in use, and every site reference."""
-    from headscreen.daemon.reference import AGE_BIAS_MIN_STUDIES, station_views
+    from headscreen.daemon.reference import station_views
 
     config = ctx.settings.calibration
     with ctx.db() as session:
@@ -162,7 +162,7 @@ def calibration_view(ctx: WebContext) -> dict[str, Any]:
     bundles = ctx.loaded_bundles()
     return {
         "mode": config.mode, "min_references": config.min_references, "grouping": config.grouping,
-        "age_bias_min_studies": AGE_BIAS_MIN_STUDIES,
+        "age_bias_min_studies": config.age_min_studies,
         "bundles": [{"bundle_key": b.manifest.key, "modality": b.manifest.modality,
                      "n": len(b.manifest.calibration.reference_scores), "threshold": b.manifest.calibration.threshold,
                      "specificity": b.manifest.calibration.specificity} for b in bundles],
