@@ -11,8 +11,9 @@ contrast, a site with no bias to find). For each gamma:
 
 1. the first --n-calibration heads are the scanner's studies an admin confirmed normal:
    each goes the daemon's way (preprocessing as the bundle's manifest says, the QC gate:
-   a blocked head is not eligible and left out, then BundleRunner), and their model
-   brain ages give the scanner's bias with `daemon.reference.estimate_age_bias`, what
+   a blocked head is not eligible and left out, then BundleRunner, whose own blocking
+   notes leave a head out too), and their model brain ages give the scanner's bias with
+   `daemon.reference.estimate_age_bias`, what
    `headscreen calibrate` stores in the site reference (median gap, 95 % bootstrap
    interval, applied only from 20 studies and where the interval excludes 0);
 2. the next --n-test heads are new studies of that scanner: brain-age MAE and mean gap
@@ -117,6 +118,9 @@ def seen_by(runner: BundleRunner, one: Head, gamma: float) -> Seen:
     if blocking:
         return Seen(one.age, None, blocking[0].split(":")[0])
     inference = runner.run(prepared.model_input, one.age, brain_mask=prepared.brain_mask)
+    blocking = blocking_reasons(list(inference.notes))  # a model note that says its output cannot be trusted
+    if blocking:
+        return Seen(one.age, None, blocking[0].split(":")[0])
     if inference.predicted_age is None:
         return Seen(one.age, None, "brain_age_implausible")
     return Seen(one.age, inference.predicted_age, None)
