@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.presentation import PresentationContext
 
 from headscreen.errors import TransientError
@@ -31,6 +31,11 @@ __all__ = ["Destination", "TlsClient", "client_ssl_context", "send", "send_stow"
            "STATUS_NO_CONTEXT", "STATUS_STOW_FAILED"]
 
 logger = logging.getLogger(__name__)
+
+# A file path given to send_c_store is then streamed as stored, in PDU-sized reads,
+# instead of parsed whole and encoded again (pynetdicom's default): a result's
+# overlays are tens of MB. Only this module hands send_c_store a path.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 STATUS_SUCCESS = 0x0000
 #: Reported for a file whose SOP class / transfer syntax the peer accepted no

@@ -696,6 +696,44 @@ def test_send_delivers_every_object_to_a_pynetdicom_scp(result_files):
     assert received == expected
 
 
+def test_send_streams_each_file_as_stored(monkeypatch, result_files):
+    """The bytes that arrive are the file's data set as stored, and no file is parsed on
+    the way out (pynetdicom would otherwise read each whole and encode it again)."""
+    import pynetdicom.association
+    from pydicom.filereader import read_preamble
+    from pynetdicom.dsutils import split_dataset
+
+    def no_parsing(*_args, **_kwargs):
+        raise AssertionError("send_c_store parsed a result file")
+
+    monkeypatch.setattr(pynetdicom.association, "dcmread", no_parsing)
+    arrived: dict[str, bytes] = {}
+
+    def on_store(event: evt.Event) -> int:
+        arrived[str(event.request.AffectedSOPInstanceUID)] = event.request.DataSet.getvalue()
+        return 0x0000
+
+    ae = AE(ae_title="TESTPACS")
+    for context in (SecondaryCaptureImageStorage, Comprehensive3DSRStorage):
+        # As stored: pynetdicom's default would pick implicit VR, which needs a conversion.
+        ae.add_supported_context(context, ExplicitVRLittleEndian)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        statuses = send(Destination("test", "TESTPACS", "127.0.0.1", server.server_address[1]), result_files,
+                        timeout=10)
+    finally:
+        server.shutdown()
+    assert statuses == {p: STATUS_SUCCESS for p in result_files}
+    for path in result_files:
+        _, offset = split_dataset(path)
+        with path.open("rb") as stored:
+            read_preamble(stored, False)
+            stored.seek(offset)
+            as_stored = stored.read()
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert arrived[uid] == as_stored
+
+
 def test_send_sets_tcp_nodelay(monkeypatch, result_files):
     from headscreen.export import delivery
 
