@@ -7,14 +7,16 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import Table, and_, bindparam, exists, or_, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, aliased
 
 from headscreen.db.engine import begin_write, is_postgres, write_transaction
 from headscreen.db.models import Delivery, Result, ResultObject, Study
 from headscreen.db.states import DeliveryState, ObjectKind
-from headscreen.db.txn import add_audit, clock, execute_counted, locked
+from headscreen.db.txn import add_audit, clock, locked
 from headscreen.db.types import DeliveryTicket, RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -119,22 +121,24 @@ def _rejection_may_go():
     return and_(~new_result_undelivered, ~old_result_open)
 
 
+# Core, built once: this runs once per object sent, and the ORM's bulk-update path
+# costs more than the statement.
+_deliveries = cast(Table, Delivery.__table__)
+_MARK_DELIVERED = (
+    update(_deliveries)
+    .where(_deliveries.c.id == bindparam("b_id"), _deliveries.c.state == DeliveryState.IN_FLIGHT)
+    .values(state=DeliveryState.DELIVERED, delivered_at=bindparam("b_now", type_=_deliveries.c.delivered_at.type),
+            last_status=bindparam("b_status", type_=_deliveries.c.last_status.type), last_error=None,
+            lease_expires_at=None)
+)
+
+
 def mark_delivered(session: Session, delivery_id: int, status: int | None, now: datetime | None = None) -> bool:
     """In flight -> delivered (commits). False when the delivery was not in flight."""
     now = clock(now)
     begin_write(session)
-    changed = execute_counted(
-        session,
-        update(Delivery)
-        .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.IN_FLIGHT)
-        .values(
-            state=DeliveryState.DELIVERED,
-            delivered_at=now,
-            last_status=status,
-            last_error=None,
-            lease_expires_at=None,
-        )
-    )
+    result = session.connection().execute(_MARK_DELIVERED, {"b_id": delivery_id, "b_now": now, "b_status": status})
+    changed = cast(CursorResult[Any], result).rowcount
     session.commit()
     if changed:
         logger.info("delivered", extra={"action": "delivered", "delivery_id": delivery_id, "status": status})
