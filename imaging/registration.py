@@ -116,9 +116,8 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     """
     start = time.perf_counter()
     moving_head = head_mask(moving, float(settings["head_threshold"]))
-    atlas_head = head_mask(atlas, float(settings.get("atlas_head_threshold", settings["head_threshold"])))
     moving_points = _mask_points(moving_head)
-    atlas_points = _mask_points(atlas_head)
+    atlas_points = _atlas_points(atlas, float(settings.get("atlas_head_threshold", settings["head_threshold"])))
     if len(moving_points) < 50:
         raise RegistrationFailed("registration_failed: no head found above the intensity threshold")
 
@@ -224,6 +223,24 @@ def register_to_atlas(moving: sitk.Image, atlas: sitk.Image, atlas_mask: sitk.Im
     return result
 
 
+_ATLAS_POINTS: dict[tuple, np.ndarray] = {}
+_ATLAS_POINTS_LOCK = threading.Lock()
+
+
+def _atlas_points(atlas: sitk.Image, threshold: float) -> np.ndarray:
+    """`_mask_points` of the atlas head: the same atlas every study, so found once per process
+    (keyed by the atlas' geometry and voxels, so another atlas never gets these)."""
+    voxels = sitk.GetArrayViewFromImage(atlas)
+    key = (atlas.GetSize(), atlas.GetSpacing(), atlas.GetOrigin(), atlas.GetDirection(), threshold,
+           hash(voxels.tobytes()))
+    with _ATLAS_POINTS_LOCK:
+        if key not in _ATLAS_POINTS:
+            if len(_ATLAS_POINTS) >= 8:
+                _ATLAS_POINTS.clear()
+            _ATLAS_POINTS[key] = _mask_points(head_mask(atlas, threshold))
+        return _ATLAS_POINTS[key]
+
+
 # Orientation hypotheses (atlas axis -> native axis, LPS): as labelled, and the three
 # 180-degree turns. A head stored upside down or back to front lands on one of these.
 _HYPOTHESES: dict[str, np.ndarray] = {
@@ -284,9 +301,9 @@ def _cranium_centroids(points: np.ndarray, atlas_to_native: np.ndarray, depth_mm
     heights = np.stack([points @ up for up in ups])  # as `_cranium_centroid` computes them
     tops = np.percentile(heights, 99.5, axis=1)
     top = heights > tops[:, None] - depth_mm
-    # Summed point after point as `_cranium_centroid`'s mean sums them (adding the zeros of
-    # the points left out changes no partial sum): the same to the bit.
-    return np.where(top[:, :, None], points[None], 0.0).sum(axis=1) / top.sum(axis=1)[:, None]
+    # Summed point after point as `_cranium_centroid`'s mean sums them: the same to the bit.
+    sums = np.array([points[chosen].sum(axis=0) for chosen in top])
+    return sums / top.sum(axis=1)[:, None]
 
 
 def _shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
