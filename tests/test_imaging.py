@@ -943,3 +943,25 @@ def test_the_start_search_scores_candidates_all_at_once_as_one_by_one(posed_ct):
     np.testing.assert_array_equal(scores, [scorer.score(pose, atlas_centre, centre)
                                            for pose, centre in zip(poses, centres, strict=True)])
     assert len(set(scores.tolist())) > 50  # the poses differ, and so do their scores
+
+
+def test_t1_brain_extraction_on_the_band_box_equals_the_whole_array():
+    """strip_mr works on the search band's box only; on the whole grid the same steps give
+    the same mask to the bit (a noisy atlas T1, whose bright scalp touches the band)."""
+    from headscreen.imaging import skullstrip
+
+    settings = default_params("MR")["skull_strip"]
+    prior = sitk.GetArrayViewFromImage(templates.atlas_brain_mask(2.0)).astype(bool)
+    rng = np.random.default_rng(5)
+    t1 = sitk.GetArrayFromImage(templates.atlas("MR", 2.0)).astype(np.float32)
+    t1 += rng.normal(0.0, 0.08 * float(t1.max()), t1.shape).astype(np.float32)
+    core, search = skullstrip._core_and_search(prior, 2.0, float(settings["core_mm"]), float(settings["search_mm"]))
+    white = float(np.percentile(t1[core], 75))
+    candidate = ((t1 > float(settings["bone_below_white"]) * white) & search) | core
+    whole = skullstrip._strip_in_box(candidate, core, prior, int(settings["opening_voxels"]),
+                                     int(settings["csf_rim_voxels"]))
+    boxed = skullstrip.strip_mr(t1, prior, 2.0, settings)
+    assert np.array_equal(boxed, whole)
+    box = skullstrip._padded_box(search | core, 3)
+    assert np.prod([s.stop - s.start for s in box]) < 0.8 * t1.size  # the box is smaller than the grid
+    assert 0.5 * prior.sum() < boxed.sum() < 2.0 * prior.sum()
