@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import ssl
+import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -32,10 +33,34 @@ __all__ = ["Destination", "TlsClient", "client_ssl_context", "send", "send_stow"
 
 logger = logging.getLogger(__name__)
 
-# A file path given to send_c_store is then streamed as stored, in PDU-sized reads,
-# instead of parsed whole and encoded again (pynetdicom's default): a result's
-# overlays are tens of MB. Only this module hands send_c_store a path.
-_config.STORE_SEND_CHUNKED_DATASET = True
+
+class _StreamedFiles:
+    """While held, send_c_store streams a file path's data set as stored, in PDU-sized
+    reads, instead of parsing the file whole and encoding it again (pynetdicom's default;
+    a result's overlays are tens of MB). pynetdicom has one process-wide switch for it,
+    and a path whose syntax must be converted cannot be streamed, so it is on only while
+    some send here is in progress (counted: sends may overlap) and off again after."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._before = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._before = _config.STORE_SEND_CHUNKED_DATASET
+                _config.STORE_SEND_CHUNKED_DATASET = True
+            self._holders += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0:
+                _config.STORE_SEND_CHUNKED_DATASET = self._before
+
+
+_streamed_files = _StreamedFiles()
 
 STATUS_SUCCESS = 0x0000
 #: Reported for a file whose SOP class / transfer syntax the peer accepted no
@@ -174,8 +199,11 @@ def _store_one(assoc, info: _FileInfo) -> int | None:
         return STATUS_NO_CONTEXT
     # Sending the path streams the file as stored; a dataset is needed only when
     # pynetdicom has to re-encode between the uncompressed syntaxes.
-    payload = info.path if accepted == info.transfer_syntax_uid else dcmread(info.path)
-    response = assoc.send_c_store(payload)
+    if accepted == info.transfer_syntax_uid:
+        with _streamed_files:
+            response = assoc.send_c_store(info.path)
+    else:
+        response = assoc.send_c_store(dcmread(info.path))
     if response is None or "Status" not in response:
         return None
     return int(response.Status)

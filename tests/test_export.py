@@ -701,6 +701,7 @@ def test_send_streams_each_file_as_stored(monkeypatch, result_files):
     the way out (pynetdicom would otherwise read each whole and encode it again)."""
     import pynetdicom.association
     from pydicom.filereader import read_preamble
+    from pynetdicom import _config
     from pynetdicom.dsutils import split_dataset
 
     def no_parsing(*_args, **_kwargs):
@@ -724,6 +725,7 @@ def test_send_streams_each_file_as_stored(monkeypatch, result_files):
     finally:
         server.shutdown()
     assert statuses == {p: STATUS_SUCCESS for p in result_files}
+    assert _config.STORE_SEND_CHUNKED_DATASET is False  # pynetdicom's switch is left as it was
     for path in result_files:
         _, offset = split_dataset(path)
         with path.open("rb") as stored:
