@@ -7,10 +7,9 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import cast
 
 from sqlalchemy import Table, and_, bindparam, exists, or_, select, update
-from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, aliased
 
 from headscreen.db.engine import begin_write, is_postgres, write_transaction
@@ -137,8 +136,8 @@ def mark_delivered(session: Session, delivery_id: int, status: int | None, now: 
     """In flight -> delivered (commits). False when the delivery was not in flight."""
     now = clock(now)
     begin_write(session)
-    result = session.connection().execute(_MARK_DELIVERED, {"b_id": delivery_id, "b_now": now, "b_status": status})
-    changed = cast(CursorResult[Any], result).rowcount
+    changed = session.connection().execute(
+        _MARK_DELIVERED, {"b_id": delivery_id, "b_now": now, "b_status": status}).rowcount
     session.commit()
     if changed:
         logger.info("delivered", extra={"action": "delivered", "delivery_id": delivery_id, "status": status})
