@@ -237,7 +237,9 @@ def _atlas_points(atlas: sitk.Image, threshold: float) -> np.ndarray:
         if key not in _ATLAS_POINTS:
             if len(_ATLAS_POINTS) >= 8:
                 _ATLAS_POINTS.clear()
-            _ATLAS_POINTS[key] = _mask_points(head_mask(atlas, threshold))
+            points = _mask_points(head_mask(atlas, threshold))
+            points.setflags(write=False)  # shared by every later registration
+            _ATLAS_POINTS[key] = points
         return _ATLAS_POINTS[key]
 
 

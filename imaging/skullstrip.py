@@ -76,6 +76,8 @@ def _padded_box(region: np.ndarray, margin: int) -> tuple[slice, ...]:
 
 def _strip_in_box(candidate: np.ndarray, core: np.ndarray, template_mask: np.ndarray, radius: int,
                   rim: int) -> np.ndarray:
+    """The brain: the opened candidate's components that reach the core, grown back within
+    the candidate, holes filled, plus a CSF rim inside the template (any box or the grid)."""
     ball = _ball(radius)
     opened = ndimage.binary_opening(candidate, structure=ball)
     labels, _ = ndimage.label(opened)
