@@ -8,6 +8,8 @@ the result destination a dcmtk storescp), with 1 and 2 workers, on SQLite and, g
 - CPU-seconds per study of each process (serve: receiver, scheduler; each worker: job
   and delivery; the storescp destination), from /proc, over the run only;
 - each worker's peak RSS during the run (VmHWM, reset once the worker is warm);
+- the sender's CPU (the storescu runs) and the destination's, which are not headscreen's but
+  share the cores here, and with them the most studies/h these cores could give at full use;
 - the anchor of the same run: one study sent to a bare dcmtk storescp (wall and CPU), the
   cost of receiving alone, and the load average (the machine may be shared).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -85,12 +88,23 @@ def send_timed(daemon: Daemon, studies: list[list[Path]], pids: dict[str, int],
     """Send every study with storescu and wait until all results are delivered: the wall
     seconds from the first send, and the CPU seconds each of `pids` spent meanwhile."""
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    senders_before = _children_cpu_seconds()
     started = time.monotonic()
     for files in studies:
         storescu(files, daemon.port)
+    senders = _children_cpu_seconds() - senders_before  # the storescu runs, each waited for
     wait_until(lambda: daemon.all_delivered(len(studies)), timeout_s, 0.2, "all results delivered")
     seconds = time.monotonic() - started
-    return seconds, {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    return seconds, {**{name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}, SENDER: senders}
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# Not headscreen's: the PACS at either end, which shares this machine's cores in the bench.
+SENDER, DESTINATION = "sender", "destination"
 
 
 def make_studies(root: Path, count: int) -> list[list[Path]]:
@@ -142,12 +156,18 @@ class Run:
 
     def print(self) -> None:
         per_study = {name: seconds / self.studies for name, seconds in self.cpu.items()}
-        headscreen = sum(v for k, v in per_study.items() if k != "destination")
+        headscreen = sum(v for k, v in per_study.items() if k not in (SENDER, DESTINATION))
+        everything = sum(per_study.values())
+        cores = os.cpu_count() or 1
         print(f"{self.label}: {self.studies} studies in {self.seconds:.1f} s = "
               f"{self.studies / self.seconds * 3600:,.0f} studies/h; CPU-s per study {headscreen:.2f} "
               f"(" + ", ".join(f"{k} {v:.2f}" for k, v in per_study.items()) + "); worker peak RSS "
               + ", ".join(f"{k} {v:.0f} MB" for k, v in self.peaks_mb.items())
               + f"; load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+        # With the sender and destination on the same cores, this is as fast as it can go.
+        print(f"  all processes {everything:.2f} CPU-s per study: at most {cores * 3600 / everything:,.0f} "
+              f"studies/h on these {cores} cores at full use; this run left "
+              f"{1 - everything * self.studies / (self.seconds * cores):.0%} of its core-seconds unused")
 
 
 def anchor(study: list[Path], root: Path) -> None:
@@ -174,7 +194,7 @@ def run(studies: list[list[Path]], root: Path, workers: int, database_url: str |
                    >= workers, 300, 0.5, "workers warm")
         worker_pids = [p for p in children(daemon.process.pid) if is_worker(p)]
         pids = {"serve": daemon.process.pid, **{f"worker{i + 1}": p for i, p in enumerate(worker_pids)},
-                "destination": destination.pid}
+                DESTINATION: destination.pid}
         for pid in worker_pids:
             reset_peak(pid)
         seconds, cpu = send_timed(daemon, studies, pids, 1800)
