@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import PoolProxiedConnection
 
 from headscreen.errors import TransientError
 
@@ -110,12 +111,18 @@ def _ensure_wal(cursor: Any) -> None:
 
 def _sqlite_on_begin(conn: Connection) -> None:
     options = conn.get_execution_options()
-    # Per connection, and set before each transaction that needs the other level.
-    synchronous = "NORMAL" if options.get(RELAXED_COMMIT, False) else "FULL"
-    if conn.info.get("synchronous", "FULL") != synchronous:
-        conn.exec_driver_sql(f"PRAGMA synchronous={synchronous}")
-        conn.info["synchronous"] = synchronous
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(WRITE_TX, False) else "BEGIN")
+    _sqlite_begin(conn.exec_driver_sql, conn.info, write=options.get(WRITE_TX, False),
+                  relaxed=options.get(RELAXED_COMMIT, False))
+
+
+def _sqlite_begin(execute: Callable[[str], object], info: dict[Any, Any], *, write: bool, relaxed: bool) -> None:
+    # The synchronous level is per connection, so it is set before each transaction that
+    # needs the other level; `info` is the pooled connection's, shared by both callers.
+    synchronous = "NORMAL" if relaxed else "FULL"
+    if info.get("synchronous", "FULL") != synchronous:
+        execute(f"PRAGMA synchronous={synchronous}")
+        info["synchronous"] = synchronous
+    execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -135,6 +142,19 @@ def begin_write(session: Session, *, relaxed: bool = False) -> None:
     connection = session.connection(execution_options={WRITE_TX: True, RELAXED_COMMIT: relaxed})
     if relaxed and connection.dialect.name == "postgresql":
         connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+
+
+def begin_driver_write(dialect_name: str, connection: PoolProxiedConnection, *, relaxed: bool = False) -> None:
+    """`begin_write` on a pooled DB-API connection used below SQLAlchemy's execution layer
+    (db.driver_sql): the same transaction kind and commit durability."""
+    cursor = connection.cursor()
+    try:
+        if dialect_name == "sqlite":
+            _sqlite_begin(cursor.execute, connection.info, write=True, relaxed=relaxed)
+        elif relaxed:  # psycopg opens the transaction with this statement
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+    finally:
+        cursor.close()
 
 
 def is_postgres(session: Session) -> bool:

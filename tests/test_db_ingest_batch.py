@@ -7,15 +7,17 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conftest import create_pg_database, drop_pg_database
 from db_factories import BUNDLES, T0, add_series, at, record, uid
-from headscreen.db import api
+from headscreen.db import api, ingest
+from headscreen.db.driver_sql import DriverStatement
 from headscreen.db.engine import make_engine, session_factory
 from headscreen.db.migrate import upgrade
 from headscreen.db.models import AuditEvent, Instance, Series, Study
@@ -24,19 +26,28 @@ from headscreen.db.types import InstanceRecord
 
 
 @contextmanager
-def counted_statements(session: Session) -> Iterator[list[str]]:
-    """SQL statements the session's engine sends while the block runs."""
+def counted_statements(session: Session, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """SQL statements sent while the block runs: through the session's engine, and on the
+    DB-API cursor by the driver path (db.driver_sql)."""
     engine = session.get_bind()
     sent: list[str] = []
 
     def note(conn: object, cursor: object, statement: str, *args: object) -> None:
         sent.append(statement.split()[0].upper())
 
+    driver_execute = DriverStatement.execute
+
+    def note_driver(self: DriverStatement, cursor: Any, values: Any) -> Any:
+        sent.append(self.sql.split()[0].upper())
+        return driver_execute(self, cursor, values)
+
     event.listen(engine, "before_cursor_execute", note)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", note)
+    with monkeypatch.context() as patch:
+        patch.setattr(DriverStatement, "execute", note_driver)
+        try:
+            yield sent
+        finally:
+            event.remove(engine, "before_cursor_execute", note)
 
 
 def snapshot(session: Session) -> dict[str, object]:
@@ -180,19 +191,19 @@ def test_batches_give_the_same_database_as_one_by_one(db_sessions: sessionmaker[
     assert any(o.study_reopened for o in outcomes)
 
 
-def test_known_study_and_series_take_four_statements(db_session: Session) -> None:
+def test_known_study_and_series_take_four_statements(db_session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     study, series = uid(), uid()
     api.record_instance(db_session, record(study, series, 1, 1.0), now=T0)
-    with counted_statements(db_session) as sent:
+    with counted_statements(db_session, monkeypatch) as sent:
         assert api.record_instance(db_session, record(study, series, 2, 2.0), now=at(1)).created
     data_statements = [s for s in sent if s in ("SELECT", "INSERT", "UPDATE", "DELETE")]
     assert data_statements == ["SELECT", "INSERT", "UPDATE", "UPDATE"]
 
 
-def test_batch_shares_its_per_study_updates(db_session: Session) -> None:
+def test_batch_shares_its_per_study_updates(db_session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     study, series = uid(), uid()
     api.record_instance(db_session, record(study, series, 1, 1.0), now=T0)
-    with counted_statements(db_session) as sent:
+    with counted_statements(db_session, monkeypatch) as sent:
         api.record_instances(db_session, [record(study, series, n, float(n)) for n in range(2, 12)], now=at(1))
     data_statements = [s for s in sent if s in ("SELECT", "INSERT", "UPDATE", "DELETE")]
     assert data_statements == ["SELECT"] + ["INSERT"] * 10 + ["UPDATE", "UPDATE"]
@@ -213,3 +224,69 @@ def test_one_sop_under_two_studies_in_one_batch_ends_in_the_later(db_session: Se
     moved = db_session.execute(
         select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "instance_moved")).scalar_one()
     assert moved == 2
+
+
+def every_written_column(session: Session) -> dict[str, object]:
+    """Every column the recording writes, as the database stores it (no type conversion
+    on the way out), keyed by UIDs: not the ids, which may differ (a PostgreSQL sequence
+    advances on an INSERT that meets a conflict)."""
+    session.commit()
+
+    def stored(table: Any, leave_out: tuple[str, ...], join: str = "", key: str = "") -> list[tuple[object, ...]]:
+        names = [f"t.{c.name}" for c in table.columns if c.name not in ("id", *leave_out)]
+        sql = f"SELECT {', '.join(names + ([key] if key else []))} FROM {table.name} t {join} ORDER BY 1, 2, 3"
+        return [tuple(row) for row in session.execute(text(sql)).all()]
+
+    return {
+        "studies": stored(Study.__table__, ()),
+        "series": stored(Series.__table__, ("study_id",), "JOIN studies k ON k.id = t.study_id",
+                         "k.study_instance_uid"),
+        "instances": stored(Instance.__table__, ("series_id",), "JOIN series k ON k.id = t.series_id",
+                            "k.series_instance_uid"),
+        "audits": sorted(session.execute(select(AuditEvent.action, func.count()).group_by(AuditEvent.action)).all()),
+    }
+
+
+def test_driver_path_writes_what_the_session_path_writes(db_sessions: sessionmaker[Session],
+                                                        twin_sessions: sessionmaker[Session],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    records = random_arrivals(seed=11)
+    first, rest = records[: len(records) // 2], records[len(records) // 2:]
+    taken: list[int] = []
+    on_driver = ingest._record_on_driver
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        outcomes = on_driver(*args, **kwargs)
+        taken.append(outcomes is not None)
+        return outcomes
+
+    def arrive(sessions: sessionmaker[Session]) -> tuple[dict[str, object], list[tuple[bool, bool]]]:
+        with sessions() as session:
+            # A new moment for each call, so that every study update shows.
+            outcomes = [api.record_instance(session, r, now=at(n), durable=False) for n, r in enumerate(first[:4])]
+            for start in range(4, len(first), 5):
+                outcomes += api.record_instances(session, first[start:start + 5], now=at(start))
+            api.sweep_completeness(session, at(3600), 60, 10, BUNDLES)
+            for start in range(0, len(rest), 3):
+                outcomes += api.record_instances(session, rest[start:start + 3], now=at(4000 + start), durable=False)
+            return every_written_column(session), [(o.created, o.study_reopened) for o in outcomes]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ingest, "_record_on_driver", lambda *args, **kwargs: None)
+        expected = arrive(twin_sessions)
+    monkeypatch.setattr(ingest, "_record_on_driver", counted)
+    assert arrive(db_sessions) == expected
+    assert sum(taken) >= 3 and not all(taken)  # both paths ran: the comparison means something
+
+
+def test_driver_path_leaves_nothing_of_a_failing_batch(db_session: Session) -> None:
+    study, series = uid(), uid()
+    api.record_instance(db_session, record(study, series, 1, 1.0), now=T0)
+    good = record(study, series, 2, 2.0)
+    bad = record(study, series, 3, 3.0, sop_class_uid=None)  # NOT NULL: the driver fails, the Session reports
+    with pytest.raises(IntegrityError):
+        api.record_instances(db_session, [good, bad], now=at(1))
+    assert db_session.execute(select(func.count()).select_from(Instance)).scalar_one() == 1
+    assert db_session.execute(select(Series.instance_count)).scalar_one() == 1
+    assert api.record_instance(db_session, good, now=at(2)).created
+    assert db_session.execute(select(Series.instance_count)).scalar_one() == 2
