@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from headscreen.daemon.callers import AllowedCaller, CallerPolicy
 from headscreen.daemon.dataset_check import parse_header
-from headscreen.daemon.instance_record import slice_position
+from headscreen.daemon.instance_record import _along_normal, slice_position
 from headscreen.daemon.storage import InstanceStore, InvalidUid, StorageFull, study_directory
 from headscreen.db.group_commit import GroupCommit
 from headscreen.db.types import InstanceRecord, RecordOutcome
 from headscreen.errors import InputRejected
+from headscreen.imaging.volume import slice_normal
 from receiver_helpers import write_ct_series
 
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
@@ -136,6 +139,28 @@ def test_header_parses_without_pixel_data_and_positions_are_projected(tmp_path: 
     header.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal: normal is -x
     header.ImagePositionPatient = [12.5, 0, 0]
     assert slice_position(header) == pytest.approx(-12.5)
+
+
+def test_slice_position_is_the_projection_on_slice_normal() -> None:
+    """The receiver's plain-float projection agrees with imaging.volume.slice_normal, the
+    degenerate and non-finite cases included."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        row, col = rng.normal(size=3), rng.normal(size=3)
+        orientation = [*(row / np.linalg.norm(row)), *(col / np.linalg.norm(col))]
+        position = list(rng.normal(scale=200, size=3))
+        expected = float(np.asarray(position) @ slice_normal(orientation))
+        assert _along_normal(position, orientation) == pytest.approx(expected, rel=1e-12, abs=1e-9)
+    assert _along_normal([1, 2, 3], [1, 0, 0, 1, 0, 0]) == 0.0  # parallel directions: the zero normal
+    assert _along_normal([1, 2, 3], [0, 0, 0, 0, 0, 0]) == 0.0
+    assert _along_normal([1, 2, 3], [1, 0, 0, math.nan, 1, 0]) == 0.0
+    assert _along_normal([math.inf, 0, 0], [1, 0, 0, 0, 1, 0]) is None
+    diagonal = [1 / math.sqrt(2), -1 / math.sqrt(2), 0, 1 / math.sqrt(6), 1 / math.sqrt(6), -2 / math.sqrt(6)]
+    assert _along_normal([1.5e308, 1.5e308, 1.5e308], diagonal) is None  # the sum overflows
+    assert _along_normal([1, 2], [1, 0, 0, 0, 1, 0]) is None
+    assert _along_normal([1, 2, 3], [1, 0, 0, 0, 1]) is None
+    assert _along_normal(["a", 2, 3], [1, 0, 0, 0, 1, 0]) is None
+    assert _along_normal(5.0, [1, 0, 0, 0, 1, 0]) is None
 
 
 def test_implicit_vr_header_parses(tmp_path: Path) -> None:
