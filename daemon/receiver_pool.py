@@ -41,6 +41,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from headscreen.daemon.connections import SharedAssociationCount
+from headscreen.daemon.gc_policy import freeze_startup_objects
 from headscreen.daemon.receiver import ProcessShare, Receiver, ReceiverConfig, start_receiver
 
 logger = logging.getLogger(__name__)
@@ -300,6 +301,7 @@ def receiver_process_main(config: ReceiverConfig, index: int, database_url: str,
     try:
         receiver = start_receiver(config, session_factory(engine),
                                   ProcessShare(index, associations, tuple(listeners)))
+        freeze_startup_objects()
         try:
             reports.send(("ready", receiver.stats.snapshot()))
             while not stop.wait(REPORT_INTERVAL_S):

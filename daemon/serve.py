@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session, sessionmaker
 
 from headscreen.daemon.config import Settings, default_bundle_roots
+from headscreen.daemon.gc_policy import freeze_startup_objects
 from headscreen.daemon.receiver import ReceiverConfig, receiver_options
 from headscreen.daemon.receiver_pool import ReceiverPool, start_receivers
 from headscreen.daemon.scheduler import bundle_refs, start_scheduler
@@ -181,6 +182,7 @@ def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
     pool.ensure()
     # The console's /healthz and /metrics read the receiver, sweeps and workers of this process.
     web = _start_console(settings, sessions, bundles, ServeRuntime(receiver, scheduler, pool))
+    freeze_startup_objects()
     log.info(
         "headscreen serving",
         extra={"ae_title": settings.ae_title, "port": receiver.port, "workers": settings.workers,
