@@ -9,7 +9,7 @@ Prints instances/s, MB/s and the ratio to storescp.
 
     .venv/bin/python bench/ingest.py [--slices 300] [--size 512] [--repeats 3] [--orthanc]
                                      [--sqlite-normal] [--no-fsync] [--postgres ADMIN_URL]
-                                     [--processes N ...]
+                                     [--processes N ...] [--send-pdu BYTES]
 
 Each row is the best and the median of --repeats runs, each into a fresh target;
 the load average is printed before and after (the machine may be shared). For
@@ -151,12 +151,14 @@ def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
     raise TimeoutError(f"nothing listening on port {port}")
 
 
-def send(paths: list[Path], port: int, called_ae: str, associations: int) -> float:
-    """Send with `associations` concurrent storescu processes; seconds until all finished."""
+def send(paths: list[Path], port: int, called_ae: str, associations: int, send_pdu: int | None = None) -> float:
+    """Send with `associations` concurrent storescu processes; seconds until all finished.
+    `send_pdu`: the largest PDU storescu sends (dcmtk's own limit, 131072, by default)."""
     chunks = [paths[i::associations] for i in range(associations)]
+    pdu = ["--max-send-pdu", str(send_pdu)] if send_pdu else []
     started = time.perf_counter()
     processes = [
-        subprocess.Popen(["storescu", "-R", "-aet", SCU_AE, "-aec", called_ae, "127.0.0.1", str(port),
+        subprocess.Popen(["storescu", "-R", *pdu, "-aet", SCU_AE, "-aec", called_ae, "127.0.0.1", str(port),
                           *map(str, chunk)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
         for chunk in chunks
@@ -266,7 +268,7 @@ def _on_postgres(work: Path, admin_url: str,
 
 
 def measure(name: str, target: Callable[[Path], object], paths: list[Path], associations: int,
-            repeats: int, megabytes: float) -> Figure:
+            repeats: int, megabytes: float, send_pdu: int | None = None) -> Figure:
     """Best and median of `repeats` runs, each into a fresh target (fresh storage and database)."""
     times, stages, commits, syncs, cpu = [], [], [], [], []
     for _ in range(repeats):
@@ -274,7 +276,7 @@ def measure(name: str, target: Callable[[Path], object], paths: list[Path], asso
             with target(Path(tmp)) as (port, called_ae, out_dir, stats):  # type: ignore[attr-defined]
                 child_cpu = getattr(stats, "child_cpu_seconds", lambda: 0.0)
                 cpu_before = _process_cpu_seconds() + child_cpu()
-                times.append(send(paths, port, called_ae, associations))
+                times.append(send(paths, port, called_ae, associations, send_pdu))
                 cpu.append(_process_cpu_seconds() + child_cpu() - cpu_before)
                 stored = sum(1 for p in Path(out_dir).rglob("*") if p.is_file())
                 if name != "orthanc" and stored < len(paths):
@@ -306,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="add a headscreen row with SQLite synchronous=NORMAL (not power-loss durable)")
     parser.add_argument("--processes", type=int, nargs="*", default=[2], metavar="N",
                         help="add headscreen rows with [receiver] processes = N (default: 2; none: no such rows)")
+    parser.add_argument("--send-pdu", type=int, metavar="BYTES",
+                        help="the largest PDU storescu sends (--max-send-pdu, 4096-131072; default: dcmtk's "
+                             "131072); many PACS send 16384")
     parser.add_argument("--postgres", metavar="ADMIN_URL",
                         help="add a headscreen row on PostgreSQL (a temporary database is created "
                              "through ADMIN_URL, e.g. postgresql://postgres@127.0.0.1:5432/postgres)")
@@ -319,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = build_study(Path(study_dir), args.slices, args.size)
         megabytes = sum(p.stat().st_size for p in paths) / 1e6
         print(f"study: {len(paths)} slices {args.size}x{args.size} int16, {megabytes:.1f} MB; "
-              f"best and median of {args.repeats}; {os.cpu_count()} CPUs; load {_load()}")
+              f"best and median of {args.repeats}; {os.cpu_count()} CPUs; load {_load()}"
+              + (f"; storescu sends PDUs of at most {args.send_pdu} bytes" if args.send_pdu else ""))
         targets: list[tuple[str, Callable[[Path], object]]] = [("storescp", storescp), ("headscreen", headscreen)]
         if args.sqlite_normal:
             targets.append(("hs-sqlite-NORMAL*", lambda work: headscreen(work, sqlite_synchronous="NORMAL")))
@@ -334,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                                 lambda work, n=count: _on_postgres(work, args.postgres, processes=n)))
         if args.orthanc and shutil.which("Orthanc"):
             targets.append(("orthanc", orthanc))
-        figures = [measure(name, target, paths, associations, args.repeats, megabytes)
+        figures = [measure(name, target, paths, associations, args.repeats, megabytes, args.send_pdu)
                    for associations in (1, 4) for name, target in targets]
 
     print(f"load after: {_load()}")

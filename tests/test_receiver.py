@@ -4,6 +4,7 @@ a real SQLite database migrated with Alembic, and real files on disk."""
 from __future__ import annotations
 
 import logging
+import math
 import random
 import socket
 import subprocess
@@ -28,17 +29,24 @@ from pydicom.uid import (
     RLELossless,
     SecondaryCaptureImageStorage,
 )
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from headscreen.daemon.callers import AllowedCaller
-from headscreen.daemon.connections import _store_response_command, _WaitingAssociationSocket
+from headscreen.daemon.connections import (
+    _DirectDataDUL,
+    _presentation_data_values,
+    _store_response_command,
+    _WaitingAssociationSocket,
+)
 from headscreen.daemon.receiver import ASSOCIATION_REJECTED_STATUS, ReceiverConfig, StoreStatus, start_receiver
 from headscreen.db.engine import make_engine, session_factory
 from headscreen.db.models import Instance, Study
@@ -542,3 +550,83 @@ def test_a_pdu_header_claiming_gigabytes_costs_only_what_arrives() -> None:
     finally:
         sender.join(timeout=30)
         ours.close()
+
+
+# --- P-DATA straight to DIMSE (connections._DirectDataDUL) -----------------------------------
+
+
+def _p_data_pdu(*values: tuple[int, bytes]) -> bytes:
+    """A P-DATA-TF PDU as pynetdicom encodes it."""
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[context_id, value] for context_id, value in values]  # type: ignore[misc]
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def test_p_data_values_are_read_as_pynetdicom_decodes_them() -> None:
+    rng = random.Random(3)
+    for values in ([(1, b"\x03" + rng.randbytes(80))],
+                   [(1, b"\x00" + rng.randbytes(16_000)), (3, b"\x02" + rng.randbytes(5)), (1, b"\x01\x00")]):
+        encoded = _p_data_pdu(*values)
+        decoded = P_DATA_TF()
+        decoded.decode(encoded)
+        expected = [tuple(item) for item in decoded.to_primitive().presentation_data_value_list]
+        assert _presentation_data_values(encoded) == expected == values
+        assert _presentation_data_values(bytearray(encoded)) == expected
+    whole = _p_data_pdu((1, b"\x03" + rng.randbytes(40)))
+    item_too_long = whole[:6] + (41 + 2).to_bytes(4, "big") + whole[10:]
+    item_without_a_header = whole[:2] + (6).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"\x01" + b"\x00"
+    short_tail = whole[:2] + (len(whole) - 6 + 3).to_bytes(4, "big") + whole[6:] + b"\x00\x00\x00"
+    for malformed in (whole[:-1], item_too_long, item_without_a_header, short_tail):
+        assert _presentation_data_values(malformed) is None
+
+
+@pytest.mark.parametrize("send_pdu", [4096, 131072])
+def test_small_and_large_pdus_store_byte_exact_on_the_direct_path(harness: Harness, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  send_pdu: int) -> None:
+    direct = _DirectDataDUL._read_data_directly
+    taken: list[bool] = []
+
+    def counted(self: _DirectDataDUL, sock: _WaitingAssociationSocket) -> bool:
+        taken.append(direct(self, sock))
+        return taken[-1]
+
+    monkeypatch.setattr(_DirectDataDUL, "_read_data_directly", counted)
+    paths = write_ct_series(tmp_path / "ct", 3, seed=4)
+    result = subprocess.run(["storescu", "-R", "--max-send-pdu", str(send_pdu), "-aet", SCU_AE, "-aec", SCP_AE,
+                             "127.0.0.1", str(harness.port), *map(str, paths)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in paths}
+    rows = harness.instances()
+    assert sorted(r.sop_instance_uid for r in rows) == sorted(sent)
+    for row in rows:
+        assert _dataset_bytes(harness.storage_dir / row.path) == _dataset_bytes(sent[row.sop_instance_uid])
+    # Every data PDU went straight to DIMSE (at least this many arrive); pynetdicom read only
+    # the A-RELEASE-RQ.
+    assert taken.count(True) >= sum(math.ceil(len(_dataset_bytes(p)) / send_pdu) for p in paths)
+    assert taken.count(False) <= 1
+
+
+def test_an_observer_of_each_pdu_gets_pynetdicoms_path(harness: Harness, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+    monkeypatch.setattr(_DirectDataDUL, "_read_data_directly", lambda *args: pytest.fail("direct path taken"))
+    harness.receiver._servers[0].bind(evt.EVT_PDU_RECV, lambda event: seen.append(type(event.pdu).__name__))
+    paths = write_ct_series(tmp_path / "ct", 2, seed=6)
+    result = _storescu(harness.port, paths)
+    assert result.returncode == 0, result.stderr
+    assert len(harness.instances()) == 2
+    assert seen.count("P_DATA_TF") >= 4  # a command and a data set PDU per instance at least
+
+
+def test_a_malformed_p_data_pdu_aborts_as_pynetdicom_does(harness: Harness) -> None:
+    assoc = _associate(harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
+    whole = _p_data_pdu((int(assoc.accepted_contexts[0].context_id or 1), b"\x03\x00"))
+    overrunning = whole[:6] + (500).to_bytes(4, "big") + whole[10:]
+    assert assoc.dul.socket is not None
+    assoc.dul.socket.send(overrunning)
+    wait_until(lambda: assoc.is_aborted or not assoc.is_established, 30, 0.05, "the receiver's A-ABORT")
+    assert _dcmtk("echoscu", harness.port).returncode == 0  # and it carries on serving
