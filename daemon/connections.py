@@ -653,7 +653,7 @@ def wait_for_events(assoc: Any) -> None:
     dul = assoc.dul
     dul.__class__ = _DirectDataDUL  # built by pynetdicom; only _read_pdu_data differs
     waker = _Waker()
-    dul.socket.__class__ = _WaitingAssociationSocket  # built by pynetdicom; only `ready` differs
+    dul.socket.__class__ = _WaitingAssociationSocket  # built by pynetdicom; `ready` and `recv` differ
     dul.socket._waker = waker
     dul.to_provider_queue = _WakingQueue(waker.wake)
     dul._run_loop_delay = 0  # the DUL's idle wait is the select() in `ready`
