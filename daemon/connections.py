@@ -38,6 +38,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from pynetdicom.utils import make_target
 
 from headscreen.daemon.callers import normalise_host
+from headscreen.daemon.store_requests import DirectStores
 
 if TYPE_CHECKING:
     from headscreen.daemon.receiver import ReceiverStats
@@ -586,7 +587,10 @@ class _DirectDataDUL(DULServiceProvider):
     the way. That is most of pynetdicom's CPU per PDU, and a 512x512 slice comes in 5 PDUs
     (dcmtk's 128 KiB) to 33 (16 KiB, common in PACS). Any other PDU, a malformed one, or
     an observer bound to a per-PDU event takes pynetdicom's own path: the bytes read ahead
-    are pushed back for it to read again."""
+    are pushed back for it to read again. A plain C-STORE request is assembled on the way
+    (daemon.store_requests), without pynetdicom's message object."""
+
+    _stores: DirectStores  # set by wait_for_events
 
     def _read_pdu_data(self) -> None:
         sock = cast(_WaitingAssociationSocket, self.socket)
@@ -596,8 +600,10 @@ class _DirectDataDUL(DULServiceProvider):
             # Stay while a message is arriving and its next PDU is already here: a turn of
             # the reactor's loop per PDU costs more than the PDU (its idle sleep gives up
             # the GIL). A whole message goes back to the loop, so its response goes out.
-            if self.assoc.dimse.message is None or not sock.readable_now():
+            if (self.assoc.dimse.message is None and not self._stores.arriving) or not sock.readable_now():
                 return
+        # pynetdicom's path reads the next PDU: a request arriving here continues there.
+        self._stores.hand_over()
         super()._read_pdu_data()
 
     def _direct_data_applies(self) -> bool:
@@ -613,10 +619,7 @@ class _DirectDataDUL(DULServiceProvider):
                 read += sock.recv(int.from_bytes(read[2:6], "big"))
                 values = _presentation_data_values(read)
                 if values is not None:
-                    primitive = P_DATA()
-                    primitive.presentation_data_value_list = []
-                    primitive.presentation_data_value_list.extend(values)  # tuples, as to_primitive's
-                    self.assoc.dimse.receive_primitive(primitive)
+                    self._stores.take(values)
                     return True
         except (OSError, TimeoutError):
             pass  # pynetdicom reads again and reports the closed connection its own way
@@ -652,6 +655,7 @@ def wait_for_events(assoc: Any) -> None:
     association's threads start."""
     dul = assoc.dul
     dul.__class__ = _DirectDataDUL  # built by pynetdicom; only _read_pdu_data differs
+    dul._stores = DirectStores(assoc)
     waker = _Waker()
     dul.socket.__class__ = _WaitingAssociationSocket  # built by pynetdicom; `ready` and `recv` differ
     dul.socket._waker = waker

@@ -12,6 +12,7 @@ import threading
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -48,6 +49,7 @@ from headscreen.daemon.connections import (
     _WaitingAssociationSocket,
 )
 from headscreen.daemon.receiver import ASSOCIATION_REJECTED_STATUS, ReceiverConfig, StoreStatus, start_receiver
+from headscreen.daemon.store_requests import DirectStores
 from headscreen.db.engine import make_engine, session_factory
 from headscreen.db.models import Instance, Study
 from receiver_helpers import SCP_AE, SCU_AE, Harness, make_uid, start_harness, write_ct_series
@@ -594,6 +596,14 @@ def test_small_and_large_pdus_store_byte_exact_on_the_direct_path(harness: Harne
         return taken[-1]
 
     monkeypatch.setattr(_DirectDataDUL, "_read_data_directly", counted)
+    queue_request = DirectStores._queue
+    assembled: list[str] = []
+
+    def queued(self: DirectStores, arriving: Any) -> None:
+        assembled.append(str(arriving.request.AffectedSOPInstanceUID))
+        queue_request(self, arriving)
+
+    monkeypatch.setattr(DirectStores, "_queue", queued)
     paths = write_ct_series(tmp_path / "ct", 3, seed=4)
     result = subprocess.run(["storescu", "-R", "--max-send-pdu", str(send_pdu), "-aet", SCU_AE, "-aec", SCP_AE,
                              "127.0.0.1", str(harness.port), *map(str, paths)],
@@ -608,6 +618,7 @@ def test_small_and_large_pdus_store_byte_exact_on_the_direct_path(harness: Harne
     # the A-RELEASE-RQ.
     assert taken.count(True) >= sum(math.ceil(len(_dataset_bytes(p)) / send_pdu) for p in paths)
     assert taken.count(False) <= 1
+    assert sorted(assembled) == sorted(sent)  # each request assembled on the direct path too
 
 
 def test_an_observer_of_each_pdu_gets_pynetdicoms_path(harness: Harness, tmp_path: Path,
