@@ -40,7 +40,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from headscreen.db.types import InstanceRecord
@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 _MAGIC = b"HSJ1"
 _HEADER = struct.Struct("<4sIQI")  # magic, record length, data length, crc32(record + data)
+_RECORD_FIELDS = tuple(f.name for f in fields(InstanceRecord))
 _SEGMENT_NAME = re.compile(r"^(\d{12})\.journal$")
 SEGMENT_BYTES = 128 * 1024 * 1024
 # A segment with no append for this long is checkpointed, so an idle receiver keeps no journal.
@@ -117,7 +118,8 @@ class IngestJournal:
 
     def append(self, record: InstanceRecord, data: bytes) -> JournalEntry:
         """Write one entry (not yet durable) and wake the sync thread."""
-        meta = json.dumps(asdict(record), separators=(",", ":")).encode()
+        # Its fields are plain values: a shallow dict is what asdict makes, at a third of the cost.
+        meta = json.dumps({name: getattr(record, name) for name in _RECORD_FIELDS}, separators=(",", ":")).encode()
         header = _HEADER.pack(_MAGIC, len(meta), len(data), zlib.crc32(data, zlib.crc32(meta)))
         with self._append_lock:
             segment = self._writable_segment()
