@@ -51,10 +51,6 @@ _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UID_MAX_LEN = 64
 _KNOWN_DIRS_MAX = 4096
 _SOP_LOCK_STRIPES = 64
-# check_space reads the free space again after this long, and on every call within this
-# margin above the watermark: other writers (workers, other programs) fill the disk too.
-FREE_SPACE_REREAD_S = 0.5
-FREE_SPACE_MARGIN_MB = 1024
 
 
 class InvalidUid(InputRejected):
@@ -104,11 +100,6 @@ class InstanceStore:
         self._sop_locks = [threading.Lock() for _ in range(_SOP_LOCK_STRIPES)]
         self._dir_syncs: OrderedDict[Path, DirectorySync] = OrderedDict()
         self._dir_syncs_lock = threading.Lock()
-        # The last reading of the free space, and the bytes let through since (check_space).
-        self._space_lock = threading.Lock()
-        self._free_read: int | None = None
-        self._free_read_at = 0.0
-        self._let_through = 0
         self.root.mkdir(parents=True, exist_ok=True)
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> PurePosixPath:
@@ -123,25 +114,13 @@ class InstanceStore:
         return shutil.disk_usage(self.root).free
 
     def check_space(self, incoming_bytes: int) -> None:
-        """Raise ``StorageFull`` if writing ``incoming_bytes`` would cross the watermark.
-
-        Reading the free space (statvfs) costs about a tenth of the receiver's CPU per
-        instance. So it is read again only after FREE_SPACE_REREAD_S, or whenever the last
-        reading, less what this store let through since, is within FREE_SPACE_MARGIN_MB of
-        the watermark; near the watermark every call reads it, as before."""
-        with self._space_lock:
-            now = time.monotonic()
-            estimate = None if self._free_read is None else self._free_read - self._let_through
-            if (estimate is None or now - self._free_read_at >= FREE_SPACE_REREAD_S
-                    or estimate - incoming_bytes < self.min_free_bytes + FREE_SPACE_MARGIN_MB * _MIB):
-                estimate = self._free_read = self.free_bytes()
-                self._free_read_at, self._let_through = now, 0
-            if estimate - incoming_bytes < self.min_free_bytes:
-                raise StorageFull(
-                    f"free disk {estimate // _MIB} MiB minus {incoming_bytes} bytes is below "
-                    f"the watermark of {self.min_free_bytes // _MIB} MiB"
-                )
-            self._let_through += incoming_bytes
+        """Raise ``StorageFull`` if writing ``incoming_bytes`` would cross the watermark."""
+        free = self.free_bytes()
+        if free - incoming_bytes < self.min_free_bytes:
+            raise StorageFull(
+                f"free disk {free // _MIB} MiB minus {incoming_bytes} bytes is below "
+                f"the watermark of {self.min_free_bytes // _MIB} MiB"
+            )
 
     def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *,
               sync: bool | None = None, space_checked: bool = False) -> StoredInstance:

@@ -13,18 +13,10 @@ import pydicom
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from headscreen.daemon import storage
 from headscreen.daemon.callers import AllowedCaller, CallerPolicy
 from headscreen.daemon.dataset_check import parse_header
 from headscreen.daemon.instance_record import _along_normal, slice_position
-from headscreen.daemon.storage import (
-    FREE_SPACE_MARGIN_MB,
-    FREE_SPACE_REREAD_S,
-    InstanceStore,
-    InvalidUid,
-    StorageFull,
-    study_directory,
-)
+from headscreen.daemon.storage import InstanceStore, InvalidUid, StorageFull, study_directory
 from headscreen.db.group_commit import GroupCommit
 from headscreen.db.types import InstanceRecord, RecordOutcome
 from headscreen.errors import InputRejected
@@ -83,48 +75,6 @@ def test_watermark_counts_the_incoming_bytes(tmp_path: Path) -> None:
     store.check_space(1024)
     with pytest.raises(StorageFull):
         store.check_space(64 * 1024 * 1024)
-
-
-def test_free_space_is_read_again_near_the_watermark_and_after_a_while(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    mib = 1024 * 1024
-    clock = [100.0]
-    monkeypatch.setattr(storage.time, "monotonic", lambda: clock[0])
-    store = InstanceStore(tmp_path, min_free_mb=100)
-    free = [store.min_free_bytes + (FREE_SPACE_MARGIN_MB + 10) * mib]
-    reads: list[int] = []
-
-    def read_free() -> int:
-        reads.append(free[0])
-        return free[0]
-
-    monkeypatch.setattr(store, "free_bytes", read_free)
-    store.check_space(4 * mib)
-    store.check_space(4 * mib)
-    assert len(reads) == 1  # far from the watermark: what was let through is counted instead
-    store.check_space(4 * mib)  # 12 MiB would be let through: within the margin, so read again
-    assert len(reads) == 2
-    store.check_space(mib)  # the new reading less 5 MiB is outside the margin again
-    assert len(reads) == 2
-    free[0] = store.min_free_bytes + mib // 2  # another writer filled the disk
-    clock[0] += FREE_SPACE_REREAD_S
-    with pytest.raises(StorageFull):
-        store.check_space(mib)
-    free[0] = store.min_free_bytes + FREE_SPACE_MARGIN_MB * mib
-    for _ in range(3):  # near the watermark, every call reads the disk
-        store.check_space(mib)
-    assert len(reads) == 6
-    free[0] = store.min_free_bytes + 10 * FREE_SPACE_MARGIN_MB * mib
-    clock[0] += FREE_SPACE_REREAD_S
-    store.check_space(mib)
-    count = len(reads)
-    free[0] = 0
-    clock[0] += FREE_SPACE_REREAD_S / 2
-    store.check_space(mib)  # the last reading holds for a while ...
-    assert len(reads) == count
-    clock[0] += FREE_SPACE_REREAD_S
-    with pytest.raises(StorageFull):  # ... and then the disk is read again
-        store.check_space(mib)
 
 
 def test_failed_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
