@@ -462,11 +462,13 @@ def _shrink_in_slabs(image: sitk.Image, factors: list[int]) -> sitk.Image:
     voxels = sitk.GetArrayViewFromImage(image)
 
     def shrunk_slab(start: int) -> sitk.Image:
-        slab = sitk.GetImageFromArray(voxels[start * depth:min(n_out, start + per_slab) * depth].astype(np.float32))
+        # Copied in its own type and cast by ITK: a third less memory traffic than a float32
+        # copy in numpy that GetImageFromArray copies again.
+        slab = sitk.GetImageFromArray(voxels[start * depth:min(n_out, start + per_slab) * depth])
         slab.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, start * depth)))
         slab.SetSpacing(image.GetSpacing())
         slab.SetDirection(image.GetDirection())
-        return sitk.BinShrink(slab, factors)
+        return sitk.BinShrink(sitk.Cast(slab, sitk.sitkFloat32), factors)
 
     slabs = (shrunk_slab(start) for start in range(0, n_out, per_slab))
     first = next(slabs)
