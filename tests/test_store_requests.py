@@ -67,6 +67,22 @@ def _by_pynetdicom(pdus: list[list[tuple[int, bytes]]]) -> tuple[Association, li
     return assoc, _queued(assoc)
 
 
+def _fed(pdus: list[list[tuple[int, bytes]]], assoc: Association | None = None) -> Association:
+    """An acceptor whose direct path took `pdus`."""
+    assoc = assoc or _acceptor()
+    stores = DirectStores(assoc)
+    for pdu in pdus:
+        stores.take(pdu)
+    return assoc
+
+
+def _one_request_as_pynetdicom_makes(assoc: Association, pdus: list[list[tuple[int, bytes]]]) -> None:
+    ours = _queued(assoc)
+    _, theirs = _by_pynetdicom(pdus)
+    assert len(ours) == len(theirs) == 1
+    _same_request(ours[0][1], theirs[0][1])
+
+
 def _same_request(ours: Any, theirs: Any) -> None:
     assert type(ours) is type(theirs) is C_STORE
     for name in _COMPARED:
@@ -174,10 +190,7 @@ def test_a_request_handed_over_midway_ends_as_pynetdicom_ends_it() -> None:
     assert not stores.arriving and assoc.dimse.message is not None
     for pdu in pdus[3:]:
         stores._to_dimse(pdu)
-    ours = _queued(assoc)
-    _, theirs = _by_pynetdicom(pdus)
-    assert len(ours) == len(theirs) == 1
-    _same_request(ours[0][1], theirs[0][1])
+    _one_request_as_pynetdicom_makes(assoc, pdus)
 
 
 def test_a_command_amid_a_data_set_is_replayed_to_pynetdicom() -> None:
@@ -185,10 +198,7 @@ def test_a_command_amid_a_data_set_is_replayed_to_pynetdicom() -> None:
     pdus = _values(_request(rng, data=rng.randbytes(10_000)), 1, 4096)
     stray = [(1, b"\x03" + _command(pdus))]
     sequence = pdus[:2] + [stray] + pdus[2:]
-    assoc = _acceptor()
-    stores = DirectStores(assoc)
-    for pdu in sequence:
-        stores.take(pdu)
+    assoc = _fed(sequence)
     reference, theirs = _by_pynetdicom(sequence)
     ours = _queued(assoc)
     assert [(c, type(p)) for c, p in ours] == [(c, type(p)) for c, p in theirs]
@@ -202,14 +212,7 @@ def test_values_after_the_end_of_a_request_in_its_pdu_are_dropped_as_pynetdicom_
     first, second = (_values(_request(rng, data=rng.randbytes(100)), 1, 4096) for _ in range(2))
     assert len(first) == len(second) == 2
     joined = [first[0], first[1] + second[0], second[1]]  # the second command shares a PDU
-    assoc = _acceptor()
-    stores = DirectStores(assoc)
-    for pdu in joined:
-        stores.take(pdu)
-    ours = _queued(assoc)
-    _, theirs = _by_pynetdicom(joined)
-    assert len(ours) == len(theirs) == 1
-    _same_request(ours[0][1], theirs[0][1])
+    _one_request_as_pynetdicom_makes(_fed(joined), joined)
 
 
 def test_an_observer_of_dimse_messages_gets_pynetdicoms_message() -> None:
@@ -218,8 +221,6 @@ def test_an_observer_of_dimse_messages_gets_pynetdicoms_message() -> None:
     assoc = _acceptor()
     seen: list[str] = []
     assoc.bind(evt.EVT_DIMSE_RECV, lambda event: seen.append(type(event.message).__name__))
-    stores = DirectStores(assoc)
-    for pdu in pdus:
-        stores.take(pdu)
+    _fed(pdus, assoc)
     assert seen == ["C_STORE_RQ"]
     assert len(_queued(assoc)) == 1
