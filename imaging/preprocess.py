@@ -462,8 +462,8 @@ def _shrink_in_slabs(image: sitk.Image, factors: list[int]) -> sitk.Image:
     voxels = sitk.GetArrayViewFromImage(image)
 
     def shrunk_slab(start: int) -> sitk.Image:
-        # Copied in its own type and cast by ITK: a third less memory traffic than a float32
-        # copy in numpy that GetImageFromArray copies again.
+        # Copied in its own type and cast by ITK: one float32 copy fewer than numpy's astype,
+        # which GetImageFromArray then copied again.
         slab = sitk.GetImageFromArray(voxels[start * depth:min(n_out, start + per_slab) * depth])
         slab.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, start * depth)))
         slab.SetSpacing(image.GetSpacing())
