@@ -15,7 +15,6 @@ import queue
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 import weakref
@@ -31,14 +30,13 @@ from pynetdicom._handlers import (
     standard_pdu_recv_handler,
     standard_pdu_sent_handler,
 )
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from headscreen.daemon.callers import normalise_host
-from headscreen.daemon.store_requests import DirectStores
+from headscreen.daemon.store_requests import DirectStores, store_response_command
 
 if TYPE_CHECKING:
     from headscreen.daemon.receiver import ReceiverStats
@@ -696,7 +694,7 @@ def send_store_responses_directly(assoc: Any) -> None:
     general = dimse.send_msg
 
     def send_msg(primitive: Any, context_id: int) -> None:
-        command = _store_response_command(primitive)
+        command = store_response_command(primitive)
         max_pdu = dimse.maximum_pdu_size
         if (command is None or assoc.get_handlers(evt.EVT_DIMSE_SENT)
                 or (max_pdu and len(command) > max_pdu - 6)):  # pynetdicom would fragment it
@@ -707,43 +705,6 @@ def send_store_responses_directly(assoc: Any) -> None:
         dimse.dul.send_pdu(pdata)
 
     dimse.send_msg = send_msg
-
-
-_C_STORE_RSP = 0x8001
-_NO_DATA_SET = 0x0101
-
-
-def _store_response_command(primitive: Any) -> bytes | None:
-    """The C-STORE-RSP command set (implicit VR little endian) of a response that carries
-    only its status, or None for anything else."""
-    if (type(primitive) is not C_STORE or primitive.MessageIDBeingRespondedTo is None
-            or not isinstance(primitive.Status, int) or primitive.AffectedSOPClassUID is None
-            or primitive.AffectedSOPInstanceUID is None or primitive.OffendingElement is not None
-            or primitive.ErrorComment is not None):
-        return None
-    try:
-        sop_class = _ui(primitive.AffectedSOPClassUID)
-        sop_instance = _ui(primitive.AffectedSOPInstanceUID)
-    except UnicodeEncodeError:
-        return None
-    elements = b"".join((
-        _command_element(0x0002, sop_class),
-        _command_element(0x0100, struct.pack("<H", _C_STORE_RSP)),
-        _command_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
-        _command_element(0x0800, struct.pack("<H", _NO_DATA_SET)),
-        _command_element(0x0900, struct.pack("<H", primitive.Status)),
-        _command_element(0x1000, sop_instance),
-    ))
-    return _command_element(0x0000, struct.pack("<L", len(elements))) + elements
-
-
-def _ui(value: str) -> bytes:
-    encoded = str(value).encode("ascii")
-    return encoded + b"\x00" if len(encoded) % 2 else encoded
-
-
-def _command_element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", 0x0000, element, len(value)) + value
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):

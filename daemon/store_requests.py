@@ -1,4 +1,5 @@
-"""C-STORE requests assembled on the receiver's direct P-DATA path (connections._DirectDataDUL).
+"""C-STORE requests assembled on the receiver's direct P-DATA path (connections._DirectDataDUL),
+and the command set of a plain C-STORE response encoded for it.
 
 pynetdicom makes its message object of every P-DATA value: the command set decoded into a
 pydicom data set and then copied element by element into a C_STORE primitive, the data
@@ -34,8 +35,10 @@ _GROUP_LENGTH = 0x0000
 _AFFECTED_SOP_CLASS = 0x0002
 _COMMAND_FIELD = 0x0100
 _MESSAGE_ID = 0x0110
+_MESSAGE_ID_RESPONDED_TO = 0x0120
 _PRIORITY = 0x0700
 _DATA_SET_TYPE = 0x0800
+_STATUS = 0x0900
 _AFFECTED_SOP_INSTANCE = 0x1000
 _MOVE_ORIGINATOR_AE = 0x1030
 _MOVE_ORIGINATOR_ID = 0x1031
@@ -44,6 +47,7 @@ _REQUIRED = frozenset({_GROUP_LENGTH, _AFFECTED_SOP_CLASS, _COMMAND_FIELD, _MESS
 _ALLOWED = _REQUIRED | {_MOVE_ORIGINATOR_AE, _MOVE_ORIGINATOR_ID}
 _UNSIGNED_SHORTS = (_COMMAND_FIELD, _MESSAGE_ID, _PRIORITY, _DATA_SET_TYPE, _MOVE_ORIGINATOR_ID)
 _C_STORE_RQ = 0x0001
+_C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
 _PRIORITIES = (0, 1, 2)  # medium, high, low
 
@@ -180,3 +184,36 @@ class DirectStores:
         primitive.presentation_data_value_list = []
         primitive.presentation_data_value_list.extend(values)  # tuples, as to_primitive's
         self._assoc.dimse.receive_primitive(primitive)
+
+
+def store_response_command(primitive: Any) -> bytes | None:
+    """The C-STORE-RSP command set (implicit VR little endian) of a response that carries
+    only its status, or None for anything else."""
+    if (type(primitive) is not C_STORE or primitive.MessageIDBeingRespondedTo is None
+            or not isinstance(primitive.Status, int) or primitive.AffectedSOPClassUID is None
+            or primitive.AffectedSOPInstanceUID is None or primitive.OffendingElement is not None
+            or primitive.ErrorComment is not None):
+        return None
+    try:
+        sop_class = _ui(primitive.AffectedSOPClassUID)
+        sop_instance = _ui(primitive.AffectedSOPInstanceUID)
+    except UnicodeEncodeError:
+        return None
+    elements = b"".join((
+        _command_element(_AFFECTED_SOP_CLASS, sop_class),
+        _command_element(_COMMAND_FIELD, struct.pack("<H", _C_STORE_RSP)),
+        _command_element(_MESSAGE_ID_RESPONDED_TO, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
+        _command_element(_DATA_SET_TYPE, struct.pack("<H", _NO_DATA_SET)),
+        _command_element(_STATUS, struct.pack("<H", primitive.Status)),
+        _command_element(_AFFECTED_SOP_INSTANCE, sop_instance),
+    ))
+    return _command_element(_GROUP_LENGTH, struct.pack("<L", len(elements))) + elements
+
+
+def _ui(value: str) -> bytes:
+    encoded = str(value).encode("ascii")
+    return encoded + b"\x00" if len(encoded) % 2 else encoded
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    return _ELEMENT_HEADER.pack(0x0000, element, len(value)) + value

@@ -45,11 +45,10 @@ from headscreen.daemon.callers import AllowedCaller
 from headscreen.daemon.connections import (
     _DirectDataDUL,
     _presentation_data_values,
-    _store_response_command,
     _WaitingAssociationSocket,
 )
 from headscreen.daemon.receiver import ASSOCIATION_REJECTED_STATUS, ReceiverConfig, StoreStatus, start_receiver
-from headscreen.daemon.store_requests import DirectStores
+from headscreen.daemon.store_requests import DirectStores, store_response_command
 from headscreen.db.engine import make_engine, session_factory
 from headscreen.db.models import Instance, Study
 from receiver_helpers import SCP_AE, SCU_AE, Harness, make_uid, start_harness, write_ct_series
@@ -210,12 +209,12 @@ def test_plain_store_responses_are_encoded_as_pynetdicom_encodes_them(status: in
     message = C_STORE_RSP()
     message.primitive_to_message(response)
     expected = [pdata.presentation_data_value_list for pdata in message.encode_msg(1, 16384)]
-    command = _store_response_command(response)
+    command = store_response_command(response)
     assert command is not None
     assert expected == [[(1, b"\x03" + command)]]
     # A comment is left to pynetdicom.
     response.ErrorComment = "refused"
-    assert _store_response_command(response) is None
+    assert store_response_command(response) is None
 
 
 def test_resending_a_series_is_idempotent(any_db_harness: Harness, tmp_path: Path) -> None:
