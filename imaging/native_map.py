@@ -9,14 +9,18 @@ resamples from the model grid only what is asked for.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 #: A box of native voxel indices, (low z, y, x) and (high z, y, x), both inclusive.
 IndexBox = tuple[tuple[int, int, int], tuple[int, int, int]]
+#: A bound on a box's values and how to read the box: its first index per axis, the map in it.
+MapPart = tuple[float, Callable[[], tuple[tuple[int, ...], np.ndarray]]]
 
-__all__ = ["IndexBox", "NativeMap", "DenseMap", "as_native_map", "choose_from_sums", "map_peak", "peak_of",
+__all__ = ["IndexBox", "MapPart", "NativeMap", "DenseMap", "as_native_map", "choose_from_sums", "map_peak", "peak_of",
            "slice_sums_of"]
 
 
@@ -49,6 +53,13 @@ class NativeMap(Protocol):
         held whole may give all of itself instead)."""
         ...
 
+    def parts_at_least(self, level: float) -> list[MapPart]:
+        """Boxes that together hold every voxel whose value is >= `level`, as (bound, read),
+        largest bound first: each such voxel lies in a part whose bound is at least its
+        value, and `read()` gives that part's box (its first index per axis, the map inside
+        it), read only then. A map held whole may give all of itself, bound infinite."""
+        ...
+
     def full(self) -> np.ndarray:
         """The whole map as one float32 array."""
         ...
@@ -78,6 +89,9 @@ class DenseMap:
                  ) -> tuple[tuple[int, ...], np.ndarray] | None:
         # The whole map is such a box; the caller's own scan finds the voxels.
         return (0,) * self.values.ndim, self.values
+
+    def parts_at_least(self, level: float) -> list[MapPart]:
+        return [(math.inf, lambda: ((0,) * self.values.ndim, self.values))]
 
     def full(self) -> np.ndarray:
         return np.asarray(self.values, dtype=np.float32)
@@ -125,8 +139,9 @@ def peak_of(values: np.ndarray) -> tuple[float, tuple[int, int, int]] | None:
 
 
 def map_peak(native_map: NativeMap | np.ndarray) -> tuple[float, tuple[int, int, int]] | None:
-    """`peak_of` the whole map, reading only the box where it can lie: every `_PEAK_STEP`-th
-    voxel bounds the peak from below, and the peak lies where the map reaches that bound."""
+    """`peak_of` the whole map, reading only the boxes where it can lie: every `_PEAK_STEP`-th
+    voxel bounds the peak from below, and the peak lies where the map reaches that bound, in a
+    part whose bound is at least the best value found so far."""
     found_map = as_native_map(native_map)
     if isinstance(found_map, DenseMap):
         return peak_of(found_map.values)
@@ -135,16 +150,20 @@ def map_peak(native_map: NativeMap | np.ndarray) -> tuple[float, tuple[int, int,
     # A hair below the sampled maximum: a voxel resampled on another grid may differ in
     # its last bits. With no positive sample, any positive value may be the peak.
     level = float(positive.max()) * (1 - 1e-4) if positive.size else float(np.finfo(np.float32).tiny)
-    found = found_map.at_least(level)
-    if found is None:
-        return None
-    offset, box = found
-    peak = peak_of(box)
-    if peak is None:
-        return None
-    value, index = peak
-    k, row, column = (i + o for i, o in zip(index, offset, strict=True))
-    return value, (k, row, column)
+    best: tuple[float, tuple[int, int, int]] | None = None
+    for bound, read in found_map.parts_at_least(level):
+        if best is not None and bound < best[0]:
+            break  # no later part holds a value above its bound
+        offset, box = read()
+        peak = peak_of(box)
+        if peak is None:
+            continue
+        value, index = peak
+        k, row, column = (i + o for i, o in zip(index, offset, strict=True))
+        # Equal values: the first in slice, row, column order, as peak_of takes.
+        if best is None or value > best[0] or (value == best[0] and (k, row, column) < best[1]):
+            best = value, (k, row, column)
+    return best
 
 
 _PEAK_STEP = 4

@@ -27,7 +27,7 @@ from scipy import ndimage
 from headscreen.errors import ConfigError, InputRejected
 from headscreen.imaging import qc, skullstrip, templates
 from headscreen.imaging.concurrency import both
-from headscreen.imaging.native_map import DenseMap, IndexBox, NativeMap, slice_sums_of
+from headscreen.imaging.native_map import DenseMap, IndexBox, MapPart, NativeMap, slice_sums_of
 from headscreen.imaging.registration import RegistrationResult, register_to_atlas
 from headscreen.imaging.volume import Volume
 from headscreen.scores import FOCAL_KERNEL, focal_centre
@@ -540,10 +540,13 @@ def _nonzero_box(model_map: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     nonzero = np.nonzero(model_map)
     if nonzero[0].size == 0:
         return None
-    shape = np.array(model_map.shape[::-1])
-    low = np.maximum(np.array([axis.min() for axis in nonzero[::-1]]) - 1, 0)
-    high = np.minimum(np.array([axis.max() for axis in nonzero[::-1]]) + 1, shape - 1)
-    return low, high
+    return _widened(np.array([axis.min() for axis in nonzero[::-1]]), np.array([axis.max() for axis in nonzero[::-1]]),
+                    model_map.shape)
+
+
+def _widened(low: np.ndarray, high: np.ndarray, shape_zyx: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """An inclusive (x, y, z) index range widened by one voxel, inside the grid."""
+    return np.maximum(low - 1, 0), np.minimum(high + 1, np.array(shape_zyx[::-1]) - 1)
 
 
 class ResampledMap:
@@ -623,6 +626,38 @@ class ResampledMap:
         box = self._native_box(_nonzero_box(mask))
         if box is None:
             return None
+        low, high = box[0], box[1]
+        return (int(low[2]), int(low[1]), int(low[0])), self._region(low, high)
+
+    def parts_at_least(self, level: float) -> list[MapPart]:
+        """One box per connected group of model voxels >= `level`: a native voxel's value is
+        a weighted mean of its 8 model corners, so it reaches a level only in the box of a
+        group whose maximum (the part's bound) is at least its value. Scattered groups (a
+        healthy map's top voxels lie apart) are read as small boxes, not one that spans them."""
+        dense = self._dense()
+        if dense is not None:
+            return dense.parts_at_least(level)
+        with np.errstate(invalid="ignore"):  # NaN >= level is False
+            mask = self._model_map >= level
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        if count == 0:
+            return []
+        bounds, boxes = np.empty(count), []
+        for number, found in enumerate(ndimage.find_objects(labels), start=1):
+            bounds[number - 1] = self._model_map[found][labels[found] == number].max()
+            low = np.array([axis.start for axis in found[::-1]])
+            boxes.append(self._native_box(_widened(low, np.array([axis.stop - 1 for axis in found[::-1]]),
+                                                   mask.shape)))
+        spanning = self._native_box(_nonzero_box(mask))
+        # Boxes that overlap so much that they hold more than the box around them all are read as that.
+        if spanning is None or (sum(int(np.prod(box[1] - box[0])) for box in boxes if box is not None)
+                                >= int(np.prod(spanning[1] - spanning[0]))):
+            parts = [(float(bounds.max()), spanning)]
+        else:
+            parts = [(float(bounds[i]), boxes[i]) for i in np.argsort(-bounds, kind="stable")]
+        return [(bound, functools.partial(self._read_box, box)) for bound, box in parts if box is not None]
+
+    def _read_box(self, box: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
         low, high = box[0], box[1]
         return (int(low[2]), int(low[1]), int(low[0])), self._region(low, high)
 

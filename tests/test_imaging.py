@@ -529,10 +529,10 @@ def _identity_preprocessed(grid: ModelGrid):
                         qc_metrics={}, qc_reasons=[], transform=identity, reference=grid.reference_image())
 
 
-def _shifted_native_case():
-    """A model-grid map with values in a box and on the grid's edge, a native grid finer
-    than the model's (as a thin-slice CT's: a box one model voxel too small would lose
-    values that the native margin cannot cover), and a shift between them (a rotation's
+def _shifted_native_case(source_map: np.ndarray | None = None):
+    """A model-grid map (by default with values in a box and on the grid's edge), a native
+    grid finer than the model's (as a thin-slice CT's: a box one model voxel too small would
+    lose values that the native margin cannot cover), and a shift between them (a rotation's
     bounding box would hide a box cut too tight)."""
     grid = ModelGrid.from_params(default_params("CT"))
     native_grid = sitk.Image([150, 186, 160], sitk.sitkFloat32)
@@ -540,9 +540,10 @@ def _shifted_native_case():
     volume = Volume.from_image(native_grid, "CT")
     shift = sitk.TranslationTransform(3, (2.3, -3.1, 4.4))
     shifted = dataclasses.replace(_identity_preprocessed(grid), transform=shift)
-    source_map = np.zeros(grid.size_zyx, np.float32)
-    source_map[20:30, 25:40, 18:22] = np.random.default_rng(1).random((10, 15, 4), dtype=np.float32) + 0.5
-    source_map[0, :, 5] = 2.0  # at the grid's edge too
+    if source_map is None:
+        source_map = np.zeros(grid.size_zyx, np.float32)
+        source_map[20:30, 25:40, 18:22] = np.random.default_rng(1).random((10, 15, 4), dtype=np.float32) + 0.5
+        source_map[0, :, 5] = 2.0  # at the grid's edge too
     source = sitk.GetImageFromArray(source_map)
     source.CopyInformation(shifted.reference)
     # The whole native grid resampled at once: what every read must agree with.
@@ -601,6 +602,45 @@ def test_a_resampled_map_reads_what_the_whole_map_holds(map_reads):
     peak, expected = map_peak(resampled), peak_of(whole)
     assert peak is not None and expected is not None
     assert peak[1] == expected[1] and peak[0] == expected[0]
+
+
+def test_a_maps_peak_is_read_from_the_parts_that_can_hold_it(monkeypatch):
+    """A healthy map's top voxels lie apart: each group is read as its own small box, the
+    largest bound first, and only while a bound can still beat the best value read."""
+    from headscreen.imaging import preprocess as preprocess_module
+    from headscreen.imaging.native_map import map_peak, peak_of
+    from headscreen.imaging.preprocess import to_native_map
+
+    monkeypatch.setattr(preprocess_module, "WHOLE_MAP_VOXELS", 0)  # read in parts, as a thin-slice CT's
+    spots = np.zeros(ModelGrid.from_params(default_params("CT")).size_zyx, np.float32)
+    spots[40, 12, 30] = 1.2  # one voxel: interpolated, the native grid never reaches it
+    spots[10:13, 40:43, 8:11] = 1.1  # a plateau that it does reach: the peak
+    spots[50, 50, 10] = spots[51, 50, 11] = 1.0  # one group (diagonal neighbours), below the peak
+    _, shifted, volume, whole = _shifted_native_case(spots)
+    resampled = to_native_map(spots, shifted, volume)
+    parts = resampled.parts_at_least(0.5)
+    assert [bound for bound, _ in parts] == pytest.approx([1.2, 1.1, 1.0])
+    covered = np.zeros(whole.shape, dtype=bool)
+    for _, read in parts:
+        (z, y, x), box = read()
+        np.testing.assert_array_equal(box, whole[z:z + box.shape[0], y:y + box.shape[1], x:x + box.shape[2]])
+        covered[z:z + box.shape[0], y:y + box.shape[1], x:x + box.shape[2]] = True
+    assert covered[whole >= 0.5].all()
+    spanning = resampled.at_least(0.5)
+    assert spanning is not None and covered.sum() < spanning[1].size / 10
+
+    peak, expected = map_peak(resampled), peak_of(whole)
+    assert expected is not None and expected[0] == pytest.approx(1.1, abs=1e-5) and whole.max() < 1.2
+    assert peak == expected
+    read_bounds, parts_of = [], resampled.parts_at_least
+
+    def reading(level):
+        return [(bound, lambda read=read, bound=bound: read_bounds.append(bound) or read())
+                for bound, read in parts_of(level)]
+
+    monkeypatch.setattr(resampled, "parts_at_least", reading)
+    assert map_peak(resampled) == expected
+    assert read_bounds == pytest.approx([1.2, 1.1])  # the 1.0 group cannot hold more than the 1.1 read
 
 
 def test_a_resampled_maps_regions_are_the_whole_maps(map_reads):
