@@ -26,6 +26,7 @@ result needs them) and are not reported.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import re
@@ -37,7 +38,7 @@ from typing import Any
 from highdicom.enum import SpecificCharacterSetValues
 from pydicom import config
 from pydicom.charset import python_encoding
-from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -181,8 +182,8 @@ def sanitise_sources(datasets: Sequence[Dataset], full: Collection[int] | None =
 
 def _shared_values(first: Dataset) -> dict[BaseTag, DataElement]:
     # The character set goes with the values it was read with.
-    return {tag: first.get_item(tag) for tag in first.keys()
-            if keyword_for_tag(tag) in _SHARED or tag == 0x00080005}
+    shared_tags = _tags_of(_SHARED)
+    return {tag: first.get_item(tag) for tag in first.keys() if tag in shared_tags or tag == 0x00080005}
 
 
 def _copy_sharing(dataset: Dataset, shared: dict[BaseTag, DataElement],
@@ -190,19 +191,36 @@ def _copy_sharing(dataset: Dataset, shared: dict[BaseTag, DataElement],
     """A clean copy of a later instance, the first one's shared values in place of its own."""
     # Its own patient, study and series values are replaced by the first one's: not even read.
     copy_, others = clean_header(dataset, skip=_SHARED, only=only)
-    for tag in [t for t in copy_.keys()
-                if (keyword_for_tag(t) in _SHARED or t == 0x00080005) and t not in shared]:
+    shared_tags = _tags_of(_SHARED)
+    for tag in [t for t in copy_.keys() if (t in shared_tags or t == 0x00080005) and t not in shared]:
         del copy_[tag]
     for element in shared.values():
-        copy_.add(copy.copy(element))
+        copy_.add(_copied(element))
     return copy_, others
+
+
+def _copied(element: DataElement) -> DataElement:
+    """`copy.copy` of an element (its own object, sharing the value), without the reduce
+    protocol's cost: a 300-slice series copies thousands."""
+    if not isinstance(element, DataElement):  # a raw element is a tuple: immutable
+        return copy.copy(element)
+    twin = object.__new__(type(element))
+    twin.__dict__.update(element.__dict__)
+    return twin
+
+
+@functools.lru_cache(maxsize=8)
+def _tags_of(keywords: frozenset[str]) -> frozenset[int]:
+    """The tags of dictionary keywords: a header's tag is looked up once, not named first."""
+    return frozenset(tag for keyword in keywords if (tag := tag_for_keyword(keyword)) is not None)
 
 
 def clean_header(dataset: Dataset, skip: frozenset[str] = frozenset(),
                  only: frozenset[str] | None = None) -> tuple[Dataset, list[str]]:
     """One clean copy of `dataset` (pixel data kept as it is) and the keywords left out;
     the top-level attributes named in `skip`, or not named in `only` (when given), are
-    left out unread (and not reported)."""
+    left out unread (and not reported). Both name attributes of fixed tags (not of
+    repeating groups such as 60xx)."""
     dropped: list[str] = []
     with warnings.catch_warnings():
         # pydicom warns with the offending value in the text.
@@ -227,13 +245,15 @@ def clean_header(dataset: Dataset, skip: frozenset[str] = frozenset(),
 def _clean(dataset: Dataset, dropped: list[str], charset_ok: bool, top: bool,
            skip: frozenset[str] = frozenset(), only: frozenset[str] | None = None) -> Dataset:
     clean = Dataset()
+    skipped = _tags_of(skip) if top else frozenset()
+    wanted = _tags_of(only) if top and only is not None else None
     for tag in list(dataset.keys()):
         tag = Tag(tag)
         if tag.is_private or (top and tag == 0x00080005):
             continue
-        keyword = keyword_for_tag(tag) or str(tag)
-        if top and (keyword in skip or (only is not None and keyword not in only)):
+        if tag in skipped or (wanted is not None and tag not in wanted):
             continue
+        keyword = keyword_for_tag(tag) or str(tag)
         try:
             element = dataset[tag]  # decodes a raw element
             kept = _kept(element, keyword, dropped, charset_ok)
