@@ -143,9 +143,9 @@ class DimseSource:
         self.timeout_s = timeout_s
 
     def _associate(self, *contexts: str):
-        from pynetdicom import AE
+        from pynetdicom import AE, evt
 
-        from headscreen.export.delivery import client_tls_args
+        from headscreen.export.delivery import client_tls_args, prompt_connection
 
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.network_timeout = self.timeout_s
@@ -154,7 +154,7 @@ class DimseSource:
             ae.add_requested_context(context)
         tls_args = client_tls_args(self.name, self.node.tls, self.node.host)
         assoc = ae.associate(self.node.host or "", self.node.port or 0, ae_title=self.node.ae_title or "",
-                             tls_args=tls_args)
+                             tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, prompt_connection)])
         if not assoc.is_established:
             why = "rejected the association" if assoc.is_rejected else "did not answer"
             raise TransientError(f"PACS {self.name!r} ({self.node.host}:{self.node.port}, AE {self.node.ae_title}) "

@@ -736,24 +736,51 @@ def test_send_streams_each_file_as_stored(monkeypatch, result_files):
         assert arrived[uid] == as_stored
 
 
-def test_send_sets_tcp_nodelay(monkeypatch, result_files):
+def test_send_sets_tcp_nodelay_and_acknowledges_what_it_reads_at_once(monkeypatch, result_files):
     from headscreen.export import delivery
 
-    seen: list[int] = []
-    original = delivery._enable_nodelay
+    seen: list[tuple[int, type]] = []
+    original = delivery.prompt_connection
 
     def observe(event: evt.Event) -> None:
         original(event)
-        seen.append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        seen.append((event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                     type(event.assoc.dul.socket)))
 
-    monkeypatch.setattr(delivery, "_enable_nodelay", observe)
+    monkeypatch.setattr(delivery, "prompt_connection", observe)
     received: list[str] = []
     server, port = _start_scp(received, [SecondaryCaptureImageStorage])
     try:
-        send(Destination("test", "TESTPACS", "127.0.0.1", port), result_files[:1], timeout=10)
+        statuses = send(Destination("test", "TESTPACS", "127.0.0.1", port), result_files[:2], timeout=10)
     finally:
         server.shutdown()
-    assert seen == [1] and len(received) == 1
+    assert seen == [(1, delivery._PromptAckSocket)] and len(received) == 2
+    assert list(statuses.values()) == [STATUS_SUCCESS, STATUS_SUCCESS]
+
+
+def test_each_read_asks_for_an_immediate_acknowledgement():
+    """Linux leaves quick-ACK mode by itself, so it is asked for before every read (a
+    peer with Nagle's algorithm on otherwise waits ~40 ms for each response's second half)."""
+    from headscreen.export import delivery
+
+    class RecordingSocket:
+        def __init__(self, data: bytes) -> None:
+            self.data, self.calls = data, []
+
+        def setsockopt(self, level: int, option: int, value: int) -> None:
+            self.calls.append(("setsockopt", level, option, value))
+
+        def recv(self, count: int) -> bytes:
+            chunk, self.data = self.data[:count], self.data[count:]
+            self.calls.append(("recv", count))
+            return chunk
+
+    prompt = object.__new__(delivery._PromptAckSocket)  # as prompt_connection makes it of pynetdicom's
+    prompt.socket = RecordingSocket(bytes(range(256)) * 40)
+    assert prompt.recv(6) == bytes(range(6))
+    assert prompt.recv(5000) == (bytes(range(256)) * 40)[6:5006]
+    quick_ack = ("setsockopt", socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    assert prompt.socket.calls == [quick_ack, ("recv", 6), quick_ack, ("recv", 4096), ("recv", 904)]
 
 
 def test_send_reports_objects_the_peer_does_not_accept(result_files):
