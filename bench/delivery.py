@@ -11,13 +11,16 @@ seconds, MB/s and the ratio to storescp and to Orthanc of the same run.
 
 Why: from completeness to the last object delivered (issue 14), the delivery of a CT
 result is 0.6-0.8 s of bench/latency.py's figure; this says how much of that is the
-destination. A benchmark, not a test: it prints figures and asserts only that every
-object was stored.
+destination. The anchors run with TCP_NODELAY=1; the "Nagle on" rows run storescp and
+Orthanc as dcmtk's default leaves them (as many PACS run), once as the worker sends
+(acknowledging each read at once, export.delivery._PromptAckSocket) and once without that.
+A benchmark, not a test: it prints figures and asserts only that every object was stored.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -36,6 +39,7 @@ from headscreen.bundle import load_bundle  # noqa: E402
 from headscreen.daemon.config import Settings, shipped_bundles  # noqa: E402
 from headscreen.daemon.pipeline import StudyFiles, run_job  # noqa: E402
 from headscreen.db import api  # noqa: E402
+from headscreen.export import delivery  # noqa: E402
 from headscreen.export.delivery import STATUS_SUCCESS, Destination, send  # noqa: E402
 from headscreen.imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402
 from headscreen.inference import BundleRunner  # noqa: E402
@@ -69,12 +73,19 @@ def recording_scp(work: Path) -> Iterator[tuple[int, str]]:
         scp.stop()
 
 
-def _anchor(factory: Callable) -> Callable[[Path], object]:
-    """ingest's targets yield (port, AE, folder, stats); keep the port and AE."""
+def _anchor(factory: Callable, nagle: bool = False, quick_ack: bool = True) -> Callable[[Path], object]:
+    """ingest's targets yield (port, AE, folder, stats); keep the port and AE. `quick_ack`
+    False sends without acknowledging each read at once (as before it was added)."""
     @contextmanager
     def started(work: Path) -> Iterator[tuple[int, str]]:
-        with factory(work) as (port, ae_title, _folder, _stats):
-            yield port, ae_title
+        saved = delivery._TCP_QUICKACK
+        if not quick_ack:
+            delivery._TCP_QUICKACK = None
+        try:
+            with factory(work, nagle=nagle) as (port, ae_title, _folder, _stats):
+                yield port, ae_title
+        finally:
+            delivery._TCP_QUICKACK = saved
     return started
 
 
@@ -82,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    targets = {"storescp": _anchor(storescp), "orthanc": _anchor(orthanc), "pynetdicom SCP": recording_scp}
+    targets = {"storescp": _anchor(storescp), "orthanc": _anchor(orthanc), "pynetdicom SCP": recording_scp,
+               "storescp, Nagle on": _anchor(storescp, nagle=True),
+               "storescp, Nagle on, no quick ACK": _anchor(storescp, nagle=True, quick_ack=False),
+               "orthanc, Nagle on": _anchor(orthanc, nagle=True),
+               "orthanc, Nagle on, no quick ACK": _anchor(orthanc, nagle=True, quick_ack=False)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths, kinds = build_result(root / "job")
@@ -93,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds: dict[str, list[float]] = {name: [] for name in targets}
         for repeat in range(args.repeats):
             for name, target in (targets.items() if repeat % 2 == 0 else reversed(targets.items())):
-                work = root / f"{name.replace(' ', '-')}-{repeat}"
+                work = root / f"{re.sub('[^A-Za-z0-9]+', '-', name)}-{repeat}"
                 work.mkdir()
                 with target(work) as (port, ae_title):
                     started = time.perf_counter()
@@ -103,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"{name}: not every object was stored: {statuses}")
     best = {name: min(values) for name, values in seconds.items()}
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    print(f"{'destination':<16} {'best s':>7} {'median s':>9} {'MB/s':>7} {'x storescp':>11} {'x orthanc':>10}")
+    print(f"{'destination':<32} {'best s':>7} {'median s':>9} {'MB/s':>7} {'x storescp':>11} {'x orthanc':>10}")
     for name in targets:
-        print(f"{name:<16} {best[name]:>7.3f} {median[name]:>9.3f} {megabytes / best[name]:>7.1f} "
+        print(f"{name:<32} {best[name]:>7.3f} {median[name]:>9.3f} {megabytes / best[name]:>7.1f} "
               f"{median[name] / median['storescp']:>11.2f} {median[name] / median['orthanc']:>10.2f}")
     print("(ratios are of median seconds: above 1 is slower than the anchor)")
     return 0

@@ -64,6 +64,8 @@ SCU_AE = "BENCHSCU"
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 # dcmtk 3.6.7 leaves Nagle on unless told; with it on, every small PDU waits for a delayed ACK.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+# dcmtk's own default, as a PACS runs it unless told otherwise: Nagle's algorithm on.
+DCMTK_NAGLE_ENV = {key: value for key, value in os.environ.items() if key != "TCP_NODELAY"}
 
 
 @dataclass(frozen=True)
@@ -175,12 +177,13 @@ def send(paths: list[Path], port: int, called_ae: str, associations: int, send_p
 
 
 @contextmanager
-def storescp(work: Path) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
+def storescp(work: Path, nagle: bool = False) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
     out = work / "storescp-out"
     out.mkdir()
     port = free_port()
     process = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-                               env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=DCMTK_NAGLE_ENV if nagle else DCMTK_ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
         yield port, "STORESCP", out, None
@@ -240,7 +243,7 @@ def _override_synchronous(engine: Engine, level: str) -> None:
 
 
 @contextmanager
-def orthanc(work: Path) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
+def orthanc(work: Path, nagle: bool = False) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
     port, http = free_port(), free_port()
     root = work / "orthanc"
     root.mkdir()
@@ -249,7 +252,7 @@ def orthanc(work: Path) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]
               "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
               "StorageCompression": False, "DicomAlwaysAllowStore": True}
     (root / "orthanc.json").write_text(json.dumps(config))
-    process = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], env=DCMTK_ENV,
+    process = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], env=DCMTK_NAGLE_ENV if nagle else DCMTK_ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
