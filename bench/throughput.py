@@ -4,7 +4,10 @@ N 300-slice 512 x 512 head CT studies (one phantom with a hemorrhage, a new UID 
 study) are sent back to back with dcmtk's storescu to `headscreen serve` (shipped bundles,
 the result destination a dcmtk storescp), with 1 and 2 workers, on SQLite and, given
 --postgres, on a throw-away PostgreSQL database. For each run it prints:
-- studies/h from the first instance sent to the last result delivered;
+- studies/h from the first instance sent to the last result delivered, and sustained:
+  between the first and the last but one study delivered (each study's last object),
+  which leaves out the run's start (nothing to screen until the first study is complete)
+  and its end (one worker finishing the last study while the other has nothing left);
 - CPU-seconds per study of each process (serve: receiver, scheduler; each worker: job
   and delivery; the storescp destination), from /proc, over the run only;
 - each worker's peak RSS during the run (VmHWM, reset once the worker is warm);
@@ -31,6 +34,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -153,14 +157,24 @@ class Run:
     seconds: float
     cpu: dict[str, float]
     peaks_mb: dict[str, float]
+    delivered: list[datetime]  # each study's last object delivered, in order
+
+    def sustained_per_hour(self) -> float | None:
+        """Studies/h between the first and the last but one study delivered."""
+        if len(self.delivered) < 3:
+            return None
+        span = (self.delivered[-2] - self.delivered[0]).total_seconds()
+        return (len(self.delivered) - 2) / span * 3600 if span > 0 else None
 
     def print(self) -> None:
         per_study = {name: seconds / self.studies for name, seconds in self.cpu.items()}
         headscreen = sum(v for k, v in per_study.items() if k not in (SENDER, DESTINATION))
         everything = sum(per_study.values())
         cores = os.cpu_count() or 1
+        sustained = self.sustained_per_hour()
         print(f"{self.label}: {self.studies} studies in {self.seconds:.1f} s = "
-              f"{self.studies / self.seconds * 3600:,.0f} studies/h; CPU-s per study {headscreen:.2f} "
+              f"{self.studies / self.seconds * 3600:,.0f} studies/h"
+              + (f" (sustained {sustained:,.0f}/h)" if sustained else "") + f"; CPU-s per study {headscreen:.2f} "
               f"(" + ", ".join(f"{k} {v:.2f}" for k, v in per_study.items()) + "); worker peak RSS "
               + ", ".join(f"{k} {v:.0f} MB" for k, v in self.peaks_mb.items())
               + f"; load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
@@ -199,7 +213,17 @@ def run(studies: list[list[Path]], root: Path, workers: int, database_url: str |
             reset_peak(pid)
         seconds, cpu = send_timed(daemon, studies, pids, 1800)
         peaks = {f"worker{i + 1}": peak_rss_mb(p) for i, p in enumerate(worker_pids)}
-        return Run(label, len(studies), seconds, cpu, peaks)
+        return Run(label, len(studies), seconds, cpu, peaks, delivered_in_order(daemon))
+
+
+def delivered_in_order(daemon: Daemon) -> list[datetime]:
+    """When each result's last object was delivered, earliest first."""
+    last: dict[int, datetime] = {}
+    for delivery, result_object in daemon.deliveries():
+        if delivery.delivered_at is not None:
+            at = last.get(result_object.result_id)
+            last[result_object.result_id] = delivery.delivered_at if at is None else max(at, delivery.delivered_at)
+    return sorted(last.values())
 
 
 def _cmdline(pid: int) -> str:
