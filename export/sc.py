@@ -277,10 +277,13 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, draw: I
     return lines
 
 
-def _add_legend(image_rgb: np.ndarray, lines: list[tuple[str, bool]], per_slice: int = 0) -> np.ndarray:
+def _add_legend(image_rgb: np.ndarray, lines: list[tuple[str, bool]], per_slice: int = 0,
+                reuse_lines: bool = True) -> np.ndarray:
     """Append a black band under the image with the legend text and a colour bar. Only the
     last `per_slice` lines differ from slice to slice: the band with the others is drawn
-    once per series (`_legend_start`) and copied, the same pixels as drawing it each time."""
+    once per series (`_legend_start`) and copied, the same pixels as drawing it each time.
+    `reuse_lines`: each of those lines is pasted from a strip drawn once (`_line_strip`):
+    most repeat from slice to slice (the unit line; the colour line but its slice label)."""
     width = image_rgb.shape[1]
     font_px, margin, line_h = _legend_layout(width)
     shared = tuple(lines[:len(lines) - per_slice])
@@ -293,8 +296,14 @@ def _add_legend(image_rgb: np.ndarray, lines: list[tuple[str, bool]], per_slice:
     draw = ImageDraw.Draw(band)
     font = _legend_font(font_px)
     y = margin + line_h * len(wrapped_shared)
+    # A strip covers its line's rows only: every line must keep its glyphs there, the last
+    # shared one too (its glyphs would otherwise reach into rows a strip covers).
+    pasted = reuse_lines and all(_inside_line(text, font_px) for text, _ in [*wrapped_shared[-1:], *wrapped_own])
     for text, alert in wrapped_own:
-        draw.text((margin, y), text, fill=_LEGEND_ALERT if alert else _LEGEND_TEXT, font=font)
+        if pasted:
+            band.paste(_line_strip(text, alert, width), (0, y))
+        else:
+            draw.text((margin, y), text, fill=_LEGEND_ALERT if alert else _LEGEND_TEXT, font=font)
         y += line_h
     bar_w = width - 2 * margin
     ramp = np.linspace(0.0, 1.0, bar_w)[:, None]
@@ -306,7 +315,7 @@ def _add_legend(image_rgb: np.ndarray, lines: list[tuple[str, bool]], per_slice:
 def _legend_layout(width: int) -> tuple[int, int, int]:
     """(font size, margin, line height) in pixels of the legend under an image `width` wide."""
     font_px = max(11, width // 32)
-    return font_px, max(4, font_px // 2), int(font_px * 1.3)
+    return font_px, *_legend_layout_for_font(font_px)
 
 
 @functools.lru_cache(maxsize=8)
@@ -318,6 +327,29 @@ def _legend_font(font_px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def _wrapped(text: str, alert: bool, font_px: int, width: int) -> tuple[tuple[str, bool], ...]:
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     return tuple((part, alert) for part in _wrap(text, _legend_font(font_px), measure, width))
+
+
+@functools.lru_cache(maxsize=256)
+def _inside_line(text: str, font_px: int) -> bool:
+    """The line's glyphs, drawn at a line's top, stay within its rows."""
+    _, top, _, bottom = _legend_font(font_px).getbbox(text)
+    return top >= 0 and bottom <= _legend_layout_for_font(font_px)[1]
+
+
+def _legend_layout_for_font(font_px: int) -> tuple[int, int]:
+    """(margin, line height) of a legend drawn at `font_px` (see `_legend_layout`)."""
+    return max(4, font_px // 2), int(font_px * 1.3)
+
+
+@functools.lru_cache(maxsize=32)
+def _line_strip(text: str, alert: bool, width: int) -> Image.Image:
+    """One legend line on a strip of background one line high, drawn where `_add_legend`
+    draws it: pasted, the same pixels as drawing the line on the band (`_inside_line`)."""
+    font_px, margin, line_h = _legend_layout(width)
+    strip = Image.new("RGB", (width, line_h), _LEGEND_BACKGROUND)
+    ImageDraw.Draw(strip).text((margin, 0), text, fill=_LEGEND_ALERT if alert else _LEGEND_TEXT,
+                               font=_legend_font(font_px))
+    return strip
 
 
 @functools.lru_cache(maxsize=4)

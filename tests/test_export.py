@@ -292,15 +292,22 @@ def test_legend_states_the_colour_scale_and_its_unit():
 
 
 def test_legends_drawn_from_a_shared_band_have_the_pixels_of_legends_drawn_whole():
-    from headscreen.export.sc import _add_legend, _legend_lines
+    from headscreen.export.sc import _add_legend, _legend_lines, _line_strip
 
     image = np.zeros((256, 320, 3), np.uint8)
-    for k in (1, 2, 40):
-        lines = _legend_lines(MR_SUMMARY, (1.0, 3.0), f"slice {k}/40")
-        shared = _add_legend(image, lines, per_slice=2)
-        whole = _add_legend(image, lines, per_slice=len(lines))  # nothing shared, nothing cached
-        assert shared.shape == whole.shape and shared.shape[0] > image.shape[0]
-        np.testing.assert_array_equal(shared, whole)
+    positive = ct_summary(qc_reasons=["header_values_dropped: PatientBirthDate (not decodable)"])
+    for summary, width in [(MR_SUMMARY, 320), (MR_SUMMARY, 1024), (positive, 512), (positive, 700)]:
+        image = np.zeros((64, width, 3), np.uint8)
+        pasted = _line_strip.cache_info().hits + _line_strip.cache_info().misses
+        for k in (1, 2, 40, 300):
+            lines = _legend_lines(summary, (1.0, 3.0), f"slice {k}/300")
+            shared = _add_legend(image, lines, per_slice=2)
+            # Nothing shared, nothing cached, every line drawn in place.
+            whole = _add_legend(image, lines, per_slice=len(lines), reuse_lines=False)
+            assert shared.shape == whole.shape and shared.shape[0] > image.shape[0]
+            np.testing.assert_array_equal(shared, whole)
+        # The slice's own lines were pasted from strips (the colour line, the unit line).
+        assert _line_strip.cache_info().hits + _line_strip.cache_info().misses >= pasted + 4 * 2
     first, last = (_add_legend(image, _legend_lines(MR_SUMMARY, (1.0, 3.0), f"slice {k}/40"), per_slice=2)
                    for k in (1, 40))
     assert not np.array_equal(first, last)  # each slice still names itself
