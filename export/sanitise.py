@@ -190,13 +190,25 @@ def _copy_sharing(dataset: Dataset, shared: dict[BaseTag, DataElement],
                   only: frozenset[str] | None) -> tuple[Dataset, list[str]]:
     """A clean copy of a later instance, the first one's shared values in place of its own."""
     # Its own patient, study and series values are replaced by the first one's: not even read.
-    copy_, others = clean_header(dataset, skip=_SHARED, only=only)
+    copy_, others = clean_header(dataset, skip=_SHARED, only=only, fill_type2=False)
     shared_tags = _tags_of(_SHARED)
     for tag in [t for t in copy_.keys() if (t in shared_tags or t == 0x00080005) and t not in shared]:
         del copy_[tag]
-    for element in shared.values():
-        copy_.add(_copied(element))
+    # The Type 2 attributes are all shared (skipped above): the first's values go where
+    # clean_header's empty ones would have, then the other shared values.
+    type2 = _tags_of(frozenset(TYPE2))
+    for type2_tag in _type2_in_order():
+        if type2_tag in shared:
+            copy_.add(_copied(shared[BaseTag(type2_tag)]))
+    for tag, element in shared.items():
+        if tag not in type2:
+            copy_.add(_copied(element))
     return copy_, others
+
+
+@functools.lru_cache(maxsize=1)
+def _type2_in_order() -> tuple[int, ...]:
+    return tuple(tag for keyword in TYPE2 if (tag := tag_for_keyword(keyword)) is not None)
 
 
 def _copied(element: DataElement) -> DataElement:
@@ -216,11 +228,12 @@ def _tags_of(keywords: frozenset[str]) -> frozenset[int]:
 
 
 def clean_header(dataset: Dataset, skip: frozenset[str] = frozenset(),
-                 only: frozenset[str] | None = None) -> tuple[Dataset, list[str]]:
+                 only: frozenset[str] | None = None, fill_type2: bool = True) -> tuple[Dataset, list[str]]:
     """One clean copy of `dataset` (pixel data kept as it is) and the keywords left out;
     the top-level attributes named in `skip`, or not named in `only` (when given), are
     left out unread (and not reported). Both name attributes of fixed tags (not of
-    repeating groups such as 60xx)."""
+    repeating groups such as 60xx). `fill_type2` False leaves absent `TYPE2` attributes
+    absent (the caller fills them)."""
     dropped: list[str] = []
     with warnings.catch_warnings():
         # pydicom warns with the offending value in the text.
@@ -229,7 +242,7 @@ def clean_header(dataset: Dataset, skip: frozenset[str] = frozenset(),
         clean = _clean(dataset, dropped, charset_ok, top=True, skip=skip, only=only)
     if not charset_ok and not skip:
         dropped.insert(0, "SpecificCharacterSet")
-    for keyword in TYPE2:
+    for keyword in TYPE2 if fill_type2 else ():
         if keyword not in clean:
             setattr(clean, keyword, None)  # Type 2: present, empty
     if getattr(dataset, "filename", None) is not None:
