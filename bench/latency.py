@@ -1,8 +1,10 @@
 """Seconds from study completeness to results delivered, for a 300-slice head CT and a brain MR.
 
 Starts `headscreen serve` (SQLite, shipped bundles, one worker) and a PACS as the
-destination (a real Orthanc by default; --destination pynetdicom: the test harness's
-Python Storage SCP, which takes a CT result 1.3-1.8x as long as Orthanc, bench/delivery.py),
+destination (a real Orthanc by default, with TCP_NODELAY=1; --destination orthanc-nagle:
+Orthanc as dcmtk leaves it, Nagle's algorithm on, as many PACS run; --destination pynetdicom:
+the test harness's Python Storage SCP, which takes a CT result 1.3-1.8x as long as Orthanc,
+bench/delivery.py),
 sends each study with dcmtk's storescu, and prints per run:
 - completeness -> last object delivered (the study's completed_at to the last delivered_at);
 - last instance acknowledged -> last object delivered (last_received_at to the last
@@ -14,7 +16,7 @@ Targets (issue 14): CT <= 3 s, MR <= 2 s from completeness, <= 6 s from the last
 acknowledgement, worker peak <= 1 GB. Not a test.
 
     .venv/bin/python bench/latency.py [--runs 2] [--modality CT MR] [--whole-quiet S] [--test-timing]
-                                      [--destination orthanc|pynetdicom]
+                                      [--destination orthanc|orthanc-nagle|pynetdicom]
 
 serve runs with the shipped defaults for the settings that make waits (whole_quiet_s 5,
 sweep_interval_s 1, quiet_period_s 60; --whole-quiet S sets whole_quiet_s), which are
@@ -75,8 +77,8 @@ def _production_timing(daemon: Daemon, whole_quiet_s: float) -> None:
 @contextmanager
 def _destination(kind: str, work: Path) -> Iterator[tuple[str, int]]:
     """(AE title, port) of a started destination, stopped on exit."""
-    if kind == "orthanc":
-        with orthanc(work) as (port, ae_title, _storage, _stats):
+    if kind in ("orthanc", "orthanc-nagle"):
+        with orthanc(work, nagle=kind == "orthanc-nagle") as (port, ae_title, _storage, _stats):
             yield ae_title, port
         return
     scp = RecordingSCP(work / "pacs")
@@ -93,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-timing", action="store_true",
                         help="the test harness's short waits instead of the shipped defaults")
     parser.add_argument("--whole-quiet", type=float, default=5.0, help="whole_quiet_s (not with --test-timing)")
-    parser.add_argument("--destination", choices=("orthanc", "pynetdicom"), default="orthanc",
-                        help="where the results go: a real Orthanc (the PACS) or the harness's Python SCP")
+    parser.add_argument("--destination", choices=("orthanc", "orthanc-nagle", "pynetdicom"), default="orthanc",
+                        help="where the results go: a real Orthanc (the PACS; with Nagle's algorithm on, as "
+                             "dcmtk leaves it) or the harness's Python SCP")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, _destination(args.destination, Path(tmp)) as (ae_title, port):
         root = Path(tmp)
