@@ -62,6 +62,9 @@ class BundleRunner:
         self.bundle = bundle
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads or min(4, os.cpu_count() or 1)
+        # Idle pool threads sleep instead of spinning: they share the cores with the receiver
+        # (a 2-thread MR run: 52 instead of 73 ms of CPU, the same wall time).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Without the arena the activations are freed after each run (~40 MB per bundle
         # held otherwise, for a run of a few hundredths of a second).
