@@ -181,18 +181,23 @@ def render_overlay(
     grey = (1.0 - grey if inverted else grey) * 255.0
     out = np.empty(grey.shape + (3,), dtype=np.uint8)
     out[...] = np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]
-    # Only the coloured pixels (a few per cent of a slice) are blended.
+    # Only the coloured pixels (a few per cent of a slice) are blended, by flat index and
+    # one channel at a time: (1 - alpha) * grey + alpha * (yellow -> red), in float64.
     e_lo, e_hi = error_bounds
+    error = np.asarray(error)
     with np.errstate(invalid="ignore"):  # NaN > e_lo is False: never coloured
-        shown = np.asarray(error) > e_lo
-    if not shown.any():
+        shown = np.flatnonzero(error > e_lo)
+    if shown.size == 0:
         return out
-    level = np.clip((np.asarray(error)[shown] - e_lo) / (e_hi - e_lo), 0.0, 1.0)
-    colour = _YELLOW + level[:, None] * (_RED - _YELLOW)
+    level = np.clip((error.ravel()[shown] - e_lo) / (e_hi - e_lo), 0.0, 1.0)
     a_lo, a_hi = style.alpha_range
-    alpha = (a_lo + level * (a_hi - a_lo))[:, None]
-    blended = (1.0 - alpha) * grey[shown][:, None] + alpha * colour
-    out[shown] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    alpha = a_lo + level * (a_hi - a_lo)
+    kept = ((1.0 - alpha) * grey.ravel()[shown]).astype(np.float64)
+    alpha = alpha.astype(np.float64)
+    pixels = out.reshape(-1, 3)
+    for channel in range(3):
+        colour = _YELLOW[channel] + level * (_RED[channel] - _YELLOW[channel])
+        pixels[shown, channel] = np.clip(np.rint(kept + alpha * colour), 0, 255).astype(np.uint8)
     return out
 
 

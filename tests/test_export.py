@@ -242,6 +242,34 @@ def test_reddest_pixels_sit_on_the_lesion(ct_overlays):
     assert (far[..., 0] - far[..., 1]).max() < redness.max()
 
 
+@pytest.mark.parametrize("inverted", [False, True])
+def test_overlay_pixels_follow_the_blend_formula_pixel_by_pixel(inverted):
+    """The overlay blends by flat index, a channel at a time: every pixel is the formula's,
+    (1 - alpha) * grey + alpha * (yellow -> red) rounded, and uncoloured ones stay grey."""
+    from headscreen.export.sc import OverlayStyle, render_overlay
+
+    rng = np.random.default_rng(3)
+    values = rng.random((96, 80), dtype=np.float32) * 400 - 150
+    error = np.where(rng.random((96, 80)) < 0.3, rng.random((96, 80), dtype=np.float32) * 3, 0).astype(np.float32)
+    error[0, :6] = [np.nan, np.inf, -np.inf, 1.0, 1.0000001, 2.5]  # at and past the bounds
+    style = OverlayStyle()
+    window, (e_lo, e_hi) = (-20.0, 100.0), (1.0, 2.0)
+    rgb = render_overlay(values, error, window, (e_lo, e_hi), style, inverted)
+    grey = np.clip((values.astype(np.float64) - window[0]) / (window[1] - window[0]), 0, 1)
+    grey = (1 - grey if inverted else grey) * 255
+    a_lo, a_hi = style.alpha_range
+    for (row, column), e in np.ndenumerate(error):
+        g = grey[row, column]
+        if not e > e_lo:
+            assert list(rgb[row, column]) == [round(g)] * 3
+            continue
+        level = min(max((e - e_lo) / (e_hi - e_lo), 0.0), 1.0)
+        alpha = a_lo + level * (a_hi - a_lo)
+        expected = [(1 - alpha) * g + alpha * c for c in (255.0, 255.0 * (1 - level), 0.0)]
+        assert np.all(np.abs(rgb[row, column].astype(float) - expected) <= 0.5 + 1e-3), (row, column)
+    assert (rgb[..., 0] > rgb[..., 2]).sum() > 0.1 * error.size  # a good part is coloured
+
+
 def test_legend_carries_results_but_no_patient_identity(ct_series):
     from headscreen.export.sc import _legend_lines
 
