@@ -152,6 +152,8 @@ _BOUNDS_SAMPLE_VOXELS = 4_000_000
 
 
 def _error_bounds(error_map: NativeMap, style: OverlayStyle) -> tuple[float, float]:
+    if style.error_lower is not None and style.error_upper is not None and style.error_upper > style.error_lower:
+        return style.error_lower, style.error_upper  # fixed (the pipeline's): the map is not read
     # Display bounds only: a regular subsample of a large map gives the same
     # percentiles to display precision at a fraction of the sort cost.
     step = max(1, round((math.prod(error_map.shape) / _BOUNDS_SAMPLE_VOXELS) ** (1 / 3)))

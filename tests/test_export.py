@@ -270,6 +270,23 @@ def test_overlay_pixels_follow_the_blend_formula_pixel_by_pixel(inverted):
     assert (rgb[..., 0] > rgb[..., 2]).sum() > 0.1 * error.size  # a good part is coloured
 
 
+def test_fixed_colour_bounds_are_used_without_reading_the_map():
+    """The pipeline fixes the scale (1 to 3 healthy limits): the map is not sampled for it."""
+    from headscreen.export.sc import OverlayStyle, _error_bounds
+    from headscreen.imaging.native_map import DenseMap
+
+    class Unsampled(DenseMap):
+        def sample(self, step: int) -> np.ndarray:
+            raise AssertionError("sampled")
+
+    values = np.linspace(0.0, 5.0, 4 ** 3).reshape(4, 4, 4)
+    assert _error_bounds(Unsampled(values), OverlayStyle(error_lower=1.0, error_upper=3.0)) == (1.0, 3.0)
+    with pytest.raises(AssertionError, match="sampled"):  # bounds from the study's own map
+        _error_bounds(Unsampled(values), OverlayStyle(error_lower=1.0))
+    lower, upper = _error_bounds(DenseMap(values), OverlayStyle(error_lower=1.0))
+    assert lower == 1.0 and upper == pytest.approx(np.percentile(values, 99.99))
+
+
 def test_legend_carries_results_but_no_patient_identity(ct_series):
     from headscreen.export.sc import _legend_lines
 
