@@ -192,10 +192,11 @@ _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 class _PromptAckSocket(AssociationSocket):
     """An AssociationSocket that acknowledges at once what it reads. A peer with Nagle's
-    algorithm on (dcmtk's storescp and dcmtk-based PACS unless TCP_NODELAY=1 is set) sends
-    each response in two writes and holds the second until the first is acknowledged,
-    which a delayed ACK puts off by ~40 ms: over a second for one CT result's 26 objects.
-    Linux turns quick acknowledgement off again by itself, so it is asked for at each read."""
+    algorithm on (dcmtk's storescp and dcmtk-based PACS unless TCP_NODELAY=1 is set) holds
+    a small segment of its response until what it sent before is acknowledged, and Linux
+    delays that acknowledgement: measured, ~45 ms per object, over a second for one CT
+    result's 26 (bench/delivery.py). Linux leaves quick acknowledgement by itself, so it
+    is asked for before each read."""
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket

@@ -93,6 +93,7 @@ REFERENCE_KEYWORDS = frozenset({
 })
 # Patient, study and series attributes: one set of values for every object of a result.
 _SHARED = frozenset(COPIED - {"SOPInstanceUID", "SOPClassUID"})
+_TYPE2_KEYWORDS = frozenset(TYPE2)
 _ENUMERATED = {"PatientSex": {"M", "F", "O"}, "PatientIdentityRemoved": {"YES", "NO"}}
 
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
@@ -196,7 +197,7 @@ def _copy_sharing(dataset: Dataset, shared: dict[BaseTag, DataElement],
         del copy_[tag]
     # The Type 2 attributes are all shared (skipped above): the first's values go where
     # clean_header's empty ones would have, then the other shared values.
-    type2 = _tags_of(frozenset(TYPE2))
+    type2 = _tags_of(_TYPE2_KEYWORDS)
     for type2_tag in _type2_in_order():
         if type2_tag in shared:
             copy_.add(_copied(shared[BaseTag(type2_tag)]))
