@@ -917,8 +917,7 @@ def _head_dice(moved: np.ndarray, in_view: np.ndarray, threshold: float, modalit
     rows = _cranium_rows(modality, atlas_spacing)
     view = in_view[rows]
     # Bone, sinuses and CSF are dark on T1 but inside the head: fill them in, slice by slice.
-    head = ndimage.binary_closing(moved[rows] > threshold, iterations=2)
-    head = np.stack([ndimage.binary_fill_holes(plane) for plane in head])
+    head = skullstrip.fill_holes(ndimage.binary_closing(moved[rows] > threshold, iterations=2), in_planes=True)
     return skullstrip.dice(head & view, atlas_head[rows] & view)
 
 

@@ -35,7 +35,7 @@ def strip_ct(hu: np.ndarray, template_mask: np.ndarray, spacing_zyx: tuple[float
     if not core.any():
         return core
     mask = ndimage.binary_dilation(core, iterations=int(settings["erode_voxels"])) & candidate
-    mask = ndimage.binary_fill_holes(mask)
+    mask = fill_holes(mask)
     # One ring of partial-volume voxels against the inner table still belongs to the brain.
     ring = ndimage.binary_dilation(mask) & ~mask & (hu < float(settings["boundary_hu"])) & prior
     return mask | ring
@@ -84,7 +84,7 @@ def _strip_in_box(candidate: np.ndarray, core: np.ndarray, template_mask: np.nda
     kept = np.unique(labels[core & opened])
     mask = np.isin(labels, kept[kept > 0])
     mask = ndimage.binary_dilation(mask, structure=ball) & candidate
-    mask = ndimage.binary_fill_holes(mask)
+    mask = fill_holes(mask)
     # CSF over the cortex is as dark as bone on many T1s (MPRAGE): give back a thin rim
     # of it, but never outside the template brain.
     if rim > 0:
@@ -121,11 +121,37 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+def fill_holes(mask: np.ndarray, in_planes: bool = False) -> np.ndarray:
+    """`ndimage.binary_fill_holes` (of each axial plane on its own when `in_planes`), by
+    labelling the background once: what is not connected to the array's border (the
+    plane's edges) is a hole. The same mask as scipy's, which instead grows the outside
+    inward one voxel per pass, in a tenth of the time on a head."""
+    structure = ndimage.generate_binary_structure(3, 1)
+    if in_planes:
+        structure[0] = structure[2] = False
+    labels, count = ndimage.label(~mask.astype(bool), structure)
+    faces = [labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
+    if not in_planes:
+        faces += [labels[0], labels[-1]]
+    outside = np.zeros(count + 1, dtype=bool)
+    for face in faces:
+        outside[face] = True
+    outside[0] = False  # the mask itself
+    return ~outside[labels]
+
+
 def _dilate_mm(mask: np.ndarray, radius_mm: float, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
     if radius_mm <= 0:
         return mask.astype(bool)
-    distance = ndimage.distance_transform_edt(~mask.astype(bool), sampling=spacing_zyx)
-    return distance <= radius_mm
+    # The template prior is the same every scan: its distance map is found once per process.
+    key = (mask.shape, hash(np.packbits(mask.astype(bool)).tobytes()), tuple(spacing_zyx))
+    if key not in _DISTANCE_CACHE:
+        _DISTANCE_CACHE.clear()
+        _DISTANCE_CACHE[key] = ndimage.distance_transform_edt(~mask.astype(bool), sampling=spacing_zyx)
+    return _DISTANCE_CACHE[key] <= radius_mm
+
+
+_DISTANCE_CACHE: dict[tuple, np.ndarray] = {}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

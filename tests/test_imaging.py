@@ -985,6 +985,33 @@ def test_the_start_search_scores_candidates_all_at_once_as_one_by_one(posed_ct):
     assert len(set(scores.tolist())) > 50  # the poses differ, and so do their scores
 
 
+def test_hole_filling_by_labelling_equals_scipys_in_3d_and_plane_by_plane():
+    """skullstrip.fill_holes gives scipy's binary_fill_holes to the voxel: of the whole
+    array, and of each axial plane on its own (a hole open to the next plane is still a
+    hole in its plane), on random masks of many shapes, empty and full ones included."""
+    from headscreen.imaging import skullstrip
+
+    rng = np.random.default_rng(11)
+    masks = [np.zeros((4, 5, 6), bool), np.ones((4, 5, 6), bool), np.ones((1, 1, 1), bool)]
+    for _ in range(120):
+        shape = tuple(int(n) for n in rng.integers(1, 24, 3))
+        noise = rng.random(shape) < rng.uniform(0.05, 0.6)
+        masks.append(ndimage.binary_dilation(noise, iterations=int(rng.integers(0, 3))))
+    ring = np.zeros((3, 9, 9), bool)
+    ring[:, 2:7, 2:7] = True
+    ring[:, 3:6, 3:6] = False
+    ring[0, 3:6, 3:6] = True  # a tube shut at one end: open to the last plane in 3D, a hole in each plane
+    masks.append(ring)
+    filled_somewhere = 0
+    for mask in masks:
+        whole = skullstrip.fill_holes(mask)
+        planes = skullstrip.fill_holes(mask, in_planes=True)
+        np.testing.assert_array_equal(whole, ndimage.binary_fill_holes(mask))
+        np.testing.assert_array_equal(planes, np.stack([ndimage.binary_fill_holes(plane) for plane in mask]))
+        filled_somewhere += int(planes.sum() > mask.sum())
+    assert filled_somewhere > 20  # holes were there to fill
+
+
 def test_t1_brain_extraction_on_the_band_box_equals_the_whole_array():
     """strip_mr works on the search band's box only; on the whole grid the same steps give
     the same mask to the bit (a noisy atlas T1, whose bright scalp touches the band)."""
