@@ -391,15 +391,24 @@ def _assumed_frames(ds: pydicom.Dataset, n_frames: int) -> list[_Frame]:
 
 
 def _check_consistent(frames: list[_Frame]) -> None:
+    """Every frame as the first in size, orientation and pixel spacing; the first frame
+    that differs is reported, by the first of those it fails. All frames compared at once
+    (np.isclose as np.allclose tests each pair): 300 allclose calls were ~30 ms a CT."""
     first = frames[0]
-    for frame in frames[1:]:
-        if frame.shape != first.shape:
-            raise SeriesRejected(f"mixed_sizes: {first.shape} and {frame.shape} in one series")
-        if not (np.allclose(frame.row_dir, first.row_dir, atol=ORIENTATION_TOLERANCE)
-                and np.allclose(frame.col_dir, first.col_dir, atol=ORIENTATION_TOLERANCE)):
-            raise SeriesRejected("mixed_orientations: slices with different ImageOrientationPatient")
-        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=1e-3):
-            raise SeriesRejected(f"mixed_pixel_spacing: {first.pixel_spacing} and {frame.pixel_spacing}")
+    same_shape = np.array([frame.shape == first.shape for frame in frames])
+    same_orientation = np.logical_and(
+        np.isclose([frame.row_dir for frame in frames], first.row_dir, atol=ORIENTATION_TOLERANCE).all(axis=1),
+        np.isclose([frame.col_dir for frame in frames], first.col_dir, atol=ORIENTATION_TOLERANCE).all(axis=1))
+    same_spacing = np.isclose([frame.pixel_spacing for frame in frames], first.pixel_spacing, rtol=1e-3).all(axis=1)
+    differing = np.flatnonzero(~(same_shape & same_orientation & same_spacing))
+    if not len(differing):
+        return
+    k = int(differing[0])
+    if not same_shape[k]:
+        raise SeriesRejected(f"mixed_sizes: {first.shape} and {frames[k].shape} in one series")
+    if not same_orientation[k]:
+        raise SeriesRejected("mixed_orientations: slices with different ImageOrientationPatient")
+    raise SeriesRejected(f"mixed_pixel_spacing: {first.pixel_spacing} and {frames[k].pixel_spacing}")
 
 
 @dataclass(frozen=True)

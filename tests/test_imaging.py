@@ -706,6 +706,27 @@ def test_gantry_tilt_is_detected_and_resampled(tmp_path, small_ct_series):
     assert np.all(column[inside] > 0.9) and np.all(column[outside] < 0.1)
 
 
+def test_the_first_frame_unlike_the_first_is_reported_by_its_first_difference():
+    """A series' frames are compared with its first all at once; the reason names the
+    earliest frame that differs, by size before orientation before pixel spacing."""
+    from headscreen.imaging import volume
+
+    def frame(shape=(64, 64), row=(1.0, 0.0, 0.0), spacing=(0.5, 0.5)) -> volume._Frame:
+        return volume._Frame(sop_uid="1.2", frame_number=None, position=np.zeros(3), row_dir=np.array(row),
+                             col_dir=np.array([0.0, 1.0, 0.0]), pixel_spacing=spacing, shape=shape,
+                             slope=1.0, intercept=0.0)
+
+    tilted, wider = (0.99, 0.14, 0.0), (0.51, 0.5)
+    volume._check_consistent([frame(), frame(row=(1.0, 1e-5, 0.0)), frame(spacing=(0.5002, 0.5))])  # within tolerance
+    cases = [([frame(), frame(spacing=wider), frame(row=tilted)], "mixed_pixel_spacing"),
+             ([frame(), frame(row=tilted), frame(spacing=wider)], "mixed_orientations"),
+             ([frame(), frame(), frame(shape=(32, 64), row=tilted, spacing=wider)], "mixed_sizes"),
+             ([frame(), frame(row=tilted, spacing=wider)], "mixed_orientations")]
+    for frames, reason in cases:
+        with pytest.raises(SeriesRejected, match=reason):
+            volume._check_consistent(frames)
+
+
 def test_mixed_sizes_and_unreadable_files_are_rejected(tmp_path, small_ct_series):
     phantom = make_head("CT", age=50.0, seed=2, spacing=(2.0, 2.0, 2.0))
     series_uid = pydicom.dcmread(small_ct_series[0], stop_before_pixels=True).SeriesInstanceUID
