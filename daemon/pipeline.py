@@ -55,7 +55,7 @@ from headscreen.export.sr import ReferenceNote, build_report
 from headscreen.figures import ResultFigures
 from headscreen.imaging import concurrency
 from headscreen.imaging.native_map import NativeMap
-from headscreen.imaging.preprocess import Preprocessed, native_focus, preprocess, to_native_map
+from headscreen.imaging.preprocess import Preprocessed, native_focus, preprocess, to_native_map, with_defaults
 from headscreen.imaging.qc import blocking_reasons
 from headscreen.imaging.selection import (
     EXCLUDED_UNREADABLE,
@@ -143,9 +143,14 @@ class SharedStages:
         self._prepared: dict[str, Preprocessed | InputRejected] = {}
         self._release_volume = release_volume
 
-    def read(self, study: StudyFiles, rules: SelectionRules, timer: Timer) -> StudyRead:
+    def read(self, study: StudyFiles, rules: SelectionRules, timer: Timer,
+             working_spacing_mm: float | None = None) -> StudyRead:
+        """`working_spacing_mm`: the spacing the job's preprocessing shrinks the volume to;
+        when nothing else preprocesses it, the series is decoded straight to that
+        (load_series' shrink_to_mm), without the native voxels."""
         if self._read is None:
-            self._read = _read_study(study, rules, timer)
+            self._read = _read_study(study, rules, timer,
+                                     working_spacing_mm if self._release_volume else None)
         return self._read
 
     @property
@@ -170,7 +175,8 @@ class SharedStages:
         return found, reused
 
 
-def _read_study(study: StudyFiles, rules: SelectionRules, timer: Timer) -> StudyRead:
+def _read_study(study: StudyFiles, rules: SelectionRules, timer: Timer,
+                shrink_to_mm: float | None = None) -> StudyRead:
     # Each file is parsed once: its pixel data stays in the file until the volume is built.
     headers = timer.measure("read_headers", _read_headers, study, True)
     # Once per series: selection counts what is left out, and the chosen series goes on without it.
@@ -199,7 +205,7 @@ def _read_study(study: StudyFiles, rules: SelectionRules, timer: Timer) -> Study
     )
     paths = [Path(ds.filename) for ds in kept]
     try:
-        read.volume, read.load_error, unloadable = _load_volume(kept, paths, timer)
+        read.volume, read.load_error, unloadable = _load_volume(kept, paths, timer, shrink_to_mm)
     finally:
         _release_all(headers[chosen])  # what a failed load left (the instances left out too)
     if unloadable and read.volume is not None:
@@ -213,13 +219,13 @@ def _read_study(study: StudyFiles, rules: SelectionRules, timer: Timer) -> Study
     return read
 
 
-def _load_volume(headers: list[Dataset], paths: list[Path],
-                 timer: Timer) -> tuple[Volume | None, str | None, dict[str, int]]:
+def _load_volume(headers: list[Dataset], paths: list[Path], timer: Timer,
+                 shrink_to_mm: float | None = None) -> tuple[Volume | None, str | None, dict[str, int]]:
     """(volume, None, left out) or (None, why not, left out), from the headers read already
     (their pixel data is read now). When the series does not load, each file is checked and
     those whose pixels do not decode are left out before one more try."""
     try:
-        return timer.measure("load_volume", load_series, headers), None, {}
+        return timer.measure("load_volume", load_series, headers, shrink_to_mm), None, {}
     except _LOAD_ERRORS as exc:
         failure: BaseException = exc
     try:
@@ -228,7 +234,7 @@ def _load_volume(headers: list[Dataset], paths: list[Path],
         raise TransientError("stored instance unreadable; storage not reachable?") from None
     if bad and good:
         try:
-            return timer.measure("load_volume", load_series, good), None, bad
+            return timer.measure("load_volume", load_series, good, shrink_to_mm), None, bad
         except _LOAD_ERRORS as exc:
             failure = exc
     if isinstance(failure, InputRejected):
@@ -281,7 +287,8 @@ def _screen(
 ) -> JobOutcome:
     timer = Timer()
     manifest = runner.bundle.manifest
-    read = stages.read(study, rules or SelectionRules.default_for(manifest.modality), timer)
+    read = stages.read(study, rules or SelectionRules.default_for(manifest.modality), timer,
+                       float(with_defaults(manifest.preprocessing)["working_spacing_mm"]))
     headers, verdicts = read.headers, read.verdicts
     algorithm = _algorithm(runner)
     if read.chosen is None:

@@ -29,7 +29,7 @@ from headscreen.imaging import qc, skullstrip, templates
 from headscreen.imaging.concurrency import both
 from headscreen.imaging.native_map import DenseMap, IndexBox, MapPart, NativeMap, slice_sums_of
 from headscreen.imaging.registration import RegistrationResult, register_to_atlas
-from headscreen.imaging.volume import Volume
+from headscreen.imaging.volume import BlockShrinker, Volume, evenly_spaced, shrink_factors
 from headscreen.scores import FOCAL_KERNEL, focal_centre
 
 logger = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def preprocess(volume: Volume, params: dict[str, Any]) -> Preprocessed:
     """
     params = with_defaults(params)
     modality = params["modality"]
-    if volume.pixels_released:
+    if volume.pixels_released and volume.shrunk_to(float(params["working_spacing_mm"])) is None:
         raise ValueError("preprocess: argument 'volume' has had its pixels released")
     if volume.modality != modality:
         raise InputRejected(f"modality_mismatch: preprocessing is for {modality}, the series is {volume.modality}")
@@ -291,7 +291,11 @@ def _preprocess(volume: Volume, params: dict[str, Any], modality: str) -> Prepro
         clock = now
 
     air = templates.intensity_table(modality)["air"]
-    working = shrink(regular_image(volume), float(params["working_spacing_mm"]))
+    spacing_mm = float(params["working_spacing_mm"])
+    # A job's volume comes decoded straight to the working spacing (load_series' shrink_to_mm).
+    working = volume.shrunk_to(spacing_mm)
+    if working is None:
+        working = shrink(regular_image(volume), spacing_mm)
     if params.get("bias_correction"):
         working = _n4(working)
     lap("shrink")
@@ -365,7 +369,7 @@ def _preprocess(volume: Volume, params: dict[str, Any], modality: str) -> Prepro
 
 def _check_coverage(volume: Volume, minimum_mm: float) -> None:
     """A head cannot be registered from a few slices: reject instead of guessing."""
-    size, spacing = volume.image.GetSize(), volume.image.GetSpacing()
+    size, spacing = volume.size, volume.image.GetSpacing()
     extents = [n * s for n, s in zip(size, spacing)]
     if min(extents) < minimum_mm:
         raise InputRejected(f"insufficient_coverage: volume extent {min(extents):.0f} mm < {minimum_mm:g} mm "
@@ -409,13 +413,11 @@ def regular_image(volume: Volume) -> sitk.Image:
     resampled to an orthogonal grid by `load_series`.)
     """
     image = volume.image
-    if volume.slice_positions is None or image.GetSize()[2] < 2:
+    if volume.slice_positions is None or image.GetSize()[2] < 2 or evenly_spaced(image, volume.slice_positions):
         return image
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     distances = (volume.slice_positions - np.asarray(image.GetOrigin())) @ direction[:, 2]
     step = float(image.GetSpacing()[2])
-    if np.allclose(distances, np.arange(len(distances)) * step, atol=0.05 * step):
-        return image
     count = int(round(distances[-1] / step)) + 1
     targets = np.arange(count) * step
     upper = np.clip(np.searchsorted(distances, targets, side="right"), 1, len(distances) - 1)
@@ -442,7 +444,7 @@ def _n4(image: sitk.Image) -> sitk.Image:
 
 def shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """Block-average to about `spacing_mm` (integer factors; anti-aliases for free), float32."""
-    factors = [max(1, int(round(spacing_mm / s))) for s in image.GetSpacing()]
+    factors = shrink_factors(image.GetSpacing(), spacing_mm)
     if image.GetPixelID() == sitk.sitkFloat32:
         return image if factors == [1, 1, 1] else sitk.BinShrink(image, factors)
     if factors == [1, 1, 1]:
@@ -452,40 +454,14 @@ def shrink(image: sitk.Image, spacing_mm: float) -> sitk.Image:
 
 def _shrink_in_slabs(image: sitk.Image, factors: list[int]) -> sitk.Image:
     """BinShrink of a non-float32 image (an int16 thin-slice CT) in slabs of whole blocks,
-    each slab cast to float32 on its own: the same voxels as casting the whole image first
-    (a block is averaged from its own slices only), without a full-size float32 copy."""
-    depth = factors[2]
-    n_out = image.GetSize()[2] // depth
-    if n_out == 0:
+    each slab cast to float32 on its own (`BlockShrinker`), without a full-size float32 copy."""
+    shrinker = BlockShrinker(image, image.GetSize(), factors)
+    if shrinker.used_slices == 0:
         return sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
-    per_slab = max(1, _SHRINK_SLAB_VOXELS // (image.GetSize()[0] * image.GetSize()[1] * depth))
     voxels = sitk.GetArrayViewFromImage(image)
-
-    def shrunk_slab(start: int) -> sitk.Image:
-        # Copied in its own type and cast by ITK: one float32 copy fewer than numpy's astype,
-        # which GetImageFromArray then copied again.
-        slab = sitk.GetImageFromArray(voxels[start * depth:min(n_out, start + per_slab) * depth])
-        slab.SetOrigin(image.TransformIndexToPhysicalPoint((0, 0, start * depth)))
-        slab.SetSpacing(image.GetSpacing())
-        slab.SetDirection(image.GetDirection())
-        return sitk.BinShrink(sitk.Cast(slab, sitk.sitkFloat32), factors)
-
-    slabs = (shrunk_slab(start) for start in range(0, n_out, per_slab))
-    first = next(slabs)
-    out = np.empty((n_out,) + sitk.GetArrayViewFromImage(first).shape[1:], dtype=np.float32)
-    done = first.GetSize()[2]
-    out[:done] = sitk.GetArrayViewFromImage(first)
-    for slab in slabs:
-        out[done:done + slab.GetSize()[2]] = sitk.GetArrayViewFromImage(slab)
-        done += slab.GetSize()[2]
-    shrunk = sitk.GetImageFromArray(out)
-    shrunk.SetOrigin(first.GetOrigin())
-    shrunk.SetSpacing(first.GetSpacing())
-    shrunk.SetDirection(first.GetDirection())
-    return shrunk
-
-
-_SHRINK_SLAB_VOXELS = 4_000_000
+    for start in range(0, shrinker.used_slices, shrinker.slab_slices):
+        shrinker.add(start, voxels[start:min(shrinker.used_slices, start + shrinker.slab_slices)])
+    return shrinker.image()
 
 
 def normalise(values: np.ndarray, brain: np.ndarray, params: dict[str, Any]) -> np.ndarray:
@@ -980,8 +956,4 @@ def _t1_skull_coverage(moved: np.ndarray, in_view: np.ndarray, atlas_spacing: fl
 
 
 def _native_noise(volume: Volume, low: float, high: float) -> float:
-    n_slices = volume.image.GetSize()[2]
-    middle = n_slices // 2
-    lo, hi = max(0, middle - 2), min(n_slices, middle + 3)
-    slab = sitk.GetArrayViewFromImage(volume.image)[lo:hi]
-    return qc.noise_sigma(slab, low, high)
+    return qc.noise_sigma(volume.middle_slices(), low, high)

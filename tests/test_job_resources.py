@@ -35,7 +35,15 @@ from headscreen.export.sanitise import (
 )
 from headscreen.export.seg import anomaly_mask, anomaly_region, build_segmentation, source_voxel_ml
 from headscreen.imaging.phantoms import make_head, write_dicom_series
-from headscreen.imaging.preprocess import ModelGrid, Preprocessed, default_params, preprocess, to_native
+from headscreen.imaging.preprocess import (
+    ModelGrid,
+    Preprocessed,
+    default_params,
+    preprocess,
+    regular_image,
+    shrink,
+    to_native,
+)
 from headscreen.imaging.volume import load_series, read_header
 from serve_harness import dciodvfy_errors
 from test_export import ct_summary, make_ct_series
@@ -87,6 +95,62 @@ def test_a_released_volume_maps_back_the_same_and_is_not_preprocessed_again(ct_f
     assert np.array_equal(before, after)
     with pytest.raises(ValueError, match="volume"):
         preprocess(volume, default_params("CT"))
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return a.GetOrigin() == b.GetOrigin() and a.GetSpacing() == b.GetSpacing() and a.GetDirection() == b.GetDirection()
+
+
+def test_a_series_decoded_straight_to_the_working_spacing_gives_the_shrunk_image_to_the_bit(tmp_path, ct_files):
+    """load_series(shrink_to_mm) decodes a slab at a time into the block average the job
+    preprocesses: the same voxels, grid, geometry and middle slices (the noise QC's
+    sample) as loading the whole series and shrinking it, without the native voxels; also
+    when some slices do not fit int16 (the whole image would then be float32)."""
+    thin = write_dicom_series(make_head("MR", age=40.0, seed=9), tmp_path / "mr", rows=128, cols=128, slices=90,
+                              slice_thickness=1.0)
+    wide = write_dicom_series(make_head("MR", age=40.0, seed=10), tmp_path / "wide", rows=96, cols=96, slices=70,
+                              slice_thickness=1.0)
+    for path in wide[30:40]:  # the middle slices among them
+        ds = pydicom.dcmread(path)
+        ds.RescaleIntercept = 40000
+        ds.save_as(path)
+    for files, spacing, middle_type in ((ct_files, 4.0, np.int16), (thin, 2.0, np.int16), (wide, 2.0, np.float32)):
+        whole = load_series([read_header(p) for p in files])
+        streamed = load_series([read_header(p) for p in files], shrink_to_mm=spacing)
+        expected, shrunk = shrink(regular_image(whole), spacing), streamed.shrunk_to(spacing)
+        assert shrunk is not None and streamed.shrunk_to(spacing / 2) is None
+        assert np.array_equal(sitk.GetArrayViewFromImage(shrunk), sitk.GetArrayViewFromImage(expected))
+        assert _same_grid(shrunk, expected) and _same_grid(streamed.image, whole.image)
+        assert streamed.pixels_released and streamed.size == whole.size
+        assert streamed.middle_slices().dtype == whole.middle_slices().dtype == middle_type
+        assert np.array_equal(streamed.middle_slices(), whole.middle_slices())
+        assert streamed.slice_sop_uids == whole.slice_sop_uids and streamed.qc_reasons == whole.qc_reasons
+        assert np.array_equal(streamed.slice_positions, whole.slice_positions)
+    # The job's preprocessing of it is the whole series' to the bit.
+    params = default_params("CT")
+    fine = write_dicom_series(make_head("CT", age=60.0, seed=12), tmp_path / "ct", rows=192, cols=192, slices=150,
+                              slice_thickness=1.0)
+    streamed = load_series(fine, shrink_to_mm=float(params["working_spacing_mm"]))
+    assert streamed.shrunk is not None
+    one, other = preprocess(streamed, params), preprocess(load_series(fine), params)
+    assert np.array_equal(one.model_input, other.model_input) and np.array_equal(one.brain_mask, other.brain_mask)
+    assert one.qc_metrics == other.qc_metrics and one.qc_reasons == other.qc_reasons
+
+
+def test_a_series_that_needs_resampling_or_rescaling_is_decoded_whole(tmp_path, ct_files):
+    """A gap in the slices or a fractional rescale slope: shrink_to_mm is declined and the
+    volume holds its native voxels as before."""
+    gap = [p for k, p in enumerate(ct_files) if k != 30]
+    sloped = write_dicom_series(make_head("MR", age=40.0, seed=11), tmp_path / "sloped", rows=64, cols=64, slices=40,
+                                slice_thickness=2.0)
+    for path in sloped:
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope = 0.5
+        ds.save_as(path)
+    for files in (gap, sloped):
+        volume = load_series(files, shrink_to_mm=4.0)
+        assert volume.shrunk is None and not volume.pixels_released
+        assert volume.image.GetNumberOfPixels() == volume.size[0] * volume.size[1] * volume.size[2]
 
 
 def _labelled_everywhere(native_map: np.ndarray, threshold: float, voxel_ml: float, min_ml: float) -> np.ndarray:

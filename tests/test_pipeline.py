@@ -16,7 +16,7 @@ import headscreen.daemon.pipeline
 from bad_input import BAD_BIRTH_DATES, BY_NAME, PATIENT, PATIENT_ID, damage, leaks
 from headscreen.bundle import load_bundle
 from headscreen.daemon.config import shipped_bundles
-from headscreen.daemon.pipeline import StudyFiles, run_job
+from headscreen.daemon.pipeline import SharedStages, StudyFiles, run_job
 from headscreen.db.api import JobTicket
 from headscreen.export import codes
 from headscreen.export.sc import NOT_SCREENED_SERIES_DESCRIPTION
@@ -41,6 +41,33 @@ def ticket(study_uid: str) -> JobTicket:
 def study_of(files: list[Path]) -> StudyFiles:
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     return StudyFiles(str(first.StudyInstanceUID), {str(first.SeriesInstanceUID): files})
+
+
+def test_a_job_decodes_its_series_straight_to_the_working_spacing_unless_a_shadow_shares_it(
+        tmp_path, ct_runner, monkeypatch):
+    """With no shadow bundle the volume is decoded straight to the bundle's working spacing
+    (no native voxels); a job whose stages a shadow shares decodes it whole. Both screen
+    the study the same, to the last digit."""
+    real_load = headscreen.daemon.pipeline.load_series
+    calls: list[tuple[float | None, bool]] = []
+
+    def recording_load(sources, shrink_to_mm=None):  # type: ignore[no-untyped-def]
+        volume = real_load(sources, shrink_to_mm)
+        calls.append((shrink_to_mm, volume.shrunk is not None))
+        return volume
+
+    monkeypatch.setattr(headscreen.daemon.pipeline, "load_series", recording_load)
+    phantom = make_head("CT", age=58.0, seed=14,
+                        lesion=Lesion(kind="hemorrhage", center_mm=(25.0, -10.0, 15.0), volume_ml=20.0))
+    files = write_dicom_series(phantom, tmp_path / "in", rows=192, cols=192, slices=120, slice_thickness=1.0)
+    study = study_of(files)
+    alone = run_job(ticket(study.study_instance_uid), study, ct_runner, tmp_path / "alone", overlay_slices=4)
+    shared = run_job(ticket(study.study_instance_uid), study, ct_runner, tmp_path / "shared", overlay_slices=4,
+                     shared=SharedStages())
+    spacing = float(ct_runner.bundle.manifest.preprocessing["working_spacing_mm"])
+    assert calls == [(spacing, True), (None, False)]
+    assert alone.anomaly_score is not None and alone.anomaly_score == shared.anomaly_score
+    assert alone.qc_metrics == shared.qc_metrics and alone.qc_reasons == shared.qc_reasons
 
 
 def test_lesion_study_gives_valid_overlays_on_the_lesion(tmp_path, ct_runner):
