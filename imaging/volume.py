@@ -173,7 +173,7 @@ def load_series(sources: Sequence[Path | str | pydicom.Dataset], shrink_to_mm: f
     `shrink_to_mm`: when only a block average to this spacing will be read (a job's one
     preprocessing), a regular series of whole numbers is decoded a slab at a time straight
     into it (`Volume.shrunk`), without the native image (a thin-slice CT's 157 MB of int16,
-    ~0.13 s of fresh pages a job); any other series is decoded whole, as without it.
+    whose fresh pages alone took ~0.13 s a job); any other series is decoded whole.
     """
     if not sources:
         raise SeriesRejected("empty_series: no files given")
@@ -345,7 +345,7 @@ def _fits_int16(array: np.ndarray, frame: _Frame) -> bool:
 
 
 def _rescale_into(out: np.ndarray, array: np.ndarray, frame: _Frame) -> None:
-    """Stored values -> float32 rescaled values, as `_rescaled_stack` makes them."""
+    """Stored values -> rescaled float32 values (slope, then intercept, each in float32)."""
     out[...] = array  # one cast, no temporaries
     if frame.slope != 1.0:
         out *= np.float32(frame.slope)
@@ -472,11 +472,7 @@ def _rescaled_stack(frames: list[_Frame], pixels: list[np.ndarray]) -> np.ndarra
     """Stored values -> float32 (HU for CT) in one preallocated (slices, rows, cols) array."""
     stack = np.empty((len(pixels),) + pixels[0].shape, dtype=np.float32)
     for k, (frame, array) in enumerate(zip(frames, pixels)):
-        stack[k] = array  # one cast, no temporaries
-        if frame.slope != 1.0:
-            stack[k] *= np.float32(frame.slope)
-        if frame.intercept != 0.0:
-            stack[k] += np.float32(frame.intercept)
+        _rescale_into(stack[k], array, frame)
     return stack
 
 
