@@ -391,7 +391,10 @@ class BlockShrinker:
     def add(self, first_slice: int, voxels: np.ndarray) -> None:
         """The next slab: slices [first_slice, first_slice + len(voxels)), whole blocks."""
         # Copied in its own type and cast by ITK: one float32 copy fewer than numpy's astype.
-        slab = sitk.GetImageFromArray(voxels)
+        self.add_image(first_slice, sitk.GetImageFromArray(voxels))
+
+    def add_image(self, first_slice: int, slab: sitk.Image) -> None:
+        """`add` of a slab already in an image (placed here; its buffer may be reused after)."""
         slab.SetOrigin(self.grid.TransformIndexToPhysicalPoint((0, 0, int(first_slice))))
         slab.SetSpacing(self.grid.GetSpacing())
         slab.SetDirection(self.grid.GetDirection())
@@ -439,7 +442,9 @@ def _decoded_shrunk(frames: list[_Frame], datasets: list[pydicom.Dataset], grid:
     The middle slices are int16 as that image would be, unless a slice did not fit."""
     rows, cols = frames[0].shape
     shrinker = BlockShrinker(grid, (cols, rows, len(frames)), shrink_factors(grid.GetSpacing(), spacing_mm))
-    slab = np.empty((shrinker.slab_slices, rows, cols), dtype=np.float32)
+    # One slab image, decoded into again and again: no fresh pages or copy per slab.
+    slab_image = sitk.Image([cols, rows, shrinker.slab_slices], sitk.sitkFloat32)
+    slab = _writable_array(slab_image)
     spare = np.empty((rows, cols), dtype=np.float32)  # a slice past the last whole block
     low, high = middle_range(len(frames))
     middle = np.empty((high - low, rows, cols), dtype=np.float32)
@@ -455,7 +460,9 @@ def _decoded_shrunk(frames: list[_Frame], datasets: list[pydicom.Dataset], grid:
             _rescale_into(row, array, frame)
         if low <= k < high:
             middle[k - low] = row
-        if k < shrinker.used_slices and (k + 1 - start == shrinker.slab_slices or k + 1 == shrinker.used_slices):
+        if k < shrinker.used_slices and k + 1 - start == shrinker.slab_slices:
+            shrinker.add_image(start, slab_image)
+        elif k + 1 == shrinker.used_slices:  # the last slab, shorter
             shrinker.add(start, slab[:k + 1 - start])
     return (spacing_mm, shrinker.image()), (middle.astype(np.int16) if all_fit else middle)
 
