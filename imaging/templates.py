@@ -26,6 +26,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from headscreen.errors import ConfigError
+from headscreen.imaging.skullstrip import fill_holes
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +166,7 @@ def _colin_head(ref: sitk.Image) -> np.ndarray:
         head = labels == (int(np.argmax(sizes)) + 1)
     head = ndimage.binary_closing(head, iterations=2)
     # Fill per axial slice: the neck is open at the bottom so 3D filling misses it.
-    for k in range(head.shape[0]):
-        head[k] = ndimage.binary_fill_holes(head[k])
+    head = fill_holes(head, in_planes=True)
     # Continue the neck below the ICBM field of view.
     head[:BOTTOM_PAD_MM] |= head[BOTTOM_PAD_MM][None]
     return head
