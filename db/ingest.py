@@ -4,7 +4,8 @@ The instance path is the receiver's hot path, so it runs a few Core statements
 built once at import (their compiled SQL is cached): for a known study and series
 one SELECT, one INSERT ... ON CONFLICT DO NOTHING, and one UPDATE each of the
 series and the study. `record_instances` does the same for many instances in one
-transaction, so concurrent associations share one commit (one journal fsync).
+transaction, so concurrent associations share one commit (one journal fsync). On
+PostgreSQL they go out in psycopg's pipeline mode: three round trips, not seven.
 
 A SOP Instance UID already recorded under another series (so, usually, another
 study) is moved: the later send wins. The row takes the new series, path and
@@ -21,6 +22,7 @@ far at once, before the journal lets go of those instances.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import weakref
@@ -259,16 +261,13 @@ def _record_on_driver(session: Session, records: Sequence[InstanceRecord], batch
         session.commit()  # as begin_write: each db.api function owns its transaction
     raw = engine.raw_connection()
     try:
-        begin_driver_write(engine.dialect.name, raw, relaxed=not durable)
-        cursor = raw.cursor()
-        try:
-            outcomes = _new_instances_of_known_series(cursor, statements, records, batch)
-        finally:
-            cursor.close()
-        if outcomes is None:
-            raw.rollback()
-            return None
-        raw.commit()
+        with _pipelined(raw):
+            begin_driver_write(engine.dialect.name, raw, relaxed=not durable)
+            outcomes = _new_instances_of_known_series(raw, statements, records, batch)
+            if outcomes is None:
+                raw.rollback()
+                return None
+            raw.commit()
         return outcomes
     except Exception:
         logger.debug("driver path failed; recording through the Session", exc_info=True)
@@ -281,33 +280,54 @@ def _record_on_driver(session: Session, records: Sequence[InstanceRecord], batch
         raw.close()
 
 
-def _new_instances_of_known_series(cursor: Any, statements: _DriverStatements, records: Sequence[InstanceRecord],
+def _pipelined(raw: Any) -> contextlib.AbstractContextManager[Any]:
+    """psycopg's pipeline mode: statements whose results are not needed yet go out
+    together, so a new instance costs three round trips (begin and look up; insert and
+    update; commit) instead of seven. Other drivers run each statement as it comes."""
+    pipeline = getattr(raw.driver_connection, "pipeline", None)
+    return pipeline() if pipeline is not None else contextlib.nullcontext()
+
+
+def _new_instances_of_known_series(raw: Any, statements: _DriverStatements, records: Sequence[InstanceRecord],
                                    batch: _Batch) -> list[RecordOutcome] | None:
-    outcomes = []
-    for rec in records:
-        study = batch.studies.get(rec.study_instance_uid)
-        if study is None or rec.series_instance_uid not in batch.series_ids:
-            row = statements.study_and_series.execute(cursor, {
-                "study_uid": rec.study_instance_uid, "series_uid": rec.series_instance_uid}).fetchone()
-            if row is None or row[3] is None or row[2] != statements.receiving:
-                return None
-            if study is None:
-                study = _StudyState(id=row[0], generation=row[1], state=StudyState.RECEIVING)
-                batch.studies[rec.study_instance_uid] = study
-            batch.series_ids[rec.series_instance_uid] = row[3]
-        series_id = batch.series_ids[rec.series_instance_uid]
-        inserted = statements.insert_instance.execute(
-            cursor, _instance_values(rec, series_id, study.generation, batch.now)).fetchone()
-        if inserted is None:
-            return None  # already recorded: a duplicate or a move
-        batch.added_per_series[series_id] = batch.added_per_series.get(series_id, 0) + 1
-        study.records.append(rec)
-        outcomes.append(RecordOutcome(created=True, study_reopened=False, study_id=study.id))
-    for series_id, added in batch.added_per_series.items():
-        statements.count_instances.execute(cursor, {"b_series_id": series_id, "b_added": added})
-    for study in batch.studies.values():
-        statements.touch_study.execute(cursor, _study_touch_params(study, batch.now))
-    return outcomes
+    """Each INSERT has its own cursor and is read only once the updates are queued (in
+    pipeline mode a read waits for the server). A row already recorded (a duplicate or
+    a move) means None, and the caller rolls the updates back with it."""
+    cursors: list[Any] = []
+    inserted: list[tuple[Any, _StudyState]] = []
+    try:
+        for rec in records:
+            study = batch.studies.get(rec.study_instance_uid)
+            if study is None or rec.series_instance_uid not in batch.series_ids:
+                lookup = raw.cursor()
+                cursors.append(lookup)
+                row = statements.study_and_series.execute(lookup, {
+                    "study_uid": rec.study_instance_uid, "series_uid": rec.series_instance_uid}).fetchone()
+                if row is None or row[3] is None or row[2] != statements.receiving:
+                    return None
+                if study is None:
+                    study = _StudyState(id=row[0], generation=row[1], state=StudyState.RECEIVING)
+                    batch.studies[rec.study_instance_uid] = study
+                batch.series_ids[rec.series_instance_uid] = row[3]
+            series_id = batch.series_ids[rec.series_instance_uid]
+            insert = raw.cursor()
+            cursors.append(insert)
+            statements.insert_instance.execute(insert, _instance_values(rec, series_id, study.generation, batch.now))
+            inserted.append((insert, study))
+            batch.added_per_series[series_id] = batch.added_per_series.get(series_id, 0) + 1
+            study.records.append(rec)
+        updates = raw.cursor()
+        cursors.append(updates)
+        for series_id, added in batch.added_per_series.items():
+            statements.count_instances.execute(updates, {"b_series_id": series_id, "b_added": added})
+        for study in batch.studies.values():
+            statements.touch_study.execute(updates, _study_touch_params(study, batch.now))
+        if any(insert.fetchone() is None for insert, _ in inserted):
+            return None
+        return [RecordOutcome(created=True, study_reopened=False, study_id=study.id) for _, study in inserted]
+    finally:
+        for cursor in cursors:
+            cursor.close()
 
 
 def _record_in_transaction(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import pq
 from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -198,6 +199,30 @@ def test_known_study_and_series_take_four_statements(db_session: Session, monkey
         assert api.record_instance(db_session, record(study, series, 2, 2.0), now=at(1)).created
     data_statements = [s for s in sent if s in ("SELECT", "INSERT", "UPDATE", "DELETE")]
     assert data_statements == ["SELECT", "INSERT", "UPDATE", "UPDATE"]
+
+
+def test_postgresql_sends_an_instances_statements_pipelined(db_session: Session,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg's pipeline mode: the statements whose results are read later go out
+    together (three round trips for a new instance, not seven)."""
+    study, series = uid(), uid()
+    api.record_instance(db_session, record(study, series, 1, 1.0), now=T0)
+    pipelined: list[bool] = []
+    driver_execute = DriverStatement.execute
+
+    def note_pipeline(self: DriverStatement, cursor: Any, values: Any) -> Any:
+        pgconn = getattr(cursor.connection, "pgconn", None)
+        pipelined.append(pgconn is not None and pgconn.pipeline_status != pq.PipelineStatus.OFF)
+        return driver_execute(self, cursor, values)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DriverStatement, "execute", note_pipeline)
+        outcomes = api.record_instances(db_session, [record(study, series, 2, 2.0), record(study, series, 3, 3.0)],
+                                        now=at(1))
+    assert [o.created for o in outcomes] == [True, True]
+    on_postgres = db_session.get_bind().dialect.name == "postgresql"
+    assert pipelined == [on_postgres] * 5  # SELECT, two INSERTs, two UPDATEs
+    assert db_session.execute(select(Series.instance_count)).scalar_one() == 3
 
 
 def test_batch_shares_its_per_study_updates(db_session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
