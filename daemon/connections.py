@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import queue
@@ -219,29 +220,39 @@ ACCEPT_DEFERRAL_MAX_S = 0.015
 
 
 class SharedAssociationCount:
-    """Associations held by each receiver process of one `serve` (daemon.receiver_pool), in
-    shared memory, so that `max_associations` bounds them all together. Each process writes
-    only its own slot; the parent zeroes the slot of a process that died.
+    """Associations and connections held by each receiver process of one `serve`
+    (daemon.receiver_pool), in shared memory, so that `max_associations` and the
+    per-address and idle limits bound them all together. Each process writes only its
+    own slot and its own part of the connection table; the parent clears those of a
+    process that died.
 
     The check and the count are made under an flock on `lock_path`, not a multiprocessing
     lock: the kernel releases an flock when its holder dies, so a process killed while
     holding it cannot stop every other process from admitting associations.
     """
 
-    def __init__(self, slots: Any, index: int, lock_path: Path, opened: Any = None) -> None:
+    def __init__(self, slots: Any, index: int, lock_path: Path, opened: Any = None,
+                 connections: Any = None) -> None:
         self._slots = slots  # multiprocessing RawArray('i', processes)
         self.index = index
         self.lock_path = lock_path
         # Connections each process has open (RawArray('i', processes)), for accept_deferral.
         self._opened = opened
+        # Each process's open connections as connection_entry values, 0 for a free place
+        # (RawArray('q', processes * capacity)), for the per-address and idle limits.
+        self._connections = connections
+        self._capacity = len(connections) // len(slots) if connections is not None else 0
+        self._published: list[int] = []
         self._thread_lock = threading.Lock()  # an flock does not exclude threads sharing its file
         self._fd: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"slots": self._slots, "index": self.index, "lock_path": self.lock_path, "opened": self._opened}
+        return {"slots": self._slots, "index": self.index, "lock_path": self.lock_path, "opened": self._opened,
+                "connections": self._connections}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["slots"], state["index"], state["lock_path"], state["opened"])  # type: ignore[misc]
+        self.__init__(state["slots"], state["index"], state["lock_path"], state["opened"],  # type: ignore[misc]
+                      state["connections"])
 
     def note_open(self, connections: int) -> None:
         """How many connections this process has open (one writer per slot: no lock)."""
@@ -282,6 +293,46 @@ class SharedAssociationCount:
     def published(self) -> int:
         return int(self._slots[self.index])
 
+    def connections_elsewhere(self) -> list[int]:
+        """Under `lock()`: the other processes' connections, as `connection_entry` values."""
+        if self._connections is None:
+            return []
+        mine = range(self.index * self._capacity, (self.index + 1) * self._capacity)
+        return [entry for i, entry in enumerate(self._connections[:]) if entry and i not in mine]
+
+    def connections_changed(self, entries: list[int]) -> bool:
+        return self._connections is not None and entries != self._published
+
+    def publish_connections(self, entries: list[int]) -> None:
+        """Under `lock()`: this process's connections. Past the table's capacity the rest
+        are left out: the other processes then see fewer, and refuse nothing wrongly."""
+        if self._connections is None:
+            return
+        kept = entries[:self._capacity]
+        start = self.index * self._capacity
+        self._connections[start:start + self._capacity] = kept + [0] * (self._capacity - len(kept))
+        self._published = list(entries)
+
+    def clear_process(self, index: int) -> None:
+        """Under `lock()`: what a process that died held (the pool's parent calls this)."""
+        self._slots[index] = 0
+        if self._opened is not None:
+            self._opened[index] = 0
+        if self._connections is not None:
+            start = index * self._capacity
+            self._connections[start:start + self._capacity] = [0] * self._capacity
+
+
+def address_key(host: str | None) -> int:
+    """A peer address as the shared connection table keeps it: 61 bits of a hash that is
+    the same in every process (Python's own str hash is salted per process), never 0."""
+    digest = hashlib.blake2b((host or "").encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") & ((1 << 61) - 1)) | 1
+
+
+def connection_entry(host: str | None, idle: bool) -> int:
+    return address_key(host) << 1 | int(idle)
+
 
 class ConnectionGuard:
     """What a peer may hold before and while associated, across the plain and TLS ports.
@@ -296,8 +347,12 @@ class ConnectionGuard:
     Closing the oldest idle connection, not refusing the new one, means a caller's
     own stale sockets (or an abuser's) never keep its fresh connection out.
 
-    With several receiver processes (`shared`), the association limit counts every
-    process's associations; the per-address and idle limits hold per process.
+    With several receiver processes (`shared`), every limit counts the connections of
+    every process (a table in shared memory). A process closes only its own sockets, so
+    when the idle connections that would make room are all in another process, the new
+    connection is admitted anyway, and the other one ends at its association request
+    timeout: past a limit, at most one connection more per other process, each idle
+    when admitted.
     """
 
     def __init__(self, *, per_address: int, max_idle: int, max_associations: int,
@@ -317,25 +372,30 @@ class ConnectionGuard:
         evicted: Connection | None = None
         why = ""
         connection: Connection | None = None
-        with self._lock:
+        with self._shared_lock(), self._lock:
             self._connections = [c for c in self._connections if c.alive()]
+            elsewhere = self.shared.connections_elsewhere() if self.shared is not None else []
+            key = address_key(host)
+            from_host_elsewhere = [entry for entry in elsewhere if entry >> 1 == key]
             mine = [c for c in self._connections if c.address == host]
             idle = [c for c in self._connections if c.idle()]
-            if len(mine) >= self.per_address:
+            over_address_limit = len(mine) + len(from_host_elsewhere) >= self.per_address
+            if over_address_limit:
                 mine_idle = [c for c in mine if c.idle()]
                 if mine_idle:
                     evicted = min(mine_idle, key=lambda c: c.opened)
                     why = f"idle, to admit another: more than {self.per_address} connections from this address"
-            elif len(idle) >= self.max_idle:
+                elif any(entry & 1 for entry in from_host_elsewhere):
+                    over_address_limit = False  # its idle one elsewhere ends at the request timeout
+            elif len(idle) + sum(entry & 1 for entry in elsewhere) >= self.max_idle and idle:
                 evicted = min(idle, key=lambda c: c.opened)
                 why = f"idle, to admit another: more than {self.max_idle} connections without an association request"
-            if len(mine) < self.per_address or evicted is not None:
+            if not over_address_limit or evicted is not None:
                 connection = Connection(host, sock, tls)
                 self._connections.append(connection)
-            if self.shared is not None:
-                self.shared.note_open(sum(1 for c in self._connections if c.alive() and c is not evicted))
             if evicted is not None:
                 evicted.evicted = True
+            self._publish_connections()
         if connection is None:
             self.stats.add_connection_event("refused_address_limit")
             self._refused(RefusalKey(host, None, f"more than {self.per_address} associated connections from "
@@ -345,6 +405,14 @@ class ConnectionGuard:
             self.stats.add_connection_event("evicted_idle")
             self._refused(RefusalKey(evicted.address, None, why, CONNECTION_REFUSED_STATUS))
         return connection
+
+    def _publish_connections(self) -> None:
+        """Under both locks: this process's live connections, for the other processes."""
+        if self.shared is None:
+            return
+        live = [c for c in self._connections if c.alive()]
+        self.shared.note_open(len(live))
+        self.shared.publish_connections([connection_entry(c.address, c.idle()) for c in live])
 
     def close_idle(self) -> None:
         """Close every connection that has not requested an association (at shutdown)."""
@@ -364,6 +432,7 @@ class ConnectionGuard:
             connection.accepted = True
             if self.shared is not None:
                 self.shared.publish(held + 1)
+                self._publish_connections()  # it has requested: no longer idle
             return True
 
     def publish_held(self) -> None:
@@ -374,10 +443,12 @@ class ConnectionGuard:
         with self._lock:
             self._connections = [c for c in self._connections if c.alive()]
             self.shared.note_open(len(self._connections))
-            if self.shared.published == self._held():
+            entries = [connection_entry(c.address, c.idle()) for c in self._connections]
+            if self.shared.published == self._held() and not self.shared.connections_changed(entries):
                 return  # nothing changed: no need for the cross-process lock
         with self.shared.lock(), self._lock:
             self.shared.publish(self._held())
+            self._publish_connections()
 
     def _held(self) -> int:
         return sum(1 for c in self._connections if c.accepted and c.alive())

@@ -15,8 +15,8 @@ What holds across processes:
 - after a crash, serve's own receiver replays every process's journal before it listens
   (and so before any other process or the workers start); a process that dies alone is
   started again and replays its own journal first;
-- `max_associations` counts the associations of every process (shared memory); the
-  per-address and idle-connection limits hold per process;
+- `max_associations`, `max_connections_per_address` and `max_idle_connections` count
+  the connections of every process (shared memory; daemon.connections.ConnectionGuard);
 - each process stops when serve stops, and dies with it when serve is killed (the
   kernel's parent-death signal), so no orphan keeps accepting on serve's port;
 - /metrics and /healthz report the counters of every process together.
@@ -53,6 +53,7 @@ STOP_TIMEOUT_S = 15.0
 # Below the storage root, beside the journals: the flock the association count is kept under.
 LOCK_FILE = ".receiver-processes.lock"
 _PR_SET_PDEATHSIG = 1
+CONNECTION_TABLE_MARGIN = 16
 
 
 class PoolStartError(RuntimeError):
@@ -128,6 +129,7 @@ class ReceiverPool:
         self._context = multiprocessing.get_context("spawn")
         self._slots = self._context.RawArray("i", processes)
         self._opened = self._context.RawArray("i", processes)
+        self._connections = self._context.RawArray("q", processes * connection_table_capacity(config))
         config.storage_dir.mkdir(parents=True, exist_ok=True)
         self._lock_path = config.storage_dir / LOCK_FILE
         self._admin = self._share(0)  # for zeroing the slot of a process that died
@@ -204,7 +206,7 @@ class ReceiverPool:
         self.own.shutdown(wait_s)
 
     def _share(self, index: int) -> SharedAssociationCount:
-        return SharedAssociationCount(self._slots, index, self._lock_path, self._opened)
+        return SharedAssociationCount(self._slots, index, self._lock_path, self._opened, self._connections)
 
     def _spawn(self, index: int) -> None:
         # From serve's main thread only: the parent-death signal fires when the spawning thread ends.
@@ -221,8 +223,7 @@ class ReceiverPool:
 
     def _forget(self, member: _Member) -> None:
         with self._admin.lock():
-            self._slots[member.index] = 0  # what it held ended with it
-            self._opened[member.index] = 0
+            self._admin.clear_process(member.index)  # what it held ended with it
         self.stats.retire(member.index)
         with self._lock:
             member.retired = True
@@ -264,6 +265,12 @@ class ReceiverPool:
                 if not member.retired:
                     member.retired = True
                     self._retired.append(member)
+
+
+def connection_table_capacity(config: ReceiverConfig) -> int:
+    """Places per process in the shared connection table: every idle connection and
+    association the limits allow, and a margin for associations that are ending."""
+    return config.max_idle_connections + config.maximum_associations + CONNECTION_TABLE_MARGIN
 
 
 def start_receivers(config: ReceiverConfig, session_factory: sessionmaker[Session], *, processes: int,

@@ -34,6 +34,8 @@ from headscreen.daemon.connections import (
     ACCEPT_DEFERRAL_STEP_S,
     GuardedAssociationServer,
     SharedAssociationCount,
+    address_key,
+    connection_entry,
 )
 from headscreen.daemon.ingest_journal import IngestJournal
 from headscreen.daemon.receiver import ASSOCIATION_LIMIT_STATUS, ReceiverConfig
@@ -41,7 +43,15 @@ from headscreen.daemon.receiver_pool import ReceiverPool, merge_snapshots, start
 from headscreen.db.engine import make_engine, session_factory
 from headscreen.db.migrate import upgrade
 from headscreen.db.models import IngestRejection, Instance
-from receiver_helpers import SCP_AE, SCU_AE, associate_once_a_slot_frees, start_harness, write_ct_series
+from receiver_helpers import (
+    SCP_AE,
+    SCU_AE,
+    associate_once_a_slot_frees,
+    closed_by_peer,
+    idle_sockets,
+    start_harness,
+    write_ct_series,
+)
 
 GENEROUS_S = 60.0
 
@@ -185,6 +195,82 @@ def test_the_association_limit_counts_the_associations_of_every_process(tmp_path
         for assoc in held:
             assoc.release()
         harness.close()
+
+
+def test_the_per_address_limit_counts_the_connections_of_every_process(tmp_path: Path) -> None:
+    harness = PoolHarness(tmp_path, max_connections_per_address=2, association_request_timeout_s=GENEROUS_S * 4)
+    ae = AE(ae_title=SCU_AE)
+    ae.add_requested_context(Verification)
+    held = []
+    stopped = False
+    try:
+        harness.pause_own_accepting()
+        held = [ae.associate("127.0.0.1", harness.port, ae_title=SCP_AE) for _ in range(2)]
+        assert all(a.is_established for a in held)  # both in process 1
+        os.kill(harness.child_pid(), signal.SIGSTOP)  # now only serve's own receiver accepts
+        stopped = True
+        harness.resume_own_accepting()
+        (extra,) = idle_sockets(harness.port, ["127.0.0.1"])
+        assert closed_by_peer(extra, GENEROUS_S)  # serve's receiver holds none, process 1 both
+        extra.close()
+        _wait(lambda: harness.pool.own.stats.snapshot()["connections"] == {"refused_address_limit": 1},
+              "the refusal was not counted")
+        (other_address,) = idle_sockets(harness.port, ["127.0.0.2"])  # another address is not limited
+        assert not closed_by_peer(other_address, 1.0)
+        other_address.close()
+    finally:
+        if stopped:
+            os.kill(harness.child_pid(), signal.SIGCONT)
+        for assoc in held:
+            assoc.release()
+        harness.close()
+
+
+def test_the_idle_limit_counts_every_process_and_each_closes_only_its_own(tmp_path: Path) -> None:
+    """Two idle connections in process 1 fill `max_idle_connections = 2`. Serve's own
+    receiver, holding none, admits one more (it cannot close process 1's sockets); the
+    next one there closes that one, its own oldest idle connection."""
+    harness = PoolHarness(tmp_path, max_idle_connections=2, association_request_timeout_s=GENEROUS_S * 4)
+    sockets = []
+    stopped = False
+    try:
+        harness.pause_own_accepting()
+        sockets += idle_sockets(harness.port, ["127.0.0.5", "127.0.0.6"])
+        _wait(lambda: harness.pool._opened[1] == 2, "process 1 did not accept both")
+        os.kill(harness.child_pid(), signal.SIGSTOP)
+        stopped = True
+        harness.resume_own_accepting()
+        (third,) = idle_sockets(harness.port, ["127.0.0.7"])
+        sockets.append(third)
+        _wait(lambda: harness.pool._opened[0] == 1, "serve's own receiver did not admit the third")
+        (fourth,) = idle_sockets(harness.port, ["127.0.0.8"])
+        sockets.append(fourth)
+        assert closed_by_peer(third, GENEROUS_S)  # three idle in all: its own oldest made room
+        assert not closed_by_peer(fourth, 1.0)
+        assert harness.pool.own.stats.snapshot()["connections"] == {"evicted_idle": 1}
+    finally:
+        if stopped:
+            os.kill(harness.child_pid(), signal.SIGCONT)
+        for sock in sockets:
+            sock.close()
+        harness.close()
+
+
+def test_the_connection_table_keeps_each_process_s_part_and_forgets_a_dead_one(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    slots, opened, table = context.RawArray("i", 2), context.RawArray("i", 2), context.RawArray("q", 2 * 3)
+    shares = [SharedAssociationCount(slots, i, tmp_path / "lock", opened, table) for i in range(2)]
+    entries = [connection_entry(f"10.0.0.{n}", idle=n % 2 == 0) for n in range(5)]
+    with shares[1].lock():
+        shares[1].publish_connections(entries)
+        assert shares[0].connections_elsewhere() == entries[:3]  # past its capacity: left out, never wrong
+        assert shares[1].connections_elsewhere() == []
+        shares[1].publish_connections(entries[:1])
+        assert shares[0].connections_elsewhere() == entries[:1]
+        shares[0].clear_process(1)
+        assert shares[0].connections_elsewhere() == []
+    assert connection_entry("10.0.0.1", idle=True) >> 1 == address_key("10.0.0.1") != address_key("10.0.0.2")
+    assert 0 < address_key("") < 2 ** 62
 
 
 def test_a_process_killed_is_started_again_and_replays_its_journal(pool: PoolHarness, tmp_path: Path) -> None:
