@@ -17,7 +17,7 @@ import ssl
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -129,6 +129,16 @@ class ReceiverTlsConfig(_Section):
         return self
 
 
+# Past a few processes ingest is bound by the disk and the network, not by Python.
+AUTO_RECEIVER_PROCESSES_MAX = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container's cpuset sets)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+
+
 class ReceiverSection(_Section):
     """Receiver limits and security; ae_title, port and the allow-list are top-level keys."""
 
@@ -141,9 +151,15 @@ class ReceiverSection(_Section):
     max_idle_connections: int = Field(32, ge=1, le=10_000)
     refusal_log_interval_s: float = Field(60.0, gt=0)
     # Receiver processes accepting on the port (daemon/receiver_pool.py): one is bound to
-    # about one core; more let concurrent associations use the others.
-    processes: int = Field(1, ge=1, le=64)
+    # about one core; more let concurrent associations use the others. "auto": one per
+    # core this process may run on, at most AUTO_RECEIVER_PROCESSES_MAX.
+    processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     tls: ReceiverTlsConfig = ReceiverTlsConfig()
+
+    def process_count(self) -> int:
+        if self.processes != "auto":
+            return self.processes
+        return max(1, min(usable_cores(), AUTO_RECEIVER_PROCESSES_MAX))
 
     @model_validator(mode="after")
     def _listens(self) -> ReceiverSection:

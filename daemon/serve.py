@@ -175,7 +175,7 @@ def serve(settings: Settings, drain_timeout_s: float = 60.0) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
-    receiver = start_receivers(receiver_config(settings), sessions, processes=settings.receiver.processes,
+    receiver = start_receivers(receiver_config(settings), sessions, processes=settings.receiver.process_count(),
                                database_url=settings.database_url, settings=settings)
     pool = WorkerPool(settings, settings.workers)
     scheduler = start_scheduler(settings, sessions, bundles, wake=pool.wake)

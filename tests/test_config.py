@@ -1,12 +1,13 @@
 """Settings: the example file is complete and valid, env overrides win, bad values are named."""
 
 import json
+import os
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from headscreen.daemon.config import Settings, example_toml, load_settings
+from headscreen.daemon.config import AUTO_RECEIVER_PROCESSES_MAX, Settings, example_toml, load_settings
 from headscreen.errors import ConfigError
 
 
@@ -55,6 +56,8 @@ def test_database_defaults_to_sqlite_in_storage(tmp_path):
          "destinations.0.port"),
         ("", "allowed_callers is empty"),
         ('allow_any_caller = true\ndatabase_url = "mysql://x"', "database_url"),
+        ("allow_any_caller = true\n[receiver]\nprocesses = 0", "receiver.processes"),
+        ('allow_any_caller = true\n[receiver]\nprocesses = "many"', "receiver.processes"),
     ],
 )
 def test_bad_values_are_named(tmp_path, text, key):
@@ -146,6 +149,16 @@ def test_receiver_defaults_keep_plain_dicom_and_the_old_behaviour(tmp_path):
     settings = load_settings(write(tmp_path, "allow_any_caller = true\n"))
     assert settings.receiver.plain_dicom and not settings.receiver.check_called_ae_title
     assert not settings.receiver.tls.enabled
+
+
+def test_receiver_processes_default_to_one_per_usable_core_up_to_a_cap(tmp_path, monkeypatch):
+    settings = load_settings(write(tmp_path, "allow_any_caller = true\n"))
+    assert settings.receiver.processes == "auto"
+    for cores, expected in ((1, 1), (2, 2), (64, AUTO_RECEIVER_PROCESSES_MAX)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert settings.receiver.process_count() == expected
+    chosen = load_settings(write(tmp_path, "allow_any_caller = true\n[receiver]\nprocesses = 3\n"))
+    assert chosen.receiver.process_count() == 3  # a number is taken as it is
 
 
 def test_receiver_tls_settings_reach_the_receiver(tmp_path, pki, monkeypatch):
