@@ -8,8 +8,9 @@ the result destination a dcmtk storescp), with 1 and 2 workers, on SQLite and, g
   between the first and the last but one study delivered (each study's last object),
   which leaves out the run's start (nothing to screen until the first study is complete)
   and its end (one worker finishing the last study while the other has nothing left);
-- CPU-seconds per study of each process (serve: receiver, scheduler; each worker: job
-  and delivery; the storescp destination), from /proc, over the run only;
+- CPU-seconds per study of each process (serve: its receiver, scheduler; each further
+  receiver process, `[receiver] processes`; each worker: job and delivery; the storescp
+  destination), from /proc, over the run only;
 - each worker's peak RSS during the run (VmHWM, reset once the worker is warm);
 - the sender's CPU (the storescu runs) and the destination's, which are not headscreen's but
   share the cores here, and with them the most studies/h these cores could give at full use;
@@ -44,6 +45,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 from throwaway_db import throwaway_postgres  # noqa: E402
 
 from headscreen.daemon.orthanc import free_port  # noqa: E402
+from headscreen.daemon.receiver_pool import PROCESS_NAME_PREFIX  # noqa: E402
 from headscreen.imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402
 from serve_harness import Daemon, storescu, wait_until  # noqa: E402
 
@@ -196,19 +198,23 @@ def anchor(study: list[Path], root: Path) -> None:
               f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
-def run(studies: list[list[Path]], root: Path, workers: int, database_url: str | None, label: str) -> Run:
+def run(studies: list[list[Path]], root: Path, workers: int, database_url: str | None, label: str,
+        receiver_processes: int | None = None) -> Run:
     with ExitStack() as stack:
         port, destination = stack.enter_context(storescp(root / f"pacs-{label}"))
+        extra = "" if receiver_processes is None else f"[receiver]\nprocesses = {receiver_processes}\n"
         daemon = Daemon(root / f"hs-{label}", destinations=[("pacs", "RESULTS", port)], workers=workers,
-                        database_url=database_url).start()
+                        database_url=database_url, extra=extra).start()
         stack.callback(daemon.close)
         assert daemon.process is not None
         # Warm: every worker has loaded and warmed its bundles (log line per worker).
         wait_until(lambda: (daemon.workdir / "serve.log").read_text(errors="replace").count("worker started")
                    >= workers, 300, 0.5, "workers warm")
+        # Receiver processes start before serve's workers and before it logs them warm.
+        receiver_pids = [p for p in children(daemon.process.pid) if is_receiver(p)]
         worker_pids = [p for p in children(daemon.process.pid) if is_worker(p)]
-        pids = {"serve": daemon.process.pid, **{f"worker{i + 1}": p for i, p in enumerate(worker_pids)},
-                DESTINATION: destination.pid}
+        pids = {"serve": daemon.process.pid, **{f"receiver{i + 1}": p for i, p in enumerate(receiver_pids)},
+                **{f"worker{i + 1}": p for i, p in enumerate(worker_pids)}, DESTINATION: destination.pid}
         for pid in worker_pids:
             reset_peak(pid)
         seconds, cpu = send_timed(daemon, studies, pids, 1800)
@@ -233,10 +239,19 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def is_receiver(pid: int) -> bool:
+    """One of serve's further receiver processes ([receiver] processes, named by receiver_pool)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().startswith(PROCESS_NAME_PREFIX)
+    except OSError:
+        return False
+
+
 def is_worker(pid: int) -> bool:
-    """A worker (a multiprocessing spawn child), not a helper such as the resource tracker."""
+    """A worker (a multiprocessing spawn child), not a receiver process or a helper such as
+    the resource tracker."""
     line = _cmdline(pid)
-    return "spawn_main" in line and "resource_tracker" not in line
+    return "spawn_main" in line and "resource_tracker" not in line and not is_receiver(pid)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--postgres", metavar="ADMIN_URL", help="also on PostgreSQL (a throw-away database)")
     parser.add_argument("--no-sqlite", action="store_true")
+    parser.add_argument("--receiver-processes", type=int, metavar="N",
+                        help="[receiver] processes = N (default: serve's own, \"auto\")")
     args = parser.parse_args(argv)
     print(f"{os.cpu_count()} CPUs; load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         anchor(studies[0], root)
         for workers in args.workers:
             if not args.no_sqlite:
-                run(studies, root, workers, None, f"sqlite-w{workers}").print()
+                run(studies, root, workers, None, f"sqlite-w{workers}", args.receiver_processes).print()
             if args.postgres:
                 with throwaway_postgres(args.postgres, "hs_throughput") as url:
-                    run(studies, root, workers, url, f"postgres-w{workers}").print()
+                    run(studies, root, workers, url, f"postgres-w{workers}", args.receiver_processes).print()
     return 0
 
 

@@ -53,6 +53,8 @@ STOP_TIMEOUT_S = 15.0
 # Below the storage root, beside the journals: the flock the association count is kept under.
 LOCK_FILE = ".receiver-processes.lock"
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+PROCESS_NAME_PREFIX = "hs-receiver-"  # the kernel keeps 15 bytes of a process name
 CONNECTION_TABLE_MARGIN = 16
 
 
@@ -292,7 +294,7 @@ def receiver_process_main(config: ReceiverConfig, index: int, database_url: str,
                           listeners: tuple[Any, ...], associations: SharedAssociationCount, reports: Connection,
                           parent_pid: int) -> None:
     """Entry point of receiver process `index` (> 0) of a pool."""
-    _die_with_parent(parent_pid)
+    _die_with_parent(parent_pid, index)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -322,12 +324,14 @@ def receiver_process_main(config: ReceiverConfig, index: int, database_url: str,
         engine.dispose()
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when serve dies, so it never accepts on serve's port alone."""
+def _die_with_parent(parent_pid: int, index: int) -> None:
+    """SIGKILL this process when serve dies, so it never accepts on serve's port alone.
+    Also names it (`hs-receiver-k` in ps, top and /proc/PID/comm) for admins and benches."""
     libc_name = ctypes.util.find_library("c")
     if libc_name is not None:
         libc = ctypes.CDLL(libc_name, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             logger.warning("could not ask to die with serve", extra={"action": "receiver_process_pdeathsig"})
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(f"{PROCESS_NAME_PREFIX}{index}".encode()), 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(1)  # serve died before the request took effect

@@ -164,6 +164,10 @@ def test_another_process_accepts_stores_and_journals_on_its_own(pool: PoolHarnes
     _wait(lambda: pool.pool.stats.snapshot()["stored"] == len(files), "process 1 never reported its count")
 
 
+def test_each_further_process_is_named_for_ps_and_top(pool: PoolHarness) -> None:
+    assert Path(f"/proc/{pool.child_pid()}/comm").read_text().strip() == "hs-receiver-1"
+
+
 def test_the_association_limit_counts_the_associations_of_every_process(tmp_path: Path) -> None:
     harness = PoolHarness(tmp_path, maximum_associations=2)
     ae = AE(ae_title=SCU_AE)
