@@ -18,7 +18,9 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -93,6 +95,24 @@ class PoolHarness:
         for server in self._own_servers():
             threading.Thread(target=server.serve_forever, daemon=True).start()
 
+    def associate_in_process_1(self, ae: AE, count: int) -> list[Any]:
+        """`count` associations, all held by process 1 (serve's own receiver paused)."""
+        self.pause_own_accepting()
+        held = [ae.associate("127.0.0.1", self.port, ae_title=SCP_AE) for _ in range(count)]
+        assert all(a.is_established for a in held)
+        return held
+
+    @contextmanager
+    def only_own_accepting(self) -> Iterator[None]:
+        """Process 1 stopped (SIGSTOP: it keeps what it holds and accepts nothing) and serve's
+        own receiver accepting; process 1 goes on when the block ends."""
+        os.kill(self.child_pid(), signal.SIGSTOP)
+        try:
+            self.resume_own_accepting()
+            yield
+        finally:
+            os.kill(self.child_pid(), signal.SIGCONT)
+
     def _own_servers(self) -> list[GuardedAssociationServer]:
         return [s for s in self.pool.own._servers if isinstance(s, GuardedAssociationServer)]
 
@@ -117,6 +137,12 @@ def pool(tmp_path: Path) -> Iterator[PoolHarness]:
     harness = PoolHarness(tmp_path)
     yield harness
     harness.close()
+
+
+def verification_ae() -> AE:
+    ae = AE(ae_title=SCU_AE)
+    ae.add_requested_context(Verification)
+    return ae
 
 
 def _storescu(port: int, paths: list[Path]) -> subprocess.Popen[str]:
@@ -170,32 +196,21 @@ def test_each_further_process_is_named_for_ps_and_top(pool: PoolHarness) -> None
 
 def test_the_association_limit_counts_the_associations_of_every_process(tmp_path: Path) -> None:
     harness = PoolHarness(tmp_path, maximum_associations=2)
-    ae = AE(ae_title=SCU_AE)
-    ae.add_requested_context(Verification)
-    held = []
-    stopped = False
+    ae, held = verification_ae(), []
     try:
-        harness.pause_own_accepting()
-        held = [ae.associate("127.0.0.1", harness.port, ae_title=SCP_AE) for _ in range(2)]
-        assert all(a.is_established for a in held)  # both in process 1
-        os.kill(harness.child_pid(), signal.SIGSTOP)  # now only serve's own receiver accepts
-        stopped = True
-        harness.resume_own_accepting()
-        third = ae.associate("127.0.0.1", harness.port, ae_title=SCP_AE)
-        assert third.is_rejected
-        assert (third.acceptor.primitive.result_source, third.acceptor.primitive.diagnostic) == (0x03, 0x02)
-        harness.pool.own.flush_refusals()
-        assert [r.status for r in harness.rejections()] == [ASSOCIATION_LIMIT_STATUS]
-        os.kill(harness.child_pid(), signal.SIGCONT)
-        stopped = False
+        held = harness.associate_in_process_1(ae, 2)
+        with harness.only_own_accepting():
+            third = ae.associate("127.0.0.1", harness.port, ae_title=SCP_AE)
+            assert third.is_rejected
+            assert (third.acceptor.primitive.result_source, third.acceptor.primitive.diagnostic) == (0x03, 0x02)
+            harness.pool.own.flush_refusals()
+            assert [r.status for r in harness.rejections()] == [ASSOCIATION_LIMIT_STATUS]
         held.pop().release()
         # The slot process 1 freed is free in serve's own receiver too (shared count).
         fourth = associate_once_a_slot_frees(ae, harness.port, GENEROUS_S)
         assert fourth.is_established
         fourth.release()
     finally:
-        if stopped:
-            os.kill(harness.child_pid(), signal.SIGCONT)
         for assoc in held:
             assoc.release()
         harness.close()
@@ -203,28 +218,19 @@ def test_the_association_limit_counts_the_associations_of_every_process(tmp_path
 
 def test_the_per_address_limit_counts_the_connections_of_every_process(tmp_path: Path) -> None:
     harness = PoolHarness(tmp_path, max_connections_per_address=2, association_request_timeout_s=GENEROUS_S * 4)
-    ae = AE(ae_title=SCU_AE)
-    ae.add_requested_context(Verification)
     held = []
-    stopped = False
     try:
-        harness.pause_own_accepting()
-        held = [ae.associate("127.0.0.1", harness.port, ae_title=SCP_AE) for _ in range(2)]
-        assert all(a.is_established for a in held)  # both in process 1
-        os.kill(harness.child_pid(), signal.SIGSTOP)  # now only serve's own receiver accepts
-        stopped = True
-        harness.resume_own_accepting()
-        (extra,) = idle_sockets(harness.port, ["127.0.0.1"])
-        assert closed_by_peer(extra, GENEROUS_S)  # serve's receiver holds none, process 1 both
-        extra.close()
-        _wait(lambda: harness.pool.own.stats.snapshot()["connections"] == {"refused_address_limit": 1},
-              "the refusal was not counted")
-        (other_address,) = idle_sockets(harness.port, ["127.0.0.2"])  # another address is not limited
-        assert not closed_by_peer(other_address, 1.0)
-        other_address.close()
+        held = harness.associate_in_process_1(verification_ae(), 2)
+        with harness.only_own_accepting():
+            (extra,) = idle_sockets(harness.port, ["127.0.0.1"])
+            assert closed_by_peer(extra, GENEROUS_S)  # serve's receiver holds none, process 1 both
+            extra.close()
+            _wait(lambda: harness.pool.own.stats.snapshot()["connections"] == {"refused_address_limit": 1},
+                  "the refusal was not counted")
+            (other_address,) = idle_sockets(harness.port, ["127.0.0.2"])  # another address is not limited
+            assert not closed_by_peer(other_address, 1.0)
+            other_address.close()
     finally:
-        if stopped:
-            os.kill(harness.child_pid(), signal.SIGCONT)
         for assoc in held:
             assoc.release()
         harness.close()
@@ -236,25 +242,20 @@ def test_the_idle_limit_counts_every_process_and_each_closes_only_its_own(tmp_pa
     next one there closes that one, its own oldest idle connection."""
     harness = PoolHarness(tmp_path, max_idle_connections=2, association_request_timeout_s=GENEROUS_S * 4)
     sockets = []
-    stopped = False
     try:
         harness.pause_own_accepting()
         sockets += idle_sockets(harness.port, ["127.0.0.5", "127.0.0.6"])
         _wait(lambda: harness.pool._opened[1] == 2, "process 1 did not accept both")
-        os.kill(harness.child_pid(), signal.SIGSTOP)
-        stopped = True
-        harness.resume_own_accepting()
-        (third,) = idle_sockets(harness.port, ["127.0.0.7"])
-        sockets.append(third)
-        _wait(lambda: harness.pool._opened[0] == 1, "serve's own receiver did not admit the third")
-        (fourth,) = idle_sockets(harness.port, ["127.0.0.8"])
-        sockets.append(fourth)
-        assert closed_by_peer(third, GENEROUS_S)  # three idle in all: its own oldest made room
-        assert not closed_by_peer(fourth, 1.0)
-        assert harness.pool.own.stats.snapshot()["connections"] == {"evicted_idle": 1}
+        with harness.only_own_accepting():
+            (third,) = idle_sockets(harness.port, ["127.0.0.7"])
+            sockets.append(third)
+            _wait(lambda: harness.pool._opened[0] == 1, "serve's own receiver did not admit the third")
+            (fourth,) = idle_sockets(harness.port, ["127.0.0.8"])
+            sockets.append(fourth)
+            assert closed_by_peer(third, GENEROUS_S)  # three idle in all: its own oldest made room
+            assert not closed_by_peer(fourth, 1.0)
+            assert harness.pool.own.stats.snapshot()["connections"] == {"evicted_idle": 1}
     finally:
-        if stopped:
-            os.kill(harness.child_pid(), signal.SIGCONT)
         for sock in sockets:
             sock.close()
         harness.close()
