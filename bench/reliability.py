@@ -123,6 +123,7 @@ from headscreen.db.models import (  # noqa: E402
     Study,
 )
 from headscreen.db.states import DeliveryState, JobState, ObjectKind, StudyState  # noqa: E402
+from headscreen.export.delivery import requestor_handlers  # noqa: E402
 from receiver_helpers import closed_by_peer, idle_sockets  # noqa: E402
 
 CALLING_AE = "BENCHPACS"
@@ -343,7 +344,7 @@ def send_items(port: int, items: Sequence[Item]) -> None:
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     # 15 s: pynetdicom notices a peer killed mid-C-STORE only when its DIMSE timeout ends.
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
-    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE)
+    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE, evt_handlers=requestor_handlers())
     try:
         for item in items:
             if not assoc.is_established:

@@ -31,6 +31,7 @@ from headscreen.daemon.orthanc import Orthanc, free_port, orthanc_available
 from headscreen.db.engine import make_engine, session_factory
 from headscreen.db.models import Delivery, Result, ResultObject, Study
 from headscreen.errors import HeadscreenError
+from headscreen.export.delivery import requestor_handlers
 
 if TYPE_CHECKING:  # at run time imaging is imported only where a study is synthesized
     from headscreen.imaging.phantoms import LesionKind
@@ -82,7 +83,7 @@ def send_files(paths: list[Path], port: int, called_ae: str) -> None:
         return
     ae = AE(ae_title=SENDER_AE)
     ae.requested_contexts = StoragePresentationContexts[:128]
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, evt_handlers=requestor_handlers())
     if not assoc.is_established:
         raise HeadscreenError("could not associate with headscreen")
     try:

@@ -143,9 +143,9 @@ class DimseSource:
         self.timeout_s = timeout_s
 
     def _associate(self, *contexts: str):
-        from pynetdicom import AE, evt
+        from pynetdicom import AE
 
-        from headscreen.export.delivery import client_tls_args, prompt_connection
+        from headscreen.export.delivery import client_tls_args, requestor_handlers
 
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.network_timeout = self.timeout_s
@@ -154,7 +154,7 @@ class DimseSource:
             ae.add_requested_context(context)
         tls_args = client_tls_args(self.name, self.node.tls, self.node.host)
         assoc = ae.associate(self.node.host or "", self.node.port or 0, ae_title=self.node.ae_title or "",
-                             tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, prompt_connection)])
+                             tls_args=tls_args, evt_handlers=requestor_handlers())
         if not assoc.is_established:
             why = "rejected the association" if assoc.is_rejected else "did not answer"
             raise TransientError(f"PACS {self.name!r} ({self.node.host}:{self.node.port}, AE {self.node.ae_title}) "
@@ -318,6 +318,7 @@ class DicomwebSource:
         from pynetdicom import AE
 
         from headscreen.daemon.receiver import STORAGE_CLASSES, TRANSFER_SYNTAXES
+        from headscreen.export.delivery import requestor_handlers
 
         client = self._client()
         try:
@@ -332,7 +333,7 @@ class DicomwebSource:
         ae = AE(ae_title=self.calling_ae)
         for sop_class in STORAGE_CLASSES:
             ae.add_requested_context(sop_class, list(TRANSFER_SYNTAXES))
-        assoc = ae.associate(host, port, ae_title=called)
+        assoc = ae.associate(host, port, ae_title=called, evt_handlers=requestor_handlers())
         if not assoc.is_established:
             raise HeadscreenError(f"the receiver at {host}:{port} did not take the association from our AE title "
                                   f"{self.calling_ae!r}: is `headscreen serve` running, and is {self.calling_ae!r} "

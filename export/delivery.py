@@ -24,6 +24,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
@@ -186,6 +187,31 @@ def prompt_connection(event: evt.Event) -> None:
         assoc_socket.__class__ = _PromptAckSocket  # built by pynetdicom; only `recv` differs
 
 
+def caller_takes_every_message(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler of an association we request: only the caller of send_*()
+    takes DIMSE messages off the association's queue.
+
+    pynetdicom's association thread also takes messages off that queue, to serve requests
+    from the peer, and drops any that is not a request. Each send_*() pauses that thread
+    first, but the pause is racy (it trusts a paused flag left set since the previous
+    exchange), so under load the thread took a C-FIND's match before the caller could:
+    a re-screen found 23 of 24 studies (pynetdicom issue #875; also a C-STORE response,
+    then a resend after the DIMSE timeout). An association we request serves nothing: a
+    C-MOVE's sub-operations come on their own association."""
+    dimse = event.assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False):
+        return take(block) if block else (None, None)
+
+    dimse.get_msg = get_msg  # type: ignore[method-assign]  # only this association's
+
+
+def requestor_handlers() -> list[EventHandlerType]:
+    """The event handlers of every association we request."""
+    return [(evt.EVT_CONN_OPEN, prompt_connection), (evt.EVT_CONN_OPEN, caller_takes_every_message)]
+
+
 # Linux only; elsewhere the peer's Nagle delay stays (as before).
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
@@ -265,7 +291,7 @@ def send(
     tls_args = client_tls_args(destination.name, destination.tls, destination.host)
     assoc = ae.associate(
         destination.host, destination.port, ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, prompt_connection)], tls_args=tls_args,
+        evt_handlers=requestor_handlers(), tls_args=tls_args,
     )
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
