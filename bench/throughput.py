@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres", metavar="ADMIN_URL", help="also on PostgreSQL (a throw-away database)")
     parser.add_argument("--no-sqlite", action="store_true")
     parser.add_argument("--receiver-processes", type=int, metavar="N",
-                        help="[receiver] processes = N (default: serve's own, 1)")
+                        help="[receiver] processes = N (default: serve's own, \"auto\")")
     args = parser.parse_args(argv)
     print(f"{os.cpu_count()} CPUs; load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:

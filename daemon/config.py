@@ -153,7 +153,7 @@ class ReceiverSection(_Section):
     # Receiver processes accepting on the port (daemon/receiver_pool.py): one is bound to
     # about one core; more let concurrent associations use the others. "auto": one per
     # core this process may run on, at most AUTO_RECEIVER_PROCESSES_MAX.
-    processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
+    processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     tls: ReceiverTlsConfig = ReceiverTlsConfig()
 
     def process_count(self) -> int:

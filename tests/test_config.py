@@ -151,9 +151,9 @@ def test_receiver_defaults_keep_plain_dicom_and_the_old_behaviour(tmp_path):
     assert not settings.receiver.tls.enabled
 
 
-def test_receiver_processes_auto_is_one_per_usable_core_up_to_a_cap(tmp_path, monkeypatch):
-    assert load_settings(write(tmp_path, "allow_any_caller = true\n")).receiver.process_count() == 1
-    settings = load_settings(write(tmp_path, 'allow_any_caller = true\n[receiver]\nprocesses = "auto"\n'))
+def test_receiver_processes_default_to_one_per_usable_core_up_to_a_cap(tmp_path, monkeypatch):
+    settings = load_settings(write(tmp_path, "allow_any_caller = true\n"))
+    assert settings.receiver.processes == "auto"
     for cores, expected in ((1, 1), (2, 2), (64, AUTO_RECEIVER_PROCESSES_MAX)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert settings.receiver.process_count() == expected
