@@ -948,5 +948,7 @@ def _is_sqlite(session_factory: sessionmaker[Session]) -> bool:
 def _is_retryable(exc: Exception) -> bool:
     if isinstance(exc, IntegrityError):
         return True  # two associations created the same study/series; the retry finds it
+    if getattr(exc, "connection_invalidated", False):
+        return True  # a pooled connection lost unpinged (db.engine.PING_WHEN_IDLE_S): the retry gets another
     text = str(exc.orig if hasattr(exc, "orig") else exc).lower()
     return "locked" in text or "busy" in text or "deadlock" in text or "serialize" in text

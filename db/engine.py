@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import PoolProxiedConnection
 
@@ -59,8 +60,41 @@ def make_engine(url: str | URL, application_name: str | None = None, **kwargs: A
         connect_args = {**PG_CONNECT_ARGS, **kwargs.pop("connect_args", {})}
         if application_name:
             connect_args["application_name"] = application_name[:63]  # PostgreSQL's NAMEDATALEN - 1
-        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **kwargs)
+        engine = create_engine(parsed, connect_args=connect_args, **kwargs)
+        _ping_when_idle(engine)
+        return engine
     raise ValueError(f"url: unsupported database backend {backend!r} (use sqlite or postgresql)")
+
+
+# A pooled PostgreSQL connection is pinged before use only when it has been idle this long
+# (a server restart, an idle timeout or a firewall cut it meanwhile). pool_pre_ping pinged
+# at every checkout: a round trip per received instance. A connection lost within the
+# last second fails its statement instead; callers retry on `connection_invalidated`.
+PING_WHEN_IDLE_S = 1.0
+_CHECKED_IN_AT = "headscreen_checked_in_at"
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    def checked_in(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_CHECKED_IN_AT] = time.monotonic()
+
+    def checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        checked_in_at = record.info.get(_CHECKED_IN_AT)
+        if checked_in_at is not None and time.monotonic() - checked_in_at < PING_WHEN_IDLE_S:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception:
+            alive = False
+        if not alive:
+            # The pool discards it and checks out another: SQLAlchemy's pessimistic
+            # disconnect handling, as pool_pre_ping does.
+            raise DisconnectionError("a pooled connection did not answer a ping")
+
+    event.listen(engine, "connect", checked_in)
+    event.listen(engine, "checkin", checked_in)
+    event.listen(engine, "checkout", checked_out)
 
 
 def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
