@@ -21,6 +21,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -128,6 +129,33 @@ def create_pg_database(template: str | None = None) -> tuple[str, str]:
 def drop_pg_database(name: str) -> None:
     with _pg_admin() as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# The module that checks our own associations have the handler runs without this fixture.
+_CHECKS_THE_HANDLER = "test_requestor_responses"
+
+
+@pytest.fixture(autouse=True)
+def _test_senders_take_every_response(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' own pynetdicom senders stand in for a PACS, and pynetdicom's association
+    thread can take their responses on a busy machine (export/delivery.py::
+    caller_takes_every_message): a test would then wait out its DIMSE timeout and fail for
+    no fault of the receiver. They get the handler our own associations have."""
+    if request.module.__name__.rpartition(".")[2] == _CHECKS_THE_HANDLER:
+        return
+    from pynetdicom import AE, evt
+
+    from headscreen.export.delivery import caller_takes_every_message
+
+    associate = AE.associate
+
+    def with_the_handler(self: AE, *args: Any, evt_handlers: list[Any] | None = None, **kwargs: Any) -> Any:
+        handlers = list(evt_handlers or [])
+        if not any(handler[1] is caller_takes_every_message for handler in handlers):
+            handlers.append((evt.EVT_CONN_OPEN, caller_takes_every_message))
+        return associate(self, *args, evt_handlers=handlers, **kwargs)
+
+    monkeypatch.setattr(AE, "associate", with_the_handler)
 
 
 @pytest.fixture(scope="session")
