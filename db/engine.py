@@ -69,7 +69,8 @@ def make_engine(url: str | URL, application_name: str | None = None, **kwargs: A
 # A pooled PostgreSQL connection is pinged before use only when it has been idle this long
 # (a server restart, an idle timeout or a firewall cut it meanwhile). pool_pre_ping pinged
 # at every checkout: a round trip per received instance. A connection lost within the
-# last second fails its statement instead; callers retry on `connection_invalidated`.
+# last second fails its next statement instead (`connection_invalidated`): the receiver
+# retries it on another, a worker waits and claims again, elsewhere that call fails once.
 PING_WHEN_IDLE_S = 1.0
 _CHECKED_IN_AT = "headscreen_checked_in_at"
 
