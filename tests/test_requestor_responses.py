@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
@@ -27,6 +25,8 @@ from headscreen.daemon.config import DestinationConfig, Settings
 from headscreen.daemon.orthanc import free_port
 from headscreen.daemon.rescreen import DimseSource
 from headscreen.export.delivery import STATUS_SUCCESS, Destination, send
+from receiver_helpers import write_ct_series
+from serve_harness import RecordingSCP
 
 DAYS = [f"202403{day:02d}" for day in range(1, 9)]
 
@@ -98,41 +98,15 @@ def test_a_rescreen_query_gets_every_days_match_however_late_the_association_thr
 
 
 def test_a_delivery_gets_every_status_however_late_the_association_thread_wakes(tmp_path, slow_requestor_thread):
-    received: list[str] = []
-    ae = AE(ae_title="RESULTS")
-    ae.supported_contexts = StoragePresentationContexts
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
-        (evt.EVT_C_STORE, lambda event: received.append(str(event.request.AffectedSOPInstanceUID)) or 0x0000)])
-    paths = [_secondary_capture(tmp_path / f"sc{n}.dcm") for n in range(6)]
+    destination = RecordingSCP(tmp_path / "received")
+    paths = write_ct_series(tmp_path / "series", 6)
     try:
         # A response the association thread took would leave its file without a status
         # once the 5 s DIMSE timeout ends the association.
-        statuses = send(Destination("results", "RESULTS", "127.0.0.1", port), paths, timeout=5)
+        statuses = send(Destination("results", destination.ae_title, "127.0.0.1", destination.port), paths,
+                        timeout=5)
     finally:
-        server.shutdown()
+        destination.stop()
 
     assert statuses == {path: STATUS_SUCCESS for path in paths}
-    assert len(received) == len(paths)
-
-
-def _secondary_capture(path: Path) -> Path:
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "OT"
-    ds.Rows = ds.Columns = 2
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = bytes(4)
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    assert sum(destination.received.values()) == len(paths)
