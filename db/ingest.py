@@ -5,7 +5,9 @@ built once at import (their compiled SQL is cached): for a known study and serie
 one SELECT, one INSERT ... ON CONFLICT DO NOTHING, and one UPDATE each of the
 series and the study. `record_instances` does the same for many instances in one
 transaction, so concurrent associations share one commit (one journal fsync). On
-PostgreSQL they go out in psycopg's pipeline mode: three round trips, not seven.
+PostgreSQL the four are one statement per instance, sent with the commit in one round
+trip (psycopg's pipeline mode), so the study's row lock is never held across a wait of
+the receiver's threads.
 
 A SOP Instance UID already recorded under another series (so, usually, another
 study) is moved: the later send wins. The row takes the new series, path and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +132,39 @@ _TOUCH_STUDY = (
         },
     )
 )
+# PostgreSQL, the common case in ONE statement: look up and lock the study (still
+# receiving) and its known series, insert the instance, count it and touch the study.
+# Sent with its COMMIT in one round trip, the study's row lock is held only inside the
+# server, never across a wait of the receiver's threads for the GIL (which is what made
+# concurrent associations queue on it). A row that needs more (new study or series, a
+# duplicate or move, a reopen) writes nothing and comes back without an instance id.
+_ONE_TRIP_INSTANCE = text(
+    "WITH target AS ("
+    f" SELECT st.id AS study_id, st.generation, se.id AS series_id FROM {_studies.name} AS st"
+    f" JOIN {_series.name} AS se ON se.series_instance_uid = :series_uid"
+    " WHERE st.study_instance_uid = :study_uid AND st.state = :receiving FOR NO KEY UPDATE OF st"
+    "), inserted AS ("
+    f" INSERT INTO {_instances.name} ({', '.join(_INSTANCE_COLUMNS)})"
+    " SELECT " + ", ".join("target." + name if name in ("series_id", "generation") else ":" + name
+                           for name in _INSTANCE_COLUMNS) + " FROM target"
+    " ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id, series_id"
+    "), counted AS ("
+    f" UPDATE {_series.name} SET instance_count = {_series.name}.instance_count + 1"
+    f" FROM inserted WHERE {_series.name}.id = inserted.series_id"
+    "), touched AS ("
+    f" UPDATE {_studies.name} SET last_received_at = :received_at, purged_at = NULL,"
+    f" modality = CASE WHEN {_studies.name}.modality IN ("
+    + ", ".join(f"'{modality}'" for modality in sorted(IMAGE_MODALITIES)) + f") THEN {_studies.name}.modality"
+    f" ELSE coalesce(:b_image_modality, {_studies.name}.modality) END, "
+    + ", ".join(f"{attr} = coalesce({_studies.name}.{attr}, :b_{attr})" for attr in _FILLED_STUDY_ATTRS)
+    + f" FROM target, inserted WHERE {_studies.name}.id = target.study_id"
+    ") SELECT target.study_id, inserted.id FROM target LEFT JOIN inserted ON true"
+).bindparams(
+    *(bindparam(c.name, type_=c.type) for c in _instances.columns if c.name not in ("id", "series_id", "generation")),
+    bindparam("series_uid", type_=String()), bindparam("study_uid", type_=String()),
+    bindparam("receiving", type_=_studies.c.state.type), bindparam("b_image_modality", type_=String()),
+    *(bindparam(f"b_{attr}", type_=String()) for attr in _FILLED_STUDY_ATTRS),
+)
 _REOPEN_STUDY = (
     update(_studies)
     .where(_studies.c.id == bindparam("b_study_id"))
@@ -183,16 +219,39 @@ def record_instances(
     """Store many received instances in ONE transaction (commits); outcomes in order.
 
     Each instance gets exactly the semantics of `record_instance`; the commit (and
-    so the journal fsync) is shared. If any row fails, nothing is committed.
+    so the journal fsync) is shared. If any row fails, nothing is committed, except on
+    PostgreSQL the rows of the common case (committed in one round trip before the others
+    are recorded); recording is idempotent, so a retry of the batch finds them.
     `durable=False`: the commit does not wait for the disk (see the module docstring).
     `payloads` (the PostgreSQL storage backend): each instance's bytes, stored under its
     path in the same transaction (db.blobs), so no row is ever committed without them.
     """
     moment = clock(now)
+    outcomes = _record_instances(session, records, moment, durable=durable, payloads=payloads)
+    known = _known_series(session)
+    if known is not None:
+        known.add(records)
+    return outcomes
+
+
+def _record_instances(session: Session, records: Sequence[InstanceRecord], moment: datetime, *,
+                      durable: bool, payloads: Sequence[bytes] | None) -> list[RecordOutcome]:
     if payloads is None:
         known = _record_on_driver(session, records, _Batch(now=moment), durable=durable)
         if known is not None:
-            return known
+            left = [rec for rec, outcome in zip(records, known, strict=True) if outcome is None]
+            if not left:
+                return cast(list[RecordOutcome], known)
+            # Rows the one-trip statements left alone (they committed the others).
+            rest = iter(_record_through_session(session, left, moment, durable=durable, payloads=None))
+            return [outcome if outcome is not None else next(rest) for outcome in known]
+    return _record_through_session(session, records, moment, durable=durable, payloads=payloads)
+
+
+def _record_through_session(session: Session, records: Sequence[InstanceRecord], moment: datetime, *,
+                            durable: bool, payloads: Sequence[bytes] | None) -> list[RecordOutcome]:
+    """Every case (a new study or series, a duplicate, a move, a reopen, the bytes stored
+    with the rows), through the Session in one transaction."""
     batch = _Batch(now=moment)
     with write_transaction(session, relaxed=not durable):
         connection = session.connection()
@@ -223,8 +282,43 @@ class _DriverStatements:
     count_instances: DriverStatement
     touch_study: DriverStatement
     receiving: Any  # StudyState.RECEIVING as the database stores it
+    one_trip: DriverStatement | None  # PostgreSQL's _ONE_TRIP_INSTANCE
 
 
+class _RecentSeries:
+    """Series UIDs this process recorded instances of lately: a hint that a batch is the
+    common case. One-trip statements commit the rows they can and leave the others to the
+    Session path, after them; only a batch of known series goes that way, so that the
+    first instance of a series still fills in its study's details first."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._uids: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def has_all(self, records: Sequence[InstanceRecord]) -> bool:
+        return all(rec.series_instance_uid in self._uids for rec in records)
+
+    def add(self, records: Sequence[InstanceRecord]) -> None:
+        with self._lock:
+            for rec in records:
+                self._uids.pop(rec.series_instance_uid, None)
+                self._uids[rec.series_instance_uid] = None
+            while len(self._uids) > self._size:
+                del self._uids[next(iter(self._uids))]
+
+
+_KNOWN_SERIES: weakref.WeakKeyDictionary[Engine, _RecentSeries] = weakref.WeakKeyDictionary()
+
+
+def _known_series(session: Session) -> _RecentSeries | None:
+    engine = session.get_bind()
+    if not isinstance(engine, Engine):
+        return None
+    known = _KNOWN_SERIES.get(engine)
+    if known is None:
+        known = _KNOWN_SERIES.setdefault(engine, _RecentSeries())
+    return known
 _DRIVER_STATEMENTS: weakref.WeakKeyDictionary[Dialect, _DriverStatements] = weakref.WeakKeyDictionary()
 _DRIVERS = {("sqlite", "pysqlite"), ("postgresql", "psycopg")}
 
@@ -238,19 +332,22 @@ def _driver_statements(dialect: Dialect) -> _DriverStatements | None:
         statements = _DriverStatements(
             DriverStatement(_STUDY_AND_SERIES, dialect), DriverStatement(_INSERT_INSTANCE, dialect),
             DriverStatement(_COUNT_INSTANCES, dialect), DriverStatement(_TOUCH_STUDY, dialect),
-            state_to_db(StudyState.RECEIVING) if state_to_db else StudyState.RECEIVING)
+            state_to_db(StudyState.RECEIVING) if state_to_db else StudyState.RECEIVING,
+            DriverStatement(_ONE_TRIP_INSTANCE, dialect) if dialect.name == "postgresql" else None)
         _DRIVER_STATEMENTS[dialect] = statements
     return statements
 
 
 def _record_on_driver(session: Session, records: Sequence[InstanceRecord], batch: _Batch, *,
-                      durable: bool) -> list[RecordOutcome] | None:
+                      durable: bool) -> list[RecordOutcome | None] | None:
     """The common case, new instances of a known series of a study still receiving, on
     the DB-API connection: the same statements and values as the Session path at a
     fraction of its CPU (the receiver records every instance). None, with nothing
-    committed, when any instance needs more (a new study or series, a duplicate or a
-    move, a reopen) or the driver fails: the caller then records the whole batch through
-    the Session, which also retries and reports errors."""
+    committed, when the driver fails or (SQLite) any instance needs more (a new study or
+    series, a duplicate or a move, a reopen): the caller then records the whole batch
+    through the Session, which also retries and reports errors. On PostgreSQL each
+    instance is one statement and the batch one round trip with its commit; an outcome
+    is None for an instance that needs more, which that statement left unwritten."""
     engine = session.get_bind()
     if not isinstance(engine, Engine) or not records:
         return None  # a session bound to a connection keeps its own transaction
@@ -263,7 +360,11 @@ def _record_on_driver(session: Session, records: Sequence[InstanceRecord], batch
     try:
         with _pipelined(raw):
             begin_driver_write(engine.dialect.name, raw, relaxed=not durable)
-            outcomes = _new_instances_of_known_series(raw, statements, records, batch)
+            known = _known_series(session)
+            if statements.one_trip is not None and known is not None and known.has_all(records):
+                return _new_instances_in_one_trip(raw, statements, records, batch)
+            outcomes: list[RecordOutcome | None] | None = _new_instances_of_known_series(
+                raw, statements, records, batch)
             if outcomes is None:
                 raw.rollback()
                 return None
@@ -286,6 +387,36 @@ def _pipelined(raw: Any) -> contextlib.AbstractContextManager[Any]:
     update; commit) instead of seven. Other drivers run each statement as it comes."""
     pipeline = getattr(raw.driver_connection, "pipeline", None)
     return pipeline() if pipeline is not None else contextlib.nullcontext()
+
+
+def _new_instances_in_one_trip(raw: Any, statements: _DriverStatements, records: Sequence[InstanceRecord],
+                               batch: _Batch) -> list[RecordOutcome | None]:
+    """Every instance's statement and the commit go out together (psycopg's pipeline);
+    the results are read once the commit is back."""
+    assert statements.one_trip is not None
+    cursors: list[Any] = []
+    try:
+        for rec in records:
+            cursor = raw.cursor()
+            cursors.append(cursor)
+            values = _instance_values(rec, 0, 0, batch.now)
+            del values["series_id"], values["generation"]
+            touch = _study_touch_params(_StudyState(id=0, generation=0, state=StudyState.RECEIVING, records=[rec]),
+                                        batch.now)
+            del touch["b_study_id"], touch["b_now"]
+            statements.one_trip.execute(cursor, {**values, **touch, "series_uid": rec.series_instance_uid,
+                                                 "study_uid": rec.study_instance_uid,
+                                                 "receiving": StudyState.RECEIVING})
+        raw.commit()
+        outcomes: list[RecordOutcome | None] = []
+        for cursor in cursors:
+            row = cursor.fetchone()
+            done = row is not None and row[1] is not None
+            outcomes.append(RecordOutcome(created=True, study_reopened=False, study_id=row[0]) if done else None)
+        return outcomes
+    finally:
+        for cursor in cursors:
+            cursor.close()
 
 
 def _new_instances_of_known_series(raw: Any, statements: _DriverStatements, records: Sequence[InstanceRecord],

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from psycopg import pq
 from sqlalchemy import event, func, select, text
@@ -192,13 +193,29 @@ def test_batches_give_the_same_database_as_one_by_one(db_sessions: sessionmaker[
     assert any(o.study_reopened for o in outcomes)
 
 
-def test_known_study_and_series_take_four_statements(db_session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_known_study_and_series_take_four_statements_or_one_on_postgresql(
+        db_session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     study, series = uid(), uid()
     api.record_instance(db_session, record(study, series, 1, 1.0), now=T0)
     with counted_statements(db_session, monkeypatch) as sent:
         assert api.record_instance(db_session, record(study, series, 2, 2.0), now=at(1)).created
-    data_statements = [s for s in sent if s in ("SELECT", "INSERT", "UPDATE", "DELETE")]
-    assert data_statements == ["SELECT", "INSERT", "UPDATE", "UPDATE"]
+    data_statements = [s for s in sent if s in ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")]
+    if db_session.get_bind().dialect.name == "postgresql":
+        assert data_statements == ["WITH"]
+    else:
+        assert data_statements == ["SELECT", "INSERT", "UPDATE", "UPDATE"]
+    assert db_session.execute(select(Series.instance_count)).scalar_one() == 2
+
+
+def test_the_first_instance_of_a_series_goes_the_long_way(db_session: Session,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A series not yet recorded by this engine: the batch takes the statements that can
+    create it, in order, so its first instance fills in the study's details first."""
+    study = uid()
+    api.record_instance(db_session, record(study, uid(), 1, 1.0), now=T0)
+    with counted_statements(db_session, monkeypatch) as sent:
+        assert api.record_instance(db_session, record(study, uid(), 1, 1.0), now=at(1)).created
+    assert "WITH" not in sent and "INSERT" in sent
 
 
 def test_postgresql_sends_an_instances_statements_pipelined(db_session: Session,
@@ -220,9 +237,35 @@ def test_postgresql_sends_an_instances_statements_pipelined(db_session: Session,
         outcomes = api.record_instances(db_session, [record(study, series, 2, 2.0), record(study, series, 3, 3.0)],
                                         now=at(1))
     assert [o.created for o in outcomes] == [True, True]
-    on_postgres = db_session.get_bind().dialect.name == "postgresql"
-    assert pipelined == [on_postgres] * 5  # SELECT, two INSERTs, two UPDATEs
+    if db_session.get_bind().dialect.name == "postgresql":
+        assert pipelined == [True, True]  # one statement per instance
+    else:
+        assert pipelined == [False] * 5  # SELECT, two INSERTs, two UPDATEs
     assert db_session.execute(select(Series.instance_count)).scalar_one() == 3
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_postgresql_commits_before_it_reads_a_result(db_session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One round trip: the instances' statements and the COMMIT go out together, so the
+    study's row lock is not held while the receiver's thread waits to read results."""
+    study, series = uid(), uid()
+    api.record_instance(db_session, record(study, series, 1, 1.0), now=T0)
+    calls: list[str] = []
+    commit, fetchone, execute = psycopg.Connection.commit, psycopg.Cursor.fetchone, DriverStatement.execute
+
+    def noted(name: str, method: Any) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return method(self, *args, **kwargs)
+        return call
+
+    with monkeypatch.context() as patch:
+        patch.setattr(psycopg.Connection, "commit", noted("commit", commit))
+        patch.setattr(psycopg.Cursor, "fetchone", noted("fetch", fetchone))
+        patch.setattr(DriverStatement, "execute", noted("execute", execute))
+        outcomes = api.record_instances(db_session, [record(study, series, n, float(n)) for n in (2, 3)], now=at(1))
+    assert [o.created for o in outcomes] == [True, True]
+    assert calls == ["execute", "execute", "commit", "fetch", "fetch"]
 
 
 def test_batch_shares_its_per_study_updates(db_session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -230,8 +273,11 @@ def test_batch_shares_its_per_study_updates(db_session: Session, monkeypatch: py
     api.record_instance(db_session, record(study, series, 1, 1.0), now=T0)
     with counted_statements(db_session, monkeypatch) as sent:
         api.record_instances(db_session, [record(study, series, n, float(n)) for n in range(2, 12)], now=at(1))
-    data_statements = [s for s in sent if s in ("SELECT", "INSERT", "UPDATE", "DELETE")]
-    assert data_statements == ["SELECT"] + ["INSERT"] * 10 + ["UPDATE", "UPDATE"]
+    data_statements = [s for s in sent if s in ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")]
+    if db_session.get_bind().dialect.name == "postgresql":
+        assert data_statements == ["WITH"] * 10  # each its own, all in one round trip
+    else:
+        assert data_statements == ["SELECT"] + ["INSERT"] * 10 + ["UPDATE", "UPDATE"]
     assert db_session.execute(select(Series.instance_count)).scalar_one() == 11
 
 
