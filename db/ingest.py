@@ -363,13 +363,12 @@ def _record_on_driver(session: Session, records: Sequence[InstanceRecord], batch
             known = _known_series(session)
             if statements.one_trip is not None and known is not None and known.has_all(records):
                 return _new_instances_in_one_trip(raw, statements, records, batch)
-            outcomes: list[RecordOutcome | None] | None = _new_instances_of_known_series(
-                raw, statements, records, batch)
+            outcomes = _new_instances_of_known_series(raw, statements, records, batch)
             if outcomes is None:
                 raw.rollback()
                 return None
             raw.commit()
-        return outcomes
+        return [*outcomes]
     except Exception:
         logger.debug("driver path failed; recording through the Session", exc_info=True)
         try:
