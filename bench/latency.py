@@ -62,18 +62,6 @@ def _phantom(modality: str):
                      lesion=Lesion(kind="tumour", center_mm=(25.0, -10.0, 15.0), volume_ml=20.0))
 
 
-def _production_timing(daemon: Daemon, whole_quiet_s: float) -> None:
-    """The shipped defaults for the settings that make waits (daemon.config.Settings)."""
-    text = daemon.config.read_text()
-    for old, new in (("quiet_period_s = 10.0", "quiet_period_s = 60.0"),
-                     ("whole_quiet_s = 1.0", f"whole_quiet_s = {whole_quiet_s}"),
-                     ("sweep_interval_s = 0.25", "sweep_interval_s = 1.0"),
-                     ("lease_s = 6.0", "lease_s = 120.0"), ("heartbeat_s = 1.0", "heartbeat_s = 10.0")):
-        assert old in text, old
-        text = text.replace(old, new)
-    daemon.config.write_text(text)
-
-
 @contextmanager
 def _destination(kind: str, work: Path) -> Iterator[tuple[str, int]]:
     """(AE title, port) of a started destination, stopped on exit."""
@@ -103,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         daemon = Daemon(root / "hs", destinations=[("pacs", ae_title, port)])
         if not args.test_timing:
-            _production_timing(daemon, args.whole_quiet)
+            daemon.use_shipped_timing(args.whole_quiet)
         print("timing: " + ("the test harness's (whole_quiet_s 1, sweeps every 0.25 s)" if args.test_timing
                             else f"shipped defaults, whole_quiet_s {args.whole_quiet:g}")
               + f"; results delivered to {args.destination}")
