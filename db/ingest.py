@@ -237,14 +237,14 @@ def record_instances(
 def _record_instances(session: Session, records: Sequence[InstanceRecord], moment: datetime, *,
                       durable: bool, payloads: Sequence[bytes] | None) -> list[RecordOutcome]:
     if payloads is None:
-        known = _record_on_driver(session, records, _Batch(now=moment), durable=durable)
-        if known is not None:
-            left = [rec for rec, outcome in zip(records, known, strict=True) if outcome is None]
+        driven = _record_on_driver(session, records, _Batch(now=moment), durable=durable)
+        if driven is not None:
+            left = [rec for rec, outcome in zip(records, driven, strict=True) if outcome is None]
             if not left:
-                return cast(list[RecordOutcome], known)
+                return cast(list[RecordOutcome], driven)
             # Rows the one-trip statements left alone (they committed the others).
             rest = iter(_record_through_session(session, left, moment, durable=durable, payloads=None))
-            return [outcome if outcome is not None else next(rest) for outcome in known]
+            return [outcome if outcome is not None else next(rest) for outcome in driven]
     return _record_through_session(session, records, moment, durable=durable, payloads=payloads)
 
 
@@ -312,8 +312,9 @@ _KNOWN_SERIES: weakref.WeakKeyDictionary[Engine, _RecentSeries] = weakref.WeakKe
 
 
 def _known_series(session: Session) -> _RecentSeries | None:
+    """The engine's recent series; None where no one-trip statement exists (SQLite)."""
     engine = session.get_bind()
-    if not isinstance(engine, Engine):
+    if not isinstance(engine, Engine) or engine.dialect.name != "postgresql":
         return None
     known = _KNOWN_SERIES.get(engine)
     if known is None:
@@ -398,12 +399,9 @@ def _new_instances_in_one_trip(raw: Any, statements: _DriverStatements, records:
         for rec in records:
             cursor = raw.cursor()
             cursors.append(cursor)
-            values = _instance_values(rec, 0, 0, batch.now)
-            del values["series_id"], values["generation"]
-            touch = _study_touch_params(_StudyState(id=0, generation=0, state=StudyState.RECEIVING, records=[rec]),
-                                        batch.now)
-            del touch["b_study_id"], touch["b_now"]
-            statements.one_trip.execute(cursor, {**values, **touch, "series_uid": rec.series_instance_uid,
+            # The series id and generation come from the statement's own look-up.
+            statements.one_trip.execute(cursor, {**_instance_facts(rec, batch.now), **_study_fill_params([rec]),
+                                                 "series_uid": rec.series_instance_uid,
                                                  "study_uid": rec.study_instance_uid,
                                                  "receiving": StudyState.RECEIVING})
         raw.commit()
@@ -586,8 +584,12 @@ def _new_series_values(rec: InstanceRecord, study_id: int) -> dict[str, Any]:
 
 
 def _instance_values(rec: InstanceRecord, series_id: int, generation: int, now: datetime) -> dict[str, Any]:
+    return {**_instance_facts(rec, now), "series_id": series_id, "generation": generation}
+
+
+def _instance_facts(rec: InstanceRecord, now: datetime) -> dict[str, Any]:
+    """An instance row's values that the instance itself gives (not its series or generation)."""
     return {
-        "series_id": series_id,
         "sop_instance_uid": rec.sop_instance_uid,
         "sop_class_uid": rec.sop_class_uid,
         "transfer_syntax_uid": rec.transfer_syntax_uid,
@@ -598,7 +600,6 @@ def _instance_values(rec: InstanceRecord, series_id: int, generation: int, now: 
         "images_in_acquisition": rec.images_in_acquisition,
         "number_of_frames": rec.number_of_frames,
         "received_at": now,
-        "generation": generation,
     }
 
 
@@ -645,11 +646,16 @@ def _apply_deferred_updates(connection: Connection, batch: _Batch) -> None:
 
 
 def _study_touch_params(study: _StudyState, now: datetime) -> dict[str, Any]:
-    """Bind values for _TOUCH_STUDY: the first non-empty value among the new instances."""
-    image_modality = next((r.modality for r in study.records if r.modality in IMAGE_MODALITIES), None)
-    params: dict[str, Any] = {"b_study_id": study.id, "b_now": now, "b_image_modality": image_modality}
+    """Bind values for _TOUCH_STUDY."""
+    return {"b_study_id": study.id, "b_now": now, **_study_fill_params(study.records)}
+
+
+def _study_fill_params(records: Sequence[InstanceRecord]) -> dict[str, Any]:
+    """The study details the new instances give: the first non-empty value of each."""
+    image_modality = next((r.modality for r in records if r.modality in IMAGE_MODALITIES), None)
+    params: dict[str, Any] = {"b_image_modality": image_modality}
     for attr in _FILLED_STUDY_ATTRS:
-        params[f"b_{attr}"] = next((getattr(r, attr) for r in study.records if getattr(r, attr) is not None), None)
+        params[f"b_{attr}"] = next((getattr(r, attr) for r in records if getattr(r, attr) is not None), None)
     return params
 
 
