@@ -12,6 +12,9 @@ the result destination a dcmtk storescp), with 1 and 2 workers, on SQLite and, g
   receiver process, `[receiver] processes`; each worker: job and delivery; the storescp
   destination), from /proc, over the run only;
 - each worker's peak RSS during the run (VmHWM, reset once the worker is warm);
+- on PostgreSQL, the database server's CPU (every PostgreSQL process on this machine, the
+  backends that exited meanwhile included): headscreen's database, counted in its CPU per
+  study as SQLite's work is (inside serve and the workers);
 - the sender's CPU (the storescu runs) and the destination's, which are not headscreen's but
   share the cores here, and with them the most studies/h these cores could give at full use;
 - the anchor of the same run: one study sent to a bare dcmtk storescp (wall and CPU), the
@@ -94,11 +97,36 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
+def postgres_server_cpu_seconds() -> float:
+    """CPU-seconds of every PostgreSQL server process on this machine so far, and of the
+    backends that have exited (their postmaster's reaped children). The whole server: a
+    shared machine's other databases would count too."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            name, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if not name.endswith("(postgres"):
+            continue
+        fields = rest.split()
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        try:
+            parent = Path(f"/proc/{fields[1]}/comm").read_text().strip()
+        except OSError:
+            parent = ""
+        if parent != "postgres":  # the postmaster: add the backends it has reaped
+            total += (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+    return total
+
+
 def send_timed(daemon: Daemon, studies: list[list[Path]], pids: dict[str, int],
-               timeout_s: float) -> tuple[float, dict[str, float]]:
+               timeout_s: float, database_server: bool = False) -> tuple[float, dict[str, float]]:
     """Send every study with storescu and wait until all results are delivered: the wall
-    seconds from the first send, and the CPU seconds each of `pids` spent meanwhile."""
+    seconds from the first send, and the CPU seconds each of `pids` (and with
+    `database_server`, the PostgreSQL server) spent meanwhile."""
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    server_before = postgres_server_cpu_seconds() if database_server else 0.0
     senders_before = _children_cpu_seconds()
     started = time.monotonic()
     for files in studies:
@@ -106,7 +134,10 @@ def send_timed(daemon: Daemon, studies: list[list[Path]], pids: dict[str, int],
     senders = _children_cpu_seconds() - senders_before  # the storescu runs, each waited for
     wait_until(lambda: daemon.all_delivered(len(studies)), timeout_s, 0.2, "all results delivered")
     seconds = time.monotonic() - started
-    return seconds, {**{name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}, SENDER: senders}
+    cpu = {**{name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}, SENDER: senders}
+    if database_server:
+        cpu[DATABASE] = postgres_server_cpu_seconds() - server_before
+    return seconds, cpu
 
 
 def _children_cpu_seconds() -> float:
@@ -116,6 +147,8 @@ def _children_cpu_seconds() -> float:
 
 # Not headscreen's: the PACS at either end, which shares this machine's cores in the bench.
 SENDER, DESTINATION = "sender", "destination"
+# headscreen's database server (PostgreSQL runs only), counted as headscreen's.
+DATABASE = "database"
 
 
 def make_studies(root: Path, count: int) -> list[list[Path]]:
@@ -225,7 +258,7 @@ def run(studies: list[list[Path]], root: Path, workers: int, database_url: str |
                 **{f"worker{i + 1}": p for i, p in enumerate(worker_pids)}, DESTINATION: destination.pid}
         for pid in worker_pids:
             reset_peak(pid)
-        seconds, cpu = send_timed(daemon, studies, pids, 1800)
+        seconds, cpu = send_timed(daemon, studies, pids, 1800, database_server=database_url is not None)
         peaks = {f"worker{i + 1}": peak_rss_mb(p) for i, p in enumerate(worker_pids)}
         return Run(label, len(studies), seconds, cpu, peaks, delivered_in_order(daemon))
 
