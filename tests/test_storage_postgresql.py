@@ -1,7 +1,7 @@
 """The PostgreSQL storage backend (daemon/blobstore.py, db/blobs.py): instance and result
 bytes in the database, so a worker on another machine needs no shared filesystem.
 
-The receiver is real (pynetdicom over TCP, the ingest journal), the worker is the real
+The receiver is real (pynetdicom over TCP), the worker is the real
 Worker with the model and pipeline stood in for by a `run_job` that reads every instance
 it is given and writes a result object, the destination is a real pynetdicom SCP. Each
 "machine" has its own storage_dir; nothing but PostgreSQL is shared."""
@@ -22,6 +22,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db_factories import BUNDLES
+from headscreen.daemon import receiver as receiver_module
 from headscreen.daemon.config import Settings
 from headscreen.daemon.delivery import deliver_due
 from headscreen.daemon.ingest_journal import IngestJournal
@@ -114,8 +115,8 @@ def test_received_instances_are_committed_with_their_rows_and_no_file_is_written
     files = write_ct_series(tmp_path / "in", SLICES)
     storage = _receive(tmp_path, sessions, files)
 
-    assert _dcm_files(storage) == []  # only the (checkpointed, now empty) journal folder
-    assert not list((storage / ".journal").glob("*.journal"))
+    assert _dcm_files(storage) == []
+    assert not list(storage.rglob("*.journal"))  # nor an ingest journal: the commit is the durable copy
     stored = _blobs(sessions, "instance")
     with sessions() as session:
         paths = set(session.execute(select(Instance.path)).scalars())
@@ -126,10 +127,30 @@ def test_received_instances_are_committed_with_their_rows_and_no_file_is_written
         assert dataset.PixelData == sent[str(dataset.SOPInstanceUID)]
 
 
-def test_an_acknowledged_instance_lost_with_its_row_comes_back_from_the_journal_into_the_database(
+def test_each_instance_is_acknowledged_after_a_synchronous_commit_of_its_row_and_bytes(
         tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A power cut after Success may take the relaxed commit (row and bytes together); the
-    next start replays the journal through the backend, before the receiver listens."""
+    """No journal holds a durable copy, so no commit may be relaxed."""
+    asked: list[bool] = []
+    for name in ("record_instance", "record_instances"):
+        original = getattr(api, name)
+
+        def spy(*args: object, _original=original, **kwargs: object) -> object:
+            asked.append(bool(kwargs.get("durable", True)))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(api, name, spy)
+    files = write_ct_series(tmp_path / "in", SLICES)
+    _receive(tmp_path, sessions, files)
+
+    assert asked and all(asked)
+    assert len(_blobs(sessions, "instance")) == SLICES
+
+
+def test_an_earlier_versions_journal_is_replayed_into_the_database(
+        tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Versions before this one journalled the bytes on this backend too and committed
+    relaxed: a power cut after Success could take the row and its bytes. The next start
+    still replays such a journal through the backend, before the receiver listens."""
+    monkeypatch.setattr(receiver_module, "uses_ingest_journal", lambda config: config.durable)  # the earlier way
     monkeypatch.setattr(IngestJournal, "checkpoint", lambda self, idle_s=None: 0)  # the crash came first
     files = write_ct_series(tmp_path / "in", 3)
     storage = _receive(tmp_path, sessions, files)
