@@ -12,8 +12,9 @@ Backends:
   postgresql           bytes in `stored_blobs`, column STORAGE EXTERNAL (what migration 0008 sets)
   postgresql-pglz      the same with PostgreSQL's default STORAGE EXTENDED (pglz compression)
   postgresql-lz4       STORAGE EXTENDED with COMPRESSION lz4
-  postgresql-nojournal EXTERNAL, without the ingest journal: the commit itself is synchronous
-                       (not what the receiver runs; shows what the journal costs and saves)
+  postgresql-journal   EXTERNAL, with the ingest journal as well, the receiver before stop 45:
+                       each instance journalled and fdatasynced, its row and bytes committed
+                       relaxed (not what the receiver runs now; what dropping the journal gained)
 
     .venv/bin/python bench/storage_backends.py [--slices 300] [--size 512] [--repeats 2]
         [--admin-url postgresql://postgres@127.0.0.1:5432/postgres] [--backends filesystem,postgresql,...]
@@ -41,6 +42,7 @@ from ingest import SCU_AE, build_study, send
 from sqlalchemy import select, text
 from throwaway_db import throwaway_postgres
 
+from headscreen.daemon import receiver as receiver_module
 from headscreen.daemon.blobstore import BlobStore, FilesystemStore, PostgresStore, Scratch
 from headscreen.daemon.callers import AllowedCaller
 from headscreen.daemon.receiver import ReceiverConfig, start_receiver
@@ -55,9 +57,19 @@ _COLUMN_SETUP = {
                        "ALTER COLUMN data SET COMPRESSION pglz",
     "postgresql-lz4": "ALTER TABLE stored_blobs ALTER COLUMN data SET STORAGE EXTENDED, "
                       "ALTER COLUMN data SET COMPRESSION lz4",
-    # No ingest journal: each group commit of rows and bytes waits for PostgreSQL's WAL flush.
-    "postgresql-nojournal": None,
+    # The earlier receiver: the bytes journalled too (receiver.uses_ingest_journal).
+    "postgresql-journal": None,
 }
+
+
+@contextmanager
+def _patched(module: object, name: str, value: object) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 @dataclass
@@ -88,8 +100,12 @@ def receiving(backend: str, work: Path, admin_url: str) -> Iterator[tuple[int, B
         storage = work / "receiver"
         config = ReceiverConfig(ae_title="HEADSCREEN", storage_dir=storage, bind_address="127.0.0.1", port=0,
                                 allowed_callers=[AllowedCaller(SCU_AE)], disk_min_free_mb=0,
-                                blobs_in_database=in_database, durable=backend != "postgresql-nojournal")
-        receiver = start_receiver(config, sessions)
+                                blobs_in_database=in_database)
+        if backend == "postgresql-journal":
+            with _patched(receiver_module, "uses_ingest_journal", lambda config: config.durable):
+                receiver = start_receiver(config, sessions)
+        else:
+            receiver = start_receiver(config, sessions)
         store: BlobStore = (PostgresStore if in_database else FilesystemStore)(storage, sessions)
         try:
             yield receiver.port, store, engine
