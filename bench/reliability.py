@@ -40,8 +40,9 @@ PostgreSQL server that lets --pg-admin create and drop databases.
    or in-flight delivery) and counts:
      acked     instances acknowledged (Success or Warning), before the kill and on re-send
      resent    instances sent again because no acknowledgement came back
-     lost      acknowledged instances without their row, or whose stored file is missing,
-               of the wrong size or does not parse (must be 0)
+     lost      acknowledged instances without their row, or whose stored file (--storage
+               postgresql: stored_blobs row) is missing, of the wrong size or does not parse
+               (must be 0)
      dup rows  instance rows per SOP Instance UID > 1, plus results per (study, generation,
                bundle) > 1 (must be 0)
      redeliv   result objects the PACS received more than once (the same SOP Instance UID:
@@ -81,6 +82,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import os
 import random
@@ -120,6 +122,7 @@ from headscreen.db.models import (  # noqa: E402
     Result,
     ResultObject,
     Series,
+    StoredBlob,
     Study,
 )
 from headscreen.db.states import DeliveryState, JobState, ObjectKind, StudyState  # noqa: E402
@@ -218,6 +221,7 @@ class Serve:
     overlay_slices: int = 8
     refusal_interval_s: float = 60.0
     receiver_processes: int = 1
+    storage_backend: str = "filesystem"
     process: subprocess.Popen[bytes] | None = None
     pools_started: int = field(default=0, init=False)  # "receiver_pool_start" log lines seen so far
 
@@ -236,6 +240,7 @@ bind_address = "127.0.0.1"
 port = {self.port}
 allowed_callers = [{{ ae_title = "{CALLING_AE}" }}]
 storage_dir = "{self.storage}"
+storage_backend = "{self.storage_backend}"
 database_url = "{self.database_url}"
 quiet_period_s = 20.0
 whole_quiet_s = 2.0
@@ -523,8 +528,9 @@ class Db:
                                    .having(func.count(Result.id) > 1)).scalars().all()
         return int(sum(sops)), int(sum(results))
 
-    def lost(self, items: Sequence[Item], storage: Path) -> list[str]:
-        """Acknowledged instances without a row, or whose file is missing, short or unreadable."""
+    def lost(self, items: Sequence[Item], storage: Path, bytes_in_database: bool = False) -> list[str]:
+        """Acknowledged instances without a row, or whose stored bytes (its file, or with
+        `bytes_in_database` its stored_blobs row) are missing, short or unreadable."""
         acked = {i.sop: i for i in items if i.acked}
         rows = {}
         with self.engine.connect() as conn:
@@ -533,18 +539,22 @@ class Db:
                 for sop, path, size in conn.execute(select(Instance.sop_instance_uid, Instance.path,
                                                            Instance.size_bytes)
                                                     .where(Instance.sop_instance_uid.in_(uids[start:start + 400]))):
-                    rows[sop] = (storage / path, size)
+                    rows[sop] = (path, size)
+            blobs = ({key: bytes(data) for key, data in conn.execute(
+                select(StoredBlob.key, StoredBlob.data).where(StoredBlob.key.in_([p for p, _ in rows.values()])))}
+                if bytes_in_database and rows else {})
         lost = []
         for sop in acked:
             if sop not in rows:
                 lost.append(f"{sop}: no row")
                 continue
-            path, size = rows[sop]
+            key, size = rows[sop]
             try:
-                if path.stat().st_size != size:
-                    lost.append(f"{sop}: file size {path.stat().st_size} != row {size}")
-                elif str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) != sop:
-                    lost.append(f"{sop}: file holds another instance")
+                data = blobs[key] if bytes_in_database else (storage / key).read_bytes()
+                if len(data) != size:
+                    lost.append(f"{sop}: {len(data)} bytes stored != row {size}")
+                elif str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID) != sop:
+                    lost.append(f"{sop}: the stored bytes hold another instance")
             except Exception as exc:  # noqa: BLE001
                 lost.append(f"{sop}: {type(exc).__name__}")
         return lost
@@ -697,7 +707,7 @@ def run_trial(index: int, phase: str, serve: Serve, db: Db, destination: Destina
         trial.notes.append(f"{len(items) - trial.acked} never acknowledged after 5 re-sends")
 
     trial.settle_s, views = settle(db, studies, args.settle_timeout)
-    trial.lost = len(lost := db.lost(items, serve.storage))
+    trial.lost = len(lost := db.lost(items, serve.storage, serve.storage_backend == "postgresql"))
     trial.notes += lost[:3]
     dup_instances, dup_results = db.duplicate_rows()
     trial.dup_rows = dup_instances + dup_results
@@ -721,8 +731,10 @@ def kill_trials(args: argparse.Namespace, db_kind: str, heads: list[object], bun
     trials: list[Trial] = []
     try:
         with started_serve(db_kind, root, args.pg_admin, bundles, destination.port,
-                           receiver_processes=args.receiver_processes) as (serve, db, first_start):
-            print(f"\n[kill -9 trials, {db_kind}] serve up in {first_start:.1f} s; {args.kill_trials} trials of "
+                           receiver_processes=args.receiver_processes,
+                           storage_backend=args.storage) as (serve, db, first_start):
+            print(f"\n[kill -9 trials, {db_kind}, storage {args.storage}] serve up in {first_start:.1f} s; "
+                  f"{args.kill_trials} trials of "
                   f"{args.studies_per_trial} studies x 48 instances; PACS delay {args.dest_delay * 1000:.0f} ms "
                   f"per C-STORE; seed {args.seed}", flush=True)
             for index in range(args.kill_trials):
@@ -978,6 +990,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floods", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--idle", type=int, default=40, help="idle connections per flood (default 40)")
     parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="sqlite")
+    parser.add_argument("--storage", choices=("filesystem", "postgresql"), default="filesystem",
+                        help="storage_backend of the kill -9 trials' serve (postgresql needs --db postgres)")
     parser.add_argument("--pg-admin", default=PG_ADMIN, help=f"PostgreSQL admin URL (default {PG_ADMIN})")
     parser.add_argument("--seed", type=int, default=1212)
     parser.add_argument("--settle-timeout", type=float, default=240.0)
