@@ -20,7 +20,9 @@ taken back to the native slices and thresholded as the SEG is (export/seg.py).
 3. How many targets each bundle meets.
 4. For bundles with a normative model, how the network itself sees each lesion: inside
    it, on the model grid, the mean error against the healthy voxel mean +- SD there and
-   the mean z (what bounds every score term and the SEG).
+   the mean z (what bounds every score term and the SEG); and, at best, the score, verdict
+   and SEG Dice of a network that copied none of the lesion (`_healed`): which targets
+   better healing could reach, and which need less healthy error.
 
 Only MR bundles are judged: no real head CT volume is reachable offline (pydicom's real
 CT is single slices). The T1's age is unknown; an assumed age (default 40) is passed and
@@ -50,7 +52,7 @@ from headscreen.imaging.preprocess import Preprocessed, native_focus, preprocess
 from headscreen.imaging.skullstrip import dice
 from headscreen.imaging.volume import Volume, load_series
 from headscreen.inference import BundleRunner, Inference
-from headscreen.scores import evaluation_mask, z_map
+from headscreen.scores import evaluation_mask, masked_terms, uses_asymmetry, z_map
 
 # No age in the ITK example data (no header fields, no documentation of the subject).
 ASSUMED_AGE_YEARS = 40.0
@@ -262,12 +264,8 @@ def _score(runner: BundleRunner, case: Case, prepared: Preprocessed | str, age: 
     if blocking:  # a model note that says its own output cannot be trusted
         row.reason = "; ".join(blocking)
         return row
-    brain_error = np.where(prepared.brain_mask, inference.error_map, 0.0).astype(np.float32)
+    seg = _seg(runner, case, prepared, inference.error_map, inference.screen_positive)
     voxel_ml = float(np.prod(case.volume.image.GetSpacing())) / 1000.0
-    focus = native_focus(brain_error, prepared, case.volume) if inference.screen_positive else None
-    # Read in parts, as the daemon's SEG reads it (imaging.preprocess.ResampledMap).
-    seg = anomaly_mask(to_native_map(brain_error, prepared, case.volume), runner.bundle.seg_threshold(), voxel_ml,
-                       grow=runner.bundle.seg_grow(), focus=focus)
     row.eligible = True
     row.score, row.threshold = inference.anomaly_score, inference.threshold
     row.positive, row.percentile = inference.screen_positive, inference.percentile
@@ -279,6 +277,40 @@ def _score(runner: BundleRunner, case: Case, prepared: Preprocessed | str, age: 
         row.lesion_seen = _lesion_seen(runner, case, prepared, inference, baseline)
     row.seconds = time.perf_counter() - clock
     return row
+
+
+def _seg(runner: BundleRunner, case: Case, prepared: Preprocessed, overlay: np.ndarray, positive: bool) -> np.ndarray:
+    """The native SEG mask of a model-grid overlay, as the daemon builds it (export/seg.py)."""
+    brain_map = np.where(prepared.brain_mask, overlay, 0.0).astype(np.float32)
+    voxel_ml = float(np.prod(case.volume.image.GetSpacing())) / 1000.0
+    focus = native_focus(brain_map, prepared, case.volume) if positive else None
+    # Read in parts, as the daemon's SEG reads it (imaging.preprocess.ResampledMap).
+    return anomaly_mask(to_native_map(brain_map, prepared, case.volume), runner.bundle.seg_threshold(), voxel_ml,
+                        grow=runner.bundle.seg_grow(), focus=focus)
+
+
+def _healed(runner: BundleRunner, case: Case, prepared: Preprocessed, lesion_on_model: np.ndarray,
+            baseline: tuple[Preprocessed, Inference], age_gap: float | None) -> dict[str, float]:
+    """At best, a network that copies none of the lesion: the scan's own error without the
+    lesion plus the lesion's whole contrast where it lies, scored with this bundle's
+    normative model, score and threshold, and its SEG. An upper bound (where the lesion's
+    contrast opposes the scan's own error there, a real one would cancel part of it): a
+    target this misses is out of reach of any network at the healthy error spread the
+    normative model holds; only less healthy error (a sharper reconstruction) reaches it."""
+    before, before_inference = baseline
+    assert before_inference.raw_error is not None and runner.bundle.normative is not None
+    manifest = runner.bundle.manifest
+    healed = before_inference.raw_error.copy()
+    healed[lesion_on_model] += np.abs(prepared.model_input - before.model_input)[lesion_on_model]
+    masked, overlay = masked_terms(healed, prepared.brain_mask, runner.bundle.normative,
+                                   one_sided=uses_asymmetry(manifest.score.terms))
+    terms = {**before_inference.terms, **masked}
+    score = sum(weight * terms[name] for name, weight in manifest.score.terms.items())
+    score += manifest.score.age_gap_weight * abs(age_gap or 0.0)
+    positive = runner.bundle.screen_positive(score)
+    seg = _seg(runner, case, prepared, overlay, positive)
+    return {"healed_score": float(score), "healed_positive": float(positive),
+            "healed_dice": dice(seg, case.lesion) if case.lesion is not None else math.nan}
 
 
 def _lesion_seen(runner: BundleRunner, case: Case, prepared: Preprocessed, inference: Inference,
@@ -300,7 +332,8 @@ def _lesion_seen(runner: BundleRunner, case: Case, prepared: Preprocessed, infer
     lesion = sitk.GetImageFromArray(case.lesion.astype(np.float32))
     lesion.CopyInformation(case.volume.image)
     on_model = sitk.Resample(lesion, prepared.reference, prepared.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    inside = (sitk.GetArrayViewFromImage(on_model) >= 0.5) & evaluation_mask(prepared.brain_mask, normative)
+    lesion_on_model = sitk.GetArrayViewFromImage(on_model) >= 0.5
+    inside = lesion_on_model & evaluation_mask(prepared.brain_mask, normative)
     if not inside.any():
         return None
     z = z_map(inference.raw_error, normative)
@@ -315,6 +348,7 @@ def _lesion_seen(runner: BundleRunner, case: Case, prepared: Preprocessed, infer
         seen.update(contrast=contrast, baseline_error=before_error,
                     shown=(seen["error"] - before_error) / abs(contrast) if contrast else math.nan,
                     z_healed=(before_error + abs(contrast) - seen["healthy_error_mean"]) / seen["healthy_error_sd"])
+        seen.update(_healed(runner, case, prepared, lesion_on_model, baseline, inference.age_gap))
     return seen
 
 
@@ -404,12 +438,17 @@ def _print_table(bundle: Bundle, rows: list[Row], summary: dict[str, int]) -> No
         print("how the network sees each lesion (inside it, on the model grid): its error against the healthy "
               "voxel mean +- SD there, and z;\n  contrast: the lesion in the model input against the same voxels "
               "of the scan without it (error there before: 'before'); shown: the share of the contrast that shows "
-              "as error;\n  z healed: the mean z of a network that copied none of it (from the means)")
+              "as error;\n  z healed: the mean z of a network that copied none of it (from the means); healed: "
+              "that network's score, verdict and SEG Dice at best (the scan's own error plus the lesion's whole\n"
+              "  contrast, scored as the daemon scores; an upper bound): a target it misses is out of reach at this "
+              "healthy error spread")
         print(f"{'case':<25} {'voxels':>6} {'error':>6} {'healthy':>13} {'mean z':>7} {'z p90':>6} "
-              f"{'contrast':>8} {'before':>6} {'shown':>5} {'z healed':>8}")
+              f"{'contrast':>8} {'before':>6} {'shown':>5} {'z healed':>8} {'healed score':>12} {'pos':>4} {'Dice':>5}")
         for row in seen:
             s = row.lesion_seen or {}
             extra = (f" {s['contrast']:>+8.3f} {s['baseline_error']:>6.3f} {s['shown']:>5.2f} {s['z_healed']:>8.2f}"
+                     f" {s['healed_score']:>12.5g} {_yes(bool(s['healed_positive'])):>4}"
+                     f" {_fmt(s['healed_dice'], '.2f'):>5}"
                      if "contrast" in s else "")
             print(f"{row.case:<25} {s['voxels']:>6.0f} {s['error']:>6.3f} "
                   f"{s['healthy_error_mean']:>6.3f} +- {s['healthy_error_sd']:<4.3f} {s['z']:>7.2f} {s['z_p90']:>6.2f}"
