@@ -783,6 +783,9 @@ def _write_stage(deps: StoreDeps, record: InstanceRecord,
     try:
         if journal is None:
             if deps.blobs_in_database:
+                # Nothing is written here, but a full disk beside the database refuses cleanly
+                # (0xA700) instead of failing its commit, as when the journal's copy came here.
+                store.check_space(len(part10))
                 return None, None
             return store.write(record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid,
                                part10).path, None

@@ -145,6 +145,26 @@ def test_each_instance_is_acknowledged_after_a_synchronous_commit_of_its_row_and
     assert len(_blobs(sessions, "instance")) == SLICES
 
 
+def test_below_the_disk_watermark_an_instance_is_refused_out_of_resources_and_not_recorded(
+        tmp_path: Path, sessions: sessionmaker[Session]) -> None:
+    """Nothing is written to storage_dir on this backend, but its watermark still refuses
+    cleanly (0xA700) where a full disk would otherwise fail the database's commit."""
+    files = write_ct_series(tmp_path / "in", 1)
+    harness = start_harness(tmp_path / "receiver", sessions, blobs_in_database=True, disk_min_free_mb=1 << 40)
+    try:
+        ae = AE(ae_title=SCU_AE)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", harness.port, ae_title=SCP_AE)
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0xA700
+        finally:
+            assoc.release()
+    finally:
+        harness.receiver.shutdown()
+    assert harness.instances() == [] and _blobs(sessions) == {}
+
+
 def test_an_earlier_versions_journal_is_replayed_into_the_database(
         tmp_path: Path, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
     """Versions before this one journalled the bytes on this backend too and committed
