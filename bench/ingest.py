@@ -15,7 +15,9 @@ Each row is the best and the median of --repeats runs, each into a fresh target;
 the load average is printed before and after (the machine may be shared). For
 headscreen rows, "cpu" is the receiver's CPU time per instance (this process's user
 + system time during the send: the receiver runs in it, storescu in children), a
-figure a shared machine disturbs far less than the wall-clock rate.
+figure a shared machine disturbs far less than the wall-clock rate; for the storescp
+and Orthanc rows, that process's own CPU time (/proc), so the anchors' CPU per
+instance stands beside headscreen's. (A PostgreSQL row's database server is not in it.)
 ``--sqlite-normal`` adds a row with SQLite synchronous=NORMAL: in WAL mode that
 survives a crash of the process but NOT a power cut, so it is not what headscreen
 runs (it keeps FULL); it only shows what the per-commit fsync costs.
@@ -176,8 +178,30 @@ def send(paths: list[Path], port: int, called_ae: str, associations: int, send_p
     return elapsed
 
 
+def _pid_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _AnchorCpu:
+    """An anchor's (storescp's, Orthanc's) CPU time, so its CPU per instance prints beside
+    headscreen's: no stages or counters, and not this process's CPU."""
+
+    in_process = False
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.pid = process.pid
+
+    def child_cpu_seconds(self) -> float:
+        return _pid_cpu_seconds(self.pid)
+
+
 @contextmanager
-def storescp(work: Path, nagle: bool = False) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
+def storescp(work: Path, nagle: bool = False) -> Iterator[tuple[int, str, Path, _AnchorCpu]]:
     out = work / "storescp-out"
     out.mkdir()
     port = free_port()
@@ -186,7 +210,7 @@ def storescp(work: Path, nagle: bool = False) -> Iterator[tuple[int, str, Path, 
                                stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
-        yield port, "STORESCP", out, None
+        yield port, "STORESCP", out, _AnchorCpu(process)
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -202,14 +226,7 @@ class _PoolCounters:
         return self.pool.stats.snapshot()
 
     def child_cpu_seconds(self) -> float:
-        total = 0.0
-        for pid in self.pool.pids().values():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-        return total
+        return sum(_pid_cpu_seconds(pid) for pid in self.pool.pids().values())
 
 
 @contextmanager
@@ -243,7 +260,7 @@ def _override_synchronous(engine: Engine, level: str) -> None:
 
 
 @contextmanager
-def orthanc(work: Path, nagle: bool = False) -> Iterator[tuple[int, str, Path, ReceiverStats | None]]:
+def orthanc(work: Path, nagle: bool = False) -> Iterator[tuple[int, str, Path, _AnchorCpu]]:
     port, http = free_port(), free_port()
     root = work / "orthanc"
     root.mkdir()
@@ -256,7 +273,7 @@ def orthanc(work: Path, nagle: bool = False) -> Iterator[tuple[int, str, Path, R
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)
-        yield port, "ORTHANC", root / "db", None
+        yield port, "ORTHANC", root / "db", _AnchorCpu(process)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -278,13 +295,15 @@ def measure(name: str, target: Callable[[Path], object], paths: list[Path], asso
         with tempfile.TemporaryDirectory(prefix="ingest-", dir=os.environ.get("BENCH_TMP")) as tmp:
             with target(Path(tmp)) as (port, called_ae, out_dir, stats):  # type: ignore[attr-defined]
                 child_cpu = getattr(stats, "child_cpu_seconds", lambda: 0.0)
-                cpu_before = _process_cpu_seconds() + child_cpu()
+                in_process = getattr(stats, "in_process", True)
+                own_cpu = _process_cpu_seconds if in_process else (lambda: 0.0)
+                cpu_before = own_cpu() + child_cpu()
                 times.append(send(paths, port, called_ae, associations, send_pdu))
-                cpu.append(_process_cpu_seconds() + child_cpu() - cpu_before)
+                cpu.append(own_cpu() + child_cpu() - cpu_before)
                 stored = sum(1 for p in Path(out_dir).rglob("*") if p.is_file())
                 if name != "orthanc" and stored < len(paths):
                     raise RuntimeError(f"{name}: only {stored} of {len(paths)} files stored")
-            if stats is not None:
+            if stats is not None and in_process:
                 snapshot = stats.snapshot()  # after the stop: a pool's processes have sent their last counts
                 stages.append(snapshot["stage_seconds"])
                 commits.append(snapshot["row_commits"])
@@ -292,7 +311,7 @@ def measure(name: str, target: Callable[[Path], object], paths: list[Path], asso
     best = min(range(repeats), key=times.__getitem__)
     return Figure(name, associations, times[best], statistics.median(times), len(paths), megabytes,
                   stages[best] if stages else None, commits[best] if commits else None,
-                  syncs[best] if syncs else None, cpu[best] if stages else None)
+                  syncs[best] if syncs else None, cpu[best] if stats is not None else None)
 
 
 def _process_cpu_seconds() -> float:
