@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from proc_cpu import cpu_seconds
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import event
@@ -178,15 +179,6 @@ def send(paths: list[Path], port: int, called_ae: str, associations: int, send_p
     return elapsed
 
 
-def _pid_cpu_seconds(pid: int) -> float:
-    """utime + stime of one process so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class _AnchorCpu:
     """An anchor's (storescp's, Orthanc's) CPU time, so its CPU per instance prints beside
     headscreen's: no stages or counters, and not this process's CPU."""
@@ -197,7 +189,7 @@ class _AnchorCpu:
         self.pid = process.pid
 
     def child_cpu_seconds(self) -> float:
-        return _pid_cpu_seconds(self.pid)
+        return cpu_seconds(self.pid)
 
 
 @contextmanager
@@ -226,7 +218,7 @@ class _PoolCounters:
         return self.pool.stats.snapshot()
 
     def child_cpu_seconds(self) -> float:
-        return sum(_pid_cpu_seconds(pid) for pid in self.pool.pids().values())
+        return sum(cpu_seconds(pid) for pid in self.pool.pids().values())
 
 
 @contextmanager

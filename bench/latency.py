@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import pydicom  # noqa: E402
 from ingest import orthanc  # noqa: E402
+from proc_cpu import cpu_split  # noqa: E402
 from sqlalchemy import select  # noqa: E402
-from throughput import children, cpu_split, is_worker, peak_rss_mb, reset_peak  # noqa: E402
+from throughput import children, is_worker, peak_rss_mb, reset_peak  # noqa: E402
 
 from headscreen.db.models import Study  # noqa: E402
 from headscreen.imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402

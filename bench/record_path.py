@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import psycopg  # noqa: E402
+from proc_cpu import cpu_seconds  # noqa: E402
 from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 from throwaway_db import throwaway_postgres  # noqa: E402
 
@@ -43,16 +44,6 @@ from db_factories import T0, at, record, uid  # noqa: E402
 from headscreen.db import api, ingest  # noqa: E402
 from headscreen.db.engine import make_engine, session_factory  # noqa: E402
 from headscreen.db.migrate import upgrade  # noqa: E402
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 @contextlib.contextmanager
@@ -105,7 +96,7 @@ def run(sessions: sessionmaker[Session], instances: int, threads: int) -> tuple[
     for worker in workers:
         worker.join()
     pids = backend_pids(sessions)
-    server_before = sum(process_cpu_s(pid) for pid in pids)
+    server_before = sum(cpu_seconds(pid) for pid in pids)
     client_before, started = time.process_time(), time.perf_counter()
     workers = [threading.Thread(target=record_share, args=(2 + k,)) for k in range(threads)]
     for worker in workers:
@@ -115,7 +106,7 @@ def run(sessions: sessionmaker[Session], instances: int, threads: int) -> tuple[
     wall = time.perf_counter() - started
     client = time.process_time() - client_before
     pids = set(pids) | set(backend_pids(sessions))
-    server = sum(process_cpu_s(pid) for pid in pids) - server_before if pids else None
+    server = sum(cpu_seconds(pid) for pid in pids) - server_before if pids else None
     per = 1000.0 / instances
     return wall * per, client * per, (server * per if server is not None else None)
 

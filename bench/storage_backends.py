@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pydicom
 from ingest import SCU_AE, build_study, send
@@ -60,16 +61,6 @@ _COLUMN_SETUP = {
     # The earlier receiver: the bytes journalled too (receiver.uses_ingest_journal).
     "postgresql-journal": None,
 }
-
-
-@contextmanager
-def _patched(module: object, name: str, value: object) -> Iterator[None]:
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
 
 
 @dataclass
@@ -102,7 +93,7 @@ def receiving(backend: str, work: Path, admin_url: str) -> Iterator[tuple[int, B
                                 allowed_callers=[AllowedCaller(SCU_AE)], disk_min_free_mb=0,
                                 blobs_in_database=in_database)
         if backend == "postgresql-journal":
-            with _patched(receiver_module, "uses_ingest_journal", lambda config: config.durable):
+            with mock.patch.object(receiver_module, "uses_ingest_journal", lambda config: config.durable):
                 receiver = start_receiver(config, sessions)
         else:
             receiver = start_receiver(config, sessions)

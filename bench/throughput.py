@@ -49,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import pydicom  # noqa: E402
+from proc_cpu import CLOCK_TICKS, cpu_seconds, stat_fields  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from throwaway_db import throwaway_postgres  # noqa: E402
 
@@ -56,22 +57,6 @@ from headscreen.daemon.orthanc import free_port  # noqa: E402
 from headscreen.daemon.receiver_pool import PROCESS_NAME_PREFIX  # noqa: E402
 from headscreen.imaging.phantoms import Lesion, Pose, make_head, write_dicom_series  # noqa: E402
 from serve_harness import Daemon, storescu, wait_until  # noqa: E402
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of one process so far (0 once it is gone)."""
-    return sum(cpu_split(pid))
-
-
-def cpu_split(pid: int) -> tuple[float, float]:
-    """(user, system) CPU-seconds of one process so far ((0, 0) once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0, 0.0
-    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 def children(pid: int) -> list[int]:
@@ -102,20 +87,14 @@ def postgres_server_cpu_seconds() -> float:
     backends that have exited (their postmaster's reaped children). The whole server: a
     shared machine's other databases would count too."""
     total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            name, rest = stat.read_text().rsplit(")", 1)
-        except OSError:
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = stat_fields(entry.name)
+        if stat is None or stat[0] != "postgres":
             continue
-        if not name.endswith("(postgres"):
-            continue
-        fields = rest.split()
+        fields = stat[1]
         total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        try:
-            parent = Path(f"/proc/{fields[1]}/comm").read_text().strip()
-        except OSError:
-            parent = ""
-        if parent != "postgres":  # the postmaster: add the backends it has reaped
+        parent = stat_fields(fields[1])
+        if parent is None or parent[0] != "postgres":  # the postmaster: add the backends it has reaped
             total += (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
     return total
 
