@@ -657,7 +657,8 @@ class _DirectDataDUL(DULServiceProvider):
     (dcmtk's 128 KiB) to 33 (16 KiB, common in PACS). Any other PDU, a malformed one, or
     an observer bound to a per-PDU event takes pynetdicom's own path: the bytes read ahead
     are pushed back for it to read again. A plain C-STORE request is assembled on the way
-    (daemon.store_requests), without pynetdicom's message object."""
+    (daemon.store_requests), without pynetdicom's message object, and served in this
+    thread; its response goes out as soon as the loop turns."""
 
     _stores: DirectStores  # set by wait_for_events
 

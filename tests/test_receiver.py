@@ -35,12 +35,14 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from headscreen.daemon import receiver as receiver_module
 from headscreen.daemon.callers import AllowedCaller
 from headscreen.daemon.connections import (
     _DirectDataDUL,
@@ -618,6 +620,77 @@ def test_small_and_large_pdus_store_byte_exact_on_the_direct_path(harness: Harne
     assert taken.count(True) >= sum(math.ceil(len(_dataset_bytes(p)) / send_pdu) for p in paths)
     assert taken.count(False) <= 1
     assert sorted(assembled) == sorted(sent)  # each request assembled on the direct path too
+
+
+def test_plain_stores_are_served_in_the_dul_thread_and_an_echo_by_the_reactor(
+        harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decode = receiver_module._decode_stage
+    served_in: list[threading.Thread] = []
+
+    def recorded(event: Any) -> Any:
+        served_in.append(threading.current_thread())
+        return decode(event)
+
+    monkeypatch.setattr(receiver_module, "_decode_stage", recorded)
+    paths = write_ct_series(tmp_path / "ct", 3, seed=8)
+    assoc = _associate(harness.port, (CTImageStorage, [ExplicitVRLittleEndian]),
+                       (Verification, [ImplicitVRLittleEndian]))
+    try:
+        statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in paths]
+        assert assoc.send_c_echo().Status == 0x0000  # not a store: pynetdicom's reactor answers it
+    finally:
+        assoc.release()
+    assert statuses == [0x0000] * 3
+    assert len(harness.instances()) == 3
+    assert len(served_in) == 3
+    assert all(isinstance(thread, DULServiceProvider) for thread in served_in)
+
+
+def test_a_handler_that_raises_on_the_direct_path_is_answered_0xc211_and_the_association_goes_on(
+        harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decode = receiver_module._decode_stage
+    calls: list[int] = []
+
+    def first_raises(event: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the handler")
+        return decode(event)
+
+    monkeypatch.setattr(receiver_module, "_decode_stage", first_raises)
+    paths = write_ct_series(tmp_path / "ct", 2, seed=9)
+    assoc = _associate(harness.port, (CTImageStorage, [ExplicitVRLittleEndian]))
+    try:
+        statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in paths]
+        assert assoc.is_established
+    finally:
+        assoc.release()
+    assert statuses == [0xC211, 0x0000]
+    assert [row.sop_instance_uid for row in harness.instances()] == [pydicom.dcmread(paths[1]).SOPInstanceUID]
+
+
+def test_the_network_timeout_does_not_run_while_an_instance_is_stored_on_the_direct_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pynetdicom's reactor checks the timeout only between messages; served in the DUL
+    # thread, a store that outlasts it must not have its association aborted under it.
+    harness = start_harness(tmp_path, network_timeout_s=1.0)
+    try:
+        record = receiver_module._record_stage
+        slow_once: list[int] = []
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            if not slow_once:
+                slow_once.append(1)
+                threading.Event().wait(3.0)  # three network timeouts
+            return record(*args, **kwargs)
+
+        monkeypatch.setattr(receiver_module, "_record_stage", slow)
+        paths = write_ct_series(tmp_path / "ct", 2, seed=10)
+        result = _storescu(harness.port, paths)
+        assert result.returncode == 0, result.stderr
+        assert len(harness.instances()) == 2
+    finally:
+        harness.close()
 
 
 def test_an_observer_of_each_pdu_gets_pynetdicoms_path(harness: Harness, tmp_path: Path,

@@ -9,11 +9,13 @@ from io import BytesIO
 from typing import Any
 
 import pytest
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from headscreen.daemon.connections import drop_silent_log_handlers
 from headscreen.daemon.store_requests import DirectStores, plain_store_request
@@ -224,3 +226,41 @@ def test_an_observer_of_dimse_messages_gets_pynetdicoms_message() -> None:
     _fed(pdus, assoc)
     assert seen == ["C_STORE_RQ"]
     assert len(_queued(assoc)) == 1
+
+
+def _established(*contexts: tuple[int, str]) -> Association:
+    """An acceptor as negotiation leaves it, with these (context ID, SOP class) accepted."""
+    assoc = _acceptor()
+    for context_id, sop_class in contexts:
+        context = build_context(sop_class)
+        context.context_id = context_id
+        assoc._accepted_cx[context_id] = context
+    assoc.is_established = True
+    return assoc
+
+
+def test_only_a_storage_request_on_its_own_accepted_context_is_served_on_the_direct_path() -> None:
+    rng = random.Random(14)
+    request = _request(rng)
+    request._context_id = 1
+    served = _established((1, CTImageStorage))
+    assert DirectStores(served)._storage_context(request) is served._accepted_cx[1]
+
+    not_established = _established((1, CTImageStorage))
+    not_established.is_established = False
+    releasing = _established((1, CTImageStorage))
+    releasing._sent_release = True
+    for assoc in (not_established, releasing, _established((3, CTImageStorage)), _established((1, MRImageStorage))):
+        assert DirectStores(assoc)._storage_context(request) is None  # the reactor's: it judges these
+
+    not_storage = _request(rng)
+    not_storage.AffectedSOPClassUID = Verification
+    not_storage._context_id = 1
+    assert DirectStores(_established((1, Verification)))._storage_context(not_storage) is None
+
+
+def test_a_request_the_direct_path_does_not_serve_is_queued_for_the_reactor() -> None:
+    rng = random.Random(15)
+    pdus = _values(_request(rng, data=rng.randbytes(1000)), 3, 4096)
+    assoc = _fed(pdus, _established((1, CTImageStorage)))  # context 3 was never accepted
+    _one_request_as_pynetdicom_makes(assoc, pdus)
