@@ -12,6 +12,8 @@ import re
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, EnhancedMRImageStorage, MRImageStorage
@@ -43,10 +45,11 @@ def build_record(header: Dataset, event: Event, calling_ae: str, store: Instance
     for its VR is left out (None) and text is cleaned and cut to its column, so the
     database always takes the row; what was left out or cut is logged by keyword.
     """
-    study_uid = check_uid("StudyInstanceUID", header.get("StudyInstanceUID"))
-    series_uid = check_uid("SeriesInstanceUID", header.get("SeriesInstanceUID"))
-    sop_uid = check_uid("SOPInstanceUID", header.get("SOPInstanceUID"))
-    sop_class = check_uid("SOPClassUID", header.get("SOPClassUID"))
+    values = _OptionalValues(header)
+    study_uid = check_uid("StudyInstanceUID", values.uid("StudyInstanceUID"))
+    series_uid = check_uid("SeriesInstanceUID", values.uid("SeriesInstanceUID"))
+    sop_uid = check_uid("SOPInstanceUID", values.uid("SOPInstanceUID"))
+    sop_class = check_uid("SOPClassUID", values.uid("SOPClassUID"))
     command_uid = command_sop_uid(event)
     command_class = str(event.request.AffectedSOPClassUID or "").strip()
     if sop_uid != command_uid:
@@ -54,7 +57,6 @@ def build_record(header: Dataset, event: Event, calling_ae: str, store: Instance
     if sop_class != command_class:
         raise InvalidUid("SOPClassUID differs from the C-STORE request's Affected SOP Class UID")
     relative = store.relative_path(study_uid, series_uid, sop_uid)
-    values = _OptionalValues(header)
     record = InstanceRecord(
         study_instance_uid=study_uid,
         series_instance_uid=series_uid,
@@ -111,6 +113,33 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # What bytes the character set could not decode become: the value is not known.
 _UNDECODED = "\ufffd"
 
+# A value in its plainest form (below) is converted here from its bytes: pydicom's
+# conversion of each element was the largest part of the receiver's CPU per instance
+# after the network. Any other value, an empty one, a VR that is not the dictionary's,
+# or an element already converted goes through pydicom as before, so the row is the same
+# (tests/test_instance_record.py reads each case both ways). Printable ASCII reads the
+# same in every character set pydicom decodes; a backslash (pydicom splits and strips
+# each value) is not plain text.
+_PLAIN_TEXT = re.compile(rb"[\x20-\x5b\x5d-\x7e]+")
+_PLAIN_UID = re.compile(rb"[0-9.]{1,64}\x00?")
+_PLAIN_DA = re.compile(rb"[0-9]{8}")
+_PLAIN_AS = re.compile(rb"[0-9]{3}[DWMYdwmy]")
+_PLAIN_IS = re.compile(rb"[+-]?[0-9]{1,11} ?")
+_DS = rb" *[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *"
+_PLAIN_DS_VALUES = re.compile(_DS + rb"(?:\\" + _DS + rb")*")
+_DS_MAX_LEN = 16
+_NOT_PLAIN = object()
+_TAG_AND_VR: dict[str, tuple[int, str]] = {}
+
+
+def _tag_and_vr(keyword: str) -> tuple[int, str]:
+    known = _TAG_AND_VR.get(keyword)
+    if known is None:
+        tag = tag_for_keyword(keyword)
+        assert tag is not None, keyword
+        known = _TAG_AND_VR[keyword] = (tag, dictionary_VR(tag))
+    return known
+
 
 class _OptionalValues:
     """Reads the optional header values of one instance; never raises on them. Notes by
@@ -120,6 +149,31 @@ class _OptionalValues:
         self.header = header
         self.dropped: list[str] = []
         self.truncated: list[str] = []
+
+    def _plain(self, keyword: str, form: re.Pattern[bytes]) -> Any:
+        """The element's bytes when they are in `form`; None when it is absent; else _NOT_PLAIN."""
+        tag, vr = _tag_and_vr(keyword)
+        raw = self.header.get_item(tag)
+        if raw is None:
+            return None
+        if not isinstance(raw, RawDataElement) or raw.VR not in (None, vr):
+            return _NOT_PLAIN
+        value = raw.value
+        return value if isinstance(value, bytes) and form.fullmatch(value) else _NOT_PLAIN
+
+    def uid(self, keyword: str) -> Any:
+        """An identifying UID as check_uid takes it (never refused here)."""
+        plain = self._plain(keyword, _PLAIN_UID)
+        if plain is _NOT_PLAIN:
+            return self.header.get(keyword)
+        return None if plain is None else plain.rstrip(b"\x00").decode("ascii")
+
+    def _plain_text(self, keyword: str) -> Any:
+        """As _text, for a plain value; _NOT_PLAIN otherwise."""
+        plain = self._plain(keyword, _PLAIN_TEXT)
+        if plain is None or plain is _NOT_PLAIN:
+            return plain
+        return plain.decode("ascii").strip() or None
 
     def _read(self, keyword: str) -> Any:
         try:
@@ -160,7 +214,9 @@ class _OptionalValues:
         return None if value is None else (value.strip(" \x00") or None)
 
     def text(self, keyword: str, length: int) -> str | None:
-        text = self._text(keyword)
+        text = self._plain_text(keyword)
+        if text is _NOT_PLAIN:
+            text = self._text(keyword)
         if text is not None and len(text) > length:
             self.truncated.append(keyword)
             text = text[:length].rstrip()
@@ -168,7 +224,9 @@ class _OptionalValues:
 
     def code(self, keyword: str, length: int) -> str | None:
         """A code string is left out when too long: a cut code would be another code."""
-        text = self._text(keyword)
+        text = self._plain_text(keyword)
+        if text is _NOT_PLAIN:
+            text = self._text(keyword)
         if text is not None and len(text) > length:
             self._drop(keyword)
             return None
@@ -176,7 +234,8 @@ class _OptionalValues:
 
     def date(self, keyword: str) -> str | None:
         """DA: eight digits that form a real date."""
-        text = self._formatted(keyword)
+        plain = self._plain(keyword, _PLAIN_DA)
+        text = self._formatted(keyword) if plain is _NOT_PLAIN else plain and plain.decode("ascii")
         if text is None:
             return None
         if _DA.fullmatch(text):
@@ -190,7 +249,8 @@ class _OptionalValues:
 
     def age(self, keyword: str) -> str | None:
         """AS: three digits and D, W, M or Y."""
-        text = self._formatted(keyword)
+        plain = self._plain(keyword, _PLAIN_AS)
+        text = self._formatted(keyword) if plain is _NOT_PLAIN else plain and plain.decode("ascii")
         if text is None:
             return None
         if _AS.fullmatch(text.upper()):
@@ -199,11 +259,12 @@ class _OptionalValues:
         return None
 
     def integer(self, keyword: str) -> int | None:
-        value = self._read(keyword)
+        plain = self._plain(keyword, _PLAIN_IS)
+        value = self._read(keyword) if plain is _NOT_PLAIN else plain
         if value is None or value == "":
             return None
         try:
-            if isinstance(value, (bytes, bytearray)):
+            if isinstance(value, (bytes, bytearray)) and value is not plain:
                 raise TypeError("not a number")
             number = int(value)
         except (TypeError, ValueError, OverflowError):
@@ -214,9 +275,20 @@ class _OptionalValues:
             return None
         return number
 
+    def _decimals(self, keyword: str) -> Any:
+        plain = self._plain(keyword, _PLAIN_DS_VALUES)
+        if plain is _NOT_PLAIN:
+            return self._read(keyword)
+        if plain is None:
+            return None
+        values = plain.split(b"\\")
+        if any(len(value) > _DS_MAX_LEN for value in values):
+            return self._read(keyword)
+        return [float(value) for value in values]
+
     def slice_position(self) -> float | None:
-        position = self._read("ImagePositionPatient")
-        orientation = self._read("ImageOrientationPatient")
+        position = self._decimals("ImagePositionPatient")
+        orientation = self._decimals("ImageOrientationPatient")
         if position is None or orientation is None:
             return None
         along = _along_normal(position, orientation)
