@@ -8,8 +8,11 @@ acknowledged instance has its row and its exact bytes under the recorded path.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import threading
+import zlib
 from pathlib import Path
 
 import pydicom
@@ -285,3 +288,22 @@ def test_kill9_of_serve_with_two_receiver_processes_loses_no_acknowledged_instan
         kill.set()
         killer.join()
         daemon.close()
+
+
+def test_an_entry_checksummed_by_zlib_is_replayed_and_one_with_a_flipped_byte_is_torn(tmp_path: Path) -> None:
+    # The journal's CRC-32 must stay zlib's: a journal left by an earlier version replays.
+    directory = tmp_path / "j"
+    directory.mkdir()
+    record = _record("1.2.3.7")
+    meta = json.dumps(dataclasses.asdict(record), separators=(",", ":")).encode()
+    data = os.urandom(64 * 1024)
+    entry = journal_module._HEADER.pack(journal_module._MAGIC, len(meta), len(data),
+                                        zlib.crc32(data, zlib.crc32(meta))) + meta + data
+    flipped = bytearray(entry)
+    flipped[-100] ^= 0x01
+    (directory / "000000000001.journal").write_bytes(entry)
+    (directory / "000000000002.journal").write_bytes(bytes(flipped))
+    applied: list[tuple[InstanceRecord, bytes]] = []
+    count = recover(directory, applied.extend)
+    assert applied == [(record, data)]
+    assert (count.entries, count.torn) == (1, 1)
