@@ -160,7 +160,7 @@ class DirectStores:
             arriving.values.append((context_id, value))
             if value[0] & _LAST:
                 self._arriving = None
-                self._queue(arriving)
+                self._dispatch(arriving)
                 return  # pynetdicom, too, reads nothing more of a PDU that ends a message
 
     def hand_over(self, more: list[tuple[int, bytes]] | None = None) -> None:
@@ -178,7 +178,7 @@ class DirectStores:
             return None
         return plain_store_request(value[1:], context_id)
 
-    def _queue(self, arriving: _Arriving) -> None:
+    def _dispatch(self, arriving: _Arriving) -> None:
         data_set = BytesIO(b"".join(memoryview(value)[1:] for _, value in arriving.values[1:]))
         data_set.seek(0, 2)  # where pynetdicom's writes leave it
         request = arriving.request

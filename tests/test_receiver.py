@@ -597,14 +597,14 @@ def test_small_and_large_pdus_store_byte_exact_on_the_direct_path(harness: Harne
         return taken[-1]
 
     monkeypatch.setattr(_DirectDataDUL, "_read_data_directly", counted)
-    queue_request = DirectStores._queue
+    dispatch_request = DirectStores._dispatch
     assembled: list[str] = []
 
-    def queued(self: DirectStores, arriving: Any) -> None:
+    def dispatched(self: DirectStores, arriving: Any) -> None:
         assembled.append(str(arriving.request.AffectedSOPInstanceUID))
-        queue_request(self, arriving)
+        dispatch_request(self, arriving)
 
-    monkeypatch.setattr(DirectStores, "_queue", queued)
+    monkeypatch.setattr(DirectStores, "_dispatch", dispatched)
     paths = write_ct_series(tmp_path / "ct", 3, seed=4)
     result = subprocess.run(["storescu", "-R", "--max-send-pdu", str(send_pdu), "-aet", SCU_AE, "-aec", SCP_AE,
                              "127.0.0.1", str(harness.port), *map(str, paths)],
