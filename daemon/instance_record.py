@@ -6,6 +6,7 @@ every other value is optional and is left out or cut to its column when it does 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -129,16 +130,13 @@ _DS = rb" *[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *"
 _PLAIN_DS_VALUES = re.compile(_DS + rb"(?:\\" + _DS + rb")*")
 _DS_MAX_LEN = 16
 _NOT_PLAIN = object()
-_TAG_AND_VR: dict[str, tuple[int, str]] = {}
 
 
+@functools.cache
 def _tag_and_vr(keyword: str) -> tuple[int, str]:
-    known = _TAG_AND_VR.get(keyword)
-    if known is None:
-        tag = tag_for_keyword(keyword)
-        assert tag is not None, keyword
-        known = _TAG_AND_VR[keyword] = (tag, dictionary_VR(tag))
-    return known
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return tag, dictionary_VR(tag)
 
 
 class _OptionalValues:
@@ -167,13 +165,6 @@ class _OptionalValues:
         if plain is _NOT_PLAIN:
             return self.header.get(keyword)
         return None if plain is None else plain.rstrip(b"\x00").decode("ascii")
-
-    def _plain_text(self, keyword: str) -> Any:
-        """As _text, for a plain value; _NOT_PLAIN otherwise."""
-        plain = self._plain(keyword, _PLAIN_TEXT)
-        if plain is None or plain is _NOT_PLAIN:
-            return plain
-        return plain.decode("ascii").strip() or None
 
     def _read(self, keyword: str) -> Any:
         try:
@@ -204,19 +195,23 @@ class _OptionalValues:
 
     def _text(self, keyword: str) -> str | None:
         """Free text without control characters; None when that leaves nothing."""
+        plain = self._plain(keyword, _PLAIN_TEXT)
+        if plain is not _NOT_PLAIN:
+            return None if plain is None else (plain.decode("ascii").strip() or None)
         value = self._string(keyword)
         return None if value is None else (_CONTROL.sub("", value).strip() or None)
 
-    def _formatted(self, keyword: str) -> str | None:
-        """A value of a formatted VR (DA, AS): only padding is taken off, a control
-        character inside leaves it invalid."""
+    def _formatted(self, keyword: str, form: re.Pattern[bytes]) -> str | None:
+        """A value of a formatted VR (DA, AS; `form`, its plainest): only padding is taken
+        off, a control character inside leaves it invalid."""
+        plain = self._plain(keyword, form)
+        if plain is not _NOT_PLAIN:
+            return None if plain is None else plain.decode("ascii")
         value = self._string(keyword)
         return None if value is None else (value.strip(" \x00") or None)
 
     def text(self, keyword: str, length: int) -> str | None:
-        text = self._plain_text(keyword)
-        if text is _NOT_PLAIN:
-            text = self._text(keyword)
+        text = self._text(keyword)
         if text is not None and len(text) > length:
             self.truncated.append(keyword)
             text = text[:length].rstrip()
@@ -224,9 +219,7 @@ class _OptionalValues:
 
     def code(self, keyword: str, length: int) -> str | None:
         """A code string is left out when too long: a cut code would be another code."""
-        text = self._plain_text(keyword)
-        if text is _NOT_PLAIN:
-            text = self._text(keyword)
+        text = self._text(keyword)
         if text is not None and len(text) > length:
             self._drop(keyword)
             return None
@@ -234,8 +227,7 @@ class _OptionalValues:
 
     def date(self, keyword: str) -> str | None:
         """DA: eight digits that form a real date."""
-        plain = self._plain(keyword, _PLAIN_DA)
-        text = self._formatted(keyword) if plain is _NOT_PLAIN else plain and plain.decode("ascii")
+        text = self._formatted(keyword, _PLAIN_DA)
         if text is None:
             return None
         if _DA.fullmatch(text):
@@ -249,8 +241,7 @@ class _OptionalValues:
 
     def age(self, keyword: str) -> str | None:
         """AS: three digits and D, W, M or Y."""
-        plain = self._plain(keyword, _PLAIN_AS)
-        text = self._formatted(keyword) if plain is _NOT_PLAIN else plain and plain.decode("ascii")
+        text = self._formatted(keyword, _PLAIN_AS)
         if text is None:
             return None
         if _AS.fullmatch(text.upper()):
@@ -260,16 +251,21 @@ class _OptionalValues:
 
     def integer(self, keyword: str) -> int | None:
         plain = self._plain(keyword, _PLAIN_IS)
-        value = self._read(keyword) if plain is _NOT_PLAIN else plain
+        if plain is not _NOT_PLAIN:
+            return None if plain is None else self._in_int_column(keyword, int(plain))
+        value = self._read(keyword)
         if value is None or value == "":
             return None
         try:
-            if isinstance(value, (bytes, bytearray)) and value is not plain:
+            if isinstance(value, (bytes, bytearray)):
                 raise TypeError("not a number")
             number = int(value)
         except (TypeError, ValueError, OverflowError):
             self._drop(keyword)
             return None
+        return self._in_int_column(keyword, number)
+
+    def _in_int_column(self, keyword: str, number: int) -> int | None:
         if number not in _INT_COLUMN:
             self._drop(keyword)
             return None
