@@ -573,7 +573,7 @@ class _WaitingAssociationSocket(AssociationSocket):
 
     _pushed_back: bytes = b""
 
-    def push_back(self, data: bytes | bytearray) -> None:
+    def push_back(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes read ahead (by _DirectDataDUL) that the next recv returns first."""
         self._pushed_back = bytes(data) + self._pushed_back
 
@@ -581,31 +581,34 @@ class _WaitingAssociationSocket(AssociationSocket):
         """As pynetdicom's recv (up to `nr_bytes`, fewer when the peer closes), without
         its 4 KiB reads: a 512x512 slice took about 130 recv() calls, each a new bytes
         object copied once more into the PDU's buffer."""
+        buffer = bytearray()
+        del buffer[self.recv_into(buffer, 0, nr_bytes):]
+        return buffer
+
+    def recv_into(self, buffer: bytearray, offset: int, nr_bytes: int) -> int:
+        """Read up to `nr_bytes` (fewer when the peer closes) into `buffer` from `offset`,
+        growing it as needed; returns where they end. The socket writes into the buffer
+        itself, so a buffer kept from one PDU to the next costs neither an allocation
+        nor a copy."""
+        end = offset + nr_bytes
         if self._pushed_back:
             head, self._pushed_back = self._pushed_back[:nr_bytes], self._pushed_back[nr_bytes:]
-            if len(head) == nr_bytes:
-                return bytearray(head)
-            return bytearray(head) + self._recv_from_socket(nr_bytes - len(head))
-        return self._recv_from_socket(nr_bytes)
-
-    def _recv_from_socket(self, nr_bytes: int) -> bytearray:
+            buffer[offset:offset + len(head)] = head
+            offset += len(head)
         sock = self.socket
-        assert sock is not None  # pynetdicom reads only from an open socket
-        # The length comes from the peer's PDU header, before any check: the buffer grows
-        # with what arrives (at most doubling), so a header claiming 4 GiB costs nothing.
-        buffer = bytearray(min(nr_bytes, _FIRST_READ_BYTES))
-        nr_read = 0
-        while nr_read < nr_bytes:
-            if nr_read == len(buffer):
-                buffer.extend(bytes(min(nr_bytes - nr_read, len(buffer))))
+        while offset < end:
+            assert sock is not None  # pynetdicom reads only from an open socket
+            if offset == len(buffer):
+                # The length comes from the peer's PDU header, before any check: the buffer
+                # grows only as far as what arrives allows (by at most 1 MiB, or doubling),
+                # so a header claiming 4 GiB costs nothing.
+                buffer.extend(bytes(min(end - offset, max(len(buffer), _FIRST_READ_BYTES))))
             with memoryview(buffer) as view:
-                count = sock.recv_into(view[nr_read:], len(buffer) - nr_read)
+                count = sock.recv_into(view[offset:min(end, len(buffer))])
             if not count:
                 break  # the peer closed: pynetdicom reports the PDU as short
-            nr_read += count
-        if nr_read < len(buffer):
-            del buffer[nr_read:]
-        return buffer
+            offset += count
+        return offset
 
     def readable_now(self) -> bool:
         """Bytes wait to be read (without blocking)."""
@@ -661,6 +664,7 @@ class _DirectDataDUL(DULServiceProvider):
     thread; its response goes out as soon as the loop turns."""
 
     _stores: DirectStores  # set by wait_for_events
+    _pdu_buffer: bytearray  # set by wait_for_events
 
     def _read_pdu_data(self) -> None:
         sock = cast(_WaitingAssociationSocket, self.socket)
@@ -682,40 +686,41 @@ class _DirectDataDUL(DULServiceProvider):
 
     def _read_data_directly(self, sock: _WaitingAssociationSocket) -> bool:
         """True when a P-DATA-TF PDU went to DIMSE; otherwise what was read is pushed back."""
-        read = bytearray()
+        buffer = self._pdu_buffer  # kept for the next PDU: its values are copied out of it
+        end = 0
         try:
-            read = sock.recv(6)
-            if len(read) == 6 and read[0] == _P_DATA_TF:
-                read += sock.recv(int.from_bytes(read[2:6], "big"))
-                values = _presentation_data_values(read)
+            end = sock.recv_into(buffer, 0, 6)
+            if end == 6 and buffer[0] == _P_DATA_TF:
+                end = sock.recv_into(buffer, 6, int.from_bytes(buffer[2:6], "big"))
+                values = _presentation_data_values(buffer, end)
                 if values is not None:
                     self._stores.take(values)
                     return True
         except (OSError, TimeoutError):
             pass  # pynetdicom reads again and reports the closed connection its own way
-        sock.push_back(read)
+        with memoryview(buffer) as view:
+            sock.push_back(view[:end])
         return False
 
 
-def _presentation_data_values(pdu: bytes | bytearray) -> list[tuple[int, bytes]] | None:
-    """(context ID, value) of each item of a whole P-DATA-TF PDU, as pynetdicom's
-    P_DATA_TF.to_primitive gives them; None when the PDU is short or an item does not
-    fit (pynetdicom then decodes it and reports the error)."""
-    length = int.from_bytes(pdu[2:6], "big")
-    if len(pdu) != 6 + length:
+def _presentation_data_values(buffer: bytearray, end: int) -> list[tuple[int, bytes]] | None:
+    """(context ID, value) of each item of a whole P-DATA-TF PDU (buffer[:end]), as
+    pynetdicom's P_DATA_TF.to_primitive gives them; None when the PDU is short or an item
+    does not fit (pynetdicom then decodes it and reports the error)."""
+    if end < 6 or end != 6 + int.from_bytes(buffer[2:6], "big"):
         return None
     values = []
     offset = 6
-    with memoryview(pdu) as view:
-        while offset < len(pdu):
-            if offset + 4 > len(pdu):
+    with memoryview(buffer) as view:
+        while offset < end:
+            if offset + 4 > end:
                 return None
             item_length = int.from_bytes(view[offset:offset + 4], "big")
-            end = offset + 4 + item_length
-            if item_length < 2 or end > len(pdu):  # a context ID and a message control header at least
+            item_end = offset + 4 + item_length
+            if item_length < 2 or item_end > end:  # a context ID and a message control header at least
                 return None
-            values.append((pdu[offset + 4], bytes(view[offset + 5:end])))
-            offset = end
+            values.append((buffer[offset + 4], bytes(view[offset + 5:item_end])))
+            offset = item_end
     return values
 
 
@@ -726,6 +731,7 @@ def wait_for_events(assoc: Any) -> None:
     dul = assoc.dul
     dul.__class__ = _DirectDataDUL  # built by pynetdicom; only _read_pdu_data differs
     dul._stores = DirectStores(assoc)
+    dul._pdu_buffer = bytearray()
     waker = _Waker()
     dul.socket.__class__ = _WaitingAssociationSocket  # built by pynetdicom; `ready` and `recv` differ
     dul.socket._waker = waker

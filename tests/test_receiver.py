@@ -575,14 +575,15 @@ def test_p_data_values_are_read_as_pynetdicom_decodes_them() -> None:
         decoded = P_DATA_TF()
         decoded.decode(encoded)
         expected = [tuple(item) for item in decoded.to_primitive().presentation_data_value_list]
-        assert _presentation_data_values(encoded) == expected == values
-        assert _presentation_data_values(bytearray(encoded)) == expected
+        assert _presentation_data_values(bytearray(encoded), len(encoded)) == expected == values
+        # A buffer kept from a longer PDU: only its first `end` bytes are this one.
+        assert _presentation_data_values(bytearray(encoded) + rng.randbytes(50), len(encoded)) == expected
     whole = _p_data_pdu((1, b"\x03" + rng.randbytes(40)))
     item_too_long = whole[:6] + (41 + 2).to_bytes(4, "big") + whole[10:]
     item_without_a_header = whole[:2] + (6).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"\x01" + b"\x00"
     short_tail = whole[:2] + (len(whole) - 6 + 3).to_bytes(4, "big") + whole[6:] + b"\x00\x00\x00"
     for malformed in (whole[:-1], item_too_long, item_without_a_header, short_tail):
-        assert _presentation_data_values(malformed) is None
+        assert _presentation_data_values(bytearray(malformed), len(malformed)) is None
 
 
 @pytest.mark.parametrize("send_pdu", [4096, 131072])
