@@ -600,8 +600,8 @@ class _WaitingAssociationSocket(AssociationSocket):
             assert sock is not None  # pynetdicom reads only from an open socket
             if offset == len(buffer):
                 # The length comes from the peer's PDU header, before any check: the buffer
-                # grows only as far as what arrives allows (by at most 1 MiB, or doubling),
-                # so a header claiming 4 GiB costs nothing.
+                # grows only when full and more is to come, by 1 MiB or its own size,
+                # whichever is larger, so a header claiming 4 GiB costs nothing.
                 buffer.extend(bytes(min(end - offset, max(len(buffer), _FIRST_READ_BYTES))))
             with memoryview(buffer) as view:
                 count = sock.recv_into(view[offset:min(end, len(buffer))])
@@ -698,6 +698,11 @@ class _DirectDataDUL(DULServiceProvider):
                     return True
         except (OSError, TimeoutError):
             pass  # pynetdicom reads again and reports the closed connection its own way
+        finally:
+            if len(buffer) > _FIRST_READ_BYTES:
+                # A PDU larger than senders commonly send (dcmtk's are 128 KiB): its
+                # buffer is not kept for the life of the association.
+                self._pdu_buffer = bytearray()
         with memoryview(buffer) as view:
             sock.push_back(view[:end])
         return False

@@ -586,6 +586,46 @@ def test_p_data_values_are_read_as_pynetdicom_decodes_them() -> None:
         assert _presentation_data_values(bytearray(malformed), len(malformed)) is None
 
 
+class _TakenValues:
+    """Stands in for DirectStores: keeps what each PDU gave it."""
+
+    def __init__(self) -> None:
+        self.taken: list[list[tuple[int, bytes]]] = []
+
+    def take(self, values: list[tuple[int, bytes]]) -> None:
+        self.taken.append(values)
+
+
+def test_the_kept_pdu_buffer_gives_each_pdu_its_own_values_and_is_not_kept_after_a_huge_one() -> None:
+    ours, peer = socket.socketpair()
+    reader = object.__new__(_WaitingAssociationSocket)  # only its socket is needed to read
+    reader.socket = ours
+    dul = object.__new__(_DirectDataDUL)  # only the direct read is exercised
+    dul._pdu_buffer = bytearray()
+    stores = _TakenValues()
+    dul._stores = stores  # type: ignore[assignment]
+    rng = random.Random(5)
+    pdus = [((1, b"\x00" + rng.randbytes(100_000)), (1, b"\x02" + rng.randbytes(7))),
+            ((3, b"\x03" + rng.randbytes(40)),),  # shorter: the buffer still holds the first's tail
+            ((1, b"\x00" + rng.randbytes(2 * 1024 * 1024)),),  # over 1 MiB
+            ((1, b"\x02" + rng.randbytes(9)),)]
+    sender = threading.Thread(target=lambda: peer.sendall(b"".join(_p_data_pdu(*values) for values in pdus)))
+    sender.start()
+    try:
+        kept_sizes = []
+        for _ in pdus:
+            assert dul._read_data_directly(reader)
+            kept_sizes.append(len(dul._pdu_buffer))
+        assert stores.taken == [list(values) for values in pdus]
+        assert kept_sizes[0] == kept_sizes[1] >= 100_000 + 16  # kept from one PDU to the next
+        assert kept_sizes[2] == 0  # the 2 MiB one's buffer was let go
+        assert 0 < kept_sizes[3] < 1024
+    finally:
+        sender.join(timeout=30)
+        ours.close()
+        peer.close()
+
+
 @pytest.mark.parametrize("send_pdu", [4096, 131072])
 def test_small_and_large_pdus_store_byte_exact_on_the_direct_path(harness: Harness, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
