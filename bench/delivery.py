@@ -14,6 +14,8 @@ result is 0.6-0.8 s of bench/latency.py's figure; this says how much of that is 
 destination. The anchors run with TCP_NODELAY=1; the "Nagle on" rows run storescp and
 Orthanc as dcmtk's default leaves them (as many PACS run), once as the worker sends
 (acknowledging each read at once, export.delivery._PromptAckSocket) and once without that.
+The "PDUs via pynetdicom" rows send as before `send_stored_files_directly`: each PDU queued
+for pynetdicom's DUL thread. The sender's CPU column is this process's CPU during the send.
 A benchmark, not a test: it prints figures and asserts only that every object was stored.
 """
 
@@ -73,19 +75,24 @@ def recording_scp(work: Path) -> Iterator[tuple[int, str]]:
         scp.stop()
 
 
-def _anchor(factory: Callable, nagle: bool = False, quick_ack: bool = True) -> Callable[[Path], object]:
+def _anchor(factory: Callable, nagle: bool = False, quick_ack: bool = True,
+            direct: bool = True) -> Callable[[Path], object]:
     """ingest's targets yield (port, AE, folder, stats); keep the port and AE. `quick_ack`
-    False sends without acknowledging each read at once (as before it was added)."""
+    False sends without acknowledging each read at once (as before it was added); `direct`
+    False leaves each PDU to pynetdicom's DUL thread (as before send_stored_files_directly)."""
     @contextmanager
     def started(work: Path) -> Iterator[tuple[int, str]]:
-        saved = delivery._TCP_QUICKACK
+        saved_quick_ack, saved_handlers = delivery._TCP_QUICKACK, delivery.requestor_handlers
         if not quick_ack:
             delivery._TCP_QUICKACK = None
+        if not direct:
+            handlers = [h for h in saved_handlers() if h[1] is not delivery.send_stored_files_directly]
+            delivery.requestor_handlers = lambda: handlers
         try:
             with factory(work, nagle=nagle) as (port, ae_title, _folder, _stats):
                 yield port, ae_title
         finally:
-            delivery._TCP_QUICKACK = saved
+            delivery._TCP_QUICKACK, delivery.requestor_handlers = saved_quick_ack, saved_handlers
     return started
 
 
@@ -94,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     targets = {"storescp": _anchor(storescp), "orthanc": _anchor(orthanc), "pynetdicom SCP": recording_scp,
+               "storescp, PDUs via pynetdicom": _anchor(storescp, direct=False),
+               "orthanc, PDUs via pynetdicom": _anchor(orthanc, direct=False),
                "storescp, Nagle on": _anchor(storescp, nagle=True),
                "storescp, Nagle on, no quick ACK": _anchor(storescp, nagle=True, quick_ack=False),
                "orthanc, Nagle on": _anchor(orthanc, nagle=True),
@@ -106,23 +115,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"result: {len(paths)} objects ({counted}), {megabytes:.1f} MB; "
               f"{args.repeats} sends per destination, alternating")
         seconds: dict[str, list[float]] = {name: [] for name in targets}
+        cpu: dict[str, list[float]] = {name: [] for name in targets}
         for repeat in range(args.repeats):
             for name, target in (targets.items() if repeat % 2 == 0 else reversed(targets.items())):
                 work = root / f"{re.sub('[^A-Za-z0-9]+', '-', name)}-{repeat}"
                 work.mkdir()
                 with target(work) as (port, ae_title):
-                    started = time.perf_counter()
+                    started, cpu_started = time.perf_counter(), time.process_time()
                     statuses = send(Destination(name, ae_title, "127.0.0.1", port), paths)
                     seconds[name].append(time.perf_counter() - started)
+                    cpu[name].append(time.process_time() - cpu_started)
                 if len(statuses) != len(paths) or any(s != STATUS_SUCCESS for s in statuses.values()):
                     raise SystemExit(f"{name}: not every object was stored: {statuses}")
     best = {name: min(values) for name, values in seconds.items()}
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    print(f"{'destination':<32} {'best s':>7} {'median s':>9} {'MB/s':>7} {'x storescp':>11} {'x orthanc':>10}")
+    print(f"{'destination':<32} {'best s':>7} {'median s':>9} {'MB/s':>7} {'x storescp':>11} {'x orthanc':>10} "
+          f"{'sender CPU s':>13}")
     for name in targets:
         print(f"{name:<32} {best[name]:>7.3f} {median[name]:>9.3f} {megabytes / best[name]:>7.1f} "
-              f"{median[name] / median['storescp']:>11.2f} {median[name] / median['orthanc']:>10.2f}")
-    print("(ratios are of median seconds: above 1 is slower than the anchor)")
+              f"{median[name] / median['storescp']:>11.2f} {median[name] / median['orthanc']:>10.2f} "
+              f"{statistics.median(cpu[name]):>13.3f}")
+    print("(ratios are of median seconds: above 1 is slower than the anchor; the sender's CPU is this"
+          " process's, median, and holds the pynetdicom SCP's own for that destination)")
     return 0
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
 import ssl
+import struct
 import threading
 import urllib.error
 import urllib.request
@@ -24,6 +26,10 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
+from pynetdicom._handlers import standard_pdu_sent_handler
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
@@ -209,7 +215,138 @@ def caller_takes_every_message(event: evt.Event) -> None:
 
 def requestor_handlers() -> list[EventHandlerType]:
     """The event handlers of every association we request."""
-    return [(evt.EVT_CONN_OPEN, prompt_connection), (evt.EVT_CONN_OPEN, caller_takes_every_message)]
+    return [(evt.EVT_CONN_OPEN, prompt_connection), (evt.EVT_CONN_OPEN, caller_takes_every_message),
+            (evt.EVT_CONN_OPEN, send_stored_files_directly)]
+
+
+def send_stored_files_directly(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler of an association we request: a C-STORE request of a file
+    streamed as stored (`_StreamedFiles`) is framed into P-DATA PDUs here, and the caller
+    writes them to the socket, many PDUs per write.
+
+    pynetdicom queues one primitive per PDU for its DUL thread, which encodes and sends
+    them one at a time; with the 16 KB PDUs that dcmtk and Orthanc accept by default, a CT
+    result's 30 MB are about 1,900 of them, and that cost the worker 0.2-0.3 CPU-s per
+    study (bench/delivery.py). The bytes on the wire are the same (tests/test_export.py).
+    Anything else (another message, a data set in memory, TLS, a handler that watches the
+    PDUs or bytes sent) goes through pynetdicom."""
+    assoc = event.assoc
+    dimse = assoc.dimse
+    general = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        source = getattr(primitive, "_dataset_path", None)
+        assoc_socket = assoc.dul.socket
+        sock = _plain_socket(assoc_socket)
+        if (assoc_socket is None or sock is None or source is None or not isinstance(primitive, C_STORE)
+                or primitive.MessageIDBeingRespondedTo is not None or _sent_bytes_observed(assoc)):
+            general(primitive, context_id)
+            return
+        message = C_STORE_RQ()
+        message.primitive_to_message(primitive)
+        message.context_id = context_id
+        command = encode(message.command_set, True, True)
+        if command is None:  # pynetdicom's encoder failed: let pynetdicom report it
+            general(primitive, context_id)
+            return
+        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})  # as pynetdicom's send_msg does
+        try:
+            _write_store_request(sock, context_id, command, source, dimse.maximum_pdu_size, assoc.network_timeout)
+        except OSError:
+            # As pynetdicom's own send does: the DUL sees the connection closed (Evt17) and
+            # ends the association; the caller's wait for a response ends at the DIMSE
+            # timeout, as it does then.
+            assoc_socket.event_queue.put("Evt17")
+
+    dimse.send_msg = send_msg  # type: ignore[method-assign]  # only this association's
+
+
+def _plain_socket(assoc_socket: AssociationSocket | None) -> socket.socket | None:
+    """The association's TCP socket, or None under TLS (an SSL socket must not be written
+    by one thread while the DUL thread reads it) or when there is none."""
+    sock = assoc_socket.socket if assoc_socket is not None else None
+    if sock is None or isinstance(sock, ssl.SSLSocket) or not hasattr(socket, "MSG_DONTWAIT"):
+        return None
+    return sock
+
+
+def _sent_bytes_observed(assoc: Any) -> bool:
+    """True when a handler watches the PDUs or bytes sent (pynetdicom's own PDU handler
+    logs nothing for a P-DATA PDU), which the direct path does not report."""
+    watching = [handler for handler, _ in assoc.get_handlers(evt.EVT_PDU_SENT)
+                if handler is not standard_pdu_sent_handler]
+    return bool(watching or assoc.get_handlers(evt.EVT_DATA_SENT))
+
+
+# A P-DATA-TF PDU with one PDV: PDU type, reserved, PDU length; PDV item length, context
+# ID, message control header (bit 0 a command, bit 1 the message's last fragment). The
+# peer's maximum length is of what follows the first 6 bytes, so a fragment is that less
+# the PDV's own 6, as in pynetdicom's encode_msg.
+_PDV_PDU = struct.Struct(">BBIIBB")
+# PDUs gathered per socket write.
+_WRITE_BYTES = 256 * 1024
+
+
+def _write_store_request(sock: socket.socket, context_id: int, command: bytes, source: tuple[Path, int],
+                         max_pdu: int, timeout: float | None) -> None:
+    """The command set, then the file's data set from `offset` to its end, as P-DATA PDUs
+    of at most `max_pdu` (0: no limit), in writes of about `_WRITE_BYTES`."""
+    path, offset = source
+    out = bytearray()
+    _append_fragments(out, context_id, memoryview(command), max_pdu, command=True, ends=True)
+    with open(path, "rb") as stored:
+        left = stored.seek(0, 2) - stored.seek(offset)
+        fragment = max_pdu - 6 if max_pdu else max(left, 1)
+        per_write = max(1, _WRITE_BYTES // fragment) * fragment  # whole fragments, as pynetdicom cuts them
+        while True:
+            chunk = stored.read(min(per_write, left))
+            if not chunk and left:
+                raise OSError("the result file ended early")
+            left -= len(chunk)
+            _append_fragments(out, context_id, memoryview(chunk), max_pdu, command=False, ends=left == 0)
+            _send_all(sock, out, timeout)
+            out.clear()
+            if not left:
+                return
+
+
+def _append_fragments(out: bytearray, context_id: int, payload: memoryview, max_pdu: int, *, command: bool,
+                      ends: bool) -> None:
+    """`payload` as PDUs of one PDV each; when `ends`, its last fragment ends the message."""
+    fragment = max_pdu - 6 if max_pdu else max(len(payload), 1)
+    start = 0
+    while True:
+        piece = payload[start:start + fragment]
+        start += fragment
+        last = start >= len(payload)
+        control = (0x01 if command else 0x00) | (0x02 if last and ends else 0x00)
+        out += _PDV_PDU.pack(0x04, 0, len(piece) + 6, len(piece) + 2, context_id, control)
+        out += piece
+        if last:
+            return
+
+
+def _send_all(sock: socket.socket, data: bytearray, timeout: float | None) -> None:
+    """Write all of `data` without blocking the socket, which the DUL thread reads; wait
+    for room at most `timeout` seconds at a time (None: as long as it takes). OSError when
+    the connection is gone, also when the DUL thread has closed the socket meanwhile."""
+    view = memoryview(data)
+    poller: select.poll | None = None
+    wait_ms = None if timeout is None else int(timeout * 1000)
+    while view:
+        try:
+            view = view[sock.send(view, socket.MSG_DONTWAIT):]
+            continue
+        except BlockingIOError:
+            pass
+        if poller is None:
+            poller = select.poll()
+            try:
+                poller.register(sock, select.POLLOUT)
+            except ValueError:  # closed: its descriptor is -1
+                raise OSError("the association's socket is closed") from None
+        if not poller.poll(wait_ms):
+            raise TimeoutError("the peer took nothing for the network timeout")
 
 
 # Linux only; elsewhere the peer's Nagle delay stays (as before).

@@ -788,6 +788,87 @@ def test_send_streams_each_file_as_stored(monkeypatch, result_files):
         assert arrived[uid] == as_stored
 
 
+def _pdata_received(result_files: list[Path], max_pdu: int, direct: bool, monkeypatch) -> tuple[list[bytes], int]:
+    """The P-DATA PDUs a pynetdicom SCP (accepting PDUs of `max_pdu`, 0: any) received
+    while `send` delivered the files, and how many P-DATA primitives our side handed to
+    pynetdicom's DUL to send; `direct` False sends without send_stored_files_directly."""
+    import pynetdicom.dul
+
+    from headscreen.export import delivery
+
+    if not direct:
+        handlers = [h for h in delivery.requestor_handlers() if h[1] is not delivery.send_stored_files_directly]
+        monkeypatch.setattr(delivery, "requestor_handlers", lambda: handlers)
+    queued: list[object] = []
+    original_send_pdu = pynetdicom.dul.DULServiceProvider.send_pdu
+
+    def counting_send_pdu(self, primitive):  # type: ignore[no-untyped-def]
+        if self.assoc.is_requestor and type(primitive).__name__ == "P_DATA":
+            queued.append(primitive)
+        return original_send_pdu(self, primitive)
+
+    monkeypatch.setattr(pynetdicom.dul.DULServiceProvider, "send_pdu", counting_send_pdu)
+    received: list[bytes] = []
+
+    def on_data(event: evt.Event) -> None:
+        if event.data[:1] == b"\x04":
+            received.append(bytes(event.data))
+
+    ae = AE(ae_title="TESTPACS")
+    ae.maximum_pdu_size = max_pdu
+    for context in (SecondaryCaptureImageStorage, Comprehensive3DSRStorage):
+        ae.add_supported_context(context, ExplicitVRLittleEndian)
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_DATA_RECV, on_data), (evt.EVT_C_STORE, lambda event: 0x0000)])
+    try:
+        statuses = send(Destination("test", "TESTPACS", "127.0.0.1", server.server_address[1]), result_files,
+                        timeout=10)
+    finally:
+        server.shutdown()
+        monkeypatch.undo()
+    assert statuses == {p: STATUS_SUCCESS for p in result_files}
+    return received, len(queued)
+
+
+@pytest.mark.parametrize("max_pdu", [4096, 16384, 0])
+def test_stored_files_are_framed_and_written_directly_with_the_bytes_pynetdicom_sends(
+        monkeypatch, result_files, max_pdu):
+    """A C-STORE of a stored file is framed into P-DATA PDUs and written to the socket by
+    the sender, not queued PDU by PDU for pynetdicom's DUL thread, and the peer receives
+    the very PDUs pynetdicom sends: the same fragments, headers and message control bits,
+    whatever maximum PDU length the peer accepts (0: no limit, one PDU per part)."""
+    direct, queued_direct = _pdata_received(result_files, max_pdu, True, monkeypatch)
+    general, queued_general = _pdata_received(result_files, max_pdu, False, monkeypatch)
+    assert queued_direct == 0 and queued_general == len(general)
+    assert direct == general
+    if max_pdu:
+        assert max(len(pdu) for pdu in direct) == max_pdu + 6
+        assert len(direct) > 2 * len(result_files)  # the data sets were fragmented
+    else:
+        assert len(direct) == 2 * len(result_files)  # a command and a data set each
+
+
+def test_the_direct_write_gives_up_when_the_peer_takes_nothing_and_reports_a_closed_peer():
+    """The sender writes without blocking the socket the DUL thread reads, waiting for room
+    at most the network timeout; a peer that closed gives an OSError (the association then
+    ends as pynetdicom's own send ends it)."""
+    from headscreen.export import delivery
+
+    sender, peer = socket.socketpair()
+    try:
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            delivery._send_all(sender, bytearray(8 * 1024 * 1024), timeout=0.3)
+        assert time.monotonic() - started >= 0.3
+        peer.close()
+        with pytest.raises(OSError):
+            delivery._send_all(sender, bytearray(8 * 1024 * 1024), timeout=5)
+    finally:
+        sender.close()
+        peer.close()
+
+
 def test_send_sets_tcp_nodelay_and_acknowledges_what_it_reads_at_once(monkeypatch, result_files):
     from headscreen.export import delivery
 
