@@ -108,6 +108,7 @@ _PARSED = {"DA": DA, "TM": TM, "DT": DT}
 # harmless, so the standard's stricter form is not asked of them.
 _UID = re.compile(r"[0-9.]{1,64}")
 _PIXEL_GROUP = 0x7FE0
+_CHARSET = BaseTag(0x00080005)
 
 
 @dataclass(frozen=True)
@@ -190,21 +191,24 @@ def _shared_values(first: Dataset) -> dict[BaseTag, DataElement]:
 def _copy_sharing(dataset: Dataset, shared: dict[BaseTag, DataElement],
                   only: frozenset[str] | None) -> tuple[Dataset, list[str]]:
     """A clean copy of a later instance, the first one's shared values in place of its own."""
-    # Its own patient, study and series values are replaced by the first one's: not even read.
-    copy_, others = clean_header(dataset, skip=_SHARED, only=only, fill_type2=False)
     shared_tags = _tags_of(_SHARED)
-    for tag in [t for t in copy_.keys() if (t in shared_tags or t == 0x00080005) and t not in shared]:
-        del copy_[tag]
-    # The Type 2 attributes are all shared (skipped above): the first's values go where
-    # clean_header's empty ones would have, then the other shared values.
     type2 = _tags_of(_TYPE2_KEYWORDS)
-    for type2_tag in _type2_in_order():
-        if type2_tag in shared:
-            copy_.add(_copied(shared[BaseTag(type2_tag)]))
-    for tag, element in shared.items():
-        if tag not in type2:
-            copy_.add(_copied(element))
-    return copy_, others
+
+    def share(elements: dict[BaseTag, Any]) -> None:
+        for tag in [t for t in elements if (t in shared_tags or t == 0x00080005) and t not in shared]:
+            del elements[tag]
+        # The Type 2 attributes are all shared (skipped): the first's values go where
+        # clean_header's empty ones would have, then the other shared values.
+        for type2_tag in _type2_in_order():
+            if type2_tag in shared:
+                element = _copied(shared[BaseTag(type2_tag)])
+                elements[BaseTag(type2_tag)] = element
+        for tag, element in shared.items():
+            if tag not in type2:
+                elements[tag] = _copied(element)
+
+    # Its own patient, study and series values are replaced by the first one's: not even read.
+    return _clean_copy(dataset, skip=_SHARED, only=only, then=share)
 
 
 @functools.lru_cache(maxsize=1)
@@ -235,17 +239,28 @@ def clean_header(dataset: Dataset, skip: frozenset[str] = frozenset(),
     left out unread (and not reported). Both name attributes of fixed tags (not of
     repeating groups such as 60xx). `fill_type2` False leaves absent `TYPE2` attributes
     absent (the caller fills them)."""
+    clean, dropped = _clean_copy(dataset, skip, only)
+    for keyword in TYPE2 if fill_type2 else ():
+        if keyword not in clean:
+            setattr(clean, keyword, None)  # Type 2: present, empty
+    return clean, dropped
+
+
+def _clean_copy(dataset: Dataset, skip: frozenset[str], only: frozenset[str] | None,
+                then: Callable[[dict[BaseTag, Any]], None] | None = None) -> tuple[Dataset, list[str]]:
+    """clean_header without its Type 2 step; `then` may change the copy's top-level
+    elements (in order, by tag) before they become the copy."""
     dropped: list[str] = []
     with warnings.catch_warnings():
         # pydicom warns with the offending value in the text.
         warnings.simplefilter("ignore")
         charset_ok = _charset_usable(dataset)
-        clean = _clean(dataset, dropped, charset_ok, top=True, skip=skip, only=only)
+        elements = _clean_elements(dataset, dropped, charset_ok, top=True, skip=skip, only=only)
     if not charset_ok and not skip:
         dropped.insert(0, "SpecificCharacterSet")
-    for keyword in TYPE2 if fill_type2 else ():
-        if keyword not in clean:
-            setattr(clean, keyword, None)  # Type 2: present, empty
+    if then is not None:
+        then(elements)
+    clean = _dataset_of(elements)
     if getattr(dataset, "filename", None) is not None:
         clean.filename = dataset.filename  # the pipeline reads the pixels again from it
     try:
@@ -256,16 +271,19 @@ def clean_header(dataset: Dataset, skip: frozenset[str] = frozenset(),
     return clean, list(dict.fromkeys(dropped))
 
 
-def _clean(dataset: Dataset, dropped: list[str], charset_ok: bool, top: bool,
-           skip: frozenset[str] = frozenset(), only: frozenset[str] | None = None) -> Dataset:
-    clean = Dataset()
+def _clean_elements(dataset: Dataset, dropped: list[str], charset_ok: bool, top: bool,
+                    skip: frozenset[str] = frozenset(), only: frozenset[str] | None = None) -> dict[BaseTag, Any]:
+    """The clean copy's elements, in the dataset's order."""
+    elements: dict[BaseTag, Any] = {}
     skipped = _tags_of(skip) if top else frozenset()
     wanted = _tags_of(only) if top and only is not None else None
-    for tag in list(dataset.keys()):
-        tag = Tag(tag)
+    # Only the wanted tags are looked at (a set lookup each, not a Tag built per element).
+    tags = list(dataset.keys()) if wanted is None else [t for t in dataset.keys() if t in wanted]
+    for tag in tags:
+        tag = tag if isinstance(tag, BaseTag) else Tag(tag)
         if tag.is_private or (top and tag == 0x00080005):
             continue
-        if tag in skipped or (wanted is not None and tag not in wanted):
+        if tag in skipped:
             continue
         keyword = keyword_for_tag(tag) or str(tag)
         try:
@@ -275,12 +293,25 @@ def _clean(dataset: Dataset, dropped: list[str], charset_ok: bool, top: bool,
             dropped.append(keyword)
             continue
         if kept is not None:
-            clean.add(kept)
+            elements[kept.tag] = kept
         else:
             dropped.append(keyword)
     if top and charset_ok and "SpecificCharacterSet" in dataset:
-        clean.SpecificCharacterSet = dataset.SpecificCharacterSet
-    return clean
+        elements[_CHARSET] = DataElement(_CHARSET, "CS", dataset.SpecificCharacterSet)
+    return elements
+
+
+def _dataset_of(elements: dict[BaseTag, Any]) -> Dataset:
+    """A dataset of `elements`, in their order. Without a sequence, Dataset takes the dict
+    as it is (a 300-slice series makes thousands of copies' elements, and Dataset.add
+    checks each); a sequence goes through Dataset.add, element by element, which makes
+    its value a Sequence and tells its items the pixel representation."""
+    if any(element.VR == "SQ" for element in elements.values()):
+        clean = Dataset()
+        for element in elements.values():
+            clean.add(element)
+        return clean
+    return Dataset(elements)
 
 
 def _kept(element: DataElement, keyword: str, dropped: list[str], charset_ok: bool) -> DataElement | None:
@@ -293,7 +324,7 @@ def _kept(element: DataElement, keyword: str, dropped: list[str], charset_ok: bo
     if vr == "SQ":
         items = []
         for item in element.value:
-            items.append(_clean(item, dropped, charset_ok, top=False))
+            items.append(_dataset_of(_clean_elements(item, dropped, charset_ok, top=False)))
         return DataElement(element.tag, vr, items)
     if element.is_empty:
         return element

@@ -11,6 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.datadict import keyword_for_tag
 from pydicom.valuerep import DA
 
 from bad_input import (
@@ -26,7 +27,15 @@ from bad_input import (
     set_raw,
 )
 from headscreen.errors import InputRejected, TransientError, is_input_error
-from headscreen.export.sanitise import NOTE_PREFIX, TYPE2, clean_header, sanitise_sources
+from headscreen.export.sanitise import (
+    COPIED,
+    NOTE_PREFIX,
+    REFERENCE_KEYWORDS,
+    TYPE2,
+    clean_header,
+    reference_copies,
+    sanitise_sources,
+)
 from headscreen.imaging.phantoms import make_head, write_dicom_series
 from headscreen.imaging.selection import (
     EXCLUDED_GEOMETRY,
@@ -77,6 +86,32 @@ def test_a_valid_header_is_copied_whole(series):
     assert clean.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
     assert np.array_equal(clean.pixel_array, source.pixel_array)
     assert sanitise_sources(_headers(series)).note is None
+
+
+def test_reference_copies_hold_the_reference_attributes_and_the_first_ones_shared_values(series):
+    """A copy made ahead for an instance that is only referenced holds its own reference
+    attributes and the first instance's patient, study and series values, as the copy
+    sanitise_sources makes in place; a copied sequence is a pydicom Sequence of clean items."""
+    headers = _headers(series[:4])
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = headers[0].SOPClassUID
+    item.ReferencedSOPInstanceUID = hd.UID()
+    for header in headers:
+        header.ReferencedImageSequence = pydicom.Sequence([item])
+    made_ahead = sanitise_sources(headers, {0}, reference_copies(headers))
+    in_place = sanitise_sources(headers, {0})
+    assert [list(ds.keys()) for ds in made_ahead.datasets] == [list(ds.keys()) for ds in in_place.datasets]
+    first = made_ahead.datasets[0]
+    assert isinstance(first.ReferencedImageSequence, pydicom.Sequence)
+    assert first.ReferencedImageSequence[0].ReferencedSOPInstanceUID == item.ReferencedSOPInstanceUID
+    for index, copy_ in enumerate(made_ahead.datasets[1:], start=1):
+        assert copy_ == in_place.datasets[index]
+        assert "ReferencedImageSequence" not in copy_  # not a reference attribute
+        assert copy_.SOPInstanceUID == headers[index].SOPInstanceUID
+        assert copy_.ImagePositionPatient == headers[index].ImagePositionPatient
+        assert (copy_.PatientID, copy_.StudyInstanceUID) == (PATIENT_ID, headers[0].StudyInstanceUID)
+        kept = {keyword_for_tag(tag) for tag in copy_.keys()}
+        assert kept <= REFERENCE_KEYWORDS | COPIED | {"SpecificCharacterSet"}
 
 
 @pytest.mark.parametrize("mutation, keyword", [
