@@ -199,10 +199,9 @@ def _copy_sharing(dataset: Dataset, shared: dict[BaseTag, DataElement],
             del elements[tag]
         # The Type 2 attributes are all shared (skipped): the first's values go where
         # clean_header's empty ones would have, then the other shared values.
-        for type2_tag in _type2_in_order():
+        for type2_tag in map(BaseTag, _type2_in_order()):
             if type2_tag in shared:
-                element = _copied(shared[BaseTag(type2_tag)])
-                elements[BaseTag(type2_tag)] = element
+                elements[type2_tag] = _copied(shared[type2_tag])
         for tag, element in shared.items():
             if tag not in type2:
                 elements[tag] = _copied(element)
