@@ -298,7 +298,7 @@ def _write_store_request(sock: socket.socket, context_id: int, command: bytes, s
     _append_fragments(out, context_id, memoryview(command), max_pdu, command=True, ends=True)
     with open(path, "rb") as stored:
         left = stored.seek(0, 2) - stored.seek(offset)
-        fragment = max_pdu - 6 if max_pdu else max(left, 1)
+        fragment = _fragment_length(max_pdu, left)
         per_write = max(1, _WRITE_BYTES // fragment) * fragment  # whole fragments, as pynetdicom cuts them
         while True:
             chunk = stored.read(min(per_write, left))
@@ -312,10 +312,15 @@ def _write_store_request(sock: socket.socket, context_id: int, command: bytes, s
                 return
 
 
+def _fragment_length(max_pdu: int, payload_length: int) -> int:
+    """The longest PDV value a PDU of `max_pdu` holds (0: no limit, the whole payload)."""
+    return max_pdu - 6 if max_pdu else max(payload_length, 1)
+
+
 def _append_fragments(out: bytearray, context_id: int, payload: memoryview, max_pdu: int, *, command: bool,
                       ends: bool) -> None:
     """`payload` as PDUs of one PDV each; when `ends`, its last fragment ends the message."""
-    fragment = max_pdu - 6 if max_pdu else max(len(payload), 1)
+    fragment = _fragment_length(max_pdu, len(payload))
     start = 0
     while True:
         piece = payload[start:start + fragment]

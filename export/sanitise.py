@@ -185,7 +185,7 @@ def sanitise_sources(datasets: Sequence[Dataset], full: Collection[int] | None =
 def _shared_values(first: Dataset) -> dict[BaseTag, DataElement]:
     # The character set goes with the values it was read with.
     shared_tags = _tags_of(_SHARED)
-    return {tag: first.get_item(tag) for tag in first.keys() if tag in shared_tags or tag == 0x00080005}
+    return {tag: first.get_item(tag) for tag in first.keys() if tag in shared_tags or tag == _CHARSET}
 
 
 def _copy_sharing(dataset: Dataset, shared: dict[BaseTag, DataElement],
@@ -195,7 +195,7 @@ def _copy_sharing(dataset: Dataset, shared: dict[BaseTag, DataElement],
     type2 = _tags_of(_TYPE2_KEYWORDS)
 
     def share(elements: dict[BaseTag, Any]) -> None:
-        for tag in [t for t in elements if (t in shared_tags or t == 0x00080005) and t not in shared]:
+        for tag in [t for t in elements if (t in shared_tags or t == _CHARSET) and t not in shared]:
             del elements[tag]
         # The Type 2 attributes are all shared (skipped): the first's values go where
         # clean_header's empty ones would have, then the other shared values.
@@ -280,7 +280,7 @@ def _clean_elements(dataset: Dataset, dropped: list[str], charset_ok: bool, top:
     tags = list(dataset.keys()) if wanted is None else [t for t in dataset.keys() if t in wanted]
     for tag in tags:
         tag = tag if isinstance(tag, BaseTag) else Tag(tag)
-        if tag.is_private or (top and tag == 0x00080005):
+        if tag.is_private or (top and tag == _CHARSET):
             continue
         if tag in skipped:
             continue
